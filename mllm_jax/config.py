@@ -1,0 +1,148 @@
+"""Typed model configs. Plain dataclasses, made gin-configurable by ``mllm_jax.gin_setup`` (one place registers every
+config class, so a recipe can say ``LLMConfig.n_layers = 8``). Field names are the contract between the model
+library, the pipeline cost model, HF import and train.py: add fields, do not rename them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling of RoPE (rope_type="llama3" in transformers)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """One decoder-only LLM covering Llama, Qwen2, Mistral and Gemma (1/2) by options."""
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int | None = None  # None -> d_model // n_heads (Gemma sets it independently)
+    d_ff: int = 11008
+    activation: str = "silu"  # gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_eps: float = 1e-5
+    norm_scale_plus_one: bool = False  # Gemma: RMSNorm weight applied as (1 + w)
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # Mistral
+    attn_logit_softcap: float | None = None  # Gemma 2
+    final_logit_softcap: float | None = None  # Gemma 2
+    query_pre_attn_scalar: float | None = None  # Gemma 2: softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    post_norms: bool = False  # Gemma 2: extra norms after attention and MLP
+    max_position_embeddings: int = 4096  # informational (RoPE has no table); HF config round trip
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT / CLIP / SigLIP vision tower from NHWC pixels."""
+
+    kind: str = "clip"  # "vit" | "clip" | "siglip"
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_ff: int = 3072
+    activation: str = "quick_gelu"  # "quick_gelu" (CLIP) | "gelu" (ViT) | "gelu_tanh" (SigLIP)
+    norm_eps: float = 1e-5
+    class_token: bool = True  # CLIP/ViT have one; SigLIP does not
+    pre_norm: bool = True  # CLIP's pre_layrnorm before the transformer
+    post_norm: bool = False  # final LayerNorm (SigLIP post_layernorm; applied only when select_layer == -1)
+    select_layer: int = -1  # hidden state fed to the projector (LLaVA: -2)
+    drop_class_token: bool = True  # drop the class token from the output features (LLaVA does)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_features(self) -> int:
+        """Tokens per image given to the projector."""
+        return self.num_patches + (1 if self.class_token and not self.drop_class_token else 0)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Whisper encoder from log-mel frames [B, T, n_mels]; T = 2 * max_source_positions (3000 for 30 s)."""
+
+    kind: str = "whisper"
+    n_mels: int = 80
+    max_source_positions: int = 1500
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_ff: int = 3072
+    activation: str = "gelu"
+    norm_eps: float = 1e-5
+
+    @property
+    def num_frames(self) -> int:
+        return 2 * self.max_source_positions
+
+    @property
+    def num_features(self) -> int:
+        return self.max_source_positions
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Encoder features -> LLM embeddings. "linear", "mlp" (Linear, act, Linear: LLaVA) or "resampler"."""
+
+    kind: str = "mlp"
+    hidden_dim: int | None = None  # mlp: None -> the LLM's d_model
+    activation: str = "gelu"
+    num_queries: int = 64  # resampler: output tokens per instance
+    n_heads: int = 8  # resampler cross-attention heads
+    n_layers: int = 1  # resampler cross-attention blocks
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")  # any of q k v o gate up down
+    modules: tuple[str, ...] = ("llm",)  # "llm" and/or encoder names
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A multimodal model: encoders and projectors keyed by modality name, one LLM.
+
+    ``placeholder_ids[name]`` is the token id whose runs in the text are replaced by that modality's projected
+    features. ``trainable`` maps "llm", "encoders/<name>" and "projectors/<name>" to bool (missing -> True).
+    """
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    encoders: dict = field(default_factory=dict)  # name -> VisionConfig | AudioConfig
+    projectors: dict = field(default_factory=dict)  # name -> ProjectorConfig
+    placeholder_ids: dict = field(default_factory=dict)  # name -> int token id
+    trainable: dict = field(default_factory=dict)
+    lora: LoRAConfig | None = None
+    span_isolated: bool = False  # Cornstarch semantics: encoder tokens see only their own span
+    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
+    remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
+    attention_impl: str = "auto"  # kernels.attention impl
+
+    def is_trainable(self, key: str) -> bool:
+        return bool(self.trainable.get(key, True))
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)

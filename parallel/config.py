@@ -1,0 +1,45 @@
+"""Parallel layout configs (gin-configurable through mllm_jax.gin_setup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MESH_AXES = ("data", "fsdp", "pipeline", "context", "tensor")
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Context parallelism: how tokens are distributed over the `context` axis and how K/V travel."""
+
+    mode: str = "balanced"  # "uniform" | "zigzag" | "lpt" | "balanced"
+    block: int = 128  # planner row block (tokens)
+    attention: str = "allgather"  # "allgather" | "ring"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Mesh axis sizes (product = device count) and microbatching.
+
+    ``rules`` optionally overrides the logical-axis -> mesh-axis table per module: {"llm": {"mlp": "tensor"},
+    "encoders/vision": {...}}; see parallel.sharding for the defaults.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    pipeline: int = 1
+    context: int = 1
+    tensor: int = 1
+    microbatches: int = 1
+    context_config: ContextConfig = field(default_factory=ContextConfig)
+    rules: dict = field(default_factory=dict)
+
+    @property
+    def axis_sizes(self) -> dict:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    @property
+    def num_devices(self) -> int:
+        n = 1
+        for a in MESH_AXES:
+            n *= getattr(self, a)
+        return n
