@@ -1,0 +1,530 @@
+"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (DESIGN.md, 'Token metadata and
+the attention rule').
+
+Layout. The wrapper pads the sequences to whole blocks (padding tokens have segment 0, so they see nothing and nothing
+sees them) and moves heads in front: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D], so every VMEM block is a (rows, D) tile.
+Token metadata travels as int32 arrays shaped for Mosaic's (8, 128) tiling: the q side broadcast across lanes
+[B, 3, Sq, 128] (a column per q token), the k side as rows [B, 3, Sk] (a row per field), the same layouts splash
+attention uses for segment ids. Fields are (position, segment, span).
+
+Sparsity. ``kernels.meta.block_map`` (jnp, on device) classifies every (q block, kv block) tile as skip / partial /
+full. It is compacted per q block into the ascending list of non-skipped kv blocks plus a count, and handed to the
+kernel by scalar prefetch (SMEM). The kv-block grid axis walks that list: the k/v index_map reads the list, and past the
+count the list repeats its last entry, so Pallas sees an unchanged block index and issues no DMA, and the body is
+disabled by ``pl.when``. Skipped tiles are therefore neither fetched nor computed; full tiles are computed without any
+mask; partial tiles evaluate the mask rule from the q and k metadata taken separately, so any permutation of the tokens
+(context parallelism) is exact. The dK/dV kernel walks the transposed list (per kv block, the q blocks that see it).
+
+Numerics. Logits and softmax statistics are f32. Masked logits take a finite ``_MASK_VALUE`` and masked
+probabilities are forced to exactly 0, so rows that see nothing keep l = 0 and return 0 (and zero gradients), never
+NaN. The forward saves the log-sum-exp per row for the backward kernels (dQ, and dK/dV with the GQA group summed in
+the kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.meta import FULL, PARTIAL, TokenMeta, block_map
+
+_LANES = 128
+_DEFAULT_BLOCK = 128
+# Finite, so a row with nothing visible yet computes exp(MASK - MASK) = 1 instead of exp(-inf + inf) = NaN; its
+# probabilities are then zeroed explicitly.
+_MASK_VALUE = -1e30
+# Log-sum-exp stored for a row that sees nothing: exp(logit - _EMPTY_LSE) underflows to exactly 0 in the backward.
+_EMPTY_LSE = 1e30
+_NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel parameters (hashable: a nondiff argument of the custom_vjp)."""
+
+    block_q: int
+    block_k: int
+    scale: float
+    window: int | None
+    softcap: float | None
+    span_isolated: bool
+    group: int  # query heads per kv head
+    interpret: bool
+
+
+def _compact_tiles(bmap_BIJ):
+    """Per row block i: the ascending list of column blocks j whose tile is not skipped, their tile kinds and count.
+
+    Entries past the count repeat the last listed block (block 0 if none), so an index_map reading the list keeps the
+    same block index on those grid steps and Pallas fetches nothing new.
+    """
+    n_cols = bmap_BIJ.shape[-1]
+    live = bmap_BIJ > 0
+    counts_BI = jnp.sum(live, axis=-1, dtype=jnp.int32)
+    # Stable sort on "is skipped" puts the live column indices first, still ascending.
+    order_BIJ = jnp.argsort(jnp.where(live, 0, 1), axis=-1, stable=True).astype(jnp.int32)
+    step = jnp.arange(n_cols, dtype=jnp.int32)
+    last = jnp.maximum(counts_BI - 1, 0)[..., None]
+    order_BIJ = jnp.take_along_axis(order_BIJ, jnp.minimum(step, last), axis=-1)
+    kinds_BIJ = jnp.take_along_axis(bmap_BIJ, order_BIJ, axis=-1).astype(jnp.int32)
+    return order_BIJ, kinds_BIJ, counts_BI
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-kernel helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _lanes_to(x_R128, width):
+    """Widen a lane-replicated [rows, 128] value to [rows, width] (tile, then trim for widths not a multiple of 128)."""
+    reps = -(-width // _LANES)
+    x = jnp.tile(x_R128, (1, reps)) if reps > 1 else x_R128
+    return x if x.shape[1] == width else x[:, :width]
+
+
+def _rows_to_lanes(x_R, rows):
+    return lax.broadcast_in_dim(x_R, (rows, _LANES), (0,))
+
+
+def _visible(qmeta_ref, kmeta_ref, cfg: _Config):
+    """The mask rule of kernels.meta on one tile: bool [block_q, block_k]."""
+    width = cfg.block_k
+    pos_q, seg_q, span_q = (_lanes_to(qmeta_ref[f], width) for f in range(3))  # [bq, bk]
+    pos_k, seg_k, span_k = (kmeta_ref[f : f + 1, :] for f in range(3))  # [1, bk]
+    same_seg = (seg_q == seg_k) & (seg_q != 0)
+    causal = pos_k <= pos_q
+    if cfg.window is not None:
+        causal = causal & (pos_q - pos_k < cfg.window)
+    same_span = (span_q == span_k) & (span_q != 0)
+    if cfg.span_isolated:
+        visible = same_span | ((span_q == 0) & causal)  # span tokens see only their own span
+    else:
+        visible = same_span | causal
+    return same_seg & visible
+
+
+def _logits(q, k, cfg: _Config):
+    """Scaled (and soft-capped) logits f32 [bq, bk]; also tanh(s / cap) for the backward, or None."""
+    s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
+    if cfg.softcap is None:
+        return s, None
+    t = jnp.tanh(s / cfg.softcap)
+    return cfg.softcap * t, t
+
+
+def _run_tile(kinds_ref, kind_index, active, body):
+    """Run ``body(masked)`` for a live tile: unmasked on full tiles, masked on partial ones, nothing on skipped."""
+    kind = kinds_ref[kind_index]
+    pl.when(active & (kind == FULL))(lambda: body(False))
+    pl.when(active & (kind == PARTIAL))(lambda: body(True))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward kernel: grid (B, Hq, nQ, nK steps); the last axis walks the compacted kv-block list.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, qmeta_ref, kmeta_ref, o_ref, lse_ref,
+                m_scr, l_scr, acc_scr, *, cfg: _Config):
+    del kv_blocks_ref  # read by the index_maps only
+    b, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    bq, d = acc_scr.shape
+
+    @pl.when(j == 0)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, _MASK_VALUE, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    def body(masked):
+        s, _ = _logits(q_ref[...], k_ref[...], cfg)
+        if masked:
+            visible = _visible(qmeta_ref, kmeta_ref, cfg)
+            s = jnp.where(visible, s, _MASK_VALUE)
+        m_prev, l_prev = m_scr[...], l_scr[...]
+        m_next = jnp.maximum(m_prev, _rows_to_lanes(jnp.max(s, axis=1), bq))
+        alpha = jnp.exp(m_prev - m_next)
+        p = jnp.exp(s - _lanes_to(m_next, cfg.block_k))
+        if masked:
+            p = jnp.where(visible, p, 0.0)
+        l_scr[...] = alpha * l_prev + _rows_to_lanes(jnp.sum(p, axis=1), bq)
+        m_scr[...] = m_next
+        v = v_ref[...]
+        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_scr[...] = acc_scr[...] * _lanes_to(alpha, d) + pv
+
+    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        l, m = l_scr[...], m_scr[...]
+        seen = l > 0.0
+        inv_l = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+        o_ref[...] = (acc_scr[...] * _lanes_to(inv_l, d)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _EMPTY_LSE)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward kernels. Both recompute p = exp(s - lse) per tile from the saved log-sum-exp; di = rowsum(dO * O).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _probs_and_dlogits(q, k, v, do, lse_ref, di_ref, qmeta_ref, kmeta_ref, masked, cfg: _Config):
+    """p and dS (the gradient w.r.t. the pre-scale logits q.k), f32 [bq, bk]."""
+    s, t = _logits(q, k, cfg)
+    p = jnp.exp(s - _lanes_to(lse_ref[...], cfg.block_k))
+    if masked:
+        p = jnp.where(_visible(qmeta_ref, kmeta_ref, cfg), p, 0.0)
+    dp = lax.dot_general(do, v, _NT_DIMS, preferred_element_type=jnp.float32)
+    ds = p * (dp - _lanes_to(di_ref[...], cfg.block_k))
+    if t is not None:
+        ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
+    return p, ds
+
+
+def _dq_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qmeta_ref,
+               kmeta_ref, dq_ref, dq_scr, *, cfg: _Config):
+    del kv_blocks_ref
+    b, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+    def body(masked):
+        k = k_ref[...]
+        _, ds = _probs_and_dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref, di_ref, qmeta_ref, kmeta_ref,
+                                   masked, cfg)
+        dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.scale
+
+    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qmeta_ref,
+                kmeta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
+    """Grid (B, Hkv, nK, group, nQ steps): one kv block accumulates over the q heads of its group and its q blocks."""
+    del q_blocks_ref
+    b, ki, g, j = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+
+    @pl.when((g == 0) & (j == 0))
+    def _init():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    def body(masked):
+        q, do = q_ref[...], do_ref[...]
+        p, ds = _probs_and_dlogits(q, k_ref[...], v_ref[...], do, lse_ref, di_ref, qmeta_ref, kmeta_ref, masked, cfg)
+        dv_scr[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dk_scr[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.scale
+
+    _run_tile(kinds_ref, (b, ki, j), j < counts_ref[b, ki], body)
+
+    @pl.when((g == pl.num_programs(3) - 1) & (j == pl.num_programs(4) - 1))
+    def _finish():
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pallas_call builders (all arrays are padded to whole blocks, heads-major)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _interpret_param(interpret: bool):
+    # The generic Pallas interpreter (lowering to plain HLO) runs scalar prefetch, VMEM scratch and pl.when on CPU and is
+    # far faster than the TPU simulator (pltpu.InterpretParams), which models DMAs and semaphores we do not use.
+    return True if interpret else False
+
+
+def _compiler_params(semantics):
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
+    b, hq, sq, d = q.shape
+    n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
+    bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
+
+    def q_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, h, qi, 0
+
+    def kv_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, h // group, kvb[bi, qi, j], 0
+
+    def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, 0, qi, 0
+
+    def kmeta_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, 0, kvb[bi, qi, j]
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, hq, n_q, n_k),
+        in_specs=[
+            pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, 3, bq, _LANES), qmeta_map),
+            pl.BlockSpec((None, 3, bk), kmeta_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bq, _LANES), q_map),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((bq, _LANES), jnp.float32),  # running max m (lane-replicated)
+            pltpu.VMEM((bq, _LANES), jnp.float32),  # running denominator l
+            pltpu.VMEM((bq, d), jnp.float32),  # output accumulator
+        ],
+    )
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid_spec=grid_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, hq, sq, _LANES), jnp.float32),
+        ],
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_param(cfg.interpret),
+        name="mllm_flash_fwd",
+    )(*fwd_plan, q, k, v, qmeta, kmeta)
+
+
+def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
+    b, hq, sq, d = q.shape
+    n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
+    bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
+
+    def q_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, h, qi, 0
+
+    def kv_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, h // group, kvb[bi, qi, j], 0
+
+    def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, 0, qi, 0
+
+    def kmeta_map(bi, h, qi, j, kvb, kinds, cnt):
+        return bi, 0, kvb[bi, qi, j]
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, hq, n_q, n_k),
+        in_specs=[
+            pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bq, d), q_map),  # dO
+            pl.BlockSpec((None, None, bq, _LANES), q_map),  # lse
+            pl.BlockSpec((None, None, bq, _LANES), q_map),  # di
+            pl.BlockSpec((None, 3, bq, _LANES), qmeta_map),
+            pl.BlockSpec((None, 3, bk), kmeta_map),
+        ],
+        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+    )
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_param(cfg.interpret),
+        name="mllm_flash_dq",
+    )(*fwd_plan, q, k, v, do, lse, di, qmeta, kmeta)
+
+
+def _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg: _Config):
+    b, hkv, sk, d = k.shape
+    n_q, n_k = q.shape[2] // cfg.block_q, sk // cfg.block_k
+    bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
+
+    def q_map(bi, h, ki, g, j, qb, kinds, cnt):
+        return bi, h * group + g, qb[bi, ki, j], 0
+
+    def kv_map(bi, h, ki, g, j, qb, kinds, cnt):
+        return bi, h, ki, 0
+
+    def qmeta_map(bi, h, ki, g, j, qb, kinds, cnt):
+        return bi, 0, qb[bi, ki, j], 0
+
+    def kmeta_map(bi, h, ki, g, j, qb, kinds, cnt):
+        return bi, 0, ki
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, hkv, n_k, group, n_q),
+        in_specs=[
+            pl.BlockSpec((None, None, bq, d), q_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bk, d), kv_map),
+            pl.BlockSpec((None, None, bq, d), q_map),  # dO
+            pl.BlockSpec((None, None, bq, _LANES), q_map),  # lse
+            pl.BlockSpec((None, None, bq, _LANES), q_map),  # di
+            pl.BlockSpec((None, 3, bq, _LANES), qmeta_map),
+            pl.BlockSpec((None, 3, bk), kmeta_map),
+        ],
+        out_specs=[pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bk, d), kv_map)],
+        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+    )
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        interpret=_interpret_param(cfg.interpret),
+        name="mllm_flash_dkv",
+    )(*bwd_plan, q, k, v, do, lse, di, qmeta, kmeta)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# custom_vjp over the padded, heads-major arrays
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, qmeta, kmeta, fwd_plan, bwd_plan):
+    return _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg)[0]
+
+
+def _flash_fwd(cfg, q, k, v, qmeta, kmeta, fwd_plan, bwd_plan):
+    out, lse = _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg)
+    return out, (q, k, v, qmeta, kmeta, fwd_plan, bwd_plan, out, lse)
+
+
+def _flash_bwd(cfg, residuals, d_out):
+    q, k, v, qmeta, kmeta, fwd_plan, bwd_plan, out, lse = residuals
+    di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Hq, Sq]
+    di = jnp.broadcast_to(di[..., None], lse.shape)
+    do = d_out.astype(q.dtype)
+    dq = _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg)
+    dk, dv = _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _check_blocks(block_q, block_k, dtype):
+    sublanes = 8 * (4 // jnp.dtype(dtype).itemsize) if jnp.dtype(dtype).itemsize < 4 else 8
+    if block_q <= 0 or block_q % sublanes:
+        raise ValueError(f"block_q must be a positive multiple of {sublanes} for {jnp.dtype(dtype).name} (TPU "
+                         f"sublane tiling); got {block_q}")
+    if block_k <= 0 or block_k % _LANES:
+        raise ValueError(f"block_k must be a positive multiple of {_LANES} (TPU lane tiling); got {block_k}")
+    return sublanes
+
+
+def _pad_seq(x, length, axis=1):
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _pad_meta(meta: TokenMeta, length) -> TokenMeta:
+    # Zero padding: segment 0 marks the padding tokens, which attend nothing and are seen by nothing.
+    return TokenMeta(*(_pad_seq(jnp.asarray(a, jnp.int32), length) for a in meta))
+
+
+def tile_plan(q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, block_k: int, *, window=None,
+              span_isolated=False):
+    """The compacted tile lists the kernels walk (jnp): ((kv_blocks, kinds, counts) per q block,
+    (q_blocks, kinds, counts) per kv block). kv_blocks [B, nQ, nK] lists the non-skipped kv blocks of each q block in
+    ascending order, then repeats the last one; counts [B, nQ] says how many are live. Metadata must be padded to
+    whole blocks or is padded here with segment 0."""
+    sq, sk = _round_up(q_meta.shape[1], block_q), _round_up(k_meta.shape[1], block_k)
+    bmap = block_map(_pad_meta(q_meta, sq), _pad_meta(k_meta, sk), block_q, block_k, window=window,
+                     span_isolated=span_isolated, xp=jnp)
+    return _compact_tiles(bmap), _compact_tiles(jnp.swapaxes(bmap, 1, 2))
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    q_meta: TokenMeta,
+    k_meta: TokenMeta,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    span_isolated: bool = False,
+    interpret: bool = False,
+):
+    """Block-sparse flash attention on TPU. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D].
+
+    The mask is the rule of kernels.meta applied to q_meta and k_meta ([B, Sq] and [B, Sk] int32). Differentiable
+    (custom_vjp with Pallas dQ and dK/dV kernels). block_q must be a multiple of 8 (16 for 16-bit dtypes), block_k a
+    multiple of 128; defaults 128 each (block_q shrunk to the padded length for short queries). ``interpret=True``
+    runs the kernels on CPU with the Pallas interpreter.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, S, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+    b, sq, hq, d = q.shape
+    _, sk, hkv, _ = k.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k batch/head_dim {k.shape[0]}/{k.shape[3]} do not match q's {b}/{d}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    for name, meta, want in (("q_meta", q_meta, (b, sq)), ("k_meta", k_meta, (b, sk))):
+        shapes = [tuple(jnp.shape(a)) for a in meta]
+        if any(s != want for s in shapes):
+            raise ValueError(f"{name} arrays must have shape {want}; got {shapes}")
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be a positive number of positions; got {window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive; got {softcap}")
+    if block_q is None:
+        sub = 16 if jnp.dtype(q.dtype).itemsize < 4 else 8
+        block_q = min(_DEFAULT_BLOCK, _round_up(sq, sub))
+    block_k = _DEFAULT_BLOCK if block_k is None else block_k
+    _check_blocks(block_q, block_k, q.dtype)
+
+    sq_pad, sk_pad = _round_up(sq, block_q), _round_up(sk, block_k)
+    q_meta_p, k_meta_p = _pad_meta(q_meta, sq_pad), _pad_meta(k_meta, sk_pad)
+    fwd_plan, bwd_plan = tile_plan(q_meta_p, k_meta_p, block_q, block_k, window=window, span_isolated=span_isolated)
+
+    qmeta_B3QL = jnp.broadcast_to(jnp.stack(q_meta_p, axis=1)[..., None], (b, 3, sq_pad, _LANES))
+    kmeta_B3K = jnp.stack(k_meta_p, axis=1)
+
+    def heads_major(x, length):
+        return jnp.swapaxes(_pad_seq(x, length), 1, 2)  # [B, H, S, D]
+
+    cfg = _Config(
+        block_q=block_q,
+        block_k=block_k,
+        scale=float(d**-0.5 if scale is None else scale),
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+        span_isolated=bool(span_isolated),
+        group=hq // hkv,
+        interpret=bool(interpret),
+    )
+    out_BHQD = _flash(cfg, heads_major(q, sq_pad), heads_major(k, sk_pad), heads_major(v, sk_pad), qmeta_B3QL,
+                      kmeta_B3K, fwd_plan, bwd_plan)
+    return jnp.swapaxes(out_BHQD, 1, 2)[:, :sq]
