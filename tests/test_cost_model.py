@@ -1,0 +1,201 @@
+"""Frozen-aware cost model and pipeline planner: closed forms, optimality against brute force, baselines."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
+from parallel.config import ParallelConfig
+from parallel.cost_model import (
+    Layer,
+    backward_flops,
+    causal_pairs,
+    cost_chain,
+    llm_layer,
+    model_costs,
+    stage_memory,
+)
+from parallel.pipeline_plan import (
+    format_plan,
+    min_max_split,
+    pipeline_time,
+    plan_pipeline,
+    split_chain,
+    uniform_split,
+)
+
+
+def gemm(name, f, trainable):
+    return Layer(name=name, module="m", weight_flops=f, trainable=trainable, params=10, act_bytes=7.0, io_bytes=3.0)
+
+
+def test_backward_closed_forms():
+    f = 5.0
+    chain = [gemm("a", f, False), gemm("b", f, False), gemm("c", f, True), gemm("d", f, True), gemm("e", f, False)]
+    costed, trains = cost_chain(chain)
+    # frozen prefix -> 0; first trainable -> dW only (its input needs no gradient); trainable after trainable ->
+    # dX + dW = 2f; frozen after trainable -> dX = f.
+    assert [c.bwd for c in costed] == [0.0, 0.0, f, 2 * f, f]
+    assert trains
+    remat, _ = cost_chain(chain, remat=True)
+    assert [c.bwd for c in remat] == [0.0, 0.0, 2 * f, 3 * f, 2 * f]  # remat adds f wherever b > 0
+    # Saved activations: none without a backward; the layer input under remat.
+    assert [c.act_bytes for c in costed] == [0.0, 0.0, 7.0, 7.0, 7.0]
+    assert [c.act_bytes for c in remat] == [0.0, 0.0, 3.0, 3.0, 3.0]
+    up, _ = cost_chain([gemm("x", f, True)], upstream_trainable=True)
+    assert up[0].bwd == 2 * f
+    unaware, _ = cost_chain(chain, frozen_aware=False)
+    assert [c.bwd for c in unaware] == [2 * f] * 5
+
+
+def test_attention_products_have_no_weight_gradient():
+    layer = Layer(name="l", module="m", weight_flops=4.0, free_flops=3.0)
+    assert backward_flops(layer, needs_dx=True) == 4.0 + 2 * 3.0 + 4.0
+    assert backward_flops(layer.__class__(**{**layer.__dict__, "trainable": False}), needs_dx=True) == 4.0 + 6.0
+    assert backward_flops(layer, needs_dx=False) == 4.0
+
+
+def test_lora_base_weights_have_no_dw():
+    cfg = LLMConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=100)
+    lora = LoRAConfig(rank=4, targets=("q", "v"))
+    base = llm_layer(cfg, 32)
+    with_lora = llm_layer(cfg, 32, lora=lora)
+    assert not with_lora.trainable and with_lora.lora_params == 4 * (64 + 64) + 4 * (64 + 32)
+    assert with_lora.lora_flops == 2 * 32 * with_lora.lora_params
+    b = backward_flops(with_lora, needs_dx=True)
+    # dX through base + adapters, dW of adapters only.
+    assert b == pytest.approx(base.weight_flops + 2 * base.free_flops + 2 * with_lora.lora_flops)
+
+
+def test_llm_layer_flops_closed_form():
+    cfg = LLMConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=100)
+    s = 16
+    layer = llm_layer(cfg, s)
+    hd = 16
+    expect_w = 2 * s * (64 * 64 + 2 * 64 * 2 * hd + 64 * 64 + 3 * 64 * 96)
+    assert layer.weight_flops == expect_w
+    assert layer.free_flops == 4 * (s * (s + 1) // 2) * 4 * hd
+    assert layer.params == 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64
+    # Pair count of a sliding window equals the dense count of the window mask.
+    i, j = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
+    assert causal_pairs(20, 6) == int(((j <= i) & (i - j < 6)).sum())
+
+
+def tiny_mllm(trainable):
+    llm = LLMConfig(d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=256)
+    vis = VisionConfig(image_size=32, patch_size=8, d_model=48, n_layers=4, n_heads=4, d_ff=96)
+    aud = AudioConfig(n_mels=16, max_source_positions=24, d_model=32, n_layers=3, n_heads=4, d_ff=64)
+    return ModelConfig(
+        llm=llm,
+        encoders={"vision": vis, "audio": aud},
+        projectors={"vision": ProjectorConfig(), "audio": ProjectorConfig(kind="linear")},
+        trainable=trainable,
+    )
+
+
+def test_model_costs_frozen_pattern():
+    cfg = tiny_mllm({"encoders/vision": False, "encoders/audio": False, "llm": False})
+    costs = model_costs(cfg, text_tokens=40)
+    for name, chain in costs.encoders.items():
+        assert all(c.bwd == 0 for c in chain[:-1]), name  # frozen encoder, nothing upstream trains
+        proj = chain[-1]
+        assert proj.bwd == proj.layer.weight_flops  # trainable projector after a frozen encoder: dW only
+    assert costs.llm_upstream_trainable
+    for c in costs.llm:  # frozen LLM after trainable projectors: dX only
+        assert c.bwd == pytest.approx(c.layer.weight_flops + 2 * c.layer.free_flops)
+    seq = 40 + 16 + 24  # text + vision patches (the class token is dropped before the projector) + audio
+    assert costs.llm[0].layer.weight_flops == llm_layer(cfg.llm, seq).weight_flops
+    assert costs.encoders["vision"][1].layer.free_flops == 4 * 17 * 17 * 48  # the tower itself sees 16 + 1
+
+
+def test_stage_memory_only_trainable_has_optimizer_state():
+    frozen, _ = cost_chain([gemm("a", 1.0, False)], upstream_trainable=True)
+    trainable, _ = cost_chain([gemm("a", 1.0, True)], upstream_trainable=True)
+    m_f = stage_memory(frozen, in_flight=3)
+    m_t = stage_memory(trainable, in_flight=3)
+    assert m_f["optimizer"] == 0 and m_t["optimizer"] == 12 * 10
+    assert m_f["params"] == m_t["params"] == 40
+    assert m_t["activations"] == 3 * 7.0
+    assert stage_memory(trainable, in_flight=3, tensor=2)["total"] == m_t["total"] / 2
+
+
+def brute_force(chain, stages, M, first, last, budget=float("inf")):
+    n = len(chain)
+    best = None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        counts = np.diff([0, *cuts, n])
+        pieces = split_chain(chain, counts)
+        pieces[0] = list(first) + pieces[0]
+        pieces[-1] = pieces[-1] + list(last)
+        mem = [stage_memory(p, in_flight=min(M, stages - s))["total"] for s, p in enumerate(pieces)]
+        if max(mem) > budget:
+            continue
+        t = pipeline_time([sum(c.total for c in p) for p in pieces], M)
+        best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planner_split_is_optimal_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, stages, M = int(rng.integers(5, 10)), int(rng.integers(2, 5)), int(rng.integers(1, 9))
+    layers = [
+        Layer(
+            name=str(i),
+            module="m",
+            weight_flops=float(rng.integers(1, 20)),
+            free_flops=float(rng.integers(0, 5)),
+            trainable=bool(rng.random() < 0.4),
+            params=int(rng.integers(1, 50)),
+            act_bytes=float(rng.integers(1, 30)),
+        )
+        for i in range(n)
+    ]
+    chain, _ = cost_chain(layers)
+    first = [cost_chain([gemm("e", 0.5, True)])[0][0]]
+    last = [cost_chain([gemm("h", 3.0, True)], upstream_trainable=True)[0][0]]
+    budget = float("inf") if seed % 2 == 0 else float(np.median([c.param_bytes + 3 * c.act_bytes for c in chain]) * 4)
+    counts = min_max_split(chain, stages, microbatches=M, first_extra=first, last_extra=last, memory_budget=budget)
+    want = brute_force(chain, stages, M, first, last, budget)
+    if want is None:
+        assert counts is None
+        return
+    pieces = split_chain(chain, counts)
+    pieces[0] = first + pieces[0]
+    pieces[-1] = pieces[-1] + last
+    got = pipeline_time([sum(c.total for c in p) for p in pieces], M)
+    assert got == pytest.approx(want)
+    uniform = uniform_split(n, stages)
+    if budget == float("inf"):
+        upieces = split_chain(chain, uniform)
+        upieces[0] = first + upieces[0]
+        upieces[-1] = upieces[-1] + last
+        assert got <= pipeline_time([sum(c.total for c in p) for p in upieces], M) + 1e-9
+
+
+def test_plan_mllm_beats_uniform_and_baselines():
+    cfg = tiny_mllm({"encoders/vision": False, "encoders/audio": False, "llm": False})
+    # Make the LLM a frozen prefix followed by trainable layers: b differs across layers.
+    cfg = cfg.replace(trainable={"encoders/vision": False, "encoders/audio": False, "projectors/vision": False,
+                                 "projectors/audio": False, "llm": True})
+    plan = plan_pipeline(cfg, ParallelConfig(pipeline=4, microbatches=8), text_tokens=40)
+    assert plan.predicted_time <= plan.uniform.predicted_time
+    assert plan.predicted_time <= plan.cornstarch.predicted_time + 1e-9
+    assert plan.predicted_time <= plan.megatron_like.predicted_time + 1e-9
+    assert sum(plan.llm_stage_layers) == 8
+    text = format_plan(plan)
+    assert "chosen" in text and "cornstarch" in text and "megatron_like" in text
+
+
+def test_plan_respects_memory_budget_and_names_errors():
+    cfg = tiny_mllm({})
+    par = ParallelConfig(pipeline=2, microbatches=4)
+    free = plan_pipeline(cfg, par, text_tokens=40, placement="outside")
+    tight = max(free.chosen.stage_memory) * 0.999
+    plan = plan_pipeline(cfg, par, text_tokens=40, placement="outside", memory_budget=tight)
+    assert plan.chosen.fits_memory == (max(plan.chosen.stage_memory) <= tight)
+    with pytest.raises(ValueError, match="placement"):
+        plan_pipeline(cfg, par, text_tokens=40, placement="nowhere")
+    with pytest.raises(ValueError, match="fewer than the 16"):
+        plan_pipeline(cfg, ParallelConfig(pipeline=16, microbatches=4), text_tokens=40)
