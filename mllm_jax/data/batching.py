@@ -1,0 +1,219 @@
+"""Samples -> batches in the format of docs/contracts.md, and a checkpointable iterator over them.
+
+Layout of one conversation (the chat template):
+
+    <bos> <user> {prompt, with each placeholder token repeated to its feature count} <assistant> {answer} <eos> <pad>...
+
+Labels are the next token, shifted here on the host, and only where the next token belongs to the answer (answer
+words and the closing <eos>); everything else (prompt, placeholders, padding) is -100. Each media item gets its own
+span id (1, 2, ... within the row); feature_index points into the modality's projected features flattened to
+[N * T, D], where the encoder rows of a batch are laid out sample-major (sample b owns rows b*K .. b*K+K-1), so a
+batch split along B (microbatches, data shards) splits encoder rows the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mllm_jax.data import synthetic
+from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, PLACEHOLDER_TOKENS, USER, TextCodec
+
+IGNORE = -100
+
+
+def feature_counts(model_config) -> dict[str, int]:
+    """Projected tokens per encoder instance, per modality (the placeholder run length)."""
+    out = {}
+    for name, enc in model_config.encoders.items():
+        proj = model_config.projectors.get(name)
+        if proj is not None and getattr(proj, "kind", None) == "resampler":
+            out[name] = int(proj.num_queries)
+        else:
+            out[name] = int(enc.num_features)
+    return out
+
+
+def encoder_input_shape(enc) -> tuple[int, ...]:
+    """Shape of one instance's encoder input: images [H, W, C], audio [T, n_mels]."""
+    if hasattr(enc, "image_size"):
+        return (enc.image_size, enc.image_size, enc.num_channels)
+    if hasattr(enc, "n_mels"):
+        return (enc.num_frames, enc.n_mels)
+    raise ValueError(f"unknown encoder config type {type(enc).__name__}")
+
+
+class BatchBuilder:
+    """Turns a list of synthetic samples into one contract batch (numpy)."""
+
+    def __init__(self, model_config, data_config, codec: TextCodec | None = None):
+        self.model_config = model_config
+        self.data_config = data_config
+        self.codec = codec or TextCodec()
+        self.counts = feature_counts(model_config)
+        self.slots = {name: (data_config.max_images if name == "vision" else data_config.max_audio)
+                      for name in model_config.encoders}
+        self.shapes = {name: encoder_input_shape(enc) for name, enc in model_config.encoders.items()}
+        self.placeholder_ids = self.codec.placeholder_ids()
+        for name in model_config.encoders:
+            if name not in PLACEHOLDER_TOKENS:
+                raise ValueError(f"the synthetic data knows modalities {tuple(PLACEHOLDER_TOKENS)}; the model has "
+                                 f"an encoder named {name!r}")
+            want = self.placeholder_ids[name]
+            got = model_config.placeholder_ids.get(name)
+            if got != want:
+                raise ValueError(f"ModelConfig.placeholder_ids[{name!r}] is {got}, but the tokenizer's "
+                                 f"{PLACEHOLDER_TOKENS[name]} id is {want}")
+        if model_config.llm.vocab_size < self.codec.vocab_size:
+            raise ValueError(f"LLMConfig.vocab_size ({model_config.llm.vocab_size}) is smaller than the synthetic "
+                             f"tokenizer's vocabulary ({self.codec.vocab_size})")
+        self._prefix = self.codec.encode(f"{BOS} {USER}")
+        self._assistant = self.codec.encode(ASSISTANT)
+        self._eos = self.codec.encode(EOS)
+
+    def sample_tokens(self, sample: synthetic.Sample) -> tuple[np.ndarray, int]:
+        """Token ids with placeholder runs expanded, and the index where the answer starts."""
+        prompt = self.codec.encode(sample.prompt)
+        parts = [self._prefix]
+        for tok in prompt:
+            name = next((n for n, i in self.placeholder_ids.items() if i == tok), None)
+            parts.append(np.full(self.counts[name], tok, np.int32) if name in self.counts else np.asarray([tok]))
+        parts.append(self._assistant)
+        answer_start = sum(len(p) for p in parts)
+        parts += [self.codec.encode(sample.answer), self._eos]
+        return np.concatenate(parts).astype(np.int32), answer_start
+
+    def build(self, samples: list[synthetic.Sample]) -> dict:
+        cfg = self.data_config
+        b, s = len(samples), cfg.seq_len
+        batch = {k: np.zeros((b, s), np.int32) for k in ("input_ids", "positions", "segment_ids", "span_ids")}
+        batch["input_ids"][:] = self.codec.pad_id
+        batch["labels"] = np.full((b, s), IGNORE, np.int32)
+        batch["encoder_inputs"] = {n: np.zeros((b * self.slots[n],) + self.shapes[n], np.float32)
+                                   for n in self.model_config.encoders}
+        batch["feature_index"] = {n: np.full((b, s), -1, np.int32) for n in self.model_config.encoders}
+        for row, sample in enumerate(samples):
+            ids, answer_start = self.sample_tokens(sample)
+            n = len(ids)
+            if n > s:
+                raise ValueError(f"sample {row} ({sample.task}) has {n} tokens, more than DataConfig.seq_len={s}")
+            batch["input_ids"][row, :n] = ids
+            batch["positions"][row, :n] = np.arange(n)
+            batch["segment_ids"][row, :n] = 1
+            # Position t predicts token t + 1; only answer tokens (from answer_start on) are targets.
+            tgt = np.arange(answer_start - 1, n - 1)
+            batch["labels"][row, tgt] = ids[tgt + 1]
+            used = {name: 0 for name in self.model_config.encoders}
+            span = 0
+            for name, data in sample.media:
+                if name not in self.model_config.encoders:
+                    raise ValueError(f"sample {row} ({sample.task}) needs a {name!r} encoder the model lacks")
+                k = used[name]
+                if k >= self.slots[name]:
+                    raise ValueError(f"sample {row} has more than {self.slots[name]} {name!r} items")
+                used[name] += 1
+                slot = row * self.slots[name] + k
+                batch["encoder_inputs"][name][slot] = data
+                # The k-th run of this modality's placeholder in the row belongs to item k.
+                where = np.flatnonzero(ids == self.placeholder_ids[name])
+                run = where[k * self.counts[name]:(k + 1) * self.counts[name]]
+                span += 1
+                batch["span_ids"][row, run] = span
+                batch["feature_index"][name][row, run] = slot * self.counts[name] + np.arange(self.counts[name])
+        return batch
+
+
+def check_placeholders(batch: dict, model_config) -> None:
+    """Placeholder count == referenced feature count, per sample and modality (ValueError naming the sample)."""
+    counts = feature_counts(model_config)
+    for name, fidx in batch["feature_index"].items():
+        pid = model_config.placeholder_ids[name]
+        n_rows = batch["encoder_inputs"][name].shape[0]
+        for row in range(batch["input_ids"].shape[0]):
+            is_ph = batch["input_ids"][row] == pid
+            if not np.array_equal(is_ph, fidx[row] >= 0):
+                raise ValueError(f"sample {row}: {name!r} placeholders and feature_index disagree")
+            if is_ph.sum() % counts[name]:
+                raise ValueError(f"sample {row}: {is_ph.sum()} {name!r} placeholders is not a multiple of "
+                                 f"{counts[name]} features per item")
+            if (fidx[row] >= n_rows * counts[name]).any():
+                raise ValueError(f"sample {row}: {name!r} feature_index beyond {n_rows * counts[name]} features")
+
+
+class SyntheticBatches:
+    """Deterministic stream of global batches; batch k holds samples k*B .. k*B+B-1 of the split's random stream.
+
+    Each yielded batch has a leading microbatch axis [M, B/M, ...]; each microbatch is a self-contained contract
+    batch (its own encoder rows, feature_index local to it). ``state()``/``restore()`` are all a checkpoint needs.
+    """
+
+    def __init__(self, model_config, data_config, *, microbatches: int = 1, split: str = "train",
+                 codec: TextCodec | None = None):
+        if data_config.batch_size % microbatches:
+            raise ValueError(f"DataConfig.batch_size ({data_config.batch_size}) is not divisible by "
+                             f"ParallelConfig.microbatches ({microbatches})")
+        self.builder = BatchBuilder(model_config, data_config, codec)
+        self.cfg = data_config
+        self.microbatches = microbatches
+        self.split = split
+        self.index = 0
+        tasks, weights = [], []
+        for task, w in sorted(data_config.mixture.items()):
+            if task not in synthetic.TASKS:
+                raise ValueError(f"DataConfig.mixture has unknown task {task!r}; known: {synthetic.TASKS}")
+            modality = synthetic.TASK_MODALITY[task]
+            if w > 0 and modality is not None and modality not in model_config.encoders:
+                raise ValueError(f"DataConfig.mixture asks for {task!r} samples but the model has no {modality!r} "
+                                 f"encoder (encoders: {tuple(model_config.encoders)})")
+            if w > 0:
+                tasks.append(task)
+                weights.append(float(w))
+        if not tasks:
+            raise ValueError(f"DataConfig.mixture has no task with positive weight: {data_config.mixture}")
+        self.tasks = tasks
+        self.probs = np.asarray(weights) / np.sum(weights)
+        encs = model_config.encoders
+        self._image_size = encs["vision"].image_size if "vision" in encs else 0
+        self._audio = (encs["audio"].num_frames, encs["audio"].n_mels) if "audio" in encs else (0, 0)
+
+    def sample(self, index: int) -> synthetic.Sample:
+        rng = synthetic.sample_rng(self.cfg.seed, self.split, index)
+        task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
+        return synthetic.make_sample(rng, task, image_size=self._image_size, n_frames=self._audio[0],
+                                     n_mels=self._audio[1], audio_fmax=self.cfg.audio_fmax)
+
+    def batch_at(self, step: int) -> dict:
+        b = self.cfg.batch_size
+        mb = b // self.microbatches
+        parts = [self.builder.build([self.sample(step * b + m * mb + i) for i in range(mb)])
+                 for m in range(self.microbatches)]
+        return stack(parts)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.batch_at(self.index)
+        self.index += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"index": int(self.index), "seed": int(self.cfg.seed), "split": self.split}
+
+    def restore(self, state: dict) -> None:
+        if state.get("seed") != self.cfg.seed or state.get("split") != self.split:
+            raise ValueError(f"data iterator state {state} is for another stream than seed={self.cfg.seed}, "
+                             f"split={self.split!r}")
+        self.index = int(state["index"])
+
+
+def stack(batches: list[dict]) -> dict:
+    """Stack equal-structured batches on a new leading axis."""
+    import jax
+
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def unstack_first(batch: dict) -> dict:
+    import jax
+
+    return jax.tree.map(lambda x: x[0], batch)

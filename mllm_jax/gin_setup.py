@@ -1,0 +1,74 @@
+"""Registers every config dataclass with gin under its class name, and parses recipes.
+
+Registration uses ``gin.external_configurable`` (a configurable subclass), so the dataclasses themselves are left
+untouched for code that builds them directly. ``resolve`` turns what gin built back into the plain classes (recursing
+into dicts and nested configs), so configs compare equal and pickle the same whichever way they were made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import gin
+
+from mllm_jax import config as model_config
+from mllm_jax.train import config as train_config
+from parallel import config as parallel_config
+
+CONFIG_CLASSES = (
+    model_config.RopeScaling, model_config.LLMConfig, model_config.VisionConfig, model_config.AudioConfig,
+    model_config.ProjectorConfig, model_config.LoRAConfig, model_config.ModelConfig,
+    parallel_config.ContextConfig, parallel_config.ParallelConfig,
+    train_config.DataConfig, train_config.OptimizerConfig, train_config.CheckpointConfig, train_config.TrainConfig,
+)
+
+_REGISTERED: dict[type, type] = {}
+_SEARCH_PATHS: set[str] = set()
+
+
+def register() -> dict[type, type]:
+    """Idempotent: plain class -> its gin-configurable subclass."""
+    if not _REGISTERED:
+        for cls in CONFIG_CLASSES:
+            _REGISTERED[cls] = gin.external_configurable(cls, name=cls.__name__)
+    return _REGISTERED
+
+
+def _plain_class(obj_cls: type) -> type:
+    for plain in CONFIG_CLASSES:
+        if obj_cls is plain or obj_cls is _REGISTERED.get(plain):
+            return plain
+    return obj_cls
+
+
+def resolve(obj):
+    """Recursively rebuild dataclass configs as their plain classes (tuples for lists, so configs stay hashable)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        cls = _plain_class(type(obj))
+        return cls(**{f.name: resolve(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, dict):
+        return {k: resolve(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(resolve(v) for v in obj)
+    return obj
+
+
+def build(cls: type):
+    """Instantiate ``cls`` with the gin bindings in force, returned as the plain class."""
+    return resolve(register()[cls]())
+
+
+def parse(gin_files=(), gin_params=()) -> None:
+    """Parse recipes then overrides. An unknown configurable or parameter is a ValueError naming it (gin's own)."""
+    register()
+    # Recipes include each other by repo-relative path ('configs/vlm_tiny.gin'), whatever the working directory.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in _SEARCH_PATHS:
+        gin.add_config_file_search_path(root)
+        _SEARCH_PATHS.add(root)
+    gin.parse_config_files_and_bindings(list(gin_files or ()), list(gin_params or ()), finalize_config=False)
+
+
+def config_str() -> str:
+    return gin.config_str()

@@ -1,0 +1,51 @@
+"""Typed configs of a training run (gin-configurable through mllm_jax.gin_setup, under these class names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Synthetic multimodal data. ``batch_size`` is global (all devices, all microbatches)."""
+
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int = 256
+    # Task -> sampling weight; "image" needs a "vision" encoder, "audio" an "audio" encoder.
+    mixture: dict = field(default_factory=lambda: {"image": 1.0})
+    max_images: int = 1  # encoder instances per sample (rows of encoder_inputs per sample)
+    max_audio: int = 1
+    audio_fmax: float = 4000.0
+    eval_batches: int = 4  # held-out batches (their own random stream) per evaluation
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay to ``end_lr_ratio * learning_rate``; global-norm clipping."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    end_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int | None = None  # None -> TrainConfig.checkpoint_every
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_every: int = 100  # 0 -> evaluate only at the end
+    seed: int = 0  # parameter initialisation
+    progress_bar: bool = True  # tqdm, only when stdout is a terminal

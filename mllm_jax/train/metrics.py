@@ -1,0 +1,72 @@
+"""Run metrics: {workdir}/metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm bar on a tty."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0, progress_bar: bool = True,
+                 is_main_process: bool = True):
+        self.active = is_main_process
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a") if self.active else None
+        self._tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._bar = None
+        if self.active and progress_bar and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True)
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step)}
+        row.update({k: _jsonable(v) for k, v in values.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+        if self._bar is None:
+            print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+
+    def advance(self, step: int, values: dict | None = None) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            if values:
+                self._bar.set_postfix({k: _fmt(v) for k, v in values.items()}, refresh=False)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._file.close()
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep it readable
+    return v
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

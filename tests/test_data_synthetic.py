@@ -1,0 +1,166 @@
+"""The synthetic multimodal data: deterministic per seed, batches in the contract format, labels and feature_index
+consistent with the token stream (checked against the samples' own captions, not against stored values)."""
+
+import numpy as np
+import pytest
+
+from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mllm_jax.data import IGNORE, SyntheticBatches, TextCodec, check_placeholders, feature_counts
+from mllm_jax.data import synthetic
+from mllm_jax.data.batching import unstack_first
+from mllm_jax.data.tokenizer import COLOURS, COLS, ROWS, SHAPES
+from mllm_jax.train.config import DataConfig
+
+
+def _model(audio=True, resampler=False):
+    encoders = {"vision": VisionConfig(image_size=24, patch_size=6)}
+    projectors = {"vision": ProjectorConfig(kind="resampler", num_queries=5) if resampler else ProjectorConfig()}
+    placeholders = {"vision": 3}
+    if audio:
+        encoders["audio"] = AudioConfig(n_mels=8, max_source_positions=6)
+        projectors["audio"] = ProjectorConfig()
+        placeholders["audio"] = 4
+    return ModelConfig(llm=LLMConfig(vocab_size=80), encoders=encoders, projectors=projectors,
+                       placeholder_ids=placeholders)
+
+
+def _data(**kw):
+    base = dict(batch_size=6, seq_len=64, mixture={"image": 1.0, "audio": 1.0, "text": 1.0})
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _equal_trees(a, b):
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_deterministic_per_seed_and_distinct_across_seeds_and_splits():
+    mc = _model()
+    a = SyntheticBatches(mc, _data(seed=1)).batch_at(3)
+    b = SyntheticBatches(mc, _data(seed=1)).batch_at(3)
+    c = SyntheticBatches(mc, _data(seed=2)).batch_at(3)
+    d = SyntheticBatches(mc, _data(seed=1), split="eval").batch_at(3)
+    assert _equal_trees(a, b)
+    assert not np.array_equal(a["encoder_inputs"]["vision"], c["encoder_inputs"]["vision"])
+    assert not np.array_equal(a["encoder_inputs"]["vision"], d["encoder_inputs"]["vision"])
+
+
+def test_iterator_state_resumes_the_same_stream():
+    mc = _model()
+    it = SyntheticBatches(mc, _data())
+    for _ in range(2):
+        next(it)
+    state = it.state()
+    expected = next(it)
+    fresh = SyntheticBatches(mc, _data())
+    fresh.restore(state)
+    assert _equal_trees(next(fresh), expected)
+    with pytest.raises(ValueError, match="seed"):
+        SyntheticBatches(mc, _data(seed=5)).restore(state)
+
+
+def test_microbatches_partition_the_global_batch():
+    """Each microbatch is the matching slice of the one-microbatch batch, with feature_index rebased to its rows."""
+    mc = _model()
+    whole = unstack_first(SyntheticBatches(mc, _data()).batch_at(0))
+    split = SyntheticBatches(mc, _data(), microbatches=3).batch_at(0)
+    counts = feature_counts(mc)
+    for m in range(3):
+        rows = slice(2 * m, 2 * m + 2)
+        for key in ("input_ids", "labels", "positions", "segment_ids", "span_ids"):
+            np.testing.assert_array_equal(split[key][m], whole[key][rows])
+        for name in mc.encoders:
+            np.testing.assert_array_equal(split["encoder_inputs"][name][m], whole["encoder_inputs"][name][rows])
+            f_whole = whole["feature_index"][name][rows]
+            shift = 2 * m * counts[name]
+            np.testing.assert_array_equal(split["feature_index"][name][m], np.where(f_whole >= 0, f_whole - shift, -1))
+    with pytest.raises(ValueError, match="batch_size \\(6\\).*microbatches \\(4\\)"):
+        SyntheticBatches(mc, _data(), microbatches=4)
+
+
+@pytest.mark.parametrize("resampler", [False, True])
+def test_labels_placeholders_and_feature_index_are_consistent(resampler):
+    mc = _model(resampler=resampler)
+    codec = TextCodec()
+    it = SyntheticBatches(mc, _data(batch_size=12), codec=codec)
+    batch = unstack_first(it.batch_at(0))
+    check_placeholders(batch, mc)
+    counts = feature_counts(mc)
+    assert counts["vision"] == (5 if resampler else 16) and counts["audio"] == 6
+    assistant = codec.token_id("<assistant>")
+    for row in range(12):
+        sample = it.sample(row)
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        n = int((batch["segment_ids"][row] != 0).sum())
+        # The labelled tokens are exactly the caption words then <eos>, each predicted from the token before it.
+        (target_pos,) = np.nonzero(labels != IGNORE)
+        assert codec.decode(labels[target_pos]) == sample.answer + " <eos>"
+        np.testing.assert_array_equal(labels[target_pos], ids[target_pos + 1])
+        assert ids[target_pos[0]] == assistant
+        assert (labels[n:] == IGNORE).all() and (batch["segment_ids"][row, n:] == 0).all()
+        np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
+        for name, data in sample.media:
+            run = np.nonzero(batch["feature_index"][name][row] >= 0)[0]
+            assert len(run) == counts[name]  # placeholder count == feature count
+            assert (ids[run] == mc.placeholder_ids[name]).all() and (labels[run] == IGNORE).all()
+            assert len(set(batch["span_ids"][row, run])) == 1 and batch["span_ids"][row, run[0]] > 0
+            slot = batch["feature_index"][name][row, run] // counts[name]
+            np.testing.assert_array_equal(batch["encoder_inputs"][name][slot[0]], data)
+        if not sample.media:
+            assert (batch["span_ids"][row] == 0).all()
+
+
+def test_image_caption_matches_the_pixels():
+    """Oracle: the caption's colour and cell are recomputed from the rendered pixels."""
+    rgb = {c: np.asarray(synthetic._RGB[c]) for c in COLOURS}
+    for i in range(20):
+        rng = synthetic.sample_rng(0, "train", i)
+        s = synthetic.make_sample(rng, "image", image_size=36)
+        img = (s.media[0][1] + 1) / 2
+        words = s.answer.split()
+        colour, shape, row, col = words[1], words[2], words[5], words[6]
+        assert shape in SHAPES
+        bright = img.max(-1) > 0.5
+        ys, xs = np.nonzero(bright)
+        assert ROWS[int(ys.mean() // 12)] == row and COLS[int(xs.mean() // 12)] == col
+        mean_rgb = img[bright].mean(0)
+        nearest = min(COLOURS, key=lambda c: np.abs(mean_rgb / mean_rgb.max() - rgb[c]).sum())
+        assert nearest == colour
+
+
+def test_tone_peaks_in_the_right_mel_band():
+    """Oracle: the loudest mel band's centre frequency is the nearest band to the captioned tone."""
+    fb = synthetic.mel_filterbank(16, 400, 16000, 4000.0)
+    centres = (fb * np.linspace(0, 8000, 201)[:, None]).sum(0) / fb.sum(0)
+    for i in range(10):
+        s = synthetic.make_sample(synthetic.sample_rng(0, "train", i), "audio", n_frames=20, n_mels=16)
+        hz = int(s.answer.split()[1])
+        band = int(s.media[0][1].mean(0).argmax())
+        assert band == int(np.argmin(np.abs(centres - hz)))
+
+
+def test_errors_name_the_values():
+    with pytest.raises(ValueError, match="no 'audio' encoder"):
+        SyntheticBatches(_model(audio=False), _data())
+    with pytest.raises(ValueError, match="placeholder_ids\\['vision'\\] is 9"):
+        SyntheticBatches(_model().replace(placeholder_ids={"vision": 9, "audio": 4}), _data())
+    with pytest.raises(ValueError, match="more than DataConfig.seq_len=20"):
+        SyntheticBatches(_model(), _data(seq_len=20)).batch_at(0)
+    with pytest.raises(ValueError, match="vocab_size \\(10\\)"):
+        SyntheticBatches(_model().replace(llm=LLMConfig(vocab_size=10)), _data())
+    batch = unstack_first(SyntheticBatches(_model(), _data(mixture={"image": 1.0})).batch_at(0))
+    batch["feature_index"]["vision"][2, 5] = -1
+    with pytest.raises(ValueError, match="sample 2"):
+        check_placeholders(batch, _model())
+
+
+def test_tokenizer_round_trip_and_fixed_special_ids():
+    codec = TextCodec()
+    text = "<bos> <user> count from four : <assistant> five six seven <eos>"
+    assert codec.decode(codec.encode(text)) == text
+    assert codec.placeholder_ids() == {"vision": 3, "audio": 4} and codec.pad_id == 0
+    with pytest.raises(ValueError, match="outside the synthetic vocabulary"):
+        codec.encode("a purple circle")
