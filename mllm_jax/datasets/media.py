@@ -1,0 +1,128 @@
+"""Decoding media files into encoder inputs: images -> float32 [H, W, C]; audio -> Whisper log-mel [T, n_mels].
+
+Every failure is a ``BadSampleError`` naming the sample, with reason "missing_file", "corrupt_file" or
+"bad_audio_shape", so the loader's on_bad_sample policy decides what happens to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import wave
+
+import numpy as np
+from PIL import Image
+
+from mllm_jax.datasets.sample import BadSampleError
+
+WHISPER_RATE = 16000
+WHISPER_N_FFT = 400
+WHISPER_HOP = 160
+
+
+def load_image(path: str, sample_id: str, *, size: int, mean, std, channels: int = 3) -> np.ndarray:
+    """RGB, resized to size x size (bicubic, like the CLIP processor after its crop), scaled to [0, 1], normalised."""
+    if not os.path.isfile(path):
+        raise BadSampleError(sample_id, "missing_file", f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = img.convert("RGB" if channels == 3 else "L").resize((size, size), Image.BICUBIC)
+            x = np.asarray(img, np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for unreadable/corrupt files
+        raise BadSampleError(sample_id, "corrupt_file", f"image {path} cannot be decoded: {e}") from None
+    x = x.reshape(size, size, channels)
+    return ((x - np.asarray(mean, np.float32)[:channels]) / np.asarray(std, np.float32)[:channels]).astype(np.float32)
+
+
+def read_wav(path: str, sample_id: str) -> tuple[np.ndarray, int]:
+    """Mono float32 waveform in [-1, 1] and its sample rate, from 8/16/32-bit PCM WAV."""
+    try:
+        with wave.open(path, "rb") as w:
+            rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
+            raw = w.readframes(n)
+    except (OSError, EOFError, wave.Error) as e:
+        raise BadSampleError(sample_id, "corrupt_file", f"audio {path} cannot be read as WAV: {e}") from None
+    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
+    if width not in dtypes:
+        raise BadSampleError(sample_id, "corrupt_file", f"audio {path} has unsupported sample width {width} bytes")
+    x = np.frombuffer(raw, dtypes[width]).astype(np.float32)
+    x = (x - 128.0) / 128.0 if width == 1 else x / float(2 ** (8 * width - 1))
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    return x, rate
+
+
+def resample(x: np.ndarray, rate: int, target: int = WHISPER_RATE) -> np.ndarray:
+    """Linear-interpolation resampling (enough for captions; use a proper resampler offline for quality)."""
+    if rate == target:
+        return x
+    n = int(round(len(x) * target / rate))
+    return np.interp(np.arange(n) * (rate / target), np.arange(len(x)), x).astype(np.float32)
+
+
+def _hz_to_mel(f):
+    """Slaney mel scale (librosa's default and Whisper's): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    mel = f / (200.0 / 3)
+    log_part = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(f >= 1000.0, log_part, mel)
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * (200.0 / 3))
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filters(n_mels: int, n_fft: int = WHISPER_N_FFT, rate: int = WHISPER_RATE) -> np.ndarray:
+    """Slaney-normalised triangular filters [n_fft // 2 + 1, n_mels] from 0 Hz to rate / 2."""
+    freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(rate / 2), n_mels + 2))
+    lower = (freqs[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])
+    upper = (edges[None, 2:] - freqs[:, None]) / (edges[2:] - edges[1:-1])
+    fb = np.maximum(0.0, np.minimum(lower, upper))
+    return fb * (2.0 / (edges[2:] - edges[:-2]))[None, :]
+
+
+def log_mel(wave_: np.ndarray, *, n_mels: int, num_frames: int, n_fft: int = WHISPER_N_FFT,
+            hop: int = WHISPER_HOP) -> np.ndarray:
+    """Whisper's features: pad/trim to num_frames * hop samples, centred STFT (periodic Hann, reflect padding),
+    power -> mel -> log10, floor at max - 8, then (x + 4) / 4. Returns float32 [num_frames, n_mels]."""
+    n = num_frames * hop
+    x = np.zeros(n, np.float64)
+    x[: min(n, len(wave_))] = wave_[:n]
+    padded = np.pad(x, n_fft // 2, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    starts = np.arange(num_frames) * hop  # Whisper drops the STFT's last frame: exactly num_frames remain
+    frames = padded[starts[:, None] + np.arange(n_fft)[None, :]] * window
+    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+    mel = np.log10(np.maximum(power @ mel_filters(n_mels, n_fft), 1e-10))
+    mel = np.maximum(mel, mel.max() - 8.0)
+    return ((mel + 4.0) / 4.0).astype(np.float32)
+
+
+def load_audio(path: str, sample_id: str, *, n_mels: int, num_frames: int) -> np.ndarray:
+    """.wav or .npy (1-D: a 16 kHz waveform; 2-D: precomputed log-mel [T, n_mels]) -> float32 [num_frames, n_mels].
+
+    Precomputed features longer than num_frames are trimmed; shorter ones are padded with their own minimum (the
+    silence floor of a log-mel)."""
+    if not os.path.isfile(path):
+        raise BadSampleError(sample_id, "missing_file", f"audio {path} does not exist")
+    if path.endswith(".npy"):
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise BadSampleError(sample_id, "corrupt_file", f"audio {path} cannot be read as .npy: {e}") from None
+        if a.ndim == 1:
+            return log_mel(a.astype(np.float64), n_mels=n_mels, num_frames=num_frames)
+        if a.ndim != 2 or a.shape[1] != n_mels or not np.all(np.isfinite(a)):
+            raise BadSampleError(sample_id, "bad_audio_shape",
+                                 f"audio {path}: want a waveform [T] or finite log-mel [T, {n_mels}]; got {a.shape}")
+        out = np.full((num_frames, n_mels), a.min() if a.size else 0.0, np.float32)
+        out[: min(num_frames, a.shape[0])] = a[:num_frames]
+        return out
+    if path.endswith(".wav"):
+        x, rate = read_wav(path, sample_id)
+        return log_mel(resample(x, rate), n_mels=n_mels, num_frames=num_frames)
+    raise BadSampleError(sample_id, "corrupt_file", f"audio {path}: unsupported extension (want .wav or .npy)")

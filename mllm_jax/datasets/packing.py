@@ -1,0 +1,101 @@
+"""Sequence packing and static bucket shapes.
+
+Several samples share a row: segment ids 1, 2, ... per sample (0 = padding), positions restarting at 0 per sample,
+span ids 1, 2, ... per encoder instance in the row. Labels are shifted per sample before packing, so the last token
+of a sample never predicts the first token of the next one; the mask rule (kernels.meta) keeps segments apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mllm_jax.datasets.sample import IGNORE, Sample
+
+
+def pack_rows(lengths, rows: int, seq_len: int):
+    """First-fit decreasing of samples (by token count) into ``rows`` rows of ``seq_len`` tokens.
+
+    Returns, per row, the sample indices in ascending order, or None when they do not fit."""
+    fill = [0] * rows
+    plan = [[] for _ in range(rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r in range(rows):
+            if fill[r] + lengths[i] <= seq_len:
+                fill[r] += lengths[i]
+                plan[r].append(i)
+                break
+        else:
+            return None
+    return [sorted(p) for p in plan]
+
+
+def choose_bucket(buckets, fits) -> int | None:
+    """The smallest bucket value for which ``fits(value)`` holds, or None."""
+    for b in sorted(int(x) for x in buckets):
+        if fits(b):
+            return b
+    return None
+
+
+class PackedBatchWriter:
+    """Writes packed microbatches into one host batch with a leading microbatch axis (like mllm_jax.data):
+
+    input_ids/labels/positions/segment_ids/span_ids [M, D_local * R, S]; encoder_inputs[name] [M, D_local * N, ...];
+    feature_index[name] [M, D_local * R, S]. Data rank r (global) owns rows r*R .. r*R+R-1 and encoder rows
+    r*N .. r*N+N-1 of each global microbatch, and feature_index holds global indices (r*N + n) * T + k into the
+    microbatch's projected features [D * N * T, dim], so the host blocks of all processes concatenate along axis 1
+    into the global microbatch.
+    """
+
+    def __init__(self, *, microbatches: int, local_ranks: int, first_rank: int, rows: int, seq_len: int,
+                 slots: dict, shapes: dict, feature_counts: dict, placeholder_ids: dict, pad_id: int = 0):
+        m, b, s = microbatches, local_ranks * rows, seq_len
+        self.rows, self.seq_len, self.first_rank = rows, seq_len, first_rank
+        self.slots, self.feature_counts, self.placeholder_ids = slots, feature_counts, placeholder_ids
+        self.batch = {k: np.zeros((m, b, s), np.int32) for k in ("input_ids", "positions", "segment_ids", "span_ids")}
+        self.batch["input_ids"][:] = pad_id
+        self.batch["labels"] = np.full((m, b, s), IGNORE, np.int32)
+        self.batch["encoder_inputs"] = {n: np.zeros((m, local_ranks * slots[n]) + tuple(shapes[n]), np.float32)
+                                        for n in slots}
+        self.batch["feature_index"] = {n: np.full((m, b, s), -1, np.int32) for n in slots}
+
+    def put(self, microbatch: int, local_rank: int, row_plan) -> None:
+        """row_plan: per row, the Samples packed in it (None entries, dropped samples, are left as padding)."""
+        if len(row_plan) > self.rows:
+            raise ValueError(f"row plan has {len(row_plan)} rows; the bucket has {self.rows}")
+        bt, m = self.batch, microbatch
+        used = {n: 0 for n in self.slots}
+        global_rank = self.first_rank + local_rank
+        for r, samples in enumerate(row_plan):
+            row = local_rank * self.rows + r
+            cursor, segment, span = 0, 0, 0
+            for sample in samples:
+                if sample is None:
+                    continue
+                p = sample.prepared
+                n_tok = p.num_tokens
+                if cursor + n_tok > self.seq_len:
+                    raise ValueError(f"sample {p.sample_id!r} ({n_tok} tokens) overflows row {r} of length "
+                                     f"{self.seq_len} at offset {cursor}")
+                segment += 1
+                sl = slice(cursor, cursor + n_tok)
+                bt["input_ids"][m, row, sl] = p.input_ids
+                bt["labels"][m, row, sl] = p.labels()
+                bt["positions"][m, row, sl] = np.arange(n_tok)
+                bt["segment_ids"][m, row, sl] = segment
+                for inst, data in zip(p.instances, sample.encoder_inputs):
+                    name, k = inst.modality, used[inst.modality]
+                    if k >= self.slots[name]:
+                        raise ValueError(f"microbatch {m} rank {global_rank}: more than {self.slots[name]} "
+                                         f"{name!r} instances (sample {p.sample_id!r})")
+                    used[name] += 1
+                    span += 1
+                    run = slice(cursor + inst.start, cursor + inst.start + inst.length)
+                    if not np.all(p.input_ids[inst.start:inst.start + inst.length] == self.placeholder_ids[name]):
+                        raise ValueError(f"sample {p.sample_id!r}: {name!r} run at {inst.start} is not placeholders")
+                    bt["span_ids"][m, row, run] = span
+                    bt["encoder_inputs"][name][m, local_rank * self.slots[name] + k] = data
+                    t = self.feature_counts[name]
+                    base = (global_rank * self.slots[name] + k) * t
+                    bt["feature_index"][name][m, row, run] = base + np.arange(inst.length)
+                cursor += n_tok

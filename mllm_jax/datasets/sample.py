@@ -1,0 +1,101 @@
+"""One tokenised sample, before and after its media are decoded, and the bad-sample policy.
+
+A source turns a record into a ``PreparedSample`` (text tokenised, placeholder runs expanded, media paths checked;
+cheap, so every host can prepare every sample of a global batch and plan the batch identically) and then into a
+``Sample`` (media decoded into encoder inputs; done only by the host that owns the sample).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from absl import logging
+
+IGNORE = -100  # label of tokens that are not predicted
+
+
+class BadSampleError(ValueError):
+    """A record that cannot become a training sample. ``reason`` is a short counter key."""
+
+    def __init__(self, sample_id: str, reason: str, detail: str):
+        super().__init__(f"bad sample {sample_id!r} ({reason}): {detail}")
+        self.sample_id = sample_id
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One encoder instance (an image, an audio clip) and its placeholder run [start, start + length)."""
+
+    modality: str
+    start: int
+    length: int
+    media: str  # path of the file it is decoded from
+
+
+@dataclass
+class PreparedSample:
+    """Tokens and placeholder runs of a sample; media not yet decoded."""
+
+    sample_id: str
+    input_ids: np.ndarray  # [L] int32; placeholder runs hold the modality's placeholder id
+    target_mask: np.ndarray  # [L] bool; True where the token is a training target (assistant text)
+    instances: tuple  # of Instance, in order of appearance
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def num_instances(self, modality: str) -> int:
+        return sum(1 for inst in self.instances if inst.modality == modality)
+
+    def labels(self) -> np.ndarray:
+        """Next-token targets [L]: labels[t] = ids[t + 1] where token t + 1 is a target, else IGNORE.
+
+        Shifted here, per sample, so packing and any later permutation never pair tokens of different samples."""
+        out = np.full(self.input_ids.shape, IGNORE, np.int32)
+        out[:-1] = np.where(self.target_mask[1:], self.input_ids[1:], IGNORE)
+        return out
+
+
+@dataclass
+class Sample:
+    prepared: PreparedSample
+    encoder_inputs: tuple  # one float32 array per instance, same order as prepared.instances
+
+    @property
+    def sample_id(self) -> str:
+        return self.prepared.sample_id
+
+
+class BadSampleLog:
+    """Applies ``on_bad_sample``: "raise" re-raises, "skip" counts by reason and logs the sample id and reason.
+
+    Thread-safe (decoding workers report here). ``counts`` is JSON-able and travels in the loader state."""
+
+    def __init__(self, policy: str, counts: dict | None = None):
+        if policy not in ("skip", "raise"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'raise'; got {policy!r}")
+        self.policy = policy
+        self._counts = collections.Counter(counts or {})
+        self._lock = threading.Lock()
+
+    def report(self, err: BadSampleError) -> None:
+        if self.policy == "raise":
+            raise err
+        with self._lock:
+            self._counts[err.reason] += 1
+        logging.warning("skipping %s", err)
+
+    @property
+    def counts(self) -> dict:
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

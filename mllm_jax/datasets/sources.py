@@ -1,0 +1,156 @@
+"""File-backed sample sources: the LLaVA conversation JSON (+ image folder) and JSONL audio captions.
+
+A source has ``len``, ``prepare(i) -> PreparedSample`` (cheap: parse, tokenise, check counts, lengths and that the
+files exist; the same on every host) and ``materialize(prepared) -> Sample`` (decode the files). Both raise
+``BadSampleError`` for bad records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from mllm_jax.data.batching import encoder_input_shape, feature_counts
+from mllm_jax.datasets.media import load_audio, load_image
+from mllm_jax.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
+from mllm_jax.datasets.text import ChatTemplate, ConversationEncoder
+
+
+class _Source:
+    modality: str
+
+    def __init__(self, records: list, media_root: str, tokenizer, model_config, *, max_tokens: int,
+                 max_instances: int, template: ChatTemplate):
+        if self.modality not in model_config.encoders:
+            raise ValueError(f"{type(self).__name__} needs a {self.modality!r} encoder; the model has "
+                             f"{tuple(model_config.encoders)}")
+        self.records = records
+        self.media_root = media_root
+        self.model_config = model_config
+        self.max_tokens = int(max_tokens)
+        self.max_instances = int(max_instances)
+        self.feature_counts = {self.modality: feature_counts(model_config)[self.modality]}
+        self.instance_shapes = {self.modality: encoder_input_shape(model_config.encoders[self.modality])}
+        self.encoder = ConversationEncoder(tokenizer, model_config.placeholder_ids, self.feature_counts, template)
+
+    @property
+    def modalities(self) -> tuple:
+        return (self.modality,)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample_id(self, index: int) -> str:
+        rec = self.records[index]
+        return str(rec.get("id", index)) if isinstance(rec, dict) else str(index)
+
+    def _media_path(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.media_root, path)
+
+    def _finish(self, sid: str, turns, media: list) -> PreparedSample:
+        try:
+            ids, target, runs = self.encoder.encode_turns(turns)
+        except ValueError as e:
+            raise BadSampleError(sid, "malformed_record", str(e)) from None
+        if len(runs) != len(media):
+            raise BadSampleError(sid, "placeholder_mismatch",
+                                 f"{len(runs)} {self.modality!r} placeholders in the text but {len(media)} files")
+        if len(media) > self.max_instances:
+            raise BadSampleError(sid, "too_many_instances",
+                                 f"{len(media)} {self.modality!r} instances, more than the largest bucket's "
+                                 f"{self.max_instances} per microbatch")
+        if len(ids) > self.max_tokens:
+            raise BadSampleError(sid, "too_long", f"{len(ids)} tokens, more than the longest bucket's {self.max_tokens}")
+        for p in media:
+            if not os.path.isfile(p):
+                raise BadSampleError(sid, "missing_file", f"{p} does not exist")
+        t = self.feature_counts[self.modality]
+        instances = tuple(Instance(name, start, t, p) for (name, start), p in zip(runs, media))
+        return PreparedSample(sid, ids, target, instances)
+
+
+class LlavaSource(_Source):
+    """LLaVA instruction data: a JSON list of {"id", "image": str | [str] (optional), "conversations":
+    [{"from": "human" | "gpt", "value": "...<image>..."}]}; image paths relative to ``image_folder``."""
+
+    modality = "vision"
+
+    def __init__(self, json_path: str, image_folder: str, tokenizer, model_config, *, max_tokens: int,
+                 max_instances: int, template: ChatTemplate = ChatTemplate(), mean=(0.5,) * 3, std=(0.5,) * 3):
+        with open(json_path) as f:
+            records = json.load(f)
+        if not isinstance(records, list):
+            raise ValueError(f"{json_path}: LLaVA data must be a JSON list of samples; got {type(records).__name__}")
+        super().__init__(records, image_folder or os.path.dirname(os.path.abspath(json_path)), tokenizer,
+                         model_config, max_tokens=max_tokens, max_instances=max_instances, template=template)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def prepare(self, index: int) -> PreparedSample:
+        rec, sid = self.records[index], self.sample_id(index)
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            raise BadSampleError(sid, "malformed_record", "want a dict with a 'conversations' list")
+        images = rec.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise BadSampleError(sid, "malformed_record", f"'image' must be a path or a list of paths; got {images!r}")
+        try:
+            turns = [(t["from"], str(t["value"])) for t in rec["conversations"]]
+        except (KeyError, TypeError):
+            raise BadSampleError(sid, "malformed_record", "each turn needs 'from' and 'value'") from None
+        return self._finish(sid, turns, [self._media_path(p) for p in images])
+
+    def materialize(self, prepared: PreparedSample) -> Sample:
+        h, _, c = self.instance_shapes["vision"]
+        return Sample(prepared, tuple(load_image(i.media, prepared.sample_id, size=h, mean=self.mean, std=self.std,
+                                                 channels=c) for i in prepared.instances))
+
+
+class AudioCaptionSource(_Source):
+    """JSONL of {"audio": path to .wav/.npy, "caption": str} (optional "id"): the human turn is the audio
+    placeholder and ``prompt``, the gpt turn the caption."""
+
+    modality = "audio"
+
+    def __init__(self, jsonl_path: str, media_root: str, tokenizer, model_config, *, max_tokens: int,
+                 max_instances: int, template: ChatTemplate = ChatTemplate(), prompt: str = "Describe the audio."):
+        records = []
+        with open(jsonl_path) as f:
+            for line_no, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    records.append({"id": f"line{line_no + 1}", "_error": str(e)})  # reported by prepare
+        super().__init__(records, media_root or os.path.dirname(os.path.abspath(jsonl_path)), tokenizer,
+                         model_config, max_tokens=max_tokens, max_instances=max_instances, template=template)
+        self.placeholder = self.encoder.placeholder_strings["audio"]
+        self.prompt = prompt
+
+    def prepare(self, index: int) -> PreparedSample:
+        rec, sid = self.records[index], self.sample_id(index)
+        if not isinstance(rec, dict) or "_error" in rec:
+            raise BadSampleError(sid, "malformed_record", f"not a JSON object: {rec.get('_error', rec)}")
+        if not isinstance(rec.get("audio"), str) or not isinstance(rec.get("caption"), str):
+            raise BadSampleError(sid, "malformed_record", "want string fields 'audio' and 'caption'")
+        if self.placeholder in rec["caption"]:
+            raise BadSampleError(sid, "placeholder_mismatch", f"caption contains the placeholder {self.placeholder}")
+        turns = [("human", f"{self.placeholder} {self.prompt}"), ("gpt", rec["caption"])]
+        return self._finish(sid, turns, [self._media_path(rec["audio"])])
+
+    def materialize(self, prepared: PreparedSample) -> Sample:
+        t, n_mels = self.instance_shapes["audio"]
+        return Sample(prepared, tuple(load_audio(i.media, prepared.sample_id, n_mels=n_mels, num_frames=t)
+                                      for i in prepared.instances))
+
+
+def make_source(config, tokenizer, model_config, *, template: ChatTemplate = ChatTemplate()):
+    """The source a DatasetConfig names; lengths and instance limits from its largest buckets."""
+    config.validate()
+    kw = dict(max_tokens=max(config.seq_len_buckets), max_instances=max(config.instance_buckets), template=template)
+    if config.format == "llava":
+        return LlavaSource(config.path, config.media_root, tokenizer, model_config, mean=config.image_mean,
+                           std=config.image_std, **kw)
+    return AudioCaptionSource(config.path, config.media_root, tokenizer, model_config, prompt=config.audio_prompt, **kw)

@@ -1,0 +1,100 @@
+"""Conversation -> token ids with placeholder runs and a target mask (the chat template of mllm_jax.data).
+
+Layout, as the synthetic data of mllm_jax.data lays out one exchange, extended to several turns:
+
+    <bos> <user> {human text} <assistant> {gpt text} <eos> <user> {human text} <assistant> {gpt text} <eos> ...
+
+Targets are the gpt text and its closing <eos>. Each placeholder string (``<image>``) in the text becomes a run of
+the modality's feature count of its placeholder id; placeholders are never targets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, PLACEHOLDER_TOKENS, USER
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Marker strings of the template, tokenised with the same tokenizer as the text ("" = omitted)."""
+
+    bos: str = BOS
+    user: str = USER
+    assistant: str = ASSISTANT
+    eos: str = EOS
+    placeholders: tuple = tuple(sorted(PLACEHOLDER_TOKENS.items()))  # (modality, placeholder string) pairs
+
+
+def encode_fn(tokenizer):
+    """A text -> int32 ids function for a ``tokenizers.Tokenizer`` (no special tokens added) or anything with
+    ``encode(text)`` returning ids (mllm_jax.data.TextCodec)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - tokenizers is a requirement
+        Tokenizer = ()
+    if isinstance(tokenizer, Tokenizer):
+        return lambda text: np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    if hasattr(tokenizer, "encode"):
+        return lambda text: np.asarray(tokenizer.encode(text), np.int32).reshape(-1)
+    if callable(tokenizer):
+        return lambda text: np.asarray(tokenizer(text), np.int32).reshape(-1)
+    raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, have .encode(text) or be callable; got "
+                     f"{type(tokenizer).__name__}")
+
+
+class ConversationEncoder:
+    """Encodes [(role, text)] turns. ``feature_counts[name]`` is the run length per instance of modality ``name``,
+    ``placeholder_ids[name]`` its token id (ModelConfig.placeholder_ids)."""
+
+    def __init__(self, tokenizer, placeholder_ids: dict, feature_counts: dict, template: ChatTemplate = ChatTemplate()):
+        self.encode = encode_fn(tokenizer)
+        self.template = template
+        self.placeholder_ids = dict(placeholder_ids)
+        self.feature_counts = dict(feature_counts)
+        self.placeholder_strings = {name: s for name, s in template.placeholders if name in self.feature_counts}
+        missing = [n for n in self.feature_counts if n not in self.placeholder_strings or n not in self.placeholder_ids]
+        if missing:
+            raise ValueError(f"no placeholder string or id for modalities {missing}; template has "
+                             f"{dict(template.placeholders)}, placeholder_ids {self.placeholder_ids}")
+        by_string = {s: n for n, s in self.placeholder_strings.items()}
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in by_string) + ")") if by_string else None
+        self._by_string = by_string
+        self._marks = {k: self.encode(getattr(template, k)) if getattr(template, k) else np.zeros(0, np.int32)
+                       for k in ("bos", "user", "assistant", "eos")}
+
+    def count_placeholders(self, text: str) -> dict:
+        return {n: text.count(s) for n, s in self.placeholder_strings.items()}
+
+    def encode_turns(self, turns):
+        """turns: [(role in {"human", "gpt"}, text)] -> (ids [L] int32, target [L] bool, runs [(modality, start)]).
+
+        Raises ValueError on an unknown role (callers turn it into a bad sample)."""
+        ids, tgt, runs = [self._marks["bos"]], [np.zeros(len(self._marks["bos"]), bool)], []
+        length = len(self._marks["bos"])
+
+        def put(piece, is_target):
+            nonlocal length
+            ids.append(piece)
+            tgt.append(np.full(len(piece), is_target, bool))
+            length += len(piece)
+
+        for role, text in turns:
+            if role not in ("human", "gpt"):
+                raise ValueError(f"conversation role must be 'human' or 'gpt'; got {role!r}")
+            is_gpt = role == "gpt"
+            put(self._marks["assistant" if is_gpt else "user"], False)
+            pieces = self._split.split(text) if self._split else [text]
+            for piece in pieces:
+                name = self._by_string.get(piece)
+                if name is not None:
+                    runs.append((name, length))
+                    put(np.full(self.feature_counts[name], self.placeholder_ids[name], np.int32), False)
+                elif piece.strip():
+                    put(self.encode(piece), is_gpt)
+            if is_gpt:
+                put(self._marks["eos"], True)
+        return np.concatenate(ids).astype(np.int32), np.concatenate(tgt), runs
