@@ -1,0 +1,1 @@
+"""Training: configs, optimizer, train/eval steps, the loop, checkpoints and metrics."""
