@@ -1,0 +1,157 @@
+"""kernels.blockwise against the dense reference (kernels.reference), forward and dQ/dK/dV, over the mask families; the
+tiles it computes against the exact count of non-empty tiles; and its memory against the S x S a dense path needs.
+
+Every jitted function takes the metadata as traced arguments, so one compilation serves all families."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import TokenMeta
+from kernels.blockwise import blockwise_attention, blockwise_attention_with_count
+from kernels.meta import SKIP, dense_block_map
+from kernels.reference import reference_attention
+from mask_families import all_cases, make_meta, permute, take_tokens
+
+B, S, HQ, HKV, D = 2, 100, 2, 1, 64  # S is not a multiple of the blocks; GQA with 2 query heads per kv head
+BLOCKS = dict(block_q=16, block_k=32)
+OPTIONS = [dict(), dict(window=9, softcap=5.0), dict(span_isolated=True)]
+
+
+def _inputs(b=B, sq=S, sk=S, hq=HQ, hkv=HKV, d=D, dtype=jnp.float32, seed=0):
+    kq, kk, kv, ko = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return (
+        jax.random.normal(kq, (b, sq, hq, d), dtype),
+        jax.random.normal(kk, (b, sk, hkv, d), dtype),
+        jax.random.normal(kv, (b, sk, hkv, d), dtype),
+        jax.random.normal(ko, (b, sq, hq, d), dtype),  # the output cotangent
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grads(impl, opts):
+    """jit(q, k, v, q_meta, k_meta, d_out) -> (out, dq, dk, dv) for impl with options (a hashable tuple)."""
+    kw = dict(opts)
+
+    def f(q, k, v, qm, km, d_out):
+        out, vjp = jax.vjp(lambda q, k, v: impl(q, k, v, qm, km, **kw), q, k, v)
+        return (out, *vjp(d_out))
+
+    return jax.jit(f)
+
+
+def _blockwise(q, k, v, qm, km, **kw):
+    return blockwise_attention(q, k, v, qm, km, **BLOCKS, **kw)
+
+
+def _assert_close(got, want, atol, rtol, what):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert not jnp.isnan(g).any(), f"{what}: NaN in {name}"
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=atol, rtol=rtol,
+                                   err_msg=f"{what}: {name}")
+
+
+def _cases():
+    """(name, q_meta, k_meta, k_index): all families, plus q and k permuted independently of each other."""
+    out = [(name, m, m, None) for name, m in all_cases(B, S, seed=1, pad=7)]
+    base = make_meta("audio_image", B, S, seed=2, pad=5)
+    k_meta, k_index = permute(base, seed=3)
+    out.append(("k_permuted", base, k_meta, k_index))
+    q_meta, _ = permute(base, seed=4)
+    out.append(("q_and_k_permuted", q_meta, k_meta, k_index))
+    return out
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+def test_forward_and_grads_match_reference(opts):
+    q, k, v, d_out = _inputs()
+    key = tuple(sorted(opts.items()))
+    for name, qm, km, k_index in _cases():
+        kk, vv = (k, v) if k_index is None else (take_tokens(k, k_index), take_tokens(v, k_index))
+        args = (q, kk, vv, qm, km, d_out)
+        want = _value_and_grads(reference_attention, key)(*args)
+        got = _value_and_grads(_blockwise, key)(*args)
+        _assert_close(got, want, 1e-4, 1e-4, f"{name} {opts}")
+
+
+def test_bf16_matches_reference_within_bf16_rounding():
+    # bf16 keeps 8 mantissa bits: one rounding is a relative error of 2**-8 ~ 4e-3. Inputs are rounded once and both
+    # paths accumulate in f32, but the probabilities are rounded to bf16 before P @ V in different groupings (per tile
+    # with a running max vs once per row), and outputs of magnitude ~1 are rounded to bf16 again: a few roundings of
+    # 4e-3 each, so 3e-2 absolute on O(1) values. The gradients chain two such products (dP, then dS @ K): 6e-2.
+    q, k, v, d_out = _inputs(dtype=jnp.bfloat16)
+    for name, meta in all_cases(B, S, seed=1, pad=7)[1:3]:
+        args = (q, k, v, meta, meta, d_out)
+        want = _value_and_grads(reference_attention, ())(*(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
+                                                            for a in args[:3]), *args[3:5],
+                                                          d_out.astype(jnp.float32))
+        got = _value_and_grads(_blockwise, ())(*args)
+        assert all(g.dtype == jnp.bfloat16 for g in got)
+        np.testing.assert_allclose(np.asarray(got[0], np.float32), want[0], atol=3e-2, rtol=3e-2)
+        for g, w in zip(got[1:], want[1:]):
+            np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=6e-2, rtol=6e-2)
+
+
+def test_rows_that_see_nothing_give_zero_output_and_zero_grads():
+    # q rows of a segment absent from k, and padding rows: output and dq exactly 0; no NaN anywhere.
+    q, k, v, d_out = _inputs(b=1, sq=40, sk=48)
+    seg_q = np.array([[1] * 10 + [3] * 20 + [0] * 10], np.int32)
+    qm = TokenMeta(np.tile(np.arange(40, dtype=np.int32), (1, 1)), seg_q, np.zeros((1, 40), np.int32))
+    km = TokenMeta(np.arange(48, dtype=np.int32)[None], np.array([[1] * 30 + [2] * 18], np.int32),
+                   np.zeros((1, 48), np.int32))
+    out, dq, dk, dv = _value_and_grads(_blockwise, ())(q, k, v, qm, km, d_out)
+    want = _value_and_grads(reference_attention, ())(q, k, v, qm, km, d_out)
+    _assert_close((out, dq, dk, dv), want, 1e-4, 1e-4, "empty rows")
+    assert np.all(np.asarray(out)[0, 10:] == 0) and np.all(np.asarray(dq)[0, 10:] == 0)
+    assert np.all(np.asarray(dk)[0, 30:] == 0), "keys of segment 2 are seen by nobody"
+    # Nothing at all to attend (every key is padding).
+    km0 = TokenMeta(km.positions, np.zeros_like(km.segment_ids), km.span_ids)
+    got = _value_and_grads(_blockwise, ())(q, k, v, qm, km0, d_out)
+    for g in got:
+        assert np.all(np.asarray(g) == 0)
+
+
+def test_computes_exactly_the_nonempty_tiles():
+    # The count is taken inside the loop body, so it is what the implementation iterated over.
+    q, k, v, _ = _inputs(b=2, sq=256, sk=256, hq=1, hkv=1, d=16)
+    count = jax.jit(lambda q, k, v, m: blockwise_attention_with_count(q, k, v, m, m, block_q=32, block_k=32)[1])
+    for name, meta in all_cases(2, 256, seed=6)[:-1]:  # ordered families: the block map is exact there
+        exact = dense_block_map(meta, meta, 32, 32)
+        nonempty = int((exact != SKIP).sum())
+        assert int(count(q, k, v, meta)) == nonempty, name
+        if name != "permuted":
+            assert nonempty < exact.size, f"{name}: the family should have empty tiles to skip"
+
+
+def test_long_sequence_never_materialises_s_by_s():
+    # The compiled forward+backward's temporaries stay far below one [S, S] f32 array (a dense path needs several).
+    s = 4096
+    q, k, v, d_out = _inputs(b=1, sq=s, sk=s, hq=1, hkv=1, d=16)
+    meta = TokenMeta.causal(1, s)
+    f = _value_and_grads(blockwise_attention, ())
+    mem = f.lower(q, k, v, meta, meta, d_out).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < s * s * 4 / 8, mem.temp_size_in_bytes
+
+
+def test_dispatch_xla_uses_blockwise_for_long_keys():
+    s = kernels.dispatch.DENSE_MAX_KEYS + 40
+    q, k, v, _ = _inputs(b=1, sq=64, sk=s, hq=2, hkv=2, d=16)
+    meta_k = make_meta("llava", 1, s, seed=0)
+    meta_q = TokenMeta(*(a[:, -64:] for a in meta_k))  # the last 64 queries against every key
+    xla = jax.jit(lambda *a: kernels.attention(*a, impl="xla"))(q, k, v, meta_q, meta_k)
+    ref = jax.jit(lambda *a: reference_attention(*a))(q, k, v, meta_q, meta_k)
+    blk = jax.jit(lambda *a: blockwise_attention(*a))(q, k, v, meta_q, meta_k)
+    np.testing.assert_allclose(xla, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(xla, blk)  # it is the blockwise path, bit for bit
+
+
+@pytest.mark.parametrize("bad", [dict(block_q=0), dict(block_k=12.5), dict(window=0), dict(softcap=-1.0)])
+def test_bad_options_raise_value_error_naming_them(bad):
+    q, k, v, _ = _inputs(b=1, sq=8, sk=8, hq=1, hkv=1, d=8)
+    meta = TokenMeta.causal(1, 8)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        blockwise_attention(q, k, v, meta, meta, **bad)
