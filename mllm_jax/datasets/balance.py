@@ -156,7 +156,9 @@ def _balanced(work, cap, num_ranks, num_mb, iterations):
     left = _greedy(ranks, _lpt_order(work, list(range(n))))
     if left:
         raise ValueError(f"cannot place {len(left)} of {n} samples on {num_ranks} ranks x {num_mb} microbatches: "
-                         f"aggregate capacity exceeded (max_tokens={cap.max_tokens} per microbatch)")
+                         f"aggregate capacity exceeded (per microbatch max_tokens={cap.max_tokens}, "
+                         f"max_instances={cap.max_instances.tolist()}; the batch has {int(cap.tokens.sum())} tokens, "
+                         f"{cap.instances.sum(axis=0).astype(int).tolist()} instances)")
     _refine(ranks, iterations)
     out, leftovers = [], []
     for r in range(num_ranks):
