@@ -387,11 +387,13 @@ def plan(
     alpha: float | None = None,
     beta: float | None = None,
     max_swaps: int = 1000,
+    costs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ContextPlan:
     """Distribute the row blocks of every sequence of ``meta`` (numpy [B, S]) over ``cp`` context ranks.
 
     ``alpha`` / ``beta`` (FLOPs per non-empty tile / per token) default to ``cost_model`` (CostModel() if None).
     S is padded to a multiple of cp * block (2 * cp * block for zigzag); see the module docstring.
+    ``costs``: block_costs(meta, block, tile_k), when already computed (planning several modes for one batch).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -404,7 +406,9 @@ def plan(
     alpha = cm.alpha if alpha is None else float(alpha)
     beta = cm.beta if beta is None else float(beta)
     b, s = seg.shape
-    tiles, tokens = block_costs(TokenMeta(pos, seg, span), block, tile_k)
+    tiles, tokens = costs if costs is not None else block_costs(TokenMeta(pos, seg, span), block, tile_k)
+    if tiles.shape != (b, -(-s // block)) or tokens.shape != tiles.shape:
+        raise ValueError(f"costs must be two [B, nb] = {(b, -(-s // block))} arrays; got {tiles.shape}, {tokens.shape}")
     nb = tiles.shape[1]
     unit = 2 * cp if mode == "zigzag" else cp
     n = -(-nb // unit) * unit  # blocks after padding

@@ -1,0 +1,193 @@
+"""The context-parallel token planner (parallel/context.py), checked against the dense mask and closed forms."""
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from benchmarks.cp_balance import FAMILIES, family_meta
+from kernels.meta import TokenMeta, dense_block_map
+from parallel.context import MODES, block_costs, permute_batch, plan, unpermute
+
+
+def random_meta(batch, length, rng, shuffle=False):
+    """Packed segments (some padding gaps) of text and spans of random lengths; optionally tokens shuffled, which
+    breaks every contiguity assumption (segments and spans scattered over blocks)."""
+    pos, seg, span = (np.zeros((batch, length), np.int32) for _ in range(3))
+    for i in range(batch):
+        t, segment, span_id = 0, 1, 1
+        while t < length:
+            n = min(int(rng.integers(1, length // 2 + 2)), length - t)
+            if rng.random() < 0.15:  # a padding gap
+                t += n
+                continue
+            p, u = 0, t
+            while u < t + n:
+                m = min(int(rng.integers(1, 80)), t + n - u)
+                if rng.random() < 0.4:
+                    span[i, u : u + m] = span_id
+                    span_id += 1
+                pos[i, u : u + m] = np.arange(p, p + m)
+                p, u = p + m, u + m
+            seg[i, t : t + n] = segment
+            segment, t = segment + 1, t + n
+    meta = TokenMeta(pos, seg, span)
+    if shuffle:
+        meta = meta.take(np.stack([rng.permutation(length) for _ in range(batch)]))
+    return meta
+
+
+def test_block_costs_equal_dense_recount():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        b, s = int(rng.integers(1, 4)), int(rng.integers(1, 600))
+        meta = random_meta(b, s, rng, shuffle=trial % 3 == 0)
+        block, tile_k = [(128, 32), (64, 16), (32, 32)][trial % 3]
+        tiles, tokens = block_costs(meta, block, tile_k)
+        dense = dense_block_map(meta, meta, block, tile_k)
+        np.testing.assert_array_equal(tiles, (dense != 0).sum(-1))
+        nb = dense.shape[1]
+        real = np.pad(meta.segment_ids != 0, ((0, 0), (0, nb * block - s)))
+        np.testing.assert_array_equal(tokens, real.reshape(b, nb, block).sum(-1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_plan_is_a_valid_permutation_with_recounted_costs(mode):
+    rng = np.random.default_rng(1)
+    for cp in (1, 2, 3, 4, 8):
+        b, s = 2, int(rng.integers(100, 1500))
+        meta = random_meta(b, s, rng, shuffle=cp == 3)
+        p = plan(meta, cp, mode)
+        perm = p.permutation
+        assert perm.shape[0] == b and p.padded_len % (cp * p.block) == 0 and p.padded_len >= s
+        for row in perm:  # every original token exactly once, the rest -1
+            np.testing.assert_array_equal(np.sort(row[row >= 0]), np.arange(s))
+            assert np.all(row[row < 0] == -1)
+        # Independent recount on the permuted sequence: rank r holds slots [r S'/cp, (r+1) S'/cp).
+        pm = p.permute_meta(meta)
+        tiles = (dense_block_map(pm, pm, p.block, p.tile_k) != 0).sum(-1).reshape(b, cp, -1).sum((0, 2))
+        tokens = (pm.segment_ids != 0).reshape(b, cp, -1).sum((0, 2))
+        np.testing.assert_array_equal(p.rank_tiles, tiles)
+        np.testing.assert_array_equal(p.rank_tokens, tokens)
+        np.testing.assert_allclose(p.rank_cost, p.alpha * tiles + p.beta * tokens, rtol=1e-12)
+        if mode != "lpt":  # every rank holds the same number of blocks of every sequence
+            blocks = np.stack([np.bincount(o, minlength=cp) for o in p.block_owner])
+            n_pad = p.padded_len // p.block
+            assert n_pad % cp == 0 and blocks.max() <= n_pad // cp
+
+
+def test_uniform_and_zigzag_layouts():
+    meta = TokenMeta.causal(1, 16 * 128)
+    np.testing.assert_array_equal(plan(meta, 4, "uniform").block_owner[0], np.repeat(np.arange(4), 4))
+    # 2 cp chunks of 2 blocks: rank r gets chunks r and 2cp - 1 - r.
+    np.testing.assert_array_equal(
+        plan(meta, 4, "zigzag").block_owner[0], [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 2, 2, 1, 1, 0, 0]
+    )
+
+
+def test_lpt_reproduces_cornstarch_patterns():
+    n = 24
+    causal = TokenMeta.causal(1, n * 128)
+    owner = plan(causal, 4, "lpt").block_owner[0]
+    # Boustrophedon read from the end: 0,1,2,3,3,2,1,0,0,1,2,3,...
+    snake = np.concatenate([[0, 1, 2, 3], [3, 2, 1, 0]] * (n // 8))
+    np.testing.assert_array_equal(owner[::-1], snake)
+    full = TokenMeta(causal.positions, causal.segment_ids, np.ones_like(causal.span_ids))  # one span: full mask
+    np.testing.assert_array_equal(plan(full, 4, "lpt").block_owner[0], np.arange(n) % 4)
+    # Each rank's blocks are in ascending order in its shard.
+    p = plan(causal, 4, "lpt")
+    for r in range(4):
+        shard = p.permutation[0, r * p.shard_len : (r + 1) * p.shard_len]
+        shard = shard[shard >= 0]
+        np.testing.assert_array_equal(shard, np.sort(shard))
+
+
+def test_balanced_beats_lpt_on_combined_cost():
+    worse = []
+    for fi, family in enumerate(FAMILIES):
+        rng = np.random.default_rng([3, fi])
+        for _ in range(3):
+            meta = family_meta(family, 4096, rng)
+            costs = block_costs(meta)
+            lpt = plan(meta, 8, "lpt", costs=costs)
+            bal = plan(meta, 8, "balanced", costs=costs)
+            # Lower bound: no assignment of whole blocks beats total / cp or the heaviest block.
+            assert bal.rank_cost.max() >= max(bal.lower_bound, (bal.alpha * costs[0] + bal.beta * costs[1]).max())
+            if bal.imbalance() > lpt.imbalance() + 1e-12:
+                worse.append((family, bal.imbalance(), lpt.imbalance()))
+    assert not worse, worse
+
+
+def test_balanced_refinement_against_exhaustive_optimum():
+    # 8 blocks on 2 ranks of 4: the exhaustive optimum is the oracle. The swaps never hurt and usually reach it.
+    from parallel.context import _assign_balanced
+
+    rng = np.random.default_rng(5)
+    n, reached, improved = 120, 0, 0
+    for _ in range(n):
+        cost = rng.integers(1, 100, (1, 8)).astype(float)
+        makespan = lambda owner: max(cost[0][owner[0] == r].sum() for r in range(2))  # noqa: E731
+        greedy = _assign_balanced(cost, 2, max_swaps=0)
+        refined = _assign_balanced(cost, 2, max_swaps=1000)
+        assert np.bincount(refined[0], minlength=2).tolist() == [4, 4]
+        opt = min(max(cost[0, list(c)].sum(), cost.sum() - cost[0, list(c)].sum())
+                  for c in itertools.combinations(range(8), 4))
+        assert opt <= makespan(refined) <= makespan(greedy)
+        reached += makespan(refined) == opt
+        improved += makespan(refined) < makespan(greedy)
+    assert improved > 0 and reached >= 0.8 * n, (reached, improved)
+
+
+def test_plan_128k_is_fast():
+    meta = family_meta("multimodal_packed", 131072, np.random.default_rng(0))
+    plan(meta, 8, "balanced")  # warm caches
+    t0 = time.perf_counter()
+    plan(meta, 8, "balanced")
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_permute_batch_fills_padding_and_round_trips():
+    rng = np.random.default_rng(4)
+    b, s = 2, 300
+    meta = random_meta(b, s, rng)
+    p = plan(meta, 4, "balanced", block=32, tile_k=8)
+    ids = rng.integers(1, 1000, (b, s)).astype(np.int32)
+    labels = np.concatenate([ids[:, 1:], np.full((b, 1), -100, np.int32)], axis=1)  # shifted before permuting
+    fidx = np.where(meta.span_ids > 0, np.arange(s), -1).astype(np.int32)
+    pixels = np.ones((3, 4, 4, 3), np.float32)
+    batch = dict(input_ids=ids, labels=labels, positions=meta.positions, segment_ids=meta.segment_ids,
+                 span_ids=meta.span_ids, feature_index={"vision": fidx}, encoder_inputs={"vision": pixels})
+    out = permute_batch(batch, p)
+    pad = p.permutation < 0
+    assert out["input_ids"].shape == (b, p.padded_len)
+    assert np.all(out["labels"][pad] == -100) and np.all(out["segment_ids"][pad] == 0)
+    assert np.all(out["feature_index"]["vision"][pad] == -1)
+    assert out["encoder_inputs"]["vision"] is pixels
+    for key in ("input_ids", "labels", "positions", "segment_ids", "span_ids"):
+        np.testing.assert_array_equal(unpermute(out[key], p), batch[key])
+    np.testing.assert_array_equal(unpermute(out["feature_index"]["vision"], p), fidx)
+    # The loss-relevant multiset is unchanged: the same label count.
+    assert (out["labels"] != -100).sum() == (labels != -100).sum()
+
+
+def test_bad_inputs_are_refused_with_the_values():
+    meta = TokenMeta.causal(1, 256)
+    with pytest.raises(ValueError, match="mode"):
+        plan(meta, 2, "striped")
+    with pytest.raises(ValueError, match="cp"):
+        plan(meta, 0)
+    with pytest.raises(ValueError, match="tile_k"):
+        plan(meta, 2, block=100)
+    bad = TokenMeta(meta.positions, meta.segment_ids[:, :10], meta.span_ids)
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
+        plan(bad, 2)
+    neg = TokenMeta(meta.positions - 5, meta.segment_ids, meta.span_ids)
+    with pytest.raises(ValueError, match="positions"):
+        plan(neg, 2)
+    p = plan(meta, 2)
+    with pytest.raises(ValueError, match="labels"):
+        permute_batch({"labels": np.zeros((1, 100), np.int32)}, p)
+    # A length not divisible by cp x block is padded, not refused.
+    odd = plan(TokenMeta.causal(1, 1000), 3, block=64, tile_k=32)
+    assert odd.padded_len == 3 * 64 * 6 and odd.seq_len == 1000
