@@ -27,9 +27,20 @@ DEFAULT_BLOCK = 128
 class TileSchedule(NamedTuple):
     """Per q block, its non-skipped k blocks first (in increasing order), their kinds, and how many there are."""
 
-    k_blocks: jax.Array  # int32 [B, nQ, nK]; entries past `count` are padding (never read)
+    k_blocks: jax.Array  # int32 [B, nQ, nK]; entries past `count` are never read
     kinds: jax.Array  # int32 [B, nQ, nK]; PARTIAL or FULL for the first `count` entries
     count: jax.Array  # int32 [B, nQ]
+
+
+def compact(bm) -> TileSchedule:
+    """Per row of a block map [B, nRows, nCols], its non-skipped columns first (in increasing order) and their count.
+
+    Applied to the block map it gives each q block's k blocks; applied to its transpose, each k block's q blocks.
+    """
+    # A stable sort on "is skipped" moves the computed blocks to the front and keeps them in increasing order.
+    order = jnp.argsort(bm == SKIP, axis=-1, stable=True).astype(jnp.int32)
+    kinds = jnp.take_along_axis(bm, order, axis=-1)
+    return TileSchedule(order, kinds, jnp.sum(bm != SKIP, axis=-1).astype(jnp.int32))
 
 
 def tile_schedule(q_meta, k_meta, block_q, block_k, *, window=None, span_isolated=False) -> TileSchedule:
@@ -38,10 +49,7 @@ def tile_schedule(q_meta, k_meta, block_q, block_k, *, window=None, span_isolate
         TokenMeta(*map(jnp.asarray, q_meta)), TokenMeta(*map(jnp.asarray, k_meta)), block_q, block_k,
         window=window, span_isolated=span_isolated,
     )
-    # A stable sort on "is skipped" moves the computed k blocks to the front and keeps them in increasing order.
-    order = jnp.argsort(bm == SKIP, axis=-1, stable=True).astype(jnp.int32)
-    kinds = jnp.take_along_axis(bm, order, axis=-1)
-    return TileSchedule(order, kinds, jnp.sum(bm != SKIP, axis=-1).astype(jnp.int32))
+    return compact(bm)
 
 
 def default_block(length: int) -> int:

@@ -1,0 +1,402 @@
+"""Flash attention for multimodal masks in Pallas, GPU (Triton) variant, forward and backward under jax.custom_vjp.
+
+The mask comes from per-token metadata (kernels.meta), given separately for q and k, so any permutation of the tokens
+is exact. Tile skipping is real: the block map is compacted (kernels.blockwise.compact) into, per q block, the list of
+its non-skipped k blocks and their kinds; each program loops over exactly that list, so a skipped tile is never loaded
+or computed. A full tile takes a branch without the mask; a partial tile builds its mask from the metadata.
+
+Three kernels:
+  forward   grid (nQ, B, Hq): per q block, online softmax (base 2, as jax's Pallas GPU attention) over its k list;
+            writes the output and the base-2 log-sum-exp (the residual convention of the Pallas GPU ops on jax 0.11).
+  dQ        grid (nQ, B, Hq): the same k lists, recomputing probabilities from the log-sum-exp.
+  dK/dV     grid (nK, B, Hq): per k block, the transposed lists (the q blocks that see it); one dK/dV per query head,
+            summed over each GQA group outside the kernel.
+Lengths that are not a multiple of the block are padded with padding tokens (segment 0); head dims are padded to a
+power of two (Triton's block shapes) with zeros, which change no logit. Rows that see nothing return 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.blockwise import compact
+from kernels.meta import FULL, TokenMeta, block_map
+
+LOG2E = math.log2(math.e)
+
+
+class _Cfg(NamedTuple):
+    block_q: int
+    block_k: int
+    scale: float
+    window: int | None
+    softcap: float | None
+    span_isolated: bool
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def default_blocks(sq: int, sk: int, head_dim: int) -> tuple[int, int]:
+    """64 x 64 tiles (32 for head dim 256, to fit shared memory); short sequences get one power-of-two tile >= 16."""
+    base = 32 if head_dim > 128 else 64
+    return min(base, max(16, _next_pow2(sq))), min(base, max(16, _next_pow2(sk)))
+
+
+# ----------------------------------------------------------------------------------------------------------- in-kernel
+
+
+def _tile_mask(qm, km, cfg: _Cfg):
+    """The mask rule of kernels.meta on one tile: qm = (pos, seg, span) [bq], km likewise [bk] -> bool [bq, bk]."""
+    qpos, qseg, qspan = (a[:, None] for a in qm)
+    kpos, kseg, kspan = (a[None, :] for a in km)
+    same_seg = (qseg == kseg) & (qseg != 0)
+    causal = kpos <= qpos
+    if cfg.window is not None:
+        causal = causal & (qpos - kpos < cfg.window)
+    same_span = (qspan == kspan) & (qspan != 0)
+    if cfg.span_isolated:
+        visible = jnp.where(qspan != 0, same_span, causal | same_span)
+    else:
+        visible = causal | same_span
+    return same_seg & visible
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    # fp32 inputs keep full precision (no TF32), so the fp32 kernel matches the reference to 1e-4.
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=a.dtype != jnp.float32)
+
+
+def _tile_logits(q, k, kind, qm, km_fn, cfg: _Cfg):
+    """Base-2 logits [bq, bk] (softcapped, masked unless the tile is full) and tanh(x / softcap) for the backward."""
+    x = _dot(q, k, trans_b=True) * cfg.scale
+    t = None
+    if cfg.softcap is not None:
+        t = jnp.tanh(x / cfg.softcap)
+        x = cfg.softcap * t
+    s = x * LOG2E
+
+    def masked():
+        return jnp.where(_tile_mask(qm, km_fn(), cfg), s, -jnp.inf)
+
+    return jax.lax.cond(kind == FULL, lambda: s, masked), t
+
+
+def _fwd_kernel(kb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, qsp_ref, kp_ref, ks_ref, ksp_ref,
+                o_ref, lse_ref, *count_out, cfg: _Cfg):
+    bq, bk = cfg.block_q, cfg.block_k
+    q = q_ref[...]
+    qm = (qp_ref[...], qs_ref[...], qsp_ref[...])
+
+    def body(j, carry):
+        acc, m_i, l_i, n = carry
+        kj, kind = kb_ref[j], kind_ref[j]
+        ks = pl.ds(kj * bk, bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        s, _ = _tile_logits(q, k, kind, qm, lambda: (kp_ref[ks], ks_ref[ks], ksp_ref[ks]), cfg)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing yet: exp2(-inf - 0) = 0, not NaN
+        p = jnp.exp2(s - m_safe[:, None])
+        alpha = jnp.exp2(m_i - m_safe)
+        l_new = alpha * l_i + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l_new, n + 1
+
+    init = (
+        jnp.zeros((bq, q.shape[-1]), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.int32(0),
+    )
+    acc, m_i, l_i, n = jax.lax.fori_loop(0, count_ref[0], body, init)
+    seen = l_i > 0
+    l_safe = jnp.where(seen, l_i, 1.0)
+    o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_i + jnp.log2(l_safe), -jnp.inf)
+    if count_out:
+        count_out[0][...] = jnp.full((1,), n, jnp.int32)
+
+
+def _dq_kernel(kb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, qsp_ref, kp_ref, ks_ref, ksp_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg):
+    bk = cfg.block_k
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    qm = (qp_ref[...], qs_ref[...], qsp_ref[...])
+
+    def body(j, dq):
+        kj, kind = kb_ref[j], kind_ref[j]
+        ks = pl.ds(kj * bk, bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        s, t = _tile_logits(q, k, kind, qm, lambda: (kp_ref[ks], ks_ref[ks], ksp_ref[ks]), cfg)
+        p = jnp.exp2(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)  # d/dx of softcap * tanh(x / softcap)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, count_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(qb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, qsp_ref, kp_ref, ks_ref, ksp_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg):
+    bq = cfg.block_q
+    k, v = k_ref[...], v_ref[...]
+    km = (kp_ref[...], ks_ref[...], ksp_ref[...])
+
+    def body(j, carry):
+        dk, dv = carry
+        qi, kind = qb_ref[j], kind_ref[j]
+        qsl = pl.ds(qi * bq, bq)
+        q, do = q_ref[qsl, :], do_ref[qsl, :]
+        lse, delta = lse_ref[qsl], delta_ref[qsl]
+        qm = (qp_ref[qsl], qs_ref[qsl], qsp_ref[qsl])
+        s, t = _tile_logits(q, k, kind, qm, lambda: km, cfg)
+        p = jnp.exp2(s - lse[:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, count_ref[0], body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------ wrappers
+
+
+class _Padded(NamedTuple):
+    q: jax.Array  # [B, Sq', Hq, D']
+    k: jax.Array  # [B, Sk', Hkv, D']
+    v: jax.Array
+    q_meta: TokenMeta  # [B, Sq']
+    k_meta: TokenMeta  # [B, Sk']
+
+
+def _pad_axis(x, axis, size):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _pad(cfg: _Cfg, q, k, v, q_meta, k_meta) -> _Padded:
+    sq = -(-q.shape[1] // cfg.block_q) * cfg.block_q
+    sk = -(-k.shape[1] // cfg.block_k) * cfg.block_k
+    d = max(16, _next_pow2(q.shape[-1]))
+    q = _pad_axis(_pad_axis(q, 1, sq), 3, d)
+    k = _pad_axis(_pad_axis(k, 1, sk), 3, d)
+    v = _pad_axis(_pad_axis(v, 1, sk), 3, d)
+    qm = TokenMeta(*(_pad_axis(jnp.asarray(a, jnp.int32), 1, sq) for a in q_meta))
+    km = TokenMeta(*(_pad_axis(jnp.asarray(a, jnp.int32), 1, sk) for a in k_meta))
+    return _Padded(q, k, v, qm, km)
+
+
+def _schedule_arrays(sched):
+    """Lists padded to a power-of-two length (Triton block shapes) and the count as [.., 1]."""
+    n = sched.k_blocks.shape[-1]
+    width = _next_pow2(n)
+    return (_pad_axis(sched.k_blocks, 2, width), _pad_axis(sched.kinds, 2, width), sched.count[..., None])
+
+
+def _block_map(cfg: _Cfg, p: _Padded):
+    return block_map(p.q_meta, p.k_meta, cfg.block_q, cfg.block_k, window=cfg.window,
+                     span_isolated=cfg.span_isolated)
+
+
+def _row_specs(block, index_map):
+    """Specs for the three int32 metadata arrays [B, S]."""
+    return [pl.BlockSpec((None, block), index_map)] * 3
+
+
+def _call(kernel, cfg, name, grid, in_specs, out_specs, out_shape):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=cfg.interpret,
+        name=name,
+    )
+
+
+def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
+    """out [B, Sq', Hq, D'], lse (base 2) [B, Hq, Sq'], and with_count: tiles computed per program [B, Hq, nQ, 1]."""
+    b, sq, hq, d = p.q.shape
+    sk, hkv = p.k.shape[1], p.k.shape[2]
+    bq, g = cfg.block_q, hq // hkv
+    nq = sq // bq
+    sched = _schedule_arrays(compact(_block_map(cfg, p)))
+    width = sched[0].shape[-1]
+    in_specs = [
+        pl.BlockSpec((None, None, width), lambda i, bi, h: (bi, i, 0)),
+        pl.BlockSpec((None, None, width), lambda i, bi, h: (bi, i, 0)),
+        pl.BlockSpec((None, None, 1), lambda i, bi, h: (bi, i, 0)),
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
+        pl.BlockSpec((None, sk, None, d), lambda i, bi, h: (bi, 0, h // g, 0)),
+        pl.BlockSpec((None, sk, None, d), lambda i, bi, h: (bi, 0, h // g, 0)),
+        *_row_specs(bq, lambda i, bi, h: (bi, i)),
+        *_row_specs(sk, lambda i, bi, h: (bi, 0)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
+    ]
+    out_shape = [jax.ShapeDtypeStruct(p.q.shape, p.q.dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)]
+    if with_count:
+        out_specs.append(pl.BlockSpec((None, None, None, 1), lambda i, bi, h: (bi, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, 1), jnp.int32))
+    return _call(functools.partial(_fwd_kernel, cfg=cfg), cfg, "multimodal_flash_fwd", (nq, b, hq), in_specs,
+                 out_specs, out_shape)(*sched, p.q, p.k, p.v, *p.q_meta, *p.k_meta)
+
+
+def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
+    """dq [B, Sq', Hq, D'], dk and dv [B, Sk', Hkv, D'] in the padded layout."""
+    b, sq, hq, d = p.q.shape
+    sk, hkv = p.k.shape[1], p.k.shape[2]
+    bq, bk, g = cfg.block_q, cfg.block_k, hq // hkv
+    bm = _block_map(cfg, p)
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    # Rows that saw nothing have lse = -inf; +inf makes exp2(s - lse) = 0 there (their gradients are exactly 0).
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    operands = (p.q, p.k, p.v, *p.q_meta, *p.k_meta, d_out, lse, delta)
+
+    by_q = _schedule_arrays(compact(bm))
+    w = by_q[0].shape[-1]
+    dq = _call(
+        functools.partial(_dq_kernel, cfg=cfg), cfg, "multimodal_flash_dq", (sq // bq, b, hq),
+        [
+            pl.BlockSpec((None, None, w), lambda i, bi, h: (bi, i, 0)),
+            pl.BlockSpec((None, None, w), lambda i, bi, h: (bi, i, 0)),
+            pl.BlockSpec((None, None, 1), lambda i, bi, h: (bi, i, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
+            pl.BlockSpec((None, sk, None, d), lambda i, bi, h: (bi, 0, h // g, 0)),
+            pl.BlockSpec((None, sk, None, d), lambda i, bi, h: (bi, 0, h // g, 0)),
+            *_row_specs(bq, lambda i, bi, h: (bi, i)),
+            *_row_specs(sk, lambda i, bi, h: (bi, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
+        ],
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
+        jax.ShapeDtypeStruct(p.q.shape, p.q.dtype),
+    )(*by_q, *operands)
+
+    by_k = _schedule_arrays(compact(jnp.swapaxes(bm, 1, 2)))
+    w = by_k[0].shape[-1]
+    # One dK/dV per query head (f32), summed over the GQA group below: no cross-program accumulation needed.
+    dkv_shape = jax.ShapeDtypeStruct((b, sk, hq, d), jnp.float32)
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, cfg=cfg), cfg, "multimodal_flash_dkv", (sk // bk, b, hq),
+        [
+            pl.BlockSpec((None, None, w), lambda j, bi, h: (bi, j, 0)),
+            pl.BlockSpec((None, None, w), lambda j, bi, h: (bi, j, 0)),
+            pl.BlockSpec((None, None, 1), lambda j, bi, h: (bi, j, 0)),
+            pl.BlockSpec((None, sq, None, d), lambda j, bi, h: (bi, 0, h, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h // g, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h // g, 0)),
+            *_row_specs(sq, lambda j, bi, h: (bi, 0)),
+            *_row_specs(bk, lambda j, bi, h: (bi, j)),
+            pl.BlockSpec((None, sq, None, d), lambda j, bi, h: (bi, 0, h, 0)),
+            pl.BlockSpec((None, None, sq), lambda j, bi, h: (bi, h, 0)),
+            pl.BlockSpec((None, None, sq), lambda j, bi, h: (bi, h, 0)),
+        ],
+        [pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0))] * 2,
+        [dkv_shape, dkv_shape],
+    )(*by_k, *operands)
+    dk = dk.reshape(b, sk, hkv, g, d).sum(axis=3)
+    dv = dv.reshape(b, sk, hkv, g, d).sum(axis=3)
+    return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=None)
+def _make_attention(cfg: _Cfg):
+    """The custom_vjp function for one static configuration."""
+
+    @jax.custom_vjp
+    def attn(q, k, v, q_meta, k_meta):
+        return fwd(q, k, v, q_meta, k_meta)[0]
+
+    def fwd(q, k, v, q_meta, k_meta):
+        p = _pad(cfg, q, k, v, q_meta, k_meta)
+        out, lse = _forward(cfg, p)
+        o = out[:, : q.shape[1], :, : q.shape[3]]
+        return o, (q, k, v, q_meta, k_meta, out, lse)
+
+    def bwd(res, d_o):
+        q, k, v, q_meta, k_meta, out, lse = res
+        p = _pad(cfg, q, k, v, q_meta, k_meta)
+        d_out = _pad_axis(_pad_axis(d_o, 1, out.shape[1]), 3, out.shape[3])
+        dq, dk, dv = _backward(cfg, p, out, lse, d_out)
+        sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
+        return (dq[:, :sq, :, :d], dk[:, :sk, :, :d].astype(k.dtype), dv[:, :sk, :, :d].astype(v.dtype),
+                None, None)
+
+    attn.defvjp(fwd, bwd)
+    return attn
+
+
+def _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret) -> _Cfg:
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"q must be [B, Sq, Hq, D] and k, v [B, Sk, Hkv, D]; got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    d = q.shape[-1]
+    dbq, dbk = default_blocks(q.shape[1], k.shape[1], d)
+    block_q, block_k = block_q or dbq, block_k or dbk
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if int(val) != val or val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles); got {val!r}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive integer; got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive; got {softcap!r}")
+    return _Cfg(
+        block_q=int(block_q), block_k=int(block_k),
+        scale=float(d**-0.5 if scale is None else scale),
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+        span_isolated=bool(span_isolated), interpret=bool(interpret),
+        num_warps=4 if d <= 64 else 8, num_stages=2,
+    )
+
+
+def flash_attention(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None, window=None,
+    softcap=None, span_isolated=False, interpret=False,
+):
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D] under the mask rule of kernels.meta; GQA; fp32/bf16.
+
+    Differentiable (custom_vjp with Pallas dQ and dK/dV kernels). ``interpret=True`` runs the kernels on CPU.
+    """
+    cfg = _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret)
+    return _make_attention(cfg)(q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta))
+
+
+def flash_attention_with_count(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None, window=None,
+    softcap=None, span_isolated=False, interpret=False,
+):
+    """(output, tiles computed per query head) where the count is incremented inside the kernel's tile loop."""
+    cfg = _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret)
+    out, _, n = _forward(cfg, _pad(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta)), with_count=True)
+    return out[:, : q.shape[1], :, : q.shape[3]], n.sum(axis=(2, 3))  # [B, Hq]
