@@ -364,6 +364,7 @@ def model_costs(
     text_tokens: int,
     instances: dict | None = None,
     encoder_tokens: dict | None = None,
+    feature_tokens: dict | None = None,
     batch: int = 1,
     remat: bool | None = None,
     frozen_aware: bool = True,
@@ -373,13 +374,16 @@ def model_costs(
     """Per-microbatch costs of a ModelConfig. The LLM sequence is ``text_tokens`` plus every injected feature token.
 
     ``instances``: {encoder name: images/clips per sequence} (default 1); ``encoder_tokens``: {name: tokens per
-    instance} overriding the config (native-resolution encoders); projectors keep the token count (a resampler
-    emits num_queries). ``remat``: None -> config.remat != "none".
+    instance} overriding the config (native-resolution encoders); ``feature_tokens``: {name: tokens per instance
+    the projector emits} for encoders that merge patches before projecting (Qwen2-VL 2x2, Qwen2-Audio pooling: the
+    projector then sees the merged tokens with proportionally wider features); otherwise projectors keep the token
+    count (a resampler emits num_queries). ``remat``: None -> config.remat != "none".
     """
     instances = dict(instances or {})
     encoder_tokens = dict(encoder_tokens or {})
+    feature_tokens = dict(feature_tokens or {})
     remat = (config.remat != "none") if remat is None else remat
-    for name in list(instances) + list(encoder_tokens):
+    for name in list(instances) + list(encoder_tokens) + list(feature_tokens):
         if name not in config.encoders:
             raise ValueError(f"unknown encoder {name!r}; the model has {sorted(config.encoders)}")
     d_llm = config.llm.d_model
@@ -399,10 +403,14 @@ def model_costs(
         # Tokens handed to the projector (CLIP-style towers drop the class token here).
         tokens = encoder_tokens.get(name) or ecfg.num_features
         pcfg = config.projectors.get(name, ProjectorConfig())
+        d_in = ecfg.d_model
+        if name in feature_tokens:
+            d_in = ecfg.d_model * tokens // feature_tokens[name]
+            tokens = feature_tokens[name]
         proj = projector_layer(
             name,
             pcfg,
-            ecfg.d_model,
+            d_in,
             d_llm,
             tokens * n,
             trainable=config.is_trainable(f"projectors/{name}"),

@@ -118,7 +118,7 @@ def min_max_split(
         j = arg[s, i] if s > 0 else 0
         counts.append(i - j)
         i = j
-    return tuple(reversed(counts))
+    return tuple(int(c) for c in reversed(counts))
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,7 @@ def plan_pipeline(
     text_tokens: int,
     instances: dict | None = None,
     encoder_tokens: dict | None = None,
+    feature_tokens: dict | None = None,
     microbatch_size: int = 1,
     memory_budget: float = INF,
     remat: bool | None = None,
@@ -310,7 +311,8 @@ def plan_pipeline(
     ``text_tokens`` text tokens plus the injected features), ``memory_budget`` bytes per device, ``device_flops``
     FLOP/s per device (1.0 reports FLOPs). ``placement``: "auto" (the faster), "outside" or "own_stages".
     ``cornstarch_stages`` / ``megatron_stages``: {"llm": n, encoder: n} stage counts of the baselines (default:
-    each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner prefers).
+    each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner prefers);
+    their totals may differ from ``parallel.pipeline``.
     """
     stages, M, tensor = parallel.pipeline, parallel.microbatches, parallel.tensor
     if placement not in ("auto", "outside", "own_stages"):
@@ -324,6 +326,7 @@ def plan_pipeline(
         text_tokens=text_tokens,
         instances=instances,
         encoder_tokens=encoder_tokens,
+        feature_tokens=feature_tokens,
         batch=microbatch_size,
         remat=remat,
         llm_profile=llm_profile,
@@ -400,9 +403,11 @@ def plan_pipeline(
 
 
 def _check_alloc(alloc, enc_names, stages, what):
+    """A baseline's stage counts: each module >= 1 stage. The total may differ from ``stages`` (the paper's
+    frozen-unaware baselines used (3, 3, 3) or (4, 2, 2) where Cornstarch used (5, 1, 1))."""
     want = {"llm", *enc_names}
-    if set(alloc) != want or sum(alloc.values()) != stages or min(alloc.values()) < 1:
-        raise ValueError(f"{what} must give each of {sorted(want)} >= 1 stage, {stages} in all; got {alloc}")
+    if set(alloc) != want or min(alloc.values()) < 1:
+        raise ValueError(f"{what} must give each of {sorted(want)} >= 1 stage; got {alloc}")
 
 
 def _fmt_placement(p: Placement, unit: str) -> list:
