@@ -172,3 +172,18 @@ def test_local_ranks_and_config_errors():
         DatasetConfig(microbatch_assignment="lpt").validate()
     with pytest.raises(ValueError, match="on_bad_sample"):
         DatasetConfig(on_bad_sample="ignore").validate()
+
+
+def test_assignment_is_gin_configurable():
+    gin_setup = pytest.importorskip("mllm_jax.gin_setup")
+    if DatasetConfig not in gin_setup.CONFIG_CLASSES:
+        pytest.skip("mllm_jax.gin_setup does not register DatasetConfig yet (its owner adds it to CONFIG_CLASSES)")
+    import gin
+
+    with gin.unlock_config():
+        gin_setup.parse(gin_params=["DatasetConfig.microbatch_assignment = 'random'"])
+        try:
+            assert gin_setup.build(DatasetConfig).microbatch_assignment == "random"
+        finally:
+            gin.clear_config()
+    assert DatasetConfig().microbatch_assignment == "balanced"
