@@ -1,0 +1,117 @@
+"""kernels.pallas_gpu (Triton) in interpret mode against the dense reference, forward and dQ/dK/dV, over the mask
+families; its in-kernel tile count against the exact non-empty tiles; and its lowering to Triton for CUDA (forward
+and backward) with jax.export on this CPU machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import TokenMeta
+from kernels.meta import SKIP, dense_block_map
+from kernels.pallas_gpu import flash_attention, flash_attention_with_count
+from kernels.reference import reference_attention
+from mask_families import all_cases, make_meta
+from test_kernels_blockwise import B, S, _assert_close, _cases, _inputs, _value_and_grads, take_tokens
+
+BLOCKS = dict(block_q=16, block_k=32)
+
+
+def _pallas(q, k, v, qm, km, **kw):
+    return flash_attention(q, k, v, qm, km, interpret=True, **BLOCKS, **kw)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(window=9, softcap=5.0), dict(span_isolated=True)],
+                         ids=["plain", "window,softcap", "span_isolated"])
+def test_forward_and_grads_match_reference(opts):
+    q, k, v, d_out = _inputs()
+    key = tuple(sorted(opts.items()))
+    # Interpret mode is slow: the options run on the families that mix most tile kinds, plus both permutations.
+    cases = _cases() if not opts else [c for c in _cases() if c[0] in ("video", "packed", "q_and_k_permuted")]
+    for name, qm, km, k_index in cases:
+        kk, vv = (k, v) if k_index is None else (take_tokens(k, k_index), take_tokens(v, k_index))
+        args = (q, kk, vv, qm, km, d_out)
+        want = _value_and_grads(reference_attention, key)(*args)
+        got = _value_and_grads(_pallas, key)(*args)
+        _assert_close(got, want, 1e-4, 1e-4, f"{name} {opts}")
+
+
+def test_bf16_gqa_head_dim_128():
+    # bf16 keeps 8 mantissa bits (relative rounding 2**-8 ~ 4e-3). Both paths accumulate in f32 from the same bf16
+    # inputs; they differ in where probabilities are rounded to bf16 before P @ V (per tile against a running max
+    # here, once per row there) and outputs of size ~1 are rounded to bf16 once more: a few 4e-3 roundings, hence
+    # 3e-2. Gradients chain two such bf16 products (dP = dO V^T, then dS K): 6e-2.
+    q, k, v, d_out = _inputs(b=1, sq=80, sk=80, hq=4, hkv=2, d=128, dtype=jnp.bfloat16)
+    meta = make_meta("video", 1, 80, seed=4, pad=3)
+    got = _value_and_grads(_pallas, ())(q, k, v, meta, meta, d_out)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v, d_out)]
+    want = _value_and_grads(reference_attention, ())(*f32[:3], meta, meta, f32[3])
+    assert all(g.dtype == jnp.bfloat16 for g in got)
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), want[0], atol=3e-2, rtol=3e-2)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=6e-2, rtol=6e-2)
+
+
+def test_head_dim_256_and_default_blocks():
+    q, k, v, d_out = _inputs(b=1, sq=40, sk=40, hq=2, hkv=1, d=256)
+    meta = make_meta("llava", 1, 40, seed=0)
+    pallas_default = lambda *a, **kw: flash_attention(*a, interpret=True, **kw)  # noqa: E731
+    got = _value_and_grads(pallas_default, ())(q, k, v, meta, meta, d_out)
+    want = _value_and_grads(reference_attention, ())(q, k, v, meta, meta, d_out)
+    _assert_close(got, want, 1e-4, 1e-4, "head dim 256")
+
+
+def test_rows_that_see_nothing_give_zero_output_and_zero_grads():
+    q, k, v, d_out = _inputs(b=1, sq=40, sk=48)
+    qm = TokenMeta(np.arange(40, dtype=np.int32)[None], np.array([[1] * 10 + [3] * 20 + [0] * 10], np.int32),
+                   np.zeros((1, 40), np.int32))
+    km = TokenMeta(np.arange(48, dtype=np.int32)[None], np.array([[1] * 30 + [2] * 18], np.int32),
+                   np.zeros((1, 48), np.int32))
+    got = _value_and_grads(_pallas, ())(q, k, v, qm, km, d_out)
+    want = _value_and_grads(reference_attention, ())(q, k, v, qm, km, d_out)
+    _assert_close(got, want, 1e-4, 1e-4, "empty rows")
+    assert np.all(np.asarray(got[0])[0, 10:] == 0) and np.all(np.asarray(got[1])[0, 10:] == 0)
+
+
+def test_kernel_computes_exactly_the_nonempty_tiles():
+    q, k, v, _ = _inputs(b=2, sq=256, sk=256, hq=2, hkv=1, d=16)
+    count = jax.jit(lambda q, k, v, m: flash_attention_with_count(q, k, v, m, m, block_q=32, block_k=32,
+                                                                  interpret=True)[1])
+    for name, meta in all_cases(2, 256, seed=6)[:-1]:
+        nonempty = (dense_block_map(meta, meta, 32, 32) != SKIP).sum(axis=(1, 2))  # per batch row
+        n = np.asarray(count(q, k, v, meta))  # [B, Hq], counted inside the kernel's tile loop
+        np.testing.assert_array_equal(n, np.repeat(nonempty[:, None], 2, axis=1), err_msg=name)
+
+
+def test_dispatch_pallas_gpu_in_interpret_mode():
+    q, k, v, _ = _inputs(b=1, sq=48, sk=48, hq=2, hkv=2, d=64)
+    meta = make_meta("prefix_lm", 1, 48, seed=2)
+    out = kernels.attention(q, k, v, meta, meta, impl="pallas_gpu", interpret=True)
+    np.testing.assert_allclose(out, reference_attention(q, k, v, meta, meta), atol=1e-4, rtol=1e-4)
+
+
+def test_lowers_to_triton_for_cuda_forward_and_backward():
+    b, s, hq, hkv, d = 1, 200, 4, 2, 128  # GQA, bf16, head dim 128, length not a multiple of the block
+    meta = make_meta("interleaved", b, s)
+    spec = lambda h: jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16)  # noqa: E731
+
+    def f(q, k, v, m):
+        return flash_attention(q, k, v, m, m, softcap=30.0)
+
+    grad = jax.grad(lambda q, k, v, m: f(q, k, v, m).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for fn, n_kernels in ((f, 1), (grad, 3)):  # backward: the forward for residuals, then dQ and dK/dV
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
+            spec(hq), spec(hkv), spec(hkv), meta
+        )
+        assert exported.platforms == ("cuda",)
+        assert exported.mlir_module().count("__gpu$xla.gpu.triton") == n_kernels
+
+
+@pytest.mark.parametrize("bad", [dict(block_q=24), dict(block_k=8), dict(window=-2), dict(softcap=0.0)])
+def test_bad_options_raise_value_error_naming_them(bad):
+    q, k, v, _ = _inputs(b=1, sq=8, sk=8, hq=1, hkv=1, d=16)
+    meta = TokenMeta.causal(1, 8)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        flash_attention(q, k, v, meta, meta, interpret=True, **bad)
