@@ -81,36 +81,46 @@ def test_microbatches_partition_the_global_batch():
         SyntheticBatches(mc, _data(), microbatches=4)
 
 
-@pytest.mark.parametrize("resampler", [False, True])
-def test_labels_placeholders_and_feature_index_are_consistent(resampler):
+@pytest.mark.parametrize("resampler,per_row", [(False, 1), (True, 1), (False, 3)])
+def test_labels_placeholders_and_feature_index_are_consistent(resampler, per_row):
     mc = _model(resampler=resampler)
     codec = TextCodec()
-    it = SyntheticBatches(mc, _data(batch_size=12), codec=codec)
+    it = SyntheticBatches(mc, _data(batch_size=4, seq_len=96, samples_per_row=per_row), codec=codec)
     batch = unstack_first(it.batch_at(0))
     check_placeholders(batch, mc)
     counts = feature_counts(mc)
     assert counts["vision"] == (5 if resampler else 16) and counts["audio"] == 6
     assistant = codec.token_id("<assistant>")
-    for row in range(12):
-        sample = it.sample(row)
-        ids, labels = batch["input_ids"][row], batch["labels"][row]
-        n = int((batch["segment_ids"][row] != 0).sum())
-        # The labelled tokens are exactly the caption words then <eos>, each predicted from the token before it.
-        (target_pos,) = np.nonzero(labels != IGNORE)
-        assert codec.decode(labels[target_pos]) == sample.answer + " <eos>"
-        np.testing.assert_array_equal(labels[target_pos], ids[target_pos + 1])
-        assert ids[target_pos[0]] == assistant
-        assert (labels[n:] == IGNORE).all() and (batch["segment_ids"][row, n:] == 0).all()
-        np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
-        for name, data in sample.media:
-            run = np.nonzero(batch["feature_index"][name][row] >= 0)[0]
-            assert len(run) == counts[name]  # placeholder count == feature count
-            assert (ids[run] == mc.placeholder_ids[name]).all() and (labels[run] == IGNORE).all()
-            assert len(set(batch["span_ids"][row, run])) == 1 and batch["span_ids"][row, run[0]] > 0
-            slot = batch["feature_index"][name][row, run] // counts[name]
-            np.testing.assert_array_equal(batch["encoder_inputs"][name][slot[0]], data)
-        if not sample.media:
-            assert (batch["span_ids"][row] == 0).all()
+    for row in range(4):
+        seg_ids = batch["segment_ids"][row]
+        assert sorted(set(seg_ids) - {0}) == list(range(1, per_row + 1))
+        spans_seen = set()
+        for seg in range(1, per_row + 1):
+            sample = it.sample(row * per_row + seg - 1)
+            cols = np.nonzero(seg_ids == seg)[0]
+            assert (np.diff(cols) == 1).all()  # one contiguous run per segment
+            ids, labels = batch["input_ids"][row, cols], batch["labels"][row, cols]
+            np.testing.assert_array_equal(batch["positions"][row, cols], np.arange(len(cols)))
+            # The labelled tokens are exactly the caption words then <eos>, each predicted from the token before it.
+            (t,) = np.nonzero(labels != IGNORE)
+            assert codec.decode(labels[t]) == sample.answer + " <eos>"
+            np.testing.assert_array_equal(labels[t], ids[t + 1])
+            assert ids[t[0]] == assistant
+            for name, data in sample.media:
+                fidx = batch["feature_index"][name][row, cols]
+                run = np.nonzero(fidx >= 0)[0]
+                assert len(run) == counts[name]  # placeholder count == feature count
+                assert (ids[run] == mc.placeholder_ids[name]).all() and (labels[run] == IGNORE).all()
+                spans = set(batch["span_ids"][row, cols[run]])
+                assert len(spans) == 1 and min(spans) > 0 and not spans & spans_seen
+                spans_seen |= spans
+                slot = fidx[run] // counts[name]
+                np.testing.assert_array_equal(batch["encoder_inputs"][name][slot[0]], data)
+                np.testing.assert_array_equal(fidx[run] % counts[name], np.arange(counts[name]))
+            if not sample.media:
+                assert (batch["span_ids"][row, cols] == 0).all()
+        pad = seg_ids == 0
+        assert (batch["labels"][row, pad] == IGNORE).all() and (batch["span_ids"][row, pad] == 0).all()
 
 
 def test_image_caption_matches_the_pixels():
@@ -149,6 +159,8 @@ def test_errors_name_the_values():
         SyntheticBatches(_model().replace(placeholder_ids={"vision": 9, "audio": 4}), _data())
     with pytest.raises(ValueError, match="more than DataConfig.seq_len=20"):
         SyntheticBatches(_model(), _data(seq_len=20)).batch_at(0)
+    with pytest.raises(ValueError, match="packing 4 samples needs more than DataConfig.seq_len=64"):
+        SyntheticBatches(_model(), _data(samples_per_row=4, mixture={"image": 1.0})).batch_at(0)
     with pytest.raises(ValueError, match="vocab_size \\(10\\)"):
         SyntheticBatches(_model().replace(llm=LLMConfig(vocab_size=10)), _data())
     batch = unstack_first(SyntheticBatches(_model(), _data(mixture={"image": 1.0})).batch_at(0))

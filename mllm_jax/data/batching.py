@@ -5,10 +5,11 @@ Layout of one conversation (the chat template):
     <bos> <user> {prompt, with each placeholder token repeated to its feature count} <assistant> {answer} <eos> <pad>...
 
 Labels are the next token, shifted here on the host, and only where the next token belongs to the answer (answer
-words and the closing <eos>); everything else (prompt, placeholders, padding) is -100. Each media item gets its own
-span id (1, 2, ... within the row); feature_index points into the modality's projected features flattened to
-[N * T, D], where the encoder rows of a batch are laid out sample-major (sample b owns rows b*K .. b*K+K-1), so a
-batch split along B (microbatches, data shards) splits encoder rows the same way.
+words and the closing <eos>); everything else (prompt, placeholders, padding) is -100. With packing
+(``samples_per_row`` = k) a row holds k conversations as segments 1..k with positions restarting in each. Each media
+item gets its own span id (1, 2, ... within the row); feature_index points into the modality's projected features
+flattened to [N * T, D], where the encoder rows of a batch are laid out sample-major (the i-th sample of the batch
+owns rows i*K .. i*K+K-1), so a batch split along B (microbatches, data shards) splits encoder rows the same way.
 """
 
 from __future__ import annotations
@@ -83,42 +84,53 @@ class BatchBuilder:
         return np.concatenate(parts).astype(np.int32), answer_start
 
     def build(self, samples: list[synthetic.Sample]) -> dict:
+        """One batch of ``len(samples) // samples_per_row`` rows; row r packs samples r*k .. r*k+k-1 as segments
+        1..k (positions restart per segment, so packed samples never see each other)."""
         cfg = self.data_config
-        b, s = len(samples), cfg.seq_len
-        batch = {k: np.zeros((b, s), np.int32) for k in ("input_ids", "positions", "segment_ids", "span_ids")}
+        k = cfg.samples_per_row
+        if len(samples) % k:
+            raise ValueError(f"{len(samples)} samples do not fill rows of DataConfig.samples_per_row={k}")
+        b, s = len(samples) // k, cfg.seq_len
+        batch = {key: np.zeros((b, s), np.int32) for key in ("input_ids", "positions", "segment_ids", "span_ids")}
         batch["input_ids"][:] = self.codec.pad_id
         batch["labels"] = np.full((b, s), IGNORE, np.int32)
-        batch["encoder_inputs"] = {n: np.zeros((b * self.slots[n],) + self.shapes[n], np.float32)
+        batch["encoder_inputs"] = {n: np.zeros((b * k * self.slots[n],) + self.shapes[n], np.float32)
                                    for n in self.model_config.encoders}
         batch["feature_index"] = {n: np.full((b, s), -1, np.int32) for n in self.model_config.encoders}
-        for row, sample in enumerate(samples):
-            ids, answer_start = self.sample_tokens(sample)
-            n = len(ids)
-            if n > s:
-                raise ValueError(f"sample {row} ({sample.task}) has {n} tokens, more than DataConfig.seq_len={s}")
-            batch["input_ids"][row, :n] = ids
-            batch["positions"][row, :n] = np.arange(n)
-            batch["segment_ids"][row, :n] = 1
-            # Position t predicts token t + 1; only answer tokens (from answer_start on) are targets.
-            tgt = np.arange(answer_start - 1, n - 1)
-            batch["labels"][row, tgt] = ids[tgt + 1]
-            used = {name: 0 for name in self.model_config.encoders}
-            span = 0
-            for name, data in sample.media:
-                if name not in self.model_config.encoders:
-                    raise ValueError(f"sample {row} ({sample.task}) needs a {name!r} encoder the model lacks")
-                k = used[name]
-                if k >= self.slots[name]:
-                    raise ValueError(f"sample {row} has more than {self.slots[name]} {name!r} items")
-                used[name] += 1
-                slot = row * self.slots[name] + k
-                batch["encoder_inputs"][name][slot] = data
-                # The k-th run of this modality's placeholder in the row belongs to item k.
-                where = np.flatnonzero(ids == self.placeholder_ids[name])
-                run = where[k * self.counts[name]:(k + 1) * self.counts[name]]
-                span += 1
-                batch["span_ids"][row, run] = span
-                batch["feature_index"][name][row, run] = slot * self.counts[name] + np.arange(self.counts[name])
+        for row in range(b):
+            offset, span = 0, 0
+            for seg in range(k):
+                index = row * k + seg  # sample index within the batch: owns encoder rows index*K .. index*K+K-1
+                sample = samples[index]
+                ids, answer_start = self.sample_tokens(sample)
+                n = len(ids)
+                if offset + n > s:
+                    raise ValueError(f"row {row}: packing {k} samples needs more than DataConfig.seq_len={s} "
+                                     f"tokens (sample {index} ({sample.task}) has {n} tokens at offset {offset})")
+                cols = slice(offset, offset + n)
+                batch["input_ids"][row, cols] = ids
+                batch["positions"][row, cols] = np.arange(n)
+                batch["segment_ids"][row, cols] = seg + 1
+                # Position t predicts token t + 1; only answer tokens (from answer_start on) are targets.
+                tgt = np.arange(answer_start - 1, n - 1)
+                batch["labels"][row, offset + tgt] = ids[tgt + 1]
+                used = {name: 0 for name in self.model_config.encoders}
+                for name, data in sample.media:
+                    if name not in self.model_config.encoders:
+                        raise ValueError(f"sample {index} ({sample.task}) needs a {name!r} encoder the model lacks")
+                    j = used[name]
+                    if j >= self.slots[name]:
+                        raise ValueError(f"sample {index} has more than {self.slots[name]} {name!r} items")
+                    used[name] += 1
+                    slot = index * self.slots[name] + j
+                    batch["encoder_inputs"][name][slot] = data
+                    # The j-th run of this modality's placeholder in the sample belongs to item j.
+                    where = np.flatnonzero(ids == self.placeholder_ids[name])
+                    run = offset + where[j * self.counts[name]:(j + 1) * self.counts[name]]
+                    span += 1
+                    batch["span_ids"][row, run] = span
+                    batch["feature_index"][name][row, run] = slot * self.counts[name] + np.arange(self.counts[name])
+                offset += n
         return batch
 
 
@@ -140,7 +152,8 @@ def check_placeholders(batch: dict, model_config) -> None:
 
 
 class SyntheticBatches:
-    """Deterministic stream of global batches; batch k holds samples k*B .. k*B+B-1 of the split's random stream.
+    """Deterministic stream of global batches; batch i holds samples i*B*k .. (i+1)*B*k-1 of the split's random
+    stream (B rows of k = samples_per_row packed samples).
 
     Each yielded batch has a leading microbatch axis [M, B/M, ...]; each microbatch is a self-contained contract
     batch (its own encoder rows, feature_index local to it). ``state()``/``restore()`` are all a checkpoint needs.
@@ -148,6 +161,8 @@ class SyntheticBatches:
 
     def __init__(self, model_config, data_config, *, microbatches: int = 1, split: str = "train",
                  codec: TextCodec | None = None):
+        if data_config.samples_per_row < 1:
+            raise ValueError(f"DataConfig.samples_per_row must be >= 1; got {data_config.samples_per_row}")
         if data_config.batch_size % microbatches:
             raise ValueError(f"DataConfig.batch_size ({data_config.batch_size}) is not divisible by "
                              f"ParallelConfig.microbatches ({microbatches})")
@@ -182,7 +197,7 @@ class SyntheticBatches:
                                      n_mels=self._audio[1], audio_fmax=self.cfg.audio_fmax)
 
     def batch_at(self, step: int) -> dict:
-        b = self.cfg.batch_size
+        b = self.cfg.batch_size * self.cfg.samples_per_row  # samples per global batch
         mb = b // self.microbatches
         parts = [self.builder.build([self.sample(step * b + m * mb + i) for i in range(mb)])
                  for m in range(self.microbatches)]

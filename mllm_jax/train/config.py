@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Synthetic multimodal data. ``batch_size`` is global (all devices, all microbatches)."""
+    """Synthetic multimodal data. ``batch_size`` is global rows (all devices, all microbatches)."""
 
     seed: int = 0
     batch_size: int = 16
     seq_len: int = 256
+    samples_per_row: int = 1  # packing: each row holds exactly this many samples as separate segments
     # Task -> sampling weight; "image" needs a "vision" encoder, "audio" an "audio" encoder.
     mixture: dict = field(default_factory=lambda: {"image": 1.0})
     max_images: int = 1  # encoder instances per sample (rows of encoder_inputs per sample)
