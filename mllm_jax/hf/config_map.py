@@ -1,0 +1,362 @@
+"""Hugging Face ``config.json`` <-> mllm_jax configs (mllm_jax.config).
+
+One function per direction and family. The HF side is a plain dict (what ``config.json`` holds), so this module needs
+neither torch nor transformers. Both the transformers-4 spelling (``rope_theta``/``rope_scaling`` at the top level) and
+the transformers-5 one (``rope_parameters``) are read; options our model cannot reproduce are refused with a
+ValueError naming the option and its value rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, RopeScaling, VisionConfig
+
+LLM_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
+VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
+AUDIO_TYPES = ("whisper",)
+MULTIMODAL_TYPES = ("llava",)
+SUPPORTED_TYPES = LLM_TYPES + VISION_TYPES + AUDIO_TYPES + MULTIMODAL_TYPES
+
+# Modality names used for LLaVA-style models (the keys of ModelConfig.encoders / projectors / placeholder_ids).
+VISION_NAME = "vision"
+AUDIO_NAME = "audio"
+
+# HF activation name -> ours. gelu_pytorch_tanh / gelu_new / gelu_fast are all the tanh approximation.
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+_ACTIVATIONS_BACK = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+
+
+def unsupported_type(model_type) -> ValueError:
+    return ValueError(
+        f"unsupported Hugging Face architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}"
+    )
+
+
+def _activation(name: str, where: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"{where}: unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, llama3 scaling or None) from either spelling of the RoPE options."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or None
+    if scaling:
+        params = {**params, **scaling}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"unsupported rope scaling rope_type={rope_type!r}; supported: 'default', 'llama3'")
+
+
+def _window_pattern(hf: dict, model_type: str) -> int | None:
+    """LLMConfig.sliding_window_pattern from HF ``layer_types`` (None: no layer is local). Without layer_types:
+    Mistral is local everywhere (0), Gemma 2 alternates local/global (2)."""
+    types = hf.get("layer_types")
+    if not types:
+        return 2 if model_type == "gemma2" else 0
+    if all(t == "full_attention" for t in types):
+        return None
+    if all(t == "sliding_attention" for t in types):
+        return 0
+    for n in range(2, len(types) + 1):
+        if all(t == ("full_attention" if (i + 1) % n == 0 else "sliding_attention") for i, t in enumerate(types)):
+            return n
+    raise ValueError(f"{model_type}: layer_types {types} is not a repeating pattern of local layers ending in a "
+                     "global one (LLMConfig.sliding_window_pattern)")
+
+
+def llm_from_hf(hf: dict) -> LLMConfig:
+    model_type = hf.get("model_type")
+    if model_type not in LLM_TYPES:
+        raise unsupported_type(model_type)
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{model_type}: mlp_bias=True is not supported by mllm_jax.LLM")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+        raise ValueError(f"{model_type}: attention_bias=True (bias on q/k/v/o) is not supported by mllm_jax.LLM")
+    n_heads = int(hf["num_attention_heads"])
+    theta, scaling = _rope(hf)
+    gemma = model_type in ("gemma", "gemma2")
+    act_name = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    activation = _activation(act_name, model_type)  # Gemma: hidden_activation (newer configs) wins over hidden_act
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("qwen2: use_sliding_window=True (window on the upper layers only) is not supported")
+    sliding = hf.get("sliding_window") if model_type in ("mistral", "gemma2") else None
+    pattern = _window_pattern(hf, model_type) if sliding is not None else 0
+    if pattern is None:
+        sliding, pattern = None, 0
+    return LLMConfig(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None,
+        d_ff=int(hf["intermediate_size"]),
+        activation=activation,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_scale_plus_one=gemma,
+        embed_scale=gemma,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        qkv_bias=model_type == "qwen2",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=int(sliding) if sliding is not None else None,
+        sliding_window_pattern=pattern,
+        attn_logit_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+        final_logit_softcap=hf.get("final_logit_softcapping") if model_type == "gemma2" else None,
+        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if model_type == "gemma2" else None,
+        post_norms=model_type == "gemma2",
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+    )
+
+
+def llm_model_type(cfg: LLMConfig) -> str:
+    """The HF architecture an LLMConfig corresponds to (the inverse of llm_from_hf)."""
+    if cfg.post_norms or cfg.attn_logit_softcap is not None or cfg.final_logit_softcap is not None:
+        return "gemma2"
+    if cfg.norm_scale_plus_one:
+        return "gemma"
+    if cfg.qkv_bias:
+        return "qwen2"
+    if cfg.sliding_window is not None:
+        return "mistral"
+    return "llama"
+
+
+_LLM_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+
+
+def llm_to_hf(cfg: LLMConfig, model_type: str | None = None) -> dict:
+    model_type = model_type or llm_model_type(cfg)
+    if model_type not in LLM_TYPES:
+        raise unsupported_type(model_type)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
+    hf = {
+        "model_type": model_type,
+        "architectures": [_LLM_ARCHS[model_type]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": _ACTIVATIONS_BACK[cfg.activation],
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        # Both spellings, so transformers 4 and 5 read the same RoPE.
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope,
+        "attention_bias": False,
+    }
+    if model_type in ("gemma", "gemma2"):
+        hf["hidden_activation"] = hf["hidden_act"]
+    if model_type in ("mistral", "gemma2"):
+        hf["sliding_window"] = cfg.sliding_window
+        if cfg.sliding_window is not None:
+            n = cfg.sliding_window_pattern
+            hf["layer_types"] = ["full_attention" if n and (i + 1) % n == 0 else "sliding_attention"
+                                 for i in range(cfg.n_layers)]
+    if model_type == "qwen2":
+        hf["use_sliding_window"] = False
+        hf["sliding_window"] = None
+    if model_type == "gemma2":
+        hf.update(
+            attn_logit_softcapping=cfg.attn_logit_softcap,
+            final_logit_softcapping=cfg.final_logit_softcap,
+            query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
+            sliding_window=cfg.sliding_window,
+        )
+    return hf
+
+
+def _int_if_whole(x):
+    """transformers' strict config fields want an int where the value is one (query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def vision_from_hf(hf: dict, *, select_layer: int = -1, drop_class_token: bool = False) -> VisionConfig:
+    """CLIP or SigLIP vision tower. Defaults give the HF ``last_hidden_state`` (all tokens, after SigLIP's
+    post_layernorm); LLaVA passes its own select_layer / drop_class_token."""
+    model_type = hf.get("model_type")
+    if model_type not in VISION_TYPES:
+        raise unsupported_type(model_type)
+    siglip = model_type.startswith("siglip")
+    return VisionConfig(
+        kind="siglip" if siglip else "clip",
+        image_size=int(hf["image_size"]),
+        patch_size=int(hf["patch_size"]),
+        num_channels=int(hf.get("num_channels", 3)),
+        d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=int(hf["num_attention_heads"]),
+        d_ff=int(hf["intermediate_size"]),
+        activation=_activation(hf.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu"), model_type),
+        norm_eps=float(hf.get("layer_norm_eps", 1e-6 if siglip else 1e-5)),
+        class_token=not siglip,
+        pre_norm=not siglip,
+        post_norm=siglip,
+        select_layer=select_layer,
+        drop_class_token=drop_class_token if not siglip else False,
+    )
+
+
+def vision_to_hf(cfg: VisionConfig) -> dict:
+    if cfg.kind not in ("clip", "siglip"):
+        raise ValueError(f"vision kind {cfg.kind!r} has no Hugging Face equivalent here; supported: 'clip', 'siglip'")
+    siglip = cfg.kind == "siglip"
+    hf = {
+        "model_type": "siglip_vision_model" if siglip else "clip_vision_model",
+        "architectures": ["SiglipVisionModel" if siglip else "CLIPVisionModel"],
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.num_channels,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": _ACTIVATIONS_BACK[cfg.activation],
+        "layer_norm_eps": cfg.norm_eps,
+    }
+    if siglip:
+        hf["vision_use_head"] = False  # the attention-pooling head is not part of our tower
+    return hf
+
+
+def audio_from_hf(hf: dict) -> AudioConfig:
+    if hf.get("model_type") not in AUDIO_TYPES:
+        raise unsupported_type(hf.get("model_type"))
+    return AudioConfig(
+        kind="whisper",
+        n_mels=int(hf["num_mel_bins"]),
+        max_source_positions=int(hf["max_source_positions"]),
+        d_model=int(hf["d_model"]),
+        n_layers=int(hf["encoder_layers"]),
+        n_heads=int(hf["encoder_attention_heads"]),
+        d_ff=int(hf["encoder_ffn_dim"]),
+        activation=_activation(hf.get("activation_function", "gelu"), "whisper"),
+        norm_eps=1e-5,  # torch.nn.LayerNorm's default; Whisper does not configure it
+    )
+
+
+def audio_to_hf(cfg: AudioConfig) -> dict:
+    # The decoder is not ours; a one-layer stub keeps the config valid for WhisperModel / WhisperForConditionalGeneration.
+    return {
+        "model_type": "whisper",
+        "architectures": ["WhisperModel"],
+        "num_mel_bins": cfg.n_mels,
+        "max_source_positions": cfg.max_source_positions,
+        "d_model": cfg.d_model,
+        "encoder_layers": cfg.n_layers,
+        "encoder_attention_heads": cfg.n_heads,
+        "encoder_ffn_dim": cfg.d_ff,
+        "activation_function": _ACTIVATIONS_BACK.get(cfg.activation, cfg.activation),
+        "decoder_layers": 1,
+        "decoder_attention_heads": cfg.n_heads,
+        "decoder_ffn_dim": cfg.d_ff,
+        "max_target_positions": 448,
+        "vocab_size": 51865,
+        "pad_token_id": 50256,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "decoder_start_token_id": 50257,
+    }
+
+
+def llava_from_hf(hf: dict) -> ModelConfig:
+    if hf.get("model_type") not in MULTIMODAL_TYPES:
+        raise unsupported_type(hf.get("model_type"))
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"llava: unsupported vision_feature_select_strategy={strategy!r}; supported: default, full")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"llava: vision_feature_layer={layer!r} (several layers concatenated) is not supported")
+    if not hf.get("multimodal_projector_bias", True):
+        raise ValueError("llava: multimodal_projector_bias=False is not supported (the mlp projector has biases)")
+    llm = llm_from_hf(hf["text_config"])
+    if strategy == "default" and hf["vision_config"].get("model_type", "").startswith("siglip"):
+        raise ValueError("llava: vision_feature_select_strategy='default' drops the first token, which for SigLIP "
+                         "(no class token) is a patch; only 'full' is supported with a SigLIP tower")
+    vision = vision_from_hf(hf["vision_config"], select_layer=layer, drop_class_token=strategy == "default")
+    projector = ProjectorConfig(kind="mlp", hidden_dim=llm.d_model,
+                                activation=_activation(hf.get("projector_hidden_act", "gelu"), "llava projector"))
+    return ModelConfig(
+        llm=llm,
+        encoders={VISION_NAME: vision},
+        projectors={VISION_NAME: projector},
+        placeholder_ids={VISION_NAME: int(hf.get("image_token_index", hf.get("image_token_id", 32000)))},
+        # The pretrained LLaVA attends causally over its image tokens; see mllm_jax.processor for spans.
+    )
+
+
+def llava_to_hf(cfg: ModelConfig) -> dict:
+    if set(cfg.encoders) != {VISION_NAME} or set(cfg.projectors) != {VISION_NAME}:
+        raise ValueError(
+            f"LLaVA export needs exactly one encoder and projector named {VISION_NAME!r}; got encoders "
+            f"{sorted(cfg.encoders)} and projectors {sorted(cfg.projectors)}"
+        )
+    vision, proj = cfg.encoders[VISION_NAME], cfg.projectors[VISION_NAME]
+    if proj.kind != "mlp" or (proj.hidden_dim or cfg.llm.d_model) != cfg.llm.d_model:
+        raise ValueError(f"LLaVA export needs an mlp projector with hidden_dim = LLM d_model; got {proj}")
+    strategy = "default" if vision.class_token and vision.drop_class_token else "full"
+    image_tokens = vision.num_features
+    return {
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "text_config": llm_to_hf(cfg.llm),
+        "vision_config": vision_to_hf(vision),
+        "image_token_index": cfg.placeholder_ids[VISION_NAME],
+        "image_token_id": cfg.placeholder_ids[VISION_NAME],
+        "image_seq_length": image_tokens,
+        "projector_hidden_act": _ACTIVATIONS_BACK.get(proj.activation, proj.activation),
+        "vision_feature_select_strategy": strategy,
+        "vision_feature_layer": vision.select_layer,
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": cfg.llm.tie_embeddings,
+    }
+
+
+def config_from_hf(hf: dict):
+    """Any supported HF config dict -> LLMConfig | VisionConfig | AudioConfig | ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type in LLM_TYPES:
+        return llm_from_hf(hf)
+    if model_type in ("clip", "siglip"):  # a full CLIP/SigLIP checkpoint: take its vision tower
+        return vision_from_hf({**hf["vision_config"], "model_type": f"{model_type}_vision_model"})
+    if model_type in VISION_TYPES:
+        return vision_from_hf(hf)
+    if model_type in AUDIO_TYPES:
+        return audio_from_hf(hf)
+    if model_type in MULTIMODAL_TYPES:
+        return llava_from_hf(hf)
+    raise unsupported_type(model_type)

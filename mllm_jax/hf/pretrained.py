@@ -1,0 +1,192 @@
+"""``load_pretrained`` / ``save_pretrained``: Hugging Face directories (config.json + safetensors) <-> our modules.
+
+What a directory becomes (by its config.json ``model_type``):
+- llama / qwen2 / mistral / gemma / gemma2 -> mllm_jax.LLM: ``model(input_ids) -> logits [B, S, V]``;
+- clip_vision_model / siglip_vision_model (or a full clip / siglip) -> mllm_jax.VisionEncoder:
+  ``model(pixels [N, H, W, C]) -> last_hidden_state [N, tokens, D]``;
+- whisper -> mllm_jax.AudioEncoder: ``model(log_mel [N, frames, n_mels]) -> last_hidden_state``;
+- llava -> mllm_jax.MultimodalModel (encoder "vision", mlp projector, LLM): ``model(batch) -> hidden``,
+  ``model.llm.logits(hidden)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, VisionConfig
+from mllm_jax.hf import config_map as cm
+from mllm_jax.hf import weight_maps as wm
+from mllm_jax.hf.safetensors_io import CheckpointReader, MissingFileError, write_checkpoint
+from mllm_jax.hf.streaming import _path, load_into
+
+
+def read_config(path: str) -> dict:
+    file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise MissingFileError(f"pretrained directory not found: {path}")
+    if not os.path.isfile(file):
+        raise MissingFileError(f"config.json not found: {file}")
+    with open(file) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------- module factories
+
+
+def _make(config, *, seed: int, lora: LoRAConfig | None):
+    """(constructor of our module for this config, its name for messages)."""
+    from mllm_jax.audio import AudioEncoder
+    from mllm_jax.llm import LLM
+    from mllm_jax.multimodal import MultimodalModel
+    from mllm_jax.vision import VisionEncoder
+
+    if isinstance(config, LLMConfig):
+        return lambda: LLM(config, rngs=nnx.Rngs(seed), lora=lora)
+    if isinstance(config, VisionConfig):
+        return lambda: VisionEncoder(config, rngs=nnx.Rngs(seed))
+    if isinstance(config, AudioConfig):
+        return lambda: AudioEncoder(config, rngs=nnx.Rngs(seed))
+    return lambda: MultimodalModel(config, rngs=nnx.Rngs(seed))
+
+
+def rules_for_checkpoint(config, keys) -> list[wm.Rule]:
+    """The weight map of our module for ``config`` against the tensor names ``keys`` of a checkpoint."""
+    if isinstance(config, LLMConfig):
+        return wm.llm_rules(config, *wm.llm_prefixes(keys))
+    if isinstance(config, VisionConfig):
+        return wm.vision_rules(config, wm.vision_prefix(keys))
+    if isinstance(config, AudioConfig):
+        return wm.whisper_rules(config, wm.whisper_prefix(keys))
+    (name,) = config.encoders
+    return (wm.under("llm", wm.llm_rules(config.llm, *wm.llm_prefixes(keys)))
+            + wm.under(f"encoders/{name}", wm.vision_rules(config.encoders[name], wm.vision_prefix(keys)))
+            + wm.under(f"projectors/{name}", wm.mlp_projector_rules(wm.projector_prefix(keys))))
+
+
+def load_pretrained(path: str, *, mesh=None, logical_rules=None, lora: LoRAConfig | None = None, seed: int = 0,
+                    config=None):
+    """A HF save_pretrained directory -> our NNX module (see the module docstring for what each becomes).
+
+    ``mesh`` + ``logical_rules`` (parallel.sharding.logical_rules(...)): parameters are created directly in their
+    sharded layout as the tensors stream in. ``lora``: adapters on top of the LLM (initialised, not loaded).
+    ``config``: our config to use instead of the one derived from config.json (its shapes are still checked).
+    """
+    hf = read_config(path)
+    if config is None:
+        config = cm.config_from_hf(hf)
+    if lora is not None and isinstance(config, ModelConfig):
+        config = config.replace(lora=lora)
+    reader = CheckpointReader(path)
+    rules = rules_for_checkpoint(config, reader.keys())
+    if isinstance(config, AudioConfig):
+        _check_whisper_positions(reader, config)
+    return load_into(_make(config, seed=seed, lora=lora if isinstance(config, LLMConfig) else None),
+                     [(reader, rules)], mesh=mesh, logical_rules=logical_rules)
+
+
+def _check_whisper_positions(reader: CheckpointReader, config: AudioConfig) -> None:
+    """Our encoder computes Whisper's sinusoidal position table; refuse a checkpoint whose table is different."""
+    from mllm_jax.audio import sinusoids
+
+    name = wm.whisper_prefix(reader.keys()) + "embed_positions.weight"
+    if name not in reader:
+        return
+    table = np.asarray(reader.get(name), np.float32)
+    want = sinusoids(config.max_source_positions, config.d_model)
+    if table.shape != want.shape or np.abs(table - want).max() > 1e-4:
+        raise ValueError(f"{name} differs from Whisper's sinusoidal table (shape {table.shape}, expected "
+                         f"{want.shape}); learned audio positions are not supported")
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+
+def _family_config(module):
+    from mllm_jax.audio import AudioEncoder
+    from mllm_jax.llm import LLM
+    from mllm_jax.multimodal import MultimodalModel
+    from mllm_jax.vision import VisionEncoder
+
+    if isinstance(module, LLM):
+        return module.config, cm.llm_to_hf(module.config), wm.llm_rules(module.config)
+    if isinstance(module, VisionEncoder):
+        return module.config, cm.vision_to_hf(module.config), wm.vision_rules(module.config)
+    if isinstance(module, AudioEncoder):
+        return module.config, cm.audio_to_hf(module.config), wm.whisper_rules(module.config)
+    if isinstance(module, MultimodalModel):
+        cfg = module.config
+        hf = cm.llava_to_hf(cfg)
+        name = cm.VISION_NAME
+        rules = (wm.under("llm", wm.llm_rules(cfg.llm, "language_model.model.", "language_model.lm_head.weight"))
+                 + wm.under(f"encoders/{name}", wm.vision_rules(cfg.encoders[name], "vision_tower.vision_model."))
+                 + wm.under(f"projectors/{name}", wm.mlp_projector_rules()))
+        return cfg, hf, rules
+    raise cm.unsupported_type(type(module).__name__)
+
+
+def _merged_lora(flat: dict, scales: dict) -> dict:
+    """Base kernels with their LoRA update folded in (W + scale * A @ B), so HF sees the adapted model."""
+    out = dict(flat)
+    for key in [k for k in flat if k.endswith("/lora_a")]:
+        base = key[: -len("lora_a")]
+        a, b = flat[key], flat[base + "lora_b"]
+        scale = next(s for prefix, s in scales.items() if key.startswith(prefix))
+        r = a.shape[-1]
+        stack = a.shape[0] if a.ndim > 2 and a.shape[0] == b.shape[0] and base.startswith(("layers", "llm/layers")) \
+            else None
+        kernel = flat[base + "kernel"]
+        if stack:
+            delta = np.einsum("lir,lro->lio", a.reshape(stack, -1, r), b.reshape(stack, r, -1))
+        else:
+            delta = a.reshape(-1, r) @ b.reshape(r, -1)
+        out[base + "kernel"] = kernel + scale * delta.reshape(kernel.shape)
+        del out[key], out[base + "lora_b"]
+    return out
+
+
+def save_pretrained(module, path: str, *, dtype: str = "float32", max_shard_bytes: int | None = None,
+                    model_type: str | None = None) -> None:
+    """Write ``path``/config.json + model.safetensors (sharded with an index above ``max_shard_bytes``) that
+    transformers loads into the same architecture. LoRA adapters are merged into the weights they adapt."""
+    cfg, hf, rules = _family_config(module)
+    if model_type is not None and isinstance(cfg, LLMConfig):
+        hf = cm.llm_to_hf(cfg, model_type)
+    np_dtype = {"float32": np.float32, "bfloat16": __import__("ml_dtypes").bfloat16, "float16": np.float16}[dtype]
+    state = nnx.state(module, nnx.Param)
+    flat = {_path(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)}
+    flat = _merged_lora(flat, _lora_scales(module))
+    tensors = {}
+    for rule in rules:
+        value = flat.pop(rule.ours)
+        if rule.stacked:
+            for i in range(value.shape[0]):
+                tensors[rule.hf.format(i=i)] = rule.to_hf(value[i]).astype(np_dtype)
+        else:
+            tensors[rule.hf] = rule.to_hf(value).astype(np_dtype)
+    if flat:
+        raise ValueError(f"parameters {sorted(flat)} have no Hugging Face name in the {hf['model_type']} map")
+    hf["torch_dtype"] = hf["dtype"] = dtype
+    os.makedirs(path, exist_ok=True)
+    write_checkpoint(path, tensors, max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def _lora_scales(module) -> dict:
+    """Path prefix -> LoRA scale (alpha / rank) for every module that may hold adapters."""
+    from mllm_jax.llm import LLM
+    from mllm_jax.multimodal import MultimodalModel
+
+    if isinstance(module, LLM):
+        return {"": module.run.lora_scale}
+    if isinstance(module, MultimodalModel):
+        scales = {"llm/": module.llm.run.lora_scale}
+        for name, enc in module.encoders.items():
+            scales[f"encoders/{name}/"] = enc.settings[3]
+        return scales
+    return {"": module.settings[3]}
