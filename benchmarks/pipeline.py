@@ -180,7 +180,7 @@ def stage_program(kinds, M):
             if all(k == KIND_NONE for k in kinds):
                 g = g + h.sum()
                 continue
-            h = x[m]
+            h = jax.lax.optimization_barrier(x[m])  # the runtime recomputes in a later tick: keep XLA from CSE
             for p in ps:  # recompute
                 h = layer_fn(p, h, None)
             dy = h
