@@ -38,6 +38,9 @@ class LLMConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # Mistral
+    # 0: every layer uses sliding_window (Mistral). N > 0: layer i is global when (i + 1) % N == 0, local otherwise
+    # (Gemma 2: 2, i.e. even layers local; Gemma 3: 6).
+    sliding_window_pattern: int = 0
     attn_logit_softcap: float | None = None  # Gemma 2
     final_logit_softcap: float | None = None  # Gemma 2
     query_pre_attn_scalar: float | None = None  # Gemma 2: softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)

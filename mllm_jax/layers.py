@@ -1,0 +1,303 @@
+"""Building blocks shared by the LLM, the encoders and the projectors.
+
+Two halves:
+- parameter holders (``Linear``, ``Norm``): nnx Modules that only create annotated parameters, optionally stacked on
+  a leading ``layers`` axis (``stack=L``) so a whole tower is one set of arrays applied with ``lax.scan``;
+- pure functions (``linear``, ``rms_norm``, ``self_attention``, ...) over plain dicts of arrays, so a layer is a pure
+  function ``(params, x, meta) -> x`` that scan, remat and the pipeline can call directly.
+
+Parameter layouts (HF import maps onto these): a projection's kernel is [in..., out...] with heads split out
+(q: [D, H, Dh], o: [H, Dh, D]); LayerNorm/RMSNorm have ``scale`` (and ``bias``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mllm_jax import partitioning as part
+from mllm_jax.config import RopeScaling
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA adapter matrix: trainable even when the module it adapts is frozen."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parameter holders
+
+
+class Group(nnx.Module):
+    """A named bundle of submodules/parameters (gives readable paths: layers/attn/q/kernel)."""
+
+    def __init__(self, **children):
+        for k, v in children.items():
+            setattr(self, k, v)
+
+
+class Linear(nnx.Module):
+    """kernel [*in_shape, *out_shape] (+ bias [*out_shape]); with ``stack`` a leading ``layers`` axis on each.
+
+    ``lora_rank`` adds ``lora_a`` [*in_shape, r] and ``lora_b`` [r, *out_shape] (zero: LoRA starts as the identity).
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple,
+        out_shape: tuple,
+        in_names: tuple,
+        out_names: tuple,
+        *,
+        rngs: nnx.Rngs,
+        bias: bool = True,
+        stack: int | None = None,
+        init_std: float | None = None,
+        lora_rank: int | None = None,
+    ):
+        lead = (stack,) if stack else ()
+        lead_names = ("layers",) if stack else ()
+        fan_in = math.prod(in_shape)
+        std = init_std if init_std is not None else fan_in**-0.5
+        k = std * jax.random.normal(rngs.params(), lead + tuple(in_shape) + tuple(out_shape), jnp.float32)
+        self.kernel = part.param(k, lead_names + tuple(in_names) + tuple(out_names))
+        if bias:
+            self.bias = part.param(jnp.zeros(lead + tuple(out_shape), jnp.float32), lead_names + tuple(out_names))
+        if lora_rank:
+            a = fan_in**-0.5 * jax.random.normal(rngs.params(), lead + tuple(in_shape) + (lora_rank,), jnp.float32)
+            self.lora_a = part.param(a, lead_names + tuple(in_names) + ("lora_rank",), LoRAParam)
+            b = jnp.zeros(lead + (lora_rank,) + tuple(out_shape), jnp.float32)
+            self.lora_b = part.param(b, lead_names + ("lora_rank",) + tuple(out_names), LoRAParam)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (scale) or LayerNorm (scale, bias) parameters over the last axis (optionally stacked)."""
+
+    def __init__(self, dim: int, *, bias: bool, stack: int | None = None, init: float = 1.0, names=("embed",)):
+        lead = (stack,) if stack else ()
+        lead_names = ("layers",) if stack else ()
+        self.scale = part.param(jnp.full(lead + (dim,), init, jnp.float32), lead_names + tuple(names))
+        if bias:
+            self.bias = part.param(jnp.zeros(lead + (dim,), jnp.float32), lead_names + tuple(names))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Using parameters
+
+
+def module_params(module: nnx.Module) -> tuple[dict, dict]:
+    """(pure dict of arrays, matching dict of logical names) of a module's parameters, for the pure functions."""
+    state = nnx.state(module, nnx.Param)
+    return nnx.to_pure_dict(state), nnx.to_pure_dict(part.variable_names(state))
+
+
+def use_params(values: dict, names: dict, dtype, *, drop_leading: bool = False) -> dict:
+    """Parameters ready for compute: FSDP-gathered and cast to the compute dtype (norm math upcasts itself).
+
+    ``drop_leading``: the arrays are one layer sliced out of a stack, so their names lose the ``layers`` axis.
+    """
+
+    def one(x, n):
+        if n is not None:
+            x = part.gathered(x, tuple(n[1:]) if drop_leading else tuple(n))
+        return x.astype(dtype)
+
+    return jax.tree.map(one, values, names, is_leaf=lambda n: n is None or isinstance(n, tuple))
+
+
+def params_for_compute(module: nnx.Module, dtype=jnp.float32) -> dict:
+    """A (non-stacked) module's parameters, gathered and cast, as a pure dict."""
+    values, names = module_params(module)
+    return use_params(values, names, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def _einsum(eq: str, x, w, out_names: tuple):
+    (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    sizes = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
+    out_shape = tuple(sizes[c] for c in out)
+    sh = part.out_sharding(out_names, out_shape)
+    return jnp.einsum(eq, x, w, out_sharding=sh) if sh is not None else jnp.einsum(eq, x, w)
+
+
+def linear(p: dict, x, eq: str, out_names: tuple, *, lora_scale: float = 0.0):
+    """x @ kernel (+ bias) (+ lora_scale * x @ a @ b), with ``eq`` the einsum of x and the kernel, e.g. 'bsd,dhk->bshk'.
+
+    ``out_names`` are the logical names of the output, used as its layout on a mesh.
+    """
+    y = _einsum(eq, x, p["kernel"], out_names)
+    if "lora_a" in p:
+        lhs, out = eq.split("->")
+        xs, ks = lhs.split(",")
+        contracted = "".join(c for c in ks if c in xs)
+        kept = "".join(c for c in ks if c not in xs)
+        xr = "".join(c for c in xs if c not in contracted) + "r"
+        mid = _einsum(f"{xs},{contracted}r->{xr}", x, p["lora_a"], tuple(out_names[: len(xr) - 1]) + (None,))
+        y = y + lora_scale * _einsum(f"{xr},r{kept}->{out}", mid, p["lora_b"], out_names)
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def rms_norm(p: dict, x, eps: float, *, plus_one: bool = False):
+    """RMSNorm in float32 (Llama: weight * normed cast back; Gemma: normed * (1 + weight))."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = p["scale"].astype(jnp.float32)
+    if plus_one:
+        return (normed * (1.0 + scale)).astype(x.dtype)
+    return (normed.astype(x.dtype) * scale.astype(x.dtype)).astype(x.dtype)
+
+
+def layer_norm(p: dict, x, eps: float):
+    """LayerNorm in float32 (biased variance, as torch.nn.LayerNorm)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def activation(name: str):
+    fns = {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+    }
+    if name not in fns:
+        raise ValueError(f"activation must be one of {sorted(fns)}; got {name!r}")
+    return fns[name]
+
+
+# ---- RoPE (HF 'rotate_half' layout: the two halves of head_dim are the real and imaginary parts)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with Llama-3 frequency scaling when given."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if scaling is None:
+        return inv
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_BS, inv_freq: np.ndarray):
+    """cos, sin [B, S, 1, head_dim] (float32) at the tokens' global positions (never an arange)."""
+    freqs = positions_BS.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
+def apply_rope(x_BSHD, cos, sin):
+    half = x_BSHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BSHD[..., half:], x_BSHD[..., :half]], axis=-1)
+    return (x_BSHD.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BSHD.dtype)
+
+
+# ---- Attention: the ONE call site of the model's attention
+
+
+def attend(q, k, v, meta, *, impl: str = "auto", scale=None, window=None, softcap=None, span_isolated=False,
+           context_parallel: bool = True, context_method: str = "allgather", k_meta=None):
+    """Masked attention through kernels/. q [B, S, Hq, D], k/v [B, S, Hkv, D], meta: kernels.TokenMeta [B, S].
+
+    Under a mesh with a ``context`` axis of size > 1 (and ``context_parallel``), the sequence is sharded over it and
+    kernels.context_parallel does the attention (K/V gathered or ringed with their metadata); else kernels.attention.
+    ``k_meta`` (cross-attention, never context-parallel) defaults to ``meta``.
+    """
+    if k_meta is not None:
+        import kernels
+
+        return kernels.attention(q, k, v, meta, k_meta, impl=impl, scale=scale, window=window, softcap=softcap,
+                                 span_isolated=span_isolated)
+    kw = dict(impl=impl, scale=scale, window=window, softcap=softcap, span_isolated=span_isolated)
+    mesh = jax.sharding.get_abstract_mesh()
+    if (
+        context_parallel
+        and mesh is not None
+        and not mesh.empty
+        and "context" in mesh.axis_names
+        and mesh.shape["context"] > 1
+    ):
+        from kernels.context_parallel import context_attention  # lazy: written alongside this module
+
+        return context_attention(q, k, v, meta, meta, mesh=mesh, axis="context", method=context_method, **kw)
+    import kernels
+
+    return kernels.attention(q, k, v, meta, meta, **kw)
+
+
+def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, **attend_kw):
+    """Projections q/k/v/o around ``attend``; ``rope`` = (cos, sin) or None (encoders)."""
+    q = linear(p["q"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora_scale)
+    k = linear(p["k"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
+    v = linear(p["v"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = attend(q, k, v, meta, **attend_kw)
+    return linear(p["o"], out, "bshk,hkd->bsd", ("batch", "length", "act_embed"), lora_scale=lora_scale)
+
+
+def gated_mlp(p: dict, x_BSD, act: str, *, lora_scale=0.0):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) / GeGLU (gelu_tanh)."""
+    names = ("batch", "length", "mlp")
+    g = linear(p["gate"], x_BSD, "bsd,df->bsf", names, lora_scale=lora_scale)
+    u = linear(p["up"], x_BSD, "bsd,df->bsf", names, lora_scale=lora_scale)
+    h = activation(act)(g) * u
+    return linear(p["down"], h, "bsf,fd->bsd", ("batch", "length", "act_embed"), lora_scale=lora_scale)
+
+
+def plain_mlp(p: dict, x_BSD, act: str, *, lora_scale=0.0):
+    """fc2(act(fc1(x))): the encoders' and projectors' MLP."""
+    h = linear(p["fc1"], x_BSD, "bsd,df->bsf", ("batch", "length", "mlp"), lora_scale=lora_scale)
+    return linear(p["fc2"], activation(act)(h), "bsf,fd->bsd", ("batch", "length", "act_embed"),
+                  lora_scale=lora_scale)
+
+
+def remat_policy(name: str):
+    """(wrap?, policy) for ModelConfig.remat."""
+    policies = {
+        "none": (False, None),
+        "full": (True, None),
+        "dots": (True, jax.checkpoint_policies.dots_saveable),
+        "dots_no_batch": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    }
+    if name not in policies:
+        raise ValueError(f"remat must be one of {sorted(policies)}; got {name!r}")
+    return policies[name]
+
+
+def scan_layers(body, h, stacked: dict, remat: str = "none"):
+    """h <- body(layer_params, h) for each layer of ``stacked`` (arrays with a leading layers axis), via lax.scan."""
+    wrap, policy = remat_policy(remat)
+    if wrap:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+    def step(carry, layer_params):
+        return body(layer_params, carry), None
+
+    h, _ = jax.lax.scan(step, h, stacked)
+    return h
+
+
+def dtype_of(name: str):
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}; got {name!r}")
+    return dtypes[name]

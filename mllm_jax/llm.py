@@ -1,0 +1,249 @@
+"""One decoder-only LLM covering Llama, Qwen2, Mistral and Gemma 1/2 by configuration (LLMConfig).
+
+The decoder layers are stacked on a leading ``layers`` axis and applied with ``lax.scan`` (compile time independent of
+depth). A layer is the pure function ``decoder_layer(params, h, meta, ...)``; ``apply_decoder_layers`` runs any
+contiguous slice of the stack, which is what the pipeline runs per stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels.meta import TokenMeta
+from mllm_jax import layers as L
+from mllm_jax import partitioning as part
+from mllm_jax.config import LLMConfig, LoRAConfig
+
+Group = L.Group
+LLM_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Static settings of a forward pass that are not in LLMConfig (they come from ModelConfig)."""
+
+    dtype: str = "float32"
+    remat: str = "none"
+    attention_impl: str = "auto"
+    span_isolated: bool = False
+    context_method: str = "allgather"
+    lora_scale: float = 0.0
+
+
+def layer_window(cfg: LLMConfig, i: int) -> int | None:
+    """Sliding window of layer i (None = global attention)."""
+    if cfg.sliding_window is None:
+        return None
+    if cfg.sliding_window_pattern and (i + 1) % cfg.sliding_window_pattern == 0:
+        return None
+    return cfg.sliding_window
+
+
+def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window):
+    """One pre-norm decoder layer on already-gathered parameters (a pure function)."""
+    plus_one = cfg.norm_scale_plus_one
+    scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+    x = L.rms_norm(p["attn_norm"], h_BSD, cfg.norm_eps, plus_one=plus_one)
+    a = L.self_attention(
+        p["attn"], x, meta, rope=rope, lora_scale=run.lora_scale, impl=run.attention_impl, scale=scale,
+        window=window, softcap=cfg.attn_logit_softcap, span_isolated=run.span_isolated,
+        context_method=run.context_method,
+    )
+    if cfg.post_norms:
+        a = L.rms_norm(p["post_attn_norm"], a, cfg.norm_eps, plus_one=plus_one)
+    h = h_BSD + a
+    x = L.rms_norm(p["mlp_norm"], h, cfg.norm_eps, plus_one=plus_one)
+    m = L.gated_mlp(p["mlp"], x, cfg.activation, lora_scale=run.lora_scale)
+    if cfg.post_norms:
+        m = L.rms_norm(p["post_mlp_norm"], m, cfg.norm_eps, plus_one=plus_one)
+    return part.constrain(h + m, ("batch", "length", "act_embed"))
+
+
+def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg: LLMConfig, run: RunSettings,
+                         *, first_layer: int = 0):
+    """Run a contiguous slice of stacked decoder layers: params [n, ...] are layers first_layer .. first_layer + n - 1.
+
+    A pure function of (params, h, meta): ``names`` are the parameters' logical names (static), ``first_layer`` fixes
+    which layers have a sliding window. Runs of layers with the same window are one ``lax.scan`` each; alternating
+    windows (Gemma 2) scan over groups of ``sliding_window_pattern`` layers.
+    """
+    n = jax.tree.leaves(params)[0].shape[0]
+    inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    rope = L.rope_cos_sin(meta.positions, inv_freq)
+    dtype = L.dtype_of(run.dtype)
+    windows = [layer_window(cfg, first_layer + i) for i in range(n)]
+
+    def group_body(group_windows):
+        def body(p_group, h):
+            for j, w in enumerate(group_windows):
+                p = p_group if len(group_windows) == 1 else jax.tree.map(lambda a, j=j: a[j], p_group)
+                h = decoder_layer(L.use_params(p, names, dtype, drop_leading=True), h, meta, rope, cfg, run, w)
+            return h
+
+        return body
+
+    h = h_BSD.astype(dtype)
+    if len(set(windows)) == 1:
+        return L.scan_layers(group_body((windows[0],)), h, params, run.remat)
+    g = cfg.sliding_window_pattern
+    start = (-first_layer) % g  # layers before the first aligned group run one by one
+    n_groups = (n - start) // g
+    sl = lambda a, b: jax.tree.map(lambda x: x[a:b], params)  # noqa: E731
+    for i in range(start):
+        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat)
+    if n_groups:
+        grouped = jax.tree.map(lambda x: x.reshape((n_groups, g) + x.shape[1:]), sl(start, start + n_groups * g))
+        h = L.scan_layers(group_body(tuple(windows[start:start + g])), h, grouped, run.remat)
+    for i in range(start + n_groups * g, n):
+        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat)
+    return h
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class LLM(nnx.Module):
+    """Decoder-only LLM. ``llm(input_ids, meta)`` or ``llm(meta=meta, inputs_embeds=e)`` -> logits [B, S, V].
+
+    Parameters: embed/embedding [V, D]; layers/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{gate,up,down}} stacked
+    [L, ...] (Gemma 2 adds post_attn_norm, post_mlp_norm); final_norm; lm_head/kernel [D, V] unless tied.
+    """
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None,
+                 run: RunSettings = RunSettings()):
+        cfg = config
+        self.config = cfg
+        if cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"n_heads ({cfg.n_heads}) must be a multiple of n_kv_heads ({cfg.n_kv_heads})")
+        if cfg.sliding_window_pattern < 0:
+            raise ValueError(f"sliding_window_pattern must be >= 0; got {cfg.sliding_window_pattern}")
+        lora_rank = None
+        if lora is not None:
+            bad = [t for t in lora.targets if t not in LLM_LORA_TARGETS]
+            if bad:
+                raise ValueError(f"LoRA targets {bad} unknown; choose from {LLM_LORA_TARGETS}")
+            lora_rank = lora.rank
+            run = dataclasses.replace(run, lora_scale=lora.alpha / lora.rank)
+        self.run = run
+        targets = set(lora.targets) if lora is not None else set()
+        d, hd, nl = cfg.d_model, cfg.resolved_head_dim, cfg.n_layers
+        std = 0.02
+
+        def lin(name, ins, outs, in_names, out_names, bias=False):
+            return L.Linear(ins, outs, in_names, out_names, rngs=rngs, bias=bias, stack=nl, init_std=std,
+                            lora_rank=lora_rank if name in targets else None)
+
+        emb = std * jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32)
+        self.embed = Group(embedding=part.param(emb, ("vocab", "embed")))
+        norm_init = 0.0 if cfg.norm_scale_plus_one else 1.0
+        norm = lambda: L.Norm(d, bias=False, stack=nl, init=norm_init)  # noqa: E731
+        attn = Group(
+            q=lin("q", (d,), (cfg.n_heads, hd), ("embed",), ("heads", "head_dim"), cfg.qkv_bias),
+            k=lin("k", (d,), (cfg.n_kv_heads, hd), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias),
+            v=lin("v", (d,), (cfg.n_kv_heads, hd), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias),
+            o=lin("o", (cfg.n_heads, hd), (d,), ("heads", "head_dim"), ("embed",)),
+        )
+        mlp = Group(
+            gate=lin("gate", (d,), (cfg.d_ff,), ("embed",), ("mlp",)),
+            up=lin("up", (d,), (cfg.d_ff,), ("embed",), ("mlp",)),
+            down=lin("down", (cfg.d_ff,), (d,), ("mlp",), ("embed",)),
+        )
+        extra = dict(post_attn_norm=norm(), post_mlp_norm=norm()) if cfg.post_norms else {}
+        self.layers = Group(attn_norm=norm(), attn=attn, mlp_norm=norm(), mlp=mlp, **extra)
+        self.final_norm = L.Norm(d, bias=False, init=norm_init)
+        if not cfg.tie_embeddings:
+            self.lm_head = L.Linear((d,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, bias=False,
+                                    init_std=std)
+
+    # ---- pieces
+
+    def embed_tokens(self, ids_BS):
+        """Token embeddings [B, S, D] in the compute dtype (Gemma: times sqrt(d_model))."""
+        cfg = self.config
+        if _is_concrete(ids_BS):
+            ids_np = np.asarray(ids_BS)
+            if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= cfg.vocab_size):
+                raise ValueError(
+                    f"token ids must be in [0, {cfg.vocab_size}) (vocab_size); got min {ids_np.min()}, "
+                    f"max {ids_np.max()}"
+                )
+        dtype = L.dtype_of(self.run.dtype)
+        table = part.gathered(self.embed.embedding[...], ("vocab", "embed")).astype(dtype)
+        ids_BS = jnp.asarray(ids_BS, jnp.int32)
+        sh = part.out_sharding(("batch", "length", "act_embed"), ids_BS.shape + (cfg.d_model,))
+        e = table.at[ids_BS].get(out_sharding=sh) if sh is not None else jnp.take(table, ids_BS, axis=0)
+        if cfg.embed_scale:
+            e = e * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+        return e
+
+    def embed(self, ids_BS):
+        return self.embed_tokens(ids_BS)
+
+    def layer_params(self) -> tuple[dict, dict]:
+        """(stacked parameter arrays [L, ...], their logical names): the inputs of ``apply_layers``."""
+        return L.module_params(self.layers)
+
+    def apply_layers(self, layer_params: dict, h_BSD, meta: TokenMeta, *, first_layer: int = 0):
+        """Pure: run the stacked layers ``layer_params`` (a contiguous slice starting at ``first_layer``) on h."""
+        _, names = self.layer_params()
+        return apply_decoder_layers(layer_params, names, h_BSD, meta, self.config, self.run, first_layer=first_layer)
+
+    def final(self, h_BSD):
+        p, n = L.module_params(self.final_norm)
+        p = L.use_params(p, n, jnp.float32)
+        return L.rms_norm(p, h_BSD, self.config.norm_eps, plus_one=self.config.norm_scale_plus_one)
+
+    def hidden(self, embeds_BSD, meta: TokenMeta):
+        """Decoder layers + final norm: [B, S, D] -> [B, S, D]."""
+        meta = check_meta(meta, embeds_BSD.shape[:2])
+        values, names = self.layer_params()
+        h = apply_decoder_layers(values, names, embeds_BSD, meta, self.config, self.run)
+        return self.final(h)
+
+    def head_weight(self):
+        """The output projection as [D, V] (the tied embedding transposed, or lm_head), gathered for compute."""
+        if self.config.tie_embeddings:
+            return part.gathered(self.embed.embedding[...], ("vocab", "embed")).T
+        return part.gathered(self.lm_head.kernel[...], ("embed", "vocab"))
+
+    def logits(self, hidden_BSD):
+        """[B, S, D] -> [B, S, V] float32 (Gemma 2: final softcap)."""
+        w = self.head_weight().astype(hidden_BSD.dtype)
+        return logits_from_hidden(hidden_BSD, w, self.config.final_logit_softcap)
+
+    def __call__(self, input_ids=None, meta: TokenMeta | None = None, *, inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if meta is None:
+            meta = TokenMeta.causal(*inputs_embeds.shape[:2], xp=jnp)
+        return self.logits(self.hidden(inputs_embeds, meta))
+
+
+def logits_from_hidden(h_BSD, w_DV, softcap):
+    sh = part.out_sharding(("batch", "length", "vocab"), h_BSD.shape[:2] + w_DV.shape[1:])
+    eq = "bsd,dv->bsv"
+    y = jnp.einsum(eq, h_BSD, w_DV, preferred_element_type=jnp.float32, **({"out_sharding": sh} if sh else {}))
+    y = y.astype(jnp.float32)
+    if softcap:
+        y = softcap * jnp.tanh(y / softcap)
+    return y
+
+
+def check_meta(meta: TokenMeta, want: tuple) -> TokenMeta:
+    """Refuse metadata whose arrays do not have the tokens' shape [B, S] (before anything is traced)."""
+    if not isinstance(meta, TokenMeta):
+        meta = TokenMeta(*meta)
+    shapes = {f: tuple(np.shape(getattr(meta, f))) for f in meta._fields}
+    bad = {f: s for f, s in shapes.items() if s != tuple(want)}
+    if bad:
+        raise ValueError(f"token metadata must have the tokens' shape {tuple(want)}; got {bad}")
+    return TokenMeta(*(jnp.asarray(a, jnp.int32) for a in meta))

@@ -1,0 +1,97 @@
+"""Projectors from encoder features [N, T, D_enc] to LLM embeddings [N, T', D_llm].
+
+- "linear": one Linear (+ bias);
+- "mlp": fc1, activation, fc2 (LLaVA's multi_modal_projector linear_1 / linear_2);
+- "resampler": ``num_queries`` learned queries cross-attending to the encoder tokens (Perceiver / Q-Former style,
+  pre-LN blocks), so T' = num_queries whatever T is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mllm_jax import layers as L
+from mllm_jax import partitioning as part
+from mllm_jax.config import ProjectorConfig
+from mllm_jax.encoder import full_meta
+
+KINDS = ("linear", "mlp", "resampler")
+
+
+def num_output_tokens(config: ProjectorConfig, encoder_tokens: int) -> int:
+    return config.num_queries if config.kind == "resampler" else encoder_tokens
+
+
+class Projector(nnx.Module):
+    def __init__(self, config: ProjectorConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: str = "float32",
+                 attention_impl: str = "auto"):
+        cfg = config
+        if cfg.kind not in KINDS:
+            raise ValueError(f"ProjectorConfig.kind must be one of {KINDS}; got {cfg.kind!r}")
+        self.config = cfg
+        self.settings = (dtype, attention_impl)
+        io = (("embed_in",), ("embed",))
+        if cfg.kind == "linear":
+            self.proj = L.Linear((in_dim,), (out_dim,), *io, rngs=rngs)
+        elif cfg.kind == "mlp":
+            hidden = cfg.hidden_dim or out_dim
+            self.mlp = L.Group(fc1=L.Linear((in_dim,), (hidden,), ("embed_in",), ("mlp",), rngs=rngs),
+                               fc2=L.Linear((hidden,), (out_dim,), ("mlp",), ("embed",), rngs=rngs))
+        else:
+            if out_dim % cfg.n_heads:
+                raise ValueError(f"resampler: LLM d_model ({out_dim}) must be divisible by n_heads ({cfg.n_heads})")
+            d, nl, hd = out_dim, cfg.n_layers, out_dim // cfg.n_heads
+            self.in_proj = L.Linear((in_dim,), (d,), *io, rngs=rngs)
+            self.queries = part.param(0.02 * jax.random.normal(rngs.params(), (cfg.num_queries, d)),
+                                      ("queries", "embed"))
+            lin = lambda ins, outs, i_n, o_n: L.Linear(ins, outs, i_n, o_n, rngs=rngs, stack=nl)  # noqa: E731
+            self.blocks = L.Group(
+                q_norm=L.Norm(d, bias=True, stack=nl),
+                kv_norm=L.Norm(d, bias=True, stack=nl),
+                attn=L.Group(q=lin((d,), (cfg.n_heads, hd), ("embed",), ("heads", "head_dim")),
+                             k=lin((d,), (cfg.n_heads, hd), ("embed",), ("heads", "head_dim")),
+                             v=lin((d,), (cfg.n_heads, hd), ("embed",), ("heads", "head_dim")),
+                             o=lin((cfg.n_heads, hd), (d,), ("heads", "head_dim"), ("embed",))),
+                mlp_norm=L.Norm(d, bias=True, stack=nl),
+                mlp=L.Group(fc1=lin((d,), (4 * d,), ("embed",), ("mlp",)),
+                            fc2=lin((4 * d,), (d,), ("mlp",), ("embed",))),
+            )
+            self.out_norm = L.Norm(d, bias=True)
+
+    def __call__(self, x_NTD):
+        cfg = self.config
+        dtype = L.dtype_of(self.settings[0])
+        x_NTD = x_NTD.astype(dtype)
+        if cfg.kind == "linear":
+            p = L.params_for_compute(self.proj, dtype)
+            return L.linear(p, x_NTD, "btd,de->bte", ("batch", "length", "act_embed"))
+        if cfg.kind == "mlp":
+            return L.plain_mlp(L.params_for_compute(self.mlp, dtype), x_NTD, cfg.activation)
+        return self._resample(x_NTD, dtype)
+
+    def _resample(self, x_NTD, dtype):
+        cfg = self.config
+        n, t, _ = x_NTD.shape
+        kv = L.linear(L.params_for_compute(self.in_proj, dtype), x_NTD, "btd,de->bte", ("batch", "length", "act_embed"))
+        q0 = part.gathered(self.queries[...], ("queries", "embed")).astype(dtype)
+        h = part.constrain(jnp.broadcast_to(q0[None], (n,) + q0.shape), ("batch", "length", "act_embed"))
+        q_meta, k_meta = full_meta(n, cfg.num_queries), full_meta(n, t)
+        values, names = L.module_params(self.blocks)
+        impl = self.settings[1]
+
+        def body(p, h):
+            p = L.use_params(p, names, dtype, drop_leading=True)
+            a, c = p["attn"], L.layer_norm(p["kv_norm"], kv, 1e-5)
+            hq = L.layer_norm(p["q_norm"], h, 1e-5)
+            q = L.linear(a["q"], hq, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"))
+            k = L.linear(a["k"], c, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"))
+            v = L.linear(a["v"], c, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"))
+            o = L.attend(q, k, v, q_meta, k_meta=k_meta, impl=impl, context_parallel=False)
+            h = h + L.linear(a["o"], o, "bshk,hkd->bsd", ("batch", "length", "act_embed"))
+            h = h + L.plain_mlp(p["mlp"], L.layer_norm(p["mlp_norm"], h, 1e-5), cfg.activation)
+            return h
+
+        h = L.scan_layers(body, h, values)
+        return L.layer_norm(L.params_for_compute(self.out_norm), h, 1e-5)
