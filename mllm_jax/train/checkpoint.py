@@ -73,16 +73,18 @@ class Checkpointer:
         )
 
     def check_compatible(self, step: int, abstract_state, model_config) -> None:
-        """ValueError naming what differs between the checkpoint's model and this run's."""
+        """ValueError naming what differs between the checkpoint's model and this run's. With ``abstract_state``
+        None only the model configs are compared (possible before anything is built)."""
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_cfg, cfg = meta["model_config"], config_to_json(model_config)
         diffs = _diff(saved_cfg, cfg)
-        saved_shapes, shapes = meta["shapes"], tree_shapes(abstract_state)
+        saved_shapes = meta["shapes"]
+        shapes = saved_shapes if abstract_state is None else tree_shapes(abstract_state)
         missing = sorted(set(shapes) - set(saved_shapes))[:5]
         extra = sorted(set(saved_shapes) - set(shapes))[:5]
         wrong = [f"{k}: checkpoint {saved_shapes[k]} vs model {shapes[k]}" for k in sorted(set(shapes) & set(saved_shapes))
                  if saved_shapes[k] != shapes[k]][:5]
-        if missing or extra or wrong:
+        if diffs or missing or extra or wrong:
             raise ValueError(
                 f"the checkpoint at step {step} in {self.directory} belongs to an incompatible model: "
                 + "; ".join(filter(None, [

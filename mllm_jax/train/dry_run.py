@@ -1,0 +1,93 @@
+"""--dry_run: build the model abstractly (nnx.eval_shape, nothing allocated) and report the mesh, parameter counts
+and a per-device memory estimate.
+
+Parameters, gradients and AdamW moments are counted exactly per device from the abstract arrays' shardings.
+Activations are a rough model (saved tensors per layer per token), stated as such.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mllm_jax.data.batching import feature_counts
+from mllm_jax.train import loop
+
+GiB = 2.0**30
+
+
+def _per_device_bytes(x) -> float:
+    shape = tuple(x.shape)
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and hasattr(sharding, "shard_shape"):
+        shape = sharding.shard_shape(shape)
+    return float(np.prod(shape)) * np.dtype(x.dtype).itemsize
+
+
+def _bytes(tree) -> float:
+    return sum(_per_device_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def activation_estimate(cfg: loop.RunConfig) -> float:
+    """Bytes per device of activations saved for the backward of one microbatch (rough)."""
+    pc, mc, dc = cfg.parallel, cfg.model, cfg.data
+    act_bytes = 2 if mc.dtype == "bfloat16" else 4
+    rows = dc.batch_size / pc.microbatches / (pc.data * pc.fsdp)
+    remat = mc.remat != "none"
+
+    def stack(tokens, d, d_ff, layers, heads):
+        per_layer = tokens * (d if remat else 6 * d + 3 * d_ff / max(pc.tensor, 1)) * act_bytes
+        one_layer = tokens * (6 * d + 3 * d_ff / max(pc.tensor, 1)) * act_bytes  # recomputed layer in flight
+        return layers * per_layer + (one_layer if remat else 0.0)
+
+    llm = mc.llm
+    total = stack(rows * dc.seq_len, llm.d_model, llm.d_ff, llm.n_layers, llm.n_heads)
+    counts = feature_counts(mc)
+    for name, enc in mc.encoders.items():
+        if not mc.is_trainable(f"encoders/{name}"):
+            continue  # frozen encoders run under stop_gradient: nothing saved
+        slots = dc.max_images if name == "vision" else dc.max_audio
+        total += stack(rows * slots * counts[name], enc.d_model, enc.d_ff, enc.n_layers, enc.n_heads)
+    return total
+
+
+def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
+    loop.validate(cfg, jax.device_count())
+    mesh = loop.build_mesh(cfg.parallel)
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: loop.create_model(cfg, mesh))
+    trainable = loop.trainable_filter(cfg.model)
+    t_state = nnx.state(abstract, trainable)
+    all_params = nnx.state(abstract, nnx.Param)
+    n_train, n_all = _count(t_state), _count(all_params)
+    params_b = _bytes(nnx.state(abstract))
+    grads_b = _bytes(t_state)
+    opt_b = 2 * sum(_per_device_bytes(x) / np.dtype(x.dtype).itemsize * 4 for x in jax.tree.leaves(t_state))
+    act_b = activation_estimate(cfg)
+    out = {
+        "mesh": dict(mesh.shape),
+        "devices": jax.device_count(),
+        "params_trainable": n_train,
+        "params_frozen": n_all - n_train,
+        "per_device_gib": {"params": params_b / GiB, "grads": grads_b / GiB, "adam_moments": opt_b / GiB,
+                           "activations_rough": act_b / GiB, "total": (params_b + grads_b + opt_b + act_b) / GiB},
+    }
+    print_fn(f"mesh: {out['mesh']} over {out['devices']} device(s)")
+    for key, sub in (("llm", "llm"), *((f"encoders/{n}", n) for n in cfg.model.encoders),
+                     *((f"projectors/{n}", n) for n in cfg.model.projectors)):
+        module = abstract
+        for part in key.split("/"):
+            module = module[part] if isinstance(module, dict) or hasattr(module, "__getitem__") and not hasattr(
+                module, part) else getattr(module, part)
+        n = _count(nnx.state(module, nnx.Param))
+        tag = "trainable" if cfg.model.is_trainable(key) else "frozen"
+        print_fn(f"  {key:<20} {n:>16,} parameters ({tag})")
+    print_fn(f"parameters: {n_train:,} trainable, {n_all - n_train:,} frozen, {n_all:,} total")
+    g = out["per_device_gib"]
+    print_fn("per-device memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
+    return out
