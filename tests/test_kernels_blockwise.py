@@ -155,3 +155,27 @@ def test_bad_options_raise_value_error_naming_them(bad):
     meta = TokenMeta.causal(1, 8)
     with pytest.raises(ValueError, match=next(iter(bad))):
         blockwise_attention(q, k, v, meta, meta, **bad)
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    # benchmarks/attention.py --quick runs every path of the benchmark at small sizes; its tile ratios must be exact
+    # and its errors within fp32 tolerance (these are measured, not copied: a kernel computing an empty tile or a
+    # wrong output fails here).
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "attention.json"
+    root = __file__.rsplit("/tests/", 1)[0]
+    proc = subprocess.run([sys.executable, f"{root}/benchmarks/attention.py", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == result
+    assert set(result["families"]) == {"causal", "llava", "interleaved", "video", "audio_image", "packed", "prefix_lm"}
+    for name, fam in result["families"].items():
+        assert fam["computed_over_nonempty"] and all(v == 1.0 for v in fam["computed_over_nonempty"].values()), name
+        assert all(0 < v < 1 for v in fam["computed_over_dense"].values()), name  # every family skips some tiles
+        assert all(e < 1e-4 for e in fam["max_abs_err"].values()), name
+        assert result["xla_speedup_vs_dense"][name] > 0
+    assert result["all_exact"] is True
