@@ -23,6 +23,7 @@ the kernel).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -118,11 +119,39 @@ def _logits(q, k, cfg: _Config):
     return cfg.softcap * t, t
 
 
-def _run_tile(kinds_ref, kind_index, active, body):
-    """Run ``body(masked)`` for a live tile: unmasked on full tiles, masked on partial ones, nothing on skipped."""
+# Test instrumentation (see record_computed_tiles): a list while recording, else None. Read at trace time, so kernels
+# traced outside the context carry no callback at all.
+_computed_tiles: list | None = None
+
+
+@contextlib.contextmanager
+def record_computed_tiles():
+    """Record every tile the kernels traced inside this context compute, as tuples (kernel, batch, q head, q block,
+    kv block, masked); kernel is "fwd", "dq" or "dkv". A host callback per computed tile: for interpret-mode tests."""
+    global _computed_tiles
+    previous, _computed_tiles = _computed_tiles, []
+    try:
+        yield _computed_tiles
+    finally:
+        _computed_tiles = previous
+
+
+def _run_tile(kinds_ref, kind_index, active, body, probe):
+    """Run ``body(masked)`` for a live tile: unmasked on full tiles, masked on partial ones, nothing on skipped.
+
+    ``probe`` = (kernel name, batch, q head, q block, kv block) identifies the tile for record_computed_tiles.
+    """
     kind = kinds_ref[kind_index]
-    pl.when(active & (kind == FULL))(lambda: body(False))
-    pl.when(active & (kind == PARTIAL))(lambda: body(True))
+    record = _computed_tiles
+
+    def run(masked):
+        if record is not None:
+            name, *ids = probe
+            jax.debug.callback(lambda *i: record.append((name, *(int(x) for x in i), masked)), *ids)
+        body(masked)
+
+    pl.when(active & (kind == FULL))(lambda: run(False))
+    pl.when(active & (kind == PARTIAL))(lambda: run(True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -132,8 +161,7 @@ def _run_tile(kinds_ref, kind_index, active, body):
 
 def _fwd_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, qmeta_ref, kmeta_ref, o_ref, lse_ref,
                 m_scr, l_scr, acc_scr, *, cfg: _Config):
-    del kv_blocks_ref  # read by the index_maps only
-    b, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     bq, d = acc_scr.shape
 
     @pl.when(j == 0)
@@ -159,7 +187,7 @@ def _fwd_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, qmeta
         pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         acc_scr[...] = acc_scr[...] * _lanes_to(alpha, d) + pv
 
-    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body)
+    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body, ("fwd", b, h, qi, kv_blocks_ref[b, qi, j]))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -190,8 +218,7 @@ def _probs_and_dlogits(q, k, v, do, lse_ref, di_ref, qmeta_ref, kmeta_ref, maske
 
 def _dq_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qmeta_ref,
                kmeta_ref, dq_ref, dq_scr, *, cfg: _Config):
-    del kv_blocks_ref
-    b, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
@@ -203,7 +230,7 @@ def _dq_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
                                    masked, cfg)
         dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.scale
 
-    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body)
+    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body, ("dq", b, h, qi, kv_blocks_ref[b, qi, j]))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -213,8 +240,7 @@ def _dq_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
 def _dkv_kernel(q_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qmeta_ref,
                 kmeta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
     """Grid (B, Hkv, nK, group, nQ steps): one kv block accumulates over the q heads of its group and its q blocks."""
-    del q_blocks_ref
-    b, ki, g, j = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    b, h, ki, g, j = (pl.program_id(axis) for axis in range(5))
 
     @pl.when((g == 0) & (j == 0))
     def _init():
@@ -227,7 +253,8 @@ def _dkv_kernel(q_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
         dv_scr[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk_scr[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.scale
 
-    _run_tile(kinds_ref, (b, ki, j), j < counts_ref[b, ki], body)
+    probe = ("dkv", b, h * cfg.group + g, q_blocks_ref[b, ki, j], ki)
+    _run_tile(kinds_ref, (b, ki, j), j < counts_ref[b, ki], body, probe)
 
     @pl.when((g == pl.num_programs(3) - 1) & (j == pl.num_programs(4) - 1))
     def _finish():
@@ -241,9 +268,12 @@ def _dkv_kernel(q_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
 
 
 def _interpret_param(interpret: bool):
-    # The generic Pallas interpreter (lowering to plain HLO) runs scalar prefetch, VMEM scratch and pl.when on CPU and is
-    # far faster than the TPU simulator (pltpu.InterpretParams), which models DMAs and semaphores we do not use.
-    return True if interpret else False
+    # TPU interpret mode simulates the TPU memory spaces (SMEM scalar prefetch, VMEM blocks, DMAs with bounds checks),
+    # so it is the faithful CPU stand-in; the generic HLO interpreter (True) is the fallback where it is missing.
+    if not interpret:
+        return False
+    params = getattr(pltpu, "InterpretParams", None)
+    return params() if params is not None else True
 
 
 def _compiler_params(semantics):
@@ -259,7 +289,7 @@ def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
         return bi, h, qi, 0
 
     def kv_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, h // group, kvb[bi, qi, j], 0
+        return bi, lax.div(h, group), kvb[bi, qi, j], 0  # lax.div: h >= 0, and no sign op in Mosaic
 
     def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
         return bi, 0, qi, 0
@@ -309,7 +339,7 @@ def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
         return bi, h, qi, 0
 
     def kv_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, h // group, kvb[bi, qi, j], 0
+        return bi, lax.div(h, group), kvb[bi, qi, j], 0  # lax.div: h >= 0, and no sign op in Mosaic
 
     def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
         return bi, 0, qi, 0
