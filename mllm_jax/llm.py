@@ -109,6 +109,33 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+class Embedder(nnx.Module):
+    """The token embedding table [V, D] (path embed/embedding); calling it embeds ids: ``llm.embed(ids)``."""
+
+    def __init__(self, embedding: nnx.Param, config: LLMConfig, dtype: str):
+        self.embedding = embedding
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, ids_BS):
+        cfg = self.config
+        if _is_concrete(ids_BS):
+            ids_np = np.asarray(ids_BS)
+            if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= cfg.vocab_size):
+                raise ValueError(
+                    f"token ids must be in [0, {cfg.vocab_size}) (vocab_size); got min {ids_np.min()}, "
+                    f"max {ids_np.max()}"
+                )
+        dtype = L.dtype_of(self.dtype)
+        table = part.gathered(self.embedding[...], ("vocab", "embed")).astype(dtype)
+        ids_BS = jnp.asarray(ids_BS, jnp.int32)
+        sh = part.out_sharding(("batch", "length", "act_embed"), ids_BS.shape + (cfg.d_model,))
+        e = table.at[ids_BS].get(out_sharding=sh) if sh is not None else jnp.take(table, ids_BS, axis=0)
+        if cfg.embed_scale:
+            e = e * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+        return e
+
+
 class LLM(nnx.Module):
     """Decoder-only LLM. ``llm(input_ids, meta)`` or ``llm(meta=meta, inputs_embeds=e)`` -> logits [B, S, V].
 
@@ -141,7 +168,7 @@ class LLM(nnx.Module):
                             lora_rank=lora_rank if name in targets else None)
 
         emb = std * jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32)
-        self.embed = Group(embedding=part.param(emb, ("vocab", "embed")))
+        self.embed = Embedder(part.param(emb, ("vocab", "embed")), cfg, run.dtype)
         norm_init = 0.0 if cfg.norm_scale_plus_one else 1.0
         norm = lambda: L.Norm(d, bias=False, stack=nl, init=norm_init)  # noqa: E731
         attn = Group(
@@ -165,26 +192,8 @@ class LLM(nnx.Module):
     # ---- pieces
 
     def embed_tokens(self, ids_BS):
-        """Token embeddings [B, S, D] in the compute dtype (Gemma: times sqrt(d_model))."""
-        cfg = self.config
-        if _is_concrete(ids_BS):
-            ids_np = np.asarray(ids_BS)
-            if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= cfg.vocab_size):
-                raise ValueError(
-                    f"token ids must be in [0, {cfg.vocab_size}) (vocab_size); got min {ids_np.min()}, "
-                    f"max {ids_np.max()}"
-                )
-        dtype = L.dtype_of(self.run.dtype)
-        table = part.gathered(self.embed.embedding[...], ("vocab", "embed")).astype(dtype)
-        ids_BS = jnp.asarray(ids_BS, jnp.int32)
-        sh = part.out_sharding(("batch", "length", "act_embed"), ids_BS.shape + (cfg.d_model,))
-        e = table.at[ids_BS].get(out_sharding=sh) if sh is not None else jnp.take(table, ids_BS, axis=0)
-        if cfg.embed_scale:
-            e = e * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-        return e
-
-    def embed(self, ids_BS):
-        return self.embed_tokens(ids_BS)
+        """Token embeddings [B, S, D] in the compute dtype (Gemma: times sqrt(d_model)); same as ``llm.embed(ids)``."""
+        return self.embed(ids_BS)
 
     def layer_params(self) -> tuple[dict, dict]:
         """(stacked parameter arrays [L, ...], their logical names): the inputs of ``apply_layers``."""
