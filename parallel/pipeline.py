@@ -12,8 +12,10 @@ branches per layer: nothing (frozen, nothing upstream trains), dX only (frozen, 
 (trainable, nothing upstream trains), dX + dW. Stages whose layers all need nothing skip the backward entirely; the
 last stage computes the loss and its cotangent inside its backward op.
 
-Uneven stages are padded to the largest with an inactive slot (identity) per missing layer; parameters travel in the
-canonical [layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit.
+Uneven stages are padded to the largest with an inactive slot per missing layer; parameters travel in the canonical
+[layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit. A stage walks only its
+own slots: its forward and backward are loops whose trip count is the stage's active layer count (data, not a shape),
+so padding costs no compute, only the padded slots' memory.
 """
 
 from __future__ import annotations
@@ -275,21 +277,30 @@ def _keep_layout(layer_fn):
     return fn
 
 
-def _stage_forward(layer_fn, params_L, active_L, x, aux_m, collect=False):
-    def body(h, slot):
-        p, on = slot
-        out = jax.lax.cond(on, lambda: layer_fn(p, h, aux_m), lambda: h)
-        return out, (h if collect else None)
+def _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=False):
+    """Run the stage's first ``n_active`` slots (a traced count: the loop's trip count is data, so the padded slots
+    of a shorter stage are never visited). ``collect``: also return each slot's input [L_max, ...] for the vjp."""
+    slots = jax.tree.leaves(params_L)[0].shape[0]
+    inputs = jnp.broadcast_to(jnp.zeros_like(x)[None], (slots,) + x.shape) if collect else None
 
-    y, inputs = jax.lax.scan(body, x, (params_L, active_L))
-    return y, inputs
+    def body(i, carry):
+        h, saved = carry
+        if collect:
+            saved = jax.lax.dynamic_update_index_in_dim(saved, h, i, 0)
+        return layer_fn(_index(params_L, i), h, aux_m), saved
+
+    return jax.lax.fori_loop(0, n_active, body, (x, inputs))
 
 
-def _stage_backward(layer_fn, params_L, kind_L, inputs_L, dy, aux_m):
-    """Reverse walk over the slots with the per-slot vjp branch; returns (dparams [L, ...], dx)."""
+def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, inputs_L, dy, aux_m, gacc):
+    """Reverse walk over the active slots with the per-slot vjp branch, adding each slot's parameter gradient into
+    ``gacc`` [L_max, ...]; returns (gacc, dx). Slots below ``n_none`` (KIND_NONE: frozen with nothing trainable
+    upstream, always a prefix) and padded slots are not visited."""
 
-    def body(g, slot):
-        p, k, x = slot
+    def body(j, carry):
+        g, acc = carry
+        i = n_active - 1 - j
+        p, k, x = _index(params_L, i), kind_L[i], inputs_L[i]
 
         def none():
             return _zeros_like(p), g
@@ -307,10 +318,13 @@ def _stage_backward(layer_fn, params_L, kind_L, inputs_L, dy, aux_m):
             return vjp(g)
 
         dp, dx = jax.lax.switch(k, (none, dx_only, dw_only, both))
-        return dx, dp
+        acc = jax.tree.map(
+            lambda a, d: jax.lax.dynamic_update_index_in_dim(a, a[i] + d.astype(a.dtype), i, 0), acc, dp
+        )
+        return dx, acc
 
-    dx, dparams = jax.lax.scan(body, dy, (params_L, kind_L, inputs_L), reverse=True)
-    return dparams, dx
+    dx, gacc = jax.lax.fori_loop(0, n_active - n_none, body, (dy, gacc))
+    return gacc, dx
 
 
 def _index(tree, i):
@@ -375,6 +389,9 @@ def pipeline_value_and_grad(
         params_L = jax.tree.map(lambda a: a[0], params_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
         last = stage == S - 1
+        # Active slots are a prefix of the stage, and so are its KIND_NONE slots among them.
+        n_active = jnp.sum(active_L.astype(jnp.int32))
+        n_none = jnp.sum((active_L & (kind_L == KIND_NONE)).astype(jnp.int32))
         # Buffers inherit the microbatch's sharding over the other mesh axes (explicit axes must match in selects).
         zero_x = jnp.zeros_like(x_mb[0])
         buffer = lambda k: jnp.broadcast_to(zero_x[None], (k,) + mb_shape)  # noqa: E731
@@ -394,12 +411,14 @@ def pipeline_value_and_grad(
                     (stage == 0) & (xslot >= 0), lambda: xs.at[jnp.maximum(xslot, 0)].set(x), lambda: xs
                 )
                 # The last stage's forward is folded into its backward (which recomputes it with the loss).
-                y = jax.lax.cond(last, lambda: zero_x, lambda: _stage_forward(layer_fn, params_L, active_L, x, aux_m)[0])
+                y = jax.lax.cond(
+                    last, lambda: zero_x, lambda: _stage_forward(layer_fn, params_L, n_active, x, aux_m)[0]
+                )
                 return y, zero_x, new_xs, gacc, lpacc, loss, dxs
 
             def bwd():
                 x = xs[jnp.maximum(xslot, 0)]
-                y, inputs = _stage_forward(layer_fn, params_L, active_L, x, aux_m, collect=True)
+                y, inputs = _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=True)
 
                 def from_loss():
                     value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
@@ -410,8 +429,7 @@ def pipeline_value_and_grad(
                     return gs[jnp.maximum(gslot, 0)], _zeros_like(lp), jnp.float32(0.0)
 
                 dy, dlp, value = jax.lax.cond(last, from_loss, from_next)
-                dparams, dx = _stage_backward(layer_fn, params_L, kind_L, inputs, dy, aux_m)
-                new_gacc = jax.tree.map(jnp.add, gacc, dparams)
+                new_gacc, dx = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, inputs, dy, aux_m, gacc)
                 new_lpacc = jax.tree.map(jnp.add, lpacc, dlp)
                 new_dxs = dxs
                 if want_dx:
