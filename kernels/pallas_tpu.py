@@ -280,22 +280,29 @@ def _compiler_params(semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
-    b, hq, sq, d = q.shape
-    n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
-    bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
+def _q_major_index_maps(group):
+    """Index maps of the fwd and dQ grids (B, Hq, nQ, nK steps); kv blocks come from the compacted list kvb."""
 
     def q_map(bi, h, qi, j, kvb, kinds, cnt):
         return bi, h, qi, 0
 
     def kv_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, lax.div(h, group), kvb[bi, qi, j], 0  # lax.div: h >= 0, and no sign op in Mosaic
+        return bi, lax.div(h, group), kvb[bi, qi, j], 0  # lax.div, not //: h >= 0 and Mosaic has no sign op
 
     def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
         return bi, 0, qi, 0
 
     def kmeta_map(bi, h, qi, j, kvb, kinds, cnt):
         return bi, 0, kvb[bi, qi, j]
+
+    return q_map, kv_map, qmeta_map, kmeta_map
+
+
+def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
+    b, hq, sq, d = q.shape
+    n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
+    bq, bk = cfg.block_q, cfg.block_k
+    q_map, kv_map, qmeta_map, kmeta_map = _q_major_index_maps(cfg.group)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -333,19 +340,8 @@ def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
 def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
     b, hq, sq, d = q.shape
     n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
-    bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
-
-    def q_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, h, qi, 0
-
-    def kv_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, lax.div(h, group), kvb[bi, qi, j], 0  # lax.div: h >= 0, and no sign op in Mosaic
-
-    def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, 0, qi, 0
-
-    def kmeta_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, 0, kvb[bi, qi, j]
+    bq, bk = cfg.block_q, cfg.block_k
+    q_map, kv_map, qmeta_map, kmeta_map = _q_major_index_maps(cfg.group)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -453,14 +449,18 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
+def _sublanes(dtype):
+    """Rows of one native TPU tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit types."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
 def _check_blocks(block_q, block_k, dtype):
-    sublanes = 8 * (4 // jnp.dtype(dtype).itemsize) if jnp.dtype(dtype).itemsize < 4 else 8
+    sublanes = _sublanes(dtype)
     if block_q <= 0 or block_q % sublanes:
         raise ValueError(f"block_q must be a positive multiple of {sublanes} for {jnp.dtype(dtype).name} (TPU "
                          f"sublane tiling); got {block_q}")
     if block_k <= 0 or block_k % _LANES:
         raise ValueError(f"block_k must be a positive multiple of {_LANES} (TPU lane tiling); got {block_k}")
-    return sublanes
 
 
 def _pad_seq(x, length, axis=1):
@@ -530,8 +530,7 @@ def flash_attention(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive; got {softcap}")
     if block_q is None:
-        sub = 16 if jnp.dtype(q.dtype).itemsize < 4 else 8
-        block_q = min(_DEFAULT_BLOCK, _round_up(sq, sub))
+        block_q = min(_DEFAULT_BLOCK, _round_up(sq, _sublanes(q.dtype)))
     block_k = _DEFAULT_BLOCK if block_k is None else block_k
     _check_blocks(block_q, block_k, q.dtype)
 

@@ -238,3 +238,18 @@ def test_heads_must_divide():
     with pytest.raises(ValueError, match="query heads"):
         pallas_tpu.flash_attention(jnp.zeros((1, 128, 3, 128)), jnp.zeros((1, 128, 2, 128)),
                                    jnp.zeros((1, 128, 2, 128)), meta, meta)
+
+
+def test_dispatch_under_forced_tpu_interpret_mode():
+    """kernels.attention(impl="pallas_tpu") reaches this kernel with the contract's signature, and the kernel also
+    runs when interpretation is forced from outside (how context-parallel tests run it inside shard_map)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    import kernels
+
+    meta = _jnp_meta(make_meta("audio_image", 1, 256, seed=13, pad=9))
+    q, k, v, _ = _inputs(1, 256, 256, 2, 1, 128, seed=7)
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(lambda q, k, v: kernels.attention(q, k, v, meta, meta, impl="pallas_tpu", softcap=20.0))(q, k, v)
+    want = reference_attention(q, k, v, meta, meta, softcap=20.0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=F32_TOL, rtol=F32_TOL)
