@@ -9,6 +9,10 @@ mask through a `lax.cond` on the tile kind, which stays real control flow outsid
 
 The backward (custom_vjp) walks the same schedule: per tile it recomputes the probabilities from the saved
 log-sum-exp and accumulates dQ for the q block and dK/dV into whole-sequence accumulators (updated in place).
+
+For attention split over K/V shards (ring context parallelism) the log-sum-exp is public: `blockwise_attention_with_lse`
+(differentiable in out and lse) and the pair `blockwise_attention_fwd_block` / `blockwise_attention_bwd_block`, whose
+backward takes the lse and row term merged over all shards so the caller's own vjp can sum per-shard gradients.
 """
 
 from __future__ import annotations
@@ -144,14 +148,17 @@ def _forward(cfg: _Cfg, q, k, v, q_meta, k_meta):
     return jax.lax.fori_loop(0, b_ * nq, q_block, init)
 
 
-def _backward(cfg: _Cfg, q, k, v, q_meta, k_meta, out, lse, d_out):
-    """Gradients (dq, dk, dv) in the padded layouts of `_forward`, over the same tile schedule."""
+def _backward(cfg: _Cfg, q, k, v, q_meta, k_meta, lse, delta, d_out):
+    """Gradients (dq, dk, dv) in the padded layouts of `_forward`, over the same tile schedule.
+
+    ``lse`` [B, Sq, Hkv, G] is the log-sum-exp the probabilities are normalised by (this call's own, or a larger
+    one merged over several K/V shards); ``delta`` [B, Sq, Hkv, G] is the softmax-backward row term
+    sum_d dO * O (minus any cotangent of the lse, since d lse / d s = p).
+    """
     b_, sq, hkv, g, d = q.shape
     bq, bk = cfg.block_q, cfg.block_k
     nq = sq // bq
     sched = tile_schedule(q_meta, k_meta, bq, bk, window=cfg.window, span_isolated=cfg.span_isolated)
-    # delta_i = sum_d dO_i * O_i: the softmax-backward row term, [B, Sq, Hkv, G].
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     # Rows that saw nothing have lse = -inf; +inf makes exp(s - lse) = 0 there, so their gradients are exactly 0.
     lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
 
@@ -207,6 +214,11 @@ def _prepare(cfg: _Cfg, q, k, v, q_meta, k_meta):
     return qp, _pad_seq(k, cfg.block_k), _pad_seq(v, cfg.block_k), qm, km
 
 
+def _delta(out, d_out):
+    """sum_d dO * O per row, in f32: the row term of the softmax backward."""
+    return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+
 @functools.lru_cache(maxsize=None)
 def _make_attention(cfg: _Cfg):
     """The custom_vjp function for one static configuration."""
@@ -229,7 +241,7 @@ def _make_attention(cfg: _Cfg):
         qp, kp, vp, qm, km = _prepare(cfg, q, k, v, q_meta, k_meta)
         op = _pad_seq(o, cfg.block_q).reshape(qp.shape)
         dop = _pad_seq(d_o, cfg.block_q).reshape(qp.shape)
-        dq, dk, dv = _backward(cfg, qp, kp, vp, qm, km, op, lse, dop)
+        dq, dk, dv = _backward(cfg, qp, kp, vp, qm, km, lse, _delta(op, dop), dop)
         dq = dq.reshape(b, -1, hq, d)[:, :sq].astype(q.dtype)
         return dq, dk[:, :sk].astype(k.dtype), dv[:, :sk].astype(v.dtype), None, None
 
@@ -277,3 +289,101 @@ def blockwise_attention_with_count(
     qp, kp, vp, qm, km = _prepare(cfg, q, k, v, q_meta, k_meta)
     out, _, n = _forward(cfg, qp, kp, vp, qm, km)
     return out.reshape(b, -1, hq, d)[:, :sq].astype(q.dtype), n
+
+
+# ------------------------------------------------------------------------------------------ log-sum-exp interface
+# The lse is public as [B, Hq, Sq] float32 (the layout of flash-attention kernels); -inf marks a row that sees nothing.
+
+
+def _lse_to_public(lse_BSHG, sq):
+    b, _, hkv, g = lse_BSHG.shape
+    return jnp.transpose(lse_BSHG.reshape(b, -1, hkv * g), (0, 2, 1))[:, :, :sq]
+
+
+def _rows_from_public(x_BHS, cfg: _Cfg, hkv):
+    """[B, Hq, Sq] -> the padded internal row layout [B, Sq_pad, Hkv, G]."""
+    b, hq, _ = x_BHS.shape
+    x = _pad_seq(jnp.transpose(jnp.asarray(x_BHS, jnp.float32), (0, 2, 1)), cfg.block_q)
+    return x.reshape(b, -1, hkv, hq // hkv)
+
+
+def _fwd_block(cfg: _Cfg, q, k, v, q_meta, k_meta):
+    b, sq, hq, d = q.shape
+    qp, kp, vp, qm, km = _prepare(cfg, q, k, v, q_meta, k_meta)
+    out, lse, _ = _forward(cfg, qp, kp, vp, qm, km)
+    return out.reshape(b, -1, hq, d)[:, :sq], _lse_to_public(lse, sq)
+
+
+def _bwd_block(cfg: _Cfg, q, k, v, q_meta, k_meta, d_out, lse_BHS, delta_BHS):
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    qp, kp, vp, qm, km = _prepare(cfg, q, k, v, q_meta, k_meta)
+    dop = _pad_seq(d_out, cfg.block_q).reshape(qp.shape)
+    lse, delta = _rows_from_public(lse_BHS, cfg, hkv), _rows_from_public(delta_BHS, cfg, hkv)
+    dq, dk, dv = _backward(cfg, qp, kp, vp, qm, km, lse, delta, dop)
+    return dq.reshape(b, -1, hq, d)[:, :sq], dk[:, :sk], dv[:, :sk]
+
+
+@functools.lru_cache(maxsize=None)
+def _make_attention_with_lse(cfg: _Cfg):
+    """custom_vjp of (out, lse): the lse cotangent enters as delta - d_lse, because d lse_i / d s_ij = p_ij."""
+
+    @jax.custom_vjp
+    def attn(q, k, v, q_meta, k_meta):
+        return fwd(q, k, v, q_meta, k_meta)[0]
+
+    def fwd(q, k, v, q_meta, k_meta):
+        out, lse = _fwd_block(cfg, q, k, v, q_meta, k_meta)
+        o = out.astype(q.dtype)
+        return (o, lse), (q, k, v, q_meta, k_meta, o, lse)
+
+    def bwd(res, cotangents):
+        q, k, v, q_meta, k_meta, o, lse = res
+        d_o, d_lse = cotangents
+        delta = jnp.transpose(_delta(o, d_o), (0, 2, 1)) - d_lse.astype(jnp.float32)  # [B, Hq, Sq]
+        dq, dk, dv = _bwd_block(cfg, q, k, v, q_meta, k_meta, d_o, lse, delta)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    attn.defvjp(fwd, bwd)
+    return attn
+
+
+def blockwise_attention_with_lse(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None, window=None,
+    softcap=None, span_isolated=False,
+):
+    """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] float32): blockwise_attention and the natural-log
+    log-sum-exp of each row's (scaled, softcapped, masked) logits; lse = -inf for rows that see nothing (their out is 0).
+
+    Differentiable in both outputs (a cotangent on the lse is exact, e.g. for merging partial attentions).
+    """
+    cfg = _config(q, k, block_q, block_k, scale, window, softcap, span_isolated)
+    return _make_attention_with_lse(cfg)(q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta))
+
+
+def blockwise_attention_fwd_block(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None, window=None,
+    softcap=None, span_isolated=False,
+):
+    """The forward of one q shard against one K/V shard, for callers that own the vjp (ring attention).
+
+    Returns (out [B, Sq, Hq, D] float32, normalised over this K/V shard only; lse [B, Hq, Sq] float32, -inf for rows
+    that see nothing here). Not differentiable: pair it with ``blockwise_attention_bwd_block``.
+    """
+    cfg = _config(q, k, block_q, block_k, scale, window, softcap, span_isolated)
+    return _fwd_block(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta))
+
+
+def blockwise_attention_bwd_block(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, d_out, lse, delta, *, block_q=None, block_k=None, scale=None,
+    window=None, softcap=None, span_isolated=False,
+):
+    """(dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D]), float32, of one q shard against one K/V shard.
+
+    ``lse`` [B, Hq, Sq] is the log-sum-exp over *all* keys the rows attend (merged over every K/V shard; -inf for
+    rows that see nothing), so p = exp(s - lse) are the final probabilities; ``delta`` [B, Hq, Sq] is
+    sum_d(d_out * out) of the final output (minus the lse cotangent, if any). Summing the results over the K/V
+    shards gives the gradients of the full attention. Only the tiles the block map marks non-empty are computed.
+    """
+    cfg = _config(q, k, block_q, block_k, scale, window, softcap, span_isolated)
+    return _bwd_block(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta), d_out, lse, delta)

@@ -13,8 +13,9 @@ from metadata, never from slot indices. Two methods:
   block is computed so XLA can overlap them; partial results merge by log-sum-exp. A custom_vjp runs the backward as
   a second ring in which dK/dV accumulators travel with K/V, so no rank ever holds more than two K/V shards. Blocks
   whose metadata rules out every pair are skipped with ``lax.cond`` (real control flow inside shard_map). Each step is
-  computed with the dense reference math here (it must return the log-sum-exp, which ``kernels.attention`` does not
-  expose): [B, H, S/cp, S/cp] per step.
+  ``kernels.blockwise`` (``blockwise_attention_fwd_block`` returns the lse; ``blockwise_attention_bwd_block`` takes
+  the merged lse), which computes only the non-empty tiles of the step: no [S/cp, S/cp] array is ever materialised.
+  ``impl``/``interpret`` are accepted for a common signature but the ring always steps with the blockwise kernel.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kernels.dispatch import attention
+from kernels.blockwise import blockwise_attention_bwd_block, blockwise_attention_fwd_block
 from kernels.meta import SKIP, TokenMeta, block_map
-from kernels.meta import mask as mask_rule
 
 METHODS = ("allgather", "ring")
-_NEG = -1e30  # log-sum-exp of a row that sees nothing (finite, so merges never produce inf - inf)
 _RING_KWARGS = ("scale", "window", "softcap", "span_isolated", "impl", "interpret", "block_q", "block_k")
 
 
@@ -154,9 +154,10 @@ def context_attention(
     if method == "allgather":
         body = functools.partial(_allgather_body, axis=axis, step=kv_heads_per_step, remat=remat, kw=kw)
     else:
-        ring_kw = {key: kw.get(key) for key in ("scale", "window", "softcap")}
+        # The per-step math is kernels.blockwise whatever ``impl`` says: it is the path that exposes the lse.
+        ring_kw = {key: kw.get(key) for key in ("scale", "window", "softcap", "block_q", "block_k")}
         ring_kw["span_isolated"] = bool(kw.get("span_isolated", False))
-        body = functools.partial(_ring_attention, axis=axis, cp=cp, **ring_kw)
+        body = functools.partial(_ring_attention, axis=axis, cp=cp, kw_items=tuple(sorted(ring_kw.items())))
     # check_vma=False: the per-shard attention may be a pallas_call (DESIGN.md, 'Versions and the machines').
     return jax.shard_map(
         body,
@@ -191,127 +192,98 @@ def _allgather_body(q, k, v, q_meta, k_meta, *, axis, step, remat, kw):
 # ------------------------------------------------------------------------------------------------------------ ring
 
 
-def _logits(q_BQHGD, k_BKHD, scale, softcap):
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_BQHGD, k_BKHD, preferred_element_type=jnp.float32) * scale
-    if softcap is None:
-        return s, None
-    t = jnp.tanh(s / softcap)
-    return softcap * t, t
-
-
-def _visible(q_meta, k_meta, window, span_isolated):
-    """Dense mask [B, 1, 1, Sq, Sk] and whether any pair of the two shards attends (from whole-shard block stats)."""
-    m = mask_rule(q_meta, k_meta, window=window, span_isolated=span_isolated)[:, None, None]
+def _any_visible(q_meta, k_meta, window, span_isolated):
+    """Whether any pair of the two shards attends, from whole-shard block statistics (one tile per shard)."""
     sq, sk = q_meta.segment_ids.shape[1], k_meta.segment_ids.shape[1]
     bm = block_map(q_meta, k_meta, sq, sk, window=window, span_isolated=span_isolated, xp=jnp)
-    return m, jnp.any(bm != SKIP)
+    return jnp.any(bm != SKIP)
 
 
-def _block_forward(q, k, v, q_meta, k_meta, scale, softcap, window, span_isolated):
-    """Normalised output [B, Sq, Hkv, G, D] (f32) and log-sum-exp [B, Hkv, G, Sq] of one q shard vs one k shard."""
-    m, any_visible = _visible(q_meta, k_meta, window, span_isolated)
+def _block_forward(q, k, v, q_meta, k_meta, kw):
+    """out [B, Sq, Hq, D] (f32, normalised over this K/V shard) and lse [B, Hq, Sq] (-inf: nothing seen here)."""
 
     def compute(_):
-        s, _t = _logits(q, k, scale, softcap)
-        s = jnp.where(m, s, -jnp.inf)
-        row_max = jnp.max(s, axis=-1, keepdims=True)
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-        p = jnp.where(m, jnp.exp(s - row_max), 0.0)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("bhgqk,bkhd->bqhgd", p / jnp.where(denom > 0, denom, 1.0), v.astype(jnp.float32))
-        lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), _NEG)[..., 0]
-        return o, lse
+        return blockwise_attention_fwd_block(q, k, v, q_meta, k_meta, **kw)
 
     def skip(_):
-        b, sq, h, g, d = q.shape
-        return jnp.zeros((b, sq, h, g, v.shape[-1]), jnp.float32), jnp.full((b, h, g, sq), _NEG, jnp.float32)
+        b, sq, hq, _d = q.shape
+        return jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32), jnp.full((b, hq, sq), -jnp.inf, jnp.float32)
 
-    return jax.lax.cond(any_visible, compute, skip, None)
+    return jax.lax.cond(_any_visible(q_meta, k_meta, kw["window"], kw["span_isolated"]), compute, skip, None)
 
 
-def _block_backward(q, k, v, q_meta, k_meta, do, lse, delta, scale, softcap, window, span_isolated):
-    """dq [B,Sq,Hkv,G,D], dk, dv [B,Sk,Hkv,D] (f32) of one block, given the merged lse and delta = sum(do * o)."""
-    m, any_visible = _visible(q_meta, k_meta, window, span_isolated)
+def _block_backward(q, k, v, q_meta, k_meta, do, lse, delta, kw):
+    """(dq, dk, dv) f32 of one q shard vs one K/V shard, given the merged lse and delta = sum(do * o)."""
 
     def compute(_):
-        s, t = _logits(q, k, scale, softcap)
-        p = jnp.where(m, jnp.exp(jnp.where(m, s, 0.0) - lse[..., None]), 0.0)  # [B, H, G, Sq, Sk]
-        dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, do)
-        dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, v.astype(jnp.float32))
-        ds = p * (dp - delta[..., None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)  # through the softcap's tanh
-        dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k.astype(jnp.float32)) * scale
-        dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, q.astype(jnp.float32)) * scale
-        return dq, dk, dv
+        return blockwise_attention_bwd_block(q, k, v, q_meta, k_meta, do, lse, delta, **kw)
 
     def skip(_):
         return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
 
-    return jax.lax.cond(any_visible, compute, skip, None)
+    return jax.lax.cond(_any_visible(q_meta, k_meta, kw["window"], kw["span_isolated"]), compute, skip, None)
 
 
 def _merge(o, lse, o_t, lse_t):
-    """Combine two normalised partial attentions by their log-sum-exps (rows that saw nothing have lse = _NEG)."""
-    new = jnp.maximum(lse, lse_t)
-    new = new + jnp.log(jnp.exp(lse - new) + jnp.exp(lse_t - new))
-    w, w_t = jnp.exp(lse - new), jnp.exp(lse_t - new)  # [B, H, G, Sq]
-    to_o = lambda x: jnp.transpose(x, (0, 3, 1, 2))[..., None]  # noqa: E731 -> [B, Sq, H, G, 1]
-    return o * to_o(w) + o_t * to_o(w_t), new
+    """Combine two normalised partial attentions [B, Sq, H, D] by their log-sum-exps [B, H, Sq] (-inf: saw nothing;
+    a row with nothing on either side stays o = 0, lse = -inf, without NaN)."""
+    top = jnp.maximum(lse, lse_t)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w, w_t = jnp.exp(lse - top), jnp.exp(lse_t - top)
+    to_o = lambda x: jnp.transpose(x, (0, 2, 1))[..., None]  # noqa: E731 [B, H, Sq] -> [B, Sq, H, 1]
+    total = w + w_t
+    safe = jnp.where(total > 0, total, 1.0)
+    return (o * to_o(w / safe) + o_t * to_o(w_t / safe)), top + jnp.log(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _ring_core(q5, k, v, q_meta, k_meta, axis, cp, scale, softcap, window, span_isolated):
-    return _ring_forward(q5, k, v, q_meta, k_meta, axis, cp, scale, softcap, window, span_isolated)[0]
+def _hop(axis, cp):
+    return functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % cp) for i in range(cp)])
 
 
-def _ring_forward(q5, k, v, q_meta, k_meta, axis, cp, scale, softcap, window, span_isolated):
-    hop = functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % cp) for i in range(cp)])
-    b, sq, h, g, d = q5.shape
-    o = jnp.zeros((b, sq, h, g, v.shape[-1]), jnp.float32)
-    lse = jnp.full((b, h, g, sq), _NEG, jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring_core(q, k, v, q_meta, k_meta, axis, cp, kw_items):
+    return _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items)[0]
+
+
+def _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items):
+    kw, hop = dict(kw_items), _hop(axis, cp)
+    b, sq, hq, _d = q.shape
+    o = jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32)
+    lse = jnp.full((b, hq, sq), -jnp.inf, jnp.float32)
     kv = (k, v, k_meta)
     for t in range(cp):
         nxt = hop(kv) if t < cp - 1 else None  # issued before this step's compute so the two overlap
-        o_t, lse_t = _block_forward(q5, kv[0], kv[1], q_meta, kv[2], scale, softcap, window, span_isolated)
+        o_t, lse_t = _block_forward(q, kv[0], kv[1], q_meta, kv[2], kw)
         o, lse = _merge(o, lse, o_t, lse_t)
         kv = nxt
-    return o.astype(q5.dtype), lse
+    return o.astype(q.dtype), lse
 
 
-def _ring_fwd_rule(q5, k, v, q_meta, k_meta, axis, cp, scale, softcap, window, span_isolated):
-    o, lse = _ring_forward(q5, k, v, q_meta, k_meta, axis, cp, scale, softcap, window, span_isolated)
-    return o, (q5, k, v, q_meta, k_meta, o, lse)
+def _ring_fwd_rule(q, k, v, q_meta, k_meta, axis, cp, kw_items):
+    o, lse = _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items)
+    return o, (q, k, v, q_meta, k_meta, o, lse)
 
 
-def _ring_bwd_rule(axis, cp, scale, softcap, window, span_isolated, res, do):
-    q5, k, v, q_meta, k_meta, o, lse = res
-    hop = functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % cp) for i in range(cp)])
-    do = do.astype(jnp.float32)
-    delta = jnp.transpose(jnp.sum(do * o.astype(jnp.float32), axis=-1), (0, 2, 3, 1))  # [B, H, G, Sq]
-    dq = jnp.zeros(q5.shape, jnp.float32)
+def _ring_bwd_rule(axis, cp, kw_items, res, do):
+    q, k, v, q_meta, k_meta, o, lse = res
+    kw, hop = dict(kw_items), _hop(axis, cp)
+    delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), (0, 2, 1))  # [B,H,Sq]
+    dq = jnp.zeros(q.shape, jnp.float32)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     kv = (k, v, k_meta)
     for t in range(cp):
         nxt = hop(kv) if t < cp - 1 else None
-        dq_t, dk_t, dv_t = _block_backward(
-            q5, kv[0], kv[1], q_meta, kv[2], do, lse, delta, scale, softcap, window, span_isolated
-        )
+        dq_t, dk_t, dv_t = _block_backward(q, kv[0], kv[1], q_meta, kv[2], do, lse, delta, kw)
         dq = dq + dq_t
         # The accumulators of the shard in hand travel with it; after cp hops they are back with their owner.
         dk, dv = hop((dk + dk_t, dv + dv_t))
         kv = nxt
     zero_meta = lambda m: TokenMeta(*(np.zeros(a.shape, jax.dtypes.float0) for a in m))  # noqa: E731
-    return dq.astype(q5.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_meta(q_meta), zero_meta(k_meta)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_meta(q_meta), zero_meta(k_meta)
 
 
 _ring_core.defvjp(_ring_fwd_rule, _ring_bwd_rule)
 
 
-def _ring_attention(q, k, v, q_meta, k_meta, *, axis, cp, scale, softcap, window, span_isolated):
-    b, sq, hq, d = q.shape
-    hkv = k.shape[2]
-    scale = d**-0.5 if scale is None else float(scale)
-    q5 = q.reshape(b, sq, hkv, hq // hkv, d)
-    out = _ring_core(q5, k, v, q_meta, k_meta, axis, cp, scale, softcap, window, span_isolated)
-    return out.reshape(b, sq, hq, v.shape[-1])
+def _ring_attention(q, k, v, q_meta, k_meta, *, axis, cp, kw_items):
+    return _ring_core(q, k, v, q_meta, k_meta, axis, cp, kw_items)

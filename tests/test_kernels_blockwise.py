@@ -12,7 +12,13 @@ import pytest
 
 import kernels
 from kernels import TokenMeta
-from kernels.blockwise import blockwise_attention, blockwise_attention_with_count
+from kernels.blockwise import (
+    blockwise_attention,
+    blockwise_attention_bwd_block,
+    blockwise_attention_fwd_block,
+    blockwise_attention_with_count,
+    blockwise_attention_with_lse,
+)
 from kernels.meta import SKIP, dense_block_map
 from kernels.reference import reference_attention
 from mask_families import all_cases, make_meta, permute, take_tokens
@@ -147,6 +153,85 @@ def test_dispatch_xla_uses_blockwise_for_long_keys():
     blk = jax.jit(lambda *a: blockwise_attention(*a))(q, k, v, meta_q, meta_k)
     np.testing.assert_allclose(xla, ref, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(xla, blk)  # it is the blockwise path, bit for bit
+
+
+def _dense_out_and_lse(q, k, v, qm, km, *, scale=None, window=None, softcap=None, span_isolated=False):
+    """The oracle for the lse: dense masked logits, jax.nn.logsumexp per row (-inf for rows that see nothing)."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q.reshape(b, sq, hkv, hq // hkv, d), k) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    m = kernels.mask(qm, km, window=window, span_isolated=span_isolated)[:, None, None]
+    seen = m.any(-1)
+    lse = jax.nn.logsumexp(jnp.where(m, s, -1e30), axis=-1)  # finite stand-in, so autodiff stays NaN-free
+    lse = jnp.where(seen, lse, -jnp.inf).reshape(b, hq, sq)
+    out = reference_attention(q, k, v, qm, km, scale=scale, window=window, softcap=softcap,
+                              span_isolated=span_isolated)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _lse_value_and_grads(impl, opts):
+    """jit -> (out, lse, dq, dk, dv) of loss = sum(out * d_out) + sum(lse * d_lse) over rows that see something."""
+    kw = dict(opts)
+
+    def f(q, k, v, qm, km, d_out, d_lse):
+        def loss(q, k, v):
+            out, lse = impl(q, k, v, qm, km, **kw)
+            return jnp.sum(out * d_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * d_lse, 0.0)), (out, lse)
+
+        (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+        return (out, lse, *grads)
+
+    return jax.jit(f)
+
+
+@pytest.mark.parametrize("opts", OPTIONS[:2], ids=lambda o: ",".join(o) or "plain")
+def test_with_lse_matches_dense_logsumexp_and_its_gradients(opts):
+    # A cotangent on the lse must reach q and k (d lse / d s = p): the oracle is autodiff of the dense logsumexp.
+    q, k, v, d_out = _inputs()
+    d_lse = jax.random.normal(jax.random.PRNGKey(9), (B, HQ, S))
+    key = tuple(sorted(opts.items()))
+    blk = lambda *a, **kw: blockwise_attention_with_lse(*a, **BLOCKS, **kw)  # noqa: E731
+    for name, meta in [c for c in all_cases(B, S, seed=1, pad=7) if c[0] in ("packed", "interleaved")]:
+        args = (q, k, v, meta, meta, d_out, d_lse)
+        want = _lse_value_and_grads(_dense_out_and_lse, key)(*args)
+        got = _lse_value_and_grads(blk, key)(*args)
+        assert got[1].shape == (B, HQ, S) and got[1].dtype == jnp.float32
+        pad = ~np.asarray(meta.segment_ids != 0)[:, None, :].repeat(HQ, 1)
+        assert np.all(np.asarray(got[1])[pad] == -np.inf), f"{name}: padding rows must have lse = -inf"
+        for what, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"{name} {opts} {what}")
+
+
+def test_fwd_and_bwd_blocks_over_key_shards_sum_to_the_whole():
+    # Split the keys (in a permuted order) into 3 shards as a ring would see them: merging the per-shard forwards by
+    # their lse and summing the per-shard backwards taken with the merged lse must give attention over all the keys.
+    q, k, v, d_out = _inputs(sq=96, sk=96)
+    qm = make_meta("audio_image", B, 96, seed=2, pad=5)
+    km_all, k_index = permute(qm, seed=3)
+    k, v = take_tokens(k, k_index), take_tokens(v, k_index)
+    kw = dict(block_q=16, block_k=16, softcap=4.0)
+    shards = [slice(0, 32), slice(32, 64), slice(64, 96)]
+
+    @jax.jit
+    def sharded(q, k, v, qm, km_all, d_out):
+        sl = lambda m, s: TokenMeta(*(a[:, s] for a in m))  # noqa: E731
+        outs = [blockwise_attention_fwd_block(q, k[:, s], v[:, s], qm, sl(km_all, s), **kw) for s in shards]
+        lse = jax.nn.logsumexp(jnp.stack([l for _, l in outs]), axis=0)
+        weights = [jnp.where(jnp.isfinite(lse), jnp.exp(l - lse), 0.0) for _, l in outs]
+        out = sum(o * jnp.transpose(w, (0, 2, 1))[..., None] for (o, _), w in zip(outs, weights))
+        delta = jnp.transpose(jnp.sum(d_out * out, -1), (0, 2, 1))
+        parts = [blockwise_attention_bwd_block(q, k[:, s], v[:, s], qm, sl(km_all, s), d_out, lse, delta, **kw)
+                 for s in shards]
+        dk, dv = (jnp.concatenate([p[i] for p in parts], axis=1) for i in (1, 2))
+        return out, sum(p[0] for p in parts), dk, dv
+
+    want = _value_and_grads(reference_attention, (("softcap", 4.0),))(q, k, v, qm, km_all, d_out)
+    out, dq, dk, dv = sharded(q, k, v, qm, km_all, d_out)
+    _assert_close((out, dq, dk, dv), want, 1e-4, 1e-4, "sharded keys")
 
 
 @pytest.mark.parametrize("bad", [dict(block_q=0), dict(block_k=12.5), dict(window=0), dict(softcap=-1.0)])
