@@ -1,0 +1,306 @@
+"""The 1F1B pipeline runtime (parallel.pipeline) wired to the real MultimodalModel.
+
+What runs where (DESIGN.md, "The data flow of one training step"):
+- outside the pipeline, on every device: encoders, projectors, placeholder injection and the token embedding, over
+  all microbatches at once (the encoders' batch spread over every mesh axis by their rules). Differentiated by one
+  ``jax.vjp`` when anything in them trains; frozen encoders already run under ``stop_gradient`` in the model.
+- inside the pipeline (``pipeline_value_and_grad``): the LLM's stacked decoder layers, one microbatch at a time;
+  the last stage's loss function is the final norm + chunked cross entropy, divided by the global label count
+  (computed outside, so the loss and gradients equal the one-device ``loss_sum / count``).
+- the input cotangent that the pipeline hands back (stage 0) is pulled through the embedding vjp.
+
+Gradients come back as an ``nnx.State`` of exactly the parameters ``mllm_jax.freeze.trainable_filter`` selects.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from kernels.meta import TokenMeta
+from mllm_jax import layers as L
+from mllm_jax import lora as lora_lib
+from mllm_jax.freeze import trainable_filter
+from mllm_jax.llm import decoder_layer, layer_window, logits_from_hidden
+from mllm_jax.loss import IGNORE, chunked_cross_entropy
+from mllm_jax.multimodal import encoder_is_frozen
+from parallel.pipeline import pipeline_value_and_grad
+from parallel.pipeline_plan import plan_pipeline
+
+TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
+META_KEYS = ("positions", "segment_ids", "span_ids")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which parts train.
+
+
+def llm_layers_trainable(config) -> bool:
+    """Something inside the decoder layers trains (the whole LLM, or its LoRA adapters)."""
+    return config.is_trainable("llm") or lora_lib.lora_for(config, "llm") is not None
+
+
+def llm_base_trainable(config) -> bool:
+    """The LLM's own weights (embedding, final norm, head, base layer weights) train: trainable and not LoRA'd."""
+    return config.is_trainable("llm") and lora_lib.lora_for(config, "llm") is None
+
+
+def embedding_requires_grad(config, modalities) -> bool:
+    """The pipeline input (injected embeddings) depends on a trainable parameter: the token embedding, a
+    projector, or an encoder (weights or adapters) of a modality present in the batch."""
+    if llm_base_trainable(config):
+        return True
+    for name in modalities:
+        if not encoder_is_frozen(config, name) or config.is_trainable(f"projectors/{name}"):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage layer counts.
+
+
+def plan_stage_layers(config, parallel_config, *, text_tokens: int, microbatch_size: int = 1, instances=None,
+                      memory_budget: float = float("inf")) -> tuple:
+    """LLM layers per pipeline stage from the frozen-aware planner, with the encoders outside the pipeline (the
+    only placement this runtime runs)."""
+    plan = plan_pipeline(config, parallel_config, text_tokens=text_tokens, microbatch_size=microbatch_size,
+                         instances=instances, memory_budget=memory_budget, placement="outside")
+    return tuple(int(c) for c in plan.chosen.llm_stage_layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Microbatches <-> one flat batch for the encoders. Rows are flattened microbatch-minor ([mb, M] -> mb * M) so a
+# batch dimension sharded over `data` stays the major, sharded dimension through the reshapes.
+
+
+def check_microbatched(batch: dict, microbatches: int) -> tuple:
+    """(M, rows per microbatch, sequence length) of a batch whose leaves carry a leading microbatch axis."""
+    ids = batch["input_ids"]
+    if ids.ndim != 3:
+        raise ValueError(f"input_ids must be [microbatches, batch, seq] with a leading microbatch axis; got shape "
+                         f"{tuple(ids.shape)}")
+    if ids.shape[0] != microbatches:
+        raise ValueError(f"the batch has {ids.shape[0]} microbatches (leading axis of input_ids) but "
+                         f"ParallelConfig.microbatches is {microbatches}")
+    for k in TOKEN_KEYS[1:]:
+        if tuple(batch[k].shape) != tuple(ids.shape):
+            raise ValueError(f"{k} shape {tuple(batch[k].shape)} must equal input_ids shape {tuple(ids.shape)}")
+    for name, x in (batch.get("encoder_inputs") or {}).items():
+        if x.shape[0] != microbatches:
+            raise ValueError(f"encoder_inputs[{name!r}] has {x.shape[0]} microbatches (leading axis); expected "
+                             f"{microbatches}")
+    return tuple(int(d) for d in ids.shape)
+
+
+def _rows_flat(a):
+    """[M, mb, ...] -> [mb * M, ...] (row r = b * M + m)."""
+    a = jnp.swapaxes(a, 0, 1)
+    return a.reshape((-1,) + a.shape[2:])
+
+
+def _rows_microbatched(a, microbatches: int):
+    """Inverse of ``_rows_flat``: [mb * M, ...] -> [M, mb, ...]."""
+    return jnp.swapaxes(a.reshape((-1, microbatches) + a.shape[1:]), 0, 1)
+
+
+def flatten_microbatches(batch: dict, features_per_instance: dict) -> dict:
+    """One contract batch holding every microbatch: token arrays [mb * M, S], encoder inputs [N * M, ...] and
+    feature indices pointing at the flattened features (instance n of microbatch m is row n * M + m)."""
+    M = batch["input_ids"].shape[0]
+    flat = {k: _rows_flat(batch[k]) for k in TOKEN_KEYS}
+    inputs = batch.get("encoder_inputs") or {}
+    if inputs:
+        flat["encoder_inputs"] = {name: _rows_flat(x) for name, x in inputs.items()}
+        index = {}
+        for name in inputs:
+            t = features_per_instance[name]
+            fi = jnp.asarray(batch["feature_index"][name], jnp.int32)  # [M, mb, S]: n * t + j within microbatch m
+            m = jnp.arange(M, dtype=jnp.int32)[:, None, None]
+            moved = ((fi // t) * M + m) * t + fi % t
+            index[name] = _rows_flat(jnp.where(fi >= 0, moved, -1))
+        flat["feature_index"] = index
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipelined pieces of the LLM as pure functions.
+
+
+def _layer_fn(llm, names):
+    """layer_fn(params, h, aux_m) for the runtime: one decoder layer. Layers with different attention windows
+    (Gemma 2's alternating local/global) share the stack; the window is chosen per layer by ``lax.switch`` on a
+    per-layer code carried beside the weights (real control flow inside shard_map)."""
+    cfg, run = llm.config, llm.run
+    dtype = L.dtype_of(run.dtype)
+    inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    windows = sorted({layer_window(cfg, i) for i in range(cfg.n_layers)}, key=lambda w: -1 if w is None else w)
+
+    def layer_fn(p, h, aux_m):
+        meta = TokenMeta(*(aux_m[k] for k in META_KEYS))
+        rope = L.rope_cos_sin(meta.positions, inv_freq)
+        w = L.use_params(p["weights"], names, dtype, drop_leading=True)
+        branches = [lambda w_=win: decoder_layer(w, h, meta, rope, cfg, run, w_) for win in windows]
+        if len(branches) == 1:
+            return branches[0]()
+        return jax.lax.switch(jax.lax.stop_gradient(p["window"]).astype(jnp.int32), branches)
+
+    def window_codes():
+        return jnp.asarray([windows.index(layer_window(cfg, i)) for i in range(cfg.n_layers)], jnp.float32)
+
+    return layer_fn, window_codes, len(windows) > 1
+
+
+def _replicated(values: dict) -> dict:
+    """Parameters replicated over the non-pipeline mesh axes before they enter the pipeline's shard_map.
+
+    Inside that shard_map the mesh has a manual axis, so mllm_jax.partitioning turns its layout hints off (no
+    ``out_sharding`` on the einsums) and a contraction over a tensor- or fsdp-sharded dimension would be ambiguous
+    under Explicit sharding. Until the hints work beside a manual axis, the layers run data-parallel only inside the
+    pipeline: weights gathered whole (the FSDP all-gather, and over `tensor` too), activations sharded by batch.
+    """
+
+    def one(v):
+        sharding = getattr(jax.typeof(v), "sharding", None)
+        if sharding is None or not sharding.mesh.axis_names or all(e is None for e in sharding.spec):
+            return v
+        return jax.sharding.reshard(v, P(*([None] * v.ndim)))
+
+    return jax.tree.map(one, values)
+
+
+def _loss_params(llm) -> dict:
+    """Final norm and output projection (the tied embedding when the LLM ties them) as a pure dict."""
+    parts = {"final_norm": llm.final_norm, "embed" if llm.config.tie_embeddings else "lm_head":
+             llm.embed if llm.config.tie_embeddings else llm.lm_head}
+    return {k: _replicated(L.module_params(m)[0]) for k, m in parts.items()}
+
+
+def _loss_fn(llm, chunk):
+    cfg = llm.config
+
+    def loss_fn(lp, y, aux_m):
+        scale = lp["final_norm"]["scale"].astype(jnp.float32)
+        h = L.rms_norm({"scale": scale}, y, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+        w = lp["embed"]["embedding"].T if cfg.tie_embeddings else lp["lm_head"]["kernel"]
+        w = w.astype(h.dtype)
+        total, _ = chunked_cross_entropy(h, lambda hh: logits_from_hidden(hh, w, cfg.final_logit_softcap),
+                                         aux_m["labels"], chunk=chunk, vocab=cfg.vocab_size)
+        return total * aux_m["inv_count"]
+
+    return loss_fn
+
+
+def _add_into(dst: dict, src: dict) -> None:
+    """dst[k] += src[k] for the keys dst has (dst holds only trainable leaves), in dst's sharding."""
+    for k, v in src.items():
+        if k not in dst:
+            continue
+        if isinstance(dst[k], dict):
+            _add_into(dst[k], v)
+            continue
+        want = getattr(jax.typeof(dst[k]), "sharding", None)
+        v = v.astype(dst[k].dtype)
+        if want is not None and getattr(jax.typeof(v), "sharding", None) != want and want.mesh.axis_names:
+            v = jax.sharding.reshard(v, want)
+        dst[k] = dst[k] + v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point for the train step.
+
+
+def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_layers=None, chunk=None,
+                            schedule: str = "1f1b"):
+    """Loss and gradients of ``model`` (a MultimodalModel) on a microbatched batch, the LLM pipelined over the
+    mesh's `pipeline` axis. Call inside jit under ``jax.set_mesh(mesh)``.
+
+    batch: the contract batch with a leading microbatch axis on every leaf ([M, mb, S] token arrays, [M, N, ...]
+    encoder inputs, [M, mb, S] feature indices into each microbatch's own features), M =
+    ``parallel_config.microbatches``: the same batch the train step scans over.
+    stage_layers: LLM layers per stage (uneven allowed); None asks the frozen-aware planner (encoders outside).
+
+    Returns (loss_sum, label_count, grads): the global sum of token losses and the global count of label tokens
+    (float32 scalars), and the gradient of loss_sum / label_count as an nnx.State over exactly
+    ``nnx.split(model, trainable_filter(model.config), ...)[1]``: ready for ``optimizer.update``.
+    """
+    config = model.config
+    S = mesh.shape["pipeline"]
+    if parallel_config.pipeline != S:
+        raise ValueError(f"ParallelConfig.pipeline is {parallel_config.pipeline} but the mesh's pipeline axis has "
+                         f"{S} devices")
+    M, mb, seq = check_microbatched(batch, parallel_config.microbatches)
+    llm = model.llm
+    n_layers = config.llm.n_layers
+    if stage_layers is None:
+        inputs = batch.get("encoder_inputs") or {}
+        instances = {k: max(1, x.shape[1] // mb) for k, x in inputs.items()} or None
+        stage_layers = plan_stage_layers(config, parallel_config, text_tokens=seq, microbatch_size=mb,
+                                         instances=instances)
+    stage_layers = tuple(int(c) for c in stage_layers)
+    if len(stage_layers) != S or sum(stage_layers) != n_layers:
+        raise ValueError(f"stage_layers {stage_layers} must have {S} entries (pipeline stages) summing to the "
+                         f"LLM's n_layers ({n_layers})")
+
+    labels = jnp.asarray(batch["labels"], jnp.int32)
+    count = jnp.sum((labels != IGNORE).astype(jnp.float32))
+    inv_count = 1.0 / jnp.maximum(count, 1.0)
+
+    # ---- outside the pipeline: encoders, projectors, injection, embedding (differentiated by one vjp).
+    modalities = sorted(batch.get("encoder_inputs") or {})
+    feats = {name: model.projectors[name].config.num_queries if model.projectors[name].config.kind == "resampler"
+             else config.encoders[name].num_features for name in modalities}
+    flat = flatten_microbatches(batch, feats)
+    gdef, trainable, frozen, rest = nnx.split(model, trainable_filter(config), nnx.Param, ...)
+
+    def embed(tr):
+        return nnx.merge(gdef, tr, frozen, rest).embed(flat)
+
+    input_grad = embedding_requires_grad(config, modalities)
+    if input_grad:
+        emb, embed_vjp = jax.vjp(embed, trainable)
+    else:
+        emb = embed(trainable)
+    x_M = _rows_microbatched(emb, M)
+
+    # ---- the pipeline: decoder layers; final norm + loss on the last stage.
+    values, names = llm.layer_params()
+    layer_fn, window_codes, switched = _layer_fn(llm, names)
+    stacked = {"weights": _replicated(values)}
+    loss_params = _loss_params(llm)
+    if switched:
+        stacked["window"] = window_codes()
+    aux = {k: batch[k] for k in META_KEYS}
+    aux = {k: jnp.asarray(v, jnp.int32) for k, v in aux.items()}
+    aux["labels"] = labels
+    aux["inv_count"] = jnp.broadcast_to(inv_count, (M,))
+    layers_train = llm_layers_trainable(config)
+    with model.scope("llm"):
+        loss, (g_layers, g_loss_params, dx_M) = pipeline_value_and_grad(
+            layer_fn,
+            stacked,
+            x_M,
+            loss_fn=_loss_fn(llm, chunk),
+            loss_params=loss_params,
+            aux=aux,
+            stage_layers=stage_layers,
+            mesh=mesh,
+            trainable_layers=np.full(n_layers, layers_train),
+            input_requires_grad=input_grad,
+            loss_params_trainable=llm_base_trainable(config),
+            schedule=schedule,
+        )
+
+    # ---- gradients into the trainable state's layout.
+    if input_grad:
+        (grads,) = embed_vjp(_rows_flat(dx_M).astype(emb.dtype))
+    else:
+        grads = jax.tree.map(jnp.zeros_like, trainable)
+    pure = nnx.to_pure_dict(grads)
+    if "llm" in pure:
+        _add_into(pure["llm"], {"layers": g_layers["weights"], **g_loss_params})
+    nnx.replace_by_pure_dict(grads, pure)
+    return loss * count, count, grads

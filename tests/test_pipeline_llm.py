@@ -1,0 +1,160 @@
+"""The pipelined MultimodalModel (parallel.pipeline_llm) against one device's model.loss: loss and every trainable
+gradient, over stage splits, microbatch counts, frozen parts and data / tensor axes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_jax.build import create_model
+from mllm_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mllm_jax.freeze import trainable_filter
+from mllm_jax.multimodal import MultimodalModel
+from parallel.config import ParallelConfig
+from parallel.mesh import make_mesh
+from parallel.pipeline_llm import flatten_microbatches, pipelined_loss_and_grad
+
+PLACEHOLDER = 3
+IMAGE, PATCH = 8, 4
+FEATS = (IMAGE // PATCH) ** 2  # tokens per image
+SEQ = 16
+
+
+def tiny_config(n_layers=4, trainable=None, **llm_kw):
+    llm = LLMConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=64, **llm_kw)
+    vision = VisionConfig(kind="vit", image_size=IMAGE, patch_size=PATCH, d_model=16, n_layers=1, n_heads=2,
+                          d_ff=32, class_token=False)
+    return ModelConfig(llm=llm, encoders={"vision": vision}, projectors={"vision": ProjectorConfig(kind="mlp")},
+                       placeholder_ids={"vision": PLACEHOLDER}, trainable=dict(trainable or {}))
+
+
+def make_batch(M, mb, seed=0):
+    """Microbatched contract batch: per row one image (a span of FEATS placeholders) inside text, two packed
+    samples in some rows, padding at the end, labels with ignored positions."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, 64, (M, mb, SEQ)).astype(np.int32)
+    labels = rng.integers(0, 64, (M, mb, SEQ)).astype(np.int32)
+    pos = np.zeros((M, mb, SEQ), np.int32)
+    seg = np.zeros((M, mb, SEQ), np.int32)
+    span = np.zeros((M, mb, SEQ), np.int32)
+    fi = np.full((M, mb, SEQ), -1, np.int32)
+    for m in range(M):
+        for b in range(mb):
+            start = 2 + (m + b) % 3
+            ids[m, b, start:start + FEATS] = PLACEHOLDER
+            span[m, b, start:start + FEATS] = 1
+            fi[m, b, start:start + FEATS] = b * FEATS + np.arange(FEATS)
+            labels[m, b, : start + FEATS] = -100
+            used = SEQ - (m + b) % 3  # padding tail
+            cut = 11 if b % 2 else used  # a second packed sample in odd rows
+            seg[m, b, :cut] = 1
+            seg[m, b, cut:used] = 2
+            pos[m, b, :cut] = np.arange(cut)
+            pos[m, b, cut:used] = np.arange(used - cut)
+            labels[m, b, used:] = -100
+            ids[m, b, used:] = 0
+    pixels = rng.normal(size=(M, mb, IMAGE, IMAGE, 3)).astype(np.float32)
+    return {"input_ids": ids, "labels": labels, "positions": pos, "segment_ids": seg, "span_ids": span,
+            "encoder_inputs": {"vision": pixels}, "feature_index": {"vision": fi}}
+
+
+def one_device(config, state, batch):
+    """Oracle: nnx.value_and_grad of (sum of model.loss sums) / (sum of counts) over the microbatches, plain jit."""
+    model = MultimodalModel(config, rngs=nnx.Rngs(0))
+    nnx.update(model, state)
+    M = batch["input_ids"].shape[0]
+    mbs = [jax.tree.map(lambda a, m=m: a[m], batch) for m in range(M)]
+
+    def loss(m):
+        sums, counts = zip(*(m.loss(b) for b in mbs))
+        return sum(sums) / sum(counts).astype(jnp.float32)
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, trainable_filter(config))))(model)
+    return value, grads
+
+
+def check(config, parallel, stage_layers, *, seed=0, mb=2):
+    mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
+    model = create_model(config, mesh, parallel, seed=seed)
+    state = jax.device_get(nnx.state(model))
+    batch = make_batch(parallel.microbatches, mb, seed=seed)
+    want_loss, want = one_device(config, state, batch)
+
+    @jax.jit
+    def run(state, batch):
+        m = nnx.merge(gdef, state)
+        return pipelined_loss_and_grad(m, batch, mesh=mesh, parallel_config=parallel, stage_layers=stage_layers)
+
+    gdef, st = nnx.split(model)
+    with jax.set_mesh(mesh):
+        if parallel.data > 1:  # the microbatch rows over `data`, as the train step lays them out
+            batch = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "data"))), batch)
+        loss_sum, count, grads = run(st, batch)
+    np.testing.assert_allclose(loss_sum / count, want_loss, rtol=2e-5)
+    want_flat = dict(nnx.to_flat_state(want))
+    got_flat = dict(nnx.to_flat_state(grads))
+    assert sorted(got_flat) == sorted(want_flat)
+    for path, w in want_flat.items():
+        w, g = np.asarray(w[...]), np.asarray(got_flat[path][...])
+        assert np.abs(w).max() > 0, f"{path}: the oracle gradient is zero (the test would not see a bug)"
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6, err_msg="/".join(map(str, path)))
+    return grads
+
+
+FROZEN_ENC = {"encoders/vision": False}
+FROZEN_ENC_PROJ = {"encoders/vision": False, "projectors/vision": False}
+FROZEN_LLM = {"encoders/vision": False, "llm": False}  # only the projector trains
+
+
+def test_flatten_microbatches_points_at_the_same_features():
+    batch = make_batch(3, 2)
+    flat = flatten_microbatches(batch, {"vision": FEATS})
+    feats = np.asarray(batch["encoder_inputs"]["vision"]).reshape(3, 2, -1)  # a stand-in feature per instance
+    flat_feats = np.repeat(np.asarray(flat["encoder_inputs"]["vision"]).reshape(6, -1), FEATS, axis=0)
+    for m in range(3):
+        for b in range(2):
+            row = b * 3 + m
+            fi, ffi = batch["feature_index"]["vision"][m, b], np.asarray(flat["feature_index"]["vision"][row])
+            assert ((fi >= 0) == (ffi >= 0)).all()
+            np.testing.assert_array_equal(flat_feats[ffi[ffi >= 0]], feats[m, fi[fi >= 0] // FEATS])
+            np.testing.assert_array_equal(flat["input_ids"][row], batch["input_ids"][m, b])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages,split,M,trainable", [
+    (2, (3, 1), 2, {}),                  # everything trains
+    (2, (1, 3), 1, FROZEN_ENC),          # one microbatch, uneven the other way
+    (2, (2, 2), 4, FROZEN_ENC_PROJ),     # nothing upstream of the LLM trains
+    (4, (2, 1, 2, 1), 4, FROZEN_LLM),    # frozen LLM, trainable projector: dX through every layer
+    (4, (1, 1, 3, 1), 2, FROZEN_ENC),
+])
+def test_pipelined_model_matches_one_device(stages, split, M, trainable):
+    n = sum(split)
+    check(tiny_config(n, trainable), ParallelConfig(pipeline=stages, microbatches=M), split)
+
+
+@pytest.mark.slow
+def test_pipelined_model_with_data_and_tensor():
+    check(tiny_config(4, FROZEN_ENC), ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=2), (3, 1))
+
+
+@pytest.mark.slow
+def test_pipelined_model_planned_split_and_alternating_windows():
+    # Gemma 2 style local/global layers: the window follows the layer through the stage split.
+    cfg = tiny_config(4, FROZEN_ENC, sliding_window=3, sliding_window_pattern=2)
+    check(cfg, ParallelConfig(pipeline=2, microbatches=2), None)
+
+
+def test_bad_microbatch_count_is_refused():
+    cfg = tiny_config(2)
+    par = ParallelConfig(pipeline=2, microbatches=4)
+    mesh = make_mesh(par, jax.devices()[:2])
+    model = create_model(cfg, mesh, par)
+    with pytest.raises(ValueError, match="microbatches is 4"):
+        pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=par)
+    with pytest.raises(ValueError, match="stage_layers"):
+        pipelined_loss_and_grad(model, make_batch(4, 1), mesh=mesh, parallel_config=par, stage_layers=(1, 2))
