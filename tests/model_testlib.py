@@ -7,7 +7,7 @@ import numpy as np
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_jax.multimodal import num_features
 
-TINY_LLM = LLMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+TINY_LLM = LLMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
 TINY_VISION = VisionConfig(image_size=8, patch_size=4, d_model=16, n_layers=2, n_heads=2, d_ff=32, select_layer=-2)
 TINY_AUDIO = AudioConfig(n_mels=8, max_source_positions=4, d_model=16, n_layers=1, n_heads=2, d_ff=32)
 VISION_ID, AUDIO_ID = 1, 2

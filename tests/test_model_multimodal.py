@@ -1,0 +1,204 @@
+"""MultimodalModel: injection, absent modalities, the loss, freezing/LoRA after an optimizer step, bad inputs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mllm_jax import MultimodalModel, check_batch, trainable_filter
+from mllm_jax.config import LoRAConfig, ProjectorConfig
+from mllm_jax.layers import LoRAParam
+
+from model_testlib import AUDIO_ID, TINY_AUDIO, TINY_VISION, VISION_ID, tiny_batch, tiny_config
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return MultimodalModel(config, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def batch(config):
+    return tiny_batch(config)
+
+
+def test_shapes_and_injection(model, config, batch):
+    vis = model.encode("vision", jnp.asarray(batch["encoder_inputs"]["vision"]))
+    aud = model.encode("audio", jnp.asarray(batch["encoder_inputs"]["audio"]))
+    assert vis.shape == (2, 4, 32) and aud.shape == (2, 2, 32)  # 4 patches (class token dropped), 2 queries
+    assert model.encoders["vision"](jnp.asarray(batch["encoder_inputs"]["vision"])).shape == (2, 4, 16)
+    assert model.encoders["audio"](jnp.asarray(batch["encoder_inputs"]["audio"])).shape == (2, 4, 16)
+    emb = np.asarray(model.embed(batch))
+    text = np.asarray(model.llm.embed(batch["input_ids"]))
+    fv, fa = batch["feature_index"]["vision"], batch["feature_index"]["audio"]
+    np.testing.assert_allclose(emb[fv >= 0], np.asarray(vis).reshape(-1, 32)[fv[fv >= 0]], atol=1e-6)
+    np.testing.assert_allclose(emb[fa >= 0], np.asarray(aud).reshape(-1, 32)[fa[fa >= 0]], atol=1e-6)
+    text_pos = (fv < 0) & (fa < 0)
+    np.testing.assert_array_equal(emb[text_pos], text[text_pos])
+    h = model(batch)
+    assert h.shape == (2, 16, 32) and h.dtype == jnp.float32
+
+
+def test_absent_modality_and_text_only(config):
+    b = tiny_batch(config, with_audio=False)
+    check_batch(b, config)
+    model = MultimodalModel(config, rngs=nnx.Rngs(0))
+    assert model(b).shape == (2, 16, 32)
+    text_only = tiny_config(encoders={}, projectors={}, placeholder_ids={})
+    m = MultimodalModel(text_only, rngs=nnx.Rngs(0))
+    tb = {k: b[k] for k in ("input_ids", "labels", "positions", "segment_ids", "span_ids")}
+    tb["input_ids"] = np.maximum(tb["input_ids"], 3)
+    check_batch(tb, text_only)
+    assert m(tb).shape == (2, 16, 32) and len(m.encoders) == 0
+
+
+def test_chunked_loss_equals_full_cross_entropy(model, batch):
+    logits = np.asarray(model.llm.logits(model(batch)), np.float64)
+    labels = batch["labels"]
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    valid = labels != -100
+    tgt = np.take_along_axis(logits, np.maximum(labels, 0)[..., None], -1)[..., 0]
+    want = ((lse - tgt) * valid).sum()
+    for chunk in (4, 16):
+        total, count = model.loss(batch, chunk=chunk)
+        assert int(count) == valid.sum()
+        np.testing.assert_allclose(float(total), want, rtol=1e-5)
+
+
+def test_loss_never_materialises_full_logits(model, batch):
+    jaxpr = jax.make_jaxpr(lambda b: model.loss(b, chunk=4))(batch)
+    shapes = set()
+
+    def walk(j):
+        for eqn in j.eqns:
+            for v in eqn.outvars:
+                shapes.add(tuple(getattr(v.aval, "shape", ())))
+            for p in eqn.params.values():
+                if hasattr(p, "eqns"):
+                    walk(p)
+                elif hasattr(getattr(p, "jaxpr", None), "eqns"):
+                    walk(p.jaxpr)
+
+    walk(jaxpr.jaxpr)
+    assert (2, 4, 64) in shapes and (2, 16, 64) not in shapes
+
+
+def test_frozen_unchanged_trainable_changed_after_a_step(batch):
+    cfg = tiny_config(trainable={"encoders/vision": False, "encoders/audio": False, "llm": False})
+    cfg = cfg.replace(lora=LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), modules=("llm",)))
+    model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
+    wrt = trainable_filter(cfg)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
+    before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    before = {p: np.array(v[...]) for p, v in before}
+    trainable_paths = {p for p, v in nnx.to_flat_state(nnx.state(model, wrt))}
+    opt_arrays = [x for x in jax.tree.leaves(nnx.state(opt, nnx.optimizer.OptState)) if np.ndim(x) > 0]
+    assert len(opt_arrays) == 2 * len(trainable_paths)  # adam mu and nu for trainable parameters only
+    assert sum(x.size for x in opt_arrays) == 2 * sum(before[p].size for p in trainable_paths)
+
+    @nnx.jit
+    def step(model, opt, b):
+        def loss_fn(m):
+            s, c = m.loss(b)
+            return s / c
+
+        grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+        opt.update(model, grads)
+
+    step(model, opt, jax.tree.map(jnp.asarray, batch))
+    after = {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed <= trainable_paths  # frozen parameters are exactly unchanged
+    assert ("llm", "layers", "attn", "q", "lora_b") in changed and ("projectors", "vision", "mlp", "fc1", "kernel") \
+        in changed
+    assert ("llm", "layers", "attn", "q", "kernel") not in trainable_paths  # base weight under LoRA
+    assert all(p[0] != "encoders" for p in trainable_paths)
+
+
+def test_lora_starts_as_identity(batch):
+    cfg = tiny_config(lora=LoRAConfig(rank=2, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                                      modules=("llm", "vision")))
+    lora_model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
+    plain = MultimodalModel(tiny_config(), rngs=nnx.Rngs(1))
+    base = nnx.state(lora_model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+    nnx.update(plain, base)
+    assert len(jax.tree.leaves(nnx.state(lora_model, LoRAParam))) == 2 * (7 + 4 + 2)  # llm 7, vision q k v o fc1 fc2
+    np.testing.assert_allclose(lora_model(batch), plain(batch), atol=1e-6)
+    # and the adapters do act once B is non-zero
+    for _, v in nnx.to_flat_state(nnx.state(lora_model, LoRAParam)):
+        v[...] = v[...] + 0.1
+    assert np.abs(np.asarray(lora_model(batch)) - np.asarray(plain(batch))).max() > 1e-3
+
+
+def test_frozen_encoder_gets_no_gradient(batch):
+    grads = {}
+    for frozen in (True, False):
+        cfg = tiny_config(trainable={"encoders/vision": not frozen})
+        model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
+        g = nnx.grad(lambda m: m.loss(batch)[0])(model)
+        grads[frozen] = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g["encoders"]["vision"]))
+    assert grads[True] == 0.0 and grads[False] > 0.0
+
+
+def test_count_mismatch_names_the_sample(config, batch):
+    b = {**batch, "feature_index": dict(batch["feature_index"])}
+    fi = b["feature_index"]["vision"].copy()
+    fi[1, 3] = -1
+    b["feature_index"]["vision"] = fi
+    with pytest.raises(ValueError, match=r"sample 1: 4 'vision' placeholder tokens but 3 'vision' features"):
+        check_batch(b, config)
+
+
+def test_bad_inputs_refused(model, config, batch):
+    with pytest.raises(ValueError, match="do not fit the patch grid"):
+        model.encoders["vision"](jnp.zeros((1, 9, 9, 3)))
+    with pytest.raises(ValueError, match="image_size 8"):
+        model.encoders["vision"](jnp.zeros((1, 12, 12, 3)))
+    with pytest.raises(ValueError, match="n_mels=8"):
+        model.encoders["audio"](jnp.zeros((1, 8, 80)))
+    with pytest.raises(ValueError, match="= 8 frames; got 10"):
+        model.encoders["audio"](jnp.zeros((1, 10, 8)))
+    bad = dict(batch, input_ids=np.where(batch["input_ids"] == 5, 64, batch["input_ids"]))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        check_batch(bad, config)
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        model(bad)
+    with pytest.raises(ValueError, match="span_ids"):
+        model(dict(batch, span_ids=batch["span_ids"][:, :8]))
+    with pytest.raises(ValueError, match="span_ids shape"):
+        check_batch(dict(batch, span_ids=batch["span_ids"][:, :8]), config)
+    mel = dict(batch["encoder_inputs"], audio=np.zeros((2, 8, 80), np.float32))
+    with pytest.raises(ValueError, match="n_mels=8"):
+        check_batch(dict(batch, encoder_inputs=mel), config)
+    with pytest.raises(ValueError, match="same modalities"):
+        MultimodalModel(tiny_config(projectors={"vision": ProjectorConfig()}), rngs=nnx.Rngs(0))
+
+
+def test_siglip_and_vit_towers():
+    from mllm_jax.vision import VisionEncoder
+
+    sig = dataclasses.replace(TINY_VISION, kind="siglip", class_token=False, pre_norm=False, post_norm=True,
+                              activation="gelu_tanh", select_layer=-1)
+    enc = VisionEncoder(sig, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    out = np.asarray(enc(x))
+    assert out.shape == (3, 4, 16) and "class_embedding" not in nnx.state(enc)
+    np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)  # post LayerNorm (scale 1, bias 0) applied
+    vit = dataclasses.replace(TINY_VISION, kind="vit", activation="gelu", drop_class_token=False)
+    enc = VisionEncoder(vit, rngs=nnx.Rngs(0))
+    assert enc(x).shape == (3, 5, 16) and "bias" in nnx.state(enc)["patch_embed"]
+    # each image is encoded on its own: changing image 0 leaves image 1's features unchanged
+    y = x.copy()
+    y[0] += 1.0
+    a, b = np.asarray(enc(x)), np.asarray(enc(y))
+    np.testing.assert_allclose(a[1:], b[1:], atol=1e-6)
+    assert np.abs(a[0] - b[0]).max() > 1e-3
