@@ -245,17 +245,30 @@ def _ring_core(q, k, v, q_meta, k_meta, axis, cp, kw_items):
     return _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items)[0]
 
 
+def _ring_steps(step, carry, kv, cp, hop):
+    """Runs ``step(carry, kv, nxt) -> carry`` for the cp shards of the ring, ``nxt`` the next shard's hop (issued
+    before the step's compute so the two overlap; None at the last step, which needs no hop). The first cp - 1 steps
+    are one ``lax.scan`` so compile time and program size do not grow with cp."""
+
+    def body(c, _):
+        carry, kv = c
+        nxt = hop(kv)
+        return (step(carry, kv), nxt), None
+
+    (carry, kv), _ = jax.lax.scan(body, (carry, kv), length=cp - 1)
+    return step(carry, kv)
+
+
 def _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items):
-    kw, hop = dict(kw_items), _hop(axis, cp)
+    kw = dict(kw_items)
     b, sq, hq, _d = q.shape
-    o = jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32)
-    lse = jnp.full((b, hq, sq), -jnp.inf, jnp.float32)
-    kv = (k, v, k_meta)
-    for t in range(cp):
-        nxt = hop(kv) if t < cp - 1 else None  # issued before this step's compute so the two overlap
+
+    def step(carry, kv):
         o_t, lse_t = _block_forward(q, kv[0], kv[1], q_meta, kv[2], kw)
-        o, lse = _merge(o, lse, o_t, lse_t)
-        kv = nxt
+        return _merge(*carry, o_t, lse_t)
+
+    init = (jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32), jnp.full((b, hq, sq), -jnp.inf, jnp.float32))
+    o, lse = _ring_steps(step, init, (k, v, k_meta), cp, _hop(axis, cp))
     return o.astype(q.dtype), lse
 
 
@@ -268,16 +281,16 @@ def _ring_bwd_rule(axis, cp, kw_items, res, do):
     q, k, v, q_meta, k_meta, o, lse = res
     kw, hop = dict(kw_items), _hop(axis, cp)
     delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), (0, 2, 1))  # [B,H,Sq]
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    kv = (k, v, k_meta)
-    for t in range(cp):
-        nxt = hop(kv) if t < cp - 1 else None
+
+    def step(carry, kv):
+        dq, dk, dv = carry
         dq_t, dk_t, dv_t = _block_backward(q, kv[0], kv[1], q_meta, kv[2], do, lse, delta, kw)
-        dq = dq + dq_t
         # The accumulators of the shard in hand travel with it; after cp hops they are back with their owner.
         dk, dv = hop((dk + dk_t, dv + dv_t))
-        kv = nxt
+        return dq + dq_t, dk, dv
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = _ring_steps(step, init, (k, v, k_meta), cp, hop)
     zero_meta = lambda m: TokenMeta(*(np.zeros(a.shape, jax.dtypes.float0) for a in m))  # noqa: E731
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_meta(q_meta), zero_meta(k_meta)
 

@@ -1,6 +1,7 @@
 """Context-parallel attention (kernels/context_parallel.py) on 8 fake devices: forward and gradients on permuted,
 context-sharded sequences equal kernels.attention on one device on the original order."""
 
+import functools
 from collections import Counter
 
 import jax
@@ -44,6 +45,18 @@ CASES = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def _reference(kw_items):
+    """jit(q, k, v, meta, w) -> ((sum(out * w), out), (dq, dk, dv)) of one-device dense attention; one per option set."""
+    kw = dict(kw_items)
+
+    def loss(q, k, v, meta, w):
+        out = attention(q, k, v, meta, meta, impl="dense", **kw)
+        return jnp.sum(out * w), out
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shape, mode, method, families, kw", CASES)
 def test_forward_and_gradients_match_one_device(shape, mode, method, families, kw):
@@ -54,15 +67,9 @@ def test_forward_and_gradients_match_one_device(shape, mode, method, families, k
     k = jax.random.normal(keys[1], (b, s, hkv, d))
     v = jax.random.normal(keys[2], (b, s, hkv, d))
     w = jax.random.normal(keys[3], (b, s, hq, d))
-    m1 = TokenMeta(*map(jnp.asarray, meta))
+    (_, ref_out), ref_grads = _reference(tuple(sorted(kw.items())))(q, k, v, TokenMeta(*map(jnp.asarray, meta)), w)
 
-    def ref_loss(q, k, v):
-        out = attention(q, k, v, m1, m1, impl="dense", **kw)
-        return jnp.sum(out * w), out
-
-    (_, ref_out), ref_grads = jax.value_and_grad(ref_loss, (0, 1, 2), has_aux=True)(q, k, v)
-
-    p = plan(meta, shape[1], mode, block=32, tile_k=8)  # small blocks: many blocks per rank at S = 250
+    p = plan(meta, shape[1], mode, block=32, tile_k=8)  # small blocks: several blocks per rank at S = 250
     mesh = _mesh(*shape)
     spec, mspec = P("data", "context", "tensor", None), P("data", "context")
     with jax.set_mesh(mesh):
@@ -70,14 +77,14 @@ def test_forward_and_gradients_match_one_device(shape, mode, method, families, k
         mp = TokenMeta(*(jax.device_put(jnp.asarray(a), NamedSharding(mesh, mspec)) for a in p.permute_meta(meta)))
 
         @jax.jit
-        def cp_loss_and_grads(q, k, v, meta):
+        def cp_loss_and_grads(q, k, v, meta, w):
             def loss(q, k, v):
                 out = context_attention(q, k, v, meta, meta, mesh=mesh, method=method, impl="dense", **kw)
-                return jnp.sum(out * wp), out
+                return jnp.sum(out * w), out
 
             return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
 
-        (_, out), grads = cp_loss_and_grads(qp, kp, vp, mp)
+        (_, out), grads = cp_loss_and_grads(qp, kp, vp, mp, wp)
         assert jax.typeof(out).sharding.spec[1] == "context"
     np.testing.assert_allclose(unpermute(np.asarray(out), p), ref_out, atol=2e-5, rtol=2e-5)
     for g, r in zip(grads, ref_grads):
@@ -85,6 +92,28 @@ def test_forward_and_gradients_match_one_device(shape, mode, method, families, k
     # Padding slots (segment 0) produce zeros and get zero gradients.
     pad = p.permutation < 0
     assert not np.asarray(out)[pad].any() and not np.asarray(grads[0])[pad].any()
+
+
+@pytest.mark.slow
+def test_ring_never_materialises_a_shard_by_shard_matrix():
+    # Ring forward+backward at a long shard (2048 tokens per rank): the compiled per-device temporaries stay far below
+    # one dense [B, H, S/cp, S/cp] f32 score matrix (a dense step needs several: logits, p, dp, ds). The same measure
+    # on the dense all-gather path, which does materialise [S/cp, S] scores, is above it: the check can fail.
+    cp, shard = 2, 2048
+    mesh = jax.make_mesh((cp,), ("context",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:cp])
+    x = jax.ShapeDtypeStruct((1, cp * shard, 1, 16), jnp.float32, sharding=NamedSharding(mesh, P(None, "context")))
+    m = jax.ShapeDtypeStruct((1, cp * shard), jnp.int32, sharding=NamedSharding(mesh, P(None, "context")))
+    dense_scores = shard * shard * 4
+    temp = {}
+    for method, impl in (("ring", "xla"), ("allgather", "dense")):
+        def loss(q, k, v, meta, method=method, impl=impl):
+            return context_attention(q, k, v, meta, meta, mesh=mesh, method=method, impl=impl).sum()
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x, TokenMeta(m, m, m)).compile()
+        temp[method] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["ring"] < dense_scores / 4, (temp, dense_scores)
+    assert temp["allgather"] > dense_scores, (temp, dense_scores)
 
 
 def _primitives(jaxpr, counts):
