@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin recipe(s), applied in order")
@@ -39,6 +39,7 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     set_cpu_device_count(FLAGS.cpu_devices)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     # Imported only now so the device count above is in force when jax starts.
     from mllm_jax import gin_setup
     from mllm_jax.train import loop

@@ -50,3 +50,4 @@ class TrainConfig:
     eval_every: int = 100  # 0 -> evaluate only at the end
     seed: int = 0  # parameter initialisation
     progress_bar: bool = True  # tqdm, only when stdout is a terminal
+    stop_at_step: int | None = None  # end this invocation early at this step with a checkpoint (time-sliced jobs)

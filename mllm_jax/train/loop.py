@@ -105,7 +105,17 @@ def batch_sharding(mesh, ndim: int, leading: int, dim: int) -> NamedSharding:
 
 
 def put_batch(batch, mesh, *, leading: int):
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim, leading, x.shape[leading])), batch)
+    """Token arrays [.., B, S] sharded over data x fsdp on the batch axis. Encoder inputs go replicated: the model's
+    encoders do not yet take a batch-sharded pixel array under Explicit axes (vision.embed's reshape), and DESIGN.md
+    has the model spread the encoder batch over every mesh axis itself."""
+    out = {}
+    for key, value in batch.items():
+        if key == "encoder_inputs":
+            out[key] = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), value)
+        else:
+            out[key] = jax.tree.map(
+                lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim, leading, x.shape[leading])), value)
+    return out
 
 
 def create_model(cfg: RunConfig, mesh):
@@ -164,6 +174,9 @@ def caption_word_groups(codec: TextCodec) -> dict[str, np.ndarray]:
     ids = lambda words: np.asarray([codec.token_id(str(w)) for w in words])  # noqa: E731
     return {
         "image_words": ids(COLOURS + SHAPES + ROWS + COLS),
+        "colour": ids(COLOURS),
+        "shape": ids(SHAPES),
+        "position": ids(ROWS + COLS),
         "audio_words": ids(TONES_HZ),
         "text_words": ids(NUMBER_WORDS),
     }
@@ -232,6 +245,8 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
     (checkpoint saved), for tests of resumption."""
     validate(cfg, jax.device_count())
     tc = cfg.train
+    if stop_after_step is None:
+        stop_after_step = tc.stop_at_step
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
     codec = TextCodec()

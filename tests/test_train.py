@@ -1,0 +1,125 @@
+"""The training loop end to end on tiny shapes: the loss falls, resume is exact, gradient accumulation is exact,
+a non-finite loss stops the run leaving the last good checkpoint, and every layout error is raised before compile
+naming its numbers. In-process runs use the 8 fake devices of conftest (data=8)."""
+
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+
+from mllm_jax.train import loop
+from mllm_jax.train.metrics import read_metrics
+
+TINY = [
+    "LLMConfig.n_layers = 2", "LLMConfig.d_model = 32", "LLMConfig.n_heads = 2", "LLMConfig.n_kv_heads = 2",
+    "LLMConfig.d_ff = 64", "VisionConfig.n_layers = 1", "VisionConfig.d_model = 32", "VisionConfig.n_heads = 2",
+    "VisionConfig.d_ff = 64", "VisionConfig.image_size = 16", "VisionConfig.patch_size = 4",
+    "DataConfig.seq_len = 64", "DataConfig.samples_per_row = 1", "DataConfig.batch_size = 16",
+    "DataConfig.eval_batches = 1", "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.learning_rate = 3e-3",
+    "TrainConfig.log_every = 1", "TrainConfig.eval_every = 0", "TrainConfig.progress_bar = False",
+    "CheckpointConfig.keep = 10",
+]
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def tiny_config(*extra):
+    return loop.load_run_config(["configs/vlm_tiny.gin"], TINY + ["ParallelConfig.data = 8", *extra])
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    gin.clear_config()
+    workdir = str(tmp_path_factory.mktemp("full"))
+    summary = loop.run(tiny_config("TrainConfig.steps = 6", "TrainConfig.checkpoint_every = 3"), workdir,
+                       log=lambda *_: None)
+    gin.clear_config()
+    return workdir, summary
+
+
+def test_loss_falls_and_metrics_are_written(uninterrupted):
+    workdir, summary = uninterrupted
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert "eval_loss" in rows[-1] and 0.0 <= rows[-1]["eval_accuracy"] <= 1.0
+    # Warmup then cosine: the logged rate is the one the optimizer used at that step.
+    assert rows[0]["learning_rate"] == 0.0 and rows[1]["learning_rate"] == pytest.approx(3e-3)
+    assert os.path.exists(os.path.join(workdir, "run_config.json"))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert summary["end_step"] == 6
+
+
+@pytest.mark.slow
+def test_resume_equals_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
+    full_dir, _ = uninterrupted
+    cfg = tiny_config("TrainConfig.steps = 6", "TrainConfig.checkpoint_every = 3")
+    first = loop.run(cfg, str(tmp_path), stop_after_step=2, log=lambda *_: None)
+    assert first["preempted"] and first["end_step"] == 2
+    second = loop.run(cfg, str(tmp_path), log=lambda *_: None)
+    assert second["start_step"] == 2 and second["end_step"] == 6
+    assert _losses(str(tmp_path)) == _losses(full_dir)  # bitwise: same floats at every step
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_is_exact(tmp_path):
+    """Two microbatches give the one-batch update: same first-step grad norm, same second-step loss."""
+    one = loop.run(tiny_config("TrainConfig.steps = 2"), str(tmp_path / "m1"), log=lambda *_: None)
+    two = loop.run(tiny_config("TrainConfig.steps = 2", "ParallelConfig.microbatches = 2"), str(tmp_path / "m2"),
+                   log=lambda *_: None)
+    del one, two
+    a, b = read_metrics(str(tmp_path / "m1")), read_metrics(str(tmp_path / "m2"))
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-4)
+    assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config("TrainConfig.steps = 8", "TrainConfig.checkpoint_every = 1",
+                      "OptimizerConfig.learning_rate = 1e30", "OptimizerConfig.grad_clip_norm = None")
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is (nan|inf) at step (\d+).*last good checkpoint is "
+                                                      r"step (\d+)") as info:
+        loop.run(cfg, str(tmp_path), log=lambda *_: None)
+    bad_step = int(info.value.args[0].split(" at step ")[1].split(";")[0])
+    from mllm_jax.train.checkpoint import Checkpointer
+
+    steps = Checkpointer(str(tmp_path), every=1, keep=10).all_steps()
+    assert steps and max(steps) == bad_step - 1
+
+
+def test_layout_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"data=4 x fsdp=1 x pipeline=1 x context=1 x tensor=1.*4 devices.*8 are"):
+        loop.validate(tiny_config("ParallelConfig.data = 4"), 8)
+    with pytest.raises(ValueError, match=r"LLMConfig.n_heads=2 is not divisible by ParallelConfig.tensor=4"):
+        loop.validate(tiny_config("ParallelConfig.data = 2", "ParallelConfig.tensor = 4"), 8)
+    with pytest.raises(ValueError, match=r"batch_size=16 is not divisible by data x fsdp x microbatches = "
+                                         r"8 x 1 x 4 = 32"):
+        loop.validate(tiny_config("ParallelConfig.microbatches = 4"), 8)
+    with pytest.raises(ValueError, match=r"ParallelConfig.pipeline=2"):
+        loop.validate(tiny_config("ParallelConfig.data = 4", "ParallelConfig.pipeline = 2"), 8)
+    with pytest.raises(ValueError, match=r"no_such_field"):
+        loop.load_run_config(["configs/vlm_tiny.gin"], ["TrainConfig.no_such_field = 3"])
+
+
+def test_incompatible_checkpoint_in_workdir_is_refused(uninterrupted, tmp_path):
+    import shutil
+
+    full_dir, _ = uninterrupted
+    shutil.copytree(os.path.join(full_dir, "checkpoints"), os.path.join(tmp_path, "checkpoints"))
+    cfg = tiny_config("TrainConfig.steps = 8", "LLMConfig.d_ff = 96")
+    with pytest.raises(ValueError, match=r"incompatible model.*llm.d_ff: checkpoint 64 vs now 96"):
+        loop.run(cfg, str(tmp_path), log=lambda *_: None)
