@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from parallel.config import ContextConfig, ParallelConfig
 from parallel.context import MODES, permute_batch, plan
@@ -30,15 +31,31 @@ def _setup():
     return cfg, meta, batch
 
 
-def _loss_and_grads(cfg, pc, batch):
-    from flax import nnx
-
+def _reference_model(cfg):
+    """The one model every layout runs: created by build.create_model on one device (context = 1)."""
     from mllm_jax.build import create_model
     from parallel.mesh import make_mesh
 
+    pc = ParallelConfig()
+    return create_model(cfg, make_mesh(pc, devices=jax.devices()[:1]), pc, seed=0)
+
+
+def _runner(cfg, pc, model):
+    """batch -> (loss, grads) on ``pc``'s mesh with ``model``'s parameters placed as build would place them there.
+
+    One jit per layout, reused for every planner mode (the modes only permute the batch, so it compiles once per
+    shape). The parameters are the one model's, moved into the layout's shardings (build.abstract_model), so every
+    layout provably starts from identical weights."""
+    from flax import nnx
+
+    from mllm_jax.build import abstract_model
+    from parallel.mesh import make_mesh
+
     mesh = make_mesh(pc, devices=jax.devices()[: pc.num_devices])
-    model = create_model(cfg, mesh, pc, seed=0)
-    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    gdef, abs_params, abs_rest = nnx.split(abstract_model(cfg, mesh, pc, seed=0), nnx.Param, ...)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    place = lambda x, a: jax.device_put(x, NamedSharding(mesh, a.sharding.spec))  # noqa: E731 (abstract -> mesh)
+    params, rest = jax.tree.map(place, params, abs_params), jax.tree.map(place, rest, abs_rest)
 
     @jax.jit
     def run(params, batch):
@@ -48,26 +65,31 @@ def _loss_and_grads(cfg, pc, batch):
 
         return jax.value_and_grad(loss)(params)
 
-    with jax.set_mesh(mesh):
-        loss, grads = run(params, jax.tree.map(jnp.asarray, batch))
-    return float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)]
+    def call(batch):
+        with jax.set_mesh(mesh):
+            loss, grads = run(params, jax.tree.map(jnp.asarray, batch))
+        return float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+    return call
 
 
 @pytest.mark.slow
 def test_model_loss_and_grads_equal_context_1_for_every_mode():
     cfg, meta, batch = _setup()
     try:
-        ref_loss, ref_grads = _loss_and_grads(cfg, ParallelConfig(), batch)
+        model = _reference_model(cfg)
+        ref_loss, ref_grads = _runner(cfg, ParallelConfig(), model)(batch)
     except Exception as e:  # noqa: BLE001 - the model library's own context = 1 path
         pytest.skip(f"model library cannot run the context=1 reference yet: {type(e).__name__}: {str(e)[:200]}")
     layouts = [dict(context=2, attention="allgather", modes=MODES),
                dict(data=2, context=2, tensor=2, attention="ring", modes=("lpt", "balanced"))]
     for lay in layouts:
+        pc = ParallelConfig(data=lay.get("data", 1), context=lay["context"], tensor=lay.get("tensor", 1),
+                            context_config=ContextConfig(block=16, attention=lay["attention"]))
+        run = _runner(cfg, pc, model)
         for mode in lay["modes"]:
-            pc = ParallelConfig(data=lay.get("data", 1), context=lay["context"], tensor=lay.get("tensor", 1),
-                                context_config=ContextConfig(mode=mode, block=16, attention=lay["attention"]))
             p = plan(meta, pc.context, mode, block=16, tile_k=8)
-            loss, grads = _loss_and_grads(cfg, pc, permute_batch(batch, p))
+            loss, grads = run(permute_batch(batch, p))
             assert loss == pytest.approx(ref_loss, rel=1e-5), (lay, mode)
             for g, r in zip(grads, ref_grads):
                 np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=f"{lay} {mode}")
