@@ -123,3 +123,23 @@ def test_incompatible_checkpoint_in_workdir_is_refused(uninterrupted, tmp_path):
     cfg = tiny_config("TrainConfig.steps = 8", "LLMConfig.d_ff = 96")
     with pytest.raises(ValueError, match=r"incompatible model.*llm.d_ff: checkpoint 64 vs now 96"):
         loop.run(cfg, str(tmp_path), log=lambda *_: None)
+
+
+def test_dry_run_builds_full_size_recipes_abstractly():
+    """Oracle: the published parameter counts of Llama-2-7B (6,738,415,616) and Mistral-7B (7,241,732,096)."""
+    from mllm_jax.train import dry_run
+
+    lines = []
+    cfg = loop.load_run_config(["configs/llava_7b.gin"], ["ParallelConfig.fsdp = 8"])
+    out = dry_run.report(cfg, print_fn=lines.append)
+    assert any("llm" in line and "6,738,415,616" in line for line in lines)
+    assert 300_000_000 < out["params_frozen"] < 310_000_000  # the frozen CLIP ViT-L/14 tower
+    assert out["mesh"]["fsdp"] == 8
+    # FSDP over 8 devices: a device holds about an eighth of the parameters' bytes (float32).
+    total_bytes = (out["params_trainable"] + out["params_frozen"]) * 4
+    assert out["per_device_gib"]["params"] * 2**30 == pytest.approx(total_bytes / 8, rel=0.05)
+    gin.clear_config()
+    cfg = loop.load_run_config(["configs/valm_s.gin"], ["ParallelConfig.fsdp = 8", "ParallelConfig.microbatches = 8"])
+    lines.clear()
+    dry_run.report(cfg, print_fn=lines.append)
+    assert any("llm" in line and "7,241,732,096" in line for line in lines)

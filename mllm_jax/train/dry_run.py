@@ -59,8 +59,9 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
 def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
     loop.validate(cfg, jax.device_count())
     mesh = loop.build_mesh(cfg.parallel)
-    with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(lambda: loop.create_model(cfg, mesh))
+    from mllm_jax.build import abstract_model
+
+    abstract = abstract_model(cfg.model, mesh, cfg.parallel, cfg.train.seed)
     trainable = loop.trainable_filter(cfg.model)
     t_state = nnx.state(abstract, trainable)
     all_params = nnx.state(abstract, nnx.Param)
@@ -78,12 +79,10 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
                            "activations_rough": act_b / GiB, "total": (params_b + grads_b + opt_b + act_b) / GiB},
     }
     print_fn(f"mesh: {out['mesh']} over {out['devices']} device(s)")
-    for key, sub in (("llm", "llm"), *((f"encoders/{n}", n) for n in cfg.model.encoders),
-                     *((f"projectors/{n}", n) for n in cfg.model.projectors)):
-        module = abstract
-        for part in key.split("/"):
-            module = module[part] if isinstance(module, dict) or hasattr(module, "__getitem__") and not hasattr(
-                module, part) else getattr(module, part)
+    parts = [("llm", abstract.llm)]
+    parts += [(f"encoders/{n}", abstract.encoders[n]) for n in sorted(cfg.model.encoders)]
+    parts += [(f"projectors/{n}", abstract.projectors[n]) for n in sorted(cfg.model.projectors)]
+    for key, module in parts:
         n = _count(nnx.state(module, nnx.Param))
         tag = "trainable" if cfg.model.is_trainable(key) else "frozen"
         print_fn(f"  {key:<20} {n:>16,} parameters ({tag})")
