@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax import lora as lora_lib
+from mllm_jax import partitioning as part
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.llm import decoder_layer, layer_window, logits_from_hidden
 from mllm_jax.loss import IGNORE, chunked_cross_entropy
@@ -254,6 +255,9 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     feats = {name: model.projectors[name].config.num_queries if model.projectors[name].config.kind == "resampler"
              else config.encoders[name].num_features for name in modalities}
     flat = flatten_microbatches(batch, feats)
+    with model.scope("llm"):  # token arrays in the LLM's batch layout, whatever layout the caller gave them
+        flat = {k: v if k == "encoder_inputs" else jax.tree.map(lambda a: part.constrain(a, ("batch", "length")), v)
+                for k, v in flat.items()}
     gdef, trainable, frozen, rest = nnx.split(model, trainable_filter(config), nnx.Param, ...)
 
     def embed(tr):
@@ -296,7 +300,11 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
 
     # ---- gradients into the trainable state's layout.
     if input_grad:
-        (grads,) = embed_vjp(_rows_flat(dx_M).astype(emb.dtype))
+        dx = _rows_flat(dx_M).astype(emb.dtype)
+        want = getattr(jax.typeof(emb), "sharding", None)
+        if want is not None and want.mesh.axis_names and jax.typeof(dx).sharding != want:
+            dx = jax.sharding.reshard(dx, want)
+        (grads,) = embed_vjp(dx)
     else:
         grads = jax.tree.map(jnp.zeros_like, trainable)
     pure = nnx.to_pure_dict(grads)

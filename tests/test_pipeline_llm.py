@@ -1,8 +1,6 @@
 """The pipelined MultimodalModel (parallel.pipeline_llm) against one device's model.loss: loss and every trainable
 gradient, over stage splits, microbatch counts, frozen parts and data / tensor axes."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.build import create_model
-from mllm_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.multimodal import MultimodalModel
 from parallel.config import ParallelConfig
@@ -62,37 +60,58 @@ def make_batch(M, mb, seed=0):
             "encoder_inputs": {"vision": pixels}, "feature_index": {"vision": fi}}
 
 
-def one_device(config, state, batch):
-    """Oracle: nnx.value_and_grad of (sum of model.loss sums) / (sum of counts) over the microbatches, plain jit."""
-    model = MultimodalModel(config, rngs=nnx.Rngs(0))
-    nnx.update(model, state)
-    M = batch["input_ids"].shape[0]
-    mbs = [jax.tree.map(lambda a, m=m: a[m], batch) for m in range(M)]
+def concatenated(batch):
+    """The microbatches as one batch (rows and images concatenated, feature indices offset): the plain model's loss
+    sum over it is the sum over the microbatches."""
+    M, mb = batch["input_ids"].shape[:2]
+    out = {k: np.asarray(v).reshape((M * mb,) + np.shape(v)[2:]) for k, v in batch.items() if not isinstance(v, dict)}
+    pixels = np.asarray(batch["encoder_inputs"]["vision"])
+    out["encoder_inputs"] = {"vision": pixels.reshape((-1,) + pixels.shape[2:])}
+    fi = np.asarray(batch["feature_index"]["vision"])
+    offset = (np.arange(M) * pixels.shape[1] * FEATS)[:, None, None]
+    out["feature_index"] = {"vision": np.where(fi >= 0, fi + offset, -1).reshape(M * mb, SEQ)}
+    return out
+
+
+def one_device(model, batch):
+    """Oracle: nnx.value_and_grad of model.loss sum / count on one device (plain jit, no mesh)."""
+    config = model.config
 
     def loss(m):
-        sums, counts = zip(*(m.loss(b) for b in mbs))
-        return sum(sums) / sum(counts).astype(jnp.float32)
+        s, c = m.loss(concatenated(batch))
+        return s / c.astype(jnp.float32)
 
-    value, grads = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, trainable_filter(config))))(model)
-    return value, grads
+    return nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, trainable_filter(config))))(model)
 
 
-def check(config, parallel, stage_layers, *, seed=0, mb=2):
+def check(config, parallel, stage_layers, *, mb=2, sharded_model=False):
+    """Pipelined loss and gradients vs one device. ``sharded_model``: the pipelined model is build.create_model's
+    (per-module rules, parameters sharded on the mesh); else the one-device model's parameters replicated on it."""
     mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
-    model = create_model(config, mesh, parallel, seed=seed)
-    state = jax.device_get(nnx.state(model))
-    batch = make_batch(parallel.microbatches, mb, seed=seed)
-    want_loss, want = one_device(config, state, batch)
+    if sharded_model:
+        model = create_model(config, mesh, parallel, seed=0)
+        reference = MultimodalModel(config, rngs=nnx.Rngs(0))
+        nnx.update(reference, jax.device_get(nnx.state(model)))
+    else:
+        reference = MultimodalModel(config, rngs=nnx.Rngs(0))
+        model = reference
+    batch = make_batch(parallel.microbatches, mb)
+    want_loss, want = one_device(reference, batch)
+    gdef, st = nnx.split(model)
 
     @jax.jit
     def run(state, batch):
-        m = nnx.merge(gdef, state)
-        return pipelined_loss_and_grad(m, batch, mesh=mesh, parallel_config=parallel, stage_layers=stage_layers)
+        return pipelined_loss_and_grad(nnx.merge(gdef, state), batch, mesh=mesh, parallel_config=parallel,
+                                       stage_layers=stage_layers)
 
-    gdef, st = nnx.split(model)
     with jax.set_mesh(mesh):
-        if parallel.data > 1:  # the microbatch rows over `data`, as the train step lays them out
-            batch = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "data"))), batch)
+        if not sharded_model:
+            st = jax.device_put(st, NamedSharding(mesh, P()))
+        if parallel.data > 1:  # the microbatch rows over `data` (images replicated: the encoder spreads them)
+            rows = NamedSharding(mesh, P(None, "data"))
+            batch = {k: v if isinstance(v, dict) or k == "encoder_inputs" else jax.device_put(v, rows)
+                     for k, v in batch.items()}
+            batch["feature_index"] = jax.tree.map(lambda a: jax.device_put(a, rows), batch["feature_index"])
         loss_sum, count, grads = run(st, batch)
     np.testing.assert_allclose(loss_sum / count, want_loss, rtol=2e-5)
     want_flat = dict(nnx.to_flat_state(want))
@@ -102,7 +121,6 @@ def check(config, parallel, stage_layers, *, seed=0, mb=2):
         w, g = np.asarray(w[...]), np.asarray(got_flat[path][...])
         assert np.abs(w).max() > 0, f"{path}: the oracle gradient is zero (the test would not see a bug)"
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6, err_msg="/".join(map(str, path)))
-    return grads
 
 
 FROZEN_ENC = {"encoders/vision": False}
@@ -124,29 +142,25 @@ def test_flatten_microbatches_points_at_the_same_features():
             np.testing.assert_array_equal(flat["input_ids"][row], batch["input_ids"][m, b])
 
 
+WINDOWS = dict(sliding_window=3, sliding_window_pattern=2)  # Gemma 2 style alternating local / global layers
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stages,split,M,trainable", [
-    (2, (3, 1), 2, {}),                  # everything trains
-    (2, (1, 3), 1, FROZEN_ENC),          # one microbatch, uneven the other way
-    (2, (2, 2), 4, FROZEN_ENC_PROJ),     # nothing upstream of the LLM trains
-    (4, (2, 1, 2, 1), 4, FROZEN_LLM),    # frozen LLM, trainable projector: dX through every layer
-    (4, (1, 1, 3, 1), 2, FROZEN_ENC),
+@pytest.mark.parametrize("stages,split,M,trainable,llm_kw", [
+    (2, (4, 2), 2, {}, {}),                          # everything trains
+    (2, None, 1, FROZEN_ENC, WINDOWS),               # planned split, one microbatch, windows follow the layers
+    (4, (2, 1, 2, 1), 4, FROZEN_LLM, {}),            # frozen LLM, trainable projector: dX through every layer
+    (4, (1, 1, 3, 1), 2, FROZEN_ENC_PROJ, {}),       # nothing upstream of the LLM trains
 ])
-def test_pipelined_model_matches_one_device(stages, split, M, trainable):
-    n = sum(split)
-    check(tiny_config(n, trainable), ParallelConfig(pipeline=stages, microbatches=M), split)
+def test_pipelined_model_matches_one_device(stages, split, M, trainable, llm_kw):
+    check(tiny_config(6, trainable, **llm_kw), ParallelConfig(pipeline=stages, microbatches=M), split)
 
 
 @pytest.mark.slow
 def test_pipelined_model_with_data_and_tensor():
-    check(tiny_config(4, FROZEN_ENC), ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=2), (3, 1))
-
-
-@pytest.mark.slow
-def test_pipelined_model_planned_split_and_alternating_windows():
-    # Gemma 2 style local/global layers: the window follows the layer through the stage split.
-    cfg = tiny_config(4, FROZEN_ENC, sliding_window=3, sliding_window_pattern=2)
-    check(cfg, ParallelConfig(pipeline=2, microbatches=2), None)
+    # build.create_model's sharded model (per-module rules) on data=2 x pipeline=2 x tensor=2.
+    check(tiny_config(6, FROZEN_ENC), ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=2), (1, 5),
+          sharded_model=True)
 
 
 def test_bad_microbatch_count_is_refused():
