@@ -277,9 +277,9 @@ def _keep_layout(layer_fn):
     return fn
 
 
-def _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=False):
-    """Run the stage's first ``n_active`` slots (a traced count: the loop's trip count is data, so the padded slots
-    of a shorter stage are never visited). ``collect``: also return each slot's input [L_max, ...] for the vjp."""
+def _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=False, start=0):
+    """Run slots ``start`` .. ``n_active`` - 1 (traced bounds: the loop's trip count is data, so the padded slots of
+    a shorter stage are never visited). ``collect``: also return each slot's input [L_max, ...] for the vjp."""
     slots = jax.tree.leaves(params_L)[0].shape[0]
     inputs = jnp.broadcast_to(jnp.zeros_like(x)[None], (slots,) + x.shape) if collect else None
 
@@ -289,7 +289,7 @@ def _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=False):
             saved = jax.lax.dynamic_update_index_in_dim(saved, h, i, 0)
         return layer_fn(_index(params_L, i), h, aux_m), saved
 
-    return jax.lax.fori_loop(0, n_active, body, (x, inputs))
+    return jax.lax.fori_loop(start, n_active, body, (x, inputs))
 
 
 def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, inputs_L, dy, aux_m, gacc):
@@ -407,18 +407,24 @@ def pipeline_value_and_grad(
 
             def fwd():
                 x = jnp.where(stage == 0, x_mb[m0], xs[jnp.maximum(xslot, 0)])
-                new_xs = jax.lax.cond(
-                    (stage == 0) & (xslot >= 0), lambda: xs.at[jnp.maximum(xslot, 0)].set(x), lambda: xs
-                )
+
+                def run():
+                    # The backward needs the activations from the first slot that passes gradients on: keep the
+                    # output of the frozen prefix (KIND_NONE slots) instead of the stage input, so the backward
+                    # never recomputes the prefix.
+                    mid = _stage_forward(layer_fn, params_L, n_none, x, aux_m)[0]
+                    y = _stage_forward(layer_fn, params_L, n_active, mid, aux_m, start=n_none)[0]
+                    kept = jax.lax.cond(xslot >= 0, lambda: xs.at[jnp.maximum(xslot, 0)].set(mid), lambda: xs)
+                    return y, kept
+
                 # The last stage's forward is folded into its backward (which recomputes it with the loss).
-                y = jax.lax.cond(
-                    last, lambda: zero_x, lambda: _stage_forward(layer_fn, params_L, n_active, x, aux_m)[0]
-                )
+                y, new_xs = jax.lax.cond(last, lambda: (zero_x, xs), run)
                 return y, zero_x, new_xs, gacc, lpacc, loss, dxs
 
             def bwd():
                 x = xs[jnp.maximum(xslot, 0)]
-                y, inputs = _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=True)
+                start = jnp.where(last, 0, n_none)  # other stages kept the prefix's output in their forward
+                y, inputs = _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=True, start=start)
 
                 def from_loss():
                     value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
