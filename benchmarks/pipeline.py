@@ -4,10 +4,12 @@ devices with a tiny model whose frozen and trainable layers mix.
 
   python benchmarks/pipeline.py --out /tmp/pipeline.json [--quick] [--png /tmp/pipeline_timeline.png]
 
-(a) is analytic (parallel.cost_model on public architecture shapes; communication not modelled). (b) runs in a
-subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8: per-stage FLOPs from cost_analysis of the
-straight-line per-stage program (forward, remat recompute, the stage's vjp branches, for all microbatches) and the
-step time of the pipeline runtime with the planned and with a uniform split, in the same run.
+(a) is analytic (parallel.cost_model on public architecture shapes; communication not modelled). (b) runs in
+subprocesses: per-stage FLOPs on 8 fake devices (4 stages) from cost_analysis of the straight-line per-stage program
+(forward, remat recompute, the stage's vjp branches, for all microbatches); step time of the pipeline runtime on 2
+fake devices with one XLA thread each (2 stages; on a 2-core machine each stage gets a core, so the step is set by
+the slowest stage, which is what balance is about), planned vs uniform split timed alternately in one run, medians;
+and the compute cost of padded slots (one stage, 2 active slots padded to 8 vs unpadded).
 """
 
 from __future__ import annotations
@@ -142,14 +144,13 @@ def predicted(name, microbatches=24, tensor=2):
 # (b) measured on fake CPU devices (runs in a subprocess).
 
 MEASURE = r"""
-import json, os, sys, time
+import json, sys
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, REPO)
-from jax.sharding import AxisType
 from parallel.cost_model import Layer, cost_chain
 from parallel.pipeline_plan import min_max_split, uniform_split
-from parallel.pipeline import make_layout, pipeline_value_and_grad, KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW
+from parallel.pipeline import make_layout, KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW
 
 S, M, n_frozen, n_train, D, MB, REPS = CFG
 n = n_frozen + n_train
@@ -211,43 +212,137 @@ def stage_flops(counts):
 def ratio(v):
     return max(v) / (sum(v) / len(v))
 
+fp, fu = stage_flops(planned), stage_flops(uniform)
+print(json.dumps({"planned_split": list(planned), "uniform_split": list(uniform),
+                  "stage_flops_planned": fp, "stage_flops_uniform": fu,
+                  "stage_flops_ratio_planned": ratio(fp), "stage_flops_ratio_uniform": ratio(fu),
+                  "config": {"stages": S, "microbatches": M, "frozen_layers": n_frozen, "trainable_layers": n_train,
+                             "width": D, "microbatch_rows": MB}}))
+"""
+
+# Step time: 2 stages on 2 fake devices, one XLA CPU thread each, so on a 2-core machine each stage has a core and
+# the step time is set by the slowest stage (with 8 fake devices on 2 cores it measures the total work instead).
+# Planned and uniform splits are compiled side by side and timed alternately; medians over the repeats. Also the
+# cost of padding: one stage's forward + backward with c active slots padded to L_max vs unpadded.
+STEP = r"""
+import json, os, sys, time
+import numpy as np
+import jax, jax.numpy as jnp
+sys.path.insert(0, REPO)
+from jax.sharding import AxisType
+from parallel.cost_model import Layer, cost_chain
+from parallel.pipeline_plan import min_max_split, uniform_split
+from parallel.pipeline import KIND_DX_DW, _stage_backward, _stage_forward, pipeline_value_and_grad
+
+S, M, n_frozen, n_train, D, MB, REPS = CFG
+n = n_frozen + n_train
+trainable = np.array([False] * n_frozen + [True] * n_train)
+
+def layer_fn(p, x, aux):
+    return jnp.tanh(x @ p["w"]) + x
+
+def loss_fn(lp, y, aux):
+    return jnp.sum((y @ lp["v"]) ** 2)
+
+layers = [Layer(name=str(i), module="m", weight_flops=2.0 * MB * D * D, trainable=bool(t), params=D * D)
+          for i, t in enumerate(trainable)]
+chain, _ = cost_chain(layers, remat=True)
+splits = {"planned": min_max_split(chain, S, microbatches=M), "uniform": uniform_split(n, S)}
 mesh = jax.make_mesh((S,), ("pipeline",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:S])
 key = jax.random.split(jax.random.key(0), 3)
 params = {"w": jax.random.normal(key[0], (n, D, D)) / np.sqrt(D)}
 lp = {"v": jax.random.normal(key[1], (D, 4)) / np.sqrt(D)}
 x = jax.random.normal(key[2], (M, MB, D))
 
-def step_time(counts):
-    f = jax.jit(lambda p, lp, x: pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp,
-                                                        stage_layers=counts, mesh=mesh, trainable_layers=trainable))
-    with jax.set_mesh(mesh):
-        jax.block_until_ready(f(params, lp, x))
-        times = []
-        for _ in range(REPS):
-            t = time.perf_counter(); jax.block_until_ready(f(params, lp, x)); times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def timed(f, *args):
+    t = time.perf_counter(); jax.block_until_ready(f(*args)); return time.perf_counter() - t
 
-fp, fu = stage_flops(planned), stage_flops(uniform)
-tp, tu = step_time(planned), step_time(uniform)
-print(json.dumps({"planned_split": list(planned), "uniform_split": list(uniform),
-                  "stage_flops_planned": fp, "stage_flops_uniform": fu,
-                  "stage_flops_ratio_planned": ratio(fp), "stage_flops_ratio_uniform": ratio(fu),
-                  "step_time_planned_s": tp, "step_time_uniform_s": tu,
-                  "step_time_ratio_uniform_over_planned": tu / tp,
-                  "config": {"stages": S, "microbatches": M, "frozen_layers": n_frozen, "trainable_layers": n_train,
-                             "width": D, "microbatch_rows": MB}}))
+with jax.set_mesh(mesh):
+    fns = {name: jax.jit(lambda p, lp, x, c=counts: pipeline_value_and_grad(
+        layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, stage_layers=c, mesh=mesh, trainable_layers=trainable))
+        for name, counts in splits.items()}
+    for f in fns.values():
+        jax.block_until_ready(f(params, lp, x))
+    times = {name: [] for name in fns}
+    for _ in range(REPS):
+        for name, f in fns.items():
+            times[name].append(timed(f, params, lp, x))
+
+# Padding: the stage loops over its active slots only, so c active of L_max slots should cost what c of c costs.
+# The gradient accumulator is carried across the step in the runtime, so here it is passed in and donated.
+def stage(params_L, gacc, n_active, x):
+    y, inputs = _stage_forward(layer_fn, params_L, n_active, x, None, collect=True)
+    kinds = jnp.full((params_L["w"].shape[0],), KIND_DX_DW, jnp.int32)
+    gacc, dx = _stage_backward(layer_fn, params_L, kinds, n_active, 0, inputs, y, None, gacc)
+    return gacc, dx
+
+c, L_max = 2, 8
+f_stage = jax.jit(stage, donate_argnums=1)
+pad = {}
+for slots in (c, L_max):
+    p = {"w": params["w"][:slots]}
+    g = jax.tree.map(jnp.zeros_like, p)
+    g, _ = jax.block_until_ready(f_stage(p, g, c, x[0]))
+    ts = []
+    for _ in range(4 * REPS):
+        t = time.perf_counter(); g, dx = jax.block_until_ready(f_stage(p, g, c, x[0])); ts.append(time.perf_counter() - t)
+    pad[slots] = float(np.median(ts))
+
+# What the runtime does per op, in layer forwards f (a GEMM layer's backward pieces each cost about f): a forward
+# runs the stage's slots; a backward recomputes from the first slot that passes gradients on (the last stage from its
+# input: its forward is folded into its backward) and runs each slot's vjp (its own forward again, plus dX and/or dW).
+# Ticks are in lockstep (every tick ends in a ppermute), so the step is the sum over ticks of the slowest op.
+from parallel.pipeline import OP_BWD, OP_FWD, build_schedule, make_layout
+
+def lockstep_model(counts):
+    lay = make_layout(counts, trainable)
+    sched = build_schedule(S, M, backward_stages=lay.backward_stages)
+    vjp = {0: 0, 1: 2, 2: 2, 3: 3}
+    f_op, b_op = [], []
+    for s, c in enumerate(counts):
+        kinds = [int(k) for k in lay.kind[s, :c]]
+        n_none = sum(k == 0 for k in kinds)
+        last = s == S - 1
+        f_op.append(0 if last else c)
+        b_op.append((c if last else c - n_none) + sum(vjp[k] for k in kinds) if lay.backward_stages[s] else 0)
+    cost = np.where(sched.ops == OP_FWD, np.array(f_op)[None], np.where(sched.ops == OP_BWD, np.array(b_op)[None], 0))
+    return float(cost.max(axis=1).sum()), f_op, b_op
+
+model = {name: lockstep_model(c) for name, c in splits.items()}
+med = {k: float(np.median(v)) for k, v in times.items()}
+print(json.dumps({"planned_split": list(splits["planned"]), "uniform_split": list(splits["uniform"]),
+                  "step_time_planned_s": med["planned"], "step_time_uniform_s": med["uniform"],
+                  "step_times_planned_s": times["planned"], "step_times_uniform_s": times["uniform"],
+                  "step_time_ratio_uniform_over_planned": med["uniform"] / med["planned"],
+                  "lockstep_model_layer_forwards": {k: v[0] for k, v in model.items()},
+                  "lockstep_model_ratio_uniform_over_planned": model["uniform"][0] / model["planned"][0],
+                  "lockstep_model_stage_ops": {k: {"forward": v[1], "backward": v[2]} for k, v in model.items()},
+                  "padding": {"active_slots": c, "padded_to": L_max, "stage_time_unpadded_s": pad[c],
+                              "stage_time_padded_s": pad[L_max], "padded_over_unpadded": pad[L_max] / pad[c]},
+                  "config": {"stages": S, "devices": S, "microbatches": M, "frozen_layers": n_frozen,
+                             "trainable_layers": n_train, "width": D, "microbatch_rows": MB, "repeats": REPS}}))
 """
 
 
-def measure(quick: bool) -> dict:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = (4, 4, 16, 8, 64, 16, 3) if quick else (4, 8, 16, 8, 256, 64, 5)
-    code = MEASURE.replace("REPO", repr(repo)).replace("CFG", repr(cfg))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+def _subprocess(code: str, devices: int, flags: str = "") -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags}".strip(),
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"measurement subprocess failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(quick: bool) -> dict:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flops_cfg = (4, 4, 16, 8, 64, 16, 3) if quick else (4, 8, 16, 8, 256, 64, 5)
+    flops = _subprocess(MEASURE.replace("REPO", repr(repo)).replace("CFG", repr(flops_cfg)), 8)
+    step_cfg = (2, 4, 8, 8, 128, 32, 5) if quick else (2, 8, 16, 8, 256, 64, 9)
+    step = _subprocess(STEP.replace("REPO", repr(repo)).replace("CFG", repr(step_cfg)), 2,
+                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    return {"flops": flops, "step_time": step, **{k: flops[k] for k in ("stage_flops_ratio_planned",
+                                                                       "stage_flops_ratio_uniform")},
+            "step_time_ratio_uniform_over_planned": step["step_time_ratio_uniform_over_planned"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
