@@ -246,9 +246,9 @@ def _ring_core(q, k, v, q_meta, k_meta, axis, cp, kw_items):
 
 
 def _ring_steps(step, carry, kv, cp, hop):
-    """Runs ``step(carry, kv, nxt) -> carry`` for the cp shards of the ring, ``nxt`` the next shard's hop (issued
-    before the step's compute so the two overlap; None at the last step, which needs no hop). The first cp - 1 steps
-    are one ``lax.scan`` so compile time and program size do not grow with cp."""
+    """Runs ``step(carry, kv) -> carry`` on each of the cp K/V shards as they come round the ring. The hop that
+    brings the next shard is issued before the step's compute so the two overlap; the last step needs no hop. The
+    first cp - 1 steps are one ``lax.scan``, so compile time and program size do not grow with cp."""
 
     def body(c, _):
         carry, kv = c
