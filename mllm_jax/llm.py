@@ -153,9 +153,10 @@ class LLM(nnx.Module):
             raise ValueError(f"sliding_window_pattern must be >= 0; got {cfg.sliding_window_pattern}")
         lora_rank = None
         if lora is not None:
-            bad = [t for t in lora.targets if t not in LLM_LORA_TARGETS]
+            known = LLM_LORA_TARGETS + ("fc1", "fc2")  # fc1/fc2 name encoder projections; the LLM skips them
+            bad = [t for t in lora.targets if t not in known]
             if bad:
-                raise ValueError(f"LoRA targets {bad} unknown; choose from {LLM_LORA_TARGETS}")
+                raise ValueError(f"LoRA targets {bad} unknown; choose from {known}")
             lora_rank = lora.rank
             run = dataclasses.replace(run, lora_scale=lora.alpha / lora.rank)
         self.run = run

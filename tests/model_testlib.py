@@ -62,3 +62,10 @@ def tiny_batch(config: ModelConfig, *, batch: int = 2, length: int = 16, seed: i
     labels[:, -1] = -100
     out["labels"] = labels
     return out
+
+
+def build(cls, config, seed: int = 0, **kw):
+    """Construct a module under one jit (eager construction compiles every initializer separately: slow)."""
+    from flax import nnx
+
+    return nnx.jit(lambda: cls(config, rngs=nnx.Rngs(seed), **kw))()

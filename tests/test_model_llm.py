@@ -14,7 +14,7 @@ from mllm_jax import layers as L
 from mllm_jax.config import LLMConfig, RopeScaling
 from mllm_jax.llm import LLM, RunSettings
 
-from model_testlib import TINY_LLM
+from model_testlib import TINY_LLM, build
 
 GEMMA2 = dataclasses.replace(
     TINY_LLM, head_dim=12, activation="gelu_tanh", norm_scale_plus_one=True, embed_scale=True, tie_embeddings=True,
@@ -28,7 +28,7 @@ def _meta(b, s):
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(TINY_LLM, rngs=nnx.Rngs(0))
+    return build(LLM, TINY_LLM, 0)
 
 
 def test_shapes_and_dtypes(llm):
@@ -40,7 +40,7 @@ def test_shapes_and_dtypes(llm):
     layer_params, _ = llm.layer_params()
     assert layer_params["attn"]["q"]["kernel"].shape == (2, 32, 4, 8)  # stacked [layers, D, H, Dh]
     assert layer_params["attn"]["k"]["kernel"].shape == (2, 32, 2, 8)  # GQA
-    bf = LLM(TINY_LLM, rngs=nnx.Rngs(0), run=RunSettings(dtype="bfloat16"))
+    bf = build(LLM, TINY_LLM, run=RunSettings(dtype="bfloat16"))
     assert bf.hidden(bf.embed(ids), _meta(2, 6)).dtype == jnp.bfloat16
     assert nnx.state(bf)["embed"]["embedding"][...].dtype == jnp.float32  # parameters stay fp32
 
@@ -117,7 +117,7 @@ def test_norms_match_closed_form():
 
 
 def test_gemma2_options():
-    m = LLM(GEMMA2, rngs=nnx.Rngs(0))
+    m = build(LLM, GEMMA2, 0)
     ids = np.random.default_rng(5).integers(0, 64, (1, 6)).astype(np.int32)
     table = np.asarray(nnx.state(m)["embed"]["embedding"][...])
     np.testing.assert_allclose(m.embed(ids), table[ids] * math.sqrt(32), rtol=1e-6)
@@ -130,7 +130,7 @@ def test_gemma2_options():
 
 def test_sliding_window_per_layer():
     """Gemma-2 pattern: layer 0 is local (window 2), layer 1 global. Token 0 reaches position 3 only globally."""
-    m = LLM(GEMMA2, rngs=nnx.Rngs(1))
+    m = build(LLM, GEMMA2, 1)
     ids = np.random.default_rng(6).integers(0, 64, (1, 6)).astype(np.int32)
     ids2 = ids.copy()
     ids2[0, 0] = (ids[0, 0] + 1) % 64
@@ -156,7 +156,7 @@ def test_apply_layers_slices_compose(llm):
 
 def test_qwen2_bias_and_untied_head():
     cfg = dataclasses.replace(TINY_LLM, qkv_bias=True)
-    m = LLM(cfg, rngs=nnx.Rngs(0))
+    m = build(LLM, cfg, 0)
     st = nnx.state(m)
     assert st["layers"]["attn"]["q"]["bias"][...].shape == (2, 4, 8)
     assert "bias" not in st["layers"]["attn"]["o"]
