@@ -285,7 +285,8 @@ for slots in (c, L_max):
     g, _ = jax.block_until_ready(f_stage(p, g, c, x[0]))
     ts = []
     for _ in range(4 * REPS):
-        t = time.perf_counter(); g, dx = jax.block_until_ready(f_stage(p, g, c, x[0])); ts.append(time.perf_counter() - t)
+        t = time.perf_counter(); g, dx = jax.block_until_ready(f_stage(p, g, c, x[0]))
+        ts.append(time.perf_counter() - t)
     pad[slots] = float(np.median(ts))
 
 # What the runtime does per op, in layer forwards f (a GEMM layer's backward pieces each cost about f): a forward

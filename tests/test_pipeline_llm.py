@@ -9,8 +9,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.build import create_model
-from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mllm_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_jax.freeze import trainable_filter
+from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
 from parallel.config import ParallelConfig
 from parallel.mesh import make_mesh
@@ -22,12 +23,12 @@ FEATS = (IMAGE // PATCH) ** 2  # tokens per image
 SEQ = 16
 
 
-def tiny_config(n_layers=4, trainable=None, **llm_kw):
+def tiny_config(n_layers=4, trainable=None, lora=None, **llm_kw):
     llm = LLMConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=64, **llm_kw)
     vision = VisionConfig(kind="vit", image_size=IMAGE, patch_size=PATCH, d_model=16, n_layers=1, n_heads=2,
                           d_ff=32, class_token=False)
     return ModelConfig(llm=llm, encoders={"vision": vision}, projectors={"vision": ProjectorConfig(kind="mlp")},
-                       placeholder_ids={"vision": PLACEHOLDER}, trainable=dict(trainable or {}))
+                       placeholder_ids={"vision": PLACEHOLDER}, trainable=dict(trainable or {}), lora=lora)
 
 
 def make_batch(M, mb, seed=0):
@@ -84,7 +85,7 @@ def one_device(model, batch):
     return nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, trainable_filter(config))))(model)
 
 
-def check(config, parallel, stage_layers, *, mb=2, sharded_model=False):
+def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_lora=False):
     """Pipelined loss and gradients vs one device. ``sharded_model``: the pipelined model is build.create_model's
     (per-module rules, parameters sharded on the mesh); else the one-device model's parameters replicated on it."""
     mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
@@ -95,6 +96,10 @@ def check(config, parallel, stage_layers, *, mb=2, sharded_model=False):
     else:
         reference = MultimodalModel(config, rngs=nnx.Rngs(0))
         model = reference
+    if perturb_lora:
+        for i, (path, v) in enumerate(nnx.to_flat_state(nnx.state(reference, LoRAParam))):
+            if path[-1] == "lora_b":
+                v.set_value(0.1 * jax.random.normal(jax.random.key(i), v.shape))
     batch = make_batch(parallel.microbatches, mb)
     want_loss, want = one_device(reference, batch)
     gdef, st = nnx.split(model)
@@ -154,6 +159,15 @@ WINDOWS = dict(sliding_window=3, sliding_window_pattern=2)  # Gemma 2 style alte
 ])
 def test_pipelined_model_matches_one_device(stages, split, M, trainable, llm_kw):
     check(tiny_config(6, trainable, **llm_kw), ParallelConfig(pipeline=stages, microbatches=M), split)
+
+
+@pytest.mark.slow
+def test_pipelined_model_with_llm_lora():
+    # LoRA on the LLM: only the adapters (and the projector) train; base weights, head and embedding stay frozen.
+    # lora_b starts at zero, so perturb it: with lora_b = 0 the adapters' A gradient would be zero.
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), modules=("llm",))
+    cfg = tiny_config(6, FROZEN_ENC, lora=lora)
+    check(cfg, ParallelConfig(pipeline=2, microbatches=2), (2, 4), perturb_lora=True)
 
 
 @pytest.mark.slow
