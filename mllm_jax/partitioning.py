@@ -65,7 +65,7 @@ def _axes_of(rule) -> tuple:
 def spec(names: tuple, shape: tuple, *, drop: tuple = ()) -> P | None:
     """PartitionSpec for an array with these logical names under the current rules and mesh, or None (no layout).
 
-    Mesh axes not in the mesh, already used by an earlier dimension, listed in ``drop``, or whose product would not
+    Mesh axes of size 1 or not in the mesh, already used by an earlier dimension, listed in ``drop``, or whose product would not
     divide the dimension are left out (so tiny test shapes and uneven encoder batches still shard where they can).
     """
     mesh, rules = _mesh(), current_rules()
@@ -78,7 +78,7 @@ def spec(names: tuple, shape: tuple, *, drop: tuple = ()) -> P | None:
         chosen = []
         size = 1
         for ax in _axes_of(table.get(name)) if name is not None else ():
-            if ax not in mesh.axis_names or ax in used or ax in drop:
+            if ax not in mesh.axis_names or ax in used or ax in drop or mesh.shape[ax] == 1:
                 continue
             n = mesh.shape[ax]
             if dim % (size * n) == 0:
