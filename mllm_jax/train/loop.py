@@ -96,11 +96,13 @@ def build_mesh(pc: ParallelConfig):
 
 
 def batch_sharding(mesh, ndim: int, leading: int, dim: int) -> NamedSharding:
-    """Shard axis ``leading`` (the batch / encoder-row axis) over data x fsdp where it divides, else replicate."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    """Shard axis ``leading`` (the batch axis) over the data and fsdp mesh axes of size > 1 (the model's specs leave
+    size-1 axes out, and Explicit sharding types must agree), where that divides; else replicate."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     spec = [None] * ndim
-    if n > 1 and dim % n == 0:
-        spec[leading] = BATCH_AXES
+    if axes and dim % n == 0:
+        spec[leading] = axes if len(axes) > 1 else axes[0]
     return NamedSharding(mesh, P(*spec))
 
 
