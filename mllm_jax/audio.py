@@ -37,7 +37,9 @@ def conv1d(p: dict, x_NTC, stride: int):
     for i in range(k):
         xi = xp[:, i:i + stride * (t_out - 1) + 1:stride]
         y = y + L.linear({"kernel": p["kernel"][i]}, xi, "ntc,cd->ntd", ("batch", "length", "act_embed"))
-    return y + p["bias"]
+    # The bias keeps its storage layout minus the batch axes: where the rule's batch leaves "fsdp" out, it is still
+    # fsdp-sharded over the features, and so would the sum be; lay the output out as the activations' rule says.
+    return part.constrain(y + p["bias"], ("batch", "length", "act_embed"))
 
 
 class AudioEncoder(nnx.Module):

@@ -66,4 +66,7 @@ def apply_encoder_layers(module: EncoderLayers, x_NTD, n_run: int, *, act: str, 
         h = h + L.plain_mlp(p["mlp"], L.layer_norm(p["ln2"], h, eps), act, lora_scale=lora_scale)
         return part.constrain(h, ("batch", "length", "act_embed"))
 
-    return L.scan_layers(body, x_NTD.astype(dtype), values, remat)
+    # The scan carry must enter with the layout the body returns (Explicit meshes type-check it): e.g. an input whose
+    # features carry "fsdp" from an fsdp-sharded bias while the rule's batch leaves "fsdp" out.
+    x = part.constrain(x_NTD.astype(dtype), ("batch", "length", "act_embed"))
+    return L.scan_layers(body, x, values, remat)

@@ -131,6 +131,17 @@ def out_sharding(names: tuple, shape: tuple):
     return spec(names, shape)
 
 
+def reshape(x, shape: tuple, names: tuple):
+    """``x.reshape(shape)`` laid out by the output's logical names.
+
+    On Explicit meshes jax refuses to guess the layout of most reshapes of a sharded array (e.g. splitting the
+    unsharded H, W of a batch-sharded image), so the output sharding is spelled out; lay ``x`` out first so that its
+    sharded dimensions are the ones ``names`` keeps (no data moves).
+    """
+    sh = out_sharding(names, tuple(shape))
+    return x.reshape(shape) if sh is None else jax.numpy.reshape(x, shape, out_sharding=sh)
+
+
 def variable_names(state) -> object:
     """The logical names of every variable of an nnx State, as a pytree of tuples (None where unannotated)."""
     return jax.tree.map(

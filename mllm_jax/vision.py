@@ -76,12 +76,15 @@ class VisionEncoder(nnx.Module):
         dtype = L.dtype_of(self.settings[0])
         n, hgt, wid, c = pixels_NHWC.shape
         p = cfg.patch_size
-        x = pixels_NHWC.astype(dtype).reshape(n, hgt // p, p, wid // p, p, c)
-        x = part.constrain(x, ("batch", None, None, None, None, None))
+        hp, wp = hgt // p, wid // p
+        # Spread the images over the rule's batch axes first (pixels may arrive sharded over fewer axes, or
+        # replicated): every later op keeps that batch layout, each device embedding only its own images.
+        x = part.constrain(pixels_NHWC.astype(dtype), ("batch", None, None, None))
+        x = part.reshape(x, (n, hp, p, wp, p, c), ("batch", None, None, None, None, None))
         pe, pe_names = L.module_params(self.patch_embed)
         pe = L.use_params(pe, pe_names, dtype)
         x = L.linear(pe, x, "nhiwjc,ijcd->nhwd", ("batch", None, None, "act_embed"))
-        x = x.reshape(n, (hgt // p) * (wid // p), cfg.d_model)
+        x = part.reshape(x, (n, hp * wp, cfg.d_model), ("batch", "length", "act_embed"))
         if cfg.class_token:
             cls = part.gathered(self.class_embedding[...], ("embed",)).astype(dtype)
             cls = part.constrain(jnp.broadcast_to(cls, (n, 1, cfg.d_model)), ("batch", "length", "act_embed"))
