@@ -2,8 +2,8 @@
 
 Every parameter and key activation of mllm_jax carries logical names; these tables map them to the mesh axes
 (data, fsdp, pipeline, context, tensor). A name maps to one mesh axis, a tuple of them (used in order, each only where
-it divides the dimension) or None (replicated). Extending the layout is adding an entry: e.g. activations' "length"
--> "context" for context parallelism, "layers" -> "pipeline" for pipeline stages. ``ParallelConfig.rules`` overrides
+it divides the dimension) or None (replicated). Extending the layout is adding an entry: e.g. "layers" -> "pipeline" for
+pipeline stages. ``ParallelConfig.rules`` overrides
 entries per module: {"llm": {"mlp": None}, "encoders/vision": {"batch": "data"}}.
 """
 
@@ -15,7 +15,9 @@ from parallel.config import MESH_AXES, ParallelConfig
 # parameters: "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers", "lora_rank", ...
 LLM_RULES = {
     "batch": ("data", "fsdp"),
-    "length": None,
+    # Under context parallelism every context rank holds only its shard of the (permuted) sequence, so projections,
+    # MLPs, norms and the loss run on S/cp tokens per rank; only attention talks across ranks (K/V gathered or ringed).
+    "length": "context",
     "act_embed": None,
     "embed": "fsdp",
     "vocab": "tensor",
