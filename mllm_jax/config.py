@@ -71,6 +71,9 @@ class VisionConfig:
     post_norm: bool = False  # final LayerNorm (SigLIP post_layernorm; applied only when select_layer == -1)
     select_layer: int = -1  # hidden state fed to the projector (LLaVA: -2)
     drop_class_token: bool = True  # drop the class token from the output features (LLaVA does)
+    # Init std of the position embeddings. CLIP's 0.02 is tiny next to the patch embeddings, so a small ViT trained
+    # from scratch barely tells patches apart (it cannot say *where* a shape is); ~1.0 makes positions visible.
+    position_init_std: float = 0.02
 
     @property
     def num_patches(self) -> int:

@@ -48,7 +48,7 @@ class VisionEncoder(nnx.Module):
         n_tokens = cfg.num_patches + (1 if cfg.class_token else 0)
         if cfg.class_token:
             self.class_embedding = part.param(jax.random.normal(rngs.params(), (d,)) * 0.02, ("embed",))
-        self.position_embedding = part.param(jax.random.normal(rngs.params(), (n_tokens, d)) * 0.02,
+        self.position_embedding = part.param(jax.random.normal(rngs.params(), (n_tokens, d)) * cfg.position_init_std,
                                              ("positions", "embed"))
         if cfg.pre_norm:
             self.pre_norm = L.Norm(d, bias=True)
