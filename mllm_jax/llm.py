@@ -45,15 +45,16 @@ def layer_window(cfg: LLMConfig, i: int) -> int | None:
     return cfg.sliding_window
 
 
-def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window):
-    """One pre-norm decoder layer on already-gathered parameters (a pure function)."""
+def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window, *, mask=None):
+    """One pre-norm decoder layer on already-gathered parameters (a pure function). ``mask``: the dense [B, S, S]
+    attention rule for this layer's window when the caller built it once for all layers (layers.attend)."""
     plus_one = cfg.norm_scale_plus_one
     scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
     x = L.rms_norm(p["attn_norm"], h_BSD, cfg.norm_eps, plus_one=plus_one)
     a = L.self_attention(
         p["attn"], x, meta, rope=rope, lora_scale=run.lora_scale, impl=run.attention_impl, scale=scale,
         window=window, softcap=cfg.attn_logit_softcap, span_isolated=run.span_isolated,
-        context_method=run.context_method,
+        context_method=run.context_method, mask=mask,
     )
     if cfg.post_norms:
         a = L.rms_norm(p["post_attn_norm"], a, cfg.norm_eps, plus_one=plus_one)
@@ -78,12 +79,14 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
     rope = L.rope_cos_sin(meta.positions, inv_freq)
     dtype = L.dtype_of(run.dtype)
     windows = [layer_window(cfg, first_layer + i) for i in range(n)]
+    masks = layer_masks(meta, set(windows), h_BSD.shape[1], run)
 
     def group_body(group_windows):
         def body(p_group, h):
             for j, w in enumerate(group_windows):
                 p = p_group if len(group_windows) == 1 else jax.tree.map(lambda a, j=j: a[j], p_group)
-                h = decoder_layer(L.use_params(p, names, dtype, drop_leading=True), h, meta, rope, cfg, run, w)
+                h = decoder_layer(L.use_params(p, names, dtype, drop_leading=True), h, meta, rope, cfg, run, w,
+                                  mask=masks.get(w))
             return h
 
         return body
@@ -103,6 +106,14 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
     for i in range(start + n_groups * g, n):
         h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat)
     return h
+
+
+def layer_masks(meta: TokenMeta, windows: set, length: int, run: RunSettings) -> dict:
+    """window -> dense [B, S, S] mask, built once before the layer scan when attention takes the dense head-major
+    path (so no layer recomputes the rule from the metadata, forward or backward); {} otherwise."""
+    if L.context_parallel_mesh() is not None or not L.uses_head_major_dense(run.attention_impl, length):
+        return {}
+    return {w: L.dense_mask(meta, meta, window=w, span_isolated=run.span_isolated) for w in windows}
 
 
 def _is_concrete(x) -> bool:
