@@ -4,13 +4,15 @@
   python train.py --gin_file=configs/llava_7b.gin --workdir=/tmp/llava --dry_run
   python train.py --gin_file=configs/vlm_tiny.gin --gin_param=ParallelConfig.data=8 --cpu_devices=8 --workdir=...
 
+Multi-host (one process per host; under SLURM, Open MPI or on a Cloud TPU VM the three flags are detected):
+
+  python train.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0   # and =1 on host 2
+
 Rerunning the same command resumes from the newest checkpoint in --workdir.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 
 from absl import app, flags, logging
@@ -19,28 +21,24 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin recipe(s), applied in order")
 flags.DEFINE_multi_string("gin_param", [], "gin binding(s) applied after the files, e.g. TrainConfig.steps=100")
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard events and the resolved config")
-flags.DEFINE_integer("cpu_devices", 1, "on CPU: the number of (fake) devices, set before jax starts")
-flags.DEFINE_bool("dry_run", False, "build abstractly: print the mesh, parameter counts and a memory estimate")
-
-
-def set_cpu_device_count(n: int) -> None:
-    """Must run before jax initialises its backends: XLA reads the device count once."""
-    if n < 1:
-        raise ValueError(f"--cpu_devices must be >= 1; got {n}")
-    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={n}".strip()
-    if "jax" in sys.modules:
-        import jax
-
-        jax.config.update("jax_num_cpu_devices", n)
+flags.DEFINE_integer("cpu_devices", 1, "on CPU: the number of (fake) devices of this process, set before jax "
+                     "starts")
+flags.DEFINE_bool("dry_run", False, "build abstractly: print the mesh, parameter counts, a memory estimate and, "
+                  "with ParallelConfig.pipeline > 1, the pipeline plan")
+flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0's coordinator")
+flags.DEFINE_integer("num_processes", None, "multi-host: the number of processes in the job")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0, num_processes)")
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    set_cpu_device_count(FLAGS.cpu_devices)
+    # Before anything touches jax: the CPU device count and (when several processes) the distributed runtime.
+    from mllm_jax import distributed
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           cpu_devices=FLAGS.cpu_devices)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    # Imported only now so the device count above is in force when jax starts.
     from mllm_jax import gin_setup
     from mllm_jax.train import loop
 

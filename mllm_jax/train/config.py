@@ -19,6 +19,9 @@ class DataConfig:
     max_audio: int = 1
     audio_fmax: float = 4000.0
     eval_batches: int = 4  # held-out batches (their own random stream) per evaluation
+    # A real dataset (DatasetConfig.path set) tokenises its text with this tokenizer.json (Hugging Face tokenizers);
+    # the synthetic stream always uses its own word-level tokenizer.
+    tokenizer_path: str = ""
 
 
 @dataclass(frozen=True)

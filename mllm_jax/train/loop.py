@@ -13,30 +13,36 @@ from typing import Callable
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mllm_jax import distributed
 from mllm_jax.config import ModelConfig
 from mllm_jax.data import SyntheticBatches, TextCodec
 from mllm_jax.data.batching import IGNORE, unstack_first
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
+from mllm_jax.datasets.config import DatasetConfig
+from mllm_jax.train import placement
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
+from mllm_jax.train.context_batches import permute_for_context
+from mllm_jax.train.data_sources import (RealTrainData, SyntheticTrainData, load_tokenizer, uses_real_data)
 from mllm_jax.train.metrics import MetricsWriter
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import make_eval_step, make_train_step, model_loss
 from parallel.config import ParallelConfig
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = distributed.BATCH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig
+    model: ModelConfig  # with PretrainedConfig set: the architecture resolved from the checkpoints' config.json
     parallel: ParallelConfig
     data: DataConfig
     optimizer: OptimizerConfig
     checkpoint: CheckpointConfig
     train: TrainConfig
+    dataset: DatasetConfig | None = None  # a real dataset when its path is set; else the synthetic stream
+    pretrained: object | None = None  # mllm_jax.hf.recipe.PretrainedConfig; None or empty: fresh initialisation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,10 +51,17 @@ class NonFiniteLossError(RuntimeError):
 
 def load_run_config(gin_files=(), gin_params=()) -> RunConfig:
     from mllm_jax import gin_setup
+    from mllm_jax.hf import recipe
 
+    recipe.register()  # PretrainedConfig bindings must parse
     gin_setup.parse(gin_files, gin_params)
-    return RunConfig(*(gin_setup.build(c) for c in (ModelConfig, ParallelConfig, DataConfig, OptimizerConfig,
-                                                     CheckpointConfig, TrainConfig)))
+    parts = [gin_setup.build(c) for c in (ModelConfig, ParallelConfig, DataConfig, OptimizerConfig, CheckpointConfig,
+                                          TrainConfig, DatasetConfig)]
+    pretrained = recipe.build_pretrained_config()
+    if not pretrained.empty:
+        # Validation, the data pipeline and checkpoint checks all need the real architecture, read from config.json.
+        parts[0] = recipe.resolve_model_config(parts[0], pretrained)
+    return RunConfig(*parts, pretrained=pretrained)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,12 +77,22 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
         prod = " x ".join(f"{k}={v}" for k, v in sizes.items())
         raise ValueError(f"the mesh {prod} has {pc.num_devices} devices but {num_devices} are available; "
                          f"make the product of ParallelConfig sizes equal {num_devices}")
-    if pc.pipeline > 1:
-        raise ValueError(f"ParallelConfig.pipeline={pc.pipeline}: the pipelined train step is not wired into "
-                         f"train.py yet; use pipeline=1 (fold the devices into data or fsdp)")
+    if pc.pipeline > 1 and mc.llm.n_layers < pc.pipeline:
+        raise ValueError(f"LLMConfig.n_layers={mc.llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
+                         f"stages")
+    if pc.pipeline > 1 and pc.context > 1:
+        raise ValueError(f"ParallelConfig.pipeline={pc.pipeline} with context={pc.context}: the pipelined step runs "
+                         f"the decoder layers without context-parallel attention; use one of them")
     if pc.context > 1:
-        raise ValueError(f"ParallelConfig.context={pc.context}: context-parallel training is not wired into "
-                         f"train.py yet; use context=1")
+        from parallel.context import MODES
+
+        cc = pc.context_config
+        if cc.mode not in MODES:
+            raise ValueError(f"ContextConfig.mode must be one of {MODES}; got {cc.mode!r}")
+        if cc.mode == "lpt" and jax.process_count() > 1:
+            raise ValueError("ContextConfig.mode='lpt' plans over the whole batch and its padded length depends on "
+                             "it, but each host permutes only its own rows: use 'balanced', 'zigzag' or 'uniform' "
+                             f"with {jax.process_count()} processes")
     heads = {"LLMConfig.n_heads": mc.llm.n_heads, "LLMConfig.n_kv_heads": mc.llm.n_kv_heads}
     for name, enc in mc.encoders.items():
         heads[f"encoders[{name!r}].n_heads"] = enc.n_heads
@@ -77,7 +100,7 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
         if n % pc.tensor:
             raise ValueError(f"{what}={n} is not divisible by ParallelConfig.tensor={pc.tensor}")
     shards = pc.data * pc.fsdp * pc.microbatches
-    if dc.batch_size % shards:
+    if not uses_real_data(cfg.dataset) and dc.batch_size % shards:
         raise ValueError(f"DataConfig.batch_size={dc.batch_size} is not divisible by data x fsdp x microbatches = "
                          f"{pc.data} x {pc.fsdp} x {pc.microbatches} = {shards}")
     for field in ("steps", "log_every", "checkpoint_every"):
@@ -95,35 +118,42 @@ def build_mesh(pc: ParallelConfig):
     return make_mesh(pc)
 
 
-def batch_sharding(mesh, ndim: int, leading: int, dim: int) -> NamedSharding:
-    """Shard axis ``leading`` (the batch axis) over the data and fsdp mesh axes of size > 1 (the model's specs leave
-    size-1 axes out, and Explicit sharding types must agree), where that divides; else replicate."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    spec = [None] * ndim
-    if axes and dim % n == 0:
-        spec[leading] = axes if len(axes) > 1 else axes[0]
-    return NamedSharding(mesh, P(*spec))
-
-
-def put_batch(batch, mesh, *, leading: int):
-    """Token arrays [.., B, S] sharded over data x fsdp on the batch axis. Encoder inputs go replicated: the model's
-    encoders do not yet take a batch-sharded pixel array under Explicit axes (vision.embed's reshape), and DESIGN.md
-    has the model spread the encoder batch over every mesh axis itself."""
-    out = {}
-    for key, value in batch.items():
-        if key == "encoder_inputs":
-            out[key] = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), value)
-        else:
-            out[key] = jax.tree.map(
-                lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim, leading, x.shape[leading])), value)
-    return out
+def put_batch(batch, mesh, *, leading: int, rule_table=None):
+    return placement.put_batch(batch, mesh, leading=leading, rule_table=rule_table)
 
 
 def create_model(cfg: RunConfig, mesh):
+    """The sharded model: pretrained weights streamed in when PretrainedConfig names checkpoints, else fresh."""
+    if cfg.pretrained is not None and not cfg.pretrained.empty:
+        from mllm_jax.hf.recipe import create_pretrained_model
+
+        model, resolved = create_pretrained_model(cfg.model, mesh, cfg.parallel, cfg.pretrained, cfg.train.seed)
+        if resolved != cfg.model:
+            raise ValueError(f"the pretrained checkpoints resolve to another model config than at load time: "
+                             f"{resolved} vs {cfg.model}")
+        return model
     from mllm_jax.build import create_model as build_model
 
     return build_model(cfg.model, mesh, cfg.parallel, cfg.train.seed)
+
+
+def make_grads_fn(cfg: RunConfig, mesh):
+    """The pipelined loss-and-gradient function when ParallelConfig.pipeline > 1 (None: the plain step)."""
+    if cfg.parallel.pipeline == 1:
+        return None
+    from parallel.pipeline_llm import pipelined_loss_and_grad
+
+    def grads_fn(model, batch):
+        return pipelined_loss_and_grad(model, batch, mesh=mesh, parallel_config=cfg.parallel)
+
+    return grads_fn
+
+
+def prepare_host_batch(batch: dict, cfg: RunConfig, *, leading: int) -> dict:
+    """Host-side transforms before placement: the context-parallel permutation when ParallelConfig.context > 1."""
+    if cfg.parallel.context > 1:
+        batch, _ = permute_for_context(batch, cfg.parallel, leading=leading)
+    return batch
 
 
 def trainable_filter(model_config):
@@ -184,13 +214,16 @@ def caption_word_groups(codec: TextCodec) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(eval_fn, model_state, eval_batches, mesh, groups: dict) -> dict:
+def evaluate(eval_fn, model_state, eval_batches, put: Callable, groups: dict) -> dict:
+    """``eval_batches``: whole global batches [B, S] on every host (context-permuted when context > 1: predictions
+    and labels are then compared in the same permuted order). ``put`` places one on the mesh (this host's rows)."""
     loss_sum = count = 0.0
     correct = total = 0
     g_correct = {k: 0 for k in groups}
     g_total = {k: 0 for k in groups}
     for batch in eval_batches:
-        s, c, pred = eval_fn(model_state, put_batch(batch, mesh, leading=0))
+        # to_host gathers what spans other processes' devices (collective: every process calls it).
+        s, c, pred = distributed.to_host(eval_fn(model_state, put(batch)))
         loss_sum += float(s)
         count += float(c)
         labels = batch["labels"]
@@ -244,21 +277,27 @@ def _write_text(workdir: str, name: str, text: str) -> None:
 def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_after_step: int | None = None,
         config_text: str | None = None, log: Callable = print) -> dict:
     """Trains (or resumes) in ``workdir``; returns a summary. ``stop_after_step`` ends early as a preemption would
-    (checkpoint saved), for tests of resumption."""
+    (checkpoint saved), for tests of resumption. Every process of a multi-host job runs this; process 0 alone writes
+    the metrics and the once-per-run files."""
     validate(cfg, jax.device_count())
     tc = cfg.train
     if stop_after_step is None:
         stop_after_step = tc.stop_at_step
     os.makedirs(workdir, exist_ok=True)
-    main = jax.process_index() == 0
-    codec = TextCodec()
-    train_data = SyntheticBatches(cfg.model, cfg.data, microbatches=cfg.parallel.microbatches, codec=codec)
-    eval_data = SyntheticBatches(cfg.model, cfg.data, split="eval", codec=codec)
+    main = distributed.is_main_process()
+    real_data = uses_real_data(cfg.dataset)
+    codec = tokenizer = None
+    if real_data:
+        tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    else:
+        codec = TextCodec()
+        train_data = SyntheticTrainData(cfg.model, cfg.data, microbatches=cfg.parallel.microbatches, codec=codec)
+        eval_data = SyntheticBatches(cfg.model, cfg.data, split="eval", codec=codec)
     if main:
         if config_text is not None:
             _write_text(workdir, "config.gin", config_text)
         _write_text(workdir, "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
-        codec.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+        (tokenizer or codec.tokenizer).save(os.path.join(workdir, "tokenizer.json"))
 
     ckpt_cfg = cfg.checkpoint
     ckpt = Checkpointer(workdir, every=ckpt_cfg.every or tc.checkpoint_every, keep=ckpt_cfg.keep,
@@ -271,6 +310,10 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
             ckpt.close()
             raise
     mesh = build_mesh(cfg.parallel)
+    from parallel.sharding import rule_table as make_rule_table
+
+    rule_table = make_rule_table(cfg.model, cfg.parallel)
+    processes = jax.process_count()
     with jax.set_mesh(mesh):
         model = create_model(cfg, mesh)
         trainable = trainable_filter(cfg.model)
@@ -280,24 +323,35 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
         n_all = _count(nnx.state(model, nnx.Param))
         log(f"mesh {dict(mesh.shape)}; parameters: {n_train:,} trainable, {n_all - n_train:,} frozen")
 
-        start = 0
+        start, data_state = 0, None
         if latest is not None:
             abstract = _abstract(_checkpoint_tree(model, optimizer))
             ckpt.check_compatible(latest, abstract, cfg.model)
             tree, data_state = ckpt.restore(latest, abstract)
             _apply_checkpoint_tree(model, optimizer, tree)
-            train_data.restore(data_state)
             start = latest
             log(f"resumed from step {latest} in {ckpt.directory}")
+        if real_data:  # the loader's prefetch thread starts at the restored position
+            train_data = RealTrainData(cfg.dataset, tokenizer, cfg.model, cfg.parallel, state=data_state)
+        elif data_state is not None:
+            train_data.restore(data_state)
 
         graphdef, state = nnx.split((model, optimizer))
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        step_fn = jax.jit(make_train_step(graphdef, trainable, loss_fn=loss_fn, schedule=schedule),
+        step_fn = jax.jit(make_train_step(graphdef, trainable, loss_fn=loss_fn, schedule=schedule,
+                                          grads_fn=make_grads_fn(cfg, mesh)),
                           out_shardings=(state_shardings, None), donate_argnums=0)
         model_graphdef = nnx.graphdef(model)
         eval_fn = jax.jit(make_eval_step(model_graphdef))
-        eval_batches = [unstack_first(eval_data.batch_at(i)) for i in range(cfg.data.eval_batches)]
-        groups = caption_word_groups(codec)
+        if real_data:
+            eval_batches, groups = [], {}  # held-out evaluation is the synthetic stream's (real data: loss only)
+        else:
+            eval_batches = [prepare_host_batch(unstack_first(eval_data.batch_at(i)), cfg, leading=0)
+                            for i in range(cfg.data.eval_batches)]
+            groups = caption_word_groups(codec)
+
+        def put_eval(batch):
+            return put_batch(distributed.take_host_rows(batch, mesh, 0), mesh, leading=0, rule_table=rule_table)
 
         def current_model_state():
             m, _ = nnx.merge(graphdef, state)
@@ -316,10 +370,11 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
         try:
             with _Preemption() as preempt:
                 while step < tc.steps:
-                    host_batch = next(train_data)
-                    tokens = int((host_batch["segment_ids"] != 0).sum())
+                    host_batch = train_data.next_host_batch(mesh)  # this host's rows only
+                    tokens = int((host_batch["segment_ids"] != 0).sum()) * processes  # hosts' shares are equal
+                    host_batch = prepare_host_batch(host_batch, cfg, leading=1)
                     t0 = time.perf_counter()
-                    state, m = step_fn(state, put_batch(host_batch, mesh, leading=1))
+                    state, m = step_fn(state, put_batch(host_batch, mesh, leading=1, rule_table=rule_table))
                     loss = float(m["loss"])  # a sync per step: a non-finite loss is caught before any save
                     step_time = time.perf_counter() - t0
                     step += 1
@@ -336,8 +391,10 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
                         row = {"loss": loss, "learning_rate": float(m["learning_rate"]),
                                "grad_norm": float(m["grad_norm"]), "tokens_per_s": window_tokens / elapsed,
                                "step_time_s": elapsed / window_steps, "last_step_time_s": step_time}
-                    if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                        ev = evaluate(eval_fn, current_model_state(), eval_batches, mesh, groups)
+                        if train_data.bad_sample_counts is not None:
+                            row["bad_samples"] = train_data.bad_sample_counts
+                    if eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
+                        ev = evaluate(eval_fn, current_model_state(), eval_batches, put_eval, groups)
                         summary["last_eval"] = ev
                         row = {**(row or {"loss": loss}), **ev}
                     if row is not None:
@@ -353,6 +410,7 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
                             f"checkpoint saved")
                         break
         finally:
+            train_data.close()
             ckpt.close()
             metrics.close()
         summary.update(end_step=step, loss=loss)

@@ -1,9 +1,12 @@
 """The jitted train and eval steps, written over (graphdef, state) so shardings are explicit and donation works.
 
 The loss function is a parameter (``loss_fn(model, microbatch) -> (loss_sum, label_count)``): the plain one calls
-``model.loss``; a pipeline or context-parallel loss with the same signature can be swapped in. Gradient accumulation
-sums per-microbatch loss sums and gradients and divides once by the global label count, so the result equals the
-one-batch gradient exactly (up to float summation order).
+``model.loss`` (context parallelism needs nothing else: the model shards the permuted sequence itself). Gradient
+accumulation sums per-microbatch loss sums and gradients and divides once by the global label count, so the result
+equals the one-batch gradient exactly (up to float summation order).
+
+A pipelined step (``grads_fn``, e.g. parallel.pipeline_llm.pipelined_loss_and_grad) takes the whole microbatched
+batch at once and returns (loss_sum, label_count, grads of loss_sum / label_count); the scan is then skipped.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ def model_loss(model, batch):
     return model.loss(batch)
 
 
-def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, schedule: optax.Schedule | None = None):
+def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, schedule: optax.Schedule | None = None,
+                    grads_fn: Callable | None = None):
     """Returns step(state, batch) -> (state, metrics). ``state`` is nnx.split((model, optimizer))[1]; every leaf of
-    ``batch`` has a leading microbatch axis [M, ...]."""
+    ``batch`` has a leading microbatch axis [M, ...]. ``grads_fn(model, batch) -> (loss_sum, label_count, grads)``
+    replaces the microbatch scan (a pipeline runs its own microbatches)."""
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
+        if grads_fn is not None:
+            loss_sum, count, grads = grads_fn(model, batch)
+            return _update(model, optimizer, grads, loss_sum.astype(jnp.float32), count.astype(jnp.float32))
         gdef, params, rest = nnx.split(model, trainable, ...)
 
         def micro_loss(p, mb):
@@ -42,12 +50,14 @@ def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, sche
         zeros = jax.tree.map(jnp.zeros_like, params)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (g_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, batch)
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), g_sum)
+        return _update(model, optimizer, grads, loss_sum, count)
+
+    def _update(model, optimizer, grads, loss_sum, count):
         grad_norm = optax.global_norm(grads)
         lr_step = optimizer.step.value
         optimizer.update(model, grads)
-        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "label_tokens": count}
+        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": grad_norm, "label_tokens": count}
         if schedule is not None:
             metrics["learning_rate"] = schedule(lr_step)
         return nnx.state((model, optimizer)), metrics

@@ -1,0 +1,43 @@
+"""Context parallelism on the host: plan each batch's token blocks over the `context` ranks and permute it.
+
+Labels are next-token targets already shifted in the original order (mllm_jax.data, mllm_jax.datasets), and the loss
+is normalised by the global label count, so the permuted batch has exactly the original loss. Every token array of
+the batch (including feature_index) moves with the same permutation; encoder inputs are not token-aligned and stay.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.meta import TokenMeta
+from parallel import context as cp_lib
+
+TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
+
+
+def _rows(x: np.ndarray, leading: int) -> np.ndarray:
+    """[..lead.., B, S] -> [(lead * B), S]."""
+    x = np.asarray(x)
+    return x.reshape((-1,) + x.shape[leading + 1:])
+
+
+def permute_for_context(batch: dict, parallel_config, *, leading: int) -> tuple[dict, "cp_lib.ContextPlan"]:
+    """(the batch permuted by a plan of ``ParallelConfig.context_config`` over ``ParallelConfig.context`` ranks, the
+    plan). ``leading`` = number of axes before the batch axis (1 for [M, B, S] train batches, 0 for eval)."""
+    cc = parallel_config.context_config
+    lead_shape = np.shape(batch["input_ids"])[:leading]
+    flat = {k: _rows(batch[k], leading) for k in TOKEN_KEYS}
+    flat["feature_index"] = {n: _rows(v, leading) for n, v in (batch.get("feature_index") or {}).items()}
+    meta = TokenMeta(flat["positions"], flat["segment_ids"], flat["span_ids"])
+    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block)
+    permuted = cp_lib.permute_batch(flat, plan)
+
+    def back(x):  # [(lead * B), S'] -> [..lead.., B, S']
+        return x.reshape(lead_shape + (-1,) + x.shape[1:])
+
+    out = dict(batch)
+    for k in TOKEN_KEYS:
+        out[k] = back(permuted[k])
+    if "feature_index" in batch:
+        out["feature_index"] = {n: back(v) for n, v in permuted["feature_index"].items()}
+    return out, plan
