@@ -6,11 +6,15 @@ slots each op reads and each arriving message is written to (``build_schedule``)
 reads its column, runs its op under ``lax.switch`` (real control flow inside shard_map), and exchanges activations
 (forward) and input cotangents (backward) with its neighbours by ``ppermute`` every tick.
 
-Backward per stage is an explicit vjp: the stage keeps only its input per microbatch in flight (at most `stages`
-under 1F1B), recomputes the forward of its layers from it, and walks its layers in reverse with one of four
-branches per layer: nothing (frozen, nothing upstream trains), dX only (frozen, something upstream trains), dW only
-(trainable, nothing upstream trains), dX + dW. Stages whose layers all need nothing skip the backward entirely; the
-last stage computes the loss and its cotangent inside its backward op.
+Backward per stage is an explicit vjp with rematerialisation per layer: a stage's forward keeps each of its slots'
+input per microbatch in flight (at most `stages` under 1F1B), and its backward walks its layers in reverse, each
+slot's vjp recomputing that layer's forward from its saved input, with one of four branches per layer: nothing
+(frozen, nothing upstream trains), dX only (frozen, something upstream trains), dW only (trainable, nothing upstream
+trains), dX + dW. So a forward op costs the sum of its layers' forwards and a backward op the sum of f + dX / dW per
+layer: exactly the cost model's remat=True costs (``parallel.pipeline_plan.runtime_stage_costs``). Stages whose
+layers all need nothing skip the backward entirely; the last stage computes the loss and its cotangent in its
+forward op (its backward op is then its layers' vjps only). Ticks run in lockstep (each ends in the ppermutes), so a
+step takes the sum over ticks of the slowest stage's op: the planner simulates exactly that.
 
 Uneven stages are padded to the largest with an inactive slot per missing layer; parameters travel in the canonical
 [layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit. A stage walks only its
@@ -277,30 +281,31 @@ def _keep_layout(layer_fn):
     return fn
 
 
-def _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=False, start=0):
-    """Run slots ``start`` .. ``n_active`` - 1 (traced bounds: the loop's trip count is data, so the padded slots of
-    a shorter stage are never visited). ``collect``: also return each slot's input [L_max, ...] for the vjp."""
-    slots = jax.tree.leaves(params_L)[0].shape[0]
-    inputs = jnp.broadcast_to(jnp.zeros_like(x)[None], (slots,) + x.shape) if collect else None
+def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0):
+    """Run slots 0 .. ``n_active`` - 1 (a traced bound: the loop's trip count is data, so the padded slots of a shorter
+    stage are never visited). ``saved`` [x_slots, L_max + 1, ...]: when given, slot i's input is written to
+    ``saved[slot, i]`` in place (the backward's per-layer rematerialisation starts from these). Returns (y, saved)."""
 
     def body(i, carry):
-        h, saved = carry
-        if collect:
-            saved = jax.lax.dynamic_update_index_in_dim(saved, h, i, 0)
-        return layer_fn(_index(params_L, i), h, aux_m), saved
+        h, buf = carry
+        if buf is not None:
+            buf = jax.lax.dynamic_update_slice(buf, h[None, None], (slot, i) + (0,) * h.ndim)
+        return layer_fn(_index(params_L, i), h, aux_m), buf
 
-    return jax.lax.fori_loop(start, n_active, body, (x, inputs))
+    return jax.lax.fori_loop(0, n_active, body, (x, saved))
 
 
-def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, inputs_L, dy, aux_m, gacc):
-    """Reverse walk over the active slots with the per-slot vjp branch, adding each slot's parameter gradient into
-    ``gacc`` [L_max, ...]; returns (gacc, dx). Slots below ``n_none`` (KIND_NONE: frozen with nothing trainable
-    upstream, always a prefix) and padded slots are not visited."""
+def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, dy, aux_m, gacc):
+    """Reverse walk over the active slots with the per-slot vjp branch (each recomputes its layer's forward from the
+    input the forward saved in ``saved[slot, i]``: remat per layer, no second pass over the stage), adding each
+    slot's parameter gradient into ``gacc`` [L_max, ...]; returns (gacc, dx). Slots below ``n_none`` (KIND_NONE:
+    frozen with nothing trainable upstream, always a prefix) and padded slots are not visited."""
 
     def body(j, carry):
         g, acc = carry
         i = n_active - 1 - j
-        p, k, x = _index(params_L, i), kind_L[i], inputs_L[i]
+        p, k = _index(params_L, i), kind_L[i]
+        x = jax.lax.dynamic_slice(saved, (slot, i) + (0,) * (saved.ndim - 2), (1, 1) + saved.shape[2:])[0, 0]
 
         def none():
             return _zeros_like(p), g
@@ -389,6 +394,7 @@ def pipeline_value_and_grad(
         params_L = jax.tree.map(lambda a: a[0], params_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
         last = stage == S - 1
+        L = layout.slots
         # Active slots are a prefix of the stage, and so are its KIND_NONE slots among them.
         n_active = jnp.sum(active_L.astype(jnp.int32))
         n_none = jnp.sum((active_L & (kind_L == KIND_NONE)).astype(jnp.int32))
@@ -400,57 +406,54 @@ def pipeline_value_and_grad(
             xs, gs, gacc, lpacc, loss, dxs = carry
             op, m, xslot, gslot, rx, rg = (row[i] for i in range(len(FIELDS)))
             m0 = jnp.maximum(m, 0)
+            slot = jnp.maximum(xslot, 0)
             aux_m = _index(aux_all, m0)
 
             def idle():
                 return zero_x, zero_x, xs, gacc, lpacc, loss, dxs
 
             def fwd():
-                x = jnp.where(stage == 0, x_mb[m0], xs[jnp.maximum(xslot, 0)])
+                # Every slot's input is kept for the backward (row 0 is where the previous stage's activation
+                # arrived). A stage without a backward writes into a slot that nobody reads.
+                x = jnp.where(stage == 0, x_mb[m0], xs[slot, 0])
+                y, new_xs = _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=xs, slot=slot)
 
-                def run():
-                    # The backward needs the activations from the first slot that passes gradients on: keep the
-                    # output of the frozen prefix (KIND_NONE slots) instead of the stage input, so the backward
-                    # never recomputes the prefix.
-                    mid = _stage_forward(layer_fn, params_L, n_none, x, aux_m)[0]
-                    y = _stage_forward(layer_fn, params_L, n_active, mid, aux_m, start=n_none)[0]
-                    kept = jax.lax.cond(xslot >= 0, lambda: xs.at[jnp.maximum(xslot, 0)].set(mid), lambda: xs)
-                    return y, kept
-
-                # The last stage's forward is folded into its backward (which recomputes it with the loss).
-                y, new_xs = jax.lax.cond(last, lambda: (zero_x, xs), run)
-                return y, zero_x, new_xs, gacc, lpacc, loss, dxs
-
-            def bwd():
-                x = xs[jnp.maximum(xslot, 0)]
-                start = jnp.where(last, 0, n_none)  # other stages kept the prefix's output in their forward
-                y, inputs = _stage_forward(layer_fn, params_L, n_active, x, aux_m, collect=True, start=start)
-
-                def from_loss():
+                def loss_now():
+                    # The last stage takes the loss and its cotangent in its forward tick (its backward tick is
+                    # then the layers' vjps only); the cotangent waits in the slot's spare row L_max.
                     value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
                     dy, dlp = vjp(jnp.ones_like(value))
-                    return dy, dlp, value.astype(jnp.float32)
+                    kept = jax.lax.dynamic_update_slice(new_xs, dy[None, None], (slot, L) + (0,) * dy.ndim)
+                    return zero_x, kept, jax.tree.map(jnp.add, lpacc, dlp), loss + value.astype(jnp.float32)
 
-                def from_next():
-                    return gs[jnp.maximum(gslot, 0)], _zeros_like(lp), jnp.float32(0.0)
+                def send():
+                    return y, new_xs, lpacc, loss
 
-                dy, dlp, value = jax.lax.cond(last, from_loss, from_next)
-                new_gacc, dx = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, inputs, dy, aux_m, gacc)
-                new_lpacc = jax.tree.map(jnp.add, lpacc, dlp)
+                y, new_xs, new_lpacc, new_loss = jax.lax.cond(last, loss_now, send)
+                return y, zero_x, new_xs, gacc, new_lpacc, new_loss, dxs
+
+            def bwd():
+                dy = jnp.where(last, xs[slot, L], gs[jnp.maximum(gslot, 0)])
+                new_gacc, dx = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, xs, slot, dy, aux_m,
+                                               gacc)
                 new_dxs = dxs
                 if want_dx:
                     new_dxs = jax.lax.cond(stage == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
-                return zero_x, dx, xs, new_gacc, new_lpacc, loss + value, new_dxs
+                return zero_x, dx, xs, new_gacc, lpacc, loss, new_dxs
 
             y, dx, xs, gacc, lpacc, loss, dxs = jax.lax.switch(op, (idle, fwd, bwd, idle))
             y_in = jax.lax.ppermute(y, axis, fwd_perm)
             g_in = jax.lax.ppermute(dx, axis, bwd_perm)
-            xs = jax.lax.cond(rx >= 0, lambda: xs.at[jnp.maximum(rx, 0)].set(y_in), lambda: xs)
+            xs = jax.lax.cond(
+                rx >= 0,
+                lambda: jax.lax.dynamic_update_slice(xs, y_in[None, None], (jnp.maximum(rx, 0), 0) + (0,) * y_in.ndim),
+                lambda: xs,
+            )
             gs = jax.lax.cond(rg >= 0, lambda: gs.at[jnp.maximum(rg, 0)].set(g_in), lambda: gs)
             return (xs, gs, gacc, lpacc, loss, dxs), None
 
         init = (
-            buffer(sched.x_slots),
+            jnp.broadcast_to(zero_x[None, None], (sched.x_slots, L + 1) + mb_shape),  # slot inputs + cotangent row
             buffer(sched.g_slots),
             _zeros_like(params_L),
             _zeros_like(lp),
