@@ -67,10 +67,11 @@ def embedding_requires_grad(config, modalities) -> bool:
 def plan_stage_layers(config, parallel_config, *, text_tokens: int, microbatch_size: int = 1, instances=None,
                       memory_budget: float = float("inf")) -> tuple:
     """LLM layers per pipeline stage from the frozen-aware planner, with the encoders outside the pipeline (the
-    only placement this runtime runs)."""
+    only placement this runtime runs): the split with the least simulated step time of the runtime's lockstep
+    1F1B ticks (``PipelinePlan.runtime``)."""
     plan = plan_pipeline(config, parallel_config, text_tokens=text_tokens, microbatch_size=microbatch_size,
                          instances=instances, memory_budget=memory_budget, placement="outside")
-    return tuple(int(c) for c in plan.chosen.llm_stage_layers)
+    return tuple(int(c) for c in plan.runtime.llm_stage_layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------

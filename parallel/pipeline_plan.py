@@ -1,11 +1,17 @@
 """Frozen-aware pipeline planner: layers per stage and where the encoders run, by the cost model.
 
-1F1B predicts an iteration as (M - 1) * max stage + sum of stages (per-microbatch stage costs, forward + backward).
-With the encoders outside the pipeline the sum is fixed, so the planner minimises the max stage cost: an exact DP
-over contiguous splits (uneven counts allowed) under a per-device memory budget. It compares that against putting
-every encoder on its own stages (Cornstarch's modal-parallel placement, encoders running concurrently into the LLM's
-first stage) and picks the faster; it also reports Cornstarch's fixed placement and a frozen-unaware
-(Megatron-like) split, all on the same cost model. Communication is not modelled.
+Two predictions of an iteration:
+- ``predicted_time``, the asynchronous 1F1B formula (M - 1) * max stage + sum of stages (per-microbatch stage costs,
+  forward + backward): the common yardstick on which every placement is compared (ours, Cornstarch's encoders on
+  their own stages, a frozen-unaware Megatron-like split). An exact min-max DP over contiguous splits (uneven counts
+  allowed, per-device memory budget) minimises it when the sum is fixed.
+- ``runtime_time``, what parallel.pipeline actually runs for the encoders-outside placement: the 1F1B schedule table
+  in lockstep ticks (every tick ends in a ppermute), each tick as long as its slowest op, a forward op costing its
+  layers' forwards (+ the loss on the last stage) and a backward op their remat vjps (``runtime_stage_costs``).
+  The encoders-outside split minimises this one: branch and bound over contiguous splits, seeded by the min-max DP
+  (whose split is kept when nothing beats it) and pruned by a lower bound each stage's ops imply.
+
+Communication is not modelled.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 
 from mllm_jax.config import ModelConfig
 from parallel.config import ParallelConfig
-from parallel.cost_model import CostedLayer, ModelCosts, model_costs, stage_memory
+from parallel.cost_model import CostedLayer, ModelCosts, backward_flops, model_costs, stage_memory
 
 INF = float("inf")
 
@@ -121,6 +127,205 @@ def min_max_split(
     return tuple(int(c) for c in reversed(counts))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The runtime's step time: parallel.pipeline's schedule table in lockstep ticks.
+
+
+def runtime_layer_costs(chain) -> tuple:
+    """(forward-op, backward-op) cost of each LLM layer slot as parallel.pipeline runs it: a forward op runs the
+    layer once; a backward op runs its vjp, which recomputes the layer from its saved input (remat per layer) and
+    takes dX and/or dW by the frozen rule; a frozen layer with nothing trainable upstream costs nothing there."""
+    f = np.array([c.layer.fwd for c in chain], dtype=np.float64)
+    b = np.array([backward_flops(c.layer, c.needs_dx) for c in chain], dtype=np.float64)
+    return f, np.where(b > 0, b + f, 0.0)
+
+
+def runtime_head_cost(head: CostedLayer) -> float:
+    """The last stage's loss (final norm, logits, cross entropy) forward and backward, both in its forward op."""
+    return head.layer.fwd + backward_flops(head.layer, head.needs_dx)
+
+
+def runtime_stage_costs(chain, counts, head: CostedLayer | None = None) -> tuple:
+    """Per-stage (forward-op costs, backward-op costs) of ``chain`` (the LLM's CostedLayers) split by ``counts``."""
+    f, b = runtime_layer_costs(chain)
+    edges = np.concatenate([[0], np.cumsum(counts)])
+    F = np.array([f[edges[i] : edges[i + 1]].sum() for i in range(len(counts))])
+    B = np.array([b[edges[i] : edges[i + 1]].sum() for i in range(len(counts))])
+    if head is not None:
+        F[-1] += runtime_head_cost(head)
+    return tuple(float(v) for v in F), tuple(float(v) for v in B)
+
+
+_TABLES: dict = {}
+
+
+def _op_masks(stages: int, microbatches: int):
+    """[T, S] masks of the forward and backward ticks of parallel.pipeline's 1F1B table (their timing does not
+    depend on which stages skip the backward: a skipped backward keeps its tick and costs nothing)."""
+    key = (stages, microbatches)
+    if key not in _TABLES:
+        from parallel.pipeline import OP_BWD, OP_BWD_SKIP, OP_FWD, build_schedule
+
+        ops = build_schedule(stages, microbatches).ops
+        _TABLES[key] = (ops == OP_FWD, (ops == OP_BWD) | (ops == OP_BWD_SKIP))
+    return _TABLES[key]
+
+
+def lockstep_time(forward_costs, backward_costs, microbatches: int) -> float:
+    """Step time of the runtime's 1F1B table in lockstep: sum over ticks of the slowest stage's op."""
+    F = np.asarray(forward_costs, np.float64)
+    B = np.asarray(backward_costs, np.float64)
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1; got {microbatches}")
+    if F.shape != B.shape or F.ndim != 1 or F.size < 1:
+        raise ValueError(f"forward_costs and backward_costs must be equal-length per-stage lists; got {F.shape}, "
+                         f"{B.shape}")
+    is_f, is_b = _op_masks(F.size, microbatches)
+    return float((is_f * F + is_b * B).max(axis=1).sum())
+
+
+def lockstep_lower_bound(forward_costs, backward_costs, microbatches: int) -> float:
+    """A lower bound of ``lockstep_time`` from each stage alone: stage s runs M forwards and M backwards in ticks of
+    their own, after microbatch 0's forward ticks on the stages before it and before the last microbatch's backward
+    ticks on them: sum_{r<s}(F_r + B_r) + M (F_s + B_s)."""
+    t = np.asarray(forward_costs, np.float64) + np.asarray(backward_costs, np.float64)
+    before = np.concatenate([[0.0], np.cumsum(t)[:-1]])
+    return float((before + microbatches * t).max())
+
+
+@dataclass(frozen=True)
+class LockstepSplit:
+    counts: tuple | None  # None when no split fits the memory budget
+    time: float
+    dp_counts: tuple | None  # the min-max DP's split (the search's seed)
+    dp_time: float
+    evaluated: int  # splits simulated
+    exhaustive: bool  # False when the node budget ran out (the best split found is returned)
+
+
+def lockstep_split(
+    chain,
+    stages: int,
+    *,
+    microbatches: int,
+    head: CostedLayer | None = None,
+    memory_budget: float = INF,
+    tensor: int = 1,
+    max_nodes: int = 50_000,
+) -> LockstepSplit:
+    """The contiguous split of ``chain`` (remat-costed LLM layers) into ``stages`` non-empty stages with the least
+    ``lockstep_time`` under ``memory_budget`` bytes per device (stage s holds min(M, stages - s) microbatches of
+    saved slot inputs). Branch and bound: depth-first over the stage boundaries, a partial split pruned when its
+    lower bound (the fixed stages' ``lockstep_lower_bound`` terms, and the rest's mean stage after every fixed stage)
+    reaches the best time found; the min-max DP's split, improved by moving single boundaries, seeds the incumbent, so
+    it is kept wherever nothing beats it. Exhaustive (hence exact) unless ``max_nodes`` runs out first (reported in
+    ``exhaustive``): small pipelines always finish, 8 stages of 64 layers may not."""
+    n, M = len(chain), microbatches
+    if stages < 1 or n < stages:
+        raise ValueError(f"cannot split {n} layers into {stages} non-empty stages")
+    f, b = runtime_layer_costs(chain)
+    head_c = runtime_head_cost(head) if head is not None else 0.0
+    t_pre = np.concatenate([[0.0], np.cumsum(f + b)])
+    f_pre = np.concatenate([[0.0], np.cumsum(f)])
+    b_pre = np.concatenate([[0.0], np.cumsum(b)])
+    fixed_pre = np.concatenate([[0.0], np.cumsum([c.param_bytes + c.state_bytes for c in chain])])
+    act_pre = np.concatenate([[0.0], np.cumsum([c.act_bytes for c in chain])])
+    head_fixed = (head.param_bytes + head.state_bytes) if head is not None else 0.0
+    head_act = head.act_bytes if head is not None else 0.0
+
+    def fits(s, j, i):
+        last = s == stages - 1
+        fixed = fixed_pre[i] - fixed_pre[j] + (head_fixed if last else 0.0)
+        act = act_pre[i] - act_pre[j] + (head_act if last else 0.0)
+        return (fixed + min(M, stages - s) * act) / tensor <= memory_budget
+
+    def simulate(edges):
+        F = np.array([f_pre[edges[k + 1]] - f_pre[edges[k]] for k in range(stages)])
+        B = np.array([b_pre[edges[k + 1]] - b_pre[edges[k]] for k in range(stages)])
+        F[-1] += head_c
+        return lockstep_time(F, B, M)
+
+    # Seed: the min-max DP on the runtime's per-stage totals (forward op + backward op).
+    runtime_total = {id(c): float(v) for c, v in zip(chain, f + b)}
+    if head is not None:
+        runtime_total[id(head)] = head_c
+    dp = min_max_split(chain, stages, microbatches=M, last_extra=[head] if head is not None else (),
+                       memory_budget=memory_budget, tensor=tensor, cost=lambda c: runtime_total[id(c)])
+    best = [INF, None]
+    dp_time = INF
+    if dp is not None:
+        dp_time = simulate(np.concatenate([[0], np.cumsum(dp)]))
+        best = [dp_time, tuple(dp)]
+    # Hill-climb from the seed (move one boundary by one layer while that helps): a good incumbent early prunes more.
+    if best[1] is not None:
+        edges = list(np.concatenate([[0], np.cumsum(best[1])]))
+        improved = True
+        while improved:
+            improved = False
+            for k in range(1, stages):
+                for step in (-1, 1):
+                    e = list(edges)
+                    e[k] += step
+                    if not e[k - 1] < e[k] < e[k + 1]:
+                        continue
+                    d = np.diff(e)
+                    if not all(fits(s, e[s], e[s + 1]) for s in range(stages)):
+                        continue
+                    t = simulate(np.asarray(e))
+                    if t < best[0] * (1 - 1e-12):
+                        best[0], best[1], edges, improved = t, tuple(int(x) for x in d), e, True
+    nodes = [0]
+    exhausted = [False]
+    eps = 1e-12
+    is_f, is_b = (m.astype(np.float64) for m in _op_masks(stages, M))
+    # Smallest forward / backward share of one layer's runtime cost among layers i.. (and the head).
+    tot = f + b
+    f_share = np.where(tot > 0, f / np.where(tot > 0, tot, 1.0), 1.0)
+    b_share = np.where(tot > 0, b / np.where(tot > 0, tot, 1.0), 1.0)
+    head_share = (1.0, 0.0) if head_c > 0 else (1.0, 1.0)
+    f_share_min = np.minimum.accumulate(np.append(f_share, head_share[0])[::-1])[::-1]
+    b_share_min = np.minimum.accumulate(np.append(b_share, head_share[1])[::-1])[::-1]
+    total_all = t_pre[n] + head_c  # every op of one microbatch runs in a tick of its own: a bound for M = 1
+
+    def dfs(s, j, before, tick_max, edges):
+        # tick_max [T]: per tick, the slowest op among the fixed stages 0..s-1; its sum bounds the step from below
+        # (the stages still to place only lengthen ticks), and so does stage s's own term sum_{r<s} t_r + M t_s.
+        if nodes[0] >= max_nodes:
+            exhausted[0] = True
+            return
+        last = s == stages - 1
+        left = stages - 1 - s  # stages after this one
+        for i in (range(n, n + 1) if last else range(j + 1, n - left + 1)):
+            nodes[0] += 1
+            F_s = f_pre[i] - f_pre[j] + (head_c if last else 0.0)
+            B_s = b_pre[i] - b_pre[j]
+            t_s = F_s + B_s
+            ticks = np.maximum(tick_max, is_f[:, s] * F_s + is_b[:, s] * B_s)
+            bound = max(float(ticks.sum()), before + M * t_s, total_all)
+            if bound >= best[0] * (1 - eps):
+                break  # F_s and B_s only grow with i
+            if not fits(s, j, i):
+                break  # so does the stage's memory
+            if last:
+                t = float(ticks.sum())  # every stage fixed: the bound is the simulated time
+                best[0], best[1] = t, tuple(int(x) for x in np.diff(edges + [n]))
+                return
+            rest = (t_pre[n] - t_pre[i] + head_c) / left
+            if before + t_s + M * rest >= best[0] * (1 - eps):
+                continue
+            # Some later stage r carries >= the mean ``rest`` of what is left, and its forward (backward) share is
+            # at least the smallest share among the layers left: its ticks lengthen to that at least.
+            lo_f, lo_b = rest * f_share_min[i], rest * b_share_min[i]
+            later = np.maximum(ticks[None], is_f[:, s + 1 :].T * lo_f + is_b[:, s + 1 :].T * lo_b).sum(axis=1)
+            if later.min() >= best[0] * (1 - eps):
+                continue
+            dfs(s + 1, i, before + t_s, ticks, edges + [i])
+
+    dfs(0, 0, 0.0, np.zeros(is_f.shape[0]), [0])
+    return LockstepSplit(best[1], best[0], None if dp is None else tuple(int(c) for c in dp), dp_time, nodes[0],
+                         not exhausted[0])
+
+
 @dataclass(frozen=True)
 class Placement:
     """One evaluated placement. Stages are listed LLM first, then each encoder's own stages (empty when the
@@ -136,6 +341,10 @@ class Placement:
     predicted_time: float
     stage_memory: tuple  # bytes per device per stage (LLM stages, then encoder stages)
     fits_memory: bool
+    # Encoders outside only: the step time parallel.pipeline takes (encoders + lockstep ticks, ``lockstep_time``)
+    # and its per-stage (forward-op, backward-op) costs.
+    runtime_time: float | None = None
+    runtime_stage_ops: tuple | None = None
 
     @property
     def all_stage_costs(self) -> tuple:
@@ -163,6 +372,10 @@ class PipelinePlan:
     device_flops: float
     memory_budget: float
     alternatives: tuple = field(default=())
+    # Encoders outside with the split that minimises the runtime's lockstep step time (what parallel.pipeline_llm
+    # runs), and how the search found it.
+    runtime: Placement | None = None
+    lockstep_search: LockstepSplit | None = None
 
     @property
     def llm_stage_layers(self) -> tuple:
@@ -177,7 +390,8 @@ def _seconds(flops, tensor, device_flops):
     return flops / (tensor * device_flops)
 
 
-def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages) -> Placement:
+def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
+                      runtime_costs: ModelCosts | None = None) -> Placement:
     pieces = split_chain(costs.llm, counts)
     pieces[0] = [costs.embed] + pieces[0]
     pieces[-1] = pieces[-1] + [costs.head]
@@ -188,10 +402,18 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     enc_layers = [c for chain in costs.encoders.values() for c in chain]
     enc_time = share * _seconds(sum(c.total for c in enc_layers), tensor, device_flops)
     enc_mem = stage_memory(enc_layers, in_flight=share, tensor=tensor)["total"]
+    # Memory as the runtime holds it (its remat costs: each slot's input per microbatch in flight).
+    rt = runtime_costs if runtime_costs is not None else costs
+    rt_pieces = split_chain(rt.llm, counts)
+    rt_pieces[0] = [rt.embed] + rt_pieces[0]
+    rt_pieces[-1] = rt_pieces[-1] + [rt.head]
     mem = tuple(
         stage_memory(p, in_flight=in_flight(s, stages, M), tensor=tensor)["total"] + enc_mem
-        for s, p in enumerate(pieces)
+        for s, p in enumerate(rt_pieces)
     )
+    F, B = runtime_stage_costs(rt.llm, counts, rt.head)
+    F = tuple(_seconds(v, tensor, device_flops) for v in F)
+    B = tuple(_seconds(v, tensor, device_flops) for v in B)
     return Placement(
         name,
         True,
@@ -203,6 +425,8 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
         enc_time + pipeline_time(stage_c, M),
         mem,
         max(mem) <= budget,
+        enc_time + lockstep_time(F, B, M),
+        (F, B),
     )
 
 
@@ -333,8 +557,14 @@ def plan_pipeline(
     )
     costs = model_costs(config, **kw)
     unaware = model_costs(config, frozen_aware=False, **kw)
+    # The runtime rematerialises every layer whatever config.remat says: its op costs are the remat=True ones.
+    runtime = costs if (remat if remat is not None else config.remat != "none") else model_costs(config, **{
+        **kw, "remat": True})
     args = (M, tensor, device_flops, memory_budget)
 
+    rt_args = (M, tensor, device_flops, memory_budget, stages, runtime)
+
+    # Encoders outside, on the common yardstick (the 1F1B formula): the min-max split.
     outside_counts = min_max_split(
         costs.llm,
         stages,
@@ -344,15 +574,18 @@ def plan_pipeline(
         memory_budget=memory_budget,
         tensor=tensor,
     )
-    fits = outside_counts is not None
-    if not fits:
+    if outside_counts is None:
         outside_counts = min_max_split(
             costs.llm, stages, microbatches=M, first_extra=[costs.embed], last_extra=[costs.head]
         )
-    outside = _evaluate_outside("ours:outside", costs, outside_counts, M, tensor, device_flops, memory_budget, stages)
-    uniform = _evaluate_outside(
-        "uniform", costs, uniform_split(n_layers, stages), M, tensor, device_flops, memory_budget, stages
-    )
+    outside = _evaluate_outside("ours:outside", costs, outside_counts, *rt_args)
+    uniform = _evaluate_outside("uniform", costs, uniform_split(n_layers, stages), *rt_args)
+    # Encoders outside as parallel.pipeline runs them: the split with the least lockstep step time.
+    search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
+                            tensor=tensor)
+    if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
+        search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor)
+    runtime_placement = _evaluate_outside("ours:runtime", costs, search.counts, *rt_args)
     enc_names = list(config.encoders)
     candidates = [outside]
     best_own = None
@@ -396,9 +629,10 @@ def plan_pipeline(
         counts = min_max_split(
             unaware.llm, stages, microbatches=M, first_extra=[unaware.embed], last_extra=[unaware.head]
         )
-        megatron = _evaluate_outside("megatron_like", costs, counts, M, tensor, device_flops, memory_budget, stages)
+        megatron = _evaluate_outside("megatron_like", costs, counts, *rt_args)
     return PipelinePlan(
-        chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates)
+        chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates),
+        runtime_placement, search,
     )
 
 
@@ -422,6 +656,12 @@ def _fmt_placement(p: Placement, unit: str) -> list:
             f"    {enc} layers per stage {list(counts)} (stem + layers + projector), "
             f"stage cost {[float(f'{c:.4g}') for c in p.encoder_stage_costs[enc]]}"
         )
+    if p.runtime_time is not None:
+        F, B = p.runtime_stage_ops
+        lines.append(
+            f"    runtime (lockstep 1F1B ticks): {p.runtime_time:.4g} {unit}, forward op "
+            f"{[float(f'{c:.4g}') for c in F]}, backward op {[float(f'{c:.4g}') for c in B]}"
+        )
     lines.append(f"    memory per stage (GiB) {[round(m / 2**30, 3) for m in p.stage_memory]}")
     return lines
 
@@ -437,7 +677,7 @@ def format_plan(plan: PipelinePlan) -> str:
         *_fmt_placement(plan.chosen, unit),
         "compared on the same cost model:",
     ]
-    for p in (plan.uniform, plan.cornstarch, plan.megatron_like, *plan.alternatives):
+    for p in (plan.runtime, plan.uniform, plan.cornstarch, plan.megatron_like, *plan.alternatives):
         if p is not None and p is not plan.chosen:
             lines += _fmt_placement(p, unit)
     return "\n".join(lines)

@@ -16,11 +16,16 @@ from parallel.cost_model import (
     model_costs,
     stage_memory,
 )
+from parallel.pipeline import OP_FWD, stage_op_order
 from parallel.pipeline_plan import (
     format_plan,
+    lockstep_lower_bound,
+    lockstep_split,
+    lockstep_time,
     min_max_split,
     pipeline_time,
     plan_pipeline,
+    runtime_stage_costs,
     split_chain,
     uniform_split,
 )
@@ -199,3 +204,120 @@ def test_plan_respects_memory_budget_and_names_errors():
         plan_pipeline(cfg, par, text_tokens=40, placement="nowhere")
     with pytest.raises(ValueError, match="fewer than the 16"):
         plan_pipeline(cfg, ParallelConfig(pipeline=16, microbatches=4), text_tokens=40)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The runtime's step time: lockstep ticks of the 1F1B table with per-op costs.
+
+
+def lockstep_oracle(F, B, M):
+    """Independent lockstep replay: each tick, every stage whose next 1F1B op has its input (sent in an earlier
+    tick) runs it; the tick lasts as long as its slowest op."""
+    S = len(F)
+    orders = stage_op_order(S, M)
+    done, pos, total, t = {}, [0] * S, 0.0, 0
+    while any(pos[s] < len(orders[s]) for s in range(S)):
+        tick = []
+        for s in range(S):
+            if pos[s] == len(orders[s]):
+                continue
+            op, m = orders[s][pos[s]]
+            if op == OP_FWD:
+                dep = ("F", s - 1, m) if s > 0 else None
+            else:
+                dep = ("F", s, m) if s == S - 1 else ("B", s + 1, m)
+            if dep is None or done.get(dep, t) < t:
+                tick.append((s, op, m))
+        for s, op, m in tick:
+            done[("F" if op == OP_FWD else "B", s, m)] = t
+            pos[s] += 1
+        total += max((F[s] if op == OP_FWD else B[s]) for s, op, _ in tick)
+        t += 1
+    return total
+
+
+def test_runtime_op_costs_and_lockstep_closed_forms():
+    f = 2.0
+    layers = [gemm("a", f, False), gemm("b", f, False), gemm("c", f, True), gemm("d", f, True), gemm("e", f, False)]
+    chain, _ = cost_chain(layers, remat=True)
+    head = cost_chain([gemm("h", 3.0, True)], upstream_trainable=True)[0][0]
+    F, B = runtime_stage_costs(chain, (2, 3), head)
+    # Forward op: the layers once (+ the loss forward and backward on the last stage). Backward op: per layer its
+    # remat vjp: 0 for the frozen prefix, f + dW, f + dX + dW, f + dX.
+    assert F == (2 * f, 3 * f + 3.0 + 2 * 3.0) and B == (0.0, 2 * f + 3 * f + 2 * f)
+    # One stage: every op in a tick of its own. Two stages: ticks (F0|-) (F1|F0) (-|B0) (B0|F1), then M - 2 pairs
+    # (F|B) (B|F), then (-|B) (B|-): the steady state pairs stage 0's forward with stage 1's backward and the reverse.
+    assert lockstep_time([5.0], [7.0], 4) == 4 * 12.0
+    (f0, f1), (b0, b1), M = (3.0, 2.0), (1.0, 6.0), 5
+    want = f0 + max(f0, f1) + b1 + max(b0, f1) + (M - 2) * (max(f0, b1) + max(b0, f1)) + b1 + b0
+    assert lockstep_time([f0, f1], [b0, b1], M) == pytest.approx(want)
+    with pytest.raises(ValueError, match="microbatches"):
+        lockstep_time([1.0], [1.0], 0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lockstep_time_matches_replay_and_bound(seed):
+    rng = np.random.default_rng(seed)
+    S, M = int(rng.integers(1, 6)), int(rng.integers(1, 10))
+    F, B = rng.uniform(0, 5, S), rng.uniform(0, 9, S) * (rng.random(S) < 0.8)
+    t = lockstep_time(F, B, M)
+    assert t == pytest.approx(lockstep_oracle(F, B, M))
+    assert lockstep_lower_bound(F, B, M) <= t + 1e-9
+
+
+def brute_force_lockstep(chain, stages, M, head, budget=float("inf")):
+    n = len(chain)
+    best = None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        counts = tuple(int(c) for c in np.diff([0, *cuts, n]))
+        pieces = split_chain(chain, counts)
+        pieces[-1] = pieces[-1] + [head]
+        mem = [stage_memory(p, in_flight=min(M, stages - s))["total"] for s, p in enumerate(pieces)]
+        if max(mem) > budget:
+            continue
+        t = lockstep_time(*runtime_stage_costs(chain, counts, head), M)
+        best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_lockstep_split_is_optimal_by_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    n, stages, M = int(rng.integers(5, 11)), int(rng.integers(2, 5)), int(rng.integers(1, 10))
+    layers = [
+        Layer(
+            name=str(i),
+            module="m",
+            weight_flops=float(rng.integers(1, 20)),
+            free_flops=float(rng.integers(0, 5)),
+            trainable=bool(rng.random() < 0.4),
+            params=int(rng.integers(1, 50)),
+            act_bytes=float(rng.integers(1, 30)),
+            io_bytes=float(rng.integers(1, 10)),
+        )
+        for i in range(n)
+    ]
+    chain, after = cost_chain(layers, upstream_trainable=bool(seed % 3 == 0), remat=True)
+    head = cost_chain([gemm("h", float(rng.integers(0, 30)), True)], upstream_trainable=after, remat=True)[0][0]
+    budget = float("inf") if seed % 2 == 0 else float(np.median([c.param_bytes + 3 * c.act_bytes for c in chain]) * 4)
+    got = lockstep_split(chain, stages, microbatches=M, head=head, memory_budget=budget)
+    want = brute_force_lockstep(chain, stages, M, head, budget)
+    assert got.exhaustive
+    if want is None:
+        assert got.counts is None
+        return
+    assert got.time == pytest.approx(want)
+    assert lockstep_time(*runtime_stage_costs(chain, got.counts, head), M) == pytest.approx(want)
+    assert got.time <= got.dp_time + 1e-9  # never worse than the min-max DP's split it starts from
+
+
+def test_plan_runtime_split_beats_uniform_in_lockstep():
+    cfg = tiny_mllm({"encoders/vision": False, "encoders/audio": False, "projectors/vision": False,
+                     "projectors/audio": False, "llm": True})
+    plan = plan_pipeline(cfg, ParallelConfig(pipeline=4, microbatches=8), text_tokens=40)
+    rt = plan.runtime
+    assert rt.runtime_time <= plan.uniform.runtime_time + 1e-9
+    assert rt.runtime_time <= plan.chosen.runtime_time + 1e-9  # the formula's split, run by the same runtime
+    F, B = rt.runtime_stage_ops
+    assert rt.runtime_time == pytest.approx(rt.encoder_time + lockstep_time(F, B, 8))
+    assert "runtime (lockstep 1F1B ticks)" in format_plan(plan)
