@@ -16,16 +16,15 @@ from mllm_jax.train import loop
 from mllm_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The multi-host entry point. Until train.py has --coordinator_address/--num_processes/--process_id it is the wrapper;
-# once it does, this line becomes: ENTRY = [sys.executable, os.path.join(ROOT, "train.py")]
-ENTRY = [sys.executable, os.path.join(ROOT, "tests", "distributed_train_wrapper.py")]
+# The multi-host entry point: train.py with --coordinator_address/--num_processes/--process_id.
+ENTRY = [sys.executable, os.path.join(ROOT, "train.py")]
 
 STEPS = 3
 PARAMS = [
     "LLMConfig.n_layers = 2", "LLMConfig.d_model = 32", "LLMConfig.n_heads = 2", "LLMConfig.n_kv_heads = 2",
     "LLMConfig.d_ff = 64", "VisionConfig.n_layers = 1", "VisionConfig.d_model = 32", "VisionConfig.n_heads = 2",
-    "VisionConfig.d_ff = 64", "VisionConfig.image_size = 16", "DataConfig.seq_len = 64",
-    "DataConfig.samples_per_row = 1", "DataConfig.batch_size = 16", "DataConfig.eval_batches = 1",
+    "VisionConfig.d_ff = 64", "VisionConfig.image_size = 16", "VisionConfig.patch_size = 4",
+    "DataConfig.seq_len = 64", "DataConfig.samples_per_row = 1", "DataConfig.batch_size = 16", "DataConfig.eval_batches = 1",
     "OptimizerConfig.warmup_steps = 1", "TrainConfig.log_every = 1", "TrainConfig.eval_every = 0",
     "TrainConfig.progress_bar = False", f"TrainConfig.steps = {STEPS}", "TrainConfig.checkpoint_every = 2",
     "CheckpointConfig.keep = 10", "ParallelConfig.data = 8",

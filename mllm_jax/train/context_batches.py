@@ -7,6 +7,8 @@ the batch (including feature_index) moves with the same permutation; encoder inp
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kernels.meta import TokenMeta
@@ -29,7 +31,8 @@ def permute_for_context(batch: dict, parallel_config, *, leading: int) -> tuple[
     flat = {k: _rows(batch[k], leading) for k in TOKEN_KEYS}
     flat["feature_index"] = {n: _rows(v, leading) for n, v in (batch.get("feature_index") or {}).items()}
     meta = TokenMeta(flat["positions"], flat["segment_ids"], flat["span_ids"])
-    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block)
+    # Key tiles of 32 tokens (the kernels' and Cornstarch's), or the largest that divides a small block.
+    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block, tile_k=math.gcd(cc.block, 32))
     permuted = cp_lib.permute_batch(flat, plan)
 
     def back(x):  # [(lead * B), S'] -> [..lead.., B, S']

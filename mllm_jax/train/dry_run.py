@@ -89,4 +89,21 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
     print_fn(f"parameters: {n_train:,} trainable, {n_all - n_train:,} frozen, {n_all:,} total")
     g = out["per_device_gib"]
     print_fn("per-device memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
+    if cfg.parallel.pipeline > 1:
+        out["pipeline_plan"] = pipeline_plan(cfg)
+        from parallel.pipeline_plan import format_plan
+
+        print_fn(format_plan(out["pipeline_plan"]))
     return out
+
+
+def pipeline_plan(cfg: loop.RunConfig):
+    """The frozen-aware planner's choice for the run's shapes: a microbatch of a data rank's rows, each row of
+    DataConfig.seq_len tokens holding samples_per_row samples with their encoder instances."""
+    from parallel.pipeline_plan import plan_pipeline
+
+    pc, dc = cfg.parallel, cfg.data
+    rows = max(1, dc.batch_size // (pc.microbatches * pc.data * pc.fsdp))
+    slots = {"vision": dc.max_images, "audio": dc.max_audio}
+    instances = {n: dc.samples_per_row * slots.get(n, 1) for n in cfg.model.encoders} or None
+    return plan_pipeline(cfg.model, pc, text_tokens=dc.seq_len, microbatch_size=rows, instances=instances)

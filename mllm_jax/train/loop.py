@@ -28,7 +28,7 @@ from mllm_jax.train.data_sources import (RealTrainData, SyntheticTrainData, load
 from mllm_jax.train.metrics import MetricsWriter
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import make_eval_step, make_train_step, model_loss
-from parallel.config import ParallelConfig
+from parallel.config import ContextConfig, ParallelConfig
 
 BATCH_AXES = distributed.BATCH_AXES
 
@@ -57,6 +57,10 @@ def load_run_config(gin_files=(), gin_params=()) -> RunConfig:
     gin_setup.parse(gin_files, gin_params)
     parts = [gin_setup.build(c) for c in (ModelConfig, ParallelConfig, DataConfig, OptimizerConfig, CheckpointConfig,
                                           TrainConfig, DatasetConfig)]
+    # `ContextConfig.mode = "zigzag"` alone must count: ParallelConfig's default context_config is a plain
+    # ContextConfig() that gin never sees unless the recipe writes `ParallelConfig.context_config = @ContextConfig()`.
+    if parts[1].context_config == ContextConfig():
+        parts[1] = dataclasses.replace(parts[1], context_config=gin_setup.build(ContextConfig))
     pretrained = recipe.build_pretrained_config()
     if not pretrained.empty:
         # Validation, the data pipeline and checkpoint checks all need the real architecture, read from config.json.
