@@ -127,24 +127,32 @@ class MultimodalModel(nnx.Module):
                           tuple(batch["input_ids"].shape))
         emb = self.embed(batch)
         with self.scope("llm"):
+            # Metadata in the LLM's token layout whatever layout the batch came in (e.g. replicated over context):
+            # RoPE tables and masks are then computed per shard, not whole on every rank.
+            meta = TokenMeta(*(part.constrain(a, ("batch", "length")) for a in meta))
             return self.llm.hidden(emb, meta)
 
     def loss(self, batch: dict, *, chunk: int | None = None):
         """(sum over label tokens of -log p, number of label tokens); the train step divides global by global."""
-        hidden = self(batch)
+        return self.loss_from_hidden(self(batch), batch, chunk=chunk)
+
+    def loss_from_hidden(self, hidden, batch: dict, *, chunk: int | None = None):
+        """``loss`` given ``hidden = model(batch)`` (for callers that also need the hidden states)."""
         with self.scope("llm"):
             w = self.llm.head_weight().astype(hidden.dtype)
             from mllm_jax.llm import logits_from_hidden
 
             softcap = self.config.llm.final_logit_softcap
             return chunked_cross_entropy(hidden, lambda h: logits_from_hidden(h, w, softcap),
-                                         jnp.asarray(batch["labels"], jnp.int32), chunk=chunk,
+                                         part.constrain(jnp.asarray(batch["labels"], jnp.int32),
+                                                        ("batch", "length")), chunk=chunk,
                                          vocab=self.config.llm.vocab_size)
 
 
 def inject(emb_BSD, feats_FD, index_BS):
     """where(index >= 0, feats[index], emb): static shapes, no scatter."""
     sh = part.out_sharding(("batch", "length", "act_embed"), emb_BSD.shape)
+    index_BS = part.constrain(index_BS, ("batch", "length"))
     safe = jnp.maximum(index_BS, 0)
     g = feats_FD.at[safe].get(out_sharding=sh) if sh is not None else jnp.take(feats_FD, safe, axis=0)
     return jnp.where((index_BS >= 0)[..., None], g, emb_BSD)

@@ -1,8 +1,15 @@
-"""Tiny configs and batches shared by tests/test_model_*.py and tests/test_sharding*.py (not a test module)."""
+"""Tiny configs and batches shared by tests/test_model_*.py and tests/test_sharding*.py (not a test module), and the
+helpers that keep those tests cheap: models built once per process, test programs compiled at LLVM -O0, one model's
+weights placed into any layout."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
 
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_jax.multimodal import num_features
@@ -64,8 +71,85 @@ def tiny_batch(config: ModelConfig, *, batch: int = 2, length: int = 16, seed: i
     return out
 
 
-def build(cls, config, seed: int = 0, **kw):
-    """Construct a module under one jit (eager construction compiles every initializer separately: slow)."""
-    from flax import nnx
+def instances_batch(config: ModelConfig, *, rows: int, per_row: int, length: int, seed: int = 0):
+    """``rows`` x ``length`` tokens, each row holding ``per_row`` images and ``per_row`` audio clips between text
+    tokens, every instance used once (features flattened [N * T, D]; N = rows * per_row images and clips, so the
+    encoder batch can be spread over several mesh axes). Labels = next token, -100 on placeholders."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, config.llm.vocab_size, (rows, length)).astype(np.int32)
+    fi = {name: -np.ones((rows, length), np.int32) for name in ("vision", "audio")}
+    span = np.zeros((rows, length), np.int32)
+    n = {name: num_features(config, name) for name in fi}
+    for r in range(rows):
+        t, sid = 1, 1
+        for j in range(per_row):
+            for name, pid in (("vision", VISION_ID), ("audio", AUDIO_ID)):
+                inst = per_row * r + j
+                ids[r, t:t + n[name]] = pid
+                fi[name][r, t:t + n[name]] = np.arange(inst * n[name], (inst + 1) * n[name])
+                span[r, t:t + n[name]] = sid
+                t, sid = t + n[name] + 1, sid + 1
+        if t > length:
+            raise ValueError(f"length {length} cannot hold {per_row} images and clips per row (needs {t})")
+    v, a = config.encoders["vision"], config.encoders["audio"]
+    nxt = np.concatenate([ids[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
+    labels = np.where((nxt < 3) | (ids < 3), -100, nxt).astype(np.int32)
+    labels[:, -1] = -100
+    return dict(
+        input_ids=ids, labels=labels, positions=np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+        segment_ids=np.ones((rows, length), np.int32), span_ids=span, feature_index=fi,
+        encoder_inputs={
+            "vision": rng.normal(size=(rows * per_row, v.image_size, v.image_size, v.num_channels)).astype(np.float32),
+            "audio": rng.normal(size=(rows * per_row, a.num_frames, a.n_mels)).astype(np.float32),
+        },
+    )
 
-    return nnx.jit(lambda: cls(config, rngs=nnx.Rngs(seed), **kw))()
+
+# Test programs compile with the CPU backend's cheap code generation: LLVM at -O0 and the older elemental emitters
+# instead of the fusion emitters. These tiny programs spend far longer compiling than running (the tiny multimodal
+# model's init: 17 s -> 3 s; an encoder's gradient: 2.4 s -> 0.6 s). The HLO, hence the math, the layouts and
+# the FLOP counts (cost_analysis), is unchanged. Options this XLA does not know are dropped (checked once).
+_CHEAP_CODEGEN = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+                  {"xla_backend_optimization_level": 0}, {})
+
+
+@functools.cache
+def fast_compile_options() -> dict:
+    for options in _CHEAP_CODEGEN:
+        try:
+            jax.jit(lambda x: x + 1).lower(np.float32(1)).compile(compiler_options=options)
+            return options
+        except Exception:  # noqa: BLE001 (an XLA without the option: INVALID_ARGUMENT)
+            continue
+    return {}
+
+
+def jit(fn, **kw):
+    """jax.jit with fast_compile_options()."""
+    return jax.jit(fn, compiler_options=fast_compile_options(), **kw)
+
+
+_BUILT: dict = {}
+
+
+def build(cls, config, seed: int = 0, **kw):
+    """``cls(config, rngs=nnx.Rngs(seed), **kw)``, initialised under one -O0 jit, once per process per arguments.
+
+    Each call returns a fresh module (copied variables), so a test may mutate its model freely."""
+    key = (cls, repr(config), seed, repr(sorted(kw.items())))
+    if key not in _BUILT:
+        make = lambda: cls(config, rngs=nnx.Rngs(seed), **kw)  # noqa: E731
+        graphdef = nnx.graphdef(nnx.eval_shape(make))
+        _BUILT[key] = graphdef, jit(lambda: nnx.state(make()))()
+    graphdef, state = _BUILT[key]
+    return nnx.merge(graphdef, state, copy=True)
+
+
+def place(model, abstract, mesh):
+    """(graphdef, state) of ``abstract``'s layout on ``mesh`` (build.abstract_model) holding ``model``'s values:
+    every layout of a test starts from the very same weights."""
+    graphdef, target = nnx.split(abstract)
+    shardings = jax.tree.map(lambda a: NamedSharding(mesh, a.sharding.spec), nnx.to_pure_dict(target))
+    values = jax.device_put(nnx.to_pure_dict(nnx.state(model)), shardings)
+    nnx.replace_by_pure_dict(target, values)
+    return graphdef, target
