@@ -109,8 +109,14 @@ def test_layout_errors_name_the_numbers():
     with pytest.raises(ValueError, match=r"batch_size=16 is not divisible by data x fsdp x microbatches = "
                                          r"8 x 1 x 4 = 32"):
         loop.validate(tiny_config("ParallelConfig.microbatches = 4"), 8)
-    with pytest.raises(ValueError, match=r"ParallelConfig.pipeline=2"):
-        loop.validate(tiny_config("ParallelConfig.data = 4", "ParallelConfig.pipeline = 2"), 8)
+    with pytest.raises(ValueError, match=r"LLMConfig.n_layers=2 is fewer than ParallelConfig.pipeline=4"):
+        loop.validate(tiny_config("ParallelConfig.data = 2", "ParallelConfig.pipeline = 4"), 8)
+    with pytest.raises(ValueError, match=r"ParallelConfig.pipeline=2 with context=2"):
+        loop.validate(tiny_config("ParallelConfig.data = 2", "ParallelConfig.pipeline = 2",
+                                  "ParallelConfig.context = 2"), 8)
+    with pytest.raises(ValueError, match=r"ContextConfig.mode must be one of .*got 'diagonal'"):
+        loop.validate(tiny_config("ParallelConfig.data = 4", "ParallelConfig.context = 2",
+                                  'ContextConfig.mode = "diagonal"'), 8)
     with pytest.raises(ValueError, match=r"no_such_field"):
         loop.load_run_config(["configs/vlm_tiny.gin"], ["TrainConfig.no_such_field = 3"])
 
