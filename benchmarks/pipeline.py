@@ -4,12 +4,16 @@ devices with a tiny model whose frozen and trainable layers mix.
 
   python benchmarks/pipeline.py --out /tmp/pipeline.json [--quick] [--png /tmp/pipeline_timeline.png]
 
-(a) is analytic (parallel.cost_model on public architecture shapes; communication not modelled). (b) runs in
-subprocesses: per-stage FLOPs on 8 fake devices (4 stages) from cost_analysis of the straight-line per-stage program
-(forward, remat recompute, the stage's vjp branches, for all microbatches); step time of the pipeline runtime on 2
-fake devices with one XLA thread each (2 stages; on a 2-core machine each stage gets a core, so the step is set by
-the slowest stage, which is what balance is about), planned vs uniform split timed alternately in one run, medians;
-and the compute cost of padded slots (one stage, 2 active slots padded to 8 vs unpadded).
+(a) is analytic (parallel.cost_model on public architecture shapes; communication not modelled): "ours",
+"cornstarch", "megatron_like" on the common async 1F1B formula; model_details adds the step time our lockstep runtime
+takes with the split PipelinePlan.runtime chooses for it, and with the uniform split. (b) runs in subprocesses, on a
+stack whose first half is frozen and second half trainable: per-stage FLOPs on 8 fake devices (4 stages) from
+cost_analysis of the straight-line per-stage program (forward keeping each layer's input, then each layer's vjp
+branch, for all microbatches); step time of the pipeline runtime on 2 fake devices with one XLA thread each
+(2 stages; on a 2-core machine each stage gets a core), the split the planner picks for the runtime's lockstep
+ticks vs the uniform split, timed alternately in one run, medians, beside the planner's simulated times of both and
+the machine's load average; and the compute cost of padded slots (one stage, 2 active slots padded to 8 vs
+unpadded).
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, REPO)
 from parallel.cost_model import Layer, cost_chain
-from parallel.pipeline_plan import min_max_split, uniform_split
+from parallel.pipeline_plan import lockstep_split, uniform_split
 from parallel.pipeline import make_layout, KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW
 
 S, M, n_frozen, n_train, D, MB, REPS = CFG
@@ -162,15 +166,16 @@ def layer_fn(p, x, aux):
 def loss_fn(lp, y, aux):
     return jnp.sum((y @ lp["v"]) ** 2)
 
-# Cost model of this stack: every layer is one GEMM; the runtime rematerialises.
+# Cost model of this stack: every layer is one GEMM; the runtime rematerialises per layer.
 layers = [Layer(name=str(i), module="m", weight_flops=2.0 * MB * D * D, trainable=bool(t), params=D * D)
           for i, t in enumerate(trainable)]
 chain, _ = cost_chain(layers, remat=True)
-planned = min_max_split(chain, S, microbatches=M)
+planned = lockstep_split(chain, S, microbatches=M).counts
 uniform = uniform_split(n, S)
 
 def stage_program(kinds, M):
-    # Straight-line program of one stage for all M microbatches: forward, remat recompute, the vjp branch per layer.
+    # Straight-line program of one stage for all M microbatches as the runtime runs it: the forward keeps each
+    # layer's input; the backward is each layer's vjp branch (which recomputes that layer: remat per layer).
     def run(ps, x, g):
         for m in range(M):
             h = x[m]
@@ -181,9 +186,7 @@ def stage_program(kinds, M):
             if all(k == KIND_NONE for k in kinds):
                 g = g + h.sum()
                 continue
-            h = jax.lax.optimization_barrier(x[m])  # the runtime recomputes in a later tick: keep XLA from CSE
-            for p in ps:  # recompute
-                h = layer_fn(p, h, None)
+            inputs = list(jax.lax.optimization_barrier(inputs))  # a later tick: keep XLA from CSE the recompute
             dy = h
             for p, k, xi in reversed(list(zip(ps, kinds, inputs))):
                 if k == KIND_DX:
@@ -231,8 +234,9 @@ import jax, jax.numpy as jnp
 sys.path.insert(0, REPO)
 from jax.sharding import AxisType
 from parallel.cost_model import Layer, cost_chain
-from parallel.pipeline_plan import min_max_split, uniform_split
+from parallel.pipeline_plan import lockstep_split, lockstep_time, min_max_split, runtime_stage_costs, uniform_split
 from parallel.pipeline import KIND_DX_DW, _stage_backward, _stage_forward, pipeline_value_and_grad
+load_before = os.getloadavg()
 
 S, M, n_frozen, n_train, D, MB, REPS = CFG
 n = n_frozen + n_train
@@ -244,10 +248,12 @@ def layer_fn(p, x, aux):
 def loss_fn(lp, y, aux):
     return jnp.sum((y @ lp["v"]) ** 2)
 
-layers = [Layer(name=str(i), module="m", weight_flops=2.0 * MB * D * D, trainable=bool(t), params=D * D)
+# Cost model in layer forwards: every layer one GEMM of cost 1 (dX and dW each about one forward).
+layers = [Layer(name=str(i), module="m", weight_flops=1.0, trainable=bool(t), params=D * D)
           for i, t in enumerate(trainable)]
 chain, _ = cost_chain(layers, remat=True)
-splits = {"planned": min_max_split(chain, S, microbatches=M), "uniform": uniform_split(n, S)}
+search = lockstep_split(chain, S, microbatches=M)
+splits = {"planned": search.counts, "uniform": uniform_split(n, S)}
 mesh = jax.make_mesh((S,), ("pipeline",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:S])
 key = jax.random.split(jax.random.key(0), 3)
 params = {"w": jax.random.normal(key[0], (n, D, D)) / np.sqrt(D)}
@@ -269,55 +275,50 @@ with jax.set_mesh(mesh):
             times[name].append(timed(f, params, lp, x))
 
 # Padding: the stage loops over its active slots only, so c active of L_max slots should cost what c of c costs.
-# The gradient accumulator is carried across the step in the runtime, so here it is passed in and donated.
-def stage(params_L, gacc, n_active, x):
-    y, inputs = _stage_forward(layer_fn, params_L, n_active, x, None, collect=True)
+# The gradient accumulator and the saved-input buffer are carried across the step in the runtime, so here they are
+# passed in and donated.
+def stage(params_L, gacc, saved, n_active, x):
+    y, saved = _stage_forward(layer_fn, params_L, n_active, x, None, saved=saved, slot=0)
     kinds = jnp.full((params_L["w"].shape[0],), KIND_DX_DW, jnp.int32)
-    gacc, dx = _stage_backward(layer_fn, params_L, kinds, n_active, 0, inputs, y, None, gacc)
-    return gacc, dx
+    gacc, dx = _stage_backward(layer_fn, params_L, kinds, n_active, 0, saved, 0, y, None, gacc)
+    return gacc, saved, dx
 
 c, L_max = 2, 8
-f_stage = jax.jit(stage, donate_argnums=1)
+f_stage = jax.jit(stage, donate_argnums=(1, 2))
 pad = {}
 for slots in (c, L_max):
     p = {"w": params["w"][:slots]}
     g = jax.tree.map(jnp.zeros_like, p)
-    g, _ = jax.block_until_ready(f_stage(p, g, c, x[0]))
+    buf = jnp.zeros((1, slots + 1) + x.shape[1:])
+    g, buf, _ = jax.block_until_ready(f_stage(p, g, buf, c, x[0]))
     ts = []
     for _ in range(4 * REPS):
-        t = time.perf_counter(); g, dx = jax.block_until_ready(f_stage(p, g, c, x[0]))
+        t = time.perf_counter(); g, buf, dx = jax.block_until_ready(f_stage(p, g, buf, c, x[0]))
         ts.append(time.perf_counter() - t)
     pad[slots] = float(np.median(ts))
 
-# What the runtime does per op, in layer forwards f (a GEMM layer's backward pieces each cost about f): a forward
-# runs the stage's slots; a backward recomputes from the first slot that passes gradients on (the last stage from its
-# input: its forward is folded into its backward) and runs each slot's vjp (its own forward again, plus dX and/or dW).
-# Ticks are in lockstep (every tick ends in a ppermute), so the step is the sum over ticks of the slowest op.
-from parallel.pipeline import OP_BWD, OP_FWD, build_schedule, make_layout
-
+# The planner's simulation of the runtime (parallel.pipeline_plan): forward op = the stage's layer forwards,
+# backward op = its layers' remat vjps (f + dX and/or dW; 0 for the frozen prefix); ticks in lockstep, each as long
+# as its slowest op. The min-max split of the async 1F1B formula, simulated the same way, for comparison.
 def lockstep_model(counts):
-    lay = make_layout(counts, trainable)
-    sched = build_schedule(S, M, backward_stages=lay.backward_stages)
-    vjp = {0: 0, 1: 2, 2: 2, 3: 3}
-    f_op, b_op = [], []
-    for s, c in enumerate(counts):
-        kinds = [int(k) for k in lay.kind[s, :c]]
-        n_none = sum(k == 0 for k in kinds)
-        last = s == S - 1
-        f_op.append(0 if last else c)
-        b_op.append((c if last else c - n_none) + sum(vjp[k] for k in kinds) if lay.backward_stages[s] else 0)
-    cost = np.where(sched.ops == OP_FWD, np.array(f_op)[None], np.where(sched.ops == OP_BWD, np.array(b_op)[None], 0))
-    return float(cost.max(axis=1).sum()), f_op, b_op
+    F, B = runtime_stage_costs(chain, counts)
+    return lockstep_time(F, B, M), F, B
 
-model = {name: lockstep_model(c) for name, c in splits.items()}
+splits_sim = dict(splits, minmax_formula=min_max_split(chain, S, microbatches=M))
+model = {name: lockstep_model(c) for name, c in splits_sim.items()}
 med = {k: float(np.median(v)) for k, v in times.items()}
+load_after = os.getloadavg()
 print(json.dumps({"planned_split": list(splits["planned"]), "uniform_split": list(splits["uniform"]),
                   "step_time_planned_s": med["planned"], "step_time_uniform_s": med["uniform"],
                   "step_times_planned_s": times["planned"], "step_times_uniform_s": times["uniform"],
                   "step_time_ratio_uniform_over_planned": med["uniform"] / med["planned"],
+                  "minmax_formula_split": list(splits_sim["minmax_formula"]),
                   "lockstep_model_layer_forwards": {k: v[0] for k, v in model.items()},
                   "lockstep_model_ratio_uniform_over_planned": model["uniform"][0] / model["planned"][0],
                   "lockstep_model_stage_ops": {k: {"forward": v[1], "backward": v[2]} for k, v in model.items()},
+                  "lockstep_search": {"evaluated": search.evaluated, "exhaustive": search.exhaustive,
+                                      "dp_split": list(search.dp_counts), "dp_time": search.dp_time},
+                  "load_average_1min_before_after": [load_before[0], load_after[0]], "cpu_count": os.cpu_count(),
                   "padding": {"active_slots": c, "padded_to": L_max, "stage_time_unpadded_s": pad[c],
                               "stage_time_padded_s": pad[L_max], "padded_over_unpadded": pad[L_max] / pad[c]},
                   "config": {"stages": S, "devices": S, "microbatches": M, "frozen_layers": n_frozen,
@@ -336,9 +337,11 @@ def _subprocess(code: str, devices: int, flags: str = "") -> dict:
 
 def measure(quick: bool) -> dict:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flops_cfg = (4, 4, 16, 8, 64, 16, 3) if quick else (4, 8, 16, 8, 256, 64, 5)
+    # (stages, microbatches, frozen layers, trainable layers, width, rows per microbatch, repeats): the LLM's first
+    # half frozen, its second half trainable (a typical MLLM fine-tuning recipe).
+    flops_cfg = (4, 4, 8, 8, 64, 16, 3) if quick else (4, 8, 12, 12, 256, 64, 5)
     flops = _subprocess(MEASURE.replace("REPO", repr(repo)).replace("CFG", repr(flops_cfg)), 8)
-    step_cfg = (2, 4, 8, 8, 128, 32, 5) if quick else (2, 8, 16, 8, 256, 64, 9)
+    step_cfg = (2, 4, 8, 8, 128, 32, 5) if quick else (2, 8, 12, 12, 256, 64, 11)
     step = _subprocess(STEP.replace("REPO", repr(repo)).replace("CFG", repr(step_cfg)), 2,
                        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     return {"flops": flops, "step_time": step, **{k: flops[k] for k in ("stage_flops_ratio_planned",
@@ -440,6 +443,12 @@ def main():
                        "megatron_like": len(plan.megatron_like.all_stage_costs)},
             "speedup_vs_cornstarch": plan.cornstarch.predicted_time / plan.chosen.predicted_time,
             "speedup_vs_megatron_like": plan.megatron_like.predicted_time / plan.chosen.predicted_time,
+            # Our runtime runs lockstep ticks (parallel.pipeline_plan.lockstep_time), encoders outside.
+            "ours_runtime_lockstep": plan.runtime.runtime_time,
+            "ours_runtime_llm_stage_layers": list(plan.runtime.llm_stage_layers),
+            "uniform_runtime_lockstep": plan.uniform.runtime_time,
+            "formula_split_runtime_lockstep": plan.chosen.runtime_time if plan.chosen.encoders_outside else None,
+            "lockstep_search_exhaustive": plan.lockstep_search.exhaustive,
         }
         print(f"{name}: ours {models[name]['ours']:.3f} s ({plan.chosen.name}, {list(plan.chosen.llm_stage_layers)})"
               f"  cornstarch {models[name]['cornstarch']:.3f} s  megatron-like {models[name]['megatron_like']:.3f} s",
