@@ -153,3 +153,9 @@ def place(model, abstract, mesh):
     values = jax.device_put(nnx.to_pure_dict(nnx.state(model)), shardings)
     nnx.replace_by_pure_dict(target, values)
     return graphdef, target
+
+
+def jit_call(fn, module, *args):
+    """``fn(module, *args)`` under one jit (fast_compile_options): many eager calls cost one compile each per op."""
+    graphdef, state = nnx.split(module)
+    return jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)

@@ -13,7 +13,7 @@ from mllm_jax import MultimodalModel, check_batch, trainable_filter
 from mllm_jax.config import LoRAConfig, ProjectorConfig
 from mllm_jax.layers import LoRAParam
 
-from model_testlib import TINY_VISION, build, tiny_batch, tiny_config
+from model_testlib import TINY_VISION, build, jit_call, tiny_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -32,43 +32,50 @@ def batch(config):
 
 
 def test_shapes_and_injection(model, config, batch):
-    vis = model.encode("vision", jnp.asarray(batch["encoder_inputs"]["vision"]))
-    aud = model.encode("audio", jnp.asarray(batch["encoder_inputs"]["audio"]))
+    def parts(m, b):
+        x = b["encoder_inputs"]
+        return (m.encode("vision", x["vision"]), m.encode("audio", x["audio"]), m.encoders["vision"](x["vision"]),
+                m.encoders["audio"](x["audio"]), m.embed(b), m.llm.embed(b["input_ids"]), m(b))
+
+    vis, aud, vis_enc, aud_enc, emb, text, h = jit_call(parts, model, batch)
     assert vis.shape == (2, 4, 32) and aud.shape == (2, 2, 32)  # 4 patches (class token dropped), 2 queries
-    assert model.encoders["vision"](jnp.asarray(batch["encoder_inputs"]["vision"])).shape == (2, 4, 16)
-    assert model.encoders["audio"](jnp.asarray(batch["encoder_inputs"]["audio"])).shape == (2, 4, 16)
-    emb = np.asarray(model.embed(batch))
-    text = np.asarray(model.llm.embed(batch["input_ids"]))
+    assert vis_enc.shape == (2, 4, 16) and aud_enc.shape == (2, 4, 16)
+    emb, text = np.asarray(emb), np.asarray(text)
     fv, fa = batch["feature_index"]["vision"], batch["feature_index"]["audio"]
     np.testing.assert_allclose(emb[fv >= 0], np.asarray(vis).reshape(-1, 32)[fv[fv >= 0]], atol=1e-6)
     np.testing.assert_allclose(emb[fa >= 0], np.asarray(aud).reshape(-1, 32)[fa[fa >= 0]], atol=1e-6)
     text_pos = (fv < 0) & (fa < 0)
     np.testing.assert_array_equal(emb[text_pos], text[text_pos])
-    h = model(batch)
     assert h.shape == (2, 16, 32) and h.dtype == jnp.float32
 
 
 def test_absent_modality_and_text_only(model, config):
     b = tiny_batch(config, with_audio=False)
     check_batch(b, config)
-    assert model(b).shape == (2, 16, 32)
+    assert jax.eval_shape(lambda: model(b)).shape == (2, 16, 32)
     text_only = tiny_config(encoders={}, projectors={}, placeholder_ids={})
     m = build(MultimodalModel, text_only, 0)
     tb = {k: b[k] for k in ("input_ids", "labels", "positions", "segment_ids", "span_ids")}
     tb["input_ids"] = np.maximum(tb["input_ids"], 3)
     check_batch(tb, text_only)
-    assert m(tb).shape == (2, 16, 32) and len(m.encoders) == 0
+    # the same LLM weights (seed 0) with and without encoders: a text-only batch gives the same hidden states
+    m.llm = nnx.clone(model.llm)
+    both = jit_call(lambda ms, b: (ms[0](b), ms[1](b)), nnx.List([m, model]), tb)
+    assert both[0].shape == (2, 16, 32) and len(m.encoders) == 0
+    np.testing.assert_allclose(both[0], both[1], atol=1e-6)
 
 
 def test_chunked_loss_equals_full_cross_entropy(model, batch):
-    logits = np.asarray(model.llm.logits(model(batch)), np.float64)
+    logits, losses = jit_call(lambda m, b: (m.llm.logits(m(b)), {c: m.loss(b, chunk=c) for c in (4, 16)}), model,
+                              batch)
+    logits = np.asarray(logits, np.float64)
     labels = batch["labels"]
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     valid = labels != -100
     tgt = np.take_along_axis(logits, np.maximum(labels, 0)[..., None], -1)[..., 0]
     want = ((lse - tgt) * valid).sum()
     for chunk in (4, 16):
-        total, count = model.loss(batch, chunk=chunk)
+        total, count = losses[chunk]
         assert int(count) == valid.sum()
         np.testing.assert_allclose(float(total), want, rtol=1e-5)
 
@@ -100,7 +107,9 @@ def test_lora_identity_then_one_step_changes_only_trainable(model, batch):
     plain = nnx.clone(model)
     nnx.update(plain, nnx.state(lora_model, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
     assert len(jax.tree.leaves(nnx.state(lora_model, LoRAParam))) == 2 * (4 + 5)  # llm q v o down; vision q v o fc1 fc2
-    np.testing.assert_allclose(lora_model(batch), plain(batch), atol=1e-6)
+    both = lambda ms, b: (ms[0](b), ms[1](b))  # noqa: E731
+    with_lora, without = jit_call(both, nnx.List([lora_model, plain]), batch)
+    np.testing.assert_allclose(with_lora, without, atol=1e-6)
     model = lora_model
     wrt = trainable_filter(cfg)
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
@@ -111,16 +120,19 @@ def test_lora_identity_then_one_step_changes_only_trainable(model, batch):
     assert len(opt_arrays) == 2 * len(trainable_paths)  # adam mu and nu for trainable parameters only
     assert sum(x.size for x in opt_arrays) == 2 * sum(before[p].size for p in trainable_paths)
 
-    @nnx.jit
-    def step(model, opt, b):
+    def step(model_opt, b):
+        model, opt = model_opt
+
         def loss_fn(m):
             s, c = m.loss(b)
             return s / c
 
         grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         opt.update(model, grads)
+        return nnx.state(model_opt)
 
-    step(model, opt, jax.tree.map(jnp.asarray, batch))
+    model_opt = nnx.List([model, opt])
+    nnx.update(model_opt, jit_call(step, model_opt, jax.tree.map(jnp.asarray, batch)))
     after = {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     assert changed <= trainable_paths  # frozen parameters are exactly unchanged
@@ -203,7 +215,9 @@ def test_siglip_and_vit_towers():
                               activation="gelu_tanh", select_layer=-1)
     enc = build(VisionEncoder, sig)
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
-    out = np.asarray(enc(x))
+    y = x.copy()
+    y[0] += 1.0
+    out, out_y = (np.asarray(o) for o in jit_call(lambda e, x, y: (e(x), e(y)), enc, x, y))
     assert out.shape == (3, 4, 16) and "class_embedding" not in nnx.state(enc)
     np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)  # post LayerNorm (scale 1, bias 0) applied
     vit = dataclasses.replace(TINY_VISION, kind="vit", activation="gelu", drop_class_token=False)
@@ -212,8 +226,6 @@ def test_siglip_and_vit_towers():
     assert jax.eval_shape(lambda st: nnx.merge(graphdef, st)(x), state).shape == (3, 5, 16)
     assert "bias" in state["patch_embed"]
     # each image is encoded on its own: changing image 0 leaves image 1's features unchanged
-    y = x.copy()
-    y[0] += 1.0
-    a, b = np.asarray(out), np.asarray(enc(y))
+    a, b = out, out_y
     np.testing.assert_allclose(a[1:], b[1:], atol=1e-6)
     assert np.abs(a[0] - b[0]).max() > 1e-3

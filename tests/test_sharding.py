@@ -182,21 +182,27 @@ def _encoders_run(graphdef, state, weights):
     return lambda inputs: run(params, inputs)
 
 
+FEATURE_SHAPES = {"vision": (8, 4, 32), "audio": (8, 2, 32)}  # [N, projected tokens, LLM d_model]
+FEATURE_WEIGHTS = {n: np.random.default_rng(1).normal(size=s).astype(np.float32) for n, s in FEATURE_SHAPES.items()}
+
+
+@pytest.fixture(scope="module")
+def one_device_encoders_run(model, batch):
+    return _encoders_run(*nnx.split(model), FEATURE_WEIGHTS)(batch["encoder_inputs"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pc", [ParallelConfig(data=8), ParallelConfig(data=2, context=4),
                                 ParallelConfig(fsdp=4, tensor=2)], ids=["data8", "data2_context4", "fsdp4_tensor2"])
-def test_encoders_with_batch_sharded_inputs_equal_one_device(model, batch, pc):
+def test_encoders_with_batch_sharded_inputs_equal_one_device(model, batch, one_device_encoders_run, pc):
     inputs = batch["encoder_inputs"]
-    rng = np.random.default_rng(1)
-    shapes = {"vision": (8, 4, 32), "audio": (8, 2, 32)}  # [N, projected tokens, LLM d_model]
-    weights = {n: jnp.asarray(rng.normal(size=s).astype(np.float32)) for n, s in shapes.items()}
-    feats1, grads1 = _encoders_run(*nnx.split(model), weights)(inputs)
+    feats1, grads1 = one_device_encoders_run
     mesh = make_mesh(pc)
-    run = _encoders_run(*place(model, abstract_model(CFG, mesh, pc), mesh), weights)
+    run = _encoders_run(*place(model, abstract_model(CFG, mesh, pc), mesh), FEATURE_WEIGHTS)
     with jax.set_mesh(mesh):
         feats, grads = run({k: _on_mesh(pc, v, ("data", "fsdp", "context"), mesh) for k, v in inputs.items()})
     for name in inputs:
-        assert feats[name].shape == shapes[name]
+        assert feats[name].shape == FEATURE_SHAPES[name]
         # each device holds 1/8 of the features: the encoders' batch is spread over all 8 devices
         assert feats[name].sharding.shard_shape(feats[name].shape)[0] == 1, feats[name].sharding
         np.testing.assert_allclose(np.asarray(feats[name]), np.asarray(feats1[name]), rtol=1e-5, atol=1e-5)
