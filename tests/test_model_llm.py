@@ -14,7 +14,7 @@ from mllm_jax import layers as L
 from mllm_jax.config import LLMConfig, RopeScaling
 from mllm_jax.llm import LLM, RunSettings
 
-from model_testlib import TINY_LLM, build
+from model_testlib import TINY_LLM, build, jit_call
 
 GEMMA2 = dataclasses.replace(
     TINY_LLM, head_dim=12, activation="gelu_tanh", norm_scale_plus_one=True, embed_scale=True, tie_embeddings=True,
@@ -33,15 +33,14 @@ def llm():
 
 def test_shapes_and_dtypes(llm):
     ids = np.arange(12, dtype=np.int32).reshape(2, 6)
-    logits = llm(ids, _meta(2, 6))
+    logits, h = jax.eval_shape(lambda: (llm(ids, _meta(2, 6)), llm.hidden(llm.embed(ids), _meta(2, 6))))
     assert logits.shape == (2, 6, 64) and logits.dtype == jnp.float32
-    h = llm.hidden(llm.embed(ids), _meta(2, 6))
-    assert h.shape == (2, 6, 32)
+    assert h.shape == (2, 6, 32) and h.dtype == jnp.float32
     layer_params, _ = llm.layer_params()
     assert layer_params["attn"]["q"]["kernel"].shape == (2, 32, 4, 8)  # stacked [layers, D, H, Dh]
     assert layer_params["attn"]["k"]["kernel"].shape == (2, 32, 2, 8)  # GQA
     bf = build(LLM, TINY_LLM, run=RunSettings(dtype="bfloat16"))
-    assert bf.hidden(bf.embed(ids), _meta(2, 6)).dtype == jnp.bfloat16
+    assert jax.eval_shape(lambda: bf.hidden(bf.embed(ids), _meta(2, 6))).dtype == jnp.bfloat16
     assert nnx.state(bf)["embed"]["embedding"][...].dtype == jnp.float32  # parameters stay fp32
 
 
@@ -53,13 +52,12 @@ def test_causal_and_span_mask_through_the_model(llm):
     meta = TokenMeta(np.arange(10, dtype=np.int32)[None], np.ones((1, 10), np.int32), span)
     ids2 = ids.copy()
     ids2[0, 5] = (ids[0, 5] + 1) % 64  # the last token of the span
-    a, b = np.asarray(llm(ids, meta)), np.asarray(llm(ids2, meta))
+    ids3 = ids.copy()
+    ids3[0, 8] = (ids[0, 8] + 1) % 64
+    a, b, c = (np.asarray(x) for x in jit_call(lambda m: [m(i, meta) for i in (ids, ids2, ids3)], llm))
     np.testing.assert_array_equal(a[0, :3], b[0, :3])  # text before the span cannot see it
     assert np.abs(a[0, 3] - b[0, 3]).max() > 1e-4  # span tokens see each other both ways
     assert np.abs(a[0, 6:] - b[0, 6:]).max() > 1e-4  # later text sees it
-    ids3 = ids.copy()
-    ids3[0, 8] = (ids[0, 8] + 1) % 64
-    c = np.asarray(llm(ids3, meta))
     np.testing.assert_array_equal(a[0, :8], c[0, :8])
 
 
@@ -72,9 +70,9 @@ def test_packed_samples_equal_separate_runs(llm):
     pos[0, :5], pos[0, 5:11] = np.arange(5), np.arange(6)
     seg = np.zeros((1, 12), np.int32)
     seg[0, :5], seg[0, 5:11] = 1, 2  # last token is padding
-    out = np.asarray(llm(packed, TokenMeta(pos, seg, np.zeros_like(seg))))
-    alone1 = np.asarray(llm(s1[None].astype(np.int32), _meta(1, 5)))
-    alone2 = np.asarray(llm(s2[None].astype(np.int32), _meta(1, 6)))
+    out, alone1, alone2 = (np.asarray(x) for x in jit_call(
+        lambda m: (m(packed, TokenMeta(pos, seg, np.zeros_like(seg))), m(s1[None].astype(np.int32), _meta(1, 5)),
+                   m(s2[None].astype(np.int32), _meta(1, 6))), llm))
     np.testing.assert_allclose(out[0, :5], alone1[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 5:11], alone2[0], atol=1e-5)
 
@@ -120,10 +118,10 @@ def test_gemma2_options():
     m = build(LLM, GEMMA2, 0)
     ids = np.random.default_rng(5).integers(0, 64, (1, 6)).astype(np.int32)
     table = np.asarray(nnx.state(m)["embed"]["embedding"][...])
-    np.testing.assert_allclose(m.embed(ids), table[ids] * math.sqrt(32), rtol=1e-6)
-    logits = np.asarray(m(ids, _meta(1, 6)))
+    emb, logits, h = jit_call(lambda m: (m.embed(ids), m(ids, _meta(1, 6)), m.hidden(m.embed(ids), _meta(1, 6))), m)
+    np.testing.assert_allclose(emb, table[ids] * math.sqrt(32), rtol=1e-6)
+    logits = np.asarray(logits)
     assert logits.shape == (1, 6, 64) and np.abs(logits).max() <= 3.0  # final softcap bounds the logits
-    h = m.hidden(m.embed(ids), _meta(1, 6))
     np.testing.assert_allclose(logits, 3.0 * np.tanh(np.einsum("bsd,vd->bsv", h, table) / 3.0), atol=1e-5)
     assert "post_attn_norm" in nnx.state(m)["layers"] and "lm_head" not in nnx.state(m)
 
@@ -134,12 +132,14 @@ def test_sliding_window_per_layer():
     ids = np.random.default_rng(6).integers(0, 64, (1, 6)).astype(np.int32)
     ids2 = ids.copy()
     ids2[0, 0] = (ids[0, 0] + 1) % 64
-    params, _ = m.layer_params()
-    one = jax.tree.map(lambda a: a[:1], params)
     meta = _meta(1, 6)
-    for first_layer, reaches in ((0, False), (1, True)):
-        a = m.apply_layers(one, m.embed(ids), meta, first_layer=first_layer)
-        b = m.apply_layers(one, m.embed(ids2), meta, first_layer=first_layer)
+
+    def run(m):
+        one = jax.tree.map(lambda a: a[:1], m.layer_params()[0])
+        return [[m.apply_layers(one, m.embed(i), meta, first_layer=f) for i in (ids, ids2)] for f in (0, 1)]
+
+    outs = jit_call(run, m)
+    for (first_layer, reaches), (a, b) in zip(((0, False), (1, True)), outs):
         assert (np.abs(np.asarray(a - b))[0, 3].max() > 1e-5) == reaches
         assert np.abs(np.asarray(a - b))[0, 1].max() > 1e-5  # within the window either way
 
@@ -147,11 +147,16 @@ def test_sliding_window_per_layer():
 def test_apply_layers_slices_compose(llm):
     """Running layers [0, 1) then [1, 2) as pure functions equals the full stack (what the pipeline does)."""
     ids = np.arange(8, dtype=np.int32)[None]
-    meta, e = _meta(1, 8), llm.embed(ids)
-    params, _ = llm.layer_params()
-    h = llm.apply_layers(jax.tree.map(lambda a: a[:1], params), e, meta, first_layer=0)
-    h = llm.apply_layers(jax.tree.map(lambda a: a[1:], params), h, meta, first_layer=1)
-    np.testing.assert_allclose(llm.final(h), llm.hidden(e, meta), atol=1e-6)
+    meta = _meta(1, 8)
+
+    def both(llm):
+        e, params = llm.embed(ids), llm.layer_params()[0]
+        h = llm.apply_layers(jax.tree.map(lambda a: a[:1], params), e, meta, first_layer=0)
+        h = llm.apply_layers(jax.tree.map(lambda a: a[1:], params), h, meta, first_layer=1)
+        return llm.final(h), llm.hidden(e, meta)
+
+    sliced, whole = jit_call(both, llm)
+    np.testing.assert_allclose(sliced, whole, atol=1e-6)
 
 
 def test_qwen2_bias_and_untied_head():
