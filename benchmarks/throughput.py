@@ -15,7 +15,8 @@ torch.set_num_threads(os.cpu_count()); XLA uses every core. Tokens per step = ba
 computed by both, padding included).
 
 MFU: model FLOPs per step / step time, divided by the FLOP/s of a jitted 2048x2048 float32 jnp.dot measured in the
-same process (torch's torch.mm rate and MFU are reported too). Model FLOPs are counted analytically: 6 x (matmul
+same process right after each timed step (torch's torch.mm rate, measured the same way, and torch's MFU are reported
+too); medians over rounds. Model FLOPs are counted analytically: 6 x (matmul
 parameters) x (tokens they see) for forward + backward, plus attention's two S x S matmuls (4 S^2 D per layer forward,
 x3 with backward, full S^2: neither side skips masked tiles at this length). XLA's cost_analysis of the compiled step
 is reported beside it (it also counts elementwise work and the optimizer).
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="write the final JSON object here")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to compare, comma separated")
+    p.add_argument("--dtypes", default="float32", help="compute dtypes to compare, comma separated (float32, bfloat16)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (each: one JAX step, one torch step)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per framework before timing")
     p.add_argument("--xla_flags", default=DEFAULT_XLA_FLAGS, help="XLA_FLAGS for this process (set before jax)")
@@ -130,7 +131,9 @@ class JaxTrainer:
 
     def __init__(self, cfg: loop.RunConfig, batch: dict):
         loop.validate(cfg, 1)
-        self.mesh = loop.build_mesh(cfg.parallel)
+        from parallel.mesh import make_mesh
+
+        self.mesh = make_mesh(cfg.parallel, devices=jax.devices()[:1])  # one device, however many the process has
         with jax.set_mesh(self.mesh):
             model = loop.create_model(cfg, self.mesh)
             trainable = loop.trainable_filter(cfg.model)
@@ -160,17 +163,23 @@ class JaxTrainer:
         return loss
 
 
-def jax_matmul_flops_per_s(n: int, repeats: int) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+class JaxMatmul:
+    """A jitted n x n float32 jnp.dot; ``rate()`` = its FLOP/s (median over ``repeats`` calls)."""
+
+    def __init__(self, n: int, repeats: int):
+        self.n, self.repeats = n, repeats
+        self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        self.f = jax.jit(jnp.dot)
+        self.f(self.a, self.b).block_until_ready()
+
+    def rate(self) -> float:
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            self.f(self.a, self.b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return 2 * self.n**3 / statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,29 +233,34 @@ class TorchTrainer:
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
-def torch_matmul_flops_per_s(n: int, repeats: int) -> float:
-    import torch
+class TorchMatmul:
+    def __init__(self, n: int, repeats: int):
+        import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+        self.torch, self.n, self.repeats = torch, n, repeats
+        self.a, self.b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(self.a, self.b)
+
+    def rate(self) -> float:
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            self.torch.mm(self.a, self.b)
+            times.append(time.perf_counter() - t0)
+        return 2 * self.n**3 / statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 
 
-def time_interleaved(trainers: dict, warmup: int, rounds: int) -> dict:
-    """Warm up each trainer, then alternate one step of each per round; per trainer the step times and losses."""
-    out = {name: {"times": [], "losses": []} for name in trainers}
+def time_interleaved(trainers: dict, matmuls: dict, warmup: int, rounds: int) -> dict:
+    """Warm up each trainer, then per round one step of each trainer followed by its framework's matmul probe (so a
+    burst of load from other processes hits the step and the rate it is divided by alike)."""
+    out = {name: {"times": [], "losses": [], "matmul": []} for name in trainers}
     for name, t in trainers.items():
         for _ in range(warmup):
             out[name]["losses"].append(t.step())
@@ -257,6 +271,7 @@ def time_interleaved(trainers: dict, warmup: int, rounds: int) -> dict:
             loss = trainers[name].step()
             out[name]["times"].append(time.perf_counter() - t0)
             out[name]["losses"].append(loss)
+            out[name]["matmul"].append(matmuls[name].rate())
     return out
 
 
@@ -270,7 +285,7 @@ def load_average() -> list | None:
 def run(args) -> dict:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
-    matmul_n, matmul_repeats = (256, 3) if args.quick else (2048, 10)
+    matmul_n, matmul_repeats = (256, 3) if args.quick else (2048, 5)
     threads = os.cpu_count()
     if not args.no_torch:
         import torch
@@ -285,9 +300,9 @@ def run(args) -> dict:
         import transformers
 
         result.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=threads)
-    result["matmul"] = {"n": matmul_n, "jax_flops_per_s": jax_matmul_flops_per_s(matmul_n, matmul_repeats)}
+    matmuls = {"jax": JaxMatmul(matmul_n, matmul_repeats)}
     if not args.no_torch:
-        result["matmul"]["torch_flops_per_s"] = torch_matmul_flops_per_s(matmul_n, matmul_repeats)
+        matmuls["torch"] = TorchMatmul(matmul_n, matmul_repeats)
     per_dtype = {}
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         cfg = load_config(args.quick, dtype, args.gin_param)
@@ -297,7 +312,7 @@ def run(args) -> dict:
         trainers = {"jax": JaxTrainer(cfg, batch)}
         if not args.no_torch:
             trainers["torch"] = TorchTrainer(cfg, batch, dtype)
-        timed = time_interleaved(trainers, warmup, rounds)
+        timed = time_interleaved(trainers, matmuls, warmup, rounds)
         r = {"batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "tokens_per_step": tokens,
              "model_flops_per_step": flops, "jax_compile_s": trainers["jax"].compile_s,
              "jax_xla_cost_flops_per_step": trainers["jax"].cost_flops(),
@@ -308,11 +323,14 @@ def run(args) -> dict:
             r[f"{name}_step_s_all"] = t["times"]
             r[f"{name}_tokens_per_s"] = tokens / med
             r[f"{name}_loss_first_last"] = [t["losses"][0], t["losses"][-1]]
-        r["jax_mfu_vs_matmul"] = flops["total"] / r["jax_step_s"] / result["matmul"]["jax_flops_per_s"]
+            r[f"{name}_matmul_flops_per_s"] = statistics.median(t["matmul"])
+            r[f"{name}_model_flops_per_s"] = flops["total"] / med
+        r["matmul_n"] = matmul_n
+        r["jax_mfu_vs_matmul"] = r["jax_model_flops_per_s"] / r["jax_matmul_flops_per_s"]
         if "torch" in timed:
             r["torch_params"] = trainers["torch"].n_params
             r["speedup_vs_torch"] = r["torch_step_s"] / r["jax_step_s"]
-            r["torch_mfu_vs_matmul"] = flops["total"] / r["torch_step_s"] / result["matmul"]["torch_flops_per_s"]
+            r["torch_mfu_vs_matmul"] = r["torch_model_flops_per_s"] / r["torch_matmul_flops_per_s"]
         per_dtype[dtype] = r
         del trainers
     result["per_dtype"] = per_dtype

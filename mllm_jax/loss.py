@@ -23,7 +23,9 @@ def chunk_length(batch: int, length: int, vocab: int, max_logits: int = MAX_CHUN
 def chunked_cross_entropy(h_BSD, logits_fn, labels_BS, *, chunk: int | None = None, vocab: int):
     """(sum of -log p(label), number of labels) over positions with labels != -100.
 
-    ``logits_fn(h [B, c, D]) -> [B, c, V]`` float32 is applied per chunk of ``chunk`` positions under remat.
+    ``logits_fn(h [B, c, D]) -> [B, c, V]`` float32 is applied per chunk of ``chunk`` positions under remat (when
+    there is more than one chunk: a single chunk's logits are the whole [B, S, V] anyway, and remat would only add a
+    second logits matmul to the backward).
     """
     b, s, d = h_BSD.shape
     if labels_BS.shape != (b, s):
@@ -35,7 +37,6 @@ def chunked_cross_entropy(h_BSD, logits_fn, labels_BS, *, chunk: int | None = No
     h_nBcD = jnp.swapaxes(h_BSD.reshape(b, n, c, d), 0, 1)
     l_nBc = jnp.swapaxes(labels_BS.reshape(b, n, c), 0, 1)
 
-    @jax.checkpoint
     def one(h_BcD, l_Bc):
         logits = logits_fn(h_BcD).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -43,6 +44,10 @@ def chunked_cross_entropy(h_BSD, logits_fn, labels_BS, *, chunk: int | None = No
         target = jnp.sum(jnp.where(vocab_ids == l_Bc[..., None], logits, 0.0), axis=-1)
         valid = l_Bc != IGNORE
         return jnp.sum(jnp.where(valid, lse - target, 0.0)), jnp.sum(valid.astype(jnp.int32))
+
+    if n == 1:
+        return one(h_BSD, labels_BS)
+    one = jax.checkpoint(one)
 
     def step(carry, xs):
         total, count = carry
