@@ -65,8 +65,9 @@ def _axes_of(rule) -> tuple:
 def spec(names: tuple, shape: tuple, *, drop: tuple = ()) -> P | None:
     """PartitionSpec for an array with these logical names under the current rules and mesh, or None (no layout).
 
-    Mesh axes of size 1 or not in the mesh, already used by an earlier dimension, listed in ``drop``, or whose product would not
-    divide the dimension are left out (so tiny test shapes and uneven encoder batches still shard where they can).
+    Mesh axes of size 1 or not in the mesh, already used by an earlier dimension, listed in ``drop``, or whose product
+    would not divide the dimension are left out (so tiny test shapes and uneven encoder batches still shard where they
+    can).
     """
     mesh, rules = _mesh(), current_rules()
     if mesh is None or rules is None:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from kernels.meta import TokenMeta
 from mllm_jax import layers as L
-from mllm_jax.config import LLMConfig, RopeScaling
+from mllm_jax.config import RopeScaling
 from mllm_jax.llm import LLM, RunSettings
 
 from model_testlib import TINY_LLM, build, jit_call

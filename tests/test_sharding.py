@@ -246,10 +246,13 @@ def test_llm_context_parallel_computes_a_shard_and_equals_one_device():
     p = plan(meta, CP.context, CP.context_config.mode, block=CP.context_config.block, tile_k=8)
     permuted = permute_batch(batch, p)
     assert permuted["input_ids"].shape == batch["input_ids"].shape  # 128 = 4 ranks x 2 blocks of 16: no padding
+    assert not np.array_equal(permuted["positions"], batch["positions"])  # the plan does move blocks
+
+    def forward_flops(graphdef, state, tokens):
+        compiled = jit(lambda st, b: nnx.merge(graphdef, st)(b)).lower(state, tokens).compile()
+        return compiled.cost_analysis()["flops"]
 
     gdef1, state1 = nnx.split(text_model)
-    forward_flops = lambda g, st, b: jit(lambda st, b: nnx.merge(g, st)(b)).lower(st, b).compile().cost_analysis()[
-        "flops"]  # noqa: E731
     mesh = make_mesh(CP)
     gdef8, state8 = place(text_model, abstract_model(TEXT_CFG, mesh, CP), mesh)
     flops1 = forward_flops(gdef1, state1, batch)
