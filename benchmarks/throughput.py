@@ -10,8 +10,9 @@ CLIPVisionConfig + LlamaConfig of the same sizes, AdamW over every parameter wit
 the same token ids, labels and pixels.
 
 What is timed: a step (forward, backward, clipping, AdamW update) after warm-up steps, both frameworks alternating
-round by round in this process (so load from other processes hits both alike), median over rounds. torch uses
-torch.set_num_threads(os.cpu_count()); XLA uses every core. Tokens per step = batch x sequence (every position is
+round by round within this run (so load from other processes hits both alike), median over rounds. Each framework
+lives in its own worker process (both in one process, the idle framework's thread pool slowed the other's steps)
+and runs only while the other waits. torch uses torch.set_num_threads(os.cpu_count()); XLA uses every core. Tokens per step = batch x sequence (every position is
 computed by both, padding included).
 
 MFU: model FLOPs per step / step time, divided by the FLOP/s of a jitted 2048x2048 float32 jnp.dot measured in the
@@ -257,22 +258,68 @@ class TorchMatmul:
 # The run
 
 
-def time_interleaved(trainers: dict, matmuls: dict, warmup: int, rounds: int) -> dict:
-    """Warm up each trainer, then per round one step of each trainer followed by its framework's matmul probe (so a
-    burst of load from other processes hits the step and the rate it is divided by alike)."""
-    out = {name: {"times": [], "losses": [], "matmul": []} for name in trainers}
-    for name, t in trainers.items():
-        for _ in range(warmup):
-            out[name]["losses"].append(t.step())
-    for r in range(rounds):
-        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))  # neither always runs first
-        for name in order:
-            t0 = time.perf_counter()
-            loss = trainers[name].step()
-            out[name]["times"].append(time.perf_counter() - t0)
-            out[name]["losses"].append(loss)
-            out[name]["matmul"].append(matmuls[name].rate())
-    return out
+def _worker(framework: str, quick: bool, dtype: str, gin_params: list, matmul: tuple, conn) -> None:
+    """One framework in its own process (so neither framework's thread pool competes with the other's inside one
+    process): builds its trainer and matmul probe, then per "step" message runs one timed step followed by the
+    probe and sends back (step seconds, loss, matmul FLOP/s)."""
+    cfg = load_config(quick, dtype, gin_params)
+    batch = host_batch(cfg)
+    if framework == "jax":
+        trainer, probe = JaxTrainer(cfg, batch), JaxMatmul(*matmul)
+        info = {"compile_s": trainer.compile_s, "xla_cost_flops_per_step": trainer.cost_flops(),
+                "trainable_params": trainer.n_trainable}
+    else:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        trainer, probe = TorchTrainer(cfg, batch, dtype), TorchMatmul(*matmul)
+        info = {"params": trainer.n_params, "threads": torch.get_num_threads()}
+    conn.send(info)
+    while conn.recv() == "step":
+        t0 = time.perf_counter()
+        loss = trainer.step()
+        conn.send((time.perf_counter() - t0, loss, probe.rate()))
+
+
+def time_interleaved(frameworks: list, quick: bool, dtype: str, gin_params: list, matmul: tuple, warmup: int,
+                     rounds: int) -> tuple[dict, dict]:
+    """Warm up each framework's worker, then per round one step of each (the order alternating by round, so neither
+    always runs first and load from other processes hits both alike). Returns (info, samples) per framework."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for name in frameworks:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(name, quick, dtype, list(gin_params), matmul, child), daemon=True)
+        proc.start()
+        workers[name] = (proc, parent)
+    try:
+        info = {name: conn.recv() for name, (_, conn) in workers.items()}
+
+        def step(name):
+            conn = workers[name][1]
+            conn.send("step")
+            return conn.recv()
+
+        out = {name: {"times": [], "losses": [], "matmul": []} for name in frameworks}
+        for name in frameworks:
+            for _ in range(warmup):
+                out[name]["losses"].append(step(name)[1])
+        for r in range(rounds):
+            for name in (frameworks if r % 2 == 0 else frameworks[::-1]):
+                dt, loss, rate = step(name)
+                out[name]["times"].append(dt)
+                out[name]["losses"].append(loss)
+                out[name]["matmul"].append(rate)
+    finally:
+        for proc, conn in workers.values():
+            try:
+                conn.send("stop")
+            except OSError:
+                pass
+            proc.join(timeout=60)
+    return info, out
 
 
 def load_average() -> list | None:
@@ -283,40 +330,33 @@ def load_average() -> list | None:
 
 
 def run(args) -> dict:
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
+    warmup = args.warmup if args.warmup is not None else 1
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     matmul_n, matmul_repeats = (256, 3) if args.quick else (2048, 5)
     threads = os.cpu_count()
-    if not args.no_torch:
-        import torch
-
-        torch.set_num_threads(threads)
+    frameworks = ["jax"] if args.no_torch else ["jax", "torch"]
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(), "cpu_count": threads,
               "load_average_start": load_average(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "recipe": RECIPE, "quick": args.quick, "warmup_steps": warmup, "timed_rounds": rounds,
+              "gin_params": args.gin_param,
               "tokens_counted": "batch x seq_len (every position, padding included, is computed by both)"}
     if not args.no_torch:
+        import torch
         import transformers
 
-        result.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=threads)
-    matmuls = {"jax": JaxMatmul(matmul_n, matmul_repeats)}
-    if not args.no_torch:
-        matmuls["torch"] = TorchMatmul(matmul_n, matmul_repeats)
+        result.update(torch=torch.__version__, transformers=transformers.__version__)
     per_dtype = {}
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         cfg = load_config(args.quick, dtype, args.gin_param)
-        batch = host_batch(cfg)
         tokens = cfg.data.batch_size * cfg.data.seq_len
         flops = model_flops(cfg)
-        trainers = {"jax": JaxTrainer(cfg, batch)}
-        if not args.no_torch:
-            trainers["torch"] = TorchTrainer(cfg, batch, dtype)
-        timed = time_interleaved(trainers, matmuls, warmup, rounds)
+        info, timed = time_interleaved(frameworks, args.quick, dtype, args.gin_param, (matmul_n, matmul_repeats),
+                                       warmup, rounds)
         r = {"batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "tokens_per_step": tokens,
-             "model_flops_per_step": flops, "jax_compile_s": trainers["jax"].compile_s,
-             "jax_xla_cost_flops_per_step": trainers["jax"].cost_flops(),
-             "jax_trainable_params": trainers["jax"].n_trainable}
+             "model_flops_per_step": flops, "jax_compile_s": info["jax"]["compile_s"],
+             "jax_xla_cost_flops_per_step": info["jax"]["xla_cost_flops_per_step"],
+             "jax_trainable_params": info["jax"]["trainable_params"], "matmul_n": matmul_n}
         for name, t in timed.items():
             med = statistics.median(t["times"])
             r[f"{name}_step_s"] = med
@@ -325,14 +365,13 @@ def run(args) -> dict:
             r[f"{name}_loss_first_last"] = [t["losses"][0], t["losses"][-1]]
             r[f"{name}_matmul_flops_per_s"] = statistics.median(t["matmul"])
             r[f"{name}_model_flops_per_s"] = flops["total"] / med
-        r["matmul_n"] = matmul_n
         r["jax_mfu_vs_matmul"] = r["jax_model_flops_per_s"] / r["jax_matmul_flops_per_s"]
         if "torch" in timed:
-            r["torch_params"] = trainers["torch"].n_params
+            r["torch_params"] = info["torch"]["params"]
+            r["torch_threads"] = info["torch"]["threads"]
             r["speedup_vs_torch"] = r["torch_step_s"] / r["jax_step_s"]
             r["torch_mfu_vs_matmul"] = r["torch_model_flops_per_s"] / r["torch_matmul_flops_per_s"]
         per_dtype[dtype] = r
-        del trainers
     result["per_dtype"] = per_dtype
     main = per_dtype.get("float32") or next(iter(per_dtype.values()))
     result.update(tokens_per_s=main["jax_tokens_per_s"], torch_tokens_per_s=main.get("torch_tokens_per_s"),
