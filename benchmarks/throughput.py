@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -212,6 +213,19 @@ class TorchTrainer:
         oc = cfg.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.learning_rate, betas=(oc.b1, oc.b2), eps=oc.eps,
                                      weight_decay=oc.weight_decay)
+        # the same warmup + cosine learning rate as mllm_jax.train.optimizer (optax's warmup_cosine_decay_schedule)
+        total = cfg.train.steps
+        warm = min(oc.warmup_steps, total)
+        decay = max(total, warm + 1)
+        end = oc.learning_rate * oc.end_lr_ratio
+
+        def factor(step):
+            if step < warm:
+                return step / warm
+            frac = min(step - warm, decay - warm) / (decay - warm)
+            return (end + (oc.learning_rate - end) * 0.5 * (1 + math.cos(math.pi * frac))) / oc.learning_rate
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.clip = oc.grad_clip_norm
         self.autocast = dtype == "bfloat16"
         mb = jax.tree.map(lambda x: x[0], batch)  # the one microbatch
@@ -234,6 +248,7 @@ class TorchTrainer:
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
+        self.sched.step()
         return float(loss.detach())
 
 
