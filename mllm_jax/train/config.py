@@ -54,3 +54,10 @@ class TrainConfig:
     seed: int = 0  # parameter initialisation
     progress_bar: bool = True  # tqdm, only when stdout is a terminal
     stop_at_step: int | None = None  # end this invocation early at this step with a checkpoint (time-sliced jobs)
+    # Start the parameters from an earlier run (mllm_jax.train.init_from): its workdir (newest checkpoint) or one
+    # .../checkpoints/<step> directory. Fresh starts only (a checkpoint in this run's workdir wins); parameters only
+    # (optimizer, data iterator and step start fresh).
+    init_from: str = ""
+    # Which parameters to take, as path prefixes of the parameter tree ("encoders", "encoders/vision", "llm");
+    # empty: all. The others keep their fresh initialisation (LLaVA stage 1: ("encoders", "llm"), fresh projectors).
+    init_modules: tuple = ()

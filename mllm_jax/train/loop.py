@@ -20,7 +20,7 @@ from mllm_jax.data import SyntheticBatches, TextCodec
 from mllm_jax.data.batching import IGNORE, unstack_first
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
 from mllm_jax.datasets.config import DatasetConfig
-from mllm_jax.train import placement
+from mllm_jax.train import init_from, placement
 from mllm_jax.train.checkpoint import Checkpointer
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
 from mllm_jax.train.context_batches import permute_for_context
@@ -320,6 +320,11 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
     processes = jax.process_count()
     with jax.set_mesh(mesh):
         model = create_model(cfg, mesh)
+        try:  # before the optimizer exists, so its state is built for the loaded parameters' layout
+            init_from.maybe_init(model, cfg, resuming=latest is not None, log=log)
+        except ValueError:
+            ckpt.close()
+            raise
         trainable = trainable_filter(cfg.model)
         schedule = learning_rate_schedule(cfg.optimizer, tc.steps)
         optimizer = make_nnx_optimizer(model, make_optimizer(cfg.optimizer, tc.steps), trainable)
