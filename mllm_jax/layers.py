@@ -222,12 +222,21 @@ def context_parallel_mesh():
 
 
 def uses_head_major_dense(impl: str, num_keys: int) -> bool:
-    """Whether ``attend`` takes the head-major dense path: where kernels.attention would run its dense reference
-    (``impl="dense"``, or the XLA path on CPU with at most DENSE_MAX_KEYS keys)."""
-    from kernels.dispatch import DENSE_MAX_KEYS, default_impl
+    """Whether ``attend`` takes the head-major dense path: ``impl="dense"``, or the XLA path on CPU with fewer than
+    TILED_MIN_KEYS keys (short, usually full masks: the encoders)."""
+    from kernels.dispatch import TILED_MIN_KEYS, default_impl
 
     resolved = default_impl() if impl == "auto" else impl
-    return resolved == "dense" or (resolved == "xla" and num_keys <= DENSE_MAX_KEYS)
+    return resolved == "dense" or (resolved == "xla" and num_keys < TILED_MIN_KEYS)
+
+
+def uses_cpu_tiled(impl: str, num_keys: int) -> bool:
+    """Whether ``attend`` takes kernels.cpu_attention (tile-skipping, head-major): the XLA path on CPU with
+    TILED_MIN_KEYS .. DENSE_MAX_KEYS keys, where kernels.attention would otherwise run its dense reference."""
+    from kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS, default_impl
+
+    resolved = default_impl() if impl == "auto" else impl
+    return resolved == "xla" and TILED_MIN_KEYS <= num_keys <= DENSE_MAX_KEYS
 
 
 def dense_mask(q_meta, k_meta, *, window=None, span_isolated=False):
@@ -272,9 +281,10 @@ def attend(q, k, v, meta, *, impl: str = "auto", scale=None, window=None, softca
 
     Under a mesh with a ``context`` axis of size > 1 (and ``context_parallel``), the sequence is sharded over it and
     kernels.context_parallel does the attention (K/V gathered or ringed with their metadata). Where kernels.attention
-    would use its dense reference (CPU, short keys: ``uses_head_major_dense``) ``head_major_attention`` runs instead,
-    on ``mask`` (the dense [B, Sq, Sk] rule, precomputed once for all layers) or on a mask built here. Else
-    kernels.attention. ``k_meta`` (cross-attention, never context-parallel) defaults to ``meta``.
+    would use its dense reference on CPU: below TILED_MIN_KEYS keys (``uses_head_major_dense``)
+    ``head_major_attention`` runs, on ``mask`` (the dense [B, Sq, Sk] rule, precomputed once for all layers) or on a
+    mask built here; from TILED_MIN_KEYS to DENSE_MAX_KEYS keys (``uses_cpu_tiled``) kernels.cpu_attention, which
+    computes only the tiles the mask does not rule out. Else kernels.attention. ``k_meta`` (cross-attention, never context-parallel) defaults to ``meta``.
     """
     kw = dict(impl=impl, scale=scale, window=window, softcap=softcap, span_isolated=span_isolated)
     cp_mesh = context_parallel_mesh() if (context_parallel and k_meta is None) else None
@@ -291,6 +301,12 @@ def attend(q, k, v, meta, *, impl: str = "auto", scale=None, window=None, softca
         if mask is None:
             mask = dense_mask(meta, k_meta, window=window, span_isolated=span_isolated)
         return head_major_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    if uses_cpu_tiled(impl, k.shape[1]):
+        from kernels.cpu_attention import tiled_attention
+
+        check_shapes(q, k, v, meta, k_meta)
+        return tiled_attention(q, k, v, meta, k_meta, scale=scale, window=window, softcap=softcap,
+                               span_isolated=span_isolated)
     return kernels.attention(q, k, v, meta, k_meta, **kw)
 
 
