@@ -2,6 +2,7 @@
 (exactly, into this run's shardings), keeps the rest freshly initialised, trains the frozen recipe's projector only,
 names every mismatch before training, and never overrides a resume of its own workdir."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -58,35 +59,44 @@ def _is_stage1(path):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """An earlier vlm_tiny run's checkpoint at step 1, written as the loop writes it (model and optimizer state) on
-    8 devices without training (no compile); seed 1, so its parameters differ from a seed-0 fresh init."""
+def _one_build(tmp_path_factory):
+    """One stage-1 model build (the slow part, a compile) serves both ends. Its parameters moved off their init
+    (x * 1.1 + 1e-3: zero biases differ too, and the frozen LLM still passes gradients to the projector) are saved as
+    the loop saves an all-trainable vlm_tiny run (model and optimizer state) at step 1: the source. Then the fresh
+    init is put back and initialised from that source."""
     gin.clear_config()
     workdir = str(tmp_path_factory.mktemp("source"))
-    cfg = _config("configs/vlm_tiny.gin", "TrainConfig.seed = 1")
+    cfg = _config("configs/vlm_tiny_frozen.gin", f"TrainConfig.init_from = '{workdir}'", *STAGE1)
+    gin.clear_config()
     model, mesh = _built(cfg)
+    lines = []
     with jax.set_mesh(mesh):
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-        optimizer = loop.make_nnx_optimizer(model, tx, loop.trainable_filter(cfg.model))
+        params = nnx.state(model, nnx.Param)
+        fresh_arrays = nnx.to_pure_dict(params)
+        nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: x * 1.1 + 1e-3, fresh_arrays))
+        nnx.update(model, params)
+        all_trainable = loop.trainable_filter(dataclasses.replace(cfg.model, trainable={}))
+        optimizer = loop.make_nnx_optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), all_trainable)
         ckpt = Checkpointer(workdir, every=1, keep=1, async_save=False)
         ckpt.save(1, loop._checkpoint_tree(model, optimizer), {"index": 1}, cfg.model)
         ckpt.close()
-    gin.clear_config()
-    return workdir, _saved_params(os.path.join(workdir, "checkpoints", "1"))
+        nnx.replace_by_pure_dict(params, fresh_arrays)
+        nnx.update(model, params)
+        fresh = _params(model)
+        info = init_from.maybe_init(model, cfg, resuming=False, log=lines.append)
+    return workdir, _saved_params(os.path.join(workdir, "checkpoints", "1")), fresh, _params(model), info, lines
 
 
 @pytest.fixture(scope="module")
-def stage1(source):
-    """A fresh stage-1 model's parameters before and after init_from, and what it logged."""
-    gin.clear_config()
-    workdir, _ = source
-    cfg = _config("configs/vlm_tiny_frozen.gin", f"TrainConfig.init_from = '{workdir}'", *STAGE1)
-    model, mesh = _built(cfg)
-    fresh, lines = _params(model), []
-    with jax.set_mesh(mesh):
-        info = init_from.maybe_init(model, cfg, resuming=False, log=lines.append)
-    gin.clear_config()
-    return fresh, _params(model), info, lines
+def source(_one_build):
+    """(workdir, path -> saved array) of the earlier run."""
+    return _one_build[:2]
+
+
+@pytest.fixture(scope="module")
+def stage1(_one_build):
+    """A fresh stage-1 model's parameters before and after init_from from ``source``, the summary, the log."""
+    return _one_build[2:]
 
 
 def test_selected_parameters_come_from_the_source_the_rest_stay_fresh(source, stage1):
@@ -102,19 +112,31 @@ def test_selected_parameters_come_from_the_source_the_rest_stay_fresh(source, st
         else:
             np.testing.assert_array_equal(x, fresh[path], err_msg=path)
             differs.append(not np.array_equal(x, want[path]))
-    assert differs and any(differs)  # the projector is the seed-0 init, not the seed-1 source (zero biases agree)
+    assert differs and all(differs)  # the projector stayed the fresh init, not the source's
     assert any(map(_is_stage1, got))
 
 
-def test_frozen_recipe_from_the_source_trains_only_the_projector_then_resume_wins(source, stage1, tmp_path, capsys):
-    src, want = source
+STAGE1_RUN = ["TrainConfig.steps = 2", *STAGE1]
+
+
+@pytest.fixture(scope="module")
+def trained(source, tmp_path_factory):
+    """The frozen recipe initialised from ``source``, 2 steps (the second at the full learning rate)."""
+    gin.clear_config()
+    workdir, lines = str(tmp_path_factory.mktemp("stage1")), []
+    params = [f"TrainConfig.init_from = '{source[0]}'", *STAGE1_RUN]
+    summary = loop.run(_config("configs/vlm_tiny_frozen.gin", *params), workdir, log=lines.append)
+    gin.clear_config()
+    return workdir, params, summary, lines
+
+
+def test_frozen_recipe_from_the_source_trains_only_the_projector(source, stage1, trained):
+    _, want = source
     fresh = stage1[0]
-    lines = []
-    params = [f"TrainConfig.init_from = '{src}'", *STAGE1, "TrainConfig.steps = 2"]
-    summary = loop.run(_config("configs/vlm_tiny_frozen.gin", *params), str(tmp_path), log=lines.append)
+    workdir, _, summary, lines = trained
     assert summary["start_step"] == 0 and summary["end_step"] == 2  # a fresh start: step 0, its own optimizer
     assert sum(line.startswith("initialised ") for line in lines) == 1
-    got = _saved_params(os.path.join(str(tmp_path), "checkpoints", "2"))
+    got = _saved_params(os.path.join(workdir, "checkpoints", "2"))
     moved = []
     for path, x in got.items():
         if _is_stage1(path):  # frozen: bit-identical to the source after training
@@ -122,10 +144,24 @@ def test_frozen_recipe_from_the_source_trains_only_the_projector_then_resume_win
         elif path.startswith("projectors/"):
             moved.append(not np.array_equal(x, fresh[path]))
     assert moved and all(moved)
-    # The same command through train.py's gin flags: the workdir's own checkpoint wins, init_from is ignored.
-    gin.clear_config()
+
+
+def test_a_resume_wins_over_init_from():
+    cfg = _config("configs/vlm_tiny_frozen.gin", "TrainConfig.init_from = '/not/read/when/resuming'")
+    model, mesh = _abstract()
+    lines = []
+    with jax.set_mesh(mesh):
+        assert init_from.maybe_init(model, cfg, resuming=True, log=lines.append) is None
+    assert lines == ["TrainConfig.init_from='/not/read/when/resuming' ignored: resuming from this workdir's own "
+                     "checkpoint"]
+
+
+@pytest.mark.slow
+def test_rerunning_the_same_train_py_command_resumes(trained, capsys):
+    """The same command again, through train.py's gin flags: the workdir's own checkpoint wins."""
+    workdir, params, _, _ = trained
     capsys.readouterr()
-    run_main(str(tmp_path), TINY + ["ParallelConfig.data = 8", "DataConfig.eval_batches = 0", *params],
+    run_main(workdir, TINY + ["ParallelConfig.data = 8", "DataConfig.eval_batches = 0", *params],
              gin_file="configs/vlm_tiny_frozen.gin")
     out = capsys.readouterr().out
     assert "resumed from step 2" in out and "'start_step': 2" in out
