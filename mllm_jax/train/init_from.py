@@ -72,9 +72,7 @@ def select(paths, modules) -> list[str]:
 
 def _check(selected: dict, ckpt: Checkpointer, step: int) -> None:
     """Every selected parameter must be in the source with the same shape and dtype."""
-    from orbax.checkpoint import args as ocp_args
-
-    shapes = ckpt.manager.restore(step, args=ocp_args.Composite(meta=ocp_args.JsonRestore()))["meta"]["shapes"]
+    shapes = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["shapes"]
     md = ckpt.manager.item_metadata(step)["state"]
     md = getattr(md, "tree", md)
     dtypes = {_path_str(p): x.dtype for p, x in
