@@ -48,6 +48,11 @@ def _mesh():
     return None if mesh is None or mesh.empty else mesh
 
 
+def _manual_axes(mesh) -> frozenset:
+    """Mesh axes that are Manual here (inside a shard_map over them): the caller owns those, layouts never name them."""
+    return frozenset(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+
+
 def param(value, names: tuple, variable_type=nnx.Param):
     """A parameter carrying logical axis names; sharded at creation only when a mesh and rules are in force."""
     if len(names) != value.ndim:
@@ -73,7 +78,7 @@ def spec(names: tuple, shape: tuple, *, drop: tuple = ()) -> P | None:
     if mesh is None or rules is None:
         return None
     table = dict(rules)
-    used: set = set()
+    used: set = set(_manual_axes(mesh))
     out = []
     for name, dim in zip(names, shape):
         chosen = []
@@ -91,7 +96,10 @@ def spec(names: tuple, shape: tuple, *, drop: tuple = ()) -> P | None:
 
 
 def _explicit(mesh) -> bool:
-    return all(t == AxisType.Explicit for t in mesh.axis_types)
+    """Every axis the program may lay out is Explicit: the whole mesh, or all but the Manual axes of an enclosing
+    shard_map (the pipeline's stages run tensor- and FSDP-sharded layers inside a shard_map over `pipeline`)."""
+    free = [t for t in mesh.axis_types if t != AxisType.Manual]
+    return bool(free) and all(t == AxisType.Explicit for t in free)
 
 
 def constrain(x, names: tuple):
@@ -104,7 +112,7 @@ def constrain(x, names: tuple):
         return jax.sharding.reshard(x, s)
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, s))
-    return x  # manual (inside shard_map): the caller owns the layout
+    return x  # every axis manual, or Auto beside Manual: the caller owns the layout
 
 
 def batch_axes() -> tuple:

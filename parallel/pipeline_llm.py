@@ -60,6 +60,21 @@ def embedding_requires_grad(config, modalities) -> bool:
     return False
 
 
+def check_pipeline_layout(parallel_config) -> None:
+    """Refuse what the pipeline cannot run, before anything is traced (train.py's validate calls this too).
+
+    Ring context attention inside the stages: its ``ppermute`` over `context` lowers to one collective-permute over
+    every device of the mesh, but in a tick the stages run different ops (one a forward, another idle or a
+    backward), so the devices of the other stages never join it and the step deadlocks. The all-gather method's
+    collectives are per context group (the devices of one stage), which is why it composes.
+    """
+    if parallel_config.pipeline > 1 and parallel_config.context > 1 and \
+            parallel_config.context_config.attention == "ring":
+        raise ValueError(f"ContextConfig.attention='ring' with ParallelConfig.pipeline={parallel_config.pipeline} and "
+                         f"context={parallel_config.context}: the ring's collective permute spans every pipeline "
+                         f"stage, which run different ops per tick; use ContextConfig.attention='allgather'")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage layer counts.
 
@@ -156,29 +171,17 @@ def _layer_fn(llm, names):
     return layer_fn, window_codes, len(windows) > 1
 
 
-def _replicated(values: dict) -> dict:
-    """Parameters replicated over the non-pipeline mesh axes before they enter the pipeline's shard_map.
-
-    Inside that shard_map the mesh has a manual axis, so mllm_jax.partitioning turns its layout hints off (no
-    ``out_sharding`` on the einsums) and a contraction over a tensor- or fsdp-sharded dimension would be ambiguous
-    under Explicit sharding. Until the hints work beside a manual axis, the layers run data-parallel only inside the
-    pipeline: weights gathered whole (the FSDP all-gather, and over `tensor` too), activations sharded by batch.
-    """
-
-    def one(v):
-        sharding = getattr(jax.typeof(v), "sharding", None)
-        if sharding is None or not sharding.mesh.axis_names or all(e is None for e in sharding.spec):
-            return v
-        return jax.sharding.reshard(v, P(*([None] * v.ndim)))
-
-    return jax.tree.map(one, values)
-
-
 def _loss_params(llm) -> dict:
-    """Final norm and output projection (the tied embedding when the LLM ties them) as a pure dict."""
-    parts = {"final_norm": llm.final_norm, "embed" if llm.config.tie_embeddings else "lm_head":
-             llm.embed if llm.config.tie_embeddings else llm.lm_head}
-    return {k: _replicated(L.module_params(m)[0]) for k, m in parts.items()}
+    """Final norm and output projection (the tied embedding when the LLM ties them) as a pure dict, FSDP-gathered
+    (``use_params``) and otherwise in their storage layout: a vocabulary sharded over `tensor` stays sharded, and
+    the loss's logits einsum keeps it so (partitioning's hints hold inside the pipeline's shard_map)."""
+    tied = llm.config.tie_embeddings
+    parts = {"final_norm": llm.final_norm, "embed" if tied else "lm_head": llm.embed if tied else llm.lm_head}
+    out = {}
+    for k, m in parts.items():
+        values, names = L.module_params(m)
+        out[k] = L.use_params(values, names, jnp.float32)
+    return out
 
 
 def _loss_fn(llm, chunk):
@@ -234,6 +237,10 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     if parallel_config.pipeline != S:
         raise ValueError(f"ParallelConfig.pipeline is {parallel_config.pipeline} but the mesh's pipeline axis has "
                          f"{S} devices")
+    check_pipeline_layout(parallel_config)
+    if S > 1 and mesh.shape.get("context", 1) > 1 and model.llm.run.context_method == "ring":
+        raise ValueError("the model was built with context_method='ring', which cannot run inside pipeline stages "
+                         "(see check_pipeline_layout); build it with ContextConfig.attention='allgather'")
     M, mb, seq = check_microbatched(batch, parallel_config.microbatches)
     llm = model.llm
     n_layers = config.llm.n_layers
@@ -274,8 +281,9 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     # ---- the pipeline: decoder layers; final norm + loss on the last stage.
     values, names = llm.layer_params()
     layer_fn, window_codes, switched = _layer_fn(llm, names)
-    stacked = {"weights": _replicated(values)}
-    loss_params = _loss_params(llm)
+    # Weights enter the pipeline in their storage layout (FSDP- and tensor-sharded over the non-pipeline axes);
+    # each layer gathers what it must (``use_params``) and its einsums keep the tensor-parallel layout.
+    stacked = {"weights": values}
     if switched:
         stacked["window"] = window_codes()
     aux = {k: batch[k] for k in META_KEYS}
@@ -283,7 +291,8 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     aux["labels"] = labels
     aux["inv_count"] = jnp.broadcast_to(inv_count, (M,))
     layers_train = llm_layers_trainable(config)
-    with model.scope("llm"):
+    with model.scope("llm"):  # the LLM's rules: what use_params gathers, how the layers' einsums lay out
+        loss_params = _loss_params(llm)
         loss, (g_layers, g_loss_params, dx_M) = pipeline_value_and_grad(
             layer_fn,
             stacked,

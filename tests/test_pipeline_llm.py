@@ -13,7 +13,7 @@ from mllm_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig,
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
-from parallel.config import ParallelConfig
+from parallel.config import ContextConfig, ParallelConfig
 from parallel.mesh import make_mesh
 from parallel.pipeline_llm import flatten_microbatches, pipelined_loss_and_grad
 
@@ -85,6 +85,18 @@ def one_device(model, batch):
     return nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, trainable_filter(config))))(model)
 
 
+def jitted_pipeline(model, mesh, parallel, stage_layers):
+    """(jit of pipelined_loss_and_grad over the model's state, that state)."""
+    gdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(st, batch):
+        return pipelined_loss_and_grad(nnx.merge(gdef, st), batch, mesh=mesh, parallel_config=parallel,
+                                       stage_layers=stage_layers)
+
+    return run, state
+
+
 def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_lora=False):
     """Pipelined loss and gradients vs one device. ``sharded_model``: the pipelined model is build.create_model's
     (per-module rules, parameters sharded on the mesh); else the one-device model's parameters replicated on it."""
@@ -102,13 +114,7 @@ def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_
                 v.set_value(0.1 * jax.random.normal(jax.random.key(i), v.shape))
     batch = make_batch(parallel.microbatches, mb)
     want_loss, want = one_device(reference, batch)
-    gdef, st = nnx.split(model)
-
-    @jax.jit
-    def run(state, batch):
-        return pipelined_loss_and_grad(nnx.merge(gdef, state), batch, mesh=mesh, parallel_config=parallel,
-                                       stage_layers=stage_layers)
-
+    run, st = jitted_pipeline(model, mesh, parallel, stage_layers)
     with jax.set_mesh(mesh):
         if not sharded_model:
             st = jax.device_put(st, NamedSharding(mesh, P()))
@@ -175,6 +181,48 @@ def test_pipelined_model_with_data_and_tensor():
     # build.create_model's sharded model (per-module rules) on data=2 x pipeline=2 x tensor=2.
     check(tiny_config(6, FROZEN_ENC), ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=2), (1, 5),
           sharded_model=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [
+    ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=2),
+    ParallelConfig(data=2, pipeline=2, context=2, microbatches=4),
+    ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches=2),
+], ids=["pipeline2_context2_tensor2", "data2_pipeline2_context2", "fsdp2_pipeline2_tensor2"])
+def test_pipelined_model_with_context_fsdp_and_tensor(parallel):
+    # Inside the stages: context-parallel attention (K/V all-gathered or ringed over `context`), weights stored over
+    # fsdp and gathered per layer, heads and MLP split over `tensor`.
+    check(tiny_config(6, FROZEN_ENC), parallel, (2, 4), sharded_model=True)
+
+
+def _per_device_flops(parallel, config, stage_layers, mb=8):
+    mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
+    run, st = jitted_pipeline(create_model(config, mesh, parallel, seed=0), mesh, parallel, stage_layers)
+    with jax.set_mesh(mesh):
+        return run.lower(st, make_batch(parallel.microbatches, mb)).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.slow
+def test_tensor_parallelism_inside_the_stages_splits_the_compute():
+    # The oracle is the tensor = 1 program: with tensor = 2 every matmul of the stages (and the encoders outside,
+    # whose batch spreads over twice the devices) is split in two, so a device does about half the FLOPs. Layers
+    # that gathered their weights whole (tensor parallelism in name only) would leave the ratio near 1.
+    cfg = tiny_config(4, FROZEN_ENC)
+    base = _per_device_flops(ParallelConfig(pipeline=2, microbatches=2), cfg, (2, 2))
+    split = _per_device_flops(ParallelConfig(pipeline=2, tensor=2, microbatches=2), cfg, (2, 2))
+    assert 0.45 <= split / base <= 0.6, (split, base)
+
+
+def test_ring_context_attention_inside_the_pipeline_is_refused():
+    # Its collective permute would span both stages, which run different ops per tick: a deadlock, not an error.
+    ring = ParallelConfig(pipeline=2, context=2, microbatches=2, context_config=ContextConfig(attention="ring"))
+    mesh = make_mesh(ring, jax.devices()[:4])
+    model = create_model(tiny_config(2), mesh, ring)
+    with pytest.raises(ValueError, match=r"attention='ring' with ParallelConfig.pipeline=2 and context=2"):
+        pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=ring)
+    allgather = ParallelConfig(pipeline=2, context=2, microbatches=2)
+    with pytest.raises(ValueError, match=r"built with context_method='ring'"):
+        pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=allgather)
 
 
 def test_bad_microbatch_count_is_refused():

@@ -46,7 +46,13 @@ def _assert_same_run(rows, ref, what):
     ["ParallelConfig.data = 4", "ParallelConfig.pipeline = 2", "ParallelConfig.microbatches = 2"],
     ["ParallelConfig.data = 2", "ParallelConfig.pipeline = 2", "ParallelConfig.tensor = 2",
      "ParallelConfig.microbatches = 2"],
-], ids=["data4_pipeline2", "data2_pipeline2_tensor2"])
+    # Pipeline stages whose decoder layers run context-parallel attention on the permuted, sequence-sharded batch.
+    ["ParallelConfig.data = 2", "ParallelConfig.pipeline = 2", "ParallelConfig.context = 2",
+     "ParallelConfig.microbatches = 2", "ContextConfig.block = 16", 'ContextConfig.mode = "balanced"'],
+    # FSDP-stored, tensor-parallel layers inside the stages (weights gathered over fsdp only, heads split).
+    ["ParallelConfig.fsdp = 2", "ParallelConfig.pipeline = 2", "ParallelConfig.tensor = 2",
+     "ParallelConfig.microbatches = 2"],
+], ids=["data4_pipeline2", "data2_pipeline2_tensor2", "data2_pipeline2_context2", "fsdp2_pipeline2_tensor2"])
 def test_pipeline_trains_like_data_parallel(reference, tmp_path, layout):
     from mllm_jax.train import loop
 

@@ -84,9 +84,10 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
     if pc.pipeline > 1 and mc.llm.n_layers < pc.pipeline:
         raise ValueError(f"LLMConfig.n_layers={mc.llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
                          f"stages")
-    if pc.pipeline > 1 and pc.context > 1:
-        raise ValueError(f"ParallelConfig.pipeline={pc.pipeline} with context={pc.context}: the pipelined step runs "
-                         f"the decoder layers without context-parallel attention; use one of them")
+    if pc.pipeline > 1:
+        from parallel.pipeline_llm import check_pipeline_layout
+
+        check_pipeline_layout(pc)
     if pc.context > 1:
         from parallel.context import MODES
 
