@@ -222,21 +222,34 @@ def context_parallel_mesh():
 
 
 def uses_head_major_dense(impl: str, num_keys: int) -> bool:
-    """Whether ``attend`` takes the head-major dense path: ``impl="dense"``, or the XLA path on CPU with fewer than
-    TILED_MIN_KEYS keys (short, usually full masks: the encoders)."""
-    from kernels.dispatch import TILED_MIN_KEYS, default_impl
+    """Whether ``attend`` takes the head-major dense path: ``impl="dense"``, or the XLA path on CPU with at most
+    DENSE_MAX_KEYS keys where ``uses_cpu_tiled`` does not apply (fewer than TILED_MIN_KEYS keys: the encoders; or
+    arrays sharded over the current mesh)."""
+    from kernels.dispatch import DENSE_MAX_KEYS, default_impl
 
     resolved = default_impl() if impl == "auto" else impl
-    return resolved == "dense" or (resolved == "xla" and num_keys < TILED_MIN_KEYS)
+    if resolved == "dense":
+        return True
+    return resolved == "xla" and num_keys <= DENSE_MAX_KEYS and not uses_cpu_tiled(impl, num_keys)
+
+
+def _unsharded_mesh() -> bool:
+    """No mesh, or every axis that is not manual (shard_map) has size 1: the arrays are whole on this device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return True
+    manual = jax.sharding.AxisType.Manual
+    return all(size == 1 or t == manual for size, t in zip(mesh.axis_sizes, mesh.axis_types))
 
 
 def uses_cpu_tiled(impl: str, num_keys: int) -> bool:
     """Whether ``attend`` takes kernels.cpu_attention (tile-skipping, head-major): the XLA path on CPU with
-    TILED_MIN_KEYS .. DENSE_MAX_KEYS keys, where kernels.attention would otherwise run its dense reference."""
+    TILED_MIN_KEYS .. DENSE_MAX_KEYS keys, where kernels.attention would otherwise run its dense reference, and the
+    arrays not sharded over the mesh (its per-row loops index the batch, which a sharded batch would refuse)."""
     from kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS, default_impl
 
     resolved = default_impl() if impl == "auto" else impl
-    return resolved == "xla" and TILED_MIN_KEYS <= num_keys <= DENSE_MAX_KEYS
+    return resolved == "xla" and TILED_MIN_KEYS <= num_keys <= DENSE_MAX_KEYS and _unsharded_mesh()
 
 
 def dense_mask(q_meta, k_meta, *, window=None, span_isolated=False):

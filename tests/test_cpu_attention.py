@@ -175,3 +175,33 @@ def test_llm_on_the_tiled_path_matches_the_dense_path():
     np.testing.assert_allclose(l_tiled, l_dense, atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_tiled), jax.tree.leaves(g_dense)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sharded_batch_falls_back_to_dense_and_shard_map_keeps_tiled():
+    # Explicitly sharded arrays: the tiled path's per-row loops cannot index a sharded batch, so attend takes the
+    # dense head-major path there; inside shard_map (manual axes, whole local arrays) it stays tiled. Both exact.
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2, devices=jax.devices()[:8])
+    s = TILED_MIN_KEYS + 5
+    q, k, v, d_out = _inputs(b=8, sq=s, sk=s, hq=4, hkv=2)
+    meta = make_meta("packed", 8, s, seed=9, pad=20)
+    want = _value_and_grads(reference_attention, ())(q, k, v, meta, meta, d_out)
+
+    def via_attend(q, k, v, qm, km):
+        return L.attend(q, k, v, qm, context_parallel=False)
+
+    def local(q, k, v, qm, km):
+        assert L.uses_cpu_tiled("auto", s), "inside shard_map the arrays are whole: the tiled path applies"
+        return via_attend(q, k, v, qm, km)
+
+    def per_shard(q, k, v, qm, km):
+        return jax.shard_map(local, in_specs=(P("data"),) * 3 + (P("data"),) * 2, out_specs=P("data"),
+                             check_vma=False)(q, k, v, qm, km)
+
+    with jax.set_mesh(mesh):
+        assert not L.uses_cpu_tiled("auto", s) and L.uses_head_major_dense("auto", s)
+        put = lambda x: jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data")))  # noqa: E731
+        args = [put(x) for x in (q, k, v)] + [TokenMeta(*map(put, m)) for m in (meta, meta)] + [put(d_out)]
+        _assert_close(_value_and_grads(via_attend, ())(*args), want, "explicit batch sharding")
+        _assert_close(_value_and_grads(per_shard, ())(*args), want, "shard_map over the batch")
