@@ -17,15 +17,15 @@ backward takes the lse and row term merged over all shards so the caller's own v
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from kernels._common import DEFAULT_BLOCK  # noqa: F401  (public here, as before)
+from kernels._common import (check_gqa, check_positive_int, check_softcap, config_fields, config_type, default_block,
+                             per_config_vjp)
 from kernels.meta import FULL, SKIP, TokenMeta, block_map, mask as mask_rule
-
-DEFAULT_BLOCK = 128
 
 
 class TileSchedule(NamedTuple):
@@ -56,11 +56,6 @@ def tile_schedule(q_meta, k_meta, block_q, block_k, *, window=None, span_isolate
     return compact(bm)
 
 
-def default_block(length: int) -> int:
-    """DEFAULT_BLOCK, or the length rounded up to a multiple of 8 when it is shorter (no wasted padding)."""
-    return min(DEFAULT_BLOCK, -(-length // 8) * 8)
-
-
 def _pad_seq(x, multiple):
     pad = -x.shape[1] % multiple
     if not pad:
@@ -68,13 +63,7 @@ def _pad_seq(x, multiple):
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
 
-class _Cfg(NamedTuple):
-    block_q: int
-    block_k: int
-    scale: float
-    window: int | None
-    softcap: float | None
-    span_isolated: bool
+_Cfg = config_type("_Cfg")
 
 
 def _tile_logits(cfg: _Cfg, q_tile, k_tile, qm_tile, km_tile, kind):
@@ -219,13 +208,9 @@ def _delta(out, d_out):
     return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@per_config_vjp
 def _make_attention(cfg: _Cfg):
-    """The custom_vjp function for one static configuration."""
-
-    @jax.custom_vjp
-    def attn(q, k, v, q_meta, k_meta):
-        return fwd(q, k, v, q_meta, k_meta)[0]
+    """The custom_vjp rules (fwd, bwd) for one static configuration."""
 
     def fwd(q, k, v, q_meta, k_meta):
         b, sq, hq, d = q.shape
@@ -245,26 +230,16 @@ def _make_attention(cfg: _Cfg):
         dq = dq.reshape(b, -1, hq, d)[:, :sq].astype(q.dtype)
         return dq, dk[:, :sk].astype(k.dtype), dv[:, :sk].astype(v.dtype), None, None
 
-    attn.defvjp(fwd, bwd)
-    return attn
+    return fwd, bwd
 
 
 def _config(q, k, block_q, block_k, scale, window, softcap, span_isolated) -> _Cfg:
     for name, val in (("block_q", block_q), ("block_k", block_k), ("window", window)):
-        if val is not None and (int(val) != val or val < 1):
-            raise ValueError(f"{name} must be a positive integer; got {val!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive; got {softcap!r}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-    return _Cfg(
-        block_q=int(block_q or default_block(q.shape[1])),
-        block_k=int(block_k or default_block(k.shape[1])),
-        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-        window=None if window is None else int(window),
-        softcap=None if softcap is None else float(softcap),
-        span_isolated=bool(span_isolated),
-    )
+        check_positive_int(name, val)
+    check_softcap(softcap)
+    check_gqa(q.shape[2], k.shape[2])
+    return _Cfg(**config_fields(int(block_q or default_block(q.shape[1])), int(block_k or default_block(k.shape[1])),
+                                q.shape[-1], scale, window, softcap, span_isolated))
 
 
 def blockwise_attention(
@@ -324,13 +299,9 @@ def _bwd_block(cfg: _Cfg, q, k, v, q_meta, k_meta, d_out, lse_BHS, delta_BHS):
     return dq.reshape(b, -1, hq, d)[:, :sq], dk[:, :sk], dv[:, :sk]
 
 
-@functools.lru_cache(maxsize=None)
+@per_config_vjp
 def _make_attention_with_lse(cfg: _Cfg):
     """custom_vjp of (out, lse): the lse cotangent enters as delta - d_lse, because d lse_i / d s_ij = p_ij."""
-
-    @jax.custom_vjp
-    def attn(q, k, v, q_meta, k_meta):
-        return fwd(q, k, v, q_meta, k_meta)[0]
 
     def fwd(q, k, v, q_meta, k_meta):
         out, lse = _fwd_block(cfg, q, k, v, q_meta, k_meta)
@@ -344,8 +315,7 @@ def _make_attention_with_lse(cfg: _Cfg):
         dq, dk, dv = _bwd_block(cfg, q, k, v, q_meta, k_meta, d_o, lse, delta)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
-    attn.defvjp(fwd, bwd)
-    return attn
+    return fwd, bwd
 
 
 def blockwise_attention_with_lse(

@@ -18,25 +18,18 @@ Same function as kernels.reference (rows that attend nothing give 0 and zero gra
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from kernels._common import DEFAULT_BLOCK  # noqa: F401  (public here, as before)
+from kernels._common import (check_gqa, check_positive_int, check_softcap, config_fields, config_type, default_block,
+                             per_config_vjp)
 from kernels.blockwise import compact
 from kernels.meta import TokenMeta, block_map, mask as mask_rule
 
-DEFAULT_BLOCK = 128
-
-
-class _Cfg(NamedTuple):
-    block_q: int
-    block_k: int
-    scale: float
-    window: int | None
-    softcap: float | None
-    span_isolated: bool
+_Cfg = config_type("_Cfg")
 
 
 def _pad_to(x, axis, multiple):
@@ -199,12 +192,8 @@ def _from_heads(xh, sq):
     return jnp.transpose(xh[:, :, :, :sq], (0, 3, 1, 2, 4)).reshape(b, sq, hkv * g, d)
 
 
-@functools.lru_cache(maxsize=None)
+@per_config_vjp
 def _make_attention(cfg: _Cfg):
-    @jax.custom_vjp
-    def attn(q, k, v, q_meta, k_meta):
-        return fwd(q, k, v, q_meta, k_meta)[0]
-
     def fwd(q, k, v, q_meta, k_meta):
         qm, km = _meta_padded(q_meta, cfg.block_q), _meta_padded(k_meta, cfg.block_k)
         plan = _plan(cfg, qm, km)
@@ -228,32 +217,17 @@ def _make_attention(cfg: _Cfg):
         dv = jnp.swapaxes(dvh[:, :, :sk], 1, 2).astype(v.dtype)
         return dq, dk, dv, None, None
 
-    attn.defvjp(fwd, bwd)
-    return attn
-
-
-def default_block(length: int) -> int:
-    """DEFAULT_BLOCK, or the length rounded up to a multiple of 8 when it is shorter."""
-    return min(DEFAULT_BLOCK, -(-length // 8) * 8)
+    return fwd, bwd
 
 
 def tiled_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None,
                     window=None, softcap=None, span_isolated=False):
     """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D] under the mask rule of kernels.meta (GQA when
     Hq > Hkv). Only non-empty tiles are computed; rows that attend nothing return 0 (and zero gradients)."""
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    check_gqa(q.shape[2], k.shape[2])
     for name, val in (("block_q", block_q), ("block_k", block_k), ("window", window)):
-        if val is not None and (int(val) != val or val < 1):
-            raise ValueError(f"{name} must be a positive integer; got {val!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive; got {softcap!r}")
-    cfg = _Cfg(
-        block_q=int(block_q or default_block(q.shape[1])),
-        block_k=int(block_k or default_block(k.shape[1])),
-        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-        window=None if window is None else int(window),
-        softcap=None if softcap is None else float(softcap),
-        span_isolated=bool(span_isolated),
-    )
+        check_positive_int(name, val)
+    check_softcap(softcap)
+    cfg = _Cfg(**config_fields(int(block_q or default_block(q.shape[1])), int(block_k or default_block(k.shape[1])),
+                               q.shape[-1], scale, window, softcap, span_isolated))
     return _make_attention(cfg)(q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta))

@@ -26,22 +26,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._common import check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp
 from kernels.blockwise import compact
 from kernels.meta import FULL, TokenMeta, block_map
 
 LOG2E = math.log2(math.e)
 
-
-class _Cfg(NamedTuple):
-    block_q: int
-    block_k: int
-    scale: float
-    window: int | None
-    softcap: float | None
-    span_isolated: bool
-    interpret: bool
-    num_warps: int
-    num_stages: int
+_Cfg = config_type("_Cfg", interpret=bool, num_warps=int, num_stages=int)
 
 
 def _next_pow2(n: int) -> int:
@@ -328,13 +319,9 @@ def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
     return dq, dk, dv
 
 
-@functools.lru_cache(maxsize=None)
+@per_config_vjp
 def _make_attention(cfg: _Cfg):
-    """The custom_vjp function for one static configuration."""
-
-    @jax.custom_vjp
-    def attn(q, k, v, q_meta, k_meta):
-        return fwd(q, k, v, q_meta, k_meta)[0]
+    """The custom_vjp rules (fwd, bwd) for one static configuration."""
 
     def fwd(q, k, v, q_meta, k_meta):
         p = _pad(cfg, q, k, v, q_meta, k_meta)
@@ -351,32 +338,24 @@ def _make_attention(cfg: _Cfg):
         return (dq[:, :sq, :, :d], dk[:, :sk, :, :d].astype(k.dtype), dv[:, :sk, :, :d].astype(v.dtype),
                 None, None)
 
-    attn.defvjp(fwd, bwd)
-    return attn
+    return fwd, bwd
 
 
 def _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret) -> _Cfg:
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
         raise ValueError(f"q must be [B, Sq, Hq, D] and k, v [B, Sk, Hkv, D]; got {q.shape}, {k.shape}, {v.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    check_gqa(q.shape[2], k.shape[2])
     d = q.shape[-1]
     dbq, dbk = default_blocks(q.shape[1], k.shape[1], d)
     block_q, block_k = block_q or dbq, block_k or dbk
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if int(val) != val or val < 16 or val & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles); got {val!r}")
-    if window is not None and (int(window) != window or window < 1):
-        raise ValueError(f"window must be a positive integer; got {window!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive; got {softcap!r}")
+    check_positive_int("window", window)
+    check_softcap(softcap)
     return _Cfg(
-        block_q=int(block_q), block_k=int(block_k),
-        scale=float(d**-0.5 if scale is None else scale),
-        window=None if window is None else int(window),
-        softcap=None if softcap is None else float(softcap),
-        span_isolated=bool(span_isolated), interpret=bool(interpret),
-        num_warps=4 if d <= 64 else 8, num_stages=2,
+        **config_fields(int(block_q), int(block_k), d, scale, window, softcap, span_isolated),
+        interpret=bool(interpret), num_warps=4 if d <= 64 else 8, num_stages=2,
     )
 
 

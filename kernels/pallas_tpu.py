@@ -24,7 +24,6 @@ the kernel).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 
 import jax
@@ -33,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels._common import check_gqa, config_fields, config_type
 from kernels.meta import FULL, PARTIAL, TokenMeta, block_map
 
 _LANES = 128
@@ -45,18 +45,8 @@ _EMPTY_LSE = 1e30
 _NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static kernel parameters (hashable: a nondiff argument of the custom_vjp)."""
-
-    block_q: int
-    block_k: int
-    scale: float
-    window: int | None
-    softcap: float | None
-    span_isolated: bool
-    group: int  # query heads per kv head
-    interpret: bool
+# Static kernel parameters (hashable: a nondiff argument of the custom_vjp); group: query heads per kv head.
+_Config = config_type("_Config", group=int, interpret=bool)
 
 
 def _compact_tiles(bmap_BIJ):
@@ -519,8 +509,7 @@ def flash_attention(
     _, sk, hkv, _ = k.shape
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k batch/head_dim {k.shape[0]}/{k.shape[3]} do not match q's {b}/{d}")
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    check_gqa(hq, hkv)
     for name, meta, want in (("q_meta", q_meta, (b, sq)), ("k_meta", k_meta, (b, sk))):
         shapes = [tuple(jnp.shape(a)) for a in meta]
         if any(s != want for s in shapes):
@@ -544,16 +533,8 @@ def flash_attention(
     def heads_major(x, length):
         return jnp.swapaxes(_pad_seq(x, length), 1, 2)  # [B, H, S, D]
 
-    cfg = _Config(
-        block_q=block_q,
-        block_k=block_k,
-        scale=float(d**-0.5 if scale is None else scale),
-        window=None if window is None else int(window),
-        softcap=None if softcap is None else float(softcap),
-        span_isolated=bool(span_isolated),
-        group=hq // hkv,
-        interpret=bool(interpret),
-    )
+    cfg = _Config(**config_fields(block_q, block_k, d, scale, window, softcap, span_isolated), group=hq // hkv,
+                  interpret=bool(interpret))
     out_BHQD = _flash(cfg, heads_major(q, sq_pad), heads_major(k, sk_pad), heads_major(v, sk_pad), qmeta_B3QL,
                       kmeta_B3K, fwd_plan, bwd_plan)
     return jnp.swapaxes(out_BHQD, 1, 2)[:, :sq]
