@@ -266,8 +266,41 @@ def _interpret_param(interpret: bool):
     return params() if params is not None else True
 
 
-def _compiler_params(semantics):
-    return pltpu.CompilerParams(dimension_semantics=semantics)
+def _pallas_call(kernel, cfg: _Config, grid, in_specs, out_specs, scratch_shapes, out_shape, semantics, name):
+    """pallas_call of ``kernel`` over ``grid`` with the three compacted tile-list arrays as scalar prefetch."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch_shapes,
+    )
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg),
+        grid_spec=grid_spec,
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        interpret=_interpret_param(cfg.interpret),
+        name=name,
+    )
+
+
+def _in_specs(q_map, kv_map, qmeta_map, kmeta_map, cfg: _Config, d, backward):
+    """Block specs of the operands every kernel takes in this order: q, k, v, then (backward) dO, lse, di, then the
+    q and k metadata."""
+    bq, bk = cfg.block_q, cfg.block_k
+    specs = [
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+    ]
+    if backward:
+        specs += [
+            pl.BlockSpec((None, None, bq, d), q_map),  # dO
+            pl.BlockSpec((None, None, bq, _LANES), q_map),  # lse
+            pl.BlockSpec((None, None, bq, _LANES), q_map),  # di
+        ]
+    return specs + [pl.BlockSpec((None, 3, bq, _LANES), qmeta_map), pl.BlockSpec((None, 3, bk), kmeta_map)]
 
 
 def _q_major_index_maps(group):
@@ -288,22 +321,20 @@ def _q_major_index_maps(group):
     return q_map, kv_map, qmeta_map, kmeta_map
 
 
+def _q_major_grid(q, k, cfg: _Config):
+    """The fwd and dQ grid (B, Hq, nQ, nK steps)."""
+    b, hq, sq, _ = q.shape
+    return b, hq, sq // cfg.block_q, k.shape[2] // cfg.block_k
+
+
 def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
     b, hq, sq, d = q.shape
-    n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
-    bq, bk = cfg.block_q, cfg.block_k
-    q_map, kv_map, qmeta_map, kmeta_map = _q_major_index_maps(cfg.group)
-
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, hq, n_q, n_k),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), q_map),
-            pl.BlockSpec((None, None, bk, d), kv_map),
-            pl.BlockSpec((None, None, bk, d), kv_map),
-            pl.BlockSpec((None, 3, bq, _LANES), qmeta_map),
-            pl.BlockSpec((None, 3, bk), kmeta_map),
-        ],
+    bq = cfg.block_q
+    maps = _q_major_index_maps(cfg.group)
+    q_map = maps[0]
+    return _pallas_call(
+        _fwd_kernel, cfg, _q_major_grid(q, k, cfg),
+        in_specs=_in_specs(*maps, cfg, d, backward=False),
         out_specs=[
             pl.BlockSpec((None, None, bq, d), q_map),
             pl.BlockSpec((None, None, bq, _LANES), q_map),
@@ -313,48 +344,26 @@ def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
             pltpu.VMEM((bq, _LANES), jnp.float32),  # running denominator l
             pltpu.VMEM((bq, d), jnp.float32),  # output accumulator
         ],
-    )
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg),
-        grid_spec=grid_spec,
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, hq, sq, _LANES), jnp.float32),
         ],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=_interpret_param(cfg.interpret),
+        semantics=("parallel", "parallel", "parallel", "arbitrary"),
         name="mllm_flash_fwd",
     )(*fwd_plan, q, k, v, qmeta, kmeta)
 
 
 def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
-    b, hq, sq, d = q.shape
-    n_q, n_k = sq // cfg.block_q, k.shape[2] // cfg.block_k
-    bq, bk = cfg.block_q, cfg.block_k
-    q_map, kv_map, qmeta_map, kmeta_map = _q_major_index_maps(cfg.group)
-
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, hq, n_q, n_k),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), q_map),
-            pl.BlockSpec((None, None, bk, d), kv_map),
-            pl.BlockSpec((None, None, bk, d), kv_map),
-            pl.BlockSpec((None, None, bq, d), q_map),  # dO
-            pl.BlockSpec((None, None, bq, _LANES), q_map),  # lse
-            pl.BlockSpec((None, None, bq, _LANES), q_map),  # di
-            pl.BlockSpec((None, 3, bq, _LANES), qmeta_map),
-            pl.BlockSpec((None, 3, bk), kmeta_map),
-        ],
-        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+    d = q.shape[3]
+    bq = cfg.block_q
+    maps = _q_major_index_maps(cfg.group)
+    return _pallas_call(
+        _dq_kernel, cfg, _q_major_grid(q, k, cfg),
+        in_specs=_in_specs(*maps, cfg, d, backward=True),
+        out_specs=pl.BlockSpec((None, None, bq, d), maps[0]),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-    )
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg),
-        grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=_interpret_param(cfg.interpret),
+        semantics=("parallel", "parallel", "parallel", "arbitrary"),
         name="mllm_flash_dq",
     )(*fwd_plan, q, k, v, do, lse, di, qmeta, kmeta)
 
@@ -362,7 +371,7 @@ def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
 def _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg: _Config):
     b, hkv, sk, d = k.shape
     n_q, n_k = q.shape[2] // cfg.block_q, sk // cfg.block_k
-    bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
+    bk, group = cfg.block_k, cfg.group
 
     def q_map(bi, h, ki, g, j, qb, kinds, cnt):
         return bi, h * group + g, qb[bi, ki, j], 0
@@ -376,28 +385,13 @@ def _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg: _Config):
     def kmeta_map(bi, h, ki, g, j, qb, kinds, cnt):
         return bi, 0, ki
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, hkv, n_k, group, n_q),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), q_map),
-            pl.BlockSpec((None, None, bk, d), kv_map),
-            pl.BlockSpec((None, None, bk, d), kv_map),
-            pl.BlockSpec((None, None, bq, d), q_map),  # dO
-            pl.BlockSpec((None, None, bq, _LANES), q_map),  # lse
-            pl.BlockSpec((None, None, bq, _LANES), q_map),  # di
-            pl.BlockSpec((None, 3, bq, _LANES), qmeta_map),
-            pl.BlockSpec((None, 3, bk), kmeta_map),
-        ],
+    return _pallas_call(
+        _dkv_kernel, cfg, (b, hkv, n_k, group, n_q),
+        in_specs=_in_specs(q_map, kv_map, qmeta_map, kmeta_map, cfg, d, backward=True),
         out_specs=[pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bk, d), kv_map)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-    )
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg),
-        grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-        interpret=_interpret_param(cfg.interpret),
+        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         name="mllm_flash_dkv",
     )(*bwd_plan, q, k, v, do, lse, di, qmeta, kmeta)
 
