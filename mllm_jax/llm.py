@@ -75,6 +75,7 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
     windows (Gemma 2) scan over groups of ``sliding_window_pattern`` layers.
     """
     n = jax.tree.leaves(params)[0].shape[0]
+    params = jax.tree.map(part.unshard_leading, params)  # scan slices the layers axis: it must be whole here
     inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
     rope = L.rope_cos_sin(meta.positions, inv_freq)
     dtype = L.dtype_of(run.dtype)

@@ -132,6 +132,20 @@ def gathered(x, names: tuple):
     return x if s is None else jax.sharding.reshard(x, s)
 
 
+def unshard_leading(x):
+    """``x`` with its leading dimension replicated (its other dimensions keep their layout): stacked layers stored
+    in per-device blocks over `pipeline`, gathered for a ``lax.scan`` over them outside the pipeline (evaluation,
+    the plain loss). A no-op off Explicit meshes and where the leading dimension is not sharded."""
+    mesh = _mesh()
+    if mesh is None or not _explicit(mesh) or x.ndim == 0:
+        return x
+    current = getattr(jax.typeof(x), "sharding", None)
+    spec = list(current.spec) if current is not None else []
+    if not spec or spec[0] is None:
+        return x
+    return jax.sharding.reshard(x, P(None, *spec[1:]))
+
+
 def out_sharding(names: tuple, shape: tuple):
     """``out_sharding=`` for einsum/gather on Explicit meshes (None elsewhere)."""
     mesh = _mesh()

@@ -219,18 +219,54 @@ def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=Fals
     return StageLayout(tuple(counts), index, active, kind, backward)
 
 
-def to_stages(stacked, layout: StageLayout):
-    """[layers, ...] -> [stages, slots, ...] (padded slots hold a copy of layer 0; they are inactive)."""
-    idx = jnp.asarray(layout.index.reshape(-1))
-    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0).reshape(layout.index.shape + a.shape[1:]), stacked)
+def _is_uniform(layout: StageLayout) -> bool:
+    return bool(layout.active.all())
+
+
+def _spec_of(a) -> list:
+    try:
+        spec = list(jax.typeof(a).sharding.spec)
+    except AttributeError:
+        spec = []
+    return spec + [None] * (a.ndim - len(spec))
+
+
+def _sharded_over(a, dim: int, axis: str) -> bool:
+    entry = _spec_of(a)[dim]
+    return entry is not None and axis in (entry if isinstance(entry, tuple) else (entry,))
+
+
+def to_stages(stacked, layout: StageLayout, mesh=None, axis="pipeline"):
+    """[layers, ...] -> [stages, slots, ...] (padded slots hold a copy of layer 0; they are inactive).
+
+    Stored layers may already be sharded over ``axis`` in contiguous blocks (the LLM's ``layers`` rule under
+    pipeline parallelism): for a uniform split each device's block *is* its stage, so the reshape moves nothing;
+    an uneven split gathers the layers over ``axis`` first (a transient copy) and takes each stage's slots."""
+    S, L = layout.index.shape
+
+    def one(a):
+        if mesh is not None and _sharded_over(a, 0, axis):
+            if _is_uniform(layout):
+                spec = _spec_of(a)
+                return jnp.reshape(a, (S, L) + a.shape[1:], out_sharding=NamedSharding(mesh, P(axis, None, *spec[1:])))
+            a = _reshard_dim(a, mesh, None, axis)
+        idx = jnp.asarray(layout.index.reshape(-1))
+        return jnp.take(a, idx, axis=0).reshape((S, L) + a.shape[1:])
+
+    return jax.tree.map(one, stacked)
 
 
 def from_stages(staged, layout: StageLayout, mesh=None, axis="pipeline"):
-    """[stages, slots, ...] -> [layers, ...], dropping the padded slots (replicated over ``axis`` when a mesh is
-    given: the canonical layout does not depend on the plan)."""
+    """[stages, slots, ...] -> [layers, ...], dropping the padded slots. With a mesh: for a uniform split the layers
+    stay sharded over ``axis`` in contiguous blocks (the storage layout of pipelined LLM layers), else they are
+    replicated over ``axis`` first (the canonical layout does not depend on the plan)."""
     flat = jnp.asarray(np.flatnonzero(layout.active.reshape(-1)))  # in layer order: stages are contiguous
 
     def one(a):
+        if mesh is not None and _is_uniform(layout):
+            a = _reshard_dim(a, mesh, 0, axis)
+            spec = _spec_of(a)
+            return jnp.reshape(a, (-1,) + a.shape[2:], out_sharding=NamedSharding(mesh, P(axis, *spec[2:])))
         if mesh is not None:
             a = _reshard_dim(a, mesh, None, axis)
         return jnp.take(a.reshape((-1,) + a.shape[2:]), flat, axis=0)
@@ -242,11 +278,7 @@ def _reshard_dim(a, mesh, dim, axis):
     """Shard dimension ``dim`` of ``a`` over ``axis`` (None: replicate over ``axis``), keeping its sharding over the
     other mesh axes (data / fsdp / tensor stay as the caller laid them out)."""
     a = jnp.asarray(a)
-    try:
-        spec = list(jax.typeof(a).sharding.spec)
-    except AttributeError:
-        spec = []
-    spec = spec + [None] * (a.ndim - len(spec))
+    spec = _spec_of(a)
 
     def drop(entry):
         if entry is None:
@@ -381,7 +413,7 @@ def pipeline_value_and_grad(
     want_dx = bool(input_requires_grad)
     layer_fn = _keep_layout(layer_fn)
 
-    staged = to_stages(stacked_params, layout)
+    staged = to_stages(stacked_params, layout, mesh, axis)
     table = jnp.asarray(sched.table)  # [T, S, F]
     active = jnp.asarray(layout.active)
     kind = jnp.asarray(layout.kind)

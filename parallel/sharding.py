@@ -71,6 +71,11 @@ def _check_axes(module: str, name: str, axes) -> None:
 def logical_rules(module: str, parallel_config: ParallelConfig) -> tuple:
     """((logical name, mesh axes), ...) for ``module``, the defaults updated by ``parallel_config.rules[module]``."""
     rules = default_rules(module)
+    if module == "llm" and parallel_config.pipeline > 1:
+        # Each pipeline device stores only its own block of the stacked decoder layers (and their optimizer
+        # moments); the pipeline runtime maps blocks to stages (parallel.pipeline.to_stages). Applied where the
+        # axis divides n_layers (partitioning.spec), otherwise the layers stay replicated.
+        rules["layers"] = "pipeline"
     for name, axes in (parallel_config.rules or {}).get(module, {}).items():
         _check_axes(module, name, axes)
         rules[name] = tuple(axes) if isinstance(axes, list) else axes

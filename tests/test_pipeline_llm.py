@@ -184,15 +184,24 @@ def test_pipelined_model_with_data_and_tensor():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [
-    ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=2),
-    ParallelConfig(data=2, pipeline=2, context=2, microbatches=4),
-    ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches=2),
-], ids=["pipeline2_context2_tensor2", "data2_pipeline2_context2", "fsdp2_pipeline2_tensor2"])
-def test_pipelined_model_with_context_fsdp_and_tensor(parallel):
-    # Inside the stages: context-parallel attention (K/V all-gathered or ringed over `context`), weights stored over
-    # fsdp and gathered per layer, heads and MLP split over `tensor`.
-    check(tiny_config(6, FROZEN_ENC), parallel, (2, 4), sharded_model=True)
+@pytest.mark.parametrize("parallel,split", [
+    (ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=2), (2, 4)),
+    (ParallelConfig(data=2, pipeline=2, context=2, microbatches=4), (2, 4)),
+    (ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches=2), (3, 3)),
+], ids=["pipeline2_context2_tensor2", "data2_pipeline2_context2", "fsdp2_pipeline2_tensor2_uniform"])
+def test_pipelined_model_with_context_fsdp_and_tensor(parallel, split):
+    # Inside the stages: context-parallel attention (K/V all-gathered over `context`), weights stored over fsdp and
+    # gathered per layer, heads and MLP split over `tensor`. The stacked layers are stored in per-device blocks over
+    # `pipeline`: an uneven split regroups them into stages, a uniform one uses each device's block as it is.
+    check(tiny_config(6, FROZEN_ENC), parallel, split, sharded_model=True)
+
+
+def test_pipeline_devices_store_only_their_block_of_layers():
+    par = ParallelConfig(data=2, pipeline=4, microbatches=4)
+    model = create_model(tiny_config(8), make_mesh(par, jax.devices()), par)
+    kernel = model.llm.layers.attn.q.kernel[...]
+    assert kernel.sharding.shard_shape(kernel.shape)[0] == 2  # 8 layers over 4 stages
+    assert model.llm.embed.embedding[...].sharding.shard_shape(model.llm.embed.embedding.shape) == (64, 32)
 
 
 def _per_device_flops(parallel, config, stage_layers, mb=8):

@@ -145,6 +145,15 @@ def test_dry_run_builds_full_size_recipes_abstractly():
     total_bytes = (out["params_trainable"] + out["params_frozen"]) * 4
     assert out["per_device_gib"]["params"] * 2**30 == pytest.approx(total_bytes / 8, rel=0.05)
     gin.clear_config()
+    # Pipeline over 4 devices: each stores a quarter of the 32 decoder layers (Llama-2-7B: 4 d^2 + 3 d d_ff + 2 d
+    # parameters each), and everything else whole.
+    cfg = loop.load_run_config(["configs/llava_7b.gin"], ["ParallelConfig.data = 2", "ParallelConfig.pipeline = 4",
+                                                          "ParallelConfig.microbatches = 4"])
+    out = dry_run.report(cfg, print_fn=lines.append)
+    layer_params = 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
+    per_device = (out["params_trainable"] + out["params_frozen"] - layer_params * 3 / 4) * 4
+    assert out["per_device_gib"]["params"] * 2**30 == pytest.approx(per_device, rel=1e-6)
+    gin.clear_config()
     cfg = loop.load_run_config(["configs/valm_s.gin"], ["ParallelConfig.fsdp = 8", "ParallelConfig.microbatches = 8"])
     lines.clear()
     dry_run.report(cfg, print_fn=lines.append)

@@ -7,6 +7,8 @@ Activations are a rough model (saved tensors per layer per token), stated as suc
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from flax import nnx
@@ -46,7 +48,16 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
         return layers * per_layer + (one_layer if remat else 0.0)
 
     llm = mc.llm
-    total = stack(rows * dc.seq_len, llm.d_model, llm.d_ff, llm.n_layers, llm.n_heads)
+    tokens = rows * dc.seq_len / pc.context  # each context rank holds its shard of the sequence
+    if pc.pipeline > 1:
+        # A device runs its stage's layers only, and 1F1B keeps every slot's input for at most `stages`
+        # microbatches in flight (the backward rematerialises each layer from its saved input).
+        layers = math.ceil(llm.n_layers / pc.pipeline)
+        in_flight = min(pc.pipeline, pc.microbatches)
+        total = in_flight * layers * tokens * llm.d_model * act_bytes
+        total += tokens * (6 * llm.d_model + 3 * llm.d_ff / max(pc.tensor, 1)) * act_bytes
+    else:
+        total = stack(tokens, llm.d_model, llm.d_ff, llm.n_layers, llm.n_heads)
     counts = feature_counts(mc)
     for name, enc in mc.encoders.items():
         if not mc.is_trainable(f"encoders/{name}"):
