@@ -141,3 +141,16 @@ def all_cases(batch: int, length: int, *, seed: int = 0, pad: int = 0):
     cases = [(f, make_meta(f, batch, length, seed=seed, pad=pad)) for f in FAMILY_NAMES]
     cases.append(("permuted", permute(make_meta("interleaved", batch, length, seed=seed, pad=pad), seed=seed + 1)[0]))
     return cases
+
+
+def cases_with_permutations(batch: int, length: int):
+    """(name, q_meta, k_meta, k_index) for the kernel tests: every case of all_cases (seed 1, 7 padding tokens) with
+    q_meta = k_meta, plus the audio_image family (5 padding tokens) with k permuted ('k_permuted') and with q and k
+    permuted independently of each other ('q_and_k_permuted'); k_index gathers k and v to match k_meta."""
+    out = [(name, m, m, None) for name, m in all_cases(batch, length, seed=1, pad=7)]
+    base = make_meta("audio_image", batch, length, seed=2, pad=5)
+    k_meta, k_index = permute(base, seed=3)
+    out.append(("k_permuted", base, k_meta, k_index))
+    q_meta, _ = permute(base, seed=4)
+    out.append(("q_and_k_permuted", q_meta, k_meta, k_index))
+    return out

@@ -6,8 +6,6 @@ dense one.
 
 The metadata goes into the jitted functions as traced arguments, so one compilation serves all families."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,8 @@ from kernels import TokenMeta
 from kernels.cpu_attention import tiled_attention
 from kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS
 from kernels.reference import reference_attention
-from mask_families import all_cases, make_meta, permute, take_tokens
+from kernel_testlib import random_inputs, value_and_grads as _value_and_grads
+from mask_families import all_cases, cases_with_permutations, make_meta, take_tokens
 from mllm_jax import layers as L
 
 B, S, D = 2, 100, 16  # S is not a multiple of the blocks
@@ -26,25 +25,7 @@ OPTIONS = [dict(), dict(window=9, softcap=5.0), dict(span_isolated=True), dict(s
 
 
 def _inputs(b=B, sq=S, sk=S, hq=4, hkv=2, d=D, dtype=jnp.float32, seed=0):
-    kq, kk, kv, ko = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return (
-        jax.random.normal(kq, (b, sq, hq, d), dtype),
-        jax.random.normal(kk, (b, sk, hkv, d), dtype),
-        jax.random.normal(kv, (b, sk, hkv, d), dtype),
-        jax.random.normal(ko, (b, sq, hq, d), dtype),  # the output cotangent
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _value_and_grads(impl, opts):
-    """jit(q, k, v, q_meta, k_meta, d_out) -> (out, dq, dk, dv) for impl with options (a hashable tuple)."""
-    kw = dict(opts)
-
-    def f(q, k, v, qm, km, d_out):
-        out, vjp = jax.vjp(lambda q, k, v: impl(q, k, v, qm, km, **kw), q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(f)
+    return random_inputs(b, sq, sk, hq, hkv, d, dtype, seed)
 
 
 def _tiled(q, k, v, qm, km, **kw):
@@ -64,13 +45,7 @@ def _assert_close(got, want, what, atol=1e-4, rtol=1e-4):
 
 def _cases():
     """(name, q_meta, k_meta, k_index): all families with padding, plus q and k permuted independently."""
-    out = [(name, m, m, None) for name, m in all_cases(B, S, seed=1, pad=7)]
-    base = make_meta("audio_image", B, S, seed=2, pad=5)
-    k_meta, k_index = permute(base, seed=3)
-    out.append(("k_permuted", base, k_meta, k_index))
-    q_meta, _ = permute(base, seed=4)
-    out.append(("q_and_k_permuted", q_meta, k_meta, k_index))
-    return out
+    return cases_with_permutations(B, S)
 
 
 @pytest.mark.parametrize("opts,hq,hkv", [(o, 4, 2) for o in OPTIONS] + [(OPTIONS[0], 2, 2), (OPTIONS[1], 3, 1)],

@@ -21,7 +21,8 @@ from kernels.blockwise import (
 )
 from kernels.meta import SKIP, dense_block_map
 from kernels.reference import reference_attention
-from mask_families import all_cases, make_meta, permute, take_tokens
+from kernel_testlib import random_inputs, value_and_grads as _value_and_grads
+from mask_families import all_cases, cases_with_permutations, make_meta, permute, take_tokens
 
 B, S, HQ, HKV, D = 2, 100, 2, 1, 64  # S is not a multiple of the blocks; GQA with 2 query heads per kv head
 BLOCKS = dict(block_q=16, block_k=32)
@@ -29,25 +30,7 @@ OPTIONS = [dict(), dict(window=9, softcap=5.0), dict(span_isolated=True)]
 
 
 def _inputs(b=B, sq=S, sk=S, hq=HQ, hkv=HKV, d=D, dtype=jnp.float32, seed=0):
-    kq, kk, kv, ko = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return (
-        jax.random.normal(kq, (b, sq, hq, d), dtype),
-        jax.random.normal(kk, (b, sk, hkv, d), dtype),
-        jax.random.normal(kv, (b, sk, hkv, d), dtype),
-        jax.random.normal(ko, (b, sq, hq, d), dtype),  # the output cotangent
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _value_and_grads(impl, opts):
-    """jit(q, k, v, q_meta, k_meta, d_out) -> (out, dq, dk, dv) for impl with options (a hashable tuple)."""
-    kw = dict(opts)
-
-    def f(q, k, v, qm, km, d_out):
-        out, vjp = jax.vjp(lambda q, k, v: impl(q, k, v, qm, km, **kw), q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(f)
+    return random_inputs(b, sq, sk, hq, hkv, d, dtype, seed)
 
 
 def _blockwise(q, k, v, qm, km, **kw):
@@ -63,13 +46,7 @@ def _assert_close(got, want, atol, rtol, what):
 
 def _cases():
     """(name, q_meta, k_meta, k_index): all families, plus q and k permuted independently of each other."""
-    out = [(name, m, m, None) for name, m in all_cases(B, S, seed=1, pad=7)]
-    base = make_meta("audio_image", B, S, seed=2, pad=5)
-    k_meta, k_index = permute(base, seed=3)
-    out.append(("k_permuted", base, k_meta, k_index))
-    q_meta, _ = permute(base, seed=4)
-    out.append(("q_and_k_permuted", q_meta, k_meta, k_index))
-    return out
+    return cases_with_permutations(B, S)
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
