@@ -36,6 +36,7 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks._report import report  # noqa: E402
 import kernels  # noqa: E402
 from kernels import TokenMeta  # noqa: E402
 from kernels.blockwise import blockwise_attention, blockwise_attention_with_count, default_block, tile_schedule  # noqa: E402
@@ -166,10 +167,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every code path")
     args = parser.parse_args(argv)
     result = run(QUICK_RUN if args.quick else FULL_RUN)
-    line = json.dumps(result)
-    print(line)
-    with open(args.out, "w") as f:
-        f.write(line + "\n")
+    report(result, args.out)
     return result
 
 

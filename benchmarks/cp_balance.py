@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._report import report  # noqa: E402
 from kernels.meta import TokenMeta  # noqa: E402
 from parallel.context import MODES, CostModel, block_costs, plan  # noqa: E402
 
@@ -400,10 +401,7 @@ def main(argv=None):
         result["compiled_flops"] = {"seq_len": 2048 if args.quick else 4096, "cp": args.cp,
                                     "families": compiled_flops(2048 if args.quick else 4096, args.cp)}
     result["wall_s"] = time.perf_counter() - t0
-    line = json.dumps(result)
-    with open(args.out, "w") as f:
-        f.write(line + "\n")
-    print(line)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

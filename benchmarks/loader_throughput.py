@@ -23,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from mllm_jax.data.tokenizer import TextCodec, vocabulary  # noqa: E402
 from mllm_jax.datasets import DatasetConfig, Loader, make_source  # noqa: E402
@@ -102,11 +103,7 @@ def main(argv=None):
               "step_rate": args.step_rate, "global_batch": args.global_batch, "image_size": args.image_size,
               "workers": args.workers, "assignment": args.assignment, "bad_samples": bad,
               "dataset_write_s": write_s, "cpu_count": os.cpu_count()}
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+    report(result, args.out)
     return result
 
 

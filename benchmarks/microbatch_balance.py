@@ -14,7 +14,6 @@ predicted_speedup (random / balanced step time), predicted_speedup_vs_sequential
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from mllm_jax.datasets import (Capacity, WorkloadModel, assign, coefficient_of_variation, microbatch_loads,  # noqa
                                pack_rows, predicted_step_time)
@@ -101,11 +101,7 @@ def main(argv=None):
         "target_cv_reduction": 5.0,
     }
     result["meets_target"] = bool(result["cv_reduction"] >= 5.0)
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+    report(result, args.out)
     return result
 
 

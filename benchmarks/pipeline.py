@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from parallel.config import ParallelConfig  # noqa: E402
 from parallel.pipeline_plan import plan_pipeline  # noqa: E402
@@ -474,10 +475,7 @@ def main():
         "timeline_png": png,
         "wall_s": time.time() - t0,
     }
-    line = json.dumps(result)
-    with open(args.out, "w") as f:
-        f.write(line + "\n")
-    print(line)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

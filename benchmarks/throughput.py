@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -80,6 +79,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks._report import report  # noqa: E402
 from mllm_jax.data import SyntheticBatches  # noqa: E402
 from mllm_jax.train import loop  # noqa: E402
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -428,10 +428,7 @@ def run(args) -> dict:
 
 def main():
     result = run(ARGS)
-    line = json.dumps(result)
-    with open(ARGS.out, "w") as f:
-        f.write(line + "\n")
-    print(line)
+    report(result, ARGS.out)
 
 
 if __name__ == "__main__":
