@@ -230,15 +230,10 @@ def _call(kernel, cfg, name, grid, in_specs, out_specs, out_shape):
     )
 
 
-def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
-    """out [B, Sq', Hq, D'], lse (base 2) [B, Hq, Sq'], and with_count: tiles computed per program [B, Hq, nQ, 1]."""
-    b, sq, hq, d = p.q.shape
-    sk, hkv = p.k.shape[1], p.k.shape[2]
-    bq, g = cfg.block_q, hq // hkv
-    nq = sq // bq
-    sched = _schedule_arrays(compact(_block_map(cfg, p)))
-    width = sched[0].shape[-1]
-    in_specs = [
+def _q_major_in_specs(width, bq, sk, d, g):
+    """Specs of the operands the fwd and dQ grids (nQ, B, Hq) share: the q block's k list, kinds and count, the q
+    block, the whole k and v of its kv head, then the q block's and all k metadata."""
+    return [
         pl.BlockSpec((None, None, width), lambda i, bi, h: (bi, i, 0)),
         pl.BlockSpec((None, None, width), lambda i, bi, h: (bi, i, 0)),
         pl.BlockSpec((None, None, 1), lambda i, bi, h: (bi, i, 0)),
@@ -248,6 +243,16 @@ def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
         *_row_specs(bq, lambda i, bi, h: (bi, i)),
         *_row_specs(sk, lambda i, bi, h: (bi, 0)),
     ]
+
+
+def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
+    """out [B, Sq', Hq, D'], lse (base 2) [B, Hq, Sq'], and with_count: tiles computed per program [B, Hq, nQ, 1]."""
+    b, sq, hq, d = p.q.shape
+    sk, hkv = p.k.shape[1], p.k.shape[2]
+    bq, g = cfg.block_q, hq // hkv
+    nq = sq // bq
+    sched = _schedule_arrays(compact(_block_map(cfg, p)))
+    in_specs = _q_major_in_specs(sched[0].shape[-1], bq, sk, d, g)
     out_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
@@ -276,14 +281,7 @@ def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
     dq = _call(
         functools.partial(_dq_kernel, cfg=cfg), cfg, "multimodal_flash_dq", (sq // bq, b, hq),
         [
-            pl.BlockSpec((None, None, w), lambda i, bi, h: (bi, i, 0)),
-            pl.BlockSpec((None, None, w), lambda i, bi, h: (bi, i, 0)),
-            pl.BlockSpec((None, None, 1), lambda i, bi, h: (bi, i, 0)),
-            pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
-            pl.BlockSpec((None, sk, None, d), lambda i, bi, h: (bi, 0, h // g, 0)),
-            pl.BlockSpec((None, sk, None, d), lambda i, bi, h: (bi, 0, h // g, 0)),
-            *_row_specs(bq, lambda i, bi, h: (bi, i)),
-            *_row_specs(sk, lambda i, bi, h: (bi, 0)),
+            *_q_major_in_specs(w, bq, sk, d, g),
             pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
             pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
             pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
