@@ -246,8 +246,8 @@ def to_stages(stacked, layout: StageLayout, mesh=None, axis="pipeline"):
 
     def one(a):
         if mesh is not None and _sharded_over(a, 0, axis):
-            if _is_uniform(layout):
-                spec = _spec_of(a)
+            spec = _spec_of(a)
+            if _is_uniform(layout) and spec[0] == axis:  # blocks of `axis` alone: each device's block is its stage
                 return jnp.reshape(a, (S, L) + a.shape[1:], out_sharding=NamedSharding(mesh, P(axis, None, *spec[1:])))
             a = _reshard_dim(a, mesh, None, axis)
         idx = jnp.asarray(layout.index.reshape(-1))
