@@ -177,11 +177,7 @@ def _loss_params(llm) -> dict:
     the loss's logits einsum keeps it so (partitioning's hints hold inside the pipeline's shard_map)."""
     tied = llm.config.tie_embeddings
     parts = {"final_norm": llm.final_norm, "embed" if tied else "lm_head": llm.embed if tied else llm.lm_head}
-    out = {}
-    for k, m in parts.items():
-        values, names = L.module_params(m)
-        out[k] = L.use_params(values, names, jnp.float32)
-    return out
+    return {k: L.params_for_compute(m, jnp.float32) for k, m in parts.items()}
 
 
 def _loss_fn(llm, chunk):

@@ -42,10 +42,12 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
     rows = dc.batch_size / pc.microbatches / (pc.data * pc.fsdp)
     remat = mc.remat != "none"
 
+    def one_layer(tokens, d, d_ff):  # every tensor a layer's backward needs
+        return tokens * (6 * d + 3 * d_ff / max(pc.tensor, 1)) * act_bytes
+
     def stack(tokens, d, d_ff, layers, heads):
-        per_layer = tokens * (d if remat else 6 * d + 3 * d_ff / max(pc.tensor, 1)) * act_bytes
-        one_layer = tokens * (6 * d + 3 * d_ff / max(pc.tensor, 1)) * act_bytes  # recomputed layer in flight
-        return layers * per_layer + (one_layer if remat else 0.0)
+        per_layer = tokens * d * act_bytes if remat else one_layer(tokens, d, d_ff)
+        return layers * per_layer + (one_layer(tokens, d, d_ff) if remat else 0.0)  # + the recomputed layer
 
     llm = mc.llm
     tokens = rows * dc.seq_len / pc.context  # each context rank holds its shard of the sequence
@@ -55,7 +57,7 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
         layers = math.ceil(llm.n_layers / pc.pipeline)
         in_flight = min(pc.pipeline, pc.microbatches)
         total = in_flight * layers * tokens * llm.d_model * act_bytes
-        total += tokens * (6 * llm.d_model + 3 * llm.d_ff / max(pc.tensor, 1)) * act_bytes
+        total += one_layer(tokens, llm.d_model, llm.d_ff)
     else:
         total = stack(tokens, llm.d_model, llm.d_ff, llm.n_layers, llm.n_heads)
     counts = feature_counts(mc)
