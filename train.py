@@ -33,9 +33,11 @@ flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Before anything touches jax: the CPU device count and (when several processes) the distributed runtime.
-    from mllm_jax import distributed
+    # Before anything touches jax: XLA:CPU flags, the CPU device count and (when several processes) the distributed
+    # runtime.
+    from mllm_jax import cpu_flags, distributed
 
+    cpu_flags.apply()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            cpu_devices=FLAGS.cpu_devices)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

@@ -25,7 +25,8 @@ the MFU: the same, with the LLM attention FLOPs counted only over those tiles (`
 from the batch's block map). XLA's cost_analysis of the compiled step is reported beside it (it also counts
 elementwise work and the optimizer, and a scanned layer once).
 
-XLA CPU flags must be set before jax starts, so this script sets them in its own process (--xla_flags).
+XLA CPU flags must be set before jax starts, so this script sets them in its own process: train.py's
+(mllm_jax.cpu_flags), plus --xla_flags (which wins where both name a flag).
 
 The final line printed (and written to --out) is one JSON object with ``tokens_per_s``, ``torch_tokens_per_s``,
 ``speedup_vs_torch`` and ``mfu_vs_matmul`` (float32 against float32) and the details.
@@ -73,6 +74,9 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from mllm_jax import cpu_flags
+
+    cpu_flags.apply()  # train.py's XLA:CPU flags (those --xla_flags names itself are kept as given)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -45,12 +45,14 @@ def conv1d(p: dict, x_NTC, stride: int):
 class AudioEncoder(nnx.Module):
     def __init__(self, config: AudioConfig, *, rngs: nnx.Rngs, lora_rank: int | None = None,
                  lora_targets: tuple = (), lora_scale: float = 0.0, dtype: str = "float32", remat: str = "none",
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", layer_loop: str = "scan"):
         cfg = config
         if cfg.kind != "whisper":
             raise ValueError(f"AudioConfig.kind must be 'whisper'; got {cfg.kind!r}")
         self.config = cfg
         self.settings = (dtype, remat, attention_impl, lora_scale)
+        L.check_layer_loop(layer_loop)
+        self.layer_loop = layer_loop
         d = cfg.d_model
         self.conv1 = L.Linear((3, cfg.n_mels), (d,), ("conv_width", "mel"), ("embed",), rngs=rngs)
         self.conv2 = L.Linear((3, d), (d,), ("conv_width", "conv_in"), ("embed",), rngs=rngs)
@@ -80,5 +82,5 @@ class AudioEncoder(nnx.Module):
         x = gelu(conv1d(L.use_params(c2, n2, dtype), x, 2))
         x = x + jnp.asarray(sinusoids(cfg.max_source_positions, cfg.d_model), dtype)[None]
         x = apply_encoder_layers(self.layers, x, cfg.n_layers, act=cfg.activation, eps=cfg.norm_eps, dtype=dtype,
-                                 remat=remat, impl=impl, lora_scale=lora_scale)
+                                 remat=remat, impl=impl, lora_scale=lora_scale, layer_loop=self.layer_loop)
         return L.layer_norm(L.params_for_compute(self.final_norm), x, cfg.norm_eps)

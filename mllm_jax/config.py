@@ -146,6 +146,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
     attention_impl: str = "auto"  # kernels.attention impl
+    layer_loop: str = "scan"  # "scan" (lax.scan over stacked layers) | "unrolled" (faster on CPU, slower to compile)
 
     def is_trainable(self, key: str) -> bool:
         return bool(self.trainable.get(key, True))

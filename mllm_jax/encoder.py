@@ -50,8 +50,8 @@ class EncoderLayers(nnx.Module):
 
 
 def apply_encoder_layers(module: EncoderLayers, x_NTD, n_run: int, *, act: str, eps: float, dtype, remat: str,
-                         impl: str, lora_scale: float = 0.0):
-    """Run the first ``n_run`` stacked layers (scan) on x [N, T, D]."""
+                         impl: str, lora_scale: float = 0.0, layer_loop: str = "scan"):
+    """Run the first ``n_run`` stacked layers (layers.scan_layers) on x [N, T, D]."""
     if n_run == 0:
         return x_NTD
     values, names = L.module_params(module)
@@ -69,4 +69,4 @@ def apply_encoder_layers(module: EncoderLayers, x_NTD, n_run: int, *, act: str, 
     # The scan carry must enter with the layout the body returns (Explicit meshes type-check it): e.g. an input whose
     # features carry "fsdp" from an fsdp-sharded bias while the rule's batch leaves "fsdp" out.
     x = part.constrain(x_NTD.astype(dtype), ("batch", "length", "act_embed"))
-    return L.scan_layers(body, x, values, remat)
+    return L.scan_layers(body, x, values, remat, layer_loop)

@@ -118,12 +118,33 @@ def params_for_compute(module: nnx.Module, dtype=jnp.float32) -> dict:
 # Pure functions
 
 
-def _einsum(eq: str, x, w, out_names: tuple):
+def matmul_split(eq: str) -> tuple[str, str, str] | None:
+    """(lead, contracted, kept) when ``eq`` is x[lead + contracted] . w[contracted + kept] -> out[lead + kept], i.e.
+    one 2-d matmul after reshapes (every projection here: 'bsd,dhk->bshk', 'bshk,hkd->bsd', ...); else None."""
+    (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    contracted = "".join(c for c in xs if c in ws)
+    lead, kept = xs[: len(xs) - len(contracted)], ws[len(contracted):]
+    if xs != lead + contracted or ws != contracted + kept or out != lead + kept or not lead or not contracted:
+        return None
+    return lead, contracted, kept
+
+
+def project(eq: str, x, w, out_names: tuple, **kw):
+    """jnp.einsum(eq, x, w) laid out as ``out_names`` on the mesh (``kw``: e.g. preferred_element_type)."""
     (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
     sizes = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
     out_shape = tuple(sizes[c] for c in out)
+    split = matmul_split(eq)
+    if split is not None and _unsharded_mesh():
+        # Whole arrays: one [rows, in] x [in, out] matmul. On CPU a 3-d einsum's weight gradient contracts two axes
+        # (batch, length), which XLA lays out with a transpose of the activation gradient: the gated MLP's
+        # forward + backward runs 1.2-1.3x slower as 'bsd,df->bsf' than as this (benchmarks/RESULTS.md).
+        lead, contracted, _ = split
+        rows, inner = math.prod(x.shape[: len(lead)]), math.prod(x.shape[len(lead):])
+        y = jnp.matmul(x.reshape(rows, inner), w.reshape(inner, -1), **kw)
+        return y.reshape(out_shape)
     sh = part.out_sharding(out_names, out_shape)
-    return jnp.einsum(eq, x, w, out_sharding=sh) if sh is not None else jnp.einsum(eq, x, w)
+    return jnp.einsum(eq, x, w, out_sharding=sh, **kw) if sh is not None else jnp.einsum(eq, x, w, **kw)
 
 
 def linear(p: dict, x, eq: str, out_names: tuple, *, lora_scale: float = 0.0):
@@ -131,15 +152,15 @@ def linear(p: dict, x, eq: str, out_names: tuple, *, lora_scale: float = 0.0):
 
     ``out_names`` are the logical names of the output, used as its layout on a mesh.
     """
-    y = _einsum(eq, x, p["kernel"], out_names)
+    y = project(eq, x, p["kernel"], out_names)
     if "lora_a" in p:
         lhs, out = eq.split("->")
         xs, ks = lhs.split(",")
         contracted = "".join(c for c in ks if c in xs)
         kept = "".join(c for c in ks if c not in xs)
         xr = "".join(c for c in xs if c not in contracted) + "r"
-        mid = _einsum(f"{xs},{contracted}r->{xr}", x, p["lora_a"], tuple(out_names[: len(xr) - 1]) + (None,))
-        y = y + lora_scale * _einsum(f"{xr},r{kept}->{out}", mid, p["lora_b"], out_names)
+        mid = project(f"{xs},{contracted}r->{xr}", x, p["lora_a"], tuple(out_names[: len(xr) - 1]) + (None,))
+        y = y + lora_scale * project(f"{xr},r{kept}->{out}", mid, p["lora_b"], out_names)
     if "bias" in p:
         y = y + p["bias"]
     return y
@@ -363,11 +384,30 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def scan_layers(body, h, stacked: dict, remat: str = "none"):
-    """h <- body(layer_params, h) for each layer of ``stacked`` (arrays with a leading layers axis), via lax.scan."""
+LAYER_LOOPS = ("scan", "unrolled")
+
+
+def check_layer_loop(loop: str) -> None:
+    if loop not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}; got {loop!r}")
+
+
+def scan_layers(body, h, stacked: dict, remat: str = "none", loop: str = "scan"):
+    """h <- body(layer_params, h) for each layer of ``stacked`` (arrays with a leading layers axis).
+
+    ``loop="scan"``: one lax.scan (compile time independent of depth). ``"unrolled"``: a Python loop over the layers;
+    the backward then reads each layer's residuals from its own buffers instead of slicing them out of [layers, ...]
+    stacks the forward wrote (and zero-filled) slice by slice: on one CPU device the vlm_small train step runs about
+    1.15x faster (benchmarks/RESULTS.md), for a compile time that grows with depth.
+    """
+    check_layer_loop(loop)
     wrap, policy = remat_policy(remat)
     if wrap:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    if loop == "unrolled":
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            h = body(jax.tree.map(lambda a, i=i: a[i], stacked), h)
+        return h
 
     def step(carry, layer_params):
         return body(layer_params, carry), None

@@ -30,6 +30,7 @@ class RunSettings:
 
     dtype: str = "float32"
     remat: str = "none"
+    layer_loop: str = "scan"
     attention_impl: str = "auto"
     span_isolated: bool = False
     context_method: str = "allgather"
@@ -94,18 +95,18 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
 
     h = h_BSD.astype(dtype)
     if len(set(windows)) == 1:
-        return L.scan_layers(group_body((windows[0],)), h, params, run.remat)
+        return L.scan_layers(group_body((windows[0],)), h, params, run.remat, run.layer_loop)
     g = cfg.sliding_window_pattern
     start = (-first_layer) % g  # layers before the first aligned group run one by one
     n_groups = (n - start) // g
     sl = lambda a, b: jax.tree.map(lambda x: x[a:b], params)  # noqa: E731
     for i in range(start):
-        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat)
+        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat, run.layer_loop)
     if n_groups:
         grouped = jax.tree.map(lambda x: x.reshape((n_groups, g) + x.shape[1:]), sl(start, start + n_groups * g))
-        h = L.scan_layers(group_body(tuple(windows[start:start + g])), h, grouped, run.remat)
+        h = L.scan_layers(group_body(tuple(windows[start:start + g])), h, grouped, run.remat, run.layer_loop)
     for i in range(start + n_groups * g, n):
-        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat)
+        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat, run.layer_loop)
     return h
 
 
@@ -251,9 +252,7 @@ class LLM(nnx.Module):
 
 
 def logits_from_hidden(h_BSD, w_DV, softcap):
-    sh = part.out_sharding(("batch", "length", "vocab"), h_BSD.shape[:2] + w_DV.shape[1:])
-    eq = "bsd,dv->bsv"
-    y = jnp.einsum(eq, h_BSD, w_DV, preferred_element_type=jnp.float32, **({"out_sharding": sh} if sh else {}))
+    y = L.project("bsd,dv->bsv", h_BSD, w_DV, ("batch", "length", "vocab"), preferred_element_type=jnp.float32)
     y = y.astype(jnp.float32)
     if softcap:
         y = softcap * jnp.tanh(y / softcap)

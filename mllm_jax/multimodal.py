@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.meta import TokenMeta
+from mllm_jax import layers as L
 from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
 from mllm_jax.audio import AudioEncoder
@@ -22,7 +23,8 @@ from mllm_jax.vision import VisionEncoder
 def build_encoder(config: ModelConfig, name: str, *, rngs: nnx.Rngs):
     ecfg = config.encoders[name]
     lora = lora_lib.lora_for(config, name)
-    kw = dict(rngs=rngs, dtype=config.dtype, remat=config.remat, attention_impl=config.attention_impl)
+    kw = dict(rngs=rngs, dtype=config.dtype, remat=config.remat, attention_impl=config.attention_impl,
+              layer_loop=config.layer_loop)
     if lora is not None:
         kw.update(lora_rank=lora.rank, lora_targets=lora_lib.encoder_targets(lora), lora_scale=lora.alpha / lora.rank)
     if isinstance(ecfg, VisionConfig):
@@ -52,6 +54,7 @@ def validate_config(config: ModelConfig) -> None:
     if bad:
         raise ValueError(f"trainable keys {bad} are not among {sorted(keys)}")
     lora_lib.validate(config)
+    L.check_layer_loop(config.layer_loop)
 
 
 class MultimodalModel(nnx.Module):
@@ -73,10 +76,11 @@ class MultimodalModel(nnx.Module):
             with self.scope(f"projectors/{name}"):
                 projectors[name] = Projector(config.projectors[name], config.encoders[name].d_model,
                                              config.llm.d_model, rngs=rngs, dtype=config.dtype,
-                                             attention_impl=config.attention_impl)
+                                             attention_impl=config.attention_impl, layer_loop=config.layer_loop)
         self.encoders = nnx.Dict(encoders)
         self.projectors = nnx.Dict(projectors)
         run = RunSettings(dtype=config.dtype, remat=config.remat, attention_impl=config.attention_impl,
+                          layer_loop=config.layer_loop,
                           span_isolated=config.span_isolated, context_method=context_method)
         with self.scope("llm"):
             self.llm = LLM(config.llm, rngs=rngs, lora=lora_lib.lora_for(config, "llm"), run=run)

@@ -26,12 +26,14 @@ def num_output_tokens(config: ProjectorConfig, encoder_tokens: int) -> int:
 
 class Projector(nnx.Module):
     def __init__(self, config: ProjectorConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: str = "float32",
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", layer_loop: str = "scan"):
         cfg = config
         if cfg.kind not in KINDS:
             raise ValueError(f"ProjectorConfig.kind must be one of {KINDS}; got {cfg.kind!r}")
+        L.check_layer_loop(layer_loop)
         self.config = cfg
         self.settings = (dtype, attention_impl)
+        self.layer_loop = layer_loop
         io = (("embed_in",), ("embed",))
         if cfg.kind == "linear":
             self.proj = L.Linear((in_dim,), (out_dim,), *io, rngs=rngs)
@@ -93,5 +95,5 @@ class Projector(nnx.Module):
             h = h + L.plain_mlp(p["mlp"], L.layer_norm(p["mlp_norm"], h, 1e-5), cfg.activation)
             return h
 
-        h = L.scan_layers(body, h, values)
+        h = L.scan_layers(body, h, values, loop=self.layer_loop)
         return L.layer_norm(L.params_for_compute(self.out_norm), h, 1e-5)

@@ -33,7 +33,7 @@ class VisionEncoder(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, lora_rank: int | None = None,
                  lora_targets: tuple = (), lora_scale: float = 0.0, dtype: str = "float32", remat: str = "none",
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", layer_loop: str = "scan"):
         cfg = config
         if cfg.kind not in KINDS:
             raise ValueError(f"VisionConfig.kind must be one of {KINDS}; got {cfg.kind!r}")
@@ -42,6 +42,8 @@ class VisionEncoder(nnx.Module):
         self.config = cfg
         self.n_run = layers_to_run(cfg.n_layers, cfg.select_layer)
         self.settings = (dtype, remat, attention_impl, lora_scale)
+        L.check_layer_loop(layer_loop)
+        self.layer_loop = layer_loop
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.d_model
         self.patch_embed = L.Linear((p, p, c), (d,), ("patch", "patch", "channels"), ("embed",), rngs=rngs,
                                     bias=cfg.kind != "clip")
@@ -100,7 +102,8 @@ class VisionEncoder(nnx.Module):
         dtype, remat, impl, lora_scale = self.settings
         x = self.embed(pixels_NHWC)
         x = apply_encoder_layers(self.layers, x, self.n_run, act=cfg.activation, eps=cfg.norm_eps,
-                                 dtype=L.dtype_of(dtype), remat=remat, impl=impl, lora_scale=lora_scale)
+                                 dtype=L.dtype_of(dtype), remat=remat, impl=impl, lora_scale=lora_scale,
+                                 layer_loop=self.layer_loop)
         if cfg.post_norm and self.n_run == cfg.n_layers:
             x = L.layer_norm(L.params_for_compute(self.post_norm), x, cfg.norm_eps)
         if cfg.class_token and cfg.drop_class_token:

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from kernels.meta import TokenMeta
@@ -58,3 +59,39 @@ def test_remat_policies_give_identical_loss_and_grads():
         l1, g1 = results[remat]
         np.testing.assert_allclose(l1, l0, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+
+
+def test_unrolled_layer_loop_gives_the_scans_loss_and_grads():
+    """ModelConfig.layer_loop="unrolled" (a Python loop over the stacked layers of the LLM, the vision and the audio
+    encoder) is the same function as the lax.scan: the same weights give the scan's loss and gradients."""
+    from mllm_jax import MultimodalModel
+
+    from model_testlib import tiny_batch, tiny_config
+
+    config = tiny_config()
+    batch = tiny_batch(config)
+    results = {}
+    for loop in ("scan", "unrolled"):
+        model = build(MultimodalModel, dataclasses.replace(config, layer_loop=loop), 0)
+        graphdef, params = nnx.split(model)
+        loss = lambda p: model_loss(nnx.merge(graphdef, p), batch)  # noqa: E731
+        prims = _primitives(jax.make_jaxpr(loss)(params).jaxpr)
+        assert ("scan" in prims) == (loop == "scan"), prims
+        results[loop] = jit(jax.value_and_grad(loss))(params)
+    (l0, g0), (l1, g1) = results["scan"], results["unrolled"]
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+
+
+def model_loss(model, batch):
+    total, count = model.loss(batch)
+    return total / count
+
+
+def test_unknown_layer_loop_is_refused():
+    from mllm_jax import MultimodalModel
+
+    from model_testlib import tiny_config
+
+    with pytest.raises(ValueError, match="layer_loop must be one of .*'while'"):
+        MultimodalModel(dataclasses.replace(tiny_config(), layer_loop="while"), rngs=nnx.Rngs(0))
