@@ -132,6 +132,10 @@ def test_quick_run_reports_jax_and_torch(tmp_path):
     assert r["tokens_per_step"] == r["batch"] * r["seq_len"]
     assert last["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["jax_step_s"])
     assert last["speedup_vs_torch"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"])
+    best = max(r["jax_matmul_flops_per_s"], r["torch_matmul_flops_per_s"])
+    assert r["jax_mfu_vs_best_matmul"] == pytest.approx(r["jax_model_flops_per_s"] / best)
+    assert r["jax_mfu_vs_best_matmul"] <= r["jax_mfu_vs_matmul"] * (1 + 1e-9)
+    assert "--xla_cpu_experimental_ynn_fusion_type=" in last["xla_flags"]  # train.py's CPU flags
     # The same architecture on both sides: parameter counts agree up to CLIP's extra LayerNorm and our patch bias.
     d_vision = 32
     assert r["torch_params"] - r["jax_trainable_params"] == 4 * d_vision - 2 * d_vision - d_vision
