@@ -5,9 +5,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from mllm_jax import cpu_flags  # noqa: E402  (the flags train.py runs with)
-
-cpu_flags.apply()
 
 import jax  # noqa: E402
 

@@ -1,7 +1,8 @@
 """mllm_jax.cpu_flags: the XLA:CPU flags train.py, the benchmarks and these tests run with."""
 
-import jax
-import jax.numpy as jnp
+import os
+import subprocess
+import sys
 
 from mllm_jax import cpu_flags
 
@@ -18,9 +19,29 @@ def test_missing_defaults_are_appended_and_a_users_flag_is_kept():
     assert empty["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
 
 
+PROBE = """
+import os, sys
+sys.path.insert(0, {root!r})
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.pop("XLA_FLAGS", None)
+if {apply}:
+    from mllm_jax import cpu_flags
+    cpu_flags.apply()
+import jax, jax.numpy as jnp
+x = jnp.ones((256, 256), jnp.float32)
+print("__ynn_fusion" in jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(x, x).compile().as_text())
+"""
+
+
 def test_the_flags_reach_xla_no_ynnpack_fusions():
-    """conftest applied them before jax started: a compiled matmul is XLA's own dot, not a YNNPACK fusion (which
-    jaxlib makes of it by default)."""
-    x = jnp.ones((256, 256), jnp.float32)
-    hlo = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(x, x).compile().as_text()
-    assert "dot" in hlo and "__ynn_fusion" not in hlo
+    """Applied before jax starts (as train.py does), a compiled matmul is XLA's own dot; without them jaxlib makes a
+    YNNPACK fusion of it (the oracle that the flag does something). Fresh processes: the tests' own XLA stays at
+    jaxlib's defaults."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for apply in (True, False):
+        proc = subprocess.run([sys.executable, "-c", PROBE.format(root=root, apply=apply)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[apply] = proc.stdout.strip().splitlines()[-1]
+    assert out == {True: "False", False: "True"}

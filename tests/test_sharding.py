@@ -125,7 +125,11 @@ def _assert_grads_equal(got, want, tol):
     got, want = _flat(got), _flat(want)
     assert got.keys() == want.keys()
     for path in want:
-        np.testing.assert_allclose(got[path], want[path], rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(path))
+        # float32 sums in another order (one device: one 2-d matmul; sharded: per-shard einsums + a reduction) differ
+        # by ~tol times the summands, not the result: entries that cancel to near zero get atol on the array's scale.
+        scale = max(1.0, float(np.max(np.abs(want[path]))))
+        np.testing.assert_allclose(got[path], want[path], rtol=tol, atol=tol * scale,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def _on_mesh(pc: ParallelConfig, value, axes: tuple, mesh):
