@@ -22,6 +22,7 @@ from flax import nnx
 from kernels.meta import TokenMeta, mask as mask_rule
 from kernels.reference import reference_attention
 from mllm_jax import layers as L
+from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +120,7 @@ def test_quick_run_reports_jax_and_torch(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     out = tmp_path / "throughput.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the benchmark states
+    env = child_env()  # one CPU device, as the benchmark states
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
                            "--dtypes", "float32", "--out", str(out)], capture_output=True, text=True, env=env,
                           timeout=600, cwd=ROOT)

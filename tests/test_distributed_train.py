@@ -14,6 +14,7 @@ import pytest
 
 from mllm_jax.train import loop
 from mllm_jax.train.metrics import read_metrics
+from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The multi-host entry point: train.py with --coordinator_address/--num_processes/--process_id.
@@ -41,7 +42,7 @@ def _free_port() -> int:
 
 def _run_two_processes(workdir: str) -> list[str]:
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # --cpu_devices sets the count per process
+    env = child_env()  # --cpu_devices sets the count per process
     args = ["--gin_file=configs/vlm_tiny.gin", *(f"--gin_param={p}" for p in PARAMS), f"--workdir={workdir}",
             "--cpu_devices=4", f"--coordinator_address={address}", "--num_processes=2"]
     procs = [subprocess.Popen([*ENTRY, *args, f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -4,6 +4,7 @@ from the checkout), so it cannot rot: every cell must execute without error and 
 import os
 
 import pytest
+from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_tpu.ipynb")
@@ -15,7 +16,7 @@ def test_colab_notebook_executes_on_cpu(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # The kernel is a fresh process: one CPU device (not conftest's 8), and the checkout on its path.
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", child_env()["XLA_FLAGS"])
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")

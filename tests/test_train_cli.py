@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mllm_jax.train.metrics import read_metrics
+from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -29,10 +30,7 @@ def _cmd(workdir, devices, *params):
 
 
 def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # train.py sets the device count itself
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return child_env()  # train.py sets the device count itself
 
 
 def _train(workdir, devices, *params):

@@ -20,6 +20,7 @@ from mllm_jax.train.checkpoint import Checkpointer, _path_str
 from mllm_jax.train.optimizer import make_optimizer
 from test_train import TINY
 from train_main import run_main
+from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = ['TrainConfig.init_modules = ("encoders", "llm")']
@@ -226,8 +227,7 @@ def test_gin_bindings_and_the_frozen_random_llm_warning():
 @pytest.mark.slow
 def test_one_device_checkpoint_initialises_eight_devices_and_back(source, tmp_path):
     """Written with --cpu_devices=1, loaded into data=8 here; and the 8-device source loaded by a 1-device run."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # train.py sets the device count itself
-    env["JAX_PLATFORMS"] = "cpu"
+    env = child_env()  # train.py sets the device count itself
     params = TINY + ["ParallelConfig.data = 1", "DataConfig.eval_batches = 0", "TrainConfig.steps = 1"]
 
     def train(workdir, recipe, *extra):
