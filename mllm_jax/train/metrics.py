@@ -16,9 +16,7 @@ class MetricsWriter:
         self._file = open(self.path, "a") if self.active else None
         self._tb = None
         if self.active:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
         self._bar = None
         if self.active and progress_bar and sys.stdout.isatty():
             from tqdm import tqdm
@@ -53,6 +51,21 @@ class MetricsWriter:
             self._bar.close()
         self._tb.close()
         self._file.close()
+
+
+def _summary_writer_class():
+    """tensorboardX.SummaryWriter, imported without torch where torch is not loaded yet: tensorboardX imports torch
+    when it is installed (only to accept torch tensors, which we never pass), ~4 s of every train.py start."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX takes its numpy-only path
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _jsonable(v):
