@@ -1,5 +1,5 @@
 """XLA:CPU flags mllm_jax runs with: appended to XLA_FLAGS before jax starts its backends (train.py and
-benchmarks/throughput.py call ``apply`` first; the tests keep jaxlib's defaults, their results do not depend on it);
+benchmarks/throughput.py call ``apply`` first; the tests do not, their results do not depend on it);
 a flag already named in XLA_FLAGS is left as the user set it.
 
 - ``--xla_cpu_experimental_ynn_fusion_type=`` (an empty list: no YNNPACK fusions). By default jaxlib 0.10 hands

@@ -60,11 +60,16 @@ def _on_tpu_vm() -> bool:
     return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
+def without_cpu_device_count(xla_flags: str) -> str:
+    """``xla_flags`` less its fake CPU device count (every other flag kept)."""
+    return re.sub(r"--xla_force_host_platform_device_count=\d+", "", xla_flags).strip()
+
+
 def set_cpu_device_count(n: int) -> None:
     """The number of (fake) CPU devices of this process. XLA reads it once, when jax starts its backends."""
     if n < 1:
         raise ValueError(f"cpu_devices must be >= 1; got {n}")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    flags = without_cpu_device_count(os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     if "jax" in sys.modules:
         import jax

@@ -3,12 +3,12 @@ fake device count taken out of XLA_FLAGS (the child sets its own, e.g. train.py 
 device) and the tests' other XLA flags and compilation cache kept (conftest.py)."""
 
 import os
-import re
+
+from mllm_jax.distributed import without_cpu_device_count
 
 
-def child_env(**extra: str) -> dict:
+def child_env() -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = without_cpu_device_count(env.get("XLA_FLAGS", ""))
     env["JAX_PLATFORMS"] = "cpu"
-    env.update(extra)
     return env

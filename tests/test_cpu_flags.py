@@ -1,4 +1,4 @@
-"""mllm_jax.cpu_flags: the XLA:CPU flags train.py, the benchmarks and these tests run with."""
+"""mllm_jax.cpu_flags: the XLA:CPU flags train.py and benchmarks/throughput.py run with (not the tests)."""
 
 import os
 import subprocess
@@ -35,8 +35,8 @@ print("__ynn_fusion" in jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(x, x).compil
 
 def test_the_flags_reach_xla_no_ynnpack_fusions():
     """Applied before jax starts (as train.py does), a compiled matmul is XLA's own dot; without them jaxlib makes a
-    YNNPACK fusion of it (the oracle that the flag does something). Fresh processes: the tests' own XLA stays at
-    jaxlib's defaults."""
+    YNNPACK fusion of it (the oracle that the flag does something). Fresh processes with no XLA_FLAGS: the test
+    process itself does not apply them."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = {}
     for apply in (True, False):

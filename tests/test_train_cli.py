@@ -29,12 +29,8 @@ def _cmd(workdir, devices, *params):
     return args + [f"--gin_param={p}" for p in TINY + [f"ParallelConfig.data={devices}", *params]]
 
 
-def _env():
-    return child_env()  # train.py sets the device count itself
-
-
 def _train(workdir, devices, *params):
-    out = subprocess.run(_cmd(workdir, devices, *params), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    out = subprocess.run(_cmd(workdir, devices, *params), cwd=ROOT, env=child_env(), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -57,7 +53,7 @@ def test_continuing_across_device_counts_reproduces_one_device(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path)
-    proc = subprocess.Popen(_cmd(workdir, 1, "TrainConfig.steps=100000"), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_cmd(workdir, 1, "TrainConfig.steps=100000"), cwd=ROOT, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 400
