@@ -7,7 +7,7 @@ Per family (tests/mask_families.py) it reports:
   Must be exactly 1.0. Computed tiles are counted where the implementation iterates: a counter incremented inside
   the blockwise tile loop and inside the Pallas GPU kernel's tile loop (interpret mode) at the smaller size; at the
   larger size, where running them on CPU would take too long, the sum of the trip counts of those same loops (the
-  compacted schedule both are driven by). Non-empty tiles are exact: from kernels.meta.dense_block_map computed in
+  compacted schedule both are driven by). Non-empty tiles are exact: from mllm_jax.kernels.meta.dense_block_map computed in
   chunks of q rows at the smaller size; at the larger size (a dense 32K x 32K mask is too much work on 2 cores)
   from an exact per-tile check of every tile the block map does not skip (tiles it skips are empty: tests prove
   the block map sound against the dense map).
@@ -37,12 +37,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks._report import report  # noqa: E402
-import kernels  # noqa: E402
-from kernels import TokenMeta  # noqa: E402
-from kernels.blockwise import blockwise_attention, blockwise_attention_with_count, default_block, tile_schedule  # noqa: E402
-from kernels.meta import SKIP, block_map, dense_block_map, mask  # noqa: E402
-from kernels.pallas_gpu import default_blocks, flash_attention, flash_attention_with_count  # noqa: E402
-from kernels.reference import reference_attention  # noqa: E402
+from mllm_jax import kernels  # noqa: E402
+from mllm_jax.kernels import TokenMeta  # noqa: E402
+from mllm_jax.kernels.blockwise import blockwise_attention, blockwise_attention_with_count, default_block, tile_schedule  # noqa: E402
+from mllm_jax.kernels.meta import SKIP, block_map, dense_block_map, mask  # noqa: E402
+from mllm_jax.kernels.pallas_gpu import default_blocks, flash_attention, flash_attention_with_count  # noqa: E402
+from mllm_jax.kernels.reference import reference_attention  # noqa: E402
 from mask_families import FAMILIES, make_meta  # noqa: E402
 
 FULL_RUN = dict(sizes=(8192, 32768), count_run_max=8192, err_size=2048, time_size=8192, repeats=2, head_dim=32)

@@ -39,8 +39,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._report import report  # noqa: E402
-from kernels.meta import TokenMeta  # noqa: E402
-from parallel.context import MODES, CostModel, block_costs, plan  # noqa: E402
+from mllm_jax.kernels.meta import TokenMeta  # noqa: E402
+from mllm_jax.parallel.context import MODES, CostModel, block_costs, plan  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ mask families
 
@@ -266,8 +266,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, sys.argv[1])
 import numpy as np, jax, jax.numpy as jnp
 from benchmarks.cp_balance import FAMILIES, family_meta
-from parallel.context import MODES, CostModel, plan
-from kernels.meta import dense_block_map
+from mllm_jax.parallel.context import MODES, CostModel, plan
+from mllm_jax.kernels.meta import dense_block_map
 length, cp = int(sys.argv[2]), int(sys.argv[3])
 cm = CostModel()
 H, D, DM, FF, KV = cm.n_heads, cm.head_dim, cm.d_model, cm.d_ff, cm.n_kv_heads

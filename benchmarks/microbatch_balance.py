@@ -1,7 +1,7 @@
 """Workload-balanced microbatch assignment vs random and sequential (Entrain-style), on a LLaVA-like distribution.
 
 Samples: 0..6 images (576 tokens each, CLIP ViT-L/14 at 336 px, frozen) and long-tailed (log-normal) text lengths;
-work per sample from parallel.cost_model through mllm_jax.datasets.WorkloadModel (7B Llama LLM). A global batch is
+work per sample from mllm_jax.parallel.cost_model through mllm_jax.datasets.WorkloadModel (7B Llama LLM). A global batch is
 assigned to data ranks x microbatches, each microbatch packed into rows of a fixed length (exact capacity check).
 Reported, averaged over trials: the coefficient of variation (CV) of per-microbatch workload (encoder + LLM FLOPs,
 and each objective alone), and the predicted step time: max over ranks of encoder work + the 1F1B formula of the LLM

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from parallel.config import ParallelConfig  # noqa: E402
-from parallel.pipeline_plan import plan_pipeline  # noqa: E402
+from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
+from mllm_jax.parallel.pipeline_plan import plan_pipeline  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +153,9 @@ import json, sys
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, REPO)
-from parallel.cost_model import Layer, cost_chain
-from parallel.pipeline_plan import lockstep_split, min_max_split, uniform_split
-from parallel.pipeline import make_layout, KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW
+from mllm_jax.parallel.cost_model import Layer, cost_chain
+from mllm_jax.parallel.pipeline_plan import lockstep_split, min_max_split, uniform_split
+from mllm_jax.parallel.pipeline import make_layout, KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW
 
 S, M, n_frozen, n_train, D, MB, REPS = CFG
 n = n_frozen + n_train
@@ -239,9 +239,9 @@ import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, REPO)
 from jax.sharding import AxisType
-from parallel.cost_model import Layer, cost_chain
-from parallel.pipeline_plan import lockstep_split, lockstep_time, min_max_split, runtime_stage_costs, uniform_split
-from parallel.pipeline import KIND_DX_DW, _stage_backward, _stage_forward, pipeline_value_and_grad
+from mllm_jax.parallel.cost_model import Layer, cost_chain
+from mllm_jax.parallel.pipeline_plan import lockstep_split, lockstep_time, min_max_split, runtime_stage_costs, uniform_split
+from mllm_jax.parallel.pipeline import KIND_DX_DW, _stage_backward, _stage_forward, pipeline_value_and_grad
 load_before = os.getloadavg()
 
 S, M, n_frozen, n_train, D, MB, REPS = CFG
@@ -360,7 +360,7 @@ def measure(quick: bool) -> dict:
 
 
 def simulate(stage_f, stage_b, microbatches):
-    from parallel.pipeline import OP_BWD, OP_FWD, stage_op_order
+    from mllm_jax.parallel.pipeline import OP_BWD, OP_FWD, stage_op_order
 
     S = len(stage_f)
     orders = stage_op_order(S, microbatches)
@@ -395,9 +395,9 @@ def draw_timeline(path, plan, name, microbatches):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from parallel.cost_model import model_costs
-    from parallel.pipeline import OP_FWD
-    from parallel.pipeline_plan import split_chain
+    from mllm_jax.parallel.cost_model import model_costs
+    from mllm_jax.parallel.pipeline import OP_FWD
+    from mllm_jax.parallel.pipeline_plan import split_chain
 
     cfg, tokens, feats = model_config(name)
     costs = model_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats)

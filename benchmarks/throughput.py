@@ -124,8 +124,8 @@ def model_flops(cfg: loop.RunConfig) -> dict:
 
 def llm_attention_tiles_computed(cfg: loop.RunConfig, batch: dict) -> float:
     """Fraction of the LLM's attention tiles our CPU path computes on ``batch`` (1.0 where it takes a dense path)."""
-    from kernels import cpu_attention
-    from kernels.meta import SKIP, TokenMeta, block_map
+    from mllm_jax.kernels import cpu_attention
+    from mllm_jax.kernels.meta import SKIP, TokenMeta, block_map
     from mllm_jax import layers as L
 
     s = cfg.data.seq_len
@@ -164,7 +164,7 @@ class JaxTrainer:
 
     def __init__(self, cfg: loop.RunConfig, batch: dict):
         loop.validate(cfg, 1)
-        from parallel.mesh import make_mesh
+        from mllm_jax.parallel.mesh import make_mesh
 
         self.mesh = make_mesh(cfg.parallel, devices=jax.devices()[:1])  # one device, however many the process has
         with jax.set_mesh(self.mesh):

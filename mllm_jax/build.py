@@ -10,8 +10,8 @@ from mllm_jax.multimodal import MultimodalModel
 
 
 def _table(config: ModelConfig, parallel_config):
-    from parallel.mesh import validate_model
-    from parallel.sharding import rule_table
+    from mllm_jax.parallel.mesh import validate_model
+    from mllm_jax.parallel.sharding import rule_table
 
     validate_model(parallel_config, config)
     return rule_table(config, parallel_config)

@@ -15,7 +15,7 @@ import gin
 from mllm_jax import config as model_config
 from mllm_jax.train import config as train_config
 from mllm_jax.datasets.config import DatasetConfig
-from parallel import config as parallel_config
+from mllm_jax.parallel import config as parallel_config
 
 CONFIG_CLASSES = (
     model_config.RopeScaling, model_config.LLMConfig, model_config.VisionConfig, model_config.AudioConfig,

@@ -246,7 +246,7 @@ def uses_head_major_dense(impl: str, num_keys: int) -> bool:
     """Whether ``attend`` takes the head-major dense path: ``impl="dense"``, or the XLA path on CPU with at most
     DENSE_MAX_KEYS keys where ``uses_cpu_tiled`` does not apply (fewer than TILED_MIN_KEYS keys: the encoders; or
     arrays sharded over the current mesh)."""
-    from kernels.dispatch import DENSE_MAX_KEYS, default_impl
+    from mllm_jax.kernels.dispatch import DENSE_MAX_KEYS, default_impl
 
     resolved = default_impl() if impl == "auto" else impl
     if resolved == "dense":
@@ -267,7 +267,7 @@ def uses_cpu_tiled(impl: str, num_keys: int) -> bool:
     """Whether ``attend`` takes kernels.cpu_attention (tile-skipping, head-major): the XLA path on CPU with
     TILED_MIN_KEYS .. DENSE_MAX_KEYS keys, where kernels.attention would otherwise run its dense reference, and the
     arrays not sharded over the mesh (its per-row loops index the batch, which a sharded batch would refuse)."""
-    from kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS, default_impl
+    from mllm_jax.kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS, default_impl
 
     resolved = default_impl() if impl == "auto" else impl
     return resolved == "xla" and TILED_MIN_KEYS <= num_keys <= DENSE_MAX_KEYS and _unsharded_mesh()
@@ -275,7 +275,7 @@ def uses_cpu_tiled(impl: str, num_keys: int) -> bool:
 
 def dense_mask(q_meta, k_meta, *, window=None, span_isolated=False):
     """The attention rule as a dense bool [B, Sq, Sk] (kernels.mask): built once per forward and shared by layers."""
-    from kernels.meta import mask as mask_rule
+    from mllm_jax.kernels.meta import mask as mask_rule
 
     return mask_rule(q_meta, k_meta, window=window, span_isolated=span_isolated)
 
@@ -323,11 +323,11 @@ def attend(q, k, v, meta, *, impl: str = "auto", scale=None, window=None, softca
     kw = dict(impl=impl, scale=scale, window=window, softcap=softcap, span_isolated=span_isolated)
     cp_mesh = context_parallel_mesh() if (context_parallel and k_meta is None) else None
     if cp_mesh is not None:
-        from kernels.context_parallel import context_attention  # lazy: written alongside this module
+        from mllm_jax.kernels.context_parallel import context_attention  # lazy: written alongside this module
 
         return context_attention(q, k, v, meta, meta, mesh=cp_mesh, axis="context", method=context_method, **kw)
-    import kernels
-    from kernels.dispatch import _check as check_shapes  # the same refusals as kernels.attention
+    from mllm_jax import kernels
+    from mllm_jax.kernels.dispatch import _check as check_shapes  # the same refusals as kernels.attention
 
     k_meta = meta if k_meta is None else k_meta
     if uses_head_major_dense(impl, k.shape[1]):
@@ -336,7 +336,7 @@ def attend(q, k, v, meta, *, impl: str = "auto", scale=None, window=None, softca
             mask = dense_mask(meta, k_meta, window=window, span_isolated=span_isolated)
         return head_major_attention(q, k, v, mask, scale=scale, softcap=softcap)
     if uses_cpu_tiled(impl, k.shape[1]):
-        from kernels.cpu_attention import tiled_attention
+        from mllm_jax.kernels.cpu_attention import tiled_attention
 
         check_shapes(q, k, v, meta, k_meta)
         return tiled_attention(q, k, v, meta, k_meta, scale=scale, window=window, softcap=softcap,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
 from mllm_jax.config import LLMConfig, LoRAConfig

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 
 # name -> one-line description (the docs of the benchmark print these).
 FAMILIES = {

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.meta import TokenMeta, mask as mask_rule
-from kernels.reference import reference_attention
+from mllm_jax.kernels.meta import TokenMeta, mask as mask_rule
+from mllm_jax.kernels.reference import reference_attention
 from mllm_jax import layers as L
 from subprocess_env import child_env
 

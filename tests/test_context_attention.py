@@ -12,9 +12,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.cp_balance import family_meta
-from kernels import TokenMeta, attention
-from kernels.context_parallel import context_attention
-from parallel.context import plan, unpermute
+from mllm_jax.kernels import TokenMeta, attention
+from mllm_jax.kernels.context_parallel import context_attention
+from mllm_jax.parallel.context import plan, unpermute
 
 AXES = ("data", "context", "tensor")
 

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_jax.multimodal import num_features
-from parallel.config import ContextConfig, ParallelConfig
-from parallel.context import permute_batch, plan, unpermute
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.context import permute_batch, plan, unpermute
 
 # Per batch: 16 = 2 per device over data x context. (Not 1 per device: XLA's FLOP count of a batch-1 program is not
 # 1/N of a batch-N one, so a one-per-device split would read as less than 1/8 of the work; from 2 up it is linear.)
@@ -71,7 +71,7 @@ def _batch(seed=0):
 @pytest.fixture(scope="module")
 def one_device_model():
     from mllm_jax.build import create_model
-    from parallel.mesh import make_mesh
+    from mllm_jax.parallel.mesh import make_mesh
 
     pc = ParallelConfig()
     return create_model(CONFIG, make_mesh(pc, devices=jax.devices()[:1]), pc, seed=0)
@@ -80,7 +80,7 @@ def one_device_model():
 def _on_layout(model, pc):
     """(mesh, graphdef, params) of ``model``'s weights placed as build.create_model places them for ``pc``."""
     from mllm_jax.build import abstract_model
-    from parallel.mesh import make_mesh
+    from mllm_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(pc, devices=jax.devices()[: pc.num_devices])
     gdef, abstract = nnx.split(abstract_model(CONFIG, mesh, pc, seed=0))
@@ -127,7 +127,7 @@ def test_forward_on_data_x_context_equals_one_device(one_device_model):
     # The whole model on data=2 x context=4 with a balanced context plan (tokens permuted, sequence context-sharded)
     # gives one device's hidden states; and inside that one compiled forward the encoder work per device (the FLOPs
     # the encoder inputs add to the program) is 1/8 of one device's, in the band argued in the test above.
-    from kernels import TokenMeta
+    from mllm_jax.kernels import TokenMeta
 
     batch = _batch()
     p = plan(TokenMeta(batch["positions"], batch["segment_ids"], batch["span_ids"]), CP.context,

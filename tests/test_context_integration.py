@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from parallel.config import ContextConfig, ParallelConfig
-from parallel.context import MODES, permute_batch, plan
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.context import MODES, permute_batch, plan
 from tests.test_context_planner import random_meta
 
 
@@ -34,7 +34,7 @@ def _setup():
 def _reference_model(cfg):
     """The one model every layout runs: created by build.create_model on one device (context = 1)."""
     from mllm_jax.build import create_model
-    from parallel.mesh import make_mesh
+    from mllm_jax.parallel.mesh import make_mesh
 
     pc = ParallelConfig()
     return create_model(cfg, make_mesh(pc, devices=jax.devices()[:1]), pc, seed=0)
@@ -49,7 +49,7 @@ def _runner(cfg, pc, model):
     from flax import nnx
 
     from mllm_jax.build import abstract_model
-    from parallel.mesh import make_mesh
+    from mllm_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(pc, devices=jax.devices()[: pc.num_devices])
     gdef, abs_params, abs_rest = nnx.split(abstract_model(cfg, mesh, pc, seed=0), nnx.Param, ...)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from benchmarks.cp_balance import FAMILIES, family_meta
-from kernels.meta import TokenMeta, dense_block_map
-from parallel.context import MODES, block_costs, permute_batch, plan, unpermute
+from mllm_jax.kernels.meta import TokenMeta, dense_block_map
+from mllm_jax.parallel.context import MODES, block_costs, permute_batch, plan, unpermute
 
 
 def random_meta(batch, length, rng, shuffle=False):
@@ -121,7 +121,7 @@ def test_balanced_beats_lpt_on_combined_cost():
 
 def test_balanced_refinement_against_exhaustive_optimum():
     # 8 blocks on 2 ranks of 4: the exhaustive optimum is the oracle. The swaps never hurt and usually reach it.
-    from parallel.context import _assign_balanced
+    from mllm_jax.parallel.context import _assign_balanced
 
     rng = np.random.default_rng(5)
     n, reached, improved = 120, 0, 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
-from parallel.config import ParallelConfig
-from parallel.cost_model import (
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.cost_model import (
     Layer,
     backward_flops,
     causal_pairs,
@@ -16,8 +16,8 @@ from parallel.cost_model import (
     model_costs,
     stage_memory,
 )
-from parallel.pipeline import OP_FWD, stage_op_order
-from parallel.pipeline_plan import (
+from mllm_jax.parallel.pipeline import OP_FWD, stage_op_order
+from mllm_jax.parallel.pipeline_plan import (
     format_plan,
     lockstep_lower_bound,
     lockstep_split,

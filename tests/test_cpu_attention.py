@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import TokenMeta
-from kernels.cpu_attention import tiled_attention
-from kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS
-from kernels.reference import reference_attention
+from mllm_jax.kernels import TokenMeta
+from mllm_jax.kernels.cpu_attention import tiled_attention
+from mllm_jax.kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS
+from mllm_jax.kernels.reference import reference_attention
 from kernel_testlib import random_inputs, value_and_grads as _value_and_grads
 from mask_families import all_cases, cases_with_permutations, make_meta, take_tokens
 from mllm_jax import layers as L

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from kernels import TokenMeta, mask
+from mllm_jax.kernels import TokenMeta, mask
 from mllm_jax.data.batching import check_placeholders
 from mllm_jax.datasets import DatasetConfig, Loader, local_data_ranks, make_source, pack_rows
 from test_datasets_helpers import T_VISION, byte_tokenizer, dataset_config, tiny_model_config, write_llava

@@ -6,7 +6,7 @@ import pytest
 from mllm_jax import gin_setup
 from mllm_jax.config import LLMConfig, ModelConfig, VisionConfig
 from mllm_jax.train.config import DataConfig, TrainConfig
-from parallel.config import ParallelConfig
+from mllm_jax.parallel.config import ParallelConfig
 
 RECIPES = ["vlm_tiny", "vlm_tiny_frozen", "valm_tiny", "llava_7b", "valm_s", "vlm_small"]
 

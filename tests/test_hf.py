@@ -221,9 +221,9 @@ def test_lora_is_merged_on_export(tmp_path):
 
 @pytest.mark.slow
 def test_load_into_a_sharded_layout(tmp_path):
-    from parallel.config import ParallelConfig
-    from parallel.mesh import make_mesh
-    from parallel.sharding import logical_rules
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
+    from mllm_jax.parallel.sharding import logical_rules
 
     hf = _randomize(LLM_CASES["llama3_rope"]())
     path = _save(hf, tmp_path, "llama", max_shard_size="20KB")  # sharded by transformers, with an index

@@ -28,8 +28,8 @@ def test_llava_pretrained_recipe_builds_from_hf_directories(tmp_path):
     from mllm_jax import gin_setup
     from mllm_jax.config import ModelConfig
     from mllm_jax.hf.recipe import build_pretrained_config, create_pretrained_model, register
-    from parallel.config import ParallelConfig
-    from parallel.mesh import make_mesh
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
 
     llama = _random(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import TokenMeta
-from kernels.blockwise import (
+from mllm_jax import kernels
+from mllm_jax.kernels import TokenMeta
+from mllm_jax.kernels.blockwise import (
     blockwise_attention,
     blockwise_attention_bwd_block,
     blockwise_attention_fwd_block,
     blockwise_attention_with_count,
     blockwise_attention_with_lse,
 )
-from kernels.meta import SKIP, dense_block_map
-from kernels.reference import reference_attention
+from mllm_jax.kernels.meta import SKIP, dense_block_map
+from mllm_jax.kernels.reference import reference_attention
 from kernel_testlib import random_inputs, value_and_grads as _value_and_grads
 from mask_families import all_cases, cases_with_permutations, make_meta, permute, take_tokens
 

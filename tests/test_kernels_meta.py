@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import FULL, PARTIAL, SKIP, TokenMeta, block_map, mask
-from kernels.meta import dense_block_map
+from mllm_jax.kernels import FULL, PARTIAL, SKIP, TokenMeta, block_map, mask
+from mllm_jax.kernels.meta import dense_block_map
 from mask_families import FAMILY_NAMES, all_cases, make_meta, permute
 
 BLOCKS = [(16, 16), (32, 8), (8, 64)]

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import TokenMeta
-from kernels.meta import SKIP, dense_block_map
-from kernels.pallas_gpu import flash_attention, flash_attention_with_count
-from kernels.reference import reference_attention
+from mllm_jax import kernels
+from mllm_jax.kernels import TokenMeta
+from mllm_jax.kernels.meta import SKIP, dense_block_map
+from mllm_jax.kernels.pallas_gpu import flash_attention, flash_attention_with_count
+from mllm_jax.kernels.reference import reference_attention
 from mask_families import all_cases, make_meta
 from test_kernels_blockwise import B, S, _assert_close, _cases, _inputs, _value_and_grads, take_tokens
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import pallas_tpu
-from kernels.meta import FULL, PARTIAL, SKIP, TokenMeta, block_map, dense_block_map
-from kernels.reference import reference_attention
+from mllm_jax.kernels import pallas_tpu
+from mllm_jax.kernels.meta import FULL, PARTIAL, SKIP, TokenMeta, block_map, dense_block_map
+from mllm_jax.kernels.reference import reference_attention
 from mask_families import make_meta, permute, take_tokens
 
 F32_TOL = 1e-4
@@ -245,7 +245,7 @@ def test_dispatch_under_forced_tpu_interpret_mode():
     runs when interpretation is forced from outside (how context-parallel tests run it inside shard_map)."""
     from jax.experimental.pallas import tpu as pltpu
 
-    import kernels
+    from mllm_jax import kernels
 
     meta = _jnp_meta(make_meta("audio_image", 1, 256, seed=13, pad=9))
     q, k, v, _ = _inputs(1, 256, 256, 2, 1, 128, seed=7)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax.config import RopeScaling
 from mllm_jax.llm import LLM, RunSettings

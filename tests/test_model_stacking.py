@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.llm import LLM, RunSettings
 
 from model_testlib import TINY_LLM, build, jit

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from parallel.pipeline import (
+from mllm_jax.parallel.pipeline import (
     FIELDS,
     OP_BWD,
     OP_BWD_SKIP,

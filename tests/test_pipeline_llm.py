@@ -13,9 +13,9 @@ from mllm_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig,
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
-from parallel.config import ContextConfig, ParallelConfig
-from parallel.mesh import make_mesh
-from parallel.pipeline_llm import flatten_microbatches, pipelined_loss_and_grad
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.mesh import make_mesh
+from mllm_jax.parallel.pipeline_llm import flatten_microbatches, pipelined_loss_and_grad
 
 PLACEHOLDER = 3
 IMAGE, PATCH = 8, 4

@@ -17,15 +17,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import MultimodalModel
 from mllm_jax import partitioning as part
 from mllm_jax.build import abstract_model
 from mllm_jax.config import ModelConfig
-from parallel.config import ContextConfig, ParallelConfig
-from parallel.context import permute_batch, plan, unpermute
-from parallel.mesh import make_mesh, validate_model
-from parallel.sharding import logical_rules, rule_table
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.context import permute_batch, plan, unpermute
+from mllm_jax.parallel.mesh import make_mesh, validate_model
+from mllm_jax.parallel.sharding import logical_rules, rule_table
 
 from model_testlib import TINY_LLM, build, instances_batch, jit, place, tiny_config
 

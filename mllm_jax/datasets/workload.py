@@ -1,4 +1,4 @@
-"""Work per sample, in training FLOPs (forward + frozen-aware backward), from parallel.cost_model.
+"""Work per sample, in training FLOPs (forward + frozen-aware backward), from mllm_jax.parallel.cost_model.
 
 Two numbers per sample: encoder work (its images/clips through encoder + projector) and LLM work (its tokens through
 the decoder layers and the head, attention counted per computed tile as a block-skipping kernel does). Packed
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parallel import cost_model
+from mllm_jax.parallel import cost_model
 
 
 def _total(costed) -> float:

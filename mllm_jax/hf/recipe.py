@@ -101,8 +101,8 @@ def create_pretrained_model(config: ModelConfig, mesh, parallel_config, pretrain
     encoders not named in ``pretrained``) get their usual initialisation.
     """
     from mllm_jax.multimodal import MultimodalModel
-    from parallel.mesh import validate_model
-    from parallel.sharding import rule_table
+    from mllm_jax.parallel.mesh import validate_model
+    from mllm_jax.parallel.sharding import rule_table
 
     cfg = resolve_model_config(config, pretrained)
     validate_model(parallel_config, cfg)

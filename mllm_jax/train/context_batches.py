@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from kernels.meta import TokenMeta
-from parallel import context as cp_lib
+from mllm_jax.kernels.meta import TokenMeta
+from mllm_jax.parallel import context as cp_lib
 
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
 

@@ -104,7 +104,7 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
     print_fn("per-device memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
     if cfg.parallel.pipeline > 1:
         out["pipeline_plan"] = pipeline_plan(cfg)
-        from parallel.pipeline_plan import format_plan
+        from mllm_jax.parallel.pipeline_plan import format_plan
 
         print_fn(format_plan(out["pipeline_plan"]))
     return out
@@ -113,7 +113,7 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
 def pipeline_plan(cfg: loop.RunConfig):
     """The frozen-aware planner's choice for the run's shapes: a microbatch of a data rank's rows, each row of
     DataConfig.seq_len tokens holding samples_per_row samples with their encoder instances."""
-    from parallel.pipeline_plan import plan_pipeline
+    from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
     pc, dc = cfg.parallel, cfg.data
     rows = max(1, dc.batch_size // (pc.microbatches * pc.data * pc.fsdp))

@@ -28,7 +28,7 @@ from mllm_jax.train.data_sources import (RealTrainData, SyntheticTrainData, load
 from mllm_jax.train.metrics import MetricsWriter
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import make_eval_step, make_train_step, model_loss
-from parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
 
 BATCH_AXES = distributed.BATCH_AXES
 
@@ -85,11 +85,11 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
         raise ValueError(f"LLMConfig.n_layers={mc.llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
                          f"stages")
     if pc.pipeline > 1:
-        from parallel.pipeline_llm import check_pipeline_layout
+        from mllm_jax.parallel.pipeline_llm import check_pipeline_layout
 
         check_pipeline_layout(pc)
     if pc.context > 1:
-        from parallel.context import MODES
+        from mllm_jax.parallel.context import MODES
 
         cc = pc.context_config
         if cc.mode not in MODES:
@@ -118,7 +118,7 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
 
 
 def build_mesh(pc: ParallelConfig):
-    from parallel.mesh import make_mesh
+    from mllm_jax.parallel.mesh import make_mesh
 
     return make_mesh(pc)
 
@@ -146,7 +146,7 @@ def make_grads_fn(cfg: RunConfig, mesh):
     """The pipelined loss-and-gradient function when ParallelConfig.pipeline > 1 (None: the plain step)."""
     if cfg.parallel.pipeline == 1:
         return None
-    from parallel.pipeline_llm import pipelined_loss_and_grad
+    from mllm_jax.parallel.pipeline_llm import pipelined_loss_and_grad
 
     def grads_fn(model, batch):
         return pipelined_loss_and_grad(model, batch, mesh=mesh, parallel_config=cfg.parallel)
@@ -315,7 +315,7 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
             ckpt.close()
             raise
     mesh = build_mesh(cfg.parallel)
-    from parallel.sharding import rule_table as make_rule_table
+    from mllm_jax.parallel.sharding import rule_table as make_rule_table
 
     rule_table = make_rule_table(cfg.model, cfg.parallel)
     processes = jax.process_count()

@@ -49,7 +49,7 @@ def token_spec(mesh, shape: tuple, leading: int) -> P:
 def encoder_spec(mesh, rule_table, name: str, shape: tuple, leading: int) -> P:
     """The encoder's "batch" rule applied to the instance axis (at ``leading``) of encoder_inputs[name]."""
     from mllm_jax import partitioning as part
-    from parallel.sharding import default_rules
+    from mllm_jax.parallel.sharding import default_rules
 
     # No table given: the default encoder rules (the batch spread over every mesh axis that divides it).
     rules = dict(rule_table).get(f"encoders/{name}") if rule_table is not None else tuple(

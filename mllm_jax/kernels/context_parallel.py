@@ -29,9 +29,9 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kernels.dispatch import attention
-from kernels.blockwise import blockwise_attention_bwd_block, blockwise_attention_fwd_block
-from kernels.meta import SKIP, TokenMeta, block_map
+from mllm_jax.kernels.dispatch import attention
+from mllm_jax.kernels.blockwise import blockwise_attention_bwd_block, blockwise_attention_fwd_block
+from mllm_jax.kernels.meta import SKIP, TokenMeta, block_map
 
 METHODS = ("allgather", "ring")
 _RING_KWARGS = ("scale", "window", "softcap", "span_isolated", "impl", "interpret", "block_q", "block_k")

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
@@ -28,8 +28,8 @@ from mllm_jax.freeze import trainable_filter
 from mllm_jax.llm import decoder_layer, layer_window, logits_from_hidden
 from mllm_jax.loss import IGNORE, chunked_cross_entropy
 from mllm_jax.multimodal import encoder_is_frozen
-from parallel.pipeline import pipeline_value_and_grad
-from parallel.pipeline_plan import plan_pipeline
+from mllm_jax.parallel.pipeline import pipeline_value_and_grad
+from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
 META_KEYS = ("positions", "segment_ids", "span_ids")

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType
 
-from parallel.config import MESH_AXES, ParallelConfig
+from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
 
 
 def validate(parallel_config: ParallelConfig, num_devices: int) -> None:

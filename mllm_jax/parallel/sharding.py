@@ -9,7 +9,7 @@ entries per module: {"llm": {"mlp": None}, "encoders/vision": {"batch": "data"}}
 
 from __future__ import annotations
 
-from parallel.config import MESH_AXES, ParallelConfig
+from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
 
 # Activations: "batch", "length", "act_embed" (the hidden dim of activations, never FSDP-sharded);
 # parameters: "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers", "lora_rank", ...

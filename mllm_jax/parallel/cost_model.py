@@ -171,7 +171,7 @@ def llm_layer(
     attention_pairs: int | None = None,
 ) -> Layer:
     """One decoder layer on ``batch`` sequences of ``seq_len`` tokens. ``attention_pairs`` overrides the causal pair
-    count (e.g. a multimodal mask from kernels.block_map). MoE: ``n_experts`` / ``experts_per_token`` attributes on
+    count (e.g. a multimodal mask from mllm_jax.kernels.block_map). MoE: ``n_experts`` / ``experts_per_token`` attributes on
     the config (absent -> dense)."""
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"seq_len and batch must be positive; got seq_len={seq_len}, batch={batch}")

@@ -22,10 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._common import DEFAULT_BLOCK  # noqa: F401  (public here, as before)
-from kernels._common import (check_gqa, check_positive_int, check_softcap, config_fields, config_type, default_block,
+from mllm_jax.kernels._common import DEFAULT_BLOCK  # noqa: F401  (public here, as before)
+from mllm_jax.kernels._common import (check_gqa, check_positive_int, check_softcap, config_fields, config_type, default_block,
                              per_config_vjp)
-from kernels.meta import FULL, SKIP, TokenMeta, block_map, mask as mask_rule
+from mllm_jax.kernels.meta import FULL, SKIP, TokenMeta, block_map, mask as mask_rule
 
 
 class TileSchedule(NamedTuple):

@@ -23,11 +23,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._common import DEFAULT_BLOCK  # noqa: F401  (public here, as before)
-from kernels._common import (check_gqa, check_positive_int, check_softcap, config_fields, config_type, default_block,
+from mllm_jax.kernels._common import DEFAULT_BLOCK  # noqa: F401  (public here, as before)
+from mllm_jax.kernels._common import (check_gqa, check_positive_int, check_softcap, config_fields, config_type, default_block,
                              per_config_vjp)
-from kernels.blockwise import compact
-from kernels.meta import TokenMeta, block_map, mask as mask_rule
+from mllm_jax.kernels.blockwise import compact
+from mllm_jax.kernels.meta import TokenMeta, block_map, mask as mask_rule
 
 _Cfg = config_type("_Cfg")
 

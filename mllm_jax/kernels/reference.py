@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.meta import TokenMeta, mask as mask_rule
+from mllm_jax.kernels.meta import TokenMeta, mask as mask_rule
 
 
 def reference_attention(

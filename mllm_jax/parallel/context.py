@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 
 MODES = ("uniform", "zigzag", "lpt", "balanced")
 _SHIFT = np.int64(2**31)  # positions and ids are < 2**30 (kernels.meta), so (id, value) pairs pack into one int64

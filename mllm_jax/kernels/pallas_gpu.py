@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._common import check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp
-from kernels.blockwise import compact
-from kernels.meta import FULL, TokenMeta, block_map
+from mllm_jax.kernels._common import check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp
+from mllm_jax.kernels.blockwise import compact
+from mllm_jax.kernels.meta import FULL, TokenMeta, block_map
 
 LOG2E = math.log2(math.e)
 

@@ -32,8 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import check_gqa, config_fields, config_type
-from kernels.meta import FULL, PARTIAL, TokenMeta, block_map
+from mllm_jax.kernels._common import check_gqa, config_fields, config_type
+from mllm_jax.kernels.meta import FULL, PARTIAL, TokenMeta, block_map
 
 _LANES = 128
 _DEFAULT_BLOCK = 128

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mllm_jax.config import ModelConfig
-from parallel.config import ParallelConfig
-from parallel.cost_model import CostedLayer, ModelCosts, backward_flops, model_costs, stage_memory
+from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, backward_flops, model_costs, stage_memory
 
 INF = float("inf")
 
@@ -164,7 +164,7 @@ def _op_masks(stages: int, microbatches: int):
     depend on which stages skip the backward: a skipped backward keeps its tick and costs nothing)."""
     key = (stages, microbatches)
     if key not in _TABLES:
-        from parallel.pipeline import OP_BWD, OP_BWD_SKIP, OP_FWD, build_schedule
+        from mllm_jax.parallel.pipeline import OP_BWD, OP_BWD_SKIP, OP_FWD, build_schedule
 
         ops = build_schedule(stages, microbatches).ops
         _TABLES[key] = (ops == OP_FWD, (ops == OP_BWD) | (ops == OP_BWD_SKIP))

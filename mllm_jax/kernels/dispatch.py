@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import TokenMeta
 
 IMPLS = ("auto", "xla", "dense", "pallas_gpu", "pallas_tpu")
 # Below this many keys the dense reference is as fast as the blockwise path on CPU and simpler to differentiate.
@@ -69,17 +69,17 @@ def attention(
     if impl == "xla" and k.shape[1] <= DENSE_MAX_KEYS:
         impl = "dense"
     if impl == "dense":
-        from kernels.reference import reference_attention
+        from mllm_jax.kernels.reference import reference_attention
 
         return reference_attention(q, k, v, q_meta, k_meta, **kw)
     if impl == "xla":
-        from kernels.blockwise import blockwise_attention
+        from mllm_jax.kernels.blockwise import blockwise_attention
 
         return blockwise_attention(q, k, v, q_meta, k_meta, block_q=block_q, block_k=block_k, **kw)
     if impl == "pallas_gpu":
-        from kernels.pallas_gpu import flash_attention
+        from mllm_jax.kernels.pallas_gpu import flash_attention
 
         return flash_attention(q, k, v, q_meta, k_meta, block_q=block_q, block_k=block_k, interpret=interpret, **kw)
-    from kernels.pallas_tpu import flash_attention
+    from mllm_jax.kernels.pallas_tpu import flash_attention
 
     return flash_attention(q, k, v, q_meta, k_meta, block_q=block_q, block_k=block_k, interpret=interpret, **kw)
