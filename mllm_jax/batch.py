@@ -7,6 +7,8 @@ import numpy as np
 from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
 
 META_KEYS = ("labels", "positions", "segment_ids", "span_ids")
+# The label of a token that is not predicted (prompt, placeholders, padding): the loss skips it.
+IGNORE = -100
 
 
 def _shape(a) -> tuple:
@@ -35,8 +37,6 @@ def check_encoder_input(name: str, ecfg, x) -> int:
 
 def check_batch(batch: dict, config: ModelConfig) -> None:
     """Raise ValueError naming what is wrong: shapes, vocabulary range, placeholder/feature counts per sample."""
-    from mllm_jax.multimodal import num_features
-
     if "input_ids" not in batch:
         raise ValueError("batch has no 'input_ids'")
     ids = np.asarray(batch["input_ids"])
@@ -53,10 +53,10 @@ def check_batch(batch: dict, config: ModelConfig) -> None:
         raise ValueError(f"input_ids must be in [0, {vocab}) (vocab_size); sample {bad[0]} has id "
                          f"{ids[tuple(bad)]} at position {bad[1]}")
     labels = np.asarray(batch["labels"])
-    bad_lab = (labels != -100) & ((labels < 0) | (labels >= vocab))
+    bad_lab = (labels != IGNORE) & ((labels < 0) | (labels >= vocab))
     if bad_lab.any():
         b, s = np.argwhere(bad_lab)[0]
-        raise ValueError(f"labels must be -100 or in [0, {vocab}); sample {b} has {labels[b, s]} at position {s}")
+        raise ValueError(f"labels must be {IGNORE} or in [0, {vocab}); sample {b} has {labels[b, s]} at position {s}")
     inputs = batch.get("encoder_inputs") or {}
     index = batch.get("feature_index") or {}
     for name in sorted(set(inputs) | set(index)):
@@ -68,10 +68,10 @@ def check_batch(batch: dict, config: ModelConfig) -> None:
         fi = np.asarray(index[name])
         if fi.shape != ids.shape:
             raise ValueError(f"feature_index[{name!r}] shape {fi.shape} must equal input_ids shape {ids.shape}")
-        total = n * num_features(config, name)
+        total = n * config.features_per_instance(name)
         if fi.size and fi.max() >= total:
             raise ValueError(f"feature_index[{name!r}] max {fi.max()} is beyond the {total} features "
-                             f"({n} instances x {num_features(config, name)} tokens)")
+                             f"({n} instances x {config.features_per_instance(name)} tokens)")
         is_ph = ids == config.placeholder_ids[name]
         n_ph, n_feat = is_ph.sum(axis=1), (fi >= 0).sum(axis=1)
         for b in range(ids.shape[0]):
