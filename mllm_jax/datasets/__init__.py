@@ -9,10 +9,10 @@ from mllm_jax.datasets.loader import Loader, local_data_ranks
 from mllm_jax.datasets.packing import PackedBatchWriter, pack_rows
 from mllm_jax.datasets.sample import BadSampleError, BadSampleLog, PreparedSample, Sample
 from mllm_jax.datasets.sources import AudioCaptionSource, LlavaSource, make_source
-from mllm_jax.datasets.text import ChatTemplate, ConversationEncoder
+from mllm_jax.datasets.text import ConversationEncoder
 from mllm_jax.datasets.workload import WorkloadModel
 
 __all__ = ["Capacity", "assign", "coefficient_of_variation", "microbatch_loads", "predicted_step_time",
            "DatasetConfig", "Loader", "local_data_ranks", "PackedBatchWriter", "pack_rows", "BadSampleError",
            "BadSampleLog", "PreparedSample", "Sample", "AudioCaptionSource", "LlavaSource", "make_source",
-           "ChatTemplate", "ConversationEncoder", "WorkloadModel"]
+           "ConversationEncoder", "WorkloadModel"]

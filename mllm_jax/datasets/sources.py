@@ -15,14 +15,15 @@ import numpy as np
 from mllm_jax.data.batching import encoder_input_shape, feature_counts
 from mllm_jax.datasets.media import load_audio, load_image
 from mllm_jax.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
-from mllm_jax.datasets.text import ChatTemplate, ConversationEncoder
+from mllm_jax.datasets.text import ConversationEncoder
+from mllm_jax.processor.chat import ChatTemplate
 
 
 class _Source:
     modality: str
 
     def __init__(self, records: list, media_root: str, tokenizer, model_config, *, max_tokens: int,
-                 max_instances: int, template: ChatTemplate):
+                 max_instances: int, template: ChatTemplate | str):
         if self.modality not in model_config.encoders:
             raise ValueError(f"{type(self).__name__} needs a {self.modality!r} encoder; the model has "
                              f"{tuple(model_config.encoders)}")
@@ -78,7 +79,7 @@ class LlavaSource(_Source):
     modality = "vision"
 
     def __init__(self, json_path: str, image_folder: str, tokenizer, model_config, *, max_tokens: int,
-                 max_instances: int, template: ChatTemplate = ChatTemplate(), mean=(0.5,) * 3, std=(0.5,) * 3):
+                 max_instances: int, template: ChatTemplate | str = "synthetic", mean=(0.5,) * 3, std=(0.5,) * 3):
         with open(json_path) as f:
             records = json.load(f)
         if not isinstance(records, list):
@@ -114,7 +115,7 @@ class AudioCaptionSource(_Source):
     modality = "audio"
 
     def __init__(self, jsonl_path: str, media_root: str, tokenizer, model_config, *, max_tokens: int,
-                 max_instances: int, template: ChatTemplate = ChatTemplate(), prompt: str = "Describe the audio."):
+                 max_instances: int, template: ChatTemplate | str = "synthetic", prompt: str = "Describe the audio."):
         records = []
         with open(jsonl_path) as f:
             for line_no, line in enumerate(f):
@@ -146,7 +147,7 @@ class AudioCaptionSource(_Source):
                                       for i in prepared.instances))
 
 
-def make_source(config, tokenizer, model_config, *, template: ChatTemplate = ChatTemplate()):
+def make_source(config, tokenizer, model_config, *, template: ChatTemplate | str = "synthetic"):
     """The source a DatasetConfig names; lengths and instance limits from its largest buckets."""
     config.validate()
     kw = dict(max_tokens=max(config.seq_len_buckets), max_instances=max(config.instance_buckets), template=template)

@@ -1,4 +1,4 @@
-"""Conversation -> token ids with placeholder runs and a target mask (the chat template of mllm_jax.data).
+"""Conversation -> token ids with placeholder runs and a target mask (by default the "synthetic" chat template of mllm_jax.processor.chat).
 
 Layout, as the synthetic data of mllm_jax.data lays out one exchange, extended to several turns:
 
@@ -11,22 +11,13 @@ the modality's feature count of its placeholder id; placeholders are never targe
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, PLACEHOLDER_TOKENS, USER
+from mllm_jax.data.tokenizer import PLACEHOLDER_TOKENS
+from mllm_jax.processor.chat import ChatTemplate, get_template
 
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """Marker strings of the template, tokenised with the same tokenizer as the text ("" = omitted)."""
-
-    bos: str = BOS
-    user: str = USER
-    assistant: str = ASSISTANT
-    eos: str = EOS
-    placeholders: tuple = tuple(sorted(PLACEHOLDER_TOKENS.items()))  # (modality, placeholder string) pairs
+ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA conversation roles -> chat template roles
 
 
 def encode_fn(tokenizer):
@@ -48,23 +39,27 @@ def encode_fn(tokenizer):
 
 class ConversationEncoder:
     """Encodes [(role, text)] turns. ``feature_counts[name]`` is the run length per instance of modality ``name``,
-    ``placeholder_ids[name]`` its token id (ModelConfig.placeholder_ids)."""
+    ``placeholder_ids[name]`` its token id (ModelConfig.placeholder_ids), ``placeholders[name]`` the string that marks
+    an instance in the text (``<image>``). The template's markers are tokenised with the same tokenizer as the text."""
 
-    def __init__(self, tokenizer, placeholder_ids: dict, feature_counts: dict, template: ChatTemplate = ChatTemplate()):
+    def __init__(self, tokenizer, placeholder_ids: dict, feature_counts: dict,
+                 template: ChatTemplate | str = "synthetic", placeholders: dict = PLACEHOLDER_TOKENS):
         self.encode = encode_fn(tokenizer)
-        self.template = template
+        self.template = template = get_template(template)
         self.placeholder_ids = dict(placeholder_ids)
         self.feature_counts = dict(feature_counts)
-        self.placeholder_strings = {name: s for name, s in template.placeholders if name in self.feature_counts}
+        self.placeholder_strings = {name: s for name, s in placeholders.items() if name in self.feature_counts}
         missing = [n for n in self.feature_counts if n not in self.placeholder_strings or n not in self.placeholder_ids]
         if missing:
-            raise ValueError(f"no placeholder string or id for modalities {missing}; template has "
-                             f"{dict(template.placeholders)}, placeholder_ids {self.placeholder_ids}")
+            raise ValueError(f"no placeholder string or id for modalities {missing}; placeholders "
+                             f"{dict(placeholders)}, placeholder_ids {self.placeholder_ids}")
         by_string = {s: n for n, s in self.placeholder_strings.items()}
         self._split = re.compile("(" + "|".join(re.escape(s) for s in by_string) + ")") if by_string else None
         self._by_string = by_string
-        self._marks = {k: self.encode(getattr(template, k)) if getattr(template, k) else np.zeros(0, np.int32)
-                       for k in ("bos", "user", "assistant", "eos")}
+        encode_marker = lambda text: self.encode(text) if text else np.zeros(0, np.int32)  # noqa: E731
+        self._bos = encode_marker(template.bos)
+        self._prefix = {r: encode_marker(template.prefix.get(r, "")) for r in ROLES.values()}
+        self._suffix = {r: encode_marker(template.suffix.get(r, "")) for r in ROLES.values()}
 
     def count_placeholders(self, text: str) -> dict:
         return {n: text.count(s) for n, s in self.placeholder_strings.items()}
@@ -73,8 +68,8 @@ class ConversationEncoder:
         """turns: [(role in {"human", "gpt"}, text)] -> (ids [L] int32, target [L] bool, runs [(modality, start)]).
 
         Raises ValueError on an unknown role (callers turn it into a bad sample)."""
-        ids, tgt, runs = [self._marks["bos"]], [np.zeros(len(self._marks["bos"]), bool)], []
-        length = len(self._marks["bos"])
+        ids, tgt, runs = [self._bos], [np.zeros(len(self._bos), bool)], []
+        length = len(self._bos)
 
         def put(piece, is_target):
             nonlocal length
@@ -83,10 +78,10 @@ class ConversationEncoder:
             length += len(piece)
 
         for role, text in turns:
-            if role not in ("human", "gpt"):
+            if role not in ROLES:
                 raise ValueError(f"conversation role must be 'human' or 'gpt'; got {role!r}")
             is_gpt = role == "gpt"
-            put(self._marks["assistant" if is_gpt else "user"], False)
+            put(self._prefix[ROLES[role]], False)
             pieces = self._split.split(text) if self._split else [text]
             for piece in pieces:
                 name = self._by_string.get(piece)
@@ -95,6 +90,5 @@ class ConversationEncoder:
                     put(np.full(self.feature_counts[name], self.placeholder_ids[name], np.int32), False)
                 elif piece.strip():
                     put(self.encode(piece), is_gpt)
-            if is_gpt:
-                put(self._marks["eos"], True)
+            put(self._suffix[ROLES[role]], is_gpt)  # the answer's end-of-turn marker is trained
         return np.concatenate(ids).astype(np.int32), np.concatenate(tgt), runs

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, USER
+
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = {"image": "vision", "audio": "audio"}  # message part type -> modality name (ModelConfig keys)
 
@@ -86,6 +88,8 @@ TEMPLATES = {
         prefix={"user": "<start_of_turn>user\n", "assistant": "<start_of_turn>model\n", "system": "<start_of_turn>user\n"},
         suffix={"user": "<end_of_turn>\n", "assistant": "<end_of_turn>", "system": "\n"},
     ),
+    # The synthetic vocabulary's markers (mllm_jax.data.tokenizer): "<bos> <user> ... <assistant> ... <eos>".
+    "synthetic": ChatTemplate(bos=BOS, prefix={"user": USER, "assistant": ASSISTANT}, suffix={"assistant": EOS}),
     # No markers: prompt and answer concatenated (captioning-style pretraining).
     "plain": ChatTemplate(suffix={"user": " "}),
 }
