@@ -119,6 +119,10 @@ class ProjectorConfig:
     n_heads: int = 8  # resampler cross-attention heads
     n_layers: int = 1  # resampler cross-attention blocks
 
+    def output_tokens(self, encoder_tokens: int) -> int:
+        """Tokens per instance after projection: a resampler emits its queries, the others one per encoder token."""
+        return self.num_queries if self.kind == "resampler" else encoder_tokens
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -150,6 +154,15 @@ class ModelConfig:
 
     def is_trainable(self, key: str) -> bool:
         return bool(self.trainable.get(key, True))
+
+    def features_per_instance(self, name: str) -> int:
+        """LLM tokens one instance (image, clip) of modality ``name`` becomes: the length of its placeholder run.
+
+        The one home of this number: the processor, the data, the cost model and the model all read it here."""
+        if name not in self.encoders or name not in self.projectors:
+            raise ValueError(f"modality {name!r} needs an encoder and a projector; the model has encoders "
+                             f"{sorted(self.encoders)} and projectors {sorted(self.projectors)}")
+        return int(self.projectors[name].output_tokens(self.encoders[name].num_features))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from mllm_jax.batch import IGNORE
 # Upper bound on the float32 logits of one chunk (elements): 16M floats = 64 MiB.
 MAX_CHUNK_LOGITS = 1 << 24
 

@@ -16,7 +16,7 @@ from mllm_jax.audio import AudioEncoder
 from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
 from mllm_jax.llm import LLM, RunSettings, check_meta
 from mllm_jax.loss import chunked_cross_entropy
-from mllm_jax.projector import Projector, num_output_tokens
+from mllm_jax.projector import Projector
 from mllm_jax.vision import VisionEncoder
 
 
@@ -36,7 +36,7 @@ def build_encoder(config: ModelConfig, name: str, *, rngs: nnx.Rngs):
 
 def num_features(config: ModelConfig, name: str) -> int:
     """Projected tokens per encoder instance of modality ``name`` (what feature_index counts in)."""
-    return num_output_tokens(config.projectors[name], config.encoders[name].num_features)
+    return config.features_per_instance(name)
 
 
 def encoder_is_frozen(config: ModelConfig, name: str) -> bool:

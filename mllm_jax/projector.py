@@ -20,10 +20,6 @@ from mllm_jax.encoder import full_meta
 KINDS = ("linear", "mlp", "resampler")
 
 
-def num_output_tokens(config: ProjectorConfig, encoder_tokens: int) -> int:
-    return config.num_queries if config.kind == "resampler" else encoder_tokens
-
-
 class Projector(nnx.Module):
     def __init__(self, config: ProjectorConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: str = "float32",
                  attention_impl: str = "auto", layer_loop: str = "scan"):

@@ -12,7 +12,6 @@ from mllm_jax.processor import (
     ImageProcessor,
     MultimodalProcessor,
     WhisperFeatures,
-    feature_count,
     load_tokenizer,
 )
 
@@ -82,13 +81,14 @@ def test_feature_counts_match_transformers_encoders():
     def cfg(enc, proj=None):
         return ModelConfig(encoders={"m": enc}, projectors={"m": proj or ProjectorConfig()}, placeholder_ids={"m": 5})
 
-    assert feature_count(cfg(VisionConfig(kind="clip", image_size=24, patch_size=8, drop_class_token=False)), "m") \
-        == n_clip
-    assert feature_count(cfg(VisionConfig(kind="clip", image_size=24, patch_size=8)), "m") == n_clip - 1  # LLaVA
-    assert feature_count(cfg(VisionConfig(kind="siglip", image_size=24, patch_size=8, class_token=False)), "m") \
-        == n_siglip
-    assert feature_count(cfg(AudioConfig(n_mels=8, max_source_positions=10)), "m") == n_audio
-    assert feature_count(cfg(AudioConfig(), ProjectorConfig(kind="resampler", num_queries=7)), "m") == 7
+    def count(enc, proj=None):
+        return cfg(enc, proj).features_per_instance("m")
+
+    assert count(VisionConfig(kind="clip", image_size=24, patch_size=8, drop_class_token=False)) == n_clip
+    assert count(VisionConfig(kind="clip", image_size=24, patch_size=8)) == n_clip - 1  # LLaVA
+    assert count(VisionConfig(kind="siglip", image_size=24, patch_size=8, class_token=False)) == n_siglip
+    assert count(AudioConfig(n_mels=8, max_source_positions=10)) == n_audio
+    assert count(AudioConfig(), ProjectorConfig(kind="resampler", num_queries=7)) == 7
 
 
 # ---------------------------------------------------------------------------------------------- contract batches

@@ -16,22 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from mllm_jax.batch import IGNORE
 from mllm_jax.data import synthetic
 from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, PLACEHOLDER_TOKENS, USER, TextCodec
-
-IGNORE = -100
 
 
 def feature_counts(model_config) -> dict[str, int]:
     """Projected tokens per encoder instance, per modality (the placeholder run length)."""
-    out = {}
-    for name, enc in model_config.encoders.items():
-        proj = model_config.projectors.get(name)
-        if proj is not None and getattr(proj, "kind", None) == "resampler":
-            out[name] = int(proj.num_queries)
-        else:
-            out[name] = int(enc.num_features)
-    return out
+    return {name: model_config.features_per_instance(name) for name in model_config.encoders}
 
 
 def encoder_input_shape(enc) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from absl import logging
 
-IGNORE = -100  # label of tokens that are not predicted
+from mllm_jax.batch import IGNORE
 
 
 class BadSampleError(ValueError):

@@ -3,11 +3,9 @@ placeholder expansion into contract batches (docs/contracts.md)."""
 
 from mllm_jax.processor.audio import WhisperFeatures, mel_filter_bank
 from mllm_jax.processor.chat import TEMPLATES, ChatTemplate, get_template
-from mllm_jax.processor.features import clip_tokens, feature_count, vit_patches, whisper_frames
 from mllm_jax.processor.image import ImageProcessor
 from mllm_jax.processor.multimodal import IGNORE, EncodedSample, MultimodalProcessor
 from mllm_jax.processor.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["WhisperFeatures", "mel_filter_bank", "TEMPLATES", "ChatTemplate", "get_template", "clip_tokens",
-           "feature_count", "vit_patches", "whisper_frames", "ImageProcessor", "IGNORE", "EncodedSample",
-           "MultimodalProcessor", "Tokenizer", "load_tokenizer"]
+__all__ = ["WhisperFeatures", "mel_filter_bank", "TEMPLATES", "ChatTemplate", "get_template", "ImageProcessor", "IGNORE",
+           "EncodedSample", "MultimodalProcessor", "Tokenizer", "load_tokenizer"]

@@ -1,7 +1,7 @@
 """Conversations with images and audio -> batches in the docs/contracts.md format.
 
 Each media part becomes a run of its modality's placeholder id, as long as the features the encoder + projector
-produce for it (``features.feature_count``), and its raw data becomes one encoder input row. Rows are packed greedily
+produce for it (``ModelConfig.features_per_instance``), and its raw data becomes one encoder input row. Rows are packed greedily
 with whole samples (segments); labels are the next token within a segment, kept only where that token is trained.
 Encoder rows are laid out sample-major per batch row (row b owns rows b*K .. b*K+K-1 of each modality, K = the
 ``instances`` budget), so splitting the batch along B splits the encoder inputs the same way.
@@ -17,12 +17,10 @@ import dataclasses
 
 import numpy as np
 
+from mllm_jax.batch import IGNORE
 from mllm_jax.processor.audio import WhisperFeatures
 from mllm_jax.processor.chat import ChatTemplate, get_template
-from mllm_jax.processor.features import feature_count
 from mllm_jax.processor.image import ImageProcessor
-
-IGNORE = -100
 
 
 @dataclasses.dataclass
@@ -41,7 +39,7 @@ class MultimodalProcessor:
         self.config = model_config
         self.template = get_template(template)
         self.bidirectional_media = bidirectional_media
-        self.counts = {name: feature_count(model_config, name) for name in model_config.encoders}
+        self.counts = {name: model_config.features_per_instance(name) for name in model_config.encoders}
         missing = sorted(set(model_config.encoders) - set(model_config.placeholder_ids))
         if missing:
             raise ValueError(f"ModelConfig.placeholder_ids has no id for modalities {missing}")
