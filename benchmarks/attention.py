@@ -5,18 +5,18 @@
 Per family (tests/mask_families.py) it reports:
 - computed_over_nonempty["<impl>@<S>"]: tiles the implementation computed / tiles with at least one attending pair.
   Must be exactly 1.0. Computed tiles are counted where the implementation iterates: a counter incremented inside
-  the blockwise tile loop and inside the Pallas GPU kernel's tile loop (interpret mode) at the smaller size; at the
+  the tiled path's tile loop and inside the Pallas GPU kernel's tile loop (interpret mode) at the smaller size; at the
   larger size, where running them on CPU would take too long, the sum of the trip counts of those same loops (the
   compacted schedule both are driven by). Non-empty tiles are exact: from mllm_jax.kernels.meta.dense_block_map computed in
   chunks of q rows at the smaller size; at the larger size (a dense 32K x 32K mask is too much work on 2 cores)
   from an exact per-tile check of every tile the block map does not skip (tiles it skips are empty: tests prove
   the block map sound against the dense map).
 - computed_over_dense: the same computed tiles / all tiles: the fraction of a dense kernel's work that remains.
-- max_abs_err: forward output against kernels.reference at S_err (fp32), for blockwise and Pallas GPU (interpret),
-  and blockwise against jax.nn.dot_product_attention with a dense mask at the timing size (rows that attend
+- max_abs_err: forward output against kernels.reference at S_err (fp32), for tiled and Pallas GPU (interpret),
+  and tiled against jax.nn.dot_product_attention with a dense mask at the timing size (rows that attend
   something; dot_product_attention has no defined output for empty rows).
 And xla_speedup_vs_dense[family]: time of jax.nn.dot_product_attention(mask=dense) / time of
-kernels.attention(impl="xla") (the blockwise path for long keys), forward, 1 head, small head dim, jitted, best of
+kernels.attention(impl="xla") (the tiled path on CPU), forward, 1 head, small head dim, jitted, best of
 the repeats; plus their geometric mean.
 """
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks._report import report  # noqa: E402
 from mllm_jax import kernels  # noqa: E402
 from mllm_jax.kernels import TokenMeta  # noqa: E402
-from mllm_jax.kernels.blockwise import blockwise_attention, blockwise_attention_with_count, default_block, tile_schedule  # noqa: E402
+from mllm_jax.kernels.tiled import default_block, tile_schedule, tiled_attention, tiled_attention_with_count  # noqa: E402
 from mllm_jax.kernels.meta import SKIP, block_map, dense_block_map, mask  # noqa: E402
 from mllm_jax.kernels.pallas_gpu import default_blocks, flash_attention, flash_attention_with_count  # noqa: E402
 from mllm_jax.kernels.reference import reference_attention  # noqa: E402
@@ -101,13 +101,13 @@ def run(cfg: dict) -> dict:
     timing, speedup = {}, {}
 
     # jitted once per shape: metadata are traced arguments, so every family reuses the compilation.
-    blockwise_count = jax.jit(lambda q, k, v, m: blockwise_attention_with_count(q, k, v, m, m)[1])
+    tiled_count = jax.jit(lambda q, k, v, m: tiled_attention_with_count(q, k, v, m, m)[1])
     pallas_count = jax.jit(lambda q, k, v, m: flash_attention_with_count(q, k, v, m, m, interpret=True)[1])
     xla_path = jax.jit(lambda q, k, v, m: kernels.attention(q, k, v, m, m, impl="xla"))
     ref = jax.jit(lambda q, k, v, m: reference_attention(q, k, v, m, m))
     pallas = jax.jit(lambda q, k, v, m: flash_attention(q, k, v, m, m, interpret=True))
-    # The blockwise path directly: kernels.attention(impl="xla") picks dense for keys as short as S_err.
-    blockwise = jax.jit(lambda q, k, v, m: blockwise_attention(q, k, v, m, m))
+    # The tiled path directly: kernels.attention(impl="xla") picks dense for keys as short as S_err.
+    tiled = jax.jit(lambda q, k, v, m: tiled_attention(q, k, v, m, m))
 
     def dense_sdpa(q, k, v, m):
         return jax.nn.dot_product_attention(q, k, v, mask=mask(m, m)[:, None], implementation="xla")
@@ -118,12 +118,12 @@ def run(cfg: dict) -> dict:
         fam = families[name]
         for s in cfg["sizes"]:
             meta = make_meta(name, 1, s, seed=s)
-            blocks = {"blockwise": (default_block(s), default_block(s)), "pallas_gpu": default_blocks(s, s, d)}
+            blocks = {"tiled": (default_block(s), default_block(s)), "pallas_gpu": default_blocks(s, s, d)}
             for impl, (bq, bk) in blocks.items():
                 if s <= cfg["count_run_max"]:
                     nonempty = exact_nonempty_dense(meta, bq, bk)
                     q, k, v = _qkv(s, d)
-                    fn = blockwise_count if impl == "blockwise" else pallas_count
+                    fn = tiled_count if impl == "tiled" else pallas_count
                     computed = int(np.asarray(fn(q, k, v, meta)).sum())  # counted inside the tile loop
                 else:
                     nonempty = exact_nonempty_unskipped(meta, bq, bk)
@@ -136,7 +136,7 @@ def run(cfg: dict) -> dict:
         meta = make_meta(name, 1, s, seed=1)
         q, k, v = _qkv(s, 64, seed=1)
         want = ref(q, k, v, meta)
-        fam["max_abs_err"][f"blockwise@{s}"] = float(jnp.abs(blockwise(q, k, v, meta) - want).max())
+        fam["max_abs_err"][f"tiled@{s}"] = float(jnp.abs(tiled(q, k, v, meta) - want).max())
         fam["max_abs_err"][f"pallas_gpu@{s}"] = float(jnp.abs(pallas(q, k, v, meta) - want).max())
 
         s = cfg["time_size"]
@@ -146,7 +146,7 @@ def run(cfg: dict) -> dict:
         t_dense = _best_time(dense_sdpa, (q, k, v, meta), cfg["repeats"])
         rows_seen = np.asarray(mask(meta, meta).any(-1))[0]
         diff = jnp.abs(xla_path(q, k, v, meta) - dense_sdpa(q, k, v, meta))[0, rows_seen]
-        fam["max_abs_err"][f"blockwise_vs_dense_sdpa@{s}"] = float(diff.max())
+        fam["max_abs_err"][f"tiled_vs_dense_sdpa@{s}"] = float(diff.max())
         timing[name] = {"xla_s": t_xla, "dense_sdpa_s": t_dense}
         speedup[name] = t_dense / t_xla
         print(f"{name:12s} {json.dumps(fam)}  time xla {t_xla:.3f}s dense {t_dense:.3f}s", flush=True)

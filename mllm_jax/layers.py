@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mllm_jax import partitioning as part
+from mllm_jax import kernels, partitioning as part
+from mllm_jax.kernels.reference import head_major_attention  # noqa: F401  (its old home; test_benchmark_throughput)
+from mllm_jax.kernels.sharding import sharded_mesh
 from mllm_jax.config import RopeScaling
 
 
@@ -231,127 +233,35 @@ def apply_rope(x_BSHD, cos, sin):
     return (x_BSHD.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BSHD.dtype)
 
 
-# ---- Attention: the ONE call site of the model's attention
-
-
-def context_parallel_mesh():
-    """The current mesh when it has a ``context`` axis of size > 1 (attention then runs context-parallel), else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty and "context" in mesh.axis_names and mesh.shape["context"] > 1:
-        return mesh
-    return None
-
-
-def uses_head_major_dense(impl: str, num_keys: int) -> bool:
-    """Whether ``attend`` takes the head-major dense path: ``impl="dense"``, or the XLA path on CPU with at most
-    DENSE_MAX_KEYS keys where ``uses_cpu_tiled`` does not apply (fewer than TILED_MIN_KEYS keys: the encoders; or
-    arrays sharded over the current mesh)."""
-    from mllm_jax.kernels.dispatch import DENSE_MAX_KEYS, default_impl
-
-    resolved = default_impl() if impl == "auto" else impl
-    if resolved == "dense":
-        return True
-    return resolved == "xla" and num_keys <= DENSE_MAX_KEYS and not uses_cpu_tiled(impl, num_keys)
+# ---- Attention: kernels.attention owns every choice of implementation (backend, key count, mesh)
 
 
 def _unsharded_mesh() -> bool:
     """No mesh, or every axis that is not manual (shard_map) has size 1: the arrays are whole on this device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return True
-    manual = jax.sharding.AxisType.Manual
-    return all(size == 1 or t == manual for size, t in zip(mesh.axis_sizes, mesh.axis_types))
+    return sharded_mesh() is None
 
 
 def uses_cpu_tiled(impl: str, num_keys: int) -> bool:
-    """Whether ``attend`` takes kernels.cpu_attention (tile-skipping, head-major): the XLA path on CPU with
-    TILED_MIN_KEYS .. DENSE_MAX_KEYS keys, where kernels.attention would otherwise run its dense reference, and the
-    arrays not sharded over the mesh (its per-row loops index the batch, which a sharded batch would refuse)."""
-    from mllm_jax.kernels.dispatch import DENSE_MAX_KEYS, TILED_MIN_KEYS, default_impl
-
-    resolved = default_impl() if impl == "auto" else impl
-    return resolved == "xla" and TILED_MIN_KEYS <= num_keys <= DENSE_MAX_KEYS and _unsharded_mesh()
+    """Whether attention over ``num_keys`` keys runs kernels.tiled (for benchmarks/throughput.py's tile count)."""
+    return kernels.choose(impl, num_keys) == "tiled"
 
 
-def dense_mask(q_meta, k_meta, *, window=None, span_isolated=False):
-    """The attention rule as a dense bool [B, Sq, Sk] (kernels.mask): built once per forward and shared by layers."""
-    from mllm_jax.kernels.meta import mask as mask_rule
 
-    return mask_rule(q_meta, k_meta, window=window, span_isolated=span_isolated)
-
-
-def head_major_attention(q_BQHD, k_BKGD, v_BKGD, mask_BQK, *, scale=None, softcap=None):
-    """Dense masked attention with heads moved ahead of the sequence before the two S x S matmuls.
-
-    The same function as kernels.reference (rows that attend nothing give 0, with zero gradients), laid out so both
-    matmuls are plain 4-d batched products over (batch, kv head) with the query heads of a group folded into the
-    rows: on CPU the reference's 'bqhgd,bkhd->bhgqk' contraction runs about 3x slower in training (a 5-d einsum,
-    even with a group of 1, is about 1.5x slower than the 4-d one). Masked logits are the most negative finite float
-    (not -inf) so fully masked rows stay finite; they are zeroed at the output.
-    """
-    b, sq, hq, d = q_BQHD.shape
-    sk, hkv = k_BKGD.shape[1], k_BKGD.shape[2]
-    g = hq // hkv
-    scale = d**-0.5 if scale is None else scale
-    q_BHRD = jnp.transpose((q_BQHD * jnp.asarray(scale, q_BQHD.dtype)).reshape(b, sq, hkv, g, d), (0, 2, 3, 1, 4))
-    q_BHRD = q_BHRD.reshape(b, hkv, g * sq, d)  # rows r = (group member, query)
-    k_BHKD = jnp.swapaxes(k_BKGD, 1, 2)
-    v_BHKD = jnp.swapaxes(v_BKGD, 1, 2)
-    logits = jnp.einsum("bhrd,bhkd->bhrk", q_BHRD, k_BHKD, preferred_element_type=jnp.float32)
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    mask_BRK = jnp.tile(mask_BQK, (1, g, 1)) if g > 1 else mask_BQK  # every group member has its query's mask
-    logits = jnp.where(mask_BRK[:, None], logits, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v_BKGD.dtype), v_BHKD, preferred_element_type=jnp.float32)
-    out = jnp.where(jnp.any(mask_BRK, axis=-1)[:, None, :, None], out, 0.0)
-    out = jnp.transpose(out.reshape(b, hkv, g, sq, d), (0, 3, 1, 2, 4))
-    return out.reshape(b, sq, hq, d).astype(q_BQHD.dtype)
+def attend(q, k, v, meta, *, k_meta=None, **attention_kw):
+    """kernels.attention of q against k/v; ``k_meta`` (cross-attention: never context-parallel) defaults to ``meta``."""
+    if k_meta is not None:
+        attention_kw["context_parallel"] = False
+    return kernels.attention(q, k, v, meta, meta if k_meta is None else k_meta, **attention_kw)
 
 
-def attend(q, k, v, meta, *, impl: str = "auto", scale=None, window=None, softcap=None, span_isolated=False,
-           context_parallel: bool = True, context_method: str = "allgather", k_meta=None, mask=None):
-    """Masked attention through kernels/. q [B, S, Hq, D], k/v [B, S, Hkv, D], meta: kernels.TokenMeta [B, S].
-
-    Under a mesh with a ``context`` axis of size > 1 (and ``context_parallel``), the sequence is sharded over it and
-    kernels.context_parallel does the attention (K/V gathered or ringed with their metadata). Where kernels.attention
-    would use its dense reference on CPU: below TILED_MIN_KEYS keys (``uses_head_major_dense``)
-    ``head_major_attention`` runs, on ``mask`` (the dense [B, Sq, Sk] rule, precomputed once for all layers) or on a
-    mask built here; from TILED_MIN_KEYS to DENSE_MAX_KEYS keys (``uses_cpu_tiled``) kernels.cpu_attention, which
-    computes only the tiles the mask does not rule out. Else kernels.attention. ``k_meta`` (cross-attention, never context-parallel) defaults to ``meta``.
-    """
-    kw = dict(impl=impl, scale=scale, window=window, softcap=softcap, span_isolated=span_isolated)
-    cp_mesh = context_parallel_mesh() if (context_parallel and k_meta is None) else None
-    if cp_mesh is not None:
-        from mllm_jax.kernels.context_parallel import context_attention  # lazy: written alongside this module
-
-        return context_attention(q, k, v, meta, meta, mesh=cp_mesh, axis="context", method=context_method, **kw)
-    from mllm_jax import kernels
-    from mllm_jax.kernels.dispatch import _check as check_shapes  # the same refusals as kernels.attention
-
-    k_meta = meta if k_meta is None else k_meta
-    if uses_head_major_dense(impl, k.shape[1]):
-        check_shapes(q, k, v, meta, k_meta)
-        if mask is None:
-            mask = dense_mask(meta, k_meta, window=window, span_isolated=span_isolated)
-        return head_major_attention(q, k, v, mask, scale=scale, softcap=softcap)
-    if uses_cpu_tiled(impl, k.shape[1]):
-        from mllm_jax.kernels.cpu_attention import tiled_attention
-
-        check_shapes(q, k, v, meta, k_meta)
-        return tiled_attention(q, k, v, meta, k_meta, scale=scale, window=window, softcap=softcap,
-                               span_isolated=span_isolated)
-    return kernels.attention(q, k, v, meta, k_meta, **kw)
-
-
-def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, **attend_kw):
-    """Projections q/k/v/o around ``attend``; ``rope`` = (cos, sin) or None (encoders)."""
+def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, **attention_kw):
+    """Projections q/k/v/o around kernels.attention; ``rope`` = (cos, sin) or None (encoders)."""
     q = linear(p["q"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora_scale)
     k = linear(p["k"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
     v = linear(p["v"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = attend(q, k, v, meta, **attend_kw)
+    out = kernels.attention(q, k, v, meta, meta, **attention_kw)
     return linear(p["o"], out, "bshk,hkd->bsd", ("batch", "length", "act_embed"), lora_scale=lora_scale)
 
 

@@ -48,7 +48,7 @@ def layer_window(cfg: LLMConfig, i: int) -> int | None:
 
 def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window, *, mask=None):
     """One pre-norm decoder layer on already-gathered parameters (a pure function). ``mask``: the dense [B, S, S]
-    attention rule for this layer's window when the caller built it once for all layers (layers.attend)."""
+    attention rule for this layer's window when the caller built it once for all layers (kernels.takes_mask)."""
     plus_one = cfg.norm_scale_plus_one
     scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
     x = L.rms_norm(p["attn_norm"], h_BSD, cfg.norm_eps, plus_one=plus_one)
@@ -113,9 +113,11 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
 def layer_masks(meta: TokenMeta, windows: set, length: int, run: RunSettings) -> dict:
     """window -> dense [B, S, S] mask, built once before the layer scan when attention takes the dense head-major
     path (so no layer recomputes the rule from the metadata, forward or backward); {} otherwise."""
-    if L.context_parallel_mesh() is not None or not L.uses_head_major_dense(run.attention_impl, length):
+    from mllm_jax import kernels
+
+    if not kernels.takes_mask(run.attention_impl, length):
         return {}
-    return {w: L.dense_mask(meta, meta, window=w, span_isolated=run.span_isolated) for w in windows}
+    return {w: kernels.mask(meta, meta, window=w, span_isolated=run.span_isolated) for w in windows}
 
 
 def _is_concrete(x) -> bool:

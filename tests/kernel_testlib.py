@@ -1,4 +1,4 @@
-"""Helpers shared by the attention-kernel tests (test_kernels_blockwise, test_kernels_pallas_gpu, test_cpu_attention):
+"""Helpers shared by the attention-kernel tests (test_kernels_tiled, test_kernels_pallas_gpu):
 random inputs and a cached, jitted (out, dq, dk, dv) of any attention implementation."""
 
 import functools

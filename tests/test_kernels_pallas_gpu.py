@@ -13,7 +13,7 @@ from mllm_jax.kernels.meta import SKIP, dense_block_map
 from mllm_jax.kernels.pallas_gpu import flash_attention, flash_attention_with_count
 from mllm_jax.kernels.reference import reference_attention
 from mask_families import all_cases, make_meta
-from test_kernels_blockwise import B, S, _assert_close, _cases, _inputs, _value_and_grads, take_tokens
+from test_kernels_tiled import B, S, _assert_close, _cases, _inputs, _value_and_grads, take_tokens
 
 BLOCKS = dict(block_q=16, block_k=32)
 

@@ -13,48 +13,29 @@ from metadata, never from slot indices. Two methods:
   block is computed so XLA can overlap them; partial results merge by log-sum-exp. A custom_vjp runs the backward as
   a second ring in which dK/dV accumulators travel with K/V, so no rank ever holds more than two K/V shards. Blocks
   whose metadata rules out every pair are skipped with ``lax.cond`` (real control flow inside shard_map). Each step is
-  ``kernels.blockwise`` (``blockwise_attention_fwd_block`` returns the lse; ``blockwise_attention_bwd_block`` takes
-  the merged lse), which computes only the non-empty tiles of the step: no [S/cp, S/cp] array is ever materialised.
-  ``impl``/``interpret`` are accepted for a common signature but the ring always steps with the blockwise kernel.
+  ``kernels.tiled`` (``tiled_attention_fwd_block`` returns the lse; ``tiled_attention_bwd_block`` takes the merged
+  lse), which computes only the non-empty tiles of the step: no [S/cp, S/cp] array is ever materialised.
+  ``impl``/``interpret`` are accepted for a common signature but the ring always steps with the tiled kernel.
+
+``kernels.attention`` calls ``context_attention`` itself under a mesh whose ``context`` axis has size > 1.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mllm_jax.kernels.dispatch import attention
-from mllm_jax.kernels.blockwise import blockwise_attention_bwd_block, blockwise_attention_fwd_block
 from mllm_jax.kernels.meta import SKIP, TokenMeta, block_map
+from mllm_jax.kernels.sharding import axes_size, axis_names, place, spec_entry
+from mllm_jax.kernels.tiled import tiled_attention_bwd_block, tiled_attention_fwd_block
 
 METHODS = ("allgather", "ring")
 _RING_KWARGS = ("scale", "window", "softcap", "span_isolated", "impl", "interpret", "block_q", "block_k")
-
-
-def _axis_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in names)
-
-
-def _spec_entry(x, dim):
-    """The mesh axes that already shard ``dim`` of x (explicit-sharding meshes), else None."""
-    try:
-        spec = jax.typeof(x).sharding.spec
-    except Exception:  # noqa: BLE001 - abstract values without a sharding (Auto meshes) carry no spec
-        return None
-    return spec[dim] if dim < len(spec) else None
-
-
-def _names(axes) -> tuple:
-    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
 def _validate(q, k, v, q_meta, k_meta, mesh, axis, method, batch_axes, head_axes):
@@ -75,10 +56,10 @@ def _validate(q, k, v, q_meta, k_meta, mesh, axis, method, batch_axes, head_axes
                 f"{name} sequence length {length} is not divisible by the {axis!r} axis size {cp}; pad it with "
                 f"parallel.context.plan (padding slots have segment 0)"
             )
-    if axis in _names(batch_axes) or axis in _names(head_axes):
+    if axis in axis_names(batch_axes) or axis in axis_names(head_axes):
         raise ValueError(f"axis {axis!r} shards the sequence; it cannot also shard batch or heads")
-    nb = _axis_size(mesh, batch_axes)
-    nh = _axis_size(mesh, head_axes)
+    nb = axes_size(mesh, batch_axes)
+    nh = axes_size(mesh, head_axes)
     if q.shape[0] % nb:
         raise ValueError(f"batch {q.shape[0]} is not divisible by the batch axes {batch_axes} (size {nb})")
     if q.shape[2] % nh or k.shape[2] % nh:
@@ -86,20 +67,6 @@ def _validate(q, k, v, q_meta, k_meta, mesh, axis, method, batch_axes, head_axes
             f"query heads {q.shape[2]} and key/value heads {k.shape[2]} must both be divisible by the head axes "
             f"{head_axes} (size {nh})"
         )
-
-
-def _place(x, mesh, spec):
-    """On explicit-sharding meshes shard_map requires inputs already in its in_specs: reshard when they differ."""
-    if not any(t == AxisType.Explicit for t in mesh.axis_types):
-        return x
-    try:
-        current = tuple(jax.typeof(x).sharding.spec)
-    except Exception:  # noqa: BLE001
-        current = None
-    want = tuple(spec) + (None,) * (x.ndim - len(spec))
-    if current is not None and tuple(current) + (None,) * (x.ndim - len(current)) == want:
-        return x
-    return jax.reshard(x, NamedSharding(mesh, P(*want)))
 
 
 def context_attention(
@@ -127,9 +94,9 @@ def context_attention(
     """
     kw = dict(attention_kwargs)
     if batch_axes is None:
-        batch_axes = _spec_entry(q, 0)
+        batch_axes = spec_entry(q, 0)
     if head_axes is None:
-        head_axes = _spec_entry(q, 2)
+        head_axes = spec_entry(q, 2)
     _validate(q, k, v, q_meta, k_meta, mesh, axis, method, batch_axes, head_axes)
     if method == "ring":
         unknown = set(kw) - set(_RING_KWARGS)
@@ -137,8 +104,8 @@ def context_attention(
             raise ValueError(f"ring attention does not take {sorted(unknown)}; it takes {_RING_KWARGS}")
     cp = mesh.shape[axis]
     if cp == 1:
-        return attention(q, k, v, q_meta, k_meta, **kw)
-    hkv_local = k.shape[2] // _axis_size(mesh, head_axes)
+        return attention(q, k, v, q_meta, k_meta, context_parallel=False, **kw)
+    hkv_local = k.shape[2] // axes_size(mesh, head_axes)
     if kv_heads_per_step < 1 or hkv_local % kv_heads_per_step:
         raise ValueError(
             f"kv_heads_per_step ({kv_heads_per_step}) must divide the key/value heads per device ({hkv_local})"
@@ -147,14 +114,14 @@ def context_attention(
     x_spec = P(batch_axes, axis, head_axes, None)
     m_spec = P(batch_axes, axis)
     meta_specs = TokenMeta(m_spec, m_spec, m_spec)
-    q, k, v = (_place(x, mesh, x_spec) for x in (q, k, v))
-    q_meta = TokenMeta(*(_place(jnp.asarray(a, jnp.int32), mesh, m_spec) for a in q_meta))
-    k_meta = TokenMeta(*(_place(jnp.asarray(a, jnp.int32), mesh, m_spec) for a in k_meta))
+    q, k, v = (place(x, mesh, x_spec) for x in (q, k, v))
+    q_meta = TokenMeta(*(place(jnp.asarray(a, jnp.int32), mesh, m_spec) for a in q_meta))
+    k_meta = TokenMeta(*(place(jnp.asarray(a, jnp.int32), mesh, m_spec) for a in k_meta))
 
     if method == "allgather":
         body = functools.partial(_allgather_body, axis=axis, step=kv_heads_per_step, remat=remat, kw=kw)
     else:
-        # The per-step math is kernels.blockwise whatever ``impl`` says: it is the path that exposes the lse.
+        # The per-step math is kernels.tiled whatever ``impl`` says: it is the path that exposes the lse.
         ring_kw = {key: kw.get(key) for key in ("scale", "window", "softcap", "block_q", "block_k")}
         ring_kw["span_isolated"] = bool(kw.get("span_isolated", False))
         body = functools.partial(_ring_attention, axis=axis, cp=cp, kw_items=tuple(sorted(ring_kw.items())))
@@ -178,7 +145,7 @@ def _allgather_body(q, k, v, q_meta, k_meta, *, axis, step, remat, kw):
     group = q.shape[2] // k.shape[2]
 
     def one_group(q_g, k_g, v_g):
-        return attention(q_g, gather(k_g), gather(v_g), q_meta, k_meta_all, **kw)
+        return attention(q_g, gather(k_g), gather(v_g), q_meta, k_meta_all, context_parallel=False, **kw)
 
     if remat:
         one_group = jax.checkpoint(one_group)
@@ -203,7 +170,7 @@ def _block_forward(q, k, v, q_meta, k_meta, kw):
     """out [B, Sq, Hq, D] (f32, normalised over this K/V shard) and lse [B, Hq, Sq] (-inf: nothing seen here)."""
 
     def compute(_):
-        return blockwise_attention_fwd_block(q, k, v, q_meta, k_meta, **kw)
+        return tiled_attention_fwd_block(q, k, v, q_meta, k_meta, **kw)
 
     def skip(_):
         b, sq, hq, _d = q.shape
@@ -216,7 +183,7 @@ def _block_backward(q, k, v, q_meta, k_meta, do, lse, delta, kw):
     """(dq, dk, dv) f32 of one q shard vs one K/V shard, given the merged lse and delta = sum(do * o)."""
 
     def compute(_):
-        return blockwise_attention_bwd_block(q, k, v, q_meta, k_meta, do, lse, delta, **kw)
+        return tiled_attention_bwd_block(q, k, v, q_meta, k_meta, do, lse, delta, **kw)
 
     def skip(_):
         return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

@@ -209,3 +209,31 @@ def dense_block_map(
     # A tile counts as full only if every real (q, k) pair of it attends and it has no ragged padding.
     allv = t.all(axis=(2, 4))
     return np.where(anyv, np.where(allv, FULL, PARTIAL), SKIP).astype(np.int32)
+
+
+# ---- Tile lists: the block map compacted, for the kernels' loops and grids (jnp only)
+
+
+class TileSchedule(NamedTuple):
+    """Per row of a block map [B, nRows, nCols]: its non-skipped columns first (in increasing order), their kinds, and
+    how many there are."""
+
+    k_blocks: object  # int32 [B, nRows, nCols]; entries past `count` are not tiles to compute
+    kinds: object  # int32 [B, nRows, nCols]; PARTIAL or FULL for the first `count` entries
+    count: object  # int32 [B, nRows]
+
+
+def compact(bm, *, repeat_last: bool = False) -> TileSchedule:
+    """Per row of a block map [B, nRows, nCols], its non-skipped columns first (in increasing order) and their count.
+
+    Applied to the block map it gives each q block's k blocks; applied to its transpose, each k block's q blocks.
+    """
+    # A stable sort on "is skipped" moves the computed blocks to the front and keeps them in increasing order.
+    order = jnp.argsort(bm == SKIP, axis=-1, stable=True).astype(jnp.int32)
+    count = jnp.sum(bm != SKIP, axis=-1).astype(jnp.int32)
+    if repeat_last:
+        # Entries past the count repeat the last listed column (0 if none): a Pallas index_map reading the list then
+        # keeps the same block index on those grid steps and fetches nothing new.
+        steps = jnp.arange(bm.shape[-1], dtype=jnp.int32)
+        order = jnp.take_along_axis(order, jnp.minimum(steps, jnp.maximum(count - 1, 0)[..., None]), axis=-1)
+    return TileSchedule(order, jnp.take_along_axis(bm, order, axis=-1).astype(jnp.int32), count)

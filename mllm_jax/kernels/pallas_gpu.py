@@ -1,7 +1,7 @@
 """Flash attention for multimodal masks in Pallas, GPU (Triton) variant, forward and backward under jax.custom_vjp.
 
 The mask comes from per-token metadata (kernels.meta), given separately for q and k, so any permutation of the tokens
-is exact. Tile skipping is real: the block map is compacted (kernels.blockwise.compact) into, per q block, the list of
+is exact. Tile skipping is real: the block map is compacted (kernels.meta.compact) into, per q block, the list of
 its non-skipped k blocks and their kinds; each program loops over exactly that list, so a skipped tile is never loaded
 or computed. A full tile takes a branch without the mask; a partial tile builds its mask from the metadata.
 
@@ -27,8 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mllm_jax.kernels._common import check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp
-from mllm_jax.kernels.blockwise import compact
-from mllm_jax.kernels.meta import FULL, TokenMeta, block_map
+from mllm_jax.kernels.meta import FULL, TokenMeta, block_map, compact
 
 LOG2E = math.log2(math.e)
 

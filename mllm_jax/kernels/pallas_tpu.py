@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mllm_jax.kernels._common import check_gqa, config_fields, config_type
-from mllm_jax.kernels.meta import FULL, PARTIAL, TokenMeta, block_map
+from mllm_jax.kernels.meta import FULL, PARTIAL, TokenMeta, block_map, compact
 
 _LANES = 128
 _DEFAULT_BLOCK = 128
@@ -47,24 +47,6 @@ _NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
 
 # Static kernel parameters (hashable: a nondiff argument of the custom_vjp); group: query heads per kv head.
 _Config = config_type("_Config", group=int, interpret=bool)
-
-
-def _compact_tiles(bmap_BIJ):
-    """Per row block i: the ascending list of column blocks j whose tile is not skipped, their tile kinds and count.
-
-    Entries past the count repeat the last listed block (block 0 if none), so an index_map reading the list keeps the
-    same block index on those grid steps and Pallas fetches nothing new.
-    """
-    n_cols = bmap_BIJ.shape[-1]
-    live = bmap_BIJ > 0
-    counts_BI = jnp.sum(live, axis=-1, dtype=jnp.int32)
-    # Stable sort on "is skipped" puts the live column indices first, still ascending.
-    order_BIJ = jnp.argsort(jnp.where(live, 0, 1), axis=-1, stable=True).astype(jnp.int32)
-    step = jnp.arange(n_cols, dtype=jnp.int32)
-    last = jnp.maximum(counts_BI - 1, 0)[..., None]
-    order_BIJ = jnp.take_along_axis(order_BIJ, jnp.minimum(step, last), axis=-1)
-    kinds_BIJ = jnp.take_along_axis(bmap_BIJ, order_BIJ, axis=-1).astype(jnp.int32)
-    return order_BIJ, kinds_BIJ, counts_BI
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,7 +452,7 @@ def tile_plan(q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, block_k: int, 
     sq, sk = _round_up(q_meta.shape[1], block_q), _round_up(k_meta.shape[1], block_k)
     bmap = block_map(_pad_meta(q_meta, sq), _pad_meta(k_meta, sk), block_q, block_k, window=window,
                      span_isolated=span_isolated, xp=jnp)
-    return _compact_tiles(bmap), _compact_tiles(jnp.swapaxes(bmap, 1, 2))
+    return compact(bmap, repeat_last=True), compact(jnp.swapaxes(bmap, 1, 2), repeat_last=True)
 
 
 def flash_attention(
