@@ -35,6 +35,9 @@ class DatasetConfig:
     seed: int = 0
     prefetch: int = 2  # global batches prepared ahead by the background thread
     num_workers: int = 4  # threads decoding images / audio
+    # Images whose header claims more pixels (width x height) are skipped as "image_too_large" before decoding
+    # (and PIL's own decompression-bomb error counts the same).
+    max_image_pixels: int = 50_000_000
     refine_iterations: int = 200  # balanced assignment: swap/move passes after the greedy
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
@@ -53,7 +56,7 @@ class DatasetConfig:
             raise ValueError(f"DatasetConfig.seq_len_buckets must be positive lengths; got {self.seq_len_buckets}")
         if not self.instance_buckets or any(int(n) <= 0 for n in self.instance_buckets):
             raise ValueError(f"DatasetConfig.instance_buckets must be positive counts; got {self.instance_buckets}")
-        for name in ("global_batch_samples", "rows_per_microbatch", "prefetch", "num_workers"):
+        for name in ("global_batch_samples", "rows_per_microbatch", "prefetch", "num_workers", "max_image_pixels"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"DatasetConfig.{name} must be positive; got {getattr(self, name)}")
         return self

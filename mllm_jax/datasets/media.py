@@ -1,7 +1,8 @@
 """Decoding media files into encoder inputs: images -> float32 [H, W, C]; audio -> Whisper log-mel [T, n_mels].
 
-Every failure is a ``BadSampleError`` naming the sample, with reason "missing_file", "corrupt_file" or
-"bad_audio_shape", so the loader's on_bad_sample policy decides what happens to it.
+Every failure is a ``BadSampleError`` naming the sample, with reason "missing_file", "corrupt_file",
+"image_too_large" (width x height from the header above ``max_pixels``, or PIL's decompression-bomb error; checked
+before any pixel is decoded) or "bad_audio_shape", so the loader's on_bad_sample policy decides what happens to it.
 """
 
 from __future__ import annotations
@@ -20,15 +21,29 @@ WHISPER_N_FFT = 400
 WHISPER_HOP = 160
 
 
-def load_image(path: str, sample_id: str, *, size: int, mean, std, channels: int = 3) -> np.ndarray:
-    """RGB, resized to size x size (bicubic, like the CLIP processor after its crop), scaled to [0, 1], normalised."""
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
+def load_image(path: str, sample_id: str, *, size: int, mean, std, channels: int = 3,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """RGB, resized to size x size (bicubic, like the CLIP processor after its crop), scaled to [0, 1], normalised.
+    An image whose header claims more than ``max_pixels`` pixels is refused before it is decoded."""
     if not os.path.isfile(path):
         raise BadSampleError(sample_id, "missing_file", f"image {path} does not exist")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadSampleError(sample_id, "image_too_large",
+                                     f"image {path} is {width} x {height} = {width * height:,} pixels, more than "
+                                     f"DatasetConfig.max_image_pixels={max_pixels:,}")
             img.load()  # decode now: a truncated file fails here, not later
             img = img.convert("RGB" if channels == 3 else "L").resize((size, size), Image.BICUBIC)
             x = np.asarray(img, np.float32) / 255.0
+    except BadSampleError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own limit (raised by open, before our check can run)
+        raise BadSampleError(sample_id, "image_too_large", f"image {path}: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for unreadable/corrupt files
         raise BadSampleError(sample_id, "corrupt_file", f"image {path} cannot be decoded: {e}") from None
     x = x.reshape(size, size, channels)

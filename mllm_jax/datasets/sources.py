@@ -3,6 +3,11 @@
 A source has ``len``, ``prepare(i) -> PreparedSample`` (cheap: parse, tokenise, check counts, lengths and that the
 files exist; the same on every host) and ``materialize(prepared) -> Sample`` (decode the files). Both raise
 ``BadSampleError`` for bad records.
+
+Untrusted input: a media path (relative or absolute) must stay under the source's media root after normalisation
+(``..`` resolved lexically; symlinks inside the root are the root owner's choice and are followed), else the record is
+skipped as "path_outside_root" without the file being touched. A dataset file that is not valid UTF-8, or (LLaVA) not
+valid JSON, is a ValueError naming the file, line and column; ``read_records`` runs before any model is built.
 """
 
 from __future__ import annotations
@@ -13,10 +18,75 @@ import os
 import numpy as np
 
 from mllm_jax.data.batching import encoder_input_shape, feature_counts
-from mllm_jax.datasets.media import load_audio, load_image
+from mllm_jax.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image
 from mllm_jax.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
 from mllm_jax.datasets.text import ConversationEncoder
 from mllm_jax.processor.chat import ChatTemplate
+
+
+def _decode_utf8(path: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}: line {line}, column {column}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                         f"offset {e.start}: {e.reason})") from None
+
+
+def _parse_records(path: str, fmt: str) -> list:
+    if not os.path.isfile(path):
+        raise ValueError(f"DatasetConfig.path: dataset file {path!r} does not exist")
+    with open(path, "rb") as f:
+        text = _decode_utf8(path, f.read())
+    if fmt == "llava":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: LLaVA data must be a JSON list of samples; got {type(records).__name__}")
+        return records
+    records = []
+    for line_no, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            # one bad line is one bad record (skipped and counted by the loader's policy), reported by prepare
+            records.append({"id": f"line{line_no + 1}", "_error": f"{path}: line {line_no + 1}: invalid JSON: {e}"})
+    return records
+
+
+_PARSED: dict = {}  # (path, size, mtime) -> records, read by read_records ahead of the source that uses them
+
+
+def _file_key(path: str):
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def read_records(path: str, fmt: str, *, keep: bool = False) -> list:
+    """The records of a dataset file (``fmt``: "llava" or "audio_caption"); ValueError naming file and line for a file
+    that is not UTF-8 or (LLaVA) not JSON. ``keep``: remember them for the source built next from the same unchanged
+    file (the run checks the file before building the model, the loader reads it after, the file is parsed once)."""
+    key = _file_key(path) if os.path.isfile(path) else None
+    if key is not None and key in _PARSED:
+        records = _PARSED[key] if keep else _PARSED.pop(key)
+        return records
+    records = _parse_records(path, fmt)
+    if keep and key is not None:
+        _PARSED.clear()
+        _PARSED[key] = records
+    return records
+
+
+def check_dataset_file(config) -> int:
+    """Read (and keep, for the loader) the dataset file a DatasetConfig names; returns its record count. Errors are
+    ValueErrors naming the file and line: call it before building anything expensive."""
+    config.validate()
+    return len(read_records(config.path, config.format, keep=True))
 
 
 class _Source:
@@ -47,8 +117,14 @@ class _Source:
         rec = self.records[index]
         return str(rec.get("id", index)) if isinstance(rec, dict) else str(index)
 
-    def _media_path(self, path: str) -> str:
-        return path if os.path.isabs(path) else os.path.join(self.media_root, path)
+    def _media_path(self, path: str, sid: str) -> str:
+        """The file a record names, required to stay under the media root (absolute paths too)."""
+        root = os.path.abspath(self.media_root)
+        full = os.path.normpath(os.path.join(root, path))  # an absolute ``path`` replaces the root here
+        if os.path.commonpath([root, full]) != root:
+            raise BadSampleError(sid, "path_outside_root", f"media path {path!r} resolves to {full}, outside the "
+                                 f"media root {root} (DatasetConfig.media_root)")
+        return full
 
     def _finish(self, sid: str, turns, media: list) -> PreparedSample:
         try:
@@ -79,14 +155,13 @@ class LlavaSource(_Source):
     modality = "vision"
 
     def __init__(self, json_path: str, image_folder: str, tokenizer, model_config, *, max_tokens: int,
-                 max_instances: int, template: ChatTemplate | str = "synthetic", mean=(0.5,) * 3, std=(0.5,) * 3):
-        with open(json_path) as f:
-            records = json.load(f)
-        if not isinstance(records, list):
-            raise ValueError(f"{json_path}: LLaVA data must be a JSON list of samples; got {type(records).__name__}")
+                 max_instances: int, template: ChatTemplate | str = "synthetic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        records = read_records(json_path, "llava")
         super().__init__(records, image_folder or os.path.dirname(os.path.abspath(json_path)), tokenizer,
                          model_config, max_tokens=max_tokens, max_instances=max_instances, template=template)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.max_image_pixels = int(max_image_pixels)
 
     def prepare(self, index: int) -> PreparedSample:
         rec, sid = self.records[index], self.sample_id(index)
@@ -100,12 +175,13 @@ class LlavaSource(_Source):
             turns = [(t["from"], str(t["value"])) for t in rec["conversations"]]
         except (KeyError, TypeError):
             raise BadSampleError(sid, "malformed_record", "each turn needs 'from' and 'value'") from None
-        return self._finish(sid, turns, [self._media_path(p) for p in images])
+        return self._finish(sid, turns, [self._media_path(p, sid) for p in images])
 
     def materialize(self, prepared: PreparedSample) -> Sample:
         h, _, c = self.instance_shapes["vision"]
         return Sample(prepared, tuple(load_image(i.media, prepared.sample_id, size=h, mean=self.mean, std=self.std,
-                                                 channels=c) for i in prepared.instances))
+                                                 channels=c, max_pixels=self.max_image_pixels)
+                                      for i in prepared.instances))
 
 
 class AudioCaptionSource(_Source):
@@ -116,15 +192,7 @@ class AudioCaptionSource(_Source):
 
     def __init__(self, jsonl_path: str, media_root: str, tokenizer, model_config, *, max_tokens: int,
                  max_instances: int, template: ChatTemplate | str = "synthetic", prompt: str = "Describe the audio."):
-        records = []
-        with open(jsonl_path) as f:
-            for line_no, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    records.append({"id": f"line{line_no + 1}", "_error": str(e)})  # reported by prepare
+        records = read_records(jsonl_path, "audio_caption")
         super().__init__(records, media_root or os.path.dirname(os.path.abspath(jsonl_path)), tokenizer,
                          model_config, max_tokens=max_tokens, max_instances=max_instances, template=template)
         self.placeholder = self.encoder.placeholder_strings["audio"]
@@ -139,7 +207,7 @@ class AudioCaptionSource(_Source):
         if self.placeholder in rec["caption"]:
             raise BadSampleError(sid, "placeholder_mismatch", f"caption contains the placeholder {self.placeholder}")
         turns = [("human", f"{self.placeholder} {self.prompt}"), ("gpt", rec["caption"])]
-        return self._finish(sid, turns, [self._media_path(rec["audio"])])
+        return self._finish(sid, turns, [self._media_path(rec["audio"], sid)])
 
     def materialize(self, prepared: PreparedSample) -> Sample:
         t, n_mels = self.instance_shapes["audio"]
@@ -153,5 +221,5 @@ def make_source(config, tokenizer, model_config, *, template: ChatTemplate | str
     kw = dict(max_tokens=max(config.seq_len_buckets), max_instances=max(config.instance_buckets), template=template)
     if config.format == "llava":
         return LlavaSource(config.path, config.media_root, tokenizer, model_config, mean=config.image_mean,
-                           std=config.image_std, **kw)
+                           std=config.image_std, max_image_pixels=config.max_image_pixels, **kw)
     return AudioCaptionSource(config.path, config.media_root, tokenizer, model_config, prompt=config.audio_prompt, **kw)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -20,8 +21,9 @@ from mllm_jax.data import SyntheticBatches, TextCodec
 from mllm_jax.data.batching import IGNORE, unstack_first
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
 from mllm_jax.datasets.config import DatasetConfig
+from mllm_jax.datasets.sources import check_dataset_file
 from mllm_jax.train import init_from, placement
-from mllm_jax.train.checkpoint import Checkpointer
+from mllm_jax.train.checkpoint import Checkpointer, WorkdirLock
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
 from mllm_jax.train.context_batches import permute_for_context
 from mllm_jax.train.data_sources import (RealTrainData, SyntheticTrainData, load_tokenizer, uses_real_data)
@@ -253,25 +255,37 @@ def evaluate(eval_fn, model_state, eval_batches, put: Callable, groups: dict) ->
 
 
 class _Preemption:
-    """SIGTERM -> finish the current step, save, exit cleanly."""
+    """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, save, exit cleanly. A second SIGINT aborts at once
+    (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signal_name = None
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, nothing to restore
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, nothing to restore
+                pass
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt("second SIGINT: aborting without a checkpoint")
+        if signum == signal.SIGINT:
+            print("SIGINT: finishing this step and saving a checkpoint; press Ctrl-C again to abort",
+                  file=sys.stderr, flush=True)
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _write_text(workdir: str, name: str, text: str) -> None:
@@ -283,7 +297,22 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
         config_text: str | None = None, log: Callable = print) -> dict:
     """Trains (or resumes) in ``workdir``; returns a summary. ``stop_after_step`` ends early as a preemption would
     (checkpoint saved), for tests of resumption. Every process of a multi-host job runs this; process 0 alone writes
-    the metrics and the once-per-run files."""
+    the metrics and the once-per-run files, and holds the workdir's lock ({workdir}/lock: host and pid) while it
+    runs: a second run on the same workdir is refused, a stale lock (its process gone) is taken over."""
+    validate(cfg, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir, log=log) if distributed.is_main_process() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _run(cfg, workdir, loss_fn=loss_fn, stop_after_step=stop_after_step, config_text=config_text, log=log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RunConfig, workdir: str, *, loss_fn: Callable, stop_after_step: int | None, config_text: str | None,
+         log: Callable) -> dict:
     validate(cfg, jax.device_count())
     tc = cfg.train
     if stop_after_step is None:
@@ -294,26 +323,26 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
     codec = tokenizer = None
     if real_data:
         tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+        check_dataset_file(cfg.dataset)  # JSON/UTF-8 errors name the file and line, before anything is built
     else:
         codec = TextCodec()
         train_data = SyntheticTrainData(cfg.model, cfg.data, microbatches=cfg.parallel.microbatches, codec=codec)
         eval_data = SyntheticBatches(cfg.model, cfg.data, split="eval", codec=codec)
-    if main:
-        if config_text is not None:
-            _write_text(workdir, "config.gin", config_text)
-        _write_text(workdir, "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
-        (tokenizer or codec.tokenizer).save(os.path.join(workdir, "tokenizer.json"))
-
     ckpt_cfg = cfg.checkpoint
     ckpt = Checkpointer(workdir, every=ckpt_cfg.every or tc.checkpoint_every, keep=ckpt_cfg.keep,
                         async_save=ckpt_cfg.async_save)
-    latest = ckpt.latest_step()
+    latest = ckpt.newest_intact_step(log=log)  # newer broken steps: reported and moved aside
     if latest is not None:
         try:
             ckpt.check_compatible(latest, None, cfg.model)  # before building or compiling anything
         except ValueError:
             ckpt.close()
             raise
+    if main:  # only now is this run known to belong here: nothing in the workdir is written before
+        if config_text is not None:
+            _write_text(workdir, "config.gin", config_text)
+        _write_text(workdir, "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        (tokenizer or codec.tokenizer).save(os.path.join(workdir, "tokenizer.json"))
     mesh = build_mesh(cfg.parallel)
     from mllm_jax.parallel.sharding import rule_table as make_rule_table
 
@@ -337,10 +366,14 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
         if latest is not None:
             abstract = _abstract(_checkpoint_tree(model, optimizer))
             ckpt.check_compatible(latest, abstract, cfg.model)
-            tree, data_state = ckpt.restore(latest, abstract)
-            _apply_checkpoint_tree(model, optimizer, tree)
-            start = latest
-            log(f"resumed from step {latest} in {ckpt.directory}")
+            restored = ckpt.restore_newest(latest, abstract, log=log)  # verified, finite; else the next older
+            if restored is None:
+                log(f"no usable checkpoint left in {ckpt.directory}: starting from step 0")
+            else:
+                latest, tree, data_state = restored
+                _apply_checkpoint_tree(model, optimizer, tree)
+                start = latest
+                log(f"resumed from step {latest} in {ckpt.directory}")
         if real_data:  # the loader's prefetch thread starts at the restored position
             train_data = RealTrainData(cfg.dataset, tokenizer, cfg.model, cfg.parallel, state=data_state)
         elif data_state is not None:
@@ -385,13 +418,19 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
                     host_batch = prepare_host_batch(host_batch, cfg, leading=1)
                     t0 = time.perf_counter()
                     state, m = step_fn(state, put_batch(host_batch, mesh, leading=1, rule_table=rule_table))
-                    loss = float(m["loss"])  # a sync per step: a non-finite loss is caught before any save
+                    # A sync per step: the loss, the gradient norm and the updated parameters are checked (one flag,
+                    # reduced on device) before the step is kept, logged or saved.
+                    loss, finite = float(m["loss"]), bool(m["finite"])
                     step_time = time.perf_counter() - t0
                     step += 1
-                    if not math.isfinite(loss):
+                    if not (finite and math.isfinite(loss)):
+                        last = (f"The last good checkpoint is step {last_good_saved} in {ckpt.directory}"
+                                if last_good_saved is not None else f"No checkpoint was saved in {ckpt.directory}")
+                        if not math.isfinite(loss):
+                            raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. {last}")
                         raise NonFiniteLossError(
-                            f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
-                            f"{last_good_saved} in {ckpt.directory}")
+                            f"non-finite update at step {step}; stopping without saving it (loss {loss}, grad_norm "
+                            f"{float(m['grad_norm'])}; the parameters after the update hold NaN or inf). {last}")
                     window_tokens += tokens
                     window_steps += 1
                     metrics.advance(step, {"loss": loss})
@@ -416,7 +455,7 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
                         last_good_saved = step
                     if stop_now:
                         summary["preempted"] = True
-                        log(f"stopping at step {step} ({'SIGTERM' if preempt.requested else 'stop_after_step'}); "
+                        log(f"stopping at step {step} ({preempt.signal_name or 'stop_after_step'}); "
                             f"checkpoint saved")
                         break
         finally:

@@ -1,4 +1,8 @@
-"""Run metrics: {workdir}/metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm bar on a tty."""
+"""Run metrics: {workdir}/metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm bar on a tty.
+
+A resumed run (``initial_step`` > 0) first drops the rows of steps after ``initial_step``: it runs those steps again,
+so metrics.jsonl keeps one row per step. (TensorBoard's event files are append-only: re-run steps appear twice
+there, the later value wins in its plots.)"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ class MetricsWriter:
                  is_main_process: bool = True):
         self.active = is_main_process
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if self.active:
+            _truncate_after(self.path, initial_step)
         self._file = open(self.path, "a") if self.active else None
         self._tb = None
         if self.active:
@@ -51,6 +57,29 @@ class MetricsWriter:
             self._bar.close()
         self._tb.close()
         self._file.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep only the rows of steps <= ``step`` (a resumed run re-runs the later ones and writes them again: one row
+    per step); a torn last line (a kill mid-write) goes too. Rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().split("\n")
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line)
+    if len(keep) == len([x for x in lines if x.strip()]):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _summary_writer_class():

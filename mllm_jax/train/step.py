@@ -25,7 +25,8 @@ def model_loss(model, batch):
 
 def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, schedule: optax.Schedule | None = None,
                     grads_fn: Callable | None = None):
-    """Returns step(state, batch) -> (state, metrics). ``state`` is nnx.split((model, optimizer))[1]; every leaf of
+    """Returns step(state, batch) -> (state, metrics). ``metrics["finite"]``: the loss, the gradient norm and every
+    updated trainable parameter are finite. ``state`` is nnx.split((model, optimizer))[1]; every leaf of
     ``batch`` has a leading microbatch axis [M, ...]. ``grads_fn(model, batch) -> (loss_sum, label_count, grads)``
     replaces the microbatch scan (a pipeline runs its own microbatches)."""
 
@@ -57,12 +58,23 @@ def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, sche
         grad_norm = optax.global_norm(grads)
         lr_step = optimizer.step.value
         optimizer.update(model, grads)
-        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": grad_norm, "label_tokens": count}
+        loss = loss_sum / jnp.maximum(count, 1.0)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": count,
+                   "finite": _all_finite(loss, grad_norm, nnx.state(model, trainable))}
         if schedule is not None:
             metrics["learning_rate"] = schedule(lr_step)
         return nnx.state((model, optimizer)), metrics
 
     return step
+
+
+def _all_finite(*trees) -> jax.Array:
+    """One boolean scalar: every floating-point value of ``trees`` is finite (one fused reduction per array, reduced
+    on device). The loop checks it before it keeps or saves the step: an update that makes the parameters NaN or inf
+    is caught at the step that made it, not one step later by its loss."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def make_eval_step(graphdef):
