@@ -409,15 +409,36 @@ def pipeline_value_and_grad(
         loss_params_trainable=loss_params_trainable,
     )
     sched = build_schedule(S, M, backward_stages=layout.backward_stages, kind=schedule)
-    aux = {} if aux is None else aux
     want_dx = bool(input_requires_grad)
-    layer_fn = _keep_layout(layer_fn)
+    per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx)
+    stage_spec = P(axis)
+    fn = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), stage_spec, P(), P(), P()),
+        out_specs=(stage_spec, P(), P(), P()),
+        axis_names=frozenset({axis}),
+        check_vma=False,
+    )
+    lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
+    gstaged, glp, loss, dx = fn(
+        jax.tree.map(lead, to_stages(stacked_params, layout, mesh, axis)),
+        lead(jnp.asarray(layout.active)),
+        lead(jnp.asarray(layout.kind)),
+        _reshard_dim(jnp.asarray(sched.table), mesh, 1, axis),  # [T, S, F]: each device reads its column
+        lead(jnp.arange(S, dtype=jnp.int32)),
+        *(jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t)
+          for t in (x_microbatches, {} if aux is None else aux, loss_params)),
+    )
+    return loss, (from_stages(gstaged, layout, mesh, axis), glp, dx if want_dx else None)
 
-    staged = to_stages(stacked_params, layout, mesh, axis)
-    table = jnp.asarray(sched.table)  # [T, S, F]
-    active = jnp.asarray(layout.active)
-    kind = jnp.asarray(layout.kind)
-    stage_ids = jnp.arange(S, dtype=jnp.int32)
+
+def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
+                   want_dx: bool):
+    """The per-device body of the pipeline's shard_map: one stage scanning its column of the schedule table, each
+    tick its op under ``lax.switch`` (idle / forward / backward), then the ppermutes to its neighbours. Returns
+    (its slots' parameter gradients, and, summed over stages: loss-parameter gradients, loss, input gradients)."""
+    S, M = layout.stages, x_microbatches.shape[0]
     mb_shape, dtype = x_microbatches.shape[1:], x_microbatches.dtype
     fwd_perm = [(i, i + 1) for i in range(S - 1)]
     bwd_perm = [(i + 1, i) for i in range(S - 1)]
@@ -474,14 +495,8 @@ def pipeline_value_and_grad(
                 return zero_x, dx, xs, new_gacc, lpacc, loss, new_dxs
 
             y, dx, xs, gacc, lpacc, loss, dxs = jax.lax.switch(op, (idle, fwd, bwd, idle))
-            y_in = jax.lax.ppermute(y, axis, fwd_perm)
-            g_in = jax.lax.ppermute(dx, axis, bwd_perm)
-            xs = jax.lax.cond(
-                rx >= 0,
-                lambda: jax.lax.dynamic_update_slice(xs, y_in[None, None], (jnp.maximum(rx, 0), 0) + (0,) * y_in.ndim),
-                lambda: xs,
-            )
-            gs = jax.lax.cond(rg >= 0, lambda: gs.at[jnp.maximum(rg, 0)].set(g_in), lambda: gs)
+            xs, gs = _receive(xs, gs, jax.lax.ppermute(y, axis, fwd_perm), jax.lax.ppermute(dx, axis, bwd_perm),
+                              rx, rg)
             return (xs, gs, gacc, lpacc, loss, dxs), None
 
         init = (
@@ -497,27 +512,19 @@ def pipeline_value_and_grad(
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
         return jax.tree.map(lambda a: a[None], gacc), total(lpacc), total(loss), total(dxs)
 
-    stage_spec = P(axis)
-    fn = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), stage_spec, P(), P(), P()),
-        out_specs=(stage_spec, P(), P(), P()),
-        axis_names=frozenset({axis}),
-        check_vma=False,
+    return per_device
+
+
+def _receive(xs, gs, y_in, g_in, rx, rg):
+    """Store what arrived at the end of a tick: the previous stage's activation in row 0 of x slot ``rx``, the next
+    stage's cotangent in g slot ``rg`` (-1: nothing arrived)."""
+    xs = jax.lax.cond(
+        rx >= 0,
+        lambda: jax.lax.dynamic_update_slice(xs, y_in[None, None], (jnp.maximum(rx, 0), 0) + (0,) * y_in.ndim),
+        lambda: xs,
     )
-    lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
-    gstaged, glp, loss, dx = fn(
-        jax.tree.map(lead, staged),
-        lead(active),
-        lead(kind),
-        _reshard_dim(table, mesh, 1, axis),
-        lead(stage_ids),
-        *(jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t) for t in (x_microbatches, aux, loss_params)),
-    )
-    grads = from_stages(gstaged, layout, mesh, axis)
-    dx = dx if want_dx else None
-    return loss, (grads, glp, dx)
+    gs = jax.lax.cond(rg >= 0, lambda: gs.at[jnp.maximum(rg, 0)].set(g_in), lambda: gs)
+    return xs, gs
 
 
 def sequential_value_and_grad(layer_fn, stacked_params, x_microbatches, *, loss_fn, loss_params, aux=None):
