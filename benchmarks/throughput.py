@@ -19,7 +19,7 @@ MFU: model FLOPs per step / step time, divided by the FLOP/s of a jitted 2048x20
 same process right after each timed step (torch's torch.mm rate, measured the same way, and torch's MFU are reported
 too, and ``jax_mfu_vs_best_matmul``: against the faster of the two probes); medians over rounds. Model FLOPs are counted analytically: 6 x (matmul
 parameters) x (tokens they see) for forward + backward, plus attention's two S x S matmuls (4 S^2 D per layer forward,
-x3 with backward, full S^2). torch computes the full S^2; our LLM attention on CPU (kernels.cpu_attention) computes
+x3 with backward, full S^2). torch computes the full S^2; our LLM attention on CPU (kernels.tiled) computes
 only the 128 x 128 tiles the mask does not rule out, so ``jax_mfu_vs_matmul_tiles_computed`` is reported beside
 the MFU: the same, with the LLM attention FLOPs counted only over those tiles (``llm_attention_tiles_computed``,
 from the batch's block map). XLA's cost_analysis of the compiled step is reported beside it (it also counts
@@ -124,16 +124,16 @@ def model_flops(cfg: loop.RunConfig) -> dict:
 
 def llm_attention_tiles_computed(cfg: loop.RunConfig, batch: dict) -> float:
     """Fraction of the LLM's attention tiles our CPU path computes on ``batch`` (1.0 where it takes a dense path)."""
-    from mllm_jax.kernels import cpu_attention
+    from mllm_jax import kernels
     from mllm_jax.kernels.meta import SKIP, TokenMeta, block_map
-    from mllm_jax import layers as L
+    from mllm_jax.kernels.tiled import default_block
 
     s = cfg.data.seq_len
-    if jax.default_backend() != "cpu" or not L.uses_cpu_tiled(cfg.model.attention_impl, s):
+    if jax.default_backend() != "cpu" or kernels.choose(cfg.model.attention_impl, s) != "tiled":
         return 1.0
     mb = jax.tree.map(lambda x: np.asarray(x[0]), batch)  # the one microbatch
     meta = TokenMeta(mb["positions"], mb["segment_ids"], mb["span_ids"])
-    block = cpu_attention.default_block(s)
+    block = default_block(s)
     fractions = [float(np.mean(block_map(meta, meta, block, block, window=w, span_isolated=cfg.model.span_isolated)
                                != SKIP)) for w in layer_windows(cfg.model.llm)]
     return float(np.mean(fractions))

@@ -20,7 +20,6 @@ import numpy as np
 from flax import nnx
 
 from mllm_jax import kernels, partitioning as part
-from mllm_jax.kernels.reference import head_major_attention  # noqa: F401  (its old home; test_benchmark_throughput)
 from mllm_jax.kernels.sharding import sharded_mesh
 from mllm_jax.config import RopeScaling
 
@@ -241,17 +240,6 @@ def _unsharded_mesh() -> bool:
     return sharded_mesh() is None
 
 
-def uses_cpu_tiled(impl: str, num_keys: int) -> bool:
-    """Whether attention over ``num_keys`` keys runs kernels.tiled (for benchmarks/throughput.py's tile count)."""
-    return kernels.choose(impl, num_keys) == "tiled"
-
-
-
-def attend(q, k, v, meta, *, k_meta=None, **attention_kw):
-    """kernels.attention of q against k/v; ``k_meta`` (cross-attention: never context-parallel) defaults to ``meta``."""
-    if k_meta is not None:
-        attention_kw["context_parallel"] = False
-    return kernels.attention(q, k, v, meta, meta if k_meta is None else k_meta, **attention_kw)
 
 
 def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, **attention_kw):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mllm_jax import layers as L
+from mllm_jax import kernels, layers as L
 from mllm_jax import partitioning as part
 from mllm_jax.config import ProjectorConfig
 from mllm_jax.encoder import full_meta
@@ -86,7 +86,7 @@ class Projector(nnx.Module):
             q = L.linear(a["q"], hq, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"))
             k = L.linear(a["k"], c, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"))
             v = L.linear(a["v"], c, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"))
-            o = L.attend(q, k, v, q_meta, k_meta=k_meta, impl=impl, context_parallel=False)
+            o = kernels.attention(q, k, v, q_meta, k_meta, impl=impl, context_parallel=False)  # cross-attention
             h = h + L.linear(a["o"], o, "bshk,hkd->bsd", ("batch", "length", "act_embed"))
             h = h + L.plain_mlp(p["mlp"], L.layer_norm(p["mlp_norm"], h, 1e-5), cfg.activation)
             return h

@@ -1,6 +1,6 @@
 """benchmarks/throughput.py and the CPU fast path it measures.
 
-- layers.head_major_attention (the path layers.attend takes on CPU for short keys) equals kernels.reference, forward
+- kernels.reference.head_major_attention (the path kernels.attention takes on CPU for short keys) equals kernels.reference, forward
   and gradients, over packing, image spans, padding rows, windows, softcap and GQA;
 - the benchmark's analytic FLOP count equals one made from the built model's own parameter shapes;
 - a --quick run end to end: the final JSON has the keys the issue asks for, sane values, and transformers' LLaVA
@@ -20,8 +20,8 @@ import pytest
 from flax import nnx
 
 from mllm_jax.kernels.meta import TokenMeta, mask as mask_rule
-from mllm_jax.kernels.reference import reference_attention
-from mllm_jax import layers as L
+from mllm_jax import kernels
+from mllm_jax.kernels.reference import head_major_attention, reference_attention
 from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,20 +55,20 @@ def test_head_major_attention_matches_reference(hkv, window, softcap, span_isola
     assert not bool(jnp.all(jnp.any(m, -1))), "the case must include rows that attend nothing"
 
     def ours(q, k, v):
-        return jnp.sum(L.head_major_attention(q, k, v, m, scale=0.3, softcap=softcap) * ct)
+        return jnp.sum(head_major_attention(q, k, v, m, scale=0.3, softcap=softcap) * ct)
 
     def ref(q, k, v):
         return jnp.sum(reference_attention(q, k, v, meta, meta, scale=0.3, softcap=softcap, **kw) * ct)
 
-    out = L.head_major_attention(q, k, v, m, scale=0.3, softcap=softcap)
+    out = head_major_attention(q, k, v, m, scale=0.3, softcap=softcap)
     want = reference_attention(q, k, v, meta, meta, scale=0.3, softcap=softcap, **kw)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
     g_ours = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
     for a, e in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
-    # attend() takes this path on CPU and builds the same mask itself when none is given
-    via_attend = L.attend(q, k, v, meta, scale=0.3, softcap=softcap, **kw)
+    # kernels.attention takes this path on CPU and builds the same mask itself when none is given
+    via_attend = kernels.attention(q, k, v, meta, meta, scale=0.3, softcap=softcap, **kw)
     np.testing.assert_allclose(via_attend, want, atol=1e-5, rtol=1e-5)
 
 
@@ -77,7 +77,7 @@ def test_attend_refuses_bad_shapes_on_the_fast_path():
     q = jnp.zeros((1, 8, 3, 4))
     k = jnp.zeros((1, 8, 2, 4))
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        L.attend(q, k, k, meta)
+        kernels.attention(q, k, k, meta, meta)
 
 
 def _throughput_module():

@@ -1,4 +1,4 @@
-"""Pieces shared by the attention kernels (blockwise, cpu_attention, pallas_gpu, pallas_tpu).
+"""Pieces shared by the attention kernels (tiled, pallas_gpu, pallas_tpu).
 
 - ``config_type``: the static configuration tuple of a kernel: the six fields every kernel has (tile sizes and the
   mask/logit options), then the kernel's own extras. A NamedTuple: hashable, so it keys an lru_cache or serves as a
