@@ -10,7 +10,7 @@ with 8 fake devices, one mask per family and mode), and a PNG of per-rank loads.
 writes it to --out.
 
 Families (Cornstarch's context-parallel microbenchmark, cornstarch_notes.md, expressed with the (segment, span,
-position) rule of DESIGN.md):
+position) rule of docs/architecture.md):
 - causal_blockwise: APPROXIMATED. Cornstarch's blocks are causal and mutually invisible except the last block, which
   attends to everything before it. Two same-segment tokens always see one another in at least one direction under
   our rule, so the last block cannot see blocks that cannot see each other. Nearest MLLM-relevant equivalent:

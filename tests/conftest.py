@@ -1,4 +1,4 @@
-"""Every test process sees 8 fake CPU devices (DESIGN.md: 'How to prove things without an accelerator').
+"""Every test process sees 8 fake CPU devices (docs/architecture.md: 'How things are proved without an accelerator').
 
 Test speed: most of the suite's time is XLA compiling small programs on 2 cores. So the tests compile with the
 backend's LLVM optimisation off (``--xla_backend_optimization_level=0``: 2-3x faster compiles; the tiny models' run

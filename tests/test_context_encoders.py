@@ -1,4 +1,4 @@
-"""Encoders under context parallelism (DESIGN.md, data flow step 2; issue #5 item 4), on 8 fake devices.
+"""Encoders under context parallelism (docs/architecture.md, data flow step 4), on 8 fake devices.
 
 With ParallelConfig(data=2, context=4) the LLM's sequence is sharded over `context`, and the images and audio clips
 of the batch are shared out over every device (data x context = 8): each device encodes N/8 of them, the projected

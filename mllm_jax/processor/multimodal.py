@@ -6,7 +6,7 @@ with whole samples (segments); labels are the next token within a segment, kept 
 Encoder rows are laid out sample-major per batch row (row b owns rows b*K .. b*K+K-1 of each modality, K = the
 ``instances`` budget), so splitting the batch along B splits the encoder inputs the same way.
 
-Span ids: each media instance gets its own span (its tokens attend each other both ways, DESIGN.md) unless
+Span ids: each media instance gets its own span (its tokens attend each other both ways, docs/architecture.md) unless
 ``bidirectional_media=False``: pretrained LLaVA-style checkpoints were trained with a plain causal mask, and span id 0
 reproduces that exactly.
 """
