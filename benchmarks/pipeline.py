@@ -4,8 +4,8 @@ devices with a tiny model whose frozen and trainable layers mix.
 
   python benchmarks/pipeline.py --out /tmp/pipeline.json [--quick] [--png /tmp/pipeline_timeline.png]
 
-(a) is analytic (parallel.cost_model on public architecture shapes; communication not modelled): "ours",
-"cornstarch", "megatron_like" on the common async 1F1B formula; model_details adds the step time our lockstep runtime
+(a) is analytic (parallel.cost_model over mllm_jax.costs' layers of public architecture shapes; communication not
+modelled): "ours", "cornstarch", "megatron_like" on the common async 1F1B formula; model_details adds the step time our lockstep runtime
 takes with the split PipelinePlan.runtime chooses for it, and with the uniform split. (b) runs in subprocesses, on a
 stack whose first half is frozen and second half trainable: per-stage FLOPs on 8 fake devices (4 stages) from
 cost_analysis of the straight-line per-stage program (forward keeping each layer's input, then each layer's vjp
@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
+from mllm_jax.costs import pipeline_costs  # noqa: E402
 from mllm_jax.parallel.pipeline_plan import plan_pipeline  # noqa: E402
 
 
@@ -133,11 +134,8 @@ def predicted(name, microbatches=24, tensor=2):
     stages = 5 + n_enc  # Cornstarch's (5, 1, 1): five LLM stages and one per encoder
     cornstarch = {"llm": 5, **{k: 1 for k in cfg.encoders}}
     plan = plan_pipeline(
-        cfg,
+        pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats),
         ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches),
-        text_tokens=1024,
-        encoder_tokens=tokens,
-        feature_tokens=feats,
         device_flops=DEVICE_FLOPS,
         cornstarch_stages=cornstarch,
         megatron_stages=megatron,
@@ -395,7 +393,7 @@ def draw_timeline(path, plan, name, microbatches):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mllm_jax.parallel.cost_model import model_costs
+    from mllm_jax.costs import model_costs
     from mllm_jax.parallel.pipeline import OP_FWD
     from mllm_jax.parallel.pipeline_plan import split_chain
 

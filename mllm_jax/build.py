@@ -10,10 +10,10 @@ from mllm_jax.multimodal import MultimodalModel
 
 
 def _table(config: ModelConfig, parallel_config):
-    from mllm_jax.parallel.mesh import validate_model
+    from mllm_jax.layout import validate_layout
     from mllm_jax.parallel.sharding import rule_table
 
-    validate_model(parallel_config, config)
+    validate_layout(parallel_config, config)
     return rule_table(config, parallel_config)
 
 

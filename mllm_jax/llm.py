@@ -2,7 +2,8 @@
 
 The decoder layers are stacked on a leading ``layers`` axis and applied with ``lax.scan`` (compile time independent of
 depth). A layer is the pure function ``decoder_layer(params, h, meta, ...)``; ``apply_decoder_layers`` runs any
-contiguous slice of the stack, which is what the pipeline runs per stage.
+contiguous slice of the stack. The pipelined step runs the same pieces: ``LLM.stage_layer`` (one layer of the stack
+with its rotary tables and window) and ``head_loss`` (final norm, head, cross entropy) on ``LLM.head_params``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
 from mllm_jax.config import LLMConfig, LoRAConfig
+from mllm_jax.loss import chunked_cross_entropy
 
 Group = L.Group
 LLM_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -67,6 +69,19 @@ def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: Ru
     return part.constrain(h + m, ("batch", "length", "act_embed"))
 
 
+def rope_tables(cfg: LLMConfig, positions):
+    """RoPE (cos, sin) of the tokens' global positions: computed once per forward, shared by every layer."""
+    inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return L.rope_cos_sin(positions, inv_freq)
+
+
+def stored_decoder_layer(p: dict, names: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings,
+                         window, *, mask=None):
+    """One decoder layer on its stored parameters (one layer sliced out of the stack): gathered, cast, applied."""
+    w = L.use_params(p, names, L.dtype_of(run.dtype), drop_leading=True)
+    return decoder_layer(w, h_BSD, meta, rope, cfg, run, window, mask=mask)
+
+
 def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg: LLMConfig, run: RunSettings,
                          *, first_layer: int = 0):
     """Run a contiguous slice of stacked decoder layers: params [n, ...] are layers first_layer .. first_layer + n - 1.
@@ -77,9 +92,7 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
     """
     n = jax.tree.leaves(params)[0].shape[0]
     params = jax.tree.map(part.unshard_leading, params)  # scan slices the layers axis: it must be whole here
-    inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-    rope = L.rope_cos_sin(meta.positions, inv_freq)
-    dtype = L.dtype_of(run.dtype)
+    rope = rope_tables(cfg, meta.positions)
     windows = [layer_window(cfg, first_layer + i) for i in range(n)]
     masks = layer_masks(meta, set(windows), h_BSD.shape[1], run)
 
@@ -87,13 +100,12 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
         def body(p_group, h):
             for j, w in enumerate(group_windows):
                 p = p_group if len(group_windows) == 1 else jax.tree.map(lambda a, j=j: a[j], p_group)
-                h = decoder_layer(L.use_params(p, names, dtype, drop_leading=True), h, meta, rope, cfg, run, w,
-                                  mask=masks.get(w))
+                h = stored_decoder_layer(p, names, h, meta, rope, cfg, run, w, mask=masks.get(w))
             return h
 
         return body
 
-    h = h_BSD.astype(dtype)
+    h = h_BSD.astype(L.dtype_of(run.dtype))
     if len(set(windows)) == 1:
         return L.scan_layers(group_body((windows[0],)), h, params, run.remat, run.layer_loop)
     g = cfg.sliding_window_pattern
@@ -220,10 +232,40 @@ class LLM(nnx.Module):
         _, names = self.layer_params()
         return apply_decoder_layers(layer_params, names, h_BSD, meta, self.config, self.run, first_layer=first_layer)
 
+    def stage_layer(self):
+        """(layer_fn(p, h, meta), window_codes): one decoder layer anywhere in the stack, as a pipeline stage runs it.
+
+        p = {"weights": one layer's stored parameters, "window": its window code}: layers with different attention
+        windows (Gemma 2's alternating local / global) share the stack, and the window is chosen per layer by
+        ``lax.switch`` on the code (real control flow inside shard_map). window_codes: [n_layers] float32 (a float,
+        so the codes ride with the weights through the pipeline's vjps), None when every layer has the same window.
+        """
+        cfg, run = self.config, self.run
+        _, names = self.layer_params()
+        windows = sorted({layer_window(cfg, i) for i in range(cfg.n_layers)}, key=lambda w: -1 if w is None else w)
+
+        def layer_fn(p, h_BSD, meta: TokenMeta):
+            rope = rope_tables(cfg, meta.positions)
+            branches = [lambda w=w: stored_decoder_layer(p["weights"], names, h_BSD, meta, rope, cfg, run, w)
+                        for w in windows]
+            if len(branches) == 1:
+                return branches[0]()
+            return jax.lax.switch(jax.lax.stop_gradient(p["window"]).astype(jnp.int32), branches)
+
+        if len(windows) == 1:
+            return layer_fn, None
+        return layer_fn, jnp.asarray([windows.index(layer_window(cfg, i)) for i in range(cfg.n_layers)], jnp.float32)
+
+    def head_params(self) -> dict:
+        """Final norm and output projection (the tied embedding when the LLM ties them) as one pure dict, gathered
+        for compute: FSDP-gathered and otherwise in their storage layout (a vocabulary sharded over `tensor` stays
+        sharded). The input of ``final_norm``, ``head_matrix`` and ``head_loss``."""
+        tied = self.config.tie_embeddings
+        parts = {"final_norm": self.final_norm, "embed" if tied else "lm_head": self.embed if tied else self.lm_head}
+        return {k: L.params_for_compute(m, jnp.float32) for k, m in parts.items()}
+
     def final(self, h_BSD):
-        p, n = L.module_params(self.final_norm)
-        p = L.use_params(p, n, jnp.float32)
-        return L.rms_norm(p, h_BSD, self.config.norm_eps, plus_one=self.config.norm_scale_plus_one)
+        return final_norm(L.params_for_compute(self.final_norm, jnp.float32), h_BSD, self.config)
 
     def hidden(self, embeds_BSD, meta: TokenMeta):
         """Decoder layers + final norm: [B, S, D] -> [B, S, D]."""
@@ -234,9 +276,7 @@ class LLM(nnx.Module):
 
     def head_weight(self):
         """The output projection as [D, V] (the tied embedding transposed, or lm_head), gathered for compute."""
-        if self.config.tie_embeddings:
-            return part.gathered(self.embed.embedding[...], ("vocab", "embed")).T
-        return part.gathered(self.lm_head.kernel[...], ("embed", "vocab"))
+        return head_matrix(self.head_params(), self.config)
 
     def logits(self, hidden_BSD):
         """[B, S, D] -> [B, S, V] float32 (Gemma 2: final softcap)."""
@@ -259,6 +299,25 @@ def logits_from_hidden(h_BSD, w_DV, softcap):
     if softcap:
         y = softcap * jnp.tanh(y / softcap)
     return y
+
+
+def final_norm(p_norm: dict, h_BSD, cfg: LLMConfig):
+    """The final RMS norm on gathered parameters {"scale"}: the last layer's output -> the head's input."""
+    return L.rms_norm(p_norm, h_BSD, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+
+
+def head_matrix(head_params: dict, cfg: LLMConfig):
+    """The output projection [D, V] from ``LLM.head_params()``."""
+    return head_params["embed"]["embedding"].T if cfg.tie_embeddings else head_params["lm_head"]["kernel"]
+
+
+def head_loss(head_params: dict, h_BSD, labels_BS, cfg: LLMConfig, *, chunk: int | None = None):
+    """Final norm, logits and chunked cross entropy of the last layer's output: (sum of token losses, label count),
+    a pure function of ``LLM.head_params()`` (what the pipeline's last stage runs)."""
+    h = final_norm(head_params["final_norm"], h_BSD, cfg)
+    w = head_matrix(head_params, cfg).astype(h.dtype)
+    return chunked_cross_entropy(h, lambda hh: logits_from_hidden(hh, w, cfg.final_logit_softcap), labels_BS,
+                                 chunk=chunk, vocab=cfg.vocab_size)
 
 
 def check_meta(meta: TokenMeta, want: tuple) -> TokenMeta:

@@ -7,15 +7,8 @@ import pytest
 
 from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mllm_jax.parallel.config import ParallelConfig
-from mllm_jax.parallel.cost_model import (
-    Layer,
-    backward_flops,
-    causal_pairs,
-    cost_chain,
-    llm_layer,
-    model_costs,
-    stage_memory,
-)
+from mllm_jax.costs import llm_layer, model_costs, pipeline_costs
+from mllm_jax.parallel.cost_model import CostModel, Layer, backward_flops, causal_pairs, cost_chain, stage_memory
 from mllm_jax.parallel.pipeline import OP_FWD, stage_op_order
 from mllm_jax.parallel.pipeline_plan import (
     format_plan,
@@ -85,6 +78,18 @@ def test_llm_layer_flops_closed_form():
     # Pair count of a sliding window equals the dense count of the window mask.
     i, j = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
     assert causal_pairs(20, 6) == int(((j <= i) & (i - j < 6)).sum())
+
+
+def test_context_planner_block_costs_are_the_layer_costs():
+    # One FLOP model: the context planner's alpha (per attention tile) and beta (per token) are a decoder layer's.
+    cfg = LLMConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=100)
+    cm = CostModel(d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, head_dim=16, tile_q=8, tile_k=4)
+    layer = llm_layer(cfg, 16, attention_pairs=1)
+    assert cm.beta == layer.weight_flops / 16
+    assert cm.alpha == layer.free_flops * 8 * 4
+    # The defaults (a Llama-3-8B layer, 128 x 32 tiles) are unchanged.
+    assert CostModel().alpha == 4.0 * 128 * 32 * 128 * 32
+    assert CostModel().beta == 2.0 * (4096 * 32 * 128 * 2 + 4096 * 8 * 128 * 2 + 4096 * 14336 * 3)
 
 
 def tiny_mllm(trainable):
@@ -184,7 +189,7 @@ def test_plan_mllm_beats_uniform_and_baselines():
     # Make the LLM a frozen prefix followed by trainable layers: b differs across layers.
     cfg = cfg.replace(trainable={"encoders/vision": False, "encoders/audio": False, "projectors/vision": False,
                                  "projectors/audio": False, "llm": True})
-    plan = plan_pipeline(cfg, ParallelConfig(pipeline=4, microbatches=8), text_tokens=40)
+    plan = plan_pipeline(pipeline_costs(cfg, text_tokens=40), ParallelConfig(pipeline=4, microbatches=8))
     assert plan.predicted_time <= plan.uniform.predicted_time
     assert plan.predicted_time <= plan.cornstarch.predicted_time + 1e-9
     assert plan.predicted_time <= plan.megatron_like.predicted_time + 1e-9
@@ -196,14 +201,14 @@ def test_plan_mllm_beats_uniform_and_baselines():
 def test_plan_respects_memory_budget_and_names_errors():
     cfg = tiny_mllm({})
     par = ParallelConfig(pipeline=2, microbatches=4)
-    free = plan_pipeline(cfg, par, text_tokens=40, placement="outside")
+    free = plan_pipeline(pipeline_costs(cfg, text_tokens=40), par, placement="outside")
     tight = max(free.chosen.stage_memory) * 0.999
-    plan = plan_pipeline(cfg, par, text_tokens=40, placement="outside", memory_budget=tight)
+    plan = plan_pipeline(pipeline_costs(cfg, text_tokens=40), par, placement="outside", memory_budget=tight)
     assert plan.chosen.fits_memory == (max(plan.chosen.stage_memory) <= tight)
     with pytest.raises(ValueError, match="placement"):
-        plan_pipeline(cfg, par, text_tokens=40, placement="nowhere")
+        plan_pipeline(pipeline_costs(cfg, text_tokens=40), par, placement="nowhere")
     with pytest.raises(ValueError, match="fewer than the 16"):
-        plan_pipeline(cfg, ParallelConfig(pipeline=16, microbatches=4), text_tokens=40)
+        plan_pipeline(pipeline_costs(cfg, text_tokens=40), ParallelConfig(pipeline=16, microbatches=4))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +319,7 @@ def test_lockstep_split_is_optimal_by_brute_force(seed):
 def test_plan_runtime_split_beats_uniform_in_lockstep():
     cfg = tiny_mllm({"encoders/vision": False, "encoders/audio": False, "projectors/vision": False,
                      "projectors/audio": False, "llm": True})
-    plan = plan_pipeline(cfg, ParallelConfig(pipeline=4, microbatches=8), text_tokens=40)
+    plan = plan_pipeline(pipeline_costs(cfg, text_tokens=40), ParallelConfig(pipeline=4, microbatches=8))
     rt = plan.runtime
     assert rt.runtime_time <= plan.uniform.runtime_time + 1e-9
     assert rt.runtime_time <= plan.chosen.runtime_time + 1e-9  # the formula's split, run by the same runtime

@@ -1,4 +1,4 @@
-"""The pipelined MultimodalModel (parallel.pipeline_llm) against one device's model.loss: loss and every trainable
+"""The pipelined MultimodalModel (train.pipelined_step) against one device's model.loss: loss and every trainable
 gradient, over stage splits, microbatch counts, frozen parts and data / tensor axes."""
 
 import jax
@@ -15,7 +15,7 @@ from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
 from mllm_jax.parallel.config import ContextConfig, ParallelConfig
 from mllm_jax.parallel.mesh import make_mesh
-from mllm_jax.parallel.pipeline_llm import flatten_microbatches, pipelined_loss_and_grad
+from mllm_jax.train.pipelined_step import flatten_microbatches, pipelined_loss_and_grad
 
 PLACEHOLDER = 3
 IMAGE, PATCH = 8, 4
@@ -225,7 +225,9 @@ def test_ring_context_attention_inside_the_pipeline_is_refused():
     # Its collective permute would span both stages, which run different ops per tick: a deadlock, not an error.
     ring = ParallelConfig(pipeline=2, context=2, microbatches=2, context_config=ContextConfig(attention="ring"))
     mesh = make_mesh(ring, jax.devices()[:4])
-    model = create_model(tiny_config(2), mesh, ring)
+    with pytest.raises(ValueError, match=r"attention='ring' with ParallelConfig.pipeline=2 and context=2"):
+        create_model(tiny_config(2), mesh, ring)  # refused before anything is built
+    model = MultimodalModel(tiny_config(2), rngs=nnx.Rngs(0), context_method="ring")
     with pytest.raises(ValueError, match=r"attention='ring' with ParallelConfig.pipeline=2 and context=2"):
         pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=ring)
     allgather = ParallelConfig(pipeline=2, context=2, microbatches=2)

@@ -9,6 +9,8 @@
 One model is built once (one device); every layout runs its weights (model_testlib.place), one compile per layout.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +25,9 @@ from mllm_jax import partitioning as part
 from mllm_jax.build import abstract_model
 from mllm_jax.config import ModelConfig
 from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.layout import validate_layout
 from mllm_jax.parallel.context import permute_batch, plan, unpermute
-from mllm_jax.parallel.mesh import make_mesh, validate_model
+from mllm_jax.parallel.mesh import make_mesh
 from mllm_jax.parallel.sharding import logical_rules, rule_table
 
 from model_testlib import TINY_LLM, build, instances_batch, jit, place, tiny_config
@@ -34,12 +37,26 @@ CFG = tiny_config()
 
 
 def test_mesh_validation_names_the_numbers():
-    with pytest.raises(ValueError, match=r"data=3 .* = 3 devices, but 8 devices"):
+    with pytest.raises(ValueError, match=r"data=3 .* = 3 devices, but 8 are available"):
         make_mesh(ParallelConfig(data=3))
-    with pytest.raises(ValueError, match=r"n_kv_heads \(2\) must be divisible by the tensor axis size \(4\)"):
-        validate_model(ParallelConfig(data=2, tensor=4), CFG)
+    with pytest.raises(ValueError, match=r"LLMConfig.n_kv_heads=2 is not divisible by ParallelConfig.tensor=4"):
+        validate_layout(ParallelConfig(data=2, tensor=4), CFG)
     mesh = make_mesh(LAYOUT)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "pipeline": 1, "context": 1, "tensor": 2}
+
+
+def test_layout_is_checked_against_every_module():
+    odd_vision = dataclasses.replace(CFG.encoders["vision"], n_heads=3)
+    with pytest.raises(ValueError, match=r"encoders\['vision'\].n_heads=3 is not divisible by ParallelConfig.tensor=2"):
+        validate_layout(ParallelConfig(data=4, tensor=2), tiny_config(encoders={**CFG.encoders, "vision": odd_vision}))
+    with pytest.raises(ValueError, match=r"LLMConfig.n_layers=2 is fewer than ParallelConfig.pipeline=4"):
+        validate_layout(ParallelConfig(data=2, pipeline=4), CFG)
+    ring = ParallelConfig(pipeline=2, context=2, context_config=ContextConfig(attention="ring"))
+    with pytest.raises(ValueError, match=r"attention='ring' with ParallelConfig.pipeline=2 and context=2"):
+        validate_layout(ring, CFG)
+    with pytest.raises(ValueError, match=r"= 4 devices, but 8 are available"):
+        validate_layout(ParallelConfig(data=4), CFG, num_devices=8)
+    validate_layout(LAYOUT, CFG, num_devices=8)
 
 
 def test_rules_per_module_and_overrides():

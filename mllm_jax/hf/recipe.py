@@ -101,11 +101,11 @@ def create_pretrained_model(config: ModelConfig, mesh, parallel_config, pretrain
     encoders not named in ``pretrained``) get their usual initialisation.
     """
     from mllm_jax.multimodal import MultimodalModel
-    from mllm_jax.parallel.mesh import validate_model
+    from mllm_jax.layout import validate_layout
     from mllm_jax.parallel.sharding import rule_table
 
     cfg = resolve_model_config(config, pretrained)
-    validate_model(parallel_config, cfg)
+    validate_layout(parallel_config, cfg)
     table = rule_table(cfg, parallel_config)
     method = parallel_config.context_config.attention
 

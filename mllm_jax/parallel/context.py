@@ -16,9 +16,10 @@ Modes:
 - ``lpt``: Cornstarch's makespan-min: blocks weighted by non-empty tiles summed over the batch, longest first to the
   least-loaded rank (ties to the lowest rank), each rank's blocks then in ascending order. Ranks may get different
   token counts; the static shard length is then the largest rank's, the others padded;
-- ``balanced`` (ours, default): cost = alpha * tiles + beta * tokens from a FLOP cost model, the same number of blocks
-  per rank and per sequence (static shards, no token imbalance), built by capacity-constrained LPT rounds and refined
-  by cost-reducing swaps between the most loaded rank and the others toward the lower bound total / cp.
+- ``balanced`` (ours, default): cost = alpha * tiles + beta * tokens from a FLOP cost model (cost_model.CostModel),
+  the same number of blocks per rank and per sequence (static shards, no token imbalance), built by
+  capacity-constrained LPT rounds and refined by cost-reducing swaps between the most loaded rank and the others
+  toward the lower bound total / cp.
 
 Lengths: S is padded up to a multiple of cp * block (2 * cp * block for zigzag) with padding blocks; a ragged last
 block is padded inside. Labels must be shifted on the host *before* ``permute_batch`` (next-token targets are defined
@@ -27,42 +28,15 @@ in the original order; after permutation neighbours are unrelated tokens).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from mllm_jax.kernels.meta import TokenMeta
+from mllm_jax.parallel.cost_model import CostModel
 
 MODES = ("uniform", "zigzag", "lpt", "balanced")
 _SHIFT = np.int64(2**31)  # positions and ids are < 2**30 (kernels.meta), so (id, value) pairs pack into one int64
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Per-layer forward FLOPs of one non-empty attention tile (alpha) and of one token through the linear layers
-    (beta). Defaults: a Llama-3-8B decoder layer. Backward passes scale both by about the same factor."""
-
-    d_model: int = 4096
-    d_ff: int = 14336
-    n_heads: int = 32
-    n_kv_heads: int = 8
-    head_dim: int = 128
-    gated_mlp: bool = True
-    tile_q: int = 128
-    tile_k: int = 32
-
-    @property
-    def alpha(self) -> float:
-        # QK^T and PV: 2 matmuls x 2 FLOPs per multiply-add over tile_q x tile_k x head_dim, per query head.
-        return 4.0 * self.tile_q * self.tile_k * self.head_dim * self.n_heads
-
-    @property
-    def beta(self) -> float:
-        d, hd = self.d_model, self.head_dim
-        attn_proj = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o and k, v
-        mlp = d * self.d_ff * (3 if self.gated_mlp else 2)
-        return 2.0 * (attn_proj + mlp)
 
 
 @dataclass(frozen=True)

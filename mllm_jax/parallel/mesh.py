@@ -9,27 +9,19 @@ from jax.sharding import AxisType
 from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
 
 
-def validate(parallel_config: ParallelConfig, num_devices: int) -> None:
+def validate(parallel_config: ParallelConfig, num_devices: int | None = None) -> None:
+    """Refuse axis sizes that are not positive integers, fewer than one microbatch, and (``num_devices`` given) a
+    mesh whose size is not the device count. The model's part of a layout: mllm_jax.layout.validate_layout."""
     sizes = parallel_config.axis_sizes
     bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or s < 1}
     if bad:
         raise ValueError(f"mesh axis sizes must be positive integers; got {bad}")
-    if parallel_config.num_devices != num_devices:
+    if parallel_config.microbatches < 1:
+        raise ValueError(f"ParallelConfig.microbatches must be >= 1; got {parallel_config.microbatches}")
+    if num_devices is not None and parallel_config.num_devices != num_devices:
         desc = " x ".join(f"{a}={s}" for a, s in sizes.items())
-        raise ValueError(f"mesh axes {desc} = {parallel_config.num_devices} devices, but {num_devices} devices "
-                         f"are available")
-
-
-def validate_model(parallel_config: ParallelConfig, model_config) -> None:
-    """Refuse layouts the model cannot take: heads / kv_heads not divisible by ``tensor``."""
-    t = parallel_config.tensor
-    llm = model_config.llm
-    for what, n in (("n_heads", llm.n_heads), ("n_kv_heads", llm.n_kv_heads)):
-        if n % t:
-            raise ValueError(f"LLM {what} ({n}) must be divisible by the tensor axis size ({t})")
-    if parallel_config.pipeline > 1 and llm.n_layers < parallel_config.pipeline:
-        raise ValueError(f"LLM n_layers ({llm.n_layers}) is fewer than the pipeline stages "
-                         f"({parallel_config.pipeline})")
+        raise ValueError(f"mesh axes {desc} = {parallel_config.num_devices} devices, but {num_devices} are "
+                         f"available; make the product of ParallelConfig sizes equal {num_devices}")
 
 
 def make_mesh(parallel_config: ParallelConfig, devices=None):

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mllm_jax.config import ModelConfig
 from mllm_jax.parallel.config import ParallelConfig
-from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, backward_flops, model_costs, stage_memory
+from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
 
 INF = float("inf")
 
@@ -203,6 +202,124 @@ class LockstepSplit:
     exhaustive: bool  # False when the node budget ran out (the best split found is returned)
 
 
+class _RuntimeChain:
+    """The LLM chain as the runtime runs it (remat-costed forward / backward ops, the head on the last stage), with
+    prefix sums so a stage's cost and memory are O(1): what every lockstep split search evaluates."""
+
+    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget):
+        self.n, self.stages, self.M = len(chain), stages, microbatches
+        self.tensor, self.memory_budget = tensor, memory_budget
+        self.f, self.b = runtime_layer_costs(chain)
+        self.head_c = runtime_head_cost(head) if head is not None else 0.0
+        prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
+        self.t_pre, self.f_pre, self.b_pre = prefix(self.f + self.b), prefix(self.f), prefix(self.b)
+        self.fixed_pre = prefix([c.param_bytes + c.state_bytes for c in chain])
+        self.act_pre = prefix([c.act_bytes for c in chain])
+        self.head_fixed = (head.param_bytes + head.state_bytes) if head is not None else 0.0
+        self.head_act = head.act_bytes if head is not None else 0.0
+
+    def fits(self, s, j, i) -> bool:
+        """Layers j..i-1 on stage s fit the memory budget (stage s holds min(M, stages - s) microbatches)."""
+        last = s == self.stages - 1
+        fixed = self.fixed_pre[i] - self.fixed_pre[j] + (self.head_fixed if last else 0.0)
+        act = self.act_pre[i] - self.act_pre[j] + (self.head_act if last else 0.0)
+        return (fixed + min(self.M, self.stages - s) * act) / self.tensor <= self.memory_budget
+
+    def simulate(self, edges) -> float:
+        """lockstep_time of the split with stage boundaries ``edges`` (stages + 1 entries, 0 .. n)."""
+        F = np.array([self.f_pre[edges[k + 1]] - self.f_pre[edges[k]] for k in range(self.stages)])
+        B = np.array([self.b_pre[edges[k + 1]] - self.b_pre[edges[k]] for k in range(self.stages)])
+        F[-1] += self.head_c
+        return lockstep_time(F, B, self.M)
+
+
+def _lockstep_seed(chain, head, rc: _RuntimeChain):
+    """(dp counts or None, their lockstep time, [best time, best counts]): the min-max DP on the runtime's per-stage
+    totals (forward op + backward op), improved by hill-climbing (move one boundary by one layer while that helps):
+    a good incumbent early prunes more."""
+    runtime_total = {id(c): float(v) for c, v in zip(chain, rc.f + rc.b)}
+    if head is not None:
+        runtime_total[id(head)] = rc.head_c
+    dp = min_max_split(chain, rc.stages, microbatches=rc.M, last_extra=[head] if head is not None else (),
+                       memory_budget=rc.memory_budget, tensor=rc.tensor, cost=lambda c: runtime_total[id(c)])
+    if dp is None:
+        return None, INF, [INF, None]
+    dp_time = rc.simulate(np.concatenate([[0], np.cumsum(dp)]))
+    best = [dp_time, tuple(dp)]
+    edges = list(np.concatenate([[0], np.cumsum(best[1])]))
+    improved = True
+    while improved:
+        improved = False
+        for k in range(1, rc.stages):
+            for step in (-1, 1):
+                e = list(edges)
+                e[k] += step
+                if not e[k - 1] < e[k] < e[k + 1]:
+                    continue
+                d = np.diff(e)
+                if not all(rc.fits(s, e[s], e[s + 1]) for s in range(rc.stages)):
+                    continue
+                t = rc.simulate(np.asarray(e))
+                if t < best[0] * (1 - 1e-12):
+                    best[0], best[1], edges, improved = t, tuple(int(x) for x in d), e, True
+    return dp, dp_time, best
+
+
+def _branch_and_bound(rc: _RuntimeChain, best: list, max_nodes: int) -> tuple:
+    """Depth-first over the stage boundaries, improving ``best`` ([time, counts]) in place; a partial split is pruned
+    when its lower bound reaches the best time. Returns (nodes visited, whether ``max_nodes`` ran out)."""
+    n, stages, M, f, b, head_c = rc.n, rc.stages, rc.M, rc.f, rc.b, rc.head_c
+    nodes = [0]
+    exhausted = [False]
+    eps = 1e-12
+    is_f, is_b = (m.astype(np.float64) for m in _op_masks(stages, M))
+    # Smallest forward / backward share of one layer's runtime cost among layers i.. (and the head).
+    tot = f + b
+    f_share = np.where(tot > 0, f / np.where(tot > 0, tot, 1.0), 1.0)
+    b_share = np.where(tot > 0, b / np.where(tot > 0, tot, 1.0), 1.0)
+    head_share = (1.0, 0.0) if head_c > 0 else (1.0, 1.0)
+    f_share_min = np.minimum.accumulate(np.append(f_share, head_share[0])[::-1])[::-1]
+    b_share_min = np.minimum.accumulate(np.append(b_share, head_share[1])[::-1])[::-1]
+    total_all = rc.t_pre[n] + head_c  # every op of one microbatch runs in a tick of its own: a bound for M = 1
+
+    def dfs(s, j, before, tick_max, edges):
+        # tick_max [T]: per tick, the slowest op among the fixed stages 0..s-1; its sum bounds the step from below
+        # (the stages still to place only lengthen ticks), and so does stage s's own term sum_{r<s} t_r + M t_s.
+        if nodes[0] >= max_nodes:
+            exhausted[0] = True
+            return
+        last = s == stages - 1
+        left = stages - 1 - s  # stages after this one
+        for i in (range(n, n + 1) if last else range(j + 1, n - left + 1)):
+            nodes[0] += 1
+            F_s = rc.f_pre[i] - rc.f_pre[j] + (head_c if last else 0.0)
+            B_s = rc.b_pre[i] - rc.b_pre[j]
+            t_s = F_s + B_s
+            ticks = np.maximum(tick_max, is_f[:, s] * F_s + is_b[:, s] * B_s)
+            bound = max(float(ticks.sum()), before + M * t_s, total_all)
+            if bound >= best[0] * (1 - eps):
+                break  # F_s and B_s only grow with i
+            if not rc.fits(s, j, i):
+                break  # so does the stage's memory
+            if last:
+                t = float(ticks.sum())  # every stage fixed: the bound is the simulated time
+                best[0], best[1] = t, tuple(int(x) for x in np.diff(edges + [n]))
+                return
+            rest = (rc.t_pre[n] - rc.t_pre[i] + head_c) / left
+            if before + t_s + M * rest >= best[0] * (1 - eps):
+                continue
+            # Some later stage r carries >= the mean ``rest`` of what is left, and its forward (backward) share is
+            # at least the smallest share among the layers left: its ticks lengthen to that at least.
+            lo_f, lo_b = rest * f_share_min[i], rest * b_share_min[i]
+            later = np.maximum(ticks[None], is_f[:, s + 1 :].T * lo_f + is_b[:, s + 1 :].T * lo_b).sum(axis=1)
+            if later.min() >= best[0] * (1 - eps):
+                continue
+            dfs(s + 1, i, before + t_s, ticks, edges + [i])
+
+    dfs(0, 0, 0.0, np.zeros(is_f.shape[0]), [0])
+    return nodes[0], exhausted[0]
+
+
 def lockstep_split(
     chain,
     stages: int,
@@ -220,110 +337,13 @@ def lockstep_split(
     reaches the best time found; the min-max DP's split, improved by moving single boundaries, seeds the incumbent, so
     it is kept wherever nothing beats it. Exhaustive (hence exact) unless ``max_nodes`` runs out first (reported in
     ``exhaustive``): small pipelines always finish, 8 stages of 64 layers may not."""
-    n, M = len(chain), microbatches
-    if stages < 1 or n < stages:
-        raise ValueError(f"cannot split {n} layers into {stages} non-empty stages")
-    f, b = runtime_layer_costs(chain)
-    head_c = runtime_head_cost(head) if head is not None else 0.0
-    t_pre = np.concatenate([[0.0], np.cumsum(f + b)])
-    f_pre = np.concatenate([[0.0], np.cumsum(f)])
-    b_pre = np.concatenate([[0.0], np.cumsum(b)])
-    fixed_pre = np.concatenate([[0.0], np.cumsum([c.param_bytes + c.state_bytes for c in chain])])
-    act_pre = np.concatenate([[0.0], np.cumsum([c.act_bytes for c in chain])])
-    head_fixed = (head.param_bytes + head.state_bytes) if head is not None else 0.0
-    head_act = head.act_bytes if head is not None else 0.0
-
-    def fits(s, j, i):
-        last = s == stages - 1
-        fixed = fixed_pre[i] - fixed_pre[j] + (head_fixed if last else 0.0)
-        act = act_pre[i] - act_pre[j] + (head_act if last else 0.0)
-        return (fixed + min(M, stages - s) * act) / tensor <= memory_budget
-
-    def simulate(edges):
-        F = np.array([f_pre[edges[k + 1]] - f_pre[edges[k]] for k in range(stages)])
-        B = np.array([b_pre[edges[k + 1]] - b_pre[edges[k]] for k in range(stages)])
-        F[-1] += head_c
-        return lockstep_time(F, B, M)
-
-    # Seed: the min-max DP on the runtime's per-stage totals (forward op + backward op).
-    runtime_total = {id(c): float(v) for c, v in zip(chain, f + b)}
-    if head is not None:
-        runtime_total[id(head)] = head_c
-    dp = min_max_split(chain, stages, microbatches=M, last_extra=[head] if head is not None else (),
-                       memory_budget=memory_budget, tensor=tensor, cost=lambda c: runtime_total[id(c)])
-    best = [INF, None]
-    dp_time = INF
-    if dp is not None:
-        dp_time = simulate(np.concatenate([[0], np.cumsum(dp)]))
-        best = [dp_time, tuple(dp)]
-    # Hill-climb from the seed (move one boundary by one layer while that helps): a good incumbent early prunes more.
-    if best[1] is not None:
-        edges = list(np.concatenate([[0], np.cumsum(best[1])]))
-        improved = True
-        while improved:
-            improved = False
-            for k in range(1, stages):
-                for step in (-1, 1):
-                    e = list(edges)
-                    e[k] += step
-                    if not e[k - 1] < e[k] < e[k + 1]:
-                        continue
-                    d = np.diff(e)
-                    if not all(fits(s, e[s], e[s + 1]) for s in range(stages)):
-                        continue
-                    t = simulate(np.asarray(e))
-                    if t < best[0] * (1 - 1e-12):
-                        best[0], best[1], edges, improved = t, tuple(int(x) for x in d), e, True
-    nodes = [0]
-    exhausted = [False]
-    eps = 1e-12
-    is_f, is_b = (m.astype(np.float64) for m in _op_masks(stages, M))
-    # Smallest forward / backward share of one layer's runtime cost among layers i.. (and the head).
-    tot = f + b
-    f_share = np.where(tot > 0, f / np.where(tot > 0, tot, 1.0), 1.0)
-    b_share = np.where(tot > 0, b / np.where(tot > 0, tot, 1.0), 1.0)
-    head_share = (1.0, 0.0) if head_c > 0 else (1.0, 1.0)
-    f_share_min = np.minimum.accumulate(np.append(f_share, head_share[0])[::-1])[::-1]
-    b_share_min = np.minimum.accumulate(np.append(b_share, head_share[1])[::-1])[::-1]
-    total_all = t_pre[n] + head_c  # every op of one microbatch runs in a tick of its own: a bound for M = 1
-
-    def dfs(s, j, before, tick_max, edges):
-        # tick_max [T]: per tick, the slowest op among the fixed stages 0..s-1; its sum bounds the step from below
-        # (the stages still to place only lengthen ticks), and so does stage s's own term sum_{r<s} t_r + M t_s.
-        if nodes[0] >= max_nodes:
-            exhausted[0] = True
-            return
-        last = s == stages - 1
-        left = stages - 1 - s  # stages after this one
-        for i in (range(n, n + 1) if last else range(j + 1, n - left + 1)):
-            nodes[0] += 1
-            F_s = f_pre[i] - f_pre[j] + (head_c if last else 0.0)
-            B_s = b_pre[i] - b_pre[j]
-            t_s = F_s + B_s
-            ticks = np.maximum(tick_max, is_f[:, s] * F_s + is_b[:, s] * B_s)
-            bound = max(float(ticks.sum()), before + M * t_s, total_all)
-            if bound >= best[0] * (1 - eps):
-                break  # F_s and B_s only grow with i
-            if not fits(s, j, i):
-                break  # so does the stage's memory
-            if last:
-                t = float(ticks.sum())  # every stage fixed: the bound is the simulated time
-                best[0], best[1] = t, tuple(int(x) for x in np.diff(edges + [n]))
-                return
-            rest = (t_pre[n] - t_pre[i] + head_c) / left
-            if before + t_s + M * rest >= best[0] * (1 - eps):
-                continue
-            # Some later stage r carries >= the mean ``rest`` of what is left, and its forward (backward) share is
-            # at least the smallest share among the layers left: its ticks lengthen to that at least.
-            lo_f, lo_b = rest * f_share_min[i], rest * b_share_min[i]
-            later = np.maximum(ticks[None], is_f[:, s + 1 :].T * lo_f + is_b[:, s + 1 :].T * lo_b).sum(axis=1)
-            if later.min() >= best[0] * (1 - eps):
-                continue
-            dfs(s + 1, i, before + t_s, ticks, edges + [i])
-
-    dfs(0, 0, 0.0, np.zeros(is_f.shape[0]), [0])
-    return LockstepSplit(best[1], best[0], None if dp is None else tuple(int(c) for c in dp), dp_time, nodes[0],
-                         not exhausted[0])
+    if stages < 1 or len(chain) < stages:
+        raise ValueError(f"cannot split {len(chain)} layers into {stages} non-empty stages")
+    rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget)
+    dp, dp_time, best = _lockstep_seed(chain, head, rc)
+    nodes, exhausted = _branch_and_bound(rc, best, max_nodes)
+    return LockstepSplit(best[1], best[0], None if dp is None else tuple(int(c) for c in dp), dp_time, nodes,
+                         not exhausted)
 
 
 @dataclass(frozen=True)
@@ -372,7 +392,7 @@ class PipelinePlan:
     device_flops: float
     memory_budget: float
     alternatives: tuple = field(default=())
-    # Encoders outside with the split that minimises the runtime's lockstep step time (what parallel.pipeline_llm
+    # Encoders outside with the split that minimises the runtime's lockstep step time (what train.pipelined_step
     # runs), and how the search found it.
     runtime: Placement | None = None
     lockstep_search: LockstepSplit | None = None
@@ -513,127 +533,117 @@ def _stage_allocations(total, encoders):
 
 
 def plan_pipeline(
-    config: ModelConfig,
+    costs: PipelineCosts,
     parallel: ParallelConfig,
     *,
-    text_tokens: int,
-    instances: dict | None = None,
-    encoder_tokens: dict | None = None,
-    feature_tokens: dict | None = None,
-    microbatch_size: int = 1,
     memory_budget: float = INF,
-    remat: bool | None = None,
     device_flops: float = 1.0,
     placement: str = "auto",
     cornstarch_stages: dict | None = None,
     megatron_stages: dict | None = None,
-    llm_profile: dict | None = None,
 ) -> PipelinePlan:
     """Choose the LLM layers per pipeline stage and where the encoders run.
 
-    ``parallel.pipeline`` stages and ``parallel.microbatches`` microbatches (of ``microbatch_size`` sequences of
-    ``text_tokens`` text tokens plus the injected features), ``memory_budget`` bytes per device, ``device_flops``
-    FLOP/s per device (1.0 reports FLOPs). ``placement``: "auto" (the faster), "outside" or "own_stages".
-    ``cornstarch_stages`` / ``megatron_stages``: {"llm": n, encoder: n} stage counts of the baselines (default:
-    each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner prefers);
-    their totals may differ from ``parallel.pipeline``.
+    ``costs``: one microbatch's layers as the model describes them (mllm_jax.costs.pipeline_costs). ``parallel``:
+    ``pipeline`` stages, ``microbatches`` microbatches, ``tensor``. ``memory_budget`` bytes per device,
+    ``device_flops`` FLOP/s per device (1.0 reports FLOPs). ``placement``: "auto" (the faster), "outside" or
+    "own_stages". ``cornstarch_stages`` / ``megatron_stages``: {"llm": n, encoder: n} stage counts of the baselines
+    (default: each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner
+    prefers); their totals may differ from ``parallel.pipeline``.
     """
     stages, M, tensor = parallel.pipeline, parallel.microbatches, parallel.tensor
     if placement not in ("auto", "outside", "own_stages"):
         raise ValueError(f"placement must be auto, outside or own_stages; got {placement!r}")
     if stages < 1 or M < 1:
         raise ValueError(f"pipeline stages and microbatches must be >= 1; got {stages} and {M}")
-    n_layers = config.llm.n_layers
+    n_layers = len(costs.aware.llm)
     if n_layers < stages:
         raise ValueError(f"the LLM has {n_layers} layers, fewer than the {stages} pipeline stages")
-    kw = dict(
-        text_tokens=text_tokens,
-        instances=instances,
-        encoder_tokens=encoder_tokens,
-        feature_tokens=feature_tokens,
-        batch=microbatch_size,
-        remat=remat,
-        llm_profile=llm_profile,
-    )
-    costs = model_costs(config, **kw)
-    unaware = model_costs(config, frozen_aware=False, **kw)
-    # The runtime rematerialises every layer whatever config.remat says: its op costs are the remat=True ones.
-    runtime = costs if (remat if remat is not None else config.remat != "none") else model_costs(config, **{
-        **kw, "remat": True})
     args = (M, tensor, device_flops, memory_budget)
-
-    rt_args = (M, tensor, device_flops, memory_budget, stages, runtime)
-
-    # Encoders outside, on the common yardstick (the 1F1B formula): the min-max split.
-    outside_counts = min_max_split(
-        costs.llm,
-        stages,
-        microbatches=M,
-        first_extra=[costs.embed],
-        last_extra=[costs.head],
-        memory_budget=memory_budget,
-        tensor=tensor,
-    )
-    if outside_counts is None:
-        outside_counts = min_max_split(
-            costs.llm, stages, microbatches=M, first_extra=[costs.embed], last_extra=[costs.head]
-        )
-    outside = _evaluate_outside("ours:outside", costs, outside_counts, *rt_args)
-    uniform = _evaluate_outside("uniform", costs, uniform_split(n_layers, stages), *rt_args)
-    # Encoders outside as parallel.pipeline runs them: the split with the least lockstep step time.
-    search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
-                            tensor=tensor)
-    if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
-        search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor)
-    runtime_placement = _evaluate_outside("ours:runtime", costs, search.counts, *rt_args)
-    enc_names = list(config.encoders)
-    candidates = [outside]
-    best_own = None
-    if enc_names and placement != "outside" and stages > len(enc_names):
-        for alloc in _stage_allocations(stages, enc_names):
-            if alloc["llm"] > n_layers or any(alloc[e] > len(costs.encoders[e]) for e in enc_names):
-                continue
-            p = _own_stage_placement("ours:own_stages", costs, alloc, *args)
-            if best_own is None or (p.fits_memory, -p.predicted_time) > (best_own.fits_memory, -best_own.predicted_time):
-                best_own = p
-        if best_own is not None:
-            candidates.append(best_own)
+    rt_args = (M, tensor, device_flops, memory_budget, stages, costs.runtime)
+    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args)
+    best_own = _best_own_stages(costs.aware, stages, args) if placement != "outside" else None
+    candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
         chosen = outside
     elif placement == "own_stages":
         if best_own is None:
-            raise ValueError(f"own_stages needs encoders and more than {len(enc_names)} stages; got {stages}")
+            raise ValueError(f"own_stages needs encoders and more than {len(costs.aware.encoders)} stages; got "
+                             f"{stages}")
         chosen = best_own
     else:
         chosen = min(candidates, key=lambda p: (not p.fits_memory, p.predicted_time))
-
-    cornstarch = megatron = None
-    if enc_names and stages > len(enc_names):
-        cs = cornstarch_stages or {"llm": stages - len(enc_names), **{e: 1 for e in enc_names}}
-        _check_alloc(cs, enc_names, stages, "cornstarch_stages")
-        cornstarch = _own_stage_placement("cornstarch", costs, cs, *args)
-        if megatron_stages is None:
-            # A frozen-unaware planner picks the allocation that looks best on its own cost model.
-            best_ref = None
-            for alloc in _stage_allocations(stages, enc_names):
-                if alloc["llm"] > n_layers or any(alloc[e] > len(costs.encoders[e]) for e in enc_names):
-                    continue
-                ref = _own_stage_placement("ref", unaware, alloc, *args)
-                if best_ref is None or ref.predicted_time < best_ref[0]:
-                    best_ref = (ref.predicted_time, alloc)
-            megatron_stages = best_ref[1]
-        _check_alloc(megatron_stages, enc_names, stages, "megatron_stages")
-        megatron = _own_stage_placement("megatron_like", costs, megatron_stages, *args, unaware=unaware)
-    elif not enc_names:
-        # Text-only: the frozen-unaware baseline balances layers by its own costs on the one pipeline.
-        counts = min_max_split(
-            unaware.llm, stages, microbatches=M, first_extra=[unaware.embed], last_extra=[unaware.head]
-        )
-        megatron = _evaluate_outside("megatron_like", costs, counts, *rt_args)
+    cornstarch, megatron = _baselines(costs, stages, args, rt_args, cornstarch_stages, megatron_stages)
     return PipelinePlan(
         chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates),
         runtime_placement, search,
     )
+
+
+def _outside_placements(costs: PipelineCosts, stages, rt_args) -> tuple:
+    """Encoders outside the pipeline: (the min-max split on the common yardstick (the 1F1B formula), the uniform
+    split, the split with the least lockstep step time as parallel.pipeline runs it, that search)."""
+    aware, runtime = costs.aware, costs.runtime
+    M, tensor, _, memory_budget = rt_args[:4]
+    ends = dict(first_extra=[aware.embed], last_extra=[aware.head])
+    counts = min_max_split(aware.llm, stages, microbatches=M, memory_budget=memory_budget, tensor=tensor, **ends)
+    if counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
+        counts = min_max_split(aware.llm, stages, microbatches=M, **ends)
+    outside = _evaluate_outside("ours:outside", aware, counts, *rt_args)
+    uniform = _evaluate_outside("uniform", aware, uniform_split(len(aware.llm), stages), *rt_args)
+    search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
+                            tensor=tensor)
+    if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
+        search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor)
+    return outside, uniform, _evaluate_outside("ours:runtime", aware, search.counts, *rt_args), search
+
+
+def _feasible_allocations(costs: ModelCosts, stages):
+    """Stage allocations (each module >= 1 stage, no module more stages than layers) summing to ``stages``."""
+    enc_names = list(costs.encoders)
+    for alloc in _stage_allocations(stages, enc_names):
+        if alloc["llm"] <= len(costs.llm) and all(alloc[e] <= len(costs.encoders[e]) for e in enc_names):
+            yield alloc
+
+
+def _best_own_stages(aware: ModelCosts, stages, args) -> Placement | None:
+    """Encoders on their own stages: the best allocation (fitting memory first, then the fastest); None without
+    encoders or with too few stages."""
+    if not aware.encoders or stages <= len(aware.encoders):
+        return None
+    best = None
+    for alloc in _feasible_allocations(aware, stages):
+        p = _own_stage_placement("ours:own_stages", aware, alloc, *args)
+        if best is None or (p.fits_memory, -p.predicted_time) > (best.fits_memory, -best.predicted_time):
+            best = p
+    return best
+
+
+def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, megatron_stages) -> tuple:
+    """(Cornstarch's placement: encoders on their own stages, Megatron-like: a frozen-unaware planner's split), both
+    evaluated on the frozen-aware costs; Cornstarch's is None without encoders or with too few stages."""
+    aware, unaware = costs.aware, costs.unaware
+    enc_names = list(aware.encoders)
+    if not enc_names:
+        # Text-only: the frozen-unaware baseline balances layers by its own costs on the one pipeline.
+        counts = min_max_split(unaware.llm, stages, microbatches=args[0], first_extra=[unaware.embed],
+                               last_extra=[unaware.head])
+        return None, _evaluate_outside("megatron_like", aware, counts, *rt_args)
+    if stages <= len(enc_names):
+        return None, None
+    cs = cornstarch_stages or {"llm": stages - len(enc_names), **{e: 1 for e in enc_names}}
+    _check_alloc(cs, enc_names, stages, "cornstarch_stages")
+    cornstarch = _own_stage_placement("cornstarch", aware, cs, *args)
+    if megatron_stages is None:
+        # A frozen-unaware planner picks the allocation that looks best on its own cost model.
+        best_ref = None
+        for alloc in _feasible_allocations(aware, stages):
+            ref = _own_stage_placement("ref", unaware, alloc, *args)
+            if best_ref is None or ref.predicted_time < best_ref[0]:
+                best_ref = (ref.predicted_time, alloc)
+        megatron_stages = best_ref[1]
+    _check_alloc(megatron_stages, enc_names, stages, "megatron_stages")
+    return cornstarch, _own_stage_placement("megatron_like", aware, megatron_stages, *args, unaware=unaware)
 
 
 def _check_alloc(alloc, enc_names, stages, what):

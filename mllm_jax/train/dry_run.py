@@ -113,10 +113,12 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
 def pipeline_plan(cfg: loop.RunConfig):
     """The frozen-aware planner's choice for the run's shapes: a microbatch of a data rank's rows, each row of
     DataConfig.seq_len tokens holding samples_per_row samples with their encoder instances."""
+    from mllm_jax.costs import pipeline_costs
     from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
     pc, dc = cfg.parallel, cfg.data
     rows = max(1, dc.batch_size // (pc.microbatches * pc.data * pc.fsdp))
     slots = {"vision": dc.max_images, "audio": dc.max_audio}
     instances = {n: dc.samples_per_row * slots.get(n, 1) for n in cfg.model.encoders} or None
-    return plan_pipeline(cfg.model, pc, text_tokens=dc.seq_len, microbatch_size=rows, instances=instances)
+    return plan_pipeline(pipeline_costs(cfg.model, text_tokens=dc.seq_len, microbatch_size=rows, instances=instances),
+                         pc)

@@ -22,6 +22,7 @@ from mllm_jax.data.batching import IGNORE, unstack_first
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
 from mllm_jax.datasets.config import DatasetConfig
 from mllm_jax.datasets.sources import check_dataset_file
+from mllm_jax.layout import validate_layout
 from mllm_jax.train import init_from, placement
 from mllm_jax.train.checkpoint import Checkpointer, WorkdirLock
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
@@ -76,20 +77,7 @@ def load_run_config(gin_files=(), gin_params=()) -> RunConfig:
 
 def validate(cfg: RunConfig, num_devices: int) -> None:
     pc, mc, dc, tc = cfg.parallel, cfg.model, cfg.data, cfg.train
-    sizes = pc.axis_sizes
-    if any(v < 1 for v in sizes.values()) or pc.microbatches < 1:
-        raise ValueError(f"ParallelConfig sizes must be >= 1; got {sizes}, microbatches={pc.microbatches}")
-    if pc.num_devices != num_devices:
-        prod = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        raise ValueError(f"the mesh {prod} has {pc.num_devices} devices but {num_devices} are available; "
-                         f"make the product of ParallelConfig sizes equal {num_devices}")
-    if pc.pipeline > 1 and mc.llm.n_layers < pc.pipeline:
-        raise ValueError(f"LLMConfig.n_layers={mc.llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
-                         f"stages")
-    if pc.pipeline > 1:
-        from mllm_jax.parallel.pipeline_llm import check_pipeline_layout
-
-        check_pipeline_layout(pc)
+    validate_layout(pc, mc, num_devices)
     if pc.context > 1:
         from mllm_jax.parallel.context import MODES
 
@@ -100,12 +88,6 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
             raise ValueError("ContextConfig.mode='lpt' plans over the whole batch and its padded length depends on "
                              "it, but each host permutes only its own rows: use 'balanced', 'zigzag' or 'uniform' "
                              f"with {jax.process_count()} processes")
-    heads = {"LLMConfig.n_heads": mc.llm.n_heads, "LLMConfig.n_kv_heads": mc.llm.n_kv_heads}
-    for name, enc in mc.encoders.items():
-        heads[f"encoders[{name!r}].n_heads"] = enc.n_heads
-    for what, n in heads.items():
-        if n % pc.tensor:
-            raise ValueError(f"{what}={n} is not divisible by ParallelConfig.tensor={pc.tensor}")
     shards = pc.data * pc.fsdp * pc.microbatches
     if not uses_real_data(cfg.dataset) and dc.batch_size % shards:
         raise ValueError(f"DataConfig.batch_size={dc.batch_size} is not divisible by data x fsdp x microbatches = "
@@ -148,7 +130,7 @@ def make_grads_fn(cfg: RunConfig, mesh):
     """The pipelined loss-and-gradient function when ParallelConfig.pipeline > 1 (None: the plain step)."""
     if cfg.parallel.pipeline == 1:
         return None
-    from mllm_jax.parallel.pipeline_llm import pipelined_loss_and_grad
+    from mllm_jax.train.pipelined_step import pipelined_loss_and_grad
 
     def grads_fn(model, batch):
         return pipelined_loss_and_grad(model, batch, mesh=mesh, parallel_config=cfg.parallel)

@@ -1,12 +1,13 @@
-"""The 1F1B pipeline runtime (parallel.pipeline) wired to the real MultimodalModel.
+"""The pipelined train step: the 1F1B pipeline runtime (parallel.pipeline) wired to the real MultimodalModel.
 
 What runs where (DESIGN.md, "The data flow of one training step"):
 - outside the pipeline, on every device: encoders, projectors, placeholder injection and the token embedding, over
   all microbatches at once (the encoders' batch spread over every mesh axis by their rules). Differentiated by one
   ``jax.vjp`` when anything in them trains; frozen encoders already run under ``stop_gradient`` in the model.
-- inside the pipeline (``pipeline_value_and_grad``): the LLM's stacked decoder layers, one microbatch at a time;
-  the last stage's loss function is the final norm + chunked cross entropy, divided by the global label count
-  (computed outside, so the loss and gradients equal the one-device ``loss_sum / count``).
+- inside the pipeline (``pipeline_value_and_grad``): the LLM's stacked decoder layers (``LLM.stage_layer``), one
+  microbatch at a time; the last stage's loss function is ``llm.head_loss`` (final norm + chunked cross entropy),
+  divided by the global label count (computed outside, so the loss and gradients equal the one-device
+  ``loss_sum / count``).
 - the input cotangent that the pipeline hands back (stage 0) is pulled through the embedding vjp.
 
 Gradients come back as an ``nnx.State`` of exactly the parameters ``mllm_jax.freeze.trainable_filter`` selects.
@@ -18,16 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from mllm_jax.kernels.meta import TokenMeta
-from mllm_jax import layers as L
+from mllm_jax import costs
 from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
 from mllm_jax.freeze import trainable_filter
-from mllm_jax.llm import decoder_layer, layer_window, logits_from_hidden
-from mllm_jax.loss import IGNORE, chunked_cross_entropy
-from mllm_jax.multimodal import encoder_is_frozen
+from mllm_jax.kernels.meta import TokenMeta
+from mllm_jax.layout import validate_layout
+from mllm_jax.llm import head_loss
+from mllm_jax.loss import IGNORE
+from mllm_jax.multimodal import encoder_is_frozen, num_features
 from mllm_jax.parallel.pipeline import pipeline_value_and_grad
 from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
@@ -60,21 +61,6 @@ def embedding_requires_grad(config, modalities) -> bool:
     return False
 
 
-def check_pipeline_layout(parallel_config) -> None:
-    """Refuse what the pipeline cannot run, before anything is traced (train.py's validate calls this too).
-
-    Ring context attention inside the stages: its ``ppermute`` over `context` lowers to one collective-permute over
-    every device of the mesh, but in a tick the stages run different ops (one a forward, another idle or a
-    backward), so the devices of the other stages never join it and the step deadlocks. The all-gather method's
-    collectives are per context group (the devices of one stage), which is why it composes.
-    """
-    if parallel_config.pipeline > 1 and parallel_config.context > 1 and \
-            parallel_config.context_config.attention == "ring":
-        raise ValueError(f"ContextConfig.attention='ring' with ParallelConfig.pipeline={parallel_config.pipeline} and "
-                         f"context={parallel_config.context}: the ring's collective permute spans every pipeline "
-                         f"stage, which run different ops per tick; use ContextConfig.attention='allgather'")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Stage layer counts.
 
@@ -84,8 +70,9 @@ def plan_stage_layers(config, parallel_config, *, text_tokens: int, microbatch_s
     """LLM layers per pipeline stage from the frozen-aware planner, with the encoders outside the pipeline (the
     only placement this runtime runs): the split with the least simulated step time of the runtime's lockstep
     1F1B ticks (``PipelinePlan.runtime``)."""
-    plan = plan_pipeline(config, parallel_config, text_tokens=text_tokens, microbatch_size=microbatch_size,
-                         instances=instances, memory_budget=memory_budget, placement="outside")
+    plan = plan_pipeline(costs.pipeline_costs(config, text_tokens=text_tokens, microbatch_size=microbatch_size,
+                                              instances=instances),
+                         parallel_config, memory_budget=memory_budget, placement="outside")
     return tuple(int(c) for c in plan.runtime.llm_stage_layers)
 
 
@@ -144,52 +131,21 @@ def flatten_microbatches(batch: dict, features_per_instance: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The pipelined pieces of the LLM as pure functions.
+# The LLM's own layer and loss, in the runtime's signatures (per-microbatch aux instead of TokenMeta).
 
 
-def _layer_fn(llm, names):
-    """layer_fn(params, h, aux_m) for the runtime: one decoder layer. Layers with different attention windows
-    (Gemma 2's alternating local/global) share the stack; the window is chosen per layer by ``lax.switch`` on a
-    per-layer code carried beside the weights (real control flow inside shard_map)."""
-    cfg, run = llm.config, llm.run
-    dtype = L.dtype_of(run.dtype)
-    inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-    windows = sorted({layer_window(cfg, i) for i in range(cfg.n_layers)}, key=lambda w: -1 if w is None else w)
+def _stage_layer(llm):
+    layer, window_codes = llm.stage_layer()
 
     def layer_fn(p, h, aux_m):
-        meta = TokenMeta(*(aux_m[k] for k in META_KEYS))
-        rope = L.rope_cos_sin(meta.positions, inv_freq)
-        w = L.use_params(p["weights"], names, dtype, drop_leading=True)
-        branches = [lambda w_=win: decoder_layer(w, h, meta, rope, cfg, run, w_) for win in windows]
-        if len(branches) == 1:
-            return branches[0]()
-        return jax.lax.switch(jax.lax.stop_gradient(p["window"]).astype(jnp.int32), branches)
+        return layer(p, h, TokenMeta(*(aux_m[k] for k in META_KEYS)))
 
-    def window_codes():
-        return jnp.asarray([windows.index(layer_window(cfg, i)) for i in range(cfg.n_layers)], jnp.float32)
-
-    return layer_fn, window_codes, len(windows) > 1
-
-
-def _loss_params(llm) -> dict:
-    """Final norm and output projection (the tied embedding when the LLM ties them) as a pure dict, FSDP-gathered
-    (``use_params``) and otherwise in their storage layout: a vocabulary sharded over `tensor` stays sharded, and
-    the loss's logits einsum keeps it so (partitioning's hints hold inside the pipeline's shard_map)."""
-    tied = llm.config.tie_embeddings
-    parts = {"final_norm": llm.final_norm, "embed" if tied else "lm_head": llm.embed if tied else llm.lm_head}
-    return {k: L.params_for_compute(m, jnp.float32) for k, m in parts.items()}
+    return layer_fn, window_codes
 
 
 def _loss_fn(llm, chunk):
-    cfg = llm.config
-
-    def loss_fn(lp, y, aux_m):
-        scale = lp["final_norm"]["scale"].astype(jnp.float32)
-        h = L.rms_norm({"scale": scale}, y, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
-        w = lp["embed"]["embedding"].T if cfg.tie_embeddings else lp["lm_head"]["kernel"]
-        w = w.astype(h.dtype)
-        total, _ = chunked_cross_entropy(h, lambda hh: logits_from_hidden(hh, w, cfg.final_logit_softcap),
-                                         aux_m["labels"], chunk=chunk, vocab=cfg.vocab_size)
+    def loss_fn(head_params, y, aux_m):
+        total, _ = head_loss(head_params, y, aux_m["labels"], llm.config, chunk=chunk)
         return total * aux_m["inv_count"]
 
     return loss_fn
@@ -233,10 +189,10 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     if parallel_config.pipeline != S:
         raise ValueError(f"ParallelConfig.pipeline is {parallel_config.pipeline} but the mesh's pipeline axis has "
                          f"{S} devices")
-    check_pipeline_layout(parallel_config)
+    validate_layout(parallel_config, config)
     if S > 1 and mesh.shape.get("context", 1) > 1 and model.llm.run.context_method == "ring":
         raise ValueError("the model was built with context_method='ring', which cannot run inside pipeline stages "
-                         "(see check_pipeline_layout); build it with ContextConfig.attention='allgather'")
+                         "(see mllm_jax.layout.validate_layout); build it with ContextConfig.attention='allgather'")
     M, mb, seq = check_microbatched(batch, parallel_config.microbatches)
     llm = model.llm
     n_layers = config.llm.n_layers
@@ -256,9 +212,7 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
 
     # ---- outside the pipeline: encoders, projectors, injection, embedding (differentiated by one vjp).
     modalities = sorted(batch.get("encoder_inputs") or {})
-    feats = {name: model.projectors[name].config.num_queries if model.projectors[name].config.kind == "resampler"
-             else config.encoders[name].num_features for name in modalities}
-    flat = flatten_microbatches(batch, feats)
+    flat = flatten_microbatches(batch, {name: num_features(config, name) for name in modalities})
     with model.scope("llm"):  # token arrays in the LLM's batch layout, whatever layout the caller gave them
         flat = {k: v if k == "encoder_inputs" else jax.tree.map(lambda a: part.constrain(a, ("batch", "length")), v)
                 for k, v in flat.items()}
@@ -275,20 +229,20 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     x_M = _rows_microbatched(emb, M)
 
     # ---- the pipeline: decoder layers; final norm + loss on the last stage.
-    values, names = llm.layer_params()
-    layer_fn, window_codes, switched = _layer_fn(llm, names)
+    values, _ = llm.layer_params()
+    layer_fn, window_codes = _stage_layer(llm)
     # Weights enter the pipeline in their storage layout (FSDP- and tensor-sharded over the non-pipeline axes);
     # each layer gathers what it must (``use_params``) and its einsums keep the tensor-parallel layout.
     stacked = {"weights": values}
-    if switched:
-        stacked["window"] = window_codes()
+    if window_codes is not None:
+        stacked["window"] = window_codes
     aux = {k: batch[k] for k in META_KEYS}
     aux = {k: jnp.asarray(v, jnp.int32) for k, v in aux.items()}
     aux["labels"] = labels
     aux["inv_count"] = jnp.broadcast_to(inv_count, (M,))
     layers_train = llm_layers_trainable(config)
     with model.scope("llm"):  # the LLM's rules: what use_params gathers, how the layers' einsums lay out
-        loss_params = _loss_params(llm)
+        loss_params = llm.head_params()
         loss, (g_layers, g_loss_params, dx_M) = pipeline_value_and_grad(
             layer_fn,
             stacked,

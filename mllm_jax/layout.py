@@ -1,0 +1,32 @@
+"""The one check of a parallel layout against the model, before anything is built or compiled.
+
+The mesh alone (axis sizes, device count) is parallel.mesh.validate's; this adds what depends on the model's modules:
+the LLM's and every encoder's attention heads against `tensor`, the LLM's layers against the pipeline stages, and
+what the pipelined step cannot run. Every error names the values given.
+"""
+
+from __future__ import annotations
+
+from mllm_jax.parallel import mesh
+
+
+def validate_layout(parallel_config, model_config, num_devices: int | None = None) -> None:
+    """Refuse a ParallelConfig that ``model_config`` (a ModelConfig) cannot take; ``num_devices``: also check the
+    mesh's device count (None when the devices are given later, e.g. to make_mesh)."""
+    pc, llm = parallel_config, model_config.llm
+    mesh.validate(pc, num_devices)
+    if pc.pipeline > 1 and llm.n_layers < pc.pipeline:
+        raise ValueError(f"LLMConfig.n_layers={llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
+                         f"stages")
+    if pc.pipeline > 1 and pc.context > 1 and pc.context_config.attention == "ring":
+        # The ring's ppermute over `context` lowers to one collective-permute over every device of the mesh, but in a
+        # tick the stages run different ops (a forward, a backward, idle), so the other stages' devices never join it
+        # and the step deadlocks. The all-gather's collectives are per context group (one stage's devices).
+        raise ValueError(f"ContextConfig.attention='ring' with ParallelConfig.pipeline={pc.pipeline} and "
+                         f"context={pc.context}: the ring's collective permute spans every pipeline stage, which "
+                         f"run different ops per tick; use ContextConfig.attention='allgather'")
+    heads = {"LLMConfig.n_heads": llm.n_heads, "LLMConfig.n_kv_heads": llm.n_kv_heads}
+    heads.update({f"encoders[{name!r}].n_heads": enc.n_heads for name, enc in model_config.encoders.items()})
+    for what, n in heads.items():
+        if n % pc.tensor:
+            raise ValueError(f"{what}={n} is not divisible by ParallelConfig.tensor={pc.tensor}")

@@ -1,0 +1,76 @@
+"""Imports go downward only: mllm_jax.kernels <- mllm_jax.parallel <- everything else in mllm_jax (DESIGN.md,
+"Layout"). Every module is parsed (ast), so imports inside functions count too."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "mllm_jax"
+# A layer may import mllm_jax only from these subpackages.
+ALLOWED = {"kernels": ("kernels",), "parallel": ("kernels", "parallel")}
+
+
+def imported_modules(source: str, module: str) -> list:
+    """(line, absolute module name) of every import in ``source``, the source of ``module`` (dotted, for relative
+    imports); ``from a import b`` counts as a.b, since b may be a submodule."""
+    package = module.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            out += [(node.lineno, f"{base}.{a.name}" if base else a.name) for a in node.names]
+    return sorted(out)
+
+
+def upward_imports(source: str, module: str) -> list:
+    """'line: name' for each import of ``module`` (e.g. mllm_jax.parallel.mesh) that reaches above its layer."""
+    parts = module.split(".")
+    allowed = ALLOWED.get(parts[1]) if len(parts) > 1 else None
+    if allowed is None:
+        return []
+    bad = []
+    for line, name in imported_modules(source, module):
+        target = name.split(".")
+        if target[0] != "mllm_jax":
+            continue
+        if len(target) < 2 or target[1] not in allowed:
+            bad.append(f"{line}: {name}")
+    return bad
+
+
+def module_name(path: pathlib.Path) -> str:
+    """Dotted name; a package's __init__ keeps its '.__init__' so relative imports resolve against the package."""
+    return ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+
+
+def layered_files():
+    return sorted(p for layer in ALLOWED for p in (ROOT / layer).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", layered_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_upward_imports(path):
+    bad = upward_imports(path.read_text(), module_name(path))
+    assert not bad, f"{path.relative_to(ROOT.parent)} imports above its layer: {bad}"
+
+
+def test_the_check_sees_upward_imports():
+    # Top-level, lazy (inside a function), relative and `from mllm_jax import x` forms are all caught.
+    src = ("from mllm_jax.config import ModelConfig\n"
+           "def f():\n    from mllm_jax import llm\n"
+           "from ..loss import IGNORE\n"
+           "import mllm_jax.layers\n"
+           "from mllm_jax.kernels.meta import TokenMeta\n"
+           "from mllm_jax.parallel import mesh\n"
+           "from . import sibling\n")
+    assert upward_imports(src, "mllm_jax.parallel.x") == [
+        "1: mllm_jax.config.ModelConfig", "3: mllm_jax.llm", "4: mllm_jax.loss.IGNORE", "5: mllm_jax.layers"]
+    assert upward_imports(src, "mllm_jax.kernels.x") == [
+        "1: mllm_jax.config.ModelConfig", "3: mllm_jax.llm", "4: mllm_jax.loss.IGNORE", "5: mllm_jax.layers",
+        "7: mllm_jax.parallel.mesh"]
+    assert upward_imports(src, "mllm_jax.train.x") == []
