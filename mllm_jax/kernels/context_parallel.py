@@ -1,4 +1,4 @@
-"""Context-parallel attention under ``jax.shard_map`` (DESIGN.md, 'Context parallelism').
+"""Context-parallel attention under ``jax.shard_map`` (docs/architecture.md, 'Context parallelism').
 
 The sequence axis of q, k, v and their metadata is sharded over one mesh axis (``context``); the tokens may be in any
 order (parallel.context permutes them for balance) because every key carries its metadata and the mask is computed
@@ -125,7 +125,7 @@ def context_attention(
         ring_kw = {key: kw.get(key) for key in ("scale", "window", "softcap", "block_q", "block_k")}
         ring_kw["span_isolated"] = bool(kw.get("span_isolated", False))
         body = functools.partial(_ring_attention, axis=axis, cp=cp, kw_items=tuple(sorted(ring_kw.items())))
-    # check_vma=False: the per-shard attention may be a pallas_call (DESIGN.md, 'Versions and the machines').
+    # check_vma=False: the per-shard attention may be a pallas_call, whose outputs carry no varying-axes type.
     return jax.shard_map(
         body,
         mesh=mesh,

@@ -1,4 +1,4 @@
-"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (DESIGN.md, 'Token metadata and
+"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (docs/architecture.md, 'Token metadata and
 the attention rule').
 
 Layout. The wrapper pads the sequences to whole blocks (padding tokens have segment 0, so they see nothing and nothing

@@ -87,6 +87,6 @@ def per_shard(kernel, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, mesh):
     meta_spec = TokenMeta(m_spec, m_spec, m_spec)
     q, k, v = (place(x, mesh, x_spec) for x in (q, k, v))
     q_meta, k_meta = (TokenMeta(*(place(jnp.asarray(a, jnp.int32), mesh, m_spec) for a in m)) for m in (q_meta, k_meta))
-    # check_vma=False: the kernel may be a pallas_call (DESIGN.md, 'Versions and the machines').
+    # check_vma=False: the kernel may be a pallas_call, whose outputs carry no varying-axes type.
     return jax.shard_map(kernel, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, meta_spec, meta_spec), out_specs=x_spec,
                          axis_names=set(free_axes(mesh)), check_vma=False)(q, k, v, q_meta, k_meta)
