@@ -1,4 +1,5 @@
-"""Token metadata, the attention mask rule and the tile block map (docs/architecture.md, 'Token metadata and the attention rule').
+"""Token metadata, the attention mask rule and the tile block map (docs/architecture.md, 'Token metadata and the
+attention rule').
 
 Per token: ``positions`` (global position inside its packed segment), ``segment_ids`` (packed sample, 0 = padding) and
 ``span_ids`` (0 for text, a unique id per encoder instance: an image, a frame group, an audio clip).

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mllm_jax.kernels._common import check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp
+from mllm_jax.kernels._common import (
+    check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp,
+)
 from mllm_jax.kernels.meta import FULL, TokenMeta, block_map, compact
 
 LOG2E = math.log2(math.e)

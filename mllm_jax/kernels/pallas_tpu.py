@@ -1,5 +1,5 @@
-"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (docs/architecture.md, 'Token metadata and
-the attention rule').
+"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (docs/architecture.md, 'Token
+metadata and the attention rule').
 
 Layout. The wrapper pads the sequences to whole blocks (padding tokens have segment 0, so they see nothing and nothing
 sees them) and moves heads in front: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D], so every VMEM block is a (rows, D) tile.
