@@ -107,7 +107,7 @@ def model_flops(cfg: loop.RunConfig) -> dict:
     out = {"llm": 6 * llm_matmul * b * s + 3 * llm_attn_fwd}
     images = b * dc.samples_per_row * dc.max_images
     for name, enc in mc.encoders.items():
-        t = enc.num_patches + (1 if enc.class_token else 0)
+        t = enc.num_positions
         ed = enc.d_model
         layer = 4 * ed * ed + 2 * ed * enc.d_ff
         patch = enc.patch_size**2 * enc.num_channels * ed

@@ -80,9 +80,14 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_positions(self) -> int:
+        """The encoder's sequence length: the patches and the class token (HF's num_positions)."""
+        return self.num_patches + (1 if self.class_token else 0)
+
+    @property
     def num_features(self) -> int:
         """Tokens per image given to the projector."""
-        return self.num_patches + (1 if self.class_token and not self.drop_class_token else 0)
+        return self.num_positions - (1 if self.class_token and self.drop_class_token else 0)
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,14 @@ class AudioConfig:
         return 2 * self.max_source_positions
 
     @property
-    def num_features(self) -> int:
+    def num_positions(self) -> int:
+        """The encoder's sequence length after its strided convolution."""
         return self.max_source_positions
+
+    @property
+    def num_features(self) -> int:
+        """Tokens per clip given to the projector."""
+        return self.num_positions
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from mllm_jax.parallel.cost_model import (Layer, ModelCosts, PipelineCosts, appl
                                           decoder_linear_flops_per_token)
 
 __all__ = ["ProjectorConfig", "causal_pairs", "cost_chain", "encoder_layers", "llm_embedding", "llm_head",
-           "llm_layer", "model_costs", "pipeline_costs", "projector_layer", "vision_tokens"]
+           "llm_layer", "model_costs", "pipeline_costs", "projector_layer"]
 
 
 def _lora_dims(cfg: LLMConfig) -> dict:
@@ -99,10 +99,6 @@ def _encoder_layer(name, module, d, dff, tokens, n_instances, trainable, act_dty
     )
 
 
-def vision_tokens(cfg: VisionConfig) -> int:
-    return cfg.num_patches + (1 if cfg.class_token else 0)
-
-
 def encoder_layers(
     name: str,
     cfg,
@@ -118,7 +114,7 @@ def encoder_layers(
     if n_instances < 0:
         raise ValueError(f"n_instances must be >= 0; got {n_instances}")
     if isinstance(cfg, VisionConfig):
-        t = tokens if tokens is not None else vision_tokens(cfg)
+        t = tokens if tokens is not None else cfg.num_positions
         patch_in = cfg.patch_size * cfg.patch_size * cfg.num_channels
         stem = Layer(
             name=f"{module}/stem",
@@ -130,7 +126,7 @@ def encoder_layers(
             act_bytes=float(n_instances * t * patch_in * act_dtype_bytes),
         )
     elif isinstance(cfg, AudioConfig):
-        t = tokens if tokens is not None else cfg.max_source_positions
+        t = tokens if tokens is not None else cfg.num_positions
         frames = 2 * t
         stem = Layer(
             name=f"{module}/stem",

@@ -47,7 +47,7 @@ class VisionEncoder(nnx.Module):
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.d_model
         self.patch_embed = L.Linear((p, p, c), (d,), ("patch", "patch", "channels"), ("embed",), rngs=rngs,
                                     bias=cfg.kind != "clip")
-        n_tokens = cfg.num_patches + (1 if cfg.class_token else 0)
+        n_tokens = cfg.num_positions
         if cfg.class_token:
             self.class_embedding = part.param(jax.random.normal(rngs.params(), (d,)) * 0.02, ("embed",))
         self.position_embedding = part.param(jax.random.normal(rngs.params(), (n_tokens, d)) * cfg.position_init_std,

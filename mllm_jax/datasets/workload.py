@@ -1,4 +1,4 @@
-"""Work per sample, in training FLOPs (forward + frozen-aware backward), from mllm_jax.parallel.cost_model.
+"""Work per sample, in training FLOPs (forward + frozen-aware backward), from mllm_jax.costs.
 
 Two numbers per sample: encoder work (its images/clips through encoder + projector) and LLM work (its tokens through
 the decoder layers and the head, attention counted per computed tile as a block-skipping kernel does). Packed
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax.parallel import cost_model
+from mllm_jax import costs as cost_model
 
 
 def _total(costed) -> float:
@@ -31,7 +31,7 @@ class WorkloadModel:
         for name, ecfg in model_config.encoders.items():
             layers = cost_model.encoder_layers(name, ecfg, n_instances=1,
                                                trainable=model_config.is_trainable(f"encoders/{name}"))
-            tokens = (cost_model.vision_tokens(ecfg) if hasattr(ecfg, "image_size") else ecfg.max_source_positions)
+            tokens = ecfg.num_positions
             pcfg = model_config.projectors.get(name, cost_model.ProjectorConfig())
             proj = cost_model.projector_layer(name, pcfg, ecfg.d_model, model_config.llm.d_model, tokens,
                                               trainable=model_config.is_trainable(f"projectors/{name}"))

@@ -5,7 +5,7 @@ The loss function is a parameter (``loss_fn(model, microbatch) -> (loss_sum, lab
 accumulation sums per-microbatch loss sums and gradients and divides once by the global label count, so the result
 equals the one-batch gradient exactly (up to float summation order).
 
-A pipelined step (``grads_fn``, e.g. parallel.pipeline_llm.pipelined_loss_and_grad) takes the whole microbatched
+A pipelined step (``grads_fn``, e.g. train.pipelined_step.pipelined_loss_and_grad) takes the whole microbatched
 batch at once and returns (loss_sum, label_count, grads of loss_sum / label_count); the scan is then skipped.
 """
 
