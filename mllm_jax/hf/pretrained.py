@@ -54,27 +54,83 @@ def _make(config, *, seed: int, lora: LoRAConfig | None):
     return lambda: MultimodalModel(config, rngs=nnx.Rngs(seed))
 
 
-def rules_for_checkpoint(config, keys) -> list[wm.Rule]:
-    """The weight map of our module for ``config`` against the tensor names ``keys`` of a checkpoint."""
+# Tensors a checkpoint may hold that no module of ours reads, by design (not weights the config forgot).
+_BENIGN = (
+    "rotary_emb.inv_freq",  # RoPE buffers saved by older transformers; we compute them
+    "embeddings.position_ids",  # CLIP/SigLIP index buffers
+    "embed_positions.weight",  # Whisper's fixed sinusoids: computed, checked by _check_whisper_positions
+)
+
+
+def _parts(config, keys) -> list[tuple[str, list[wm.Rule], int, tuple]]:
+    """(what, rules, n_layers of its stacked rules, name prefixes it owns) per part of our module for ``config``."""
     if isinstance(config, LLMConfig):
-        return wm.llm_rules(config, *wm.llm_prefixes(keys))
+        prefix, head = wm.llm_prefixes(keys)
+        return [("LLMConfig", wm.llm_rules(config, prefix, head), config.n_layers, (prefix, head))]
     if isinstance(config, VisionConfig):
-        return wm.vision_rules(config, wm.vision_prefix(keys))
+        prefix = wm.vision_prefix(keys)
+        return [("VisionConfig", wm.vision_rules(config, prefix), config.n_layers, (prefix,))]
     if isinstance(config, AudioConfig):
-        return wm.whisper_rules(config, wm.whisper_prefix(keys))
+        prefix = wm.whisper_prefix(keys)
+        return [("AudioConfig", wm.whisper_rules(config, prefix), config.n_layers, (prefix,))]
     (name,) = config.encoders
-    return (wm.under("llm", wm.llm_rules(config.llm, *wm.llm_prefixes(keys)))
-            + wm.under(f"encoders/{name}", wm.vision_rules(config.encoders[name], wm.vision_prefix(keys)))
-            + wm.under(f"projectors/{name}", wm.mlp_projector_rules(wm.projector_prefix(keys))))
+    llm_prefix, head = wm.llm_prefixes(keys)
+    vision_prefix, projector_prefix = wm.vision_prefix(keys), wm.projector_prefix(keys)
+    return [("llm (LLMConfig)", wm.under("llm", wm.llm_rules(config.llm, llm_prefix, head)), config.llm.n_layers,
+             (llm_prefix, head)),
+            (f"encoders[{name!r}] (VisionConfig)",
+             wm.under(f"encoders/{name}", wm.vision_rules(config.encoders[name], vision_prefix)),
+             config.encoders[name].n_layers, (vision_prefix,)),
+            (f"projectors[{name!r}]", wm.under(f"projectors/{name}", wm.mlp_projector_rules(projector_prefix)), 0,
+             (projector_prefix,))]
+
+
+def _benign(name: str, config) -> bool:
+    if name.endswith(_BENIGN):
+        return True
+    # CLIP's post_layernorm feeds only the pooled output, which no tower of ours returns (LLaVA reads a hidden layer).
+    vision = [c for c in ([config] if isinstance(config, VisionConfig) else getattr(config, "encoders", {}).values())
+              if isinstance(c, VisionConfig)]
+    if any(not v.post_norm for v in vision) and "post_layernorm" in name.split("."):
+        return True
+    # SigLIP's attention-pooling head ("head.*") likewise feeds only the pooled output.
+    if any(v.kind == "siglip" for v in vision) and "head" in name.split("."):
+        return True
+    llm = config if isinstance(config, LLMConfig) else getattr(config, "llm", None)
+    return bool(getattr(llm, "tie_embeddings", False)) and name.endswith("lm_head.weight")  # tied: the embedding
+
+
+def rules_for_checkpoint(config, keys, *, allow_unused: bool = False) -> list[wm.Rule]:
+    """The weight map of our module for ``config`` against the tensor names ``keys`` of a checkpoint.
+
+    Tensors under the prefixes our module owns that no rule reads (a layer beyond ``n_layers``, a stray or renamed
+    weight) are a ValueError naming them, unless ``allow_unused``: a config smaller than its weights must not load
+    silently. Tensors of parts we do not build (CLIP's text tower, Whisper's decoder) are outside those prefixes."""
+    keys = list(keys)
+    parts = _parts(config, keys)
+    rules = [r for _, part_rules, _, _ in parts for r in part_rules]
+    if allow_unused:
+        return rules
+    used = {n for _, part_rules, n_layers, _ in parts for r in part_rules for n in r.hf_names(n_layers)}
+    owned = tuple(p for _, _, _, prefixes in parts for p in prefixes)
+    unused = sorted(k for k in keys if k not in used and k.startswith(owned) and not _benign(k, config))
+    if unused:
+        layers = "; ".join(f"{what} with n_layers={n}" for what, _, n, _ in parts if n)
+        raise ValueError(f"the config ({layers}) does not use {len(unused)} tensor(s) of the checkpoint: "
+                         f"{unused[:8]}{' ...' if len(unused) > 8 else ''}. Fix the config (e.g. its number of "
+                         f"layers) or pass allow_unused=True to load only what it uses")
+    return rules
 
 
 def load_pretrained(path: str, *, mesh=None, logical_rules=None, lora: LoRAConfig | None = None, seed: int = 0,
-                    config=None):
+                    config=None, allow_unused: bool = False):
     """A HF save_pretrained directory -> our NNX module (see the module docstring for what each becomes).
 
     ``mesh`` + ``logical_rules`` (parallel.sharding.logical_rules(...)): parameters are created directly in their
     sharded layout as the tensors stream in. ``lora``: adapters on top of the LLM (initialised, not loaded).
     ``config``: our config to use instead of the one derived from config.json (its shapes are still checked).
+    Checkpoint tensors that ``config`` does not use (e.g. layers beyond its n_layers) are a ValueError naming them,
+    unless ``allow_unused``.
     """
     hf = read_config(path)
     if config is None:
@@ -82,7 +138,7 @@ def load_pretrained(path: str, *, mesh=None, logical_rules=None, lora: LoRAConfi
     if lora is not None and isinstance(config, ModelConfig):
         config = config.replace(lora=lora)
     reader = CheckpointReader(path)
-    rules = rules_for_checkpoint(config, reader.keys())
+    rules = rules_for_checkpoint(config, reader.keys(), allow_unused=allow_unused)
     if isinstance(config, AudioConfig):
         _check_whisper_positions(reader, config)
     return load_into(_make(config, seed=seed, lora=lora if isinstance(config, LLMConfig) else None),

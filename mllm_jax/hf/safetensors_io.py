@@ -1,7 +1,10 @@
 """Reading and writing Hugging Face safetensors checkpoints without torch and without loading whole files.
 
 The safetensors format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
-and the raw little-endian tensor bytes. We memory-map the file and view each tensor in place, so a tensor is read from
+and the raw little-endian tensor bytes. The header is validated when a file is opened (length within the file,
+JSON object, known dtypes, data_offsets inside the data section and equal to dtype x shape, no overlaps), so a
+corrupt or hostile file is a ValueError naming the file and the value, never a MemoryError or a wrong view. We
+memory-map the file and view each tensor in place, so a tensor is read from
 disk only when (and as far as) it is sliced, bf16 included (ml_dtypes). A sharded checkpoint is an index json mapping
 each tensor to one of several files.
 """
@@ -36,11 +39,57 @@ class MissingFileError(ValueError, FileNotFoundError):
     """A file the checkpoint needs is not there (a ValueError, per the project's error rule, and a FileNotFoundError)."""
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors reference reader's own limit
+
+
 def _read_header(path: str) -> tuple[dict, int]:
+    """The validated header and where the data starts. Every check names the file and the values: the header length
+    against the file size, the JSON, each tensor's dtype, shape and data_offsets against the data section, and that
+    no two tensors overlap."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file: {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: not a safetensors file: header length {n} is larger than the file ({size} "
+                             f"bytes) or the {MAX_HEADER_BYTES}-byte limit")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header must be a JSON object; got {type(header).__name__}")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"{where}: want {{dtype, shape, data_offsets}}; got {info!r}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {dtype!r}; supported: {sorted(_DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape must be a list of non-negative integers; got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; got {offsets!r}")
+        if offsets[1] > data_size:
+            raise ValueError(f"{where}: data_offsets {offsets} run past the end of the data ({data_size} bytes; "
+                             f"the file is truncated or the header is wrong)")
+        need = _DTYPES[dtype].itemsize * int(np.prod(shape, dtype=np.int64))
+        if offsets[1] - offsets[0] != need:
+            raise ValueError(f"{where}: {dtype} {shape} needs {need} bytes but data_offsets {offsets} hold "
+                             f"{offsets[1] - offsets[0]}")
+        if need:
+            spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
     return header, 8 + n
 
 
@@ -61,9 +110,7 @@ class SafetensorsFile:
         return tuple(self.header[name]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        info = self.header[name]  # validated by _read_header: dtype known, offsets inside the file, sizes agree
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
