@@ -311,13 +311,17 @@ def head_matrix(head_params: dict, cfg: LLMConfig):
     return head_params["embed"]["embedding"].T if cfg.tie_embeddings else head_params["lm_head"]["kernel"]
 
 
+def token_loss(head_params: dict, h_final_BSD, labels_BS, cfg: LLMConfig, *, chunk: int | None = None):
+    """Logits and chunked cross entropy of the final-normed hidden states: (sum of token losses, label count)."""
+    w = head_matrix(head_params, cfg).astype(h_final_BSD.dtype)
+    return chunked_cross_entropy(h_final_BSD, lambda hh: logits_from_hidden(hh, w, cfg.final_logit_softcap),
+                                 labels_BS, chunk=chunk, vocab=cfg.vocab_size)
+
+
 def head_loss(head_params: dict, h_BSD, labels_BS, cfg: LLMConfig, *, chunk: int | None = None):
-    """Final norm, logits and chunked cross entropy of the last layer's output: (sum of token losses, label count),
-    a pure function of ``LLM.head_params()`` (what the pipeline's last stage runs)."""
-    h = final_norm(head_params["final_norm"], h_BSD, cfg)
-    w = head_matrix(head_params, cfg).astype(h.dtype)
-    return chunked_cross_entropy(h, lambda hh: logits_from_hidden(hh, w, cfg.final_logit_softcap), labels_BS,
-                                 chunk=chunk, vocab=cfg.vocab_size)
+    """Final norm, then ``token_loss``, of the last layer's output: a pure function of ``LLM.head_params()`` (what
+    the pipeline's last stage runs)."""
+    return token_loss(head_params, final_norm(head_params["final_norm"], h_BSD, cfg), labels_BS, cfg, chunk=chunk)
 
 
 def check_meta(meta: TokenMeta, want: tuple) -> TokenMeta:

@@ -14,8 +14,7 @@ from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
 from mllm_jax.audio import AudioEncoder
 from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
-from mllm_jax.llm import LLM, RunSettings, check_meta
-from mllm_jax.loss import chunked_cross_entropy
+from mllm_jax.llm import LLM, RunSettings, check_meta, token_loss
 from mllm_jax.projector import Projector
 from mllm_jax.vision import VisionEncoder
 
@@ -143,14 +142,8 @@ class MultimodalModel(nnx.Module):
     def loss_from_hidden(self, hidden, batch: dict, *, chunk: int | None = None):
         """``loss`` given ``hidden = model(batch)`` (for callers that also need the hidden states)."""
         with self.scope("llm"):
-            w = self.llm.head_weight().astype(hidden.dtype)
-            from mllm_jax.llm import logits_from_hidden
-
-            softcap = self.config.llm.final_logit_softcap
-            return chunked_cross_entropy(hidden, lambda h: logits_from_hidden(h, w, softcap),
-                                         part.constrain(jnp.asarray(batch["labels"], jnp.int32),
-                                                        ("batch", "length")), chunk=chunk,
-                                         vocab=self.config.llm.vocab_size)
+            labels = part.constrain(jnp.asarray(batch["labels"], jnp.int32), ("batch", "length"))
+            return token_loss(self.llm.head_params(), hidden, labels, self.config.llm, chunk=chunk)
 
 
 def inject(emb_BSD, feats_FD, index_BS):
