@@ -3,6 +3,7 @@
   python train.py --gin_file=configs/vlm_tiny.gin --workdir=runs/vlm_tiny
   python train.py --gin_file=configs/llava_7b.gin --workdir=/tmp/llava --dry_run
   python train.py --gin_file=configs/vlm_tiny.gin --gin_param=ParallelConfig.data=8 --cpu_devices=8 --workdir=...
+  python train.py --gin_file=configs/llava_7b.gin --compile_only --target=tpu:v5p:4x4x4   # docs/compile.md
 
 Multi-host (one process per host; under SLURM, Open MPI or on a Cloud TPU VM the three flags are detected):
 
@@ -25,6 +26,12 @@ flags.DEFINE_integer("cpu_devices", None, "on CPU: the number of (fake) devices 
                      "starts (unset: left as XLA_FLAGS has it, 1 by default)")
 flags.DEFINE_bool("dry_run", False, "build abstractly: print the mesh, parameter counts, a memory estimate and, "
                   "with ParallelConfig.pipeline > 1, the pipeline plan")
+flags.DEFINE_bool("compile_only", False, "compile the train step for --target with the target's own compiler (no "
+                  "accelerator needed: libtpu / jax-cuda12-plugin) and report memory per chip, FLOPs, collectives, "
+                  "Pallas calls, the roofline step time and mfu_bound; the last line is JSON. Exit 1 when it does "
+                  "not compile or fit")
+flags.DEFINE_string("target", None, "with --compile_only: tpu:<chip>:<topology> (tpu:v5p:4x4x4, tpu:v5e:16x16), a "
+                    "Cloud TPU name (tpu:v5p-128, tpu:v5litepod-256) or gpu:<chip>:<hosts>x<gpus> (gpu:h100:2x8)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0's coordinator")
 flags.DEFINE_integer("num_processes", None, "multi-host: the number of processes in the job")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0, num_processes)")
@@ -33,6 +40,10 @@ flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.compile_only or FLAGS.target:
+        if not (FLAGS.compile_only and FLAGS.target):
+            raise app.UsageError("--compile_only and --target go together (e.g. --compile_only --target=tpu:v5e:2x2)")
+        return _compile_only()
     # Before anything touches jax: XLA:CPU flags, the CPU device count and (when several processes) the distributed
     # runtime.
     from mllm_jax import cpu_flags, distributed
@@ -59,6 +70,24 @@ def main(argv) -> int:
         return 1
     print(f"done: {summary}")
     return 0
+
+
+def _compile_only() -> int:
+    # The host backend only builds abstract arrays; the target's compiler comes from libtpu / the CUDA plugin.
+    import os
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    logging.set_verbosity(logging.WARNING)
+    from mllm_jax.train import compile_target, loop, targets
+
+    try:
+        target = targets.parse(FLAGS.target)
+    except targets.UnknownTargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = loop.load_run_config(FLAGS.gin_file, FLAGS.gin_param)
+    return compile_target.main(cfg, target)
 
 
 if __name__ == "__main__":

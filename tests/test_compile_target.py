@@ -1,0 +1,185 @@
+"""--compile_only --target: the train step compiled by the target's own compiler (libtpu's XLA:TPU + Mosaic, the
+deviceless CUDA back end + Triton), from a CPU machine. Skipped where libtpu / jax-cuda12-plugin are not installed.
+
+vlm_tiny is shrunk (fewer layers, unrolled so one compile gives the cost figures) to keep each compile ~20-40 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mllm_jax.train import compile_target as ct
+from mllm_jax.train import loop, targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_tpu = pytest.mark.skipif(not HAS_TPU, reason="libtpu not installed (requirements-test.txt)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="jax-cuda12-plugin not installed (requirements-test.txt)")
+
+LLM_LAYERS, VISION_LAYERS = 2, 1
+SMALL = [f"LLMConfig.n_layers={LLM_LAYERS}", f"VisionConfig.n_layers={VISION_LAYERS}",
+         'ModelConfig.layer_loop="unrolled"', 'ModelConfig.attention_impl="auto"']
+
+
+def _cfg(*params):
+    return loop.load_run_config([os.path.join(ROOT, "configs/vlm_tiny.gin")], SMALL + list(params))
+
+
+def _check_sane(r: dict, target: str, devices: int, *, costs: bool = True):
+    for key in ("target", "devices", "fits", "per_device_gib", "hbm_gib", "flops_per_device", "model_flops",
+                "roofline_step_s", "mfu_bound", "pallas_calls", "collectives", "compile_s"):
+        assert key in r, key
+    assert r["target"] == target and r["devices"] == devices
+    assert r["fits"] is True
+    assert 0 < r["per_device_gib"] < r["hbm_gib"]
+    assert r["model_flops"] > 0
+    if costs:
+        assert r["flops_per_device"] > 0 and r["roofline_step_s"] > 0 and 0 < r["mfu_bound"] <= 1.0
+    else:  # the deviceless GPU back end has no cost analysis: said so, not zeros
+        assert r["flops_per_device"] is None and r["roofline_step_s"] is None and "no cost analysis" in r["cost_basis"]
+    assert r["memory_gib"]["parameters"] > 0 and r["memory_gib"]["optimizer_state"] > 0
+    assert set(r["collectives"]) == set(ct.COLLECTIVE_KINDS)
+    json.dumps(ct.summary_json(r))  # the last line's object is JSON
+
+
+# ------------------------------------------------------------------------------------------------ parsing targets
+
+
+def test_target_names():
+    cases = {"tpu:v5p:4x4x4": ("v5p", (4, 4, 4)), "tpu:v5p-128": ("v5p", (4, 4, 4)), "tpu:v5p-8": ("v5p", (2, 2, 1)),
+             "tpu:v5litepod-256": ("v5e", (16, 16)), "tpu:v5e:2x2": ("v5e", (2, 2)), "tpu:v6e-16": ("v6e", (4, 4)),
+             "tpu:v4-16": ("v4", (2, 2, 2)), "gpu:h100:2x8": ("h100", (2, 8)), "gpu:a100:1x8": ("a100", (1, 8))}
+    for text, (chip, shape) in cases.items():
+        t = targets.parse(text)
+        assert (t.chip.name, t.shape) == (chip, shape), text
+    assert targets.parse("tpu:v5p-128").num_devices == 64
+    assert targets.parse("gpu:h100:2x8").attention_impl == "pallas_gpu"
+    assert targets.parse("tpu:v6e:4x4").attention_impl == "pallas_tpu"
+
+
+@pytest.mark.parametrize("text", ["tpu:v9:2x2", "gpu:rtx4090:1x1", "cpu:8", "tpu:v5p:4x4", "tpu:v5p-12", ""])
+def test_unknown_target_lists_known(text):
+    with pytest.raises(targets.UnknownTargetError) as e:
+        targets.parse(text)
+    assert repr(text) in str(e.value) and "tpu:v5p:4x4x4" in str(e.value) and "gpu:h100:2x8" in str(e.value)
+
+
+def test_cli_refuses_unknown_target():
+    p = subprocess.run([sys.executable, "train.py", "--gin_file=configs/vlm_tiny.gin", "--compile_only",
+                        "--target=tpu:v7x:2x2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "'tpu:v7x:2x2'" in p.stderr and "tpu:v5e:2x2" in p.stderr and "gpu:h100:2x8" in p.stderr
+
+
+def test_batch_shapes_follow_the_context_plan():
+    cfg = _cfg("ParallelConfig.context=4", "ParallelConfig.microbatches=2", "DataConfig.seq_len=300",
+               "LLMConfig.max_position_embeddings=1024")
+    b = ct.batch_shapes(cfg)
+    # 300 tokens in 128-token blocks over 4 ranks: padded to 4 x 128 = 512
+    assert b["input_ids"].shape == (2, 8, 512) and b["feature_index"]["vision"].shape == (2, 8, 512)
+    assert b["encoder_inputs"]["vision"].shape == (2, 8 * 8, 36, 36, 3)
+
+
+def test_collective_parser():
+    hlo = ("  %all-reduce.1 = f32[16,4]{1,0} all-reduce(f32[16,4]{1,0} %x), replica_groups={}\n"
+           "  %ag = (bf16[8]{0}, bf16[32]{0}) all-gather-start(bf16[8]{0} %y), dimensions={0}\n"
+           "  %agd = bf16[32]{0} all-gather-done((bf16[8]{0}, bf16[32]{0}) %ag)\n"
+           "  %cp = s32[2,2]{1,0} collective-permute(s32[2,2]{1,0} %z), source_target_pairs={{0,1}}\n")
+    c = ct.collectives(hlo)
+    assert c["all-reduce"] == {"count": 1, "bytes": 256.0}
+    assert c["all-gather"]["count"] == 1 and c["collective-permute"] == {"count": 1, "bytes": 16.0}
+    assert c["reduce-scatter"]["count"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+
+
+@needs_tpu
+def test_vlm_tiny_compiles_for_tpu_with_pallas():
+    """One chip (v5e 1x1): the Mosaic kernels in the program, counted."""
+    r = ct.compile_for_target(_cfg(), targets.parse("tpu:v5e:1x1"))
+    _check_sane(r, "tpu:v5e:1x1", 1)
+    assert r["attention_impl"] == "pallas_tpu"
+    assert r["pallas_calls"] == sum(r["pallas_kernels"].values())
+    # Every attention layer (LLM and ViT, unrolled) has its backward's dQ kernel once; forward and dK/dV at least once.
+    layers = LLM_LAYERS + VISION_LAYERS
+    assert r["pallas_kernels"].get("mllm_flash_dq") == layers, r["pallas_kernels"]
+    assert r["pallas_kernels"].get("mllm_flash_fwd", 0) >= layers and r["pallas_kernels"].get("mllm_flash_dkv", 0) >= layers
+
+
+@needs_tpu
+def test_pallas_on_a_sharded_layout_compiles_or_fails_clearly():
+    """data=4 on v5e:2x2 with the Pallas kernels: failed in 2026-12 (kernels outside shard_map). Either it compiles
+    with the kernels in the program, or the error names the target, the layout and the compiler's message."""
+    try:
+        r = ct.compile_for_target(_cfg("ParallelConfig.data=4"), targets.parse("tpu:v5e:2x2"))
+    except ct.TargetCompileError as e:
+        msg = str(e)
+        assert "tpu:v5e:2x2" in msg and "data=4" in msg and "pallas_tpu" in msg and "compiler rejected" in msg
+        return
+    _check_sane(r, "tpu:v5e:2x2", 4)
+    assert r["pallas_calls"] > 0
+
+
+@needs_tpu
+def test_vlm_tiny_compiles_for_tpu_with_xla_attention_on_data_parallel():
+    r = ct.compile_for_target(_cfg("ParallelConfig.data=4", 'ModelConfig.attention_impl="xla"'),
+                              targets.parse("tpu:v5e:2x2"))
+    _check_sane(r, "tpu:v5e:2x2", 4)
+    assert r["pallas_calls"] == 0
+    assert r["collectives"]["all-reduce"]["count"] > 0  # gradients over data
+
+
+@needs_cuda
+def test_vlm_tiny_compiles_for_gpu_with_pallas():
+    r = ct.compile_for_target(_cfg(), targets.parse("gpu:h100:1x1"))
+    _check_sane(r, "gpu:h100:1x1", 1, costs=False)
+    assert r["attention_impl"] == "pallas_gpu"
+    # Every attention layer (LLM and ViT, unrolled): one forward, one dQ and one dK/dV Triton kernel.
+    layers = LLM_LAYERS + VISION_LAYERS
+    assert r["pallas_calls"] == 3 * layers, r["pallas_kernels"]
+
+
+@needs_tpu
+def test_too_large_for_hbm_is_reported_naming_the_figure():
+    p = subprocess.run([sys.executable, "train.py", "--gin_file=configs/vlm_tiny.gin", "--compile_only",
+                        "--target=tpu:v5e:2x2"] + [f"--gin_param={g}" for g in SMALL] +
+                       ["--gin_param=ParallelConfig.data=4", '--gin_param=ModelConfig.attention_impl="xla"',
+                        "--gin_param=DataConfig.batch_size=4096", "--gin_param=LLMConfig.d_ff=4096"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "tpu:v5e:2x2" in p.stderr and "GiB" in p.stderr and "16.0" in p.stderr, p.stderr[-2000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["fits"] is False and last["target"] == "tpu:v5e:2x2"
+
+
+@needs_tpu
+def test_broken_mosaic_kernel_is_rejected_by_the_same_compile_path():
+    """A kernel Mosaic cannot lay out (a (1024,) -> (16, 64) reshape) lowers fine and must fail at compile."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jnp.reshape(x_ref[...], (16, 64)) * 2.0
+
+    def per_device(x):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((16, 64), jnp.float32))(x[0])[None]
+
+    target = targets.parse("tpu:v5e:2x2")
+    mesh = jax.sharding.Mesh(np.asarray(target.devices()), ("data",))
+    fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))
+    x = jax.ShapeDtypeStruct((4, 1024), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    with pytest.raises(ct.TargetCompileError) as e:
+        ct.compile_on_target(fn, (x,), mesh, what="tpu:v5e:2x2 broken kernel")
+    assert "tpu:v5e:2x2" in str(e.value) and "Mosaic" in str(e.value)
