@@ -2,7 +2,9 @@
 
 from mllm_jax.audio import AudioEncoder
 from mllm_jax.batch import check_batch
-from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, RopeScaling, VisionConfig
+from mllm_jax.config import (
+    AudioConfig, LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig, RopeScaling, RunSettings, VisionConfig,
+)
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.llm import LLM
 from mllm_jax.multimodal import MultimodalModel, num_features
@@ -11,6 +13,6 @@ from mllm_jax.vision import VisionEncoder
 
 __all__ = [
     "AudioConfig", "AudioEncoder", "LLM", "LLMConfig", "LoRAConfig", "ModelConfig", "MultimodalModel", "Projector",
-    "ProjectorConfig", "RopeScaling", "VisionConfig", "VisionEncoder", "check_batch", "num_features",
+    "ProjectorConfig", "RopeScaling", "RunSettings", "VisionConfig", "VisionEncoder", "check_batch", "num_features",
     "trainable_filter",
 ]

@@ -13,7 +13,7 @@ from flax import nnx
 
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
-from mllm_jax.config import AudioConfig
+from mllm_jax.config import AudioConfig, RunSettings
 from mllm_jax.encoder import EncoderLayers, apply_encoder_layers
 
 
@@ -44,15 +44,13 @@ def conv1d(p: dict, x_NTC, stride: int):
 
 class AudioEncoder(nnx.Module):
     def __init__(self, config: AudioConfig, *, rngs: nnx.Rngs, lora_rank: int | None = None,
-                 lora_targets: tuple = (), lora_scale: float = 0.0, dtype: str = "float32", remat: str = "none",
-                 attention_impl: str = "auto", layer_loop: str = "scan"):
+                 lora_targets: tuple = (), run: RunSettings = RunSettings()):
         cfg = config
         if cfg.kind != "whisper":
             raise ValueError(f"AudioConfig.kind must be 'whisper'; got {cfg.kind!r}")
         self.config = cfg
-        self.settings = (dtype, remat, attention_impl, lora_scale)
-        L.check_layer_loop(layer_loop)
-        self.layer_loop = layer_loop
+        L.check_layer_loop(run.layer_loop)
+        self.run = run
         d = cfg.d_model
         self.conv1 = L.Linear((3, cfg.n_mels), (d,), ("conv_width", "mel"), ("embed",), rngs=rngs)
         self.conv2 = L.Linear((3, d), (d,), ("conv_width", "conv_in"), ("embed",), rngs=rngs)
@@ -72,8 +70,7 @@ class AudioEncoder(nnx.Module):
     def __call__(self, mel_NTM):
         self.check_inputs(mel_NTM)
         cfg = self.config
-        dtype_name, remat, impl, lora_scale = self.settings
-        dtype = L.dtype_of(dtype_name)
+        dtype = L.dtype_of(self.run.dtype)
         x = part.constrain(mel_NTM.astype(dtype), ("batch", "length", None))
         c1, n1 = L.module_params(self.conv1)
         c2, n2 = L.module_params(self.conv2)
@@ -81,6 +78,5 @@ class AudioEncoder(nnx.Module):
         x = gelu(conv1d(L.use_params(c1, n1, dtype), x, 1))
         x = gelu(conv1d(L.use_params(c2, n2, dtype), x, 2))
         x = x + jnp.asarray(sinusoids(cfg.max_source_positions, cfg.d_model), dtype)[None]
-        x = apply_encoder_layers(self.layers, x, cfg.n_layers, act=cfg.activation, eps=cfg.norm_eps, dtype=dtype,
-                                 remat=remat, impl=impl, lora_scale=lora_scale, layer_loop=self.layer_loop)
+        x = apply_encoder_layers(self.layers, x, cfg.n_layers, act=cfg.activation, eps=cfg.norm_eps, run=self.run)
         return L.layer_norm(L.params_for_compute(self.final_norm), x, cfg.norm_eps)

@@ -144,6 +144,20 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """How a tower runs, as opposed to what it is: the static settings of a forward pass that every tower (encoders,
+    projectors, LLM) takes as one object. Built from a ModelConfig by ``ModelConfig.run_settings``."""
+
+    dtype: str = "float32"  # compute dtype
+    remat: str = "none"
+    layer_loop: str = "scan"
+    attention_impl: str = "auto"
+    span_isolated: bool = False  # LLM only
+    context_method: str = "allgather"  # LLM only (ContextConfig.attention)
+    lora_scale: float = 0.0  # alpha / rank of the tower's adapters, 0 without
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A multimodal model: encoders and projectors keyed by modality name, one LLM.
 
@@ -165,6 +179,12 @@ class ModelConfig:
 
     def is_trainable(self, key: str) -> bool:
         return bool(self.trainable.get(key, True))
+
+    def run_settings(self, *, context_method: str = "allgather", lora_scale: float = 0.0) -> RunSettings:
+        """The settings every tower of this model runs with (``lora_scale``: the tower's own adapters)."""
+        return RunSettings(dtype=self.dtype, remat=self.remat, layer_loop=self.layer_loop,
+                           attention_impl=self.attention_impl, span_isolated=self.span_isolated,
+                           context_method=context_method, lora_scale=lora_scale)
 
     def features_per_instance(self, name: str) -> int:
         """LLM tokens one instance (image, clip) of modality ``name`` becomes: the length of its placeholder run.

@@ -13,6 +13,7 @@ from flax import nnx
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
+from mllm_jax.config import RunSettings
 
 ENCODER_LORA_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -49,19 +50,19 @@ class EncoderLayers(nnx.Module):
         )
 
 
-def apply_encoder_layers(module: EncoderLayers, x_NTD, n_run: int, *, act: str, eps: float, dtype, remat: str,
-                         impl: str, lora_scale: float = 0.0, layer_loop: str = "scan"):
+def apply_encoder_layers(module: EncoderLayers, x_NTD, n_run: int, *, act: str, eps: float, run: RunSettings):
     """Run the first ``n_run`` stacked layers (layers.scan_layers) on x [N, T, D]."""
     if n_run == 0:
         return x_NTD
     values, names = L.module_params(module)
     values = jax.tree.map(lambda a: a[:n_run], values)
     meta = full_meta(*x_NTD.shape[:2])
+    dtype, lora_scale = L.dtype_of(run.dtype), run.lora_scale
 
     def body(p, h):
         p = L.use_params(p, names, dtype, drop_leading=True)
-        a = L.self_attention(p["attn"], L.layer_norm(p["ln1"], h, eps), meta, lora_scale=lora_scale, impl=impl,
-                             context_parallel=False)
+        a = L.self_attention(p["attn"], L.layer_norm(p["ln1"], h, eps), meta, lora_scale=lora_scale,
+                             impl=run.attention_impl, context_parallel=False)
         h = h + a
         h = h + L.plain_mlp(p["mlp"], L.layer_norm(p["ln2"], h, eps), act, lora_scale=lora_scale)
         return part.constrain(h, ("batch", "length", "act_embed"))
@@ -69,4 +70,4 @@ def apply_encoder_layers(module: EncoderLayers, x_NTD, n_run: int, *, act: str, 
     # The scan carry must enter with the layout the body returns (Explicit meshes type-check it): e.g. an input whose
     # features carry "fsdp" from an fsdp-sharded bias while the rule's batch leaves "fsdp" out.
     x = part.constrain(x_NTD.astype(dtype), ("batch", "length", "act_embed"))
-    return L.scan_layers(body, x, values, remat, layer_loop)
+    return L.scan_layers(body, x, values, run.remat, run.layer_loop)

@@ -19,24 +19,11 @@ from flax import nnx
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
-from mllm_jax.config import LLMConfig, LoRAConfig
+from mllm_jax.config import LLMConfig, LoRAConfig, RunSettings
 from mllm_jax.loss import chunked_cross_entropy
 
 Group = L.Group
 LLM_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """Static settings of a forward pass that are not in LLMConfig (they come from ModelConfig)."""
-
-    dtype: str = "float32"
-    remat: str = "none"
-    layer_loop: str = "scan"
-    attention_impl: str = "auto"
-    span_isolated: bool = False
-    context_method: str = "allgather"
-    lora_scale: float = 0.0
 
 
 def layer_window(cfg: LLMConfig, i: int) -> int | None:

@@ -14,7 +14,7 @@ from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
 from mllm_jax.audio import AudioEncoder
 from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
-from mllm_jax.llm import LLM, RunSettings, check_meta, token_loss
+from mllm_jax.llm import LLM, check_meta, token_loss
 from mllm_jax.projector import Projector
 from mllm_jax.vision import VisionEncoder
 
@@ -22,10 +22,10 @@ from mllm_jax.vision import VisionEncoder
 def build_encoder(config: ModelConfig, name: str, *, rngs: nnx.Rngs):
     ecfg = config.encoders[name]
     lora = lora_lib.lora_for(config, name)
-    kw = dict(rngs=rngs, dtype=config.dtype, remat=config.remat, attention_impl=config.attention_impl,
-              layer_loop=config.layer_loop)
+    kw = dict(rngs=rngs, run=config.run_settings())
     if lora is not None:
-        kw.update(lora_rank=lora.rank, lora_targets=lora_lib.encoder_targets(lora), lora_scale=lora.alpha / lora.rank)
+        kw.update(lora_rank=lora.rank, lora_targets=lora_lib.encoder_targets(lora),
+                  run=config.run_settings(lora_scale=lora.alpha / lora.rank))
     if isinstance(ecfg, VisionConfig):
         return VisionEncoder(ecfg, **kw)
     if isinstance(ecfg, AudioConfig):
@@ -74,15 +74,12 @@ class MultimodalModel(nnx.Module):
                 encoders[name] = build_encoder(config, name, rngs=rngs)
             with self.scope(f"projectors/{name}"):
                 projectors[name] = Projector(config.projectors[name], config.encoders[name].d_model,
-                                             config.llm.d_model, rngs=rngs, dtype=config.dtype,
-                                             attention_impl=config.attention_impl, layer_loop=config.layer_loop)
+                                             config.llm.d_model, rngs=rngs, run=config.run_settings())
         self.encoders = nnx.Dict(encoders)
         self.projectors = nnx.Dict(projectors)
-        run = RunSettings(dtype=config.dtype, remat=config.remat, attention_impl=config.attention_impl,
-                          layer_loop=config.layer_loop,
-                          span_isolated=config.span_isolated, context_method=context_method)
         with self.scope("llm"):
-            self.llm = LLM(config.llm, rngs=rngs, lora=lora_lib.lora_for(config, "llm"), run=run)
+            self.llm = LLM(config.llm, rngs=rngs, lora=lora_lib.lora_for(config, "llm"),
+                           run=config.run_settings(context_method=context_method))
 
     def scope(self, key: str):
         if self.rule_table is None:

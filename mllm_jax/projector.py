@@ -14,22 +14,21 @@ from flax import nnx
 
 from mllm_jax import kernels, layers as L
 from mllm_jax import partitioning as part
-from mllm_jax.config import ProjectorConfig
+from mllm_jax.config import ProjectorConfig, RunSettings
 from mllm_jax.encoder import full_meta
 
 KINDS = ("linear", "mlp", "resampler")
 
 
 class Projector(nnx.Module):
-    def __init__(self, config: ProjectorConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: str = "float32",
-                 attention_impl: str = "auto", layer_loop: str = "scan"):
+    def __init__(self, config: ProjectorConfig, in_dim: int, out_dim: int, *, rngs: nnx.Rngs,
+                 run: RunSettings = RunSettings()):
         cfg = config
         if cfg.kind not in KINDS:
             raise ValueError(f"ProjectorConfig.kind must be one of {KINDS}; got {cfg.kind!r}")
-        L.check_layer_loop(layer_loop)
+        L.check_layer_loop(run.layer_loop)
         self.config = cfg
-        self.settings = (dtype, attention_impl)
-        self.layer_loop = layer_loop
+        self.run = run
         io = (("embed_in",), ("embed",))
         if cfg.kind == "linear":
             self.proj = L.Linear((in_dim,), (out_dim,), *io, rngs=rngs)
@@ -60,7 +59,7 @@ class Projector(nnx.Module):
 
     def __call__(self, x_NTD):
         cfg = self.config
-        dtype = L.dtype_of(self.settings[0])
+        dtype = L.dtype_of(self.run.dtype)
         x_NTD = x_NTD.astype(dtype)
         if cfg.kind == "linear":
             p = L.params_for_compute(self.proj, dtype)
@@ -77,7 +76,7 @@ class Projector(nnx.Module):
         h = part.constrain(jnp.broadcast_to(q0[None], (n,) + q0.shape), ("batch", "length", "act_embed"))
         q_meta, k_meta = full_meta(n, cfg.num_queries), full_meta(n, t)
         values, names = L.module_params(self.blocks)
-        impl = self.settings[1]
+        impl = self.run.attention_impl
 
         def body(p, h):
             p = L.use_params(p, names, dtype, drop_leading=True)
@@ -91,5 +90,5 @@ class Projector(nnx.Module):
             h = h + L.plain_mlp(p["mlp"], L.layer_norm(p["mlp_norm"], h, 1e-5), cfg.activation)
             return h
 
-        h = L.scan_layers(body, h, values, loop=self.layer_loop)
+        h = L.scan_layers(body, h, values, loop=self.run.layer_loop)
         return L.layer_norm(L.params_for_compute(self.out_norm), h, 1e-5)

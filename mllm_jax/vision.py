@@ -14,7 +14,7 @@ from flax import nnx
 
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
-from mllm_jax.config import VisionConfig
+from mllm_jax.config import RunSettings, VisionConfig
 from mllm_jax.encoder import EncoderLayers, apply_encoder_layers
 
 KINDS = ("vit", "clip", "siglip")
@@ -32,8 +32,7 @@ class VisionEncoder(nnx.Module):
     """pixels [N, H, W, C] -> features [N, num_features, d_model] (the hidden state of ``select_layer``)."""
 
     def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, lora_rank: int | None = None,
-                 lora_targets: tuple = (), lora_scale: float = 0.0, dtype: str = "float32", remat: str = "none",
-                 attention_impl: str = "auto", layer_loop: str = "scan"):
+                 lora_targets: tuple = (), run: RunSettings = RunSettings()):
         cfg = config
         if cfg.kind not in KINDS:
             raise ValueError(f"VisionConfig.kind must be one of {KINDS}; got {cfg.kind!r}")
@@ -41,9 +40,8 @@ class VisionEncoder(nnx.Module):
             raise ValueError(f"image_size ({cfg.image_size}) must be a multiple of patch_size ({cfg.patch_size})")
         self.config = cfg
         self.n_run = layers_to_run(cfg.n_layers, cfg.select_layer)
-        self.settings = (dtype, remat, attention_impl, lora_scale)
-        L.check_layer_loop(layer_loop)
-        self.layer_loop = layer_loop
+        L.check_layer_loop(run.layer_loop)
+        self.run = run
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.d_model
         self.patch_embed = L.Linear((p, p, c), (d,), ("patch", "patch", "channels"), ("embed",), rngs=rngs,
                                     bias=cfg.kind != "clip")
@@ -75,7 +73,7 @@ class VisionEncoder(nnx.Module):
         """Patch + class + position embeddings [N, T, D] (CLIP: then pre_layrnorm) = HF hidden_states[0]."""
         self.check_inputs(pixels_NHWC)
         cfg = self.config
-        dtype = L.dtype_of(self.settings[0])
+        dtype = L.dtype_of(self.run.dtype)
         n, hgt, wid, c = pixels_NHWC.shape
         p = cfg.patch_size
         hp, wp = hgt // p, wid // p
@@ -99,11 +97,8 @@ class VisionEncoder(nnx.Module):
 
     def __call__(self, pixels_NHWC):
         cfg = self.config
-        dtype, remat, impl, lora_scale = self.settings
         x = self.embed(pixels_NHWC)
-        x = apply_encoder_layers(self.layers, x, self.n_run, act=cfg.activation, eps=cfg.norm_eps,
-                                 dtype=L.dtype_of(dtype), remat=remat, impl=impl, lora_scale=lora_scale,
-                                 layer_loop=self.layer_loop)
+        x = apply_encoder_layers(self.layers, x, self.n_run, act=cfg.activation, eps=cfg.norm_eps, run=self.run)
         if cfg.post_norm and self.n_run == cfg.n_layers:
             x = L.layer_norm(L.params_for_compute(self.post_norm), x, cfg.norm_eps)
         if cfg.class_token and cfg.drop_class_token:

@@ -299,7 +299,8 @@ def test_llm_on_the_tiled_path_matches_the_dense_path():
 
     from flax import nnx
 
-    from mllm_jax.llm import LLM, RunSettings
+    from mllm_jax.config import RunSettings
+    from mllm_jax.llm import LLM
     from model_testlib import TINY_LLM
 
     cfg = dataclasses.replace(TINY_LLM, sliding_window=60, sliding_window_pattern=2, attn_logit_softcap=5.0)

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from mllm_jax.kernels.meta import TokenMeta
-from mllm_jax.llm import LLM, RunSettings
+from mllm_jax.config import RunSettings
+from mllm_jax.llm import LLM
 
 from model_testlib import TINY_LLM, build, jit
 

@@ -235,14 +235,11 @@ def save_pretrained(module, path: str, *, dtype: str = "float32", max_shard_byte
 
 def _lora_scales(module) -> dict:
     """Path prefix -> LoRA scale (alpha / rank) for every module that may hold adapters."""
-    from mllm_jax.llm import LLM
     from mllm_jax.multimodal import MultimodalModel
 
-    if isinstance(module, LLM):
-        return {"": module.run.lora_scale}
     if isinstance(module, MultimodalModel):
         scales = {"llm/": module.llm.run.lora_scale}
         for name, enc in module.encoders.items():
-            scales[f"encoders/{name}/"] = enc.settings[3]
+            scales[f"encoders/{name}/"] = enc.run.lora_scale
         return scales
-    return {"": module.settings[3]}
+    return {"": module.run.lora_scale}  # the LLM or an encoder alone
