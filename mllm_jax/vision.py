@@ -85,15 +85,23 @@ class VisionEncoder(nnx.Module):
         pe = L.use_params(pe, pe_names, dtype)
         x = L.linear(pe, x, "nhiwjc,ijcd->nhwd", ("batch", None, None, "act_embed"))
         x = part.reshape(x, (n, hp * wp, cfg.d_model), ("batch", "length", "act_embed"))
-        if cfg.class_token:
-            cls = part.gathered(self.class_embedding[...], ("embed",)).astype(dtype)
-            cls = part.constrain(jnp.broadcast_to(cls, (n, 1, cfg.d_model)), ("batch", "length", "act_embed"))
-            x = jnp.concatenate([cls, part.constrain(x, ("batch", "length", "act_embed"))], axis=1)
-        pos = part.gathered(self.position_embedding[...], ("positions", "embed")).astype(dtype)
-        x = x + pos[None]
+        table = self._position_table(dtype)
+        if cfg.class_token:  # a zero row in front of the patches: the table's row 0 holds class + position 0
+            x = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))
+        x = x + table[None]
         if cfg.pre_norm:
             x = L.layer_norm(L.params_for_compute(self.pre_norm), x, cfg.norm_eps)
         return part.constrain(x, ("batch", "length", "act_embed"))
+
+    def _position_table(self, dtype):
+        """[T, D] added to the embedded tokens: the position embeddings, with the class embedding added to row 0
+        (the class token's own position) when the tower has one."""
+        values = {"pos": self.position_embedding[...]}
+        names = {"pos": ("positions", "embed")}
+        if self.config.class_token:
+            values["cls"], names["cls"] = self.class_embedding[...], ("embed",)
+        p = L.use_params(values, names, dtype)
+        return p["pos"].at[0].add(p["cls"]) if "cls" in p else p["pos"]
 
     def __call__(self, pixels_NHWC):
         cfg = self.config
