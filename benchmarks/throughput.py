@@ -39,6 +39,7 @@ import datetime
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -308,6 +309,19 @@ def _worker(framework: str, quick: bool, dtype: str, gin_params: list, matmul: t
     """One framework in its own process (so neither framework's thread pool competes with the other's inside one
     process): builds its trainer and matmul probe, then per "step" message runs one timed step followed by the
     probe and sends back (step seconds, loss, matmul FLOP/s)."""
+    try:
+        _serve(framework, quick, dtype, gin_params, matmul, conn)
+    except BaseException as e:  # reported to the parent, which stops the benchmark naming this worker
+        import traceback
+
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()[-4000:]))
+        except OSError:
+            pass
+        raise
+
+
+def _serve(framework: str, quick: bool, dtype: str, gin_params: list, matmul: tuple, conn) -> None:
     cfg = load_config(quick, dtype, gin_params)
     batch = host_batch(cfg)
     if framework == "jax":
@@ -339,14 +353,31 @@ def time_interleaved(frameworks: list, quick: bool, dtype: str, gin_params: list
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(name, quick, dtype, list(gin_params), matmul, child), daemon=True)
         proc.start()
+        child.close()  # only the worker holds its end: its death is an EOF here, not an endless wait
         workers[name] = (proc, parent)
+
+    def receive(name):
+        """The worker's next message; a worker that raised or died is a RuntimeError naming it and its error."""
+        proc, conn = workers[name]
+        while not conn.poll(1.0):
+            if not proc.is_alive() and not conn.poll(0):
+                raise _worker_died(name, proc)
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            proc.join(timeout=5)
+            raise _worker_died(name, proc) from None
+        if isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "error":
+            proc.join(timeout=5)
+            raise RuntimeError(f"the {name} worker (pid {proc.pid}) failed: {msg[1]}\n{msg[2]}")
+        return msg
+
     try:
-        info = {name: conn.recv() for name, (_, conn) in workers.items()}
+        info = {name: receive(name) for name in workers}
 
         def step(name):
-            conn = workers[name][1]
-            conn.send("step")
-            return conn.recv()
+            workers[name][1].send("step")
+            return receive(name)
 
         out = {name: {"times": [], "losses": [], "matmul": []} for name in frameworks}
         for name in frameworks:
@@ -365,7 +396,17 @@ def time_interleaved(frameworks: list, quick: bool, dtype: str, gin_params: list
             except OSError:
                 pass
             proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
     return info, out
+
+
+def _worker_died(name: str, proc) -> RuntimeError:
+    code = proc.exitcode
+    how = (f"killed by {signal.Signals(-code).name} (exit code {code})" if code is not None and code < 0
+           else f"exit code {code}")
+    return RuntimeError(f"the {name} worker (pid {proc.pid}) died without a result: {how}")
 
 
 def load_average() -> list | None:
@@ -435,7 +476,11 @@ def run(args) -> dict:
 
 
 def main():
-    result = run(ARGS)
+    try:
+        result = run(ARGS)
+    except RuntimeError as e:  # a worker failed: say so and exit non-zero (never wait forever)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     report(result, ARGS.out)
 
 

@@ -83,9 +83,40 @@ def _check_coordinator_address(address: str) -> None:
         raise ValueError(f"coordinator_address must be HOST:PORT (e.g. 10.0.0.1:1234); got {address!r}")
 
 
+DEFAULT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
+
+
+def _wait_for_coordinator(address: str, timeout: int, who: str, *, report_every_s: float = 30.0) -> int:
+    """Until process 0's coordinator accepts TCP connections at ``address``; returns the seconds left of
+    ``timeout`` (at least 1). RuntimeError naming the address and this process when it never does."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    start = last_report = time.monotonic()
+    while True:
+        left = timeout - (time.monotonic() - start)
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(2.0, left))):
+                return max(1, int(left))
+        except OSError as e:
+            error = e
+        now = time.monotonic()
+        if now - start >= timeout:
+            raise RuntimeError(
+                f"distributed start-up failed: {who} waited {timeout} s for the coordinator at {address}, which "
+                f"never accepted a connection ({type(error).__name__}: {error}). Check that process 0 runs and that "
+                f"--coordinator_address is its reachable HOST:PORT; raise the timeout if processes start slowly.")
+        if now - last_report >= report_every_s:
+            print(f"{who}: still waiting for the coordinator at {address} ({int(now - start)} s of {timeout} s)",
+                  file=sys.stderr, flush=True)
+            last_report = now
+        time.sleep(min(0.5, max(0.0, timeout - (now - start))))
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, cpu_devices: int | None = None,
-               environ: Mapping[str, str] | None = None) -> str | None:
+               environ: Mapping[str, str] | None = None, timeout_s: int | None = None) -> str | None:
     """Starts JAX's distributed runtime when this is one process of several; call it before any other jax call.
 
     - Any of the three arguments given (or JAX_COORDINATOR_ADDRESS set): jax.distributed.initialize with them; JAX
@@ -93,6 +124,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     - None given: jax.distributed.initialize() with auto-detection, but only when ``detect_cluster`` finds a
       SLURM (srun), Open MPI (mpirun) or Cloud TPU job; otherwise nothing happens (a single-process run).
     ``cpu_devices`` sets this process's number of CPU devices first (development and tests on CPU).
+    ``timeout_s`` (default 300): how long to wait for the coordinator and the other processes. Before waiting it
+    prints (stderr) which process it is and which coordinator address it waits for; when the wait fails it raises a
+    RuntimeError saying the same, instead of JAX's bare error.
 
     Returns how the runtime was started: "flags", "slurm", "openmpi", "tpu", or None (single process).
     """
@@ -115,7 +149,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     # gloo: the cross-process collectives of the CPU backend (a no-op setting on GPU and TPU backends).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    timeout = int(DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+    if timeout < 1:
+        raise ValueError(f"the distributed start-up timeout must be >= 1 s; got {timeout_s}")
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or f"<detected from the {how} environment>"
+    who = (f"process {process_id if process_id is not None else '?'} of "
+           f"{num_processes if num_processes is not None else '?'}")
+    role = "serving as the coordinator at" if process_id == 0 else "waiting for the coordinator at"
+    print(f"distributed start-up ({how}): {who}, {role} {address}, for up to {timeout} s", file=sys.stderr,
+          flush=True)
+    if coordinator_address is not None and process_id not in (None, 0):
+        # JAX aborts the process with a C++ stack dump when the coordinator never answers: wait for its port here
+        # first, so a wrong address or a coordinator that is not up is a plain error naming both.
+        timeout = _wait_for_coordinator(coordinator_address, timeout, who)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout)
+    except Exception as e:  # noqa: BLE001  (XlaRuntimeError, ValueError, ...: one message saying what was awaited)
+        first = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"distributed start-up failed: {who} could not join the job at coordinator {address} within {timeout} "
+            f"s. Check that process 0 runs, that --coordinator_address is process 0's reachable HOST:PORT, and "
+            f"--num_processes; raise the timeout if processes start slowly. ({type(e).__name__}: {first})") from None
     return how
 
 

@@ -61,15 +61,39 @@ def build(cls: type):
     return resolve(register()[cls]())
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (configs/ lives here)
+
+
+def resolve_gin_file(path: str) -> str:
+    """Where a --gin_file is: as given (relative to the working directory, or absolute), else under the repository's
+    configs/, else under the repository root (a repo-relative 'configs/x.gin' run from elsewhere); '.gin' may be left
+    off. A FileNotFoundError names every place looked and the recipes that exist."""
+    path = os.fspath(path)
+    names = [path] if path.endswith(".gin") else [path, path + ".gin"]
+    places = []
+    for name in names:
+        for base in (os.getcwd(), os.path.join(ROOT, "configs"), ROOT):
+            full = os.path.abspath(os.path.join(base, name))
+            if full not in places:
+                places.append(full)
+    for full in places:
+        if os.path.isfile(full):
+            return full
+    recipes = sorted(f"configs/{f}" for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".gin"))
+    raise FileNotFoundError(f"gin file {path!r} not found; looked in: {', '.join(places)}. Recipes in the "
+                            f"repository: {', '.join(recipes)}")
+
+
 def parse(gin_files=(), gin_params=()) -> None:
-    """Parse recipes then overrides. An unknown configurable or parameter is a ValueError naming it (gin's own)."""
+    """Parse recipes then overrides. Each recipe path goes through ``resolve_gin_file``. An unknown configurable or
+    parameter is a ValueError naming it (gin's own)."""
     register()
+    files = [resolve_gin_file(f) for f in (gin_files or ())]  # every file checked before any is parsed
     # Recipes include each other by repo-relative path ('configs/vlm_tiny.gin'), whatever the working directory.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in _SEARCH_PATHS:
-        gin.add_config_file_search_path(root)
-        _SEARCH_PATHS.add(root)
-    gin.parse_config_files_and_bindings(list(gin_files or ()), list(gin_params or ()), finalize_config=False)
+    if ROOT not in _SEARCH_PATHS:
+        gin.add_config_file_search_path(ROOT)
+        _SEARCH_PATHS.add(ROOT)
+    gin.parse_config_files_and_bindings(files, list(gin_params or ()), finalize_config=False)
 
 
 def config_str() -> str:
