@@ -1,0 +1,100 @@
+"""train.py killed as a user's machine would kill it (issue 17), in subprocesses with one CPU device:
+
+- kill -9 at random moments of a run that saves (asynchronously) every step, again and again: each rerun takes over
+  the dead run's stale lock, resumes from the newest intact checkpoint, and the final metrics hold one row per step
+  with exactly the losses of an uninterrupted run;
+- Ctrl-C (SIGINT) saves a checkpoint at the step it stopped and exits cleanly, like SIGTERM.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mllm_jax.train.metrics import read_metrics
+from subprocess_env import child_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "LLMConfig.n_layers=2", "LLMConfig.d_model=32", "LLMConfig.n_heads=2", "LLMConfig.n_kv_heads=2",
+    "LLMConfig.d_ff=64", "VisionConfig.n_layers=1", "VisionConfig.d_model=32", "VisionConfig.n_heads=2",
+    "VisionConfig.d_ff=64", "VisionConfig.image_size=16", "VisionConfig.patch_size=4", "DataConfig.seq_len=64",
+    "DataConfig.samples_per_row=1", "DataConfig.batch_size=16", "DataConfig.eval_batches=1",
+    "OptimizerConfig.warmup_steps=1", "TrainConfig.log_every=1", "TrainConfig.eval_every=0",
+    "TrainConfig.checkpoint_every=1", "CheckpointConfig.keep=2", "CheckpointConfig.async_save=True",
+    "ParallelConfig.data=1",
+]
+
+
+def _cmd(workdir, *params):
+    return ([sys.executable, os.path.join(ROOT, "train.py"), "--gin_file=configs/vlm_tiny.gin", f"--workdir={workdir}",
+             "--cpu_devices=1"] + [f"--gin_param={p}" for p in TINY + list(params)])
+
+
+def _rows(workdir):
+    try:
+        return read_metrics(workdir)
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_of_saves_resumes_to_the_uninterrupted_losses(tmp_path):
+    steps = 8
+    ref = str(tmp_path / "ref")
+    out = subprocess.run(_cmd(ref, f"TrainConfig.steps={steps}"), cwd=ROOT, env=child_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    workdir = str(tmp_path / "killed")
+    rng = random.Random(17)
+    kills = 0
+    for attempt in range(8):
+        proc = subprocess.Popen(_cmd(workdir, f"TrainConfig.steps={steps}"), cwd=ROOT, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if kills < 4:
+            before = max([r["step"] for r in _rows(workdir)], default=0)
+            deadline = time.time() + 200
+            while time.time() < deadline and proc.poll() is None:  # a step ran (and its save began)
+                if max([r["step"] for r in _rows(workdir)], default=0) > before:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        if f"'end_step': {steps}" in stdout:
+            break
+    assert kills >= 2, "the run finished before it could be killed: kill earlier"
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert _losses(workdir) == _losses(ref)  # bitwise: same floats at every step
+    assert not os.path.exists(os.path.join(workdir, "lock"))
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path)
+    proc = subprocess.Popen(_cmd(workdir, "TrainConfig.steps=100000", "TrainConfig.checkpoint_every=1000"),
+                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(_rows(workdir)) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    last = read_metrics(workdir)[-1]["step"]
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert saved == [last] and "SIGINT" in stdout, (saved, last, stdout[-2000:])
