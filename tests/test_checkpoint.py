@@ -65,3 +65,40 @@ def test_incompatible_model_is_refused_naming_the_difference(tmp_path):
                                          r"model \[8, 9\]"):
         ck.check_compatible(1, _abstract(bigger), other)
     ck.close()
+
+
+def test_checksums_are_written_and_any_changed_byte_is_named(tmp_path):
+    from mllm_jax.train.checkpoint import CHECKSUMS, CheckpointCorruptError, verify_checksums
+
+    cfg = ModelConfig(llm=LLMConfig(n_layers=2))
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    ck = Checkpointer(str(tmp_path), every=1, keep=2)  # async: checksums follow the commit
+    ck.save(1, _tree(mesh, P()), {"index": 1}, cfg)
+    ck.close()
+    step_dir = os.path.join(str(tmp_path), "checkpoints", "1")
+    assert os.path.exists(os.path.join(step_dir, CHECKSUMS)) and verify_checksums(1, step_dir)
+    data = os.path.join(step_dir, "data")
+    victim = os.path.join(data, sorted(os.listdir(data))[0])
+    with open(victim, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    with pytest.raises(CheckpointCorruptError, match=rf"step 1 is corrupt: {victim}: contents differ"):
+        verify_checksums(1, step_dir)
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    import json
+
+    from mllm_jax.train.checkpoint import WorkdirLock, WorkdirLockedError
+
+    with open(tmp_path / "lock", "w") as f:
+        json.dump({"host": "some-other-host", "pid": 1}, f)
+    with pytest.raises(WorkdirLockedError, match=r"in use by another run.*some-other-host.*delete the lock file"):
+        WorkdirLock(str(tmp_path)).acquire()
+    os.remove(tmp_path / "lock")
+    with WorkdirLock(str(tmp_path)) as lock:
+        assert json.load(open(lock.path))["pid"] == os.getpid()
+        with pytest.raises(WorkdirLockedError):  # this very process holds it: a nested run is refused too
+            WorkdirLock(str(tmp_path)).acquire()
+    assert not os.path.exists(tmp_path / "lock") and os.listdir(tmp_path) == []
