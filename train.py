@@ -35,9 +35,26 @@ flags.DEFINE_string("target", None, "with --compile_only: tpu:<chip>:<topology> 
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0's coordinator")
 flags.DEFINE_integer("num_processes", None, "multi-host: the number of processes in the job")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0, num_processes)")
+flags.DEFINE_integer("distributed_timeout_s", 300, "multi-host: seconds to wait for the coordinator and the other "
+                     "processes before failing with a message naming the address and this process")
+flags.DEFINE_bool("traceback", False, "on a refused input (config, recipe, dataset, workdir, checkpoint) print the "
+                  "whole traceback instead of the one-line error")
+
+# What a user's input can be refused with: one line naming what is wrong (the library's messages name the value).
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError)
 
 
 def main(argv) -> int:
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        if FLAGS.traceback:
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.compile_only or FLAGS.target:
@@ -50,7 +67,7 @@ def main(argv) -> int:
 
     cpu_flags.apply()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           cpu_devices=FLAGS.cpu_devices)
+                           cpu_devices=FLAGS.cpu_devices, timeout_s=FLAGS.distributed_timeout_s)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from mllm_jax import gin_setup
     from mllm_jax.train import loop
@@ -63,11 +80,7 @@ def main(argv) -> int:
         return 0
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (unless --dry_run)")
-    try:
-        summary = loop.run(cfg, FLAGS.workdir, config_text=gin_setup.config_str())
-    except loop.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = loop.run(cfg, FLAGS.workdir, config_text=gin_setup.config_str())  # NonFiniteLossError: a RuntimeError
     print(f"done: {summary}")
     return 0
 

@@ -68,3 +68,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     last = read_metrics(workdir)[-1]["step"]
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps == [last] and "SIGTERM" in stdout
+
+
+@pytest.mark.parametrize("params,names", [
+    (["--gin_file=configs/no_such_recipe.gin"], ["FileNotFoundError", "no_such_recipe.gin"]),
+    (["--gin_file=configs/vlm_tiny.gin", "--gin_param=ParallelConfig.data=3"], ["ValueError", "data=3"]),
+])
+def test_refused_input_is_one_line_naming_the_value(tmp_path, params, names):
+    """A refused input ends with exit status 1 and one 'error:' line that names what is wrong, no traceback;
+    --traceback brings the traceback back."""
+    base = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}"] + params
+    out = subprocess.run(base, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    last = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(last) == 1 and all(n in last[0] for n in names), out.stderr[-2000:]
+    loud = subprocess.run(base + ["--traceback"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
