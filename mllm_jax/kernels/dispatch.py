@@ -132,7 +132,7 @@ def attention(
             mask = mask_rule(q_meta, k_meta, window=window, span_isolated=span_isolated)
         return head_major_attention(q, k, v, mask, scale=scale, softcap=softcap)
     kernel = _kernel(chosen, interpret=interpret, block_q=block_q, block_k=block_k, **kw)
-    mesh = sharding.sharded_mesh()
+    mesh = sharding.kernel_mesh(pallas=chosen.startswith("pallas"))
     if mesh is None:
         return kernel(q, k, v, q_meta, k_meta)
     return sharding.per_shard(kernel, q, k, v, q_meta, k_meta, mesh)

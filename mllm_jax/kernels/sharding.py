@@ -31,6 +31,12 @@ def free_axes(mesh) -> tuple:
                  if s > 1 and t != AxisType.Manual)
 
 
+def unmanaged_axes(mesh) -> tuple:
+    """Every mesh axis not already manual, size 1 included: a shard_map around a Pallas call must be manual over all
+    of them (the TPU compiler refuses a Mosaic call in a region still automatic over a size-1 axis)."""
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual)
+
+
 def context_mesh(axis: str = "context"):
     """The current mesh when its ``axis`` has size > 1 and is not manual yet (attention then runs context-parallel)."""
     mesh = current_mesh()
@@ -41,6 +47,21 @@ def sharded_mesh():
     """The current mesh when some axis that is not manual has size > 1 (arrays may be split over devices), else None."""
     mesh = current_mesh()
     return mesh if mesh is not None and free_axes(mesh) else None
+
+
+def kernel_mesh(*, pallas: bool):
+    """The mesh a per-device kernel must run per shard on (``per_shard``), or None to call it directly.
+
+    Any kernel when arrays may be split (``sharded_mesh``). A Pallas call also inside a shard_map that left some axes
+    automatic, even of size 1 (a pipeline stage: manual over `pipeline`, the rest size 1): the TPU compiler refuses a
+    Mosaic call anywhere that is not manual over every axis."""
+    mesh = current_mesh()
+    if mesh is None:
+        return None
+    if free_axes(mesh):
+        return mesh
+    partly_manual = 0 < len(unmanaged_axes(mesh)) < len(mesh.axis_names)
+    return mesh if pallas and partly_manual else None
 
 
 def axis_names(axes) -> tuple:
@@ -89,4 +110,4 @@ def per_shard(kernel, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, mesh):
     q_meta, k_meta = (TokenMeta(*(place(jnp.asarray(a, jnp.int32), mesh, m_spec) for a in m)) for m in (q_meta, k_meta))
     # check_vma=False: the kernel may be a pallas_call, whose outputs carry no varying-axes type.
     return jax.shard_map(kernel, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, meta_spec, meta_spec), out_specs=x_spec,
-                         axis_names=set(free_axes(mesh)), check_vma=False)(q, k, v, q_meta, k_meta)
+                         axis_names=set(unmanaged_axes(mesh)), check_vma=False)(q, k, v, q_meta, k_meta)
