@@ -85,10 +85,12 @@ def resolve_gin_file(path: str) -> str:
 
 
 def parse(gin_files=(), gin_params=()) -> None:
-    """Parse recipes then overrides. Each recipe path goes through ``resolve_gin_file``. An unknown configurable or
-    parameter is a ValueError naming it (gin's own)."""
+    """Parse recipes then overrides, replacing whatever an earlier parse bound (each call describes one whole run).
+    Each recipe path goes through ``resolve_gin_file``. An unknown configurable or parameter is a ValueError naming
+    it (gin's own)."""
     register()
     files = [resolve_gin_file(f) for f in (gin_files or ())]  # every file checked before any is parsed
+    gin.clear_config()
     # Recipes include each other by repo-relative path ('configs/vlm_tiny.gin'), whatever the working directory.
     if ROOT not in _SEARCH_PATHS:
         gin.add_config_file_search_path(ROOT)

@@ -65,3 +65,15 @@ def test_unknown_bindings_are_errors_naming_them():
         gin_setup.parse([], ["TrainConfig.no_such_field = 1"])
     with pytest.raises(ValueError, match="NoSuchConfig"):
         gin_setup.parse([], ["NoSuchConfig.steps = 1"])
+
+
+def test_a_second_parse_starts_from_the_defaults():
+    """Each parse describes one whole run: a binding of an earlier parse in the same process does not leak into the
+    next (compile_targets and tests build several run configs in one process)."""
+    from mllm_jax.parallel.config import ContextConfig
+    from mllm_jax.train import loop
+
+    first = loop.load_run_config(["configs/vlm_tiny.gin"], ["ParallelConfig.context=4", 'ContextConfig.attention="ring"'])
+    assert first.parallel.context == 4 and first.parallel.context_config.attention == "ring"
+    second = loop.load_run_config(["configs/vlm_tiny.gin"], [])
+    assert second.parallel.context == 1 and second.parallel.context_config == ContextConfig()
