@@ -30,7 +30,8 @@ TINY = [
 
 def run_main(workdir: str, params, *, gin_file: str = "configs/vlm_tiny.gin", flags=()) -> list[dict]:
     """``python train.py --gin_file=... --gin_param=P... --workdir=...``; returns metrics.jsonl's rows."""
-    argv = ["train.py", f"--gin_file={gin_file}", f"--workdir={workdir}", *flags,
+    # --traceback: a refused input raises here with its traceback instead of becoming exit status 1.
+    argv = ["train.py", f"--gin_file={gin_file}", f"--workdir={workdir}", "--traceback", *flags,
             *(f"--gin_param={p}" for p in params)]
     train.FLAGS.unparse_flags()
     train.FLAGS(argv)
