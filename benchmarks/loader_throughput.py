@@ -1,4 +1,4 @@
-"""Throughput of mllm_jax.datasets.Loader on LLaVA files it writes (PNG images, conversation JSON) vs a step rate.
+"""Throughput of mllm_jax.data.datasets.Loader on LLaVA files it writes (PNG images, conversation JSON) vs a step rate.
 
 Writes --samples records (0..4 images each, JPEG-free PNGs of --image_size px with noise so they do not compress to
 nothing; text from mllm_jax.data's synthetic vocabulary, tokenised by its TextCodec), then times --batches global
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from mllm_jax.data.tokenizer import TextCodec, vocabulary  # noqa: E402
-from mllm_jax.datasets import DatasetConfig, Loader, make_source  # noqa: E402
+from mllm_jax.data.datasets import DatasetConfig, Loader, make_source  # noqa: E402
 
 
 def write_dataset(root: str, n: int, image_size: int, seed: int = 0) -> str:

@@ -1,10 +1,10 @@
 """Workload-balanced microbatch assignment vs random and sequential (Entrain-style), on a LLaVA-like distribution.
 
 Samples: 0..6 images (576 tokens each, CLIP ViT-L/14 at 336 px, frozen) and long-tailed (log-normal) text lengths;
-work per sample from mllm_jax.parallel.cost_model through mllm_jax.datasets.WorkloadModel (7B Llama LLM). A global batch is
-assigned to data ranks x microbatches, each microbatch packed into rows of a fixed length (exact capacity check).
-Reported, averaged over trials: the coefficient of variation (CV) of per-microbatch workload (encoder + LLM FLOPs,
-and each objective alone), and the predicted step time: max over ranks of encoder work + the 1F1B formula of the LLM
+work per sample from mllm_jax.parallel.cost_model through mllm_jax.data.datasets.WorkloadModel (7B Llama LLM). A global
+batch is assigned to data ranks x microbatches, each microbatch packed into rows of a fixed length (exact capacity
+check). Reported, averaged over trials: the coefficient of variation (CV) of per-microbatch workload (encoder + LLM
+FLOPs, and each objective alone), and the predicted step time: max over ranks of encoder work + the 1F1B formula of the LLM
 work over the pipeline stages (sum/P + (P-1) max/P).
 
 Final JSON line (also written to --out): cv_random, cv_sequential, cv_balanced, cv_reduction (random / balanced),
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from mllm_jax.datasets import (Capacity, WorkloadModel, assign, coefficient_of_variation, microbatch_loads,  # noqa
+from mllm_jax.data.datasets import (Capacity, WorkloadModel, assign, coefficient_of_variation, microbatch_loads,  # noqa
                                pack_rows, predicted_step_time)
 
 IMAGE_TOKENS = 576

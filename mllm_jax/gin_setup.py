@@ -14,7 +14,7 @@ import gin
 
 from mllm_jax import config as model_config
 from mllm_jax.train import config as train_config
-from mllm_jax.datasets.config import DatasetConfig
+from mllm_jax.data.datasets.config import DatasetConfig
 from mllm_jax.parallel import config as parallel_config
 
 CONFIG_CLASSES = (
@@ -22,7 +22,7 @@ CONFIG_CLASSES = (
     model_config.ProjectorConfig, model_config.LoRAConfig, model_config.ModelConfig,
     parallel_config.ContextConfig, parallel_config.ParallelConfig,
     train_config.DataConfig, train_config.OptimizerConfig, train_config.CheckpointConfig, train_config.TrainConfig,
-    DatasetConfig,  # real-data loader (mllm_jax.datasets)
+    DatasetConfig,  # real-data loader (mllm_jax.data.datasets)
 )
 
 _REGISTERED: dict[type, type] = {}

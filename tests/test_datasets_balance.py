@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mllm_jax.datasets import (Capacity, assign, coefficient_of_variation, microbatch_loads, pack_rows,
+from mllm_jax.data.datasets import (Capacity, assign, coefficient_of_variation, microbatch_loads, pack_rows,
                                predicted_step_time)
 
 

@@ -1,4 +1,4 @@
-"""Shared tiny fixtures for the tests of mllm_jax.datasets (no tests here): a byte-level tokenizer, a tiny model
+"""Shared tiny fixtures for the tests of mllm_jax.data.datasets (no tests here): a byte-level tokenizer, a tiny model
 config, and writers of LLaVA JSON / audio JSONL files with real PNG, WAV and NPY media."""
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
-from mllm_jax.datasets import DatasetConfig
+from mllm_jax.data.datasets import DatasetConfig
 
 BYTE_OFFSET = 16  # text ids 16..271; placeholders 3 (vision) and 4 (audio) never collide with text
 T_VISION = 4  # (8 / 4) ** 2 patches, class token dropped

@@ -7,7 +7,7 @@ import pytest
 
 from mllm_jax.kernels import TokenMeta, mask
 from mllm_jax.data.batching import check_placeholders
-from mllm_jax.datasets import DatasetConfig, Loader, local_data_ranks, make_source, pack_rows
+from mllm_jax.data.datasets import DatasetConfig, Loader, local_data_ranks, make_source, pack_rows
 from test_datasets_helpers import T_VISION, byte_tokenizer, dataset_config, tiny_model_config, write_llava
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from mllm_jax.datasets import BadSampleError, Loader, make_source
-from mllm_jax.datasets.media import load_audio, log_mel
-from mllm_jax.datasets.sample import IGNORE
+from mllm_jax.data.datasets import BadSampleError, Loader, make_source
+from mllm_jax.data.datasets.media import load_audio, log_mel
+from mllm_jax.data.datasets.sample import IGNORE
 from test_datasets_helpers import (T_AUDIO, T_VISION, byte_tokenizer, dataset_config, decode_bytes,
                                    tiny_model_config, write_llava, write_wav)
 

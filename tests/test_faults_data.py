@@ -11,9 +11,9 @@ import zlib
 import gin
 import pytest
 
-from mllm_jax.datasets import BadSampleError, make_source
-from mllm_jax.datasets.config import DatasetConfig
-from mllm_jax.datasets.media import load_image
+from mllm_jax.data.datasets import BadSampleError, make_source
+from mllm_jax.data.datasets.config import DatasetConfig
+from mllm_jax.data.datasets.media import load_image
 from test_datasets_helpers import byte_tokenizer, colour_png, dataset_config, tiny_model_config
 
 
@@ -81,7 +81,7 @@ def test_oversized_images_and_decompression_bombs_are_skipped_from_the_header(tm
 
 
 def test_loader_skips_a_bomb_and_counts_it(tmp_path):
-    from mllm_jax.datasets import Loader
+    from mllm_jax.data.datasets import Loader
 
     root = tmp_path / "data" / "images"
     root.mkdir(parents=True)

@@ -1,5 +1,6 @@
-"""Imports go downward only: mllm_jax.kernels <- mllm_jax.parallel <- everything else in mllm_jax (DESIGN.md,
-"Layout"). Every module is parsed (ast), so imports inside functions count too."""
+"""Imports go downward only: mllm_jax.kernels <- mllm_jax.parallel <- everything else in mllm_jax, and mllm_jax.data
+never imports mllm_jax.train (docs/architecture.md, "Layers"). Every module is parsed (ast), so imports inside
+functions count too."""
 
 import ast
 import pathlib
@@ -9,6 +10,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "mllm_jax"
 # A layer may import mllm_jax only from these subpackages.
 ALLOWED = {"kernels": ("kernels",), "parallel": ("kernels", "parallel")}
+# A subpackage of the rest that must not import these (mllm_jax.data sits below mllm_jax.train).
+FORBIDDEN = {"data": ("train",)}
 
 
 def imported_modules(source: str, module: str) -> list:
@@ -32,14 +35,17 @@ def upward_imports(source: str, module: str) -> list:
     """'line: name' for each import of ``module`` (e.g. mllm_jax.parallel.mesh) that reaches above its layer."""
     parts = module.split(".")
     allowed = ALLOWED.get(parts[1]) if len(parts) > 1 else None
-    if allowed is None:
+    forbidden = FORBIDDEN.get(parts[1], ()) if len(parts) > 1 else ()
+    if allowed is None and not forbidden:
         return []
     bad = []
     for line, name in imported_modules(source, module):
         target = name.split(".")
         if target[0] != "mllm_jax":
             continue
-        if len(target) < 2 or target[1] not in allowed:
+        if allowed is not None and (len(target) < 2 or target[1] not in allowed):
+            bad.append(f"{line}: {name}")
+        elif len(target) > 1 and target[1] in forbidden:
             bad.append(f"{line}: {name}")
     return bad
 
@@ -50,7 +56,7 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def layered_files():
-    return sorted(p for layer in ALLOWED for p in (ROOT / layer).rglob("*.py"))
+    return sorted(p for layer in (*ALLOWED, *FORBIDDEN) for p in (ROOT / layer).rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", layered_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -74,3 +80,20 @@ def test_the_check_sees_upward_imports():
         "1: mllm_jax.config.ModelConfig", "3: mllm_jax.llm", "4: mllm_jax.loss.IGNORE", "5: mllm_jax.layers",
         "7: mllm_jax.parallel.mesh"]
     assert upward_imports(src, "mllm_jax.train.x") == []
+    assert upward_imports("from mllm_jax.train import loop\nfrom mllm_jax import config\n", "mllm_jax.data.x") == [
+        "1: mllm_jax.train.loop"]
+
+
+def test_old_data_paths_still_import():
+    # mllm_jax.datasets and mllm_jax.processor moved into mllm_jax.data; the old names are deprecated aliases.
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("mllm_jax.datasets.config")
+        old_processor = importlib.import_module("mllm_jax.processor")
+    assert old is importlib.import_module("mllm_jax.data.datasets.config")
+    assert old_processor.MultimodalProcessor is importlib.import_module("mllm_jax.data.processor").MultimodalProcessor
+    if caught:  # only the first import in a process warns
+        assert all(issubclass(w.category, DeprecationWarning) for w in caught)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mllm_jax.config import AudioConfig, ModelConfig, ProjectorConfig, VisionConfig
-from mllm_jax.processor import (
+from mllm_jax.data.processor import (
     IGNORE,
     ImageProcessor,
     MultimodalProcessor,
@@ -191,7 +191,7 @@ def test_batch_passes_check_batch_when_available(tokenizer):
 
 
 def test_chatml_template_text():
-    from mllm_jax.processor import get_template
+    from mllm_jax.data.processor import get_template
 
     pieces = get_template("chatml").render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     assert "".join(p.text for p in pieces) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>"

@@ -82,7 +82,7 @@ def test_context_permutation_keeps_every_token_and_its_features():
 
     from mllm_jax.data import SyntheticBatches
     from mllm_jax.train import loop
-    from mllm_jax.train.context_batches import permute_for_context
+    from mllm_jax.data.context_batches import permute_for_context
 
     gin.clear_config()
     try:

@@ -1,18 +1,12 @@
-"""Real (file-backed) datasets: LLaVA conversation JSON and JSONL audio captions, sequence packing into static
-buckets, workload-balanced assignment of samples to data ranks and microbatches, and a checkpointable host-sharded
-loader with background prefetch. Synthetic data, the synthetic tokenizer and its batches live in mllm_jax.data."""
+"""Deprecated: moved to mllm_jax.data.datasets (issue 15: data under one roof). This alias goes in a later release."""
 
-from mllm_jax.datasets.balance import (Capacity, assign, coefficient_of_variation, microbatch_loads,
-                                       predicted_step_time)
-from mllm_jax.datasets.config import DatasetConfig
-from mllm_jax.datasets.loader import Loader, local_data_ranks
-from mllm_jax.datasets.packing import PackedBatchWriter, pack_rows
-from mllm_jax.datasets.sample import BadSampleError, BadSampleLog, PreparedSample, Sample
-from mllm_jax.datasets.sources import AudioCaptionSource, LlavaSource, make_source
-from mllm_jax.datasets.text import ConversationEncoder
-from mllm_jax.datasets.workload import WorkloadModel
+import importlib
+import sys
+import warnings
 
-__all__ = ["Capacity", "assign", "coefficient_of_variation", "microbatch_loads", "predicted_step_time",
-           "DatasetConfig", "Loader", "local_data_ranks", "PackedBatchWriter", "pack_rows", "BadSampleError",
-           "BadSampleLog", "PreparedSample", "Sample", "AudioCaptionSource", "LlavaSource", "make_source",
-           "ConversationEncoder", "WorkloadModel"]
+from mllm_jax.data.datasets import *  # noqa: F401,F403
+from mllm_jax.data.datasets import __all__  # noqa: F401
+
+warnings.warn("mllm_jax.datasets moved to mllm_jax.data.datasets", DeprecationWarning, stacklevel=2)
+for _sub in ("balance", "config", "loader", "media", "packing", "sample", "sources", "text", "workload"):
+    sys.modules[f"{__name__}.{_sub}"] = importlib.import_module(f"mllm_jax.data.datasets.{_sub}")

@@ -315,7 +315,7 @@ def llava_from_hf(hf: dict) -> ModelConfig:
         encoders={VISION_NAME: vision},
         projectors={VISION_NAME: projector},
         placeholder_ids={VISION_NAME: int(hf.get("image_token_index", hf.get("image_token_id", 32000)))},
-        # The pretrained LLaVA attends causally over its image tokens; see mllm_jax.processor for spans.
+        # The pretrained LLaVA attends causally over its image tokens; see mllm_jax.data.processor for spans.
     )
 
 

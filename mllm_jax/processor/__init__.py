@@ -1,11 +1,12 @@
-"""The multimodal processor: tokenizers, chat templates, image/audio preprocessing like the HF processors, and
-placeholder expansion into contract batches (docs/contracts.md)."""
+"""Deprecated: moved to mllm_jax.data.processor (issue 15: data under one roof). This alias goes in a later release."""
 
-from mllm_jax.processor.audio import WhisperFeatures, mel_filter_bank
-from mllm_jax.processor.chat import TEMPLATES, ChatTemplate, get_template
-from mllm_jax.processor.image import ImageProcessor
-from mllm_jax.processor.multimodal import IGNORE, EncodedSample, MultimodalProcessor
-from mllm_jax.processor.tokenizer import Tokenizer, load_tokenizer
+import importlib
+import sys
+import warnings
 
-__all__ = ["WhisperFeatures", "mel_filter_bank", "TEMPLATES", "ChatTemplate", "get_template", "ImageProcessor", "IGNORE",
-           "EncodedSample", "MultimodalProcessor", "Tokenizer", "load_tokenizer"]
+from mllm_jax.data.processor import *  # noqa: F401,F403
+from mllm_jax.data.processor import __all__  # noqa: F401
+
+warnings.warn("mllm_jax.processor moved to mllm_jax.data.processor", DeprecationWarning, stacklevel=2)
+for _sub in ("audio", "chat", "image", "multimodal", "tokenizer"):
+    sys.modules[f"{__name__}.{_sub}"] = importlib.import_module(f"mllm_jax.data.processor.{_sub}")

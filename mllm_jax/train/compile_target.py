@@ -4,7 +4,7 @@ analysed: per-device memory against the chip's HBM, FLOPs and bytes, collectives
 step time and the model-FLOP utilisation that bound allows.
 
 Nothing is allocated: the model and optimizer state come from ``nnx.eval_shape``, the batch is ``jax.ShapeDtypeStruct``s
-with the NamedShardings mllm_jax.train.placement gives it, in the shapes of the run's data (microbatch axis, context
+with the NamedShardings mllm_jax.data.placement gives it, in the shapes of the run's data (microbatch axis, context
 permutation padding). ``ModelConfig.attention_impl="auto"`` is resolved for the target (Pallas TPU / Pallas GPU), not
 for this host.
 
@@ -28,7 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mllm_jax.train import loop, placement
+from mllm_jax.data import placement
+from mllm_jax.train import loop
 from mllm_jax.train.targets import GiB, Target
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")

@@ -17,17 +17,17 @@ from flax import nnx
 
 from mllm_jax import distributed
 from mllm_jax.config import ModelConfig
-from mllm_jax.data import SyntheticBatches, TextCodec
+from mllm_jax.data import SyntheticBatches, TextCodec, placement
 from mllm_jax.data.batching import IGNORE, unstack_first
+from mllm_jax.data.context_batches import permute_for_context
+from mllm_jax.data.datasets.config import DatasetConfig
+from mllm_jax.data.datasets.sources import check_dataset_file
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
-from mllm_jax.datasets.config import DatasetConfig
-from mllm_jax.datasets.sources import check_dataset_file
+from mllm_jax.data.train_data import (RealTrainData, SyntheticTrainData, load_tokenizer, uses_real_data)
 from mllm_jax.layout import validate_layout
-from mllm_jax.train import init_from, placement
+from mllm_jax.train import init_from
 from mllm_jax.train.checkpoint import Checkpointer, WorkdirLock
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
-from mllm_jax.train.context_batches import permute_for_context
-from mllm_jax.train.data_sources import (RealTrainData, SyntheticTrainData, load_tokenizer, uses_real_data)
 from mllm_jax.train.metrics import MetricsWriter
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import make_eval_step, make_train_step, model_loss

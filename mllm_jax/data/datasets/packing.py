@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax.datasets.sample import IGNORE, Sample
+from mllm_jax.data.datasets.sample import IGNORE, Sample
 
 
 def pack_rows(lengths, rows: int, seq_len: int):

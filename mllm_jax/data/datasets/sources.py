@@ -18,10 +18,10 @@ import os
 import numpy as np
 
 from mllm_jax.data.batching import encoder_input_shape, feature_counts
-from mllm_jax.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image
-from mllm_jax.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
-from mllm_jax.datasets.text import ConversationEncoder
-from mllm_jax.processor.chat import ChatTemplate
+from mllm_jax.data.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image
+from mllm_jax.data.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
+from mllm_jax.data.datasets.text import ConversationEncoder
+from mllm_jax.data.processor.chat import ChatTemplate
 
 
 def _decode_utf8(path: str, data: bytes) -> str:

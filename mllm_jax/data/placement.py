@@ -3,7 +3,7 @@
 - Token arrays ([.., B, S]: input_ids, labels, positions, segment_ids, span_ids, feature_index) shard their batch
   axis over the `data` x `fsdp` mesh axes of size > 1 (Explicit sharding types must agree with the model's specs,
   which leave size-1 axes out) and, under context parallelism, their sequence axis over `context` (the LLM rule maps
-  activation "length" to "context"; the sequence is already permuted by mllm_jax.train.context_batches).
+  activation "length" to "context"; the sequence is already permuted by mllm_jax.data.context_batches).
 - Encoder inputs ([.., N, ...]) shard their instance axis by the encoder's own "batch" rule (parallel.sharding:
   spread over every mesh axis that divides it), so each device encodes only its share of the images and clips.
 

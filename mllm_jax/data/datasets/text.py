@@ -1,4 +1,5 @@
-"""Conversation -> token ids with placeholder runs and a target mask (by default the "synthetic" chat template of mllm_jax.processor.chat).
+"""Conversation -> token ids with placeholder runs and a target mask (by default the "synthetic" chat template of
+mllm_jax.data.processor.chat).
 
 Layout, as the synthetic data of mllm_jax.data lays out one exchange, extended to several turns:
 
@@ -15,7 +16,7 @@ import re
 import numpy as np
 
 from mllm_jax.data.tokenizer import PLACEHOLDER_TOKENS
-from mllm_jax.processor.chat import ChatTemplate, get_template
+from mllm_jax.data.processor.chat import ChatTemplate, get_template
 
 ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA conversation roles -> chat template roles
 

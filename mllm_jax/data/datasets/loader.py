@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mllm_jax.datasets.balance import Capacity, assign
-from mllm_jax.datasets.config import DatasetConfig
-from mllm_jax.datasets.packing import PackedBatchWriter, choose_bucket, pack_rows
-from mllm_jax.datasets.sample import BadSampleError, BadSampleLog
-from mllm_jax.datasets.workload import WorkloadModel
+from mllm_jax.data.datasets.balance import Capacity, assign
+from mllm_jax.data.datasets.config import DatasetConfig
+from mllm_jax.data.datasets.packing import PackedBatchWriter, choose_bucket, pack_rows
+from mllm_jax.data.datasets.sample import BadSampleError, BadSampleLog
+from mllm_jax.data.datasets.workload import WorkloadModel
 
 
 @dataclass
@@ -59,7 +59,8 @@ def local_data_ranks(num_data_ranks: int, process_index: int, process_count: int
 
 
 class Loader:
-    """Iterator of host batches [M, D_local * R, S] (see PackedBatchWriter) over a source (mllm_jax.datasets.sources).
+    """Iterator of host batches [M, D_local * R, S] (see PackedBatchWriter) over a source
+    (mllm_jax.data.datasets.sources).
 
     ``state()`` is the JSON-able state after the last batch returned; ``Loader(..., state=s)`` continues exactly
     there. ``bad_sample_counts`` are the skipped samples by reason (for the metrics)."""

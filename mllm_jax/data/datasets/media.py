@@ -14,7 +14,7 @@ import wave
 import numpy as np
 from PIL import Image
 
-from mllm_jax.datasets.sample import BadSampleError
+from mllm_jax.data.datasets.sample import BadSampleError
 
 WHISPER_RATE = 16000
 WHISPER_N_FFT = 400

@@ -18,9 +18,9 @@ import dataclasses
 import numpy as np
 
 from mllm_jax.batch import IGNORE
-from mllm_jax.processor.audio import WhisperFeatures
-from mllm_jax.processor.chat import ChatTemplate, get_template
-from mllm_jax.processor.image import ImageProcessor
+from mllm_jax.data.processor.audio import WhisperFeatures
+from mllm_jax.data.processor.chat import ChatTemplate, get_template
+from mllm_jax.data.processor.image import ImageProcessor
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """Context parallelism on the host: plan each batch's token blocks over the `context` ranks and permute it.
 
-Labels are next-token targets already shifted in the original order (mllm_jax.data, mllm_jax.datasets), and the loss
-is normalised by the global label count, so the permuted batch has exactly the original loss. Every token array of
-the batch (including feature_index) moves with the same permutation; encoder inputs are not token-aligned and stay.
+Labels are next-token targets already shifted in the original order (mllm_jax.data.batching,
+mllm_jax.data.datasets), and the loss is normalised by the global label count, so the permuted batch has exactly the
+original loss. Every token array of the batch (including feature_index) moves with the same permutation; encoder
+inputs are not token-aligned and stay.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training data of a run: the synthetic stream (mllm_jax.data) or a real dataset (mllm_jax.datasets).
+"""The training data of a run: the synthetic stream (mllm_jax.data) or a real dataset (mllm_jax.data.datasets).
 
 Both give this host's rows of each global batch with a leading microbatch axis ([M, rows, ...], feature_index global
 within each microbatch), a JSON-able ``state()`` saved in the checkpoint for exact resume, and ``bad_sample_counts``
@@ -54,11 +54,11 @@ class SyntheticTrainData:
 
 
 class RealTrainData:
-    """A LLaVA-JSON or audio-caption dataset through mllm_jax.datasets.Loader (prefetching, host-sharded by data
+    """A LLaVA-JSON or audio-caption dataset through mllm_jax.data.datasets.Loader (prefetching, host-sharded by data
     rank, workload-balanced microbatches). Built after the checkpoint is read: the loader starts at ``state``."""
 
     def __init__(self, dataset_config, tokenizer, model_config, parallel_config, *, state: dict | None = None):
-        from mllm_jax.datasets import Loader, make_source
+        from mllm_jax.data.datasets import Loader, make_source
 
         pad = tokenizer.token_to_id(PAD)
         source = make_source(dataset_config, tokenizer, model_config)
