@@ -12,7 +12,7 @@ from mllm_jax.parallel.cost_model import (Layer, ModelCosts, PipelineCosts, appl
                                           decoder_linear_flops_per_token)
 
 __all__ = ["ProjectorConfig", "causal_pairs", "cost_chain", "encoder_layers", "llm_embedding", "llm_head",
-           "llm_layer", "model_costs", "pipeline_costs", "projector_layer"]
+           "llm_layer", "model_costs", "pipeline_costs", "projector_layer", "step_model_flops"]
 
 
 def _lora_dims(cfg: LLMConfig) -> dict:
@@ -305,3 +305,16 @@ def pipeline_costs(config: ModelConfig, *, text_tokens: int, microbatch_size: in
     remats = remat if remat is not None else config.remat != "none"
     return PipelineCosts(aware, model_costs(config, frozen_aware=False, **kw),
                          aware if remats else model_costs(config, **{**kw, "remat": True}))
+
+
+def step_model_flops(config: ModelConfig, *, rows: int, seq_len: int, instances_per_row: dict) -> dict:
+    """Model FLOPs of one train step, the MFU convention: forward plus the frozen-aware backward of every part, no
+    remat recompute, for ``rows`` sequences of ``seq_len`` tokens (placeholders included) each carrying
+    ``instances_per_row[name]`` encoder instances. {"total", "parts": {"encoders/<name>" (projector included),
+    "llm"}}: the same layer costs the pipeline planner uses."""
+    injected = sum(config.features_per_instance(n) * k for n, k in instances_per_row.items())
+    costs = model_costs(config, text_tokens=max(seq_len - injected, 0), instances=instances_per_row, batch=rows,
+                        remat=False)
+    parts = {f"encoders/{n}": sum(c.total for c in chain) for n, chain in costs.encoders.items()}
+    parts["llm"] = costs.embed.total + sum(c.total for c in costs.llm) + costs.head.total
+    return {"total": sum(parts.values()), "parts": parts}

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mllm_jax.costs import step_model_flops
 from mllm_jax.data import placement
 from mllm_jax.train import loop
 from mllm_jax.train.targets import GiB, Target
@@ -268,55 +269,13 @@ def _cost(compiled, lowered=None) -> dict:
 # Model FLOPs.
 
 
-def _matmul_params(module) -> int:
-    """Parameters that multiply activations: all but embedding lookups (token and position tables)."""
-    n = 0
-    for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(module, nnx.Param)):
-        key = jax.tree_util.keystr(path)
-        if "['embed']['embedding']" in key or "position_embedding" in key:
-            continue
-        n += int(np.prod(x.shape))
-    return n
-
-
-def model_flops(cfg: loop.RunConfig, model) -> dict:
-    """Model FLOPs of one train step (the MFU convention: no remat recompute, no padding removed).
-
-    Per part, 2 x matmul parameters x tokens through it for the forward, plus 4x for the backward of a trainable part
-    (dX + dW) or 2x for a frozen one with something trainable upstream (dX only); a frozen part with nothing
-    trainable upstream runs forward only. Attention adds 4 x S_q x S_k x heads x head_dim per sequence and layer
-    (forward; halved for the LLM's causal mask; x3 when the part is trained, x2 when only dX flows)."""
-    from mllm_jax.data.batching import feature_counts
-
-    mc, dc = cfg.model, cfg.data
-    rows, seq = dc.batch_size, dc.seq_len
-    instances = {n: rows * dc.samples_per_row * (dc.max_images if n == "vision" else dc.max_audio)
-                 for n in mc.encoders}
-    counts = feature_counts(mc)
-
-    def factor(key: str, upstream_trainable: bool) -> float:
-        if mc.is_trainable(key) or mc.lora is not None and key.split("/")[-1] in mc.lora.modules:
-            return 3.0
-        return 2.0 if upstream_trainable else 1.0
-
-    parts, any_upstream = {}, False
-    for name, enc in mc.encoders.items():
-        key = f"encoders/{name}"
-        f_enc = factor(key, False)
-        enc_tokens = enc.num_patches + int(enc.class_token) if hasattr(enc, "num_patches") else enc.num_features
-        hd = enc.d_model // enc.n_heads
-        attn = 4.0 * enc_tokens * enc_tokens * enc.n_heads * hd * enc.n_layers * instances[name]
-        parts[key] = f_enc * (2.0 * _matmul_params(model.encoders[name]) * instances[name] * enc_tokens + attn)
-        pkey = f"projectors/{name}"
-        f_proj = factor(pkey, f_enc > 1.0)
-        parts[pkey] = f_proj * 2.0 * _matmul_params(model.projectors[name]) * instances[name] * enc.num_features
-        any_upstream = any_upstream or f_proj > 1.0
-    llm = mc.llm
-    f_llm = factor("llm", any_upstream)
-    attn = 4.0 * seq * seq / 2 * llm.n_heads * llm.resolved_head_dim * llm.n_layers * rows
-    parts["llm"] = f_llm * (2.0 * _matmul_params(model.llm) * rows * seq + attn)
-    del counts
-    return {"total": sum(parts.values()), "parts": parts}
+def model_flops(cfg: loop.RunConfig) -> dict:
+    """Model FLOPs of one train step (mllm_jax.costs.step_model_flops: the planner's layer costs, frozen-aware, no
+    remat recompute), for the batch the step takes: every row's encoder instances at the data's capacity."""
+    dc = cfg.data
+    per_row = {"vision": dc.max_images, "audio": dc.max_audio}
+    instances = {n: dc.samples_per_row * per_row.get(n, 1) for n in cfg.model.encoders}
+    return step_model_flops(cfg.model, rows=dc.batch_size, seq_len=dc.seq_len, instances_per_row=instances)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,7 +350,7 @@ def compile_for_target(cfg: loop.RunConfig, target: Target, *, costs: bool = Tru
     flops = float(cost.get("flops", 0.0)) if costs else None
     bytes_accessed = float(cost.get("bytes accessed", 0.0)) if costs else None
     roofline = max(flops / chip.peak_flops, bytes_accessed / chip.hbm_bandwidth) if costs else None
-    mf = model_flops(run_cfg, step.model)
+    mf = model_flops(run_cfg)
     mfu = mf["total"] / (n_dev * chip.peak_flops * roofline) if roofline else None
     report = {
         "target": target.topology,
