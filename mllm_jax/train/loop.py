@@ -295,154 +295,261 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
 
 def _run(cfg: RunConfig, workdir: str, *, loss_fn: Callable, stop_after_step: int | None, config_text: str | None,
          log: Callable) -> dict:
+    """The run, step by step: open the data and the checkpoints (every check that can refuse the run happens here),
+    write the once-per-run files, build the mesh, model and optimizer, restore or initialise, compile the steps, then
+    train with evaluation, metrics and checkpoints until the last step or a stop."""
     validate(cfg, jax.device_count())
-    tc = cfg.train
     if stop_after_step is None:
-        stop_after_step = tc.stop_at_step
+        stop_after_step = cfg.train.stop_at_step
     os.makedirs(workdir, exist_ok=True)
-    main = distributed.is_main_process()
-    real_data = uses_real_data(cfg.dataset)
-    codec = tokenizer = None
-    if real_data:
-        tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-        check_dataset_file(cfg.dataset)  # JSON/UTF-8 errors name the file and line, before anything is built
-    else:
-        codec = TextCodec()
-        train_data = SyntheticTrainData(cfg.model, cfg.data, microbatches=cfg.parallel.microbatches, codec=codec)
-        eval_data = SyntheticBatches(cfg.model, cfg.data, split="eval", codec=codec)
-    ckpt_cfg = cfg.checkpoint
-    ckpt = Checkpointer(workdir, every=ckpt_cfg.every or tc.checkpoint_every, keep=ckpt_cfg.keep,
-                        async_save=ckpt_cfg.async_save)
-    latest = ckpt.newest_intact_step(log=log)  # newer broken steps: reported and moved aside
-    if latest is not None:
-        try:
-            ckpt.check_compatible(latest, None, cfg.model)  # before building or compiling anything
-        except ValueError:
-            ckpt.close()
-            raise
-    if main:  # only now is this run known to belong here: nothing in the workdir is written before
-        if config_text is not None:
-            _write_text(workdir, "config.gin", config_text)
-        _write_text(workdir, "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
-        (tokenizer or codec.tokenizer).save(os.path.join(workdir, "tokenizer.json"))
+    data = _open_data(cfg)
+    ckpt, latest = _open_checkpoints(cfg, workdir, log)
+    if distributed.is_main_process():  # only now is this run known to belong here: nothing is written before
+        _write_run_files(cfg, workdir, data, config_text)
     mesh = build_mesh(cfg.parallel)
     from mllm_jax.parallel.sharding import rule_table as make_rule_table
 
     rule_table = make_rule_table(cfg.model, cfg.parallel)
-    processes = jax.process_count()
     with jax.set_mesh(mesh):
-        model = create_model(cfg, mesh)
-        try:  # before the optimizer exists, so its state is built for the loaded parameters' layout
-            init_from.maybe_init(model, cfg, resuming=latest is not None, log=log)
+        model, optimizer, trainable, schedule = _build_model_and_optimizer(cfg, mesh, ckpt, latest, log)
+        start, latest, data_state = _restore_or_init(cfg, ckpt, latest, model, optimizer, log)
+        _start_train_data(cfg, data, data_state)
+        session = _Session(cfg, mesh, rule_table, ckpt, data, model, optimizer, trainable, schedule, loss_fn)
+        return _train(session, workdir, start=start, last_good_saved=latest, stop_after_step=stop_after_step,
+                      log=log)
+
+
+@dataclasses.dataclass
+class _RunData:
+    """The data of a run: ``train`` is this host's training stream (a real dataset's loader is made only once the
+    checkpoint's data state is known, by _start_train_data), ``eval`` the synthetic held-out split (None for real
+    data), and the tokenizer: ``codec`` (synthetic vocabulary) or ``tokenizer`` (a real dataset's file)."""
+
+    real: bool
+    codec: TextCodec | None = None
+    tokenizer: object = None
+    train: object = None
+    eval: SyntheticBatches | None = None
+
+
+def _open_data(cfg: RunConfig) -> _RunData:
+    """The tokenizer and, for synthetic data, the train and eval streams. A real dataset's file is read and checked
+    (JSON/UTF-8 errors name the file and line) before anything is built or written."""
+    if uses_real_data(cfg.dataset):
+        data = _RunData(real=True, tokenizer=load_tokenizer(cfg.data.tokenizer_path))
+        check_dataset_file(cfg.dataset)
+        return data
+    codec = TextCodec()
+    return _RunData(real=False, codec=codec,
+                    train=SyntheticTrainData(cfg.model, cfg.data, microbatches=cfg.parallel.microbatches, codec=codec),
+                    eval=SyntheticBatches(cfg.model, cfg.data, split="eval", codec=codec))
+
+
+def _open_checkpoints(cfg: RunConfig, workdir: str, log: Callable) -> tuple[Checkpointer, int | None]:
+    """The checkpointer and the newest intact step (newer broken steps are reported and moved aside), checked
+    compatible with the model config before anything is built or compiled."""
+    ckpt_cfg = cfg.checkpoint
+    ckpt = Checkpointer(workdir, every=ckpt_cfg.every or cfg.train.checkpoint_every, keep=ckpt_cfg.keep,
+                        async_save=ckpt_cfg.async_save)
+    latest = ckpt.newest_intact_step(log=log)
+    if latest is not None:
+        try:
+            ckpt.check_compatible(latest, None, cfg.model)
         except ValueError:
             ckpt.close()
             raise
-        trainable = trainable_filter(cfg.model)
-        schedule = learning_rate_schedule(cfg.optimizer, tc.steps)
-        optimizer = make_nnx_optimizer(model, make_optimizer(cfg.optimizer, tc.steps), trainable)
-        n_train = _count(nnx.state(model, trainable))
-        n_all = _count(nnx.state(model, nnx.Param))
-        log(f"mesh {dict(mesh.shape)}; parameters: {n_train:,} trainable, {n_all - n_train:,} frozen")
+    return ckpt, latest
 
-        start, data_state = 0, None
-        if latest is not None:
-            abstract = _abstract(_checkpoint_tree(model, optimizer))
-            ckpt.check_compatible(latest, abstract, cfg.model)
-            restored = ckpt.restore_newest(latest, abstract, log=log)  # verified, finite; else the next older
-            if restored is None:
-                log(f"no usable checkpoint left in {ckpt.directory}: starting from step 0")
-            else:
-                latest, tree, data_state = restored
-                _apply_checkpoint_tree(model, optimizer, tree)
-                start = latest
-                log(f"resumed from step {latest} in {ckpt.directory}")
-        if real_data:  # the loader's prefetch thread starts at the restored position
-            train_data = RealTrainData(cfg.dataset, tokenizer, cfg.model, cfg.parallel, state=data_state)
-        elif data_state is not None:
-            train_data.restore(data_state)
 
-        graphdef, state = nnx.split((model, optimizer))
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        step_fn = jax.jit(make_train_step(graphdef, trainable, loss_fn=loss_fn, schedule=schedule,
-                                          grads_fn=make_grads_fn(cfg, mesh)),
-                          out_shardings=(state_shardings, None), donate_argnums=0)
-        model_graphdef = nnx.graphdef(model)
-        eval_fn = jax.jit(make_eval_step(model_graphdef))
-        if real_data:
-            eval_batches, groups = [], {}  # held-out evaluation is the synthetic stream's (real data: loss only)
+def _write_run_files(cfg: RunConfig, workdir: str, data: _RunData, config_text: str | None) -> None:
+    """Process 0's once-per-run files, in this order: config.gin (when given), run_config.json, tokenizer.json."""
+    if config_text is not None:
+        _write_text(workdir, "config.gin", config_text)
+    _write_text(workdir, "run_config.json", json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    (data.tokenizer or data.codec.tokenizer).save(os.path.join(workdir, "tokenizer.json"))
+
+
+def _build_model_and_optimizer(cfg: RunConfig, mesh, ckpt: Checkpointer, latest: int | None, log: Callable):
+    """(model, optimizer, trainable filter, learning-rate schedule) on ``mesh`` (inside jax.set_mesh). Weights named
+    by init_from are loaded unless resuming, before the optimizer exists so its state follows their layout."""
+    tc = cfg.train
+    model = create_model(cfg, mesh)
+    try:
+        init_from.maybe_init(model, cfg, resuming=latest is not None, log=log)
+    except ValueError:
+        ckpt.close()
+        raise
+    trainable = trainable_filter(cfg.model)
+    schedule = learning_rate_schedule(cfg.optimizer, tc.steps)
+    optimizer = make_nnx_optimizer(model, make_optimizer(cfg.optimizer, tc.steps), trainable)
+    n_train = _count(nnx.state(model, trainable))
+    n_all = _count(nnx.state(model, nnx.Param))
+    log(f"mesh {dict(mesh.shape)}; parameters: {n_train:,} trainable, {n_all - n_train:,} frozen")
+    return model, optimizer, trainable, schedule
+
+
+def _restore_or_init(cfg: RunConfig, ckpt: Checkpointer, latest: int | None, model, optimizer,
+                     log: Callable) -> tuple[int, int | None, dict | None]:
+    """(first step, newest checkpointed step, the data iterator's state): the newest verified, finite checkpoint is
+    loaded into ``model`` and ``optimizer`` (else the next older); none usable: the fresh model from step 0."""
+    start, data_state = 0, None
+    if latest is not None:
+        abstract = _abstract(_checkpoint_tree(model, optimizer))
+        ckpt.check_compatible(latest, abstract, cfg.model)
+        restored = ckpt.restore_newest(latest, abstract, log=log)
+        if restored is None:
+            log(f"no usable checkpoint left in {ckpt.directory}: starting from step 0")
         else:
-            eval_batches = [prepare_host_batch(unstack_first(eval_data.batch_at(i)), cfg, leading=0)
-                            for i in range(cfg.data.eval_batches)]
-            groups = caption_word_groups(codec)
+            latest, tree, data_state = restored
+            _apply_checkpoint_tree(model, optimizer, tree)
+            start = latest
+            log(f"resumed from step {latest} in {ckpt.directory}")
+    return start, latest, data_state
 
-        def put_eval(batch):
-            return put_batch(distributed.take_host_rows(batch, mesh, 0), mesh, leading=0, rule_table=rule_table)
 
-        def current_model_state():
-            m, _ = nnx.merge(graphdef, state)
-            return nnx.state(m)
+def _start_train_data(cfg: RunConfig, data: _RunData, data_state: dict | None) -> None:
+    """Puts the training stream at the restored position: a real dataset's loader (and its prefetch thread) starts
+    there; the synthetic stream is moved there."""
+    if data.real:
+        data.train = RealTrainData(cfg.dataset, data.tokenizer, cfg.model, cfg.parallel, state=data_state)
+    elif data_state is not None:
+        data.train.restore(data_state)
 
-        def save(step: int):
-            m, o = nnx.merge(graphdef, state)
-            ckpt.save(step, _checkpoint_tree(m, o), train_data.state(), cfg.model)
 
-        metrics = MetricsWriter(workdir, total_steps=tc.steps, initial_step=start,
-                                progress_bar=tc.progress_bar, is_main_process=main)
-        summary = {"start_step": start, "preempted": False, "last_eval": None}
-        step, loss = start, None
-        window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
-        last_good_saved = latest
-        try:
-            with _Preemption() as preempt:
-                while step < tc.steps:
-                    host_batch = train_data.next_host_batch(mesh)  # this host's rows only
-                    tokens = int((host_batch["segment_ids"] != 0).sum()) * processes  # hosts' shares are equal
-                    host_batch = prepare_host_batch(host_batch, cfg, leading=1)
-                    t0 = time.perf_counter()
-                    state, m = step_fn(state, put_batch(host_batch, mesh, leading=1, rule_table=rule_table))
-                    # A sync per step: the loss, the gradient norm and the updated parameters are checked (one flag,
-                    # reduced on device) before the step is kept, logged or saved.
-                    loss, finite = float(m["loss"]), bool(m["finite"])
-                    step_time = time.perf_counter() - t0
-                    step += 1
-                    if not (finite and math.isfinite(loss)):
-                        last = (f"The last good checkpoint is step {last_good_saved} in {ckpt.directory}"
-                                if last_good_saved is not None else f"No checkpoint was saved in {ckpt.directory}")
-                        if not math.isfinite(loss):
-                            raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. {last}")
-                        raise NonFiniteLossError(
-                            f"non-finite update at step {step}; stopping without saving it (loss {loss}, grad_norm "
-                            f"{float(m['grad_norm'])}; the parameters after the update hold NaN or inf). {last}")
-                    window_tokens += tokens
-                    window_steps += 1
-                    metrics.advance(step, {"loss": loss})
-                    row = None
-                    if step % tc.log_every == 0 or step == tc.steps:
-                        elapsed = time.perf_counter() - window_t0
-                        row = {"loss": loss, "learning_rate": float(m["learning_rate"]),
-                               "grad_norm": float(m["grad_norm"]), "tokens_per_s": window_tokens / elapsed,
-                               "step_time_s": elapsed / window_steps, "last_step_time_s": step_time}
-                        if train_data.bad_sample_counts is not None:
-                            row["bad_samples"] = train_data.bad_sample_counts
-                    if eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
-                        ev = evaluate(eval_fn, current_model_state(), eval_batches, put_eval, groups)
-                        summary["last_eval"] = ev
-                        row = {**(row or {"loss": loss}), **ev}
-                    if row is not None:
-                        metrics.write(step, row)
-                        window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
-                    stop_now = preempt.requested or (stop_after_step is not None and step >= stop_after_step)
-                    if step % ckpt.every == 0 or step == tc.steps or stop_now:
-                        save(step)
-                        last_good_saved = step
-                    if stop_now:
-                        summary["preempted"] = True
-                        log(f"stopping at step {step} ({preempt.signal_name or 'stop_after_step'}); "
-                            f"checkpoint saved")
-                        break
-        finally:
-            train_data.close()
-            ckpt.close()
-            metrics.close()
-        summary.update(end_step=step, loss=loss)
-        return summary
+class _Session:
+    """The compiled steps and everything they work on: the (model, optimizer) state as one pytree, the data, the
+    held-out batches, the checkpointer; built inside jax.set_mesh."""
+
+    def __init__(self, cfg: RunConfig, mesh, rule_table, ckpt: Checkpointer, data: _RunData, model, optimizer,
+                 trainable, schedule, loss_fn: Callable):
+        self.cfg, self.mesh, self.rule_table, self.ckpt = cfg, mesh, rule_table, ckpt
+        self.train_data = data.train
+        self.graphdef, self.state = nnx.split((model, optimizer))
+        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.step_fn = jax.jit(make_train_step(self.graphdef, trainable, loss_fn=loss_fn, schedule=schedule,
+                                               grads_fn=make_grads_fn(cfg, mesh)),
+                               out_shardings=(state_shardings, None), donate_argnums=0)
+        self.eval_fn = jax.jit(make_eval_step(nnx.graphdef(model)))
+        if data.real:
+            self.eval_batches, self.groups = [], {}  # held-out evaluation is the synthetic stream's (real: loss only)
+        else:
+            self.eval_batches = [prepare_host_batch(unstack_first(data.eval.batch_at(i)), cfg, leading=0)
+                                 for i in range(cfg.data.eval_batches)]
+            self.groups = caption_word_groups(data.codec)
+
+    def train_step(self, host_batch: dict) -> dict:
+        """One step on this host's rows (already prepared); the state is replaced, the step's metrics returned."""
+        self.state, m = self.step_fn(self.state, put_batch(host_batch, self.mesh, leading=1,
+                                                           rule_table=self.rule_table))
+        return m
+
+    def put_eval(self, batch: dict) -> dict:
+        return put_batch(distributed.take_host_rows(batch, self.mesh, 0), self.mesh, leading=0,
+                         rule_table=self.rule_table)
+
+    def evaluate(self) -> dict:
+        m, _ = nnx.merge(self.graphdef, self.state)
+        return evaluate(self.eval_fn, nnx.state(m), self.eval_batches, self.put_eval, self.groups)
+
+    def save(self, step: int) -> None:
+        m, o = nnx.merge(self.graphdef, self.state)
+        self.ckpt.save(step, _checkpoint_tree(m, o), self.train_data.state(), self.cfg.model)
+
+
+class _Window:
+    """Tokens and steps since the last metrics row, for tokens_per_s and step_time_s."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.tokens, self.steps = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def rates(self) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        return {"tokens_per_s": self.tokens / elapsed, "step_time_s": elapsed / self.steps}
+
+
+def _check_finite(loss: float, finite: bool, m: dict, step: int, last_good_saved: int | None, directory: str) -> None:
+    """NonFiniteLossError when the step's loss, or the update (one flag reduced on device: the gradient norm and the
+    updated parameters), is not finite; the step is then neither kept, logged nor saved."""
+    if finite and math.isfinite(loss):
+        return
+    last = (f"The last good checkpoint is step {last_good_saved} in {directory}"
+            if last_good_saved is not None else f"No checkpoint was saved in {directory}")
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. {last}")
+    raise NonFiniteLossError(
+        f"non-finite update at step {step}; stopping without saving it (loss {loss}, grad_norm "
+        f"{float(m['grad_norm'])}; the parameters after the update hold NaN or inf). {last}")
+
+
+def _metrics_row(session: _Session, step: int, loss: float, m: dict, step_time: float, window: _Window,
+                 summary: dict) -> dict | None:
+    """The metrics row of ``step``, or None: the training fields every log_every steps and at the last step, the
+    held-out evaluation every eval_every steps and at the last step (recorded in ``summary``)."""
+    tc = session.cfg.train
+    row = None
+    if step % tc.log_every == 0 or step == tc.steps:
+        rates = window.rates()
+        row = {"loss": loss, "learning_rate": float(m["learning_rate"]), "grad_norm": float(m["grad_norm"]), **rates,
+               "last_step_time_s": step_time}
+        if session.train_data.bad_sample_counts is not None:
+            row["bad_samples"] = session.train_data.bad_sample_counts
+    if session.eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
+        ev = session.evaluate()
+        summary["last_eval"] = ev
+        row = {**(row or {"loss": loss}), **ev}
+    return row
+
+
+def _train(session: _Session, workdir: str, *, start: int, last_good_saved: int | None,
+           stop_after_step: int | None, log: Callable) -> dict:
+    """The step loop from ``start`` to TrainConfig.steps: step, check finiteness, metrics and evaluation, checkpoints;
+    SIGTERM/SIGINT or ``stop_after_step`` end it after a saved step. The data, checkpointer and metrics are closed
+    however it ends. Returns the run's summary."""
+    tc, ckpt, train_data = session.cfg.train, session.ckpt, session.train_data
+    mesh, processes = session.mesh, jax.process_count()
+    metrics = MetricsWriter(workdir, total_steps=tc.steps, initial_step=start,
+                            progress_bar=tc.progress_bar, is_main_process=distributed.is_main_process())
+    summary = {"start_step": start, "preempted": False, "last_eval": None}
+    step, loss = start, None
+    window = _Window()
+    try:
+        with _Preemption() as preempt:
+            while step < tc.steps:
+                host_batch = train_data.next_host_batch(mesh)  # this host's rows only
+                tokens = int((host_batch["segment_ids"] != 0).sum()) * processes  # hosts' shares are equal
+                host_batch = prepare_host_batch(host_batch, session.cfg, leading=1)
+                t0 = time.perf_counter()
+                m = session.train_step(host_batch)
+                # A sync per step: the loss, the gradient norm and the updated parameters are checked (one flag,
+                # reduced on device) before the step is kept, logged or saved.
+                loss, finite = float(m["loss"]), bool(m["finite"])
+                step_time = time.perf_counter() - t0
+                step += 1
+                _check_finite(loss, finite, m, step, last_good_saved, ckpt.directory)
+                window.add(tokens)
+                metrics.advance(step, {"loss": loss})
+                row = _metrics_row(session, step, loss, m, step_time, window, summary)
+                if row is not None:
+                    metrics.write(step, row)
+                    window.reset()
+                stop_now = preempt.requested or (stop_after_step is not None and step >= stop_after_step)
+                if step % ckpt.every == 0 or step == tc.steps or stop_now:
+                    session.save(step)
+                    last_good_saved = step
+                if stop_now:
+                    summary["preempted"] = True
+                    log(f"stopping at step {step} ({preempt.signal_name or 'stop_after_step'}); checkpoint saved")
+                    break
+    finally:
+        train_data.close()
+        ckpt.close()
+        metrics.close()
+    summary.update(end_step=step, loss=loss)
+    return summary
