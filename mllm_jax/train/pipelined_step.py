@@ -15,6 +15,8 @@ Gradients come back as an ``nnx.State`` of exactly the parameters ``mllm_jax.fre
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,16 +187,37 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     ``nnx.split(model, trainable_filter(model.config), ...)[1]``: ready for ``optimizer.update``.
     """
     config = model.config
+    M, mb, seq = _check_call(model, batch, mesh, parallel_config)
+    stage_layers = _stage_layers(config, parallel_config, batch, stage_layers, stages=mesh.shape["pipeline"], mb=mb,
+                                 seq=seq)
+    labels = jnp.asarray(batch["labels"], jnp.int32)
+    count = jnp.sum((labels != IGNORE).astype(jnp.float32))
+    inv_count = 1.0 / jnp.maximum(count, 1.0)
+    outside = _embed_outside(model, batch, M)
+    loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
+                                                    stage_layers=stage_layers, chunk=chunk, schedule=schedule)
+    grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
+    return loss * count, count, grads
+
+
+def _check_call(model, batch: dict, mesh, parallel_config) -> tuple:
+    """(M, rows per microbatch, sequence length), after checking the mesh, the layout and the batch: the pipeline
+    axis matches ParallelConfig.pipeline, the layout is valid, ring context attention is not asked for inside
+    stages, every leaf carries the leading microbatch axis."""
     S = mesh.shape["pipeline"]
     if parallel_config.pipeline != S:
         raise ValueError(f"ParallelConfig.pipeline is {parallel_config.pipeline} but the mesh's pipeline axis has "
                          f"{S} devices")
-    validate_layout(parallel_config, config)
+    validate_layout(parallel_config, model.config)
     if S > 1 and mesh.shape.get("context", 1) > 1 and model.llm.run.context_method == "ring":
         raise ValueError("the model was built with context_method='ring', which cannot run inside pipeline stages "
                          "(see mllm_jax.layout.validate_layout); build it with ContextConfig.attention='allgather'")
-    M, mb, seq = check_microbatched(batch, parallel_config.microbatches)
-    llm = model.llm
+    return check_microbatched(batch, parallel_config.microbatches)
+
+
+def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages: int, mb: int, seq: int) -> tuple:
+    """LLM layers per stage: as given, or the frozen-aware planner's for this batch's shapes; checked to have one
+    entry per stage and to sum to the LLM's layer count."""
     n_layers = config.llm.n_layers
     if stage_layers is None:
         inputs = batch.get("encoder_inputs") or {}
@@ -202,15 +225,26 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
         stage_layers = plan_stage_layers(config, parallel_config, text_tokens=seq, microbatch_size=mb,
                                          instances=instances)
     stage_layers = tuple(int(c) for c in stage_layers)
-    if len(stage_layers) != S or sum(stage_layers) != n_layers:
-        raise ValueError(f"stage_layers {stage_layers} must have {S} entries (pipeline stages) summing to the "
+    if len(stage_layers) != stages or sum(stage_layers) != n_layers:
+        raise ValueError(f"stage_layers {stage_layers} must have {stages} entries (pipeline stages) summing to the "
                          f"LLM's n_layers ({n_layers})")
+    return stage_layers
 
-    labels = jnp.asarray(batch["labels"], jnp.int32)
-    count = jnp.sum((labels != IGNORE).astype(jnp.float32))
-    inv_count = 1.0 / jnp.maximum(count, 1.0)
 
-    # ---- outside the pipeline: encoders, projectors, injection, embedding (differentiated by one vjp).
+class _Outside(NamedTuple):
+    """What runs outside the pipeline: the injected embeddings (flat rows, and [M, mb, S, D] for the pipeline), the
+    trainable state they were differentiated against, and their vjp (None when nothing upstream trains)."""
+
+    emb: jax.Array
+    x_M: jax.Array
+    trainable: nnx.State
+    embed_vjp: Callable | None
+
+
+def _embed_outside(model, batch: dict, M: int) -> _Outside:
+    """Encoders, projectors, injection and the token embedding over all microbatches at once, differentiated by one
+    vjp when anything in them trains (``embedding_requires_grad``)."""
+    config = model.config
     modalities = sorted(batch.get("encoder_inputs") or {})
     flat = flatten_microbatches(batch, {name: num_features(config, name) for name in modalities})
     with model.scope("llm"):  # token arrays in the LLM's batch layout, whatever layout the caller gave them
@@ -221,14 +255,20 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     def embed(tr):
         return nnx.merge(gdef, tr, frozen, rest).embed(flat)
 
-    input_grad = embedding_requires_grad(config, modalities)
-    if input_grad:
+    embed_vjp = None
+    if embedding_requires_grad(config, modalities):
         emb, embed_vjp = jax.vjp(embed, trainable)
     else:
         emb = embed(trainable)
-    x_M = _rows_microbatched(emb, M)
+    return _Outside(emb, _rows_microbatched(emb, M), trainable, embed_vjp)
 
-    # ---- the pipeline: decoder layers; final norm + loss on the last stage.
+
+def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
+              schedule: str) -> tuple:
+    """(loss, layer grads, head grads, input cotangent [M, mb, S, D]): the decoder layers pipelined over the
+    `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage."""
+    config, llm = model.config, model.llm
+    M = outside.x_M.shape[0]
     values, _ = llm.layer_params()
     layer_fn, window_codes = _stage_layer(llm)
     # Weights enter the pipeline in their storage layout (FSDP- and tensor-sharded over the non-pipeline axes);
@@ -246,29 +286,34 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
         loss, (g_layers, g_loss_params, dx_M) = pipeline_value_and_grad(
             layer_fn,
             stacked,
-            x_M,
+            outside.x_M,
             loss_fn=_loss_fn(llm, chunk),
             loss_params=loss_params,
             aux=aux,
             stage_layers=stage_layers,
             mesh=mesh,
-            trainable_layers=np.full(n_layers, layers_train),
-            input_requires_grad=input_grad,
+            trainable_layers=np.full(config.llm.n_layers, layers_train),
+            input_requires_grad=outside.embed_vjp is not None,
             loss_params_trainable=llm_base_trainable(config),
             schedule=schedule,
         )
+    return loss, g_layers, g_loss_params, dx_M
 
-    # ---- gradients into the trainable state's layout.
-    if input_grad:
+
+def _gather_grads(outside: _Outside, g_layers, g_loss_params, dx_M) -> nnx.State:
+    """The gradients in the trainable state's layout: the input cotangent pulled through the embedding vjp (zeros
+    when nothing outside trains), plus the pipeline's layer and head gradients into the LLM's entries."""
+    if outside.embed_vjp is not None:
+        emb = outside.emb
         dx = _rows_flat(dx_M).astype(emb.dtype)
         want = getattr(jax.typeof(emb), "sharding", None)
         if want is not None and want.mesh.axis_names and jax.typeof(dx).sharding != want:
             dx = jax.sharding.reshard(dx, want)
-        (grads,) = embed_vjp(dx)
+        (grads,) = outside.embed_vjp(dx)
     else:
-        grads = jax.tree.map(jnp.zeros_like, trainable)
+        grads = jax.tree.map(jnp.zeros_like, outside.trainable)
     pure = nnx.to_pure_dict(grads)
     if "llm" in pure:
         _add_into(pure["llm"], {"layers": g_layers["weights"], **g_loss_params})
     nnx.replace_by_pure_dict(grads, pure)
-    return loss * count, count, grads
+    return grads
