@@ -143,8 +143,7 @@ class Embedder(nnx.Module):
         dtype = L.dtype_of(self.dtype)
         table = part.gathered(self.embedding[...], ("vocab", "embed")).astype(dtype)
         ids_BS = jnp.asarray(ids_BS, jnp.int32)
-        sh = part.out_sharding(("batch", "length", "act_embed"), ids_BS.shape + (cfg.d_model,))
-        e = table.at[ids_BS].get(out_sharding=sh) if sh is not None else jnp.take(table, ids_BS, axis=0)
+        e = part.take_rows(table, ids_BS, ("batch", "length", "act_embed"))
         if cfg.embed_scale:
             e = e * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         return e

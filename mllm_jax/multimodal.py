@@ -145,8 +145,6 @@ class MultimodalModel(nnx.Module):
 
 def inject(emb_BSD, feats_FD, index_BS):
     """where(index >= 0, feats[index], emb): static shapes, no scatter."""
-    sh = part.out_sharding(("batch", "length", "act_embed"), emb_BSD.shape)
     index_BS = part.constrain(index_BS, ("batch", "length"))
-    safe = jnp.maximum(index_BS, 0)
-    g = feats_FD.at[safe].get(out_sharding=sh) if sh is not None else jnp.take(feats_FD, safe, axis=0)
+    g = part.take_rows(feats_FD, jnp.maximum(index_BS, 0), ("batch", "length", "act_embed"))
     return jnp.where((index_BS >= 0)[..., None], g, emb_BSD)

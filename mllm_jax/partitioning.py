@@ -154,6 +154,13 @@ def out_sharding(names: tuple, shape: tuple):
     return spec(names, shape)
 
 
+def take_rows(table, index, names: tuple):
+    """``table[index]`` (rows of a [N, D] table at int ``index`` of any shape) laid out by the output's logical
+    names: an embedding lookup or a feature gather. On Explicit meshes the gather's output sharding is spelled out."""
+    sh = out_sharding(names, tuple(index.shape) + tuple(table.shape[1:]))
+    return jax.numpy.take(table, index, axis=0) if sh is None else table.at[index].get(out_sharding=sh)
+
+
 def reshape(x, shape: tuple, names: tuple):
     """``x.reshape(shape)`` laid out by the output's logical names.
 
