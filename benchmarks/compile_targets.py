@@ -9,6 +9,12 @@ A layout is space-separated ParallelConfig fields (``data=2 tensor=2 microbatche
 shorthands ``attention=<impl>`` (ModelConfig.attention_impl) and ``loop=<scan|unrolled>`` (ModelConfig.layer_loop).
 Layouts whose device count is not the target's are skipped. Each case runs in its own process (libtpu and the gin
 state stay per case; a compiler crash loses one case). Prints one JSON line per case, then the summary JSON line.
+
+``--no_costs`` skips the second (unrolled) compile that gives the FLOPs, bytes, roofline and mfu_bound: memory, fits,
+collectives and Pallas calls only (compile_target.compile_for_target(costs=False); a 7B case in ~1/4 of the time).
+``--cases FILE`` reads "recipe | target | layout" lines (blank and # lines skipped) instead of a cross product; a
+layout may carry gin bindings as is (``fsdp=8 ModelConfig.remat="dots"``), and ``--append`` adds each case's line to
+the --out file as it finishes (a sweep that is stopped keeps what it finished).
 """
 
 from __future__ import annotations
@@ -68,9 +74,22 @@ def layout_devices(layout: str) -> int:
     return math.prod(sizes.values())
 
 
-def run_case(recipe: str, target: str, layout: str, timeout: int) -> dict:
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--gin_file={os.path.join(ROOT, 'configs', recipe)}.gin",
-           "--compile_only", f"--target={target}"] + [f"--gin_param={g}" for g in gin_params(layout)]
+def _one_case(recipe: str, target: str, layout: str, costs: bool) -> int:
+    """The child process of a case: train.py --compile_only's path, with the costs switch."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from mllm_jax.train import compile_target, loop, targets
+
+    cfg = loop.load_run_config([os.path.join(ROOT, "configs", recipe) + ".gin"], gin_params(layout))
+    return compile_target.main(cfg, targets.parse(target), costs=costs)
+
+
+def run_case(recipe: str, target: str, layout: str, timeout: int, costs: bool = True, log: str | None = None) -> dict:
+    if costs:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+               f"--gin_file={os.path.join(ROOT, 'configs', recipe)}.gin", "--compile_only", f"--target={target}"]
+        cmd += [f"--gin_param={g}" for g in gin_params(layout)]
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_one", recipe, target, layout]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -78,7 +97,10 @@ def run_case(recipe: str, target: str, layout: str, timeout: int) -> dict:
     except subprocess.TimeoutExpired:
         return {"recipe": recipe, "target": target, "layout": layout, "compiled": False, "fits": False,
                 "error": f"timed out after {timeout} s"}
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if log:  # the whole report (memory breakdown, cost basis) and the compiler's error
+        with open(log, "w") as f:
+            f.write(f"$ {' '.join(cmd)}\n{p.stdout}\n--- stderr ---\n{p.stderr[-20000:]}")
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     out = json.loads(lines[-1]) if lines else {"fits": False, "error": p.stderr.strip().splitlines()[-1:]}
     out.update(recipe=recipe, target=target, layout=layout, wall_s=time.perf_counter() - t0,
                compiled="error" not in out or out.get("per_device_gib") is not None)
@@ -93,8 +115,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--layouts", nargs="*")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no_costs", action="store_true", help="skip the cost compile: no FLOPs, roofline, mfu_bound")
+    ap.add_argument("--cases", default=None, help="a file of 'recipe | target | layout' lines")
+    ap.add_argument("--append", action="store_true", help="append each case's JSON line to --out as it finishes")
+    ap.add_argument("--logs", default=None, help="a folder for each case's whole output (<n>.log)")
+    ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.recipes or args.targets or args.layouts:
+    if args._one:
+        sys.exit(_one_case(*args._one, costs=False))
+    if args.cases:
+        with open(args.cases) as f:
+            cases = [tuple(x.strip() for x in line.split("|")) for line in f
+                     if line.strip() and not line.lstrip().startswith("#")]
+    elif args.recipes or args.targets or args.layouts:
         if not (args.recipes and args.targets and args.layouts):
             ap.error("--recipes, --targets and --layouts go together")
         cases = [(r, t, l) for r in args.recipes for t in args.targets for l in args.layouts]
@@ -107,13 +140,21 @@ def main(argv=None) -> dict:
         n = targets_lib.parse(target).num_devices
         if layout_devices(layout) != n:
             continue
-        r = run_case(recipe, target, layout, args.timeout)
-        keep = ("recipe", "target", "layout", "compiled", "fits", "per_device_gib", "hbm_gib", "roofline_step_s",
-                "mfu_bound", "pallas_calls", "collectives", "compile_s", "error")
+        log = None
+        if args.logs:
+            os.makedirs(args.logs, exist_ok=True)
+            log = os.path.join(args.logs, f"{len(results):03d}_{recipe}_{target.replace(':', '-')}.log")
+        r = run_case(recipe, target, layout, args.timeout, costs=not args.no_costs, log=log)
+        keep = ("recipe", "target", "layout", "compiled", "fits", "per_device_gib", "hbm_gib", "flops_per_device",
+                "model_flops", "roofline_step_s", "mfu_bound", "pallas_calls", "collectives", "compile_s",
+                "cost_compile_s", "wall_s", "error")
         row = {k: r.get(k) for k in keep if k in r}
         if row.get("error"):
             row["error"] = str(row["error"])[:400]
         print(json.dumps(row), flush=True)
+        if args.append and args.out:
+            with open(args.out + ".cases", "a") as f:
+                f.write(json.dumps(row) + "\n")
         results.append(row)
     summary = {"benchmark": "compile_targets", "cases": results,
                "compiled": sum(bool(r.get("compiled")) for r in results),
