@@ -27,16 +27,9 @@ import pytest
 
 from mllm_jax.train import loop
 from mllm_jax.train.metrics import read_metrics
+from train_main import TINY as BASE_TINY
 
-TINY = [
-    "LLMConfig.n_layers = 2", "LLMConfig.d_model = 32", "LLMConfig.n_heads = 2", "LLMConfig.n_kv_heads = 2",
-    "LLMConfig.d_ff = 64", "VisionConfig.n_layers = 1", "VisionConfig.d_model = 32", "VisionConfig.n_heads = 2",
-    "VisionConfig.d_ff = 64", "VisionConfig.image_size = 16", "VisionConfig.patch_size = 4",
-    "DataConfig.seq_len = 64", "DataConfig.samples_per_row = 1", "DataConfig.batch_size = 16",
-    "DataConfig.eval_batches = 1", "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.learning_rate = 3e-3",
-    "TrainConfig.log_every = 1", "TrainConfig.eval_every = 0", "TrainConfig.progress_bar = False",
-    "CheckpointConfig.keep = 10", "CheckpointConfig.async_save = False", "ParallelConfig.data = 8",
-]
+TINY = BASE_TINY + ["ParallelConfig.data = 8"]
 
 
 @pytest.fixture(autouse=True)

@@ -10,17 +10,11 @@ import time
 import pytest
 
 from mllm_jax.train.metrics import read_metrics
+from train_main import TINY as BASE_TINY
 from subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "LLMConfig.n_layers=2", "LLMConfig.d_model=32", "LLMConfig.n_heads=2", "LLMConfig.n_kv_heads=2",
-    "LLMConfig.d_ff=64", "VisionConfig.n_layers=1", "VisionConfig.d_model=32", "VisionConfig.n_heads=2",
-    "VisionConfig.d_ff=64", "VisionConfig.image_size=16", "VisionConfig.patch_size=4", "DataConfig.seq_len=64",
-    "DataConfig.samples_per_row=1", "DataConfig.batch_size=16", "DataConfig.eval_batches=1",
-    "OptimizerConfig.warmup_steps=1", "TrainConfig.log_every=1", "TrainConfig.eval_every=0",
-    "TrainConfig.checkpoint_every=100", "TrainConfig.steps=6",
-]
+TINY = BASE_TINY + ["TrainConfig.checkpoint_every = 100", "TrainConfig.steps = 6"]
 
 
 def _cmd(workdir, devices, *params):
