@@ -215,7 +215,10 @@ def test_compiles_with_mosaic_for_tpu_forward_and_backward(target):
     def loss(q, k, v, meta):
         return jnp.sum(forward(q, k, v, meta).astype(jnp.float32))
 
-    _, fwd_text = compile_on_one_device(target, forward, q, kv, kv, meta)
+    fwd, fwd_text = compile_on_one_device(target, forward, q, kv, kv, meta)
+    # The kernel declares its FLOPs (pl.CostEstimate: every grid step a tile, QK^T and PV), so the compiler's cost
+    # analysis counts them: grid (1 batch, 4 heads, 3 q blocks, 3 k blocks) of 128 x 128 tiles at head dim 128.
+    assert fwd.cost_analysis()["flops"] >= 4 * (1 * 4 * 3 * 3) * 128 * 128 * 128
     bwd, bwd_text = compile_on_one_device(target, jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, meta)
     assert fwd_text.count("custom_call_target=\"tpu_custom_call\"") == 1
     # forward (for the residuals), dQ, dK/dV

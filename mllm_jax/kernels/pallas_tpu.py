@@ -24,6 +24,7 @@ the kernel).
 from __future__ import annotations
 
 import contextlib
+import math
 import functools
 
 import jax
@@ -248,8 +249,28 @@ def _interpret_param(interpret: bool):
     return params() if params is not None else True
 
 
-def _pallas_call(kernel, cfg: _Config, grid, in_specs, out_specs, scratch_shapes, out_shape, semantics, name):
-    """pallas_call of ``kernel`` over ``grid`` with the three compacted tile-list arrays as scalar prefetch."""
+# Matmul FLOPs per (block_q x block_k x head_dim) tile, in units of block_q * block_k * head_dim: the forward's QK^T
+# and PV; dQ recomputes QK^T, then dO V^T and dS K; dK/dV recompute QK^T, then dO V^T, P^T dO and dS^T Q.
+_TILE_FLOPS = {"mllm_flash_fwd": 4, "mllm_flash_dq": 6, "mllm_flash_dkv": 8}
+
+
+def _cost_estimate(name: str, grid, cfg: _Config, head_dim: int, operands, out_shape) -> pl.CostEstimate:
+    """What XLA's cost analysis counts for this kernel (a pallas_call's FLOPs are only what it declares). Every
+    grid step is counted as a computed tile: the live tiles are known only at run time, so for a masked attention
+    this is an upper bound (a causal mask computes about half)."""
+    steps = math.prod(grid)
+    nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize  # noqa: E731
+    return pl.CostEstimate(
+        flops=int(_TILE_FLOPS[name] * steps * cfg.block_q * cfg.block_k * head_dim),
+        transcendentals=int(steps * cfg.block_q * cfg.block_k),  # one exp per logit
+        bytes_accessed=int(sum(nbytes(x) for x in jax.tree.leaves((operands, out_shape)))),
+    )
+
+
+def _pallas_call(kernel, cfg: _Config, grid, in_specs, out_specs, scratch_shapes, out_shape, semantics, name,
+                 operands):
+    """pallas_call of ``kernel`` over ``grid`` with the three compacted tile-list arrays as scalar prefetch, applied
+    to ``operands`` (the tile lists first)."""
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=grid,
@@ -257,6 +278,7 @@ def _pallas_call(kernel, cfg: _Config, grid, in_specs, out_specs, scratch_shapes
         out_specs=out_specs,
         scratch_shapes=scratch_shapes,
     )
+    head_dim = operands[3].shape[-1]  # q, after the three tile lists
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg),
         grid_spec=grid_spec,
@@ -264,7 +286,8 @@ def _pallas_call(kernel, cfg: _Config, grid, in_specs, out_specs, scratch_shapes
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=_interpret_param(cfg.interpret),
         name=name,
-    )
+        cost_estimate=_cost_estimate(name, grid, cfg, head_dim, operands, out_shape),
+    )(*operands)
 
 
 def _in_specs(q_map, kv_map, qmeta_map, kmeta_map, cfg: _Config, d, backward):
@@ -332,7 +355,8 @@ def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
         ],
         semantics=("parallel", "parallel", "parallel", "arbitrary"),
         name="mllm_flash_fwd",
-    )(*fwd_plan, q, k, v, qmeta, kmeta)
+        operands=(*fwd_plan, q, k, v, qmeta, kmeta),
+    )
 
 
 def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
@@ -347,7 +371,8 @@ def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         semantics=("parallel", "parallel", "parallel", "arbitrary"),
         name="mllm_flash_dq",
-    )(*fwd_plan, q, k, v, do, lse, di, qmeta, kmeta)
+        operands=(*fwd_plan, q, k, v, do, lse, di, qmeta, kmeta),
+    )
 
 
 def _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg: _Config):
@@ -375,7 +400,8 @@ def _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg: _Config):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         name="mllm_flash_dkv",
-    )(*bwd_plan, q, k, v, do, lse, di, qmeta, kmeta)
+        operands=(*bwd_plan, q, k, v, do, lse, di, qmeta, kmeta),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
