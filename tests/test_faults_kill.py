@@ -17,7 +17,7 @@ import pytest
 
 from mllm_jax.train.metrics import read_metrics
 from train_main import TINY as BASE_TINY
-from subprocess_env import child_env
+from subprocess_env import check_signal_saves_last_step, child_env, metrics_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = BASE_TINY + ["TrainConfig.checkpoint_every = 1", "CheckpointConfig.keep = 2",
@@ -27,13 +27,6 @@ TINY = BASE_TINY + ["TrainConfig.checkpoint_every = 1", "CheckpointConfig.keep =
 def _cmd(workdir, *params):
     return ([sys.executable, os.path.join(ROOT, "train.py"), "--gin_file=configs/vlm_tiny.gin", f"--workdir={workdir}",
              "--cpu_devices=1"] + [f"--gin_param={p}" for p in TINY + list(params)])
-
-
-def _rows(workdir):
-    try:
-        return read_metrics(workdir)
-    except (FileNotFoundError, ValueError):
-        return []
 
 
 def _losses(workdir):
@@ -54,10 +47,10 @@ def test_kill_9_at_random_points_of_saves_resumes_to_the_uninterrupted_losses(tm
         proc = subprocess.Popen(_cmd(workdir, f"TrainConfig.steps={steps}"), cwd=ROOT, env=child_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if kills < 4:
-            before = max([r["step"] for r in _rows(workdir)], default=0)
+            before = max([r["step"] for r in metrics_rows(workdir)], default=0)
             deadline = time.time() + 200
             while time.time() < deadline and proc.poll() is None:  # a step ran (and its save began)
-                if max([r["step"] for r in _rows(workdir)], default=0) > before:
+                if max([r["step"] for r in metrics_rows(workdir)], default=0) > before:
                     break
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.4))
@@ -80,15 +73,5 @@ def test_kill_9_at_random_points_of_saves_resumes_to_the_uninterrupted_losses(tm
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path)
-    proc = subprocess.Popen(_cmd(workdir, "TrainConfig.steps=100000", "TrainConfig.checkpoint_every=1000"),
-                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(_rows(workdir)) < 2:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    last = read_metrics(workdir)[-1]["step"]
-    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert saved == [last] and "SIGINT" in stdout, (saved, last, stdout[-2000:])
+    check_signal_saves_last_step(_cmd(workdir, "TrainConfig.steps=100000", "TrainConfig.checkpoint_every=1000"),
+                                 workdir, signal.SIGINT, cwd=ROOT, wait_s=300)

@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mllm_jax.train.metrics import read_metrics
 from train_main import TINY as BASE_TINY
-from subprocess_env import child_env
+from subprocess_env import check_signal_saves_last_step, child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = BASE_TINY + ["TrainConfig.checkpoint_every = 100", "TrainConfig.steps = 6"]
@@ -47,21 +46,7 @@ def test_continuing_across_device_counts_reproduces_one_device(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = str(tmp_path)
-    proc = subprocess.Popen(_cmd(workdir, 1, "TrainConfig.steps=100000"), cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(read_metrics(workdir)) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    last = read_metrics(workdir)[-1]["step"]
-    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert steps == [last] and "SIGTERM" in stdout
+    check_signal_saves_last_step(_cmd(workdir, 1, "TrainConfig.steps=100000"), workdir, signal.SIGTERM, cwd=ROOT)
 
 
 @pytest.mark.parametrize("params,names", [
