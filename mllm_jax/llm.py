@@ -38,22 +38,36 @@ def layer_window(cfg: LLMConfig, i: int) -> int | None:
 def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window, *, mask=None):
     """One pre-norm decoder layer on already-gathered parameters (a pure function). ``mask``: the dense [B, S, S]
     attention rule for this layer's window when the caller built it once for all layers (kernels.takes_mask)."""
-    plus_one = cfg.norm_scale_plus_one
-    scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
-    x = L.rms_norm(p["attn_norm"], h_BSD, cfg.norm_eps, plus_one=plus_one)
+    x = L.rms_norm(p["attn_norm"], h_BSD, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
     a = L.self_attention(
-        p["attn"], x, meta, rope=rope, lora_scale=run.lora_scale, impl=run.attention_impl, scale=scale,
+        p["attn"], x, meta, rope=rope, lora_scale=run.lora_scale, impl=run.attention_impl, scale=attention_scale(cfg),
         window=window, softcap=cfg.attn_logit_softcap, span_isolated=run.span_isolated,
         context_method=run.context_method, mask=mask,
     )
+    return mlp_sublayer(p, attention_residual(p, h_BSD, a, cfg), cfg, run)
+
+
+def attention_scale(cfg: LLMConfig) -> float | None:
+    """Softmax scale (None: 1/sqrt(head_dim)); Gemma 2 uses 1/sqrt(query_pre_attn_scalar)."""
+    return cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+
+
+def attention_residual(p: dict, h_BSD, attn_out_BSD, cfg: LLMConfig):
+    """h + (post-norm of) the attention output: the attention half of a decoder layer after the attention itself
+    (shared by training and the cached decode, which computes the attention differently)."""
     if cfg.post_norms:
-        a = L.rms_norm(p["post_attn_norm"], a, cfg.norm_eps, plus_one=plus_one)
-    h = h_BSD + a
-    x = L.rms_norm(p["mlp_norm"], h, cfg.norm_eps, plus_one=plus_one)
+        attn_out_BSD = L.rms_norm(p["post_attn_norm"], attn_out_BSD, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+    return h_BSD + attn_out_BSD
+
+
+def mlp_sublayer(p: dict, h_BSD, cfg: LLMConfig, run: RunSettings):
+    """The MLP half of a decoder layer: h + MLP(norm(h)) (Gemma 2: post-norm on the MLP output)."""
+    plus_one = cfg.norm_scale_plus_one
+    x = L.rms_norm(p["mlp_norm"], h_BSD, cfg.norm_eps, plus_one=plus_one)
     m = L.gated_mlp(p["mlp"], x, cfg.activation, lora_scale=run.lora_scale)
     if cfg.post_norms:
         m = L.rms_norm(p["post_mlp_norm"], m, cfg.norm_eps, plus_one=plus_one)
-    return part.constrain(h + m, ("batch", "length", "act_embed"))
+    return part.constrain(h_BSD + m, ("batch", "length", "act_embed"))
 
 
 def rope_tables(cfg: LLMConfig, positions):
