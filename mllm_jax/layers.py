@@ -301,7 +301,9 @@ def scan_layers(body, h, stacked: dict, remat: str = "none", loop: str = "scan")
     check_layer_loop(loop)
     wrap, policy = remat_policy(remat)
     if wrap:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        # prevent_cse: lax.scan already keeps XLA from merging the recomputed forward with the original one; an
+        # unrolled loop needs the barriers, or the TPU compiler CSEs the recompute away and remat saves nothing.
+        body = jax.checkpoint(body, policy=policy, prevent_cse=(loop == "unrolled"))
     if loop == "unrolled":
         for i in range(jax.tree.leaves(stacked)[0].shape[0]):
             h = body(jax.tree.map(lambda a, i=i: a[i], stacked), h)

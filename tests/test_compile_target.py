@@ -207,3 +207,35 @@ def test_broken_mosaic_kernel_is_rejected_by_the_same_compile_path():
     with pytest.raises(ct.TargetCompileError) as e:
         ct.compile_on_target(fn, (x,), mesh, what="tpu:v5e:2x2 broken kernel")
     assert "tpu:v5e:2x2" in str(e.value) and "Mosaic" in str(e.value)
+
+
+@needs_tpu
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_remat_recompute_survives_the_tpu_compiler(layer_loop):
+    """The cost figures come from an unrolled copy of the step, and users may train unrolled: remat must still
+    recompute there. Oracle: a layer tanh(h @ w) @ w2 under full remat recomputes exactly one matmul per layer in
+    the backward (the h @ w that dw2 needs), so XLA:TPU's compiled FLOPs grow by one [b, d] x [d, d] matmul per
+    layer over no remat, and dots remat (matmul outputs saved) recomputes none. Without the CSE barriers in the
+    unrolled loop the TPU compiler merged the recompute into the forward and full == none (remat saved nothing)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernel_testlib import compile_on_one_device
+    from mllm_jax import layers as L
+
+    n, d, b = 3, 512, 256
+    stack = {k: jax.ShapeDtypeStruct((n, d, d), jnp.float32) for k in ("w", "w2")}
+    h = jax.ShapeDtypeStruct((b, d), jnp.float32)
+
+    def flops(remat):
+        f = jax.grad(lambda s, h: jnp.sum(
+            L.scan_layers(lambda p, x: jnp.tanh(x @ p["w"]) @ p["w2"], h, s, remat, layer_loop) ** 2))
+        ca = compile_on_one_device("tpu:v5e:1x1", f, stack, h)[0].cost_analysis()
+        return (ca[0] if isinstance(ca, list) else ca)["flops"]
+
+    one_matmul = 2 * b * d * d
+    base = flops("none")
+    # scan: XLA:TPU's cost analysis counts a while loop's body once, so the extra is one matmul, not n
+    extra = one_matmul * (n if layer_loop == "unrolled" else 1)
+    assert flops("full") - base == pytest.approx(extra, rel=0.02)
+    assert abs(flops("dots") - base) < 0.02 * one_matmul
