@@ -70,6 +70,7 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
 
 
 def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
+    cfg = loop.for_devices(cfg, jax.device_count())
     loop.validate(cfg, jax.device_count())
     mesh = loop.build_mesh(cfg.parallel)
     from mllm_jax.build import abstract_model

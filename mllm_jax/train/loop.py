@@ -75,6 +75,15 @@ def load_run_config(gin_files=(), gin_params=()) -> RunConfig:
 # Validation: every error here happens before anything is built or compiled, and names the numbers.
 
 
+def for_devices(cfg: RunConfig, num_devices: int) -> RunConfig:
+    """``cfg`` with its layout's -1 sizes filled for ``num_devices`` devices (mllm_jax.parallel.fill)."""
+    from mllm_jax.parallel.fill import fill_layout
+
+    batch = None if uses_real_data(cfg.dataset) else cfg.data.batch_size
+    parallel = fill_layout(cfg.parallel, num_devices, batch)
+    return cfg if parallel == cfg.parallel else dataclasses.replace(cfg, parallel=parallel)
+
+
 def validate(cfg: RunConfig, num_devices: int) -> None:
     pc, mc, dc, tc = cfg.parallel, cfg.model, cfg.data, cfg.train
     validate_layout(pc, mc, num_devices)
@@ -281,6 +290,12 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
     (checkpoint saved), for tests of resumption. Every process of a multi-host job runs this; process 0 alone writes
     the metrics and the once-per-run files, and holds the workdir's lock ({workdir}/lock: host and pid) while it
     runs: a second run on the same workdir is refused, a stale lock (its process gone) is taken over."""
+    filled = for_devices(cfg, jax.device_count())
+    if filled is not cfg:
+        log("layout for " + str(jax.device_count()) + " devices: " + " ".join(
+            f"{a}={s}" for a, s in filled.parallel.axis_sizes.items() if s > 1) + f" microbatches="
+            f"{filled.parallel.microbatches} (ParallelConfig sizes given as -1 filled)")
+    cfg = filled
     validate(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir, log=log) if distributed.is_main_process() else None
