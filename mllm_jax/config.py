@@ -46,10 +46,43 @@ class LLMConfig:
     query_pre_attn_scalar: float | None = None  # Gemma 2: softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)
     post_norms: bool = False  # Gemma 2: extra norms after attention and MLP
     max_position_embeddings: int = 4096  # informational (RoPE has no table); HF config round trip
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE (q_norm / k_norm, [head_dim])
+    # ---- Mixture of experts (mllm_jax.moe; docs/moe.md). n_experts = 0: every MLP is dense.
+    n_experts: int = 0
+    experts_per_token: int = 2  # top-k
+    moe_d_ff: int | None = None  # one expert's hidden size (None -> d_ff)
+    router_activation: str = "softmax"  # "softmax" (Mixtral, Qwen2/3-MoE) | "sigmoid" (per-expert gates)
+    norm_topk_prob: bool = True  # renormalise the k selected gates to sum to 1 (Mixtral, Qwen3-MoE); Qwen2-MoE: False
+    shared_expert_d_ff: int = 0  # > 0: a dense shared expert beside the routed ones (Qwen2-MoE)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(x . w_gate)
+    # Layer i is MoE when i >= moe_first_dense_layers and (i + 1) % moe_layer_freq == 0 (HF decoder_sparse_step;
+    # DeepSeek first_k_dense_replace); the other layers keep the dense MLP of size d_ff.
+    moe_layer_freq: int = 1
+    moe_first_dense_layers: int = 0
+    router_aux_loss_coef: float = 0.0  # load-balancing loss (HF load_balancing_loss_func, per MoE layer, averaged)
+    router_z_loss_coef: float = 0.0  # mean over tokens of logsumexp(router logits)^2, averaged over MoE layers
+    moe_capacity_factor: float | None = None  # None: dropless; c: each expert takes ceil(c * tokens * k / E) rows
+    # Grouped matmul: "auto" (TPU/GPU: jax.lax.ragged_dot; CPU: "tiled"), "ragged_dot", "tiled" (row tiles of one
+    # expert each, a batched matmul over tiles), "megablox" (TPU Pallas gmm), "dense" (every expert on every token:
+    # the test oracle).
+    moe_impl: str = "auto"
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_moe_d_ff(self) -> int:
+        return self.moe_d_ff if self.moe_d_ff is not None else self.d_ff
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i's MLP is a mixture of experts (the one home of the MoE/dense layer pattern)."""
+        return (self.n_experts > 0 and i >= self.moe_first_dense_layers and self.moe_layer_freq > 0
+                and (i + 1) % self.moe_layer_freq == 0)
+
+    @property
+    def moe_layers(self) -> tuple:
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
 
 @dataclass(frozen=True)

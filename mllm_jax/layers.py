@@ -242,11 +242,14 @@ def _unsharded_mesh() -> bool:
 
 
 
-def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, **attention_kw):
-    """Projections q/k/v/o around kernels.attention; ``rope`` = (cos, sin) or None (encoders)."""
+def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, qk_norm_eps=None, **attention_kw):
+    """Projections q/k/v/o around kernels.attention; ``rope`` = (cos, sin) or None (encoders). ``qk_norm_eps``:
+    RMSNorm over head_dim of q and k before RoPE (Qwen3: parameters q_norm / k_norm)."""
     q = linear(p["q"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora_scale)
     k = linear(p["k"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
     v = linear(p["v"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
+    if qk_norm_eps is not None:
+        q, k = rms_norm(p["q_norm"], q, qk_norm_eps), rms_norm(p["k_norm"], k, qk_norm_eps)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = kernels.attention(q, k, v, meta, meta, **attention_kw)
@@ -290,8 +293,10 @@ def check_layer_loop(loop: str) -> None:
         raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}; got {loop!r}")
 
 
-def scan_layers(body, h, stacked: dict, remat: str = "none", loop: str = "scan"):
+def scan_layers(body, h, stacked: dict, remat: str = "none", loop: str = "scan", *, has_aux: bool = False):
     """h <- body(layer_params, h) for each layer of ``stacked`` (arrays with a leading layers axis).
+
+    ``has_aux``: body returns (h, y) and the result is (h, ys stacked over the layers) (y may be None).
 
     ``loop="scan"``: one lax.scan (compile time independent of depth). ``"unrolled"``: a Python loop over the layers;
     the backward then reads each layer's residuals from its own buffers instead of slicing them out of [layers, ...]
@@ -305,15 +310,21 @@ def scan_layers(body, h, stacked: dict, remat: str = "none", loop: str = "scan")
         # unrolled loop needs the barriers, or the TPU compiler CSEs the recompute away and remat saves nothing.
         body = jax.checkpoint(body, policy=policy, prevent_cse=(loop == "unrolled"))
     if loop == "unrolled":
+        ys = []
         for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-            h = body(jax.tree.map(lambda a, i=i: a[i], stacked), h)
-        return h
+            out = body(jax.tree.map(lambda a, i=i: a[i], stacked), h)
+            h, y = out if has_aux else (out, None)
+            ys.append(y)
+        if not has_aux:
+            return h
+        return h, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
 
     def step(carry, layer_params):
-        return body(layer_params, carry), None
+        out = body(layer_params, carry)
+        return out if has_aux else (out, None)
 
-    h, _ = jax.lax.scan(step, h, stacked)
-    return h
+    h, ys = jax.lax.scan(step, h, stacked)
+    return (h, ys) if has_aux else h
 
 
 def dtype_of(name: str):

@@ -18,6 +18,7 @@ from flax import nnx
 
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax import layers as L
+from mllm_jax import moe as moe_lib
 from mllm_jax import partitioning as part
 from mllm_jax.config import LLMConfig, LoRAConfig, RunSettings
 from mllm_jax.loss import chunked_cross_entropy
@@ -38,13 +39,19 @@ def layer_window(cfg: LLMConfig, i: int) -> int | None:
 def decoder_layer(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window, *, mask=None):
     """One pre-norm decoder layer on already-gathered parameters (a pure function). ``mask``: the dense [B, S, S]
     attention rule for this layer's window when the caller built it once for all layers (kernels.takes_mask)."""
+    return decoder_layer_with_aux(p, h_BSD, meta, rope, cfg, run, window, mask=mask)[0]
+
+
+def decoder_layer_with_aux(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings, window, *,
+                           mask=None):
+    """``decoder_layer`` and its router statistics: (h, moe.MoEStats) on an MoE layer, (h, None) on a dense one."""
     x = L.rms_norm(p["attn_norm"], h_BSD, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
     a = L.self_attention(
         p["attn"], x, meta, rope=rope, lora_scale=run.lora_scale, impl=run.attention_impl, scale=attention_scale(cfg),
         window=window, softcap=cfg.attn_logit_softcap, span_isolated=run.span_isolated,
-        context_method=run.context_method, mask=mask,
+        context_method=run.context_method, mask=mask, qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None,
     )
-    return mlp_sublayer(p, attention_residual(p, h_BSD, a, cfg), cfg, run)
+    return mlp_sublayer_with_aux(p, attention_residual(p, h_BSD, a, cfg), cfg, run)
 
 
 def attention_scale(cfg: LLMConfig) -> float | None:
@@ -61,13 +68,24 @@ def attention_residual(p: dict, h_BSD, attn_out_BSD, cfg: LLMConfig):
 
 
 def mlp_sublayer(p: dict, h_BSD, cfg: LLMConfig, run: RunSettings):
-    """The MLP half of a decoder layer: h + MLP(norm(h)) (Gemma 2: post-norm on the MLP output)."""
+    """The MLP half of a decoder layer: h + MLP(norm(h)) (Gemma 2: post-norm on the MLP output). An MoE layer's
+    parameters (``p["moe"]``) run the mixture of experts; its router statistics are dropped here (see
+    ``mlp_sublayer_with_aux``)."""
+    return mlp_sublayer_with_aux(p, h_BSD, cfg, run)[0]
+
+
+def mlp_sublayer_with_aux(p: dict, h_BSD, cfg: LLMConfig, run: RunSettings):
+    """``mlp_sublayer`` and the router statistics of an MoE layer: (h, moe.MoEStats), or (h, None) when dense."""
     plus_one = cfg.norm_scale_plus_one
     x = L.rms_norm(p["mlp_norm"], h_BSD, cfg.norm_eps, plus_one=plus_one)
-    m = L.gated_mlp(p["mlp"], x, cfg.activation, lora_scale=run.lora_scale)
+    stats = None
+    if "moe" in p:
+        m, stats = moe_lib.moe_mlp(p["moe"], x, cfg, run)
+    else:
+        m = L.gated_mlp(p["mlp"], x, cfg.activation, lora_scale=run.lora_scale)
     if cfg.post_norms:
         m = L.rms_norm(p["post_mlp_norm"], m, cfg.norm_eps, plus_one=plus_one)
-    return part.constrain(h_BSD + m, ("batch", "length", "act_embed"))
+    return part.constrain(h_BSD + m, ("batch", "length", "act_embed")), stats
 
 
 def rope_tables(cfg: LLMConfig, positions):
@@ -79,8 +97,35 @@ def rope_tables(cfg: LLMConfig, positions):
 def stored_decoder_layer(p: dict, names: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings,
                          window, *, mask=None):
     """One decoder layer on its stored parameters (one layer sliced out of the stack): gathered, cast, applied."""
-    w = L.use_params(p, names, L.dtype_of(run.dtype), drop_leading=True)
-    return decoder_layer(w, h_BSD, meta, rope, cfg, run, window, mask=mask)
+    return stored_decoder_layer_with_aux(p, names, h_BSD, meta, rope, cfg, run, window, mask=mask)[0]
+
+
+def use_layer_params(p: dict, names: dict, run: RunSettings) -> dict:
+    """One stored layer's parameters gathered and cast for compute (an MoE layer's experts stay expert-sharded)."""
+    dtype = L.dtype_of(run.dtype)
+    w = L.use_params({k: v for k, v in p.items() if k != "moe"}, {k: names[k] for k in p if k != "moe"},
+                     dtype, drop_leading=True)
+    if "moe" in p:
+        w["moe"] = moe_lib.use_moe_params(p["moe"], names["moe"], dtype, drop_leading=True)
+    return w
+
+
+def stored_decoder_layer_with_aux(p: dict, names: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig,
+                                  run: RunSettings, window, *, mask=None):
+    return decoder_layer_with_aux(use_layer_params(p, names, run), h_BSD, meta, rope, cfg, run, window, mask=mask)
+
+
+def _layer_slice(params: dict, kinds: list, i: int, j: int) -> dict:
+    """Layers i .. j-1 of a slice whose shared parameters are stacked per layer and whose MLPs are stacked per kind
+    (``mlp`` over the dense layers, ``moe`` over the MoE layers, in layer order); ``kinds[l]``: layer l is MoE."""
+    out = {k: jax.tree.map(lambda x: x[i:j], v) for k, v in params.items() if k not in ("mlp", "moe")}
+    for key, want in (("mlp", False), ("moe", True)):
+        if key in params:
+            a = sum(1 for k in kinds[:i] if k == want)
+            b = a + sum(1 for k in kinds[i:j] if k == want)
+            if b > a:
+                out[key] = jax.tree.map(lambda x: x[a:b], params[key])
+    return out
 
 
 def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg: LLMConfig, run: RunSettings,
@@ -91,36 +136,72 @@ def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg:
     which layers have a sliding window. Runs of layers with the same window are one ``lax.scan`` each; alternating
     windows (Gemma 2) scan over groups of ``sliding_window_pattern`` layers.
     """
-    n = jax.tree.leaves(params)[0].shape[0]
+    return apply_decoder_layers_with_aux(params, names, h_BSD, meta, cfg, run, first_layer=first_layer)[0]
+
+
+def apply_decoder_layers_with_aux(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg: LLMConfig,
+                                  run: RunSettings, *, first_layer: int = 0):
+    """``apply_decoder_layers`` and the MoE layers' router statistics stacked in layer order (moe.MoEStats with a
+    leading [n_moe_layers] axis; None without MoE layers): scan outputs of the layer scans.
+
+    Runs of layers of the same kind (dense / MoE) and window are one scan each; a slice of one kind with Gemma 2's
+    alternating windows scans groups of ``sliding_window_pattern`` layers."""
+    n = params["attn_norm"]["scale"].shape[0]
     params = jax.tree.map(part.unshard_leading, params)  # scan slices the layers axis: it must be whole here
     rope = rope_tables(cfg, meta.positions)
     windows = [layer_window(cfg, first_layer + i) for i in range(n)]
+    kinds = [cfg.is_moe_layer(first_layer + i) for i in range(n)]
     masks = layer_masks(meta, set(windows), h_BSD.shape[1], run)
 
     def group_body(group_windows):
         def body(p_group, h):
+            stats = []
             for j, w in enumerate(group_windows):
                 p = p_group if len(group_windows) == 1 else jax.tree.map(lambda a, j=j: a[j], p_group)
-                h = stored_decoder_layer(p, names, h, meta, rope, cfg, run, w, mask=masks.get(w))
-            return h
+                h, st = stored_decoder_layer_with_aux(p, names, h, meta, rope, cfg, run, w, mask=masks.get(w))
+                stats.append(st)
+            if stats[0] is None:
+                return h, None
+            return h, moe_lib.MoEStats(*(jnp.stack(xs) for xs in zip(*stats)))
 
         return body
 
+    def scan(group_windows, p):
+        h_out, st = L.scan_layers(group_body(group_windows), h, p, run.remat, run.layer_loop, has_aux=True)
+        if st is not None:  # [scan steps, group size, ...] -> [layers, ...]
+            st = moe_lib.MoEStats(*(x.reshape((-1,) + x.shape[2:]) for x in st))
+        return h_out, st
+
     h = h_BSD.astype(L.dtype_of(run.dtype))
+    collected = []
+    if len(set(kinds)) > 1:  # a mixed MoE / dense slice: each run of one kind and window is one scan
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and (kinds[j], windows[j]) == (kinds[i], windows[i]):
+                j += 1
+            h, st = scan((windows[i],), _layer_slice(params, kinds, i, j))
+            collected.append(st)
+            i = j
+        return h, moe_lib.combine(collected)
     if len(set(windows)) == 1:
-        return L.scan_layers(group_body((windows[0],)), h, params, run.remat, run.layer_loop)
+        h, st = scan((windows[0],), params)
+        return h, st
     g = cfg.sliding_window_pattern
     start = (-first_layer) % g  # layers before the first aligned group run one by one
     n_groups = (n - start) // g
     sl = lambda a, b: jax.tree.map(lambda x: x[a:b], params)  # noqa: E731
     for i in range(start):
-        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat, run.layer_loop)
+        h, st = scan((windows[i],), sl(i, i + 1))
+        collected.append(st)
     if n_groups:
         grouped = jax.tree.map(lambda x: x.reshape((n_groups, g) + x.shape[1:]), sl(start, start + n_groups * g))
-        h = L.scan_layers(group_body(tuple(windows[start:start + g])), h, grouped, run.remat, run.layer_loop)
+        h, st = scan(tuple(windows[start:start + g]), grouped)
+        collected.append(st)
     for i in range(start + n_groups * g, n):
-        h = L.scan_layers(group_body((windows[i],)), h, sl(i, i + 1), run.remat, run.layer_loop)
-    return h
+        h, st = scan((windows[i],), sl(i, i + 1))
+        collected.append(st)
+    return h, moe_lib.combine(collected)
 
 
 def layer_masks(meta: TokenMeta, windows: set, length: int, run: RunSettings) -> dict:
@@ -178,6 +259,7 @@ class LLM(nnx.Module):
             raise ValueError(f"n_heads ({cfg.n_heads}) must be a multiple of n_kv_heads ({cfg.n_kv_heads})")
         if cfg.sliding_window_pattern < 0:
             raise ValueError(f"sliding_window_pattern must be >= 0; got {cfg.sliding_window_pattern}")
+        moe_lib.validate(cfg)
         lora_rank = None
         if lora is not None:
             known = LLM_LORA_TARGETS + ("fc1", "fc2")  # fc1/fc2 name encoder projections; the LLM skips them
@@ -191,8 +273,8 @@ class LLM(nnx.Module):
         d, hd, nl = cfg.d_model, cfg.resolved_head_dim, cfg.n_layers
         std = 0.02
 
-        def lin(name, ins, outs, in_names, out_names, bias=False):
-            return L.Linear(ins, outs, in_names, out_names, rngs=rngs, bias=bias, stack=nl, init_std=std,
+        def lin(name, ins, outs, in_names, out_names, bias=False, stack=nl):
+            return L.Linear(ins, outs, in_names, out_names, rngs=rngs, bias=bias, stack=stack, init_std=std,
                             lora_rank=lora_rank if name in targets else None)
 
         emb = std * jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32)
@@ -205,13 +287,41 @@ class LLM(nnx.Module):
             v=lin("v", (d,), (cfg.n_kv_heads, hd), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias),
             o=lin("o", (cfg.n_heads, hd), (d,), ("heads", "head_dim"), ("embed",)),
         )
-        mlp = Group(
-            gate=lin("gate", (d,), (cfg.d_ff,), ("embed",), ("mlp",)),
-            up=lin("up", (d,), (cfg.d_ff,), ("embed",), ("mlp",)),
-            down=lin("down", (cfg.d_ff,), (d,), ("mlp",), ("embed",)),
-        )
+        if cfg.qk_norm:
+            attn.q_norm = L.Norm(hd, bias=False, stack=nl, init=norm_init, names=("head_dim",))
+            attn.k_norm = L.Norm(hd, bias=False, stack=nl, init=norm_init, names=("head_dim",))
+
+        def dense_mlp(stack, f=cfg.d_ff, names=("mlp",)):
+            return Group(
+                gate=lin("gate", (d,), (f,), ("embed",), names, stack=stack),
+                up=lin("up", (d,), (f,), ("embed",), names, stack=stack),
+                down=lin("down", (f,), (d,), names, ("embed",), stack=stack),
+            )
+
+        # MLPs are stacked per kind: ``mlp`` over the dense layers, ``moe`` over the MoE layers (layer order).
+        n_moe = len(cfg.moe_layers)
+        mlps = {}
+        if nl - n_moe:
+            mlps["mlp"] = dense_mlp(nl - n_moe)
+        if n_moe:
+            e, f = cfg.n_experts, cfg.resolved_moe_d_ff
+
+            def expert(ins, outs, in_names, out_names):
+                return L.Linear(ins, outs, in_names, out_names, rngs=rngs, bias=False, stack=n_moe, init_std=std)
+
+            moe = Group(
+                router=expert((d,), (e,), ("embed",), ("moe_router",)),
+                experts=Group(gate=expert((e, d), (f,), ("experts", "embed"), ("expert_mlp",)),
+                              up=expert((e, d), (f,), ("experts", "embed"), ("expert_mlp",)),
+                              down=expert((e, f), (d,), ("experts", "expert_mlp"), ("embed",))),
+            )
+            if cfg.shared_expert_d_ff:
+                moe.shared = dense_mlp(n_moe, cfg.shared_expert_d_ff)
+                if cfg.shared_expert_gate:
+                    moe.shared_gate = expert((d,), (1,), ("embed",), ("moe_router",))
+            mlps["moe"] = moe
         extra = dict(post_attn_norm=norm(), post_mlp_norm=norm()) if cfg.post_norms else {}
-        self.layers = Group(attn_norm=norm(), attn=attn, mlp_norm=norm(), mlp=mlp, **extra)
+        self.layers = Group(attn_norm=norm(), attn=attn, mlp_norm=norm(), **mlps, **extra)
         self.final_norm = L.Norm(d, bias=False, init=norm_init)
         if not cfg.tie_embeddings:
             self.lm_head = L.Linear((d,), (cfg.vocab_size,), ("embed",), ("vocab",), rngs=rngs, bias=False,
@@ -269,10 +379,14 @@ class LLM(nnx.Module):
 
     def hidden(self, embeds_BSD, meta: TokenMeta):
         """Decoder layers + final norm: [B, S, D] -> [B, S, D]."""
+        return self.hidden_with_aux(embeds_BSD, meta)[0]
+
+    def hidden_with_aux(self, embeds_BSD, meta: TokenMeta):
+        """(``hidden``, the MoE layers' router statistics stacked [n_moe_layers, ...] or None)."""
         meta = check_meta(meta, embeds_BSD.shape[:2])
         values, names = self.layer_params()
-        h = apply_decoder_layers(values, names, embeds_BSD, meta, self.config, self.run)
-        return self.final(h)
+        h, stats = apply_decoder_layers_with_aux(values, names, embeds_BSD, meta, self.config, self.run)
+        return self.final(h), stats
 
     def head_weight(self):
         """The output projection as [D, V] (the tied embedding transposed, or lm_head), gathered for compute."""
