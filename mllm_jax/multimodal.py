@@ -88,10 +88,20 @@ class MultimodalModel(nnx.Module):
 
     def encode(self, name: str, inputs):
         """Projected features [N, T', D_llm] of one modality (stop_gradient where nothing of it trains)."""
+        return self.project(name, self.encoder_features(name, inputs))
+
+    def encoder_features(self, name: str, inputs):
+        """Pre-projector features [N, T, D_enc] of one modality: what a frozen encoder's feature cache stores
+        (mllm_jax.data.encoder_cache). A frozen encoder runs under stop_gradient: no backward, no saved residuals."""
         with self.scope(f"encoders/{name}"):
             f = self.encoders[name](inputs)
         if encoder_is_frozen(self.config, name):
             f = jax.lax.stop_gradient(f)
+        return f
+
+    def project(self, name: str, f):
+        """Pre-projector features [N, T, D_enc] -> projected features [N, T', D_llm] (stop_gradient where nothing of
+        the modality trains)."""
         with self.scope(f"projectors/{name}"):
             f = self.projectors[name](f)
         if encoder_is_frozen(self.config, name) and not self.config.is_trainable(f"projectors/{name}"):
@@ -104,25 +114,43 @@ class MultimodalModel(nnx.Module):
         with self.scope("llm"):
             emb = self.llm.embed_tokens(ids)
         inputs = batch.get("encoder_inputs") or {}
+        # Pre-projector features of frozen encoders, read from a feature cache instead of encoding inputs.
+        cached = batch.get("encoder_features") or {}
         index = batch.get("feature_index") or {}
-        unknown = [n for n in inputs if n not in self.config.encoders]
-        if unknown:
-            raise ValueError(f"encoder_inputs has modalities {unknown} that the model has no encoder for "
-                             f"(encoders: {sorted(self.config.encoders)})")
-        for name in sorted(inputs):
+        for key, given in (("encoder_inputs", inputs), ("encoder_features", cached)):
+            unknown = [n for n in given if n not in self.config.encoders]
+            if unknown:
+                raise ValueError(f"{key} has modalities {unknown} that the model has no encoder for "
+                                 f"(encoders: {sorted(self.config.encoders)})")
+        both = sorted(set(inputs) & set(cached))
+        if both:
+            raise ValueError(f"modalities {both} have both encoder_inputs and encoder_features; give one")
+        thawed = [n for n in cached if not encoder_is_frozen(self.config, n)]
+        if thawed:
+            raise ValueError(f"encoder_features given for {thawed}, whose encoders train: only a frozen encoder's "
+                             f"features can be precomputed")
+        for name in sorted({*inputs, *cached}):
+            key = "encoder_inputs" if name in inputs else "encoder_features"
             if name not in index:
-                raise ValueError(f"batch has encoder_inputs[{name!r}] but no feature_index[{name!r}]")
+                raise ValueError(f"batch has {key}[{name!r}] but no feature_index[{name!r}]")
             fi = index[name]
             if tuple(fi.shape) != tuple(ids.shape):
                 raise ValueError(f"feature_index[{name!r}] shape {tuple(fi.shape)} must equal input_ids shape "
                                  f"{tuple(ids.shape)}")
-            feats = self.encode(name, inputs[name])
+            if name in inputs:
+                feats = self.encode(name, inputs[name])
+            else:
+                feats = self.project(name, jax.lax.stop_gradient(jnp.asarray(cached[name])))
             n, t, d = feats.shape
             with self.scope("llm"):
                 emb = inject(emb, feats.reshape(n * t, d).astype(emb.dtype), jnp.asarray(fi, jnp.int32))
         return emb
 
     def __call__(self, batch: dict):
+        return self.forward_with_aux(batch)[0]
+
+    def forward_with_aux(self, batch: dict):
+        """(hidden [B, S, D], the MoE layers' router statistics (moe.MoEStats stacked per MoE layer) or None)."""
         meta = check_meta(TokenMeta(batch["positions"], batch["segment_ids"], batch["span_ids"]),
                           tuple(batch["input_ids"].shape))
         emb = self.embed(batch)
@@ -130,7 +158,12 @@ class MultimodalModel(nnx.Module):
             # Metadata in the LLM's token layout whatever layout the batch came in (e.g. replicated over context):
             # RoPE tables and masks are then computed per shard, not whole on every rank.
             meta = TokenMeta(*(part.constrain(a, ("batch", "length")) for a in meta))
-            return self.llm.hidden(emb, meta)
+            return self.llm.hidden_with_aux(emb, meta)
+
+    def loss_terms(self, batch: dict, *, chunk: int | None = None):
+        """(loss_sum, label_count, router statistics or None): ``loss`` and what the MoE objective terms need."""
+        hidden, stats = self.forward_with_aux(batch)
+        return (*self.loss_from_hidden(hidden, batch, chunk=chunk), stats)
 
     def loss(self, batch: dict, *, chunk: int | None = None):
         """(sum over label tokens of -log p, number of label tokens); the train step divides global by global."""

@@ -182,8 +182,14 @@ class SyntheticBatches:
         self._image_size = encs["vision"].image_size if "vision" in encs else 0
         self._audio = (encs["audio"].num_frames, encs["audio"].n_mels) if "audio" in encs else (0, 0)
 
+    def sample_index(self, index: int) -> int:
+        """The sample the stream's ``index``-th position holds: train streams repeat every
+        ``DataConfig.epoch_samples`` samples (epochs) when that is set; held-out streams never repeat."""
+        epoch = self.cfg.epoch_samples
+        return index % epoch if epoch and self.split == "train" else index
+
     def sample(self, index: int) -> synthetic.Sample:
-        rng = synthetic.sample_rng(self.cfg.seed, self.split, index)
+        rng = synthetic.sample_rng(self.cfg.seed, self.split, self.sample_index(index))
         task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
         return synthetic.make_sample(rng, task, image_size=self._image_size, n_frames=self._audio[0],
                                      n_mels=self._audio[1], audio_fmax=self.cfg.audio_fmax)
@@ -194,6 +200,26 @@ class SyntheticBatches:
         parts = [self.builder.build([self.sample(step * b + m * mb + i) for i in range(mb)])
                  for m in range(self.microbatches)]
         return stack(parts)
+
+    def instance_keys(self, step: int, rows: slice | None = None) -> dict:
+        """{modality: object array [M, N]} of stable ids of the encoder rows of ``batch_at(step)`` (rows ``rows`` of
+        each microbatch, as ``distributed.local_synthetic_batch`` builds them): "<split>:<seed>:<sample>:<item>" for
+        the item-th instance of a sample, the same in every epoch and run (unused rows get ids too: which rows are
+        used is feature_index's to say). What a feature cache (mllm_jax.data.encoder_cache) keys its entries by."""
+        k, m, cfg = self.cfg.samples_per_row, self.microbatches, self.cfg
+        mb_rows = cfg.batch_size // m
+        rows = rows or slice(0, mb_rows)
+        first = [step * cfg.batch_size * k + micro * mb_rows * k + rows.start * k for micro in range(m)]
+        n_samples = (rows.stop - rows.start) * k
+        out = {}
+        for name, slots in self.builder.slots.items():
+            keys = np.empty((m, n_samples * slots), object)
+            for micro in range(m):
+                for s in range(n_samples * slots):
+                    keys[micro, s] = (f"{self.split}:{cfg.seed}:{self.sample_index(first[micro] + s // slots)}:"
+                                      f"{s % slots}")
+            out[name] = keys
+        return out
 
     def __iter__(self):
         return self

@@ -22,6 +22,15 @@ class DataConfig:
     # A real dataset (DatasetConfig.path set) tokenises its text with this tokenizer.json (Hugging Face tokenizers);
     # the synthetic stream always uses its own word-level tokenizer.
     tokenizer_path: str = ""
+    # Which device encodes which image/clip (mllm_jax.data.encoder_balance): "balanced" assigns each step's instances
+    # to every device by cost (one process); "row_bound" keeps them with their rows' samples.
+    encoder_balance: str = "balanced"
+    # A folder for frozen encoders' pre-projector features per sample (mllm_jax.data.encoder_cache), so that later
+    # epochs skip the encoder; "" for none. Needs epoch_samples (the synthetic stream never repeats a sample without).
+    encoder_cache: str = ""
+    # The synthetic train stream repeats after this many samples (epochs; sample i is sample i % epoch_samples);
+    # 0: an endless stream of new samples.
+    epoch_samples: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ from mllm_jax.data.context_batches import permute_for_context
 from mllm_jax.data.datasets.config import DatasetConfig
 from mllm_jax.data.datasets.sources import check_dataset_file
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
-from mllm_jax.data.train_data import (RealTrainData, SyntheticTrainData, load_tokenizer, uses_real_data)
+from mllm_jax.data import encoder_balance
+from mllm_jax.data.train_data import (RealTrainData, SyntheticTrainData, check_encoder_options, load_tokenizer,
+                                      uses_real_data)
 from mllm_jax.layout import validate_layout
 from mllm_jax.train import init_from
 from mllm_jax.train.checkpoint import Checkpointer, WorkdirLock
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
-from mllm_jax.train.metrics import MetricsWriter
+from mllm_jax.train.metrics import MetricsWriter, moe_fields
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import make_eval_step, make_train_step, model_loss
 from mllm_jax.parallel.config import ContextConfig, ParallelConfig
@@ -87,6 +89,7 @@ def for_devices(cfg: RunConfig, num_devices: int) -> RunConfig:
 def validate(cfg: RunConfig, num_devices: int) -> None:
     pc, mc, dc, tc = cfg.parallel, cfg.model, cfg.data, cfg.train
     validate_layout(pc, mc, num_devices)
+    check_encoder_options(dc, mc, pc, real_data=uses_real_data(cfg.dataset))
     if pc.context > 1:
         from mllm_jax.parallel.context import MODES
 
@@ -148,10 +151,11 @@ def make_grads_fn(cfg: RunConfig, mesh):
 
 
 def prepare_host_batch(batch: dict, cfg: RunConfig, *, leading: int) -> dict:
-    """Host-side transforms before placement: the context-parallel permutation when ParallelConfig.context > 1."""
+    """Host-side transforms before placement: the context-parallel permutation when ParallelConfig.context > 1; the
+    encoder instances assigned to devices by cost (DataConfig.encoder_balance)."""
     if cfg.parallel.context > 1:
         batch, _ = permute_for_context(batch, cfg.parallel, leading=leading)
-    return batch
+    return encoder_balance.prepare(batch, cfg.model, cfg.parallel, cfg.data.encoder_balance, leading=leading)
 
 
 def trainable_filter(model_config):
@@ -439,6 +443,8 @@ class _Session:
                  trainable, schedule, loss_fn: Callable):
         self.cfg, self.mesh, self.rule_table, self.ckpt = cfg, mesh, rule_table, ckpt
         self.train_data = data.train
+        if cfg.data.encoder_cache:  # before the first step donates the model's buffers
+            self.train_data.use_encoder_cache(model, mesh, cfg.parallel)
         self.graphdef, self.state = nnx.split((model, optimizer))
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.step_fn = jax.jit(make_train_step(self.graphdef, trainable, loss_fn=loss_fn, schedule=schedule,
@@ -513,6 +519,7 @@ def _metrics_row(session: _Session, step: int, loss: float, m: dict, step_time: 
         rates = window.rates()
         row = {"loss": loss, "learning_rate": float(m["learning_rate"]), "grad_norm": float(m["grad_norm"]), **rates,
                "last_step_time_s": step_time}
+        row.update(moe_fields(m, session.cfg.model.llm.moe_layers))
         if session.train_data.bad_sample_counts is not None:
             row["bad_samples"] = session.train_data.bad_sample_counts
     if session.eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
