@@ -28,18 +28,55 @@ def load_tokenizer(path: str):
     return Tokenizer.from_file(path)
 
 
+def check_encoder_options(data_config, model_config, parallel_config, *, real_data: bool) -> None:
+    """DataConfig.encoder_balance / encoder_cache / epoch_samples make sense for this run (before anything is built)."""
+    from mllm_jax.data.encoder_balance import check_mode
+    from mllm_jax.multimodal import encoder_is_frozen
+
+    check_mode(data_config.encoder_balance)
+    if data_config.epoch_samples < 0:
+        raise ValueError(f"DataConfig.epoch_samples must be >= 0; got {data_config.epoch_samples}")
+    if not data_config.encoder_cache:
+        return
+    frozen = [n for n in sorted(model_config.encoders) if encoder_is_frozen(model_config, n)]
+    if not frozen:
+        raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r} caches frozen encoders' features, "
+                         f"but no encoder of {sorted(model_config.encoders)} is frozen (ModelConfig.trainable)")
+    if real_data:
+        raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r}: the feature cache keys entries by "
+                         f"the synthetic stream's sample ids; a real dataset (DatasetConfig.path) has none yet")
+    if parallel_config.pipeline > 1:
+        raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r} with ParallelConfig.pipeline="
+                         f"{parallel_config.pipeline}: the pipelined step embeds encoder_inputs only")
+
+
 class SyntheticTrainData:
-    """This host's share of the synthetic stream: rows ``distributed.host_local_slice`` of every microbatch."""
+    """This host's share of the synthetic stream: rows ``distributed.host_local_slice`` of every microbatch.
+    With a feature cache attached (``use_encoder_cache``), frozen modalities come as ``encoder_features``."""
 
     bad_sample_counts = None
 
     def __init__(self, model_config, data_config, *, microbatches: int, codec: TextCodec):
         self.batches = SyntheticBatches(model_config, data_config, microbatches=microbatches, codec=codec)
+        self.cache, self.encode = None, None
+
+    def use_encoder_cache(self, model, mesh, parallel_config) -> None:
+        """Serve frozen encoders' features from DataConfig.encoder_cache (mllm_jax.data.encoder_cache), computing
+        and storing the missing ones with a copy of ``model``'s frozen encoders (call before the first step)."""
+        from mllm_jax.data import encoder_cache
+        from mllm_jax.multimodal import encoder_is_frozen
+
+        cfg = self.batches.builder.model_config
+        names = [n for n in sorted(cfg.encoders) if encoder_is_frozen(cfg, n)]
+        self.encode = encoder_cache.FrozenEncoders(model, mesh, parallel_config, names)
+        self.cache = encoder_cache.open_cache(self.batches.cfg.encoder_cache, cfg, self.batches.cfg, self.encode)
 
     def next_host_batch(self, mesh) -> dict:
         data = self.batches
         rows = distributed.host_local_slice(data.cfg.batch_size // data.microbatches, mesh)
         batch = distributed.local_synthetic_batch(data, data.index, rows)
+        if self.cache is not None:
+            batch = self.cache.features(batch, data.instance_keys(data.index, rows), self.encode)
         data.index += 1  # the position resume restores: batch i is the i-th of the stream on every host
         return batch
 

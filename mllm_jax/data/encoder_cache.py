@@ -1,0 +1,248 @@
+"""A frozen encoder's pre-projector features per sample on disk, so that later epochs skip the encoder.
+
+``DataConfig.encoder_cache = DIR``. One entry per encoder instance (the item-th image or clip of a sample), in
+``DIR/<modality>-<fingerprint>/<sample key>.npy``:
+
+- **key**: the instance's stable id from the data stream (``SyntheticBatches.instance_keys``: split, seed, sample
+  index, item), so every epoch and every resumed run finds it;
+- **fingerprint**: sha256 over the modality's encoder config, the preprocessing that makes its inputs (the data
+  config's fields that shape them, and ``PREPROCESSING_VERSION`` of the synthetic renderer) and every byte of the
+  encoder's weights. Another encoder, other weights or other preprocessing is another folder: nothing stale is read;
+- **file**: the array in numpy's .npy format followed by the 32-byte sha256 of those .npy bytes, written to a
+  temporary file in the same folder and renamed into place (``os.replace``: a reader sees the whole entry or none).
+  An entry whose digest, shape or dtype does not match is counted as corrupt, deleted and recomputed, never used.
+
+``FeatureCache.features(batch, keys, encode)`` turns a batch's ``encoder_inputs[name]`` of frozen modalities into
+``encoder_features[name]`` (what ``MultimodalModel.embed`` projects and injects), encoding only the misses with
+``encode(name, inputs) -> features`` (``FrozenEncoders``: a jitted forward of the encoder alone, on its own copy of
+the frozen weights). The train step then holds no encoder at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import tempfile
+
+import numpy as np
+
+PREPROCESSING_VERSION = "synthetic-v1"  # bump when mllm_jax.data.synthetic renders inputs differently
+_DIGEST = 32
+_INPUT_FIELDS = ("seed", "audio_fmax")  # DataConfig fields that change what an instance's encoder input is
+
+
+def weights_digest(params) -> str:
+    """sha256 over a pytree of arrays: every leaf's path, dtype, shape and bytes, in sorted path order."""
+    import jax
+
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(name: str, model_config, data_config, weights: str) -> str:
+    """The cache folder's hash for modality ``name``: encoder config, preprocessing, weights digest."""
+    enc = model_config.encoders[name]
+    prep = {f: getattr(data_config, f) for f in _INPUT_FIELDS}
+    text = f"{name}|{type(enc).__name__}|{dataclasses.asdict(enc)}|{PREPROCESSING_VERSION}|{prep}|{weights}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def encode_entry(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    body = buf.getvalue()
+    return body + hashlib.sha256(body).digest()
+
+
+def decode_entry(blob: bytes, shape: tuple, dtype) -> np.ndarray | None:
+    """The entry's array, or None when its digest, shape or dtype is wrong (corrupt, truncated, foreign)."""
+    if len(blob) <= _DIGEST:
+        return None
+    body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        return None
+    try:
+        a = np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError:
+        return None
+    if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+        return None
+    return a
+
+
+class FeatureStore:
+    """One modality's entries under ``directory`` (already including its fingerprint); [T, D] float arrays."""
+
+    def __init__(self, directory: str, shape: tuple, dtype=np.float32):
+        self.directory, self.shape, self.dtype = directory, tuple(shape), np.dtype(dtype)
+        os.makedirs(directory, exist_ok=True)
+
+    def path(self, key: str) -> str:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"cache key must be a plain file name; got {key!r}")
+        return os.path.join(self.directory, f"{key}.npy")
+
+    def load(self, key: str) -> tuple[np.ndarray | None, bool]:
+        """(array or None, whether an entry existed but was corrupt: then it is deleted)."""
+        p = self.path(key)
+        try:
+            with open(p, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            return None, False
+        a = decode_entry(blob, self.shape, self.dtype)
+        if a is None:
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+            return None, True
+        return a, False
+
+    def store(self, key: str, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise ValueError(f"feature cache entry {key!r}: expected {self.shape} {self.dtype}, got {array.shape} "
+                             f"{array.dtype}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(encode_entry(array))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+class FeatureCache:
+    """Stores per frozen modality (``stores[name]``) and the hit / miss / corrupt counts since creation.
+    ``tokens_per_instance[name]``: ModelConfig.features_per_instance (the unit of feature_index)."""
+
+    def __init__(self, stores: dict, tokens_per_instance: dict):
+        self.stores = stores
+        self.tokens_per_instance = tokens_per_instance
+        self.counts = {"hits": 0, "misses": 0, "corrupt": 0}
+
+    def features(self, batch: dict, keys: dict, encode) -> dict:
+        """The batch with ``encoder_inputs[name]`` replaced by ``encoder_features[name]`` for every cached modality.
+
+        ``keys[name]``: object array shaped like the instance axes of encoder_inputs[name] ([M, N]), the id of each
+        row; only rows that feature_index points at are looked up (unused rows get zero features). Misses are
+        encoded together by ``encode(name, inputs [n, ...]) -> array [n, T, D]`` and stored."""
+        from mllm_jax.data.encoder_balance import used_slots
+
+        inputs = dict(batch.get("encoder_inputs") or {})
+        feats = dict(batch.get("encoder_features") or {})
+        for name, store in self.stores.items():
+            if name not in inputs:
+                continue
+            x = np.asarray(inputs.pop(name))
+            k = np.asarray(keys[name], object)
+            if k.shape != x.shape[:k.ndim]:
+                raise ValueError(f"instance keys for {name!r} have shape {k.shape}; encoder_inputs[{name!r}] has "
+                                 f"instance axes {x.shape[:k.ndim]}")
+            lead = x.shape[:k.ndim]
+            x_MN = x.reshape((-1, k.shape[-1]) + x.shape[k.ndim:])
+            k_MN = k.reshape(-1, k.shape[-1])
+            fi = np.asarray(batch["feature_index"][name])
+            fi_M = fi.reshape((-1,) + fi.shape[-2:])
+            out = np.zeros(x_MN.shape[:2] + store.shape, store.dtype)
+            missing = []
+            for m in range(x_MN.shape[0]):
+                for s in used_slots(fi_M[m], self.tokens_per_instance[name], x_MN.shape[1],
+                                    what=f"feature_index[{name!r}]"):
+                    a, corrupt = store.load(k_MN[m, s])
+                    self.counts["corrupt"] += int(corrupt)
+                    if a is None:
+                        missing.append((m, s))
+                    else:
+                        out[m, s] = a
+                        self.counts["hits"] += 1
+            if missing:
+                got = np.asarray(encode(name, np.stack([x_MN[m, s] for m, s in missing])))
+                for (m, s), a in zip(missing, got):
+                    a = a.astype(store.dtype, copy=False)
+                    store.store(k_MN[m, s], a)
+                    out[m, s] = a
+                self.counts["misses"] += len(missing)
+            feats[name] = out.reshape(lead + out.shape[2:])
+        result = {k: v for k, v in batch.items() if k != "encoder_inputs"}
+        if inputs:
+            result["encoder_inputs"] = inputs
+        result["encoder_features"] = feats
+        return result
+
+
+class FrozenEncoders:
+    """``encode(name, inputs [n, ...]) -> np.ndarray [n, T, D]``: the modality's encoder alone, jitted, spread over
+    the mesh like in the model (its own rules), on its own device copy of the frozen weights (the train step donates
+    the model's buffers). ``n`` is padded to a few static sizes (encoder_balance.capacity), so few shapes compile."""
+
+    def __init__(self, model, mesh, parallel_config, names):
+        import jax
+        from flax import nnx
+
+        self.mesh, self.parallel_config = mesh, parallel_config
+        self.rule_table = model.rule_table
+        self.graphdefs, self.states = {}, {}
+        for name in names:
+            gdef, state = nnx.split(model.encoders[name])
+            self.graphdefs[name] = gdef
+            self.states[name] = jax.tree.map(lambda a: a.copy(), state)
+        self._fns = {}
+
+    def _fn(self, name: str):
+        if name not in self._fns:
+            import jax
+            from flax import nnx
+
+            from mllm_jax import partitioning as part
+
+            gdef = self.graphdefs[name]
+            rules = dict(self.rule_table).get(f"encoders/{name}") if self.rule_table is not None else None
+
+            def run(state, x):
+                with part.rules_scope(rules):
+                    return nnx.merge(gdef, state)(x)
+
+            self._fns[name] = jax.jit(run)
+        return self._fns[name]
+
+    def __call__(self, name: str, inputs) -> np.ndarray:
+        import jax
+        from jax.sharding import NamedSharding
+
+        from mllm_jax.data import placement
+        from mllm_jax.data.encoder_balance import capacity, encoder_shards
+
+        x = np.asarray(inputs)
+        n = x.shape[0]
+        shards = encoder_shards(self.parallel_config, name)
+        rows = shards * capacity(-(-n // shards))
+        x = np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]) if rows > n else x
+        spec = placement.encoder_spec(self.mesh, self.rule_table, name, x.shape, 0)
+        with jax.set_mesh(self.mesh):
+            out = self._fn(name)(self.states[name], jax.device_put(x, NamedSharding(self.mesh, spec)))
+        return np.asarray(out)[:n]
+
+
+def open_cache(directory: str, model_config, data_config, encoders: FrozenEncoders) -> FeatureCache:
+    """A FeatureCache for every modality ``encoders`` runs, each in its fingerprinted folder under ``directory``."""
+    stores, tokens = {}, {}
+    for name, state in encoders.states.items():
+        enc = model_config.encoders[name]
+        digest = weights_digest(state)
+        folder = os.path.join(directory, f"{name}-{fingerprint(name, model_config, data_config, digest)}")
+        stores[name] = FeatureStore(folder, (enc.num_features, enc.d_model), np.float32)
+        tokens[name] = model_config.features_per_instance(name)
+    return FeatureCache(stores, tokens)
