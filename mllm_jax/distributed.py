@@ -33,7 +33,7 @@ import numpy as np
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")
 _OMPI_SIZE = "OMPI_COMM_WORLD_SIZE"
 _TPU_VARS = ("TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "CLOUD_TPU_TASK_ID")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # parallel.sharding.LLM_RULES["batch"]
 
 
 def detect_cluster(environ: Mapping[str, str] | None = None, *, tpu_vm: bool | None = None) -> str | None:

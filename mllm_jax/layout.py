@@ -25,6 +25,12 @@ def validate_layout(parallel_config, model_config, num_devices: int | None = Non
         raise ValueError(f"ContextConfig.attention='ring' with ParallelConfig.pipeline={pc.pipeline} and "
                          f"context={pc.context}: the ring's collective permute spans every pipeline stage, which "
                          f"run different ops per tick; use ContextConfig.attention='allgather'")
+    if llm.n_experts and llm.n_experts % pc.expert:
+        raise ValueError(f"LLMConfig.n_experts={llm.n_experts} is not divisible by ParallelConfig.expert={pc.expert}")
+    if pc.pipeline > 1 and 0 < len(llm.moe_layers) < llm.n_layers:
+        raise ValueError(f"ParallelConfig.pipeline={pc.pipeline} needs every LLM layer of one kind; LLMConfig has MoE "
+                         f"layers {llm.moe_layers} of {llm.n_layers} (moe_layer_freq={llm.moe_layer_freq}, "
+                         f"moe_first_dense_layers={llm.moe_first_dense_layers}): pipeline stages stack one layer kind")
     heads = {"LLMConfig.n_heads": llm.n_heads, "LLMConfig.n_kv_heads": llm.n_kv_heads}
     heads.update({f"encoders[{name!r}].n_heads": enc.n_heads for name, enc in model_config.encoders.items()})
     for what, n in heads.items():

@@ -42,7 +42,7 @@ def test_mesh_validation_names_the_numbers():
     with pytest.raises(ValueError, match=r"LLMConfig.n_kv_heads=2 is not divisible by ParallelConfig.tensor=4"):
         validate_layout(ParallelConfig(data=2, tensor=4), CFG)
     mesh = make_mesh(LAYOUT)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "pipeline": 1, "context": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "pipeline": 1, "context": 1, "tensor": 2}
 
 
 def test_layout_is_checked_against_every_module():
@@ -63,7 +63,7 @@ def test_rules_per_module_and_overrides():
     llm = dict(logical_rules("llm", LAYOUT))
     enc = dict(logical_rules("encoders/vision", LAYOUT))
     assert llm["batch"] == ("data", "fsdp") and llm["mlp"] == "tensor" and llm["length"] == "context"
-    assert set(enc["batch"]) == {"data", "fsdp", "pipeline", "context", "tensor"} and enc["mlp"] is None
+    assert set(enc["batch"]) == {"data", "fsdp", "expert", "pipeline", "context", "tensor"} and enc["mlp"] is None
     assert enc["length"] is None  # an image's or clip's tokens stay together: the encoders shard their batch only
     over = ParallelConfig(data=8, rules={"llm": {"mlp": None, "length": None}})
     table = dict(rule_table(CFG, over))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MESH_AXES = ("data", "fsdp", "pipeline", "context", "tensor")
+# `expert`: expert parallelism (MoE experts split over it; the tokens too, like `data`, exchanged by all-to-all).
+MESH_AXES = ("data", "fsdp", "expert", "pipeline", "context", "tensor")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ParallelConfig:
 
     data: int = 1
     fsdp: int = 1
+    expert: int = 1
     pipeline: int = 1
     context: int = 1
     tensor: int = 1

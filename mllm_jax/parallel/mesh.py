@@ -1,4 +1,4 @@
-"""The device mesh: axes (data, fsdp, pipeline, context, tensor), validated before anything compiles."""
+"""The device mesh: axes (data, fsdp, expert, pipeline, context, tensor), validated before anything compiles."""
 
 from __future__ import annotations
 

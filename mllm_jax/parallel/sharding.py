@@ -1,7 +1,7 @@
 """Logical axis -> mesh axes rule tables, one per module ("llm", "encoders/<name>", "projectors/<name>").
 
 Every parameter and key activation of mllm_jax carries logical names; these tables map them to the mesh axes
-(data, fsdp, pipeline, context, tensor). A name maps to one mesh axis, a tuple of them (used in order, each only where
+(data, fsdp, expert, pipeline, context, tensor). A name maps to one mesh axis, a tuple of them (used in order, each only where
 it divides the dimension) or None (replicated). Extending the layout is adding an entry: e.g. "layers" -> "pipeline" for
 pipeline stages. ``ParallelConfig.rules`` overrides
 entries per module: {"llm": {"mlp": None}, "encoders/vision": {"batch": "data"}}.
@@ -14,7 +14,9 @@ from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
 # Activations: "batch", "length", "act_embed" (the hidden dim of activations, never FSDP-sharded);
 # parameters: "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers", "lora_rank", ...
 LLM_RULES = {
-    "batch": ("data", "fsdp"),
+    # `expert` splits the tokens like `data` outside the MoE layers (expert parallelism: inside them each device's
+    # tokens travel to their experts' devices by all-to-all, mllm_jax.moe).
+    "batch": ("data", "fsdp", "expert"),
     # Under context parallelism every context rank holds only its shard of the (permuted) sequence, so projections,
     # MLPs, norms and the loss run on S/cp tokens per rank; only attention talks across ranks (K/V gathered or ringed).
     "length": "context",
@@ -27,6 +29,11 @@ LLM_RULES = {
     "mlp": "tensor",
     "layers": None,
     "lora_rank": None,
+    # MoE (mllm_jax.moe): the routed experts' stack over `expert` (another mesh axis that also splits the batch,
+    # e.g. "data", works the same), each expert's hidden over `tensor`; the router whole on every device.
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "moe_router": None,
 }
 
 # Encoders and projectors run outside the LLM's layout: the batch (images, clips) is spread over every mesh axis

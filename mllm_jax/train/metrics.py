@@ -82,6 +82,21 @@ def _truncate_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def moe_fields(step_metrics: dict, moe_layers: tuple) -> dict:
+    """The MoE rows of a train step's metrics (empty without MoE layers): moe_aux_loss, moe_z_loss (averaged over
+    the MoE layers), moe_imbalance_max and moe_imbalance/layer_<i> per MoE layer i (max / mean tokens per expert:
+    1 balanced, E / k when every token picks the same experts)."""
+    if "moe_imbalance" not in step_metrics:
+        return {}
+    imb = [float(x) for x in list(step_metrics["moe_imbalance"])]
+    if len(imb) != len(moe_layers):
+        raise ValueError(f"moe_imbalance has {len(imb)} layers but the model has MoE layers {moe_layers}")
+    row = {"moe_aux_loss": float(step_metrics["moe_aux_loss"]), "moe_z_loss": float(step_metrics["moe_z_loss"]),
+           "moe_imbalance_max": max(imb)}
+    row.update({f"moe_imbalance/layer_{i}": v for i, v in zip(moe_layers, imb)})
+    return row
+
+
 def _summary_writer_class():
     """tensorboardX.SummaryWriter, imported without torch where torch is not loaded yet: tensorboardX imports torch
     when it is installed (only to accept torch tensors, which we never pass), ~4 s of every train.py start."""

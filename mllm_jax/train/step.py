@@ -20,7 +20,26 @@ from flax import nnx
 
 
 def model_loss(model, batch):
+    """(loss_sum, label_count); an LLM with MoE layers adds (penalty_sum, metrics): see ``moe_model_loss``."""
+    if model.config.llm.n_experts:
+        return moe_model_loss(model, batch)
     return model.loss(batch)
+
+
+def moe_model_loss(model, batch):
+    """(loss_sum, label_count, penalty_sum, metrics) of a model with MoE layers. The objective is loss_sum /
+    label_count + router_aux_loss_coef * aux + router_z_loss_coef * z (aux, z averaged over the MoE layers), so the
+    penalty enters the summed loss as label_count * (coef * term): with microbatches each microbatch's terms weigh
+    by its label count. metrics: moe_aux_loss, moe_z_loss and the per-layer load imbalance (max / mean tokens per
+    expert) [n_moe_layers]."""
+    from mllm_jax import moe
+
+    cfg = model.config.llm
+    loss_sum, count, stats = model.loss_terms(batch)
+    aux, z = moe.objective_terms(stats, cfg)
+    penalty = count.astype(jnp.float32) * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z)
+    return loss_sum, count, penalty, {"moe_aux_loss": aux, "moe_z_loss": z,
+                                      "moe_imbalance": moe.load_imbalance(stats)}
 
 
 def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, schedule: optax.Schedule | None = None,
@@ -38,23 +57,31 @@ def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, sche
         gdef, params, rest = nnx.split(model, trainable, ...)
 
         def micro_loss(p, mb):
-            loss_sum, count = loss_fn(nnx.merge(gdef, p, rest), mb)
-            return loss_sum.astype(jnp.float32), count.astype(jnp.float32)
+            out = loss_fn(nnx.merge(gdef, p, rest), mb)
+            loss_sum, count = out[0].astype(jnp.float32), out[1].astype(jnp.float32)
+            # (loss_sum, count, penalty_sum, metrics): the penalty (e.g. MoE router losses) is differentiated with
+            # the loss but not reported in it; the metrics are averaged over the microbatches.
+            penalty, extra = (out[2].astype(jnp.float32), out[3]) if len(out) == 4 else (0.0, {})
+            return loss_sum + penalty, (loss_sum, count, extra)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def accumulate(carry, mb):
-            g_acc, s_acc, c_acc = carry
-            (s, c), g = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c), None
+            g_acc, s_acc, c_acc, x_acc = carry
+            (_, (s, c, x)), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, c_acc + c, jax.tree.map(jnp.add, x_acc, x)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (g_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, batch)
+        first = jax.tree.map(lambda a: a[0], batch)
+        extra0 = jax.eval_shape(lambda: grad_fn(params, first)[0][1][2])
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), extra0))
+        (g_sum, loss_sum, count, extra), _ = jax.lax.scan(accumulate, init, batch)
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), g_sum)
-        return _update(model, optimizer, grads, loss_sum, count)
+        m = jax.tree.leaves(batch)[0].shape[0]
+        return _update(model, optimizer, grads, loss_sum, count, jax.tree.map(lambda a: a / m, extra))
 
-    def _update(model, optimizer, grads, loss_sum, count):
+    def _update(model, optimizer, grads, loss_sum, count, extra=None):
         grad_norm = optax.global_norm(grads)
         lr_step = optimizer.step.value
         optimizer.update(model, grads)
@@ -63,6 +90,7 @@ def make_train_step(graphdef, trainable, *, loss_fn: Callable = model_loss, sche
                    "finite": _all_finite(loss, grad_norm, nnx.state(model, trainable))}
         if schedule is not None:
             metrics["learning_rate"] = schedule(lr_step)
+        metrics.update(extra or {})
         return nnx.state((model, optimizer)), metrics
 
     return step
