@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 
+from mllm_jax.parallel.config import MESH_AXES
 from mllm_jax.parallel.instance_balance import InstancePlan, assign
 
 MODES = ("balanced", "row_bound")
 ENCODER_KEYS = ("encoder_inputs", "encoder_features")  # instance-major arrays: raw inputs, or cached features
-_MESH_FIELDS = ("data", "fsdp", "pipeline", "context", "tensor")
 
 
 def check_mode(mode: str) -> None:
@@ -55,7 +55,7 @@ def encoder_shards(parallel_config, name: str) -> int:
 
     axes = dict(logical_rules(f"encoders/{name}", parallel_config)).get("batch")
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(int(getattr(parallel_config, a)) for a in axes if a in _MESH_FIELDS)
+    return math.prod(int(getattr(parallel_config, a)) for a in axes if a in MESH_AXES)
 
 
 def capacity(count: int) -> int:
