@@ -1,0 +1,345 @@
+"""Generation with a KV cache: prefill of a (multimodal) prompt, then token-by-token decoding under ``jit``.
+
+The cache has a static length T (``cache_len``): K and V [L, B, T, Hkv, Dh] in the compute dtype, and the token
+metadata of every slot (kernels.TokenMeta [B, T]), so the attention of a cached step is the training rule of
+kernels.meta applied to (query, cache) metadata: causal by position, an image's tokens see each other both ways, a
+sliding window by position distance, and slots not written yet (segment 0) see nothing and are seen by nothing.
+
+Batched prompts of different lengths are **left-padded** (``left_align``): every row writes its next token into the
+same cache slot, while its RoPE position is its own (padding has segment 0, so it is invisible). A decoder layer here
+is the training layer with the attention against the cache: projections and RoPE, K/V written into the cache, the
+dense masked attention (kernels.attention, impl "dense": one query row per step), then the LLM's own
+``attention_residual`` and ``mlp_sublayer`` (shared with training, MoE included). Every family of LLMConfig works:
+GQA, sliding windows (per layer: Gemma 2 alternates), logit soft-capping, Gemma's scales and post-norms, rope scaling.
+
+    out = generate(model, batch, max_new_tokens=16, stop_tokens=(eos,))   # model: MultimodalModel or LLM
+    out.tokens [B, 16] (pad_id after a row's stop token), out.lengths [B] (tokens up to and including the stop)
+
+``batch``: a contract batch (docs/contracts.md) holding prompts only, one sample per row, right-padded as the data
+pipeline makes them (segment 0 = padding); labels are not needed. ``SamplingConfig``: greedy (temperature 0),
+temperature, top-k, top-p, with a seed (the same seed gives the same tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mllm_jax import kernels
+from mllm_jax import layers as L
+from mllm_jax import partitioning as part
+from mllm_jax.batch import IGNORE, check_batch
+from mllm_jax.kernels.meta import TokenMeta
+from mllm_jax.llm import LLM, attention_residual, attention_scale, layer_window, mlp_sublayer, rope_tables
+
+GLOBAL_WINDOW = 2**30  # a window no position distance reaches: the code of a global-attention layer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0: greedy (argmax). Otherwise softmax(logits / temperature) restricted to the ``top_k`` most
+    likely tokens (0: all) and to the smallest set whose probability reaches ``top_p`` (1.0: all), drawn with
+    ``seed`` (step i uses fold_in(PRNGKey(seed), i): the same seed gives the same tokens)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0; got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0; got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1]; got {self.top_p}")
+
+
+class KVCache(NamedTuple):
+    """k, v [L, B, T, Hkv, Dh]; meta: the metadata of each slot [B, T] (segment 0: empty); slot: the next slot to
+    write (int32 scalar, the same for every row: prompts are left-aligned); next_pos [B]: the next token's position."""
+
+    k: jax.Array
+    v: jax.Array
+    meta: TokenMeta
+    slot: jax.Array
+    next_pos: jax.Array
+
+
+class GenerateOutput(NamedTuple):
+    tokens: np.ndarray  # [B, max_new_tokens] int32, pad_id after a row's stop token
+    lengths: np.ndarray  # [B] tokens generated, the stop token included
+    logits: np.ndarray | None  # [B, max_new_tokens, V] float32 of each step (return_logits=True), else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Host side: prompts -> a left-aligned batch
+
+
+def text_batch(prompts, *, pad_id: int = 0) -> dict:
+    """Right-padded contract batch (no encoders) of token-id prompts of any lengths: one segment per row."""
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError(f"every prompt needs at least one token; got lengths {[len(p) for p in prompts]}")
+    b, s = len(prompts), max(len(p) for p in prompts)
+    ids = np.full((b, s), pad_id, np.int32)
+    seg = np.zeros((b, s), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+        seg[i, :len(p)] = 1
+    return {"input_ids": ids, "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)), "segment_ids": seg,
+            "span_ids": np.zeros((b, s), np.int32)}
+
+
+def prompt_lengths(batch: dict) -> np.ndarray:
+    """Tokens of each row's prompt (segment != 0), checked to be one right-padded sample per row."""
+    seg = np.asarray(batch["segment_ids"])
+    n = (seg != 0).sum(axis=1)
+    for b in range(seg.shape[0]):
+        if n[b] == 0:
+            raise ValueError(f"row {b} of the batch has no prompt token (segment_ids all 0)")
+        row = seg[b]
+        if (row[:n[b]] == 0).any() or len(set(row[:n[b]].tolist())) != 1:
+            raise ValueError(f"row {b}: generation takes one right-padded prompt per row (one nonzero segment id, "
+                             f"then padding); got segment_ids {row.tolist()}")
+    return n.astype(np.int32)
+
+
+def left_align(batch: dict) -> dict:
+    """The batch with each row's prompt moved to the end of the row (left padding), cut to the longest prompt.
+
+    Every per-token array ([B, S]: ids, metadata, feature_index) rolls by the row's padding; feature indices point at
+    features, not positions, so they stay valid. Encoder inputs are untouched."""
+    n = prompt_lengths(batch)
+    b, s = np.shape(batch["input_ids"])
+    width = int(n.max())
+
+    def roll(a, fill):
+        a = np.asarray(a)
+        out = np.full((b, width), fill, a.dtype)
+        for r in range(b):
+            out[r, width - n[r]:] = a[r, :n[r]]
+        return out
+
+    out = {k: roll(batch[k], 0) for k in ("input_ids", "positions", "segment_ids", "span_ids")}
+    if "feature_index" in batch:
+        out["feature_index"] = {k: roll(v, -1) for k, v in batch["feature_index"].items()}
+    if "encoder_inputs" in batch:
+        out["encoder_inputs"] = {k: np.asarray(v) for k, v in batch["encoder_inputs"].items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model side (pure functions of the modules, called inside jit)
+
+
+def _llm(model) -> LLM:
+    return model if isinstance(model, LLM) else model.llm
+
+
+def window_codes(cfg) -> np.ndarray:
+    """[n_layers] int32: each layer's sliding window, GLOBAL_WINDOW for global attention."""
+    return np.asarray([GLOBAL_WINDOW if layer_window(cfg, i) is None else layer_window(cfg, i)
+                       for i in range(cfg.n_layers)], np.int32)
+
+
+def init_cache(llm: LLM, batch: int, length: int) -> KVCache:
+    """An empty cache of ``length`` slots for ``batch`` rows, in the LLM's compute dtype."""
+    cfg = llm.config
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.resolved_head_dim)
+    dtype = L.dtype_of(llm.run.dtype)
+    zeros = jnp.zeros((batch, length), jnp.int32)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), TokenMeta(zeros, zeros, zeros),
+                   jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def _write(cache_meta: TokenMeta, meta: TokenMeta, slot) -> TokenMeta:
+    return TokenMeta(*(jax.lax.dynamic_update_slice(c, m.astype(jnp.int32), (0, slot))
+                       for c, m in zip(cache_meta, meta)))
+
+
+def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
+    """Every decoder layer on the new tokens h [B, S, D] (metadata ``meta``), their K/V written at ``cache.slot``;
+    returns (h after the last layer, k, v, the cache's metadata with the new tokens)."""
+    cfg, run = llm.config, llm.run
+    values, names = llm.layer_params()
+    values = jax.tree.map(part.unshard_leading, values)
+    dtype = L.dtype_of(run.dtype)
+    rope = rope_tables(cfg, meta.positions)
+    cache_meta = _write(cache.meta, meta, cache.slot)
+    lora = run.lora_scale
+
+    def body(carry, xs):
+        h, k_all, v_all = carry
+        p, window, i = xs
+        w = L.use_params(p, names, dtype, drop_leading=True)
+        a = w["attn"]
+        x = L.rms_norm(w["attn_norm"], h, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+        q = L.linear(a["q"], x, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora)
+        k = L.linear(a["k"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
+        v = L.linear(a["v"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
+        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
+        # In place in the scan's carry: only the new tokens' slots are written.
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, cache.slot, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, cache.slot, 0, 0))
+        k_i = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+        v_i = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
+        mask = kernels.mask(meta, cache_meta, window=window, span_isolated=run.span_isolated)
+        o = kernels.attention(q, k_i.astype(q.dtype), v_i.astype(q.dtype), meta, cache_meta, impl="dense",
+                              mask=mask, scale=attention_scale(cfg), softcap=cfg.attn_logit_softcap,
+                              context_parallel=False)
+        o = L.linear(a["o"], o, "bshk,hkd->bsd", ("batch", "length", "act_embed"), lora_scale=lora)
+        h = mlp_sublayer(w, attention_residual(w, h, o, cfg), cfg, run)
+        return (h, k_all, v_all), None
+
+    xs = (values, jnp.asarray(window_codes(cfg)), jnp.arange(cfg.n_layers, dtype=jnp.int32))
+    (h, k, v), _ = jax.lax.scan(body, (h_BSD.astype(dtype), cache.k, cache.v), xs)
+    return h, k, v, cache_meta
+
+
+def _last_logits(llm: LLM, h_BSD):
+    """Logits [B, V] (float32) of the last token of each row."""
+    return llm.logits(llm.final(h_BSD[:, -1:]))[:, 0]
+
+
+def prefill(model, batch: dict, cache_len: int) -> tuple:
+    """(logits [B, V] of each prompt's last token, the cache holding the prompt) for a left-aligned batch
+    (``left_align``): the encoders, projectors and injection (MultimodalModel.embed), then the cached layers."""
+    llm = _llm(model)
+    ids = batch["input_ids"]
+    b, s = ids.shape
+    if s > cache_len:
+        raise ValueError(f"the prompt has {s} tokens; the cache holds {cache_len}")
+    meta = TokenMeta(*(jnp.asarray(batch[k], jnp.int32) for k in ("positions", "segment_ids", "span_ids")))
+    emb = llm.embed_tokens(ids) if isinstance(model, LLM) else model.embed(batch)
+    cache = init_cache(llm, b, cache_len)
+    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache)
+    next_pos = jnp.max(jnp.where(meta.segment_ids != 0, meta.positions, -1), axis=1) + 1
+    cache = KVCache(k, v, cache_meta, jnp.asarray(s, jnp.int32), next_pos.astype(jnp.int32))
+    return _last_logits(llm, h), cache
+
+
+def decode_step(model, tokens_B, cache: KVCache) -> tuple:
+    """One token per row: (logits [B, V] of the next token, the cache with this token written at its slot)."""
+    llm = _llm(model)
+    b = tokens_B.shape[0]
+    emb = llm.embed_tokens(tokens_B[:, None])
+    meta = TokenMeta(cache.next_pos[:, None], jnp.ones((b, 1), jnp.int32), jnp.zeros((b, 1), jnp.int32))
+    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache)
+    return _last_logits(llm, h), KVCache(k, v, cache_meta, cache.slot + 1, cache.next_pos + 1)
+
+
+def sample(logits_BV, key, sampling: SamplingConfig):
+    """Next tokens [B] int32 from float32 logits (SamplingConfig). The sampling numbers are traced, not static: one
+    compiled program serves every temperature, top-k, top-p and seed (greedy alone is its own program)."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return _sample(logits_BV, key, *_sampling_args(sampling))
+
+
+def _sampling_args(sampling: SamplingConfig) -> tuple:
+    return (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+
+
+def _sample(logits_BV, key, temperature, top_k, top_p):
+    x = logits_BV.astype(jnp.float32) / temperature
+    v = x.shape[-1]
+    neg = jnp.finfo(jnp.float32).min
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+    # top-k: keep logits >= the k-th largest (0: every token)
+    kth = jax.lax.dynamic_index_in_dim(sorted_x, jnp.clip(jnp.where(top_k > 0, top_k, v), 1, v) - 1, axis=1)
+    # top-p: keep the smallest prefix of the sorted tokens whose probability reaches top_p (the first always)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass of the more likely tokens
+    nucleus = jnp.min(jnp.where(before < top_p, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where((x < kth) | (x < nucleus), neg, x)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+def _generate(model, batch: dict, key, sampling_args, stops, pad_id, *, max_new_tokens: int, cache_len: int,
+              greedy: bool, with_logits: bool):
+    """Prefill, then up to max_new_tokens - 1 cached steps in a while_loop that ends once every row has stopped."""
+    def pick(logits, key):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _sample(logits, key, *sampling_args)
+
+    logits, cache = prefill(model, batch, cache_len)
+    b, n = logits.shape[0], max_new_tokens
+    tok = pick(logits, jax.random.fold_in(key, 0))
+    out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
+    all_logits = jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits) if with_logits else None
+    done = jnp.isin(tok, stops)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        i, _, done, *_ = state
+        return (i < n) & ~jnp.all(done)
+
+    def body(state):
+        i, out, done, lengths, cache, all_logits = state
+        logits, cache = decode_step(model, out[:, i - 1], cache)
+        tok = jnp.where(done, pad_id, pick(logits, jax.random.fold_in(key, i)))
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        if all_logits is not None:
+            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, i, 0))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, stops)
+        return i + 1, out, done, lengths, cache, all_logits
+
+    state = (jnp.asarray(1, jnp.int32), out, done, lengths, cache, all_logits)
+    _, out, _, lengths, _, all_logits = jax.lax.while_loop(cond, body, state)
+    return out, lengths, all_logits
+
+
+_COMPILED: dict = {}
+
+
+def _generate_fn(graphdef, **static):
+    """The jitted generation of one model structure and static settings, made once per process. (A multimodal
+    model's graphdef holds its config's dicts, so it cannot be a static jit argument; its repr is the key.)"""
+    key = (repr(graphdef), tuple(sorted(static.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(lambda state, batch, *args: _generate(nnx.merge(graphdef, state), batch, *args,
+                                                                       **static))
+    return _COMPILED[key]
+
+
+def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+             stop_tokens=(), pad_id: int = 0, cache_len: int | None = None,
+             return_logits: bool = False) -> GenerateOutput:
+    """Generate up to ``max_new_tokens`` tokens after each row's prompt (module docstring). ``cache_len``: the static
+    cache length (default: the longest prompt + max_new_tokens); a prompt that does not fit with max_new_tokens is
+    refused naming both numbers. Runs wherever the model's arrays are (one device: see mllm_jax.train.workdir for a
+    model restored from a sharded training checkpoint)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    llm = _llm(model)
+    if not isinstance(model, LLM):
+        full = dict(batch)
+        full.setdefault("labels", np.full(np.shape(batch["input_ids"]), IGNORE, np.int32))
+        check_batch(jax.device_get(full), model.config)  # placeholders vs features, vocabulary, shapes
+    n = prompt_lengths(batch)
+    longest = int(n.max())
+    need = longest + max_new_tokens
+    if cache_len is None:
+        cache_len = need
+    if need > cache_len:
+        row = int(np.argmax(n))
+        raise ValueError(f"prompt of row {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
+                         f"{need} cache slots but the cache holds cache_len={cache_len}")
+    left = left_align(batch)
+    vocab = llm.config.vocab_size
+    bad = [t for t in stop_tokens if not 0 <= int(t) < vocab]
+    if bad:
+        raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {vocab})")
+    graphdef, state = nnx.split(model)
+    fn = _generate_fn(graphdef, max_new_tokens=max_new_tokens, cache_len=cache_len,
+                      greedy=sampling.temperature == 0.0, with_logits=return_logits)
+    stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)  # -1: no token stops
+    out, lengths, logits = fn(state, left, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling), stops,
+                              jnp.int32(pad_id))
+    return GenerateOutput(np.asarray(out), np.asarray(lengths), None if logits is None else np.asarray(logits))
