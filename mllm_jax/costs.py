@@ -48,7 +48,8 @@ def llm_layer(
     d, hd, dff = cfg.d_model, cfg.resolved_head_dim, cfg.d_ff
     hq, hkv = cfg.n_heads, cfg.n_kv_heads
     n_exp = int(getattr(cfg, "n_experts", 1) or 1)
-    top_k = int(getattr(cfg, "experts_per_token", 1) or 1)
+    # LLMConfig.experts_per_token has a default (2) even for a dense model (n_experts = 0): top-k only counts with experts
+    top_k = int(getattr(cfg, "experts_per_token", 1) or 1) if n_exp > 1 else 1
     t = seq_len * batch
     weight_flops = t * decoder_linear_flops_per_token(d, hq, hkv, hd, dff, experts_per_token=top_k, n_experts=n_exp)
     pairs = attention_pairs if attention_pairs is not None else causal_pairs(seq_len, cfg.sliding_window)

@@ -239,3 +239,15 @@ def test_remat_recompute_survives_the_tpu_compiler(layer_loop):
     extra = one_matmul * (n if layer_loop == "unrolled" else 1)
     assert flops("full") - base == pytest.approx(extra, rel=0.02)
     assert abs(flops("dots") - base) < 0.02 * one_matmul
+
+
+def test_model_flops_of_llava_7b_are_the_closed_form():
+    """mfu_bound's numerator. Oracle: the MFU convention for Llama-2-7B on 128 rows of 2048 tokens, 6 x matmul
+    parameters x tokens (32 layers of 4 d^2 + 3 d d_ff, and the [d, V] head) plus the causal attention, 12 FLOPs
+    per head dim per (query, key) pair forward and backward. A dense LLM must not count MoE top-k (a default of
+    LLMConfig.experts_per_token once doubled its MLP FLOPs here)."""
+    cfg = loop.load_run_config([os.path.join(ROOT, "configs/llava_7b.gin")])
+    d, dff, layers, vocab, s, rows = 4096, 11008, 32, 32000, 2048, 128
+    matmul_params = layers * (4 * d * d + 3 * d * dff) + d * vocab
+    attention = rows * s * (s + 1) // 2 * 12 * d * layers
+    assert ct.model_flops(cfg)["parts"]["llm"] == pytest.approx(6 * matmul_params * rows * s + attention, rel=1e-3)
