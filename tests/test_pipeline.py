@@ -8,10 +8,12 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mllm_jax.parallel.pipeline import (
     FIELDS,
+    OP_B,
     OP_BWD,
     OP_BWD_SKIP,
     OP_FWD,
     OP_IDLE,
+    OP_W,
     build_schedule,
     make_layout,
     pipeline_value_and_grad,
@@ -23,34 +25,49 @@ from mllm_jax.parallel.pipeline import (
 
 
 def replay(sched, stages, M):
-    """Run the table on symbolic buffers: every read must find exactly the microbatch the op names."""
+    """Run the table on symbolic buffers: every read must find exactly the microbatch the op names (saved inputs
+    and kept cotangents share one pool of activation slots per stage). Returns each stage's peak live slots."""
     col = {f: sched.column(f) for f in FIELDS}
-    xs = [dict() for _ in range(stages)]
+    acts = [dict() for _ in range(stages)]  # slot -> ("x" | "w", microbatch)
     gs = [dict() for _ in range(stages)]
+    peak = [0] * stages
     for t in range(sched.table.shape[0]):
         sent_x, sent_g = {}, {}
         for s in range(stages):
             op, m = col["op"][t, s], col["mb"][t, s]
+            xs, ws = col["x_slot"][t, s], col["w_slot"][t, s]
             if op == OP_FWD:
                 if s > 0:
-                    assert xs[s][col["x_slot"][t, s]] == m
-                elif col["x_slot"][t, s] >= 0:
-                    xs[s][col["x_slot"][t, s]] = m
+                    assert acts[s][xs] == ("x", m)
+                elif xs >= 0:
+                    assert xs not in acts[s], "overwrote a live slot"
+                    acts[s][xs] = ("x", m)
                 if s + 1 < stages:
                     sent_x[s + 1] = m
-            elif op == OP_BWD:
-                assert xs[s].pop(col["x_slot"][t, s]) == m
+            elif op in (OP_BWD, OP_B):
+                assert acts[s][xs] == ("x", m)
+                if op == OP_BWD:
+                    del acts[s][xs]
+                else:
+                    assert ws not in acts[s], "overwrote a live slot"
+                    acts[s][ws] = ("w", m)
                 if s < stages - 1:
                     assert gs[s].pop(col["g_slot"][t, s]) == m
                 if s > 0:
                     sent_g[s - 1] = m
+            elif op == OP_W:
+                assert acts[s].pop(xs) == ("x", m) and acts[s].pop(ws) == ("w", m)
         for s in range(stages):
             if col["recv_x_slot"][t, s] >= 0:
-                assert col["recv_x_slot"][t, s] not in xs[s], "overwrote a live activation"
-                xs[s][col["recv_x_slot"][t, s]] = sent_x[s]
+                assert col["recv_x_slot"][t, s] not in acts[s], "overwrote a live activation"
+                acts[s][col["recv_x_slot"][t, s]] = ("x", sent_x[s])
             if col["recv_g_slot"][t, s] >= 0:
                 assert col["recv_g_slot"][t, s] not in gs[s], "overwrote a live cotangent"
                 gs[s][col["recv_g_slot"][t, s]] = sent_g[s]
+            peak[s] = max(peak[s], len(acts[s]))
+            assert all(slot < sched.act_slots for slot in acts[s])
+    assert all(not a for a in acts) and all(not g for g in gs)  # everything was consumed
+    return peak
 
 
 @pytest.mark.parametrize("stages,M", [(1, 3), (2, 1), (2, 5), (4, 2), (4, 8), (5, 16)])
@@ -78,12 +95,12 @@ def test_1f1b_table(stages, M):
             assert when[(OP_FWD, s, m)] > when[(OP_FWD, s - 1, m)]
             assert when[(OP_BWD, s - 1, m)] > when[(OP_BWD, s, m)]
         assert when[(OP_BWD, stages - 1, m)] > when[(OP_FWD, stages - 1, m)]
-    assert sched.x_slots <= stages  # bounded by the stages in flight, not by M
-    replay(sched, stages, M)
+    assert sched.act_slots <= stages  # bounded by the stages in flight, not by M
+    assert tuple(replay(sched, stages, M)) == sched.peak_act
 
 
 def test_gpipe_table_holds_every_microbatch():
-    assert build_schedule(3, 7, kind="gpipe").x_slots == 7
+    assert build_schedule(3, 7, kind="gpipe").act_slots == 7
     with pytest.raises(ValueError, match="schedule kind"):
         build_schedule(3, 7, kind="zigzag")
 
@@ -130,7 +147,8 @@ def pipeline_mesh(shape, names):
     return jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * len(shape), devices=jax.devices()[:n])
 
 
-def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spec=None, mb=2):
+def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spec=None, mb=2, schedule="1f1b",
+                param_trainable=None):
     n = sum(stage_layers)
     params, lp, x, aux = problem(n, M, mb=mb)
     tr = np.ones(n, bool) if trainable is None else np.asarray(trainable, bool)
@@ -150,6 +168,8 @@ def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spe
             mesh=mesh,
             trainable_layers=tr,
             input_requires_grad=input_grad,
+            schedule=schedule,
+            param_trainable=param_trainable,
         )
 
     with jax.set_mesh(mesh):
@@ -160,9 +180,10 @@ def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spe
         loss, (g, glp, gx) = jax.jit(run)(params, lp, x, aux)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for name in ("w", "b"):
-        want = np.asarray(g_ref[name]) * tr.reshape((-1,) + (1,) * (g_ref[name].ndim - 1))
+        leaf_trains = param_trainable is None or param_trainable[name]
+        want = np.asarray(g_ref[name]) * (tr.reshape((-1,) + (1,) * (g_ref[name].ndim - 1)) & leaf_trains)
         np.testing.assert_allclose(g[name], want, rtol=2e-5, atol=2e-5)
-        assert np.abs(want).max() > 0 or not tr.any()
+        assert np.abs(want).max() > 0 or not (tr.any() and leaf_trains)
     np.testing.assert_allclose(glp["v"], glp_ref["v"], rtol=2e-5, atol=2e-5)
     if input_grad:
         assert np.abs(gx_ref).max() > 0

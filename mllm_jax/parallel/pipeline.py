@@ -1,25 +1,29 @@
-"""1F1B pipeline runtime: one jit, layers stacked and sharded over the `pipeline` mesh axis, the schedule as data.
+"""Pipeline runtime: one jit, layers stacked and sharded over the `pipeline` mesh axis, the schedule as data.
 
-The schedule is a numpy table [time, stage] of ops (forward / backward / idle) with the microbatch and the buffer
-slots each op reads and each arriving message is written to (``build_schedule``). The runtime
-(``pipeline_value_and_grad``) scans over the table's rows inside ``jax.shard_map`` over `pipeline`: each device
-reads its column, runs its op under ``lax.switch`` (real control flow inside shard_map), and exchanges activations
-(forward) and input cotangents (backward) with its neighbours by ``ppermute`` every tick.
+The schedule is a numpy table [tick, stage] of ops with the microbatch and the buffer slots each op reads and each
+arriving message is written to (``parallel.schedule``: 1F1B, ZB-H1, GPipe). The runtime (``pipeline_value_and_grad``)
+scans over the table's rows inside ``jax.shard_map`` over `pipeline`: each device reads its column, runs its op
+under ``lax.switch`` (real control flow inside shard_map), and exchanges activations (forward) and input cotangents
+(backward) with its neighbours by ``ppermute`` every tick.
 
 Backward per stage is an explicit vjp with rematerialisation per layer: a stage's forward keeps each of its slots'
-input per microbatch in flight (at most `stages` under 1F1B), and its backward walks its layers in reverse, each
-slot's vjp recomputing that layer's forward from its saved input, with one of four branches per layer: nothing
-(frozen, nothing upstream trains), dX only (frozen, something upstream trains), dW only (trainable, nothing upstream
-trains), dX + dW. So a forward op costs the sum of its layers' forwards and a backward op the sum of f + dX / dW per
-layer: exactly the cost model's remat=True costs (``parallel.pipeline_plan.runtime_stage_costs``). Stages whose
-layers all need nothing skip the backward entirely; the last stage computes the loss and its cotangent in its
-forward op (its backward op is then its layers' vjps only). Ticks run in lockstep (each ends in the ppermutes), so a
-step takes the sum over ticks of the slowest stage's op: the planner simulates exactly that.
+input per microbatch in flight, and its backward walks its layers in reverse, each slot's vjp recomputing that
+layer's forward from its saved input (``layer_grads``), by the frozen rule: nothing (frozen, nothing upstream
+trains), dX only (frozen, something upstream trains), dW only (trainable, nothing upstream trains), dX + dW; dW of
+the trainable parameter leaves only (``param_trainable``: LoRA's adapters, not its base weights). The backward runs
+fused (BW: one vjp per layer) or split (B: dX only, keeping each trainable layer's output cotangent; W later: dW
+only), so the op costs are the planner's (``parallel.pipeline_plan.runtime_layer_ops``). Stages whose layers all
+need nothing skip the backward; the last stage computes the loss and its cotangent in its forward op. Ticks run in
+lockstep (each ends in the ppermutes), so a step takes the sum over ticks of the slowest stage's op: the planner
+simulates exactly that table (``parallel.schedule.simulate``), and ``trace=True`` returns what each stage ran in
+each tick, to check it.
 
 Uneven stages are padded to the largest with an inactive slot per missing layer; parameters travel in the canonical
 [layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit. A stage walks only its
-own slots: its forward and backward are loops whose trip count is the stage's active layer count (data, not a shape),
-so padding costs no compute, only the padded slots' memory.
+own slots: its loops' trip count is the stage's active layer count (data, not a shape), so padding costs no compute,
+only the padded slots' memory. Memory: one pool of activation slots per device (saved inputs, and for ZB-H1 the kept
+cotangents of a deferred W) sized by the schedule; no weight-gradient accumulator when no layer trains, and none for
+frozen leaves of trainable layers.
 """
 
 from __future__ import annotations
@@ -31,141 +35,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-OP_IDLE, OP_FWD, OP_BWD, OP_BWD_SKIP = 0, 1, 2, 3
-# Columns of the schedule table.
-FIELDS = ("op", "mb", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot")
+from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_F, OP_IDLE, OP_SKIP, OP_W, SCHEDULES, Schedule,
+                                        build_schedule, stage_op_order)
+
+# Older names of the ops (the fused backward was the only one).
+OP_FWD, OP_BWD, OP_BWD_SKIP = OP_F, OP_BW, OP_SKIP
+__all__ = ["FIELDS", "OP_B", "OP_BW", "OP_F", "OP_IDLE", "OP_SKIP", "OP_W", "SCHEDULES", "Schedule", "build_schedule",
+           "layout_schedule", "make_layout", "pipeline_value_and_grad", "sequential_value_and_grad", "stage_op_order"]
 
 # Slot kinds: which backward a layer slot runs.
 KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """table int32 [time, stages, len(FIELDS)]; -1 = none. x_slots / g_slots: buffer sizes per device."""
-
-    table: np.ndarray
-    x_slots: int
-    g_slots: int
-    kind: str
-
-    def column(self, field: str) -> np.ndarray:
-        return self.table[:, :, FIELDS.index(field)]
-
-    @property
-    def ops(self) -> np.ndarray:
-        return self.column("op")
-
-
-def stage_op_order(stages: int, microbatches: int, kind: str = "1f1b") -> list:
-    """Per stage, the ordered list of (op, microbatch). 1F1B: stage s runs min(stages - s - 1, M) warm-up forwards,
-    then alternates one forward and one backward, then the remaining backwards. GPipe: all forwards, then all
-    backwards."""
-    orders = []
-    for s in range(stages):
-        if kind == "gpipe":
-            orders.append([(OP_FWD, m) for m in range(microbatches)] + [(OP_BWD, m) for m in range(microbatches)])
-            continue
-        if kind != "1f1b":
-            raise ValueError(f"schedule kind must be '1f1b' or 'gpipe'; got {kind!r}")
-        warm = min(stages - s - 1, microbatches)
-        order = [(OP_FWD, m) for m in range(warm)]
-        nf, nb = warm, 0
-        while nb < microbatches:
-            if nf < microbatches:
-                order.append((OP_FWD, nf))
-                nf += 1
-            order.append((OP_BWD, nb))
-            nb += 1
-        orders.append(order)
-    return orders
-
-
-def build_schedule(stages: int, microbatches: int, *, backward_stages=None, kind: str = "1f1b") -> Schedule:
-    """Assign each stage's ops to ticks as early as their dependencies allow (a forward needs the previous stage's
-    forward of that microbatch at an earlier tick; a backward needs the next stage's backward, or on the last stage
-    its own forward), then allocate buffer slots: an activation occupies an x slot from its arrival until the
-    stage's backward of that microbatch, a cotangent a g slot from arrival to use. ``backward_stages[s]`` False marks
-    a stage with no backward (frozen prefix): its backward ops stay in the table as OP_BWD_SKIP to keep the pace
-    (so nothing piles up downstream) but compute and send nothing."""
-    if stages < 1 or microbatches < 1:
-        raise ValueError(f"stages and microbatches must be >= 1; got {stages} and {microbatches}")
-    bw = np.ones(stages, bool) if backward_stages is None else np.asarray(backward_stages, bool)
-    if bw.shape != (stages,):
-        raise ValueError(f"backward_stages must have {stages} entries; got {bw.shape}")
-    orders = stage_op_order(stages, microbatches, kind)
-    done_f = np.full((stages, microbatches), -1)
-    done_b = np.full((stages, microbatches), -1)
-    pos = [0] * stages
-    rows = []
-    t = 0
-    while any(pos[s] < len(orders[s]) for s in range(stages)):
-        row = [(OP_IDLE, -1)] * stages
-        for s in range(stages):
-            if pos[s] >= len(orders[s]):
-                continue
-            op, m = orders[s][pos[s]]
-            if op == OP_FWD:
-                ready = s == 0 or 0 <= done_f[s - 1, m] < t
-            else:
-                ready = (0 <= done_f[s, m] < t) if s == stages - 1 else (0 <= done_b[s + 1, m] < t)
-            if ready:
-                row[s] = (op if (op == OP_FWD or bw[s]) else OP_BWD_SKIP, m)
-                pos[s] += 1
-        for s, (op, m) in enumerate(row):
-            if op == OP_FWD:
-                done_f[s, m] = t
-            elif op in (OP_BWD, OP_BWD_SKIP):
-                done_b[s, m] = t
-        rows.append(row)
-        t += 1
-        if t > 4 * (stages + microbatches) * 2:
-            raise AssertionError("schedule did not converge")  # unreachable for 1F1B / GPipe orders
-
-    T = len(rows)
-    table = np.full((T, stages, len(FIELDS)), -1, np.int32)
-    x_slot_of = [dict() for _ in range(stages)]  # microbatch -> slot
-    g_slot_of = [dict() for _ in range(stages)]
-    x_free = [set() for _ in range(stages)]
-    g_free = [set() for _ in range(stages)]
-    x_count = [0] * stages
-    g_count = [0] * stages
-
-    def alloc(free, count, s):
-        if free[s]:
-            slot = min(free[s])
-            free[s].remove(slot)
-            return slot
-        count[s] += 1
-        return count[s] - 1
-
-    for t, row in enumerate(rows):
-        for s, (op, m) in enumerate(row):
-            table[t, s, 0] = op
-            table[t, s, 1] = m
-            if op == OP_FWD:
-                if s == 0 and bw[s]:  # stage 0 reads the input directly; keep it for its backward
-                    x_slot_of[s][m] = alloc(x_free, x_count, s)
-                if m in x_slot_of[s]:
-                    table[t, s, 2] = x_slot_of[s][m]
-                    if not bw[s]:  # no backward: the slot is free once the forward has read it
-                        x_free[s].add(x_slot_of[s].pop(m))
-            elif op == OP_BWD:
-                table[t, s, 2] = x_slot_of[s][m]
-                x_free[s].add(x_slot_of[s].pop(m))
-                if s < stages - 1:
-                    table[t, s, 3] = g_slot_of[s][m]
-                    g_free[s].add(g_slot_of[s].pop(m))
-        # Messages sent this tick arrive at its end, after every op of the tick has read its buffers.
-        for s, (op, m) in enumerate(row):
-            if op == OP_FWD and s + 1 < stages:
-                slot = alloc(x_free, x_count, s + 1)
-                x_slot_of[s + 1][m] = slot
-                table[t, s + 1, 4] = slot
-            if op == OP_BWD and s > 0 and bw[s - 1]:
-                slot = alloc(g_free, g_count, s - 1)
-                g_slot_of[s - 1][m] = slot
-                table[t, s - 1, 5] = slot
-    return Schedule(table, max(1, max(x_count)), max(1, max(g_count)), kind)
+# Per-tick trace columns (``pipeline_value_and_grad(trace=True)``): what a stage ran in that tick, counted in its
+# loops: layer forwards, layer forwards recomputed inside vjps (remat), layer input gradients, layer weight gradients.
+TRACE_FIELDS = ("forward_layers", "recomputes", "input_grads", "weight_grads")
 
 
 @dataclass(frozen=True)
@@ -186,6 +68,21 @@ class StageLayout:
     @property
     def slots(self) -> int:
         return self.index.shape[1]
+
+    @property
+    def weight_stages(self) -> np.ndarray:
+        """[S] bool: the stage has a layer with a weight gradient (trainable base weights or adapters)."""
+        return (self.active & ((self.kind == KIND_DW) | (self.kind == KIND_DX_DW))).any(axis=1)
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.weight_stages.any())
+
+
+def layout_schedule(layout: StageLayout, microbatches: int, kind: str = "1f1b") -> Schedule:
+    """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate)."""
+    return build_schedule(layout.stages, microbatches, backward_stages=layout.backward_stages,
+                          weight_stages=layout.weight_stages, kind=kind)
 
 
 def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=False, loss_params_trainable=True):
@@ -313,55 +210,159 @@ def _keep_layout(layer_fn):
     return fn
 
 
-def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0):
+def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, cnt=None):
     """Run slots 0 .. ``n_active`` - 1 (a traced bound: the loop's trip count is data, so the padded slots of a shorter
-    stage are never visited). ``saved`` [x_slots, L_max + 1, ...]: when given, slot i's input is written to
-    ``saved[slot, i]`` in place (the backward's per-layer rematerialisation starts from these). Returns (y, saved)."""
+    stage are never visited). ``saved`` [act_slots, L_max + 1, ...]: when given, slot i's input is written to
+    ``saved[slot, i]`` in place (the backward's per-layer rematerialisation starts from these). ``cnt``: the trace
+    counter (int32[len(TRACE_FIELDS)]) or None. Returns (y, saved, cnt)."""
 
     def body(i, carry):
-        h, buf = carry
+        h, buf, c = carry
         if buf is not None:
             buf = jax.lax.dynamic_update_slice(buf, h[None, None], (slot, i) + (0,) * h.ndim)
-        return layer_fn(_index(params_L, i), h, aux_m), buf
+        if c is not None:
+            c = c.at[0].add(1)
+        return layer_fn(_index(params_L, i), h, aux_m), buf, c
 
-    return jax.lax.fori_loop(0, n_active, body, (x, saved))
+    return jax.lax.fori_loop(0, n_active, body, (x, saved, cnt))
 
 
-def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, dy, aux_m, gacc):
-    """Reverse walk over the active slots with the per-slot vjp branch (each recomputes its layer's forward from the
-    input the forward saved in ``saved[slot, i]``: remat per layer, no second pass over the stage), adding each
-    slot's parameter gradient into ``gacc`` [L_max, ...]; returns (gacc, dx). Slots below ``n_none`` (KIND_NONE:
-    frozen with nothing trainable upstream, always a prefix) and padded slots are not visited."""
+def _row(buf, slot, i):
+    """buf[slot, i] with traced indices."""
+    return jax.lax.dynamic_slice(buf, (slot, i) + (0,) * (buf.ndim - 2), (1, 1) + buf.shape[2:])[0, 0]
+
+
+class ParamSplit:
+    """Which leaves of one layer's parameters train (LoRA: the adapters, not the base weights): the weight-gradient
+    vjps differentiate those leaves only, and only they get an accumulator, so a frozen leaf has no dW computed and no
+    gradient buffer."""
+
+    def __init__(self, layer_params, param_trainable=None):
+        leaves, self.treedef = jax.tree.flatten(layer_params)
+        if param_trainable is None:
+            self.mask = (True,) * len(leaves)
+        else:
+            mask, tdef = jax.tree.flatten(param_trainable)
+            if tdef != self.treedef:
+                raise ValueError(f"param_trainable must have the structure of one layer's parameters {self.treedef}; "
+                                 f"got {tdef}")
+            self.mask = tuple(bool(m) for m in mask)
+
+    def split(self, p) -> tuple:
+        leaves = jax.tree.leaves(p)
+        return ([a for a, m in zip(leaves, self.mask) if m], [a for a, m in zip(leaves, self.mask) if not m])
+
+    def merge(self, train, frozen):
+        it_t, it_f = iter(train), iter(frozen)
+        return jax.tree.unflatten(self.treedef, [next(it_t) if m else next(it_f) for m in self.mask])
+
+
+def layer_grads(layer_fn, p, x, g, aux_m, *, dx: bool, dw: bool, split: ParamSplit | None = None):
+    """One layer's backward from its saved input ``x`` and output cotangent ``g``, by the frozen rule: the vjp with
+    respect to the input only (``dx``), the trainable parameter leaves only (``dw``), or both; the forward is
+    recomputed inside (remat per layer). Returns (list of the trainable leaves' gradients or None, dx or None)."""
+    if not (dx or dw):
+        return None, None
+    split = split or ParamSplit(p)
+    train, frozen = split.split(p)
+    if dw and dx:
+        _, vjp = jax.vjp(lambda q, h: layer_fn(split.merge(q, frozen), h, aux_m), train, x)
+        dq, dh = vjp(g)
+        return dq, dh
+    if dw:
+        _, vjp = jax.vjp(lambda q: layer_fn(split.merge(q, frozen), x, aux_m), train)
+        return vjp(g)[0], None
+    _, vjp = jax.vjp(lambda h: layer_fn(p, h, aux_m), x)
+    return None, vjp(g)[0]
+
+
+def _add_grad(acc, i, dq):
+    return [jax.lax.dynamic_update_index_in_dim(a, a[i] + d.astype(a.dtype), i, 0) for a, d in zip(acc, dq)]
+
+
+def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, dy, aux_m, gacc, cnt=None,
+                    split=None):
+    """The fused backward (BW): reverse walk over the active slots with the per-slot vjp branch (each recomputes its
+    layer's forward from the input the forward saved in ``saved[slot, i]``: remat per layer, no second pass over the
+    stage), adding each slot's trainable-leaf gradients into ``gacc`` (list of [L_max, ...]; None: no layer of the
+    pipeline trains, so no branch takes dW); returns (gacc, dx, cnt). Slots below ``n_none`` (KIND_NONE: frozen with
+    nothing trainable upstream, always a prefix) and padded slots are not visited."""
 
     def body(j, carry):
-        g, acc = carry
+        g, acc, c = carry
         i = n_active - 1 - j
         p, k = _index(params_L, i), kind_L[i]
-        x = jax.lax.dynamic_slice(saved, (slot, i) + (0,) * (saved.ndim - 2), (1, 1) + saved.shape[2:])[0, 0]
+        x = _row(saved, slot, i)
+        # Zeros shaped and laid out like the trainable leaves (branch outputs must match in sharding too).
+        zeros = None if acc is None else [jnp.zeros_like(a) for a in (split or ParamSplit(p)).split(p)[0]]
 
         def none():
-            return _zeros_like(p), g
+            return zeros, g
 
         def dx_only():
-            _, vjp = jax.vjp(lambda h: layer_fn(p, h, aux_m), x)
-            return _zeros_like(p), vjp(g)[0]
+            return zeros, layer_grads(layer_fn, p, x, g, aux_m, dx=True, dw=False, split=split)[1]
 
         def dw_only():
-            _, vjp = jax.vjp(lambda q: layer_fn(q, x, aux_m), p)
-            return vjp(g)[0], g
+            return layer_grads(layer_fn, p, x, g, aux_m, dx=False, dw=True, split=split)[0], g
 
         def both():
-            _, vjp = jax.vjp(lambda q, h: layer_fn(q, h, aux_m), p, x)
-            return vjp(g)
+            return layer_grads(layer_fn, p, x, g, aux_m, dx=True, dw=True, split=split)
 
-        dp, dx = jax.lax.switch(k, (none, dx_only, dw_only, both))
-        acc = jax.tree.map(
-            lambda a, d: jax.lax.dynamic_update_index_in_dim(a, a[i] + d.astype(a.dtype), i, 0), acc, dp
-        )
-        return dx, acc
+        branches = (none, dx_only) if acc is None else (none, dx_only, dw_only, both)
+        dq, dx = jax.lax.switch(jnp.minimum(k, len(branches) - 1), branches)
+        if acc is not None:
+            acc = _add_grad(acc, i, dq)
+        if c is not None:
+            c = c + jnp.stack([0, k > KIND_NONE, (k == KIND_DX) | (k == KIND_DX_DW), k >= KIND_DW]).astype(c.dtype)
+        return dx, acc, c
 
-    dx, gacc = jax.lax.fori_loop(0, n_active - n_none, body, (dy, gacc))
-    return gacc, dx
+    dx, gacc, cnt = jax.lax.fori_loop(0, n_active - n_none, body, (dy, gacc, cnt))
+    return gacc, dx, cnt
+
+
+def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot, dy, aux_m, cnt=None):
+    """B: the input gradient only. Reverse walk as in the fused backward, but each slot takes dX only (its vjp with
+    respect to the input: no dW is computed), and a slot with a weight gradient keeps the cotangent of its output in
+    ``acts[w_slot, i]`` for the W op. Returns (acts, dx, cnt)."""
+
+    def body(j, carry):
+        g, buf, c = carry
+        i = n_active - 1 - j
+        p, k = _index(params_L, i), kind_L[i]
+        buf = jax.lax.cond(k >= KIND_DW,
+                           lambda: jax.lax.dynamic_update_slice(buf, g[None, None], (w_slot, i) + (0,) * g.ndim),
+                           lambda: buf)
+        x = _row(buf, slot, i)
+        has_dx = (k == KIND_DX) | (k == KIND_DX_DW)
+        g = jax.lax.cond(has_dx, lambda: layer_grads(layer_fn, p, x, g, aux_m, dx=True, dw=False)[1], lambda: g)
+        if c is not None:
+            c = c + jnp.stack([0, has_dx, has_dx, 0]).astype(c.dtype)
+        return g, buf, c
+
+    dx, acts, cnt = jax.lax.fori_loop(0, n_active - n_none, body, (dy, acts, cnt))
+    return acts, dx, cnt
+
+
+def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot, aux_m, gacc, cnt=None,
+                       split=None):
+    """W: the weight gradient only, of the slots that have one: each one's vjp with respect to its trainable leaves
+    (no dX), from its saved input ``acts[slot, i]`` and the output cotangent B kept in ``acts[w_slot, i]``."""
+
+    def body(i, carry):
+        acc, c = carry
+        has_dw = kind_L[i] >= KIND_DW
+
+        def dw():
+            dq, _ = layer_grads(layer_fn, _index(params_L, i), _row(acts, slot, i), _row(acts, w_slot, i), aux_m,
+                                dx=False, dw=True, split=split)
+            return _add_grad(acc, i, dq)
+
+        acc = jax.lax.cond(has_dw, dw, lambda: acc)
+        if c is not None:
+            c = c + jnp.stack([0, has_dw, 0, has_dw]).astype(c.dtype)
+        return acc, c
+
+    return jax.lax.fori_loop(n_none, n_active, body, (gacc, cnt))
 
 
 def _index(tree, i):
@@ -383,6 +384,8 @@ def pipeline_value_and_grad(
     loss_params_trainable=True,
     axis: str = "pipeline",
     schedule: str = "1f1b",
+    trace: bool = False,
+    param_trainable=None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -391,9 +394,14 @@ def pipeline_value_and_grad(
     loss_fn(loss_params, y, aux_m) -> scalar loss *sum* of one microbatch (the caller divides by the global count).
     aux: pytree with leading [M] (labels, token metadata), given to layer_fn and loss_fn per microbatch.
     stage_layers: layers per stage (mesh.shape[axis] entries). trainable_layers: bool per layer.
+    param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
+    trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
+    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "gpipe").
 
     Returns (loss_sum, (grads_stacked [layers, ...], grads_loss_params, dx_microbatches or None)); frozen layers
-    get zero gradients; dx_microbatches is computed only with ``input_requires_grad``.
+    get zero gradients (no buffer inside the pipeline when no layer trains); dx_microbatches is computed only with
+    ``input_requires_grad``. ``trace=True`` adds a third output: int32 [ticks, stages, len(TRACE_FIELDS)], the layer
+    forwards / input-gradient vjps / weight-gradient vjps each stage ran in each tick (counted inside the loops).
     """
     S = mesh.shape[axis]
     if len(stage_layers) != S:
@@ -408,20 +416,26 @@ def pipeline_value_and_grad(
         input_requires_grad=input_requires_grad,
         loss_params_trainable=loss_params_trainable,
     )
-    sched = build_schedule(S, M, backward_stages=layout.backward_stages, kind=schedule)
+    sched = layout_schedule(layout, M, schedule)
     want_dx = bool(input_requires_grad)
-    per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx)
+    split = ParamSplit(jax.tree.map(lambda a: a[0], stacked_params), param_trainable)
+    if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
+        layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
+                             loss_params_trainable=loss_params_trainable)
+        sched = layout_schedule(layout, M, schedule)
+    per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
+                                split)
     stage_spec = P(axis)
     fn = jax.shard_map(
         per_device,
         mesh=mesh,
         in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), stage_spec, P(), P(), P()),
-        out_specs=(stage_spec, P(), P(), P()),
+        out_specs=(stage_spec, P(), P(), P(), P(None, axis)),
         axis_names=frozenset({axis}),
         check_vma=False,
     )
     lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
-    gstaged, glp, loss, dx = fn(
+    gstaged, glp, loss, dx, counts = fn(
         jax.tree.map(lead, to_stages(stacked_params, layout, mesh, axis)),
         lead(jnp.asarray(layout.active)),
         lead(jnp.asarray(layout.kind)),
@@ -430,18 +444,26 @@ def pipeline_value_and_grad(
         *(jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t)
           for t in (x_microbatches, {} if aux is None else aux, loss_params)),
     )
-    return loss, (from_stages(gstaged, layout, mesh, axis), glp, dx if want_dx else None)
+    # No layer trains: no accumulator was carried; zeros here cost nothing where the caller drops them.
+    zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
+    trained = iter(jax.tree.leaves(from_stages(gstaged, layout, mesh, axis)) if layout.trains else [])
+    grads = jax.tree.unflatten(split.treedef, [next(trained) if m and layout.trains else z
+                                                for z, m in zip(zeros, split.mask)])
+    out = (loss, (grads, glp, dx if want_dx else None))
+    return out + (counts,) if trace else out
 
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
-                   want_dx: bool):
+                   want_dx: bool, trace: bool = False, split: ParamSplit | None = None):
     """The per-device body of the pipeline's shard_map: one stage scanning its column of the schedule table, each
-    tick its op under ``lax.switch`` (idle / forward / backward), then the ppermutes to its neighbours. Returns
-    (its slots' parameter gradients, and, summed over stages: loss-parameter gradients, loss, input gradients)."""
+    tick its op under ``lax.switch`` (idle / F / B / W / BW / skip), then the ppermutes to its neighbours. Returns
+    (its slots' parameter gradients, loss-parameter gradients and loss summed over stages, its input-gradient buffer
+    (stage 0's: the others are zero), its per-tick trace)."""
     S, M = layout.stages, x_microbatches.shape[0]
-    mb_shape, dtype = x_microbatches.shape[1:], x_microbatches.dtype
+    mb_shape = x_microbatches.shape[1:]
     fwd_perm = [(i, i + 1) for i in range(S - 1)]
     bwd_perm = [(i + 1, i) for i in range(S - 1)]
+    trains = layout.trains
 
     def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
         params_L = jax.tree.map(lambda a: a[0], params_L)
@@ -456,75 +478,99 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         buffer = lambda k: jnp.broadcast_to(zero_x[None], (k,) + mb_shape)  # noqa: E731
 
         def tick(carry, row):
-            xs, gs, gacc, lpacc, loss, dxs = carry
-            op, m, xslot, gslot, rx, rg = (row[i] for i in range(len(FIELDS)))
+            acts, gs, gacc, lpacc, loss, dxs = carry
+            op, m, xslot, gslot, rx, rg, wslot = (row[i] for i in range(len(FIELDS)))
             m0 = jnp.maximum(m, 0)
-            slot = jnp.maximum(xslot, 0)
+            slot, w_slot = jnp.maximum(xslot, 0), jnp.maximum(wslot, 0)
             aux_m = _index(aux_all, m0)
+            cnt0 = jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None
 
             def idle():
-                return zero_x, zero_x, xs, gacc, lpacc, loss, dxs
+                return zero_x, zero_x, acts, gacc, lpacc, loss, dxs, cnt0
 
             def fwd():
                 # Every slot's input is kept for the backward (row 0 is where the previous stage's activation
                 # arrived). A stage without a backward writes into a slot that nobody reads.
-                x = jnp.where(stage == 0, x_mb[m0], xs[slot, 0])
-                y, new_xs = _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=xs, slot=slot)
+                x = jnp.where(stage == 0, x_mb[m0], acts[slot, 0])
+                y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=acts, slot=slot,
+                                                  cnt=cnt0)
 
                 def loss_now():
                     # The last stage takes the loss and its cotangent in its forward tick (its backward tick is
                     # then the layers' vjps only); the cotangent waits in the slot's spare row L_max.
                     value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
                     dy, dlp = vjp(jnp.ones_like(value))
-                    kept = jax.lax.dynamic_update_slice(new_xs, dy[None, None], (slot, L) + (0,) * dy.ndim)
+                    kept = jax.lax.dynamic_update_slice(new_acts, dy[None, None], (slot, L) + (0,) * dy.ndim)
                     return zero_x, kept, jax.tree.map(jnp.add, lpacc, dlp), loss + value.astype(jnp.float32)
 
                 def send():
-                    return y, new_xs, lpacc, loss
+                    return y, new_acts, lpacc, loss
 
-                y, new_xs, new_lpacc, new_loss = jax.lax.cond(last, loss_now, send)
-                return y, zero_x, new_xs, gacc, new_lpacc, new_loss, dxs
+                y, new_acts, new_lpacc, new_loss = jax.lax.cond(last, loss_now, send)
+                return y, zero_x, new_acts, gacc, new_lpacc, new_loss, dxs, cnt
 
-            def bwd():
-                dy = jnp.where(last, xs[slot, L], gs[jnp.maximum(gslot, 0)])
-                new_gacc, dx = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, xs, slot, dy, aux_m,
-                                               gacc)
-                new_dxs = dxs
-                if want_dx:
-                    new_dxs = jax.lax.cond(stage == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
-                return zero_x, dx, xs, new_gacc, lpacc, loss, new_dxs
+            def incoming():
+                return jnp.where(last, acts[slot, L], gs[jnp.maximum(gslot, 0)])
 
-            y, dx, xs, gacc, lpacc, loss, dxs = jax.lax.switch(op, (idle, fwd, bwd, idle))
-            xs, gs = _receive(xs, gs, jax.lax.ppermute(y, axis, fwd_perm), jax.lax.ppermute(dx, axis, bwd_perm),
-                              rx, rg)
-            return (xs, gs, gacc, lpacc, loss, dxs), None
+            def input_grad(dx):
+                if not want_dx:
+                    return dxs
+                return jax.lax.cond(stage == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
+
+            def bwd_fused():
+                new_gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
+                                                    incoming(), aux_m, gacc, cnt0, split)
+                return zero_x, dx, acts, new_gacc, lpacc, loss, input_grad(dx), cnt
+
+            def bwd_input():
+                new_acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
+                                                      w_slot, incoming(), aux_m, cnt0)
+                return zero_x, dx, new_acts, gacc, lpacc, loss, input_grad(dx), cnt
+
+            def bwd_weight():
+                if not trains:
+                    return idle()
+                new_gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
+                                                   aux_m, gacc, cnt0, split)
+                return zero_x, zero_x, acts, new_gacc, lpacc, loss, dxs, cnt
+
+            branches = [idle] * 6
+            branches[OP_F], branches[OP_B], branches[OP_W], branches[OP_BW] = fwd, bwd_input, bwd_weight, bwd_fused
+            y, dx, acts, gacc, lpacc, loss, dxs, cnt = jax.lax.switch(op, branches)
+            acts, gs = _receive(acts, gs, jax.lax.ppermute(y, axis, fwd_perm), jax.lax.ppermute(dx, axis, bwd_perm),
+                                rx, rg)
+            return (acts, gs, gacc, lpacc, loss, dxs), cnt
 
         init = (
-            jnp.broadcast_to(zero_x[None, None], (sched.x_slots, L + 1) + mb_shape),  # slot inputs + cotangent row
+            # One pool of activation slots: saved layer inputs (+ the last stage's cotangent row), or for zb_h1 the
+            # kept layer-output cotangents of a deferred W.
+            jnp.broadcast_to(zero_x[None, None], (sched.act_slots, L + 1) + mb_shape),
             buffer(sched.g_slots),
-            _zeros_like(params_L),
+            [jnp.zeros_like(a) for a in split.split(params_L)[0]] if trains else None,
             _zeros_like(lp),
             jnp.float32(0.0),
-            buffer(M) if want_dx else jnp.zeros((), dtype),
+            buffer(M) if want_dx else jnp.zeros((), x_mb.dtype),
         )
-        (_, _, gacc, lpacc, loss, dxs), _ = jax.lax.scan(tick, init, table_T)
+        (_, _, gacc, lpacc, loss, dxs), counts = jax.lax.scan(tick, init, table_T)
         # Only the last stage has a loss and loss-parameter gradients, only stage 0 an input gradient.
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
-        return jax.tree.map(lambda a: a[None], gacc), total(lpacc), total(loss), total(dxs)
+        gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
+        counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
+        return gout, total(lpacc), total(loss), total(dxs), counts
 
     return per_device
 
 
-def _receive(xs, gs, y_in, g_in, rx, rg):
-    """Store what arrived at the end of a tick: the previous stage's activation in row 0 of x slot ``rx``, the next
-    stage's cotangent in g slot ``rg`` (-1: nothing arrived)."""
-    xs = jax.lax.cond(
+def _receive(acts, gs, y_in, g_in, rx, rg):
+    """Store what arrived at the end of a tick: the previous stage's activation in row 0 of activation slot ``rx``,
+    the next stage's cotangent in g slot ``rg`` (-1: nothing arrived)."""
+    acts = jax.lax.cond(
         rx >= 0,
-        lambda: jax.lax.dynamic_update_slice(xs, y_in[None, None], (jnp.maximum(rx, 0), 0) + (0,) * y_in.ndim),
-        lambda: xs,
+        lambda: jax.lax.dynamic_update_slice(acts, y_in[None, None], (jnp.maximum(rx, 0), 0) + (0,) * y_in.ndim),
+        lambda: acts,
     )
     gs = jax.lax.cond(rg >= 0, lambda: gs.at[jnp.maximum(rg, 0)].set(g_in), lambda: gs)
-    return xs, gs
+    return acts, gs
 
 
 def sequential_value_and_grad(layer_fn, stacked_params, x_microbatches, *, loss_fn, loss_params, aux=None):

@@ -24,6 +24,7 @@ import numpy as np
 
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
+from mllm_jax.parallel.schedule import OP_BW, OP_F, OP_SKIP, SCHEDULES, StageOps, build_schedule, simulate
 
 INF = float("inf")
 
@@ -130,13 +131,29 @@ def min_max_split(
 # The runtime's step time: parallel.pipeline's schedule table in lockstep ticks.
 
 
-def runtime_layer_costs(chain) -> tuple:
-    """(forward-op, backward-op) cost of each LLM layer slot as parallel.pipeline runs it: a forward op runs the
-    layer once; a backward op runs its vjp, which recomputes the layer from its saved input (remat per layer) and
-    takes dX and/or dW by the frozen rule; a frozen layer with nothing trainable upstream costs nothing there."""
+def runtime_layer_ops(chain) -> dict:
+    """Per LLM layer slot, what each op costs as parallel.pipeline runs it ({"f", "b", "w", "bw"} arrays): F runs the
+    layer once; B its vjp for the input gradient (dX; the layer's forward recomputed from its saved input first:
+    remat per layer); W its vjp for the weight gradient (dW of the trainable weights or adapters, recomputing the
+    forward again); BW, the fused backward, one vjp for both. By the frozen rule: no dX where nothing upstream
+    trains, no dW for frozen weights, and a frozen layer with nothing trainable upstream costs nothing. (W's vjp
+    also walks the cotangents back through the layer's inside to reach its weights; the analytic costs count dW
+    only: compiled per-layer costs, where given, include it.)"""
     f = np.array([c.layer.fwd for c in chain], dtype=np.float64)
-    b = np.array([backward_flops(c.layer, c.needs_dx) for c in chain], dtype=np.float64)
-    return f, np.where(b > 0, b + f, 0.0)
+    dw = np.array([backward_flops(c.layer, False) for c in chain], dtype=np.float64)
+    dx = np.array([backward_flops(c.layer, c.needs_dx) for c in chain], dtype=np.float64) - dw
+    return {
+        "f": f,
+        "b": np.where(dx > 0, f + dx, 0.0),
+        "w": np.where(dw > 0, f + dw, 0.0),
+        "bw": np.where(dx + dw > 0, f + dx + dw, 0.0),
+    }
+
+
+def runtime_layer_costs(chain) -> tuple:
+    """(forward-op, fused-backward-op) cost of each LLM layer slot: 1F1B's two ops (``runtime_layer_ops``)."""
+    ops = runtime_layer_ops(chain)
+    return ops["f"], ops["bw"]
 
 
 def runtime_head_cost(head: CostedLayer) -> float:
@@ -144,15 +161,24 @@ def runtime_head_cost(head: CostedLayer) -> float:
     return head.layer.fwd + backward_flops(head.layer, head.needs_dx)
 
 
+def stage_ops(layer_ops: dict, counts, head_cost: float = 0.0) -> StageOps:
+    """Per-layer op costs (``runtime_layer_ops`` or compiled ones) summed per stage of the split ``counts``; the
+    head (the loss, forward and backward) rides on the last stage's F."""
+    edges = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    per = {k: [float(v[edges[i] : edges[i + 1]].sum()) for i in range(len(counts))] for k, v in layer_ops.items()}
+    per["f"][-1] += head_cost
+    return StageOps(tuple(per["f"]), tuple(per["b"]), tuple(per["w"]), tuple(per["bw"]))
+
+
+def runtime_stage_ops(chain, counts, head: CostedLayer | None = None) -> StageOps:
+    """Per-stage op costs of ``chain`` (the LLM's CostedLayers) split by ``counts``, as the runtime runs them."""
+    return stage_ops(runtime_layer_ops(chain), counts, runtime_head_cost(head) if head is not None else 0.0)
+
+
 def runtime_stage_costs(chain, counts, head: CostedLayer | None = None) -> tuple:
-    """Per-stage (forward-op costs, backward-op costs) of ``chain`` (the LLM's CostedLayers) split by ``counts``."""
-    f, b = runtime_layer_costs(chain)
-    edges = np.concatenate([[0], np.cumsum(counts)])
-    F = np.array([f[edges[i] : edges[i + 1]].sum() for i in range(len(counts))])
-    B = np.array([b[edges[i] : edges[i + 1]].sum() for i in range(len(counts))])
-    if head is not None:
-        F[-1] += runtime_head_cost(head)
-    return tuple(float(v) for v in F), tuple(float(v) for v in B)
+    """Per-stage (forward-op costs, fused-backward-op costs) of ``chain`` split by ``counts``."""
+    ops = runtime_stage_ops(chain, counts, head)
+    return ops.f, ops.bw
 
 
 _TABLES: dict = {}
@@ -163,10 +189,8 @@ def _op_masks(stages: int, microbatches: int):
     depend on which stages skip the backward: a skipped backward keeps its tick and costs nothing)."""
     key = (stages, microbatches)
     if key not in _TABLES:
-        from mllm_jax.parallel.pipeline import OP_BWD, OP_BWD_SKIP, OP_FWD, build_schedule
-
         ops = build_schedule(stages, microbatches).ops
-        _TABLES[key] = (ops == OP_FWD, (ops == OP_BWD) | (ops == OP_BWD_SKIP))
+        _TABLES[key] = (ops == OP_F, (ops == OP_BW) | (ops == OP_SKIP))
     return _TABLES[key]
 
 

@@ -1,0 +1,166 @@
+"""Schedules as the runtime runs them: the simulator's tick table against the instrumented runtime, split backward
+(B / W) by compiled FLOPs, ZB-H1 against one device and against 1F1B's memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mllm_jax.parallel.cost_model import Layer, cost_chain
+from mllm_jax.parallel.pipeline import (TRACE_FIELDS, ParamSplit, layer_grads, layout_schedule, make_layout,
+                                        pipeline_value_and_grad)
+from mllm_jax.parallel.pipeline_plan import runtime_stage_ops
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_F, OP_W, StageOps, build_schedule, one_f_one_b_peak,
+                                        simulate, tick_costs)
+from test_pipeline import check_equal, layer_fn, loss_fn, pipeline_mesh, problem, replay
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables.
+
+
+@pytest.mark.parametrize("stages,M", [(2, 1), (2, 5), (3, 2), (4, 8), (5, 16)])
+def test_zb_h1_table_keeps_dependencies_and_1f1b_memory(stages, M):
+    base = build_schedule(stages, M)
+    zb = build_schedule(stages, M, kind="zb_h1")
+    peak = replay(zb, stages, M)  # every read finds its microbatch; everything is consumed
+    assert tuple(peak) == zb.peak_act
+    # The same activation pool as 1F1B (every device's buffer is the largest stage's: SPMD).
+    assert zb.act_slots == base.act_slots == one_f_one_b_peak(0, stages, M)
+    ops, mbs = zb.ops, zb.column("mb")
+    when = {(int(o), s, int(m)): t for t in range(ops.shape[0]) for s in range(stages)
+            for o, m in [(ops[t, s], mbs[t, s])] if o != 0}
+    for s in range(stages):
+        for m in range(M):
+            if (OP_B, s, m) in when:  # split: its W comes later, and only after the stage's last forward
+                assert when[(OP_W, s, m)] > when[(OP_B, s, m)] > when[(OP_F, s, M - 1)]
+                assert (OP_BW, s, m) not in when
+            else:
+                assert (OP_BW, s, m) in when and (OP_W, s, m) not in when
+    if stages > 1 and M > 1:
+        assert (ops == OP_W).any()
+
+
+def test_simulator_reproduces_the_issues_lockstep_numbers():
+    # Forward : backward = 1 : 3 (remat), 4 stages, 24 microbatches: the 1F1B table takes 154 units in lockstep
+    # (the asynchronous formula says 108, the ideal 96). Bubble fraction = 1 - work / (stages x time).
+    ops = StageOps(f=(1.0,) * 4, b=(2.0,) * 4, w=(1.0,) * 4, bw=(3.0,) * 4)
+    one = simulate(ops, 24, "1f1b")
+    assert one.time == 154.0 and one.ticks == 2 * (24 + 4 - 1)
+    assert one.bubble_fraction == pytest.approx(1 - 4 * 24 * 4 / (4 * 154))
+    zb = simulate(ops, 24, "zb_h1")
+    assert zb.time < one.time and zb.bubble_fraction < one.bubble_fraction
+    # No weight gradient anywhere (a frozen LLM under trainable projectors): ZB-H1 is 1F1B.
+    frozen = StageOps(f=(1.0,) * 4, b=(2.0,) * 4, w=(0.0,) * 4, bw=(2.0,) * 4)
+    assert (simulate(frozen, 8, "zb_h1").schedule.ops == simulate(frozen, 8, "1f1b").schedule.ops).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The simulator's tick table is the runtime's: the runtime counts what each stage ran in each tick.
+
+
+def unit_chain(trainable):
+    """One unit-cost GEMM layer per entry (f = dX = dW = 1): the planner's costs count layer passes."""
+    layers = [Layer(name=str(i), module="m", weight_flops=1.0, trainable=bool(t)) for i, t in enumerate(trainable)]
+    return cost_chain(layers, remat=True)[0]
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
+def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
+    stage_layers, trainable, M = (1, 3, 2, 1), [0, 0, 1, 0, 1, 1, 0], 5
+    mesh = pipeline_mesh((4,), ("pipeline",))
+    params, lp, x, aux = problem(sum(stage_layers), M)
+
+    def run(p, lp, x, aux):
+        return pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux,
+                                       stage_layers=stage_layers, mesh=mesh, trainable_layers=np.asarray(trainable, bool),
+                                       schedule=schedule, trace=True)
+
+    with jax.set_mesh(mesh):
+        *_, counts = jax.jit(run)(params, lp, x, aux)
+    counts = np.asarray(counts)  # [ticks, stages, TRACE_FIELDS]
+    # The planner's per-stage op costs of the same split (unit layers): the work of a tick in layer passes.
+    ops = runtime_stage_ops(unit_chain(trainable), stage_layers)
+    sim = simulate(ops, M, schedule)
+    layout = make_layout(stage_layers, np.asarray(trainable, bool))
+    assert (sim.schedule.table == layout_schedule(layout, M, schedule).table).all()
+    assert counts.shape == (sim.ticks, 4, len(TRACE_FIELDS))
+    ran = counts.sum(axis=2)  # forwards + remat recomputes + dX + dW, each one unit
+    np.testing.assert_array_equal(ran, tick_costs(sim.schedule, ops))
+    assert sim.time == ran.max(axis=1).sum()
+    if schedule == "zb_h1":
+        assert (sim.schedule.ops == OP_W).any()
+    # The frozen prefix (stage 0, layer 1 of stage 1) never ran a backward.
+    assert counts[:, 0, 1:].sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split backward: compiled FLOPs.
+
+
+def compiled_flops(f, *args) -> float:
+    ca = jax.jit(f).lower(*args).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca.get("flops", 0.0))
+
+
+def test_split_backward_computes_no_dw_for_frozen_weights_by_compiled_flops():
+    # A LoRA'd linear layer: y = x W + (x A) B. Base W frozen, adapters A, B trainable.
+    mb, d, r = 64, 128, 4
+    gemm, lora_gemm = 2 * mb * d * d, 2 * mb * d * r
+
+    def layer(p, h, aux):
+        return h @ p["w"] + (h @ p["a"]) @ p["b"]
+
+    p = {"w": jnp.zeros((d, d)), "a": jnp.zeros((d, r)), "b": jnp.zeros((r, d))}
+    x, g = jnp.zeros((mb, d)), jnp.zeros((mb, d))
+    adapters = ParamSplit(p, {"w": False, "a": True, "b": True})
+
+    def flops(dx, dw, split=None):
+        return compiled_flops(lambda p, x, g: layer_grads(layer, p, x, g, None, dx=dx, dw=dw, split=split), p, x, g)
+
+    # B: dX = g W^T + (g B^T) A^T (and the add of the two), no weight gradient at all.
+    assert flops(True, False) == gemm + 2 * lora_gemm + mb * d
+    # W of the adapters only: x A (recomputed), dB = (x A)^T g, g B^T, dA = x^T (g B^T); no dW of the base weight.
+    assert flops(False, True, adapters) == 4 * lora_gemm
+    # W of every weight: the base weight's dW = x^T g on top.
+    assert flops(False, True) == gemm + 4 * lora_gemm
+    # Fused (1F1B's BW) = B + W minus the shared recompute of x A.
+    assert flops(True, True, adapters) == gemm + 5 * lora_gemm + mb * d
+    assert flops(False, False) == 0.0
+
+
+def test_frozen_stack_carries_no_gradient_buffer():
+    # Every layer frozen, the input trains (projectors): the pipeline carries no weight-gradient accumulator, so its
+    # compiled temporaries shrink by at least the stacked weights' size against the same stack trainable.
+    mesh = pipeline_mesh((2,), ("pipeline",))
+    n, width, M = 4, 256, 2
+    params = {"w": jnp.zeros((n, width, width)), "b": jnp.zeros((n, width))}
+    lp, aux = {"v": jnp.zeros((width, 3))}, {"scale": jnp.zeros((M,)), "target": jnp.zeros((M, 2, 3))}
+    x = jnp.zeros((M, 2, width))
+
+    def temp(trainable):
+        def run(p, lp, x, aux):
+            loss, (g, glp, gx) = pipeline_value_and_grad(
+                layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux, stage_layers=(2, 2), mesh=mesh,
+                trainable_layers=np.full(n, trainable), input_requires_grad=True)
+            return loss, glp, gx  # the caller keeps no layer gradient of a frozen LLM
+
+        with jax.set_mesh(mesh):
+            return jax.jit(run).lower(params, lp, x, aux).compile().memory_analysis().temp_size_in_bytes
+
+    per_device_weights = (n // 2) * width * width * 4
+    assert temp(True) - temp(False) >= per_device_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZB-H1 against one device (frozen, partly frozen, LoRA-like adapters).
+
+
+@pytest.mark.parametrize("stage_layers,M,trainable,input_grad,param_trainable", [
+    ((1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),  # partly frozen, frozen prefix skips its backward
+    ((2, 2, 2, 2), 6, [0] * 8, True, None),  # frozen layers, trainable input: no W anywhere
+    ((2, 1, 1), 4, None, True, {"w": False, "b": True}),  # base weight frozen, the bias trains (LoRA-like)
+])
+def test_zb_h1_matches_one_device(stage_layers, M, trainable, input_grad, param_trainable):
+    mesh = pipeline_mesh((len(stage_layers),), ("pipeline",))
+    check_equal(mesh, stage_layers, M, trainable, input_grad, schedule="zb_h1", param_trainable=param_trainable)
