@@ -324,5 +324,5 @@ def test_plan_runtime_split_beats_uniform_in_lockstep():
     assert rt.runtime_time <= plan.uniform.runtime_time + 1e-9
     assert rt.runtime_time <= plan.chosen.runtime_time + 1e-9  # the formula's split, run by the same runtime
     F, B = rt.runtime_stage_ops
-    assert rt.runtime_time == pytest.approx(rt.encoder_time + lockstep_time(F, B, 8))
+    assert rt.runtime_time_1f1b == pytest.approx(rt.encoder_time + lockstep_time(F, B, 8))
     assert "runtime (lockstep 1F1B ticks)" in format_plan(plan)

@@ -24,7 +24,11 @@ import numpy as np
 
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
-from mllm_jax.parallel.schedule import OP_BW, OP_F, OP_SKIP, SCHEDULES, StageOps, build_schedule, simulate
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_SKIP, OP_W, SCHEDULES, StageOps,
+                                        build_schedule, simulate)
+
+# The schedules the planner chooses among (GPipe holds every microbatch: a memory reference, never faster here).
+SCHEDULES_PLANNED = ("1f1b", "zb_h1")
 
 INF = float("inf")
 
@@ -230,10 +234,12 @@ class _RuntimeChain:
     """The LLM chain as the runtime runs it (remat-costed forward / backward ops, the head on the last stage), with
     prefix sums so a stage's cost and memory are O(1): what every lockstep split search evaluates."""
 
-    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget):
+    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget, layer_ops=None):
         self.n, self.stages, self.M = len(chain), stages, microbatches
         self.tensor, self.memory_budget = tensor, memory_budget
-        self.f, self.b = runtime_layer_costs(chain)
+        self.ops = runtime_layer_ops(chain) if layer_ops is None else {k: np.asarray(v, np.float64)
+                                                                         for k, v in layer_ops.items()}
+        self.f, self.b = self.ops["f"], self.ops["bw"]
         self.head_c = runtime_head_cost(head) if head is not None else 0.0
         prefix = lambda v: np.concatenate([[0.0], np.cumsum(v)])  # noqa: E731
         self.t_pre, self.f_pre, self.b_pre = prefix(self.f + self.b), prefix(self.f), prefix(self.b)
@@ -255,6 +261,12 @@ class _RuntimeChain:
         B = np.array([self.b_pre[edges[k + 1]] - self.b_pre[edges[k]] for k in range(self.stages)])
         F[-1] += self.head_c
         return lockstep_time(F, B, self.M)
+
+    def simulate_kind(self, edges, kind: str) -> float:
+        """The simulated step time of the split under schedule ``kind`` (``schedule.simulate``)."""
+        if kind == "1f1b":
+            return self.simulate(edges)
+        return simulate(stage_ops(self.ops, np.diff(edges), self.head_c), self.M, kind).time
 
 
 def _lockstep_seed(chain, head, rc: _RuntimeChain):
@@ -353,6 +365,8 @@ def lockstep_split(
     memory_budget: float = INF,
     tensor: int = 1,
     max_nodes: int = 50_000,
+    schedule: str = "1f1b",
+    layer_ops: dict | None = None,
 ) -> LockstepSplit:
     """The contiguous split of ``chain`` (remat-costed LLM layers) into ``stages`` non-empty stages with the least
     ``lockstep_time`` under ``memory_budget`` bytes per device (stage s holds min(M, stages - s) microbatches of
@@ -360,14 +374,46 @@ def lockstep_split(
     lower bound (the fixed stages' ``lockstep_lower_bound`` terms, and the rest's mean stage after every fixed stage)
     reaches the best time found; the min-max DP's split, improved by moving single boundaries, seeds the incumbent, so
     it is kept wherever nothing beats it. Exhaustive (hence exact) unless ``max_nodes`` runs out first (reported in
-    ``exhaustive``): small pipelines always finish, 8 stages of 64 layers may not."""
+    ``exhaustive``): small pipelines always finish, 8 stages of 64 layers may not.
+
+    ``schedule`` "zb_h1": its table depends on which stages have weight gradients, so the search is the 1F1B
+    optimum's neighbourhood: from the 1F1B split (and the DP's), single-boundary moves while the ZB-H1 time improves
+    (``exhaustive`` False). ``layer_ops``: per-layer op costs ({"f", "b", "w", "bw"}, e.g. compiled) instead of the
+    analytic ``runtime_layer_ops(chain)``."""
     if stages < 1 or len(chain) < stages:
         raise ValueError(f"cannot split {len(chain)} layers into {stages} non-empty stages")
-    rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
+    rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops)
     dp, dp_time, best = _lockstep_seed(chain, head, rc)
     nodes, exhausted = _branch_and_bound(rc, best, max_nodes)
-    return LockstepSplit(best[1], best[0], None if dp is None else tuple(int(c) for c in dp), dp_time, nodes,
-                         not exhausted)
+    dp = None if dp is None else tuple(int(c) for c in dp)
+    if schedule == "1f1b" or best[1] is None:
+        return LockstepSplit(best[1], best[0], dp, dp_time, nodes, not exhausted)
+    found = [_climb(rc, start, schedule) for start in {best[1], dp} if start is not None]
+    t, counts, evaluated = min(found, key=lambda r: r[0])
+    return LockstepSplit(counts, t, dp, rc.simulate_kind(np.concatenate([[0], np.cumsum(dp)]), schedule),
+                         nodes + sum(r[2] for r in found), False)
+
+
+def _climb(rc: _RuntimeChain, counts, kind: str) -> tuple:
+    """(time, counts, splits evaluated): move single stage boundaries by one layer while ``kind``'s simulated time
+    improves (within the memory budget)."""
+    edges = list(np.concatenate([[0], np.cumsum(counts)]))
+    best, evaluated, improved = rc.simulate_kind(np.asarray(edges), kind), 1, True
+    while improved:
+        improved = False
+        for k in range(1, rc.stages):
+            for step in (-1, 1):
+                e = list(edges)
+                e[k] += step
+                if not e[k - 1] < e[k] < e[k + 1] or not all(rc.fits(s, e[s], e[s + 1]) for s in range(rc.stages)):
+                    continue
+                t = rc.simulate_kind(np.asarray(e), kind)
+                evaluated += 1
+                if t < best * (1 - 1e-12):
+                    best, edges, improved = t, e, True
+    return best, tuple(int(x) for x in np.diff(edges)), evaluated
 
 
 @dataclass(frozen=True)
@@ -389,6 +435,12 @@ class Placement:
     # and its per-stage (forward-op, backward-op) costs.
     runtime_time: float | None = None
     runtime_stage_ops: tuple | None = None
+    # The schedule the runtime time is simulated under (the faster of SCHEDULES_PLANNED unless one was asked for),
+    # the pipeline's bubble fraction under it (1 - work / (stages x time)), and 1F1B's on the same stages and costs.
+    schedule: str | None = None
+    bubble_fraction: float | None = None
+    runtime_time_1f1b: float | None = None
+    bubble_fraction_1f1b: float | None = None
 
     @property
     def all_stage_costs(self) -> tuple:
@@ -434,8 +486,21 @@ def _seconds(flops, tensor, device_flops):
     return flops / (tensor * device_flops)
 
 
+def _pick_schedule(sims: dict, kind: str):
+    """(kind, its Simulation): the asked-for one, or the fastest for "auto" (1F1B on ties)."""
+    if kind != "auto":
+        return kind, sims[kind]
+    k = min(SCHEDULES_PLANNED, key=lambda x: (sims[x].time, SCHEDULES_PLANNED.index(x)))
+    return k, sims[k]
+
+
+def _simulations(ops: StageOps, M, kind) -> dict:
+    kinds = SCHEDULES_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
+    return {k: simulate(ops, M, k) for k in kinds}
+
+
 def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
-                      runtime_costs: ModelCosts | None = None) -> Placement:
+                      runtime_costs: ModelCosts | None = None, schedule: str = "auto") -> Placement:
     pieces = split_chain(costs.llm, counts)
     pieces[0] = [costs.embed] + pieces[0]
     pieces[-1] = pieces[-1] + [costs.head]
@@ -455,9 +520,10 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
         stage_memory(p, in_flight=in_flight(s, stages, M), tensor=tensor)["total"] + enc_mem
         for s, p in enumerate(rt_pieces)
     )
-    F, B = runtime_stage_costs(rt.llm, counts, rt.head)
-    F = tuple(_seconds(v, tensor, device_flops) for v in F)
-    B = tuple(_seconds(v, tensor, device_flops) for v in B)
+    ops = runtime_stage_ops(rt.llm, counts, rt.head)
+    ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
+    sims = _simulations(ops, M, schedule)
+    kind, sim = _pick_schedule(sims, schedule)
     return Placement(
         name,
         True,
@@ -469,12 +535,55 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
         enc_time + pipeline_time(stage_c, M),
         mem,
         max(mem) <= budget,
-        enc_time + lockstep_time(F, B, M),
-        (F, B),
+        enc_time + sim.time,
+        (ops.f, ops.bw),
+        kind,
+        sim.bubble_fraction,
+        enc_time + sims["1f1b"].time,
+        sims["1f1b"].bubble_fraction,
     )
 
 
-def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_flops, budget) -> Placement:
+def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, schedule) -> tuple:
+    """Encoders on stages of their own, simulated as our lockstep runtime would run them: each encoder branch's
+    stages end at the depth before the LLM's first stage (its successor), stages at one depth run the same op in the
+    same tick (a tick lasts as long as the slowest of them). Returns (kind, Simulation, its bubble fraction over the
+    physical stages, 1F1B's time, 1F1B's bubble fraction)."""
+    def ops_of(piece, head=0.0):
+        layer = runtime_layer_ops(piece)
+        out = {k: float(v.sum()) / scale for k, v in layer.items()}
+        out["f"] += head / scale
+        return out
+
+    llm_pieces = split_chain(rt.llm, llm_counts)
+    llm_pieces[0] = [rt.embed] + llm_pieces[0]
+    llm = [ops_of(p, runtime_head_cost(rt.head) if i == len(llm_pieces) - 1 else 0.0)
+           for i, p in enumerate(llm_pieces)]
+    depth = max(len(c) for c in enc_counts.values())
+    levels = [[] for _ in range(depth)]
+    for enc, counts in enc_counts.items():
+        for j, piece in enumerate(split_chain(rt.encoders[enc], counts)):
+            levels[depth - len(counts) + j].append(ops_of(piece))
+    levels += [[o] for o in llm]
+    merged = StageOps(*(tuple(max(o[k] for o in level) for level in levels) for k in ("f", "b", "w", "bw")))
+    n_physical = sum(len(level) for level in levels)
+
+    def physical_bubble(sim):
+        work = 0.0
+        for d, level in enumerate(levels):
+            for o in level:
+                per_op = np.zeros(len(OP_CHARS))
+                per_op[OP_F], per_op[OP_B], per_op[OP_W], per_op[OP_BW] = o["f"], o["b"], o["w"], o["bw"]
+                work += float(per_op[sim.schedule.ops[:, d]].sum())
+        return 1.0 - work / (n_physical * sim.time) if sim.time > 0 else 0.0
+
+    sims = _simulations(merged, M, schedule)
+    kind, sim = _pick_schedule(sims, schedule)
+    return kind, sim, physical_bubble(sim), sims["1f1b"].time, physical_bubble(sims["1f1b"])
+
+
+def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_flops, budget,
+                         runtime: ModelCosts | None = None, schedule: str = "auto") -> Placement:
     n_llm = len(llm_counts)
     pieces = split_chain(costs.llm, llm_counts)
     pieces[0] = [costs.embed] + pieces[0]
@@ -495,8 +604,14 @@ def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_
     all_c = list(llm_c) + [c for v in enc_c.values() for c in v]
     # Concurrent encoder branches feed the LLM's first stage: the critical path is the longest branch + the LLM.
     t = (M - 1) * max(all_c) + longest_branch + sum(llm_c)
+    sim_fields = ()
+    if runtime is not None:
+        kind, sim, bubble, t1, bubble1 = _own_stages_runtime(runtime, llm_counts, enc_counts, M, tensor * device_flops,
+                                                            schedule)
+        sim_fields = (sim.time, None, kind, bubble, t1, bubble1)
     return Placement(
-        name, False, tuple(llm_counts), dict(enc_counts), llm_c, enc_c, 0.0, t, tuple(mem), max(mem) <= budget
+        name, False, tuple(llm_counts), dict(enc_counts), llm_c, enc_c, 0.0, t, tuple(mem), max(mem) <= budget,
+        *sim_fields,
     )
 
 
@@ -518,7 +633,8 @@ def _split_module(chain, stages, M, tensor, budget, offset, first=(), last=(), f
     return counts
 
 
-def _own_stage_placement(name, costs, stage_counts, M, tensor, device_flops, budget, unaware=None):
+def _own_stage_placement(name, costs, stage_counts, M, tensor, device_flops, budget, unaware=None, runtime=None,
+                         schedule="auto"):
     """stage_counts: {"llm": n, encoder: n}; layers split per module by min-max (frozen-unaware if ``unaware``)."""
     n_llm = stage_counts["llm"]
     enc_counts = {}
@@ -544,7 +660,8 @@ def _own_stage_placement(name, costs, stage_counts, M, tensor, device_flops, bud
         last=[costs.head] if unaware is None else [unaware.head],
         frozen_unaware_chain=None if unaware is None else unaware.llm,
     )
-    return _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_flops, budget)
+    return _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_flops, budget, runtime,
+                                schedule)
 
 
 def _stage_allocations(total, encoders):
@@ -565,6 +682,7 @@ def plan_pipeline(
     placement: str = "auto",
     cornstarch_stages: dict | None = None,
     megatron_stages: dict | None = None,
+    schedule: str = "auto",
 ) -> PipelinePlan:
     """Choose the LLM layers per pipeline stage and where the encoders run.
 
@@ -573,20 +691,24 @@ def plan_pipeline(
     ``device_flops`` FLOP/s per device (1.0 reports FLOPs). ``placement``: "auto" (the faster), "outside" or
     "own_stages". ``cornstarch_stages`` / ``megatron_stages``: {"llm": n, encoder: n} stage counts of the baselines
     (default: each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner
-    prefers); their totals may differ from ``parallel.pipeline``.
+    prefers); their totals may differ from ``parallel.pipeline``. ``schedule``: the runtime's schedule ("1f1b",
+    "zb_h1") or "auto" (the faster in simulation, per placement): every placement's ``runtime_time`` is simulated
+    tick by tick under it, with the same per-layer costs.
     """
     stages, M, tensor = parallel.pipeline, parallel.microbatches, parallel.tensor
     if placement not in ("auto", "outside", "own_stages"):
         raise ValueError(f"placement must be auto, outside or own_stages; got {placement!r}")
     if stages < 1 or M < 1:
         raise ValueError(f"pipeline stages and microbatches must be >= 1; got {stages} and {M}")
+    if schedule != "auto" and schedule not in SCHEDULES_PLANNED:
+        raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES_PLANNED}; got {schedule!r}")
     n_layers = len(costs.aware.llm)
     if n_layers < stages:
         raise ValueError(f"the LLM has {n_layers} layers, fewer than the {stages} pipeline stages")
     args = (M, tensor, device_flops, memory_budget)
-    rt_args = (M, tensor, device_flops, memory_budget, stages, costs.runtime)
+    rt_args = (M, tensor, device_flops, memory_budget, stages, costs.runtime, schedule)
     outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args)
-    best_own = _best_own_stages(costs.aware, stages, args) if placement != "outside" else None
+    best_own = _best_own_stages(costs, stages, args, schedule) if placement != "outside" else None
     candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
         chosen = outside
@@ -609,17 +731,24 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args) -> tuple:
     split, the split with the least lockstep step time as parallel.pipeline runs it, that search)."""
     aware, runtime = costs.aware, costs.runtime
     M, tensor, _, memory_budget = rt_args[:4]
+    schedule = rt_args[-1]
     ends = dict(first_extra=[aware.embed], last_extra=[aware.head])
     counts = min_max_split(aware.llm, stages, microbatches=M, memory_budget=memory_budget, tensor=tensor, **ends)
     if counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
         counts = min_max_split(aware.llm, stages, microbatches=M, **ends)
     outside = _evaluate_outside("ours:outside", aware, counts, *rt_args)
     uniform = _evaluate_outside("uniform", aware, uniform_split(len(aware.llm), stages), *rt_args)
-    search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
-                            tensor=tensor)
-    if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
-        search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor)
-    return outside, uniform, _evaluate_outside("ours:runtime", aware, search.counts, *rt_args), search
+    best = None
+    for kind in (SCHEDULES_PLANNED if schedule == "auto" else (schedule,)):
+        search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
+                                tensor=tensor, schedule=kind)
+        if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
+            search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
+                                    schedule=kind)
+        placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind)
+        if best is None or placed.runtime_time < best[0].runtime_time * (1 - 1e-12):
+            best = (placed, search)
+    return outside, uniform, best[0], best[1]
 
 
 def _feasible_allocations(costs: ModelCosts, stages):
@@ -630,14 +759,15 @@ def _feasible_allocations(costs: ModelCosts, stages):
             yield alloc
 
 
-def _best_own_stages(aware: ModelCosts, stages, args) -> Placement | None:
+def _best_own_stages(costs: PipelineCosts, stages, args, schedule="auto") -> Placement | None:
     """Encoders on their own stages: the best allocation (fitting memory first, then the fastest); None without
     encoders or with too few stages."""
+    aware = costs.aware
     if not aware.encoders or stages <= len(aware.encoders):
         return None
     best = None
     for alloc in _feasible_allocations(aware, stages):
-        p = _own_stage_placement("ours:own_stages", aware, alloc, *args)
+        p = _own_stage_placement("ours:own_stages", aware, alloc, *args, runtime=costs.runtime, schedule=schedule)
         if best is None or (p.fits_memory, -p.predicted_time) > (best.fits_memory, -best.predicted_time):
             best = p
     return best
@@ -657,7 +787,7 @@ def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, m
         return None, None
     cs = cornstarch_stages or {"llm": stages - len(enc_names), **{e: 1 for e in enc_names}}
     _check_alloc(cs, enc_names, stages, "cornstarch_stages")
-    cornstarch = _own_stage_placement("cornstarch", aware, cs, *args)
+    cornstarch = _own_stage_placement("cornstarch", aware, cs, *args, runtime=costs.runtime, schedule=rt_args[-1])
     if megatron_stages is None:
         # A frozen-unaware planner picks the allocation that looks best on its own cost model.
         best_ref = None
@@ -667,7 +797,8 @@ def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, m
                 best_ref = (ref.predicted_time, alloc)
         megatron_stages = best_ref[1]
     _check_alloc(megatron_stages, enc_names, stages, "megatron_stages")
-    return cornstarch, _own_stage_placement("megatron_like", aware, megatron_stages, *args, unaware=unaware)
+    return cornstarch, _own_stage_placement("megatron_like", aware, megatron_stages, *args, unaware=unaware,
+                                            runtime=costs.runtime, schedule=rt_args[-1])
 
 
 def _check_alloc(alloc, enc_names, stages, what):
@@ -690,12 +821,15 @@ def _fmt_placement(p: Placement, unit: str) -> list:
             f"    {enc} layers per stage {list(counts)} (stem + layers + projector), "
             f"stage cost {[float(f'{c:.4g}') for c in p.encoder_stage_costs[enc]]}"
         )
-    if p.runtime_time is not None:
+    if p.runtime_time is not None and p.runtime_stage_ops is not None:
         F, B = p.runtime_stage_ops
         lines.append(
-            f"    runtime (lockstep 1F1B ticks): {p.runtime_time:.4g} {unit}, forward op "
+            f"    runtime (lockstep 1F1B ticks): {p.runtime_time_1f1b:.4g} {unit}, forward op "
             f"{[float(f'{c:.4g}') for c in F]}, backward op {[float(f'{c:.4g}') for c in B]}"
         )
+    if p.runtime_time is not None:
+        lines.append(f"    runtime schedule {p.schedule}: {p.runtime_time:.4g} {unit} simulated, bubble fraction "
+                     f"{p.bubble_fraction:.3f} (1F1B: {p.bubble_fraction_1f1b:.3f})")
     lines.append(f"    memory per stage (GiB) {[round(m / 2**30, 3) for m in p.stage_memory]}")
     return lines
 
