@@ -32,6 +32,9 @@ class ParallelConfig:
     context: int = 1
     tensor: int = 1
     microbatches: int = 1
+    # The pipeline's schedule (parallel.schedule): "1f1b", "zb_h1" (weight gradients fill 1F1B's cool-down, same
+    # activation memory) or "auto" (the planner's choice, by simulating both on the model's costs).
+    pipeline_schedule: str = "1f1b"
     context_config: ContextConfig = field(default_factory=ContextConfig)
     rules: dict = field(default_factory=dict)
 
