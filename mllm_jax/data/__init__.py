@@ -21,7 +21,10 @@
    state saved in the checkpoint.
 7. **The context permutation** (``ParallelConfig.context > 1``): ``context_batches.permute_for_context`` plans the
    128-token row blocks over the ``context`` ranks (``mllm_jax.parallel.context.plan``) and moves every token array.
-8. **Placement.** ``placement.put_batch`` stitches the hosts' rows into global ``jax.Array``s sharded as the model
+8. **Encoder instances over the devices** (``DataConfig.encoder_balance``): ``encoder_balance`` gives each step's
+   images and clips to every device by cost (``mllm_jax.parallel.instance_balance``) and remaps ``feature_index``;
+   with ``DataConfig.encoder_cache`` a frozen encoder's features come from ``encoder_cache`` instead (docs/encoders.md).
+9. **Placement.** ``placement.put_batch`` stitches the hosts' rows into global ``jax.Array``s sharded as the model
    expects: token arrays over ``data`` x ``fsdp`` (and ``context`` on the sequence), encoder inputs over every mesh
    axis that divides their instance count.
 
