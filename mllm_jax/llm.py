@@ -354,10 +354,23 @@ class LLM(nnx.Module):
         _, names = self.layer_params()
         windows = sorted({layer_window(cfg, i) for i in range(cfg.n_layers)}, key=lambda w: -1 if w is None else w)
 
-        def layer_fn(p, h_BSD, meta: TokenMeta):
+        n_moe = len(cfg.moe_layers)
+        if 0 < n_moe < cfg.n_layers:
+            raise ValueError(f"a pipeline stage stacks one layer kind; LLMConfig has MoE layers {cfg.moe_layers} of "
+                             f"{cfg.n_layers}")
+
+        def one(p, h_BSD, meta, rope, w, moe_weight):
+            h, stats = stored_decoder_layer_with_aux(p["weights"], names, h_BSD, meta, rope, cfg, run, w)
+            if stats is not None and moe_weight is not None:
+                # The layer's router losses reach the objective through the backward pass only.
+                h = moe_lib.with_loss_gradient(h, moe_lib.layer_penalty(stats, cfg), moe_weight)
+            return h
+
+        def layer_fn(p, h_BSD, meta: TokenMeta, moe_weight=None):
+            """``moe_weight``: this microbatch's weight of the MoE layers' penalty in the objective (label count
+            / global label count / MoE layers), or None to leave the router losses out."""
             rope = rope_tables(cfg, meta.positions)
-            branches = [lambda w=w: stored_decoder_layer(p["weights"], names, h_BSD, meta, rope, cfg, run, w)
-                        for w in windows]
+            branches = [lambda w=w: one(p, h_BSD, meta, rope, w, moe_weight) for w in windows]
             if len(branches) == 1:
                 return branches[0]()
             return jax.lax.switch(jax.lax.stop_gradient(p["window"]).astype(jnp.int32), branches)

@@ -21,6 +21,7 @@ One MoE MLP (``moe_mlp``) on already-gathered parameters ``{"router", "experts":
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -116,6 +117,33 @@ def objective_terms(stats: MoEStats, cfg):
     """(aux, z): the load-balancing loss and z-loss averaged over the stacked MoE layers (what the objective adds,
     times router_aux_loss_coef / router_z_loss_coef)."""
     return jnp.mean(load_balancing_loss(stats, cfg.experts_per_token)), jnp.mean(z_loss(stats))
+
+
+def layer_penalty(stats: MoEStats, cfg):
+    """One MoE layer's objective term: aux_coef * load-balancing loss + z_coef * z-loss."""
+    return (cfg.router_aux_loss_coef * load_balancing_loss(stats, cfg.experts_per_token)
+            + cfg.router_z_loss_coef * z_loss(stats))
+
+
+@jax.custom_vjp
+def with_loss_gradient(h, loss, weight):
+    """``h`` unchanged; in the backward pass ``loss`` receives the cotangent ``weight`` as if ``weight * loss`` were
+    added to the objective (Megatron's MoEAuxLossAutoScaler): how a pipeline stage, whose layers return only
+    activations, still trains its routers with the auxiliary losses."""
+    del loss, weight
+    return h
+
+
+def _wlg_fwd(h, loss, weight):
+    return h, (loss, weight)
+
+
+def _wlg_bwd(res, g):
+    loss, weight = res
+    return g, (jnp.ones_like(loss) * weight).astype(loss.dtype), jnp.zeros_like(weight)
+
+
+with_loss_gradient.defvjp(_wlg_fwd, _wlg_bwd)
 
 
 def combine(stats_list):
@@ -299,11 +327,22 @@ def _exchange(x_AD, ids_A, experts: dict, cfg, impl: str, ep_axes, ep: int):
 # The block
 
 
-def _local_block(p: dict, x_TD, cfg, *, ep_axes=(), ep: int = 1, token_axes=(), tensor_axes=()):
-    """Router + routed experts on local tokens -> (y [T, D], stats summed over ``token_axes``)."""
+def _local_block(p: dict, x_TD, cfg, *, ep_axes=(), ep: int = 1, token_axes=(), tensor_axes=(),
+                 replicated: bool = False):
+    """Router + routed experts on local tokens -> (y [T, D], stats summed over ``token_axes``). ``replicated``: every
+    device of the expert axes holds the same tokens (the batch too small to split over them): each computes its own
+    experts' share and the shares are summed over the expert axes (no all-to-all)."""
     logits, probs, gates, ids = route(p["router"]["kernel"], x_TD, cfg)
     stats = router_stats(logits, probs, ids, cfg.n_experts)
-    y = dispatch(x_TD, gates, ids, p["experts"], cfg, ep_axes=ep_axes, ep=ep)
+    if replicated:
+        e_local = cfg.n_experts // ep
+        local = ids - jax.lax.axis_index(ep_axes) * e_local
+        mine = (local >= 0) & (local < e_local)
+        sub = dataclasses.replace(cfg, n_experts=e_local, moe_capacity_factor=None)
+        y = dispatch(x_TD, jnp.where(mine, gates, 0.0), jnp.where(mine, local, 0), p["experts"], sub)
+        y = jax.lax.psum(y, ep_axes)
+    else:
+        y = dispatch(x_TD, gates, ids, p["experts"], cfg, ep_axes=ep_axes, ep=ep)
     if tensor_axes:
         y = jax.lax.psum(y, tensor_axes)
     if token_axes:
@@ -359,14 +398,15 @@ def _sharded_block(routed: dict, x_BSD, cfg, mesh):
     if cfg.n_experts % ep:
         raise ValueError(f"LLMConfig.n_experts={cfg.n_experts} is not divisible by the {ep} devices of the expert "
                          f"axes {ep_axes}")
-    if ep > 1 and not set(ep_axes) <= set(token_axes):
-        raise ValueError(f"expert axes {ep_axes} must also split the tokens (the LLM's batch rule); the tokens are "
-                         f"split over {token_axes}")
+    replicated = ep > 1 and not set(ep_axes) & set(token_axes)
+    if ep > 1 and not replicated and not set(ep_axes) <= set(token_axes):
+        raise ValueError(f"expert axes {ep_axes} must split the tokens entirely or not at all (the LLM's batch "
+                         f"rule); the tokens are split over {token_axes}")
 
     def body(w, x):
         bl, sl, d = x.shape
         y, stats = _local_block(w, x.reshape(bl * sl, d), cfg, ep_axes=ep_axes, ep=ep, token_axes=token_axes,
-                                tensor_axes=tensor_axes)
+                                tensor_axes=tensor_axes, replicated=replicated)
         return y.reshape(bl, sl, d), stats
 
     P = jax.sharding.PartitionSpec

@@ -418,7 +418,9 @@ def pipeline_value_and_grad(
     )
     sched = layout_schedule(layout, M, schedule)
     want_dx = bool(input_requires_grad)
-    split = ParamSplit(jax.tree.map(lambda a: a[0], stacked_params), param_trainable)
+    # One layer's structure only (a[0] of a stack sharded over `pipeline` cannot be sliced on an Explicit mesh).
+    one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked_params)
+    split = ParamSplit(one_layer, param_trainable)
     if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
                              loss_params_trainable=loss_params_trainable)

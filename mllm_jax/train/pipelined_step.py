@@ -15,6 +15,7 @@ Gradients come back as an ``nnx.State`` of exactly the parameters ``mllm_jax.fre
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
@@ -67,15 +68,21 @@ def embedding_requires_grad(config, modalities) -> bool:
 # Stage layer counts.
 
 
-def plan_stage_layers(config, parallel_config, *, text_tokens: int, microbatch_size: int = 1, instances=None,
-                      memory_budget: float = float("inf")) -> tuple:
-    """LLM layers per pipeline stage from the frozen-aware planner, with the encoders outside the pipeline (the
-    only placement this runtime runs): the split with the least simulated step time of the runtime's lockstep
-    1F1B ticks (``PipelinePlan.runtime``)."""
+def planned_runtime(config, parallel_config, *, text_tokens: int, microbatch_size: int = 1, instances=None,
+                    memory_budget: float = float("inf")):
+    """The frozen-aware planner's placement for this runtime (``PipelinePlan.runtime``): encoders outside the pipeline
+    (the only placement this runtime runs), the LLM split with the least simulated step time of the runtime's
+    lockstep ticks under ``parallel_config.pipeline_schedule`` ("auto": the faster schedule, in ``.schedule``)."""
     plan = plan_pipeline(costs.pipeline_costs(config, text_tokens=text_tokens, microbatch_size=microbatch_size,
                                               instances=instances),
-                         parallel_config, memory_budget=memory_budget, placement="outside")
-    return tuple(int(c) for c in plan.runtime.llm_stage_layers)
+                         parallel_config, memory_budget=memory_budget, placement="outside",
+                         schedule=parallel_config.pipeline_schedule)
+    return plan.runtime
+
+
+def plan_stage_layers(config, parallel_config, **kw) -> tuple:
+    """LLM layers per pipeline stage of ``planned_runtime``."""
+    return tuple(int(c) for c in planned_runtime(config, parallel_config, **kw).llm_stage_layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +147,7 @@ def _stage_layer(llm):
     layer, window_codes = llm.stage_layer()
 
     def layer_fn(p, h, aux_m):
-        return layer(p, h, TokenMeta(*(aux_m[k] for k in META_KEYS)))
+        return layer(p, h, TokenMeta(*(aux_m[k] for k in META_KEYS)), moe_weight=aux_m.get("moe_weight"))
 
     return layer_fn, window_codes
 
@@ -173,7 +180,7 @@ def _add_into(dst: dict, src: dict) -> None:
 
 
 def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_layers=None, chunk=None,
-                            schedule: str = "1f1b"):
+                            schedule: str | None = None):
     """Loss and gradients of ``model`` (a MultimodalModel) on a microbatched batch, the LLM pipelined over the
     mesh's `pipeline` axis. Call inside jit under ``jax.set_mesh(mesh)``.
 
@@ -181,6 +188,7 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     encoder inputs, [M, mb, S] feature indices into each microbatch's own features), M =
     ``parallel_config.microbatches``: the same batch the train step scans over.
     stage_layers: LLM layers per stage (uneven allowed); None asks the frozen-aware planner (encoders outside).
+    schedule: "1f1b", "zb_h1" or "auto" (the planner's); None: ``parallel_config.pipeline_schedule``.
 
     Returns (loss_sum, label_count, grads): the global sum of token losses and the global count of label tokens
     (float32 scalars), and the gradient of loss_sum / label_count as an nnx.State over exactly
@@ -188,8 +196,8 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     """
     config = model.config
     M, mb, seq = _check_call(model, batch, mesh, parallel_config)
-    stage_layers = _stage_layers(config, parallel_config, batch, stage_layers, stages=mesh.shape["pipeline"], mb=mb,
-                                 seq=seq)
+    stage_layers, schedule = _stage_layers(config, parallel_config, batch, stage_layers, stages=mesh.shape["pipeline"],
+                                           mb=mb, seq=seq, schedule=schedule or parallel_config.pipeline_schedule)
     labels = jnp.asarray(batch["labels"], jnp.int32)
     count = jnp.sum((labels != IGNORE).astype(jnp.float32))
     inv_count = 1.0 / jnp.maximum(count, 1.0)
@@ -215,20 +223,24 @@ def _check_call(model, batch: dict, mesh, parallel_config) -> tuple:
     return check_microbatched(batch, parallel_config.microbatches)
 
 
-def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages: int, mb: int, seq: int) -> tuple:
-    """LLM layers per stage: as given, or the frozen-aware planner's for this batch's shapes; checked to have one
-    entry per stage and to sum to the LLM's layer count."""
+def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages: int, mb: int, seq: int,
+                  schedule: str) -> tuple:
+    """(LLM layers per stage, schedule): as given, or the frozen-aware planner's for this batch's shapes (the
+    layers when none are given, the schedule when it is "auto"); the layers checked to have one entry per stage and
+    to sum to the LLM's layer count."""
     n_layers = config.llm.n_layers
-    if stage_layers is None:
+    if stage_layers is None or schedule == "auto":
         inputs = batch.get("encoder_inputs") or {}
         instances = {k: max(1, x.shape[1] // mb) for k, x in inputs.items()} or None
-        stage_layers = plan_stage_layers(config, parallel_config, text_tokens=seq, microbatch_size=mb,
-                                         instances=instances)
+        planned = planned_runtime(config, dataclasses.replace(parallel_config, pipeline_schedule=schedule),
+                                  text_tokens=seq, microbatch_size=mb, instances=instances)
+        stage_layers = planned.llm_stage_layers if stage_layers is None else stage_layers
+        schedule = planned.schedule if schedule == "auto" else schedule
     stage_layers = tuple(int(c) for c in stage_layers)
     if len(stage_layers) != stages or sum(stage_layers) != n_layers:
         raise ValueError(f"stage_layers {stage_layers} must have {stages} entries (pipeline stages) summing to the "
                          f"LLM's n_layers ({n_layers})")
-    return stage_layers
+    return stage_layers, schedule
 
 
 class _Outside(NamedTuple):
@@ -280,7 +292,19 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
     aux = {k: jnp.asarray(v, jnp.int32) for k, v in aux.items()}
     aux["labels"] = labels
     aux["inv_count"] = jnp.broadcast_to(inv_count, (M,))
+    n_moe = len(config.llm.moe_layers)
+    if n_moe:
+        # Each microbatch's router losses weigh by its label count, as in the plain step (train.step.moe_model_loss).
+        count_M = jnp.sum((labels != IGNORE).astype(jnp.float32), axis=tuple(range(1, labels.ndim)))
+        aux["moe_weight"] = count_M * inv_count / n_moe
     layers_train = llm_layers_trainable(config)
+    # Which leaves of a layer train: with LoRA on the LLM its adapters only (no dW of the base weights is computed);
+    # the window codes never.
+    lora_only = lora_lib.lora_for(config, "llm") is not None
+    param_trainable = {"weights": jax.tree_util.tree_map_with_path(
+        lambda path, _: not lora_only or any(getattr(k, "key", None) in ("lora_a", "lora_b") for k in path), values)}
+    if window_codes is not None:
+        param_trainable["window"] = False
     with model.scope("llm"):  # the LLM's rules: what use_params gathers, how the layers' einsums lay out
         loss_params = llm.head_params()
         loss, (g_layers, g_loss_params, dx_M) = pipeline_value_and_grad(
@@ -296,6 +320,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             input_requires_grad=outside.embed_vjp is not None,
             loss_params_trainable=llm_base_trainable(config),
             schedule=schedule,
+            param_trainable=param_trainable,
         )
     return loss, g_layers, g_loss_params, dx_M
 
