@@ -177,6 +177,15 @@ def test_pipelined_model_with_llm_lora():
 
 
 @pytest.mark.slow
+def test_pipelined_model_zb_h1_with_llm_lora():
+    # ZB-H1 (split B / W, W filling the cool-down) on the real decoder layers: the adapters' W only, base weights
+    # frozen (no dW computed for them), against one device.
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), modules=("llm",))
+    cfg = tiny_config(4, FROZEN_ENC, lora=lora)
+    check(cfg, ParallelConfig(pipeline=2, microbatches=3, pipeline_schedule="zb_h1"), (3, 1), perturb_lora=True)
+
+
+@pytest.mark.slow
 def test_pipelined_model_with_data_and_tensor():
     # build.create_model's sharded model (per-module rules) on data=2 x pipeline=2 x tensor=2.
     check(tiny_config(6, FROZEN_ENC), ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=2), (1, 5),
