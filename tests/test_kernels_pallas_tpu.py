@@ -12,7 +12,7 @@ from mllm_jax.kernels import pallas_tpu
 from mllm_jax.kernels.meta import FULL, PARTIAL, SKIP, TokenMeta, block_map, dense_block_map
 from mllm_jax.kernels.reference import reference_attention
 from kernel_testlib import compile_on_one_device
-from mask_families import make_meta, permute, take_tokens
+from mask_families import cases_with_permutations, make_meta, permute, take_tokens
 
 F32_TOL = 1e-4
 
@@ -96,7 +96,7 @@ def test_ragged_lengths_and_chunked_queries():
     full = make_meta("llava", 1, 328, seed=7)
     q_meta = TokenMeta(*(a[:, -200:] for a in full))
     q, k, v, d_out = _inputs(1, 200, 328, 1, 1, 128, seed=2)
-    got, want = _kernel_and_reference(q, k, v, d_out, _jnp_meta(q_meta), _jnp_meta(full), block_q=64)
+    got, want = _kernel_and_reference(q, k, v, d_out, _jnp_meta(q_meta), _jnp_meta(full), block_q=128)
     _assert_close(got, want, F32_TOL, F32_TOL)
 
 
@@ -179,24 +179,110 @@ def test_skipped_tiles_are_never_computed():
     assert len(expected) < batch * hq * bmap.shape[1] * bmap.shape[2]
 
 
-def test_tile_plan_only_visits_listed_blocks():
-    """The compacted lists the index_maps read: the live blocks in ascending order, then the last one repeated (the
-    same block index on consecutive grid steps, so nothing new is fetched)."""
+def _listed(chunks):
+    """(row, col, kind) of every listed tile of a chunk list, in order."""
+    out = []
+    for c in chunks:
+        rows, cols, n = np.asarray(c.rows), np.asarray(c.cols), int(c.count)
+        assert rows[n] == -1, "a list ends with the -1 sentinel row"
+        out += [(int(r), int(x) & ((1 << 28) - 1), int(x) >> 28) for r, x in zip(rows[:n], cols[:n])]
+    return out
+
+
+def test_tile_plan_lists_exactly_the_live_tiles_host_and_traced():
+    """The lists the grids walk: every live tile of the block map once, resident block major, ascending; the host
+    lists (concrete metadata) and the device lists (traced metadata) agree; chunks split at row boundaries."""
     meta = make_meta("interleaved", 2, 640, seed=12, pad=140)  # the last q block is all padding
-    (kv_blocks, kinds, counts), (q_blocks, kinds_t, counts_t) = pallas_tpu.tile_plan(_jnp_meta(meta),
-                                                                                      _jnp_meta(meta), 128, 128)
-    bmap = np.asarray(block_map(meta, meta, 128, 128))
-    for plan, tiles in (((kv_blocks, kinds, counts), bmap), ((q_blocks, kinds_t, counts_t), bmap.transpose(0, 2, 1))):
-        lists, kind_lists, count = (np.asarray(a) for a in plan)
-        for b in range(tiles.shape[0]):
-            for i in range(tiles.shape[1]):
-                live = np.nonzero(tiles[b, i])[0]
-                n = count[b, i]
-                assert n == len(live)
-                np.testing.assert_array_equal(lists[b, i, :n], live)
-                np.testing.assert_array_equal(kind_lists[b, i, :n], tiles[b, i, live])
-                assert np.all(lists[b, i, n:] == (live[-1] if n else 0))
-    assert (counts == 0).any() and (counts < bmap.shape[2]).all(), "the case must have empty and sparse rows"
+    bq, bk = 128, 128
+    bmap = np.asarray(block_map(meta, meta, bq, bk))
+    b, nq, nk = bmap.shape
+    plans = {max_tiles: (pallas_tpu.tile_plan(meta, meta, bq, bk, max_tiles=max_tiles),
+                         jax.jit(lambda m: pallas_tpu.tile_plan(m, m, bq, bk, max_tiles=max_tiles))(_jnp_meta(meta)))
+             for max_tiles in (pallas_tpu.MAX_TILES_PER_CALL, 7)}  # one chunk; many chunks of at most 7 tiles
+    for major, tiles in (("q_major", bmap), ("k_major", bmap.transpose(0, 2, 1))):
+        bi, ri, ci = np.nonzero(tiles)
+        want = [(bb * tiles.shape[1] + r, bb * tiles.shape[2] + c, tiles[bb, r, c]) for bb, r, c in zip(bi, ri, ci)]
+        for max_tiles, (host_plan, device_plan) in plans.items():
+            host, device = getattr(host_plan, major), getattr(device_plan, major)
+            assert _listed(host) == want and _listed(device) == want, (major, max_tiles)
+            for c in host + device:
+                rows = np.asarray(c.rows)[: int(c.count)]
+                assert np.all((rows >= c.start) & (rows < c.stop)), "a chunk holds whole rows of its own range"
+                assert pallas_tpu.smem_bytes(c) <= 8 * (max_tiles + 1)
+            if max_tiles == 7:
+                assert len(host) > 1 and max(int(c.count) for c in host) <= 7
+    assert (bmap == SKIP).all(axis=2).any(), "the case must have an empty q row"
+
+
+def _grids(fn, *args):
+    """The grids of the pallas_calls in fn's jaxpr (dynamic bounds as None)."""
+    grids = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append((eqn.params["name"] if "name" in eqn.params else eqn.params["name_and_src_info"].name,
+                              tuple(g if isinstance(g, int) else None for g in eqn.params["grid_mapping"].grid)))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+@pytest.mark.parametrize("family", ["causal", "packed"])
+def test_grid_size_equals_live_tiles(family):
+    """Each kernel's grid is (kv heads, live tiles): with concrete metadata the static grid of the forward, dQ and
+    dK/dV calls sums to the live tiles of the block map (no step for a skipped tile, none for padding); with traced
+    metadata the grid bound is the traced count, which equals the same number."""
+    b, s, hq, hkv, bq, bk = 2, 1024, 4, 2, 128, 256
+    meta = make_meta(family, b, s, seed=21, pad=100)
+    live = int((np.asarray(block_map(meta, meta, bq, bk)) != SKIP).sum())
+    assert live < b * (s // bq) * (s // bk), "the case must have skipped tiles"
+    q, k, v, d_out = _inputs(b, s, s, hq, hkv, 128)
+
+    def loss(q, k, v, m):
+        return jnp.sum(pallas_tpu.flash_attention(q, k, v, m, m, block_q=bq, block_k=bk, interpret=True) * d_out)
+
+    grids = _grids(jax.grad(lambda q, k, v: loss(q, k, v, meta), argnums=(0, 1, 2)), q, k, v)
+    by_kernel = {}
+    for name, (heads, steps) in grids:
+        assert heads == hkv
+        by_kernel[name] = by_kernel.get(name, 0) + steps
+    assert by_kernel == {"mllm_flash_fwd": live, "mllm_flash_dq": live, "mllm_flash_dkv": live}, (by_kernel, live)
+    traced = jax.jit(lambda m: pallas_tpu.plan_steps(pallas_tpu.tile_plan(m, m, bq, bk)))(_jnp_meta(meta))
+    assert {k: int(v) for k, v in traced.items()} == {"fwd": live, "dq": live, "dkv": live}
+    assert all(g[1][1] is None for g in _grids(jax.grad(loss, argnums=(0, 1, 2)), q, k, v, _jnp_meta(meta)))
+
+
+def test_traced_metadata_any_alignment_matches_reference():
+    """Metadata as jit arguments (the training case: device tile lists, dynamic grid bounds, several chunks per
+    call): every mask family and permuted keys/queries, spans and segments at arbitrary offsets, forward and grads."""
+    cases = {c[0]: c for c in cases_with_permutations(1, 384)}
+    for name, q_meta, k_meta, k_index in (cases[n] for n in ("packed", "q_and_k_permuted")):
+        q, k, v, d_out = _inputs(1, 384, 384, 2, 1, 128, seed=len(name))
+        if k_index is not None:
+            k, v = take_tokens(k, k_index), take_tokens(v, k_index)
+
+        @jax.jit
+        def run(q, k, v, qm, km, d_out):
+            out, vjp = jax.vjp(lambda q, k, v: pallas_tpu.flash_attention(
+                q, k, v, qm, km, block_q=128, block_k=128, interpret=True), q, k, v)
+            return (out, *vjp(d_out))
+
+        got = run(q, k, v, _jnp_meta(q_meta), _jnp_meta(k_meta), d_out)
+        want = _value_and_grads(lambda q, k, v: reference_attention(q, k, v, q_meta, k_meta), q, k, v, d_out)
+        _assert_close(got, want, F32_TOL, F32_TOL)
+
+
+def test_matches_reference_at_hardware_blocks():
+    """The default v5e blocks (512 x 1024) on a packed batch with GQA: partial tiles of several segments and spans,
+    ragged padding, rows resident over several streamed blocks."""
+    assert pallas_tpu.default_blocks(128, "v5e") == (512, 1024)
+    meta = _jnp_meta(make_meta("packed", 1, 1536, seed=4, pad=77))
+    q, k, v, d_out = _inputs(1, 1536, 1536, 4, 1, 128, seed=9)
+    got, want = _kernel_and_reference(q, k, v, d_out, meta, meta, block_q=512, block_k=1024)
+    _assert_close(got, want, F32_TOL, F32_TOL)
 
 
 @pytest.mark.parametrize("target", ["tpu:v5e:1x1", "tpu:v5p:2x2x1"])
@@ -216,9 +302,9 @@ def test_compiles_with_mosaic_for_tpu_forward_and_backward(target):
         return jnp.sum(forward(q, k, v, meta).astype(jnp.float32))
 
     fwd, fwd_text = compile_on_one_device(target, forward, q, kv, kv, meta)
-    # The kernel declares its FLOPs (pl.CostEstimate: every grid step a tile, QK^T and PV), so the compiler's cost
-    # analysis counts them: grid (1 batch, 4 heads, 3 q blocks, 3 k blocks) of 128 x 128 tiles at head dim 128.
-    assert fwd.cost_analysis()["flops"] >= 4 * (1 * 4 * 3 * 3) * 128 * 128 * 128
+    # The kernel declares its FLOPs (pl.CostEstimate: every listed tile, QK^T and PV), so the compiler's cost
+    # analysis counts them: one 384 x 384 tile (the default blocks shrunk to the sequence) for 4 query heads.
+    assert fwd.cost_analysis()["flops"] >= 4 * 4 * 384 * 384 * 128
     bwd, bwd_text = compile_on_one_device(target, jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, meta)
     assert fwd_text.count("custom_call_target=\"tpu_custom_call\"") == 1
     # forward (for the residuals), dQ, dK/dV
@@ -259,3 +345,67 @@ def test_dispatch_under_forced_tpu_interpret_mode():
         got = jax.jit(lambda q, k, v: kernels.attention(q, k, v, meta, meta, impl="pallas_tpu", softcap=20.0))(q, k, v)
     want = reference_attention(q, k, v, meta, meta, softcap=20.0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=F32_TOL, rtol=F32_TOL)
+
+
+def _causal_specs(s, hq, hkv, d=128):
+    return (jax.ShapeDtypeStruct((1, s, hq, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, hkv, d), jnp.bfloat16))
+
+
+def test_compiles_at_128k_tokens_within_smem_and_vmem():
+    """Causal attention over 128K tokens (B=1, 4 query heads, 2 kv heads), forward and backward, compiled by Mosaic
+    for v5e at the default blocks: every call's scalar-prefetched tile list within SMEM_BUDGET_BYTES (the host lists
+    hold exactly the live tiles) and every call compiled under a scoped-VMEM limit within VMEM_LIMIT_BYTES (Mosaic
+    refuses a kernel whose buffers exceed its limit: see the next tests). The traced-metadata plan at 128K stays
+    within the same SMEM bound by chunking."""
+    s = 131072
+    meta = TokenMeta.causal(1, s)
+    bq, bk = pallas_tpu.default_blocks(128, "v5e")
+    plan = pallas_tpu.tile_plan(meta, meta, bq, bk)
+    live = int((np.asarray(block_map(meta, meta, bq, bk)) != SKIP).sum())
+    assert pallas_tpu.plan_steps(plan) == {"fwd": live, "dq": live, "dkv": live}
+    for chunk in plan.q_major + plan.k_major:
+        assert pallas_tpu.smem_bytes(chunk) <= pallas_tpu.SMEM_BUDGET_BYTES < pallas_tpu.SMEM_BYTES
+    traced = jax.eval_shape(lambda m: pallas_tpu.tile_plan(m, m, bq, bk), TokenMeta.causal(1, s, xp=jnp))
+    assert len(traced.q_major) > 1 and all(pallas_tpu.smem_bytes(c) <= pallas_tpu.SMEM_BUDGET_BYTES
+                                           for c in traced.q_major + traced.k_major)
+    for kernel in ("fwd", "dq", "dkv"):
+        spec = pallas_tpu.kernel_spec(kernel, 2, bq, bk, 128, jnp.bfloat16)
+        assert spec.vmem_bytes <= pallas_tpu.vmem_limit(spec) <= pallas_tpu.VMEM_LIMIT_BYTES
+
+    def loss(q, k, v):
+        return jnp.sum(pallas_tpu.flash_attention(q, k, v, meta, meta, generation="v5e").astype(jnp.float32))
+
+    q, kv = _causal_specs(s, 4, 2)
+    compiled, text = compile_on_one_device("tpu:v5e:1x1", jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    assert text.count('custom_call_target="tpu_custom_call"') == 3
+    # The declared cost counts the live tiles exactly: fwd 4 + dQ 6 + dK/dV 8 units per tile and query head.
+    assert compiled.cost_analysis()["flops"] >= 18 * live * 4 * bq * bk * 128
+
+
+def test_compile_check_rejects_a_kernel_over_vmem(monkeypatch):
+    """The compile check can fail: the scoped-VMEM limit a call declares forced down to 4 MiB while its 1024 x 1024
+    tiles need several times that (kernel_spec's estimate) is refused by the TPU compiler (CompileTimeScopedVmemOom);
+    under its own limit (vmem_limit) the same blocks compile in the 128K test above."""
+    assert pallas_tpu.kernel_spec("fwd", 1, 1024, 1024, 128, jnp.bfloat16).vmem_bytes > 4 << 20
+    monkeypatch.setattr(pallas_tpu, "vmem_limit", lambda spec: 4 << 20)
+    q, kv = _causal_specs(2048, 1, 1)
+    meta = TokenMeta.causal(1, 2048)
+    with pytest.raises(Exception, match="(?i)vmem"):
+        compile_on_one_device("tpu:v5e:1x1", lambda q, k, v: pallas_tpu.flash_attention(
+            q, k, v, meta, meta, block_q=1024, block_k=1024), q, kv, kv)
+
+
+def test_compile_check_rejects_a_tile_list_over_smem(monkeypatch):
+    """Without the chunking bound (max_tiles lifted), the one tile list of 128 x 128 blocks over 64K causal tokens
+    (131K live tiles, 8 bytes each) exceeds the 1 MiB SMEM and the TPU compiler refuses the call: the bound is what
+    keeps the 128K compile above within SMEM."""
+    s, block = 65536, 128
+    meta = TokenMeta.causal(1, s)
+    plan = pallas_tpu.tile_plan(meta, meta, block, block, max_tiles=1 << 30)
+    assert len(plan.q_major) == 1 and pallas_tpu.smem_bytes(plan.q_major[0]) > pallas_tpu.SMEM_BYTES
+    monkeypatch.setattr(pallas_tpu.tile_plan, "__kwdefaults__", {"window": None, "span_isolated": False,
+                                                                 "max_tiles": 1 << 30})
+    q, kv = _causal_specs(s, 1, 1)
+    with pytest.raises(Exception, match="(?i)smem"):
+        compile_on_one_device("tpu:v5e:1x1", lambda q, k, v: pallas_tpu.flash_attention(
+            q, k, v, meta, meta, block_q=block, block_k=block), q, kv, kv)

@@ -1,53 +1,217 @@
-"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (docs/architecture.md, 'Token
-metadata and the attention rule').
+"""Flash attention for TPU in Pallas (Mosaic), block-sparse over the multimodal mask (docs/kernels.md; the mask rule
+is docs/architecture.md, 'Token metadata and the attention rule').
 
-Layout. The wrapper pads the sequences to whole blocks (padding tokens have segment 0, so they see nothing and nothing
-sees them) and moves heads in front: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D], so every VMEM block is a (rows, D) tile.
-Token metadata travels as int32 arrays shaped for Mosaic's (8, 128) tiling: the q side broadcast across lanes
-[B, 3, Sq, 128] (a column per q token), the k side as rows [B, 3, Sk] (a row per field), the same layouts splash
-attention uses for segment ids. Fields are (position, segment, span).
+Layout. The wrapper pads every sequence to whole blocks (padding tokens have segment 0: they see nothing and nothing
+sees them), folds the batch into the sequence and puts heads in front, grouped by kv head:
 
-Sparsity. ``kernels.meta.block_map`` (jnp, on device) classifies every (q block, kv block) tile as skip / partial /
-full. It is compacted per q block into the ascending list of non-skipped kv blocks plus a count, and handed to the
-kernel by scalar prefetch (SMEM). The kv-block grid axis walks that list: the k/v index_map reads the list, and past the
-count the list repeats its last entry, so Pallas sees an unchanged block index and issues no DMA, and the body is
-disabled by ``pl.when``. Skipped tiles are therefore neither fetched nor computed; full tiles are computed without any
-mask; partial tiles evaluate the mask rule from the q and k metadata taken separately, so any permutation of the tokens
-(context parallelism) is exact. The dK/dV kernel walks the transposed list (per kv block, the q blocks that see it).
+    q, dO   [Hkv, G, B*Sq, D]      (G = query heads per kv head: GQA is handled inside every kernel)
+    k, v    [Hkv, B*Sk, D]
+    lse, di [Hkv, G, B*Sq] f32     (one float per row, no lane broadcast)
+    meta    [8, B*S] int32         (rows 0..2: position, segment, span; 5 rows of padding for the (8, 128) tiling)
 
-Numerics. Logits and softmax statistics are f32. Masked logits take a finite ``_MASK_VALUE`` and masked
-probabilities are forced to exactly 0, so rows that see nothing keep l = 0 and return 0 (and zero gradients), never
-NaN. The forward saves the log-sum-exp per row for the backward kernels (dQ, and dK/dV with the GQA group summed in
-the kernel).
+so a (flat) block index names both the batch row and the block inside it.
+
+Grid over the live tiles only. ``kernels.meta.block_map`` classifies every (q block, k block) tile as skip / partial /
+full; the live ones (partial or full) are listed in order, q-major for the forward and dQ passes and k-major for
+dK/dV, as two int32 arrays handed to the kernel by scalar prefetch (SMEM): ``rows`` (the flat block that stays
+resident: q for fwd/dQ, k for dK/dV) and ``cols`` (the flat block that streams, with the tile kind in bits 28-29).
+The grid is (Hkv, number of live tiles): one grid step is one live tile for all G query heads of a kv head, so nothing
+is fetched or stepped over for a skipped tile. The grid size is the live-tile count itself: a Python int when the
+metadata are concrete (the tile lists are built on the host with numpy, SMEM = exactly the live tiles), a traced
+scalar (Pallas' dynamic grid bound) when they are traced (the lists then have the static capacity of every tile of
+the chunk, and only the live ones are stepped).
+
+Bounded SMEM. The tile lists are cut into chunks of at most ``MAX_TILES_PER_CALL`` tiles at row boundaries (8 bytes a
+tile, ``SMEM_BUDGET_BYTES`` in all, a quarter of the 1 MiB SMEM of v4/v5e/v5p/v6e); each chunk is one pallas_call
+that writes its rows into the output buffer it is aliased to (rows with no live tile keep the initial zeros, or the
+empty-row log-sum-exp), so SMEM use does not grow with the sequence.
+
+Partial tiles are masked in the kernel from the token metadata of both sides taken separately (any permutation of
+the tokens is exact); full tiles run unmasked. The resident side's metadata (and, for dQ, its lse and di) are turned
+from rows into lane-replicated columns once per resident block, not per tile.
+
+Numerics. bf16 (or f32) operands on the MXU with f32 accumulation; logits and softmax statistics are f32. Masked
+logits take a finite ``_MASK_VALUE`` and masked probabilities are forced to exactly 0, so rows that see nothing keep
+l = 0 and return 0 (and zero gradients), never NaN. dK/dV are computed from the transposed logits (k rows, q lanes),
+so their lse and di are rows too and the group's G query heads are summed in the kernel's f32 accumulator.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mllm_jax.kernels._common import check_gqa, config_fields, config_type
-from mllm_jax.kernels.meta import FULL, PARTIAL, TokenMeta, block_map, compact
+from mllm_jax.kernels.meta import FULL, PARTIAL, SKIP, TokenMeta, block_map
 
 _LANES = 128
-_DEFAULT_BLOCK = 128
+_META_ROWS = 8  # metadata rows per token block: the 3 fields padded to one (8, 128) tile
 # Finite, so a row with nothing visible yet computes exp(MASK - MASK) = 1 instead of exp(-inf + inf) = NaN; its
 # probabilities are then zeroed explicitly.
 _MASK_VALUE = -1e30
 # Log-sum-exp stored for a row that sees nothing: exp(logit - _EMPTY_LSE) underflows to exactly 0 in the backward.
 _EMPTY_LSE = 1e30
 _NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+_KIND_SHIFT = 28  # cols entry = flat block | kind << 28 (flat blocks < 2^28)
+
+# SMEM: every TPU from v4 on has 1 MiB per core (a prefetch over it fails to compile: 'Ran out of memory in memory
+# space smem'). The tile lists of one call take at most a quarter of it, 8 bytes a tile.
+SMEM_BYTES = 1 << 20
+SMEM_BUDGET_BYTES = SMEM_BYTES // 4
+_TILE_BYTES = 8
+MAX_TILES_PER_CALL = SMEM_BUDGET_BYTES // _TILE_BYTES - 1  # one sentinel entry per list
+
+# VMEM per TensorCore (bytes): v5e / v6e 128 MiB, v4 / v5p 128 MiB / 95 MiB. The kernels ask Mosaic for their own
+# estimate (blocks double-buffered, scratch, the f32 tile intermediates) with a margin, never above VMEM_LIMIT_BYTES.
+VMEM_LIMIT_BYTES = 64 << 20
+
+# Default (block_q, block_k) per TPU generation for head_dim <= 128 (head_dim 256 halves block_k). A step's MXU work is
+# G * 4 * bq * bk * D FLOPs against ~0.35 us of step overhead and a (bk, D) K/V fetch; these make both small next to
+# the matmuls at G >= 4 (the arithmetic of docs/kernels.md): v5e (197 TF/s, 819 GB/s) and v5p (459 TF/s, 2.8 TB/s)
+# 512 x 1024; v6e (918 TF/s) needs twice the rows per step to hide the same overhead: 1024 x 1024.
+DEFAULT_BLOCKS = {"v4": (512, 1024), "v5e": (512, 1024), "v5p": (512, 1024), "v6e": (1024, 1024)}
+_DEFAULT_GENERATION = "v5e"
 
 
-# Static kernel parameters (hashable: a nondiff argument of the custom_vjp); group: query heads per kv head.
-_Config = config_type("_Config", group=int, interpret=bool)
+# Static kernel parameters (hashable: a nondiff argument of the custom_vjp); group: query heads per kv head;
+# n_q / n_k: blocks per batch row (to name a flat block's batch row in the test probe).
+_Config = config_type("_Config", group=int, interpret=bool, n_q=int, n_k=int)
+
+
+def tpu_generation() -> str:
+    """The TPU generation of the default backend ("v4", "v5e", "v5p", "v6e"), else _DEFAULT_GENERATION (CPU, a
+    compile for a target from CPU)."""
+    try:
+        kind = jax.devices()[0].device_kind.lower()
+    except Exception:  # noqa: BLE001 - no backend at all
+        return _DEFAULT_GENERATION
+    if "tpu" not in kind:
+        return _DEFAULT_GENERATION
+    for token, gen in (("v6", "v6e"), ("v5p", "v5p"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5", "v5p"),
+                       ("v4", "v4")):
+        if token in kind:
+            return gen
+    return _DEFAULT_GENERATION
+
+
+def default_blocks(head_dim: int, generation: str | None = None) -> tuple[int, int]:
+    """(block_q, block_k) for ``head_dim`` on ``generation`` (default: the running one)."""
+    gen = generation or tpu_generation()
+    if gen not in DEFAULT_BLOCKS:
+        raise ValueError(f"generation must be one of {sorted(DEFAULT_BLOCKS)}; got {gen!r}")
+    bq, bk = DEFAULT_BLOCKS[gen]
+    return (bq, bk) if head_dim <= 128 else (bq, bk // 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tile lists (host numpy for concrete metadata, jnp on device for traced metadata)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class TileChunk(NamedTuple):
+    """One pallas_call's tile list: ``rows`` / ``cols`` int32 [capacity + 1] (a -1 row ends the list), ``count``
+    live tiles (int, or a traced int32 scalar), and the flat resident-block range [start, stop) it covers."""
+
+    rows: object
+    cols: object
+    count: object
+    start: int
+    stop: int
+
+
+def _is_concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _host_chunks(bmap, max_tiles: int) -> list[TileChunk]:
+    """Exact lists from a numpy block map [B, nR, nC] (rows resident), cut at row boundaries into chunks of at most
+    ``max_tiles`` live tiles."""
+    b, n_r, n_c = bmap.shape
+    bi, ri, ci = np.nonzero(bmap != SKIP)  # row-major: ascending (batch, row, col)
+    rows = (bi * n_r + ri).astype(np.int32)
+    cols = ((bi * n_c + ci) | (bmap[bi, ri, ci].astype(np.int64) << _KIND_SHIFT)).astype(np.int32)
+    per_row = np.bincount(rows, minlength=b * n_r)
+    if per_row.max(initial=0) > max_tiles:
+        raise ValueError(f"one block row has {per_row.max()} live tiles, more than the {max_tiles} one call's SMEM "
+                         f"tile list holds; use larger blocks")
+    chunks, start_tile, start_row, in_chunk = [], 0, 0, 0
+    for r in range(b * n_r + 1):
+        n = per_row[r] if r < b * n_r else 0
+        if r == b * n_r or in_chunk + n > max_tiles:
+            if in_chunk:
+                sl = slice(start_tile, start_tile + in_chunk)
+                chunks.append(TileChunk(np.append(rows[sl], -1).astype(np.int32), np.append(cols[sl], 0).astype(
+                    np.int32), int(in_chunk), start_row, r))
+            start_tile, start_row, in_chunk = start_tile + in_chunk, r, 0
+        in_chunk += n
+    return chunks
+
+
+def _device_chunks(bmap, max_tiles: int) -> list[TileChunk]:
+    """Lists from a traced block map: static ranges of resident blocks with capacity for all their tiles, the live
+    ones compacted to the front (stable: ascending) and counted; the grid then steps only ``count`` of them."""
+    b, n_r, n_c = bmap.shape
+    if n_c > max_tiles:
+        raise ValueError(f"a block row has {n_c} tiles, more than the {max_tiles} one call's SMEM tile list holds; "
+                         f"use larger blocks")
+    flat = bmap.reshape(b * n_r, n_c)
+    per_chunk = max(1, max_tiles // n_c)
+    chunks = []
+    for start in range(0, b * n_r, per_chunk):
+        stop = min(start + per_chunk, b * n_r)
+        kinds = flat[start:stop].reshape(-1)
+        order = jnp.argsort(kinds == SKIP, stable=True).astype(jnp.int32)
+        count = jnp.sum(kinds != SKIP).astype(jnp.int32)
+        row = start + order // n_c
+        col = (row // n_r) * n_c + order % n_c
+        live = jnp.arange(order.shape[0], dtype=jnp.int32) < count
+        rows = jnp.where(live, row, -1)
+        cols = jnp.where(live, col | (jnp.take(kinds, order) << _KIND_SHIFT), 0)
+        tail = jnp.array([-1], jnp.int32)
+        chunks.append(TileChunk(jnp.concatenate([rows, tail]), jnp.concatenate([cols, tail * 0]), count, start, stop))
+    return chunks
+
+
+class TilePlan(NamedTuple):
+    """Tile lists of the three kernels: ``q_major`` (forward and dQ) and ``k_major`` (dK/dV) chunk lists."""
+
+    q_major: list
+    k_major: list
+
+
+def tile_plan(q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, block_k: int, *, window=None,
+              span_isolated=False, max_tiles: int = MAX_TILES_PER_CALL) -> TilePlan:
+    """The tile lists the kernels walk. Concrete metadata (numpy or concrete jax arrays) give exact host lists;
+    traced metadata give device lists of static capacity. Metadata are padded to whole blocks with segment 0."""
+    sq, sk = _round_up(q_meta.shape[1], block_q), _round_up(k_meta.shape[1], block_k)
+    if _is_concrete(*q_meta, *k_meta):
+        qm = TokenMeta(*(np.asarray(a, np.int32) for a in _pad_meta(q_meta, sq, np)))
+        km = TokenMeta(*(np.asarray(a, np.int32) for a in _pad_meta(k_meta, sk, np)))
+        bmap = np.asarray(block_map(qm, km, block_q, block_k, window=window, span_isolated=span_isolated, xp=np))
+        return TilePlan(_host_chunks(bmap, max_tiles), _host_chunks(bmap.transpose(0, 2, 1), max_tiles))
+    bmap = block_map(_pad_meta(q_meta, sq, jnp), _pad_meta(k_meta, sk, jnp), block_q, block_k, window=window,
+                     span_isolated=span_isolated, xp=jnp)
+    return TilePlan(_device_chunks(bmap, max_tiles), _device_chunks(jnp.swapaxes(bmap, 1, 2), max_tiles))
+
+
+def plan_steps(plan: TilePlan) -> dict:
+    """Grid steps per kv head of each pass (sum of the chunks' counts; ints for a host plan)."""
+    q_steps = sum(c.count for c in plan.q_major)
+    return {"fwd": q_steps, "dq": q_steps, "dkv": sum(c.count for c in plan.k_major)}
+
+
+def smem_bytes(chunk: TileChunk) -> int:
+    """SMEM the scalar-prefetched tile list of one call takes."""
+    return int(chunk.rows.shape[0] + chunk.cols.shape[0]) * 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -66,11 +230,18 @@ def _rows_to_lanes(x_R, rows):
     return lax.broadcast_in_dim(x_R, (rows, _LANES), (0,))
 
 
-def _visible(qmeta_ref, kmeta_ref, cfg: _Config):
-    """The mask rule of kernels.meta on one tile: bool [block_q, block_k]."""
-    width = cfg.block_k
-    pos_q, seg_q, span_q = (_lanes_to(qmeta_ref[f], width) for f in range(3))  # [bq, bk]
-    pos_k, seg_k, span_k = (kmeta_ref[f : f + 1, :] for f in range(3))  # [1, bk]
+def _row_to_column(row_1N):
+    """A [1, N] row as a lane-replicated [N, 128] column (broadcast to 128 sublanes, then one XLU transpose)."""
+    return jnp.broadcast_to(row_1N, (_LANES, row_1N.shape[1])).T
+
+
+def _column_to_row(col_N128):
+    """A lane-replicated [N, 128] column as a [1, N] row."""
+    return col_N128.T[0:1, :]
+
+
+def _rule(pos_q, seg_q, span_q, pos_k, seg_k, span_k, cfg: _Config):
+    """The mask rule of kernels.meta on broadcastable q / k operands (either orientation)."""
     same_seg = (seg_q == seg_k) & (seg_q != 0)
     causal = pos_k <= pos_q
     if cfg.window is not None:
@@ -83,9 +254,9 @@ def _visible(qmeta_ref, kmeta_ref, cfg: _Config):
     return same_seg & visible
 
 
-def _logits(q, k, cfg: _Config):
-    """Scaled (and soft-capped) logits f32 [bq, bk]; also tanh(s / cap) for the backward, or None."""
-    s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
+def _logits(a, b, cfg: _Config):
+    """Scaled (and soft-capped) logits a @ b.T, f32; also tanh(s / cap) for the backward, or None."""
+    s = lax.dot_general(a, b, _NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
     if cfg.softcap is None:
         return s, None
     t = jnp.tanh(s / cfg.softcap)
@@ -100,7 +271,8 @@ _computed_tiles: list | None = None
 @contextlib.contextmanager
 def record_computed_tiles():
     """Record every tile the kernels traced inside this context compute, as tuples (kernel, batch, q head, q block,
-    kv block, masked); kernel is "fwd", "dq" or "dkv". A host callback per computed tile: for interpret-mode tests."""
+    kv block, masked); kernel is "fwd", "dq" or "dkv". A host callback per computed tile and head: for
+    interpret-mode tests."""
     global _computed_tiles
     previous, _computed_tiles = _computed_tiles, []
     try:
@@ -109,324 +281,450 @@ def record_computed_tiles():
         _computed_tiles = previous
 
 
-def _run_tile(kinds_ref, kind_index, active, body, probe):
-    """Run ``body(masked)`` for a live tile: unmasked on full tiles, masked on partial ones, nothing on skipped.
-
-    ``probe`` = (kernel name, batch, q head, q block, kv block) identifies the tile for record_computed_tiles.
-    """
-    kind = kinds_ref[kind_index]
+def _probe(name, head, q_flat, k_flat, masked, cfg: _Config):
     record = _computed_tiles
+    if record is None:
+        return
 
-    def run(masked):
-        if record is not None:
-            name, *ids = probe
-            jax.debug.callback(lambda *i: record.append((name, *(int(x) for x in i), masked)), *ids)
-        body(masked)
+    def append(h, qf, kf):
+        b, qi = divmod(int(qf), cfg.n_q)
+        record.append((name, b, int(h), qi, int(kf) % cfg.n_k, masked))
 
-    pl.when(active & (kind == FULL))(lambda: run(False))
-    pl.when(active & (kind == PARTIAL))(lambda: run(True))
+    jax.debug.callback(append, head, q_flat, k_flat)
+
+
+class _Step(NamedTuple):
+    """What a kernel reads from the tile list at grid step t."""
+
+    row: object  # flat resident block
+    col: object  # flat streamed block
+    kind: object
+    first: object  # the first tile of this resident block: initialise
+    last: object  # its last tile: finish and write
+
+
+def _step(rows_ref, cols_ref) -> _Step:
+    t = pl.program_id(1)
+    row, packed = rows_ref[t], cols_ref[t]
+    prev = rows_ref[jnp.maximum(t - 1, 0)]
+    return _Step(row, packed & ((1 << _KIND_SHIFT) - 1), lax.shift_right_logical(packed, _KIND_SHIFT),
+                 (t == 0) | (prev != row), rows_ref[t + 1] != row)
+
+
+def _run_tile(step: _Step, body):
+    """``body(masked)``: unmasked on full tiles, masked on partial ones (skipped tiles are not in the list)."""
+    pl.when(step.kind == FULL)(lambda: body(False))
+    pl.when(step.kind == PARTIAL)(lambda: body(True))
+
+
+def _meta_columns(meta_ref, col_scr):
+    """The resident block's metadata rows [8, N] as lane-replicated columns col_scr [3, N, 128]."""
+    for f in range(3):
+        col_scr[f] = _row_to_column(meta_ref[f : f + 1, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Forward kernel: grid (B, Hq, nQ, nK steps); the last axis walks the compacted kv-block list.
+# Forward: rows = q blocks; per step one k/v tile for the G query heads of kv head h.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, qmeta_ref, kmeta_ref, o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, cfg: _Config):
-    b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    bq, d = acc_scr.shape
+def _fwd_kernel(rows_ref, cols_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_init, lse_init, o_ref, lse_ref,
+                qcol_scr, m_scr, l_scr, acc_scr, *, cfg: _Config):
+    del o_init, lse_init  # aliased to the outputs: rows without a live tile keep their initial values
+    h = pl.program_id(0)
+    st = _step(rows_ref, cols_ref)
+    group, bq, d = acc_scr.shape
+    bk = k_ref.shape[0]
 
-    @pl.when(j == 0)
+    @pl.when(st.first)
     def _init():
+        _meta_columns(qm_ref, qcol_scr)
         m_scr[...] = jnp.full(m_scr.shape, _MASK_VALUE, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def body(masked):
-        s, _ = _logits(q_ref[...], k_ref[...], cfg)
+        k, v = k_ref[...], v_ref[...]
         if masked:
-            visible = _visible(qmeta_ref, kmeta_ref, cfg)
-            s = jnp.where(visible, s, _MASK_VALUE)
-        m_prev, l_prev = m_scr[...], l_scr[...]
-        m_next = jnp.maximum(m_prev, _rows_to_lanes(jnp.max(s, axis=1), bq))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - _lanes_to(m_next, cfg.block_k))
-        if masked:
-            p = jnp.where(visible, p, 0.0)
-        l_scr[...] = alpha * l_prev + _rows_to_lanes(jnp.sum(p, axis=1), bq)
-        m_scr[...] = m_next
-        v = v_ref[...]
-        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc_scr[...] = acc_scr[...] * _lanes_to(alpha, d) + pv
+            visible = _rule(*(_lanes_to(qcol_scr[f], bk) for f in range(3)),
+                            *(km_ref[f : f + 1, :] for f in range(3)), cfg)
+        for g in range(group):
+            _probe("fwd", h * group + g, st.row, st.col, masked, cfg)
+            s, _ = _logits(q_ref[g], k, cfg)
+            if masked:
+                s = jnp.where(visible, s, _MASK_VALUE)
+            m_prev, l_prev = m_scr[g], l_scr[g]
+            m_next = jnp.maximum(m_prev, _rows_to_lanes(jnp.max(s, axis=1), bq))
+            alpha = jnp.exp(m_prev - m_next)
+            p = jnp.exp(s - _lanes_to(m_next, bk))
+            if masked:
+                p = jnp.where(visible, p, 0.0)
+            l_scr[g] = alpha * l_prev + _rows_to_lanes(jnp.sum(p, axis=1), bq)
+            m_scr[g] = m_next
+            pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            acc_scr[g] = acc_scr[g] * _lanes_to(alpha, d) + pv
 
-    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body, ("fwd", b, h, qi, kv_blocks_ref[b, qi, j]))
+    _run_tile(st, body)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(st.last)
     def _finish():
-        l, m = l_scr[...], m_scr[...]
-        seen = l > 0.0
-        inv_l = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
-        o_ref[...] = (acc_scr[...] * _lanes_to(inv_l, d)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _EMPTY_LSE)
+        for g in range(group):
+            l, m = l_scr[g], m_scr[g]
+            seen = l > 0.0
+            inv_l = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+            o_ref[g] = (acc_scr[g] * _lanes_to(inv_l, d)).astype(o_ref.dtype)
+            lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _EMPTY_LSE)
+            lse_ref[g : g + 1, :] = _column_to_row(lse)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Backward kernels. Both recompute p = exp(s - lse) per tile from the saved log-sum-exp; di = rowsum(dO * O).
+# dQ: rows = q blocks (as the forward). p = exp(s - lse) recomputed per tile; di = rowsum(dO * O).
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _probs_and_dlogits(q, k, v, do, lse_ref, di_ref, qmeta_ref, kmeta_ref, masked, cfg: _Config):
-    """p and dS (the gradient w.r.t. the pre-scale logits q.k), f32 [bq, bk]."""
-    s, t = _logits(q, k, cfg)
-    p = jnp.exp(s - _lanes_to(lse_ref[...], cfg.block_k))
-    if masked:
-        p = jnp.where(_visible(qmeta_ref, kmeta_ref, cfg), p, 0.0)
-    dp = lax.dot_general(do, v, _NT_DIMS, preferred_element_type=jnp.float32)
-    ds = p * (dp - _lanes_to(di_ref[...], cfg.block_k))
-    if t is not None:
-        ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
-    return p, ds
+def _dq_kernel(rows_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dq_init, dq_ref,
+               qcol_scr, lse_scr, di_scr, dq_scr, *, cfg: _Config):
+    del dq_init
+    h = pl.program_id(0)
+    st = _step(rows_ref, cols_ref)
+    group = dq_scr.shape[0]
+    bk = k_ref.shape[0]
 
-
-def _dq_kernel(kv_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qmeta_ref,
-               kmeta_ref, dq_ref, dq_scr, *, cfg: _Config):
-    b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-
-    @pl.when(j == 0)
+    @pl.when(st.first)
     def _init():
+        _meta_columns(qm_ref, qcol_scr)
+        for g in range(group):
+            lse_scr[g] = _row_to_column(lse_ref[g : g + 1, :])
+            di_scr[g] = _row_to_column(di_ref[g : g + 1, :])
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
     def body(masked):
-        k = k_ref[...]
-        _, ds = _probs_and_dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref, di_ref, qmeta_ref, kmeta_ref,
-                                   masked, cfg)
-        dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.scale
+        k, v = k_ref[...], v_ref[...]
+        if masked:
+            visible = _rule(*(_lanes_to(qcol_scr[f], bk) for f in range(3)),
+                            *(km_ref[f : f + 1, :] for f in range(3)), cfg)
+        for g in range(group):
+            _probe("dq", h * group + g, st.row, st.col, masked, cfg)
+            s, t = _logits(q_ref[g], k, cfg)
+            p = jnp.exp(s - _lanes_to(lse_scr[g], bk))
+            if masked:
+                p = jnp.where(visible, p, 0.0)
+            dp = lax.dot_general(do_ref[g], v, _NT_DIMS, preferred_element_type=jnp.float32)
+            ds = p * (dp - _lanes_to(di_scr[g], bk))
+            if t is not None:
+                ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
+            dq_scr[g] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.scale
 
-    _run_tile(kinds_ref, (b, qi, j), j < counts_ref[b, qi], body, ("dq", b, h, qi, kv_blocks_ref[b, qi, j]))
+    _run_tile(st, body)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(st.last)
     def _finish():
         dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_blocks_ref, kinds_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qmeta_ref,
-                kmeta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
-    """Grid (B, Hkv, nK, group, nQ steps): one kv block accumulates over the q heads of its group and its q blocks."""
-    b, h, ki, g, j = (pl.program_id(axis) for axis in range(5))
+# ----------------------------------------------------------------------------------------------------------------------
+# dK/dV: rows = k blocks; the transposed logits s^T = k q^T [bk, bq] take lse and di as rows, and the G query heads of
+# the group accumulate into one f32 dK/dV tile.
+# ----------------------------------------------------------------------------------------------------------------------
 
-    @pl.when((g == 0) & (j == 0))
+
+def _dkv_kernel(rows_ref, cols_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qm_ref, km_ref, dk_init, dv_init,
+                dk_ref, dv_ref, kcol_scr, dk_scr, dv_scr, *, cfg: _Config):
+    del dk_init, dv_init
+    h = pl.program_id(0)
+    st = _step(rows_ref, cols_ref)
+    group, bq = q_ref.shape[0], q_ref.shape[1]
+
+    @pl.when(st.first)
     def _init():
+        _meta_columns(km_ref, kcol_scr)
         dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
     def body(masked):
-        q, do = q_ref[...], do_ref[...]
-        p, ds = _probs_and_dlogits(q, k_ref[...], v_ref[...], do, lse_ref, di_ref, qmeta_ref, kmeta_ref, masked, cfg)
-        dv_scr[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dk_scr[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.scale
+        k, v = k_ref[...], v_ref[...]
+        if masked:
+            visible_t = _rule(*(qm_ref[f : f + 1, :] for f in range(3)),
+                              *(_lanes_to(kcol_scr[f], bq) for f in range(3)), cfg)  # [bk, bq]
+        for g in range(group):
+            _probe("dkv", h * group + g, st.col, st.row, masked, cfg)
+            q, do = q_ref[g], do_ref[g]
+            s_t, t_t = _logits(k, q, cfg)
+            p_t = jnp.exp(s_t - lse_ref[g : g + 1, :])
+            if masked:
+                p_t = jnp.where(visible_t, p_t, 0.0)
+            dv_scr[...] += lax.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+            dp_t = lax.dot_general(v, do, _NT_DIMS, preferred_element_type=jnp.float32)
+            ds_t = p_t * (dp_t - di_ref[g : g + 1, :])
+            if t_t is not None:
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk_scr[...] += lax.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.scale
 
-    probe = ("dkv", b, h * cfg.group + g, q_blocks_ref[b, ki, j], ki)
-    _run_tile(kinds_ref, (b, ki, j), j < counts_ref[b, ki], body, probe)
+    _run_tile(st, body)
 
-    @pl.when((g == pl.num_programs(3) - 1) & (j == pl.num_programs(4) - 1))
+    @pl.when(st.last)
     def _finish():
         dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# pallas_call builders (all arrays are padded to whole blocks, heads-major)
+# pallas_call builders (arrays padded to whole blocks, heads-major, batch folded into the sequence)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def _interpret_param(interpret: bool):
-    # TPU interpret mode simulates the TPU memory spaces (SMEM scalar prefetch, VMEM blocks, DMAs with bounds checks),
-    # so it is the faithful CPU stand-in; the generic HLO interpreter (True) is the fallback where it is missing.
+    # TPU interpret mode simulates the TPU memory spaces (SMEM scalar prefetch, VMEM blocks, DMAs with bounds checks)
+    # and the dynamic grid bound of traced tile lists: the faithful CPU stand-in.
     if not interpret:
         return False
     params = getattr(pltpu, "InterpretParams", None)
-    return params() if params is not None else True
+    if params is None:
+        raise RuntimeError("TPU interpret mode needs jax.experimental.pallas.tpu.InterpretParams (jax >= 0.7)")
+    return params()
 
 
-# Matmul FLOPs per (block_q x block_k x head_dim) tile, in units of block_q * block_k * head_dim: the forward's QK^T
-# and PV; dQ recomputes QK^T, then dO V^T and dS K; dK/dV recompute QK^T, then dO V^T, P^T dO and dS^T Q.
-_TILE_FLOPS = {"mllm_flash_fwd": 4, "mllm_flash_dq": 6, "mllm_flash_dkv": 8}
+# Matmul FLOPs per (block_q x block_k x head_dim) tile and query head, in units of block_q * block_k * head_dim: the
+# forward's QK^T and PV; dQ recomputes QK^T, then dO V^T and dS K; dK/dV recompute QK^T, then dO V^T, P^T dO, dS^T Q.
+TILE_FLOPS = {"fwd": 4, "dq": 6, "dkv": 8}
+_NAMES = {"fwd": "mllm_flash_fwd", "dq": "mllm_flash_dq", "dkv": "mllm_flash_dkv"}
 
 
-def _cost_estimate(name: str, grid, cfg: _Config, head_dim: int, operands, out_shape) -> pl.CostEstimate:
-    """What XLA's cost analysis counts for this kernel (a pallas_call's FLOPs are only what it declares). Every
-    grid step is counted as a computed tile: the live tiles are known only at run time, so for a masked attention
-    this is an upper bound (a causal mask computes about half)."""
-    steps = math.prod(grid)
-    nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize  # noqa: E731
+def _padded_bytes(shape, dtype) -> int:
+    """VMEM bytes of a block: the last two dims padded to the (sublanes, 128) tile of the dtype."""
+    itemsize = jnp.dtype(dtype).itemsize
+    shape = (1, 1, *shape)
+    rows = _round_up(shape[-2], 8 * max(1, 4 // itemsize))
+    return math.prod(shape[:-2]) * rows * _round_up(shape[-1], _LANES) * itemsize
+
+
+class KernelSpec(NamedTuple):
+    """What one pass's pallas_call moves and holds, from its block specs: per grid step, the streamed blocks'
+    bytes; per resident block (a run of steps), the resident blocks' bytes read and written; its VMEM estimate."""
+
+    stream_bytes: int  # DMA'd on a step whose streamed block changes (every step: consecutive tiles differ)
+    resident_bytes: int  # DMA'd once per resident block (its inputs in, its outputs out)
+    vmem_bytes: int  # blocks double-buffered + scratch + the f32 [bq, bk] intermediates of a tile
+
+
+def kernel_spec(kernel: str, group: int, block_q: int, block_k: int, head_dim: int, dtype) -> KernelSpec:
+    """The bytes of ``kernel`` ("fwd", "dq", "dkv") per step / per resident block and its VMEM estimate, from the
+    same block shapes the pallas_calls below use."""
+    g, bq, bk, d = group, block_q, block_k, head_dim
+    isz = jnp.dtype(dtype).itemsize
+    qb = (g, bq, d)  # q / dO / o / dq block
+    kb = (bk, d)
+    rows_g = (g, bq)  # lse / di block
+    meta = lambda n: (_META_ROWS, n)  # noqa: E731
+    nb = lambda shape, dt=dtype: math.prod(shape) * jnp.dtype(dt).itemsize  # noqa: E731  HBM bytes, unpadded
+    f32, i32 = jnp.float32, jnp.int32
+    if kernel == "fwd":
+        stream = [(kb, dtype), (kb, dtype), (meta(bk), i32)]
+        resident_in, resident_out = [(qb, dtype), (meta(bq), i32)], [(qb, dtype), (rows_g, f32)]
+        scratch = [((3, bq, _LANES), i32), ((g, bq, _LANES), f32), ((g, bq, _LANES), f32), ((g, bq, d), f32)]
+    elif kernel == "dq":
+        stream = [(kb, dtype), (kb, dtype), (meta(bk), i32)]
+        resident_in = [(qb, dtype), (qb, dtype), (rows_g, f32), (rows_g, f32), (meta(bq), i32)]
+        resident_out = [(qb, dtype)]
+        scratch = [((3, bq, _LANES), i32), ((g, bq, _LANES), f32), ((g, bq, _LANES), f32), ((g, bq, d), f32)]
+    elif kernel == "dkv":
+        stream = [(qb, dtype), (qb, dtype), (rows_g, f32), (rows_g, f32), (meta(bq), i32)]
+        resident_in, resident_out = [(kb, dtype), (kb, dtype), (meta(bk), i32)], [(kb, dtype), (kb, dtype)]
+        scratch = [((3, bk, _LANES), i32), (kb, f32), (kb, f32)]
+    else:
+        raise ValueError(f"kernel must be one of {tuple(TILE_FLOPS)}; got {kernel!r}")
+    blocks = stream + resident_in + resident_out
+    vmem = (2 * sum(_padded_bytes(s, t) for s, t in blocks) + sum(_padded_bytes(s, t) for s, t in scratch)
+            + 6 * bq * bk * 4)  # s, p, dp, ds, the mask and a temporary: f32 [bq, bk] each
+    del isz
+    return KernelSpec(sum(nb(s, t) for s, t in stream), sum(nb(s, t) for s, t in resident_in + resident_out), vmem)
+
+
+def vmem_limit(spec: KernelSpec) -> int:
+    """The scoped-VMEM limit a pass asks Mosaic for: its estimate plus half (Mosaic's own temporaries), at least the
+    16 MiB default, at most VMEM_LIMIT_BYTES (the call is refused above it)."""
+    want = max(16 << 20, _round_up(spec.vmem_bytes * 3 // 2, 1 << 20))
+    if want > VMEM_LIMIT_BYTES:
+        raise ValueError(f"the kernel's VMEM estimate {spec.vmem_bytes / 2**20:.1f} MiB (x1.5) exceeds "
+                         f"VMEM_LIMIT_BYTES = {VMEM_LIMIT_BYTES >> 20} MiB; use smaller blocks")
+    return want
+
+
+def _cost_estimate(kernel: str, steps_per_head: int, hkv: int, cfg: _Config, head_dim: int,
+                   spec: KernelSpec) -> pl.CostEstimate:
+    """What XLA's cost analysis counts for one call (a pallas_call's FLOPs are only what it declares): every listed
+    tile computed for the G heads of each kv head. Exact for host lists; the static capacity for traced lists (an
+    upper bound: the grid steps only the live tiles)."""
+    tiles = steps_per_head * hkv * cfg.group
     return pl.CostEstimate(
-        flops=int(_TILE_FLOPS[name] * steps * cfg.block_q * cfg.block_k * head_dim),
-        transcendentals=int(steps * cfg.block_q * cfg.block_k),  # one exp per logit
-        bytes_accessed=int(sum(nbytes(x) for x in jax.tree.leaves((operands, out_shape)))),
+        flops=int(TILE_FLOPS[kernel] * tiles * cfg.block_q * cfg.block_k * head_dim),
+        transcendentals=int(tiles * cfg.block_q * cfg.block_k),  # one exp per logit
+        bytes_accessed=int(steps_per_head * hkv * (spec.stream_bytes + spec.resident_bytes)),
     )
 
 
-def _pallas_call(kernel, cfg: _Config, grid, in_specs, out_specs, scratch_shapes, out_shape, semantics, name,
-                 operands):
-    """pallas_call of ``kernel`` over ``grid`` with the three compacted tile-list arrays as scalar prefetch, applied
-    to ``operands`` (the tile lists first)."""
+def _call(kernel_name, body, cfg: _Config, chunk: TileChunk, hkv, in_specs, out_specs, scratch, out_shape,
+          operands, inits, head_dim, dtype):
+    """One pallas_call of ``body`` over grid (hkv, chunk.count), the chunk's tile lists as scalar prefetch, the
+    outputs aliased to ``inits`` (passed last, left in HBM)."""
+    spec = kernel_spec(kernel_name, cfg.group, cfg.block_q, cfg.block_k, head_dim, dtype)
+    n_in = 2 + len(operands)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=grid,
-        in_specs=in_specs,
+        num_scalar_prefetch=2,
+        grid=(hkv, chunk.count),
+        in_specs=[*in_specs, *([any_spec] * len(inits))],
         out_specs=out_specs,
-        scratch_shapes=scratch_shapes,
+        scratch_shapes=scratch,
     )
-    head_dim = operands[3].shape[-1]  # q, after the three tile lists
+    capacity = chunk.rows.shape[0] - 1
     return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg),
+        functools.partial(body, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        input_output_aliases={n_in + i: i for i in range(len(inits))},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=vmem_limit(spec)),
         interpret=_interpret_param(cfg.interpret),
-        name=name,
-        cost_estimate=_cost_estimate(name, grid, cfg, head_dim, operands, out_shape),
-    )(*operands)
+        name=_NAMES[kernel_name],
+        cost_estimate=_cost_estimate(kernel_name, capacity, hkv, cfg, head_dim, spec),
+    )(jnp.asarray(chunk.rows), jnp.asarray(chunk.cols), *operands, *inits)
 
 
-def _in_specs(q_map, kv_map, qmeta_map, kmeta_map, cfg: _Config, d, backward):
-    """Block specs of the operands every kernel takes in this order: q, k, v, then (backward) dO, lse, di, then the
-    q and k metadata."""
-    bq, bk = cfg.block_q, cfg.block_k
-    specs = [
-        pl.BlockSpec((None, None, bq, d), q_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-        pl.BlockSpec((None, None, bk, d), kv_map),
-    ]
+def _col(cols_ref, t):
+    return cols_ref[t] & ((1 << _KIND_SHIFT) - 1)
+
+
+def _q_major_specs(cfg: _Config, d, backward):
+    """Block specs of fwd / dQ: q-side blocks follow rows[t], k-side blocks follow cols[t]."""
+    g, bq, bk = cfg.group, cfg.block_q, cfg.block_k
+
+    def q_map(h, t, rows, cols):
+        return h, 0, rows[t], 0
+
+    def kv_map(h, t, rows, cols):
+        return h, _col(cols, t), 0
+
+    def rows_map(h, t, rows, cols):
+        return h, 0, rows[t]
+
+    def qmeta_map(h, t, rows, cols):
+        return 0, rows[t]
+
+    def kmeta_map(h, t, rows, cols):
+        return 0, _col(cols, t)
+
+    q_spec = pl.BlockSpec((None, g, bq, d), q_map)
+    specs = [q_spec, pl.BlockSpec((None, bk, d), kv_map), pl.BlockSpec((None, bk, d), kv_map)]
     if backward:
-        specs += [
-            pl.BlockSpec((None, None, bq, d), q_map),  # dO
-            pl.BlockSpec((None, None, bq, _LANES), q_map),  # lse
-            pl.BlockSpec((None, None, bq, _LANES), q_map),  # di
-        ]
-    return specs + [pl.BlockSpec((None, 3, bq, _LANES), qmeta_map), pl.BlockSpec((None, 3, bk), kmeta_map)]
+        specs += [q_spec, pl.BlockSpec((None, g, bq), rows_map), pl.BlockSpec((None, g, bq), rows_map)]
+    specs += [pl.BlockSpec((_META_ROWS, bq), qmeta_map), pl.BlockSpec((_META_ROWS, bk), kmeta_map)]
+    return specs, q_spec, pl.BlockSpec((None, g, bq), rows_map)
 
 
-def _q_major_index_maps(group):
-    """Index maps of the fwd and dQ grids (B, Hq, nQ, nK steps); kv blocks come from the compacted list kvb."""
-
-    def q_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, h, qi, 0
-
-    def kv_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, lax.div(h, group), kvb[bi, qi, j], 0  # lax.div, not //: h >= 0 and Mosaic has no sign op
-
-    def qmeta_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, 0, qi, 0
-
-    def kmeta_map(bi, h, qi, j, kvb, kinds, cnt):
-        return bi, 0, kvb[bi, qi, j]
-
-    return q_map, kv_map, qmeta_map, kmeta_map
-
-
-def _q_major_grid(q, k, cfg: _Config):
-    """The fwd and dQ grid (B, Hq, nQ, nK steps)."""
-    b, hq, sq, _ = q.shape
-    return b, hq, sq // cfg.block_q, k.shape[2] // cfg.block_k
-
-
-def _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg: _Config):
-    b, hq, sq, d = q.shape
+def _fwd(q, k, v, qm, km, plan: TilePlan, cfg: _Config):
+    hkv, g, sq, d = q.shape
     bq = cfg.block_q
-    maps = _q_major_index_maps(cfg.group)
-    q_map = maps[0]
-    return _pallas_call(
-        _fwd_kernel, cfg, _q_major_grid(q, k, cfg),
-        in_specs=_in_specs(*maps, cfg, d, backward=False),
-        out_specs=[
-            pl.BlockSpec((None, None, bq, d), q_map),
-            pl.BlockSpec((None, None, bq, _LANES), q_map),
-        ],
-        scratch_shapes=[
-            pltpu.VMEM((bq, _LANES), jnp.float32),  # running max m (lane-replicated)
-            pltpu.VMEM((bq, _LANES), jnp.float32),  # running denominator l
-            pltpu.VMEM((bq, d), jnp.float32),  # output accumulator
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, hq, sq, _LANES), jnp.float32),
-        ],
-        semantics=("parallel", "parallel", "parallel", "arbitrary"),
-        name="mllm_flash_fwd",
-        operands=(*fwd_plan, q, k, v, qmeta, kmeta),
-    )
+    in_specs, q_spec, lse_spec = _q_major_specs(cfg, d, backward=False)
+    out = jnp.zeros(q.shape, q.dtype)
+    lse = jnp.full((hkv, g, sq), _EMPTY_LSE, jnp.float32)
+    for chunk in plan.q_major:
+        out, lse = _call(
+            "fwd", _fwd_kernel, cfg, chunk, hkv, in_specs, [q_spec, lse_spec],
+            [pltpu.VMEM((3, bq, _LANES), jnp.int32), pltpu.VMEM((g, bq, _LANES), jnp.float32),
+             pltpu.VMEM((g, bq, _LANES), jnp.float32), pltpu.VMEM((g, bq, d), jnp.float32)],
+            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
+            (q, k, v, qm, km), (out, lse), d, q.dtype)
+    return out, lse
 
 
-def _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg: _Config):
-    d = q.shape[3]
+def _dq(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config):
+    hkv, g, sq, d = q.shape
     bq = cfg.block_q
-    maps = _q_major_index_maps(cfg.group)
-    return _pallas_call(
-        _dq_kernel, cfg, _q_major_grid(q, k, cfg),
-        in_specs=_in_specs(*maps, cfg, d, backward=True),
-        out_specs=pl.BlockSpec((None, None, bq, d), maps[0]),
-        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        semantics=("parallel", "parallel", "parallel", "arbitrary"),
-        name="mllm_flash_dq",
-        operands=(*fwd_plan, q, k, v, do, lse, di, qmeta, kmeta),
-    )
+    in_specs, q_spec, _ = _q_major_specs(cfg, d, backward=True)
+    dq = jnp.zeros(q.shape, q.dtype)
+    for chunk in plan.q_major:
+        (dq,) = _call(
+            "dq", _dq_kernel, cfg, chunk, hkv, in_specs, [q_spec],
+            [pltpu.VMEM((3, bq, _LANES), jnp.int32), pltpu.VMEM((g, bq, _LANES), jnp.float32),
+             pltpu.VMEM((g, bq, _LANES), jnp.float32), pltpu.VMEM((g, bq, d), jnp.float32)],
+            [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+            (q, k, v, do, lse, di, qm, km), (dq,), d, q.dtype)
+    return dq
 
 
-def _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg: _Config):
-    b, hkv, sk, d = k.shape
-    n_q, n_k = q.shape[2] // cfg.block_q, sk // cfg.block_k
-    bk, group = cfg.block_k, cfg.group
+def _dkv(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config):
+    hkv, g, _, d = q.shape
+    bq, bk = cfg.block_q, cfg.block_k
 
-    def q_map(bi, h, ki, g, j, qb, kinds, cnt):
-        return bi, h * group + g, qb[bi, ki, j], 0
+    def q_map(h, t, rows, cols):
+        return h, 0, _col(cols, t), 0
 
-    def kv_map(bi, h, ki, g, j, qb, kinds, cnt):
-        return bi, h, ki, 0
+    def kv_map(h, t, rows, cols):
+        return h, rows[t], 0
 
-    def qmeta_map(bi, h, ki, g, j, qb, kinds, cnt):
-        return bi, 0, qb[bi, ki, j], 0
+    def rows_map(h, t, rows, cols):
+        return h, 0, _col(cols, t)
 
-    def kmeta_map(bi, h, ki, g, j, qb, kinds, cnt):
-        return bi, 0, ki
+    def qmeta_map(h, t, rows, cols):
+        return 0, _col(cols, t)
 
-    return _pallas_call(
-        _dkv_kernel, cfg, (b, hkv, n_k, group, n_q),
-        in_specs=_in_specs(q_map, kv_map, qmeta_map, kmeta_map, cfg, d, backward=True),
-        out_specs=[pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bk, d), kv_map)],
-        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
-        name="mllm_flash_dkv",
-        operands=(*bwd_plan, q, k, v, do, lse, di, qmeta, kmeta),
-    )
+    def kmeta_map(h, t, rows, cols):
+        return 0, rows[t]
+
+    q_spec, kv_spec = pl.BlockSpec((None, g, bq, d), q_map), pl.BlockSpec((None, bk, d), kv_map)
+    lse_spec = pl.BlockSpec((None, g, bq), rows_map)
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, lse_spec, lse_spec, pl.BlockSpec((_META_ROWS, bq), qmeta_map),
+                pl.BlockSpec((_META_ROWS, bk), kmeta_map)]
+    dk, dv = jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
+    for chunk in plan.k_major:
+        dk, dv = _call(
+            "dkv", _dkv_kernel, cfg, chunk, hkv, in_specs, [kv_spec, kv_spec],
+            [pltpu.VMEM((3, bk, _LANES), jnp.int32), pltpu.VMEM((bk, d), jnp.float32),
+             pltpu.VMEM((bk, d), jnp.float32)],
+            [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+            (q, k, v, do, lse, di, qm, km), (dk, dv), d, q.dtype)
+    return dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# custom_vjp over the padded, heads-major arrays
+# custom_vjp over the padded, grouped, batch-folded arrays
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, qmeta, kmeta, fwd_plan, bwd_plan):
-    return _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg)[0]
+def _split_plan(plan: TilePlan):
+    """(static, arrays): the hashable part of a plan (host counts, block ranges) for the custom_vjp's nondiff
+    argument, and its arrays (tile lists, traced counts)."""
+    static = tuple(tuple((c.count if isinstance(c.count, int) else None, c.start, c.stop) for c in chunks)
+                   for chunks in plan)
+    arrays = tuple(tuple((c.rows, c.cols, None if isinstance(c.count, int) else c.count) for c in chunks)
+                   for chunks in plan)
+    return static, arrays
 
 
-def _flash_fwd(cfg, q, k, v, qmeta, kmeta, fwd_plan, bwd_plan):
-    out, lse = _fwd_call(q, k, v, qmeta, kmeta, fwd_plan, cfg)
-    return out, (q, k, v, qmeta, kmeta, fwd_plan, bwd_plan, out, lse)
+def _join_plan(static, arrays) -> TilePlan:
+    return TilePlan(*([TileChunk(rows, cols, n if n is not None else count, start, stop)
+                       for (n, start, stop), (rows, cols, count) in zip(s, a)] for s, a in zip(static, arrays)))
 
 
-def _flash_bwd(cfg, residuals, d_out):
-    q, k, v, qmeta, kmeta, fwd_plan, bwd_plan, out, lse = residuals
-    di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Hq, Sq]
-    di = jnp.broadcast_to(di[..., None], lse.shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, static, q, k, v, qm, km, arrays):
+    return _fwd(q, k, v, qm, km, _join_plan(static, arrays), cfg)[0]
+
+
+def _flash_fwd(cfg, static, q, k, v, qm, km, arrays):
+    out, lse = _fwd(q, k, v, qm, km, _join_plan(static, arrays), cfg)
+    return out, (q, k, v, qm, km, arrays, out, lse)
+
+
+def _flash_bwd(cfg, static, residuals, d_out):
+    q, k, v, qm, km, arrays, out, lse = residuals
+    plan = _join_plan(static, arrays)
+    di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [Hkv, G, B*Sq]
     do = d_out.astype(q.dtype)
-    dq = _dq_call(q, k, v, do, lse, di, qmeta, kmeta, fwd_plan, cfg)
-    dk, dv = _dkv_call(q, k, v, do, lse, di, qmeta, kmeta, bwd_plan, cfg)
-    return dq, dk, dv, None, None, None, None
+    dq = _dq(q, k, v, do, lse, di, qm, km, plan, cfg)
+    dk, dv = _dkv(q, k, v, do, lse, di, qm, km, plan, cfg)
+    return dq, dk, dv, None, None, jax.tree.map(lambda _: None, arrays)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -441,44 +739,41 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
-def _sublanes(dtype):
-    """Rows of one native TPU tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit types."""
-    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+def _check_blocks(block_q, block_k):
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if block <= 0 or block % _LANES:
+            raise ValueError(f"{name} must be a positive multiple of {_LANES} (TPU lane tiling: q rows are the lanes "
+                             f"of lse/di and of the transposed dK/dV logits); got {block}")
 
 
-def _check_blocks(block_q, block_k, dtype):
-    sublanes = _sublanes(dtype)
-    if block_q <= 0 or block_q % sublanes:
-        raise ValueError(f"block_q must be a positive multiple of {sublanes} for {jnp.dtype(dtype).name} (TPU "
-                         f"sublane tiling); got {block_q}")
-    if block_k <= 0 or block_k % _LANES:
-        raise ValueError(f"block_k must be a positive multiple of {_LANES} (TPU lane tiling); got {block_k}")
-
-
-def _pad_seq(x, length, axis=1):
+def _pad_seq(x, length, xp, axis=1):
     extra = length - x.shape[axis]
     if extra == 0:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
+    return xp.pad(x, widths)
 
 
-def _pad_meta(meta: TokenMeta, length) -> TokenMeta:
+def _pad_meta(meta: TokenMeta, length, xp=jnp) -> TokenMeta:
     # Zero padding: segment 0 marks the padding tokens, which attend nothing and are seen by nothing.
-    return TokenMeta(*(_pad_seq(jnp.asarray(a, jnp.int32), length) for a in meta))
+    return TokenMeta(*(_pad_seq(xp.asarray(a, xp.int32), length, xp) for a in meta))
 
 
-def tile_plan(q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, block_k: int, *, window=None,
-              span_isolated=False):
-    """The compacted tile lists the kernels walk (jnp): ((kv_blocks, kinds, counts) per q block,
-    (q_blocks, kinds, counts) per kv block). kv_blocks [B, nQ, nK] lists the non-skipped kv blocks of each q block in
-    ascending order, then repeats the last one; counts [B, nQ] says how many are live. Metadata must be padded to
-    whole blocks or is padded here with segment 0."""
-    sq, sk = _round_up(q_meta.shape[1], block_q), _round_up(k_meta.shape[1], block_k)
-    bmap = block_map(_pad_meta(q_meta, sq), _pad_meta(k_meta, sk), block_q, block_k, window=window,
-                     span_isolated=span_isolated, xp=jnp)
-    return compact(bmap, repeat_last=True), compact(jnp.swapaxes(bmap, 1, 2), repeat_last=True)
+def _meta_rows(meta: TokenMeta):
+    """[B, S] fields -> [8, B*S] int32 (rows: position, segment, span, then zeros)."""
+    rows = jnp.stack([jnp.asarray(a, jnp.int32).reshape(-1) for a in meta])
+    return jnp.pad(rows, ((0, _META_ROWS - 3), (0, 0)))
+
+
+def blocks_for(sq: int, sk: int, head_dim: int, block_q=None, block_k=None, generation=None) -> tuple[int, int]:
+    """The (block_q, block_k) flash_attention uses: the given ones, else the generation's defaults shrunk to the
+    padded lengths (a 300-token query runs one 384-row block, not a 512-row one)."""
+    dq, dk = default_blocks(head_dim, generation)
+    bq = block_q if block_q is not None else min(dq, _round_up(sq, _LANES))
+    bk = block_k if block_k is not None else min(dk, _round_up(sk, _LANES))
+    _check_blocks(bq, bk)
+    return bq, bk
 
 
 def flash_attention(
@@ -495,13 +790,14 @@ def flash_attention(
     softcap: float | None = None,
     span_isolated: bool = False,
     interpret: bool = False,
+    generation: str | None = None,
 ):
     """Block-sparse flash attention on TPU. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D].
 
     The mask is the rule of kernels.meta applied to q_meta and k_meta ([B, Sq] and [B, Sk] int32). Differentiable
-    (custom_vjp with Pallas dQ and dK/dV kernels). block_q must be a multiple of 8 (16 for 16-bit dtypes), block_k a
-    multiple of 128; defaults 128 each (block_q shrunk to the padded length for short queries). ``interpret=True``
-    runs the kernels on CPU with the Pallas interpreter.
+    (custom_vjp with Pallas dQ and dK/dV kernels). block_q and block_k are multiples of 128; defaults per TPU
+    generation and head dim (``default_blocks``; ``generation`` overrides the running one, e.g. when compiling for a
+    target from CPU), shrunk to short sequences. ``interpret=True`` runs the kernels on CPU in TPU interpret mode.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, S, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
@@ -520,23 +816,20 @@ def flash_attention(
         raise ValueError(f"window must be a positive number of positions; got {window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive; got {softcap}")
-    if block_q is None:
-        block_q = min(_DEFAULT_BLOCK, _round_up(sq, _sublanes(q.dtype)))
-    block_k = _DEFAULT_BLOCK if block_k is None else block_k
-    _check_blocks(block_q, block_k, q.dtype)
+    block_q, block_k = blocks_for(sq, sk, d, block_q, block_k, generation)
 
     sq_pad, sk_pad = _round_up(sq, block_q), _round_up(sk, block_k)
-    q_meta_p, k_meta_p = _pad_meta(q_meta, sq_pad), _pad_meta(k_meta, sk_pad)
-    fwd_plan, bwd_plan = tile_plan(q_meta_p, k_meta_p, block_q, block_k, window=window, span_isolated=span_isolated)
+    plan = tile_plan(q_meta, k_meta, block_q, block_k, window=window, span_isolated=span_isolated)
+    group = hq // hkv
 
-    qmeta_B3QL = jnp.broadcast_to(jnp.stack(q_meta_p, axis=1)[..., None], (b, 3, sq_pad, _LANES))
-    kmeta_B3K = jnp.stack(k_meta_p, axis=1)
+    def grouped(x, length, heads_per_kv):  # [B, S, H, D] -> [Hkv, heads_per_kv, B*S, D]
+        x = _pad_seq(x, length, jnp).reshape(b, length, hkv, heads_per_kv, d)
+        return jnp.transpose(x, (2, 3, 0, 1, 4)).reshape(hkv, heads_per_kv, b * length, d)
 
-    def heads_major(x, length):
-        return jnp.swapaxes(_pad_seq(x, length), 1, 2)  # [B, H, S, D]
-
-    cfg = _Config(**config_fields(block_q, block_k, d, scale, window, softcap, span_isolated), group=hq // hkv,
-                  interpret=bool(interpret))
-    out_BHQD = _flash(cfg, heads_major(q, sq_pad), heads_major(k, sk_pad), heads_major(v, sk_pad), qmeta_B3QL,
-                      kmeta_B3K, fwd_plan, bwd_plan)
-    return jnp.swapaxes(out_BHQD, 1, 2)[:, :sq]
+    cfg = _Config(**config_fields(block_q, block_k, d, scale, window, softcap, span_isolated), group=group,
+                  interpret=bool(interpret), n_q=sq_pad // block_q, n_k=sk_pad // block_k)
+    static, arrays = _split_plan(plan)
+    out = _flash(cfg, static, grouped(q, sq_pad, group), grouped(k, sk_pad, 1)[:, 0], grouped(v, sk_pad, 1)[:, 0],
+                 _meta_rows(_pad_meta(q_meta, sq_pad)), _meta_rows(_pad_meta(k_meta, sk_pad)), arrays)
+    out = jnp.transpose(out.reshape(hkv, group, b, sq_pad, d), (2, 3, 0, 1, 4)).reshape(b, sq_pad, hq, d)
+    return out[:, :sq]
