@@ -90,3 +90,21 @@ def test_image_file_caption(run, tmp_path):
     bad = _generate(f"--workdir={run.workdir}", f"--image={path}", "--prompt=<image> <image> describe the image .")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "2 <image> placeholders for 1 --image" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_training_eval_reports_the_generated_caption_exact_match(run):
+    """The loop's eval_caption_exact and eval_caption_word_accuracy (computed on the training mesh's model, copied to
+    one device) equal the scores of the restored checkpoint of the same step on the same held-out samples."""
+    from mllm_jax.data.tokenizer import TextCodec
+    from mllm_jax.train import captions
+    from mllm_jax.train.metrics import read_metrics
+
+    last = read_metrics(run.workdir)[-1]
+    assert "eval_accuracy" in last and last["step"] == run.step
+    codec = TextCodec(run.tokenizer)
+    samples = captions.held_out_samples(run.config.model, run.config.data, captions.EVAL_CAPTION_SAMPLES, codec)
+    want = captions.caption_exact(run.model, captions.make_builder(run.config.model, run.config.data, codec), samples,
+                                  max_new_tokens=captions.EVAL_CAPTION_TOKENS)
+    assert (last["eval_caption_exact"], last["eval_caption_word_accuracy"]) == (want["caption_exact"],
+                                                                                want["word_accuracy"])
+    assert want["word_accuracy"] > 0  # some words right after a few steps: the comparison is not of two zeros

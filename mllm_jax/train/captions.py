@@ -90,3 +90,26 @@ def load_image(path: str, vision_config) -> np.ndarray:
 def image_sample(images: list, prompt: str) -> synthetic.Sample:
     """A sample asking ``prompt`` (with one <image> per image) about ``images`` [H, W, C]; no answer."""
     return synthetic.Sample("image", prompt, "", [("vision", img) for img in images])
+
+
+# The training loop's eval_caption_exact: a few held-out samples, short captions, a model small enough to copy.
+EVAL_CAPTION_SAMPLES = 4
+EVAL_CAPTION_TOKENS = 10  # the longest synthetic answer ("a magenta triangle at the bottom center") + <eos> is 8
+EVAL_CAPTION_MAX_PARAMS = 2**28  # above this the copy onto one device is not worth an evaluation
+
+
+def eval_caption_scores(model, builder: BatchBuilder, samples: list) -> dict:
+    """{"eval_caption_exact", "eval_caption_word_accuracy"} of greedy captions of ``samples`` by ``model`` as it is during training (arrays on the training
+    mesh): the parameters are copied onto one device and decoded outside the mesh. {} where that does not apply:
+    several processes (the arrays span hosts) or a model above EVAL_CAPTION_MAX_PARAMS parameters."""
+    import jax
+    from flax import nnx
+
+    from mllm_jax.train.workdir import on_one_device, outside_mesh
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if not samples or jax.process_count() > 1 or n_params > EVAL_CAPTION_MAX_PARAMS:
+        return {}
+    with outside_mesh():
+        scores = caption_exact(on_one_device(model), builder, samples, max_new_tokens=EVAL_CAPTION_TOKENS)
+    return {"eval_caption_exact": scores["caption_exact"], "eval_caption_word_accuracy": scores["word_accuracy"]}

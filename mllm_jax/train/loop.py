@@ -27,7 +27,7 @@ from mllm_jax.data import encoder_balance
 from mllm_jax.data.train_data import (RealTrainData, SyntheticTrainData, check_encoder_options, load_tokenizer,
                                       uses_real_data)
 from mllm_jax.layout import validate_layout
-from mllm_jax.train import init_from
+from mllm_jax.train import captions, init_from
 from mllm_jax.train.checkpoint import Checkpointer, WorkdirLock
 from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
 from mllm_jax.train.metrics import MetricsWriter, moe_fields
@@ -451,12 +451,17 @@ class _Session:
                                                grads_fn=make_grads_fn(cfg, mesh)),
                                out_shardings=(state_shardings, None), donate_argnums=0)
         self.eval_fn = jax.jit(make_eval_step(nnx.graphdef(model)))
+        self.caption_samples, self.caption_builder = [], None  # eval_caption_exact: generated captions
         if data.real:
             self.eval_batches, self.groups = [], {}  # held-out evaluation is the synthetic stream's (real: loss only)
         else:
             self.eval_batches = [prepare_host_batch(unstack_first(data.eval.batch_at(i)), cfg, leading=0)
                                  for i in range(cfg.data.eval_batches)]
             self.groups = caption_word_groups(data.codec)
+            if self.eval_batches:
+                self.caption_samples = captions.held_out_samples(cfg.model, cfg.data, captions.EVAL_CAPTION_SAMPLES,
+                                                                 data.codec)
+                self.caption_builder = captions.make_builder(cfg.model, cfg.data, data.codec)
 
     def train_step(self, host_batch: dict) -> dict:
         """One step on this host's rows (already prepared); the state is replaced, the step's metrics returned."""
@@ -470,7 +475,8 @@ class _Session:
 
     def evaluate(self) -> dict:
         m, _ = nnx.merge(self.graphdef, self.state)
-        return evaluate(self.eval_fn, nnx.state(m), self.eval_batches, self.put_eval, self.groups)
+        out = evaluate(self.eval_fn, nnx.state(m), self.eval_batches, self.put_eval, self.groups)
+        return {**out, **captions.eval_caption_scores(m, self.caption_builder, self.caption_samples)}
 
     def save(self, step: int) -> None:
         m, o = nnx.merge(self.graphdef, self.state)
