@@ -197,8 +197,15 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
         h = mlp_sublayer(w, attention_residual(w, h, o, cfg), cfg, run)
         return (h, k_all, v_all), None
 
-    xs = (values, jnp.asarray(window_codes(cfg)), jnp.arange(cfg.n_layers, dtype=jnp.int32))
-    (h, k, v), _ = jax.lax.scan(body, (h_BSD.astype(dtype), cache.k, cache.v), xs)
+    carry = (h_BSD.astype(dtype), cache.k, cache.v)
+    windows = window_codes(cfg)
+    if run.layer_loop == "unrolled":  # one copy per layer: compiled cost analyses count every layer
+        for i in range(cfg.n_layers):
+            carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], values), jnp.int32(windows[i]), i))
+        h, k, v = carry
+    else:  # lax.scan: compile time independent of depth
+        xs = (values, jnp.asarray(windows), jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        (h, k, v), _ = jax.lax.scan(body, carry, xs)
     return h, k, v, cache_meta
 
 
