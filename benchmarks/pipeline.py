@@ -1,19 +1,23 @@
-"""Frozen-aware pipeline planning: predicted iteration time of our plan vs Cornstarch's placement and a frozen-unaware
-(Megatron-like) placement for the nine MLLMs of Cornstarch's evaluation, and a measured balance check on 8 fake CPU
-devices with a tiny model whose frozen and trainable layers mix.
+"""Frozen-aware pipeline planning, predicted as our runtime runs it: iteration time of our plan vs Cornstarch's
+placement and a frozen-unaware (Megatron-like) placement for the nine MLLMs of Cornstarch's evaluation, all simulated
+tick by tick under the lockstep schedule our runtime executes (``predictor: "runtime_schedule"``), and a compiled
+balance check on the real decoder layers of a partly frozen LLM.
 
   python benchmarks/pipeline.py --out /tmp/pipeline.json [--quick] [--png /tmp/pipeline_timeline.png]
 
-(a) is analytic (parallel.cost_model over mllm_jax.costs' layers of public architecture shapes; communication not
-modelled): "ours", "cornstarch", "megatron_like" on the common async 1F1B formula; model_details adds the step time our lockstep runtime
-takes with the split PipelinePlan.runtime chooses for it, and with the uniform split. (b) runs in subprocesses, on a
-stack whose first half is frozen and second half trainable: per-stage FLOPs on 8 fake devices (4 stages) from
-cost_analysis of the straight-line per-stage program (forward keeping each layer's input, then each layer's vjp
-branch, for all microbatches); step time of the pipeline runtime on 2 fake devices with one XLA thread each
-(2 stages; on a 2-core machine each stage gets a core), the split the planner picks for the runtime's lockstep
-ticks vs the uniform split, timed alternately in one run, medians, beside the planner's simulated times of both and
-the machine's load average; and the compute cost of padded slots (one stage, 2 active slots padded to 8 vs
-unpadded).
+(a) is analytic per-layer costs (parallel.cost_model over mllm_jax.costs' layers of public architecture shapes;
+communication not modelled), the same costs for every placement: "ours" is the encoders-outside placement with the
+LLM split and schedule (1F1B or ZB-H1) the planner picks for our runtime (``PipelinePlan.runtime``), "cornstarch"
+Cornstarch's (5,1,1) placement (each encoder on a stage of its own) and "megatron_like" a frozen-unaware planner's,
+both run as our runtime would run them (encoder stages at the depths before the LLM's first stage, lockstep ticks,
+the faster of 1F1B / ZB-H1). model_details adds Cornstarch's own asynchronous 1F1B formula for its placement.
+(b) compiles one real decoder layer (``LLM.stage_layer``) on the host for its forward, input-gradient (B),
+weight-gradient (W) and fused backward ops (cost_analysis FLOPs), plans 4-stage splits of a 32-layer LLM whose first
+half is frozen on those per-layer costs, and compiles each stage's ops (its layers, straight line, with the runtime's
+own per-layer vjps ``parallel.pipeline.layer_grads``): per-stage FLOPs over the step = the table's op counts x each
+op's compiled FLOPs, max/mean for the frozen-aware FLOP-balanced split (``stage_flops_ratio_planned``), the split
+with the least simulated lockstep time (``stage_flops_ratio_runtime_plan``: lockstep balances each tick's forward
+and backward ops, not each stage's total) and the uniform one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.costs import pipeline_costs  # noqa: E402
 from mllm_jax.parallel.pipeline_plan import plan_pipeline  # noqa: E402
+from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_W  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +131,7 @@ def model_config(name):
     return cfg, tokens, feats
 
 
-def predicted(name, microbatches=24, tensor=2):
+def predicted(name, microbatches=24, tensor=2, schedule="auto"):
     cfg, tokens, feats = model_config(name)
     llm_s, vis_s, aud_s = MODELS[name][3]
     megatron = {"llm": llm_s, **({"vision": vis_s} if vis_s else {}), **({"audio": aud_s} if aud_s else {})}
@@ -139,194 +144,146 @@ def predicted(name, microbatches=24, tensor=2):
         device_flops=DEVICE_FLOPS,
         cornstarch_stages=cornstarch,
         megatron_stages=megatron,
+        schedule=schedule,
     )
     return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# (b) measured on fake CPU devices (runs in a subprocess).
+# (b) compiled on the real decoder layers (runs in a subprocess).
 
 MEASURE = r"""
-import json, sys
+import json, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, REPO)
+from flax import nnx
+from mllm_jax.config import LLMConfig
+from mllm_jax.kernels.meta import TokenMeta
+from mllm_jax.llm import LLM
 from mllm_jax.parallel.cost_model import Layer, cost_chain
-from mllm_jax.parallel.pipeline_plan import lockstep_split, min_max_split, uniform_split
-from mllm_jax.parallel.pipeline import make_layout, KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW
+from mllm_jax.parallel.pipeline import (KIND_DW, KIND_DX, KIND_DX_DW, KIND_NONE, layer_grads, layout_schedule,
+                                        make_layout)
+from mllm_jax.parallel.pipeline_plan import lockstep_split, min_max_split, stage_ops, uniform_split
+from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_W, simulate
 
-S, M, n_frozen, n_train, D, MB, REPS = CFG
-n = n_frozen + n_train
-trainable = np.array([False] * n_frozen + [True] * n_train)
+S, M, N_FROZEN, N_TRAIN, D, SEQ, MB = CFG
+n = N_FROZEN + N_TRAIN
+trainable = np.array([False] * N_FROZEN + [True] * N_TRAIN)
+cfg = LLMConfig(vocab_size=256, d_model=D, n_layers=n, n_heads=D // 64, n_kv_heads=max(1, D // 128), d_ff=3 * D)
+llm = LLM(cfg, rngs=nnx.Rngs(0))
+layer, window_codes = llm.stage_layer()
+values, _ = llm.layer_params()
+one = jax.tree.map(lambda a: a[0], values)
+p1 = {"weights": one}
+meta = TokenMeta(*(jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (MB, SEQ)) * k for k in (1, 0, 0)))
+meta = TokenMeta(meta.positions, jnp.ones((MB, SEQ), jnp.int32), jnp.zeros((MB, SEQ), jnp.int32))
+layer_fn = lambda p, h, aux: layer(p, h, meta)
+x = jnp.zeros((MB, SEQ, D))
 
-def layer_fn(p, x, aux):
-    return jnp.tanh(x @ p["w"]) + x
+def flops(f, *args):
+    ca = jax.jit(f).lower(*args).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca.get("flops", 0.0))
 
-def loss_fn(lp, y, aux):
-    return jnp.sum((y @ lp["v"]) ** 2)
-
-# Cost model of this stack: every layer is one GEMM; the runtime rematerialises per layer.
-layers = [Layer(name=str(i), module="m", weight_flops=2.0 * MB * D * D, trainable=bool(t), params=D * D)
-          for i, t in enumerate(trainable)]
+t0 = time.time()
+# One layer's ops, compiled: forward, B (dX only), W (dW only), BW (both), W of a layer with nothing upstream.
+f = flops(lambda p, h: layer_fn(p, h, None), p1, x)
+b = flops(lambda p, h, g: layer_grads(layer_fn, p, h, g, None, dx=True, dw=False)[1], p1, x, x)
+w = flops(lambda p, h, g: layer_grads(layer_fn, p, h, g, None, dx=False, dw=True)[0], p1, x, x)
+bw = flops(lambda p, h, g: layer_grads(layer_fn, p, h, g, None, dx=True, dw=True), p1, x, x)
+compile_layer_s = time.time() - t0
+layout_all = make_layout((n,), trainable)
+kinds = layout_all.kind[0]
+# Per-layer op costs by the frozen rule, from the compiled ones.
+ops = {"f": np.full(n, f), "b": np.where((kinds == KIND_DX) | (kinds == KIND_DX_DW), b, 0.0),
+       "w": np.where(kinds >= KIND_DW, w, 0.0), "bw": np.select([kinds == KIND_DX_DW, kinds == KIND_DW,
+                                                                   kinds == KIND_DX], [bw, w, b], 0.0)}
+# The analytic cost model's layers (for the chain's memory and as a comparison of per-layer costs).
+from mllm_jax.costs import llm_layer
+layers = [llm_layer(cfg, SEQ, index=i, batch=MB, trainable=bool(t)) for i, t in enumerate(trainable)]
 chain, _ = cost_chain(layers, remat=True)
-# The frozen-aware FLOPs-balanced plan (exact min-max over stage costs) and the split our lockstep runtime prefers
-# (simulated tick by tick); both are reported, the former under the issue's key.
-planned = min_max_split(chain, S, microbatches=M)
-runtime_plan = lockstep_split(chain, S, microbatches=M).counts
+from mllm_jax.parallel.pipeline_plan import runtime_layer_ops
+analytic = runtime_layer_ops(chain)
+a_first_dxdw = int(np.flatnonzero(kinds == KIND_DX_DW)[0])
+analytic_vs_compiled = {k: float(analytic[k][a_first_dxdw] / {"f": f, "b": b, "w": w, "bw": bw}[k])
+                        for k in ("f", "b", "w", "bw")}
+
+# The split the planner picks for the runtime: least simulated lockstep time, the faster schedule.
+searches = {kind: lockstep_split(chain, S, microbatches=M, schedule=kind, layer_ops=ops) for kind in ("1f1b", "zb_h1")}
+kind = min(searches, key=lambda k: searches[k].time)
+runtime_plan = searches[kind].counts
+# The frozen-aware FLOP-balanced split (min-max over each stage's compiled work per microbatch: F + its backward).
+class _C:  # a CostedLayer stand-in carrying the compiled total and the analytic memory
+    def __init__(self, c, t): self.c, self.t = c, t
+    def __getattr__(self, k): return getattr(self.c, k)
+work = ops["f"] + ops["bw"]
+planned = min_max_split([_C(c, t) for c, t in zip(chain, work)], S, microbatches=M, cost=lambda c: c.t)
 uniform = uniform_split(n, S)
 
-def stage_program(kinds, M):
-    # Straight-line program of one stage for all M microbatches as the runtime runs it: the forward keeps each
-    # layer's input; the backward is each layer's vjp branch (which recomputes that layer: remat per layer).
-    def run(ps, x, g):
-        for m in range(M):
-            h = x[m]
-            inputs = []
-            for p in ps:
-                inputs.append(h)
-                h = layer_fn(p, h, None)
-            if all(k == KIND_NONE for k in kinds):
-                g = g + h.sum()
-                continue
-            inputs = list(jax.lax.optimization_barrier(inputs))  # a later tick: keep XLA from CSE the recompute
-            dy = h
-            for p, k, xi in reversed(list(zip(ps, kinds, inputs))):
-                if k == KIND_DX:
-                    _, vjp = jax.vjp(lambda hh: layer_fn(p, hh, None), xi); (dy,) = vjp(dy)
-                elif k == KIND_DW:
-                    _, vjp = jax.vjp(lambda q: layer_fn(q, xi, None), p); (dp,) = vjp(dy); g = g + dp["w"].sum()
-                elif k == KIND_DX_DW:
-                    _, vjp = jax.vjp(lambda q, hh: layer_fn(q, hh, None), p, xi); dp, dy = vjp(dy); g = g + dp["w"].sum()
-            g = g + dy.sum()
-        return g
-    return run
+_OP_FLOPS = {}
 
-def stage_flops(counts):
+def op_flops(ks, op):
+    # One stage's op over its layers (kinds fixed: a straight-line program of the runtime's per-layer vjps), compiled.
+    # Layers all have one shape, so the kinds decide it; the saved inputs and the cotangent are arguments.
+    key = (tuple(ks), op)
+    if key not in _OP_FLOPS:
+        ps = [{"weights": jax.tree.map(lambda a, i=i: a[i], values)} for i in range(len(ks))]
+        if op == OP_F:
+            def run(ps, ins, g):
+                h = ins[0]
+                for p in ps:
+                    h = layer_fn(p, h, None)
+                return h
+        else:
+            dx_on, dw_on = {OP_B: (True, False), OP_W: (False, True), OP_BW: (True, True)}[op]
+            def run(ps, ins, g):
+                sink = []
+                for p, k, xi in reversed(list(zip(ps, ks, ins))):
+                    dq, dh = layer_grads(layer_fn, p, xi, g, None, dx=dx_on and k in (KIND_DX, KIND_DX_DW),
+                                         dw=dw_on and k in (KIND_DW, KIND_DX_DW))
+                    sink += list(dq or [])
+                    g = g if dh is None else dh
+                return g, sink
+        _OP_FLOPS[key] = flops(run, ps, [x] * len(ks), x)
+    return _OP_FLOPS[key]
+
+def stage_program_flops(counts, schedule):
+    # The step's per-stage FLOPs = the table's count of each op x that op's compiled FLOPs.
     layout = make_layout(counts, trainable)
+    table = layout_schedule(layout, M, schedule).ops
     out = []
-    for s, c in enumerate(counts):
-        kinds = [int(k) for k in layout.kind[s, :c]]
-        ps = [{"w": jnp.zeros((D, D))} for _ in range(c)]
-        x = jnp.zeros((M, MB, D))
-        comp = jax.jit(stage_program(kinds, M)).lower(ps, x, jnp.float32(0)).compile()
-        ca = comp.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        out.append(float(ca["flops"]))
+    for s_, c in enumerate(counts):
+        ks = [int(k) for k in layout.kind[s_, :c]]
+        col = table[:, s_]
+        out.append(sum(float((col == op).sum()) * op_flops(ks, op) for op in (OP_F, OP_B, OP_W, OP_BW)
+                       if (col == op).any()))
     return out
 
 def ratio(v):
     return max(v) / (sum(v) / len(v))
 
-fp, fu, fr = stage_flops(planned), stage_flops(uniform), stage_flops(runtime_plan)
-print(json.dumps({"planned_split": list(planned), "uniform_split": list(uniform),
-                  "runtime_plan_split": list(runtime_plan),
-                  "stage_flops_planned": fp, "stage_flops_uniform": fu, "stage_flops_runtime_plan": fr,
-                  "stage_flops_ratio_planned": ratio(fp), "stage_flops_ratio_uniform": ratio(fu),
-                  "stage_flops_ratio_runtime_plan": ratio(fr),
-                  "config": {"stages": S, "microbatches": M, "frozen_layers": n_frozen, "trainable_layers": n_train,
-                             "width": D, "microbatch_rows": MB}}))
-"""
+def predicted(counts, schedule):
+    so = stage_ops(ops, counts)
+    return simulate(so, M, schedule)
 
-# Step time: 2 stages on 2 fake devices, one XLA CPU thread each, so on a 2-core machine each stage has a core and
-# the step time is set by the slowest stage (with 8 fake devices on 2 cores it measures the total work instead).
-# Planned and uniform splits are compiled side by side and timed alternately; medians over the repeats. Also the
-# cost of padding: one stage's forward + backward with c active slots padded to L_max vs unpadded.
-STEP = r"""
-import json, os, sys, time
-import numpy as np
-import jax, jax.numpy as jnp
-sys.path.insert(0, REPO)
-from jax.sharding import AxisType
-from mllm_jax.parallel.cost_model import Layer, cost_chain
-from mllm_jax.parallel.pipeline_plan import lockstep_split, lockstep_time, min_max_split, runtime_stage_costs, uniform_split
-from mllm_jax.parallel.pipeline import KIND_DX_DW, _stage_backward, _stage_forward, pipeline_value_and_grad
-load_before = os.getloadavg()
-
-S, M, n_frozen, n_train, D, MB, REPS = CFG
-n = n_frozen + n_train
-trainable = np.array([False] * n_frozen + [True] * n_train)
-
-def layer_fn(p, x, aux):
-    return jnp.tanh(x @ p["w"]) + x
-
-def loss_fn(lp, y, aux):
-    return jnp.sum((y @ lp["v"]) ** 2)
-
-# Cost model in layer forwards: every layer one GEMM of cost 1 (dX and dW each about one forward).
-layers = [Layer(name=str(i), module="m", weight_flops=1.0, trainable=bool(t), params=D * D)
-          for i, t in enumerate(trainable)]
-chain, _ = cost_chain(layers, remat=True)
-search = lockstep_split(chain, S, microbatches=M)
-splits = {"planned": search.counts, "uniform": uniform_split(n, S)}
-mesh = jax.make_mesh((S,), ("pipeline",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:S])
-key = jax.random.split(jax.random.key(0), 3)
-params = {"w": jax.random.normal(key[0], (n, D, D)) / np.sqrt(D)}
-lp = {"v": jax.random.normal(key[1], (D, 4)) / np.sqrt(D)}
-x = jax.random.normal(key[2], (M, MB, D))
-
-def timed(f, *args):
-    t = time.perf_counter(); jax.block_until_ready(f(*args)); return time.perf_counter() - t
-
-with jax.set_mesh(mesh):
-    fns = {name: jax.jit(lambda p, lp, x, c=counts: pipeline_value_and_grad(
-        layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, stage_layers=c, mesh=mesh, trainable_layers=trainable))
-        for name, counts in splits.items()}
-    for f in fns.values():
-        jax.block_until_ready(f(params, lp, x))
-    times = {name: [] for name in fns}
-    for _ in range(REPS):
-        for name, f in fns.items():
-            times[name].append(timed(f, params, lp, x))
-
-# Padding: the stage loops over its active slots only, so c active of L_max slots should cost what c of c costs.
-# The gradient accumulator and the saved-input buffer are carried across the step in the runtime, so here they are
-# passed in and donated.
-def stage(params_L, gacc, saved, n_active, x):
-    y, saved = _stage_forward(layer_fn, params_L, n_active, x, None, saved=saved, slot=0)
-    kinds = jnp.full((params_L["w"].shape[0],), KIND_DX_DW, jnp.int32)
-    gacc, dx = _stage_backward(layer_fn, params_L, kinds, n_active, 0, saved, 0, y, None, gacc)
-    return gacc, saved, dx
-
-c, L_max = 2, 8
-f_stage = jax.jit(stage, donate_argnums=(1, 2))
-pad = {}
-for slots in (c, L_max):
-    p = {"w": params["w"][:slots]}
-    g = jax.tree.map(jnp.zeros_like, p)
-    buf = jnp.zeros((1, slots + 1) + x.shape[1:])
-    g, buf, _ = jax.block_until_ready(f_stage(p, g, buf, c, x[0]))
-    ts = []
-    for _ in range(4 * REPS):
-        t = time.perf_counter(); g, buf, dx = jax.block_until_ready(f_stage(p, g, buf, c, x[0]))
-        ts.append(time.perf_counter() - t)
-    pad[slots] = float(np.median(ts))
-
-# The planner's simulation of the runtime (parallel.pipeline_plan): forward op = the stage's layer forwards,
-# backward op = its layers' remat vjps (f + dX and/or dW; 0 for the frozen prefix); ticks in lockstep, each as long
-# as its slowest op. The min-max split of the async 1F1B formula, simulated the same way, for comparison.
-def lockstep_model(counts):
-    F, B = runtime_stage_costs(chain, counts)
-    return lockstep_time(F, B, M), F, B
-
-splits_sim = dict(splits, minmax_formula=min_max_split(chain, S, microbatches=M))
-model = {name: lockstep_model(c) for name, c in splits_sim.items()}
-med = {k: float(np.median(v)) for k, v in times.items()}
-load_after = os.getloadavg()
-print(json.dumps({"planned_split": list(splits["planned"]), "uniform_split": list(splits["uniform"]),
-                  "step_time_planned_s": med["planned"], "step_time_uniform_s": med["uniform"],
-                  "step_times_planned_s": times["planned"], "step_times_uniform_s": times["uniform"],
-                  "step_time_ratio_uniform_over_planned": med["uniform"] / med["planned"],
-                  "minmax_formula_split": list(splits_sim["minmax_formula"]),
-                  "lockstep_model_layer_forwards": {k: v[0] for k, v in model.items()},
-                  "lockstep_model_ratio_uniform_over_planned": model["uniform"][0] / model["planned"][0],
-                  "lockstep_model_stage_ops": {k: {"forward": v[1], "backward": v[2]} for k, v in model.items()},
-                  "lockstep_search": {"evaluated": search.evaluated, "exhaustive": search.exhaustive,
-                                      "dp_split": list(search.dp_counts), "dp_time": search.dp_time},
-                  "load_average_1min_before_after": [load_before[0], load_after[0]], "cpu_count": os.cpu_count(),
-                  "padding": {"active_slots": c, "padded_to": L_max, "stage_time_unpadded_s": pad[c],
-                              "stage_time_padded_s": pad[L_max], "padded_over_unpadded": pad[L_max] / pad[c]},
-                  "config": {"stages": S, "devices": S, "microbatches": M, "frozen_layers": n_frozen,
-                             "trainable_layers": n_train, "width": D, "microbatch_rows": MB, "repeats": REPS}}))
+res = {}
+for name, counts in (("planned", planned), ("runtime_plan", runtime_plan), ("uniform", uniform)):
+    fl = stage_program_flops(counts, kind)
+    sim = predicted(counts, kind)
+    res[name] = {"split": list(counts), "stage_flops": fl, "ratio": ratio(fl), "simulated_time": sim.time,
+                 "bubble_fraction": sim.bubble_fraction,
+                 "simulated_time_1f1b": predicted(counts, "1f1b").time}
+print(json.dumps({
+    "layer_ops_compiled_flops": {"f": f, "b": b, "w": w, "bw": bw}, "analytic_over_compiled": analytic_vs_compiled,
+    "schedule": kind, "planned_split": list(planned), "runtime_plan_split": list(runtime_plan),
+    "uniform_split": list(uniform), "stage_flops_planned": res["planned"]["stage_flops"],
+    "stage_flops_runtime_plan": res["runtime_plan"]["stage_flops"], "stage_flops_uniform": res["uniform"]["stage_flops"],
+    "stage_flops_ratio_planned": res["planned"]["ratio"], "stage_flops_ratio_runtime_plan": res["runtime_plan"]["ratio"],
+    "stage_flops_ratio_uniform": res["uniform"]["ratio"],
+    "splits": res, "compile_layer_s": compile_layer_s,
+    "config": {"stages": S, "microbatches": M, "frozen_layers": N_FROZEN, "trainable_layers": N_TRAIN,
+               "d_model": D, "seq": SEQ, "microbatch_rows": MB, "layer": "LLM.stage_layer (Llama-style decoder)"}}))
 """
 
 
@@ -341,84 +298,61 @@ def _subprocess(code: str, devices: int, flags: str = "") -> dict:
 
 def measure(quick: bool) -> dict:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # (stages, microbatches, frozen layers, trainable layers, width, rows per microbatch, repeats): the LLM's first
-    # half frozen, its second half trainable (a typical MLLM fine-tuning recipe).
-    flops_cfg = (4, 4, 8, 8, 64, 16, 3) if quick else (4, 8, 12, 12, 256, 64, 5)
-    flops = _subprocess(MEASURE.replace("REPO", repr(repo)).replace("CFG", repr(flops_cfg)), 8)
-    step_cfg = (2, 4, 8, 8, 128, 32, 5) if quick else (2, 8, 12, 12, 256, 64, 11)
-    step = _subprocess(STEP.replace("REPO", repr(repo)).replace("CFG", repr(step_cfg)), 2,
-                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    return {"flops": flops, "step_time": step, **{k: flops[k] for k in ("stage_flops_ratio_planned",
-                                                                       "stage_flops_ratio_uniform")},
-            "step_time_ratio_uniform_over_planned": step["step_time_ratio_uniform_over_planned"]}
+    # (stages, microbatches, frozen layers, trainable layers, d_model, sequence, rows per microbatch): the LLM's
+    # first half frozen, its second half trainable (partly frozen).
+    cfg = (4, 8, 16, 16, 128, 64, 1) if quick else (4, 8, 16, 16, 256, 128, 1)
+    return _subprocess(MEASURE.replace("REPO", repr(repo)).replace("CFG", repr(cfg)), 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Timeline of the 1F1B schedule with per-stage op durations (event simulation over the table's op order).
+# Timeline of the lockstep table: every tick as long as its slowest op.
 
 
-def simulate(stage_f, stage_b, microbatches):
-    from mllm_jax.parallel.pipeline import OP_BWD, OP_FWD, stage_op_order
-
-    S = len(stage_f)
-    orders = stage_op_order(S, microbatches)
-    end = {}
-    free = [0.0] * S
-    pos = [0] * S
-    events = []
-    while any(pos[s] < len(orders[s]) for s in range(S)):
-        progressed = False
-        for s in range(S):
-            if pos[s] >= len(orders[s]):
-                continue
-            op, m = orders[s][pos[s]]
-            dep = (OP_FWD, s - 1, m) if op == OP_FWD and s > 0 else None
-            if op == OP_BWD:
-                dep = (OP_FWD, s, m) if s == S - 1 else (OP_BWD, s + 1, m)
-            if dep is not None and dep not in end:
-                continue
-            start = max(free[s], end.get(dep, 0.0))
-            dur = stage_f[s] if op == OP_FWD else stage_b[s]
-            end[(op, s, m)] = free[s] = start + dur
-            events.append((s, op, m, start, dur))
-            pos[s] += 1
-            progressed = True
-        assert progressed
-    return events, max(free)
-
-
-def draw_timeline(path, plan, name, microbatches):
+def draw_timeline(path, plan, name):
+    """Our planned split of ``name`` in lockstep ticks under 1F1B and under ZB-H1 (each tick as long as its slowest
+    op; the gaps are the bubbles)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mllm_jax.costs import model_costs
-    from mllm_jax.parallel.pipeline import OP_FWD
-    from mllm_jax.parallel.pipeline_plan import split_chain
+    from mllm_jax.parallel.schedule import simulate as simulate_table, tick_costs
 
-    cfg, tokens, feats = model_config(name)
-    costs = model_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats)
+    colors = {OP_F: "tab:blue", OP_B: "tab:orange", OP_W: "tab:green", OP_BW: "tab:red"}
+    so = _plan_stage_ops(plan, name)
     fig, axes = plt.subplots(2, 1, figsize=(12, 5), sharex=True)
-    for ax, placement in zip(axes, (plan.chosen, plan.uniform)):
-        pieces = split_chain(costs.llm, placement.llm_stage_layers)
-        pieces[0] = [costs.embed] + pieces[0]
-        pieces[-1] = pieces[-1] + [costs.head]
-        scale = plan.tensor * plan.device_flops
-        f = [sum(c.fwd for c in p) / scale for p in pieces]
-        b = [sum(c.bwd for c in p) / scale for p in pieces]
-        events, total = simulate(f, b, microbatches)
-        for s, op, m, start, dur in events:
-            ax.barh(s, dur, left=start, color="tab:blue" if op == OP_FWD else "tab:orange", edgecolor="white", lw=0.3)
-        ax.set_yticks(range(len(f)))
+    for ax, kind in zip(axes, ("1f1b", "zb_h1")):
+        sim = simulate_table(so, plan.microbatches, kind)
+        costs = tick_costs(sim.schedule, so)
+        start = 0.0
+        for t in range(costs.shape[0]):
+            for s in range(costs.shape[1]):
+                op = int(sim.schedule.ops[t, s])
+                if op in colors and costs[t, s] > 0:
+                    ax.barh(s, costs[t, s], left=start, color=colors[op], edgecolor="white", lw=0.2)
+            start += costs[t].max()
+        ax.set_yticks(range(costs.shape[1]))
         ax.set_ylabel("stage")
         ax.invert_yaxis()
-        ax.set_title(f"{name} LLM pipeline, {placement.name}: layers {list(placement.llm_stage_layers)}, "
-                     f"{total:.3f} s (blue F, orange B)", fontsize=9)
+        ax.set_title(f"{name} LLM pipeline (ours, layers {list(plan.runtime.llm_stage_layers)}), {kind} in lockstep "
+                     f"ticks: {sim.time:.3f} s, bubble {sim.bubble_fraction:.2f} (F blue, B orange, W green, BW red)",
+                     fontsize=8)
     axes[-1].set_xlabel("seconds (cost model)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plan_stage_ops(plan, name):
+    """The planned split's per-stage op costs in seconds (the runtime costs the plan simulated)."""
+    from mllm_jax.parallel.pipeline_plan import runtime_stage_ops
+    from mllm_jax.parallel.schedule import StageOps
+
+    cfg, tokens, feats = model_config(name)
+    rt = pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats).runtime
+    so = runtime_stage_ops(rt.llm, plan.runtime.llm_stage_layers, rt.head)
+    scale = plan.tensor * plan.device_flops
+    return StageOps(*(tuple(v / scale for v in getattr(so, k)) for k in ("f", "b", "w", "bw")))
 
 
 def main():
@@ -428,47 +362,64 @@ def main():
     ap.add_argument("--png", default=None, help="timeline PNG (default: beside --out)")
     args = ap.parse_args()
     t0 = time.time()
-    models = {}
-    details = {}
+    models, details = {}, {}
     for name in MODELS:
         plan = predicted(name)
+        ours, cs, meg = plan.runtime, plan.cornstarch, plan.megatron_like
         models[name] = {
-            "ours": plan.chosen.predicted_time,
-            "cornstarch": plan.cornstarch.predicted_time,
-            "megatron_like": plan.megatron_like.predicted_time,
+            # Every time simulated under our runtime's lockstep schedule, with the same per-layer costs.
+            "ours": ours.runtime_time,
+            "cornstarch": cs.runtime_time,
+            "megatron_like": meg.runtime_time,
+            "schedule": ours.schedule,
+            "bubble_fraction": ours.bubble_fraction,
+            "bubble_fraction_1f1b": ours.bubble_fraction_1f1b,
         }
         details[name] = {
-            "ours_placement": plan.chosen.name,
-            "ours_llm_stage_layers": list(plan.chosen.llm_stage_layers),
-            "ours_balance": plan.chosen.balance,
-            "cornstarch_llm_stage_layers": list(plan.cornstarch.llm_stage_layers),
-            "megatron_llm_stage_layers": list(plan.megatron_like.llm_stage_layers),
-            "stages": {"ours": plan.stages, "cornstarch": len(plan.cornstarch.all_stage_costs),
-                       "megatron_like": len(plan.megatron_like.all_stage_costs)},
-            "speedup_vs_cornstarch": plan.cornstarch.predicted_time / plan.chosen.predicted_time,
-            "speedup_vs_megatron_like": plan.megatron_like.predicted_time / plan.chosen.predicted_time,
-            # Our runtime runs lockstep ticks (parallel.pipeline_plan.lockstep_time), encoders outside.
-            "ours_runtime_lockstep": plan.runtime.runtime_time,
-            "ours_runtime_llm_stage_layers": list(plan.runtime.llm_stage_layers),
-            "uniform_runtime_lockstep": plan.uniform.runtime_time,
-            "formula_split_runtime_lockstep": plan.chosen.runtime_time if plan.chosen.encoders_outside else None,
+            "speedup_vs_cornstarch": cs.runtime_time / ours.runtime_time,
+            "speedup_vs_megatron_like": meg.runtime_time / ours.runtime_time,
+            "ours_llm_stage_layers": list(ours.llm_stage_layers),
+            "ours_encoder_time": ours.encoder_time,
+            "ours_runtime_1f1b": ours.runtime_time_1f1b,
+            "cornstarch_schedule": cs.schedule,
+            "cornstarch_bubble_fraction": cs.bubble_fraction,
+            "cornstarch_llm_stage_layers": list(cs.llm_stage_layers),
+            "megatron_schedule": meg.schedule,
+            "megatron_bubble_fraction": meg.bubble_fraction,
+            "megatron_llm_stage_layers": list(meg.llm_stage_layers),
+            "megatron_encoder_stage_layers": {k: list(v) for k, v in meg.encoder_stage_layers.items()},
+            "stages": {"ours": plan.stages, "cornstarch": len(cs.all_stage_costs),
+                       "megatron_like": len(meg.all_stage_costs)},
+            # For reference, the asynchronous 1F1B formula (M - 1) x max stage + sum of stages: what Cornstarch's
+            # own (event-driven) runtime would take with its placement, and our plan by the same formula.
+            "cornstarch_async_formula": cs.predicted_time,
+            "ours_async_formula": plan.chosen.predicted_time,
+            "ours_runtime_vs_cornstarch_async_formula": cs.predicted_time / ours.runtime_time,
+            "uniform_runtime": plan.uniform.runtime_time,
+            "best_own_stages_runtime": min((p.runtime_time for p in plan.alternatives if not p.encoders_outside),
+                                           default=None),
             "lockstep_search_exhaustive": plan.lockstep_search.exhaustive,
         }
-        print(f"{name}: ours {models[name]['ours']:.3f} s ({plan.chosen.name}, {list(plan.chosen.llm_stage_layers)})"
-              f"  cornstarch {models[name]['cornstarch']:.3f} s  megatron-like {models[name]['megatron_like']:.3f} s",
-              flush=True)
+        print(f"{name}: ours {ours.runtime_time:.3f} s ({ours.schedule}, {list(ours.llm_stage_layers)}, bubble "
+              f"{ours.bubble_fraction:.3f})  cornstarch {cs.runtime_time:.3f} s  megatron-like "
+              f"{meg.runtime_time:.3f} s", flush=True)
     png = args.png or os.path.splitext(args.out)[0] + "_timeline.png"
-    draw_timeline(png, predicted("VALM-L"), "VALM-L", 24)
+    draw_timeline(png, predicted("VALM-L"), "VALM-L")
     measured = measure(args.quick)
+    speed = [d["speedup_vs_cornstarch"] for d in details.values()]
     result = {
         "benchmark": "pipeline",
         "quick": args.quick,
+        "predictor": "runtime_schedule",
+        "cost_source": {"a": "analytic (parallel.cost_model)", "b": "compiled per-layer ops (host cost_analysis)"},
         "settings": {"microbatches": 24, "tensor": 2, "text_tokens": 1024, "device_flops": DEVICE_FLOPS,
                      "frozen": "encoders and LLM frozen, projectors trainable", "remat": True},
         "models": models,
         "model_details": details,
-        **{k: measured[k] for k in ("stage_flops_ratio_planned", "stage_flops_ratio_uniform",
-                                    "step_time_ratio_uniform_over_planned")},
+        "faster_than_cornstarch": sum(v > 1.0 for v in speed),
+        "speedup_vs_cornstarch_range": [min(speed), max(speed)],
+        **{k: measured[k] for k in ("stage_flops_ratio_planned", "stage_flops_ratio_runtime_plan",
+                                    "stage_flops_ratio_uniform")},
         "measured": measured,
         "timeline_png": png,
         "wall_s": time.time() - t0,

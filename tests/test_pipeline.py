@@ -242,3 +242,6 @@ def test_1f1b_memory_is_bounded_in_microbatches():
     # 1F1B keeps at most `stages` stage inputs whatever M; GPipe keeps all M (12 more here).
     assert one_f_one_b[1] - one_f_one_b[0] < act
     assert gpipe[1] - gpipe[0] >= 12 * act
+    # ZB-H1's deferred Ws keep their cotangents in 1F1B's activation pool: the same compiled memory (a slot is
+    # (2 + 1) layer rows of `act` bytes here; the difference stays below one row).
+    assert abs(temp_bytes(16, "zb_h1") - one_f_one_b[1]) < act

@@ -1,15 +1,16 @@
-"""Frozen-aware pipeline planner: layers per stage and where the encoders run, by the cost model.
+"""Frozen-aware pipeline planner: layers per stage, where the encoders run, and the schedule, by the cost model.
 
 Two predictions of an iteration:
 - ``predicted_time``, the asynchronous 1F1B formula (M - 1) * max stage + sum of stages (per-microbatch stage costs,
-  forward + backward): the common yardstick on which every placement is compared (ours, Cornstarch's encoders on
-  their own stages, a frozen-unaware Megatron-like split). An exact min-max DP over contiguous splits (uneven counts
-  allowed, per-device memory budget) minimises it when the sum is fixed.
-- ``runtime_time``, what parallel.pipeline actually runs for the encoders-outside placement: the 1F1B schedule table
-  in lockstep ticks (every tick ends in a ppermute), each tick as long as its slowest op, a forward op costing its
-  layers' forwards (+ the loss on the last stage) and a backward op their remat vjps (``runtime_stage_costs``).
-  The encoders-outside split minimises this one: branch and bound over contiguous splits, seeded by the min-max DP
-  (whose split is kept when nothing beats it) and pruned by a lower bound each stage's ops imply.
+  forward + backward), what an event-driven runtime would take; an exact min-max DP over contiguous splits (uneven
+  counts allowed, per-device memory budget) minimises it when the sum is fixed.
+- ``runtime_time``, what parallel.pipeline actually runs: the schedule's table (parallel.schedule: 1F1B or ZB-H1) in
+  lockstep ticks (every tick ends in a ppermute), each tick as long as its slowest op, with per-stage F / B / W / BW
+  op costs (``runtime_layer_ops``: remat per layer, by the frozen rule). ``plan.runtime`` is the encoders-outside
+  split that minimises it (``lockstep_split``: branch and bound for 1F1B, seeded by the min-max DP; a local search
+  from there for ZB-H1), under the faster schedule. Cornstarch's and the frozen-unaware placements are simulated the
+  same way (encoder stages at the depths before the LLM's first stage), so every placement is compared on the
+  schedule our runtime executes, with the same per-layer costs.
 
 Communication is not modelled.
 """
