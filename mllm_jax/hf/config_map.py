@@ -12,7 +12,8 @@ import dataclasses
 
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, RopeScaling, VisionConfig
 
-LLM_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
+LLM_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
 AUDIO_TYPES = ("whisper",)
 MULTIMODAL_TYPES = ("llava",)
@@ -90,16 +91,16 @@ def llm_from_hf(hf: dict) -> LLMConfig:
         raise unsupported_type(model_type)
     if hf.get("mlp_bias"):
         raise ValueError(f"{model_type}: mlp_bias=True is not supported by mllm_jax.LLM")
-    if model_type != "qwen2" and hf.get("attention_bias"):
+    if model_type not in ("qwen2", "qwen2_moe") and hf.get("attention_bias"):
         raise ValueError(f"{model_type}: attention_bias=True (bias on q/k/v/o) is not supported by mllm_jax.LLM")
     n_heads = int(hf["num_attention_heads"])
     theta, scaling = _rope(hf)
     gemma = model_type in ("gemma", "gemma2")
     act_name = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     activation = _activation(act_name, model_type)  # Gemma: hidden_activation (newer configs) wins over hidden_act
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError("qwen2: use_sliding_window=True (window on the upper layers only) is not supported")
-    sliding = hf.get("sliding_window") if model_type in ("mistral", "gemma2") else None
+    if model_type in ("qwen2", "qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+        raise ValueError(f"{model_type}: use_sliding_window=True (window on the upper layers only) is not supported")
+    sliding = hf.get("sliding_window") if model_type in ("mistral", "gemma2", "mixtral") else None
     pattern = _window_pattern(hf, model_type) if sliding is not None else 0
     if pattern is None:
         sliding, pattern = None, 0
@@ -116,7 +117,7 @@ def llm_from_hf(hf: dict) -> LLMConfig:
         norm_scale_plus_one=gemma,
         embed_scale=gemma,
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        qkv_bias=model_type == "qwen2",
+        qkv_bias=model_type in ("qwen2", "qwen2_moe"),
         rope_theta=theta,
         rope_scaling=scaling,
         sliding_window=int(sliding) if sliding is not None else None,
@@ -126,11 +127,40 @@ def llm_from_hf(hf: dict) -> LLMConfig:
         query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if model_type == "gemma2" else None,
         post_norms=model_type == "gemma2",
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        qk_norm=model_type == "qwen3_moe",
+        **(_moe_from_hf(hf, model_type) if model_type in MOE_TYPES else {}),
     )
+
+
+def _moe_from_hf(hf: dict, model_type: str) -> dict:
+    """LLMConfig MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json."""
+    if float(hf.get("router_jitter_noise") or 0.0):
+        raise ValueError(f"{model_type}: router_jitter_noise={hf['router_jitter_noise']} (noise on the router input "
+                         f"in training) is not supported")
+    if model_type == "mixtral":
+        return dict(n_experts=int(hf["num_local_experts"]), experts_per_token=int(hf["num_experts_per_tok"]),
+                    norm_topk_prob=True, router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)))
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    dense = sorted(int(i) for i in (hf.get("mlp_only_layers") or ()))
+    if dense != list(range(len(dense))):
+        raise ValueError(f"{model_type}: mlp_only_layers={dense} must be the first k layers "
+                         f"(LLMConfig.moe_first_dense_layers)")
+    shared = int(hf.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
+    experts = hf.get("num_experts", hf.get("num_local_experts"))  # transformers 5 spells it num_local_experts
+    return dict(n_experts=int(experts), experts_per_token=int(hf["num_experts_per_tok"]),
+                moe_d_ff=int(hf["moe_intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", model_type == "qwen3_moe")),
+                shared_expert_d_ff=shared, shared_expert_gate=bool(shared),
+                moe_layer_freq=step, moe_first_dense_layers=len(dense),
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)))
 
 
 def llm_model_type(cfg: LLMConfig) -> str:
     """The HF architecture an LLMConfig corresponds to (the inverse of llm_from_hf)."""
+    if cfg.n_experts:
+        if cfg.qk_norm:
+            return "qwen3_moe"
+        return "qwen2_moe" if cfg.qkv_bias or cfg.shared_expert_d_ff or cfg.moe_d_ff else "mixtral"
     if cfg.post_norms or cfg.attn_logit_softcap is not None or cfg.final_logit_softcap is not None:
         return "gemma2"
     if cfg.norm_scale_plus_one:
@@ -148,6 +178,9 @@ _LLM_ARCHS = {
     "mistral": "MistralForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -180,15 +213,17 @@ def llm_to_hf(cfg: LLMConfig, model_type: str | None = None) -> dict:
     }
     if model_type in ("gemma", "gemma2"):
         hf["hidden_activation"] = hf["hidden_act"]
-    if model_type in ("mistral", "gemma2"):
+    if model_type in ("mistral", "gemma2", "mixtral"):
         hf["sliding_window"] = cfg.sliding_window
         if cfg.sliding_window is not None:
             n = cfg.sliding_window_pattern
             hf["layer_types"] = ["full_attention" if n and (i + 1) % n == 0 else "sliding_attention"
                                  for i in range(cfg.n_layers)]
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen2_moe", "qwen3_moe"):
         hf["use_sliding_window"] = False
         hf["sliding_window"] = None
+    if model_type in MOE_TYPES:
+        hf.update(_moe_to_hf(cfg, model_type))
     if model_type == "gemma2":
         hf.update(
             attn_logit_softcapping=cfg.attn_logit_softcap,
@@ -197,6 +232,32 @@ def llm_to_hf(cfg: LLMConfig, model_type: str | None = None) -> dict:
             sliding_window=cfg.sliding_window,
         )
     return hf
+
+
+def _moe_to_hf(cfg: LLMConfig, model_type: str) -> dict:
+    """The MoE entries of config.json; refuses what the architecture cannot express."""
+    if cfg.router_activation != "softmax" or cfg.moe_capacity_factor is not None:
+        raise ValueError(f"{model_type}: router_activation={cfg.router_activation!r} and moe_capacity_factor="
+                         f"{cfg.moe_capacity_factor} have no Hugging Face equivalent (softmax, dropless)")
+    common = {"num_experts_per_tok": cfg.experts_per_token, "router_aux_loss_coef": cfg.router_aux_loss_coef,
+              "output_router_logits": False}
+    if model_type == "mixtral":
+        if cfg.moe_layers != tuple(range(cfg.n_layers)) or cfg.shared_expert_d_ff or not cfg.norm_topk_prob or (
+                cfg.moe_d_ff not in (None, cfg.d_ff)):
+            raise ValueError("mixtral: every layer MoE, no shared expert, renormalised top-k and expert d_ff = d_ff; "
+                             f"got MoE layers {cfg.moe_layers}, shared_expert_d_ff={cfg.shared_expert_d_ff}, "
+                             f"norm_topk_prob={cfg.norm_topk_prob}, moe_d_ff={cfg.moe_d_ff}")
+        return {**common, "num_local_experts": cfg.n_experts, "router_jitter_noise": 0.0}
+    if (cfg.shared_expert_d_ff > 0) != (model_type == "qwen2_moe") or (
+            cfg.shared_expert_d_ff and not cfg.shared_expert_gate):
+        raise ValueError(f"{model_type}: a gated shared expert is Qwen2-MoE's alone; got shared_expert_d_ff="
+                         f"{cfg.shared_expert_d_ff}, shared_expert_gate={cfg.shared_expert_gate}")
+    out = {**common, "num_experts": cfg.n_experts, "num_local_experts": cfg.n_experts, "moe_intermediate_size": cfg.resolved_moe_d_ff,
+           "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": cfg.moe_layer_freq,
+           "mlp_only_layers": list(range(cfg.moe_first_dense_layers))}
+    if model_type == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = cfg.shared_expert_d_ff
+    return out
 
 
 def _int_if_whole(x):

@@ -219,11 +219,9 @@ def save_pretrained(module, path: str, *, dtype: str = "float32", max_shard_byte
     tensors = {}
     for rule in rules:
         value = flat.pop(rule.ours)
-        if rule.stacked:
-            for i in range(value.shape[0]):
-                tensors[rule.hf.format(i=i)] = rule.to_hf(value[i]).astype(np_dtype)
-        else:
-            tensors[rule.hf] = rule.to_hf(value).astype(np_dtype)
+        for i in range(value.shape[0]) if rule.stacked else (None,):
+            part = rule.layer_tensors(value if i is None else value[i], i)
+            tensors.update({k: v.astype(np_dtype) for k, v in part.items()})
     if flat:
         raise ValueError(f"parameters {sorted(flat)} have no Hugging Face name in the {hf['model_type']} map")
     hf["torch_dtype"] = hf["dtype"] = dtype

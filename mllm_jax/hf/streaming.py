@@ -46,8 +46,7 @@ def _load_one(reader: CheckpointReader, rule: Rule, sds, sharding):
 
     def layer(i):
         if i not in cache:
-            name = rule.hf.format(i=i) if rule.stacked else rule.hf
-            cache[i] = np.asarray(rule.to_ours(reader.get(name), layer_shape), dtype=dtype)
+            cache[i] = np.asarray(rule.read_layer(reader.get, i, layer_shape), dtype=dtype)
         return cache[i]
 
     def host_slice(index):

@@ -14,6 +14,11 @@ A ``Rule`` names one parameter of ours (its path in the nnx state, '/'-joined) a
 
 HF checkpoints differ in prefixes (``model.``, ``language_model.model.``, ``vision_tower.vision_model.``, ...), so the
 rule sets are functions of the prefix, and ``find_prefix`` locates it from an anchor tensor.
+
+MoE: a rule with ``experts`` > 0 reads one HF tensor per expert (``{e}`` in the name, e.g. Mixtral's
+``block_sparse_moe.experts.{e}.w1.weight``: the layout transformers 5 writes and the hub checkpoints have) into our
+[E, ...] expert stack; ``layers`` maps a stack that holds only some layers (the dense MLPs of a mixed MoE/dense
+model) to their HF layer indices.
 """
 
 from __future__ import annotations
@@ -32,17 +37,43 @@ class Rule:
     hf: str
     kind: str = "same"
     n_in: int = 1
+    experts: int = 0  # > 0: one HF tensor per expert ({e} in ``hf``) for our [E, ...] per-layer parameter
+    layers: tuple | None = None  # HF layer index of each entry of our stack (None: entry i is layer i)
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf
 
+    def layer_names(self, i) -> list[str]:
+        """The HF tensor names of entry ``i`` of our stack (None: an unstacked parameter)."""
+        kw = {} if i is None else {"i": i if self.layers is None else self.layers[i]}
+        if self.experts:
+            return [self.hf.format(e=e, **kw) for e in range(self.experts)]
+        return [self.hf.format(**kw) if kw else self.hf]
+
     def hf_names(self, n_layers: int | None) -> list[str]:
-        return [self.hf.format(i=i) for i in range(n_layers)] if self.stacked else [self.hf]
+        if not self.stacked:
+            return self.layer_names(None)
+        n = len(self.layers) if self.layers is not None else n_layers
+        return [name for i in range(n) for name in self.layer_names(i)]
+
+    def read_layer(self, get, i, ours_shape: tuple) -> np.ndarray:
+        """Entry ``i`` of our stack (or the unstacked parameter, i=None) from ``get(hf name) -> array``."""
+        names = self.layer_names(i)
+        if self.experts:
+            return np.stack([self.to_ours(np.asarray(get(n)), tuple(ours_shape)[1:]) for n in names])
+        return self.to_ours(get(names[0]), ours_shape)
+
+    def layer_tensors(self, value: np.ndarray, i) -> dict:
+        """{HF name: tensor} of entry ``i`` of our stack (value: that entry; i=None: unstacked)."""
+        names = self.layer_names(i)
+        if self.experts:
+            return {n: self.to_hf(value[e]) for e, n in enumerate(names)}
+        return {names[0]: self.to_hf(value)}
 
     def hf_shape(self, ours_shape: tuple) -> tuple:
-        """The HF tensor shape of one (per-layer) parameter of ours with this shape."""
-        s = tuple(ours_shape)
+        """The HF tensor shape of one (per-layer, per-expert) parameter of ours with this shape."""
+        s = tuple(ours_shape)[1:] if self.experts else tuple(ours_shape)
         if self.kind == "same":
             return s
         if self.kind == "flat":
@@ -96,9 +127,34 @@ def find_prefix(keys, anchor: str, what: str, *, exclude: tuple = ()) -> str:
 # ---------------------------------------------------------------------------------------------------------- LLM
 
 
+def moe_rules(cfg, layer: str) -> list[Rule]:
+    """The MoE MLPs (``layers/moe/...``, stacked over the MoE layers) <-> Mixtral's ``block_sparse_moe`` (w1 gate,
+    w3 up, w2 down per expert) or Qwen2/3-MoE's ``mlp`` (gate router, experts.{e}.gate/up/down_proj, Qwen2-MoE's
+    shared_expert and shared_expert_gate)."""
+    from mllm_jax.hf.config_map import llm_model_type
+
+    index = cfg.moe_layers
+    mixtral = llm_model_type(cfg) == "mixtral"
+    block = layer + ("block_sparse_moe." if mixtral else "mlp.")
+    names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {p: p + "_proj" for p in ("gate", "up", "down")}
+    rules = [Rule("layers/moe/router/kernel", block + "gate.weight", "linear", layers=index)]
+    rules += [Rule(f"layers/moe/experts/{p}/kernel", block + "experts.{e}." + names[p] + ".weight", "linear",
+                   experts=cfg.n_experts, layers=index) for p in ("gate", "up", "down")]
+    if cfg.shared_expert_d_ff:
+        rules += [Rule(f"layers/moe/shared/{p}/kernel", block + f"shared_expert.{p}_proj.weight", "linear",
+                       layers=index) for p in ("gate", "up", "down")]
+        if cfg.shared_expert_gate:
+            rules.append(Rule("layers/moe/shared_gate/kernel", block + "shared_expert_gate.weight", "linear",
+                              layers=index))
+    return rules
+
+
 def llm_rules(cfg, prefix: str = "model.", head: str = "lm_head.weight") -> list[Rule]:
-    """mllm_jax.LLM <-> Llama/Qwen2/Mistral/Gemma/Gemma2 (``prefix`` + embed_tokens/layers/norm, ``head``)."""
+    """mllm_jax.LLM <-> Llama/Qwen2/Mistral/Gemma/Gemma2, Mixtral/Qwen2-MoE/Qwen3-MoE (``prefix`` +
+    embed_tokens/layers/norm, ``head``)."""
     layer = prefix + "layers.{i}."
+    dense = tuple(i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i))
+    dense_index = None if len(dense) == cfg.n_layers else dense
     rules = [
         Rule("embed/embedding", prefix + "embed_tokens.weight"),
         Rule("final_norm/scale", prefix + "norm.weight"),
@@ -107,10 +163,14 @@ def llm_rules(cfg, prefix: str = "model.", head: str = "lm_head.weight") -> list
         Rule("layers/attn/k/kernel", layer + "self_attn.k_proj.weight", "linear"),
         Rule("layers/attn/v/kernel", layer + "self_attn.v_proj.weight", "linear"),
         Rule("layers/attn/o/kernel", layer + "self_attn.o_proj.weight", "linear", n_in=2),
-        Rule("layers/mlp/gate/kernel", layer + "mlp.gate_proj.weight", "linear"),
-        Rule("layers/mlp/up/kernel", layer + "mlp.up_proj.weight", "linear"),
-        Rule("layers/mlp/down/kernel", layer + "mlp.down_proj.weight", "linear"),
     ]
+    if dense:
+        rules += [Rule(f"layers/mlp/{p}/kernel", layer + f"mlp.{p}_proj.weight", "linear", layers=dense_index)
+                  for p in ("gate", "up", "down")]
+    if cfg.n_experts and cfg.moe_layers:
+        rules += moe_rules(cfg, layer)
+    if cfg.qk_norm:
+        rules += [Rule(f"layers/attn/{p}_norm/scale", layer + f"self_attn.{p}_norm.weight") for p in "qk"]
     if cfg.post_norms:  # Gemma 2: four norms per layer
         rules += [
             Rule("layers/post_attn_norm/scale", layer + "post_attention_layernorm.weight"),
