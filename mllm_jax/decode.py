@@ -35,7 +35,8 @@ from mllm_jax import layers as L
 from mllm_jax import partitioning as part
 from mllm_jax.batch import IGNORE, check_batch
 from mllm_jax.kernels.meta import TokenMeta
-from mllm_jax.llm import LLM, attention_residual, attention_scale, layer_window, mlp_sublayer, rope_tables
+from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, layer_window, mlp_sublayer,
+                          rope_tables, use_layer_params)
 
 GLOBAL_WINDOW = 2**30  # a window no position distance reaches: the code of a global-attention layer
 
@@ -177,14 +178,16 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
     def body(carry, xs):
         h, k_all, v_all = carry
         p, window, i = xs
-        w = L.use_params(p, names, dtype, drop_leading=True)
+        w = use_layer_params(p, names, run)  # gathered, cast; an MoE layer's experts as the MoE wants them
         a = w["attn"]
         x = L.rms_norm(w["attn_norm"], h, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
         q = L.linear(a["q"], x, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora)
         k = L.linear(a["k"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
         v = L.linear(a["v"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
+        if cfg.qk_norm:  # as L.self_attention: RMSNorm over head_dim before RoPE (Qwen3)
+            q, k = L.rms_norm(a["q_norm"], q, cfg.norm_eps), L.rms_norm(a["k_norm"], k, cfg.norm_eps)
         q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
-        # In place in the scan's carry: only the new tokens' slots are written.
+        # In place in the carry: only the new tokens' slots are written.
         k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, cache.slot, 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, cache.slot, 0, 0))
         k_i = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
@@ -199,9 +202,12 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
 
     carry = (h_BSD.astype(dtype), cache.k, cache.v)
     windows = window_codes(cfg)
-    if run.layer_loop == "unrolled":  # one copy per layer: compiled cost analyses count every layer
+    kinds = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
+    if run.layer_loop == "unrolled" or len(set(kinds)) > 1:
+        # One copy per layer: compiled cost analyses count every layer; MoE and dense MLPs are stacked apart.
         for i in range(cfg.n_layers):
-            carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], values), jnp.int32(windows[i]), i))
+            p = jax.tree.map(lambda a: a[0], _layer_slice(values, kinds, i, i + 1))
+            carry, _ = body(carry, (p, jnp.int32(windows[i]), i))
         h, k, v = carry
     else:  # lax.scan: compile time independent of depth
         xs = (values, jnp.asarray(windows), jnp.arange(cfg.n_layers, dtype=jnp.int32))

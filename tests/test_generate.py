@@ -1,8 +1,9 @@
 """KV-cache generation (mllm_jax.decode) against the uncached forward: the oracle is the model's own training forward
 on prompt + generated tokens (teacher forcing), whose logits at every step must equal the cached step's and whose
 argmax must be the greedy token, per family (Llama with rope scaling, Qwen2-style GQA with biases, Mistral with a
-window shorter than the sequence, Gemma 2 with soft-caps and alternating windows), for batched prompts of different
-lengths and for a multimodal prompt (image and audio injected)."""
+window shorter than the sequence, Gemma 2 with soft-caps and alternating windows, a Qwen3-MoE-like model with q/k
+norms and mixed dense / MoE layers), for batched prompts of different lengths and for a multimodal prompt (an image
+injected)."""
 
 import dataclasses
 
@@ -26,6 +27,9 @@ FAMILIES = {
     "gemma2": LLMConfig(**{**BASE, "n_kv_heads": 2}, head_dim=8, sliding_window=4, sliding_window_pattern=2,
                         attn_logit_softcap=5.0, final_logit_softcap=8.0, query_pre_attn_scalar=8.0, post_norms=True,
                         norm_scale_plus_one=True, embed_scale=True, tie_embeddings=True, activation="gelu_tanh"),
+    # Qwen3-MoE-like: q/k norms, mixture-of-experts MLPs on every other layer (dense and MoE layers stacked apart)
+    "moe_qk_norm": LLMConfig(**{**BASE, "n_kv_heads": 2}, qk_norm=True, n_experts=4, experts_per_token=2,
+                             moe_d_ff=24, moe_layer_freq=2),
 }
 PROMPTS = [np.array([5, 9, 17, 33, 2, 41, 8, 60, 12]), np.array([7, 3, 50]), np.array([21, 22, 23, 24, 25])]
 STEPS = 7
