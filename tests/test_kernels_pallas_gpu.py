@@ -115,3 +115,39 @@ def test_bad_options_raise_value_error_naming_them(bad):
     meta = TokenMeta.causal(1, 8)
     with pytest.raises(ValueError, match=next(iter(bad))):
         flash_attention(q, k, v, meta, meta, interpret=True, **bad)
+
+
+def _dkv_outputs(fn, *args):
+    """The output avals of the dK/dV pallas_call in fn's jaxpr (the call with two same-shaped outputs: the forward's
+    are the output and its lse, dQ's is one)."""
+    from jax.extend.core import jaxprs_in_params
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            outs = [v.aval for v in eqn.outvars]
+            if eqn.primitive.name == "pallas_call" and len(outs) == 2 and outs[0].shape == outs[1].shape:
+                found.append(outs)
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_gqa_dkv_summed_in_kernel_group_of_three():
+    """GQA with 3 query heads per kv head (not a power of two): dK/dV match the reference, and the dK/dV kernel
+    writes [B, Sk, Hkv, D] in the input dtype directly (the group is summed in its f32 registers; no f32
+    [B, Sk, Hq, D] per-query-head copies summed outside)."""
+    q, k, v, d_out = _inputs(b=1, sq=64, sk=64, hq=6, hkv=2, d=32)
+    meta = make_meta("interleaved", 1, 64, seed=5, pad=3)
+    got = _value_and_grads(_pallas, ())(q, k, v, meta, meta, d_out)
+    want = _value_and_grads(reference_attention, ())(q, k, v, meta, meta, d_out)
+    _assert_close(got, want, 1e-4, 1e-4, "group of 3")
+    grad = jax.grad(lambda q, k, v: jnp.sum(_pallas(q, k, v, meta, meta) * d_out), argnums=(0, 1, 2))
+    (outs,) = _dkv_outputs(grad, q, k, v)
+    assert [(o.shape, o.dtype) for o in outs] == [((1, 64, 2, 32), jnp.float32)] * 2, outs
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    (outs,) = _dkv_outputs(grad, *bf)
+    assert all(o.dtype == jnp.bfloat16 and o.shape[2] == 2 for o in outs), outs

@@ -216,6 +216,8 @@ def test_tile_plan_lists_exactly_the_live_tiles_host_and_traced():
 
 def _grids(fn, *args):
     """The grids of the pallas_calls in fn's jaxpr (dynamic bounds as None)."""
+    from jax.extend.core import jaxprs_in_params
+
     grids = []
 
     def walk(jaxpr):
@@ -223,7 +225,7 @@ def _grids(fn, *args):
             if eqn.primitive.name == "pallas_call":
                 grids.append((eqn.params["name"] if "name" in eqn.params else eqn.params["name_and_src_info"].name,
                               tuple(g if isinstance(g, int) else None for g in eqn.params["grid_mapping"].grid)))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
@@ -409,3 +411,20 @@ def test_compile_check_rejects_a_tile_list_over_smem(monkeypatch):
     with pytest.raises(Exception, match="(?i)smem"):
         compile_on_one_device("tpu:v5e:1x1", lambda q, k, v: pallas_tpu.flash_attention(
             q, k, v, meta, meta, block_q=block, block_k=block), q, kv, kv)
+
+
+def test_benchmark_models_splash_from_its_own_mask_info():
+    """benchmarks/attention.py models splash attention's grid from the tile map (shrunk width = the longest row's live
+    blocks, live and partial blocks as splash counts them); checked against splash's own process_mask on every
+    family, and our side of the model counts exactly the live tiles as grid steps."""
+    from benchmarks import attention as bench
+
+    bq, bk = pallas_tpu.default_blocks(128, "v5e")
+    assert bench.check_splash_emulation(bq, bk, length=4096) == list(bench.FAMILIES)
+    meta = make_meta("llava", 1, 8192, seed=1)
+    bmap = np.asarray(block_map(meta, meta, bq, bk))
+    ours = bench.ours_passes(pallas_tpu.tile_plan(meta, meta, bq, bk), bmap[0], bq, bk, 32, 8, 128, jnp.bfloat16)
+    live = int((bmap != SKIP).sum())
+    assert all(p["grid_equals_live"] and p["steps"] == 8 * live for p in ours.values())
+    splash = bench.splash_passes(bench.exact_tile_map(meta, bq, bk)[0], bq, bk, 32, 8, 128)
+    assert splash["fwd"]["steps"] == 32 * bmap.shape[1] * bench._splash_lists(bmap[0]) > 32 * live

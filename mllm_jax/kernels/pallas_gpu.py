@@ -9,8 +9,8 @@ Three kernels:
   forward   grid (nQ, B, Hq): per q block, online softmax (base 2, as jax's Pallas GPU attention) over its k list;
             writes the output and the base-2 log-sum-exp (the residual convention of the Pallas GPU ops on jax 0.11).
   dQ        grid (nQ, B, Hq): the same k lists, recomputing probabilities from the log-sum-exp.
-  dK/dV     grid (nK, B, Hq): per k block, the transposed lists (the q blocks that see it); one dK/dV per query head,
-            summed over each GQA group outside the kernel.
+  dK/dV     grid (nK, B, Hkv): per k block and kv head, the transposed lists (the q blocks that see it); the G query
+            heads of the GQA group are summed into one f32 dK/dV in the kernel (no per-query-head copies).
 Lengths that are not a multiple of the block are padded with padding tokens (segment 0); head dims are padded to a
 power of two (Triton's block shapes) with zeros, which change no logit. Rows that see nothing return 0.
 """
@@ -143,7 +143,9 @@ def _dq_kernel(kb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref,
 
 
 def _dkv_kernel(qb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, qsp_ref, kp_ref, ks_ref, ksp_ref,
-                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg):
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg, group: int):
+    """One k block of one kv head: its dK/dV summed over the ``group`` query heads sharing it, in f32 registers
+    (q / dO blocks hold the group's heads: [Sq, G, D]; lse / delta [G, Sq])."""
     bq = cfg.block_q
     k, v = k_ref[...], v_ref[...]
     km = (kp_ref[...], ks_ref[...], ksp_ref[...])
@@ -152,16 +154,17 @@ def _dkv_kernel(qb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref
         dk, dv = carry
         qi, kind = qb_ref[j], kind_ref[j]
         qsl = pl.ds(qi * bq, bq)
-        q, do = q_ref[qsl, :], do_ref[qsl, :]
-        lse, delta = lse_ref[qsl], delta_ref[qsl]
         qm = (qp_ref[qsl], qs_ref[qsl], qsp_ref[qsl])
-        s, t = _tile_logits(q, k, kind, qm, lambda: km, cfg)
-        p = jnp.exp2(s - lse[:, None])
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        for g in range(group):  # static: the group's heads share the k/v tile and the tile's mask
+            q, do = q_ref[qsl, g, :], do_ref[qsl, g, :]
+            lse, delta = lse_ref[g, qsl], delta_ref[g, qsl]
+            s, t = _tile_logits(q, k, kind, qm, lambda: km, cfg)
+            p = jnp.exp2(s - lse[:, None])
+            dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -293,28 +296,25 @@ def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
 
     by_k = _schedule_arrays(compact(jnp.swapaxes(bm, 1, 2)))
     w = by_k[0].shape[-1]
-    # One dK/dV per query head (f32), summed over the GQA group below: no cross-program accumulation needed.
-    dkv_shape = jax.ShapeDtypeStruct((b, sk, hq, d), jnp.float32)
+    # Grid over kv heads: each program sums its group's G query heads into one f32 dK/dV (no per-query-head copies).
     dk, dv = _call(
-        functools.partial(_dkv_kernel, cfg=cfg), cfg, "multimodal_flash_dkv", (sk // bk, b, hq),
+        functools.partial(_dkv_kernel, cfg=cfg, group=g), cfg, "multimodal_flash_dkv", (sk // bk, b, hkv),
         [
             pl.BlockSpec((None, None, w), lambda j, bi, h: (bi, j, 0)),
             pl.BlockSpec((None, None, w), lambda j, bi, h: (bi, j, 0)),
             pl.BlockSpec((None, None, 1), lambda j, bi, h: (bi, j, 0)),
-            pl.BlockSpec((None, sq, None, d), lambda j, bi, h: (bi, 0, h, 0)),
-            pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h // g, 0)),
-            pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h // g, 0)),
+            pl.BlockSpec((None, sq, g, d), lambda j, bi, h: (bi, 0, h, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0)),
             *_row_specs(sq, lambda j, bi, h: (bi, 0)),
             *_row_specs(bk, lambda j, bi, h: (bi, j)),
-            pl.BlockSpec((None, sq, None, d), lambda j, bi, h: (bi, 0, h, 0)),
-            pl.BlockSpec((None, None, sq), lambda j, bi, h: (bi, h, 0)),
-            pl.BlockSpec((None, None, sq), lambda j, bi, h: (bi, h, 0)),
+            pl.BlockSpec((None, sq, g, d), lambda j, bi, h: (bi, 0, h, 0)),
+            pl.BlockSpec((None, g, sq), lambda j, bi, h: (bi, h, 0)),
+            pl.BlockSpec((None, g, sq), lambda j, bi, h: (bi, h, 0)),
         ],
         [pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0))] * 2,
-        [dkv_shape, dkv_shape],
+        [jax.ShapeDtypeStruct(p.k.shape, p.k.dtype), jax.ShapeDtypeStruct(p.v.shape, p.v.dtype)],
     )(*by_k, *operands)
-    dk = dk.reshape(b, sk, hkv, g, d).sum(axis=3)
-    dv = dv.reshape(b, sk, hkv, g, d).sum(axis=3)
     return dq, dk, dv
 
 
@@ -334,7 +334,7 @@ def _make_attention(cfg: _Cfg):
         d_out = _pad_axis(_pad_axis(d_o, 1, out.shape[1]), 3, out.shape[3])
         dq, dk, dv = _backward(cfg, p, out, lse, d_out)
         sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
-        return (dq[:, :sq, :, :d], dk[:, :sk, :, :d].astype(k.dtype), dv[:, :sk, :, :d].astype(v.dtype),
+        return (dq[:, :sq, :, :d], dk[:, :sk, :, :d], dv[:, :sk, :, :d],
                 None, None)
 
     return fwd, bwd
