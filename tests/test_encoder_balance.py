@@ -82,6 +82,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_balanced_gives_the_row_bound_loss_and_gradients(name):
     pc = LAYOUTS[name]

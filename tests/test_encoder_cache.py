@@ -171,6 +171,7 @@ def test_corrupt_entry_is_recomputed_not_trusted(tmp_path):
     assert not [f for f in os.listdir(store.directory) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_resumed_run_with_cache_trains_like_the_uncached_run(tmp_path):
     """train.py: a frozen-encoder run with the cache, stopped at step 2 and resumed to 4 (its second epoch reads the
     entries the first invocation wrote, untouched), has the uncached run's losses."""
