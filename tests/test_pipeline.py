@@ -10,6 +10,7 @@ from mllm_jax.parallel.pipeline import (
     FIELDS,
     OP_B,
     OP_BWD,
+    OP_FB,
     OP_BWD_SKIP,
     OP_FWD,
     OP_IDLE,
@@ -36,14 +37,22 @@ def replay(sched, stages, M):
         for s in range(stages):
             op, m = col["op"][t, s], col["mb"][t, s]
             xs, ws = col["x_slot"][t, s], col["w_slot"][t, s]
-            if op == OP_FWD:
+            if op in (OP_FWD, OP_FB):
                 if s > 0:
                     assert acts[s][xs] == ("x", m)
                 elif xs >= 0:
                     assert xs not in acts[s], "overwrote a live slot"
                     acts[s][xs] = ("x", m)
+                    peak[s] = max(peak[s], len(acts[s]))  # before a paired backward frees its slot
                 if s + 1 < stages:
                     sent_x[s + 1] = m
+            if op == OP_FB:  # the backward half, after the forward half
+                m2 = col["mb2"][t, s]
+                assert acts[s].pop(col["x2_slot"][t, s]) == ("x", m2)
+                if s < stages - 1:
+                    assert gs[s].pop(col["g_slot"][t, s]) == m2
+                if s > 0:
+                    sent_g[s - 1] = m2
             elif op in (OP_BWD, OP_B):
                 assert acts[s][xs] == ("x", m)
                 if op == OP_BWD:

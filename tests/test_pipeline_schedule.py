@@ -10,8 +10,8 @@ from mllm_jax.parallel.cost_model import Layer, cost_chain
 from mllm_jax.parallel.pipeline import (TRACE_FIELDS, ParamSplit, layer_grads, layout_schedule, make_layout,
                                         pipeline_value_and_grad)
 from mllm_jax.parallel.pipeline_plan import runtime_stage_ops
-from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_F, OP_W, StageOps, build_schedule, one_f_one_b_peak,
-                                        simulate, tick_costs)
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_F, OP_FB, OP_W, StageOps, build_schedule,
+                                        one_f_one_b_peak, paired_peak, simulate, tick_costs)
 from test_pipeline import check_equal, layer_fn, loss_fn, pipeline_mesh, problem, replay
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,9 +49,33 @@ def test_simulator_reproduces_the_issues_lockstep_numbers():
     assert one.bubble_fraction == pytest.approx(1 - 4 * 24 * 4 / (4 * 154))
     zb = simulate(ops, 24, "zb_h1")
     assert zb.time < one.time and zb.bubble_fraction < one.bubble_fraction
+    # Pairing a forward and a backward in each tick: the asynchronous formula's 108, at about twice the memory.
+    fb = simulate(ops, 24, "1f1b_fb")
+    assert fb.time == (24 - 1) * 4 + 4 * 4 and fb.bubble_fraction == pytest.approx(1 - 96 / 108)
+    assert fb.schedule.act_slots == 2 * 4 - 1
     # No weight gradient anywhere (a frozen LLM under trainable projectors): ZB-H1 is 1F1B.
     frozen = StageOps(f=(1.0,) * 4, b=(2.0,) * 4, w=(0.0,) * 4, bw=(2.0,) * 4)
     assert (simulate(frozen, 8, "zb_h1").schedule.ops == simulate(frozen, 8, "1f1b").schedule.ops).all()
+
+
+@pytest.mark.parametrize("stages,M", [(2, 3), (4, 8), (5, 16)])
+def test_paired_table_keeps_dependencies_and_its_memory(stages, M):
+    sched = build_schedule(stages, M, kind="1f1b_fb")
+    assert tuple(replay(sched, stages, M)) == sched.peak_act  # every read finds its microbatch
+    assert sched.peak_act == tuple(paired_peak(s, stages, M) for s in range(stages))
+    ops = sched.ops
+    # Each stage runs M forwards and M backwards, each once, in order; steady state pairs them in one tick.
+    for s in range(stages):
+        fwd = [m for t in range(ops.shape[0]) for m in [sched.column("mb")[t, s]] if ops[t, s] in (OP_F, OP_FB)]
+        bwd = [m for t in range(ops.shape[0]) for m in
+               [sched.column("mb2")[t, s] if ops[t, s] == OP_FB else sched.column("mb")[t, s]]
+               if ops[t, s] in (OP_BW, OP_FB)]
+        assert fwd == list(range(M)) and bwd == list(range(M))
+    assert ops.shape[0] == M + 2 * (stages - 1)  # the round trip once, then one microbatch a tick
+    # A frozen prefix (stage 0 without backward) is paced by the free slots of the next stage.
+    frozen = build_schedule(stages, M, kind="1f1b_fb", backward_stages=[False] + [True] * (stages - 1))
+    replay(frozen, stages, M)
+    assert frozen.peak_act[0] == 0 and max(frozen.peak_act) <= max(sched.peak_act)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +88,7 @@ def unit_chain(trainable):
     return cost_chain(layers, remat=True)[0]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb"])
 def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
     stage_layers, trainable, M = (1, 3, 2, 1), [0, 0, 1, 0, 1, 1, 0], 5
     mesh = pipeline_mesh((4,), ("pipeline",))
@@ -89,6 +113,8 @@ def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
     assert sim.time == ran.max(axis=1).sum()
     if schedule == "zb_h1":
         assert (sim.schedule.ops == OP_W).any()
+    if schedule == "1f1b_fb":
+        assert (sim.schedule.ops == OP_FB).any()
     # The frozen prefix (stage 0, layer 1 of stage 1) never ran a backward.
     assert counts[:, 0, 1:].sum() == 0
 
@@ -156,14 +182,15 @@ def test_frozen_stack_carries_no_gradient_buffer():
 # ZB-H1 against one device (frozen, partly frozen, LoRA-like adapters).
 
 
-@pytest.mark.parametrize("stage_layers,M,trainable,input_grad,param_trainable", [
-    ((1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),  # partly frozen, frozen prefix skips its backward
-    ((2, 2, 2, 2), 6, [0] * 8, True, None),  # frozen layers, trainable input: no W anywhere
-    ((2, 1, 1), 4, None, True, {"w": False, "b": True}),  # base weight frozen, the bias trains (LoRA-like)
+@pytest.mark.parametrize("schedule,stage_layers,M,trainable,input_grad,param_trainable", [
+    ("zb_h1", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),  # partly frozen, frozen prefix skips backward
+    ("zb_h1", (2, 1, 1), 4, None, True, {"w": False, "b": True}),  # base weight frozen, the bias trains (LoRA-like)
+    ("1f1b_fb", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),
+    ("1f1b_fb", (2, 1, 1), 4, None, True, {"w": False, "b": True}),
 ])
-def test_zb_h1_matches_one_device(stage_layers, M, trainable, input_grad, param_trainable):
+def test_schedules_match_one_device(schedule, stage_layers, M, trainable, input_grad, param_trainable):
     mesh = pipeline_mesh((len(stage_layers),), ("pipeline",))
-    check_equal(mesh, stage_layers, M, trainable, input_grad, schedule="zb_h1", param_trainable=param_trainable)
+    check_equal(mesh, stage_layers, M, trainable, input_grad, schedule=schedule, param_trainable=param_trainable)
 
 
 # ----------------------------------------------------------------------------------------------------------------

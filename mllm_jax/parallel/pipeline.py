@@ -35,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_F, OP_IDLE, OP_SKIP, OP_W, SCHEDULES, Schedule,
-                                        build_schedule, stage_op_order)
+from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
+                                        Schedule, build_schedule, stage_op_order)
 
 # Older names of the ops (the fused backward was the only one).
 OP_FWD, OP_BWD, OP_BWD_SKIP = OP_F, OP_BW, OP_SKIP
-__all__ = ["FIELDS", "OP_B", "OP_BW", "OP_F", "OP_IDLE", "OP_SKIP", "OP_W", "SCHEDULES", "Schedule", "build_schedule",
+__all__ = ["FIELDS", "OP_B", "OP_BW", "OP_F", "OP_FB", "OP_IDLE", "OP_SKIP", "OP_W", "SCHEDULES", "Schedule",
+           "build_schedule",
            "layout_schedule", "make_layout", "pipeline_value_and_grad", "sequential_value_and_grad", "stage_op_order"]
 
 # Slot kinds: which backward a layer slot runs.
@@ -396,7 +397,7 @@ def pipeline_value_and_grad(
     stage_layers: layers per stage (mesh.shape[axis] entries). trainable_layers: bool per layer.
     param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
-    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "gpipe").
+    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe").
 
     Returns (loss_sum, (grads_stacked [layers, ...], grads_loss_params, dx_microbatches or None)); frozen layers
     get zero gradients (no buffer inside the pipeline when no layer trains); dx_microbatches is computed only with
@@ -458,7 +459,7 @@ def pipeline_value_and_grad(
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
                    want_dx: bool, trace: bool = False, split: ParamSplit | None = None):
     """The per-device body of the pipeline's shard_map: one stage scanning its column of the schedule table, each
-    tick its op under ``lax.switch`` (idle / F / B / W / BW / skip), then the ppermutes to its neighbours. Returns
+    tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip), then the ppermutes to its neighbours. Returns
     (its slots' parameter gradients, loss-parameter gradients and loss summed over stages, its input-gradient buffer
     (stage 0's: the others are zero), its per-tick trace)."""
     S, M = layout.stages, x_microbatches.shape[0]
@@ -479,68 +480,94 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         zero_x = jnp.zeros_like(x_mb[0])
         buffer = lambda k: jnp.broadcast_to(zero_x[None], (k,) + mb_shape)  # noqa: E731
 
+        # An op maps the stage's state (acts, gacc, lpacc, loss, dxs, cnt) to (what it sends, the new state).
+        def fwd(st, gs, slot, m0):
+            acts, gacc, lpacc, loss, dxs, cnt = st
+            aux_m = _index(aux_all, m0)
+            # Every slot's input is kept for the backward (row 0 is where the previous stage's activation arrived).
+            # A stage without a backward writes into a slot that nobody reads.
+            x = jnp.where(stage == 0, x_mb[m0], acts[slot, 0])
+            y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=acts, slot=slot, cnt=cnt)
+
+            def loss_now():
+                # The last stage takes the loss and its cotangent in its forward (its backward is then the layers'
+                # vjps only); the cotangent waits in the slot's spare row L_max.
+                value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
+                dy, dlp = vjp(jnp.ones_like(value))
+                kept = jax.lax.dynamic_update_slice(new_acts, dy[None, None], (slot, L) + (0,) * dy.ndim)
+                return zero_x, kept, jax.tree.map(jnp.add, lpacc, dlp), loss + value.astype(jnp.float32)
+
+            def send():
+                return y, new_acts, lpacc, loss
+
+            y, new_acts, lpacc, loss = jax.lax.cond(last, loss_now, send)
+            return y, (new_acts, gacc, lpacc, loss, dxs, cnt)
+
+        def incoming(acts, gs, slot, gslot):
+            return jnp.where(last, acts[slot, L], gs[jnp.maximum(gslot, 0)])
+
+        def input_grad(dxs, dx, m0):
+            if not want_dx:
+                return dxs
+            return jax.lax.cond(stage == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
+
+        def bwd_fused(st, gs, slot, gslot, m0):
+            acts, gacc, lpacc, loss, dxs, cnt = st
+            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
+                                            incoming(acts, gs, slot, gslot), _index(aux_all, m0), gacc, cnt, split)
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0), cnt)
+
+        def bwd_input(st, gs, slot, gslot, w_slot, m0):
+            acts, gacc, lpacc, loss, dxs, cnt = st
+            acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
+                                              incoming(acts, gs, slot, gslot), _index(aux_all, m0), cnt)
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0), cnt)
+
+        def bwd_weight(st, slot, w_slot, m0):
+            acts, gacc, lpacc, loss, dxs, cnt = st
+            if not trains:
+                return st
+            gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
+                                           _index(aux_all, m0), gacc, cnt, split)
+            return acts, gacc, lpacc, loss, dxs, cnt
+
         def tick(carry, row):
             acts, gs, gacc, lpacc, loss, dxs = carry
-            op, m, xslot, gslot, rx, rg, wslot = (row[i] for i in range(len(FIELDS)))
-            m0 = jnp.maximum(m, 0)
-            slot, w_slot = jnp.maximum(xslot, 0), jnp.maximum(wslot, 0)
-            aux_m = _index(aux_all, m0)
-            cnt0 = jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None
+            f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
+            m0, m2 = jnp.maximum(f["mb"], 0), jnp.maximum(f["mb2"], 0)
+            slot, w_slot, slot2 = (jnp.maximum(f[k], 0) for k in ("x_slot", "w_slot", "x2_slot"))
+            gslot = f["g_slot"]
+            st = (acts, gacc, lpacc, loss, dxs, jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None)
 
             def idle():
-                return zero_x, zero_x, acts, gacc, lpacc, loss, dxs, cnt0
+                return zero_x, zero_x, st
 
-            def fwd():
-                # Every slot's input is kept for the backward (row 0 is where the previous stage's activation
-                # arrived). A stage without a backward writes into a slot that nobody reads.
-                x = jnp.where(stage == 0, x_mb[m0], acts[slot, 0])
-                y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=acts, slot=slot,
-                                                  cnt=cnt0)
+            def op_f():
+                y, new = fwd(st, gs, slot, m0)
+                return y, zero_x, new
 
-                def loss_now():
-                    # The last stage takes the loss and its cotangent in its forward tick (its backward tick is
-                    # then the layers' vjps only); the cotangent waits in the slot's spare row L_max.
-                    value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
-                    dy, dlp = vjp(jnp.ones_like(value))
-                    kept = jax.lax.dynamic_update_slice(new_acts, dy[None, None], (slot, L) + (0,) * dy.ndim)
-                    return zero_x, kept, jax.tree.map(jnp.add, lpacc, dlp), loss + value.astype(jnp.float32)
+            def op_b():
+                dx, new = bwd_input(st, gs, slot, gslot, w_slot, m0)
+                return zero_x, dx, new
 
-                def send():
-                    return y, new_acts, lpacc, loss
+            def op_w():
+                return zero_x, zero_x, bwd_weight(st, slot, w_slot, m0)
 
-                y, new_acts, new_lpacc, new_loss = jax.lax.cond(last, loss_now, send)
-                return y, zero_x, new_acts, gacc, new_lpacc, new_loss, dxs, cnt
+            def op_bw():
+                dx, new = bwd_fused(st, gs, slot, gslot, m0)
+                return zero_x, dx, new
 
-            def incoming():
-                return jnp.where(last, acts[slot, L], gs[jnp.maximum(gslot, 0)])
+            def op_fb():  # the forward half first: the last stage's backward may read the cotangent it just made
+                y, mid = fwd(st, gs, slot, m0)
+                dx, new = bwd_fused(mid, gs, slot2, gslot, m2)
+                return y, dx, new
 
-            def input_grad(dx):
-                if not want_dx:
-                    return dxs
-                return jax.lax.cond(stage == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
-
-            def bwd_fused():
-                new_gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
-                                                    incoming(), aux_m, gacc, cnt0, split)
-                return zero_x, dx, acts, new_gacc, lpacc, loss, input_grad(dx), cnt
-
-            def bwd_input():
-                new_acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
-                                                      w_slot, incoming(), aux_m, cnt0)
-                return zero_x, dx, new_acts, gacc, lpacc, loss, input_grad(dx), cnt
-
-            def bwd_weight():
-                if not trains:
-                    return idle()
-                new_gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
-                                                   aux_m, gacc, cnt0, split)
-                return zero_x, zero_x, acts, new_gacc, lpacc, loss, dxs, cnt
-
-            branches = [idle] * 6
-            branches[OP_F], branches[OP_B], branches[OP_W], branches[OP_BW] = fwd, bwd_input, bwd_weight, bwd_fused
-            y, dx, acts, gacc, lpacc, loss, dxs, cnt = jax.lax.switch(op, branches)
+            branches = [idle] * len(OP_CHARS)
+            branches[OP_F], branches[OP_B], branches[OP_W], branches[OP_BW], branches[OP_FB] = (
+                op_f, op_b, op_w, op_bw, op_fb)
+            y, dx, (acts, gacc, lpacc, loss, dxs, cnt) = jax.lax.switch(f["op"], branches)
             acts, gs = _receive(acts, gs, jax.lax.ppermute(y, axis, fwd_perm), jax.lax.ppermute(dx, axis, bwd_perm),
-                                rx, rg)
+                                f["recv_x_slot"], f["recv_g_slot"])
             return (acts, gs, gacc, lpacc, loss, dxs), cnt
 
         init = (

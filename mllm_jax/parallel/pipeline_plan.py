@@ -25,11 +25,11 @@ import numpy as np
 
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
-from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_SKIP, OP_W, SCHEDULES, StageOps,
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, SCHEDULES, StageOps,
                                         build_schedule, simulate)
 
 # The schedules the planner chooses among (GPipe holds every microbatch: a memory reference, never faster here).
-SCHEDULES_PLANNED = ("1f1b", "zb_h1")
+SCHEDULES_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
 
 INF = float("inf")
 
@@ -136,6 +136,15 @@ def min_max_split(
 # The runtime's step time: parallel.pipeline's schedule table in lockstep ticks.
 
 
+def schedule_in_flight(stages: int, microbatches: int, kind: str) -> tuple:
+    """Per stage, the microbatches of saved inputs the planner budgets for under schedule ``kind``: 1F1B's
+    min(M, S - s); the others' peak live activation slots in their table (ZB-H1: within 1F1B's largest stage's pool;
+    1F1B-FB: about 2 (S - s))."""
+    if kind == "1f1b":
+        return tuple(min(microbatches, stages - s) for s in range(stages))
+    return build_schedule(stages, microbatches, kind=kind).peak_act
+
+
 def runtime_layer_ops(chain) -> dict:
     """Per LLM layer slot, what each op costs as parallel.pipeline runs it ({"f", "b", "w", "bw"} arrays): F runs the
     layer once; B its vjp for the input gradient (dX; the layer's forward recomputed from its saved input first:
@@ -235,8 +244,9 @@ class _RuntimeChain:
     """The LLM chain as the runtime runs it (remat-costed forward / backward ops, the head on the last stage), with
     prefix sums so a stage's cost and memory are O(1): what every lockstep split search evaluates."""
 
-    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget, layer_ops=None):
+    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget, layer_ops=None, kind="1f1b"):
         self.n, self.stages, self.M = len(chain), stages, microbatches
+        self.flight = schedule_in_flight(stages, microbatches, kind)
         self.tensor, self.memory_budget = tensor, memory_budget
         self.ops = runtime_layer_ops(chain) if layer_ops is None else {k: np.asarray(v, np.float64)
                                                                          for k, v in layer_ops.items()}
@@ -254,7 +264,7 @@ class _RuntimeChain:
         last = s == self.stages - 1
         fixed = self.fixed_pre[i] - self.fixed_pre[j] + (self.head_fixed if last else 0.0)
         act = self.act_pre[i] - self.act_pre[j] + (self.head_act if last else 0.0)
-        return (fixed + min(self.M, self.stages - s) * act) / self.tensor <= self.memory_budget
+        return (fixed + self.flight[s] * act) / self.tensor <= self.memory_budget
 
     def simulate(self, edges) -> float:
         """lockstep_time of the split with stage boundaries ``edges`` (stages + 1 entries, 0 .. n)."""
@@ -387,11 +397,17 @@ def lockstep_split(
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
     rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops)
     dp, dp_time, best = _lockstep_seed(chain, head, rc)
+    if schedule != "1f1b":  # the climb keeps to what this schedule holds in flight
+        rc.flight = schedule_in_flight(stages, microbatches, schedule)
     nodes, exhausted = _branch_and_bound(rc, best, max_nodes)
     dp = None if dp is None else tuple(int(c) for c in dp)
     if schedule == "1f1b" or best[1] is None:
         return LockstepSplit(best[1], best[0], dp, dp_time, nodes, not exhausted)
-    found = [_climb(rc, start, schedule) for start in {best[1], dp} if start is not None]
+    starts = [c for c in {best[1], dp} if c is not None and all(rc.fits(s, e0, e1) for s, (e0, e1) in
+                                                                  enumerate(zip(np.cumsum((0,) + c)[:-1], np.cumsum(c))))]
+    if not starts:
+        return LockstepSplit(None, INF, dp, INF, nodes, False)
+    found = [_climb(rc, start, schedule) for start in starts]
     t, counts, evaluated = min(found, key=lambda r: r[0])
     return LockstepSplit(counts, t, dp, rc.simulate_kind(np.concatenate([[0], np.cumsum(dp)]), schedule),
                          nodes + sum(r[2] for r in found), False)
@@ -488,10 +504,11 @@ def _seconds(flops, tensor, device_flops):
 
 
 def _pick_schedule(sims: dict, kind: str):
-    """(kind, its Simulation): the asked-for one, or the fastest for "auto" (1F1B on ties)."""
+    """(kind, its Simulation): the asked-for one, or the fastest for "auto" (the earlier in SCHEDULES_PLANNED on
+    ties: 1F1B first)."""
     if kind != "auto":
         return kind, sims[kind]
-    k = min(SCHEDULES_PLANNED, key=lambda x: (sims[x].time, SCHEDULES_PLANNED.index(x)))
+    k = min(sims, key=lambda x: (sims[x].time, SCHEDULES_PLANNED.index(x)))
     return k, sims[k]
 
 
@@ -517,14 +534,21 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     rt_pieces = split_chain(rt.llm, counts)
     rt_pieces[0] = [rt.embed] + rt_pieces[0]
     rt_pieces[-1] = rt_pieces[-1] + [rt.head]
-    mem = tuple(
-        stage_memory(p, in_flight=in_flight(s, stages, M), tensor=tensor)["total"] + enc_mem
-        for s, p in enumerate(rt_pieces)
-    )
+
+    def memory(kind):
+        flight = schedule_in_flight(stages, M, kind)
+        return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem
+                     for s, p in enumerate(rt_pieces))
+
     ops = runtime_stage_ops(rt.llm, counts, rt.head)
     ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
     sims = _simulations(ops, M, schedule)
-    kind, sim = _pick_schedule(sims, schedule)
+    if schedule == "auto":  # the fastest schedule whose activations fit the budget (1F1B when none does)
+        fitting = {k: v for k, v in sims.items() if k == "1f1b" or max(memory(k)) <= budget}
+        kind, sim = _pick_schedule(fitting, "auto")
+    else:
+        kind, sim = _pick_schedule(sims, schedule)
+    mem = memory(kind)
     return Placement(
         name,
         True,
@@ -575,6 +599,7 @@ def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, 
             for o in level:
                 per_op = np.zeros(len(OP_CHARS))
                 per_op[OP_F], per_op[OP_B], per_op[OP_W], per_op[OP_BW] = o["f"], o["b"], o["w"], o["bw"]
+                per_op[OP_FB] = o["f"] + o["bw"]
                 work += float(per_op[sim.schedule.ops[:, d]].sum())
         return 1.0 - work / (n_physical * sim.time) if sim.time > 0 else 0.0
 

@@ -23,6 +23,10 @@ Schedules (``SCHEDULES``):
   its last B. A deferred W keeps its microbatch's saved inputs and one more slot of cotangents, so a backward is
   split only while the stage's live slots stay within 1F1B's peak for it: the same activation memory as 1F1B.
   (Zero Bubble Pipeline Parallelism, arXiv 2401.10241, ZB-H1, in lockstep ticks.)
+- "1f1b_fb": 1F1B's ops, but a stage runs the forward of one microbatch and the fused backward of an earlier one in
+  the same tick (OP_FB) as soon as both are ready: the steady state's ticks each cost F + BW of the slowest stage,
+  which is the asynchronous 1F1B formula in lockstep, instead of 1F1B's max(F, BW) twice. The price is memory: a
+  round trip takes twice as many ticks, so stage s holds up to 2 (S - s) - 1 microbatches (1F1B: S - s).
 - "gpipe": all forwards, then all backwards (every microbatch in flight; a memory reference).
 """
 
@@ -32,14 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-OP_IDLE, OP_F, OP_B, OP_W, OP_BW, OP_SKIP = range(6)
-OP_CHARS = ".FBWXs"  # for printing tables: X = fused backward
-SCHEDULES = ("1f1b", "zb_h1", "gpipe")
+OP_IDLE, OP_F, OP_B, OP_W, OP_BW, OP_SKIP, OP_FB = range(7)
+OP_CHARS = ".FBWXsP"  # for printing tables: X = fused backward, P = a forward and a fused backward paired in a tick
+SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "gpipe")
 # Columns of the table. x_slot: the slot of saved layer inputs the op reads (and F on stage 0 writes); g_slot: the
 # arrived cotangent B / BW reads; w_slot: the slot of kept layer-output cotangents B writes and W reads;
 # recv_*: where this tick's arriving activation / cotangent is stored (-1: nothing arrives). x and w slots share one
 # pool per stage (both hold one row per layer), so a deferred W costs no buffer 1F1B would not have.
-FIELDS = ("op", "mb", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot", "w_slot")
+# mb2 / x2_slot: the backward half of a paired op (OP_FB; its cotangent is in g_slot).
+FIELDS = ("op", "mb", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot", "w_slot", "mb2", "x2_slot")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,66 @@ def _place(stages, M, bw, ws, kind):
     return rows
 
 
+def paired_peak(stage: int, stages: int, microbatches: int) -> int:
+    """Activation slots a 1f1b_fb stage holds at its peak: a microbatch's forward-to-backward round trip is
+    2 (S - 1 - s) ticks long and one forward starts every tick, so 2 (S - s) - 1 (1F1B: S - s), capped at M."""
+    return min(microbatches, 2 * (stages - stage) - 1)
+
+
+def _place_paired(stages, M, bw):
+    """1f1b_fb: every tick, each stage runs its next forward and its next backward when each is ready (the last
+    stage may run a microbatch's backward in the tick of its forward: the forward half runs first). A stage without
+    a backward (a frozen prefix) has no backward ops; its forwards wait while the next stage has no free slot."""
+    cap = max(paired_peak(s, stages, M) for s in range(stages))
+    done_f = np.full((stages, M), -1)
+    done_b = np.full((stages, M), -1)
+    nf, nb = [0] * stages, [0] * stages
+    live = [0] * stages
+    rows, t = [], 0
+    while any(nf[s] < M or (bw[s] and nb[s] < M) for s in range(stages)):
+        row = [(OP_IDLE, -1)] * stages
+        arrivals = []
+        for s in range(stages):
+            f_m = nf[s] if nf[s] < M else None
+            if f_m is not None:
+                ready = s == 0 or 0 <= done_f[s - 1, f_m] < t
+                room = (s == stages - 1 or live[s + 1] < cap) and (s > 0 or not bw[0] or live[0] < cap)
+                f_m = f_m if ready and room else None
+            b_m = nb[s] if bw[s] and nb[s] < M else None
+            if b_m is not None:
+                if s == stages - 1:
+                    ready = 0 <= done_f[s, b_m] < t or f_m == b_m
+                else:
+                    ready = 0 <= done_b[s + 1, b_m] < t
+                b_m = b_m if ready else None
+            if f_m is not None:
+                nf[s] += 1
+                done_f[s, f_m] = t
+                if s == 0 and bw[0]:
+                    live[0] += 1
+                elif s > 0 and not bw[s]:
+                    live[s] -= 1  # read and freed by the forward
+                if s + 1 < stages:
+                    arrivals.append(s + 1)
+            if b_m is not None:
+                nb[s] += 1
+                done_b[s, b_m] = t
+                live[s] -= 1
+            if f_m is not None and b_m is not None:
+                row[s] = (OP_FB, f_m, b_m)
+            elif f_m is not None:
+                row[s] = (OP_F, f_m)
+            elif b_m is not None:
+                row[s] = (OP_BW, b_m)
+        for s in arrivals:
+            live[s] += 1
+        rows.append(row)
+        t += 1
+        if t > 8 * (stages + M) + 8:
+            raise AssertionError("schedule did not converge")  # unreachable: backwards always progress
+    return rows
+
+
 def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weight_stages=None,
                    kind: str = "1f1b") -> Schedule:
     """The table the runtime executes. ``backward_stages[s]`` False: stage s has no backward (a frozen prefix; its
@@ -171,7 +236,7 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     for name, v in (("backward_stages", bw), ("weight_stages", ws)):
         if v.shape != (stages,):
             raise ValueError(f"{name} must have {stages} entries; got shape {v.shape}")
-    rows = _place(stages, microbatches, bw, ws, kind)
+    rows = _place_paired(stages, microbatches, bw) if kind == "1f1b_fb" else _place(stages, microbatches, bw, ws, kind)
 
     T = len(rows)
     table = np.full((T, stages, len(FIELDS)), -1, np.int32)
@@ -201,15 +266,23 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
         a_free[s].add(slot)
 
     for t, row in enumerate(rows):
-        for s, (op, m) in enumerate(row):
+        for s, (op, m, *rest) in enumerate(row):
             table[t, s, col["op"]], table[t, s, col["mb"]] = op, m
-            if op == OP_F:
+            if op in (OP_F, OP_FB):
                 if s == 0 and bw[s]:  # stage 0 reads the input directly; keep it for its backward
                     x_of[s][m] = take(s)
                 if m in x_of[s]:
                     table[t, s, col["x_slot"]] = x_of[s][m]
                     if not bw[s]:  # no backward: the slot is free once the forward has read it
                         release(s, x_of[s].pop(m))
+            if op == OP_FB:  # the backward half: after the forward half has taken its slot (it runs first)
+                m2 = rest[0]
+                table[t, s, col["mb2"]] = m2
+                table[t, s, col["x2_slot"]] = x_of[s][m2]
+                if s < stages - 1:
+                    table[t, s, col["g_slot"]] = g_of[s][m2]
+                    g_free[s].add(g_of[s].pop(m2))
+                release(s, x_of[s].pop(m2))
             elif op in (OP_B, OP_BW):
                 table[t, s, col["x_slot"]] = x_of[s][m]
                 if s < stages - 1:
@@ -226,13 +299,14 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
                 release(s, x_of[s].pop(m))
                 release(s, w_of[s].pop(m))
         # Messages sent this tick arrive at its end, after every op of the tick has read its buffers.
-        for s, (op, m) in enumerate(row):
-            if op == OP_F and s + 1 < stages:
+        for s, (op, m, *rest) in enumerate(row):
+            if op in (OP_F, OP_FB) and s + 1 < stages:
                 x_of[s + 1][m] = take(s + 1)
                 table[t, s + 1, col["recv_x_slot"]] = x_of[s + 1][m]
-            if op in (OP_B, OP_BW) and s > 0 and bw[s - 1]:
-                g_of[s - 1][m] = alloc(g_free, g_count, s - 1)
-                table[t, s - 1, col["recv_g_slot"]] = g_of[s - 1][m]
+            mb_back = rest[0] if op == OP_FB else m
+            if op in (OP_B, OP_BW, OP_FB) and s > 0 and bw[s - 1]:
+                g_of[s - 1][mb_back] = alloc(g_free, g_count, s - 1)
+                table[t, s - 1, col["recv_g_slot"]] = g_of[s - 1][mb_back]
     return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind)
 
 
@@ -275,6 +349,7 @@ def tick_costs(schedule: Schedule, ops: StageOps) -> np.ndarray:
         raise ValueError(f"StageOps has {ops.stages} stages but the schedule has {schedule.stages}")
     by_op = np.zeros((len(OP_CHARS), ops.stages))
     by_op[OP_F], by_op[OP_B], by_op[OP_W], by_op[OP_BW] = ops.f, ops.b, ops.w, ops.bw
+    by_op[OP_FB] = np.asarray(ops.f) + np.asarray(ops.bw)
     return np.take_along_axis(by_op, schedule.ops.astype(np.int64), axis=0)
 
 
