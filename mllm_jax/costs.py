@@ -41,21 +41,26 @@ def llm_layer(
     attention_pairs: int | None = None,
 ) -> Layer:
     """One decoder layer on ``batch`` sequences of ``seq_len`` tokens. ``attention_pairs`` overrides the causal pair
-    count (e.g. a multimodal mask from mllm_jax.kernels.block_map). MoE: ``n_experts`` / ``experts_per_token``
-    attributes on the config (absent -> dense)."""
+    count (e.g. a multimodal mask from mllm_jax.kernels.block_map). An MoE layer (``cfg.is_moe_layer(index)``) counts
+    the FLOPs and activations of its ``experts_per_token`` active experts (+ router, shared expert) and the parameters
+    of all ``n_experts``: FLOPs from the active parameters, memory from the total."""
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"seq_len and batch must be positive; got seq_len={seq_len}, batch={batch}")
-    d, hd, dff = cfg.d_model, cfg.resolved_head_dim, cfg.d_ff
+    d, hd = cfg.d_model, cfg.resolved_head_dim
     hq, hkv = cfg.n_heads, cfg.n_kv_heads
-    n_exp = int(getattr(cfg, "n_experts", 1) or 1)
-    # LLMConfig.experts_per_token has a default (2) even for a dense model (n_experts = 0): top-k only counts with experts
-    top_k = int(getattr(cfg, "experts_per_token", 1) or 1) if n_exp > 1 else 1
+    moe = cfg.is_moe_layer(index)
+    n_exp = cfg.n_experts if moe else 1
+    top_k = cfg.experts_per_token if moe else 1
+    dff = cfg.resolved_moe_d_ff if moe else cfg.d_ff
+    shared = cfg.shared_expert_d_ff if moe else 0
     t = seq_len * batch
     weight_flops = t * decoder_linear_flops_per_token(d, hq, hkv, hd, dff, experts_per_token=top_k, n_experts=n_exp)
+    weight_flops += t * (3 * 2 * d * shared + (2 * d if shared and cfg.shared_expert_gate else 0))
     pairs = attention_pairs if attention_pairs is not None else causal_pairs(seq_len, cfg.sliding_window)
     free_flops = batch * pairs * attention_flops_per_pair(hq, hd)
     params = d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * dff * n_exp + 2 * d
     params += (d * n_exp if n_exp > 1 else 0) + ((hq + 2 * hkv) * hd if cfg.qkv_bias else 0)
+    params += 3 * d * shared + (d if shared and cfg.shared_expert_gate else 0) + (2 * hd if cfg.qk_norm else 0)
     lora_flops, lora_params = 0.0, 0
     if lora is not None and "llm" in lora.modules:
         dims = _lora_dims(cfg)
@@ -67,7 +72,7 @@ def llm_layer(
             lora_flops += 2.0 * t * lora.rank * (din + dout)
         trainable = False  # LoRA: the base weights never train
     # Saved per token without remat: norm output, q/k/v, attention output, residual, second norm, gate/up/act.
-    act_per_token = 4 * d + (hq + 2 * hkv) * hd + 3 * dff * top_k
+    act_per_token = 4 * d + (hq + 2 * hkv) * hd + 3 * dff * top_k + 3 * shared
     return Layer(
         name=f"llm/{index}",
         module="llm",

@@ -179,3 +179,22 @@ def test_train_step_reports_and_trains_the_router_losses():
     metrics0, d_without = step_grads(0.0)
     assert float(metrics0["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-6)  # the loss is the CE alone
     assert np.abs(d_with - d_without).max() > 1e-6  # the aux coefficient moves the router
+
+
+def test_cost_model_counts_total_params_and_active_flops():
+    """The planners' layer costs: parameters of every expert (memory) = the model's own count; FLOPs of the
+    active experts only (a closed form: the same layer with n_experts = experts_per_token costs the same FLOPs
+    minus the router's columns)."""
+    from mllm_jax import costs
+
+    cfg = dataclasses.replace(BASE, n_layers=3, moe_first_dense_layers=1, shared_expert_d_ff=8,
+                              shared_expert_gate=True, qk_norm=True)
+    llm = LLM(cfg, rngs=nnx.Rngs(0))
+    values, _ = llm.layer_params()
+    actual = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(values))
+    layers = [costs.llm_layer(cfg, 32, index=i) for i in range(cfg.n_layers)]
+    assert sum(layer.params for layer in layers) == actual
+    few = dataclasses.replace(cfg, n_experts=cfg.experts_per_token)
+    moe_flops = costs.llm_layer(cfg, 32, index=1).weight_flops
+    assert moe_flops - costs.llm_layer(few, 32, index=1).weight_flops == 32 * 2 * 16 * (6 - 2)  # router columns
+    assert layers[1].params > layers[0].params  # total (6 experts) vs the dense layer
