@@ -33,7 +33,8 @@ class ParallelConfig:
     tensor: int = 1
     microbatches: int = 1
     # The pipeline's schedule (parallel.schedule): "1f1b", "zb_h1" (weight gradients fill 1F1B's cool-down, same
-    # activation memory) or "auto" (the planner's choice, by simulating both on the model's costs).
+    # activation memory), "1f1b_fb" (a forward and a backward paired per tick: the async 1F1B time in lockstep, about
+    # twice 1F1B's activations) or "auto" (the planner's choice, by simulating each on the model's costs).
     pipeline_schedule: str = "1f1b"
     context_config: ContextConfig = field(default_factory=ContextConfig)
     rules: dict = field(default_factory=dict)
