@@ -19,6 +19,11 @@ from mllm_jax.projector import Projector
 from mllm_jax.vision import VisionEncoder
 
 
+# The batch's instance-major encoder arrays: raw inputs (pixels, log-mel frames), or a frozen encoder's cached
+# pre-projector features (one of the two per modality; docs/contracts.md).
+ENCODER_KEYS = ("encoder_inputs", "encoder_features")
+
+
 def build_encoder(config: ModelConfig, name: str, *, rngs: nnx.Rngs):
     ecfg = config.encoders[name]
     lora = lora_lib.lora_for(config, name)

@@ -196,3 +196,29 @@ def test_resumed_run_with_cache_trains_like_the_uncached_run(tmp_path):
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     for step in ref:
         np.testing.assert_allclose(got[step], ref[step], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_from_balanced_cached_features_equals_pixels(tmp_path):
+    """pipeline=2 x data=4: the pipelined step from cached features, balanced over the devices, gives the loss and
+    gradients of the row-bound step from pixels (the projector and the LLM train; the encoder is frozen)."""
+    from mllm_jax.data.encoder_balance import balance_batch
+    from tests.test_encoder_balance import _loss_and_grads
+
+    config = _config()
+    pc = ParallelConfig(data=4, pipeline=2, microbatches=2)
+    mesh = make_mesh(pc)
+    data = dataclasses.replace(DATA, batch_size=8)  # 4 rows a microbatch: the pipeline's row layout over data=4
+    stream = SyntheticBatches(config, data, microbatches=2, codec=CODEC)
+    enc = ec.FrozenEncoders(create_model(config, mesh, pc, seed=0), mesh, pc, ["vision"])
+    host = stream.batch_at(0)
+    cached = ec.open_cache(str(tmp_path), config, data, enc).features(host, stream.instance_keys(0), enc)
+    cached = balance_batch(cached, config, pc, leading=1)
+    assert set(cached) - set(host) == {"encoder_features"} and "encoder_inputs" not in cached
+    loss_p, grads_p = _loss_and_grads(config, pc, host)
+    loss_c, grads_c = _loss_and_grads(config, pc, cached)
+    np.testing.assert_allclose(loss_c, loss_p, rtol=1e-6)
+    flat_p, flat_c = jax.tree.leaves(grads_p), jax.tree.leaves(grads_c)
+    assert len(flat_p) == len(flat_c) > 0
+    for gp, gc in zip(flat_p, flat_c):
+        np.testing.assert_allclose(gc, gp, rtol=1e-5, atol=1e-7)

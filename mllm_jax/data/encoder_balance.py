@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 
+from mllm_jax.multimodal import ENCODER_KEYS
 from mllm_jax.parallel.config import MESH_AXES
 from mllm_jax.parallel.instance_balance import InstancePlan, assign
 
 MODES = ("balanced", "row_bound")
-ENCODER_KEYS = ("encoder_inputs", "encoder_features")  # instance-major arrays: raw inputs, or cached features
 
 
 def check_mode(mode: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import distributed
+from mllm_jax.multimodal import ENCODER_KEYS
 
 BATCH_AXES = distributed.BATCH_AXES
 
@@ -64,7 +65,7 @@ def encoder_spec(mesh, rule_table, name: str, shape: tuple, leading: int) -> P:
 def batch_specs(batch: dict, mesh, *, leading: int, rule_table) -> dict:
     out = {}
     for key, value in batch.items():
-        if key in ("encoder_inputs", "encoder_features"):  # instance-major: raw inputs or cached features
+        if key in ENCODER_KEYS:  # instance-major: raw inputs or cached features
             out[key] = {n: encoder_spec(mesh, rule_table, n, x.shape, leading) for n, x in value.items()}
         else:
             out[key] = jax.tree.map(lambda x: token_spec(mesh, x.shape, leading), value)

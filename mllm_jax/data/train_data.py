@@ -29,7 +29,8 @@ def load_tokenizer(path: str):
 
 
 def check_encoder_options(data_config, model_config, parallel_config, *, real_data: bool) -> None:
-    """DataConfig.encoder_balance / encoder_cache / epoch_samples make sense for this run (before anything is built)."""
+    """DataConfig.encoder_balance / encoder_cache / epoch_samples make sense for this run (before anything is built).
+    ``parallel_config``: the run's layout (every layout family takes both options)."""
     from mllm_jax.data.encoder_balance import check_mode
     from mllm_jax.multimodal import encoder_is_frozen
 
@@ -45,9 +46,6 @@ def check_encoder_options(data_config, model_config, parallel_config, *, real_da
     if real_data:
         raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r}: the feature cache keys entries by "
                          f"the synthetic stream's sample ids; a real dataset (DatasetConfig.path) has none yet")
-    if parallel_config.pipeline > 1:
-        raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r} with ParallelConfig.pipeline="
-                         f"{parallel_config.pipeline}: the pipelined step embeds encoder_inputs only")
 
 
 class SyntheticTrainData:

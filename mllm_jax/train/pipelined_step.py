@@ -31,7 +31,7 @@ from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.layout import validate_layout
 from mllm_jax.llm import head_loss
 from mllm_jax.loss import IGNORE
-from mllm_jax.multimodal import encoder_is_frozen, num_features
+from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, num_features
 from mllm_jax.parallel.pipeline import pipeline_value_and_grad
 from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
@@ -102,10 +102,11 @@ def check_microbatched(batch: dict, microbatches: int) -> tuple:
     for k in TOKEN_KEYS[1:]:
         if tuple(batch[k].shape) != tuple(ids.shape):
             raise ValueError(f"{k} shape {tuple(batch[k].shape)} must equal input_ids shape {tuple(ids.shape)}")
-    for name, x in (batch.get("encoder_inputs") or {}).items():
-        if x.shape[0] != microbatches:
-            raise ValueError(f"encoder_inputs[{name!r}] has {x.shape[0]} microbatches (leading axis); expected "
-                             f"{microbatches}")
+    for key in ENCODER_KEYS:
+        for name, x in (batch.get(key) or {}).items():
+            if x.shape[0] != microbatches:
+                raise ValueError(f"{key}[{name!r}] has {x.shape[0]} microbatches (leading axis); expected "
+                                 f"{microbatches}")
     return tuple(int(d) for d in ids.shape)
 
 
@@ -125,9 +126,12 @@ def flatten_microbatches(batch: dict, features_per_instance: dict) -> dict:
     feature indices pointing at the flattened features (instance n of microbatch m is row n * M + m)."""
     M = batch["input_ids"].shape[0]
     flat = {k: _rows_flat(batch[k]) for k in TOKEN_KEYS}
-    inputs = batch.get("encoder_inputs") or {}
+    inputs = {}
+    for key in ENCODER_KEYS:  # pixels/frames, or a frozen encoder's cached features
+        if batch.get(key):
+            flat[key] = {name: _rows_flat(x) for name, x in batch[key].items()}
+            inputs.update(batch[key])
     if inputs:
-        flat["encoder_inputs"] = {name: _rows_flat(x) for name, x in inputs.items()}
         index = {}
         for name in inputs:
             t = features_per_instance[name]
@@ -257,10 +261,10 @@ def _embed_outside(model, batch: dict, M: int) -> _Outside:
     """Encoders, projectors, injection and the token embedding over all microbatches at once, differentiated by one
     vjp when anything in them trains (``embedding_requires_grad``)."""
     config = model.config
-    modalities = sorted(batch.get("encoder_inputs") or {})
+    modalities = sorted({name for key in ENCODER_KEYS for name in (batch.get(key) or {})})
     flat = flatten_microbatches(batch, {name: num_features(config, name) for name in modalities})
     with model.scope("llm"):  # token arrays in the LLM's batch layout, whatever layout the caller gave them
-        flat = {k: v if k == "encoder_inputs" else jax.tree.map(lambda a: part.constrain(a, ("batch", "length")), v)
+        flat = {k: v if k in ENCODER_KEYS else jax.tree.map(lambda a: part.constrain(a, ("batch", "length")), v)
                 for k, v in flat.items()}
     gdef, trainable, frozen, rest = nnx.split(model, trainable_filter(config), nnx.Param, ...)
 
