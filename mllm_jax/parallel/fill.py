@@ -30,14 +30,14 @@ def fill_layout(pc: ParallelConfig, num_devices: int, batch_size: int | None = N
                              f"{rest}) do not divide the {num_devices} devices")
         pc = dataclasses.replace(pc, **{fill[0]: num_devices // rest})
     if pc.microbatches == FILL:
-        shards = pc.data * pc.fsdp
+        shards = pc.data * pc.fsdp * pc.expert  # the batch axes (distributed.BATCH_AXES)
         if batch_size is None:
             raise ValueError("ParallelConfig.microbatches=-1 (one row per data x fsdp shard per microbatch) needs the "
                              "synthetic data's DataConfig.batch_size; give ParallelConfig.microbatches for a real "
                              "dataset (DatasetConfig.path)")
         if batch_size % shards:
-            raise ValueError(f"ParallelConfig.microbatches=-1 (one row per data x fsdp shard per microbatch) needs a "
-                             f"batch divisible by data x fsdp = {pc.data} x {pc.fsdp} = {shards}; got batch_size "
-                             f"{batch_size}")
+            raise ValueError(f"ParallelConfig.microbatches=-1 (one row per data x fsdp x expert shard per microbatch) "
+                             f"needs a batch divisible by data x fsdp = {pc.data} x {pc.fsdp} = {pc.data * pc.fsdp} "
+                             f"times expert={pc.expert} ({shards} shards); got batch_size {batch_size}")
         pc = dataclasses.replace(pc, microbatches=batch_size // shards)
     return pc
