@@ -13,9 +13,10 @@ from metadata, never from slot indices. Two methods:
   block is computed so XLA can overlap them; partial results merge by log-sum-exp. A custom_vjp runs the backward as
   a second ring in which dK/dV accumulators travel with K/V, so no rank ever holds more than two K/V shards. Blocks
   whose metadata rules out every pair are skipped with ``lax.cond`` (real control flow inside shard_map). Each step is
-  ``kernels.tiled`` (``tiled_attention_fwd_block`` returns the lse; ``tiled_attention_bwd_block`` takes the merged
-  lse), which computes only the non-empty tiles of the step: no [S/cp, S/cp] array is ever materialised.
-  ``impl``/``interpret`` are accepted for a common signature but the ring always steps with the tiled kernel.
+  the accelerator kernel ``impl`` resolves to on the local shard (``kernels.choose``): the Pallas TPU kernel
+  (``pallas_tpu.flash_attention_fwd_block`` returns the lse; ``flash_attention_bwd_block`` takes the merged lse),
+  whose grid steps only the step's live tiles, or else ``kernels.tiled`` (the same pair of functions; also what
+  pallas_gpu falls back to: the GPU kernel has no block entry points yet). No [S/cp, S/cp] array is materialised.
 
 ``kernels.attention`` calls ``context_attention`` itself under a mesh whose ``context`` axis has size > 1.
 """
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mllm_jax.kernels.dispatch import attention
+from mllm_jax.kernels.dispatch import attention, choose
 from mllm_jax.kernels.meta import SKIP, TokenMeta, block_map
 from mllm_jax.kernels.sharding import axes_size, axis_names, place, spec_entry
 from mllm_jax.kernels.tiled import tiled_attention_bwd_block, tiled_attention_fwd_block
@@ -121,9 +122,11 @@ def context_attention(
     if method == "allgather":
         body = functools.partial(_allgather_body, axis=axis, step=kv_heads_per_step, remat=remat, kw=kw)
     else:
-        # The per-step math is kernels.tiled whatever ``impl`` says: it is the path that exposes the lse.
         ring_kw = {key: kw.get(key) for key in ("scale", "window", "softcap", "block_q", "block_k")}
         ring_kw["span_isolated"] = bool(kw.get("span_isolated", False))
+        ring_kw["kernel"] = _ring_kernel(kw.get("impl", "auto"), k.shape[1] // cp)
+        if ring_kw["kernel"] == "pallas_tpu":
+            ring_kw["interpret"] = bool(kw.get("interpret", False))
         body = functools.partial(_ring_attention, axis=axis, cp=cp, kw_items=tuple(sorted(ring_kw.items())))
     # check_vma=False: the per-shard attention may be a pallas_call, whose outputs carry no varying-axes type.
     return jax.shard_map(
@@ -166,11 +169,27 @@ def _any_visible(q_meta, k_meta, window, span_isolated):
     return jnp.any(bm != SKIP)
 
 
+def _ring_kernel(impl: str, local_keys: int) -> str:
+    """The per-step kernel of the ring: "pallas_tpu" where ``impl`` resolves to it, else "tiled"."""
+    return "pallas_tpu" if choose(impl, local_keys) == "pallas_tpu" else "tiled"
+
+
+def _block_fns(kw):
+    """(forward block, backward block, their keyword arguments) of the ring's per-step kernel."""
+    kw = dict(kw)
+    if kw.pop("kernel") == "pallas_tpu":
+        from mllm_jax.kernels.pallas_tpu import flash_attention_bwd_block, flash_attention_fwd_block
+
+        return flash_attention_fwd_block, flash_attention_bwd_block, kw
+    return tiled_attention_fwd_block, tiled_attention_bwd_block, kw
+
+
 def _block_forward(q, k, v, q_meta, k_meta, kw):
     """out [B, Sq, Hq, D] (f32, normalised over this K/V shard) and lse [B, Hq, Sq] (-inf: nothing seen here)."""
+    fwd_block, _, kw_ = _block_fns(kw)
 
     def compute(_):
-        return tiled_attention_fwd_block(q, k, v, q_meta, k_meta, **kw)
+        return fwd_block(q, k, v, q_meta, k_meta, **kw_)
 
     def skip(_):
         b, sq, hq, _d = q.shape
@@ -182,8 +201,10 @@ def _block_forward(q, k, v, q_meta, k_meta, kw):
 def _block_backward(q, k, v, q_meta, k_meta, do, lse, delta, kw):
     """(dq, dk, dv) f32 of one q shard vs one K/V shard, given the merged lse and delta = sum(do * o)."""
 
+    _, bwd_block, kw_ = _block_fns(kw)
+
     def compute(_):
-        return tiled_attention_bwd_block(q, k, v, q_meta, k_meta, do, lse, delta, **kw)
+        return bwd_block(q, k, v, q_meta, k_meta, do, lse, delta, **kw_)
 
     def skip(_):
         return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

@@ -622,39 +622,42 @@ def _q_major_specs(cfg: _Config, d, backward):
     return specs, q_spec, pl.BlockSpec((None, g, bq), rows_map)
 
 
-def _fwd(q, k, v, qm, km, plan: TilePlan, cfg: _Config):
+def _fwd(q, k, v, qm, km, plan: TilePlan, cfg: _Config, out_dtype=None):
     hkv, g, sq, d = q.shape
     bq = cfg.block_q
+    out_dtype = out_dtype or q.dtype
     in_specs, q_spec, lse_spec = _q_major_specs(cfg, d, backward=False)
-    out = jnp.zeros(q.shape, q.dtype)
+    out = jnp.zeros(q.shape, out_dtype)
     lse = jnp.full((hkv, g, sq), _EMPTY_LSE, jnp.float32)
     for chunk in plan.q_major:
         out, lse = _call(
             "fwd", _fwd_kernel, cfg, chunk, hkv, in_specs, [q_spec, lse_spec],
             [pltpu.VMEM((3, bq, _LANES), jnp.int32), pltpu.VMEM((g, bq, _LANES), jnp.float32),
              pltpu.VMEM((g, bq, _LANES), jnp.float32), pltpu.VMEM((g, bq, d), jnp.float32)],
-            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
+            [jax.ShapeDtypeStruct(q.shape, out_dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
             (q, k, v, qm, km), (out, lse), d, q.dtype)
     return out, lse
 
 
-def _dq(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config):
+def _dq(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config, out_dtype=None):
     hkv, g, sq, d = q.shape
     bq = cfg.block_q
+    out_dtype = out_dtype or q.dtype
     in_specs, q_spec, _ = _q_major_specs(cfg, d, backward=True)
-    dq = jnp.zeros(q.shape, q.dtype)
+    dq = jnp.zeros(q.shape, out_dtype)
     for chunk in plan.q_major:
         (dq,) = _call(
             "dq", _dq_kernel, cfg, chunk, hkv, in_specs, [q_spec],
             [pltpu.VMEM((3, bq, _LANES), jnp.int32), pltpu.VMEM((g, bq, _LANES), jnp.float32),
              pltpu.VMEM((g, bq, _LANES), jnp.float32), pltpu.VMEM((g, bq, d), jnp.float32)],
-            [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+            [jax.ShapeDtypeStruct(q.shape, out_dtype)],
             (q, k, v, do, lse, di, qm, km), (dq,), d, q.dtype)
     return dq
 
 
-def _dkv(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config):
+def _dkv(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config, out_dtype=None):
     hkv, g, _, d = q.shape
+    out_dtype = out_dtype or k.dtype
     bq, bk = cfg.block_q, cfg.block_k
 
     def q_map(h, t, rows, cols):
@@ -676,13 +679,13 @@ def _dkv(q, k, v, do, lse, di, qm, km, plan: TilePlan, cfg: _Config):
     lse_spec = pl.BlockSpec((None, g, bq), rows_map)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, lse_spec, lse_spec, pl.BlockSpec((_META_ROWS, bq), qmeta_map),
                 pl.BlockSpec((_META_ROWS, bk), kmeta_map)]
-    dk, dv = jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
+    dk, dv = jnp.zeros(k.shape, out_dtype), jnp.zeros(v.shape, out_dtype)
     for chunk in plan.k_major:
         dk, dv = _call(
             "dkv", _dkv_kernel, cfg, chunk, hkv, in_specs, [kv_spec, kv_spec],
             [pltpu.VMEM((3, bk, _LANES), jnp.int32), pltpu.VMEM((bk, d), jnp.float32),
              pltpu.VMEM((bk, d), jnp.float32)],
-            [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+            [jax.ShapeDtypeStruct(k.shape, out_dtype), jax.ShapeDtypeStruct(v.shape, out_dtype)],
             (q, k, v, do, lse, di, qm, km), (dk, dv), d, q.dtype)
     return dk, dv
 
@@ -817,19 +820,93 @@ def flash_attention(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive; got {softcap}")
     block_q, block_k = blocks_for(sq, sk, d, block_q, block_k, generation)
+    prep = _prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, softcap, span_isolated, interpret)
+    static, arrays = _split_plan(prep.plan)
+    out = _flash(prep.cfg, static, prep.q, prep.k, prep.v, prep.qm, prep.km, arrays)
+    return prep.ungroup(out)
 
+
+class _Prepared(NamedTuple):
+    cfg: _Config
+    plan: TilePlan
+    q: object  # [Hkv, G, B*Sq', D]
+    k: object  # [Hkv, B*Sk', D]
+    v: object
+    qm: object  # [8, B*Sq']
+    km: object
+    grouped: object  # [B, Sq, Hq, X] -> [Hkv, G, B*Sq', X] (padded)
+    ungroup: object  # the inverse, trimmed to Sq
+    rows: object  # [B, Hq, Sq] -> [Hkv, G, B*Sq'] (padded)
+    unrows: object  # the inverse, trimmed
+
+
+def _prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, softcap, span_isolated, interpret):
+    """The kernels' layout (padded, grouped, batch folded), their tile plan and configuration, and the maps
+    between the public layouts and the kernels'."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
     sq_pad, sk_pad = _round_up(sq, block_q), _round_up(sk, block_k)
     plan = tile_plan(q_meta, k_meta, block_q, block_k, window=window, span_isolated=span_isolated)
     group = hq // hkv
 
-    def grouped(x, length, heads_per_kv):  # [B, S, H, D] -> [Hkv, heads_per_kv, B*S, D]
-        x = _pad_seq(x, length, jnp).reshape(b, length, hkv, heads_per_kv, d)
-        return jnp.transpose(x, (2, 3, 0, 1, 4)).reshape(hkv, heads_per_kv, b * length, d)
+    def grouped(x, length=sq_pad, heads_per_kv=group):  # [B, S, H, X] -> [Hkv, heads_per_kv, B*S, X]
+        x = _pad_seq(x, length, jnp).reshape(b, length, hkv, heads_per_kv, x.shape[-1])
+        return jnp.transpose(x, (2, 3, 0, 1, 4)).reshape(hkv, heads_per_kv, b * length, x.shape[-1])
+
+    def ungroup(x, length=sq_pad, heads_per_kv=group, keep=sq):
+        x = jnp.transpose(x.reshape(hkv, heads_per_kv, b, length, x.shape[-1]), (2, 3, 0, 1, 4))
+        return x.reshape(b, length, hkv * heads_per_kv, x.shape[-1])[:, :keep]
+
+    def rows(x):  # [B, Hq, Sq] -> [Hkv, G, B*Sq']
+        x = _pad_seq(x, sq_pad, jnp, axis=2).reshape(b, hkv, group, sq_pad)
+        return jnp.transpose(x, (1, 2, 0, 3)).reshape(hkv, group, b * sq_pad)
+
+    def unrows(x):
+        x = jnp.transpose(x.reshape(hkv, group, b, sq_pad), (2, 0, 1, 3))
+        return x.reshape(b, hq, sq_pad)[:, :, :sq]
 
     cfg = _Config(**config_fields(block_q, block_k, d, scale, window, softcap, span_isolated), group=group,
                   interpret=bool(interpret), n_q=sq_pad // block_q, n_k=sk_pad // block_k)
-    static, arrays = _split_plan(plan)
-    out = _flash(cfg, static, grouped(q, sq_pad, group), grouped(k, sk_pad, 1)[:, 0], grouped(v, sk_pad, 1)[:, 0],
-                 _meta_rows(_pad_meta(q_meta, sq_pad)), _meta_rows(_pad_meta(k_meta, sk_pad)), arrays)
-    out = jnp.transpose(out.reshape(hkv, group, b, sq_pad, d), (2, 3, 0, 1, 4)).reshape(b, sq_pad, hq, d)
-    return out[:, :sq]
+    return _Prepared(cfg, plan, grouped(q), grouped(k, sk_pad, 1)[:, 0], grouped(v, sk_pad, 1)[:, 0],
+                     _meta_rows(_pad_meta(q_meta, sq_pad)), _meta_rows(_pad_meta(k_meta, sk_pad)), grouped,
+                     ungroup, rows, unrows)
+
+
+def _block_prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, softcap, span_isolated, interpret,
+                   generation):
+    check_gqa(q.shape[2], k.shape[2])
+    block_q, block_k = blocks_for(q.shape[1], k.shape[1], q.shape[3], block_q, block_k, generation)
+    return _prepare(q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta), block_q, block_k, scale, window, softcap,
+                    span_isolated, interpret)
+
+
+def flash_attention_fwd_block(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None,
+                              scale=None, window=None, softcap=None, span_isolated=False, interpret=False,
+                              generation=None):
+    """The forward of one q shard against one K/V shard, for callers that own the vjp (ring attention); the
+    conventions of kernels.tiled.tiled_attention_fwd_block: (out [B, Sq, Hq, D] float32, normalised over this K/V
+    shard only; lse [B, Hq, Sq] float32, -inf for rows that see nothing here). Only the live tiles are stepped."""
+    prep = _block_prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, softcap, span_isolated,
+                          interpret, generation)
+    out, lse = _fwd(prep.q, prep.k, prep.v, prep.qm, prep.km, prep.plan, prep.cfg, out_dtype=jnp.float32)
+    lse = prep.unrows(lse)
+    return prep.ungroup(out), jnp.where(lse >= _EMPTY_LSE, -jnp.inf, lse)
+
+
+def flash_attention_bwd_block(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, d_out, lse, delta, *, block_q=None,
+                              block_k=None, scale=None, window=None, softcap=None, span_isolated=False,
+                              interpret=False, generation=None):
+    """(dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D]) float32 of one q shard against one K/V shard, given the lse
+    merged over every K/V shard ([B, Hq, Sq], -inf where nothing is seen) and delta = sum(d_out * out) [B, Hq, Sq]:
+    the conventions of kernels.tiled.tiled_attention_bwd_block."""
+    prep = _block_prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, softcap, span_isolated,
+                          interpret, generation)
+    lse_rows = prep.rows(jnp.where(jnp.isfinite(lse), lse, _EMPTY_LSE).astype(jnp.float32))
+    di = prep.rows(delta.astype(jnp.float32))
+    do = prep.grouped(d_out.astype(q.dtype))
+    dq = _dq(prep.q, prep.k, prep.v, do, lse_rows, di, prep.qm, prep.km, prep.plan, prep.cfg, jnp.float32)
+    dk, dv = _dkv(prep.q, prep.k, prep.v, do, lse_rows, di, prep.qm, prep.km, prep.plan, prep.cfg, jnp.float32)
+    sk = k.shape[1]
+    sk_pad = prep.k.shape[1] // q.shape[0]
+    to_kv = lambda x: prep.ungroup(x[:, None], sk_pad, 1, sk)  # noqa: E731
+    return prep.ungroup(dq), to_kv(dk), to_kv(dv)
