@@ -7,10 +7,10 @@ balance check on the real decoder layers of a partly frozen LLM.
 
 (a) is analytic per-layer costs (parallel.cost_model over mllm_jax.costs' layers of public architecture shapes;
 communication not modelled), the same costs for every placement: "ours" is the encoders-outside placement with the
-LLM split and schedule (1F1B or ZB-H1) the planner picks for our runtime (``PipelinePlan.runtime``), "cornstarch"
+LLM split and schedule (1F1B, ZB-H1 or 1F1B-FB) the planner picks for our runtime (``PipelinePlan.runtime``), "cornstarch"
 Cornstarch's (5,1,1) placement (each encoder on a stage of its own) and "megatron_like" a frozen-unaware planner's,
 both run as our runtime would run them (encoder stages at the depths before the LLM's first stage, lockstep ticks,
-the faster of 1F1B / ZB-H1). model_details adds Cornstarch's own asynchronous 1F1B formula for its placement.
+the fastest schedule). model_details adds Cornstarch's own asynchronous 1F1B formula for its placement.
 (b) compiles one real decoder layer (``LLM.stage_layer``) on the host for its forward, input-gradient (B),
 weight-gradient (W) and fused backward ops (cost_analysis FLOPs), plans 4-stage splits of a 32-layer LLM whose first
 half is frozen on those per-layer costs, and compiles each stage's ops (its layers, straight line, with the runtime's
@@ -36,8 +36,8 @@ from benchmarks._report import report  # noqa: E402
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.costs import pipeline_costs  # noqa: E402
-from mllm_jax.parallel.pipeline_plan import plan_pipeline  # noqa: E402
-from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_W  # noqa: E402
+from mllm_jax.parallel.pipeline_plan import plan_pipeline, schedule_in_flight  # noqa: E402
+from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_FB, OP_W  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ from mllm_jax.parallel.cost_model import Layer, cost_chain
 from mllm_jax.parallel.pipeline import (KIND_DW, KIND_DX, KIND_DX_DW, KIND_NONE, layer_grads, layout_schedule,
                                         make_layout)
 from mllm_jax.parallel.pipeline_plan import lockstep_split, min_max_split, stage_ops, uniform_split
-from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_W, simulate
+from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_FB, OP_W, simulate
 
 S, M, N_FROZEN, N_TRAIN, D, SEQ, MB = CFG
 n = N_FROZEN + N_TRAIN
@@ -210,7 +210,8 @@ analytic_vs_compiled = {k: float(analytic[k][a_first_dxdw] / {"f": f, "b": b, "w
                         for k in ("f", "b", "w", "bw")}
 
 # The split the planner picks for the runtime: least simulated lockstep time, the faster schedule.
-searches = {kind: lockstep_split(chain, S, microbatches=M, schedule=kind, layer_ops=ops) for kind in ("1f1b", "zb_h1")}
+searches = {kind: lockstep_split(chain, S, microbatches=M, schedule=kind, layer_ops=ops)
+            for kind in ("1f1b", "zb_h1", "1f1b_fb")}
 kind = min(searches, key=lambda k: searches[k].time)
 runtime_plan = searches[kind].counts
 # The frozen-aware FLOP-balanced split (min-max over each stage's compiled work per microbatch: F + its backward).
@@ -256,8 +257,9 @@ def stage_program_flops(counts, schedule):
     for s_, c in enumerate(counts):
         ks = [int(k) for k in layout.kind[s_, :c]]
         col = table[:, s_]
-        out.append(sum(float((col == op).sum()) * op_flops(ks, op) for op in (OP_F, OP_B, OP_W, OP_BW)
-                       if (col == op).any()))
+        n_fb = float((col == OP_FB).sum())  # a paired tick: one forward and one fused backward
+        out.append(sum(float((col == op).sum() + (n_fb if op in (OP_F, OP_BW) else 0)) * op_flops(ks, op)
+                       for op in (OP_F, OP_B, OP_W, OP_BW) if (col == op).any() or (n_fb and op in (OP_F, OP_BW))))
     return out
 
 def ratio(v):
@@ -318,10 +320,11 @@ def draw_timeline(path, plan, name):
 
     from mllm_jax.parallel.schedule import simulate as simulate_table, tick_costs
 
-    colors = {OP_F: "tab:blue", OP_B: "tab:orange", OP_W: "tab:green", OP_BW: "tab:red"}
+    colors = {OP_F: "tab:blue", OP_B: "tab:orange", OP_W: "tab:green", OP_BW: "tab:red", OP_FB: "tab:purple"}
     so = _plan_stage_ops(plan, name)
     fig, axes = plt.subplots(2, 1, figsize=(12, 5), sharex=True)
-    for ax, kind in zip(axes, ("1f1b", "zb_h1")):
+    chosen = plan.runtime.schedule
+    for ax, kind in zip(axes, ("1f1b", chosen if chosen != "1f1b" else "zb_h1")):
         sim = simulate_table(so, plan.microbatches, kind)
         costs = tick_costs(sim.schedule, so)
         start = 0.0
@@ -335,7 +338,7 @@ def draw_timeline(path, plan, name):
         ax.set_ylabel("stage")
         ax.invert_yaxis()
         ax.set_title(f"{name} LLM pipeline (ours, layers {list(plan.runtime.llm_stage_layers)}), {kind} in lockstep "
-                     f"ticks: {sim.time:.3f} s, bubble {sim.bubble_fraction:.2f} (F blue, B orange, W green, BW red)",
+                     f"ticks: {sim.time:.3f} s, bubble {sim.bubble_fraction:.2f} (F blue, B orange, W green, BW red, F+BW purple)",
                      fontsize=8)
     axes[-1].set_xlabel("seconds (cost model)")
     fig.tight_layout()
@@ -381,6 +384,9 @@ def main():
             "ours_llm_stage_layers": list(ours.llm_stage_layers),
             "ours_encoder_time": ours.encoder_time,
             "ours_runtime_1f1b": ours.runtime_time_1f1b,
+            # Activation slots (microbatches of saved layer inputs) the busiest stage holds: ours, and 1F1B's.
+            "ours_activation_slots": max(schedule_in_flight(plan.stages, plan.microbatches, ours.schedule)),
+            "activation_slots_1f1b": max(schedule_in_flight(plan.stages, plan.microbatches, "1f1b")),
             "cornstarch_schedule": cs.schedule,
             "cornstarch_bubble_fraction": cs.bubble_fraction,
             "cornstarch_llm_stage_layers": list(cs.llm_stage_layers),
