@@ -62,7 +62,8 @@ def test_layout_is_checked_against_every_module():
 def test_rules_per_module_and_overrides():
     llm = dict(logical_rules("llm", LAYOUT))
     enc = dict(logical_rules("encoders/vision", LAYOUT))
-    assert llm["batch"] == ("data", "fsdp") and llm["mlp"] == "tensor" and llm["length"] == "context"
+    assert llm["batch"] == ("data", "fsdp", "expert") and llm["mlp"] == "tensor" and llm["length"] == "context"
+    assert llm["experts"] == "expert" and llm["expert_mlp"] == "tensor" and llm["moe_router"] is None
     assert set(enc["batch"]) == {"data", "fsdp", "expert", "pipeline", "context", "tensor"} and enc["mlp"] is None
     assert enc["length"] is None  # an image's or clip's tokens stay together: the encoders shard their batch only
     over = ParallelConfig(data=8, rules={"llm": {"mlp": None, "length": None}})
