@@ -218,3 +218,26 @@ def test_planner_picks_the_faster_schedule_by_simulating_it():
                for cut in itertools.combinations(range(1, 12), S - 1)
                for c in [np.diff((0,) + cut + (12,))])
     assert zb.time == pytest.approx(best)
+
+
+def test_auto_schedule_respects_the_memory_budget():
+    import dataclasses
+
+    from mllm_jax.config import LLMConfig, ModelConfig
+    from mllm_jax.costs import pipeline_costs
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.pipeline_plan import plan_pipeline
+
+    cfg = ModelConfig(llm=LLMConfig(vocab_size=256, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=768),
+                      remat="full")
+    costs = pipeline_costs(cfg, text_tokens=512)
+    par = ParallelConfig(pipeline=4, microbatches=16, pipeline_schedule="auto")
+    free = plan_pipeline(costs, par, placement="outside")
+    assert free.runtime.schedule == "1f1b_fb" and free.runtime.runtime_time < free.runtime.runtime_time_1f1b
+    # A budget that holds 1F1B's activations but not 1F1B-FB's: the planner keeps a schedule that fits.
+    one = plan_pipeline(costs, dataclasses.replace(par, pipeline_schedule="1f1b"), placement="outside")
+    assert one.runtime.schedule == "1f1b"
+    budget = max(one.runtime.stage_memory) * 1.001
+    tight = plan_pipeline(costs, par, placement="outside", memory_budget=budget)
+    assert tight.runtime.schedule != "1f1b_fb" and tight.runtime.fits_memory
+    assert max(free.runtime.stage_memory) > budget

@@ -708,7 +708,7 @@ def plan_pipeline(
     placement: str = "auto",
     cornstarch_stages: dict | None = None,
     megatron_stages: dict | None = None,
-    schedule: str = "auto",
+    schedule: str | None = None,
 ) -> PipelinePlan:
     """Choose the LLM layers per pipeline stage and where the encoders run.
 
@@ -718,14 +718,16 @@ def plan_pipeline(
     "own_stages". ``cornstarch_stages`` / ``megatron_stages``: {"llm": n, encoder: n} stage counts of the baselines
     (default: each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner
     prefers); their totals may differ from ``parallel.pipeline``. ``schedule``: the runtime's schedule ("1f1b",
-    "zb_h1") or "auto" (the faster in simulation, per placement): every placement's ``runtime_time`` is simulated
-    tick by tick under it, with the same per-layer costs.
+    "zb_h1", "1f1b_fb") or "auto" (the fastest in simulation that fits the memory budget, per placement); None:
+    ``parallel.pipeline_schedule`` (what the run will execute). Every placement's ``runtime_time`` is simulated tick
+    by tick under it, with the same per-layer costs.
     """
     stages, M, tensor = parallel.pipeline, parallel.microbatches, parallel.tensor
     if placement not in ("auto", "outside", "own_stages"):
         raise ValueError(f"placement must be auto, outside or own_stages; got {placement!r}")
     if stages < 1 or M < 1:
         raise ValueError(f"pipeline stages and microbatches must be >= 1; got {stages} and {M}")
+    schedule = parallel.pipeline_schedule if schedule is None else schedule
     if schedule != "auto" and schedule not in SCHEDULES_PLANNED:
         raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES_PLANNED}; got {schedule!r}")
     n_layers = len(costs.aware.llm)
@@ -772,7 +774,9 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args) -> tuple:
             search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
                                     schedule=kind)
         placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind)
-        if best is None or placed.runtime_time < best[0].runtime_time * (1 - 1e-12):
+        # Fitting the memory budget first (each schedule holds its own number of microbatches), then the fastest.
+        if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
+                                                                          best[0].runtime_time * (1 - 1e-12)):
             best = (placed, search)
     return outside, uniform, best[0], best[1]
 
