@@ -203,6 +203,8 @@ def host_local_slice(global_batch_rows: int, mesh, batch_axes=BATCH_AXES) -> sli
     ordered by process); a mesh that interleaves processes along the batch axes is refused."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    batch_axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes)
+                       if a in mesh.axis_names)  # a mesh without an `expert` axis: its other batch axes
     shards = _axes_size(mesh, batch_axes)
     if global_batch_rows % shards:
         raise ValueError(f"global_batch_rows={global_batch_rows} is not divisible by the {shards} shards of mesh "
