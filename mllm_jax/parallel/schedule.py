@@ -17,7 +17,8 @@ lasts as long as its slowest op. ``simulate`` sums exactly that; the asynchronou
 
 Schedules (``SCHEDULES``):
 - "1f1b": stage s runs min(S - s - 1, M) warm-up forwards, then alternates F and BW, then the remaining BWs; a
-  stage holds at most min(S - s, M) microbatches of saved inputs.
+  stage has at most min(S - s, M) microbatches forwarded and not yet backwarded (a later stage's next activation
+  arrives a tick before its forward, so its pool has one slot more: ``Schedule.peak_act``).
 - "zb_h1": 1F1B's order, but a stage that has weight gradients splits each backward after its last forward into
   B and a deferred W; the Ws run in the ticks where the stage would otherwise idle (the cool-down bubbles) and after
   its last B. A deferred W keeps its microbatch's saved inputs and one more slot of cotangents, so a backward is
