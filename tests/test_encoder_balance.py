@@ -162,6 +162,19 @@ def test_balanced_batch_moves_every_feature_to_its_token():
         np.testing.assert_array_equal(out[key], host[key])
 
 
+def test_balanced_rows_never_exceed_the_row_bound_layout():
+    """65 of 80 slots used on one device: the bucket (96) would exceed the 80 rows the row-bound layout encodes."""
+    config = _config()
+    t = config.features_per_instance("vision")
+    fi = np.full((1, 1, 65 * t), -1, np.int32)
+    fi[0, 0] = np.arange(65 * t)
+    batch = {"feature_index": {"vision": fi},
+             "encoder_inputs": {"vision": np.random.default_rng(0).normal(size=(1, 80, 8, 8, 3)).astype(np.float32)}}
+    out = eb.balance_batch(batch, config, ParallelConfig(), leading=1)
+    assert out["encoder_inputs"]["vision"].shape[1] == 80
+    np.testing.assert_array_equal(out["encoder_inputs"]["vision"][0, :65], batch["encoder_inputs"]["vision"][0, :65])
+
+
 def test_capacity_buckets_and_mode_errors():
     assert [eb.capacity(n) for n in (0, 1, 2, 3, 4, 5, 7, 9, 13, 17)] == [1, 1, 2, 3, 4, 6, 8, 12, 16, 24]
     with pytest.raises(ValueError, match="encoder_balance must be one of .* got 'even'"):

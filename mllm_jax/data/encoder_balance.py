@@ -116,7 +116,9 @@ def _balance_one(x, fi, model_config, parallel_config, name: str, leading: int, 
     cost = instance_cost(model_config.encoders[name])
     plans = [plan_microbatch(fi_MBS[m], t, x_MN.shape[1], cost, shards, what=f"feature_index[{name!r}]")
              for m in range(x_MN.shape[0])]
-    c = capacity(max([int(p.counts.max(initial=0)) for _, p in plans] + [1]))
+    busiest = max([int(p.counts.max(initial=0)) for _, p in plans] + [1])
+    # Never more rows than the row-bound layout's (rounded up to whole slices): both sizes are static for a config.
+    c = max(busiest, min(capacity(busiest), -(-x_MN.shape[1] // shards)))
     new_x = np.zeros((x_MN.shape[0], shards * c) + x_MN.shape[2:], x.dtype)
     new_fi = np.full(fi_MBS.shape, -1, fi.dtype)
     for m, (used, plan) in enumerate(plans):
