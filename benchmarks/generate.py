@@ -6,7 +6,8 @@ llava_7b on a TPU target.
 1. CPU, side by side in one run: one Llama-style LLM (random weights), exported with mllm_jax.hf.export and loaded
    by transformers, so both run the same weights on the same left-padded prompts of different lengths; greedy, no
    stop token, ``max_new_tokens`` each. Each side is timed after a warm-up call (our compile excluded; its time is
-   reported apart). tokens_per_s = rows x new tokens / wall time of the whole generate (prefill included).
+   reported apart). tokens_per_s = rows x new tokens / wall time of the whole generate (prefill included);
+   transformers' figure is its best of 1 torch thread and torch's default count (both reported).
    ``same_tokens``: whether both produced the same greedy tokens.
 2. TPU (deviceless: libtpu compiles for the target without the chip, mllm_jax.train.targets): one decode step
    (mllm_jax.decode.decode_step: one token per row against a static cache) of configs/llava_7b.gin's LLM with bf16
@@ -72,13 +73,22 @@ def cpu_comparison(*, d_model: int, n_layers: int, vocab: int, rows: int, prompt
         mask[i, width - len(p):] = 1
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # transformers' best of 1 thread and torch's default: on a shared 2-core machine torch's spinning OpenMP threads
+    # can be 10x slower than one thread (measured 2026-12-06: 637 vs 51 ms a step), which would flatter our ratio.
+    default_threads = torch.get_num_threads()
+    hf_by_threads = {}
     with torch.no_grad():
-        hf.generate(**kw)  # warm-up
-        hf_t = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            hf_out = hf.generate(**kw)
-            hf_t.append(time.perf_counter() - t0)
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            hf.generate(**kw)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                hf_out = hf.generate(**kw)
+                times.append(time.perf_counter() - t0)
+            hf_by_threads[threads] = min(times)
+    torch.set_num_threads(default_threads)
+    hf_t = [min(hf_by_threads.values())]
     hf_tokens = hf_out[:, width:].numpy()
     n = rows * new_tokens
     ours_s, hf_s = min(ours_t), min(hf_t)
@@ -91,7 +101,8 @@ def cpu_comparison(*, d_model: int, n_layers: int, vocab: int, rows: int, prompt
         "cpu_model": {"d_model": d_model, "n_layers": n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
                       "vocab": vocab, "rows": rows, "prompt_tokens": lengths, "new_tokens": new_tokens,
                       "timing": f"best of {repeats} whole generate calls after a warm-up",
-                      "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__},
+                      "transformers": transformers.__version__},
+        "hf_tokens_per_s_by_torch_threads": {str(k): n / v for k, v in hf_by_threads.items()},
     }
 
 
