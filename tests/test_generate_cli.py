@@ -13,8 +13,10 @@ import pytest
 
 from generate_testlib import trained_workdir
 from subprocess_env import child_env
+from test_hf_export import _hf_greedy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # a run trained on 8 devices and generate.py / export subprocesses
 
 
 def _generate(*flags):
@@ -108,3 +110,35 @@ def test_training_eval_reports_the_generated_caption_exact_match(run):
     assert (last["eval_caption_exact"], last["eval_caption_word_accuracy"]) == (want["caption_exact"],
                                                                                 want["word_accuracy"])
     assert want["word_accuracy"] > 0  # some words right after a few steps: the comparison is not of two zeros
+
+
+def test_trained_run_exports_with_its_tokenizer_and_generates_the_same_in_transformers(run, tmp_path):
+    """python -m mllm_jax.hf.export on the run; transformers' LLaVA generate gives our greedy tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mllm_jax import decode
+    from mllm_jax.data.tokenizer import TextCodec
+    from mllm_jax.train import captions
+
+    path, out = run.workdir, str(tmp_path / "hf")
+    res = subprocess.run([sys.executable, "-m", "mllm_jax.hf.export", f"--workdir={path}", f"--out={out}"], cwd=ROOT,
+                         env=child_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= set(os.listdir(out))
+    codec = TextCodec(run.tokenizer)
+    samples = captions.held_out_samples(run.config.model, run.config.data, 2, codec)
+    batch = captions.prompt_batch(captions.make_builder(run.config.model, run.config.data, codec), samples)
+    n = decode.prompt_lengths(batch)
+    assert (n == n[0]).all()  # image prompts have one length: no padding on either side
+    batch["span_ids"][:] = 0  # transformers' LLaVA attends causally over the image
+    ours = decode.generate(run.model, batch, max_new_tokens=6).tokens
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ids = batch["input_ids"][:, :n[0]]
+    pixels = batch["encoder_inputs"]["vision"].transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(_hf_greedy(hf, ids, pixel_values=torch.tensor(pixels)), ours)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.decode(ours[0]).split() == codec.decode(ours[0]).split()
+    assert tok.eos_token == "<eos>" and tok.pad_token == "<pad>"
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["eos_token_id"] == codec.token_id("<eos>")

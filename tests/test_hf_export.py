@@ -1,12 +1,8 @@
 """Export to Hugging Face, with transformers as the client: the exported directory loads in transformers and its
 ``generate`` gives the same greedy tokens as mllm_jax.decode for the same prompt (and image). Tiny random LLaVA and
 LLMs (Gemma 2 with soft-caps and alternating windows, Mistral with a binding window: transformers' own cache is the
-oracle of ours), and the run trained in tests/generate_testlib.py through ``python -m mllm_jax.hf.export``."""
-
-import json
-import os
-import subprocess
-import sys
+oracle of ours). The run trained in tests/generate_testlib.py is exported through ``python -m mllm_jax.hf.export`` in
+tests/test_generate_cli.py (which owns that run, so the suite trains it once)."""
 
 import numpy as np
 import pytest
@@ -17,13 +13,10 @@ from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfi
 from mllm_jax.hf.export import export
 from mllm_jax.llm import LLM
 from mllm_jax.multimodal import MultimodalModel
-from generate_testlib import trained_workdir
-from subprocess_env import child_env
 from test_generate import _randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
@@ -80,32 +73,3 @@ def test_exported_tiny_llava_generates_our_greedy_tokens_in_transformers(tmp_pat
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
     got = _hf_greedy(hf, ids, pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
     np.testing.assert_array_equal(got, ours)
-
-
-def test_trained_run_exports_with_its_tokenizer_and_generates_the_same_in_transformers(tmp_path):
-    from mllm_jax.data.tokenizer import TextCodec
-    from mllm_jax.train import captions, workdir
-
-    path, out = trained_workdir(), str(tmp_path / "hf")
-    res = subprocess.run([sys.executable, "-m", "mllm_jax.hf.export", f"--workdir={path}", f"--out={out}"], cwd=ROOT,
-                         env=child_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= set(os.listdir(out))
-    run = workdir.open_run(path)
-    codec = TextCodec(run.tokenizer)
-    samples = captions.held_out_samples(run.config.model, run.config.data, 2, codec)
-    batch = captions.prompt_batch(captions.make_builder(run.config.model, run.config.data, codec), samples)
-    n = decode.prompt_lengths(batch)
-    assert (n == n[0]).all()  # image prompts have one length: no padding on either side
-    batch["span_ids"][:] = 0  # transformers' LLaVA attends causally over the image
-    ours = decode.generate(run.model, batch, max_new_tokens=STEPS).tokens
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
-    ids = batch["input_ids"][:, :n[0]]
-    pixels = batch["encoder_inputs"]["vision"].transpose(0, 3, 1, 2)
-    np.testing.assert_array_equal(_hf_greedy(hf, ids, pixel_values=torch.tensor(pixels)), ours)
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert tok.decode(ours[0]).split() == codec.decode(ours[0]).split()
-    assert tok.eos_token == "<eos>" and tok.pad_token == "<pad>"
-    with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["eos_token_id"] == codec.token_id("<eos>")
