@@ -76,7 +76,7 @@ def _loss_and_grads(config, pc, host):
 
 # Every layout family in two runs: fsdp x context x tensor, and pipeline x data.
 LAYOUTS = {
-    "fsdp2_context2_tensor2": ParallelConfig(fsdp=2, context=2, tensor=2, microbatches=2,
+    "fsdp2_context2_tensor2": ParallelConfig(fsdp=2, context=2, tensor=2, microbatches=1,
                                              context_config=ContextConfig(block=16)),
     "pipeline2_data4": ParallelConfig(data=4, pipeline=2, microbatches=2),
 }
