@@ -22,8 +22,8 @@ Uneven stages are padded to the largest with an inactive slot per missing layer;
 [layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit. A stage walks only its
 own slots: its loops' trip count is the stage's active layer count (data, not a shape), so padding costs no compute,
 only the padded slots' memory. Memory: one pool of activation slots per device (saved inputs, and for ZB-H1 the kept
-cotangents of a deferred W) sized by the schedule; no weight-gradient accumulator when no layer trains, and none for
-frozen leaves of trainable layers.
+cotangents of a deferred W) sized by the schedule; a weight-gradient accumulator with rows for the slots that have a
+weight gradient only (``StageLayout.grad_rows``), none when no layer trains, none for frozen leaves.
 """
 
 from __future__ import annotations
@@ -78,6 +78,17 @@ class StageLayout:
     @property
     def trains(self) -> bool:
         return bool(self.weight_stages.any())
+
+    @property
+    def grad_slots(self) -> np.ndarray:
+        """[S, L_max] bool: the slots with a weight gradient (their rows of the gradient accumulator, in order)."""
+        return self.active & (self.kind >= KIND_DW)
+
+    @property
+    def grad_rows(self) -> int:
+        """Rows of every device's gradient accumulator: the most slots with a weight gradient on one stage (frozen
+        slots get none, so a stage of mostly frozen layers does not size it by its layer count)."""
+        return max(1, int(self.grad_slots.sum(axis=1).max()))
 
 
 def layout_schedule(layout: StageLayout, microbatches: int, kind: str = "1f1b") -> Schedule:
@@ -277,12 +288,12 @@ def layer_grads(layer_fn, p, x, g, aux_m, *, dx: bool, dw: bool, split: ParamSpl
     return None, vjp(g)[0]
 
 
-def _add_grad(acc, i, dq):
-    return [jax.lax.dynamic_update_index_in_dim(a, a[i] + d.astype(a.dtype), i, 0) for a, d in zip(acc, dq)]
+def _add_grad(acc, row, dq):
+    return [jax.lax.dynamic_update_index_in_dim(a, a[row] + d.astype(a.dtype), row, 0) for a, d in zip(acc, dq)]
 
 
 def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, dy, aux_m, gacc, cnt=None,
-                    split=None):
+                    split=None, rows=None):
     """The fused backward (BW): reverse walk over the active slots with the per-slot vjp branch (each recomputes its
     layer's forward from the input the forward saved in ``saved[slot, i]``: remat per layer, no second pass over the
     stage), adding each slot's trainable-leaf gradients into ``gacc`` (list of [L_max, ...]; None: no layer of the
@@ -312,7 +323,7 @@ def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, d
         branches = (none, dx_only) if acc is None else (none, dx_only, dw_only, both)
         dq, dx = jax.lax.switch(jnp.minimum(k, len(branches) - 1), branches)
         if acc is not None:
-            acc = _add_grad(acc, i, dq)
+            acc = _add_grad(acc, i if rows is None else rows[i], dq)
         if c is not None:
             c = c + jnp.stack([0, k > KIND_NONE, (k == KIND_DX) | (k == KIND_DX_DW), k >= KIND_DW]).astype(c.dtype)
         return dx, acc, c
@@ -345,7 +356,7 @@ def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, 
 
 
 def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot, aux_m, gacc, cnt=None,
-                       split=None):
+                       split=None, rows=None):
     """W: the weight gradient only, of the slots that have one: each one's vjp with respect to its trainable leaves
     (no dX), from its saved input ``acts[slot, i]`` and the output cotangent B kept in ``acts[w_slot, i]``."""
 
@@ -356,7 +367,7 @@ def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
         def dw():
             dq, _ = layer_grads(layer_fn, _index(params_L, i), _row(acts, slot, i), _row(acts, w_slot, i), aux_m,
                                 dx=False, dw=True, split=split)
-            return _add_grad(acc, i, dq)
+            return _add_grad(acc, i if rows is None else rows[i], dq)
 
         acc = jax.lax.cond(has_dw, dw, lambda: acc)
         if c is not None:
@@ -449,11 +460,36 @@ def pipeline_value_and_grad(
     )
     # No layer trains: no accumulator was carried; zeros here cost nothing where the caller drops them.
     zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
-    trained = iter(jax.tree.leaves(from_stages(gstaged, layout, mesh, axis)) if layout.trains else [])
+    trained = iter(_grads_to_layers(gstaged, layout, mesh, axis) if layout.trains else [])
     grads = jax.tree.unflatten(split.treedef, [next(trained) if m and layout.trains else z
                                                 for z, m in zip(zeros, split.mask)])
     out = (loss, (grads, glp, dx if want_dx else None))
     return out + (counts,) if trace else out
+
+
+def _grads_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
+    """[stages, grad_rows, ...] accumulators -> [layers, ...] per leaf: the rows of the slots with a weight gradient
+    in layer order, zeros for the layers without one."""
+    G = layout.grad_rows
+    rows = np.zeros((layout.stages, G), bool)
+    for s, n in enumerate(layout.grad_slots.sum(axis=1)):
+        rows[s, :n] = True
+    row_layout = StageLayout(tuple(int(n) for n in rows.sum(axis=1)), np.zeros_like(rows, np.int32), rows,
+                             np.zeros_like(rows, np.int32), layout.backward_stages)
+    got = jax.tree.leaves(from_stages(gstaged, row_layout, mesh, axis))  # [n with a weight gradient, ...]
+    n_layers = int(layout.active.sum())
+    has = np.zeros(n_layers, bool)
+    has[layout.index[layout.grad_slots]] = True
+    if has.all():
+        return got
+    # Some layers are frozen: their rows are zeros (one more row to point at), gathered in layer order.
+    where = np.where(has, np.cumsum(has) - 1, int(has.sum()))
+    out = []
+    for g in got:
+        g = _reshard_dim(g, mesh, None, axis) if mesh is not None else g
+        g = jnp.concatenate([g, jnp.zeros_like(g[:1])], axis=0)
+        out.append(jnp.take(g, jnp.asarray(where), axis=0))
+    return out
 
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
@@ -476,6 +512,9 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         # Active slots are a prefix of the stage, and so are its KIND_NONE slots among them.
         n_active = jnp.sum(active_L.astype(jnp.int32))
         n_none = jnp.sum((active_L & (kind_L == KIND_NONE)).astype(jnp.int32))
+        # Slot -> its row of the gradient accumulator (the slots with a weight gradient, in order).
+        rows_L = jnp.maximum(jnp.cumsum((active_L & (kind_L >= KIND_DW)).astype(jnp.int32)) - 1, 0)
+        G = layout.grad_rows
         # Buffers inherit the microbatch's sharding over the other mesh axes (explicit axes must match in selects).
         zero_x = jnp.zeros_like(x_mb[0])
         buffer = lambda k: jnp.broadcast_to(zero_x[None], (k,) + mb_shape)  # noqa: E731
@@ -514,7 +553,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         def bwd_fused(st, gs, slot, gslot, m0):
             acts, gacc, lpacc, loss, dxs, cnt = st
             gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
-                                            incoming(acts, gs, slot, gslot), _index(aux_all, m0), gacc, cnt, split)
+                                            incoming(acts, gs, slot, gslot), _index(aux_all, m0), gacc, cnt, split,
+                                            rows_L)
             return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0), cnt)
 
         def bwd_input(st, gs, slot, gslot, w_slot, m0):
@@ -528,7 +568,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             if not trains:
                 return st
             gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
-                                           _index(aux_all, m0), gacc, cnt, split)
+                                           _index(aux_all, m0), gacc, cnt, split, rows_L)
             return acts, gacc, lpacc, loss, dxs, cnt
 
         def tick(carry, row):
@@ -575,7 +615,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             # kept layer-output cotangents of a deferred W.
             jnp.broadcast_to(zero_x[None, None], (sched.act_slots, L + 1) + mb_shape),
             buffer(sched.g_slots),
-            [jnp.zeros_like(a) for a in split.split(params_L)[0]] if trains else None,
+            # Rows for the slots with a weight gradient only (``StageLayout.grad_rows``), trainable leaves only.
+            [jnp.zeros_like(a[:G]) for a in split.split(params_L)[0]] if trains else None,
             _zeros_like(lp),
             jnp.float32(0.0),
             buffer(M) if want_dx else jnp.zeros((), x_mb.dtype),
