@@ -151,11 +151,12 @@ def _dkv_kernel(qb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref
     km = (kp_ref[...], ks_ref[...], ksp_ref[...])
 
     def body(j, carry):
-        dk, dv = carry
         qi, kind = qb_ref[j], kind_ref[j]
         qsl = pl.ds(qi * bq, bq)
         qm = (qp_ref[qsl], qs_ref[qsl], qsp_ref[qsl])
-        for g in range(group):  # static: the group's heads share the k/v tile and the tile's mask
+
+        def head(g, carry):  # a loop, not unrolled: one head's tiles live at a time (shared memory flat in G)
+            dk, dv = carry
             q, do = q_ref[qsl, g, :], do_ref[qsl, g, :]
             lse, delta = lse_ref[g, qsl], delta_ref[g, qsl]
             s, t = _tile_logits(q, k, kind, qm, lambda: km, cfg)
@@ -164,8 +165,9 @@ def _dkv_kernel(qb_ref, kind_ref, count_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref
             ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
             if t is not None:
                 ds = ds * (1.0 - t * t)
-            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
+            return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+        return jax.lax.fori_loop(0, group, head, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, count_ref[0], body, (zeros, zeros))
