@@ -209,6 +209,7 @@ def test_gradient_accumulator_has_rows_for_trainable_slots_only():
     ("zb_h1", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),  # partly frozen, frozen prefix skips backward
     ("zb_h1", (2, 1, 1), 4, None, True, {"w": False, "b": True}),  # base weight frozen, the bias trains (LoRA-like)
     ("1f1b_fb", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),
+    ("1f1b_fb", (2, 2, 2, 2), 6, [0] * 8, True, None),  # frozen layers, trainable input: dX everywhere
     ("1f1b_fb", (2, 1, 1), 4, None, True, {"w": False, "b": True}),
 ])
 def test_schedules_match_one_device(schedule, stage_layers, M, trainable, input_grad, param_trainable):
