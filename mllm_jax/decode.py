@@ -321,6 +321,21 @@ def _generate_fn(graphdef, **static):
     return _COMPILED[key]
 
 
+def _check_one_device(state) -> None:
+    """Generation runs on one device: refuse, naming the way out, a model laid out on a mesh or a call under one
+    (sharded decoding is not implemented; the cache and the step would need the training layouts)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        raise ValueError(f"generate runs on one device; it was called under a mesh of {mesh.size} devices "
+                         f"({dict(mesh.shape)}). Call it outside jax.set_mesh with the model copied onto one device "
+                         f"(mllm_jax.train.workdir.on_one_device, outside_mesh)")
+    spread = {len(x.sharding.device_set) for x in jax.tree.leaves(state) if hasattr(x, "sharding")}
+    if spread - {1}:
+        raise ValueError(f"generate runs on one device; the model's arrays are laid out over {max(spread)} devices. "
+                         f"Copy it onto one (mllm_jax.train.workdir.on_one_device) or restore it with "
+                         f"mllm_jax.train.workdir.open_run")
+
+
 def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              stop_tokens=(), pad_id: int = 0, cache_len: int | None = None,
              return_logits: bool = False) -> GenerateOutput:
@@ -350,6 +365,7 @@ def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfi
     if bad:
         raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {vocab})")
     graphdef, state = nnx.split(model)
+    _check_one_device(state)
     fn = _generate_fn(graphdef, max_new_tokens=max_new_tokens, cache_len=cache_len,
                       greedy=sampling.temperature == 0.0, with_logits=return_logits)
     stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)  # -1: no token stops

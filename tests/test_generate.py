@@ -159,3 +159,24 @@ def test_an_image_whose_features_do_not_match_the_placeholders_is_refused():
     batch["input_ids"][0, np.flatnonzero(batch["input_ids"][0] == VISION_ID)[-1]] = 9  # one placeholder fewer
     with pytest.raises(ValueError, match=rf"sample 0: {n - 1} 'vision' placeholder tokens but {n} 'vision' features"):
         decode.generate(model, batch, max_new_tokens=2)
+
+
+def test_a_model_on_a_mesh_is_refused_with_the_way_out():
+    """Sharded decoding is not implemented: a model laid out over devices, or a call under a mesh, is a ValueError
+    naming the device count and the one-device copy (which then generates the same tokens)."""
+    from mllm_jax.build import create_model
+    from mllm_jax.config import ModelConfig
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
+    from mllm_jax.train.workdir import on_one_device
+
+    pc = ParallelConfig(data=2, fsdp=4)
+    mesh = make_mesh(pc)
+    model = create_model(ModelConfig(llm=FAMILIES["mistral_window"]), mesh, pc)
+    batch = decode.text_batch(PROMPTS)
+    with pytest.raises(ValueError, match="laid out over 8 devices.*on_one_device"):
+        decode.generate(model, batch, max_new_tokens=2)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="under a mesh of 8 devices"):
+        decode.generate(on_one_device(model), batch, max_new_tokens=2)
+    out = decode.generate(on_one_device(model), batch, max_new_tokens=2, return_logits=True)
+    _check_against_uncached(on_one_device(model).llm, PROMPTS, out, 2)
