@@ -151,3 +151,24 @@ def test_gqa_dkv_summed_in_kernel_group_of_three():
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     (outs,) = _dkv_outputs(grad, *bf)
     assert all(o.dtype == jnp.bfloat16 and o.shape[2] == 2 for o in outs), outs
+
+
+@pytest.mark.slow
+def test_h100_block_table_entry_compiles_and_the_next_larger_is_refused():
+    """GPU_BLOCKS was chosen by compiling candidates for the target: the H100 head-dim-128 entry (64 x 128) compiles
+    forward and backward with 8 query heads per kv head, and the next larger candidate (128 x 64) is refused by the
+    deviceless Triton compile for exceeding the H100's shared memory (the oracle the table was built from)."""
+    from mllm_jax.kernels import pallas_gpu
+
+    assert pallas_gpu.default_blocks(4096, 4096, 128, "h100") == (64, 128)
+    b, s, hq, hkv, d = 1, 2048, 8, 1, 128
+    meta = TokenMeta(*(jax.ShapeDtypeStruct((b, s), jnp.int32) for _ in range(3)))
+    spec = lambda h: jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16)  # noqa: E731
+
+    def grad(bq, bk):
+        return jax.grad(lambda q, k, v, m: flash_attention(q, k, v, m, m, block_q=bq, block_k=bk).astype(
+            jnp.float32).sum(), argnums=(0, 1, 2))
+
+    compile_on_one_device("gpu:h100:1x1", grad(64, 128), spec(hq), spec(hkv), spec(hkv), meta)
+    with pytest.raises(Exception, match="Shared memory size limit exceeded"):
+        compile_on_one_device("gpu:h100:1x1", grad(128, 64), spec(hq), spec(hkv), spec(hkv), meta)

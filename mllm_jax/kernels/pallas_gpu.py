@@ -40,10 +40,36 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def default_blocks(sq: int, sk: int, head_dim: int) -> tuple[int, int]:
-    """64 x 64 tiles (32 for head dim 256, to fit shared memory); short sequences get one power-of-two tile >= 16."""
-    base = 32 if head_dim > 128 else 64
-    return min(base, max(16, _next_pow2(sq))), min(base, max(16, _next_pow2(sk)))
+# (block_q, block_k) per GPU generation and head dim (up to 64 / 128 / 256): of the candidates 128x128, 128x64,
+# 64x128, 64x64, 64x32, 32x64, 32x32 (largest tile first), the first whose forward and backward (bf16, 8 query heads
+# per kv head, 2 stages) the deviceless Triton compile for that GPU accepts. It refuses a kernel over the chip's
+# shared memory and names the bytes requested, e.g. H100 d=128 128x64: 296 960 of 232 448; A100 d=128 128x128:
+# 198 656 of 166 912. Sweep of 2026-12-06 (docs/kernels.md); tests/test_kernels_pallas_gpu.py re-checks the H100
+# d=128 entry and its refused larger neighbour.
+GPU_BLOCKS = {
+    "h100": {64: (128, 128), 128: (64, 128), 256: (64, 32)},
+    "a100": {64: (128, 128), 128: (128, 64), 256: (32, 64)},
+}
+_DEFAULT_GPU = "h100"
+
+
+def gpu_generation() -> str:
+    """The GPU generation of the default backend ("h100", "a100"), else h100 (CPU, a compile for a target)."""
+    try:
+        kind = jax.devices()[0].device_kind.lower()
+    except Exception:  # noqa: BLE001 - no backend at all
+        return _DEFAULT_GPU
+    return next((g for g in GPU_BLOCKS if g in kind), _DEFAULT_GPU)
+
+
+def default_blocks(sq: int, sk: int, head_dim: int, generation: str | None = None) -> tuple[int, int]:
+    """GPU_BLOCKS for the generation and head dim; short sequences get one power-of-two tile >= 16."""
+    gen = generation or gpu_generation()
+    if gen not in GPU_BLOCKS:
+        raise ValueError(f"generation must be one of {sorted(GPU_BLOCKS)}; got {gen!r}")
+    table = GPU_BLOCKS[gen]
+    bq, bk = table[next((d for d in sorted(table) if head_dim <= d), max(table))]
+    return min(bq, max(16, _next_pow2(sq))), min(bk, max(16, _next_pow2(sk)))
 
 
 # ----------------------------------------------------------------------------------------------------------- in-kernel
