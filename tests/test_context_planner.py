@@ -191,3 +191,26 @@ def test_bad_inputs_are_refused_with_the_values():
     # A length not divisible by cp x block is padded, not refused.
     odd = plan(TokenMeta.causal(1, 1000), 3, block=64, tile_k=32)
     assert odd.padded_len == 3 * 64 * 6 and odd.seq_len == 1000
+
+
+def test_permute_for_context_costs_blocks_with_the_trained_models_shapes():
+    """With the trained LLM's config the planner's alpha (per non-empty tile) and beta (per token) come from its
+    shapes, not the Llama-3-8B default; a small model weighs tokens (its MLP) very differently against tiles."""
+    from types import SimpleNamespace
+
+    from mllm_jax.config import LLMConfig
+    from mllm_jax.data.context_batches import cost_model_for, permute_for_context
+    from mllm_jax.parallel.cost_model import CostModel
+
+    meta = family_meta("multimodal_packed", 2048, np.random.default_rng(3))
+    batch = {"input_ids": np.ones_like(meta.positions), "labels": np.ones_like(meta.positions),
+             "positions": meta.positions, "segment_ids": meta.segment_ids, "span_ids": meta.span_ids}
+    pc = SimpleNamespace(context=4, context_config=SimpleNamespace(mode="balanced", block=128))
+    llm = LLMConfig(d_model=512, n_heads=8, n_kv_heads=2, d_ff=1024)
+    _, default_plan = permute_for_context(batch, pc, leading=0)
+    _, model_plan = permute_for_context(batch, pc, leading=0, llm_config=llm)
+    want = CostModel(d_model=512, d_ff=1024, n_heads=8, n_kv_heads=2, head_dim=64, tile_q=128, tile_k=32)
+    assert (model_plan.alpha, model_plan.beta) == (want.alpha, want.beta)
+    assert (default_plan.alpha, default_plan.beta) == (CostModel().alpha, CostModel().beta)
+    assert model_plan.beta / model_plan.alpha != default_plan.beta / default_plan.alpha
+    assert cost_model_for(llm, block=128, tile_k=32) == want

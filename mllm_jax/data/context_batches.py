@@ -24,16 +24,31 @@ def _rows(x: np.ndarray, leading: int) -> np.ndarray:
     return x.reshape((-1,) + x.shape[leading + 1:])
 
 
-def permute_for_context(batch: dict, parallel_config, *, leading: int) -> tuple[dict, "cp_lib.ContextPlan"]:
+def cost_model_for(llm_config, *, block: int, tile_k: int) -> cp_lib.CostModel:
+    """The planner's block costs (alpha per non-empty block x tile_k tile, beta per token) from the trained LLM's
+    shapes (LLMConfig: d_model, d_ff, heads, kv heads, head dim; gated MLP) instead of the Llama-3-8B default."""
+    head_dim = llm_config.head_dim or llm_config.d_model // llm_config.n_heads
+    return cp_lib.CostModel(d_model=llm_config.d_model, d_ff=llm_config.d_ff, n_heads=llm_config.n_heads,
+                            n_kv_heads=llm_config.n_kv_heads, head_dim=head_dim, gated_mlp=True, tile_q=block,
+                            tile_k=tile_k)
+
+
+def permute_for_context(batch: dict, parallel_config, *, leading: int,
+                        llm_config=None) -> tuple[dict, "cp_lib.ContextPlan"]:
     """(the batch permuted by a plan of ``ParallelConfig.context_config`` over ``ParallelConfig.context`` ranks, the
-    plan). ``leading`` = number of axes before the batch axis (1 for [M, B, S] train batches, 0 for eval)."""
+    plan). ``leading`` = number of axes before the batch axis (1 for [M, B, S] train batches, 0 for eval).
+    ``llm_config``: the trained model's LLMConfig, whose shapes cost the blocks (``cost_model_for``); None keeps the
+    Llama-3-8B layer of parallel.cost_model.CostModel."""
     cc = parallel_config.context_config
     lead_shape = np.shape(batch["input_ids"])[:leading]
     flat = {k: _rows(batch[k], leading) for k in TOKEN_KEYS}
     flat["feature_index"] = {n: _rows(v, leading) for n, v in (batch.get("feature_index") or {}).items()}
     meta = TokenMeta(flat["positions"], flat["segment_ids"], flat["span_ids"])
     # Key tiles of 32 tokens (the kernels' and Cornstarch's), or the largest that divides a small block.
-    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block, tile_k=math.gcd(cc.block, 32))
+    tile_k = math.gcd(cc.block, 32)
+    cost_model = None if llm_config is None else cost_model_for(llm_config, block=cc.block, tile_k=tile_k)
+    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block, tile_k=tile_k,
+                       cost_model=cost_model)
     permuted = cp_lib.permute_batch(flat, plan)
 
     def back(x):  # [(lead * B), S'] -> [..lead.., B, S']
