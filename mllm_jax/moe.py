@@ -31,7 +31,7 @@ import numpy as np
 
 from mllm_jax import layers as L
 from mllm_jax import partitioning as part
-from mllm_jax.kernels.sharding import current_mesh, free_axes
+from mllm_jax.kernels.sharding import current_mesh
 
 MOE_IMPLS = ("auto", "ragged_dot", "tiled", "megablox", "dense")
 ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
@@ -365,9 +365,9 @@ def _axes(entry) -> tuple:
 def moe_mlp(p: dict, x_BSD, cfg, run=None):
     """The MoE MLP on normed hidden states: (routed experts (+ shared expert) output [B, S, D], MoEStats)."""
     b, s, d = x_BSD.shape
-    mesh = current_mesh()
+    mesh = _layout_mesh(x_BSD)
     routed = {"router": p["router"], "experts": p["experts"]}
-    if mesh is None or not free_axes(mesh):
+    if mesh is None:
         y, stats = _local_block(routed, x_BSD.reshape(b * s, d), cfg)
         y = y.reshape(b, s, d)
     else:
@@ -380,6 +380,21 @@ def moe_mlp(p: dict, x_BSD, cfg, run=None):
             sh = sh * jax.nn.sigmoid(g.astype(jnp.float32)).astype(sh.dtype)
         y = y + sh
     return y, stats
+
+
+def _layout_mesh(x):
+    """The mesh the block runs per shard on: the current one, or the one ``x``'s type is laid out on, unless every
+    axis is already manual (inside a shard_map: arrays are per-device). Even with every axis of size 1 the block runs
+    under shard_map there: jax infers no Explicit-mesh layout for ragged_dot (forward or transposed)."""
+    mesh = current_mesh()
+    if mesh is None:
+        sh = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sh, "mesh", None)
+        if mesh is None or mesh.empty:
+            return None
+    if all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return None
+    return mesh
 
 
 def _sharded_block(routed: dict, x_BSD, cfg, mesh):
@@ -411,8 +426,11 @@ def _sharded_block(routed: dict, x_BSD, cfg, mesh):
 
     P = jax.sharding.PartitionSpec
     stats_spec = MoEStats(P(), P(), P(), P())
-    return jax.shard_map(body, mesh=mesh, in_specs=(w_specs, P(*x_spec)), out_specs=(P(*x_spec), stats_spec))(
-        routed, x_BSD)
+    # The megablox Pallas call types its outputs without varying axes, which check_vma refuses; its gradients under
+    # tensor- or token-sharded psums are then not type-checked (untested: no TPU here).
+    check = resolve_impl(cfg.moe_impl) != "megablox"
+    return jax.shard_map(body, mesh=mesh, in_specs=(w_specs, P(*x_spec)), out_specs=(P(*x_spec), stats_spec),
+                         check_vma=check)(routed, x_BSD)
 
 
 # ----------------------------------------------------------------------------------------------------------------

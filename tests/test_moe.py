@@ -198,3 +198,23 @@ def test_cost_model_counts_total_params_and_active_flops():
     moe_flops = costs.llm_layer(cfg, 32, index=1).weight_flops
     assert moe_flops - costs.llm_layer(few, 32, index=1).weight_flops == 32 * 2 * 16 * (6 - 2)  # router columns
     assert layers[1].params > layers[0].params  # total (6 experts) vs the dense layer
+
+
+@pytest.mark.parametrize("impl,target", [("megablox", "tpu:v5e:1x1"), ("ragged_dot", "tpu:v5e:1x1"),
+                                         ("ragged_dot", "gpu:h100:1x1")])
+def test_grouped_matmuls_compile_for_accelerators(impl, target):
+    """The TPU / GPU dispatch (the Pallas megablox gmm, jax.lax.ragged_dot) forward + backward compiled by the
+    target's own compiler (libtpu's XLA:TPU + Mosaic, the deviceless CUDA back end): no accelerator here to run them,
+    so the oracle is the compiler accepting the program (megablox: a Mosaic custom call in it)."""
+    from kernel_testlib import compile_on_one_device
+
+    cfg = dataclasses.replace(BASE, d_model=256, n_experts=8, moe_d_ff=256, moe_impl=impl)
+    e, d, f = 8, 256, 256
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    p = {"router": {"kernel": spec(d, e)}, "experts": {"gate": {"kernel": spec(e, d, f)},
+                                                       "up": {"kernel": spec(e, d, f)},
+                                                       "down": {"kernel": spec(e, f, d)}}}
+    grad = jax.grad(lambda p, x: jnp.sum(moe.moe_mlp(p, x, cfg)[0].astype(jnp.float32)))
+    _, hlo = compile_on_one_device(target, grad, p, spec(1, 512, d))
+    if impl == "megablox":
+        assert "tpu_custom_call" in hlo
