@@ -154,7 +154,7 @@ def prepare_host_batch(batch: dict, cfg: RunConfig, *, leading: int) -> dict:
     """Host-side transforms before placement: the context-parallel permutation when ParallelConfig.context > 1; the
     encoder instances assigned to devices by cost (DataConfig.encoder_balance)."""
     if cfg.parallel.context > 1:
-        batch, _ = permute_for_context(batch, cfg.parallel, leading=leading)
+        batch, _ = permute_for_context(batch, cfg.parallel, leading=leading, llm_config=cfg.model.llm)
     return encoder_balance.prepare(batch, cfg.model, cfg.parallel, cfg.data.encoder_balance, leading=leading)
 
 
