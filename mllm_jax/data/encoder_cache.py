@@ -3,10 +3,14 @@
 ``DataConfig.encoder_cache = DIR``. One entry per encoder instance (the item-th image or clip of a sample), in
 ``DIR/<modality>-<fingerprint>/<sample key>.npy``:
 
-- **key**: the instance's stable id from the data stream (``SyntheticBatches.instance_keys``: split, seed, sample
-  index, item), so every epoch and every resumed run finds it;
-- **fingerprint**: sha256 over the modality's encoder config, the preprocessing that makes its inputs (the data
-  config's fields that shape them, and ``PREPROCESSING_VERSION`` of the synthetic renderer) and every byte of the
+- **key**: the instance's stable id from the data stream, so every epoch and every resumed run finds it. Synthetic
+  data (``SyntheticBatches.instance_keys``): split, seed, sample index, item. A real dataset
+  (``datasets.Loader.last_instance_keys``): the sha256 of the media file's bytes, read once with the bytes that are
+  decoded (``datasets.media.read_media``), so the key follows the content, not the record's index, id or path: a
+  reordered or extended dataset still hits, an edited file is a miss;
+- **fingerprint**: sha256 over the modality's encoder config, the preprocessing that makes its inputs (synthetic: the
+  data config's fields that shape them and ``PREPROCESSING_VERSION`` of the renderer; real data: the source's
+  ``preprocessing()``, the image mean / std and ``datasets.media.PREPROCESSING_VERSION``) and every byte of the
   encoder's weights. Another encoder, other weights or other preprocessing is another folder: nothing stale is read;
 - **file**: the array in numpy's .npy format followed by the 32-byte sha256 of those .npy bytes, written to a
   temporary file in the same folder and renamed into place (``os.replace``: a reader sees the whole entry or none).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import tempfile
 
@@ -46,11 +51,17 @@ def weights_digest(params) -> str:
     return h.hexdigest()
 
 
-def fingerprint(name: str, model_config, data_config, weights: str) -> str:
-    """The cache folder's hash for modality ``name``: encoder config, preprocessing, weights digest."""
+def synthetic_preprocessing(data_config) -> dict:
+    """What decides the synthetic stream's encoder inputs besides the encoder config (for ``fingerprint``)."""
+    return {"version": PREPROCESSING_VERSION, **{f: getattr(data_config, f) for f in _INPUT_FIELDS}}
+
+
+def fingerprint(name: str, model_config, preprocessing, weights: str) -> str:
+    """The cache folder's hash for modality ``name``: encoder config, preprocessing, weights digest.
+    ``preprocessing``: a JSON-able dict (a real source's ``preprocessing()``) or the synthetic stream's DataConfig."""
     enc = model_config.encoders[name]
-    prep = {f: getattr(data_config, f) for f in _INPUT_FIELDS}
-    text = f"{name}|{type(enc).__name__}|{dataclasses.asdict(enc)}|{PREPROCESSING_VERSION}|{prep}|{weights}"
+    prep = preprocessing if isinstance(preprocessing, dict) else synthetic_preprocessing(preprocessing)
+    text = f"{name}|{type(enc).__name__}|{dataclasses.asdict(enc)}|{json.dumps(prep, sort_keys=True)}|{weights}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -161,6 +172,9 @@ class FeatureCache:
             for m in range(x_MN.shape[0]):
                 for s in used_slots(fi_M[m], self.tokens_per_instance[name], x_MN.shape[1],
                                     what=f"feature_index[{name!r}]"):
+                    if not k_MN[m, s]:
+                        raise ValueError(f"encoder row {s} of microbatch {m} ({name!r}) is used by feature_index "
+                                         f"but has no instance key ({k_MN[m, s]!r}): the data stream did not key it")
                     a, corrupt = store.load(k_MN[m, s])
                     self.counts["corrupt"] += int(corrupt)
                     if a is None:
@@ -236,13 +250,14 @@ class FrozenEncoders:
         return np.asarray(out)[:n]
 
 
-def open_cache(directory: str, model_config, data_config, encoders: FrozenEncoders) -> FeatureCache:
-    """A FeatureCache for every modality ``encoders`` runs, each in its fingerprinted folder under ``directory``."""
+def open_cache(directory: str, model_config, preprocessing, encoders: FrozenEncoders) -> FeatureCache:
+    """A FeatureCache for every modality ``encoders`` runs, each in its fingerprinted folder under ``directory``
+    (``preprocessing``: see ``fingerprint``)."""
     stores, tokens = {}, {}
     for name, state in encoders.states.items():
         enc = model_config.encoders[name]
         digest = weights_digest(state)
-        folder = os.path.join(directory, f"{name}-{fingerprint(name, model_config, data_config, digest)}")
+        folder = os.path.join(directory, f"{name}-{fingerprint(name, model_config, preprocessing, digest)}")
         stores[name] = FeatureStore(folder, (enc.num_features, enc.d_model), np.float32)
         tokens[name] = model_config.features_per_instance(name)
     return FeatureCache(stores, tokens)

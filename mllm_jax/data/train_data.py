@@ -30,7 +30,8 @@ def load_tokenizer(path: str):
 
 def check_encoder_options(data_config, model_config, parallel_config, *, real_data: bool) -> None:
     """DataConfig.encoder_balance / encoder_cache / epoch_samples make sense for this run (before anything is built).
-    ``parallel_config``: the run's layout (every layout family takes both options)."""
+    ``parallel_config``: the run's layout (every layout family takes both options). ``real_data``: a real dataset
+    (its instances are keyed by their media files' content; the synthetic stream's by sample id)."""
     from mllm_jax.data.encoder_balance import check_mode
     from mllm_jax.multimodal import encoder_is_frozen
 
@@ -43,9 +44,14 @@ def check_encoder_options(data_config, model_config, parallel_config, *, real_da
     if not frozen:
         raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r} caches frozen encoders' features, "
                          f"but no encoder of {sorted(model_config.encoders)} is frozen (ModelConfig.trainable)")
-    if real_data:
-        raise ValueError(f"DataConfig.encoder_cache={data_config.encoder_cache!r}: the feature cache keys entries by "
-                         f"the synthetic stream's sample ids; a real dataset (DatasetConfig.path) has none yet")
+
+
+def _frozen_encoders(model, mesh, parallel_config, model_config):
+    from mllm_jax.data import encoder_cache
+    from mllm_jax.multimodal import encoder_is_frozen
+
+    names = [n for n in sorted(model_config.encoders) if encoder_is_frozen(model_config, n)]
+    return encoder_cache.FrozenEncoders(model, mesh, parallel_config, names)
 
 
 class SyntheticTrainData:
@@ -62,12 +68,16 @@ class SyntheticTrainData:
         """Serve frozen encoders' features from DataConfig.encoder_cache (mllm_jax.data.encoder_cache), computing
         and storing the missing ones with a copy of ``model``'s frozen encoders (call before the first step)."""
         from mllm_jax.data import encoder_cache
-        from mllm_jax.multimodal import encoder_is_frozen
 
         cfg = self.batches.builder.model_config
-        names = [n for n in sorted(cfg.encoders) if encoder_is_frozen(cfg, n)]
-        self.encode = encoder_cache.FrozenEncoders(model, mesh, parallel_config, names)
-        self.cache = encoder_cache.open_cache(self.batches.cfg.encoder_cache, cfg, self.batches.cfg, self.encode)
+        self.encode = _frozen_encoders(model, mesh, parallel_config, cfg)
+        self.cache = encoder_cache.open_cache(self.batches.cfg.encoder_cache, cfg,
+                                              encoder_cache.synthetic_preprocessing(self.batches.cfg), self.encode)
+
+    @property
+    def cache_counts(self) -> dict | None:
+        """The feature cache's hits / misses / corrupt entries since this process opened it (None: no cache)."""
+        return None if self.cache is None else dict(self.cache.counts)
 
     def next_host_batch(self, mesh) -> dict:
         data = self.batches
@@ -90,20 +100,43 @@ class SyntheticTrainData:
 
 class RealTrainData:
     """A LLaVA-JSON or audio-caption dataset through mllm_jax.data.datasets.Loader (prefetching, host-sharded by data
-    rank, workload-balanced microbatches). Built after the checkpoint is read: the loader starts at ``state``."""
+    rank, workload-balanced microbatches). Built after the checkpoint is read: the loader starts at ``state``.
+    ``encoder_cache``: DataConfig.encoder_cache; with ``use_encoder_cache`` frozen modalities come as
+    ``encoder_features``, keyed by the sha256 of each instance's media file (``Loader.last_instance_keys``)."""
 
-    def __init__(self, dataset_config, tokenizer, model_config, parallel_config, *, state: dict | None = None):
+    def __init__(self, dataset_config, tokenizer, model_config, parallel_config, *, state: dict | None = None,
+                 encoder_cache: str = ""):
         from mllm_jax.data.datasets import Loader, make_source
 
         pad = tokenizer.token_to_id(PAD)
-        source = make_source(dataset_config, tokenizer, model_config)
-        self.loader = Loader(source, dataset_config, model_config,
+        self.source = make_source(dataset_config, tokenizer, model_config)
+        self.model_config, self.encoder_cache = model_config, encoder_cache
+        self.cache, self.encode = None, None
+        self.loader = Loader(self.source, dataset_config, model_config,
                              num_data_ranks=parallel_config.data * parallel_config.fsdp,
                              microbatches=parallel_config.microbatches, state=state,
                              pad_id=0 if pad is None else int(pad))
 
+    def use_encoder_cache(self, model, mesh, parallel_config) -> None:
+        """Serve frozen encoders' features from ``encoder_cache`` (see SyntheticTrainData.use_encoder_cache)."""
+        from mllm_jax.data import encoder_cache
+
+        if not self.encoder_cache:
+            raise ValueError(f"use_encoder_cache needs a cache folder (DataConfig.encoder_cache); got "
+                             f"{self.encoder_cache!r}")
+        self.encode = _frozen_encoders(model, mesh, parallel_config, self.model_config)
+        self.cache = encoder_cache.open_cache(self.encoder_cache, self.model_config, self.source.preprocessing(),
+                                              self.encode)
+
+    @property
+    def cache_counts(self) -> dict | None:
+        return None if self.cache is None else dict(self.cache.counts)
+
     def next_host_batch(self, mesh) -> dict:
-        return next(self.loader)
+        batch = next(self.loader)
+        if self.cache is not None:
+            batch = self.cache.features(batch, self.loader.last_instance_keys, self.encode)
+        return batch
 
     def state(self) -> dict:
         return self.loader.state()

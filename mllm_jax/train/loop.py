@@ -430,7 +430,8 @@ def _start_train_data(cfg: RunConfig, data: _RunData, data_state: dict | None) -
     """Puts the training stream at the restored position: a real dataset's loader (and its prefetch thread) starts
     there; the synthetic stream is moved there."""
     if data.real:
-        data.train = RealTrainData(cfg.dataset, data.tokenizer, cfg.model, cfg.parallel, state=data_state)
+        data.train = RealTrainData(cfg.dataset, data.tokenizer, cfg.model, cfg.parallel, state=data_state,
+                                   encoder_cache=cfg.data.encoder_cache)
     elif data_state is not None:
         data.train.restore(data_state)
 
@@ -528,6 +529,8 @@ def _metrics_row(session: _Session, step: int, loss: float, m: dict, step_time: 
         row.update(moe_fields(m, session.cfg.model.llm.moe_layers))
         if session.train_data.bad_sample_counts is not None:
             row["bad_samples"] = session.train_data.bad_sample_counts
+        if session.train_data.cache_counts is not None:  # DataConfig.encoder_cache: hits / misses / corrupt so far
+            row["encoder_cache"] = session.train_data.cache_counts
     if session.eval_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):
         ev = session.evaluate()
         summary["last_eval"] = ev

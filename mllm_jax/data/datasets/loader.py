@@ -63,7 +63,9 @@ class Loader:
     (mllm_jax.data.datasets.sources).
 
     ``state()`` is the JSON-able state after the last batch returned; ``Loader(..., state=s)`` continues exactly
-    there. ``bad_sample_counts`` are the skipped samples by reason (for the metrics)."""
+    there. ``bad_sample_counts`` are the skipped samples by reason (for the metrics). ``last_sample_ids`` and
+    ``last_instance_keys`` describe the batch returned last: the latter, per modality, the stable id of each encoder
+    row (the sha256 of its media file; "" for empty slots), what a frozen encoder's feature cache keys by."""
 
     def __init__(self, source, config: DatasetConfig, model_config, *, num_data_ranks: int = 1, microbatches: int = 1,
                  process_index: int | None = None, process_count: int | None = None, local_ranks=None,
@@ -93,6 +95,7 @@ class Loader:
         self._queue: queue.Queue = queue.Queue(maxsize=config.prefetch)
         self._stop = threading.Event()
         self.last_sample_ids = None
+        self.last_instance_keys = None  # {modality: object [M, D_local * N]} of the last batch (PackedBatchWriter)
         self._thread = threading.Thread(target=self._produce, args=(dict(self._state),), daemon=True)
         self._thread.start()
 
@@ -186,16 +189,16 @@ class Loader:
             for m in range(self.microbatches):
                 writer.put(m, lr, [[decoded[i] for i in row] for row in plan.rows[r][m]])
                 ids[m][lr] = [decoded[i].sample_id for row in plan.rows[r][m] for i in row if decoded[i] is not None]
-        return writer.batch, ids
+        return writer.batch, ids, writer.instance_keys
 
     # --- prefetch thread ---------------------------------------------------------------------------------------
     def _produce(self, state):
         try:
             while not self._stop.is_set():
                 plan = self.plan(state)
-                batch, ids = self.build(plan)
+                batch, ids, keys = self.build(plan)
                 end = dict(plan.end_state, bad_samples=self.bad.counts)
-                self._put(("batch", batch, ids, end))
+                self._put(("batch", batch, (ids, keys), end))
                 state = end
         except BaseException as e:  # surfaced to the consumer by __next__
             self._put(("error", e, None, None))
@@ -218,7 +221,7 @@ class Loader:
         if kind == "error":
             self.close()
             raise payload
-        self._state, self.last_sample_ids = end, ids
+        self._state, (self.last_sample_ids, self.last_instance_keys) = end, ids
         return payload
 
     def close(self):

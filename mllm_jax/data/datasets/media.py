@@ -8,6 +8,8 @@ before any pixel is decoded) or "bad_audio_shape", so the loader's on_bad_sample
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 import wave
 
@@ -22,16 +24,33 @@ WHISPER_HOP = 160
 
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# Bump when load_image / load_audio turn the same file into other encoder inputs: a frozen encoder's feature cache
+# (mllm_jax.data.encoder_cache) puts it in its fingerprint, so entries made by the old decoding are not read.
+PREPROCESSING_VERSION = "media-v1"
+
+
+def read_media(path: str, sample_id: str) -> tuple[bytes, str]:
+    """(the file's bytes, their sha256 hex): the bytes are decoded (``data=`` of load_image / load_audio) and the
+    digest is the instance's feature-cache key, read once so that both describe the same content."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadSampleError(sample_id, "missing_file", f"{path} does not exist") from None
+    except OSError as e:
+        raise BadSampleError(sample_id, "corrupt_file", f"{path} cannot be read: {e}") from None
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def load_image(path: str, sample_id: str, *, size: int, mean, std, channels: int = 3,
-               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None) -> np.ndarray:
     """RGB, resized to size x size (bicubic, like the CLIP processor after its crop), scaled to [0, 1], normalised.
-    An image whose header claims more than ``max_pixels`` pixels is refused before it is decoded."""
-    if not os.path.isfile(path):
+    An image whose header claims more than ``max_pixels`` pixels is refused before it is decoded. ``data``: the
+    file's bytes, already read (``read_media``); ``path`` then only names it in errors."""
+    if data is None and not os.path.isfile(path):
         raise BadSampleError(sample_id, "missing_file", f"image {path} does not exist")
     try:
-        with Image.open(path) as img:  # reads the header only
+        with Image.open(path if data is None else io.BytesIO(data)) as img:  # reads the header only
             width, height = img.size
             if width * height > max_pixels:
                 raise BadSampleError(sample_id, "image_too_large",
@@ -50,10 +69,10 @@ def load_image(path: str, sample_id: str, *, size: int, mean, std, channels: int
     return ((x - np.asarray(mean, np.float32)[:channels]) / np.asarray(std, np.float32)[:channels]).astype(np.float32)
 
 
-def read_wav(path: str, sample_id: str) -> tuple[np.ndarray, int]:
-    """Mono float32 waveform in [-1, 1] and its sample rate, from 8/16/32-bit PCM WAV."""
+def read_wav(path: str, sample_id: str, data: bytes | None = None) -> tuple[np.ndarray, int]:
+    """Mono float32 waveform in [-1, 1] and its sample rate, from 8/16/32-bit PCM WAV (``data``: its bytes)."""
     try:
-        with wave.open(path, "rb") as w:
+        with wave.open(path if data is None else io.BytesIO(data), "rb") as w:
             rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
             raw = w.readframes(n)
     except (OSError, EOFError, wave.Error) as e:
@@ -117,16 +136,16 @@ def log_mel(wave_: np.ndarray, *, n_mels: int, num_frames: int, n_fft: int = WHI
     return ((mel + 4.0) / 4.0).astype(np.float32)
 
 
-def load_audio(path: str, sample_id: str, *, n_mels: int, num_frames: int) -> np.ndarray:
+def load_audio(path: str, sample_id: str, *, n_mels: int, num_frames: int, data: bytes | None = None) -> np.ndarray:
     """.wav or .npy (1-D: a 16 kHz waveform; 2-D: precomputed log-mel [T, n_mels]) -> float32 [num_frames, n_mels].
 
     Precomputed features longer than num_frames are trimmed; shorter ones are padded with their own minimum (the
-    silence floor of a log-mel)."""
-    if not os.path.isfile(path):
+    silence floor of a log-mel). ``data``: the file's bytes, already read (``read_media``)."""
+    if data is None and not os.path.isfile(path):
         raise BadSampleError(sample_id, "missing_file", f"audio {path} does not exist")
     if path.endswith(".npy"):
         try:
-            a = np.load(path, allow_pickle=False)
+            a = np.load(path if data is None else io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
             raise BadSampleError(sample_id, "corrupt_file", f"audio {path} cannot be read as .npy: {e}") from None
         if a.ndim == 1:
@@ -138,6 +157,6 @@ def load_audio(path: str, sample_id: str, *, n_mels: int, num_frames: int) -> np
         out[: min(num_frames, a.shape[0])] = a[:num_frames]
         return out
     if path.endswith(".wav"):
-        x, rate = read_wav(path, sample_id)
+        x, rate = read_wav(path, sample_id, data)
         return log_mel(resample(x, rate), n_mels=n_mels, num_frames=num_frames)
     raise BadSampleError(sample_id, "corrupt_file", f"audio {path}: unsupported extension (want .wav or .npy)")

@@ -58,6 +58,9 @@ class PackedBatchWriter:
         self.batch["encoder_inputs"] = {n: np.zeros((m, local_ranks * slots[n]) + tuple(shapes[n]), np.float32)
                                         for n in slots}
         self.batch["feature_index"] = {n: np.full((m, b, s), -1, np.int32) for n in slots}
+        # Beside the batch (object arrays do not go to devices): the id of each encoder row, like encoder_inputs'
+        # instance axes [M, D_local * N] ("" for an empty slot), for a frozen encoder's feature cache.
+        self.instance_keys = {n: np.full((m, local_ranks * slots[n]), "", object) for n in slots}
 
     def put(self, microbatch: int, local_rank: int, row_plan) -> None:
         """row_plan: per row, the Samples packed in it (None entries, dropped samples, are left as padding)."""
@@ -83,7 +86,11 @@ class PackedBatchWriter:
                 bt["labels"][m, row, sl] = p.labels()
                 bt["positions"][m, row, sl] = np.arange(n_tok)
                 bt["segment_ids"][m, row, sl] = segment
-                for inst, data in zip(p.instances, sample.encoder_inputs):
+                keys = sample.instance_keys or ("",) * len(p.instances)
+                if len(keys) != len(p.instances):
+                    raise ValueError(f"sample {p.sample_id!r}: {len(keys)} instance keys for {len(p.instances)} "
+                                     f"instances")
+                for inst, data, key in zip(p.instances, sample.encoder_inputs, keys):
                     name, k = inst.modality, used[inst.modality]
                     if k >= self.slots[name]:
                         raise ValueError(f"microbatch {m} rank {global_rank}: more than {self.slots[name]} "
@@ -95,6 +102,7 @@ class PackedBatchWriter:
                         raise ValueError(f"sample {p.sample_id!r}: {name!r} run at {inst.start} is not placeholders")
                     bt["span_ids"][m, row, run] = span
                     bt["encoder_inputs"][name][m, local_rank * self.slots[name] + k] = data
+                    self.instance_keys[name][m, local_rank * self.slots[name] + k] = key
                     t = self.feature_counts[name]
                     base = (global_rank * self.slots[name] + k) * t
                     bt["feature_index"][name][m, row, run] = base + np.arange(inst.length)

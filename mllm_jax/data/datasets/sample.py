@@ -66,6 +66,10 @@ class PreparedSample:
 class Sample:
     prepared: PreparedSample
     encoder_inputs: tuple  # one float32 array per instance, same order as prepared.instances
+    # One stable id per instance, same order: the sha256 hex of the media file's bytes the input was decoded from
+    # (media.read_media), what a frozen encoder's feature cache keys its entries by. Independent of the record's
+    # index, id and path, so a reordered or extended dataset still hits, and an edited file is a miss.
+    instance_keys: tuple = ()
 
     @property
     def sample_id(self) -> str:

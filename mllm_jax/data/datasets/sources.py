@@ -18,7 +18,8 @@ import os
 import numpy as np
 
 from mllm_jax.data.batching import encoder_input_shape, feature_counts
-from mllm_jax.data.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image
+from mllm_jax.data.datasets import media as media_lib
+from mllm_jax.data.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image, read_media
 from mllm_jax.data.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
 from mllm_jax.data.datasets.text import ConversationEncoder
 from mllm_jax.data.processor.chat import ChatTemplate
@@ -177,11 +178,21 @@ class LlavaSource(_Source):
             raise BadSampleError(sid, "malformed_record", "each turn needs 'from' and 'value'") from None
         return self._finish(sid, turns, [self._media_path(p, sid) for p in images])
 
+    def preprocessing(self) -> dict:
+        """What, besides a file's bytes and the encoder's config, decides an instance's encoder input (for the
+        feature cache's fingerprint; the image size and channels are the encoder config's)."""
+        return {"version": media_lib.PREPROCESSING_VERSION, "image_mean": list(self.mean),
+                "image_std": list(self.std)}
+
     def materialize(self, prepared: PreparedSample) -> Sample:
         h, _, c = self.instance_shapes["vision"]
-        return Sample(prepared, tuple(load_image(i.media, prepared.sample_id, size=h, mean=self.mean, std=self.std,
-                                                 channels=c, max_pixels=self.max_image_pixels)
-                                      for i in prepared.instances))
+        inputs, keys = [], []
+        for i in prepared.instances:
+            data, digest = read_media(i.media, prepared.sample_id)
+            inputs.append(load_image(i.media, prepared.sample_id, size=h, mean=self.mean, std=self.std, channels=c,
+                                     max_pixels=self.max_image_pixels, data=data))
+            keys.append(digest)
+        return Sample(prepared, tuple(inputs), tuple(keys))
 
 
 class AudioCaptionSource(_Source):
@@ -209,10 +220,18 @@ class AudioCaptionSource(_Source):
         turns = [("human", f"{self.placeholder} {self.prompt}"), ("gpt", rec["caption"])]
         return self._finish(sid, turns, [self._media_path(rec["audio"], sid)])
 
+    def preprocessing(self) -> dict:
+        """See LlavaSource.preprocessing (frames and mel bins are the encoder config's)."""
+        return {"version": media_lib.PREPROCESSING_VERSION}
+
     def materialize(self, prepared: PreparedSample) -> Sample:
         t, n_mels = self.instance_shapes["audio"]
-        return Sample(prepared, tuple(load_audio(i.media, prepared.sample_id, n_mels=n_mels, num_frames=t)
-                                      for i in prepared.instances))
+        inputs, keys = [], []
+        for i in prepared.instances:
+            data, digest = read_media(i.media, prepared.sample_id)
+            inputs.append(load_audio(i.media, prepared.sample_id, n_mels=n_mels, num_frames=t, data=data))
+            keys.append(digest)
+        return Sample(prepared, tuple(inputs), tuple(keys))
 
 
 def make_source(config, tokenizer, model_config, *, template: ChatTemplate | str = "synthetic"):
