@@ -251,3 +251,22 @@ def test_model_flops_of_llava_7b_are_the_closed_form():
     matmul_params = layers * (4 * d * d + 3 * d * dff) + d * vocab
     attention = rows * s * (s + 1) // 2 * 12 * d * layers
     assert ct.model_flops(cfg)["parts"]["llm"] == pytest.approx(6 * matmul_params * rows * s + attention, rel=1e-3)
+
+
+@needs_tpu
+def test_attention_choice_follows_the_target_not_the_host():
+    """Compiling on a CPU host for a TPU target: kernels.choose answers for the devices of the mesh being traced for
+    (impl "xla" runs dense up to DENSE_MAX_KEYS off CPU, tiled from TILED_MIN_KEYS on CPU; "auto" is the target's
+    kernel), so the compiled program is the one the target would run."""
+    import jax
+
+    from mllm_jax import kernels
+    from mllm_jax.kernels import dispatch
+
+    keys = dispatch.TILED_MIN_KEYS * 2
+    assert keys <= dispatch.DENSE_MAX_KEYS
+    assert kernels.choose("xla", keys) == "tiled"  # the host: CPU
+    mesh = jax.make_mesh((1,), ("x",), devices=targets.parse("tpu:v5e:1x1").devices())
+    with jax.set_mesh(mesh):
+        assert kernels.choose("xla", keys) == "dense"
+        assert kernels.choose("auto", keys) == "pallas_tpu"

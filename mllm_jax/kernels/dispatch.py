@@ -58,13 +58,21 @@ def choose(impl: str, num_keys: int, backend: str | None = None) -> str:
     "pallas_tpu", for ``impl`` and the number of keys on ``backend`` (default: jax's)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    backend = backend or jax.default_backend()
+    backend = backend or mesh_backend() or jax.default_backend()
     if impl == "auto":
         impl = _BACKEND_IMPL.get(backend, "xla")
     if impl != "xla":
         return impl
     dense_max = TILED_MIN_KEYS - 1 if backend == "cpu" else DENSE_MAX_KEYS
     return "dense" if num_keys <= dense_max else "tiled"
+
+
+def mesh_backend() -> str | None:
+    """The platform of the devices of the mesh being traced for, when it says ("tpu", "gpu", "cpu"): a program
+    compiled on a CPU host for a TPU target (--compile_only) chooses as on the target, not as on the host."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
+    return getattr(device, "platform", None)
 
 
 def takes_mask(impl: str, num_keys: int, *, context_parallel: bool = True) -> bool:
