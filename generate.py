@@ -12,7 +12,6 @@ Greedy by default; --temperature/--top_k/--top_p/--seed sample. Runs on one devi
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags, logging
 
@@ -29,17 +28,10 @@ flags.DEFINE_float("top_p", 1.0, "sample within the smallest set of tokens of th
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_bool("traceback", False, "on a refused input print the whole traceback instead of the one-line error")
 
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError)
-
-
 def main(argv) -> int:
-    try:
-        return _main(argv)
-    except USER_ERRORS as e:
-        if FLAGS.traceback:
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    from mllm_jax.cli import one_line_errors  # (jax starts later: the backends read XLA_FLAGS when first used)
+
+    return one_line_errors(lambda: _main(argv), traceback=FLAGS.traceback)
 
 
 def _main(argv) -> int:

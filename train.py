@@ -40,18 +40,10 @@ flags.DEFINE_integer("distributed_timeout_s", 300, "multi-host: seconds to wait 
 flags.DEFINE_bool("traceback", False, "on a refused input (config, recipe, dataset, workdir, checkpoint) print the "
                   "whole traceback instead of the one-line error")
 
-# What a user's input can be refused with: one line naming what is wrong (the library's messages name the value).
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError)
-
-
 def main(argv) -> int:
-    try:
-        return _main(argv)
-    except USER_ERRORS as e:
-        if FLAGS.traceback:
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    from mllm_jax.cli import one_line_errors  # (jax starts later: the backends read XLA_FLAGS when first used)
+
+    return one_line_errors(lambda: _main(argv), traceback=FLAGS.traceback)
 
 
 def _main(argv) -> int:

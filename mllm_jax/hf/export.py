@@ -90,14 +90,13 @@ def main(argv=None) -> int:
     parser.add_argument("--traceback", action="store_true", help="print the whole traceback on an error")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    try:
+    from mllm_jax.cli import one_line_errors
+
+    def run() -> int:
         export_workdir(args.workdir, args.out, dtype=args.dtype)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if args.traceback:
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return one_line_errors(run, traceback=args.traceback)
 
 
 if __name__ == "__main__":
