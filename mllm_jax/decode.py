@@ -15,6 +15,12 @@ GQA, sliding windows (per layer: Gemma 2 alternates), logit soft-capping, Gemma'
     out = generate(model, batch, max_new_tokens=16, stop_tokens=(eos,))   # model: MultimodalModel or LLM
     out.tokens [B, 16] (pad_id after a row's stop token), out.lengths [B] (tokens up to and including the stop)
 
+**Sharded**: a model laid out on a mesh with the training layouts (build.create_model; data, fsdp, tensor) generates
+where it lies, under its mesh: the rows are placed as data.placement places an eval batch (over data x fsdp where
+that divides B), the parameters stay in their storage and are FSDP-gathered per layer as in training, the cache's
+rows follow the batch axes and its K/V heads `tensor` (CACHE_NAMES), the logits are laid out per row. Pipeline,
+context (no context-parallel prefill) and expert axes are refused (``_layout``). The one-device path is unchanged.
+
 ``batch``: a contract batch (docs/contracts.md) holding prompts only, one sample per row, right-padded as the data
 pipeline makes them (segment 0 = padding); labels are not needed. ``SamplingConfig``: greedy (temperature 0),
 temperature, top-k, top-p, with a seed (the same seed gives the same tokens).
@@ -22,6 +28,7 @@ temperature, top-k, top-p, with a seed (the same seed gives the same tokens).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple
 
@@ -37,8 +44,12 @@ from mllm_jax.batch import IGNORE, check_batch
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, layer_window, mlp_sublayer,
                           rope_tables, use_layer_params)
+from mllm_jax.multimodal import MultimodalModel
 
 GLOBAL_WINDOW = 2**30  # a window no position distance reaches: the code of a global-attention layer
+# The cache's logical names [L, B, T, Hkv, Dh]: on a mesh its rows lie like the activations' batch (data x fsdp) and
+# its heads like the K/V projections' (tensor, where it divides n_kv_heads); layers and slots are not split.
+CACHE_NAMES = (None, "batch", None, "kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +165,10 @@ def init_cache(llm: LLM, batch: int, length: int) -> KVCache:
     cfg = llm.config
     shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.resolved_head_dim)
     dtype = L.dtype_of(llm.run.dtype)
-    zeros = jnp.zeros((batch, length), jnp.int32)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), TokenMeta(zeros, zeros, zeros),
-                   jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    kv = part.constrain(jnp.zeros(shape, dtype), CACHE_NAMES)  # on a mesh: rows over the batch axes, heads over tensor
+    zeros = part.constrain(jnp.zeros((batch, length), jnp.int32), ("batch", None))
+    return KVCache(kv, kv, TokenMeta(zeros, zeros, zeros), jnp.zeros((), jnp.int32),
+                   part.constrain(jnp.zeros((batch,), jnp.int32), ("batch",)))
 
 
 def _write(cache_meta: TokenMeta, meta: TokenMeta, slot) -> TokenMeta:
@@ -217,7 +229,7 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
 
 def _last_logits(llm: LLM, h_BSD):
     """Logits [B, V] (float32) of the last token of each row."""
-    return llm.logits(llm.final(h_BSD[:, -1:]))[:, 0]
+    return part.constrain(llm.logits(llm.final(h_BSD[:, -1:]))[:, 0], ("batch", None))  # whole vocabulary per row
 
 
 def prefill(model, batch: dict, cache_len: int) -> tuple:
@@ -228,7 +240,8 @@ def prefill(model, batch: dict, cache_len: int) -> tuple:
     b, s = ids.shape
     if s > cache_len:
         raise ValueError(f"the prompt has {s} tokens; the cache holds {cache_len}")
-    meta = TokenMeta(*(jnp.asarray(batch[k], jnp.int32) for k in ("positions", "segment_ids", "span_ids")))
+    meta = TokenMeta(*(part.constrain(jnp.asarray(batch[k], jnp.int32), ("batch", "length"))
+                       for k in ("positions", "segment_ids", "span_ids")))
     emb = llm.embed_tokens(ids) if isinstance(model, LLM) else model.embed(batch)
     cache = init_cache(llm, b, cache_len)
     h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache)
@@ -242,7 +255,8 @@ def decode_step(model, tokens_B, cache: KVCache) -> tuple:
     llm = _llm(model)
     b = tokens_B.shape[0]
     emb = llm.embed_tokens(tokens_B[:, None])
-    meta = TokenMeta(cache.next_pos[:, None], jnp.ones((b, 1), jnp.int32), jnp.zeros((b, 1), jnp.int32))
+    meta = TokenMeta(*(part.constrain(a, ("batch", "length")) for a in (
+        cache.next_pos[:, None], jnp.ones((b, 1), jnp.int32), jnp.zeros((b, 1), jnp.int32))))
     h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache)
     return _last_logits(llm, h), KVCache(k, v, cache_meta, cache.slot + 1, cache.next_pos + 1)
 
@@ -274,19 +288,37 @@ def _sample(logits_BV, key, temperature, top_k, top_p):
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
+def _llm_scope(model):
+    """The LLM's logical rules (a MultimodalModel built on a mesh: build.create_model): activations and the cache
+    laid out as in training. A no-op without a mesh, hence on one device."""
+    return model.scope("llm") if isinstance(model, MultimodalModel) else contextlib.nullcontext()
+
+
 def _generate(model, batch: dict, key, sampling_args, stops, pad_id, *, max_new_tokens: int, cache_len: int,
               greedy: bool, with_logits: bool):
     """Prefill, then up to max_new_tokens - 1 cached steps in a while_loop that ends once every row has stopped."""
+    with _llm_scope(model):
+        return _generate_scoped(model, batch, key, sampling_args, stops, pad_id, max_new_tokens=max_new_tokens,
+                                cache_len=cache_len, greedy=greedy, with_logits=with_logits)
+
+
+def _generate_scoped(model, batch: dict, key, sampling_args, stops, pad_id, *, max_new_tokens: int, cache_len: int,
+                     greedy: bool, with_logits: bool):
+    def rows(x):  # per-row state: rows over the batch axes on a mesh (a no-op on one device)
+        return part.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
     def pick(logits, key):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _sample(logits, key, *sampling_args)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _sample(logits, key, *sampling_args)
+        return rows(tok)
 
     logits, cache = prefill(model, batch, cache_len)
     b, n = logits.shape[0], max_new_tokens
     tok = pick(logits, jax.random.fold_in(key, 0))
-    out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
-    all_logits = jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits) if with_logits else None
-    done = jnp.isin(tok, stops)
-    lengths = jnp.ones((b,), jnp.int32)
+    out = rows(rows(jnp.full((b, n), pad_id, jnp.int32)).at[:, 0].set(tok))
+    all_logits = (rows(rows(jnp.zeros((b, n, logits.shape[-1]), jnp.float32)).at[:, 0].set(logits))
+                  if with_logits else None)
+    done = rows(jnp.isin(tok, stops))
+    lengths = rows(jnp.ones((b,), jnp.int32))
 
     def cond(state):
         i, _, done, *_ = state
@@ -295,12 +327,12 @@ def _generate(model, batch: dict, key, sampling_args, stops, pad_id, *, max_new_
     def body(state):
         i, out, done, lengths, cache, all_logits = state
         logits, cache = decode_step(model, out[:, i - 1], cache)
-        tok = jnp.where(done, pad_id, pick(logits, jax.random.fold_in(key, i)))
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        tok = rows(jnp.where(done, pad_id, pick(logits, jax.random.fold_in(key, i))))
+        out = rows(jax.lax.dynamic_update_slice(out, tok[:, None], (0, i)))
         if all_logits is not None:
-            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, i, 0))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, stops)
+            all_logits = rows(jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, i, 0)))
+        lengths = rows(lengths + (~done).astype(jnp.int32))
+        done = rows(done | jnp.isin(tok, stops))
         return i + 1, out, done, lengths, cache, all_logits
 
     state = (jnp.asarray(1, jnp.int32), out, done, lengths, cache, all_logits)
@@ -321,19 +353,55 @@ def _generate_fn(graphdef, **static):
     return _COMPILED[key]
 
 
-def _check_one_device(state) -> None:
-    """Generation runs on one device: refuse, naming the way out, a model laid out on a mesh or a call under one
-    (sharded decoding is not implemented; the cache and the step would need the training layouts)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty and mesh.size > 1:
-        raise ValueError(f"generate runs on one device; it was called under a mesh of {mesh.size} devices "
-                         f"({dict(mesh.shape)}). Call it outside jax.set_mesh with the model copied onto one device "
-                         f"(mllm_jax.train.workdir.on_one_device, outside_mesh)")
-    spread = {len(x.sharding.device_set) for x in jax.tree.leaves(state) if hasattr(x, "sharding")}
-    if spread - {1}:
-        raise ValueError(f"generate runs on one device; the model's arrays are laid out over {max(spread)} devices. "
-                         f"Copy it onto one (mllm_jax.train.workdir.on_one_device) or restore it with "
-                         f"mllm_jax.train.workdir.open_run")
+def _layout(model, state):
+    """The mesh the model's arrays are laid out on (the sharded path), or None (one device: the one-device path).
+
+    Refused, naming what is wrong: a one-device model called under a mesh, arrays on several meshes or laid out
+    without a mesh, a call under another mesh than the model's, a mesh whose axes are not Explicit, a model without
+    logical rules (a bare LLM or a MultimodalModel not built by build.create_model), and the layouts generation does
+    not support (pipeline > 1, context > 1, expert > 1)."""
+    ambient = jax.sharding.get_abstract_mesh()
+    ambient = None if ambient is None or ambient.empty else ambient
+    arrays = [x for x in jax.tree.leaves(state) if hasattr(x, "sharding")]
+    spread = [x for x in arrays if len(x.sharding.device_set) > 1]
+    if not spread:
+        if ambient is not None and ambient.size > 1:
+            raise ValueError(f"the model's arrays are on one device but generate was called under a mesh of "
+                             f"{ambient.size} devices ({dict(ambient.shape)}): call it outside jax.set_mesh "
+                             f"(mllm_jax.train.workdir.outside_mesh), or give the model laid out on that mesh")
+        return None
+    meshes = {x.sharding.mesh for x in spread if isinstance(x.sharding, jax.sharding.NamedSharding)}
+    if len(meshes) != 1 or any(not isinstance(x.sharding, jax.sharding.NamedSharding) for x in spread):
+        kinds = sorted({f"{type(x.sharding).__name__} over {len(x.sharding.device_set)} devices" for x in spread})
+        raise ValueError(f"generate takes a model on one device or laid out on one mesh (NamedSharding); its "
+                         f"arrays lie on {len(meshes)} meshes ({kinds})")
+    (mesh,) = meshes
+    if ambient is not None and (ambient.axis_names, ambient.axis_sizes) != (mesh.axis_names, mesh.axis_sizes):
+        raise ValueError(f"generate was called under a mesh {dict(ambient.shape)} but the model's arrays lie on a mesh "
+                         f"{dict(mesh.shape)}: call it under the model's mesh or outside any")
+    if any(t != jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        raise ValueError(f"sharded generation needs a mesh of Explicit axes (parallel.mesh.make_mesh); the model's "
+                         f"mesh {dict(mesh.shape)} has axis types {mesh.axis_types}")
+    unsupported = {a: mesh.shape[a] for a in ("pipeline", "context", "expert") if mesh.shape.get(a, 1) > 1}
+    if unsupported:
+        raise ValueError(f"sharded generation supports the data, fsdp and tensor axes; the model's mesh has "
+                         f"{unsupported} (pipeline stages, context-parallel prefill and expert parallelism are not "
+                         f"implemented): copy the model onto one device (mllm_jax.train.workdir.on_one_device) or "
+                         f"re-lay it out without those axes")
+    if not isinstance(model, MultimodalModel) or model.rule_table is None:
+        raise ValueError(f"a model laid out over {mesh.size} devices needs its logical rules to generate: give the "
+                         f"MultimodalModel built by mllm_jax.build.create_model (rule_table set); got "
+                         f"{type(model).__name__}" + ("" if isinstance(model, LLM) else " with rule_table=None"))
+    return mesh
+
+
+def runs_sharded(model) -> bool:
+    """Whether ``generate`` runs ``model`` where it lies, laid out over several devices (the sharded path): its arrays
+    on one mesh of a supported layout (data, fsdp, tensor), called outside any mesh or under that one."""
+    try:
+        return _layout(model, nnx.state(model)) is not None
+    except ValueError:  # _layout's refusals: one device under a mesh, or a layout the sharded path does not support
+        return False
 
 
 def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
@@ -341,8 +409,8 @@ def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfi
              return_logits: bool = False) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each row's prompt (module docstring). ``cache_len``: the static
     cache length (default: the longest prompt + max_new_tokens); a prompt that does not fit with max_new_tokens is
-    refused naming both numbers. Runs wherever the model's arrays are (one device: see mllm_jax.train.workdir for a
-    model restored from a sharded training checkpoint)."""
+    refused naming both numbers. Runs wherever the model's arrays are: one device, or a mesh of a supported training
+    layout (module docstring; mllm_jax.train.workdir restores a checkpoint onto one device)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     llm = _llm(model)
@@ -365,10 +433,19 @@ def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfi
     if bad:
         raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {vocab})")
     graphdef, state = nnx.split(model)
-    _check_one_device(state)
+    mesh = _layout(model, state)
     fn = _generate_fn(graphdef, max_new_tokens=max_new_tokens, cache_len=cache_len,
                       greedy=sampling.temperature == 0.0, with_logits=return_logits)
-    stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)  # -1: no token stops
-    out, lengths, logits = fn(state, left, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling), stops,
-                              jnp.int32(pad_id))
+    if mesh is None:  # one device
+        stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)  # -1: no token stops
+        out, lengths, logits = fn(state, left, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling), stops,
+                                  jnp.int32(pad_id))
+    else:  # the training layouts: rows as placement lays out an eval batch, parameters in their storage
+        from mllm_jax.data.placement import put_batch
+
+        with jax.set_mesh(mesh):
+            placed = put_batch(left, mesh, leading=0, rule_table=model.rule_table)
+            stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)
+            out, lengths, logits = fn(state, placed, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling),
+                                      stops, jnp.int32(pad_id))
     return GenerateOutput(np.asarray(out), np.asarray(lengths), None if logits is None else np.asarray(logits))

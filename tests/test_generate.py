@@ -161,9 +161,10 @@ def test_an_image_whose_features_do_not_match_the_placeholders_is_refused():
         decode.generate(model, batch, max_new_tokens=2)
 
 
-def test_a_model_on_a_mesh_is_refused_with_the_way_out():
-    """Sharded decoding is not implemented: a model laid out over devices, or a call under a mesh, is a ValueError
-    naming the device count and the one-device copy (which then generates the same tokens)."""
+def test_a_model_on_a_mesh_generates_in_place_like_its_one_device_copy():
+    """A model built on a mesh (data=2 x fsdp=4; a text-only model with a sliding window) generates where it lies, the
+    same tokens as its one-device copy (tests/test_generate_sharded.py: more layouts, multimodal prompts). A one-device
+    model called under a mesh, and a bare LLM laid out over devices (no logical rules), are refused naming why."""
     from mllm_jax.build import create_model
     from mllm_jax.config import ModelConfig
     from mllm_jax.parallel.config import ParallelConfig
@@ -174,9 +175,13 @@ def test_a_model_on_a_mesh_is_refused_with_the_way_out():
     mesh = make_mesh(pc)
     model = create_model(ModelConfig(llm=FAMILIES["mistral_window"]), mesh, pc)
     batch = decode.text_batch(PROMPTS)
-    with pytest.raises(ValueError, match="laid out over 8 devices.*on_one_device"):
-        decode.generate(model, batch, max_new_tokens=2)
-    with jax.set_mesh(mesh), pytest.raises(ValueError, match="under a mesh of 8 devices"):
+    out = decode.generate(model, batch, max_new_tokens=3, return_logits=True)
+    one = decode.generate(on_one_device(model), batch, max_new_tokens=3, return_logits=True)
+    np.testing.assert_array_equal(out.tokens, one.tokens)
+    np.testing.assert_allclose(out.logits, one.logits, atol=2e-4, rtol=2e-4)
+    _check_against_uncached(on_one_device(model).llm, PROMPTS, one, 3)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="on one device but generate was called under a mesh "
+                                                             "of 8 devices.*outside_mesh"):
         decode.generate(on_one_device(model), batch, max_new_tokens=2)
-    out = decode.generate(on_one_device(model), batch, max_new_tokens=2, return_logits=True)
-    _check_against_uncached(on_one_device(model).llm, PROMPTS, out, 2)
+    with pytest.raises(ValueError, match="laid out over 8 devices needs its logical rules.*create_model.*got LLM"):
+        decode.generate(model.llm, batch, max_new_tokens=2)

@@ -95,8 +95,9 @@ def test_image_file_caption(run, tmp_path):
 
 
 def test_training_eval_reports_the_generated_caption_exact_match(run):
-    """The loop's eval_caption_exact and eval_caption_word_accuracy (computed on the training mesh's model, copied to
-    one device) equal the scores of the restored checkpoint of the same step on the same held-out samples."""
+    """The loop's eval_caption_exact and eval_caption_word_accuracy (decoded by the model where it lies, sharded on the
+    training mesh data=2 x fsdp=4) equal the scores of the restored checkpoint of the same step on one device, on the
+    same held-out samples."""
     from mllm_jax.data.tokenizer import TextCodec
     from mllm_jax.train import captions
     from mllm_jax.train.metrics import read_metrics

@@ -92,24 +92,32 @@ def image_sample(images: list, prompt: str) -> synthetic.Sample:
     return synthetic.Sample("image", prompt, "", [("vision", img) for img in images])
 
 
-# The training loop's eval_caption_exact: a few held-out samples, short captions, a model small enough to copy.
+# The training loop's eval_caption_exact: a few held-out samples, short captions (and, where the layout needs a
+# copy onto one device, a model small enough to copy).
 EVAL_CAPTION_SAMPLES = 4
 EVAL_CAPTION_TOKENS = 10  # the longest synthetic answer ("a magenta triangle at the bottom center") + <eos> is 8
 EVAL_CAPTION_MAX_PARAMS = 2**28  # above this the copy onto one device is not worth an evaluation
 
 
 def eval_caption_scores(model, builder: BatchBuilder, samples: list) -> dict:
-    """{"eval_caption_exact", "eval_caption_word_accuracy"} of greedy captions of ``samples`` by ``model`` as it is during training (arrays on the training
-    mesh): the parameters are copied onto one device and decoded outside the mesh. {} where that does not apply:
-    several processes (the arrays span hosts) or a model above EVAL_CAPTION_MAX_PARAMS parameters."""
+    """{"eval_caption_exact", "eval_caption_word_accuracy"} of greedy captions of ``samples`` by ``model`` as it is
+    during training (arrays on the training mesh): decoded in place, sharded with the training layouts, where
+    mllm_jax.decode supports the layout (data, fsdp, tensor); otherwise (pipeline, context or expert axes) the
+    parameters are copied onto one device and decoded outside the mesh. {} where that does not apply: several
+    processes (the arrays span hosts), or a copy onto one device of a model above EVAL_CAPTION_MAX_PARAMS parameters."""
     import jax
     from flax import nnx
 
     from mllm_jax.train.workdir import on_one_device, outside_mesh
 
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    if not samples or jax.process_count() > 1 or n_params > EVAL_CAPTION_MAX_PARAMS:
+    if not samples or jax.process_count() > 1:
         return {}
-    with outside_mesh():
-        scores = caption_exact(on_one_device(model), builder, samples, max_new_tokens=EVAL_CAPTION_TOKENS)
+    if decode.runs_sharded(model):
+        scores = caption_exact(model, builder, samples, max_new_tokens=EVAL_CAPTION_TOKENS)
+    else:
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        if n_params > EVAL_CAPTION_MAX_PARAMS:
+            return {}
+        with outside_mesh():
+            scores = caption_exact(on_one_device(model), builder, samples, max_new_tokens=EVAL_CAPTION_TOKENS)
     return {"eval_caption_exact": scores["caption_exact"], "eval_caption_word_accuracy": scores["word_accuracy"]}
