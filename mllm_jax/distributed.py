@@ -276,30 +276,3 @@ def to_host(tree):
         return np.asarray(x)
 
     return jax.tree.map(one, tree)
-
-
-def local_synthetic_batch(data, step: int, rows: slice) -> dict:
-    """Rows ``rows`` of every microbatch of ``data.batch_at(step)`` (mllm_jax.data.SyntheticBatches), built from only
-    the samples those rows hold: a host makes its share of the synthetic stream without making the rest.
-
-    Encoder rows are laid out sample-major, so the rows' encoder inputs are one contiguous block and their
-    ``feature_index`` (global indices into the microbatch's flattened features) is shifted by the block's start.
-    """
-    from mllm_jax.data.batching import feature_counts, stack
-
-    cfg = data.cfg
-    k, m = cfg.samples_per_row, data.microbatches
-    mb_rows = cfg.batch_size // m
-    if not 0 <= rows.start < rows.stop <= mb_rows or rows.step not in (None, 1):
-        raise ValueError(f"rows {rows} must be a contiguous slice of the {mb_rows} rows of a microbatch")
-    per_batch, per_micro = cfg.batch_size * k, mb_rows * k
-    counts = feature_counts(data.builder.model_config)
-    parts = []
-    for micro in range(m):
-        first = step * per_batch + micro * per_micro + rows.start * k
-        part = data.builder.build([data.sample(first + i) for i in range((rows.stop - rows.start) * k)])
-        for name, fidx in part["feature_index"].items():
-            shift = rows.start * k * data.builder.slots[name] * counts[name]
-            part["feature_index"][name] = np.where(fidx >= 0, fidx + shift, fidx).astype(np.int32)
-        parts.append(part)
-    return stack(parts)

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import distributed
+from mllm_jax.data import batching
 
 
 @pytest.mark.parametrize("env, tpu_vm, want", [
@@ -100,7 +101,7 @@ def test_local_synthetic_batches_tile_the_global_batch(microbatches, hosts):
     data = SyntheticBatches(cfg.model, cfg.data, microbatches=microbatches)
     rows = cfg.data.batch_size // microbatches // hosts
     full = data.batch_at(3)
-    shares = [distributed.local_synthetic_batch(data, 3, slice(h * rows, (h + 1) * rows)) for h in range(hosts)]
+    shares = [batching.local_synthetic_batch(data, 3, slice(h * rows, (h + 1) * rows)) for h in range(hosts)]
     leaves_full, treedef = jax.tree.flatten(full)
     stacked = [np.concatenate(xs, axis=1) for xs in zip(*(jax.tree.leaves(s) for s in shares))]
     assert jax.tree.structure(shares[0]) == treedef
@@ -108,4 +109,4 @@ def test_local_synthetic_batches_tile_the_global_batch(microbatches, hosts):
         np.testing.assert_array_equal(got, want)
     assert (full["feature_index"]["audio"] >= 0).any() and (full["feature_index"]["vision"] >= 0).any()
     with pytest.raises(ValueError, match="must be a contiguous slice"):
-        distributed.local_synthetic_batch(data, 0, slice(0, 99))
+        batching.local_synthetic_batch(data, 0, slice(0, 99))

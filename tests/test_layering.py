@@ -15,7 +15,13 @@ FORBIDDEN = {"data": ("train",), "hf": ("train",)}
 # The one sanctioned exception, by (module, imported name): `python -m mllm_jax.hf.export --workdir=W` opens a training
 # run's workdir with the train layer's own reader, lazily inside its CLI function; the library functions
 # (hf.export.export, save_pretrained, ...) import nothing from train.
-EXEMPT = {("mllm_jax.hf.export", "mllm_jax.train.workdir")}
+EXEMPT = {("mllm_jax.hf.export", "mllm_jax.train.workdir"),
+          # decode's sharded path lays the prompt batch out exactly as training lays out an eval batch (lazily)
+          ("mllm_jax.decode", "mllm_jax.data.placement.put_batch")}
+# The model layer (mllm_jax's top-level modules) never imports the layers above it; gin_setup, the registry of every
+# config class (train's and data's included), sits above all of them by design.
+MODEL_FORBIDDEN = ("data", "hf", "train", "datasets", "processor")
+ABOVE_ALL = ("gin_setup",)
 
 
 def imported_modules(source: str, module: str) -> list:
@@ -40,6 +46,8 @@ def upward_imports(source: str, module: str) -> list:
     parts = module.split(".")
     allowed = ALLOWED.get(parts[1]) if len(parts) > 1 else None
     forbidden = FORBIDDEN.get(parts[1], ()) if len(parts) > 1 else ()
+    if len(parts) == 2:  # a top-level module: the model layer
+        forbidden = MODEL_FORBIDDEN
     if allowed is None and not forbidden:
         return []
     bad = []
@@ -60,7 +68,8 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def layered_files():
-    return sorted(p for layer in (*ALLOWED, *FORBIDDEN) for p in (ROOT / layer).rglob("*.py"))
+    top = [p for p in ROOT.glob("*.py") if p.name != "__init__.py" and p.stem not in ABOVE_ALL]
+    return sorted([p for layer in (*ALLOWED, *FORBIDDEN) for p in (ROOT / layer).rglob("*.py")] + top)
 
 
 @pytest.mark.parametrize("path", layered_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -101,3 +110,15 @@ def test_old_data_paths_still_import():
     assert old_processor.MultimodalProcessor is importlib.import_module("mllm_jax.data.processor").MultimodalProcessor
     if caught:  # only the first import in a process warns
         assert all(issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+def test_the_model_layer_check_sees_imports_of_data_train_and_hf():
+    src = ("from mllm_jax.train import loop\n"
+           "def f():\n    from mllm_jax.data.placement import batch_specs\n"
+           "import mllm_jax.hf.pretrained\n"
+           "from mllm_jax import layers\n")
+    assert upward_imports(src, "mllm_jax.llm") == [
+        "1: mllm_jax.train.loop", "3: mllm_jax.data.placement.batch_specs", "4: mllm_jax.hf.pretrained"]
+    # the listed exception, and only it, passes
+    assert upward_imports("from mllm_jax.data.placement import put_batch\n", "mllm_jax.decode") == []
+    assert upward_imports("from mllm_jax.data.placement import batch_specs\n", "mllm_jax.decode") != []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from mllm_jax import distributed
-from mllm_jax.data import SyntheticBatches, TextCodec
+from mllm_jax.data import SyntheticBatches, TextCodec, batching
 from mllm_jax.data.tokenizer import PAD
 
 
@@ -82,7 +82,7 @@ class SyntheticTrainData:
     def next_host_batch(self, mesh) -> dict:
         data = self.batches
         rows = distributed.host_local_slice(data.cfg.batch_size // data.microbatches, mesh)
-        batch = distributed.local_synthetic_batch(data, data.index, rows)
+        batch = batching.local_synthetic_batch(data, data.index, rows)
         if self.cache is not None:
             batch = self.cache.features(batch, data.instance_keys(data.index, rows), self.encode)
         data.index += 1  # the position resume restores: batch i is the i-th of the stream on every host
