@@ -102,7 +102,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_layout_errors_name_the_numbers():
-    with pytest.raises(ValueError, match=r"data=4 x fsdp=1 x pipeline=1 x context=1 x tensor=1.*4 devices.*8 are"):
+    with pytest.raises(ValueError, match=r"data=4 x fsdp=1 x expert=1 x pipeline=1 x context=1 x tensor=1.*4 devices.*8 are"):
         loop.validate(tiny_config("ParallelConfig.data = 4"), 8)
     with pytest.raises(ValueError, match=r"LLMConfig.n_heads=2 is not divisible by ParallelConfig.tensor=4"):
         loop.validate(tiny_config("ParallelConfig.data = 2", "ParallelConfig.tensor = 4"), 8)
