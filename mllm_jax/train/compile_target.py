@@ -230,21 +230,24 @@ def collectives(hlo_text: str) -> dict:
 
 
 def pallas_calls(hlo_text: str) -> int:
-    """Pallas kernel calls in compiled HLO: custom calls to Mosaic (TPU) or Triton (GPU)."""
-    return sum(len(re.findall(rf'custom_call_target="{re.escape(t)}"', hlo_text)) for t in PALLAS_TARGETS)
+    """Pallas kernel calls in compiled HLO: custom calls to Mosaic (TPU) or Triton (GPU) that a ``pallas_call`` made
+    (``pallas_kernels``), not the compiler's own (XLA:TPU lowers a dense softmax-matmul to an "online-softmax" Mosaic
+    call of its own)."""
+    return sum(pallas_kernels(hlo_text).values())
 
 
 _KERNEL_NAME = re.compile(r'op_name="[^"]*?([A-Za-z0-9_]+)\)*/pallas_call')
 
 
 def pallas_kernels(hlo_text: str) -> dict:
-    """{kernel name: calls} of the Pallas calls in compiled HLO (the name the kernel was given, from op_name)."""
+    """{kernel name: calls} of the Pallas calls in compiled HLO (the name the kernel was given, from op_name); custom
+    calls whose op_name shows no pallas_call are the compiler's, not counted."""
     out: dict = {}
     for line in hlo_text.splitlines():
         if any(f'custom_call_target="{t}"' in line for t in PALLAS_TARGETS):
             m = _KERNEL_NAME.search(line)
-            name = m.group(1) if m else "unnamed"
-            out[name] = out.get(name, 0) + 1
+            if m:
+                out[m.group(1)] = out.get(m.group(1), 0) + 1
     return out
 
 
