@@ -214,10 +214,15 @@ def test_a_refused_workdir_is_not_modified(reference, tmp_path):
 
 
 def test_sigint_requests_a_checkpoint_and_a_second_one_aborts():
-    with loop._Preemption() as preempt:
-        assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
-        signal.raise_signal(signal.SIGINT)
-        assert preempt.requested
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own handler first, whatever this process inherited (a background job starts with SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with loop._Preemption() as preempt:
+            assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+            assert preempt.requested
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # what was there is restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
