@@ -118,41 +118,6 @@ def test_vlm_tiny_compiles_for_tpu_with_pallas():
     assert r["pallas_kernels"].get("mllm_flash_fwd", 0) >= layers and r["pallas_kernels"].get("mllm_flash_dkv", 0) >= layers
 
 
-LAYOUT_FAMILIES = {  # every family the README says composes, on 4 devices
-    "data": ["ParallelConfig.data=4"],
-    "fsdp": ["ParallelConfig.fsdp=4"],
-    "data_tensor": ["ParallelConfig.data=2", "ParallelConfig.tensor=2"],
-    "context_allgather": ["ParallelConfig.context=4"],
-    "context_ring": ["ParallelConfig.context=4", 'ContextConfig.attention="ring"'],
-    "pipeline": ["ParallelConfig.pipeline=4", "ParallelConfig.microbatches=4", "LLMConfig.n_layers=4"],
-    "pipeline_data": ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.microbatches=2"],
-    "pipeline_tensor": ["ParallelConfig.pipeline=2", "ParallelConfig.tensor=2", "ParallelConfig.microbatches=2"],
-    "pipeline_context": ["ParallelConfig.pipeline=2", "ParallelConfig.context=2", "ParallelConfig.microbatches=2"],
-}
-
-
-@needs_tpu
-@pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(LAYOUT_FAMILIES))
-def test_every_layout_family_compiles_for_tpu_with_its_pallas_kernels(family):
-    """vlm_tiny's train step on v5e:2x2 with the Mosaic kernels in the program: they run inside shard_map over the
-    axes that shard batch, heads and sequence (kernels.sharding.per_shard, kernels.context_parallel). Failed on every
-    multi-device layout in 2026-12 ("Mosaic kernels cannot be automatically partitioned")."""
-    r = ct.compile_for_target(_cfg(*LAYOUT_FAMILIES[family]), targets.parse("tpu:v5e:2x2"), costs=False)
-    assert r["fits"] and r["attention_impl"] == "pallas_tpu"
-    # The ViT's and the LLM's attention are Pallas calls (dQ kernels: one per layer's backward, at least).
-    assert r["pallas_kernels"].get("mllm_flash_dq", 0) >= 1 and r["pallas_calls"] >= 3, r["pallas_kernels"]
-
-
-@needs_cuda
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["data", "data_tensor", "context_allgather", "pipeline_data"])
-def test_layout_families_compile_for_gpu_with_triton_kernels(family):
-    r = ct.compile_for_target(_cfg(*LAYOUT_FAMILIES[family]), targets.parse("gpu:h100:1x4"), costs=False)
-    assert r["fits"] and r["attention_impl"] == "pallas_gpu"
-    assert r["pallas_calls"] >= 3, r["pallas_kernels"]
-
-
 @needs_tpu
 def test_vlm_tiny_compiles_for_tpu_with_xla_attention_on_data_parallel():
     r = ct.compile_for_target(_cfg("ParallelConfig.data=4", 'ModelConfig.attention_impl="xla"'),
