@@ -124,6 +124,48 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class NativeVisionConfig:
+    """The Qwen2-VL / Qwen2.5-VL vision tower: images and videos at their own resolution (docs/native_resolution.md).
+
+    An image of H x W pixels (resized to multiples of ``patch_size * spatial_merge_size`` within [min_pixels,
+    max_pixels]) becomes a (t, h, w) grid of patches of ``temporal_patch_size`` frames (an image is repeated to fill
+    them); a video's frames sampled at ``fps`` give t = frames / temporal_patch_size. All instances of a batch are
+    packed into rows of ``patches_per_row`` patches, one segment per instance (the batch contract in
+    docs/contracts.md); the projector ("patch_merger") merges each 2x2 patch group, so an instance becomes
+    t * h * w / spatial_merge_size**2 LLM tokens.
+    """
+
+    kind: str = "qwen2_vl"  # "qwen2_vl" | "qwen2_5_vl"
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_channels: int = 3
+    d_model: int = 1280  # HF embed_dim (Qwen2-VL) / hidden_size (Qwen2.5-VL)
+    n_layers: int = 32  # HF depth
+    n_heads: int = 16
+    d_ff: int = 5120  # Qwen2-VL: mlp_ratio * embed_dim (plain MLP); Qwen2.5-VL: intermediate_size (gated MLP)
+    activation: str = "quick_gelu"  # Qwen2-VL: quick_gelu; Qwen2.5-VL: silu
+    norm_eps: float = 1e-6
+    window_size: int = 0  # Qwen2.5-VL: 112 (pixels); 0: every layer attends over its whole instance
+    full_attention_layers: tuple[int, ...] = ()  # Qwen2.5-VL: (7, 15, 23, 31); the other layers use windows
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    fps: float = 2.0  # video frames sampled per second
+    tokens_per_second: float = 0.0  # Qwen2.5-VL (its config's value): M-RoPE temporal positions per second of video;
+    # 0 (Qwen2-VL): one temporal position per grid step
+    patches_per_row: int = 1024  # the static length of a packed patch row (a multiple of spatial_merge_size**2)
+
+    @property
+    def merge_units(self) -> int:
+        return self.spatial_merge_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch (HF pixel_values' last axis): channels x temporal x patch x patch."""
+        return self.num_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass(frozen=True)
 class AudioConfig:
     """Whisper encoder from log-mel frames [B, T, n_mels]; T = 2 * max_source_positions (3000 for 30 s)."""
 
@@ -156,16 +198,24 @@ class AudioConfig:
 class ProjectorConfig:
     """Encoder features -> LLM embeddings. "linear", "mlp" (Linear, act, Linear: LLaVA) or "resampler"."""
 
-    kind: str = "mlp"
-    hidden_dim: int | None = None  # mlp: None -> the LLM's d_model
+    kind: str = "mlp"  # "linear" | "mlp" | "resampler" | "patch_merger" (Qwen2-VL: norm, 2x2 merge, MLP)
+    hidden_dim: int | None = None  # mlp: None -> the LLM's d_model; patch_merger: None -> d_enc * merge_size**2
     activation: str = "gelu"
     num_queries: int = 64  # resampler: output tokens per instance
     n_heads: int = 8  # resampler cross-attention heads
     n_layers: int = 1  # resampler cross-attention blocks
 
+    merge_size: int = 2  # patch_merger: spatial_merge_size (merge_size**2 consecutive patches -> one token)
+    norm: str = "layer"  # patch_merger: its input norm, "layer" (Qwen2-VL) | "rms" (Qwen2.5-VL)
+
     def output_tokens(self, encoder_tokens: int) -> int:
-        """Tokens per instance after projection: a resampler emits its queries, the others one per encoder token."""
-        return self.num_queries if self.kind == "resampler" else encoder_tokens
+        """Tokens per instance after projection: a resampler emits its queries, a patch merger one per merge group,
+        the others one per encoder token."""
+        if self.kind == "resampler":
+            return self.num_queries
+        if self.kind == "patch_merger":
+            return encoder_tokens // self.merge_size**2
+        return encoder_tokens
 
 
 @dataclass(frozen=True)
@@ -226,7 +276,15 @@ class ModelConfig:
         if name not in self.encoders or name not in self.projectors:
             raise ValueError(f"modality {name!r} needs an encoder and a projector; the model has encoders "
                              f"{sorted(self.encoders)} and projectors {sorted(self.projectors)}")
+        if self.is_native_resolution(name):
+            raise ValueError(f"modality {name!r} is native-resolution ({self.encoders[name].kind}): its instances have "
+                             f"no fixed feature count; count an instance's tokens from its patch grid "
+                             f"(docs/native_resolution.md)")
         return int(self.projectors[name].output_tokens(self.encoders[name].num_features))
+
+    def is_native_resolution(self, name: str) -> bool:
+        """Modality ``name`` takes images/videos at their own size, packed into patch rows (NativeVisionConfig)."""
+        return isinstance(self.encoders.get(name), NativeVisionConfig)
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -18,7 +18,8 @@ from mllm_jax.data.datasets.config import DatasetConfig
 from mllm_jax.parallel import config as parallel_config
 
 CONFIG_CLASSES = (
-    model_config.RopeScaling, model_config.LLMConfig, model_config.VisionConfig, model_config.AudioConfig,
+    model_config.RopeScaling, model_config.LLMConfig, model_config.VisionConfig, model_config.NativeVisionConfig,
+    model_config.AudioConfig,
     model_config.ProjectorConfig, model_config.LoRAConfig, model_config.ModelConfig,
     parallel_config.ContextConfig, parallel_config.ParallelConfig,
     train_config.DataConfig, train_config.OptimizerConfig, train_config.CheckpointConfig, train_config.TrainConfig,
