@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
+from mllm_jax.config import AudioConfig, ModelConfig, NativeVisionConfig, VisionConfig
 
 META_KEYS = ("labels", "positions", "segment_ids", "span_ids")
+# A native-resolution modality's encoder input: packed patch rows (docs/native_resolution.md).
+NATIVE_KEYS = ("patches", "grid", "segment_ids")
 # The label of a token that is not predicted (prompt, placeholders, padding): the loss skips it.
 IGNORE = -100
 
@@ -33,6 +35,81 @@ def check_encoder_input(name: str, ecfg, x) -> int:
         if s[1] != ecfg.num_frames:
             raise ValueError(f"encoder_inputs[{name!r}] must have T = {ecfg.num_frames} frames; got {s[1]}")
     return s[0]
+
+
+def check_native_input(name: str, ecfg: NativeVisionConfig, x) -> list:
+    """Shape and layout check of a packed native-resolution input; returns its instances as (row, start, patches,
+    (t, h, w)) in row-major order. Each instance: a run of one segment id starting at a multiple of merge_size**2,
+    its ``grid`` coordinates a full (t, h, w) patch grid with h and w multiples of merge_size."""
+    if not isinstance(x, dict) or set(x) != set(NATIVE_KEYS):
+        got = sorted(x) if isinstance(x, dict) else f"an array of shape {_shape(x)}"
+        raise ValueError(f"encoder_inputs[{name!r}] (native resolution) must be a dict with keys {NATIVE_KEYS}; got "
+                         f"{got}")
+    ps, gs, ss = _shape(x["patches"]), _shape(x["grid"]), _shape(x["segment_ids"])
+    if len(ss) != 2 or ps != ss + (ecfg.patch_dim,) or gs != ss + (3,):
+        raise ValueError(f"encoder_inputs[{name!r}]: patches {ps}, grid {gs}, segment_ids {ss} must be [R, P, "
+                         f"{ecfg.patch_dim}] (patch_dim), [R, P, 3], [R, P]")
+    m2, m = ecfg.merge_units, ecfg.spatial_merge_size
+    if ss[1] % m2:
+        raise ValueError(f"encoder_inputs[{name!r}]: {ss[1]} patches per row is not a multiple of merge_size**2 = {m2}")
+    seg, grid = np.asarray(x["segment_ids"]), np.asarray(x["grid"])
+    out = []
+    for r in range(ss[0]):
+        s = seg[r]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], s, [0]])) != 0)
+        ids_seen = set()
+        for a, b in zip(edges[:-1], edges[1:]):
+            if s[a] == 0:
+                continue
+            if s[a] < 0 or int(s[a]) in ids_seen:
+                raise ValueError(f"encoder_inputs[{name!r}] row {r}: segment id {int(s[a])} at patch {a} is negative "
+                                 f"or not contiguous (one run per instance)")
+            ids_seen.add(int(s[a]))
+            n = int(b - a)
+            if a % m2 or n % m2:
+                raise ValueError(f"encoder_inputs[{name!r}] row {r}: the instance at patch {a} ({n} patches) must "
+                                 f"start at and span a multiple of merge_size**2 = {m2}")
+            g = grid[r, a:b]
+            thw = tuple(int(v) + 1 for v in g.max(axis=0))
+            if g.min() < 0 or thw[0] * thw[1] * thw[2] != n or len(np.unique(g, axis=0)) != n or thw[1] % m \
+                    or thw[2] % m:
+                raise ValueError(f"encoder_inputs[{name!r}] row {r}: the grid of the instance at patch {a} is not a "
+                                 f"full (t, h, w) grid of {n} patches with h, w multiples of {m} (its extent is "
+                                 f"{thw})")
+            out.append((r, int(a), n, thw))
+    return out
+
+
+def check_native_alignment(name: str, ecfg: NativeVisionConfig, instances: list, patches_per_row: int, ids, fi,
+                           span, placeholder: int) -> None:
+    """Each placeholder run (span) of modality ``name`` points at exactly one packed instance's projected features,
+    all of them, in order: a grid whose token count differs from its run's length is an error, not a misalignment."""
+    m2 = ecfg.merge_units
+    bases = [((r * patches_per_row + a) // m2, n // m2) for r, a, n, _ in instances]  # (first feature, tokens)
+    nfeat = max([b + t for b, t in bases] + [0])
+    owner = np.full(nfeat, -1, np.int64)
+    for i, (b, t) in enumerate(bases):
+        owner[b:b + t] = i
+    total = owner.size
+    is_ph = ids == placeholder
+    for b in range(ids.shape[0]):
+        for sp in np.unique(span[b][is_ph[b]]):
+            run = np.flatnonzero(is_ph[b] & (span[b] == sp))
+            f = fi[b, run]
+            if sp == 0 or (f < 0).any() or (f >= total).any():
+                raise ValueError(f"sample {b}: {name!r} placeholder run of span {int(sp)} has feature_index "
+                                 f"{f.min()}..{f.max()} outside the {total} packed features, or no span id")
+            inst = np.unique(owner[f])
+            if len(inst) != 1 or inst[0] < 0:
+                raise ValueError(f"sample {b}: {name!r} placeholder run of span {int(sp)} points at "
+                                 f"{len(inst)} packed instances (or padding); one run must hold one instance")
+            r, a, _, thw = instances[int(inst[0])]
+            base, tokens = bases[int(inst[0])]
+            if len(run) != tokens or not np.array_equal(f, base + np.arange(tokens)):
+                raise ValueError(f"sample {b}: {name!r} placeholder run of span {int(sp)} has {len(run)} tokens but "
+                                 f"its instance (row {r}, patch {a}) has grid (t, h, w) = {thw}, i.e. {tokens} "
+                                 f"tokens after the {ecfg.spatial_merge_size}x{ecfg.spatial_merge_size} merge (or its "
+                                 f"feature_index is not that instance's features in order)")
 
 
 def check_batch(batch: dict, config: ModelConfig) -> None:
@@ -64,14 +141,20 @@ def check_batch(batch: dict, config: ModelConfig) -> None:
             raise ValueError(f"batch modality {name!r} has no encoder in the config ({sorted(config.encoders)})")
         if name not in inputs or name not in index:
             raise ValueError(f"modality {name!r} needs both encoder_inputs and feature_index in the batch")
-        n = check_encoder_input(name, config.encoders[name], inputs[name])
         fi = np.asarray(index[name])
         if fi.shape != ids.shape:
             raise ValueError(f"feature_index[{name!r}] shape {fi.shape} must equal input_ids shape {ids.shape}")
-        total = n * config.features_per_instance(name)
-        if fi.size and fi.max() >= total:
-            raise ValueError(f"feature_index[{name!r}] max {fi.max()} is beyond the {total} features "
-                             f"({n} instances x {config.features_per_instance(name)} tokens)")
+        if config.is_native_resolution(name):
+            ecfg = config.encoders[name]
+            instances = check_native_input(name, ecfg, inputs[name])
+            check_native_alignment(name, ecfg, instances, _shape(inputs[name]["segment_ids"])[1], ids, fi,
+                                   np.asarray(batch["span_ids"]), config.placeholder_ids[name])
+        else:
+            n = check_encoder_input(name, config.encoders[name], inputs[name])
+            total = n * config.features_per_instance(name)
+            if fi.size and fi.max() >= total:
+                raise ValueError(f"feature_index[{name!r}] max {fi.max()} is beyond the {total} features "
+                                 f"({n} instances x {config.features_per_instance(name)} tokens)")
         is_ph = ids == config.placeholder_ids[name]
         n_ph, n_feat = is_ph.sum(axis=1), (fi >= 0).sum(axis=1)
         for b in range(ids.shape[0]):

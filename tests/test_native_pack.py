@@ -1,0 +1,203 @@
+"""Packing native-resolution instances into patch rows, the M-RoPE positions of packed samples, and the batch checks
+(mllm_jax.data.native_pack, mllm_jax.batch): host-side numpy, oracles from transformers' Qwen2-VL."""
+
+import types
+
+import numpy as np
+import pytest
+
+from mllm_jax.batch import check_batch
+from mllm_jax.config import LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig
+from mllm_jax.data import native_pack as npk
+
+M2 = 4  # merge_size 2
+
+
+def test_row_buckets_are_few_and_cover():
+    assert npk.row_buckets(1) == (1,)
+    assert npk.row_buckets(5) == (1, 2, 3, 4, 6)
+    assert npk.row_buckets(16)[-1] == 16 and len(npk.row_buckets(100)) <= 14
+
+
+def test_plan_first_fit_no_overlap_aligned_and_smallest_bucket():
+    counts = [16, 36, 8, 64, 4, 24, 12]
+    plan = npk.plan_rows(counts, 64, M2, npk.row_buckets(len(counts)))
+    assert plan.used == sum(counts) and plan.padding == plan.rows * 64 - sum(counts)
+    occupied = np.zeros((plan.rows, 64), int)
+    for n, r, o in zip(counts, plan.row, plan.offset):
+        assert o % M2 == 0 and o + n <= 64
+        occupied[r, o:o + n] += 1
+    assert occupied.max() == 1  # no two instances share a patch
+    # 164 patches need 3 rows of 64 (first-fit decreasing reaches it); 3 is a bucket.
+    assert plan.rows == 3 and len(set(plan.row.tolist())) == 3
+
+
+@pytest.mark.parametrize("counts,p,buckets,match", [
+    ([16, 68], 64, (1, 2, 3), "instance 1 has 68 patches, more than a packed row holds"),
+    ([16, 6], 64, (1, 2), "instance 1 has 6 patches: it must be a positive multiple of merge_size"),
+    ([64, 64, 64], 64, (1, 2), "need 3 rows of 64 patches; the row buckets go up to 2"),
+    ([0], 64, (1,), "instance 0 has 0 patches"),
+])
+def test_plan_refuses_what_does_not_fit(counts, p, buckets, match):
+    with pytest.raises(ValueError, match=match):
+        npk.plan_rows(counts, p, M2, buckets)
+
+
+def _grid_coords(t, h, w, m=2):
+    """Each patch's (t, h, w) in HF's merge-group-major order (t, h/m, w/m, m, m): the test's own input."""
+    tt, hb, wb, hi, wi = np.meshgrid(np.arange(t), np.arange(h // m), np.arange(w // m), np.arange(m), np.arange(m),
+                                     indexing="ij")
+    return np.stack([tt, hb * m + hi, wb * m + wi], -1).reshape(-1, 3)
+
+
+def test_pack_places_every_instance_and_its_features():
+    grids = [(1, 4, 6), (2, 2, 2), (1, 8, 4), (1, 2, 4)]
+    k = 5
+    rng = np.random.default_rng(0)
+    patches = [rng.normal(size=(t * h * w, k)).astype(np.float32) for t, h, w in grids]
+    coords = [_grid_coords(*g) for g in grids]
+    plan = npk.plan_rows([len(x) for x in patches], 32, M2, npk.row_buckets(4))
+    packed = npk.pack(patches, coords, plan, M2, rows=plan.rows + 1)
+    x, g, s = (packed.inputs[k_] for k_ in ("patches", "grid", "segment_ids"))
+    assert x.shape == (plan.rows + 1, 32, k) and packed.padding == x.shape[0] * 32 - sum(map(len, patches))
+    for i, (r, o) in enumerate(zip(plan.row, plan.offset)):
+        n = len(patches[i])
+        np.testing.assert_array_equal(x[r, o:o + n], patches[i])
+        np.testing.assert_array_equal(g[r, o:o + n], coords[i])
+        assert len(np.unique(s[r, o:o + n])) == 1 and s[r, o] > 0
+        assert packed.feature_base[i] == (r * 32 + o) // M2
+    assert (s[-1] == 0).all()  # the extra row is padding
+
+
+# ---------------------------------------------------------------------------------------------------- M-RoPE vs HF
+
+
+def _hf_rope_index(kind, input_ids, token_types, image_grids, video_grids, second_per_grid=None, tps=0.0):
+    """transformers' get_rope_index on a stand-in `self` (it reads only the config and get_vision_position_ids)."""
+    import torch
+
+    if kind == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel as M
+    else:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel as M
+    me = types.SimpleNamespace(config=types.SimpleNamespace(
+        vision_config=types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=tps)))
+    me.get_vision_position_ids = lambda *a, **kw: M.get_vision_position_ids(me, *a, **kw)
+    kw = {}
+    if kind != "qwen2_vl" and second_per_grid is not None:
+        kw["second_per_grid_ts"] = torch.tensor(second_per_grid)
+    pos, _ = M.get_rope_index(me, torch.tensor([input_ids]), torch.tensor([token_types]),
+                              image_grid_thw=torch.tensor(image_grids) if image_grids else None,
+                              video_grid_thw=torch.tensor(video_grids) if video_grids else None, **kw)
+    return pos[:, 0].numpy().T  # [S, 3]
+
+
+def _sample_layout(items, text_runs):
+    """Token types (0 text, 1 image, 2 video) and spans for text runs interleaved with instances."""
+    types_, spans = [], []
+    for run, item in zip(text_runs, items + [None]):
+        types_ += [0] * run
+        if item is not None:
+            kind, thw, interval = item
+            n = thw[0] * (thw[1] // 2) * (thw[2] // 2)
+            spans.append((len(types_), thw, interval))
+            types_ += [1 if kind == "image" else 2] * n
+    return types_, spans
+
+
+@pytest.mark.parametrize("kind,tps", [("qwen2_vl", 0.0), ("qwen2_5_vl", 4.0)])
+def test_rope_positions_equal_transformers(kind, tps):
+    sec = 0.5  # second_per_grid_t of the video (temporal_patch_size / fps)
+    interval = tps * sec if kind == "qwen2_5_vl" else 1
+    items = [("image", (1, 4, 6), 1), ("video", (3, 4, 2), interval), ("image", (1, 2, 8), 1)]
+    types_, spans = _sample_layout(items, [3, 2, 1, 4])
+    ours = npk.rope_positions(len(types_), spans, 2)
+    hf = _hf_rope_index(kind, [7] * len(types_), types_, [(1, 4, 6), (1, 2, 8)], [(3, 4, 2)], [sec], tps)
+    np.testing.assert_array_equal(ours, hf)
+    if kind == "qwen2_5_vl":  # the video's temporal positions really are scaled (the test could fail)
+        assert len(np.unique(ours[spans[1][0]:spans[1][0] + 6, 0])) == 3 and ours[:, 0].max() >= 8
+
+
+def test_rope_positions_refuse_overlap_and_bad_grid():
+    with pytest.raises(ValueError, match="overlaps another or runs past"):
+        npk.rope_positions(10, [(2, (1, 4, 4), 1), (4, (1, 2, 2), 1)], 2)
+    with pytest.raises(ValueError, match="multiples of merge_size"):
+        npk.rope_positions(10, [(0, (1, 3, 4), 1)], 2)
+
+
+# ------------------------------------------------------------------------------------------------------ check_batch
+
+
+def _config(patches_per_row=32):
+    enc = NativeVisionConfig(patch_size=2, temporal_patch_size=2, num_channels=1, d_model=8, n_layers=1, n_heads=2,
+                             d_ff=16, patches_per_row=patches_per_row)
+    return ModelConfig(llm=LLMConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16),
+                       encoders={"vision": enc}, projectors={"vision": ProjectorConfig(kind="patch_merger")},
+                       placeholder_ids={"vision": 3})
+
+
+def _native_batch(grids, seq_len=40, per_sample=((0, 1), (2,))):
+    """Two samples (by default: instances 0, 1 in sample 0, instance 2 in sample 1), packed."""
+    cfg = _config()
+    enc = cfg.encoders["vision"]
+    patches = [np.ones((t * h * w, enc.patch_dim), np.float32) for t, h, w in grids]
+    plan = npk.plan_rows([len(x) for x in patches], enc.patches_per_row, M2, npk.row_buckets(len(grids)))
+    packed = npk.pack(patches, [_grid_coords(*g) for g in grids], plan, M2)
+    b = {k: np.zeros((len(per_sample), seq_len), np.int32) for k in ("input_ids", "positions", "segment_ids",
+                                                                      "span_ids")}
+    b["labels"] = np.full((len(per_sample), seq_len), -100, np.int32)
+    fi = np.full((len(per_sample), seq_len), -1, np.int32)
+    for row, insts in enumerate(per_sample):
+        cur = 1
+        for span, i in enumerate(insts, 1):
+            n = len(patches[i]) // M2
+            b["input_ids"][row, cur:cur + n] = 3
+            b["span_ids"][row, cur:cur + n] = span
+            fi[row, cur:cur + n] = packed.feature_base[i] + np.arange(n)
+            cur += n + 1
+        b["segment_ids"][row, :cur] = 1
+        b["positions"][row, :cur] = np.arange(cur)
+    b["encoder_inputs"] = {"vision": packed.inputs}
+    b["feature_index"] = {"vision": fi}
+    return b, cfg
+
+
+GRIDS = [(1, 4, 6), (2, 2, 4), (1, 4, 4)]
+
+
+def test_check_batch_accepts_a_packed_batch():
+    b, cfg = _native_batch(GRIDS)
+    check_batch(b, cfg)
+
+
+def test_check_batch_names_a_grid_that_does_not_match_its_placeholders():
+    b, cfg = _native_batch(GRIDS)
+    # One placeholder fewer than instance 2's grid: the run and the instance disagree.
+    fi = b["feature_index"]["vision"]
+    last = np.flatnonzero(fi[1] >= 0)[-1]
+    b["input_ids"][1, last], fi[1, last], b["span_ids"][1, last] = 9, -1, 0
+    with pytest.raises(ValueError, match=r"sample 1: 'vision' placeholder run of span 1 has 3 tokens but its "
+                                         r"instance .* grid \(t, h, w\) = \(1, 4, 4\), i.e. 4 tokens"):
+        check_batch(b, cfg)
+
+
+def test_check_batch_names_a_run_spanning_two_instances_and_bad_layouts():
+    b, cfg = _native_batch(GRIDS)
+    b["span_ids"][0][b["span_ids"][0] == 2] = 1  # two instances' runs as one span
+    with pytest.raises(ValueError, match="points at 2 packed instances"):
+        check_batch(b, cfg)
+    b, cfg = _native_batch(GRIDS)
+    seg = b["encoder_inputs"]["vision"]["segment_ids"]
+    r, a = np.argwhere(seg == 2)[0]
+    seg[r, a:a + 2] = 1  # instance 2 now starts 2 patches late: not merge-aligned
+    with pytest.raises(ValueError, match="must start at and span a multiple of merge_size"):
+        check_batch(b, cfg)
+    b, cfg = _native_batch(GRIDS)
+    g = b["encoder_inputs"]["vision"]["grid"]
+    g[0, 1] = g[0, 0]  # two patches with the same coordinate: not a full grid
+    with pytest.raises(ValueError, match="is not a full \\(t, h, w\\) grid"):
+        check_batch(b, cfg)
+    b, cfg = _native_batch(GRIDS)
+    b["encoder_inputs"]["vision"] = b["encoder_inputs"]["vision"]["patches"]
+    with pytest.raises(ValueError, match="must be a dict with keys"):
+        check_batch(b, cfg)
