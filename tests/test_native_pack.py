@@ -201,3 +201,22 @@ def test_check_batch_names_a_run_spanning_two_instances_and_bad_layouts():
     b["encoder_inputs"]["vision"] = b["encoder_inputs"]["vision"]["patches"]
     with pytest.raises(ValueError, match="must be a dict with keys"):
         check_batch(b, cfg)
+
+
+def test_placement_shards_packed_rows_by_the_encoder_batch_rule():
+    import jax
+
+    from mllm_jax.data.placement import put_batch
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh(ParallelConfig(data=2, fsdp=4))
+    b, _ = _native_batch(GRIDS, per_sample=((0, 1), (2,)) * 4)
+    inputs = b["encoder_inputs"]["vision"]
+    b["encoder_inputs"]["vision"] = npk.pad_rows(inputs, 8)  # 8 rows: one per device
+    placed = put_batch(b, mesh, leading=0)
+    for key, x in placed["encoder_inputs"]["vision"].items():
+        assert x.sharding.spec[0] == ("data", "fsdp"), (key, x.sharding.spec)
+        np.testing.assert_array_equal(np.asarray(x)[:len(inputs[key])], inputs[key])
+    assert placed["input_ids"].sharding.spec[0] == ("data", "fsdp")
+    assert jax.device_count() == 8

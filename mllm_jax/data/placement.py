@@ -4,8 +4,9 @@
   axis over the `data` x `fsdp` mesh axes of size > 1 (Explicit sharding types must agree with the model's specs,
   which leave size-1 axes out) and, under context parallelism, their sequence axis over `context` (the LLM rule maps
   activation "length" to "context"; the sequence is already permuted by mllm_jax.data.context_batches).
-- Encoder inputs and cached encoder features ([.., N, ...]) shard their instance axis by the encoder's own "batch"
-  rule (parallel.sharding: spread over every mesh axis that divides it), so each device encodes only its share of
+- Encoder inputs and cached encoder features ([.., N, ...]; a native-resolution modality's dict of packed patch
+  rows [.., R, P, ...], docs/native_resolution.md) shard their instance (row) axis by the encoder's own "batch" rule
+  (parallel.sharding: spread over every mesh axis that divides it), so each device encodes only its share of
   the images and clips (mllm_jax.data.encoder_balance decides which instances that share holds).
 
 Multi-host: each process passes only its rows (distributed.host_local_slice); they are stitched along the batch axes
@@ -66,7 +67,10 @@ def batch_specs(batch: dict, mesh, *, leading: int, rule_table) -> dict:
     out = {}
     for key, value in batch.items():
         if key in ENCODER_KEYS:  # instance-major: raw inputs or cached features
-            out[key] = {n: encoder_spec(mesh, rule_table, n, x.shape, leading) for n, x in value.items()}
+            # A native-resolution modality's input is a dict of packed patch rows ([.., R, P, ...] each): every
+            # array shards its row axis R like an instance axis.
+            out[key] = {n: jax.tree.map(lambda a, n=n: encoder_spec(mesh, rule_table, n, a.shape, leading), x)
+                        for n, x in value.items()}
         else:
             out[key] = jax.tree.map(lambda x: token_spec(mesh, x.shape, leading), value)
     return out
