@@ -6,7 +6,7 @@ FLOPs count 2 per multiply-add, with the per-token and per-pair formulas of para
 
 from __future__ import annotations
 
-from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig, VisionConfig
 from mllm_jax.parallel.cost_model import (Layer, ModelCosts, PipelineCosts, apply_profile,
                                           attention_flops_per_pair, causal_pairs, cost_chain,
                                           decoder_linear_flops_per_token)
@@ -87,11 +87,14 @@ def llm_layer(
     )
 
 
-def _encoder_layer(name, module, d, dff, tokens, n_instances, trainable, act_dtype_bytes, gated=False):
+def _encoder_layer(name, module, d, dff, tokens, n_instances, trainable, act_dtype_bytes, gated=False,
+                   window_tokens=None):
     t = tokens * n_instances
     mlp_mats = 3 if gated else 2
     weight_flops = t * (4 * 2 * d * d + mlp_mats * 2 * d * dff)
-    free_flops = n_instances * 4.0 * tokens * tokens * d  # bidirectional attention
+    # Bidirectional attention over the instance, or over windows of ``window_tokens`` (Qwen2.5-VL's window layers).
+    seen = tokens if window_tokens is None else min(tokens, window_tokens)
+    free_flops = n_instances * 4.0 * tokens * seen * d
     params = 4 * d * d + mlp_mats * d * dff + 4 * d + dff + 4 * d
     return Layer(
         name=name,
@@ -113,9 +116,12 @@ def encoder_layers(
     trainable: bool = True,
     tokens: int | None = None,
     act_dtype_bytes: int = 2,
+    temporal_slices: int = 1,
 ) -> list[Layer]:
     """Stem (patch embedding / Whisper convolutions) and transformer layers of an encoder, for ``n_instances`` images
-    or clips per microbatch. ``tokens`` overrides the tokens per instance (native-resolution encoders)."""
+    or clips per microbatch. ``tokens`` overrides the tokens per instance (native-resolution encoders: its patches,
+    required); a native instance of ``temporal_slices`` grid steps (a video) attends within each slice, and a
+    window layer within windows."""
     module = f"encoders/{name}"
     if n_instances < 0:
         raise ValueError(f"n_instances must be >= 0; got {n_instances}")
@@ -143,17 +149,45 @@ def encoder_layers(
             io_bytes=float(n_instances * frames * cfg.n_mels * act_dtype_bytes),
             act_bytes=float(n_instances * (frames * cfg.n_mels + frames * cfg.d_model) * act_dtype_bytes),
         )
+    elif isinstance(cfg, NativeVisionConfig):
+        if tokens is None:
+            raise ValueError(f"encoder {name!r} is native-resolution: give its patches per instance (tokens=...)")
+        t = tokens
+        stem = Layer(
+            name=f"{module}/stem",
+            module=module,
+            weight_flops=2.0 * n_instances * t * cfg.patch_dim * cfg.d_model,
+            params=cfg.patch_dim * cfg.d_model,
+            trainable=trainable,
+            io_bytes=float(n_instances * t * cfg.patch_dim * act_dtype_bytes),
+            act_bytes=float(n_instances * t * cfg.patch_dim * act_dtype_bytes),
+        )
     else:
-        raise ValueError(f"encoder {name!r}: config must be a VisionConfig or AudioConfig; got {type(cfg).__name__}")
-    gated = bool(getattr(cfg, "gated_mlp", False))
+        raise ValueError(f"encoder {name!r}: config must be a VisionConfig, NativeVisionConfig or AudioConfig; got "
+                         f"{type(cfg).__name__}")
+    gated = bool(getattr(cfg, "gated_mlp", False)) or getattr(cfg, "kind", "") == "qwen2_5_vl"
     layers = [stem]
     for i in range(cfg.n_layers):
         layers.append(
             _encoder_layer(
-                f"{module}/{i}", module, cfg.d_model, cfg.d_ff, t, n_instances, trainable, act_dtype_bytes, gated
+                f"{module}/{i}", module, cfg.d_model, cfg.d_ff, t, n_instances, trainable, act_dtype_bytes, gated,
+                window_tokens=_attended_patches(cfg, i, t, temporal_slices),
             )
         )
     return layers
+
+
+def _attended_patches(cfg, layer: int, tokens: int, slices: int) -> int | None:
+    """Keys per query of a native tower's layer: its temporal slice, or its window in a window layer (None: a fixed
+    tower, whose layers attend over the whole instance)."""
+    if not isinstance(cfg, NativeVisionConfig):
+        return None
+    if slices < 1 or tokens % slices:
+        raise ValueError(f"temporal_slices ({slices}) must be >= 1 and divide the instance's {tokens} patches")
+    per_slice = tokens // slices
+    if not cfg.window_size or layer in cfg.full_attention_layers:
+        return per_slice
+    return min(per_slice, (cfg.window_size // cfg.patch_size) ** 2)
 
 
 def projector_layer(
@@ -176,8 +210,15 @@ def projector_layer(
         flops = cfg.n_layers * per
         params = cfg.n_layers * (2 * d_out * d_out + 2 * d_in * d_out + 8 * d_out * d_out) + q * d_out
         act = tokens * d_in + cfg.n_layers * q * 8 * d_out
+    elif cfg.kind == "patch_merger":  # norm, merge_size**2 patches concatenated, Linear-GELU-Linear
+        m2 = cfg.merge_size**2
+        din = d_in * m2
+        h = cfg.hidden_dim or din
+        params = din * h + h * d_out + h + d_out + 2 * d_in
+        flops = 2.0 * (tokens // m2) * (din * h + h * d_out)
+        act = tokens * d_in + (tokens // m2) * 2 * h
     else:
-        raise ValueError(f"projector {name!r}: kind must be linear, mlp or resampler; got {cfg.kind!r}")
+        raise ValueError(f"projector {name!r}: kind must be linear, mlp, resampler or patch_merger; got {cfg.kind!r}")
     free = 4.0 * cfg.num_queries * tokens * d_out * cfg.n_layers if cfg.kind == "resampler" else 0.0
     return Layer(
         name=module,

@@ -326,3 +326,27 @@ def test_plan_runtime_split_beats_uniform_in_lockstep():
     F, B = rt.runtime_stage_ops
     assert rt.runtime_time_1f1b == pytest.approx(rt.encoder_time + lockstep_time(F, B, 8))
     assert "runtime (lockstep 1F1B ticks)" in format_plan(plan)
+
+
+def test_native_tower_attention_is_per_temporal_slice_and_window():
+    """A Qwen2.5-VL video instance attends within each temporal slice, and its window layers within 8x8-patch
+    windows (112 px / 14 px): pairs counted by brute force over the patch grid."""
+    from mllm_jax.config import NativeVisionConfig
+    from mllm_jax.costs import encoder_layers
+
+    cfg = NativeVisionConfig(kind="qwen2_5_vl", d_model=64, n_heads=4, d_ff=96, n_layers=2, window_size=112,
+                             full_attention_layers=(1,), activation="silu")
+    t, h, w = 3, 16, 24
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    same_slice = tt.reshape(-1, 1) == tt.reshape(1, -1)
+    win = (hh // 8) * 100 + ww // 8
+    same_window = same_slice & (win.reshape(-1, 1) == win.reshape(1, -1))
+    stem, window_layer, full_layer = encoder_layers("v", cfg, tokens=t * h * w, temporal_slices=t)
+    d = cfg.d_model
+    assert full_layer.free_flops == 4.0 * same_slice.sum() * d
+    assert window_layer.free_flops == 4.0 * same_window.sum() * d
+    assert stem.weight_flops == 2.0 * t * h * w * cfg.patch_dim * d
+    with pytest.raises(ValueError, match="native-resolution"):
+        encoder_layers("v", cfg)
+    with pytest.raises(ValueError, match="temporal_slices"):
+        encoder_layers("v", cfg, tokens=10, temporal_slices=3)
