@@ -266,6 +266,18 @@ def projector_prefix(keys) -> str:
     return find_prefix(keys, "multi_modal_projector.linear_1.weight", "LLaVA projector") + "multi_modal_projector."
 
 
+def gemma3_projector_rules(prefix: str = "multi_modal_projector.") -> list[Rule]:
+    """The gemma3 Projector <-> Gemma 3's multi_modal_projector: mm_soft_emb_norm and mm_input_projection_weight, a
+    bare [vision d_model, text d_model] parameter (already our [in, out] layout, not a torch Linear)."""
+    return [Rule("norm/scale", prefix + "mm_soft_emb_norm.weight"),
+            Rule("proj/kernel", prefix + "mm_input_projection_weight")]
+
+
+def gemma3_projector_prefix(keys) -> str:
+    return find_prefix(keys, "multi_modal_projector.mm_input_projection_weight",
+                       "Gemma 3 projector") + "multi_modal_projector."
+
+
 def under(scope: str, rules: list[Rule]) -> list[Rule]:
     """The same rules for a submodule at ``scope`` of a larger module (e.g. "encoders/vision")."""
     return [dataclasses.replace(r, ours=f"{scope}/{r.ours}") for r in rules]
