@@ -46,7 +46,14 @@ class LLMConfig:
     query_pre_attn_scalar: float | None = None  # Gemma 2: softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)
     post_norms: bool = False  # Gemma 2: extra norms after attention and MLP
     max_position_embeddings: int = 4096  # informational (RoPE has no table); HF config round trip
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE (q_norm / k_norm, [head_dim])
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE (q_norm / k_norm)
+    # Gemma 3: the sliding-window (local) layers rotate with this base (HF rope_local_base_freq) and no scaling; the
+    # global layers keep rope_theta and the scaling. None: every layer uses rope_theta.
+    rope_local_theta: float | None = None
+    rope_linear_factor: float = 1.0  # HF rope_type "linear" (Gemma 3 4B+ global layers): positions divided by this
+    # M-RoPE (Qwen2-VL / Qwen2.5-VL): the rotary frequencies split into (temporal, height, width) sections of these
+    # sizes (sum = head_dim / 2), each rotated by its own axis of the batch's rope_positions [B, S, 3].
+    mrope_section: tuple[int, ...] | None = None
     # ---- Mixture of experts (mllm_jax.moe; docs/moe.md). n_experts = 0: every MLP is dense.
     n_experts: int = 0
     experts_per_token: int = 2  # top-k
@@ -259,6 +266,9 @@ class ModelConfig:
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
     attention_impl: str = "auto"  # kernels.attention impl
     layer_loop: str = "scan"  # "scan" (lax.scan over stacked layers) | "unrolled" (faster on CPU, slower to compile)
+    # How the LLM's placeholder (media) tokens attend: "bidirectional" (a span's tokens see each other both ways, the
+    # mask rule of kernels.meta) or "causal" (like text: how HF Qwen2-VL and LLaVA were trained).
+    media_attention: str = "bidirectional"
 
     def is_trainable(self, key: str) -> bool:
         return bool(self.trainable.get(key, True))

@@ -226,6 +226,20 @@ def rope_cos_sin(positions_BS, inv_freq: np.ndarray):
     return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
 
 
+def mrope_cos_sin(rope_positions_BS3, inv_freq: np.ndarray, section: tuple):
+    """M-RoPE (Qwen2-VL, HF apply_multimodal_rotary_pos_emb): cos, sin [B, S, 1, head_dim]. The frequencies are cut
+    into consecutive sections of sizes ``section``; section i rotates by axis i % 3 (temporal, height, width) of the
+    tokens' rope positions. Equal positions on the three axes give exactly 1-D RoPE."""
+    if sum(section) != len(inv_freq):
+        raise ValueError(f"mrope_section {tuple(section)} must sum to head_dim / 2 = {len(inv_freq)}; got "
+                         f"{sum(section)}")
+    axis_F = np.repeat(np.arange(len(section)) % 3, section)  # the position axis of each frequency
+    pos_BSF = jnp.take(rope_positions_BS3, jnp.asarray(axis_F), axis=-1).astype(jnp.float32)
+    freqs = pos_BSF * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
 def apply_rope(x_BSHD, cos, sin):
     half = x_BSHD.shape[-1] // 2
     rotated = jnp.concatenate([-x_BSHD[..., half:], x_BSHD[..., :half]], axis=-1)
@@ -242,14 +256,17 @@ def _unsharded_mesh() -> bool:
 
 
 
-def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, qk_norm_eps=None, **attention_kw):
+def self_attention(p: dict, x_BSD, meta, *, rope=None, lora_scale=0.0, qk_norm_eps=None, qk_norm_plus_one=False,
+                   **attention_kw):
     """Projections q/k/v/o around kernels.attention; ``rope`` = (cos, sin) or None (encoders). ``qk_norm_eps``:
-    RMSNorm over head_dim of q and k before RoPE (Qwen3: parameters q_norm / k_norm)."""
+    RMSNorm over head_dim of q and k before RoPE (Qwen3, Gemma 3: parameters q_norm / k_norm; Gemma's weight is
+    applied as (1 + w): ``qk_norm_plus_one``)."""
     q = linear(p["q"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora_scale)
     k = linear(p["k"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
     v = linear(p["v"], x_BSD, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora_scale)
     if qk_norm_eps is not None:
-        q, k = rms_norm(p["q_norm"], q, qk_norm_eps), rms_norm(p["k_norm"], k, qk_norm_eps)
+        q = rms_norm(p["q_norm"], q, qk_norm_eps, plus_one=qk_norm_plus_one)
+        k = rms_norm(p["k_norm"], k, qk_norm_eps, plus_one=qk_norm_plus_one)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = kernels.attention(q, k, v, meta, meta, **attention_kw)

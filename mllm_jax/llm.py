@@ -50,6 +50,7 @@ def decoder_layer_with_aux(p: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig
         p["attn"], x, meta, rope=rope, lora_scale=run.lora_scale, impl=run.attention_impl, scale=attention_scale(cfg),
         window=window, softcap=cfg.attn_logit_softcap, span_isolated=run.span_isolated,
         context_method=run.context_method, mask=mask, qk_norm_eps=cfg.norm_eps if cfg.qk_norm else None,
+        qk_norm_plus_one=cfg.norm_scale_plus_one,
     )
     return mlp_sublayer_with_aux(p, attention_residual(p, h_BSD, a, cfg), cfg, run)
 
@@ -88,10 +89,37 @@ def mlp_sublayer_with_aux(p: dict, h_BSD, cfg: LLMConfig, run: RunSettings):
     return part.constrain(h_BSD + m, ("batch", "length", "act_embed")), stats
 
 
-def rope_tables(cfg: LLMConfig, positions):
-    """RoPE (cos, sin) of the tokens' global positions: computed once per forward, shared by every layer."""
-    inv_freq = L.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-    return L.rope_cos_sin(positions, inv_freq)
+def rope_frequencies(cfg: LLMConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim // 2] of a global layer, or of a sliding-window layer (``local``: Gemma 3's
+    own base, unscaled, when ``rope_local_theta`` is set)."""
+    hd = cfg.resolved_head_dim
+    if local and cfg.rope_local_theta is not None:
+        return L.rope_inv_freq(hd, cfg.rope_local_theta)
+    inv = L.rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling)
+    return (inv / np.float32(cfg.rope_linear_factor)).astype(np.float32)
+
+
+def rope_tables(cfg: LLMConfig, positions_BS, rope_positions_BS3=None, *, local: bool = False):
+    """RoPE (cos, sin) of the tokens' global positions: computed once per forward, shared by the layers of one kind.
+
+    With ``mrope_section`` (Qwen2-VL) the angles come from ``rope_positions_BS3`` [B, S, 3] (temporal, height, width);
+    without them every axis is the causal position (text-only: exactly 1-D RoPE)."""
+    inv_freq = rope_frequencies(cfg, local=local)
+    if cfg.mrope_section is None:
+        return L.rope_cos_sin(positions_BS, inv_freq)
+    if rope_positions_BS3 is None:
+        rope_positions_BS3 = jnp.broadcast_to(jnp.asarray(positions_BS)[..., None], tuple(positions_BS.shape) + (3,))
+    return L.mrope_cos_sin(rope_positions_BS3, inv_freq, cfg.mrope_section)
+
+
+def layer_ropes(cfg: LLMConfig, windows, positions_BS, rope_positions_BS3=None) -> dict:
+    """window -> the (cos, sin) its layers rotate with: one table for every layer, or (Gemma 3) one for the local
+    (sliding-window) layers and one for the global ones."""
+    split = cfg.rope_local_theta is not None
+    tables = {}
+    for local in sorted({split and w is not None for w in windows}):
+        tables[local] = rope_tables(cfg, positions_BS, rope_positions_BS3, local=local)
+    return {w: tables[split and w is not None] for w in windows}
 
 
 def stored_decoder_layer(p: dict, names: dict, h_BSD, meta: TokenMeta, rope, cfg: LLMConfig, run: RunSettings,
@@ -129,18 +157,20 @@ def _layer_slice(params: dict, kinds: list, i: int, j: int) -> dict:
 
 
 def apply_decoder_layers(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg: LLMConfig, run: RunSettings,
-                         *, first_layer: int = 0):
+                         *, first_layer: int = 0, rope_positions=None):
     """Run a contiguous slice of stacked decoder layers: params [n, ...] are layers first_layer .. first_layer + n - 1.
 
     A pure function of (params, h, meta): ``names`` are the parameters' logical names (static), ``first_layer`` fixes
     which layers have a sliding window. Runs of layers with the same window are one ``lax.scan`` each; alternating
-    windows (Gemma 2) scan over groups of ``sliding_window_pattern`` layers.
+    windows (Gemma 2) scan over groups of ``sliding_window_pattern`` layers. ``rope_positions`` [B, S, 3]: the M-RoPE
+    positions (``LLMConfig.mrope_section``; None: the causal positions on every axis).
     """
-    return apply_decoder_layers_with_aux(params, names, h_BSD, meta, cfg, run, first_layer=first_layer)[0]
+    return apply_decoder_layers_with_aux(params, names, h_BSD, meta, cfg, run, first_layer=first_layer,
+                                         rope_positions=rope_positions)[0]
 
 
 def apply_decoder_layers_with_aux(params: dict, names: dict, h_BSD, meta: TokenMeta, cfg: LLMConfig,
-                                  run: RunSettings, *, first_layer: int = 0):
+                                  run: RunSettings, *, first_layer: int = 0, rope_positions=None):
     """``apply_decoder_layers`` and the MoE layers' router statistics stacked in layer order (moe.MoEStats with a
     leading [n_moe_layers] axis; None without MoE layers): scan outputs of the layer scans.
 
@@ -148,8 +178,8 @@ def apply_decoder_layers_with_aux(params: dict, names: dict, h_BSD, meta: TokenM
     alternating windows scans groups of ``sliding_window_pattern`` layers."""
     n = params["attn_norm"]["scale"].shape[0]
     params = jax.tree.map(part.unshard_leading, params)  # scan slices the layers axis: it must be whole here
-    rope = rope_tables(cfg, meta.positions)
     windows = [layer_window(cfg, first_layer + i) for i in range(n)]
+    ropes = layer_ropes(cfg, set(windows), meta.positions, rope_positions)
     kinds = [cfg.is_moe_layer(first_layer + i) for i in range(n)]
     masks = layer_masks(meta, set(windows), h_BSD.shape[1], run)
 
@@ -158,7 +188,7 @@ def apply_decoder_layers_with_aux(params: dict, names: dict, h_BSD, meta: TokenM
             stats = []
             for j, w in enumerate(group_windows):
                 p = p_group if len(group_windows) == 1 else jax.tree.map(lambda a, j=j: a[j], p_group)
-                h, st = stored_decoder_layer_with_aux(p, names, h, meta, rope, cfg, run, w, mask=masks.get(w))
+                h, st = stored_decoder_layer_with_aux(p, names, h, meta, ropes[w], cfg, run, w, mask=masks.get(w))
                 stats.append(st)
             if stats[0] is None:
                 return h, None
@@ -259,6 +289,7 @@ class LLM(nnx.Module):
             raise ValueError(f"n_heads ({cfg.n_heads}) must be a multiple of n_kv_heads ({cfg.n_kv_heads})")
         if cfg.sliding_window_pattern < 0:
             raise ValueError(f"sliding_window_pattern must be >= 0; got {cfg.sliding_window_pattern}")
+        validate_rope(cfg)
         moe_lib.validate(cfg)
         lora_rank = None
         if lora is not None:
@@ -337,10 +368,11 @@ class LLM(nnx.Module):
         """(stacked parameter arrays [L, ...], their logical names): the inputs of ``apply_layers``."""
         return L.module_params(self.layers)
 
-    def apply_layers(self, layer_params: dict, h_BSD, meta: TokenMeta, *, first_layer: int = 0):
+    def apply_layers(self, layer_params: dict, h_BSD, meta: TokenMeta, *, first_layer: int = 0, rope_positions=None):
         """Pure: run the stacked layers ``layer_params`` (a contiguous slice starting at ``first_layer``) on h."""
         _, names = self.layer_params()
-        return apply_decoder_layers(layer_params, names, h_BSD, meta, self.config, self.run, first_layer=first_layer)
+        return apply_decoder_layers(layer_params, names, h_BSD, meta, self.config, self.run, first_layer=first_layer,
+                                    rope_positions=rope_positions)
 
     def stage_layer(self):
         """(layer_fn(p, h, meta), window_codes): one decoder layer anywhere in the stack, as a pipeline stage runs it.
@@ -366,11 +398,12 @@ class LLM(nnx.Module):
                 h = moe_lib.with_loss_gradient(h, moe_lib.layer_penalty(stats, cfg), moe_weight)
             return h
 
-        def layer_fn(p, h_BSD, meta: TokenMeta, moe_weight=None):
+        def layer_fn(p, h_BSD, meta: TokenMeta, moe_weight=None, rope_positions=None):
             """``moe_weight``: this microbatch's weight of the MoE layers' penalty in the objective (label count
-            / global label count / MoE layers), or None to leave the router losses out."""
-            rope = rope_tables(cfg, meta.positions)
-            branches = [lambda w=w: one(p, h_BSD, meta, rope, w, moe_weight) for w in windows]
+            / global label count / MoE layers), or None to leave the router losses out. ``rope_positions``: the
+            M-RoPE positions [B, S, 3] (None: the causal positions)."""
+            ropes = layer_ropes(cfg, set(windows), meta.positions, rope_positions)
+            branches = [lambda w=w: one(p, h_BSD, meta, ropes[w], w, moe_weight) for w in windows]
             if len(branches) == 1:
                 return branches[0]()
             return jax.lax.switch(jax.lax.stop_gradient(p["window"]).astype(jnp.int32), branches)
@@ -390,15 +423,18 @@ class LLM(nnx.Module):
     def final(self, h_BSD):
         return final_norm(L.params_for_compute(self.final_norm, jnp.float32), h_BSD, self.config)
 
-    def hidden(self, embeds_BSD, meta: TokenMeta):
-        """Decoder layers + final norm: [B, S, D] -> [B, S, D]."""
-        return self.hidden_with_aux(embeds_BSD, meta)[0]
+    def hidden(self, embeds_BSD, meta: TokenMeta, rope_positions=None):
+        """Decoder layers + final norm: [B, S, D] -> [B, S, D]. ``rope_positions`` [B, S, 3]: M-RoPE positions
+        (only with ``LLMConfig.mrope_section``; None: the causal positions on every axis)."""
+        return self.hidden_with_aux(embeds_BSD, meta, rope_positions)[0]
 
-    def hidden_with_aux(self, embeds_BSD, meta: TokenMeta):
+    def hidden_with_aux(self, embeds_BSD, meta: TokenMeta, rope_positions=None):
         """(``hidden``, the MoE layers' router statistics stacked [n_moe_layers, ...] or None)."""
         meta = check_meta(meta, embeds_BSD.shape[:2])
+        rope_positions = check_rope_positions(self.config, rope_positions, embeds_BSD.shape[:2])
         values, names = self.layer_params()
-        h, stats = apply_decoder_layers_with_aux(values, names, embeds_BSD, meta, self.config, self.run)
+        h, stats = apply_decoder_layers_with_aux(values, names, embeds_BSD, meta, self.config, self.run,
+                                                 rope_positions=rope_positions)
         return self.final(h), stats
 
     def head_weight(self):
@@ -410,14 +446,14 @@ class LLM(nnx.Module):
         w = self.head_weight().astype(hidden_BSD.dtype)
         return logits_from_hidden(hidden_BSD, w, self.config.final_logit_softcap)
 
-    def __call__(self, input_ids=None, meta: TokenMeta | None = None, *, inputs_embeds=None):
+    def __call__(self, input_ids=None, meta: TokenMeta | None = None, *, inputs_embeds=None, rope_positions=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if meta is None:
             meta = TokenMeta.causal(*inputs_embeds.shape[:2], xp=jnp)
-        return self.logits(self.hidden(inputs_embeds, meta))
+        return self.logits(self.hidden(inputs_embeds, meta, rope_positions))
 
 
 def logits_from_hidden(h_BSD, w_DV, softcap):
@@ -460,3 +496,30 @@ def check_meta(meta: TokenMeta, want: tuple) -> TokenMeta:
     if bad:
         raise ValueError(f"token metadata must have the tokens' shape {tuple(want)}; got {bad}")
     return TokenMeta(*(jnp.asarray(a, jnp.int32) for a in meta))
+
+
+def validate_rope(cfg: LLMConfig) -> None:
+    """Refuse RoPE options that do not fit together, naming the values."""
+    half = cfg.resolved_head_dim // 2
+    if cfg.mrope_section is not None and (sum(cfg.mrope_section) != half or min(cfg.mrope_section) < 0):
+        raise ValueError(f"mrope_section {tuple(cfg.mrope_section)} must be non-negative sizes summing to head_dim / 2 "
+                         f"= {half}")
+    if cfg.rope_linear_factor <= 0:
+        raise ValueError(f"rope_linear_factor must be > 0; got {cfg.rope_linear_factor}")
+    if cfg.rope_linear_factor != 1.0 and cfg.rope_scaling is not None:
+        raise ValueError(f"rope_linear_factor={cfg.rope_linear_factor} and llama3 rope_scaling are two RoPE scalings; "
+                         f"give one")
+
+
+def check_rope_positions(cfg: LLMConfig, rope_positions, want: tuple):
+    """M-RoPE positions as int32 [B, S, 3], refused when given to an LLM without ``mrope_section`` or in another
+    shape; None stays None (the causal positions stand in)."""
+    if rope_positions is None:
+        return None
+    if cfg.mrope_section is None:
+        raise ValueError("rope_positions were given but LLMConfig.mrope_section is None (1-D RoPE); set mrope_section "
+                         "or leave rope_positions out")
+    if tuple(np.shape(rope_positions)) != tuple(want) + (3,):
+        raise ValueError(f"rope_positions must be [B, S, 3] = {tuple(want) + (3,)}; got "
+                         f"{tuple(np.shape(rope_positions))}")
+    return jnp.asarray(rope_positions, jnp.int32)

@@ -12,7 +12,12 @@ import dataclasses
 
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, RopeScaling, VisionConfig
 
-LLM_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
+LLM_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+             "qwen3_moe", "qwen2_vl_text", "qwen2_5_vl_text")
+# The text models of Qwen2-VL / Qwen2.5-VL: Qwen2 layers with M-RoPE (the text_config of a qwen2_vl / qwen2_5_vl).
+MROPE_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
+DEFAULT_MROPE_SECTION = (16, 24, 24)  # what transformers' Qwen2-VL rotary uses when the config names none
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
 AUDIO_TYPES = ("whisper",)
@@ -48,24 +53,48 @@ def _activation(name: str, where: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
-    """(theta, llama3 scaling or None) from either spelling of the RoPE options."""
+def _rope(hf: dict) -> dict:
+    """LLMConfig's RoPE fields (rope_theta, rope_scaling, rope_linear_factor, mrope_section, rope_local_theta) from
+    either spelling of the RoPE options: transformers 4 (rope_theta / rope_scaling at the top level) or 5
+    (rope_parameters; Gemma 3 keys it by layer type)."""
     params = dict(hf.get("rope_parameters") or {})
+    if "full_attention" in params or "sliding_attention" in params:  # transformers 5 Gemma 3: one rope per layer type
+        out = _rope_params(dict(params.get("full_attention") or {}), hf)
+        local = _rope_params(dict(params.get("sliding_attention") or {}), {"rope_theta": 10000.0})
+        if local["rope_scaling"] is not None or local["rope_linear_factor"] != 1.0 or local["mrope_section"]:
+            raise ValueError(f"the sliding-window layers' rope must be unscaled (rope_type 'default'); got "
+                             f"{params.get('sliding_attention')}")
+        return {**out, "rope_local_theta": local["rope_theta"]}
     scaling = hf.get("rope_scaling") or None
     if scaling:
         params = {**params, **scaling}
+    out = _rope_params(params, hf)
+    if hf.get("rope_local_base_freq") is not None:  # transformers 4 Gemma 3
+        out["rope_local_theta"] = float(hf["rope_local_base_freq"])
+    return out
+
+
+def _rope_params(params: dict, hf: dict) -> dict:
+    """The RoPE fields of one rope dict (rope_type default / llama3 / linear; Qwen2-VL's "mrope" is default rope
+    with an mrope_section)."""
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return theta, None
+    section = params.get("mrope_section")
+    out = dict(rope_theta=theta, rope_scaling=None, rope_linear_factor=1.0,
+               mrope_section=tuple(int(x) for x in section) if section else None)
+    if rope_type in ("default", "mrope"):
+        return out
+    if rope_type == "linear":
+        return {**out, "rope_linear_factor": float(params["factor"])}
     if rope_type == "llama3":
-        return theta, RopeScaling(
+        return {**out, "rope_scaling": RopeScaling(
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    raise ValueError(f"unsupported rope scaling rope_type={rope_type!r}; supported: 'default', 'llama3'")
+        )}
+    raise ValueError(f"unsupported rope scaling rope_type={rope_type!r}; supported: 'default', 'llama3', 'linear' "
+                     f"(and Qwen2-VL's 'mrope')")
 
 
 def _window_pattern(hf: dict, model_type: str) -> int | None:
@@ -73,6 +102,8 @@ def _window_pattern(hf: dict, model_type: str) -> int | None:
     Mistral is local everywhere (0), Gemma 2 alternates local/global (2)."""
     types = hf.get("layer_types")
     if not types:
+        if model_type == "gemma3_text":  # transformers 4 spelling: sliding_window_pattern (default 6)
+            return int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
         return 2 if model_type == "gemma2" else 0
     if all(t == "full_attention" for t in types):
         return None
@@ -86,6 +117,7 @@ def _window_pattern(hf: dict, model_type: str) -> int | None:
 
 
 def llm_from_hf(hf: dict) -> LLMConfig:
+    """An LLM's config.json (or the text_config of a multimodal one: gemma3_text, qwen2_vl_text) -> LLMConfig."""
     model_type = hf.get("model_type")
     if model_type not in LLM_TYPES:
         raise unsupported_type(model_type)
@@ -93,17 +125,27 @@ def llm_from_hf(hf: dict) -> LLMConfig:
         raise ValueError(f"{model_type}: mlp_bias=True is not supported by mllm_jax.LLM")
     if model_type not in ("qwen2", "qwen2_moe") and hf.get("attention_bias"):
         raise ValueError(f"{model_type}: attention_bias=True (bias on q/k/v/o) is not supported by mllm_jax.LLM")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{model_type}: use_bidirectional_attention=True (an encoder, not a causal LM) is not "
+                         f"supported")
     n_heads = int(hf["num_attention_heads"])
-    theta, scaling = _rope(hf)
-    gemma = model_type in ("gemma", "gemma2")
+    rope = _rope(hf)
+    if model_type in MROPE_TYPES:
+        rope["mrope_section"] = rope["mrope_section"] or DEFAULT_MROPE_SECTION
+    elif rope["mrope_section"]:
+        raise ValueError(f"{model_type}: mrope_section={rope['mrope_section']} (M-RoPE) belongs to {MROPE_TYPES}")
+    if rope.get("rope_local_theta") is not None and model_type != "gemma3_text":
+        raise ValueError(f"{model_type}: a separate rope for local layers (rope_local_base_freq) is Gemma 3's alone")
+    gemma = model_type in GEMMA_TYPES
     act_name = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     activation = _activation(act_name, model_type)  # Gemma: hidden_activation (newer configs) wins over hidden_act
-    if model_type in ("qwen2", "qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", *MROPE_TYPES) and hf.get("use_sliding_window"):
         raise ValueError(f"{model_type}: use_sliding_window=True (window on the upper layers only) is not supported")
-    sliding = hf.get("sliding_window") if model_type in ("mistral", "gemma2", "mixtral") else None
+    sliding = hf.get("sliding_window") if model_type in ("mistral", "gemma2", "gemma3_text", "mixtral") else None
     pattern = _window_pattern(hf, model_type) if sliding is not None else 0
     if pattern is None:
         sliding, pattern = None, 0
+    post_norm_type = model_type in ("gemma2", "gemma3_text")
     return LLMConfig(
         vocab_size=int(hf["vocab_size"]),
         d_model=int(hf["hidden_size"]),
@@ -117,17 +159,16 @@ def llm_from_hf(hf: dict) -> LLMConfig:
         norm_scale_plus_one=gemma,
         embed_scale=gemma,
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        qkv_bias=model_type in ("qwen2", "qwen2_moe"),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        qkv_bias=model_type in ("qwen2", "qwen2_moe", *MROPE_TYPES),
+        **rope,
         sliding_window=int(sliding) if sliding is not None else None,
         sliding_window_pattern=pattern,
-        attn_logit_softcap=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-        final_logit_softcap=hf.get("final_logit_softcapping") if model_type == "gemma2" else None,
-        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if model_type == "gemma2" else None,
-        post_norms=model_type == "gemma2",
+        attn_logit_softcap=hf.get("attn_logit_softcapping") if post_norm_type else None,
+        final_logit_softcap=hf.get("final_logit_softcapping") if post_norm_type else None,
+        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if post_norm_type else None,
+        post_norms=post_norm_type,
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        qk_norm=model_type == "qwen3_moe",
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         **(_moe_from_hf(hf, model_type) if model_type in MOE_TYPES else {}),
     )
 
@@ -161,10 +202,16 @@ def llm_model_type(cfg: LLMConfig) -> str:
         if cfg.qk_norm:
             return "qwen3_moe"
         return "qwen2_moe" if cfg.qkv_bias or cfg.shared_expert_d_ff or cfg.moe_d_ff else "mixtral"
+    if cfg.mrope_section is not None:
+        return "qwen2_vl_text"  # the text_config of a qwen2_vl (qwen2_5_vl_text: pass model_type)
+    if cfg.norm_scale_plus_one and (cfg.qk_norm or cfg.rope_local_theta is not None):
+        return "gemma3_text"
     if cfg.post_norms or cfg.attn_logit_softcap is not None or cfg.final_logit_softcap is not None:
         return "gemma2"
     if cfg.norm_scale_plus_one:
         return "gemma"
+    if cfg.qk_norm:
+        return "qwen3"
     if cfg.qkv_bias:
         return "qwen2"
     if cfg.sliding_window is not None:
@@ -175,6 +222,8 @@ def llm_model_type(cfg: LLMConfig) -> str:
 _LLM_ARCHS = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
@@ -188,12 +237,17 @@ def llm_to_hf(cfg: LLMConfig, model_type: str | None = None) -> dict:
     model_type = model_type or llm_model_type(cfg)
     if model_type not in LLM_TYPES:
         raise unsupported_type(model_type)
+    _check_exportable(cfg, model_type)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
+    if cfg.rope_linear_factor != 1.0:
+        rope = {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": cfg.rope_linear_factor}
+    if cfg.mrope_section is not None:
+        rope = {**rope, "mrope_section": list(cfg.mrope_section)}
     hf = {
         "model_type": model_type,
-        "architectures": [_LLM_ARCHS[model_type]],
+        "architectures": [_LLM_ARCHS[model_type]] if model_type in _LLM_ARCHS else [],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
@@ -211,27 +265,45 @@ def llm_to_hf(cfg: LLMConfig, model_type: str | None = None) -> dict:
         "rope_parameters": rope,
         "attention_bias": False,
     }
-    if model_type in ("gemma", "gemma2"):
+    if model_type in GEMMA_TYPES:
         hf["hidden_activation"] = hf["hidden_act"]
-    if model_type in ("mistral", "gemma2", "mixtral"):
+    if model_type in ("mistral", "gemma2", "gemma3_text", "mixtral"):
         hf["sliding_window"] = cfg.sliding_window
         if cfg.sliding_window is not None:
             n = cfg.sliding_window_pattern
             hf["layer_types"] = ["full_attention" if n and (i + 1) % n == 0 else "sliding_attention"
                                  for i in range(cfg.n_layers)]
-    if model_type in ("qwen2", "qwen2_moe", "qwen3_moe"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", *MROPE_TYPES):
         hf["use_sliding_window"] = False
         hf["sliding_window"] = None
     if model_type in MOE_TYPES:
         hf.update(_moe_to_hf(cfg, model_type))
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "gemma3_text"):
         hf.update(
             attn_logit_softcapping=cfg.attn_logit_softcap,
             final_logit_softcapping=cfg.final_logit_softcap,
             query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
             sliding_window=cfg.sliding_window,
         )
+    if model_type == "gemma3_text":  # one rope per layer type (transformers 5), and the transformers 4 spelling
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        hf["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+        hf["rope_local_base_freq"] = local["rope_theta"]
+        hf["rope_scaling"] = None if rope["rope_type"] == "default" else {k: v for k, v in rope.items()
+                                                                           if k != "rope_theta"}
+        hf["use_bidirectional_attention"] = False
     return hf
+
+
+def _check_exportable(cfg: LLMConfig, model_type: str) -> None:
+    """Refuse an LLMConfig whose options ``model_type`` cannot express (rather than writing a different model)."""
+    if cfg.mrope_section is not None and model_type not in MROPE_TYPES:
+        raise ValueError(f"{model_type}: mrope_section={cfg.mrope_section} (M-RoPE) is only expressible as "
+                         f"{MROPE_TYPES}")
+    if cfg.rope_local_theta is not None and model_type != "gemma3_text":
+        raise ValueError(f"{model_type}: rope_local_theta={cfg.rope_local_theta} is only expressible as gemma3_text")
+    if cfg.qk_norm and model_type not in ("qwen3", "qwen3_moe", "gemma3_text"):
+        raise ValueError(f"{model_type}: qk_norm=True is only expressible as qwen3, qwen3_moe or gemma3_text")
 
 
 def _moe_to_hf(cfg: LLMConfig, model_type: str) -> dict:
