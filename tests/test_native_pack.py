@@ -220,3 +220,76 @@ def test_placement_shards_packed_rows_by_the_encoder_batch_rule():
         np.testing.assert_array_equal(np.asarray(x)[:len(inputs[key])], inputs[key])
     assert placed["input_ids"].sharding.spec[0] == ("data", "fsdp")
     assert jax.device_count() == 8
+
+
+# --------------------------------------------------------------------------------- synthetic native-resolution data
+
+
+def _native_model(mrope=False, patches_per_row=256):
+    enc = NativeVisionConfig(patch_size=4, d_model=16, n_layers=1, n_heads=2, d_ff=32, min_pixels=16 * 16,
+                             max_pixels=48 * 48, patches_per_row=patches_per_row)
+    llm = dict(vocab_size=80, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+    if mrope:
+        llm["mrope_section"] = (2, 1, 1)
+    return ModelConfig(llm=LLMConfig(**llm), encoders={"vision": enc},
+                       projectors={"vision": ProjectorConfig(kind="patch_merger")}, placeholder_ids={"vision": 3})
+
+
+def _native_data(**kw):
+    from mllm_jax.train.config import DataConfig
+
+    return DataConfig(**{**dict(batch_size=4, seq_len=128, samples_per_row=2,
+                                mixture={"image": 1.0, "video": 1.0, "text": 0.3}), **kw})
+
+
+def test_synthetic_native_batches_are_valid_and_captions_match_the_pixels():
+    import jax
+
+    from mllm_jax.data import SyntheticBatches, synthetic
+
+    mc = _native_model()
+    data = SyntheticBatches(mc, _native_data(), microbatches=2)
+    batch = data.batch_at(0)
+    again = SyntheticBatches(mc, _native_data(), microbatches=2).batch_at(0)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(again)))
+    for m in range(2):
+        check_batch(jax.tree.map(lambda x: x[m], batch), mc)
+    seg = batch["encoder_inputs"]["vision"]["segment_ids"]
+    pack = data.builder.last_pack["vision"]  # the last microbatch's count
+    assert pack["padding"] == seg[1].size - pack["patches"] and pack["patches"] == (seg[1] > 0).sum()
+    # Several sizes and videos among the first samples; a video's caption names the side its shape comes from.
+    grids, starts = set(), 0
+    for i in range(40):
+        s = data.sample(i)
+        for _, x in s.media:
+            grids.add(x.shape)
+            if x.ndim == 4:
+                first, last = [np.argwhere(f.max(-1) > 150).mean(0) for f in (x[0], x[-1])]  # (y, x) centroids
+                motion = last - first
+                direction = np.asarray(synthetic.VIDEO_STARTS[s.answer.split()[-1]])
+                # It moves along its direction by over a third of the frame, and hardly across it.
+                assert motion @ direction > x.shape[1 + int(direction[1] != 0)] / 3, (s.answer, motion)
+                assert abs(motion @ direction[::-1]) < 1.0, (s.answer, motion)
+                starts += 1
+    assert len(grids) >= 6 and starts >= 5
+
+
+def test_a_video_with_no_frames_and_a_tiny_image_are_named_or_resized():
+    from mllm_jax.data import synthetic
+    from mllm_jax.data.batching import BatchBuilder
+
+    mc = _native_model()
+    builder = BatchBuilder(mc, _native_data(samples_per_row=1))
+    empty = synthetic.Sample("video", "<image> describe the image .", "a red circle from the left",
+                             [("vision", np.zeros((0, 16, 16, 3), np.uint8))])
+    ok = synthetic.make_native_sample(np.random.default_rng(0), "image", factor=8)
+    with pytest.raises(ValueError, match=r"sample 1 \(video\): 'vision' item of shape \(0, 16, 16, 3\): video has no "
+                                         r"frames"):
+        builder.build([ok, empty])
+    # Below min_pixels (16 x 16): resized up as transformers' smart_resize does, and its run matches the new grid.
+    tiny = synthetic.Sample("image", "<image> describe the image .", "a red circle at the top left",
+                            [("vision", np.full((4, 6, 3), 200, np.uint8))])
+    batch = builder.build([ok, tiny])
+    check_batch(batch, mc)
+    seg = batch["encoder_inputs"]["vision"]["segment_ids"]
+    assert (batch["input_ids"][1] == 3).sum() * 4 * 16 >= 16 * 16 and (seg > 0).sum() == (batch["input_ids"] == 3).sum() * 4

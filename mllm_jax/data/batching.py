@@ -10,6 +10,12 @@ words and the closing <eos>); everything else (prompt, placeholders, padding) is
 item gets its own span id (1, 2, ... within the row); feature_index points into the modality's projected features
 flattened to [N * T, D], where the encoder rows of a batch are laid out sample-major (the i-th sample of the batch
 owns rows i*K .. i*K+K-1), so a batch split along B (microbatches, data shards) splits encoder rows the same way.
+
+A native-resolution modality (NativeVisionConfig, docs/native_resolution.md) instead gets images of several sizes and
+short videos (``synthetic.make_native_sample``), made into patches by the processor
+(``data.processor.native_vision``), each placeholder run as long as its instance's merged grid, and every instance of
+the (micro)batch packed into patch rows by ``data.native_pack`` (a static row bucket; ``BatchBuilder.last_pack`` counts
+the padding). With ``LLMConfig.mrope_section`` the batch also gets ``rope_positions`` [B, S, 3], computed per sample.
 """
 
 from __future__ import annotations
@@ -17,13 +23,33 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_jax.batch import IGNORE
-from mllm_jax.data import synthetic
+from mllm_jax.data import native_pack, synthetic
 from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, PLACEHOLDER_TOKENS, USER, TextCodec
 
 
 def feature_counts(model_config) -> dict[str, int]:
-    """Projected tokens per encoder instance, per modality (the placeholder run length)."""
-    return {name: model_config.features_per_instance(name) for name in model_config.encoders}
+    """Projected tokens per encoder instance, per fixed-size modality (the placeholder run length); a
+    native-resolution modality's count is per instance (its grid) and is not listed."""
+    return {name: model_config.features_per_instance(name) for name in model_config.encoders
+            if not model_config.is_native_resolution(name)}
+
+
+def native_modalities(model_config) -> tuple[str, ...]:
+    return tuple(n for n in sorted(model_config.encoders) if model_config.is_native_resolution(n))
+
+
+def uses_mrope(model_config) -> bool:
+    """The LLM rotates by (t, h, w) M-RoPE positions: batches carry ``rope_positions``."""
+    return bool(getattr(model_config.llm, "mrope_section", None))
+
+
+def time_interval(enc, is_video: bool) -> float:
+    """The M-RoPE temporal step of an instance: 1 for images and Qwen2-VL; a Qwen2.5-VL video's
+    tokens_per_second * second_per_grid_t, with the clip's frames taken at ``enc.fps`` (second_per_grid_t =
+    temporal_patch_size / fps, as transformers' Qwen2.5-VL processor sets it)."""
+    if not is_video or not enc.tokens_per_second:
+        return 1.0
+    return enc.tokens_per_second * enc.temporal_patch_size / enc.fps
 
 
 def encoder_input_shape(enc) -> tuple[int, ...]:
@@ -43,9 +69,16 @@ class BatchBuilder:
         self.data_config = data_config
         self.codec = codec or TextCodec()
         self.counts = feature_counts(model_config)
+        self.native = native_modalities(model_config)
         self.slots = {name: (data_config.max_images if name == "vision" else data_config.max_audio)
-                      for name in model_config.encoders}
-        self.shapes = {name: encoder_input_shape(enc) for name, enc in model_config.encoders.items()}
+                      for name in model_config.encoders if name not in self.native}
+        self.shapes = {name: encoder_input_shape(model_config.encoders[name]) for name in self.slots}
+        self.processors = {}
+        for name in self.native:
+            from mllm_jax.data.processor.native_vision import NativeVisionProcessor
+
+            self.processors[name] = NativeVisionProcessor.for_model(model_config.encoders[name])
+        self.last_pack: dict = {}  # {modality: {"patches": used, "padding": padded}} of the last native build
         self.placeholder_ids = self.codec.placeholder_ids()
         for name in model_config.encoders:
             if name not in PLACEHOLDER_TOKENS:
@@ -63,12 +96,22 @@ class BatchBuilder:
         self._assistant = self.codec.encode(ASSISTANT)
         self._eos = self.codec.encode(EOS)
 
-    def sample_tokens(self, sample: synthetic.Sample) -> tuple[np.ndarray, int]:
-        """Token ids with placeholder runs expanded, and the index where the answer starts."""
+    def sample_tokens(self, sample: synthetic.Sample, native_counts: dict | None = None) -> tuple[np.ndarray, int]:
+        """Token ids with placeholder runs expanded, and the index where the answer starts. ``native_counts``:
+        {modality: [tokens of the sample's j-th item]} for native-resolution modalities (each item its own count)."""
         prompt = self.codec.encode(sample.prompt)
         parts = [self._prefix]
+        seen = {}
         for tok in prompt:
             name = next((n for n, i in self.placeholder_ids.items() if i == tok), None)
+            if name in self.native:
+                j = seen[name] = seen.get(name, -1) + 1
+                counts = (native_counts or {}).get(name, [])
+                if j >= len(counts):
+                    raise ValueError(f"sample ({sample.task}) has {j + 1} {name!r} placeholders but "
+                                     f"{len(counts)} {name!r} items")
+                parts.append(np.full(counts[j], tok, np.int32))
+                continue
             parts.append(np.full(self.counts[name], tok, np.int32) if name in self.counts else np.asarray([tok]))
         parts.append(self._assistant)
         answer_start = sum(len(p) for p in parts)
@@ -87,14 +130,24 @@ class BatchBuilder:
         batch["input_ids"][:] = self.codec.pad_id
         batch["labels"] = np.full((b, s), IGNORE, np.int32)
         batch["encoder_inputs"] = {n: np.zeros((b * k * self.slots[n],) + self.shapes[n], np.float32)
-                                   for n in self.model_config.encoders}
+                                   for n in self.slots}
         batch["feature_index"] = {n: np.full((b, s), -1, np.int32) for n in self.model_config.encoders}
+        mrope = uses_mrope(self.model_config)
+        if mrope:
+            batch["rope_positions"] = np.zeros((b, s, 3), np.int32)
+        # Native-resolution instances of the batch, in order: (modality, instance, row, first token, time interval).
+        native_items = []
         for row in range(b):
             offset, span = 0, 0
             for seg in range(k):
                 index = row * k + seg  # sample index within the batch: owns encoder rows index*K .. index*K+K-1
                 sample = samples[index]
-                ids, answer_start = self.sample_tokens(sample)
+                instances = {n: [] for n in self.native}
+                for name, data in sample.media:
+                    if name in self.native:
+                        instances[name].append(self.native_instance(name, data, index, sample.task))
+                ids, answer_start = self.sample_tokens(
+                    sample, {n: [self.processors[n].tokens(x) for x, _ in v] for n, v in instances.items()})
                 n = len(ids)
                 if offset + n > s:
                     raise ValueError(f"row {row}: packing {k} samples needs more than DataConfig.seq_len={s} "
@@ -107,10 +160,22 @@ class BatchBuilder:
                 tgt = np.arange(answer_start - 1, n - 1)
                 batch["labels"][row, offset + tgt] = ids[tgt + 1]
                 used = {name: 0 for name in self.model_config.encoders}
+                rope_spans = []
                 for name, data in sample.media:
                     if name not in self.model_config.encoders:
                         raise ValueError(f"sample {index} ({sample.task}) needs a {name!r} encoder the model lacks")
                     j = used[name]
+                    if name in self.native:
+                        used[name] += 1
+                        inst, interval = instances[name][j]
+                        n_tok = self.processors[name].tokens(inst)
+                        where = np.flatnonzero(ids == self.placeholder_ids[name])
+                        run = where[sum(self.processors[name].tokens(x) for x, _ in instances[name][:j]):][:n_tok]
+                        span += 1
+                        batch["span_ids"][row, offset + run] = span
+                        native_items.append((name, inst, row, offset + run[0], n_tok))
+                        rope_spans.append((int(run[0]), inst.grid_thw, interval))
+                        continue
                     if j >= self.slots[name]:
                         raise ValueError(f"sample {index} has more than {self.slots[name]} {name!r} items")
                     used[name] += 1
@@ -122,14 +187,49 @@ class BatchBuilder:
                     span += 1
                     batch["span_ids"][row, run] = span
                     batch["feature_index"][name][row, run] = slot * self.counts[name] + np.arange(self.counts[name])
+                if mrope:  # fixed-size modalities' tokens count as text (consecutive, all three axes equal)
+                    merge = self.model_config.encoders[self.native[0]].spatial_merge_size if self.native else 1
+                    batch["rope_positions"][row, cols] = native_pack.rope_positions(n, rope_spans, merge)
                 offset += n
+        for name in self.native:
+            self._pack_native(batch, name, [it[1:] for it in native_items if it[0] == name])
         return batch
+
+    def native_instance(self, name: str, data, index: int, task: str):
+        """(the processor's NativeInstance, its M-RoPE time interval) for one image [H, W, C] or video [T, H, W, C];
+        a ValueError from the processor (a video with no frames, ...) names the sample."""
+        data = np.asarray(data)
+        try:
+            inst = (self.processors[name].video(data) if data.ndim == 4 else self.processors[name].image(data))
+        except ValueError as e:
+            raise ValueError(f"sample {index} ({task}): {name!r} item of shape {data.shape}: {e}") from e
+        return inst, time_interval(self.model_config.encoders[name], data.ndim == 4)
+
+    def _pack_native(self, batch: dict, name: str, items: list) -> None:
+        """Every instance of the batch packed into patch rows; feature_index points each run at its features."""
+        enc = self.model_config.encoders[name]
+        from mllm_jax.data.processor.native_vision import patch_grid
+
+        counts = [len(inst.patches) for inst, *_ in items]
+        max_rows = max(len(counts), 1)
+        plan = native_pack.plan_rows(counts, enc.patches_per_row, enc.merge_units, native_pack.row_buckets(max_rows))
+        packed = native_pack.pack([inst.patches for inst, *_ in items],
+                                  [patch_grid(inst.grid_thw, enc.spatial_merge_size) for inst, *_ in items],
+                                  plan, enc.merge_units)
+        if not items:  # an all-text batch: one empty row of the right width
+            packed.inputs["patches"] = np.zeros((plan.rows, enc.patches_per_row, enc.patch_dim), np.float32)
+        for (inst, row, start, n_tok), base in zip(items, packed.feature_base):
+            batch["feature_index"][name][row, start:start + n_tok] = base + np.arange(n_tok)
+        batch["encoder_inputs"][name] = packed.inputs
+        self.last_pack[name] = {"patches": packed.used, "padding": packed.padding}
 
 
 def check_placeholders(batch: dict, model_config) -> None:
     """Placeholder count == referenced feature count, per sample and modality (ValueError naming the sample)."""
     counts = feature_counts(model_config)
     for name, fidx in batch["feature_index"].items():
+        if name not in counts:  # native resolution: mllm_jax.batch.check_batch checks each run against its grid
+            continue
         pid = model_config.placeholder_ids[name]
         n_rows = batch["encoder_inputs"][name].shape[0]
         for row in range(batch["input_ids"].shape[0]):
@@ -179,7 +279,13 @@ class SyntheticBatches:
         self.tasks = tasks
         self.probs = np.asarray(weights) / np.sum(weights)
         encs = model_config.encoders
-        self._image_size = encs["vision"].image_size if "vision" in encs else 0
+        self._native = "vision" in encs and model_config.is_native_resolution("vision")
+        if "video" in tasks and not self._native:
+            raise ValueError("DataConfig.mixture asks for 'video' samples, which need a native-resolution 'vision' "
+                             "encoder (NativeVisionConfig)")
+        self._image_size = encs["vision"].image_size if "vision" in encs and not self._native else 0
+        # Native images/videos are multiples of patch_size * merge_size pixels a side (the processor keeps them).
+        self._factor = encs["vision"].patch_size * encs["vision"].spatial_merge_size if self._native else 0
         self._audio = (encs["audio"].num_frames, encs["audio"].n_mels) if "audio" in encs else (0, 0)
 
     def sample_index(self, index: int) -> int:
@@ -191,6 +297,8 @@ class SyntheticBatches:
     def sample(self, index: int) -> synthetic.Sample:
         rng = synthetic.sample_rng(self.cfg.seed, self.split, self.sample_index(index))
         task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
+        if self._native and task in ("image", "video"):
+            return synthetic.make_native_sample(rng, task, factor=self._factor)
         return synthetic.make_sample(rng, task, image_size=self._image_size, n_frames=self._audio[0],
                                      n_mels=self._audio[1], audio_fmax=self.cfg.audio_fmax)
 
@@ -199,7 +307,7 @@ class SyntheticBatches:
         mb = b // self.microbatches
         parts = [self.builder.build([self.sample(step * b + m * mb + i) for i in range(mb)])
                  for m in range(self.microbatches)]
-        return stack(parts)
+        return stack_microbatches(parts, self.builder.native)
 
     def instance_keys(self, step: int, rows: slice | None = None) -> dict:
         """{modality: object array [M, N]} of stable ids of the encoder rows of ``batch_at(step)`` (rows ``rows`` of
@@ -239,6 +347,16 @@ class SyntheticBatches:
         self.index = int(state["index"])
 
 
+def stack_microbatches(parts: list[dict], native: tuple = ()) -> dict:
+    """Microbatches stacked on a leading axis; native-resolution patch rows first grown to the largest microbatch's
+    row bucket (empty rows at the end: feature_index is unchanged)."""
+    for name in native:
+        rows = max(p["encoder_inputs"][name]["segment_ids"].shape[0] for p in parts)
+        for p in parts:
+            p["encoder_inputs"][name] = native_pack.pad_rows(p["encoder_inputs"][name], rows)
+    return stack(parts)
+
+
 def stack(batches: list[dict]) -> dict:
     """Stack equal-structured batches on a new leading axis."""
     import jax
@@ -266,12 +384,18 @@ def local_synthetic_batch(data, step: int, rows: slice) -> dict:
         raise ValueError(f"rows {rows} must be a contiguous slice of the {mb_rows} rows of a microbatch")
     per_batch, per_micro = cfg.batch_size * k, mb_rows * k
     counts = feature_counts(data.builder.model_config)
+    if data.builder.native and (rows.start, rows.stop) != (0, mb_rows):
+        raise ValueError(f"native-resolution modalities {data.builder.native} pack a microbatch's instances into "
+                         f"patch rows shared by all its rows; building only rows {rows} of {mb_rows} (several hosts) "
+                         f"is not supported")
     parts = []
     for micro in range(m):
         first = step * per_batch + micro * per_micro + rows.start * k
         part = data.builder.build([data.sample(first + i) for i in range((rows.stop - rows.start) * k)])
         for name, fidx in part["feature_index"].items():
+            if name not in counts:
+                continue
             shift = rows.start * k * data.builder.slots[name] * counts[name]
             part["feature_index"][name] = np.where(fidx >= 0, fidx + shift, fidx).astype(np.int32)
         parts.append(part)
-    return stack(parts)
+    return stack_microbatches(parts, data.builder.native)

@@ -1,7 +1,10 @@
 """Learnable synthetic multimodal samples made on the fly with numpy: no downloads, deterministic per (seed, index).
 
-Three tasks whose answers can only be produced by looking at the input:
-- image: a coloured shape in one of 3x3 cells, captioned "a red circle at the top left";
+Tasks whose answers can only be produced by looking at the input:
+- image: a coloured shape in one of 3x3 cells, captioned "a red circle at the top left"; for a native-resolution
+  tower (NativeVisionConfig) the image has its own size and aspect (``native_image``: uint8 pixels for the processor);
+- video (native-resolution towers only): a short clip of a shape moving across the frame, captioned by where it
+  comes from, "a red circle from the left" (moving right), "... from the top" (moving down), ... (``native_video``);
 - audio: a pure tone, captioned "a 440 hz tone", given to the model as Whisper-style log-mel frames;
 - text: "count from four :" answered "five six seven".
 Positions, sizes, brightness, noise and phase are jittered so held-out samples are new inputs.
@@ -15,8 +18,10 @@ import numpy as np
 
 from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
 
-TASKS = ("image", "audio", "text")
-TASK_MODALITY = {"image": "vision", "audio": "audio", "text": None}
+TASKS = ("image", "video", "audio", "text")
+TASK_MODALITY = {"image": "vision", "video": "vision", "audio": "audio", "text": None}
+# Where a video's shape starts (the caption word) -> its direction of motion (dy, dx) in frame fractions.
+VIDEO_STARTS = {"left": (0.0, 1.0), "right": (0.0, -1.0), "top": (1.0, 0.0), "bottom": (-1.0, 0.0)}
 _RGB = {
     "red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.2, 1.0),
     "yellow": (1.0, 0.95, 0.1), "magenta": (1.0, 0.1, 1.0), "cyan": (0.1, 0.95, 1.0),
@@ -118,3 +123,73 @@ def make_sample(rng: np.random.Generator, task: str, *, image_size: int = 32, n_
         answer = " ".join(NUMBER_WORDS[start + 1:start + 4])
         return Sample(task, f"count from {NUMBER_WORDS[start]} :", answer, [])
     raise ValueError(f"task must be one of {TASKS}; got {task!r}")
+
+
+# ---------------------------------------------------------------------------------------- native resolution (uint8)
+
+
+def _shape_mask(height: int, width: int, shape: str, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    dy, dx = yy - cy, xx - cx
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    if shape == "triangle":  # apex up
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    raise ValueError(f"shape must be one of {SHAPES}; got {shape!r}")
+
+
+def _frame_uint8(rng, height: int, width: int, colour: str, masks) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a dim noisy background per frame, the shape's pixels (masks [T, H, W]) in ``colour``."""
+    t = len(masks)
+    background = rng.uniform(0.0, 0.25) + rng.normal(0.0, 0.04, (t, height, width, 3))
+    rgb = np.asarray(_RGB[colour], np.float32) * rng.uniform(0.8, 1.0)
+    img = np.where(np.asarray(masks)[..., None], rgb, background)
+    return np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def native_image(rng, height: int, width: int, colour: str, shape: str, row: int, col: int) -> np.ndarray:
+    """uint8 [H, W, 3]: one filled shape centred in cell (row, col) of a 3x3 grid over an H x W image."""
+    ch, cw = height / 3.0, width / 3.0
+    cy = (row + 0.5) * ch + rng.uniform(-ch / 8, ch / 8)
+    cx = (col + 0.5) * cw + rng.uniform(-cw / 8, cw / 8)
+    r = min(ch, cw) * rng.uniform(0.3, 0.42)
+    return _frame_uint8(rng, height, width, colour, [_shape_mask(height, width, shape, cy, cx, r)])[0]
+
+
+def native_video(rng, frames: int, height: int, width: int, colour: str, shape: str, start: str) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a shape entering near the ``start`` side and crossing the frame (VIDEO_STARTS)."""
+    dy, dx = VIDEO_STARTS[start]
+    r = min(height, width) / 3.0 * rng.uniform(0.3, 0.42)
+    # From 1/6 to 5/6 of the frame along the motion, a jittered position across it.
+    along = np.linspace(1 / 6, 5 / 6, frames)
+    across = rng.uniform(0.3, 0.7)
+    masks = []
+    for a in along:
+        fy = (a if dy > 0 else 1 - a) if dy else across
+        fx = (a if dx > 0 else 1 - a) if dx else across
+        masks.append(_shape_mask(height, width, shape, fy * height, fx * width, r))
+    return _frame_uint8(rng, height, width, colour, masks)
+
+
+def make_native_sample(rng: np.random.Generator, task: str, *, factor: int, video_frames: tuple = (4, 6)) -> Sample:
+    """A sample for a native-resolution vision tower: images of 3..6 x 3..6 blocks of ``factor`` pixels (patch size x
+    merge size: so the processor keeps the size), videos of ``video_frames`` frames at 3..4 blocks a side."""
+    if task == "image":
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        row, col = int(rng.integers(3)), int(rng.integers(3))
+        h, w = (int(v) * factor for v in rng.integers(3, 7, size=2))
+        img = native_image(rng, h, w, colour, shape, row, col)
+        return Sample(task, "<image> describe the image .", f"a {colour} {shape} at the {ROWS[row]} {COLS[col]}",
+                      [("vision", img)])
+    if task == "video":
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        start = tuple(VIDEO_STARTS)[rng.integers(len(VIDEO_STARTS))]
+        t = int(video_frames[rng.integers(len(video_frames))])
+        h, w = (int(v) * factor for v in rng.integers(3, 5, size=2))
+        clip = native_video(rng, t, h, w, colour, shape, start)
+        return Sample(task, "<image> describe the image .", f"a {colour} {shape} from the {start}", [("vision", clip)])
+    raise ValueError(f"native-resolution tasks are 'image' and 'video'; got {task!r}")
