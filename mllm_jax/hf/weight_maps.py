@@ -10,7 +10,9 @@ A ``Rule`` names one parameter of ours (its path in the nnx state, '/'-joined) a
 - ``linear``: torch Linear weight [out, in] <-> our kernel [*in, *out] (``n_in`` leading dims are the input), e.g.
               q_proj [H*Dh, D] <-> [D, H, Dh] and o_proj [D, H*Dh] <-> [H, Dh, D];
 - ``conv2d``: torch Conv2d weight [out, C, kh, kw] <-> our patch kernel [kh, kw, C, out];
-- ``conv1d``: torch Conv1d weight [out, in, k] <-> our kernel [k, in, out].
+- ``conv1d``: torch Conv1d weight [out, in, k] <-> our kernel [k, in, out];
+- ``conv3d``: torch Conv3d weight [out, C, kt, kh, kw] <-> our kernel [C, kt, kh, kw, out] (Qwen2-VL's patch
+              embedding, stride = kernel: a linear map of each flattened patch).
 
 HF checkpoints differ in prefixes (``model.``, ``language_model.model.``, ``vision_tower.vision_model.``, ...), so the
 rule sets are functions of the prefix, and ``find_prefix`` locates it from an anchor tensor.
@@ -28,7 +30,7 @@ import math
 
 import numpy as np
 
-KINDS = ("same", "flat", "linear", "conv2d", "conv1d")
+KINDS = ("same", "flat", "linear", "conv2d", "conv1d", "conv3d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Rule:
         if self.kind == "conv1d":
             k, i, o = s
             return (o, i, k)
+        if self.kind == "conv3d":
+            return (s[-1],) + s[:-1]
         raise ValueError(f"rule for {self.ours}: unknown kind {self.kind!r}; known: {KINDS}")
 
     def to_ours(self, hf: np.ndarray, ours_shape: tuple) -> np.ndarray:
@@ -99,6 +103,8 @@ class Rule:
             return hf.transpose(2, 3, 1, 0)
         if self.kind == "conv1d":
             return hf.transpose(2, 1, 0)
+        if self.kind == "conv3d":
+            return hf.transpose(1, 2, 3, 4, 0)
         raise ValueError(f"rule for {self.ours}: unknown kind {self.kind!r}; known: {KINDS}")
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
@@ -111,6 +117,8 @@ class Rule:
             return ours.transpose(3, 2, 0, 1)
         if self.kind == "conv1d":
             return ours.transpose(2, 1, 0)
+        if self.kind == "conv3d":
+            return ours.transpose(4, 0, 1, 2, 3)
         raise ValueError(f"rule for {self.ours}: unknown kind {self.kind!r}; known: {KINDS}")
 
 
@@ -276,6 +284,39 @@ def gemma3_projector_rules(prefix: str = "multi_modal_projector.") -> list[Rule]
 def gemma3_projector_prefix(keys) -> str:
     return find_prefix(keys, "multi_modal_projector.mm_input_projection_weight",
                        "Gemma 3 projector") + "multi_modal_projector."
+
+
+def native_vision_rules(cfg, prefix: str = "visual.") -> list[Rule]:
+    """mllm_jax.NativeVisionEncoder <-> the Qwen2-VL / Qwen2.5-VL vision tower (``prefix`` + patch_embed/blocks;
+    checkpoints hold it under "visual." (transformers 4) or "model.visual." (transformers 5))."""
+    block = prefix + "blocks.{i}."
+    norm = ("weight",) if cfg.kind == "qwen2_5_vl" else ("weight", "bias")
+    rules = [Rule("patch_embed/kernel", prefix + "patch_embed.proj.weight", "conv3d")]
+    rules += [Rule(f"layers/{n}/{'scale' if w == 'weight' else 'bias'}", block + f"{n}.{w}")
+              for n in ("norm1", "norm2") for w in norm]
+    rules += [Rule("layers/attn/qkv/kernel", block + "attn.qkv.weight", "linear"),
+              Rule("layers/attn/qkv/bias", block + "attn.qkv.bias", "flat"),
+              Rule("layers/attn/o/kernel", block + "attn.proj.weight", "linear", n_in=2),
+              Rule("layers/attn/o/bias", block + "attn.proj.bias")]
+    mlp = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"} if cfg.kind == "qwen2_5_vl" else {
+        "fc1": "fc1", "fc2": "fc2"}
+    for ours, hf in mlp.items():
+        rules += [Rule(f"layers/mlp/{ours}/kernel", block + f"mlp.{hf}.weight", "linear"),
+                  Rule(f"layers/mlp/{ours}/bias", block + f"mlp.{hf}.bias")]
+    return rules
+
+
+def native_vision_prefix(keys) -> str:
+    return find_prefix(keys, "patch_embed.proj.weight", "Qwen2-VL vision patch embedding")
+
+
+def patch_merger_rules(cfg, prefix: str = "visual.") -> list[Rule]:
+    """The patch_merger Projector <-> Qwen2-VL's ``merger`` (ln_q, mlp.0, GELU, mlp.2), under the tower's prefix."""
+    norm = ("weight",) if cfg.norm == "rms" else ("weight", "bias")
+    rules = [Rule(f"norm/{'scale' if w == 'weight' else 'bias'}", prefix + f"merger.ln_q.{w}") for w in norm]
+    return rules + [Rule(f"mlp/{ours}/{p}", prefix + f"merger.mlp.{hf}.{'weight' if p == 'kernel' else 'bias'}",
+                         "linear" if p == "kernel" else "same")
+                    for ours, hf in (("fc1", 0), ("fc2", 2)) for p in ("kernel", "bias")]
 
 
 def under(scope: str, rules: list[Rule]) -> list[Rule]:
