@@ -153,7 +153,9 @@ class NativeVisionConfig:
     d_ff: int = 5120  # Qwen2-VL: mlp_ratio * embed_dim (plain MLP); Qwen2.5-VL: intermediate_size (gated MLP)
     activation: str = "quick_gelu"  # Qwen2-VL: quick_gelu; Qwen2.5-VL: silu
     norm_eps: float = 1e-6
-    window_size: int = 0  # Qwen2.5-VL: 112 (pixels); 0: every layer attends over its whole instance
+    rope_theta: float = 10000.0  # the 2-D rotary embedding's base (HF vision_config rope_parameters.rope_theta)
+    window_size: int = 0  # Qwen2.5-VL: 112 (pixels); 0: every layer attends over its whole temporal slice (as HF:
+    # each temporal patch index of an instance is its own attention segment)
     full_attention_layers: tuple[int, ...] = ()  # Qwen2.5-VL: (7, 15, 23, 31); the other layers use windows
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
