@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, ProjectorConfig, RopeScaling, VisionConfig
+from mllm_jax.config import (AudioConfig, LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig, RopeScaling,
+                             VisionConfig)
 
 LLM_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
              "qwen3_moe", "qwen2_vl_text", "qwen2_5_vl_text")
@@ -383,6 +384,77 @@ def vision_to_hf(cfg: VisionConfig) -> dict:
     if siglip:
         hf["vision_use_head"] = False  # the attention-pooling head is not part of our tower
     return hf
+
+
+NATIVE_VISION_TYPES = ("qwen2_vl", "qwen2_5_vl")  # the parent model types; their vision_config's are "<type>_vision"
+
+
+def native_vision_from_hf(hf: dict, model_type: str | None = None) -> tuple[NativeVisionConfig, ProjectorConfig]:
+    """A Qwen2-VL / Qwen2.5-VL ``vision_config`` -> (tower, its patch-merger projector). ``model_type``: the parent's
+    ("qwen2_vl" / "qwen2_5_vl"), else the vision config's own ("qwen2_vl_vision", ...)."""
+    kind = (model_type or hf.get("model_type") or "").removesuffix("_vision")
+    if kind not in NATIVE_VISION_TYPES:
+        raise ValueError(f"native vision config: model_type {model_type or hf.get('model_type')!r} is not one of "
+                         f"{NATIVE_VISION_TYPES}")
+    params = dict(hf.get("rope_parameters") or {})
+    if params.get("rope_type", "axial") not in ("axial", "default"):
+        raise ValueError(f"{kind} vision: unsupported rope_type={params['rope_type']!r}; supported: 'axial'")
+    qwen25 = kind == "qwen2_5_vl"
+    d = int(hf["hidden_size"] if qwen25 else hf["embed_dim"])
+    n_heads = int(hf["num_heads"])
+    if hf.get("head_dim") not in (None, d // n_heads):
+        raise ValueError(f"{kind} vision: head_dim={hf['head_dim']} != hidden size / num_heads ({d // n_heads}) is "
+                         f"not supported")
+    merge = int(hf.get("spatial_merge_size", 2))
+    tower = NativeVisionConfig(
+        kind=kind,
+        patch_size=int(hf.get("patch_size", 14)),
+        temporal_patch_size=int(hf.get("temporal_patch_size", 2)),
+        spatial_merge_size=merge,
+        num_channels=int(hf.get("in_channels", 3)),
+        d_model=d,
+        n_layers=int(hf["depth"]),
+        n_heads=n_heads,
+        d_ff=int(hf["intermediate_size"]) if qwen25 else int(d * hf.get("mlp_ratio", 4)),
+        activation=_activation(hf.get("hidden_act", "silu" if qwen25 else "quick_gelu"), f"{kind} vision"),
+        norm_eps=1e-6,  # hard-coded in HF's vision blocks
+        rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        window_size=int(hf.get("window_size", 112)) if qwen25 else 0,
+        full_attention_layers=tuple(int(i) for i in hf.get("fullatt_block_indexes", ())) if qwen25 else (),
+        tokens_per_second=float(hf.get("tokens_per_second", 0.0)) if qwen25 else 0.0,
+    )
+    return tower, ProjectorConfig(kind="patch_merger", merge_size=merge, norm="rms" if qwen25 else "layer",
+                                  activation="gelu")
+
+
+def native_vision_to_hf(cfg: NativeVisionConfig, projector: ProjectorConfig, out_dim: int) -> dict:
+    """(tower, patch merger projecting to ``out_dim``, the LLM's d_model) -> the HF ``vision_config`` dict."""
+    qwen25 = cfg.kind == "qwen2_5_vl"
+    want = ProjectorConfig(kind="patch_merger", merge_size=cfg.spatial_merge_size, norm="rms" if qwen25 else "layer",
+                           activation="gelu")
+    if dataclasses.replace(projector, hidden_dim=None) != want or projector.hidden_dim not in (
+            None, cfg.d_model * cfg.merge_units):
+        raise ValueError(f"{cfg.kind} export needs the HF merger: {want} (hidden_dim None or "
+                         f"{cfg.d_model * cfg.merge_units}); got {projector}")
+    hf = {
+        "model_type": f"{cfg.kind}_vision",
+        "depth": cfg.n_layers,
+        "num_heads": cfg.n_heads,
+        "in_channels": cfg.num_channels,
+        "patch_size": cfg.patch_size,
+        "spatial_merge_size": cfg.spatial_merge_size,
+        "temporal_patch_size": cfg.temporal_patch_size,
+        "hidden_act": _ACTIVATIONS_BACK[cfg.activation],
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "axial"},
+    }
+    if qwen25:
+        return hf | {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "out_hidden_size": out_dim,
+                     "window_size": cfg.window_size, "fullatt_block_indexes": list(cfg.full_attention_layers),
+                     "tokens_per_second": _int_if_whole(cfg.tokens_per_second)}
+    if cfg.d_ff % cfg.d_model:
+        raise ValueError(f"qwen2_vl export: d_ff ({cfg.d_ff}) must be a multiple of d_model ({cfg.d_model}) (HF "
+                         f"mlp_ratio is an int)")
+    return hf | {"embed_dim": cfg.d_model, "hidden_size": out_dim, "mlp_ratio": cfg.d_ff // cfg.d_model}
 
 
 def audio_from_hf(hf: dict) -> AudioConfig:
