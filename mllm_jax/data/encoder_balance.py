@@ -14,6 +14,10 @@ injection's gather (``multimodal.inject``) is the one collective that brings eac
 row-bound one (the same features reach the same tokens; only which device computed them differs).
 
 One process only: several hosts each hold only their rows, so there the row-bound layout is kept (``prepare``).
+
+A native-resolution modality (docs/native_resolution.md) arrives already packed: every instance of the microbatch
+first-fit into patch rows of one length (``data.native_pack``), which placement spreads over the devices like an
+instance axis. Those rows are its unit of work and are kept as they are in either mode.
 """
 
 from __future__ import annotations
@@ -99,6 +103,8 @@ def balance_batch(batch: dict, model_config, parallel_config, *, leading: int) -
         for name, x in arrays.items():
             if name not in index:
                 raise ValueError(f"batch has {key}[{name!r}] but no feature_index[{name!r}]")
+            if model_config.is_native_resolution(name):  # packed patch rows: kept (module docstring)
+                continue
             out[key][name], out["feature_index"][name] = _balance_one(
                 np.asarray(x), np.asarray(index[name]), model_config, parallel_config, name, leading, key)
     return out

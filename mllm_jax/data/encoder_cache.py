@@ -206,6 +206,10 @@ class FrozenEncoders:
         import jax
         from flax import nnx
 
+        native = [n for n in names if model.config.is_native_resolution(n)]
+        if native:  # their instances vary in size and share packed rows: no fixed [T, D] entry per instance
+            raise ValueError(f"DataConfig.encoder_cache does not support native-resolution encoders ({native}: "
+                             f"instances of varying size packed into patch rows); set DataConfig.encoder_cache = ''")
         self.mesh, self.parallel_config = mesh, parallel_config
         self.rule_table = model.rule_table
         self.graphdefs, self.states = {}, {}
