@@ -22,7 +22,8 @@ position) rule of docs/architecture.md):
 - multimodal_packed: 4 packed sub-sequences, each one of the three families just above.
 Plus MLLM workloads: llava_single_image (packed prompt + 576-token image + answer samples), interleaved_multi_image,
 video (frame groups as spans + text), audio_image (Cornstarch's evaluation: an image at S/4 and a Whisper clip at
-3S/4 in text).
+3S/4 in text), variable_resolution (packed samples of 1-3 images at their own size or videos, each instance a span
+of the token count the Qwen2-VL processor gives it: benchmarks/_variable_resolution.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import _variable_resolution as varres  # noqa: E402
 from benchmarks._report import report  # noqa: E402
+from mllm_jax.data.processor.native_vision import NativeVisionProcessor  # noqa: E402
 from mllm_jax.kernels.meta import TokenMeta  # noqa: E402
 from mllm_jax.parallel.context import MODES, CostModel, block_costs, plan  # noqa: E402
 
@@ -175,6 +178,26 @@ def _video(b: _Builder, rng, length):
     _packed(b, sample)
 
 
+_NATIVE_PROCESSOR = None
+
+
+def _variable_resolution(b: _Builder, rng, length):
+    """Packed samples of images at their own size and some videos (benchmarks/_variable_resolution.py): each
+    instance one span of its real token count (t*h*w/4 after the Qwen2-VL processor's resize), text around them."""
+    global _NATIVE_PROCESSOR
+    if _NATIVE_PROCESSOR is None:
+        _NATIVE_PROCESSOR = NativeVisionProcessor.for_model(varres.qwen25vl_7b().encoders["vision"])
+    proc = _NATIVE_PROCESSOR
+
+    def sample(b):
+        for _ in range(int(rng.integers(1, 4))):
+            b.add(rng.integers(10, 200))
+            b.add(varres.draw_instance(rng, proc, max_video_seconds=20.0).tokens, span=True)
+        b.add(rng.integers(20, 400))
+
+    _packed(b, sample)
+
+
 def _audio_image(b: _Builder, rng, length):
     image = min(int(rng.integers(1024, 3601)), length // 4)
     audio = min(int(rng.integers(750, 1501)), length // 4)
@@ -196,6 +219,7 @@ FAMILIES = {
     "interleaved_multi_image": _interleaved_multi_image,
     "video": _video,
     "audio_image": _audio_image,
+    "variable_resolution": _variable_resolution,
 }
 APPROXIMATED = {
     "causal_blockwise": "last block does not attend to earlier blocks (not expressible); packed causal documents",

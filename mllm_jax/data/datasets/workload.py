@@ -19,6 +19,8 @@ def _total(costed) -> float:
 class WorkloadModel:
     """``workload(tokens, instances) -> (encoder_flops, llm_flops)`` for one sample of a ModelConfig.
 
+    ``instances[name]``: the number of instances of a fixed-size modality, or, for a native-resolution one
+    (Qwen2-VL towers), the list of its instances' patch grids (t, h, w), each priced at its own size.
     ``attention_block``: tile size of the attention kernel; a sample of n tokens costs ceil(n/b)(ceil(n/b)+1)/2
     tiles of b*b pairs (None: the exact causal pair count)."""
 
@@ -27,18 +29,44 @@ class WorkloadModel:
         self.block = attention_block
         self.remat = (model_config.remat != "none") if remat is None else remat
         self.encoder_per_instance = {}
+        self._native_cache: dict = {}
         any_encoder_trains = False
         for name, ecfg in model_config.encoders.items():
-            layers = cost_model.encoder_layers(name, ecfg, n_instances=1,
-                                               trainable=model_config.is_trainable(f"encoders/{name}"))
-            tokens = ecfg.num_positions
-            pcfg = model_config.projectors.get(name, cost_model.ProjectorConfig())
-            proj = cost_model.projector_layer(name, pcfg, ecfg.d_model, model_config.llm.d_model, tokens,
-                                              trainable=model_config.is_trainable(f"projectors/{name}"))
-            chain, trains = cost_model.cost_chain(layers + [proj], remat=self.remat)
-            self.encoder_per_instance[name] = _total(chain)
+            if model_config.is_native_resolution(name):
+                any_encoder_trains |= self._encoder_chain(name, ecfg.merge_units, 1)[1]
+                continue
+            flops, trains = self._encoder_chain(name, ecfg.num_positions, 1)
+            self.encoder_per_instance[name] = flops
             any_encoder_trains |= trains
         self.llm_upstream_trainable = any_encoder_trains or model_config.is_trainable("llm")
+
+    def _encoder_chain(self, name: str, tokens: int, slices: int) -> tuple[float, bool]:
+        """(training FLOPs of one instance of ``tokens`` encoder tokens through encoder + projector, whether any of
+        it trains)."""
+        cfg = self.config
+        ecfg = cfg.encoders[name]
+        native = cfg.is_native_resolution(name)
+        layers = cost_model.encoder_layers(name, ecfg, n_instances=1, trainable=cfg.is_trainable(f"encoders/{name}"),
+                                           **(dict(tokens=tokens, temporal_slices=slices) if native else {}))
+        pcfg = cfg.projectors.get(name, cost_model.ProjectorConfig())
+        proj = cost_model.projector_layer(name, pcfg, ecfg.d_model, cfg.llm.d_model, tokens,
+                                          trainable=cfg.is_trainable(f"projectors/{name}"))
+        chain, trains = cost_model.cost_chain(layers + [proj], remat=self.remat)
+        return _total(chain), trains
+
+    def encoder_flops(self, name: str, instances) -> float:
+        """Work of one sample's instances of modality ``name`` (a count, or native grids: see the class)."""
+        if name not in self.config.encoders:
+            raise ValueError(f"modality {name!r} has no encoder (encoders: {sorted(self.config.encoders)})")
+        if not self.config.is_native_resolution(name):
+            return self.encoder_per_instance[name] * float(instances)
+        total = 0.0
+        for grid in instances:
+            t, h, w = (int(v) for v in grid)
+            if (name, t, h, w) not in self._native_cache:
+                self._native_cache[name, t, h, w] = self._encoder_chain(name, t * h * w, t)[0]
+            total += self._native_cache[name, t, h, w]
+        return total
 
     def attention_pairs(self, tokens: int) -> int:
         if self.block is None:
@@ -62,7 +90,7 @@ class WorkloadModel:
         return _total([first]) + (n - 1) * _total([rest]) + _total([head_c])
 
     def workload(self, tokens: int, instances: dict) -> tuple[float, float]:
-        enc = sum(self.encoder_per_instance[n] * k for n, k in instances.items())
+        enc = sum(self.encoder_flops(n, k) for n, k in instances.items())
         return float(enc), self.llm_flops(int(tokens))
 
     def workloads(self, tokens, instances) -> np.ndarray:
