@@ -5,6 +5,7 @@ library, the pipeline cost model, HF import and train.py: add fields, do not ren
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -205,9 +206,10 @@ class AudioConfig:
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """Encoder features -> LLM embeddings. "linear", "mlp" (Linear, act, Linear: LLaVA) or "resampler"."""
+    """Encoder features -> LLM embeddings. "linear", "mlp" (Linear, act, Linear: LLaVA), "resampler",
+    "patch_merger" or "gemma3"."""
 
-    kind: str = "mlp"  # "linear" | "mlp" | "resampler" | "patch_merger" (Qwen2-VL: norm, 2x2 merge, MLP)
+    kind: str = "mlp"  # "linear" | "mlp" | "resampler" | "patch_merger" (Qwen2-VL: norm, 2x2 merge, MLP) | "gemma3"
     hidden_dim: int | None = None  # mlp: None -> the LLM's d_model; patch_merger: None -> d_enc * merge_size**2
     activation: str = "gelu"
     num_queries: int = 64  # resampler: output tokens per instance
@@ -217,11 +219,27 @@ class ProjectorConfig:
     merge_size: int = 2  # patch_merger: spatial_merge_size (merge_size**2 consecutive patches -> one token)
     norm: str = "layer"  # patch_merger: its input norm, "layer" (Qwen2-VL) | "rms" (Qwen2.5-VL)
 
+    # gemma3 (Gemma 3's multi_modal_projector): the square P x P patch grid average-pooled to t x t = tokens_per_image
+    # tokens (HF mm_tokens_per_image; P a multiple of t), RMSNorm with (1 + w) and eps norm_eps (HF: the vision
+    # tower's layer_norm_eps), then a Linear without bias. boi/eoi: the text tokens HF's processor writes around each
+    # image's placeholder run (None: Gemma 3's 255999 / 256000), kept for the processor and the export.
+    tokens_per_image: int = 256
+    norm_eps: float = 1e-6
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+
     def output_tokens(self, encoder_tokens: int) -> int:
         """Tokens per instance after projection: a resampler emits its queries, a patch merger one per merge group,
-        the others one per encoder token."""
+        gemma3 its pooled grid, the others one per encoder token."""
         if self.kind == "resampler":
             return self.num_queries
+        if self.kind == "gemma3":
+            side, t = math.isqrt(encoder_tokens), math.isqrt(self.tokens_per_image)
+            if t * t != self.tokens_per_image or side * side != encoder_tokens or side % t:
+                raise ValueError(f"gemma3 projector: tokens_per_image={self.tokens_per_image} must be a square t*t "
+                                 f"and the encoder's {encoder_tokens} patches a square grid whose side is a multiple "
+                                 f"of t (average pooling in t x t blocks)")
+            return self.tokens_per_image
         if self.kind == "patch_merger":
             return encoder_tokens // self.merge_size**2
         return encoder_tokens

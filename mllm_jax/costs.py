@@ -191,9 +191,11 @@ def _attended_patches(cfg, layer: int, tokens: int, slices: int) -> int | None:
 
 
 def projector_layer(
-    name: str, cfg: ProjectorConfig, d_in: int, d_out: int, tokens: int, *, trainable=True, act_dtype_bytes=2
+    name: str, cfg: ProjectorConfig, d_in: int, d_out: int, tokens: int, *, trainable=True, act_dtype_bytes=2,
+    instances: int = 1,
 ) -> Layer:
-    """Projector from ``d_in`` encoder features to ``d_out`` LLM embeddings on ``tokens`` feature tokens."""
+    """Projector from ``d_in`` encoder features to ``d_out`` LLM embeddings on ``tokens`` feature tokens (of
+    ``instances`` images/clips: a gemma3 projector pools each instance's grid)."""
     module = f"projectors/{name}"
     if cfg.kind == "linear":
         params = d_in * d_out + d_out
@@ -217,9 +219,19 @@ def projector_layer(
         params = din * h + h * d_out + h + d_out + 2 * d_in
         flops = 2.0 * (tokens // m2) * (din * h + h * d_out)
         act = tokens * d_in + (tokens // m2) * 2 * h
+    elif cfg.kind == "gemma3":  # average pooling, RMSNorm, Linear without bias on the pooled tokens
+        if instances < 1 or tokens % instances:
+            raise ValueError(f"projector {name!r}: {tokens} tokens do not split over {instances} instances")
+        pooled = instances * cfg.output_tokens(tokens // instances)
+        params = d_in * d_out + d_in
+        flops = 2.0 * pooled * d_in * d_out
+        act = tokens * d_in + 2 * pooled * d_in
     else:
-        raise ValueError(f"projector {name!r}: kind must be linear, mlp, resampler or patch_merger; got {cfg.kind!r}")
+        raise ValueError(f"projector {name!r}: kind must be linear, mlp, resampler, patch_merger or gemma3; got "
+                         f"{cfg.kind!r}")
     free = 4.0 * cfg.num_queries * tokens * d_out * cfg.n_layers if cfg.kind == "resampler" else 0.0
+    if cfg.kind == "gemma3":
+        free = float(tokens * d_in)  # the pooling's sums
     return Layer(
         name=module,
         module=module,
@@ -310,6 +322,7 @@ def model_costs(
             tokens * n,
             trainable=config.is_trainable(f"projectors/{name}"),
             act_dtype_bytes=act_dtype_bytes,
+            instances=n,
         )
         chain, trains = cost_chain(enc_layers + [proj], remat=remat, frozen_aware=frozen_aware)
         encoders[name] = chain

@@ -3,10 +3,14 @@
 - "linear": one Linear (+ bias);
 - "mlp": fc1, activation, fc2 (LLaVA's multi_modal_projector linear_1 / linear_2);
 - "resampler": ``num_queries`` learned queries cross-attending to the encoder tokens (Perceiver / Q-Former style,
-  pre-LN blocks), so T' = num_queries whatever T is.
+  pre-LN blocks), so T' = num_queries whatever T is;
+- "gemma3": Gemma 3's multi_modal_projector: the square patch grid average-pooled to ``tokens_per_image`` tokens,
+  RMSNorm with (1 + w) (mm_soft_emb_norm), one Linear without bias (mm_input_projection_weight).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +21,7 @@ from mllm_jax import partitioning as part
 from mllm_jax.config import ProjectorConfig, RunSettings
 from mllm_jax.encoder import full_meta
 
-KINDS = ("linear", "mlp", "resampler")
+KINDS = ("linear", "mlp", "resampler", "gemma3")
 
 
 class Projector(nnx.Module):
@@ -36,6 +40,10 @@ class Projector(nnx.Module):
             hidden = cfg.hidden_dim or out_dim
             self.mlp = L.Group(fc1=L.Linear((in_dim,), (hidden,), ("embed_in",), ("mlp",), rngs=rngs),
                                fc2=L.Linear((hidden,), (out_dim,), ("mlp",), ("embed",), rngs=rngs))
+        elif cfg.kind == "gemma3":
+            # (1 + w) norm: zero init is the identity scale, as in HF.
+            self.norm = L.Norm(in_dim, bias=False, init=0.0, names=("embed_in",))
+            self.proj = L.Linear((in_dim,), (out_dim,), *io, rngs=rngs, bias=False)
         else:
             if out_dim % cfg.n_heads:
                 raise ValueError(f"resampler: LLM d_model ({out_dim}) must be divisible by n_heads ({cfg.n_heads})")
@@ -66,6 +74,11 @@ class Projector(nnx.Module):
             return L.linear(p, x_NTD, "btd,de->bte", ("batch", "length", "act_embed"))
         if cfg.kind == "mlp":
             return L.plain_mlp(L.params_for_compute(self.mlp, dtype), x_NTD, cfg.activation)
+        if cfg.kind == "gemma3":
+            x_NTD = L.rms_norm(L.params_for_compute(self.norm), pool_patch_grid(x_NTD, cfg), cfg.norm_eps,
+                               plus_one=True)
+            return L.linear(L.params_for_compute(self.proj, dtype), x_NTD, "btd,de->bte",
+                            ("batch", "length", "act_embed"))
         return self._resample(x_NTD, dtype)
 
     def _resample(self, x_NTD, dtype):
@@ -92,3 +105,15 @@ class Projector(nnx.Module):
 
         h = L.scan_layers(body, h, values, loop=self.run.layer_loop)
         return L.layer_norm(L.params_for_compute(self.out_norm), h, 1e-5)
+
+
+def pool_patch_grid(x_NTD, cfg: ProjectorConfig):
+    """[N, P*P, D] patches (row-major grid, as the vision tower emits them) -> [N, t*t, D], each output token the mean
+    of a k x k block of patches (t * t = cfg.tokens_per_image, k = P / t): HF Gemma 3's AvgPool2d(k, stride=k)."""
+    n, T, d = x_NTD.shape
+    cfg.output_tokens(T)  # refuses a grid that does not pool evenly to tokens_per_image
+    P, t = math.isqrt(T), math.isqrt(cfg.tokens_per_image)
+    k = P // t
+    x = part.reshape(x_NTD, (n, t, k, t, k, d), ("batch", None, None, None, None, "act_embed"))
+    x = jnp.mean(x.astype(jnp.float32), axis=(2, 4)).astype(x_NTD.dtype)  # the mean in float32 whatever the dtype
+    return part.reshape(x, (n, t * t, d), ("batch", "length", "act_embed"))
