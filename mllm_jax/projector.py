@@ -5,7 +5,9 @@
 - "resampler": ``num_queries`` learned queries cross-attending to the encoder tokens (Perceiver / Q-Former style,
   pre-LN blocks), so T' = num_queries whatever T is;
 - "gemma3": Gemma 3's multi_modal_projector: the square patch grid average-pooled to ``tokens_per_image`` tokens,
-  RMSNorm with (1 + w) (mm_soft_emb_norm), one Linear without bias (mm_input_projection_weight).
+  RMSNorm with (1 + w) (mm_soft_emb_norm), one Linear without bias (mm_input_projection_weight);
+- "patch_merger": Qwen2-VL's merger: ln_q (LayerNorm or RMSNorm, ``norm``), each ``merge_size**2`` consecutive
+  patches concatenated (the native-resolution rows hold them merge-group major), fc1, GELU, fc2: T' = T / m^2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from mllm_jax import partitioning as part
 from mllm_jax.config import ProjectorConfig, RunSettings
 from mllm_jax.encoder import full_meta
 
-KINDS = ("linear", "mlp", "resampler", "gemma3")
+KINDS = ("linear", "mlp", "resampler", "gemma3", "patch_merger")
+MERGER_NORMS = ("layer", "rms")
 
 
 class Projector(nnx.Module):
@@ -39,6 +42,14 @@ class Projector(nnx.Module):
         elif cfg.kind == "mlp":
             hidden = cfg.hidden_dim or out_dim
             self.mlp = L.Group(fc1=L.Linear((in_dim,), (hidden,), ("embed_in",), ("mlp",), rngs=rngs),
+                               fc2=L.Linear((hidden,), (out_dim,), ("mlp",), ("embed",), rngs=rngs))
+        elif cfg.kind == "patch_merger":
+            if cfg.norm not in MERGER_NORMS:
+                raise ValueError(f"patch_merger: ProjectorConfig.norm must be one of {MERGER_NORMS}; got {cfg.norm!r}")
+            merged = in_dim * cfg.merge_size**2
+            hidden = cfg.hidden_dim or merged
+            self.norm = L.Norm(in_dim, bias=cfg.norm == "layer", names=("embed_in",))
+            self.mlp = L.Group(fc1=L.Linear((merged,), (hidden,), ("embed_in",), ("mlp",), rngs=rngs),
                                fc2=L.Linear((hidden,), (out_dim,), ("mlp",), ("embed",), rngs=rngs))
         elif cfg.kind == "gemma3":
             # (1 + w) norm: zero init is the identity scale, as in HF.
@@ -79,7 +90,20 @@ class Projector(nnx.Module):
                                plus_one=True)
             return L.linear(L.params_for_compute(self.proj, dtype), x_NTD, "btd,de->bte",
                             ("batch", "length", "act_embed"))
+        if cfg.kind == "patch_merger":
+            return self._merge(x_NTD, dtype)
         return self._resample(x_NTD, dtype)
+
+    def _merge(self, x_NTD, dtype):
+        cfg = self.config
+        n, t, d = x_NTD.shape
+        m2 = cfg.merge_size**2
+        if t % m2:
+            raise ValueError(f"patch_merger: {t} patches per row is not a multiple of merge_size**2 = {m2}")
+        p = L.params_for_compute(self.norm)
+        x = L.layer_norm(p, x_NTD, cfg.norm_eps) if cfg.norm == "layer" else L.rms_norm(p, x_NTD, cfg.norm_eps)
+        x = part.reshape(x, (n, t // m2, m2 * d), ("batch", "length", "act_embed"))
+        return L.plain_mlp(L.params_for_compute(self.mlp, dtype), x, cfg.activation)
 
     def _resample(self, x_NTD, dtype):
         cfg = self.config

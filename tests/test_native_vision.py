@@ -1,0 +1,237 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower and patch merger against transformers (float32, tiny random configs).
+
+One packed batch holds three images of different sizes and a video (t = 3), with padding between and after the
+instances and an all-padding row. Oracles: transformers' Qwen2VisionTransformerPretrainedModel /
+Qwen2_5_VisionTransformerPretrainedModel on the same instances (per-patch last hidden state and merged output), and
+our own tower with each instance alone in its row. The HF weights reach our modules through mllm_jax.hf's weight map
+(a safetensors round trip), so the map is tested by the parity.
+"""
+
+import numpy as np
+import pytest
+
+from mllm_jax.config import NativeVisionConfig, ProjectorConfig, RunSettings
+from mllm_jax.data.processor.native_vision import patch_grid
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mllm_jax.hf import config_map as cm  # noqa: E402
+from mllm_jax.hf import weight_maps as wm  # noqa: E402
+from mllm_jax.hf.safetensors_io import CheckpointReader, write_checkpoint  # noqa: E402
+from mllm_jax.hf.streaming import load_into  # noqa: E402
+from mllm_jax.native_vision import NativeVisionEncoder, attention_ids  # noqa: E402
+from mllm_jax.projector import Projector  # noqa: E402
+
+M = 2
+GRIDS = [(1, 8, 12), (1, 6, 4), (3, 4, 8), (1, 10, 6)]  # three images and a video, in patches
+LAYOUT = [[(0, 0), (1, 100)], [(2, 0), (3, 96)], []]  # (instance, offset) per row: gaps and a padding row
+P = 160
+LLM_D = 48
+
+
+def _hf_config(kind):
+    common = dict(depth=3, num_heads=4, in_channels=3, patch_size=4, spatial_merge_size=M, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+        return Qwen2VLVisionConfig(embed_dim=32, hidden_size=LLM_D, mlp_ratio=2, hidden_act="quick_gelu", **common)
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    # window 16 px = 2 merged units: the 10 x 6 image has partial windows; layer 1 attends the whole slice
+    return Qwen2_5_VLVisionConfig(hidden_size=32, intermediate_size=40, out_hidden_size=LLM_D, window_size=16,
+                                  fullatt_block_indexes=[1], hidden_act="silu", **common)
+
+
+def _hf_model(kind, hf_config):
+    if kind == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as cls
+    else:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel as cls)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(hf_config).eval()
+    with torch.no_grad():  # HF's init (std 0.02, norms 1 and 0) leaves attention near uniform: make every tensor count
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.ndim > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _instances(cfg):
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((t * h * w, cfg.patch_dim)).astype(np.float32), (t, h, w)) for t, h, w in GRIDS]
+
+
+def _pack(instances, layout, p):
+    """{patches, grid, segment_ids} of len(layout) rows of p patches: instance i at its offset, 1-based segments."""
+    r = len(layout)
+    out = {"patches": np.zeros((r, p, instances[0][0].shape[1]), np.float32),
+           "grid": np.zeros((r, p, 3), np.int32), "segment_ids": np.zeros((r, p), np.int32)}
+    for row, entries in enumerate(layout):
+        for s, (i, off) in enumerate(entries, start=1):
+            patches, grid = instances[i]
+            n = len(patches)
+            out["patches"][row, off:off + n] = patches
+            out["grid"][row, off:off + n] = patch_grid(grid, M)
+            out["segment_ids"][row, off:off + n] = s
+    return out
+
+
+def _where(layout):
+    """{instance: (row, offset)}."""
+    return {i: (row, off) for row, entries in enumerate(layout) for i, off in entries}
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def case(request, tmp_path_factory):
+    kind = request.param
+    hf_cfg = _hf_config(kind)
+    model = _hf_model(kind, hf_cfg)
+    cfg, proj_cfg = cm.native_vision_from_hf(hf_cfg.to_dict(), kind)
+    cfg = NativeVisionConfig(**{**cfg.__dict__, "patches_per_row": P})
+    instances = _instances(cfg)
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.concatenate([x for x, _ in instances])),
+                    grid_thw=torch.tensor([g for _, g in instances]))
+    hidden, merged = out.last_hidden_state.numpy(), out.pooler_output.numpy()
+    if kind == "qwen2_5_vl":  # HF's last hidden state is in its window order: undo the permutation
+        from transformers.vision_utils import get_vision_window_index
+        index, _ = get_vision_window_index(torch.tensor(GRIDS), M, hf_cfg.window_size, hf_cfg.patch_size)
+        natural = np.empty_like(hidden).reshape(-1, M * M, hidden.shape[-1])
+        natural[index.numpy()] = hidden.reshape(-1, M * M, hidden.shape[-1])
+        hidden = natural.reshape(hidden.shape)
+    # Through a checkpoint directory: the weight map both ways (HF -> ours here, ours -> HF in a test below).
+    path = tmp_path_factory.mktemp(kind)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    write_checkpoint(str(path), sd)
+    reader = CheckpointReader(str(path))
+    prefix = wm.native_vision_prefix(reader.keys())
+    tower = load_into(lambda: NativeVisionEncoder(cfg, rngs=nnx.Rngs(0)),
+                      [(reader, wm.native_vision_rules(cfg, prefix))])
+    merger = load_into(lambda: Projector(proj_cfg, cfg.d_model, LLM_D, rngs=nnx.Rngs(0)),
+                       [(reader, wm.patch_merger_rules(proj_cfg, prefix))])
+    return dict(kind=kind, cfg=cfg, proj_cfg=proj_cfg, tower=tower, merger=merger, instances=instances,
+                hidden=hidden, merged=merged, state_dict=sd, hf_cfg=hf_cfg)
+
+
+def _run(tower, merger, batch):
+    @nnx.jit
+    def fwd(tower, merger, batch):
+        f = tower(batch)
+        return f, merger(f)
+
+    f, m = fwd(tower, merger, jax.tree.map(jnp.asarray, batch))
+    return np.asarray(f), np.asarray(m)
+
+
+@pytest.fixture(scope="module")
+def packed(case):
+    batch = _pack(case["instances"], LAYOUT, P)
+    return batch, *_run(case["tower"], case["merger"], batch)
+
+
+def test_packed_features_match_hf(case, packed):
+    _, feats, merged = packed
+    starts = np.cumsum([0] + [len(x) for x, _ in case["instances"]])
+    for i, (row, off) in _where(LAYOUT).items():
+        n = len(case["instances"][i][0])
+        np.testing.assert_allclose(feats[row, off:off + n], case["hidden"][starts[i]:starts[i] + n], atol=1e-4,
+                                   rtol=1e-4, err_msg=f"{case['kind']} instance {i} features")
+        np.testing.assert_allclose(merged[row, off // M**2:(off + n) // M**2],
+                                   case["merged"][starts[i] // M**2:(starts[i] + n) // M**2], atol=1e-4, rtol=1e-4,
+                                   err_msg=f"{case['kind']} instance {i} merged")
+    assert merged.shape == (len(LAYOUT), P // M**2, LLM_D)
+    assert np.isfinite(feats).all() and np.isfinite(merged).all()  # padding patches see nothing: finite, unused
+
+
+def test_each_instance_alone_gives_its_packed_features(case, packed):
+    _, feats, _ = packed
+    alone_layout = [[(i, 0)] for i in range(len(GRIDS))]
+    alone, _ = _run(case["tower"], case["merger"], _pack(case["instances"], alone_layout, 96))
+    for i, (row, off) in _where(LAYOUT).items():
+        n = len(case["instances"][i][0])
+        np.testing.assert_allclose(feats[row, off:off + n], alone[i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_windows_are_hf_windows():
+    """Our window ids group the patches exactly as HF's window_index + cu_window_seqlens do (Qwen2.5-VL)."""
+    from transformers.vision_utils import get_vision_window_index
+    index, cu = get_vision_window_index(torch.tensor(GRIDS), M, 16, 4)  # windows of 2 x 2 merged units
+    patch_order = (index.numpy()[:, None] * M * M + np.arange(M * M)).reshape(-1)  # window order -> patch index
+    hf_window = np.zeros(len(patch_order), np.int64)
+    hf_window[patch_order] = np.searchsorted(cu.numpy(), np.arange(len(patch_order)), side="right")
+    grids = [(np.zeros((t * h * w, 1), np.float32), (t, h, w)) for t, h, w in GRIDS]
+    batch = _pack(grids, LAYOUT, P)
+    _, ours = attention_ids(jnp.asarray(batch["grid"]), jnp.asarray(batch["segment_ids"]), M, 2)
+    ours = np.asarray(ours)
+    starts = np.cumsum([0] + [len(x) for x, _ in grids])
+    covered = np.zeros(ours.shape, bool)
+    for i, (row, off) in _where(LAYOUT).items():
+        n = len(grids[i][0])
+        a, b = ours[row, off:off + n], hf_window[starts[i]:starts[i] + n]
+        pairs = set(zip(a.tolist(), b.tolist()))  # the same partition: the two labelings are in bijection
+        assert len(pairs) == len(set(a.tolist())) == len(set(b.tolist())), f"instance {i}"
+        assert len(set(b.tolist())) > 1, "the test needs several windows per instance"
+        covered[row, off:off + n] = True
+    assert (ours[~covered] == 0).all()  # padding is no window
+    for row, entries in enumerate(LAYOUT):  # windows of different instances of a row never share an id
+        ids = [set(ours[row, off:off + len(grids[i][0])].tolist()) for i, off in entries]
+        assert sum(len(s) for s in ids) == len(set().union(*ids))
+
+
+def test_weight_map_round_trip(case):
+    """Ours -> HF names and layouts gives back the checkpoint's tensors exactly (every tensor of the tower and
+    merger)."""
+    prefix = ""
+    out = {}
+    for module, rules in ((case["tower"], wm.native_vision_rules(case["cfg"], prefix)),
+                          (case["merger"], wm.patch_merger_rules(case["proj_cfg"], prefix))):
+        flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module))}
+        for rule in rules:
+            value = flat[rule.ours]
+            if rule.stacked:
+                for i in range(value.shape[0]):
+                    out.update(rule.layer_tensors(value[i], i))
+            else:
+                out.update(rule.layer_tensors(value, None))
+    sd = case["state_dict"]
+    assert set(out) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(out[k], sd[k], err_msg=k)
+
+
+def test_config_round_trip(case):
+    back = cm.native_vision_to_hf(case["cfg"], case["proj_cfg"], LLM_D)
+    again = cm.native_vision_from_hf(back, case["kind"])
+    assert again[0] == NativeVisionConfig(**{**case["cfg"].__dict__, "patches_per_row": again[0].patches_per_row})
+    assert again[1] == case["proj_cfg"]
+    ref = case["hf_cfg"].to_dict()
+    for key, value in back.items():
+        assert ref[key] == value, key
+
+
+def test_bad_inputs_named(case):
+    tower = case["tower"]
+    batch = _pack(case["instances"], LAYOUT, P)
+    with pytest.raises(ValueError, match="keys"):
+        tower({"patches": batch["patches"]})
+    with pytest.raises(ValueError, match=r"grid.*shape \(3, 160, 3\).*got \(3, 160, 2\)"):
+        tower({**batch, "grid": batch["grid"][..., :2]})
+    with pytest.raises(ValueError, match="patches must be"):
+        tower({**batch, "patches": batch["patches"][:, :, :-1]})
+    with pytest.raises(ValueError, match="full_attention_layers"):
+        NativeVisionEncoder(NativeVisionConfig(**{**case["cfg"].__dict__, "full_attention_layers": (7,)}),
+                            rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="LoRA"):
+        NativeVisionEncoder(case["cfg"], rngs=nnx.Rngs(0), lora_rank=4, run=RunSettings())
+    with pytest.raises(ValueError, match="merge"):
+        Projector(ProjectorConfig(kind="patch_merger", merge_size=2), 32, LLM_D, rngs=nnx.Rngs(0))(
+            jnp.zeros((1, 6, 32)))
