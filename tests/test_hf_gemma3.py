@@ -31,7 +31,9 @@ WINDOW = 6  # the local layers' window: shorter than the sequence, so it binds, 
 def _hf_config():
     text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=8, intermediate_size=48, max_position_embeddings=64, sliding_window=WINDOW,
-                query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"])
+                query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}})
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=16,
                   patch_size=4, vision_use_head=False)
     return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS_PER_IMAGE,
@@ -77,13 +79,16 @@ def _inputs():
 
 def _hf_logits(model, ids, token_type_ids, pixels):
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(token_type_ids),
+        return model(input_ids=torch.tensor(ids),
+                     token_type_ids=None if token_type_ids is None else torch.tensor(token_type_ids),
                      pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).logits.numpy()
 
 
+_logits = nnx.jit(lambda model, batch: model.llm.logits(model(batch)))  # one compile per module for every call
+
+
 def _our_logits(model, batch):
-    graphdef, state = nnx.split(model)
-    return np.asarray(nnx.jit(lambda m, b: m.llm.logits(m(b)))(model, batch))
+    return np.asarray(_logits(model, batch))
 
 
 # --------------------------------------------------------------------------------------------------- projector
@@ -127,3 +132,100 @@ def test_projector_costs_count_the_pooled_tokens():
     assert layer.weight_flops == 2.0 * out.shape[0] * out.shape[1] * 32 * 48
     with pytest.raises(ValueError, match="do not split over 5 instances"):
         costs.projector_layer("vision", cfg, 32, 48, 3 * 16, instances=5)
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+# google/gemma-3-4b-it's config.json: the hub's text_config leaves most fields to Gemma3TextConfig's defaults.
+HUB_4B = {"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+          "image_token_index": 262144, "mm_tokens_per_image": 256, "model_type": "gemma3",
+          "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                          "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                          "sliding_window": 1024},
+          "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                            "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                            "patch_size": 14, "vision_use_head": False}}
+
+
+def test_config_reads_the_hub_spelling_as_transformers_does():
+    """The hub's sparse config.json and transformers' fully spelled-out reading of it give the same ModelConfig."""
+    ours = cm.gemma3_from_hf(HUB_4B)
+    spelled = transformers.Gemma3Config(**{k: v for k, v in HUB_4B.items() if k != "architectures"}).to_dict()
+    assert cm.gemma3_from_hf(spelled) == ours
+    llm, vision, proj = ours.llm, ours.encoders["vision"], ours.projectors["vision"]
+    assert (llm.n_layers, llm.d_model, llm.n_heads, llm.n_kv_heads, llm.resolved_head_dim) == (34, 2560, 8, 4, 256)
+    assert (llm.sliding_window, llm.sliding_window_pattern, llm.rope_linear_factor) == (1024, 6, 8.0)
+    assert (llm.rope_theta, llm.rope_local_theta, llm.tie_embeddings) == (1e6, 1e4, True)
+    assert (vision.kind, vision.class_token, vision.post_norm, vision.num_features) == ("siglip", False, True, 4096)
+    assert (proj.kind, proj.tokens_per_image, proj.boi_token_id, proj.eoi_token_id) == ("gemma3", 256, 255999, 256000)
+    assert ours.features_per_instance("vision") == 256 and ours.placeholder_ids == {"vision": 262144}
+    assert ours.media_attention == "bidirectional"
+
+
+def test_config_round_trip_and_refusals():
+    cfg = cm.gemma3_from_hf(_hf_config().to_dict())
+    back = cm.gemma3_to_hf(cfg)
+    assert cm.gemma3_from_hf(back) == cfg and cm.config_from_hf(back) == cfg
+    assert (back["image_token_index"], back["boi_token_index"], back["eoi_token_index"]) == (IMAGE, BOI, EOI)
+    transformers.Gemma3Config(**{k: v for k, v in back.items() if k != "architectures"})  # transformers accepts it
+    with pytest.raises(ValueError, match="mm_tokens_per_image=4 exceeds the text sliding_window=3"):
+        cm.gemma3_from_hf({**back, "text_config": {**back["text_config"], "sliding_window": 3}})
+    with pytest.raises(ValueError, match="tokens_per_image=9"):
+        cm.gemma3_from_hf({**back, "mm_tokens_per_image": 9})  # a 4x4 grid does not pool to 3x3
+    with pytest.raises(ValueError, match="media_attention='causal'"):
+        cm.gemma3_to_hf(cfg.replace(media_attention="causal"))
+    with pytest.raises(ValueError, match="'gemma3' projector"):
+        cm.gemma3_to_hf(cfg.replace(projectors={"vision": ProjectorConfig(kind="mlp")}))
+    bad_eps = dataclasses.replace(cfg.projectors["vision"], norm_eps=1e-5)
+    with pytest.raises(ValueError, match="norm_eps=1e-05"):
+        cm.gemma3_to_hf(cfg.replace(projectors={"vision": bad_eps}))
+
+
+# --------------------------------------------------------------------------------------------------- parity
+
+
+def test_span_mask_is_transformers_token_type_mask():
+    """Our rule with one span per image is transformers' Gemma 3 mask: the full layers' causal-or-same-image and the
+    local layers' window AND (causal-or-same-image), from its own create_masks_for_vision_model."""
+    from transformers.models.gemma3 import modeling_gemma3 as mg
+
+    ids, token_type_ids, _, batch = _inputs()
+    text_cfg = _hf_config().text_config
+    text_cfg._attn_implementation = "eager"
+    masks = mg.create_masks_for_vision_model(
+        config=text_cfg, inputs_embeds=torch.zeros(2, 20, 32), attention_mask=None, cache=None, position_ids=None,
+        block_sequence_ids=mg.get_block_sequence_ids_for_mask(torch.tensor(token_type_ids)))
+    meta = kernels.TokenMeta(*(np.asarray(batch[k]) for k in ("positions", "segment_ids", "span_ids")))
+    for layer_type, window in (("full_attention", None), ("sliding_attention", WINDOW)):
+        hf_mask = masks[layer_type][:, 0].numpy() == 0  # eager: additive float masks, 0 where attended
+        np.testing.assert_array_equal(kernels.mask(meta, meta, window=window), hf_mask, err_msg=layer_type)
+    # The images do see ahead inside their own run (the part a causal mask would miss).
+    assert hf_mask[0, 13, 14] and not hf_mask[0, 8, 13]
+
+
+def test_logits_with_three_images_match_transformers(hf_dir, ours):
+    hf, _ = hf_dir
+    ids, token_type_ids, pixels, batch = _inputs()
+    ref = _hf_logits(hf, ids, token_type_ids, pixels)
+    np.testing.assert_allclose(_our_logits(ours, batch), ref, atol=1e-4, rtol=1e-4)
+    # The spans matter: without them (media_attention="causal" drops them) the image tokens attend causally, as
+    # transformers' do without token_type_ids, and the logits move away from the bidirectional ones.
+    causal = _our_logits(ours, dict(batch, span_ids=jnp.zeros_like(batch["span_ids"])))
+    np.testing.assert_allclose(causal, _hf_logits(hf, ids, None, pixels), atol=1e-4, rtol=1e-4)
+    assert np.abs(causal - ref).max() > 1e-2
+
+
+def test_save_reloads_in_transformers_with_the_same_logits(hf_dir, ours, tmp_path):
+    ids, token_type_ids, pixels, batch = _inputs()
+    save_pretrained(ours, str(tmp_path / "ours"))
+    with open(tmp_path / "ours" / "config.json") as f:
+        assert json.load(f)["architectures"] == ["Gemma3ForConditionalGeneration"]
+    back = transformers.Gemma3ForConditionalGeneration.from_pretrained(str(tmp_path / "ours")).eval()
+    np.testing.assert_allclose(_hf_logits(back, ids, token_type_ids, pixels), _our_logits(ours, batch),
+                               atol=1e-4, rtol=1e-4)
+    again = load_pretrained(str(tmp_path / "ours"))
+    assert again.config == ours.config
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ours, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(again, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))

@@ -22,7 +22,7 @@ GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
 AUDIO_TYPES = ("whisper",)
-MULTIMODAL_TYPES = ("llava",)
+MULTIMODAL_TYPES = ("llava", "gemma3")
 SUPPORTED_TYPES = LLM_TYPES + VISION_TYPES + AUDIO_TYPES + MULTIMODAL_TYPES
 
 # Modality names used for LLaVA-style models (the keys of ModelConfig.encoders / projectors / placeholder_ids).
@@ -498,7 +498,7 @@ def audio_to_hf(cfg: AudioConfig) -> dict:
 
 
 def llava_from_hf(hf: dict) -> ModelConfig:
-    if hf.get("model_type") not in MULTIMODAL_TYPES:
+    if hf.get("model_type") != "llava":
         raise unsupported_type(hf.get("model_type"))
     strategy = hf.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
@@ -551,6 +551,77 @@ def llava_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
+# Gemma 3's image placeholder, begin- and end-of-image tokens (Gemma3Config's defaults: the released checkpoints').
+GEMMA3_TOKENS = {"image_token_index": 262144, "boi_token_index": 255999, "eoi_token_index": 256000}
+# transformers' Gemma3TextConfig defaults: the released checkpoints' config.json leave these out of text_config.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+                            query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1e6, rope_local_base_freq=1e4)
+
+
+def gemma3_from_hf(hf: dict) -> ModelConfig:
+    """Gemma3ForConditionalGeneration: a SigLIP tower's last_hidden_state (no class token, post_layernorm applied),
+    the "gemma3" pooling projector (mm_tokens_per_image tokens per image) and the gemma3_text LLM. Each image's
+    placeholder run is one span: HF's token_type_ids mask lets an image's tokens see each other both ways."""
+    if hf.get("model_type") != "gemma3":
+        raise unsupported_type(hf.get("model_type"))
+    vision_hf = {"model_type": "siglip_vision_model", **hf["vision_config"]}
+    if vision_hf["model_type"] != "siglip_vision_model":
+        raise ValueError(f"gemma3: vision_config model_type={vision_hf['model_type']!r}; only a SigLIP tower "
+                         f"(siglip_vision_model) is supported")
+    vision = vision_from_hf(vision_hf)
+    llm = llm_from_hf({"model_type": "gemma3_text", **GEMMA3_TEXT_DEFAULTS,
+                       "tie_word_embeddings": hf.get("tie_word_embeddings", True), **hf["text_config"]})
+    tokens = {k: int(hf.get(k, hf.get(k.replace("_index", "_id"), v))) for k, v in GEMMA3_TOKENS.items()}
+    projector = ProjectorConfig(kind="gemma3", tokens_per_image=int(hf.get("mm_tokens_per_image", 256)),
+                                norm_eps=vision.norm_eps, boi_token_id=tokens["boi_token_index"],
+                                eoi_token_id=tokens["eoi_token_index"])
+    n = projector.output_tokens(vision.num_features)  # refuses a patch grid that does not pool to it
+    if llm.sliding_window is not None and n > llm.sliding_window:
+        # HF's local layers AND the window with the image block; our rule lets a span through the window. They agree
+        # while one image's tokens all lie within one window.
+        raise ValueError(f"gemma3: mm_tokens_per_image={n} exceeds the text sliding_window={llm.sliding_window}; "
+                         f"an image's bidirectional span must fit in one window")
+    return ModelConfig(llm=llm, encoders={VISION_NAME: vision}, projectors={VISION_NAME: projector},
+                       placeholder_ids={VISION_NAME: tokens["image_token_index"]}, media_attention="bidirectional")
+
+
+def gemma3_to_hf(cfg: ModelConfig) -> dict:
+    """The inverse of gemma3_from_hf; refuses a ModelConfig Gemma3ForConditionalGeneration cannot express."""
+    if set(cfg.encoders) != {VISION_NAME} or set(cfg.projectors) != {VISION_NAME}:
+        raise ValueError(f"Gemma 3 export needs exactly one encoder and projector named {VISION_NAME!r}; got encoders "
+                         f"{sorted(cfg.encoders)} and projectors {sorted(cfg.projectors)}")
+    vision, proj = cfg.encoders[VISION_NAME], cfg.projectors[VISION_NAME]
+    if proj.kind != "gemma3":
+        raise ValueError(f"Gemma 3 export needs the 'gemma3' projector; got kind={proj.kind!r}")
+    if not isinstance(vision, VisionConfig) or vision.kind != "siglip" or vision.class_token or not vision.post_norm \
+            or vision.select_layer != -1:
+        raise ValueError(f"Gemma 3 export needs a SigLIP tower's last_hidden_state (kind 'siglip', no class token, "
+                         f"post_norm, select_layer -1); got {vision}")
+    if proj.norm_eps != vision.norm_eps:
+        raise ValueError(f"Gemma 3's mm_soft_emb_norm takes the vision tower's layer_norm_eps ({vision.norm_eps}); "
+                         f"the projector has norm_eps={proj.norm_eps}")
+    if cfg.media_attention != "bidirectional" or cfg.span_isolated:
+        raise ValueError(f"Gemma 3 lets an image's tokens see each other both ways and see the text before them; got "
+                         f"media_attention={cfg.media_attention!r}, span_isolated={cfg.span_isolated}")
+    proj.output_tokens(vision.num_features)
+    image = cfg.placeholder_ids[VISION_NAME]
+    boi = proj.boi_token_id if proj.boi_token_id is not None else GEMMA3_TOKENS["boi_token_index"]
+    eoi = proj.eoi_token_id if proj.eoi_token_id is not None else GEMMA3_TOKENS["eoi_token_index"]
+    return {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": llm_to_hf(cfg.llm, "gemma3_text"),
+        "vision_config": vision_to_hf(vision),
+        "mm_tokens_per_image": proj.tokens_per_image,
+        "image_token_index": image,
+        "boi_token_index": boi,
+        "eoi_token_index": eoi,
+        "tie_word_embeddings": cfg.llm.tie_embeddings,
+    }
+
+
 def config_from_hf(hf: dict):
     """Any supported HF config dict -> LLMConfig | VisionConfig | AudioConfig | ModelConfig."""
     model_type = hf.get("model_type")
@@ -562,6 +633,8 @@ def config_from_hf(hf: dict):
         return vision_from_hf(hf)
     if model_type in AUDIO_TYPES:
         return audio_from_hf(hf)
+    if model_type == "gemma3":
+        return gemma3_from_hf(hf)
     if model_type in MULTIMODAL_TYPES:
         return llava_from_hf(hf)
     raise unsupported_type(model_type)

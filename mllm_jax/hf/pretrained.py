@@ -6,7 +6,8 @@ What a directory becomes (by its config.json ``model_type``):
   ``model(pixels [N, H, W, C]) -> last_hidden_state [N, tokens, D]``;
 - whisper -> mllm_jax.AudioEncoder: ``model(log_mel [N, frames, n_mels]) -> last_hidden_state``;
 - llava -> mllm_jax.MultimodalModel (encoder "vision", mlp projector, LLM): ``model(batch) -> hidden``,
-  ``model.llm.logits(hidden)``.
+  ``model.llm.logits(hidden)``;
+- gemma3 -> mllm_jax.MultimodalModel (SigLIP encoder "vision", gemma3 pooling projector, Gemma 3 text LLM).
 """
 
 from __future__ import annotations
@@ -75,14 +76,25 @@ def _parts(config, keys) -> list[tuple[str, list[wm.Rule], int, tuple]]:
         return [("AudioConfig", wm.whisper_rules(config, prefix), config.n_layers, (prefix,))]
     (name,) = config.encoders
     llm_prefix, head = wm.llm_prefixes(keys)
-    vision_prefix, projector_prefix = wm.vision_prefix(keys), wm.projector_prefix(keys)
+    vision_prefix = wm.vision_prefix(keys)
+    projector_rules, projector_prefix = _projector_rules(config.projectors[name], keys)
     return [("llm (LLMConfig)", wm.under("llm", wm.llm_rules(config.llm, llm_prefix, head)), config.llm.n_layers,
              (llm_prefix, head)),
             (f"encoders[{name!r}] (VisionConfig)",
              wm.under(f"encoders/{name}", wm.vision_rules(config.encoders[name], vision_prefix)),
              config.encoders[name].n_layers, (vision_prefix,)),
-            (f"projectors[{name!r}]", wm.under(f"projectors/{name}", wm.mlp_projector_rules(projector_prefix)), 0,
-             (projector_prefix,))]
+            (f"projectors[{name!r}]", wm.under(f"projectors/{name}", projector_rules), 0, (projector_prefix,))]
+
+
+def _projector_rules(config, keys=None) -> tuple[list[wm.Rule], str]:
+    """(rules, prefix) of the projector of a LLaVA-layout checkpoint (LLaVA's mlp, Gemma 3's pooling projector);
+    ``keys`` None: the prefix we write."""
+    gemma3 = config.kind == "gemma3"
+    if keys is None:
+        prefix = "multi_modal_projector."
+    else:
+        prefix = wm.gemma3_projector_prefix(keys) if gemma3 else wm.projector_prefix(keys)
+    return (wm.gemma3_projector_rules(prefix) if gemma3 else wm.mlp_projector_rules(prefix)), prefix
 
 
 def _benign(name: str, config) -> bool:
@@ -176,11 +188,13 @@ def _family_config(module):
         return module.config, cm.audio_to_hf(module.config), wm.whisper_rules(module.config)
     if isinstance(module, MultimodalModel):
         cfg = module.config
-        hf = cm.llava_to_hf(cfg)
         name = cm.VISION_NAME
+        gemma3 = name in cfg.projectors and cfg.projectors[name].kind == "gemma3"
+        hf = cm.gemma3_to_hf(cfg) if gemma3 else cm.llava_to_hf(cfg)
+        # The layout of the hub's LLaVA and Gemma 3 checkpoints (vision_tower.vision_model., language_model.model.).
         rules = (wm.under("llm", wm.llm_rules(cfg.llm, "language_model.model.", "language_model.lm_head.weight"))
                  + wm.under(f"encoders/{name}", wm.vision_rules(cfg.encoders[name], "vision_tower.vision_model."))
-                 + wm.under(f"projectors/{name}", wm.mlp_projector_rules()))
+                 + wm.under(f"projectors/{name}", _projector_rules(cfg.projectors[name])[0]))
         return cfg, hf, rules
     raise cm.unsupported_type(type(module).__name__)
 
