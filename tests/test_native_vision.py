@@ -20,11 +20,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from jax.sharding import NamedSharding, PartitionSpec as PS  # noqa: E402
+
+from mllm_jax import partitioning as part  # noqa: E402
 from mllm_jax.hf import config_map as cm  # noqa: E402
 from mllm_jax.hf import weight_maps as wm  # noqa: E402
 from mllm_jax.hf.safetensors_io import CheckpointReader, write_checkpoint  # noqa: E402
 from mllm_jax.hf.streaming import load_into  # noqa: E402
 from mllm_jax.native_vision import NativeVisionEncoder, attention_ids  # noqa: E402
+from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
+from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
+from mllm_jax.parallel.sharding import logical_rules  # noqa: E402
 from mllm_jax.projector import Projector  # noqa: E402
 
 M = 2
@@ -119,7 +125,7 @@ def case(request, tmp_path_factory):
     merger = load_into(lambda: Projector(proj_cfg, cfg.d_model, LLM_D, rngs=nnx.Rngs(0)),
                        [(reader, wm.patch_merger_rules(proj_cfg, prefix))])
     return dict(kind=kind, cfg=cfg, proj_cfg=proj_cfg, tower=tower, merger=merger, instances=instances,
-                hidden=hidden, merged=merged, state_dict=sd, hf_cfg=hf_cfg)
+                hidden=hidden, merged=merged, state_dict=sd, hf_cfg=hf_cfg, reader=reader, prefix=prefix)
 
 
 def _run(tower, merger, batch):
@@ -150,6 +156,54 @@ def test_packed_features_match_hf(case, packed):
                                    err_msg=f"{case['kind']} instance {i} merged")
     assert merged.shape == (len(LAYOUT), P // M**2, LLM_D)
     assert np.isfinite(feats).all() and np.isfinite(merged).all()  # padding patches see nothing: finite, unused
+
+
+def _loss_and_grads(tower, merger, batch, weights, rules=(None, None)):
+    """Merged features and the gradients of sum(merged * weights) over the tower's and merger's parameters, each
+    module run under its own logical rules (None: no layout)."""
+    def loss(tower, merger):
+        with part.rules_scope(rules[0]):
+            f = tower(batch)
+        with part.rules_scope(rules[1]):
+            m = merger(f)
+        return jnp.sum(m * weights), m
+
+    (_, merged), grads = nnx.jit(lambda t, m: nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(t, m))(
+        tower, merger)
+    return merged, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(grads, nnx.Param)))
+
+
+SHARDED = ParallelConfig(data=4, fsdp=2)  # 4 rows over data; parameters FSDP-sharded over fsdp
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_vl"], indirect=True)  # the kind with window layers (compiles cost)
+def test_rows_sharded_with_fsdp_and_remat_equal_one_device(case):
+    """Rows over the encoder rule's batch axes and parameters over fsdp (8 fake devices), remat and the unrolled
+    layer loop: the merged features and the parameter gradients of the one-device scan."""
+    layout = LAYOUT + [[(1, 0), (3, 24)]]
+    batch = jax.tree.map(jnp.asarray, _pack(case["instances"], layout, P))
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal((len(layout), P // M**2, LLM_D)), jnp.float32)
+    merged1, grads1 = _loss_and_grads(case["tower"], case["merger"], batch, weights)
+    mesh = make_mesh(SHARDED)
+    enc, proj = logical_rules("encoders/vision", SHARDED), logical_rules("projectors/vision", SHARDED)
+    run = RunSettings(remat="full", layer_loop="unrolled")
+    tower = load_into(lambda: NativeVisionEncoder(case["cfg"], rngs=nnx.Rngs(0), run=run),
+                      [(case["reader"], wm.native_vision_rules(case["cfg"], case["prefix"]))], mesh=mesh,
+                      logical_rules=enc)
+    merger = load_into(lambda: Projector(case["proj_cfg"], case["cfg"].d_model, LLM_D, rngs=nnx.Rngs(0)),
+                       [(case["reader"], wm.patch_merger_rules(case["proj_cfg"], case["prefix"]))], mesh=mesh,
+                       logical_rules=proj)
+    assert "fsdp" in str(tower.layers.attn.qkv.kernel[...].sharding.spec)
+    rows = NamedSharding(mesh, PS("data"))
+    with jax.set_mesh(mesh):
+        merged, grads = _loss_and_grads(tower, merger, jax.tree.map(lambda a: jax.device_put(a, rows), batch),
+                                        jax.device_put(weights, rows), (enc, proj))
+    assert merged.sharding.shard_shape(merged.shape)[0] == 1, merged.sharding  # each data rank merged its row
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(merged1), atol=1e-4, rtol=1e-4)
+    flat1 = dict(jax.tree_util.tree_flatten_with_path(grads1)[0])
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        np.testing.assert_allclose(g, flat1[path], atol=1e-4, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    assert len(flat1) == len(jax.tree_util.tree_flatten_with_path(grads)[0])
 
 
 def test_each_instance_alone_gives_its_packed_features(case, packed):
