@@ -215,6 +215,16 @@ def test_each_instance_alone_gives_its_packed_features(case, packed):
         np.testing.assert_allclose(feats[row, off:off + n], alone[i, :n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["qwen2_5_vl"], indirect=True)
+def test_tiled_attention_path_gives_the_same_features(case, packed):
+    """The path kernels.attention takes on CPU from TILED_MIN_KEYS keys (real rows): the same features."""
+    batch, feats, _ = packed
+    tower = NativeVisionEncoder(case["cfg"], rngs=nnx.Rngs(1), run=RunSettings(attention_impl="tiled"))
+    nnx.update(tower, nnx.state(case["tower"], nnx.Param))
+    tiled = np.asarray(nnx.jit(lambda t, b: t(b))(tower, jax.tree.map(jnp.asarray, batch)))
+    np.testing.assert_allclose(tiled, feats, atol=1e-5, rtol=1e-5)
+
+
 def test_windows_are_hf_windows():
     """Our window ids group the patches exactly as HF's window_index + cu_window_seqlens do (Qwen2.5-VL)."""
     from transformers.vision_utils import get_vision_window_index
