@@ -117,9 +117,12 @@ def case(request, tmp_path_factory):
     # Through a checkpoint directory: the weight map both ways (HF -> ours here, ours -> HF in a test below).
     path = tmp_path_factory.mktemp(kind)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    write_checkpoint(str(path), sd)
+    # as Qwen2VLForConditionalGeneration saves it in transformers 5 (beside the LLM's model.language_model.*)
+    write_checkpoint(str(path), {"model.visual." + k: v for k, v in sd.items()}
+                     | {"model.language_model.embed_tokens.weight": np.zeros((4, LLM_D), np.float32)})
     reader = CheckpointReader(str(path))
     prefix = wm.native_vision_prefix(reader.keys())
+    assert prefix == "model.visual."
     tower = load_into(lambda: NativeVisionEncoder(cfg, rngs=nnx.Rngs(0)),
                       [(reader, wm.native_vision_rules(cfg, prefix))])
     merger = load_into(lambda: Projector(proj_cfg, cfg.d_model, LLM_D, rngs=nnx.Rngs(0)),
