@@ -216,6 +216,21 @@ def test_logits_with_three_images_match_transformers(hf_dir, ours):
     assert np.abs(causal - ref).max() > 1e-2
 
 
+def test_two_samples_packed_in_one_row_give_each_its_own_logits(hf_dir, ours):
+    """The two rows packed into one row of 40 tokens (segments 1 and 2, positions restarting, three spans): each
+    sample's logits are transformers' on that sample alone."""
+    hf, _ = hf_dir
+    ids, token_type_ids, pixels, batch = _inputs()
+    ref = _hf_logits(hf, ids, token_type_ids, pixels)
+    row = lambda a: jnp.reshape(jnp.asarray(a), (1, -1))  # noqa: E731
+    fi = batch["feature_index"]["vision"]
+    packed = dict(batch, input_ids=row(batch["input_ids"]), positions=row(batch["positions"]),
+                  segment_ids=row(np.repeat([[1], [2]], 20, axis=1)), span_ids=row(batch["span_ids"]),
+                  feature_index={"vision": row(fi)})
+    out = _our_logits(ours, packed).reshape(2, 20, -1)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_save_reloads_in_transformers_with_the_same_logits(hf_dir, ours, tmp_path):
     ids, token_type_ids, pixels, batch = _inputs()
     save_pretrained(ours, str(tmp_path / "ours"))
