@@ -42,9 +42,9 @@ from mllm_jax import layers as L
 from mllm_jax import partitioning as part
 from mllm_jax.batch import IGNORE, check_batch
 from mllm_jax.kernels.meta import TokenMeta
-from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, layer_window, mlp_sublayer,
-                          rope_tables, use_layer_params)
-from mllm_jax.multimodal import MultimodalModel
+from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, check_rope_positions, layer_window,
+                          mlp_sublayer, rope_tables, use_layer_params)
+from mllm_jax.multimodal import MultimodalModel, llm_meta
 
 GLOBAL_WINDOW = 2**30  # a window no position distance reaches: the code of a global-attention layer
 # The cache's logical names [L, B, T, Hkv, Dh]: on a mesh its rows lie like the activations' batch (data x fsdp) and
@@ -74,13 +74,16 @@ class SamplingConfig:
 
 class KVCache(NamedTuple):
     """k, v [L, B, T, Hkv, Dh]; meta: the metadata of each slot [B, T] (segment 0: empty); slot: the next slot to
-    write (int32 scalar, the same for every row: prompts are left-aligned); next_pos [B]: the next token's position."""
+    write (int32 scalar, the same for every row: prompts are left-aligned); next_pos [B]: the next token's position
+    (its causal order); next_rope [B]: the next token's rotary position on every M-RoPE axis (HF Qwen2-VL: the
+    prompt's largest rope position + 1, then one more per token; without M-RoPE it equals next_pos)."""
 
     k: jax.Array
     v: jax.Array
     meta: TokenMeta
     slot: jax.Array
     next_pos: jax.Array
+    next_rope: jax.Array
 
 
 class GenerateOutput(NamedTuple):
@@ -131,7 +134,7 @@ def left_align(batch: dict) -> dict:
     b, s = np.shape(batch["input_ids"])
     width = int(n.max())
 
-    def roll(a, fill):
+    def roll(a, fill):  # [B, S] -> [B, width]
         a = np.asarray(a)
         out = np.full((b, width), fill, a.dtype)
         for r in range(b):
@@ -139,6 +142,9 @@ def left_align(batch: dict) -> dict:
         return out
 
     out = {k: roll(batch[k], 0) for k in ("input_ids", "positions", "segment_ids", "span_ids")}
+    if batch.get("rope_positions") is not None:  # [B, S, 3]: rolled like the tokens, the axis kept
+        rp = np.asarray(batch["rope_positions"])
+        out["rope_positions"] = np.stack([roll(rp[..., a], 0) for a in range(rp.shape[-1])], axis=-1)
     if "feature_index" in batch:
         out["feature_index"] = {k: roll(v, -1) for k, v in batch["feature_index"].items()}
     if "encoder_inputs" in batch:
@@ -167,8 +173,8 @@ def init_cache(llm: LLM, batch: int, length: int) -> KVCache:
     dtype = L.dtype_of(llm.run.dtype)
     kv = part.constrain(jnp.zeros(shape, dtype), CACHE_NAMES)  # on a mesh: rows over the batch axes, heads over tensor
     zeros = part.constrain(jnp.zeros((batch, length), jnp.int32), ("batch", None))
-    return KVCache(kv, kv, TokenMeta(zeros, zeros, zeros), jnp.zeros((), jnp.int32),
-                   part.constrain(jnp.zeros((batch,), jnp.int32), ("batch",)))
+    rows = part.constrain(jnp.zeros((batch,), jnp.int32), ("batch",))
+    return KVCache(kv, kv, TokenMeta(zeros, zeros, zeros), jnp.zeros((), jnp.int32), rows, rows)
 
 
 def _write(cache_meta: TokenMeta, meta: TokenMeta, slot) -> TokenMeta:
@@ -176,14 +182,18 @@ def _write(cache_meta: TokenMeta, meta: TokenMeta, slot) -> TokenMeta:
                        for c, m in zip(cache_meta, meta)))
 
 
-def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
-    """Every decoder layer on the new tokens h [B, S, D] (metadata ``meta``), their K/V written at ``cache.slot``;
-    returns (h after the last layer, k, v, the cache's metadata with the new tokens)."""
+def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache, rope_positions=None) -> tuple:
+    """Every decoder layer on the new tokens h [B, S, D] (metadata ``meta``; M-RoPE positions ``rope_positions``
+    [B, S, 3] or None), their K/V written at ``cache.slot``; returns (h after the last layer, k, v, the cache's
+    metadata with the new tokens)."""
     cfg, run = llm.config, llm.run
     values, names = llm.layer_params()
     values = jax.tree.map(part.unshard_leading, values)
     dtype = L.dtype_of(run.dtype)
-    rope = rope_tables(cfg, meta.positions)
+    rope_global = rope_tables(cfg, meta.positions, rope_positions)
+    # Gemma 3: the sliding-window layers rotate with their own base; a layer picks its table by its window code.
+    rope_local = (rope_tables(cfg, meta.positions, rope_positions, local=True) if cfg.rope_local_theta is not None
+                  else None)
     cache_meta = _write(cache.meta, meta, cache.slot)
     lora = run.lora_scale
 
@@ -196,8 +206,12 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache) -> tuple:
         q = L.linear(a["q"], x, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora)
         k = L.linear(a["k"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
         v = L.linear(a["v"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
-        if cfg.qk_norm:  # as L.self_attention: RMSNorm over head_dim before RoPE (Qwen3)
-            q, k = L.rms_norm(a["q_norm"], q, cfg.norm_eps), L.rms_norm(a["k_norm"], k, cfg.norm_eps)
+        if cfg.qk_norm:  # as L.self_attention: RMSNorm over head_dim before RoPE (Qwen3, Gemma 3)
+            q = L.rms_norm(a["q_norm"], q, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+            k = L.rms_norm(a["k_norm"], k, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+        rope = rope_global
+        if rope_local is not None:
+            rope = tuple(jnp.where(window != GLOBAL_WINDOW, lo, gl) for lo, gl in zip(rope_local, rope_global))
         q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
         # In place in the carry: only the new tokens' slots are written.
         k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, cache.slot, 0, 0))
@@ -242,11 +256,20 @@ def prefill(model, batch: dict, cache_len: int) -> tuple:
         raise ValueError(f"the prompt has {s} tokens; the cache holds {cache_len}")
     meta = TokenMeta(*(part.constrain(jnp.asarray(batch[k], jnp.int32), ("batch", "length"))
                        for k in ("positions", "segment_ids", "span_ids")))
+    if isinstance(model, MultimodalModel):
+        meta = llm_meta(model.config, meta)  # media_attention="causal": placeholder tokens attend like text
+    rope_positions = check_rope_positions(llm.config, batch.get("rope_positions"), (b, s))
+    if rope_positions is not None:
+        rope_positions = part.constrain(rope_positions, ("batch", "length", None))
     emb = llm.embed_tokens(ids) if isinstance(model, LLM) else model.embed(batch)
     cache = init_cache(llm, b, cache_len)
-    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache)
-    next_pos = jnp.max(jnp.where(meta.segment_ids != 0, meta.positions, -1), axis=1) + 1
-    cache = KVCache(k, v, cache_meta, jnp.asarray(s, jnp.int32), next_pos.astype(jnp.int32))
+    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache, rope_positions)
+    valid = meta.segment_ids != 0
+    next_pos = (jnp.max(jnp.where(valid, meta.positions, -1), axis=1) + 1).astype(jnp.int32)
+    next_rope = next_pos
+    if rope_positions is not None:  # HF get_rope_index: text after the prompt continues from its largest position
+        next_rope = (jnp.max(jnp.where(valid[..., None], rope_positions, -1), axis=(1, 2)) + 1).astype(jnp.int32)
+    cache = KVCache(k, v, cache_meta, jnp.asarray(s, jnp.int32), next_pos, next_rope)
     return _last_logits(llm, h), cache
 
 
@@ -257,8 +280,12 @@ def decode_step(model, tokens_B, cache: KVCache) -> tuple:
     emb = llm.embed_tokens(tokens_B[:, None])
     meta = TokenMeta(*(part.constrain(a, ("batch", "length")) for a in (
         cache.next_pos[:, None], jnp.ones((b, 1), jnp.int32), jnp.zeros((b, 1), jnp.int32))))
-    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache)
-    return _last_logits(llm, h), KVCache(k, v, cache_meta, cache.slot + 1, cache.next_pos + 1)
+    rope_positions = None
+    if llm.config.mrope_section is not None:  # a generated token is text: the same position on every axis
+        rope_positions = part.constrain(jnp.broadcast_to(cache.next_rope[:, None, None], (b, 1, 3)),
+                                        ("batch", "length", None))
+    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache, rope_positions)
+    return _last_logits(llm, h), KVCache(k, v, cache_meta, cache.slot + 1, cache.next_pos + 1, cache.next_rope + 1)
 
 
 def sample(logits_BV, key, sampling: SamplingConfig):

@@ -14,10 +14,12 @@ from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
 from mllm_jax.audio import AudioEncoder
 from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
-from mllm_jax.llm import LLM, check_meta, token_loss
+from mllm_jax.llm import LLM, check_meta, check_rope_positions, token_loss
 from mllm_jax.projector import Projector
 from mllm_jax.vision import VisionEncoder
 
+
+MEDIA_ATTENTION = ("bidirectional", "causal")  # ModelConfig.media_attention
 
 # The batch's instance-major encoder arrays: raw inputs (pixels, log-mel frames), or a frozen encoder's cached
 # pre-projector features (one of the two per modality; docs/contracts.md).
@@ -59,6 +61,18 @@ def validate_config(config: ModelConfig) -> None:
         raise ValueError(f"trainable keys {bad} are not among {sorted(keys)}")
     lora_lib.validate(config)
     L.check_layer_loop(config.layer_loop)
+    if config.media_attention not in MEDIA_ATTENTION:
+        raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}; got {config.media_attention!r}")
+    if config.media_attention == "causal" and config.span_isolated:
+        raise ValueError("media_attention='causal' drops the spans that span_isolated=True isolates; set one of them")
+
+
+def llm_meta(config: ModelConfig, meta: TokenMeta) -> TokenMeta:
+    """The metadata the LLM's attention reads: with ``media_attention="causal"`` the spans are dropped (span_ids 0),
+    so placeholder tokens attend causally like text (the training forward, the pipelined step and decode)."""
+    if config.media_attention == "causal":
+        return meta._replace(span_ids=jnp.zeros_like(meta.span_ids))
+    return meta
 
 
 class MultimodalModel(nnx.Module):
@@ -156,14 +170,18 @@ class MultimodalModel(nnx.Module):
 
     def forward_with_aux(self, batch: dict):
         """(hidden [B, S, D], the MoE layers' router statistics (moe.MoEStats stacked per MoE layer) or None)."""
-        meta = check_meta(TokenMeta(batch["positions"], batch["segment_ids"], batch["span_ids"]),
-                          tuple(batch["input_ids"].shape))
+        shape = tuple(batch["input_ids"].shape)
+        meta = llm_meta(self.config, check_meta(TokenMeta(batch["positions"], batch["segment_ids"],
+                                                          batch["span_ids"]), shape))
+        rope = check_rope_positions(self.config.llm, batch.get("rope_positions"), shape)
         emb = self.embed(batch)
         with self.scope("llm"):
             # Metadata in the LLM's token layout whatever layout the batch came in (e.g. replicated over context):
             # RoPE tables and masks are then computed per shard, not whole on every rank.
             meta = TokenMeta(*(part.constrain(a, ("batch", "length")) for a in meta))
-            return self.llm.hidden_with_aux(emb, meta)
+            if rope is not None:
+                rope = part.constrain(rope, ("batch", "length", None))
+            return self.llm.hidden_with_aux(emb, meta, rope)
 
     def loss_terms(self, batch: dict, *, chunk: int | None = None):
         """(loss_sum, label_count, router statistics or None): ``loss`` and what the MoE objective terms need."""

@@ -16,10 +16,12 @@ from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.parallel import context as cp_lib
 
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
+# Token arrays with a trailing axis ([.., B, S, 3]: M-RoPE positions), moved with the tokens when the batch has them.
+TRAILING_TOKEN_KEYS = ("rope_positions",)
 
 
 def _rows(x: np.ndarray, leading: int) -> np.ndarray:
-    """[..lead.., B, S] -> [(lead * B), S]."""
+    """[..lead.., B, S, ...] -> [(lead * B), S, ...]."""
     x = np.asarray(x)
     return x.reshape((-1,) + x.shape[leading + 1:])
 
@@ -41,7 +43,8 @@ def permute_for_context(batch: dict, parallel_config, *, leading: int,
     Llama-3-8B layer of parallel.cost_model.CostModel."""
     cc = parallel_config.context_config
     lead_shape = np.shape(batch["input_ids"])[:leading]
-    flat = {k: _rows(batch[k], leading) for k in TOKEN_KEYS}
+    moved = TOKEN_KEYS + tuple(k for k in TRAILING_TOKEN_KEYS if batch.get(k) is not None)
+    flat = {k: _rows(batch[k], leading) for k in moved}
     flat["feature_index"] = {n: _rows(v, leading) for n, v in (batch.get("feature_index") or {}).items()}
     meta = TokenMeta(flat["positions"], flat["segment_ids"], flat["span_ids"])
     # Key tiles of 32 tokens (the kernels' and Cornstarch's), or the largest that divides a small block.
@@ -55,7 +58,7 @@ def permute_for_context(batch: dict, parallel_config, *, leading: int,
         return x.reshape(lead_shape + (-1,) + x.shape[1:])
 
     out = dict(batch)
-    for k in TOKEN_KEYS:
+    for k in moved:
         out[k] = back(permuted[k])
     if "feature_index" in batch:
         out["feature_index"] = {n: back(v) for n, v in permuted["feature_index"].items()}

@@ -29,9 +29,9 @@ from mllm_jax import partitioning as part
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.layout import validate_layout
-from mllm_jax.llm import head_loss
+from mllm_jax.llm import check_rope_positions, head_loss
 from mllm_jax.loss import IGNORE
-from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, num_features
+from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, llm_meta, num_features
 from mllm_jax.parallel.pipeline import pipeline_value_and_grad
 from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
@@ -102,6 +102,10 @@ def check_microbatched(batch: dict, microbatches: int) -> tuple:
     for k in TOKEN_KEYS[1:]:
         if tuple(batch[k].shape) != tuple(ids.shape):
             raise ValueError(f"{k} shape {tuple(batch[k].shape)} must equal input_ids shape {tuple(ids.shape)}")
+    rope = batch.get("rope_positions")
+    if rope is not None and tuple(rope.shape) != tuple(ids.shape) + (3,):
+        raise ValueError(f"rope_positions shape {tuple(rope.shape)} must be input_ids shape + (3,) = "
+                         f"{tuple(ids.shape) + (3,)}")
     for key in ENCODER_KEYS:
         for name, x in (batch.get(key) or {}).items():
             if x.shape[0] != microbatches:
@@ -151,7 +155,8 @@ def _stage_layer(llm):
     layer, window_codes = llm.stage_layer()
 
     def layer_fn(p, h, aux_m):
-        return layer(p, h, TokenMeta(*(aux_m[k] for k in META_KEYS)), moe_weight=aux_m.get("moe_weight"))
+        return layer(p, h, TokenMeta(*(aux_m[k] for k in META_KEYS)), moe_weight=aux_m.get("moe_weight"),
+                     rope_positions=aux_m.get("rope_positions"))
 
     return layer_fn, window_codes
 
@@ -293,7 +298,11 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
     if window_codes is not None:
         stacked["window"] = window_codes
     aux = {k: batch[k] for k in META_KEYS}
-    aux = {k: jnp.asarray(v, jnp.int32) for k, v in aux.items()}
+    aux = llm_meta(config, TokenMeta(*(jnp.asarray(aux[k], jnp.int32) for k in META_KEYS)))._asdict()
+    rope = batch.get("rope_positions")
+    if rope is not None:  # [M, mb, S, 3]: each microbatch's M-RoPE positions, moved with its tokens
+        check_rope_positions(config.llm, rope[0], tuple(rope.shape[1:3]))  # refused without mrope_section
+        aux["rope_positions"] = jnp.asarray(rope, jnp.int32)
     aux["labels"] = labels
     aux["inv_count"] = jnp.broadcast_to(inv_count, (M,))
     n_moe = len(config.llm.moe_layers)
