@@ -145,6 +145,27 @@ def test_video_sampled_and_patched(ours):
                                first.reshape(len(first), 3, TP, -1)[:, :, 0], atol=1e-6)
 
 
+def test_from_pretrained_reads_the_hf_processor(tmp_path):
+    hf = hf_pil.Qwen2VLImageProcessorPil(min_pixels=300, max_pixels=2000, patch_size=P, temporal_patch_size=TP,
+                                         merge_size=M, image_mean=[0.1, 0.2, 0.3])
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        '{"size": {"shortest_edge": 400, "longest_edge": 900}, "fps": 1.5, "min_frames": 2, "max_frames": 10}')
+    proc = NativeVisionProcessor.from_pretrained(str(tmp_path))
+    for h, w in ((37, 53), (90, 17)):
+        ref = hf(images=[_image(h, w)], return_tensors="np")
+        inst = proc.image(_image(h, w))
+        assert inst.grid_thw == tuple(ref["image_grid_thw"][0])
+        np.testing.assert_allclose(inst.patches, ref["pixel_values"], atol=1e-5)
+    assert (proc.video_min_pixels, proc.video_max_pixels, proc.fps, proc.min_frames, proc.max_frames) == (
+        400, 900, 1.5, 2, 10)
+    (tmp_path / "preprocessor_config.json").write_text('{"image_processor_type": "CLIPImageProcessor"}')
+    with pytest.raises(ValueError, match="CLIPImageProcessor"):
+        NativeVisionProcessor.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="not found"):
+        NativeVisionProcessor.from_pretrained(str(tmp_path / "nowhere"))
+
+
 def test_for_model_takes_the_config():
     cfg = NativeVisionConfig(patch_size=P, temporal_patch_size=TP, spatial_merge_size=M, min_pixels=MIN_PIX,
                              max_pixels=MAX_PIX, fps=1.0)

@@ -16,7 +16,9 @@ by rounding); grids and token counts are the same either way.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -132,6 +134,35 @@ class NativeVisionProcessor:
                   video_min_pixels=cfg.min_pixels, video_max_pixels=cfg.max_pixels, fps=cfg.fps)
         return cls(**(kw | overrides))
 
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "NativeVisionProcessor":
+        """Reads a HF Qwen2-VL processor directory: preprocessor_config.json (the image processor; ``size``
+        shortest_edge/longest_edge or the older min_pixels/max_pixels) and, when present,
+        video_preprocessor_config.json (the video processor's size, fps, min_frames, max_frames)."""
+        image = _read_json(os.path.join(directory, "preprocessor_config.json"), required=True)
+        kind = image.get("image_processor_type", "")
+        if not kind.startswith("Qwen2VLImageProcessor"):
+            raise ValueError(f"{directory}/preprocessor_config.json: image_processor_type {kind!r} is not a Qwen2-VL "
+                             f"image processor (Qwen2VLImageProcessor*)")
+        kw = dict(patch_size=int(image.get("patch_size", 14)),
+                  temporal_patch_size=int(image.get("temporal_patch_size", 2)),
+                  merge_size=int(image.get("merge_size", 2)), mean=tuple(image.get("image_mean", CLIP_MEAN)),
+                  std=tuple(image.get("image_std", CLIP_STD)),
+                  rescale_factor=float(image.get("rescale_factor", 1 / 255)), resample=int(image.get("resample", 3)))
+        kw["min_pixels"], kw["max_pixels"] = _pixel_bounds(image, cls.min_pixels, cls.max_pixels)
+        video = _read_json(os.path.join(directory, "video_preprocessor_config.json"), required=False)
+        if video:
+            kw["video_min_pixels"], kw["video_max_pixels"] = _pixel_bounds(video, cls.video_min_pixels,
+                                                                           cls.video_max_pixels)
+            kw.update({k: type(getattr(cls, k))(video[k]) for k in ("fps", "min_frames", "max_frames")
+                       if video.get(k) is not None})
+        for config, what in ((image, "preprocessor_config.json"), (video, "video_preprocessor_config.json")):
+            off = [k for k in ("do_resize", "do_rescale", "do_normalize") if config.get(k) is False]
+            if off:
+                raise ValueError(f"{directory}/{what}: {off} = False is not supported (the processor always "
+                                 f"resizes, rescales and normalises)")
+        return cls(**kw)
+
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
@@ -176,6 +207,23 @@ class NativeVisionProcessor:
 
     def tokens(self, instance: NativeInstance) -> int:
         return token_count(instance.grid_thw, self.merge_size)
+
+
+def _read_json(path: str, *, required: bool) -> dict:
+    if not os.path.isfile(path):
+        if required:
+            raise ValueError(f"processor config not found: {path}")
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pixel_bounds(config: dict, min_default: int, max_default: int) -> tuple[int, int]:
+    """(min, max) pixels: top-level min_pixels/max_pixels override ``size`` (as HF's __init__ does)."""
+    size = config.get("size") or {}
+    lo = config.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or min_default
+    hi = config.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or max_default
+    return int(lo), int(hi)
 
 
 def _uint8(x, what: str) -> np.ndarray:
