@@ -60,7 +60,9 @@ def ours(hf_dir):
 
 def _inputs():
     """Two rows of 20 tokens laid out as HF's processor lays an image out (boi, TOKENS_PER_IMAGE image tokens, eoi):
-    row 0 holds two images, row 1 one. Returns (ids [2, 20], token_type_ids, pixels NHWC [3, 16, 16, 3], our batch)."""
+    row 0 holds two images, row 1 one. Returns (ids [2, 20], token_type_ids, pixels NHWC [3, 16, 16, 3], our batch,
+    whose image axis has a fourth, unused zero row (the contract's static instance count) so that it divides over the
+    4 devices of the sharded test)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(3, IMAGE, (2, 20))
     image = [BOI] + [IMAGE] * TOKENS_PER_IMAGE + [EOI]
@@ -71,9 +73,11 @@ def _inputs():
     fi[is_image] = np.arange(is_image.sum())  # row-major: HF's masked_scatter order, images in pixel order
     span = np.zeros(ids.shape, np.int32)
     span[is_image] = 1 + np.arange(is_image.sum()) // TOKENS_PER_IMAGE  # one span per image
-    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(np.tile(np.arange(20), (2, 1)), jnp.int32),
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32),
+             "positions": jnp.asarray(np.tile(np.arange(20), (2, 1)), jnp.int32),
              "segment_ids": jnp.ones(ids.shape, jnp.int32), "span_ids": jnp.asarray(span),
-             "encoder_inputs": {"vision": jnp.asarray(pixels)}, "feature_index": {"vision": jnp.asarray(fi)}}
+             "encoder_inputs": {"vision": jnp.asarray(np.concatenate([pixels, np.zeros_like(pixels[:1])]))},
+             "feature_index": {"vision": jnp.asarray(fi)}}
     return ids, is_image.astype(np.int64), pixels, batch
 
 
@@ -205,8 +209,11 @@ def test_span_mask_is_transformers_token_type_mask():
 
 
 def test_logits_with_three_images_match_transformers(hf_dir, ours):
+    from mllm_jax import check_batch
+
     hf, _ = hf_dir
     ids, token_type_ids, pixels, batch = _inputs()
+    check_batch({**jax.tree.map(np.asarray, batch), "labels": np.full(ids.shape, -100, np.int32)}, ours.config)
     ref = _hf_logits(hf, ids, token_type_ids, pixels)
     np.testing.assert_allclose(_our_logits(ours, batch), ref, atol=1e-4, rtol=1e-4)
     # The spans matter: without them (media_attention="causal" drops them) the image tokens attend causally, as
@@ -244,3 +251,22 @@ def test_save_reloads_in_transformers_with_the_same_logits(hf_dir, ours, tmp_pat
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ours, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(again, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+
+
+def test_sharded_forward_equals_one_device(ours):
+    """The imported model on fsdp=2 x tensor=2 (weights placed as build.create_model lays them out, the images spread
+    over the devices) gives the one-device logits."""
+    from mllm_jax.build import abstract_model
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
+    from model_testlib import place
+
+    batch = _inputs()[3]
+    one = _our_logits(ours, batch)
+    pc = ParallelConfig(fsdp=2, tensor=2)
+    mesh = make_mesh(pc, devices=jax.devices()[:4])
+    gdef, state = place(ours, abstract_model(ours.config, mesh, pc), mesh)
+    assert not state["projectors"]["vision"]["proj"]["kernel"].get_value().sharding.is_fully_replicated
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(lambda s, b: (lambda m: m.llm.logits(m(b)))(nnx.merge(gdef, s)))(state, batch)
+    np.testing.assert_allclose(np.asarray(sharded), one, atol=1e-5, rtol=1e-5)
