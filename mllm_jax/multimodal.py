@@ -13,8 +13,9 @@ from mllm_jax import layers as L
 from mllm_jax import lora as lora_lib
 from mllm_jax import partitioning as part
 from mllm_jax.audio import AudioEncoder
-from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
+from mllm_jax.config import AudioConfig, ModelConfig, NativeVisionConfig, VisionConfig
 from mllm_jax.llm import LLM, check_meta, check_rope_positions, token_loss
+from mllm_jax.native_vision import NativeVisionEncoder
 from mllm_jax.projector import Projector
 from mllm_jax.vision import VisionEncoder
 
@@ -37,7 +38,10 @@ def build_encoder(config: ModelConfig, name: str, *, rngs: nnx.Rngs):
         return VisionEncoder(ecfg, **kw)
     if isinstance(ecfg, AudioConfig):
         return AudioEncoder(ecfg, **kw)
-    raise ValueError(f"encoder {name!r}: config must be VisionConfig or AudioConfig; got {type(ecfg).__name__}")
+    if isinstance(ecfg, NativeVisionConfig):  # packed patch rows (docs/native_resolution.md)
+        return NativeVisionEncoder(ecfg, **kw)
+    raise ValueError(f"encoder {name!r}: config must be VisionConfig, NativeVisionConfig or AudioConfig; got "
+                     f"{type(ecfg).__name__}")
 
 
 def num_features(config: ModelConfig, name: str) -> int:

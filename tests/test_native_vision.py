@@ -10,7 +10,7 @@ our own tower with each instance alone in its row. The HF weights reach our modu
 import numpy as np
 import pytest
 
-from mllm_jax.config import NativeVisionConfig, ProjectorConfig, RunSettings
+from mllm_jax.config import LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig, RunSettings
 from mllm_jax.data.processor.native_vision import patch_grid
 
 transformers = pytest.importorskip("transformers")
@@ -27,6 +27,7 @@ from mllm_jax.hf import config_map as cm  # noqa: E402
 from mllm_jax.hf import weight_maps as wm  # noqa: E402
 from mllm_jax.hf.safetensors_io import CheckpointReader, write_checkpoint  # noqa: E402
 from mllm_jax.hf.streaming import load_into  # noqa: E402
+from mllm_jax.multimodal import MultimodalModel  # noqa: E402
 from mllm_jax.native_vision import NativeVisionEncoder, attention_ids  # noqa: E402
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -226,6 +227,21 @@ def test_tiled_attention_path_gives_the_same_features(case, packed):
     nnx.update(tower, nnx.state(case["tower"], nnx.Param))
     tiled = np.asarray(nnx.jit(lambda t, b: t(b))(tower, jax.tree.map(jnp.asarray, batch)))
     np.testing.assert_allclose(tiled, feats, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["qwen2_vl"], indirect=True)  # the wiring is the kind's; one kind is enough
+def test_multimodal_model_encodes_packed_rows(case, packed):
+    """MultimodalModel builds the tower and merger for a NativeVisionConfig modality; encode() with the HF weights
+    gives HF's merged features (the wiring: encoder, projector input width, projector output width)."""
+    config = ModelConfig(llm=LLMConfig(vocab_size=64, d_model=LLM_D, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64),
+                         encoders={"vision": case["cfg"]}, projectors={"vision": case["proj_cfg"]},
+                         placeholder_ids={"vision": 5})
+    model = MultimodalModel(config, rngs=nnx.Rngs(0))
+    nnx.update(model.encoders["vision"], nnx.state(case["tower"], nnx.Param))
+    nnx.update(model.projectors["vision"], nnx.state(case["merger"], nnx.Param))
+    batch, _, merged = packed
+    out = np.asarray(nnx.jit(lambda m, b: m.encode("vision", b))(model, jax.tree.map(jnp.asarray, batch)))
+    np.testing.assert_allclose(out, merged, atol=1e-5, rtol=1e-5)
 
 
 def test_windows_are_hf_windows():
