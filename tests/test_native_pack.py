@@ -307,3 +307,41 @@ def test_encoder_balance_keeps_packed_rows_and_the_cache_refuses_native_towers()
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(batch)))
     with pytest.raises(ValueError, match=r"encoder_cache does not support native-resolution encoders \(\['vision'\]"):
         encoder_cache.FrozenEncoders(types.SimpleNamespace(config=mc, rule_table=None), None, None, ["vision"])
+
+
+def test_rope_positions_of_packed_samples_equal_each_sample_alone_and_move_with_the_context_permutation():
+    import jax
+
+    from mllm_jax.data import SyntheticBatches
+    from mllm_jax.data.context_batches import permute_for_context
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    mc = _native_model(mrope=True)
+    batch = jax.tree.map(lambda x: x[0], SyntheticBatches(mc, _native_data(samples_per_row=3, seq_len=256,
+                                                                          batch_size=2)).batch_at(1))
+    check_batch(batch, mc)
+    inputs = batch["encoder_inputs"]["vision"]
+    p = inputs["segment_ids"].shape[1]
+    checked = 0
+    for b in range(2):
+        for seg in range(1, 4):
+            cols = np.flatnonzero(batch["segment_ids"][b] == seg)
+            ids, fi = batch["input_ids"][b, cols], batch["feature_index"]["vision"][b, cols]
+            types_, images, videos = np.zeros(len(cols), int), [], []
+            for sp in np.unique(batch["span_ids"][b, cols][ids == 3]):
+                run = (batch["span_ids"][b, cols] == sp) & (ids == 3)
+                r, o = divmod(int(fi[run][0]) * M2, p)  # the instance's first patch
+                thw = tuple(int(v) + 1 for v in inputs["grid"][r, o:o + run.sum() * M2].max(0))
+                types_[run] = 1 if thw[0] == 1 else 2
+                (images if thw[0] == 1 else videos).append(thw)
+            hf = _hf_rope_index("qwen2_vl", ids.tolist(), types_.tolist(), images, videos)
+            np.testing.assert_array_equal(batch["rope_positions"][b, cols], hf)
+            checked += bool(videos) + bool(images)
+    assert checked >= 3
+    pc = ParallelConfig(context=2, context_config=ContextConfig(mode="balanced", block=32))
+    permuted, plan = permute_for_context(batch, pc, leading=0)
+    perm = plan.permutation
+    live = perm >= 0
+    src = np.take_along_axis(batch["rope_positions"], np.maximum(perm, 0)[..., None], axis=1)
+    np.testing.assert_array_equal(permuted["rope_positions"][live], src[live])
+    assert not np.array_equal(perm[0, :len(perm[0]) // 2], np.arange(len(perm[0]) // 2))  # it really moved tokens
