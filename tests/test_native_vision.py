@@ -236,7 +236,10 @@ def test_multimodal_model_encodes_packed_rows(case, packed):
     config = ModelConfig(llm=LLMConfig(vocab_size=64, d_model=LLM_D, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64),
                          encoders={"vision": case["cfg"]}, projectors={"vision": case["proj_cfg"]},
                          placeholder_ids={"vision": 5})
-    model = MultimodalModel(config, rngs=nnx.Rngs(0))
+    # Built abstractly (eager init of every tower costs seconds on 2 cores), then given values: zeros for the LLM,
+    # which encode() does not read, and the HF weights for the tower and merger.
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MultimodalModel(config, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state))
     nnx.update(model.encoders["vision"], nnx.state(case["tower"], nnx.Param))
     nnx.update(model.projectors["vision"], nnx.state(case["merger"], nnx.Param))
     batch, _, merged = packed
