@@ -148,7 +148,8 @@ def left_align(batch: dict) -> dict:
     if "feature_index" in batch:
         out["feature_index"] = {k: roll(v, -1) for k, v in batch["feature_index"].items()}
     if "encoder_inputs" in batch:
-        out["encoder_inputs"] = {k: np.asarray(v) for k, v in batch["encoder_inputs"].items()}
+        # A native-resolution modality's input is a dict of packed patch rows: every array kept as it is.
+        out["encoder_inputs"] = {k: jax.tree.map(np.asarray, v) for k, v in batch["encoder_inputs"].items()}
     return out
 
 

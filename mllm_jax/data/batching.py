@@ -99,6 +99,9 @@ class BatchBuilder:
     def sample_tokens(self, sample: synthetic.Sample, native_counts: dict | None = None) -> tuple[np.ndarray, int]:
         """Token ids with placeholder runs expanded, and the index where the answer starts. ``native_counts``:
         {modality: [tokens of the sample's j-th item]} for native-resolution modalities (each item its own count)."""
+        if native_counts is None and self.native:  # callers that only need the tokens (captions' prompts)
+            native_counts = {n: [self.processors[n].tokens(self.native_instance(n, d, 0, sample.task)[0])
+                                 for m, d in sample.media if m == n] for n in self.native}
         prompt = self.codec.encode(sample.prompt)
         parts = [self._prefix]
         seen = {}
