@@ -72,10 +72,14 @@ def test_image_patches_and_grid_match_hf(hf_image_processor, ours, h, w):
     assert ours.tokens(inst) == inst.patches.shape[0] // M**2
 
 
-def test_grey_image_is_converted_to_rgb_like_hf(hf_image_processor, ours):
+def test_grey_and_transparent_images_are_converted_to_rgb_like_hf(hf_image_processor, ours):
     grey = _image(30, 41, c=1)[..., 0]
-    ref = hf_image_processor(images=[Image.fromarray(grey)], return_tensors="np")["pixel_values"]
-    np.testing.assert_allclose(ours.image(grey).patches, ref, atol=1e-5)
+    rgba = _image(30, 41, c=4)
+    rgba[..., 3] = np.where(np.arange(41) < 20, 255, rgba[..., 3])  # opaque half, random alpha half
+    cases = [(Image.fromarray(grey),) * 2, (grey, grey[..., None]), (Image.fromarray(rgba),) * 2, (rgba, rgba)]
+    for image, hf_image in cases:  # ([H, W]: HF takes no 2-D array, it gets [H, W, 1])
+        ref = hf_image_processor(images=[hf_image], return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(ours.image(image).patches, ref, atol=1e-5, err_msg=str(np.shape(image)))
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (17, 3000), (999, 1001), (224, 224), (4000, 30)])

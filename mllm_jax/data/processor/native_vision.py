@@ -186,10 +186,9 @@ class NativeVisionProcessor:
         return NativeInstance(patches, grid)
 
     def image(self, image) -> NativeInstance:
-        """A PIL image or uint8 array [H, W, C] ([H, W]: grey, converted to RGB as HF does) -> patches, grid."""
-        img = image if isinstance(image, Image.Image) else Image.fromarray(_uint8(image, "image"))
-        pixels = np.asarray(img.convert("RGB"), np.uint8)
-        return self._instance(self._resize(pixels[None], self.min_pixels, self.max_pixels))
+        """A PIL image or uint8 array [H, W], [H, W, 1|3|4] -> patches, grid (RGB as HF: grey repeated, alpha
+        composited onto white)."""
+        return self._instance(self._resize(to_rgb(image)[None], self.min_pixels, self.max_pixels))
 
     def video(self, frames, *, video_fps: float | None = None) -> NativeInstance:
         """uint8 frames [T, H, W, C] -> patches, grid. With ``video_fps`` (the clip's frame rate) frames are first
@@ -207,6 +206,26 @@ class NativeVisionProcessor:
 
     def tokens(self, instance: NativeInstance) -> int:
         return token_count(instance.grid_thw, self.merge_size)
+
+
+def to_rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] the way HF's convert_to_rgb makes it: PIL images through PIL (transparency composited onto
+    white), arrays [H, W] / [H, W, 1] repeated, [H, W, 4] blended onto white and rounded."""
+    if isinstance(image, Image.Image):
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(image.convert("RGB"), np.uint8)
+    x = _uint8(image, "image")
+    x = x[..., None] if x.ndim == 2 else x
+    if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image must be [H, W] or [H, W, 1|3|4] uint8; got shape {x.shape}")
+    if x.shape[-1] == 1:
+        return np.repeat(x, 3, axis=-1)
+    if x.shape[-1] == 4:
+        alpha = x[..., 3:4] / 255
+        return np.round(alpha * x[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return x
 
 
 def _read_json(path: str, *, required: bool) -> dict:
