@@ -143,6 +143,12 @@ def test_video_sampled_and_patched(ours):
     h, w = smart_resize(20, 30, P * M, MIN_PIX, MAX_PIX)
     assert inst.grid_thw == (3, h // P, w // P)
     assert inst.patches.shape == (3 * (h // P) * (w // P), 3 * TP * P * P)
+    from transformers.video_utils import VideoMetadata
+    idx = sample_frames(45, 15.0, ours.fps, temporal_patch_size=TP, min_frames=ours.min_frames,
+                        max_frames=ours.max_frames)
+    assert inst.seconds_per_grid == TP / VideoMetadata(total_num_frames=45, fps=15.0, frames_indices=idx).sampled_fps
+    assert ours.video(frames[:6]).seconds_per_grid == TP / VideoMetadata(total_num_frames=6, fps=None).sampled_fps
+    assert ours.image(frames[0]).seconds_per_grid is None
     # The temporal patches are the sampled frames 0, 7, 15, ...: the first patch's first frame is frame 0 resized.
     first = ours.image(frames[0]).patches
     np.testing.assert_allclose(inst.patches[: len(first)].reshape(len(first), 3, TP, -1)[:, :, 0],

@@ -101,10 +101,13 @@ def token_count(grid_thw, merge_size: int) -> int:
 
 
 class NativeInstance(NamedTuple):
-    """One image or video: patches [n, C*tp*p*p] float32 and its grid (t, h, w) in patches."""
+    """One image or video: patches [n, C*tp*p*p] float32, its grid (t, h, w) in patches and, for a video, the
+    seconds one temporal grid step spans (HF Qwen2.5-VL ``second_per_grid_ts``: temporal_patch_size / the sampled
+    frame rate; the M-RoPE time interval is tokens_per_second times it). None for an image."""
 
     patches: np.ndarray
     grid_thw: tuple[int, int, int]
+    seconds_per_grid: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +201,15 @@ class NativeVisionProcessor:
             raise ValueError(f"video must be uint8 frames [T, H, W, C]; got shape {frames.shape}")
         if frames.shape[0] == 0:
             raise ValueError(f"video has no frames (shape {frames.shape})")
+        # HF VideoMetadata.sampled_fps: the clip's rate scaled by the fraction kept; 24 when the rate is unknown
+        sampled_fps = 24.0 if video_fps is None else float(video_fps)
         if video_fps is not None:
-            frames = frames[sample_frames(frames.shape[0], video_fps, self.fps,
-                                          temporal_patch_size=self.temporal_patch_size, min_frames=self.min_frames,
-                                          max_frames=self.max_frames)]
-        return self._instance(self._resize(frames, self.video_min_pixels, self.video_max_pixels))
+            total = frames.shape[0]
+            frames = frames[sample_frames(total, video_fps, self.fps, temporal_patch_size=self.temporal_patch_size,
+                                          min_frames=self.min_frames, max_frames=self.max_frames)]
+            sampled_fps = len(frames) / total * video_fps
+        inst = self._instance(self._resize(frames, self.video_min_pixels, self.video_max_pixels))
+        return inst._replace(seconds_per_grid=self.temporal_patch_size / sampled_fps)
 
     def tokens(self, instance: NativeInstance) -> int:
         return token_count(instance.grid_thw, self.merge_size)
