@@ -11,6 +11,7 @@ import pytest
 
 from mllm_jax.hf import load_pretrained, save_pretrained
 from mllm_jax.hf.config_map import llm_from_hf, llm_to_hf
+from tests.model_testlib import jit_call
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -54,7 +55,8 @@ def test_logits_match_transformers_and_export_reloads(tmp_path, case):
         ref = hf(torch.tensor(ids)).logits.numpy()
     hf.save_pretrained(str(tmp_path / "hf"))
     ours = load_pretrained(str(tmp_path / "hf"))
-    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(jit_call(lambda m, i: m(i), ours, jnp.asarray(ids))), ref, atol=1e-4,
+                               rtol=1e-4)
 
     save_pretrained(ours, str(tmp_path / "ours"))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
@@ -85,3 +87,23 @@ def test_bad_options_are_refused():
         llm_to_hf(llm_from_hf(CASES["gemma3"]().config.to_dict()), "gemma2")
     with pytest.raises(ValueError, match="attention_bias"):
         llm_from_hf({**CASES["qwen3"]().config.to_dict(), "attention_bias": True})
+
+
+def test_gemma3_cached_decode_equals_the_uncached_forward():
+    """Decode picks each layer's rope by its window (local base vs scaled global) and applies Gemma's (1 + w) q/k
+    norms as the training forward does: every greedy step's logits equal the forward on prompt + tokens."""
+    from flax import nnx
+
+    from mllm_jax import decode
+    from mllm_jax.config import LLMConfig
+    from mllm_jax.llm import LLM
+    from tests.test_generate import _check_against_uncached, _randomize
+
+    cfg = LLMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=8,
+                    sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=16.0, post_norms=True,
+                    norm_scale_plus_one=True, embed_scale=True, tie_embeddings=True, activation="gelu_tanh",
+                    qk_norm=True, rope_theta=10000.0, rope_linear_factor=8.0, rope_local_theta=100.0)
+    llm = _randomize(LLM(cfg, rngs=nnx.Rngs(0)))
+    prompts = [np.array([5, 9, 17, 33, 2, 41, 8]), np.array([7, 3, 50])]
+    out = decode.generate(llm, decode.text_batch(prompts), max_new_tokens=5, return_logits=True)
+    _check_against_uncached(llm, prompts, out, 5)

@@ -18,6 +18,7 @@ from mllm_jax.config import LLMConfig, ModelConfig
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.llm import LLM
 from mllm_jax.multimodal import MultimodalModel
+from tests.model_testlib import build, jit, jit_call
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -82,27 +83,30 @@ def test_hidden_states_match_transformers_text_model(tmp_path, family):
 def test_text_only_mrope_is_1d_rope():
     """No rope_positions (or the causal positions on all three axes) gives the 1-D RoPE model's logits, also for
     packed positions (the broadcast reads meta.positions, not an arange)."""
-    plain = LLM(dataclasses.replace(MROPE_LLM, mrope_section=None), rngs=nnx.Rngs(0))
-    mrope = LLM(MROPE_LLM, rngs=nnx.Rngs(0))
+    plain = build(LLM, dataclasses.replace(MROPE_LLM, mrope_section=None))
+    mrope = build(LLM, MROPE_LLM)
     for m in (plain, mrope):  # weights 10x the init's 0.02, so attention is far from uniform and angles show
         nnx.update(m, jax.tree.map(lambda x: 10 * x, nnx.state(m, nnx.Param)))
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)))
     pos = np.tile(np.concatenate([np.arange(5), np.arange(7)]), (2, 1)).astype(np.int32)
     meta = TokenMeta(pos, np.tile(np.repeat([1, 2], [5, 7]), (2, 1)).astype(np.int32), np.zeros_like(pos))
-    want = np.asarray(plain(ids, meta))
-    np.testing.assert_allclose(np.asarray(mrope(ids, meta)), want, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(mrope(ids, meta, rope_positions=np.stack([pos] * 3, -1))), want, atol=1e-5)
+    want = np.asarray(jit_call(lambda m, i, t: m(i, t), plain, ids, meta))
+    np.testing.assert_allclose(np.asarray(jit_call(lambda m, i, t: m(i, t), mrope, ids, meta)), want, atol=1e-5)
+    def with_rope(rope):
+        return np.asarray(jit_call(lambda m, i, t, r: m(i, t, rope_positions=r), mrope, ids, meta, rope))
+
+    np.testing.assert_allclose(with_rope(np.stack([pos] * 3, -1)), want, atol=1e-5)
     spatial = np.stack([pos, pos // 2, pos], -1)  # other height positions change the angles: the axes are read
-    assert np.abs(np.asarray(mrope(ids, meta, rope_positions=spatial)) - want).max() > 1e-3
+    assert np.abs(with_rope(spatial) - want).max() > 1e-3
 
 
 def test_bad_rope_inputs_are_refused():
     ids = jnp.zeros((1, 4), jnp.int32)
-    plain = LLM(dataclasses.replace(MROPE_LLM, mrope_section=None), rngs=nnx.Rngs(0))
+    plain = build(LLM, dataclasses.replace(MROPE_LLM, mrope_section=None))
     with pytest.raises(ValueError, match="mrope_section is None"):
         plain(ids, rope_positions=np.zeros((1, 4, 3), np.int32))
     with pytest.raises(ValueError, match=r"\[B, S, 3\]"):
-        LLM(MROPE_LLM, rngs=nnx.Rngs(0))(ids, rope_positions=np.zeros((1, 4), np.int32))
+        build(LLM, MROPE_LLM)(ids, rope_positions=np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="mrope_section"):
         LLM(dataclasses.replace(MROPE_LLM, mrope_section=(1, 1, 1)), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="media_attention"):
@@ -136,8 +140,7 @@ def test_causal_media_attention_equals_zero_span_ids():
     assert (batch["span_ids"] != 0).any()
 
     def loss(config, b):
-        model = MultimodalModel(config, rngs=nnx.Rngs(0))
-        total, count = model.loss(jax.tree.map(jnp.asarray, b))
+        total, count = jit_call(lambda m, bb: m.loss(bb), build(MultimodalModel, config), b)
         return float(total / count)
 
     bidirectional = ModelConfig(llm=MROPE_LLM)
@@ -179,10 +182,11 @@ def test_context_and_data_fsdp_layouts_give_the_one_device_loss_and_grads():
             placed = put_batch(b, mesh, leading=0)
             if pc.context > 1:
                 assert placed["rope_positions"].sharding.spec[1] == "context"
-            value, grads = jax.jit(jax.value_and_grad(loss))(params, placed)
+            value, grads = jit(jax.value_and_grad(loss))(params, placed)
         return float(value), [np.asarray(g) for g in jax.tree.leaves(grads)]
 
     ref_loss, ref_grads = run(one, batch)
+    # context alone, and with the rows over data x fsdp (every axis a [B, S, 3] array is sharded over)
     for pc in (ParallelConfig(context=2, context_config=ContextConfig(block=16, mode="balanced")),
                ParallelConfig(data=2, fsdp=2, context=2, context_config=ContextConfig(block=16, mode="zigzag"))):
         permuted, plan = permute_for_context(batch, pc, leading=0)
@@ -195,9 +199,11 @@ def test_context_and_data_fsdp_layouts_give_the_one_device_loss_and_grads():
 
 def test_pipelined_step_with_mrope_and_causal_media_matches_one_device():
     """rope_positions ride with the microbatches into the pipeline stages; media_attention reaches them too."""
-    from tests.test_pipeline_llm import jitted_pipeline, make_batch, one_device, tiny_config
+    from mllm_jax.freeze import trainable_filter
     from mllm_jax.parallel.config import ParallelConfig
     from mllm_jax.parallel.mesh import make_mesh
+    from mllm_jax.train.pipelined_step import pipelined_loss_and_grad
+    from tests.test_pipeline_llm import concatenated, make_batch, tiny_config
 
     config = tiny_config(2, mrope_section=(1, 1, 2)).replace(media_attention="causal")
     batch = make_batch(2, 2)
@@ -206,11 +212,19 @@ def test_pipelined_step_with_mrope_and_causal_media_matches_one_device():
     pos = batch["positions"]
     batch["rope_positions"] = np.stack([pos, pos + spans * rng.integers(0, 3, pos.shape),
                                         pos + spans * rng.integers(0, 3, pos.shape)], -1).astype(np.int32)
-    model = MultimodalModel(config, rngs=nnx.Rngs(0))
-    want_loss, want = one_device(model, batch)
+    model = build(MultimodalModel, config)
+    gdef, trainable, rest = nnx.split(model, trainable_filter(config), ...)
+
+    def one_device(tr, b):  # the oracle: the plain model's loss over the concatenated microbatches
+        total, count = nnx.merge(gdef, tr, rest).loss(b)
+        return total / count
+
+    want_loss, want = jit(jax.value_and_grad(one_device))(trainable, concatenated(batch))
     parallel = ParallelConfig(pipeline=2, microbatches=2)
     mesh = make_mesh(parallel, jax.devices()[:2])
-    run, st = jitted_pipeline(model, mesh, parallel, (1, 1))
+    gdef_all, st = nnx.split(model)
+    run = jit(lambda s_, b: pipelined_loss_and_grad(nnx.merge(gdef_all, s_), b, mesh=mesh, parallel_config=parallel,
+                                                    stage_layers=(1, 1)))
     with jax.set_mesh(mesh):
         loss_sum, count, grads = run(jax.device_put(st, NamedSharding(mesh, P())), batch)
     np.testing.assert_allclose(loss_sum / count, want_loss, rtol=2e-5)
@@ -232,7 +246,7 @@ def test_generate_continues_text_after_the_largest_rope_position():
     from tests.test_pipeline_llm import FEATS, PLACEHOLDER, tiny_config
 
     config = tiny_config(2, mrope_section=(1, 1, 2)).replace(media_attention="causal")
-    model = MultimodalModel(config, rngs=nnx.Rngs(0))
+    model = build(MultimodalModel, config)
     rng = np.random.default_rng(5)
     rows = [[("text", 2), ("image", 1, 2, 2), ("text", 3)], [("text", 1), ("image", 1, 2, 2), ("text", 1)]]
     lengths = [9, 6]
@@ -251,14 +265,22 @@ def test_generate_continues_text_after_the_largest_rope_position():
     batch = dict(input_ids=ids, positions=pos, segment_ids=seg, span_ids=span, rope_positions=rope,
                  encoder_inputs={"vision": pixels}, feature_index={"vision": fi})
     out = generate(model, batch, max_new_tokens=3, return_logits=True)
+    # The oracle batch: each row's prompt and its first two generated tokens (the third is predicted from them),
+    # right-padded to one length so one forward serves both rows.
+    width = s + 2
+    full = dict(input_ids=np.zeros((2, width), np.int32), positions=np.zeros((2, width), np.int32),
+                segment_ids=np.zeros((2, width), np.int32), span_ids=np.zeros((2, width), np.int32),
+                rope_positions=np.zeros((2, width, 3), np.int32), encoder_inputs={"vision": pixels},
+                feature_index={"vision": np.full((2, width), -1, np.int32)})
     for r, n in enumerate(lengths):
-        full = n + 2  # the prompt and the first two generated tokens (the third is predicted from them)
+        full["input_ids"][r, :n + 2] = np.concatenate([ids[r, :n], out.tokens[r, :2]])
+        full["positions"][r, :n + 2] = np.arange(n + 2)
+        full["segment_ids"][r, :n + 2] = 1
+        full["span_ids"][r, :n] = span[r, :n]
         top = rope[r, :n].max()
-        row = dict(input_ids=np.concatenate([ids[r, :n], out.tokens[r, :2]])[None],
-                   positions=np.arange(full, dtype=np.int32)[None], segment_ids=np.ones((1, full), np.int32),
-                   span_ids=np.concatenate([span[r, :n], [0, 0]])[None].astype(np.int32),
-                   rope_positions=np.concatenate([rope[r, :n], np.repeat(top + 1 + np.arange(2), 3).reshape(2, 3)])[None],
-                   encoder_inputs={"vision": pixels[r:r + 1]},
-                   feature_index={"vision": np.concatenate([fi[r, :n] - r * FEATS * (fi[r, :n] >= 0), [-1, -1]])[None]})
-        logits = np.asarray(model.llm.logits(model(jax.tree.map(jnp.asarray, row))))[0]
-        np.testing.assert_allclose(out.logits[r], logits[n - 1:n + 2], atol=1e-4, rtol=1e-4, err_msg=f"row {r}")
+        full["rope_positions"][r, :n + 2] = np.concatenate([rope[r, :n], np.repeat(top + 1 + np.arange(2), 3)
+                                                            .reshape(2, 3)])
+        full["feature_index"]["vision"][r, :n] = fi[r, :n]
+    logits = np.asarray(jit_call(lambda m, b: m.llm.logits(m(b)), model, full))
+    for r, n in enumerate(lengths):
+        np.testing.assert_allclose(out.logits[r], logits[r, n - 1:n + 2], atol=1e-4, rtol=1e-4, err_msg=f"row {r}")
