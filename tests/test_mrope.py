@@ -52,7 +52,7 @@ def rope_row(parts) -> np.ndarray:
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_hidden_states_match_transformers_text_model(tmp_path, family):
     from mllm_jax.hf import load_pretrained
-    from mllm_jax.hf.config_map import llm_from_hf
+    from mllm_jax.hf.config_map import llm_from_hf, llm_to_hf
 
     cls, cfg_cls = {"qwen2_vl": (transformers.Qwen2VLTextModel, transformers.Qwen2VLTextConfig),
                     "qwen2_5_vl": (transformers.Qwen2_5_VLTextModel, transformers.Qwen2_5_VLTextConfig)}[family]
@@ -73,6 +73,11 @@ def test_hidden_states_match_transformers_text_model(tmp_path, family):
     hf.save_pretrained(str(tmp_path / family))
     cfg = llm_from_hf(hf_cfg.to_dict())
     assert cfg.mrope_section == (2, 3, 3) and cfg.qkv_bias
+    # the transformers-4 spelling of the hub's configs, and our export read back by transformers
+    old = {**hf_cfg.to_dict(), "rope_parameters": None, "rope_theta": 10000.0,
+           "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    assert llm_from_hf(old) == cfg
+    assert llm_from_hf(cfg_cls(**llm_to_hf(cfg, hf_cfg.model_type)).to_dict()) == dataclasses.replace(cfg, head_dim=16)
     # The text model has no head; tying the embedding stands in for it (the hidden states are compared).
     ours = load_pretrained(str(tmp_path / family), config=dataclasses.replace(cfg, tie_embeddings=True))
     meta = TokenMeta.causal(*ids.shape, xp=np)
