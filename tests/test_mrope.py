@@ -158,6 +158,7 @@ def test_causal_media_attention_equals_zero_span_ids():
 # --------------------------------------------------------------------------------- layouts on 8 fake devices
 
 
+@pytest.mark.slow
 def test_context_and_data_fsdp_layouts_give_the_one_device_loss_and_grads():
     """The batch permuted by data.context_batches (rope_positions moved with the tokens) and placed by
     data.placement ([B, S, 3] sharded like the tokens): loss and every gradient equal one device's."""
@@ -202,6 +203,7 @@ def test_context_and_data_fsdp_layouts_give_the_one_device_loss_and_grads():
             np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=str(pc))
 
 
+@pytest.mark.slow
 def test_pipelined_step_with_mrope_and_causal_media_matches_one_device():
     """rope_positions ride with the microbatches into the pipeline stages; media_attention reaches them too."""
     from mllm_jax.freeze import trainable_filter
