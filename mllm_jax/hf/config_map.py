@@ -286,6 +286,8 @@ def llm_to_hf(cfg: LLMConfig, model_type: str | None = None) -> dict:
             query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
             sliding_window=cfg.sliding_window,
         )
+    if cfg.mrope_section is not None:  # transformers 4 reads Qwen2-VL's sections from rope_scaling {"type": "mrope"}
+        hf["rope_scaling"] = {"type": "mrope", "mrope_section": list(cfg.mrope_section)}
     if model_type == "gemma3_text":  # one rope per layer type (transformers 5), and the transformers 4 spelling
         local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
         hf["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
