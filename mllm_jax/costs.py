@@ -88,14 +88,16 @@ def llm_layer(
 
 
 def _encoder_layer(name, module, d, dff, tokens, n_instances, trainable, act_dtype_bytes, gated=False,
-                   window_tokens=None):
+                   window_tokens=None, rms_norms=False):
     t = tokens * n_instances
     mlp_mats = 3 if gated else 2
     weight_flops = t * (4 * 2 * d * d + mlp_mats * 2 * d * dff)
     # Bidirectional attention over the instance, or over windows of ``window_tokens`` (Qwen2.5-VL's window layers).
     seen = tokens if window_tokens is None else min(tokens, window_tokens)
     free_flops = n_instances * 4.0 * tokens * seen * d
-    params = 4 * d * d + mlp_mats * d * dff + 4 * d + dff + 4 * d
+    # q/k/v/o with biases, the MLP matrices with biases (gated: gate and up of dff, down of d), two norms (LayerNorm:
+    # scale and bias; RMSNorm: scale).
+    params = 4 * d * d + mlp_mats * d * dff + 4 * d + (mlp_mats - 1) * dff + d + (2 if rms_norms else 4) * d
     return Layer(
         name=name,
         module=module,
@@ -172,6 +174,7 @@ def encoder_layers(
             _encoder_layer(
                 f"{module}/{i}", module, cfg.d_model, cfg.d_ff, t, n_instances, trainable, act_dtype_bytes, gated,
                 window_tokens=_attended_patches(cfg, i, t, temporal_slices),
+                rms_norms=getattr(cfg, "kind", "") == "qwen2_5_vl",
             )
         )
     return layers
@@ -216,7 +219,7 @@ def projector_layer(
         m2 = cfg.merge_size**2
         din = d_in * m2
         h = cfg.hidden_dim or din
-        params = din * h + h * d_out + h + d_out + 2 * d_in
+        params = din * h + h * d_out + h + d_out + (d_in if cfg.norm == "rms" else 2 * d_in)
         flops = 2.0 * (tokens // m2) * (din * h + h * d_out)
         act = tokens * d_in + (tokens // m2) * 2 * h
     elif cfg.kind == "gemma3":  # average pooling, RMSNorm, Linear without bias on the pooled tokens
@@ -299,16 +302,18 @@ def model_costs(
     any_encoder_trains = False
     for name, ecfg in config.encoders.items():
         n = instances.get(name, 1) * batch
+        # A native-resolution instance is priced as a full patch row unless its patches are given.
+        enc_tokens = encoder_tokens.get(name) or (ecfg.patches_per_row if config.is_native_resolution(name) else None)
         enc_layers = encoder_layers(
             name,
             ecfg,
             n_instances=n,
             trainable=config.is_trainable(f"encoders/{name}"),
-            tokens=encoder_tokens.get(name),
+            tokens=enc_tokens,
             act_dtype_bytes=act_dtype_bytes,
         )
         # Tokens handed to the projector (CLIP-style towers drop the class token here).
-        tokens = encoder_tokens.get(name) or ecfg.num_features
+        tokens = enc_tokens or ecfg.num_features
         pcfg = config.projectors.get(name, ProjectorConfig())
         d_in = ecfg.d_model
         if name in feature_tokens:
@@ -367,12 +372,20 @@ def pipeline_costs(config: ModelConfig, *, text_tokens: int, microbatch_size: in
                          aware if remats else model_costs(config, **{**kw, "remat": True}))
 
 
+def instance_features(config: ModelConfig, name: str) -> int:
+    """LLM tokens of one instance of modality ``name`` as the planners price it: features_per_instance, or for a
+    native-resolution modality a full patch row merged (the largest instance a row holds)."""
+    if config.is_native_resolution(name):
+        return config.projectors[name].output_tokens(config.encoders[name].patches_per_row)
+    return config.features_per_instance(name)
+
+
 def step_model_flops(config: ModelConfig, *, rows: int, seq_len: int, instances_per_row: dict) -> dict:
     """Model FLOPs of one train step, the MFU convention: forward plus the frozen-aware backward of every part, no
     remat recompute, for ``rows`` sequences of ``seq_len`` tokens (placeholders included) each carrying
     ``instances_per_row[name]`` encoder instances. {"total", "parts": {"encoders/<name>" (projector included),
     "llm"}}: the same layer costs the pipeline planner uses."""
-    injected = sum(config.features_per_instance(n) * k for n, k in instances_per_row.items())
+    injected = sum(instance_features(config, n) * k for n, k in instances_per_row.items())
     costs = model_costs(config, text_tokens=max(seq_len - injected, 0), instances=instances_per_row, batch=rows,
                         remat=False)
     parts = {f"encoders/{n}": sum(c.total for c in chain) for n, chain in costs.encoders.items()}

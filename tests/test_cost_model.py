@@ -350,3 +350,28 @@ def test_native_tower_attention_is_per_temporal_slice_and_window():
         encoder_layers("v", cfg)
     with pytest.raises(ValueError, match="temporal_slices"):
         encoder_layers("v", cfg, tokens=10, temporal_slices=3)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_native_tower_and_merger_params_are_the_modules(kind):
+    """The cost model's parameter counts of a native tower's layers and its patch merger equal the real modules'."""
+    import jax
+    from flax import nnx
+
+    from mllm_jax.config import NativeVisionConfig
+    from mllm_jax.costs import encoder_layers, projector_layer
+    from mllm_jax.native_vision import NativeVisionEncoder
+    from mllm_jax.projector import Projector
+
+    q25 = kind == "qwen2_5_vl"
+    cfg = NativeVisionConfig(kind=kind, d_model=32, n_heads=4, d_ff=48, n_layers=2, activation="silu" if q25 else
+                             "quick_gelu", window_size=112 if q25 else 0, full_attention_layers=(1,) if q25 else ())
+    merger = ProjectorConfig(kind="patch_merger", norm="rms" if q25 else "layer")
+
+    def count(make):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make), nnx.Param)))
+
+    tower = count(lambda: NativeVisionEncoder(cfg, rngs=nnx.Rngs(0)))
+    proj = count(lambda: Projector(merger, cfg.d_model, 40, rngs=nnx.Rngs(0)))
+    assert sum(layer.params for layer in encoder_layers("v", cfg, tokens=16)) == tower
+    assert projector_layer("v", merger, cfg.d_model, 40, 16).params == proj
