@@ -225,9 +225,9 @@ def test_placement_shards_packed_rows_by_the_encoder_batch_rule():
 # --------------------------------------------------------------------------------- synthetic native-resolution data
 
 
-def _native_model(mrope=False, patches_per_row=256):
+def _native_model(mrope=False, patches_per_row=256, **enc_kw):
     enc = NativeVisionConfig(patch_size=4, d_model=16, n_layers=1, n_heads=2, d_ff=32, min_pixels=16 * 16,
-                             max_pixels=48 * 48, patches_per_row=patches_per_row)
+                             max_pixels=48 * 48, patches_per_row=patches_per_row, **enc_kw)
     llm = dict(vocab_size=80, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
     if mrope:
         llm["mrope_section"] = (2, 1, 1)
@@ -309,14 +309,16 @@ def test_encoder_balance_keeps_packed_rows_and_the_cache_refuses_native_towers()
         encoder_cache.FrozenEncoders(types.SimpleNamespace(config=mc, rule_table=None), None, None, ["vision"])
 
 
-def test_rope_positions_of_packed_samples_equal_each_sample_alone_and_move_with_the_context_permutation():
+@pytest.mark.parametrize("kind,tps", [("qwen2_vl", 0.0), ("qwen2_5_vl", 4.0)])
+def test_rope_positions_of_packed_samples_equal_each_sample_alone_and_move_with_the_context_permutation(kind, tps):
     import jax
 
     from mllm_jax.data import SyntheticBatches
     from mllm_jax.data.context_batches import permute_for_context
     from mllm_jax.parallel.config import ContextConfig, ParallelConfig
 
-    mc = _native_model(mrope=True)
+    mc = _native_model(mrope=True, kind=kind, tokens_per_second=tps)
+    sec = mc.encoders["vision"].temporal_patch_size / mc.encoders["vision"].fps  # frames drawn at the tower's fps
     batch = jax.tree.map(lambda x: x[0], SyntheticBatches(mc, _native_data(samples_per_row=3, seq_len=256,
                                                                           batch_size=2)).batch_at(1))
     check_batch(batch, mc)
@@ -334,7 +336,7 @@ def test_rope_positions_of_packed_samples_equal_each_sample_alone_and_move_with_
                 thw = tuple(int(v) + 1 for v in inputs["grid"][r, o:o + run.sum() * M2].max(0))
                 types_[run] = 1 if thw[0] == 1 else 2
                 (images if thw[0] == 1 else videos).append(thw)
-            hf = _hf_rope_index("qwen2_vl", ids.tolist(), types_.tolist(), images, videos)
+            hf = _hf_rope_index(kind, ids.tolist(), types_.tolist(), images, videos, [sec] * len(videos), tps)
             np.testing.assert_array_equal(batch["rope_positions"][b, cols], hf)
             checked += bool(videos) + bool(images)
     assert checked >= 3

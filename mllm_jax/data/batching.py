@@ -43,13 +43,12 @@ def uses_mrope(model_config) -> bool:
     return bool(getattr(model_config.llm, "mrope_section", None))
 
 
-def time_interval(enc, is_video: bool) -> float:
+def time_interval(enc, instance, is_video: bool) -> float:
     """The M-RoPE temporal step of an instance: 1 for images and Qwen2-VL; a Qwen2.5-VL video's
-    tokens_per_second * second_per_grid_t, with the clip's frames taken at ``enc.fps`` (second_per_grid_t =
-    temporal_patch_size / fps, as transformers' Qwen2.5-VL processor sets it)."""
+    tokens_per_second * second_per_grid_t (the processor's ``seconds_per_grid``, as transformers' Qwen2.5-VL)."""
     if not is_video or not enc.tokens_per_second:
         return 1.0
-    return enc.tokens_per_second * enc.temporal_patch_size / enc.fps
+    return enc.tokens_per_second * instance.seconds_per_grid
 
 
 def encoder_input_shape(enc) -> tuple[int, ...]:
@@ -201,12 +200,13 @@ class BatchBuilder:
     def native_instance(self, name: str, data, index: int, task: str):
         """(the processor's NativeInstance, its M-RoPE time interval) for one image [H, W, C] or video [T, H, W, C];
         a ValueError from the processor (a video with no frames, ...) names the sample."""
-        data = np.asarray(data)
-        try:
-            inst = (self.processors[name].video(data) if data.ndim == 4 else self.processors[name].image(data))
+        data, enc = np.asarray(data), self.model_config.encoders[name]
+        try:  # synthetic clips are drawn at the tower's fps: the processor keeps every frame
+            inst = (self.processors[name].video(data, video_fps=enc.fps) if data.ndim == 4
+                    else self.processors[name].image(data))
         except ValueError as e:
             raise ValueError(f"sample {index} ({task}): {name!r} item of shape {data.shape}: {e}") from e
-        return inst, time_interval(self.model_config.encoders[name], data.ndim == 4)
+        return inst, time_interval(enc, inst, data.ndim == 4)
 
     def _pack_native(self, batch: dict, name: str, items: list) -> None:
         """Every instance of the batch packed into patch rows; feature_index points each run at its features."""
