@@ -22,7 +22,7 @@ GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
 AUDIO_TYPES = ("whisper",)
-MULTIMODAL_TYPES = ("llava", "gemma3")
+MULTIMODAL_TYPES = ("llava", "gemma3", "qwen2_vl", "qwen2_5_vl")
 SUPPORTED_TYPES = LLM_TYPES + VISION_TYPES + AUDIO_TYPES + MULTIMODAL_TYPES
 
 # Modality names used for LLaVA-style models (the keys of ModelConfig.encoders / projectors / placeholder_ids).
@@ -624,6 +624,81 @@ def gemma3_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
+# Qwen2-VL's special tokens (Qwen2VLConfig's defaults: the released checkpoints'). The processor writes
+# <vision_start> <image_pad>*n <vision_end> for an image and the same with <video_pad> for a video.
+QWEN2VL_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                  "vision_end_token_id": 151653}
+# Keys of a qwen2_vl config.json that are not the text model's (the hub's flat layout keeps the text fields at the
+# top level beside these).
+_QWEN2VL_OUTER = ("model_type", "architectures", "text_config", "vision_config", *QWEN2VL_TOKENS, "vision_token_id")
+
+
+def qwen2vl_from_hf(hf: dict) -> ModelConfig:
+    """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration: the native-resolution tower with its
+    patch merger (modality "vision") and the M-RoPE Qwen2 LLM, placeholder tokens attending causally (HF has no
+    image mask). Images and videos share the modality: our batch lays a video's placeholder run out with
+    image_token_id too (the id is replaced by the features, so the LLM never sees it); HF's video_token_id must be
+    image_token_id + 1 (every released checkpoint) so that the export can write it back. vision_start / vision_end
+    are kept on the projector config (boi_token_id / eoi_token_id) for the processor and the export."""
+    kind = hf.get("model_type")
+    if kind not in NATIVE_VISION_TYPES:
+        raise unsupported_type(kind)
+    # transformers 5 nests the text model in text_config; the hub's (transformers 4) config.json is flat.
+    text = dict(hf.get("text_config") or {k: v for k, v in hf.items() if k not in _QWEN2VL_OUTER})
+    # HF's rule: the outer tie_word_embeddings, or (saves before transformers 5) the text config's.
+    tie = bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    llm = llm_from_hf({**text, "model_type": f"{kind}_text", "tie_word_embeddings": tie})
+    tower, projector = native_vision_from_hf(hf["vision_config"], kind)
+    out = hf["vision_config"].get("out_hidden_size" if kind == "qwen2_5_vl" else "hidden_size", llm.d_model)
+    if int(out) != llm.d_model:
+        raise ValueError(f"{kind}: the vision merger's output width ({out}) must equal the text hidden_size "
+                         f"({llm.d_model})")
+    tokens = {k: int(hf.get(k, v)) for k, v in QWEN2VL_TOKENS.items()}
+    if tokens["video_token_id"] != tokens["image_token_id"] + 1:
+        raise ValueError(f"{kind}: video_token_id={tokens['video_token_id']} is not image_token_id + 1 "
+                         f"({tokens['image_token_id'] + 1}); our model keeps images and videos in one modality "
+                         f"(placeholder image_token_id) and writes video_token_id back as image_token_id + 1")
+    projector = dataclasses.replace(projector, boi_token_id=tokens["vision_start_token_id"],
+                                    eoi_token_id=tokens["vision_end_token_id"])
+    return ModelConfig(llm=llm, encoders={VISION_NAME: tower}, projectors={VISION_NAME: projector},
+                       placeholder_ids={VISION_NAME: tokens["image_token_id"]}, media_attention="causal")
+
+
+_QWEN2VL_ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def qwen2vl_to_hf(cfg: ModelConfig) -> dict:
+    """The inverse of qwen2vl_from_hf (transformers 5's nested layout); refuses what HF cannot express."""
+    if set(cfg.encoders) != {VISION_NAME} or set(cfg.projectors) != {VISION_NAME}:
+        raise ValueError(f"Qwen2-VL export needs exactly one encoder and projector named {VISION_NAME!r}; got "
+                         f"encoders {sorted(cfg.encoders)} and projectors {sorted(cfg.projectors)}")
+    tower, proj = cfg.encoders[VISION_NAME], cfg.projectors[VISION_NAME]
+    if not isinstance(tower, NativeVisionConfig):
+        raise ValueError(f"Qwen2-VL export needs a NativeVisionConfig tower; got {type(tower).__name__}")
+    if cfg.media_attention != "causal" or cfg.span_isolated:
+        raise ValueError(f"Qwen2-VL attends causally over its image tokens; got media_attention="
+                         f"{cfg.media_attention!r}, span_isolated={cfg.span_isolated}")
+    if cfg.llm.mrope_section is None:
+        raise ValueError("Qwen2-VL export needs an M-RoPE LLM (LLMConfig.mrope_section)")
+    kind = tower.kind
+    vision = native_vision_to_hf(tower, dataclasses.replace(proj, boi_token_id=None, eoi_token_id=None),
+                                 cfg.llm.d_model)
+    image = cfg.placeholder_ids[VISION_NAME]
+    start = proj.boi_token_id if proj.boi_token_id is not None else QWEN2VL_TOKENS["vision_start_token_id"]
+    end = proj.eoi_token_id if proj.eoi_token_id is not None else QWEN2VL_TOKENS["vision_end_token_id"]
+    return {
+        "model_type": kind,
+        "architectures": [_QWEN2VL_ARCHS[kind]],
+        "text_config": llm_to_hf(cfg.llm, f"{kind}_text"),
+        "vision_config": vision,
+        "image_token_id": image,
+        "video_token_id": image + 1,
+        "vision_start_token_id": start,
+        "vision_end_token_id": end,
+        "tie_word_embeddings": cfg.llm.tie_embeddings,
+    }
+
+
 def config_from_hf(hf: dict):
     """Any supported HF config dict -> LLMConfig | VisionConfig | AudioConfig | ModelConfig."""
     model_type = hf.get("model_type")
@@ -637,6 +712,8 @@ def config_from_hf(hf: dict):
         return audio_from_hf(hf)
     if model_type == "gemma3":
         return gemma3_from_hf(hf)
+    if model_type in NATIVE_VISION_TYPES:
+        return qwen2vl_from_hf(hf)
     if model_type in MULTIMODAL_TYPES:
         return llava_from_hf(hf)
     raise unsupported_type(model_type)

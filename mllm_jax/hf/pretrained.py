@@ -7,7 +7,9 @@ What a directory becomes (by its config.json ``model_type``):
 - whisper -> mllm_jax.AudioEncoder: ``model(log_mel [N, frames, n_mels]) -> last_hidden_state``;
 - llava -> mllm_jax.MultimodalModel (encoder "vision", mlp projector, LLM): ``model(batch) -> hidden``,
   ``model.llm.logits(hidden)``;
-- gemma3 -> mllm_jax.MultimodalModel (SigLIP encoder "vision", gemma3 pooling projector, Gemma 3 text LLM).
+- gemma3 -> mllm_jax.MultimodalModel (SigLIP encoder "vision", gemma3 pooling projector, Gemma 3 text LLM);
+- qwen2_vl / qwen2_5_vl -> mllm_jax.MultimodalModel (native-resolution encoder "vision" taking packed patch rows,
+  patch_merger projector, M-RoPE Qwen2 LLM; docs/native_resolution.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, VisionConfig
+from mllm_jax.config import AudioConfig, LLMConfig, LoRAConfig, ModelConfig, NativeVisionConfig, VisionConfig
 from mllm_jax.hf import config_map as cm
 from mllm_jax.hf import weight_maps as wm
 from mllm_jax.hf.safetensors_io import CheckpointReader, MissingFileError, write_checkpoint
@@ -76,6 +78,8 @@ def _parts(config, keys) -> list[tuple[str, list[wm.Rule], int, tuple]]:
         return [("AudioConfig", wm.whisper_rules(config, prefix), config.n_layers, (prefix,))]
     (name,) = config.encoders
     llm_prefix, head = wm.llm_prefixes(keys)
+    if isinstance(config.encoders[name], NativeVisionConfig):
+        return _native_parts(config, name, keys, llm_prefix, head)
     vision_prefix = wm.vision_prefix(keys)
     projector_rules, projector_prefix = _projector_rules(config.projectors[name], keys)
     return [("llm (LLMConfig)", wm.under("llm", wm.llm_rules(config.llm, llm_prefix, head)), config.llm.n_layers,
@@ -84,6 +88,18 @@ def _parts(config, keys) -> list[tuple[str, list[wm.Rule], int, tuple]]:
              wm.under(f"encoders/{name}", wm.vision_rules(config.encoders[name], vision_prefix)),
              config.encoders[name].n_layers, (vision_prefix,)),
             (f"projectors[{name!r}]", wm.under(f"projectors/{name}", projector_rules), 0, (projector_prefix,))]
+
+
+def _native_parts(config, name: str, keys, llm_prefix: str, head: str) -> list:
+    """The parts of a Qwen2-VL / Qwen2.5-VL checkpoint: the merger lives under the tower's prefix ("visual." in the
+    hub's layout, "model.visual." in transformers 5's), so the tower part owns it too."""
+    prefix = wm.native_vision_prefix(keys)
+    enc, proj = config.encoders[name], config.projectors[name]
+    return [("llm (LLMConfig)", wm.under("llm", wm.llm_rules(config.llm, llm_prefix, head)), config.llm.n_layers,
+             (llm_prefix, head)),
+            (f"encoders[{name!r}] (NativeVisionConfig)",
+             wm.under(f"encoders/{name}", wm.native_vision_rules(enc, prefix)), enc.n_layers, (prefix,)),
+            (f"projectors[{name!r}]", wm.under(f"projectors/{name}", wm.patch_merger_rules(proj, prefix)), 0, ())]
 
 
 def _projector_rules(config, keys=None) -> tuple[list[wm.Rule], str]:
@@ -189,6 +205,13 @@ def _family_config(module):
     if isinstance(module, MultimodalModel):
         cfg = module.config
         name = cm.VISION_NAME
+        if isinstance(cfg.encoders.get(name), NativeVisionConfig):
+            # The hub's Qwen2-VL layout (visual.*, model.*, lm_head.weight): what transformers 4 reads, and
+            # transformers 5 maps to its own (model.visual.*, model.language_model.*) on load.
+            rules = (wm.under("llm", wm.llm_rules(cfg.llm, "model.", "lm_head.weight"))
+                     + wm.under(f"encoders/{name}", wm.native_vision_rules(cfg.encoders[name], "visual."))
+                     + wm.under(f"projectors/{name}", wm.patch_merger_rules(cfg.projectors[name], "visual.")))
+            return cfg, cm.qwen2vl_to_hf(cfg), rules
         gemma3 = name in cfg.projectors and cfg.projectors[name].kind == "gemma3"
         hf = cm.gemma3_to_hf(cfg) if gemma3 else cm.llava_to_hf(cfg)
         # The layout of the hub's LLaVA and Gemma 3 checkpoints (vision_tower.vision_model., language_model.model.).
