@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllm_jax.config import LLMConfig
 from mllm_jax.hf import load_pretrained, save_pretrained
 from mllm_jax.hf.config_map import llm_from_hf, llm_to_hf
 from tests.model_testlib import jit_call
@@ -22,6 +23,12 @@ LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_fr
                     original_max_position_embeddings=8, rope_theta=500000.0)
 GEMMA3_KW = dict(KW, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
                  query_pre_attn_scalar=16, rope_local_base_freq=100.0, rope_theta=10000.0)
+
+# Gemma 3 text as LLMConfig options: a local layer then a global one, each with its own rope
+GEMMA3_LLM = LLMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=8,
+                       sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=16.0, post_norms=True,
+                       norm_scale_plus_one=True, embed_scale=True, tie_embeddings=True, activation="gelu_tanh",
+                       qk_norm=True, rope_theta=10000.0, rope_linear_factor=8.0, rope_local_theta=100.0)
 
 CASES = {
     # Qwen2.5 is model_type qwen2 (q/k/v bias); the small ones tie their embeddings and use theta 1e6
@@ -95,15 +102,37 @@ def test_gemma3_cached_decode_equals_the_uncached_forward():
     from flax import nnx
 
     from mllm_jax import decode
-    from mllm_jax.config import LLMConfig
     from mllm_jax.llm import LLM
     from tests.test_generate import _check_against_uncached, _randomize
 
-    cfg = LLMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=8,
-                    sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=16.0, post_norms=True,
-                    norm_scale_plus_one=True, embed_scale=True, tie_embeddings=True, activation="gelu_tanh",
-                    qk_norm=True, rope_theta=10000.0, rope_linear_factor=8.0, rope_local_theta=100.0)
-    llm = _randomize(LLM(cfg, rngs=nnx.Rngs(0)))
+    llm = _randomize(LLM(GEMMA3_LLM, rngs=nnx.Rngs(0)))
     prompts = [np.array([5, 9, 17, 33, 2, 41, 8]), np.array([7, 3, 50])]
     out = decode.generate(llm, decode.text_batch(prompts), max_new_tokens=5, return_logits=True)
     _check_against_uncached(llm, prompts, out, 5)
+
+
+def test_gemma3_pipeline_stage_layer_equals_the_layer_stack():
+    """The pipeline's one-layer function (window chosen per layer by lax.switch) rotates each layer with its own
+    rope: applied layer by layer it equals the scanned stack."""
+    import jax
+
+    from mllm_jax.kernels.meta import TokenMeta
+    from mllm_jax.llm import LLM
+    from tests.test_generate import _randomize
+    from tests.model_testlib import build
+
+    llm = _randomize(build(LLM, GEMMA3_LLM))
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 10)))
+    meta = TokenMeta.causal(2, 10, xp=np)
+
+    def both(m, ids, meta):
+        values, _ = m.layer_params()
+        emb = m.embed_tokens(ids)
+        layer_fn, codes = m.stage_layer()
+        h = emb
+        for i in range(GEMMA3_LLM.n_layers):
+            h = layer_fn({"weights": jax.tree.map(lambda a: a[i], values), "window": codes[i]}, h, meta)
+        return h, m.apply_layers(values, emb, meta)
+
+    staged, stacked = jit_call(both, llm, ids, meta)
+    np.testing.assert_allclose(np.asarray(staged), np.asarray(stacked), atol=1e-5, rtol=1e-5)
