@@ -17,7 +17,6 @@ from flax import nnx
 from mllm_jax import check_batch
 from mllm_jax.batch import IGNORE
 from mllm_jax.data import native_pack
-from mllm_jax.data.batching import time_interval
 from mllm_jax.data.processor.native_vision import patch_grid
 from mllm_jax.hf import config_map as cm
 from mllm_jax.hf import load_pretrained, save_pretrained
@@ -144,6 +143,8 @@ def _our_batch(cfg, rows, seq_len, video_interval=None):
     the modality's placeholder (image_token_id): the features replace it, so the LLM never reads the id.
     ``video_interval``: a wrong M-RoPE time step for videos (the oracle's check)."""
     enc = cfg.encoders["vision"]
+    # HF's M-RoPE time step of a video: tokens_per_second * second_per_grid_t (Qwen2.5-VL), else 1
+    video = enc.tokens_per_second * SECONDS_PER_GRID if enc.tokens_per_second else 1
     patches, coords, runs = [], [], []  # runs: (row, first token, tokens) per instance, in pack order
     batch = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("input_ids", "positions", "segment_ids",
                                                                        "span_ids")}
@@ -155,8 +156,7 @@ def _our_batch(cfg, rows, seq_len, video_interval=None):
             batch["input_ids"][r, at:at + n] = np.where(ids == VIDEO, IMAGE, ids)
             batch["positions"][r, at:at + n] = np.arange(n)
             batch["segment_ids"][r, at:at + n] = seg
-            rope_spans = [(s, g, video_interval if kind == "video" and video_interval else
-                           time_interval(enc, kind == "video")) for s, g, kind in spans]
+            rope_spans = [(s, g, video_interval or video if kind == "video" else 1) for s, g, kind in spans]
             batch["rope_positions"][r, at:at + n] = native_pack.rope_positions(n, rope_spans, M)
             for (start, grid, _), (_, _, x) in zip(spans, instances):
                 tokens = int(np.prod(grid)) // (M * M)
@@ -303,3 +303,34 @@ def test_saved_model_loads_in_transformers_with_the_same_logits(case, parity, tm
     ours_again = load_pretrained(path)
     assert _canon(ours_again.config) == _canon(ours.config)
     np.testing.assert_allclose(_our_logits(ours_again, batch), _our_logits(ours, batch), atol=1e-6)
+
+
+def test_pretrained_recipe_keeps_the_recipes_packing_settings(case):
+    """PretrainedConfig.model = a Qwen2-VL directory: the architecture and every weight come from the checkpoint
+    (the weights equal load_pretrained's, whose logits are transformers'), the packing and processor settings
+    (patches_per_row, min/max_pixels, fps) from the recipe: config.json does not hold them."""
+    import jax
+
+    from mllm_jax.config import LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig
+    from mllm_jax.hf.recipe import PretrainedConfig, create_pretrained_model
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
+
+    _, _, path, ours = case
+    run = dict(patches_per_row=P, min_pixels=8 * 8, max_pixels=40 * 40, fps=1.0)
+    recipe = ModelConfig(llm=LLMConfig(), encoders={"vision": NativeVisionConfig(**run)},
+                         projectors={"vision": ProjectorConfig(kind="patch_merger")}, placeholder_ids={"vision": 3},
+                         media_attention="causal", trainable={"encoders/vision": False})
+    pc = ParallelConfig()
+    model, cfg = create_pretrained_model(recipe, make_mesh(pc, devices=jax.devices()[:1]), pc,
+                                         PretrainedConfig(model=path))
+    enc = cfg.encoders["vision"]
+    assert {k: getattr(enc, k) for k in run} == run and cfg.trainable == {"encoders/vision": False}
+    assert dataclasses.replace(enc, **{k: getattr(ours.config.encoders["vision"], k) for k in run}) == \
+        ours.config.encoders["vision"]
+    assert cfg.llm == ours.config.llm and cfg.placeholder_ids == {"vision": IMAGE}
+    got = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    want = dict(nnx.to_flat_state(nnx.state(ours, nnx.Param)))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k].get_value()), np.asarray(want[k].get_value()), err_msg=str(k))

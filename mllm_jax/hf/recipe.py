@@ -4,12 +4,13 @@ gin bindings (after ``register()``):
 
     PretrainedConfig.llm = "/ckpt/llama"                      # an HF LLM directory -> ModelConfig.llm + weights
     PretrainedConfig.encoders = {"vision": "/ckpt/clip"}      # modality -> HF CLIP/SigLIP/Whisper directory
-    PretrainedConfig.model = "/ckpt/llava"                    # or: a whole LLaVA (LLM + tower + projector)
+    PretrainedConfig.model = "/ckpt/llava"                    # or: a whole LLaVA / Gemma 3 / Qwen2-VL
 
 The architecture of each pretrained part comes from its config.json; the recipe's ModelConfig keeps what HF does not
 say: projectors (fresh unless ``model`` is given), placeholder ids, which parts train (``ModelConfig.trainable``),
 LoRA (``ModelConfig.lora``: adapters initialised on top of the loaded weights), the vision feature layer
-(``VisionConfig.select_layer`` / ``drop_class_token``), dtype and remat.
+(``VisionConfig.select_layer`` / ``drop_class_token``), a native tower's packing and processor settings
+(``NativeVisionConfig.patches_per_row`` / ``min_pixels`` / ``max_pixels`` / ``fps``), dtype and remat.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from flax import nnx
 
-from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
+from mllm_jax.config import AudioConfig, ModelConfig, NativeVisionConfig, VisionConfig
 from mllm_jax.hf import config_map as cm
 from mllm_jax.hf import weight_maps as wm
 from mllm_jax.hf.pretrained import read_config, rules_for_checkpoint
@@ -65,11 +66,12 @@ def resolve_model_config(config: ModelConfig, pretrained: PretrainedConfig) -> M
         hf = read_config(pretrained.model)
         whole = cm.config_from_hf(hf)
         if not isinstance(whole, ModelConfig):
-            raise ValueError(f"PretrainedConfig.model must be a multimodal (llava) directory; {pretrained.model} "
+            raise ValueError(f"PretrainedConfig.model must be a multimodal (llava, gemma3, qwen2_vl, qwen2_5_vl) "
+                             f"directory; {pretrained.model} "
                              f"holds model_type={hf.get('model_type')!r}")
         keep = {f: getattr(config, f) for f in ("trainable", "lora", "span_isolated", "dtype", "remat",
                                                 "attention_impl")}
-        return whole.replace(**keep)
+        return whole.replace(**keep, encoders=_keep_native_settings(whole.encoders, config.encoders))
     cfg = config
     if pretrained.llm is not None:
         llm = cm.config_from_hf(read_config(pretrained.llm))
@@ -91,6 +93,20 @@ def resolve_model_config(config: ModelConfig, pretrained: PretrainedConfig) -> M
                              f"{type(ours).__name__}")
         encoders[name] = hf_cfg
     return cfg.replace(encoders=encoders)
+
+
+# A native-resolution tower's packing and processor settings: config.json does not hold them (the recipe does).
+NATIVE_RUN_FIELDS = ("patches_per_row", "min_pixels", "max_pixels", "fps")
+
+
+def _keep_native_settings(loaded: dict, recipe: dict) -> dict:
+    """The checkpoint's encoders, each NativeVisionConfig keeping the recipe's NATIVE_RUN_FIELDS."""
+    out = dict(loaded)
+    for name, enc in loaded.items():
+        ours = recipe.get(name)
+        if isinstance(enc, NativeVisionConfig) and isinstance(ours, NativeVisionConfig):
+            out[name] = dataclasses.replace(enc, **{f: getattr(ours, f) for f in NATIVE_RUN_FIELDS})
+    return out
 
 
 def create_pretrained_model(config: ModelConfig, mesh, parallel_config, pretrained: PretrainedConfig,
