@@ -225,15 +225,31 @@ HUB_7B = {"architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropo
           "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064}
 
 
-def test_hub_flat_config_reads_as_transformers_reads_it():
+# Qwen/Qwen2.5-VL-7B-Instruct's: the same flat layout, the window-attention tower.
+HUB_25_7B = {**{k: v for k, v in HUB_7B.items() if k != "vision_config"}, "model_type": "qwen2_5_vl",
+             "architectures": ["Qwen2_5_VLForConditionalGeneration"], "max_position_embeddings": 128000,
+             "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                               "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                               "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                               "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                               "temporal_patch_size": 2}}
+
+
+@pytest.mark.parametrize("hub", [HUB_7B, HUB_25_7B], ids=["qwen2_vl", "qwen2_5_vl"])
+def test_hub_flat_config_reads_as_transformers_reads_it(hub):
     """The hub's flat config.json and transformers' own parse of it (nested text_config) give one ModelConfig."""
-    ours = cm.config_from_hf(HUB_7B)
-    via_hf = cm.config_from_hf(transformers.Qwen2VLConfig(**HUB_7B).to_dict())
-    assert ours == via_hf
+    cls = transformers.Qwen2VLConfig if hub["model_type"] == "qwen2_vl" else transformers.Qwen2_5_VLConfig
+    ours = cm.config_from_hf(hub)
+    assert ours == cm.config_from_hf(cls(**hub).to_dict())
     llm, enc = ours.llm, ours.encoders["vision"]
-    assert (llm.d_model, llm.n_layers, llm.n_kv_heads, llm.rope_theta, llm.mrope_section) == (
-        3584, 28, 4, 1e6, (16, 24, 24))
-    assert (enc.d_model, enc.n_layers, enc.d_ff, enc.patch_size) == (1280, 32, 5120, 14)
+    assert (llm.d_model, llm.n_layers, llm.n_kv_heads, llm.rope_theta, llm.mrope_section, llm.tie_embeddings) == (
+        3584, 28, 4, 1e6, (16, 24, 24), False)
+    assert (enc.kind, enc.d_model, enc.n_layers, enc.patch_size) == (hub["model_type"], 1280, 32, 14)
+    if hub is HUB_25_7B:
+        assert (enc.d_ff, enc.window_size, enc.full_attention_layers, enc.tokens_per_second) == (
+            3420, 112, (7, 15, 23, 31), 2)
+    else:
+        assert enc.d_ff == 5120 and enc.window_size == 0
     assert ours.placeholder_ids == {"vision": 151655}
 
 
