@@ -83,13 +83,17 @@ def case(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def parity(case):
     """(the samples, transformers' logits on each alone, our batch: row 0 / row 1 each sample alone with text
-    padding after it, row 2 both packed (segments 1 and 2); every instance of the batch shares the patch rows)."""
+    padding after it, rows 2 and 3 both packed, in either order (segments 1 and 2); every instance of the batch
+    shares the patch rows)."""
     _, hf, _, ours = case
     samples = _samples(ours.config.encoders["vision"])
     refs = [_hf_logits(hf, s) for s in samples]
     n0, n1 = (len(s[0]) for s in samples)
-    batch = _our_batch(ours.config, [[samples[0]], [samples[1]], samples], seq_len=n0 + n1 + 3)
-    return samples, refs, batch
+    return samples, refs, _our_batch(ours.config, ROWS(samples), seq_len=n0 + n1 + 3)
+
+
+def ROWS(samples):
+    return [[samples[0]], [samples[1]], samples, samples[::-1]]
 
 
 # --------------------------------------------------------------------------------------------------- samples
@@ -267,7 +271,8 @@ def test_config_refusals():
 
 
 def test_logits_match_transformers_packed_and_alone(case, parity):
-    """Each sample's logits, alone in its row and packed with the other, equal transformers' on it alone."""
+    """Each sample's logits, alone in its row and packed with the other (before or after it), equal transformers' on
+    it alone."""
     family, _, _, ours = case
     samples, refs, batch = parity
     n0, n1 = (len(s[0]) for s in samples)
@@ -278,12 +283,14 @@ def test_logits_match_transformers_packed_and_alone(case, parity):
     np.testing.assert_allclose(got[1, :n1], refs[1], atol=1e-4, rtol=1e-4, err_msg="sample 1 alone")
     np.testing.assert_allclose(got[2, :n0], refs[0], atol=1e-4, rtol=1e-4, err_msg="sample 0 packed")
     np.testing.assert_allclose(got[2, n0:n0 + n1], refs[1], atol=1e-4, rtol=1e-4, err_msg="sample 1 packed")
+    np.testing.assert_allclose(got[3, :n1], refs[1], atol=1e-4, rtol=1e-4, err_msg="sample 1 packed first")
+    np.testing.assert_allclose(got[3, n1:n0 + n1], refs[0], atol=1e-4, rtol=1e-4, err_msg="sample 0 packed second")
     # The oracle can fail: the images' grids transposed (2-D RoPE of the tower) change the logits...
     vision = batch["encoder_inputs"]["vision"]
     bad = dict(batch, encoder_inputs={"vision": dict(vision, grid=vision["grid"][..., [0, 2, 1]])})
     assert np.abs(_our_logits(ours, bad)[0, :n0] - refs[0]).max() > 1e-2
     if family == "qwen2_5_vl":  # ... and so does the video's M-RoPE time step taken as Qwen2-VL's (1, not 4)
-        bad = _our_batch(ours.config, [[samples[0]], [samples[1]], samples], seq_len=n0 + n1 + 3, video_interval=1)
+        bad = _our_batch(ours.config, ROWS(samples), seq_len=n0 + n1 + 3, video_interval=1)
         assert np.abs(_our_logits(ours, bad)[0, :n0] - refs[0]).max() > 1e-2
 
 
@@ -350,3 +357,29 @@ def test_pretrained_recipe_keeps_the_recipes_packing_settings(case):
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k].get_value()), np.asarray(want[k].get_value()), err_msg=str(k))
+
+
+def test_sharded_forward_equals_one_device(case, parity):
+    """The imported model on fsdp=2 x tensor=2 (weights placed as build.create_model lays them out; the batch placed
+    as training places it: token rows and packed patch rows split over fsdp) gives the one-device logits."""
+    import jax
+
+    from mllm_jax.build import abstract_model
+    from mllm_jax.data.placement import put_batch
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.mesh import make_mesh
+    from mllm_jax.parallel.sharding import rule_table
+    from model_testlib import place
+
+    _, _, _, ours = case
+    host = parity[2]
+    pc = ParallelConfig(fsdp=2, tensor=2)
+    mesh = make_mesh(pc, devices=jax.devices()[:4])
+    gdef, state = place(ours, abstract_model(ours.config, mesh, pc), mesh)
+    assert not state["encoders"]["vision"]["layers"]["attn"]["qkv"]["kernel"].get_value().sharding.is_fully_replicated
+    batch = put_batch(host, mesh, leading=0, rule_table=rule_table(ours.config, pc))
+    for a in (batch["input_ids"], batch["encoder_inputs"]["vision"]["patches"]):
+        assert a.sharding.shard_shape(a.shape)[0] == a.shape[0] // 2  # rows really split in two
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(lambda s, b: (lambda m: m.llm.logits(m(b)))(nnx.merge(gdef, s)))(state, batch)
+    np.testing.assert_allclose(np.asarray(sharded), _our_logits(ours, host), atol=1e-5, rtol=1e-5)
