@@ -126,9 +126,11 @@ def _samples(enc):
     return [_sample(parts, rng, enc.patch_dim) for parts in SAMPLES]
 
 
-def _hf_logits(model, sample):
+def _hf_inputs(model, sample) -> dict:
+    """transformers' inputs for one sample: ids, mm_token_type_ids (so it computes its M-RoPE positions), pixels and
+    grids of its images and of its videos (each in order), and Qwen2.5-VL's seconds per video grid step."""
     ids, types, instances, _ = sample
-    kw = {}
+    kw = {"input_ids": torch.tensor(ids[None]), "mm_token_type_ids": torch.tensor(types[None])}
     for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
         mine = [(g, x) for k, g, x in instances if k == kind]
         if mine:
@@ -136,9 +138,12 @@ def _hf_logits(model, sample):
             kw[f"{kind}_grid_thw"] = torch.tensor([g for g, _ in mine])
     if "pixel_values_videos" in kw and isinstance(model, transformers.Qwen2_5_VLForConditionalGeneration):
         kw["second_per_grid_ts"] = torch.tensor([SECONDS_PER_GRID] * len(kw["video_grid_thw"]))
+    return kw
+
+
+def _hf_logits(model, sample):
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids[None]), mm_token_type_ids=torch.tensor(types[None]),
-                     **kw).logits[0].numpy()
+        return model(**_hf_inputs(model, sample)).logits[0].numpy()
 
 
 def _our_batch(cfg, rows, seq_len, video_interval=None):
@@ -383,3 +388,25 @@ def test_sharded_forward_equals_one_device(case, parity):
     with jax.set_mesh(mesh):
         sharded = jax.jit(lambda s, b: (lambda m: m.llm.logits(m(b)))(nnx.merge(gdef, s)))(state, batch)
     np.testing.assert_allclose(np.asarray(sharded), _our_logits(ours, host), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_matches_transformers(case):
+    """decode.generate on the two samples (one right-padded prompt per row, their instances packed together) gives
+    transformers' greedy generate on each alone: the same tokens and the same logits at every step (the M-RoPE
+    positions of generated text continue from the prompt's largest position + 1, HF's rope_deltas)."""
+    from mllm_jax.decode import SamplingConfig, generate
+
+    _, hf, _, ours = case
+    samples = _samples(ours.config.encoders["vision"])
+    n = max(len(s[0]) for s in samples)
+    batch = _our_batch(ours.config, [[s] for s in samples], seq_len=n)
+    del batch["labels"]
+    new = 4
+    out = generate(ours, batch, max_new_tokens=new, sampling=SamplingConfig(temperature=0.0), return_logits=True)
+    for i, sample in enumerate(samples):
+        with torch.no_grad():
+            ref = hf.generate(**_hf_inputs(hf, sample), max_new_tokens=new, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+        np.testing.assert_array_equal(out.tokens[i][:new], ref.sequences[0, len(sample[0]):].numpy())
+        np.testing.assert_allclose(out.logits[i][:new], np.stack([l[0].numpy() for l in ref.logits]), atol=1e-4,
+                                   rtol=1e-4)
