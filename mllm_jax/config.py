@@ -312,6 +312,13 @@ class ModelConfig:
                              f"(docs/native_resolution.md)")
         return int(self.projectors[name].output_tokens(self.encoders[name].num_features))
 
+    def features_per_row(self, name: str) -> int:
+        """Projected tokens per row of ``encoder_inputs[name]``, the unit ``feature_index`` counts in: an instance's
+        (features_per_instance), or for a native-resolution modality a packed patch row's (patches_per_row merged)."""
+        if self.is_native_resolution(name):
+            return int(self.projectors[name].output_tokens(self.encoders[name].patches_per_row))
+        return self.features_per_instance(name)
+
     def is_native_resolution(self, name: str) -> bool:
         """Modality ``name`` takes images/videos at their own size, packed into patch rows (NativeVisionConfig)."""
         return isinstance(self.encoders.get(name), NativeVisionConfig)

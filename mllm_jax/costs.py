@@ -372,20 +372,13 @@ def pipeline_costs(config: ModelConfig, *, text_tokens: int, microbatch_size: in
                          aware if remats else model_costs(config, **{**kw, "remat": True}))
 
 
-def instance_features(config: ModelConfig, name: str) -> int:
-    """LLM tokens of one instance of modality ``name`` as the planners price it: features_per_instance, or for a
-    native-resolution modality a full patch row merged (the largest instance a row holds)."""
-    if config.is_native_resolution(name):
-        return config.projectors[name].output_tokens(config.encoders[name].patches_per_row)
-    return config.features_per_instance(name)
-
-
 def step_model_flops(config: ModelConfig, *, rows: int, seq_len: int, instances_per_row: dict) -> dict:
     """Model FLOPs of one train step, the MFU convention: forward plus the frozen-aware backward of every part, no
     remat recompute, for ``rows`` sequences of ``seq_len`` tokens (placeholders included) each carrying
     ``instances_per_row[name]`` encoder instances. {"total", "parts": {"encoders/<name>" (projector included),
     "llm"}}: the same layer costs the pipeline planner uses."""
-    injected = sum(instance_features(config, n) * k for n, k in instances_per_row.items())
+    # A native-resolution instance is priced as a full patch row (the largest instance a row holds).
+    injected = sum(config.features_per_row(n) * k for n, k in instances_per_row.items())
     costs = model_costs(config, text_tokens=max(seq_len - injected, 0), instances=instances_per_row, batch=rows,
                         remat=False)
     parts = {f"encoders/{n}": sum(c.total for c in chain) for n, chain in costs.encoders.items()}

@@ -45,8 +45,9 @@ def build_encoder(config: ModelConfig, name: str, *, rngs: nnx.Rngs):
 
 
 def num_features(config: ModelConfig, name: str) -> int:
-    """Projected tokens per encoder instance of modality ``name`` (what feature_index counts in)."""
-    return config.features_per_instance(name)
+    """Projected tokens per encoder input row of modality ``name`` (what feature_index counts in): an instance, or a
+    native-resolution modality's packed patch row."""
+    return config.features_per_row(name)
 
 
 def encoder_is_frozen(config: ModelConfig, name: str) -> bool:

@@ -100,10 +100,25 @@ def batch_shapes(cfg: loop.RunConfig) -> dict:
     batch["encoder_inputs"], batch["feature_index"] = {}, {}
     for name, enc in mc.encoders.items():
         slots = dc.max_images if name == "vision" else dc.max_audio
-        batch["encoder_inputs"][name] = jax.ShapeDtypeStruct((m, rows * dc.samples_per_row * slots)
-                                                             + encoder_input_shape(enc), np.float32)
+        n = rows * dc.samples_per_row * slots
+        if mc.is_native_resolution(name):
+            # One patch row per instance slot: an instance of up to patches_per_row patches each (the loader packs
+            # smaller ones several to a row, into a row bucket no larger than this).
+            batch["encoder_inputs"][name] = native_input_shapes(enc, (m, n))
+        else:
+            batch["encoder_inputs"][name] = jax.ShapeDtypeStruct((m, n) + encoder_input_shape(enc), np.float32)
         batch["feature_index"][name] = tok
+    if mc.llm.mrope_section:
+        batch["rope_positions"] = jax.ShapeDtypeStruct((m, rows, s, 3), np.int32)
     return batch
+
+
+def native_input_shapes(enc, leading: tuple) -> dict:
+    """The packed patch rows of a native-resolution modality (docs/native_resolution.md) for ``leading`` = (.., R)."""
+    p = enc.patches_per_row
+    return {"patches": jax.ShapeDtypeStruct(leading + (p, enc.patch_dim), np.float32),
+            "grid": jax.ShapeDtypeStruct(leading + (p, 3), np.int32),
+            "segment_ids": jax.ShapeDtypeStruct(leading + (p,), np.int32)}
 
 
 def abstract_batch(cfg: loop.RunConfig, mesh, rule_table) -> dict:

@@ -65,7 +65,9 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
         if not mc.is_trainable(f"encoders/{name}"):
             continue  # frozen encoders run under stop_gradient: nothing saved
         slots = dc.max_images if name == "vision" else dc.max_audio
-        total += stack(rows * slots * counts[name], enc.d_model, enc.d_ff, enc.n_layers, enc.n_heads)
+        # A native-resolution slot is a patch row (compile_target.batch_shapes): patches_per_row tokens.
+        tokens = enc.patches_per_row if mc.is_native_resolution(name) else counts[name]
+        total += stack(rows * slots * tokens, enc.d_model, enc.d_ff, enc.n_layers, enc.n_heads)
     return total
 
 

@@ -108,9 +108,10 @@ def check_microbatched(batch: dict, microbatches: int) -> tuple:
                          f"{tuple(ids.shape) + (3,)}")
     for key in ENCODER_KEYS:
         for name, x in (batch.get(key) or {}).items():
-            if x.shape[0] != microbatches:
-                raise ValueError(f"{key}[{name!r}] has {x.shape[0]} microbatches (leading axis); expected "
-                                 f"{microbatches}")
+            for a in jax.tree.leaves(x):  # one array, or a native-resolution modality's dict of patch rows
+                if a.shape[0] != microbatches:
+                    raise ValueError(f"{key}[{name!r}] has {a.shape[0]} microbatches (leading axis); expected "
+                                     f"{microbatches}")
     return tuple(int(d) for d in ids.shape)
 
 
@@ -133,7 +134,8 @@ def flatten_microbatches(batch: dict, features_per_instance: dict) -> dict:
     inputs = {}
     for key in ENCODER_KEYS:  # pixels/frames, or a frozen encoder's cached features
         if batch.get(key):
-            flat[key] = {name: _rows_flat(x) for name, x in batch[key].items()}
+            # A native-resolution modality's input is a dict of packed patch rows, each array row-major.
+            flat[key] = {name: jax.tree.map(_rows_flat, x) for name, x in batch[key].items()}
             inputs.update(batch[key])
     if inputs:
         index = {}
@@ -240,7 +242,7 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
     n_layers = config.llm.n_layers
     if stage_layers is None or schedule == "auto":
         inputs = batch.get("encoder_inputs") or {}
-        instances = {k: max(1, x.shape[1] // mb) for k, x in inputs.items()} or None
+        instances = {k: max(1, jax.tree.leaves(x)[0].shape[1] // mb) for k, x in inputs.items()} or None
         planned = planned_runtime(config, dataclasses.replace(parallel_config, pipeline_schedule=schedule),
                                   text_tokens=seq, microbatch_size=mb, instances=instances)
         stage_layers = planned.llm_stage_layers if stage_layers is None else stage_layers
