@@ -2,8 +2,8 @@
 transformers: the config map, logits on packed native-resolution batches (images of different sizes and a video),
 two samples packed into one row, the grid / placeholder-count refusal, and export.
 
-One tiny random transformers model per family (CPU, float32), saved once by transformers itself (its own layout:
-model.visual.*, model.language_model.*). Oracles: its forward pass on each sample alone (HF's pixel_values /
+One tiny random transformers model per family (CPU, float32), saved once by transformers itself (the hub's names:
+visual.*, model.*). Oracles: its forward pass on each sample alone (HF's pixel_values /
 pixel_values_videos, grids, mm_token_type_ids, so transformers computes its own M-RoPE positions), and transformers
 reloading what we write.
 """
@@ -270,6 +270,44 @@ def test_config_refusals():
     cfg = cm.config_from_hf(HUB_7B)
     with pytest.raises(ValueError, match="media_attention='bidirectional'"):
         cm.qwen2vl_to_hf(cfg.replace(media_attention="bidirectional"))
+    with pytest.raises(ValueError, match="mrope_section"):
+        cm.qwen2vl_to_hf(cfg.replace(llm=dataclasses.replace(cfg.llm, mrope_section=None)))
+
+
+def _checkpoint(tmp_path, name, tensors, config_from):
+    import shutil
+
+    from mllm_jax.hf.safetensors_io import write_checkpoint
+
+    out = tmp_path / name
+    write_checkpoint(str(out), tensors)
+    shutil.copy(f"{config_from}/config.json", out / "config.json")
+    return str(out)
+
+
+def _params(module) -> dict:
+    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def test_transformers_5_module_names_load_and_stray_tensors_are_refused(case, tmp_path):
+    """transformers saves the hub's names (visual.*, model.*); its modules are named model.visual.*,
+    model.language_model.* (what its state_dict holds): a checkpoint in those names loads to the same weights. A
+    vision block beyond the config's depth is a ValueError naming the tensor, not a silent partial load."""
+    from mllm_jax.hf.safetensors_io import CheckpointReader
+
+    _, hf, path, ours = case
+    keys = set(CheckpointReader(path).keys())
+    assert "visual.blocks.0.attn.qkv.weight" in keys and "model.embed_tokens.weight" in keys  # the hub's names
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}  # lm_head.weight too (the embedding, when tied)
+    assert "model.language_model.embed_tokens.weight" in state and "model.visual.blocks.0.norm1.weight" in state
+    again = load_pretrained(_checkpoint(tmp_path, "t5", state, path))
+    want = _params(ours)
+    for k, v in _params(again).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=str(k))
+    stray = "model.visual.blocks.2.norm1.weight"
+    state[stray] = state["model.visual.blocks.1.norm1.weight"]
+    with pytest.raises(ValueError, match=stray.replace(".", r"\.")):
+        load_pretrained(_checkpoint(tmp_path, "stray", state, path))
 
 
 # ------------------------------------------------------------------------------------------------------ logits

@@ -92,7 +92,7 @@ def _parts(config, keys) -> list[tuple[str, list[wm.Rule], int, tuple]]:
 
 def _native_parts(config, name: str, keys, llm_prefix: str, head: str) -> list:
     """The parts of a Qwen2-VL / Qwen2.5-VL checkpoint: the merger lives under the tower's prefix ("visual." in the
-    hub's layout, "model.visual." in transformers 5's), so the tower part owns it too."""
+    hub's names, "model.visual." in transformers 5's module names), so the tower part owns it too."""
     prefix = wm.native_vision_prefix(keys)
     enc, proj = config.encoders[name], config.projectors[name]
     return [("llm (LLMConfig)", wm.under("llm", wm.llm_rules(config.llm, llm_prefix, head)), config.llm.n_layers,

@@ -288,7 +288,8 @@ def gemma3_projector_prefix(keys) -> str:
 
 def native_vision_rules(cfg, prefix: str = "visual.") -> list[Rule]:
     """mllm_jax.NativeVisionEncoder <-> the Qwen2-VL / Qwen2.5-VL vision tower (``prefix`` + patch_embed/blocks;
-    checkpoints hold it under "visual." (transformers 4) or "model.visual." (transformers 5))."""
+    checkpoints hold it under "visual." (the hub's names, which transformers also saves) or "model.visual."
+    (transformers 5's module names))."""
     block = prefix + "blocks.{i}."
     norm = ("weight",) if cfg.kind == "qwen2_5_vl" else ("weight", "bias")
     rules = [Rule("patch_embed/kernel", prefix + "patch_embed.proj.weight", "conv3d")]
