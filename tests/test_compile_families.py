@@ -43,3 +43,19 @@ def test_layout_families_compile_for_gpu_with_triton_kernels(family):
     r = ct.compile_for_target(_cfg(*LAYOUT_FAMILIES[family]), targets.parse("gpu:h100:1x4"), costs=False)
     assert r["fits"] and r["attention_impl"] == "pallas_gpu"
     assert r["pallas_calls"] >= 3, r["pallas_kernels"]
+
+
+@needs_tpu
+@pytest.mark.slow
+def test_native_resolution_recipe_compiles_for_tpu_with_its_pallas_kernels():
+    """qwen2vl_tiny (packed patch rows of several instances, 2-D RoPE tower, patch merger, M-RoPE LLM) on v5e:2x2 with
+    data x context: the tower's attention and the LLM's are Mosaic calls in the compiled step."""
+    from mllm_jax.train import loop
+    from test_compile_target import ROOT
+
+    cfg = loop.load_run_config([f"{ROOT}/configs/qwen2vl_tiny.gin"],
+                               ["ParallelConfig.data=2", "ParallelConfig.context=2", "ParallelConfig.microbatches=1",
+                                "DataConfig.batch_size=4", "DataConfig.eval_batches=1"])
+    r = ct.compile_for_target(cfg, targets.parse("tpu:v5e:2x2"), costs=False)
+    assert r["fits"] and r["attention_impl"] == "pallas_tpu"
+    assert r["pallas_kernels"].get("mllm_flash_dq", 0) >= 2 and r["pallas_calls"] >= 4, r["pallas_kernels"]
