@@ -15,6 +15,7 @@ from benchmarks.cp_balance import family_meta
 from mllm_jax.kernels import TokenMeta, attention
 from mllm_jax.kernels.context_parallel import context_attention
 from mllm_jax.parallel.context import plan, unpermute
+from test_compile_target import needs_cuda
 
 AXES = ("data", "context", "tensor")
 
@@ -205,3 +206,107 @@ def test_ring_steps_with_the_pallas_tpu_kernel():
     np.testing.assert_allclose(unpermute(np.asarray(out), p), ref_out, atol=2e-5, rtol=2e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(unpermute(np.asarray(g), p), r, atol=5e-5, rtol=5e-5)
+
+
+def _ring_vs_dense(impl, blocks, kw, *, seed):
+    """Ring attention on a zigzag-permuted packed batch over context=2 with ``impl`` (interpret mode) against
+    one-device dense attention, forward and gradients; returns the number of pallas_calls in the ring's jaxpr."""
+    shape, families = (1, 2, 1), ("multimodal_packed", "llava_single_image")
+    b, s, hq, hkv, d = len(families), 256, 4, 2, 16
+    meta = _meta(families, s, seed=seed)
+    keys = jax.random.split(jax.random.key(seed + 2), 4)
+    q = jax.random.normal(keys[0], (b, s, hq, d))
+    k = jax.random.normal(keys[1], (b, s, hkv, d))
+    v = jax.random.normal(keys[2], (b, s, hkv, d))
+    w = jax.random.normal(keys[3], (b, s, hq, d))
+    (_, ref_out), ref_grads = _reference(tuple(sorted(kw.items())))(q, k, v, TokenMeta(*map(jnp.asarray, meta)), w)
+
+    p = plan(meta, shape[1], "zigzag", block=32, tile_k=8)
+    mesh = _mesh(*shape)
+    spec, mspec = P("data", "context", "tensor", None), P("data", "context")
+    with jax.set_mesh(mesh):
+        qp, kp, vp, wp = (jax.device_put(_take(x, p.permutation), NamedSharding(mesh, spec)) for x in (q, k, v, w))
+        mp = TokenMeta(*(jax.device_put(jnp.asarray(a), NamedSharding(mesh, mspec)) for a in p.permute_meta(meta)))
+
+        def loss(q, k, v, meta, w):
+            out = context_attention(q, k, v, meta, meta, mesh=mesh, method="ring", impl=impl, interpret=True,
+                                    **blocks, **kw)
+            return jnp.sum(out * w), out
+
+        grad_fn = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
+        calls = str(jax.make_jaxpr(grad_fn)(qp, kp, vp, mp, wp)).count("pallas_call")
+        (_, out), grads = jax.jit(grad_fn)(qp, kp, vp, mp, wp)
+    np.testing.assert_allclose(unpermute(np.asarray(out), p), ref_out, atol=2e-5, rtol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(unpermute(np.asarray(g), p), r, atol=5e-5, rtol=5e-5)
+    return calls
+
+
+@pytest.mark.slow
+def test_ring_steps_with_the_pallas_gpu_kernel():
+    """Ring attention with impl="pallas_gpu" (interpret mode): every ring step is the Triton kernel's block forward /
+    backward (pallas_gpu.flash_attention_fwd_block / _bwd_block: its compacted tile lists skip the empty tiles inside
+    a step), merged by log-sum-exp; forward and gradients match one-device dense attention."""
+    from mllm_jax.kernels import context_parallel
+
+    assert context_parallel._ring_kernel("pallas_gpu", 128) == "pallas_gpu"
+    calls = _ring_vs_dense("pallas_gpu", dict(block_q=32, block_k=64), {"softcap": 3.0, "window": 100}, seed=9)
+    assert calls >= 3, calls  # the forward block, then dQ and dK/dV blocks, inside the ring's scan and cond
+
+
+def _kernels_in_loops(hlo_text: str) -> dict:
+    """{pallas kernel name: calls} of the Pallas calls in compiled HLO that sit inside a while loop's body (directly
+    or in a computation it calls: the ring's cond branches), from the computations' call graph."""
+    import re
+
+    from mllm_jax.train import compile_target as ct
+
+    comps, name = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+        if head:
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    ref = r"(?:body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+    callees = {c: set(re.findall(ref, "\n".join(body))) | {
+        x for group in re.findall(r"branch_computations=\{([^}]*)\}", "\n".join(body))
+        for x in re.findall(r"%([\w.\-]+)", group)} for c, body in comps.items()}
+    seen = set()
+    todo = [m for body in comps.values() for m in re.findall(r"body=%([\w.\-]+)", "\n".join(body))]
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo.extend(callees.get(c, ()))
+    return ct.pallas_kernels("\n".join(line for c in seen for line in comps.get(c, ())))
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_ring_compiles_for_h100_with_the_triton_kernels_inside_the_ring():
+    """The ring's forward and backward compiled for 4 H100s by the deviceless CUDA back end (impl "auto" on the GPU
+    target's mesh is pallas_gpu): each ring step's forward, dQ and dK/dV are Triton kernels inside the ring's loop
+    (its scan over the first cp - 1 steps), beside the collective permutes that move K/V round the ring."""
+    from mllm_jax.train import compile_target as ct
+    from mllm_jax.train import targets
+
+    mesh = jax.sharding.Mesh(np.asarray(targets.parse("gpu:h100:1x4").devices()), ("context",))
+    b, s, hq, hkv, d = 1, 2048, 4, 2, 128
+    seq = NamedSharding(mesh, P(None, "context"))
+    x = lambda h: jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16, sharding=seq)  # noqa: E731
+    m = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=seq)
+
+    def loss(q, k, v, meta):
+        return context_attention(q, k, v, meta, meta, mesh=mesh, method="ring").astype(jnp.float32).sum()
+
+    compiled, _, _ = ct.compile_on_target(jax.jit(jax.grad(loss, (0, 1, 2))), (x(hq), x(hkv), x(hkv),
+                                          TokenMeta(m, m, m)), mesh, what="gpu:h100:1x4 ring")
+    text = compiled.as_text()
+    names = ("multimodal_flash_fwd", "multimodal_flash_dq", "multimodal_flash_dkv")
+    in_loops = _kernels_in_loops(text)
+    assert all(in_loops.get(n, 0) >= 1 for n in names), in_loops
+    # cp = 4 steps: the scanned cp - 1 and the last one, so each kernel appears twice (not unrolled 4 times).
+    assert ct.pallas_kernels(text) == {n: 2 for n in names}, ct.pallas_kernels(text)
+    assert ct.collectives(text)["collective-permute"]["count"] >= 2

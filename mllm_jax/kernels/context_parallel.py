@@ -15,8 +15,9 @@ from metadata, never from slot indices. Two methods:
   whose metadata rules out every pair are skipped with ``lax.cond`` (real control flow inside shard_map). Each step is
   the accelerator kernel ``impl`` resolves to on the local shard (``kernels.choose``): the Pallas TPU kernel
   (``pallas_tpu.flash_attention_fwd_block`` returns the lse; ``flash_attention_bwd_block`` takes the merged lse),
-  whose grid steps only the step's live tiles, or else ``kernels.tiled`` (the same pair of functions; also what
-  pallas_gpu falls back to: the GPU kernel has no block entry points yet). No [S/cp, S/cp] array is materialised.
+  whose grid steps only the step's live tiles; the Pallas GPU kernel (``pallas_gpu``'s pair of the same name, whose
+  programs loop over the step's compacted tile lists); or else ``kernels.tiled`` (the same pair of functions). No
+  [S/cp, S/cp] array is materialised.
 
 ``kernels.attention`` calls ``context_attention`` itself under a mesh whose ``context`` axis has size > 1.
 """
@@ -125,7 +126,7 @@ def context_attention(
         ring_kw = {key: kw.get(key) for key in ("scale", "window", "softcap", "block_q", "block_k")}
         ring_kw["span_isolated"] = bool(kw.get("span_isolated", False))
         ring_kw["kernel"] = _ring_kernel(kw.get("impl", "auto"), k.shape[1] // cp)
-        if ring_kw["kernel"] == "pallas_tpu":
+        if ring_kw["kernel"] != "tiled":
             ring_kw["interpret"] = bool(kw.get("interpret", False))
         body = functools.partial(_ring_attention, axis=axis, cp=cp, kw_items=tuple(sorted(ring_kw.items())))
     # check_vma=False: the per-shard attention may be a pallas_call, whose outputs carry no varying-axes type.
@@ -170,15 +171,21 @@ def _any_visible(q_meta, k_meta, window, span_isolated):
 
 
 def _ring_kernel(impl: str, local_keys: int) -> str:
-    """The per-step kernel of the ring: "pallas_tpu" where ``impl`` resolves to it, else "tiled"."""
-    return "pallas_tpu" if choose(impl, local_keys) == "pallas_tpu" else "tiled"
+    """The per-step kernel of the ring: "pallas_tpu" / "pallas_gpu" where ``impl`` resolves to one, else "tiled"."""
+    chosen = choose(impl, local_keys)
+    return chosen if chosen in ("pallas_tpu", "pallas_gpu") else "tiled"
 
 
 def _block_fns(kw):
     """(forward block, backward block, their keyword arguments) of the ring's per-step kernel."""
     kw = dict(kw)
-    if kw.pop("kernel") == "pallas_tpu":
+    kernel = kw.pop("kernel")
+    if kernel == "pallas_tpu":
         from mllm_jax.kernels.pallas_tpu import flash_attention_bwd_block, flash_attention_fwd_block
+
+        return flash_attention_fwd_block, flash_attention_bwd_block, kw
+    if kernel == "pallas_gpu":
+        from mllm_jax.kernels.pallas_gpu import flash_attention_bwd_block, flash_attention_fwd_block
 
         return flash_attention_fwd_block, flash_attention_bwd_block, kw
     return tiled_attention_fwd_block, tiled_attention_bwd_block, kw

@@ -277,8 +277,9 @@ def _q_major_in_specs(width, bq, sk, d, g):
     ]
 
 
-def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
-    """out [B, Sq', Hq, D'], lse (base 2) [B, Hq, Sq'], and with_count: tiles computed per program [B, Hq, nQ, 1]."""
+def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False, out_dtype=None):
+    """out [B, Sq', Hq, D'] (``out_dtype``, default q's), lse (base 2) [B, Hq, Sq'], and with_count: tiles computed
+    per program [B, Hq, nQ, 1]."""
     b, sq, hq, d = p.q.shape
     sk, hkv = p.k.shape[1], p.k.shape[2]
     bq, g = cfg.block_q, hq // hkv
@@ -289,7 +290,8 @@ def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
         pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
     ]
-    out_shape = [jax.ShapeDtypeStruct(p.q.shape, p.q.dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct(p.q.shape, out_dtype or p.q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)]
     if with_count:
         out_specs.append(pl.BlockSpec((None, None, None, 1), lambda i, bi, h: (bi, h, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, 1), jnp.int32))
@@ -297,13 +299,13 @@ def _forward(cfg: _Cfg, p: _Padded, with_count: bool = False):
                  out_specs, out_shape)(*sched, p.q, p.k, p.v, *p.q_meta, *p.k_meta)
 
 
-def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
-    """dq [B, Sq', Hq, D'], dk and dv [B, Sk', Hkv, D'] in the padded layout."""
+def _backward(cfg: _Cfg, p: _Padded, lse, delta, d_out, out_dtype=None):
+    """dq [B, Sq', Hq, D'], dk and dv [B, Sk', Hkv, D'] (``out_dtype``, default the inputs') in the padded layout,
+    given the base-2 lse and the row term delta = sum(d_out * out), both [B, Hq, Sq']."""
     b, sq, hq, d = p.q.shape
     sk, hkv = p.k.shape[1], p.k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, hq // hkv
     bm = _block_map(cfg, p)
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
     # Rows that saw nothing have lse = -inf; +inf makes exp2(s - lse) = 0 there (their gradients are exactly 0).
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     operands = (p.q, p.k, p.v, *p.q_meta, *p.k_meta, d_out, lse, delta)
@@ -319,7 +321,7 @@ def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
             pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
         ],
         pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0)),
-        jax.ShapeDtypeStruct(p.q.shape, p.q.dtype),
+        jax.ShapeDtypeStruct(p.q.shape, out_dtype or p.q.dtype),
     )(*by_q, *operands)
 
     by_k = _schedule_arrays(compact(jnp.swapaxes(bm, 1, 2)))
@@ -341,7 +343,8 @@ def _backward(cfg: _Cfg, p: _Padded, out, lse, d_out):
             pl.BlockSpec((None, g, sq), lambda j, bi, h: (bi, h, 0)),
         ],
         [pl.BlockSpec((None, bk, None, d), lambda j, bi, h: (bi, j, h, 0))] * 2,
-        [jax.ShapeDtypeStruct(p.k.shape, p.k.dtype), jax.ShapeDtypeStruct(p.v.shape, p.v.dtype)],
+        [jax.ShapeDtypeStruct(p.k.shape, out_dtype or p.k.dtype),
+         jax.ShapeDtypeStruct(p.v.shape, out_dtype or p.v.dtype)],
     )(*by_k, *operands)
     return dq, dk, dv
 
@@ -360,7 +363,8 @@ def _make_attention(cfg: _Cfg):
         q, k, v, q_meta, k_meta, out, lse = res
         p = _pad(cfg, q, k, v, q_meta, k_meta)
         d_out = _pad_axis(_pad_axis(d_o, 1, out.shape[1]), 3, out.shape[3])
-        dq, dk, dv = _backward(cfg, p, out, lse, d_out)
+        delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+        dq, dk, dv = _backward(cfg, p, lse, delta, d_out)
         sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
         return (dq[:, :sq, :, :d], dk[:, :sk, :, :d], dv[:, :sk, :, :d],
                 None, None)
@@ -406,3 +410,33 @@ def flash_attention_with_count(
     cfg = _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret)
     out, _, n = _forward(cfg, _pad(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta)), with_count=True)
     return out[:, : q.shape[1], :, : q.shape[3]], n.sum(axis=(2, 3))  # [B, Hq]
+
+
+def flash_attention_fwd_block(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None, window=None,
+    softcap=None, span_isolated=False, interpret=False,
+):
+    """The forward of one q shard against one K/V shard, for callers that own the vjp (ring attention); the
+    conventions of kernels.tiled.tiled_attention_fwd_block: (out [B, Sq, Hq, D] float32, normalised over this K/V
+    shard only; lse [B, Hq, Sq] float32, natural log, -inf for rows that see nothing here). The kernel's compacted
+    tile lists skip the empty tiles of the pair."""
+    cfg = _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret)
+    out, lse2 = _forward(cfg, _pad(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta)), out_dtype=jnp.float32)
+    return out[:, : q.shape[1], :, : q.shape[3]], lse2[:, :, : q.shape[1]] / LOG2E  # -inf stays -inf
+
+
+def flash_attention_bwd_block(
+    q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, d_out, lse, delta, *, block_q=None, block_k=None, scale=None,
+    window=None, softcap=None, span_isolated=False, interpret=False,
+):
+    """(dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D]) float32 of one q shard against one K/V shard, given the lse
+    merged over every K/V shard ([B, Hq, Sq], natural log, -inf where nothing is seen) and delta = sum(d_out * out)
+    [B, Hq, Sq]: the conventions of kernels.tiled.tiled_attention_bwd_block."""
+    cfg = _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret)
+    p = _pad(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta))
+    sq_pad, d_pad = p.q.shape[1], p.q.shape[3]
+    rows = lambda x: _pad_axis(jnp.asarray(x, jnp.float32), 2, sq_pad)  # noqa: E731 padded rows: lse 0, delta 0
+    d_o = _pad_axis(_pad_axis(d_out.astype(q.dtype), 1, sq_pad), 3, d_pad)  # the kernels' dots take one dtype
+    dq, dk, dv = _backward(cfg, p, rows(lse) * LOG2E, rows(delta), d_o, out_dtype=jnp.float32)
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
+    return dq[:, :sq, :, :d], dk[:, :sk, :, :d], dv[:, :sk, :, :d]
