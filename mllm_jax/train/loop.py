@@ -492,14 +492,30 @@ class _Window:
 
     def reset(self) -> None:
         self.t0, self.tokens, self.steps = time.perf_counter(), 0, 0
+        self.patches, self.patch_slots = 0, 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, patch_usage: tuple[int, int] = (0, 0)) -> None:
         self.tokens += tokens
         self.steps += 1
+        self.patches += patch_usage[0]
+        self.patch_slots += patch_usage[1]
 
     def rates(self) -> dict:
         elapsed = time.perf_counter() - self.t0
-        return {"tokens_per_s": self.tokens / elapsed, "step_time_s": elapsed / self.steps}
+        out = {"tokens_per_s": self.tokens / elapsed, "step_time_s": elapsed / self.steps}
+        if self.patch_slots:  # native-resolution rows: the share of patch slots the row buckets padded
+            out["patch_padding"] = 1.0 - self.patches / self.patch_slots
+        return out
+
+
+def native_patch_usage(host_batch: dict, model_config) -> tuple[int, int]:
+    """(patches holding an instance, patch slots) of the batch's native-resolution modalities' packed rows."""
+    used = slots = 0
+    for name, x in (host_batch.get("encoder_inputs") or {}).items():
+        if model_config.is_native_resolution(name):
+            seg = np.asarray(x["segment_ids"])
+            used, slots = used + int((seg != 0).sum()), slots + seg.size
+    return used, slots
 
 
 def _check_finite(loss: float, finite: bool, m: dict, step: int, last_good_saved: int | None, directory: str) -> None:
@@ -555,6 +571,7 @@ def _train(session: _Session, workdir: str, *, start: int, last_good_saved: int 
             while step < tc.steps:
                 host_batch = train_data.next_host_batch(mesh)  # this host's rows only
                 tokens = int((host_batch["segment_ids"] != 0).sum()) * processes  # hosts' shares are equal
+                patch_usage = native_patch_usage(host_batch, session.cfg.model)
                 host_batch = prepare_host_batch(host_batch, session.cfg, leading=1)
                 t0 = time.perf_counter()
                 m = session.train_step(host_batch)
@@ -564,7 +581,7 @@ def _train(session: _Session, workdir: str, *, start: int, last_good_saved: int 
                 step_time = time.perf_counter() - t0
                 step += 1
                 _check_finite(loss, finite, m, step, last_good_saved, ckpt.directory)
-                window.add(tokens)
+                window.add(tokens, patch_usage)
                 metrics.advance(step, {"loss": loss})
                 row = _metrics_row(session, step, loss, m, step_time, window, summary)
                 if row is not None:
