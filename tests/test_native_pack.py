@@ -347,3 +347,22 @@ def test_rope_positions_of_packed_samples_equal_each_sample_alone_and_move_with_
     src = np.take_along_axis(batch["rope_positions"], np.maximum(perm, 0)[..., None], axis=1)
     np.testing.assert_array_equal(permuted["rope_positions"][live], src[live])
     assert not np.array_equal(perm[0, :len(perm[0]) // 2], np.arange(len(perm[0]) // 2))  # it really moved tokens
+
+
+def test_an_instance_larger_than_a_row_names_its_sample_and_hosts_cannot_build_part_of_a_microbatch():
+    from mllm_jax.data import SyntheticBatches, synthetic
+    from mllm_jax.data.batching import BatchBuilder, local_synthetic_batch
+
+    mc = _native_model(patches_per_row=64)
+    small = synthetic.Sample("image", "<image> describe the image .", "a red circle at the top left",
+                             [("vision", np.full((24, 32, 3), 90, np.uint8))])  # 6 x 8 = 48 patches: fits
+    big = synthetic.Sample("image", "<image> describe the image .", "a red circle at the top left",
+                           [("vision", np.full((48, 40, 3), 90, np.uint8))])  # 12 x 10 = 120 patches
+    builder = BatchBuilder(mc, _native_data(samples_per_row=1))
+    check_batch(builder.build([small, small]), mc)
+    with pytest.raises(ValueError, match=r"sample 1: a 'vision' item of grid \(t, h, w\) = \(1, 12, 10\) has 120 "
+                                         r"patches, more than a packed row holds"):
+        builder.build([small, big])
+    data = SyntheticBatches(_native_model(), _native_data())
+    with pytest.raises(ValueError, match="building only rows slice\\(0, 1, None\\) of 4"):
+        local_synthetic_batch(data, 0, slice(0, 1))

@@ -175,7 +175,7 @@ class BatchBuilder:
                         run = where[sum(self.processors[name].tokens(x) for x, _ in instances[name][:j]):][:n_tok]
                         span += 1
                         batch["span_ids"][row, offset + run] = span
-                        native_items.append((name, inst, row, offset + run[0], n_tok))
+                        native_items.append((name, inst, row, offset + run[0], n_tok, index))
                         rope_spans.append((int(run[0]), inst.grid_thw, interval))
                         continue
                     if j >= self.slots[name]:
@@ -215,13 +215,18 @@ class BatchBuilder:
 
         counts = [len(inst.patches) for inst, *_ in items]
         max_rows = max(len(counts), 1)
+        big = [(it[-1], it[0].grid_thw, n) for it, n in zip(items, counts) if n > enc.patches_per_row]
+        if big:  # name the sample (plan_rows only knows the instance's place in the batch)
+            raise ValueError(f"sample {big[0][0]}: a {name!r} item of grid (t, h, w) = {big[0][1]} has {big[0][2]} "
+                             f"patches, more than a packed row holds (NativeVisionConfig.patches_per_row = "
+                             f"{enc.patches_per_row}): raise it or lower max_pixels")
         plan = native_pack.plan_rows(counts, enc.patches_per_row, enc.merge_units, native_pack.row_buckets(max_rows))
         packed = native_pack.pack([inst.patches for inst, *_ in items],
                                   [patch_grid(inst.grid_thw, enc.spatial_merge_size) for inst, *_ in items],
                                   plan, enc.merge_units)
         if not items:  # an all-text batch: one empty row of the right width
             packed.inputs["patches"] = np.zeros((plan.rows, enc.patches_per_row, enc.patch_dim), np.float32)
-        for (inst, row, start, n_tok), base in zip(items, packed.feature_base):
+        for (inst, row, start, n_tok, _), base in zip(items, packed.feature_base):
             batch["feature_index"][name][row, start:start + n_tok] = base + np.arange(n_tok)
         batch["encoder_inputs"][name] = packed.inputs
         self.last_pack[name] = {"patches": packed.used, "padding": packed.padding}
