@@ -366,3 +366,23 @@ def test_an_instance_larger_than_a_row_names_its_sample_and_hosts_cannot_build_p
     data = SyntheticBatches(_native_model(), _native_data())
     with pytest.raises(ValueError, match="building only rows slice\\(0, 1, None\\) of 4"):
         local_synthetic_batch(data, 0, slice(0, 1))
+
+
+def test_a_native_tower_beside_a_fixed_size_audio_encoder():
+    """Audio clips keep their fixed rows and runs (and count as text for M-RoPE); images and videos are packed."""
+    import jax
+
+    from mllm_jax.config import AudioConfig
+    from mllm_jax.data import SyntheticBatches
+
+    base = _native_model(mrope=True)
+    mc = base.replace(encoders={**base.encoders, "audio": AudioConfig(n_mels=8, max_source_positions=6)},
+                      projectors={**base.projectors, "audio": ProjectorConfig()},
+                      placeholder_ids={"vision": 3, "audio": 4})
+    batch = SyntheticBatches(mc, _native_data(mixture={"image": 1.0, "video": 1.0, "audio": 1.0})).batch_at(0)
+    one = jax.tree.map(lambda x: x[0], batch)
+    check_batch(one, mc)
+    assert one["encoder_inputs"]["audio"].shape == (8, 12, 8) and (one["feature_index"]["audio"] >= 0).any()
+    is_audio = one["input_ids"] == 4
+    rp = one["rope_positions"][is_audio]
+    assert (rp[:, 0] == rp[:, 1]).all() and (rp[:, 1] == rp[:, 2]).all()
