@@ -15,11 +15,19 @@ GQA, sliding windows (per layer: Gemma 2 alternates), logit soft-capping, Gemma'
     out = generate(model, batch, max_new_tokens=16, stop_tokens=(eos,))   # model: MultimodalModel or LLM
     out.tokens [B, 16] (pad_id after a row's stop token), out.lengths [B] (tokens up to and including the stop)
 
-**Sharded**: a model laid out on a mesh with the training layouts (build.create_model; data, fsdp, tensor) generates
-where it lies, under its mesh: the rows are placed as data.placement places an eval batch (over data x fsdp where
-that divides B), the parameters stay in their storage and are FSDP-gathered per layer as in training, the cache's
-rows follow the batch axes and its K/V heads `tensor` (CACHE_NAMES), the logits are laid out per row. Pipeline,
-context (no context-parallel prefill) and expert axes are refused (``_layout``). The one-device path is unchanged.
+**Sharded**: a model laid out on a mesh with the training layouts (build.create_model; data, fsdp, tensor,
+context) generates where it lies, under its mesh: the rows are placed as data.placement places an eval batch (over
+data x fsdp where that divides B), the parameters stay in their storage and are FSDP-gathered per layer as in
+training, the cache's rows follow the batch axes and its K/V heads `tensor` (CACHE_NAMES), the logits are laid out
+per row. With a `context` axis the prompt's prefill runs as a training forward does: the left-aligned prompt
+permuted on the host by the context planner (``context_permute``: parallel.context, ContextConfig's mode and block),
+its sequence sharded over `context`, every projection and MLP on a rank's share, the attention the model's
+context-parallel method (allgather or ring) with the metadata travelling with the keys; each layer's K/V are written
+into the cache in the left-aligned token order. The cache is replicated over `context` and each decoded token runs
+on every context rank: one query row per step has no sequence to split, and sharding the cache's slots would turn
+every step's softmax into a cross-rank merge for a tiny matmul; the prefill, whose attention grows with the prompt
+squared, is what context parallelism splits. Pipeline and expert axes are refused (``_layout``). The one-device
+path is unchanged.
 
 ``batch``: a contract batch (docs/contracts.md) holding prompts only, one sample per row, right-padded as the data
 pipeline makes them (segment 0 = padding); labels are not needed. ``SamplingConfig``: greedy (temperature 0),
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -42,9 +51,12 @@ from mllm_jax import layers as L
 from mllm_jax import partitioning as part
 from mllm_jax.batch import IGNORE, check_batch
 from mllm_jax.kernels.meta import TokenMeta
-from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, check_rope_positions, layer_window,
-                          mlp_sublayer, rope_tables, use_layer_params)
+from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, check_rope_positions, layer_ropes,
+                          layer_window, mlp_sublayer, rope_tables, use_layer_params)
 from mllm_jax.multimodal import MultimodalModel, llm_meta
+from mllm_jax.parallel import context as cp_lib
+from mllm_jax.parallel.config import ContextConfig
+from mllm_jax.parallel.cost_model import CostModel
 
 GLOBAL_WINDOW = 2**30  # a window no position distance reaches: the code of a global-attention layer
 # The cache's logical names [L, B, T, Hkv, Dh]: on a mesh its rows lie like the activations' batch (data x fsdp) and
@@ -153,6 +165,21 @@ def left_align(batch: dict) -> dict:
     return out
 
 
+def context_permute(batch: dict, cp: int, config: ContextConfig, llm_config) -> tuple[dict, np.ndarray]:
+    """(a left-aligned batch permuted for context parallelism, order [B, W]: the slot of each left-aligned token).
+
+    The training path's planner (parallel.context.plan with ``config``'s mode and block, blocks costed from the LLM's
+    shapes as data.context_batches.cost_model_for does) and permutation: every token array moves with its metadata
+    (feature_index and M-RoPE positions included), S' is padded to a multiple of cp x block (padding: segment 0)."""
+    meta = TokenMeta(*(np.asarray(batch[k]) for k in ("positions", "segment_ids", "span_ids")))
+    tile_k = math.gcd(config.block, 32)
+    c = llm_config
+    cost_model = CostModel(d_model=c.d_model, d_ff=c.d_ff, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                           head_dim=c.resolved_head_dim, gated_mlp=True, tile_q=config.block, tile_k=tile_k)
+    plan = cp_lib.plan(meta, cp, mode=config.mode, block=config.block, tile_k=tile_k, cost_model=cost_model)
+    return cp_lib.permute_batch(batch, plan), plan.inverse()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The model side (pure functions of the modules, called inside jit)
 
@@ -183,6 +210,20 @@ def _write(cache_meta: TokenMeta, meta: TokenMeta, slot) -> TokenMeta:
                        for c, m in zip(cache_meta, meta)))
 
 
+def _qkv(w: dict, h_BSD, rope, cfg, lora) -> tuple:
+    """q, k, v of one layer (gathered parameters ``w``) on h [B, S, D], as L.self_attention makes them: the attention
+    norm, the projections, RMSNorm over head_dim before RoPE where the LLM has it (Qwen3, Gemma 3), RoPE."""
+    a = w["attn"]
+    x = L.rms_norm(w["attn_norm"], h_BSD, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+    q = L.linear(a["q"], x, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora)
+    k = L.linear(a["k"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
+    v = L.linear(a["v"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
+    if cfg.qk_norm:
+        q = L.rms_norm(a["q_norm"], q, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+        k = L.rms_norm(a["k_norm"], k, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
+    return L.apply_rope(q, *rope), L.apply_rope(k, *rope), v
+
+
 def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache, rope_positions=None) -> tuple:
     """Every decoder layer on the new tokens h [B, S, D] (metadata ``meta``; M-RoPE positions ``rope_positions``
     [B, S, 3] or None), their K/V written at ``cache.slot``; returns (h after the last layer, k, v, the cache's
@@ -203,17 +244,10 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache, rope_positi
         p, window, i = xs
         w = use_layer_params(p, names, run)  # gathered, cast; an MoE layer's experts as the MoE wants them
         a = w["attn"]
-        x = L.rms_norm(w["attn_norm"], h, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
-        q = L.linear(a["q"], x, "bsd,dhk->bshk", ("batch", "length", "heads", "head_dim"), lora_scale=lora)
-        k = L.linear(a["k"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
-        v = L.linear(a["v"], x, "bsd,dhk->bshk", ("batch", "length", "kv_heads", "head_dim"), lora_scale=lora)
-        if cfg.qk_norm:  # as L.self_attention: RMSNorm over head_dim before RoPE (Qwen3, Gemma 3)
-            q = L.rms_norm(a["q_norm"], q, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
-            k = L.rms_norm(a["k_norm"], k, cfg.norm_eps, plus_one=cfg.norm_scale_plus_one)
         rope = rope_global
         if rope_local is not None:
             rope = tuple(jnp.where(window != GLOBAL_WINDOW, lo, gl) for lo, gl in zip(rope_local, rope_global))
-        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
+        q, k, v = _qkv(w, h, rope, cfg, lora)
         # In place in the carry: only the new tokens' slots are written.
         k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, cache.slot, 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, cache.slot, 0, 0))
@@ -242,19 +276,84 @@ def _cached_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache, rope_positi
     return h, k, v, cache_meta
 
 
+def _unpermute(x_BS, order_BW, names: tuple):
+    """x [B, S', ...] in a context plan's slot order -> [B, W, ...] in the original token order (``order``: the slot of
+    each original token, ContextPlan.inverse). The sequence is gathered whole first (``names``: x's logical names with
+    the sequence axis None), so each context rank can take any slot."""
+    x = part.constrain(x_BS, names)
+    idx = order_BW.reshape(order_BW.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, jnp.broadcast_to(idx, order_BW.shape + x.shape[2:]), axis=1)
+
+
+def _context_prefill_layers(llm: LLM, h_BSD, meta: TokenMeta, cache: KVCache, order_BW, rope_positions=None) -> tuple:
+    """The decoder layers on a prompt permuted by a context plan and sharded over `context` (h [B, S', D], its
+    metadata and M-RoPE positions in slot order), as training runs them: every projection and MLP on the rank's
+    S'/cp tokens, the attention kernels.attention's context-parallel path (run.context_method) with the metadata
+    travelling with the keys. Each layer's K/V are written to the cache's slots [0, W) in the original (left-aligned)
+    token order (``order_BW``), so the decode that follows sees the cache the one-device prefill writes. Returns
+    (h [B, S', D] in slot order, k, v, the cache's metadata)."""
+    cfg, run = llm.config, llm.run
+    values, names = llm.layer_params()
+    values = jax.tree.map(part.unshard_leading, values)
+    n = cfg.n_layers
+    windows = [layer_window(cfg, i) for i in range(n)]
+    ropes = layer_ropes(cfg, set(windows), meta.positions, rope_positions)
+    kinds = [cfg.is_moe_layer(i) for i in range(n)]
+    kv_names = ("batch", None, "kv_heads", "head_dim")
+    cache_meta = _write(cache.meta, TokenMeta(*(_unpermute(a, order_BW, ("batch", None)) for a in meta)), 0)
+    lora = run.lora_scale
+
+    def run_of(window):  # one scan body per window: the context-parallel kernels take a static window
+        def body(carry, xs):
+            h, k_all, v_all = carry
+            p, i = xs
+            w = use_layer_params(p, names, run)
+            q, k, v = _qkv(w, h, ropes[window], cfg, lora)
+            o = kernels.attention(q, k, v, meta, meta, impl=run.attention_impl, scale=attention_scale(cfg),
+                                  window=window, softcap=cfg.attn_logit_softcap, span_isolated=run.span_isolated,
+                                  context_method=run.context_method)
+            k_all = jax.lax.dynamic_update_slice(k_all, _unpermute(k, order_BW, kv_names).astype(k_all.dtype)[None],
+                                                 (i, 0, 0, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, _unpermute(v, order_BW, kv_names).astype(v_all.dtype)[None],
+                                                 (i, 0, 0, 0, 0))
+            o = L.linear(w["attn"]["o"], o, "bshk,hkd->bsd", ("batch", "length", "act_embed"), lora_scale=lora)
+            h = mlp_sublayer(w, attention_residual(w, h, o, cfg), cfg, run)
+            return (h, k_all, v_all), None
+
+        return body
+
+    carry = (h_BSD.astype(L.dtype_of(run.dtype)), cache.k, cache.v)
+    i = 0
+    while i < n:  # runs of layers of one kind and window, one lax.scan each (as apply_decoder_layers)
+        j = i + 1
+        while j < n and (kinds[j], windows[j]) == (kinds[i], windows[i]):
+            j += 1
+        carry, _ = jax.lax.scan(run_of(windows[i]), carry,
+                                (_layer_slice(values, kinds, i, j), jnp.arange(i, j, dtype=jnp.int32)))
+        i = j
+    h, k, v = carry
+    return h, k, v, cache_meta
+
+
 def _last_logits(llm: LLM, h_BSD):
     """Logits [B, V] (float32) of the last token of each row."""
     return part.constrain(llm.logits(llm.final(h_BSD[:, -1:]))[:, 0], ("batch", None))  # whole vocabulary per row
 
 
-def prefill(model, batch: dict, cache_len: int) -> tuple:
+def prefill(model, batch: dict, cache_len: int, order=None) -> tuple:
     """(logits [B, V] of each prompt's last token, the cache holding the prompt) for a left-aligned batch
-    (``left_align``): the encoders, projectors and injection (MultimodalModel.embed), then the cached layers."""
+    (``left_align``): the encoders, projectors and injection (MultimodalModel.embed), then the cached layers.
+
+    ``order`` [B, W] (a mesh with `context` > 1): the batch is the left-aligned one permuted by a context plan
+    (``context_permute``; its sequence sharded over `context`) and ``order`` gives the slot of each of the W
+    left-aligned tokens: the layers run context-parallel (``_context_prefill_layers``) and fill the cache's first W
+    slots in the left-aligned order."""
     llm = _llm(model)
     ids = batch["input_ids"]
     b, s = ids.shape
-    if s > cache_len:
-        raise ValueError(f"the prompt has {s} tokens; the cache holds {cache_len}")
+    width = s if order is None else order.shape[1]
+    if width > cache_len:
+        raise ValueError(f"the prompt has {width} tokens; the cache holds {cache_len}")
     meta = TokenMeta(*(part.constrain(jnp.asarray(batch[k], jnp.int32), ("batch", "length"))
                        for k in ("positions", "segment_ids", "span_ids")))
     if isinstance(model, MultimodalModel):
@@ -264,13 +363,18 @@ def prefill(model, batch: dict, cache_len: int) -> tuple:
         rope_positions = part.constrain(rope_positions, ("batch", "length", None))
     emb = llm.embed_tokens(ids) if isinstance(model, LLM) else model.embed(batch)
     cache = init_cache(llm, b, cache_len)
-    h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache, rope_positions)
-    valid = meta.segment_ids != 0
+    if order is None:
+        h, k, v, cache_meta = _cached_layers(llm, emb, meta, cache, rope_positions)
+    else:
+        order = part.constrain(jnp.asarray(order, jnp.int32), ("batch", None))
+        h, k, v, cache_meta = _context_prefill_layers(llm, emb, meta, cache, order, rope_positions)
+        h = _unpermute(h, order[:, -1:], ("batch", None, "act_embed"))  # each row's last prompt token
+    valid = meta.segment_ids != 0  # the maxima below do not depend on the token order
     next_pos = (jnp.max(jnp.where(valid, meta.positions, -1), axis=1) + 1).astype(jnp.int32)
     next_rope = next_pos
     if rope_positions is not None:  # HF get_rope_index: text after the prompt continues from its largest position
         next_rope = (jnp.max(jnp.where(valid[..., None], rope_positions, -1), axis=(1, 2)) + 1).astype(jnp.int32)
-    cache = KVCache(k, v, cache_meta, jnp.asarray(s, jnp.int32), next_pos, next_rope)
+    cache = KVCache(k, v, cache_meta, jnp.asarray(width, jnp.int32), next_pos, next_rope)
     return _last_logits(llm, h), cache
 
 
@@ -322,16 +426,17 @@ def _llm_scope(model):
     return model.scope("llm") if isinstance(model, MultimodalModel) else contextlib.nullcontext()
 
 
-def _generate(model, batch: dict, key, sampling_args, stops, pad_id, *, max_new_tokens: int, cache_len: int,
+def _generate(model, batch: dict, order, key, sampling_args, stops, pad_id, *, max_new_tokens: int, cache_len: int,
               greedy: bool, with_logits: bool):
-    """Prefill, then up to max_new_tokens - 1 cached steps in a while_loop that ends once every row has stopped."""
+    """Prefill (context-parallel where ``order`` is given: ``prefill``), then up to max_new_tokens - 1 cached steps in
+    a while_loop that ends once every row has stopped."""
     with _llm_scope(model):
-        return _generate_scoped(model, batch, key, sampling_args, stops, pad_id, max_new_tokens=max_new_tokens,
+        return _generate_scoped(model, batch, order, key, sampling_args, stops, pad_id, max_new_tokens=max_new_tokens,
                                 cache_len=cache_len, greedy=greedy, with_logits=with_logits)
 
 
-def _generate_scoped(model, batch: dict, key, sampling_args, stops, pad_id, *, max_new_tokens: int, cache_len: int,
-                     greedy: bool, with_logits: bool):
+def _generate_scoped(model, batch: dict, order, key, sampling_args, stops, pad_id, *, max_new_tokens: int,
+                     cache_len: int, greedy: bool, with_logits: bool):
     def rows(x):  # per-row state: rows over the batch axes on a mesh (a no-op on one device)
         return part.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
@@ -339,7 +444,7 @@ def _generate_scoped(model, batch: dict, key, sampling_args, stops, pad_id, *, m
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _sample(logits, key, *sampling_args)
         return rows(tok)
 
-    logits, cache = prefill(model, batch, cache_len)
+    logits, cache = prefill(model, batch, cache_len, order)
     b, n = logits.shape[0], max_new_tokens
     tok = pick(logits, jax.random.fold_in(key, 0))
     out = rows(rows(jnp.full((b, n), pad_id, jnp.int32)).at[:, 0].set(tok))
@@ -387,7 +492,7 @@ def _layout(model, state):
     Refused, naming what is wrong: a one-device model called under a mesh, arrays on several meshes or laid out
     without a mesh, a call under another mesh than the model's, a mesh whose axes are not Explicit, a model without
     logical rules (a bare LLM or a MultimodalModel not built by build.create_model), and the layouts generation does
-    not support (pipeline > 1, context > 1, expert > 1)."""
+    not support (pipeline > 1, expert > 1)."""
     ambient = jax.sharding.get_abstract_mesh()
     ambient = None if ambient is None or ambient.empty else ambient
     arrays = [x for x in jax.tree.leaves(state) if hasattr(x, "sharding")]
@@ -410,11 +515,11 @@ def _layout(model, state):
     if any(t != jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         raise ValueError(f"sharded generation needs a mesh of Explicit axes (parallel.mesh.make_mesh); the model's "
                          f"mesh {dict(mesh.shape)} has axis types {mesh.axis_types}")
-    unsupported = {a: mesh.shape[a] for a in ("pipeline", "context", "expert") if mesh.shape.get(a, 1) > 1}
+    unsupported = {a: mesh.shape[a] for a in ("pipeline", "expert") if mesh.shape.get(a, 1) > 1}
     if unsupported:
-        raise ValueError(f"sharded generation supports the data, fsdp and tensor axes; the model's mesh has "
-                         f"{unsupported} (pipeline stages, context-parallel prefill and expert parallelism are not "
-                         f"implemented): copy the model onto one device (mllm_jax.train.workdir.on_one_device) or "
+        raise ValueError(f"sharded generation supports the data, fsdp, tensor and context axes; the model's mesh has "
+                         f"{unsupported} (pipeline stages and expert parallelism are not implemented for "
+                         f"generation): copy the model onto one device (mllm_jax.train.workdir.on_one_device) or "
                          f"re-lay it out without those axes")
     if not isinstance(model, MultimodalModel) or model.rule_table is None:
         raise ValueError(f"a model laid out over {mesh.size} devices needs its logical rules to generate: give the "
@@ -425,7 +530,7 @@ def _layout(model, state):
 
 def runs_sharded(model) -> bool:
     """Whether ``generate`` runs ``model`` where it lies, laid out over several devices (the sharded path): its arrays
-    on one mesh of a supported layout (data, fsdp, tensor), called outside any mesh or under that one."""
+    on one mesh of a supported layout (data, fsdp, tensor, context), called outside any mesh or under that one."""
     try:
         return _layout(model, nnx.state(model)) is not None
     except ValueError:  # _layout's refusals: one device under a mesh, or a layout the sharded path does not support
@@ -433,12 +538,14 @@ def runs_sharded(model) -> bool:
 
 
 def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-             stop_tokens=(), pad_id: int = 0, cache_len: int | None = None,
-             return_logits: bool = False) -> GenerateOutput:
+             stop_tokens=(), pad_id: int = 0, cache_len: int | None = None, return_logits: bool = False,
+             context_config: ContextConfig | None = None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each row's prompt (module docstring). ``cache_len``: the static
     cache length (default: the longest prompt + max_new_tokens); a prompt that does not fit with max_new_tokens is
     refused naming both numbers. Runs wherever the model's arrays are: one device, or a mesh of a supported training
-    layout (module docstring; mllm_jax.train.workdir restores a checkpoint onto one device)."""
+    layout (module docstring; mllm_jax.train.workdir restores a checkpoint onto one device). ``context_config``: on a
+    mesh with `context` > 1, the planner's mode and block for the prompt's context-parallel prefill (the run's
+    ParallelConfig.context_config; None: ContextConfig()); the attention method is the model's own."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     llm = _llm(model)
@@ -466,14 +573,17 @@ def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfi
                       greedy=sampling.temperature == 0.0, with_logits=return_logits)
     if mesh is None:  # one device
         stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)  # -1: no token stops
-        out, lengths, logits = fn(state, left, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling), stops,
-                                  jnp.int32(pad_id))
+        out, lengths, logits = fn(state, left, None, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling),
+                                  stops, jnp.int32(pad_id))
     else:  # the training layouts: rows as placement lays out an eval batch, parameters in their storage
         from mllm_jax.data.placement import put_batch
 
+        order = None
+        if mesh.shape["context"] > 1:  # as training: the prompt permuted by a context plan, its sequence sharded
+            left, order = context_permute(left, mesh.shape["context"], context_config or ContextConfig(), llm.config)
         with jax.set_mesh(mesh):
             placed = put_batch(left, mesh, leading=0, rule_table=model.rule_table)
             stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)
-            out, lengths, logits = fn(state, placed, jax.random.PRNGKey(sampling.seed), _sampling_args(sampling),
-                                      stops, jnp.int32(pad_id))
+            out, lengths, logits = fn(state, placed, order, jax.random.PRNGKey(sampling.seed),
+                                      _sampling_args(sampling), stops, jnp.int32(pad_id))
     return GenerateOutput(np.asarray(out), np.asarray(lengths), None if logits is None else np.asarray(logits))

@@ -1,8 +1,10 @@
 """Generation on a model laid out with the training layouts (mllm_jax.decode on a mesh): the oracle is the same
 weights on one device, which must generate exactly the same greedy tokens (and the same logits to float round-off),
 for a batch of multimodal and text prompts of different lengths. Layouts: data=2 x fsdp=2 x tensor=2 (rows over
-data x fsdp, K/V heads and the vocabulary over tensor, weights FSDP-stored and gathered per layer) and fsdp=8.
-Layouts generation does not support are refused naming the axis."""
+data x fsdp, K/V heads and the vocabulary over tensor, weights FSDP-stored and gathered per layer) and fsdp=8; with a
+`context` axis the prompt's prefill runs context-parallel on the planner's permutation (context=2, data=2 x
+context=2, fsdp=2 x context=2 x tensor=2 with ring attention). Layouts generation does not support are refused naming
+the axis."""
 
 import contextlib
 
@@ -14,7 +16,7 @@ from flax import nnx
 from mllm_jax import decode
 from mllm_jax.build import abstract_model
 from mllm_jax.multimodal import MultimodalModel
-from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
 from mllm_jax.parallel.mesh import make_mesh
 from model_testlib import VISION_ID, build, place, tiny_batch, tiny_config
 
@@ -75,14 +77,68 @@ def test_sharded_greedy_generation_equals_one_device(setup, rows, layout):
     np.testing.assert_allclose(out.logits, ref.logits, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rows,layout,plan", [
+    (2, dict(context=2), ContextConfig(mode="zigzag", block=4)),
+    (4, dict(data=2, context=2), ContextConfig(mode="balanced", block=4)),
+    (4, dict(fsdp=2, context=2, tensor=2), ContextConfig(mode="zigzag", block=4, attention="ring")),
+], ids=["context2", "data2_context2", "fsdp2_context2_tensor2_ring"])
+def test_context_parallel_prefill_generates_like_one_device(setup, rows, layout, plan):
+    """The prompt's prefill runs on the planner's permutation with the sequence sharded over `context` (as a training
+    step), writes the cache in the left-aligned order, and the decode reads it: the one-device tokens and logits."""
+    cfg, model = setup
+    batch = _prompts(cfg, rows)
+    ref = decode.generate(model, batch, max_new_tokens=STEPS, return_logits=True)
+    # The plan really moves tokens (a cache written in slot order instead of token order would differ) and pads the
+    # 16-token prompts to no more than cp x block per rank.
+    permuted, order = decode.context_permute(decode.left_align(batch), 2, plan, cfg.llm)
+    assert order.shape == (rows, 16) and (order != np.arange(16)).any(), order
+    assert permuted["input_ids"].shape == (rows, 16)
+    pc = ParallelConfig(**layout, context_config=plan)
+    mesh = make_mesh(pc, jax.devices()[:pc.data * pc.fsdp * pc.context * pc.tensor])
+    sharded = nnx.merge(*place(model, abstract_model(cfg, mesh, pc), mesh))
+    assert sharded.llm.run.context_method == plan.attention and decode.runs_sharded(sharded)
+    out = decode.generate(sharded, batch, max_new_tokens=STEPS, return_logits=True, context_config=plan)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_allclose(out.logits, ref.logits, atol=2e-4, rtol=2e-4)
+    if "data" in layout:
+        # The cache itself (the masks read metadata, so a cache in slot order would decode the same tokens): the
+        # context-parallel prefill's K/V and metadata lie in the one-device prefill's slots.
+        got, want = _prefill_cache(sharded, permuted, order, mesh), _prefill_cache(model, decode.left_align(batch))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+def _prefill_cache(model, left, order=None, mesh=None):
+    """decode.prefill's cache under jit: on one device, or on the model's mesh from the permuted batch (placed as
+    decode.generate places it) and its order."""
+    from mllm_jax.data.placement import put_batch
+
+    graphdef, state = nnx.split(model)
+
+    def run(state, batch, order):
+        m = nnx.merge(graphdef, state)
+        with m.scope("llm"):
+            return decode.prefill(m, batch, 16 + STEPS, order)[1]
+
+    if mesh is None:
+        return jax.jit(run)(state, left, None)
+    with jax.set_mesh(mesh):
+        return jax.jit(run)(state, put_batch(left, mesh, leading=0, rule_table=model.rule_table), order)
+
+
 def test_unsupported_layouts_and_meshes_are_refused_naming_them(setup):
     cfg, model = setup
     batch = _prompts(cfg, 2)
-    pc = ParallelConfig(data=4, context=2)
-    mesh = make_mesh(pc)
-    sharded = nnx.merge(*place(model, abstract_model(cfg, mesh, pc), mesh))
-    with pytest.raises(ValueError, match=r"\{'context': 2\}.*not implemented"):
-        decode.generate(sharded, batch, max_new_tokens=2)
+    for layout, named in ((dict(data=4, pipeline=2), r"\{'pipeline': 2\}"),
+                          (dict(data=4, expert=2), r"\{'expert': 2\}")):
+        pc = ParallelConfig(**layout)
+        mesh = make_mesh(pc)
+        sharded = nnx.merge(*place(model, abstract_model(cfg, mesh, pc), mesh))
+        assert not decode.runs_sharded(sharded)
+        with pytest.raises(ValueError, match=named + r".*not implemented for generation"):
+            decode.generate(sharded, batch, max_new_tokens=2)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="on one device but generate was called under a mesh "
                                                              "of 8 devices"):
         decode.generate(model, batch, max_new_tokens=2)
