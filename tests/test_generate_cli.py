@@ -1,6 +1,6 @@
-"""generate.py end to end on a run trained here (tests/generate_testlib.py: 8 fake devices, data=2 x fsdp=4), and the
-restore behind it: the multi-device checkpoint read onto one device outside any mesh gives the training mesh's own
-held-out loss."""
+"""generate.py end to end on a run trained here (tests/generate_testlib.py: 8 fake devices, data=2 x fsdp=2 x
+context=2), and the restore behind it: the multi-device checkpoint read onto one device outside any mesh gives the
+training mesh's own held-out loss."""
 
 import json
 import os
@@ -96,8 +96,8 @@ def test_image_file_caption(run, tmp_path):
 
 def test_training_eval_reports_the_generated_caption_exact_match(run):
     """The loop's eval_caption_exact and eval_caption_word_accuracy (decoded by the model where it lies, sharded on the
-    training mesh data=2 x fsdp=4) equal the scores of the restored checkpoint of the same step on one device, on the
-    same held-out samples."""
+    training mesh data=2 x fsdp=2 x context=2: the prompt's prefill context-parallel) equal the scores of the restored
+    checkpoint of the same step on one device, on the same held-out samples."""
     from mllm_jax.data.tokenizer import TextCodec
     from mllm_jax.train import captions
     from mllm_jax.train.metrics import read_metrics

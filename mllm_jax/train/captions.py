@@ -35,15 +35,17 @@ def make_builder(model_config, data_config, codec: TextCodec) -> BatchBuilder:
 
 
 def generate_captions(model, builder: BatchBuilder, samples: list, *, max_new_tokens: int = 16,
-                      batch_size: int = 16, sampling: decode.SamplingConfig = decode.SamplingConfig()) -> list[str]:
-    """Captions of ``samples`` (their answers are not shown to the model), up to <eos>; greedy by default."""
+                      batch_size: int = 16, sampling: decode.SamplingConfig = decode.SamplingConfig(),
+                      context_config=None) -> list[str]:
+    """Captions of ``samples`` (their answers are not shown to the model), up to <eos>; greedy by default.
+    ``context_config``: the run's ContextConfig, for the context-parallel prefill on a mesh with `context` > 1."""
     codec = builder.codec
     eos, pad = codec.token_id(EOS), codec.token_id(PAD)
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         res = decode.generate(model, prompt_batch(builder, chunk), max_new_tokens=max_new_tokens,
-                              stop_tokens=(eos,), pad_id=pad, sampling=sampling)
+                              stop_tokens=(eos,), pad_id=pad, sampling=sampling, context_config=context_config)
         for toks, n in zip(res.tokens, res.lengths):
             toks = [int(t) for t in toks[:n] if int(t) != eos]
             out.append(" ".join(codec.decode(toks).split()))
@@ -70,8 +72,10 @@ def held_out_samples(model_config, data_config, n: int, codec: TextCodec) -> lis
     return [stream.sample(i) for i in range(n)]
 
 
-def caption_exact(model, builder: BatchBuilder, samples: list, *, max_new_tokens: int = 16) -> dict:
-    captions = generate_captions(model, builder, samples, max_new_tokens=max_new_tokens)
+def caption_exact(model, builder: BatchBuilder, samples: list, *, max_new_tokens: int = 16,
+                  context_config=None) -> dict:
+    captions = generate_captions(model, builder, samples, max_new_tokens=max_new_tokens,
+                                 context_config=context_config)
     return caption_scores(captions, [s.answer for s in samples])
 
 
@@ -99,11 +103,12 @@ EVAL_CAPTION_TOKENS = 10  # the longest synthetic answer ("a magenta triangle at
 EVAL_CAPTION_MAX_PARAMS = 2**28  # above this the copy onto one device is not worth an evaluation
 
 
-def eval_caption_scores(model, builder: BatchBuilder, samples: list) -> dict:
+def eval_caption_scores(model, builder: BatchBuilder, samples: list, *, context_config=None) -> dict:
     """{"eval_caption_exact", "eval_caption_word_accuracy"} of greedy captions of ``samples`` by ``model`` as it is
     during training (arrays on the training mesh): decoded in place, sharded with the training layouts, where
-    mllm_jax.decode supports the layout (data, fsdp, tensor); otherwise (pipeline, context or expert axes) the
-    parameters are copied onto one device and decoded outside the mesh. {} where that does not apply: several
+    mllm_jax.decode supports the layout (data, fsdp, tensor, context: the prompt's prefill planned with the run's
+    ``context_config``); otherwise (pipeline or expert axes) the parameters are copied onto one device and decoded
+    outside the mesh. {} where that does not apply: several
     processes (the arrays span hosts), or a copy onto one device of a model above EVAL_CAPTION_MAX_PARAMS parameters."""
     import jax
     from flax import nnx
@@ -113,7 +118,8 @@ def eval_caption_scores(model, builder: BatchBuilder, samples: list) -> dict:
     if not samples or jax.process_count() > 1:
         return {}
     if decode.runs_sharded(model):
-        scores = caption_exact(model, builder, samples, max_new_tokens=EVAL_CAPTION_TOKENS)
+        scores = caption_exact(model, builder, samples, max_new_tokens=EVAL_CAPTION_TOKENS,
+                               context_config=context_config)
     else:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         if n_params > EVAL_CAPTION_MAX_PARAMS:

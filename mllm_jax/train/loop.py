@@ -477,7 +477,8 @@ class _Session:
     def evaluate(self) -> dict:
         m, _ = nnx.merge(self.graphdef, self.state)
         out = evaluate(self.eval_fn, nnx.state(m), self.eval_batches, self.put_eval, self.groups)
-        return {**out, **captions.eval_caption_scores(m, self.caption_builder, self.caption_samples)}
+        return {**out, **captions.eval_caption_scores(m, self.caption_builder, self.caption_samples,
+                                                      context_config=self.cfg.parallel.context_config)}
 
     def save(self, step: int) -> None:
         m, o = nnx.merge(self.graphdef, self.state)
