@@ -7,6 +7,7 @@ context=2, fsdp=2 x context=2 x tensor=2 with ring attention). Layouts generatio
 the axis."""
 
 import contextlib
+import dataclasses
 
 import jax
 import numpy as np
@@ -25,9 +26,14 @@ STEPS = 5
 
 
 def _vision_only():
+    """The tiny model with its vision tower only and a Gemma-3-like LLM: a sliding window that cuts into the prompts
+    on layer 0 (layer 1 global, so the layer runs split by window), the local layers' own RoPE base, q/k norms and
+    attention soft-capping."""
     full = tiny_config()
-    return full.replace(**{k: {"vision": getattr(full, k)["vision"]}
-                           for k in ("encoders", "projectors", "placeholder_ids")})
+    llm = dataclasses.replace(full.llm, sliding_window=6, sliding_window_pattern=2, rope_local_theta=1000.0,
+                              qk_norm=True, attn_logit_softcap=20.0)
+    return full.replace(llm=llm, **{k: {"vision": getattr(full, k)["vision"]}
+                                    for k in ("encoders", "projectors", "placeholder_ids")})
 
 
 def _randomize(model, seed=1, std=0.3):
