@@ -18,13 +18,6 @@ def validate_layout(parallel_config, model_config, num_devices: int | None = Non
     if pc.pipeline > 1 and llm.n_layers < pc.pipeline:
         raise ValueError(f"LLMConfig.n_layers={llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
                          f"stages")
-    if pc.pipeline > 1 and pc.context > 1 and pc.context_config.attention == "ring":
-        # The ring's ppermute over `context` lowers to one collective-permute over every device of the mesh, but in a
-        # tick the stages run different ops (a forward, a backward, idle), so the other stages' devices never join it
-        # and the step deadlocks. The all-gather's collectives are per context group (one stage's devices).
-        raise ValueError(f"ContextConfig.attention='ring' with ParallelConfig.pipeline={pc.pipeline} and "
-                         f"context={pc.context}: the ring's collective permute spans every pipeline stage, which "
-                         f"run different ops per tick; use ContextConfig.attention='allgather'")
     if llm.n_experts and llm.n_experts % pc.expert:
         raise ValueError(f"LLMConfig.n_experts={llm.n_experts} is not divisible by ParallelConfig.expert={pc.expert}")
     if pc.pipeline > 1 and 0 < len(llm.moe_layers) < llm.n_layers:

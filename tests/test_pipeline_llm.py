@@ -13,7 +13,7 @@ from mllm_jax.config import LLMConfig, LoRAConfig, ModelConfig, ProjectorConfig,
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
-from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import make_mesh
 from mllm_jax.train.pipelined_step import flatten_microbatches, pipelined_loss_and_grad
 
@@ -228,20 +228,6 @@ def test_tensor_parallelism_inside_the_stages_splits_the_compute():
     base = _per_device_flops(ParallelConfig(pipeline=2, microbatches=2), cfg, (2, 2))
     split = _per_device_flops(ParallelConfig(pipeline=2, tensor=2, microbatches=2), cfg, (2, 2))
     assert 0.45 <= split / base <= 0.6, (split, base)
-
-
-def test_ring_context_attention_inside_the_pipeline_is_refused():
-    # Its collective permute would span both stages, which run different ops per tick: a deadlock, not an error.
-    ring = ParallelConfig(pipeline=2, context=2, microbatches=2, context_config=ContextConfig(attention="ring"))
-    mesh = make_mesh(ring, jax.devices()[:4])
-    with pytest.raises(ValueError, match=r"attention='ring' with ParallelConfig.pipeline=2 and context=2"):
-        create_model(tiny_config(2), mesh, ring)  # refused before anything is built
-    model = MultimodalModel(tiny_config(2), rngs=nnx.Rngs(0), context_method="ring")
-    with pytest.raises(ValueError, match=r"attention='ring' with ParallelConfig.pipeline=2 and context=2"):
-        pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=ring)
-    allgather = ParallelConfig(pipeline=2, context=2, microbatches=2)
-    with pytest.raises(ValueError, match=r"built with context_method='ring'"):
-        pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=allgather)
 
 
 def test_bad_microbatch_count_is_refused():

@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from mllm_jax.kernels.dispatch import attention, choose
@@ -232,7 +233,36 @@ def _merge(o, lse, o_t, lse_t):
 
 
 def _hop(axis, cp):
-    return functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % cp) for i in range(cp)])
+    """Sends a pytree one rank on round the ring over ``axis``: a ``ppermute``.
+
+    Inside a pipeline stage (a shard_map already manual over `pipeline`, whose stages run different ops in a tick) a
+    ppermute cannot be used: it lowers to one collective permute over every device of the mesh, whose other stages
+    are in other branches of the tick's switch (XLA:CPU's rendezvous waits for every device: a deadlock when only one
+    stage reaches it, wrong values when two stages' different permutes meet; seen on 4 fake devices). There the hop is
+    an ``all_to_all`` over ``axis``, whose replica groups are one stage's context group: the shard goes in the slot of
+    the next rank, zeros in the others. It moves (cp - 1) x the bytes of the ppermute and holds a [cp, shard]
+    buffer (equal bytes at cp = 2)."""
+    if _manual_stages() is None:
+        return functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % cp) for i in range(cp)])
+
+    def one(x):
+        i = jax.lax.axis_index(axis)
+        to_next = (jnp.arange(cp) == (i + 1) % cp).reshape((cp,) + (1,) * x.ndim)
+        got = jax.lax.all_to_all(jnp.where(to_next, x[None], jnp.zeros((), x.dtype)), axis, 0, 0, tiled=False)
+        return jax.lax.dynamic_index_in_dim(got, (i - 1) % cp, 0, keepdims=False)
+
+    return lambda tree: jax.tree.map(one, tree)
+
+
+def _manual_stages(name: str = "pipeline"):
+    """(axis name, size) of a manual pipeline axis of size > 1 around this shard_map, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or name not in mesh.axis_names:
+        return None
+    i = mesh.axis_names.index(name)
+    if mesh.axis_types[i] != AxisType.Manual or mesh.axis_sizes[i] == 1:
+        return None
+    return name, mesh.axis_sizes[i]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

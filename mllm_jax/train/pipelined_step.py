@@ -221,16 +221,12 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
 
 def _check_call(model, batch: dict, mesh, parallel_config) -> tuple:
     """(M, rows per microbatch, sequence length), after checking the mesh, the layout and the batch: the pipeline
-    axis matches ParallelConfig.pipeline, the layout is valid, ring context attention is not asked for inside
-    stages, every leaf carries the leading microbatch axis."""
+    axis matches ParallelConfig.pipeline, the layout is valid, every leaf carries the leading microbatch axis."""
     S = mesh.shape["pipeline"]
     if parallel_config.pipeline != S:
         raise ValueError(f"ParallelConfig.pipeline is {parallel_config.pipeline} but the mesh's pipeline axis has "
                          f"{S} devices")
     validate_layout(parallel_config, model.config)
-    if S > 1 and mesh.shape.get("context", 1) > 1 and model.llm.run.context_method == "ring":
-        raise ValueError("the model was built with context_method='ring', which cannot run inside pipeline stages "
-                         "(see mllm_jax.layout.validate_layout); build it with ContextConfig.attention='allgather'")
     return check_microbatched(batch, parallel_config.microbatches)
 
 
