@@ -56,9 +56,33 @@ def _prompts(cfg, rows):
     return batch
 
 
+def _with_mrope_positions(batch):
+    """The batch with Qwen2-VL-style M-RoPE positions [B, S, 3]: a text token (t, t, t), an image's 2 x 2 grid of
+    tokens (t, t + row, t + col), the text after it from the image's largest position + 1 (padding 0)."""
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    rope = np.zeros(ids.shape + (3,), np.int32)
+    for r in range(ids.shape[0]):
+        t, j = 0, 0
+        while j < ids.shape[1] and seg[r, j]:
+            if ids[r, j] == VISION_ID:  # the four placeholders of one image
+                rope[r, j:j + 4] = [[t, t + i // 2, t + i % 2] for i in range(4)]
+                t, j = t + 2, j + 4
+            else:
+                rope[r, j], t, j = t, t + 1, j + 1
+    return {**batch, "rope_positions": rope}
+
+
 @pytest.fixture(scope="module")
 def setup():
     cfg = _vision_only()
+    return cfg, _randomize(build(MultimodalModel, cfg))
+
+
+@pytest.fixture(scope="module")
+def mrope_setup():
+    """The tiny model with an M-RoPE LLM (Qwen2-VL's rotary sections over head_dim / 2 = 4)."""
+    full = _vision_only()
+    cfg = full.replace(llm=dataclasses.replace(tiny_config().llm, mrope_section=(2, 1, 1)))
     return cfg, _randomize(build(MultimodalModel, cfg))
 
 
@@ -88,12 +112,16 @@ def test_sharded_greedy_generation_equals_one_device(setup, rows, layout):
     (2, dict(context=2), ContextConfig(mode="zigzag", block=4)),
     (4, dict(data=2, context=2), ContextConfig(mode="balanced", block=4)),
     (4, dict(fsdp=2, context=2, tensor=2), ContextConfig(mode="zigzag", block=4, attention="ring")),
-], ids=["context2", "data2_context2", "fsdp2_context2_tensor2_ring"])
-def test_context_parallel_prefill_generates_like_one_device(setup, rows, layout, plan):
+], ids=["context2_mrope", "data2_context2", "fsdp2_context2_tensor2_ring"])
+def test_context_parallel_prefill_generates_like_one_device(request, rows, layout, plan):
     """The prompt's prefill runs on the planner's permutation with the sequence sharded over `context` (as a training
-    step), writes the cache in the left-aligned order, and the decode reads it: the one-device tokens and logits."""
-    cfg, model = setup
+    step), writes the cache in the left-aligned order, and the decode reads it: the one-device tokens and logits.
+    context=2 runs the M-RoPE model, its image tokens' 3-D positions permuted with the tokens."""
+    mrope = len(layout) == 1
+    cfg, model = request.getfixturevalue("mrope_setup" if mrope else "setup")
     batch = _prompts(cfg, rows)
+    if mrope:
+        batch = _with_mrope_positions(batch)
     ref = decode.generate(model, batch, max_new_tokens=STEPS, return_logits=True)
     # The plan really moves tokens (a cache written in slot order instead of token order would differ) and pads the
     # 16-token prompts to no more than cp x block per rank.
