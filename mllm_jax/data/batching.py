@@ -24,6 +24,7 @@ import numpy as np
 
 from mllm_jax.batch import IGNORE
 from mllm_jax.data import native_pack, synthetic
+from mllm_jax.data.native_pack import time_interval  # noqa: F401  (its home is native_pack; kept importable here)
 from mllm_jax.data.tokenizer import ASSISTANT, BOS, EOS, PLACEHOLDER_TOKENS, USER, TextCodec
 
 
@@ -41,14 +42,6 @@ def native_modalities(model_config) -> tuple[str, ...]:
 def uses_mrope(model_config) -> bool:
     """The LLM rotates by (t, h, w) M-RoPE positions: batches carry ``rope_positions``."""
     return bool(getattr(model_config.llm, "mrope_section", None))
-
-
-def time_interval(enc, instance, is_video: bool) -> float:
-    """The M-RoPE temporal step of an instance: 1 for images and Qwen2-VL; a Qwen2.5-VL video's
-    tokens_per_second * second_per_grid_t (the processor's ``seconds_per_grid``, as transformers' Qwen2.5-VL)."""
-    if not is_video or not enc.tokens_per_second:
-        return 1.0
-    return enc.tokens_per_second * instance.seconds_per_grid
 
 
 def encoder_input_shape(enc) -> tuple[int, ...]:
@@ -209,23 +202,12 @@ class BatchBuilder:
         return inst, time_interval(enc, inst, data.ndim == 4)
 
     def _pack_native(self, batch: dict, name: str, items: list) -> None:
-        """Every instance of the batch packed into patch rows; feature_index points each run at its features."""
+        """Every instance of the batch packed into patch rows (native_pack.pack_instances, shared with the real-data
+        loader); feature_index points each run at its features."""
         enc = self.model_config.encoders[name]
-        from mllm_jax.data.processor.native_vision import patch_grid
-
-        counts = [len(inst.patches) for inst, *_ in items]
-        max_rows = max(len(counts), 1)
-        big = [(it[-1], it[0].grid_thw, n) for it, n in zip(items, counts) if n > enc.patches_per_row]
-        if big:  # name the sample (plan_rows only knows the instance's place in the batch)
-            raise ValueError(f"sample {big[0][0]}: a {name!r} item of grid (t, h, w) = {big[0][1]} has {big[0][2]} "
-                             f"patches, more than a packed row holds (NativeVisionConfig.patches_per_row = "
-                             f"{enc.patches_per_row}): raise it or lower max_pixels")
-        plan = native_pack.plan_rows(counts, enc.patches_per_row, enc.merge_units, native_pack.row_buckets(max_rows))
-        packed = native_pack.pack([inst.patches for inst, *_ in items],
-                                  [patch_grid(inst.grid_thw, enc.spatial_merge_size) for inst, *_ in items],
-                                  plan, enc.merge_units)
-        if not items:  # an all-text batch: one empty row of the right width
-            packed.inputs["patches"] = np.zeros((plan.rows, enc.patches_per_row, enc.patch_dim), np.float32)
+        packed = native_pack.pack_instances(
+            [inst.patches for inst, *_ in items], [inst.grid_thw for inst, *_ in items], enc,
+            names=[f"sample {it[-1]}: a {name!r} item" for it in items])
         for (inst, row, start, n_tok, _), base in zip(items, packed.feature_base):
             batch["feature_index"][name][row, start:start + n_tok] = base + np.arange(n_tok)
         batch["encoder_inputs"][name] = packed.inputs

@@ -161,3 +161,88 @@ def rope_positions(num_tokens: int, spans, merge_size: int) -> np.ndarray:
         cur = start + n
     out[cur:] = pos + np.arange(num_tokens - cur)[:, None]
     return out.astype(np.int32)
+
+
+# ------------------------------------------------------------------------ shared by synthetic and real-data batches
+
+
+def time_interval(enc, instance, is_video: bool) -> float:
+    """The M-RoPE temporal step of an instance: 1 for images and Qwen2-VL; a Qwen2.5-VL video's
+    tokens_per_second * second_per_grid_t (``instance.seconds_per_grid``, the processor's, as transformers'
+    Qwen2.5-VL). ``instance``: anything with ``seconds_per_grid`` (a NativeInstance, a planned dataset instance)."""
+    if not is_video or not enc.tokens_per_second:
+        return 1.0
+    return enc.tokens_per_second * instance.seconds_per_grid
+
+
+def instance_tokens(grid_thw, merge_size: int) -> int:
+    """The placeholder run of an instance of patch grid (t, h, w): t * h * w / merge_size**2 LLM tokens."""
+    t, h, w = (int(v) for v in grid_thw)
+    if h % merge_size or w % merge_size:
+        raise ValueError(f"grid {(t, h, w)}: h and w must be multiples of merge_size ({merge_size})")
+    return t * h * w // merge_size**2
+
+
+def image_grid(processor, height: int, width: int) -> tuple[int, int, int]:
+    """The patch grid (1, h, w) ``processor.image`` gives an image of height x width pixels, from its size alone
+    (the processor's smart_resize): what a loader plans with before any pixel is decoded. ValueError as
+    smart_resize's (an aspect ratio above 200, an empty image)."""
+    from mllm_jax.data.processor.native_vision import smart_resize
+
+    h, w = smart_resize(int(height), int(width), processor.factor, processor.min_pixels, processor.max_pixels)
+    return 1, h // processor.patch_size, w // processor.patch_size
+
+
+def video_plan(processor, num_frames: int, height: int, width: int, video_fps: float | None):
+    """(frame indices kept, patch grid (t, h, w), seconds_per_grid) of ``processor.video(frames, video_fps=...)``
+    on a clip of ``num_frames`` frames of height x width, from the header alone: the kept frames through the
+    processor with ``video_fps=None`` give the same patches (what a loader decodes, and only those frames).
+    ValueError for a clip with no frames or too few to sample."""
+    from mllm_jax.data.processor.native_vision import sample_frames, smart_resize
+
+    total = int(num_frames)
+    if total <= 0:
+        raise ValueError(f"video has no frames (num_frames={total})")
+    if video_fps is None:
+        keep, spg = np.arange(total), processor.temporal_patch_size / 24.0  # HF's metadata default (processor.video)
+    else:
+        keep = sample_frames(total, video_fps, processor.fps, temporal_patch_size=processor.temporal_patch_size,
+                             min_frames=processor.min_frames, max_frames=processor.max_frames)
+        spg = processor.temporal_patch_size / (len(keep) / total * float(video_fps))
+    h, w = smart_resize(int(height), int(width), processor.factor, processor.video_min_pixels,
+                        processor.video_max_pixels)
+    t = -(-len(keep) // processor.temporal_patch_size)
+    return keep, (t, h // processor.patch_size, w // processor.patch_size), spg
+
+
+def pack_instances(patches, grids, enc, *, rows: int | None = None, buckets=None, names=None) -> PackedRows:
+    """One microbatch's (or one data rank's) instances packed into patch rows of ``enc.patches_per_row``:
+    ``patches[i]`` [n_i, K] from the processor, ``grids[i]`` its (t, h, w). The row count is the smallest of
+    ``buckets`` (default ``row_buckets(len(patches))``) that holds them, grown to ``rows`` when given. An instance
+    larger than a row is a ValueError naming it (``names[i]``, default its index). With no instance: empty rows of
+    the right width."""
+    from mllm_jax.data.processor.native_vision import patch_grid
+
+    p = enc.patches_per_row
+    names = names or [f"instance {i}" for i in range(len(patches))]
+    for name, x, g in zip(names, patches, grids):
+        if len(x) > p:
+            raise ValueError(f"{name} of grid (t, h, w) = {tuple(int(v) for v in g)} has {len(x)} patches, more "
+                             f"than a packed row holds (NativeVisionConfig.patches_per_row = {p}): raise it or lower max_pixels")
+    buckets = buckets if buckets is not None else row_buckets(max(len(patches), 1))
+    plan = plan_rows([len(x) for x in patches], p, enc.merge_units, buckets)
+    packed = pack(list(patches), [patch_grid(g, enc.spatial_merge_size) for g in grids], plan, enc.merge_units,
+                  rows=max(plan.rows, rows or 0))
+    if not len(patches):
+        packed.inputs["patches"] = np.zeros(packed.inputs["segment_ids"].shape + (enc.patch_dim,), np.float32)
+    return packed
+
+
+def rows_needed(patch_counts, enc) -> int:
+    """Patch rows the first-fit of ``pack_instances`` uses for instances of ``patch_counts`` patches (0 for none);
+    ValueError naming the instance for one larger than a row."""
+    counts = list(patch_counts)
+    if not counts:
+        return 0
+    plan = plan_rows(counts, enc.patches_per_row, enc.merge_units, (len(counts),))
+    return int(max(plan.row) + 1)
