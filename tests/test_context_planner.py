@@ -214,3 +214,60 @@ def test_permute_for_context_costs_blocks_with_the_trained_models_shapes():
     assert (default_plan.alpha, default_plan.beta) == (CostModel().alpha, CostModel().beta)
     assert model_plan.beta / model_plan.alpha != default_plan.beta / default_plan.alpha
     assert cost_model_for(llm, block=128, tile_k=32) == want
+
+
+def test_block_costs_count_tiles_of_any_height_dividing_the_block():
+    rng = np.random.default_rng(8)
+    for tile_q, tile_k in ((64, 128), (32, 32), (128, 64)):
+        meta = random_meta(2, 700, rng, shuffle=tile_q == 32)
+        tiles, tokens = block_costs(meta, 128, tile_k, tile_q)
+        dense = (dense_block_map(meta, meta, tile_q, tile_k) != 0).sum(-1)  # [B, rows of tile_q]
+        rows = -(-700 // 128) * (128 // tile_q)
+        np.testing.assert_array_equal(tiles, np.pad(dense, ((0, 0), (0, rows - dense.shape[1]))).reshape(
+            2, -1, 128 // tile_q).sum(-1))
+    with pytest.raises(ValueError, match=r"tile_q \(96\)"):
+        block_costs(meta, 128, 32, 96)
+
+
+def _batch(meta):
+    ids = np.ones_like(meta.positions)
+    return {"input_ids": ids, "labels": ids, "positions": meta.positions, "segment_ids": meta.segment_ids,
+            "span_ids": meta.span_ids}
+
+
+@pytest.mark.parametrize("backend, generation, method, block, tile", [
+    ("tpu", "v5e", "allgather", 1024, (512, 1024)),  # pallas_tpu's v5e blocks (head dim 128)
+    ("gpu", "h100", "ring", 128, (64, 128)),  # pallas_gpu's H100 blocks, per ring step
+    ("cpu", None, "ring", 128, (128, 128)),  # kernels.tiled, the ring's CPU step
+])
+def test_planner_counts_the_kernels_own_tiles_on_the_platform(backend, generation, method, block, tile):
+    """permute_for_context(attention_impl=...) counts the tiles of the kernel the run's platform resolves to
+    (kernels.dispatch.kernel_tile: the kernels' block tables), so each rank's planned tiles are exactly the live tiles
+    that kernel computes on the rank's permuted shard: recounted with the kernel's own block map over the permuted
+    order (the rank's q shard against every key for the all-gather, against each K/V shard for the ring). With the
+    default 128 x 32 tiles the two disagree."""
+    from mllm_jax.config import LLMConfig
+    from mllm_jax.data.context_batches import permute_for_context
+    from mllm_jax.kernels.meta import block_map
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    cp, s = 4, 8192
+    meta = _meta_rows(["multimodal_packed", "interleaved_multi_image"], s)
+    pc = ParallelConfig(context=cp, context_config=ContextConfig(mode="balanced", block=block, attention=method))
+    llm = LLMConfig(d_model=1024, n_heads=8, n_kv_heads=2, d_ff=2048, head_dim=128)
+    _, p = permute_for_context(_batch(meta), pc, leading=0, llm_config=llm, attention_impl="auto", backend=backend,
+                               generation=generation)
+    assert (p.tile_q, p.tile_k) == tile
+    pm = p.permute_meta(meta)
+    n = p.shard_len
+    shard = lambda r: TokenMeta(*(a[:, r * n : (r + 1) * n] for a in pm))  # noqa: E731
+    k_parts = [pm] if method == "allgather" else [shard(j) for j in range(cp)]
+    live = [sum(int((block_map(shard(r), kp, *tile, xp=np) != 0).sum()) for kp in k_parts) for r in range(cp)]
+    np.testing.assert_array_equal(p.rank_tiles, live)
+    _, old = permute_for_context(_batch(meta), pc, leading=0, llm_config=llm)  # block x 32 tiles
+    assert not np.array_equal(old.rank_tiles, live)
+
+
+def _meta_rows(families, length):
+    metas = [family_meta(f, length, np.random.default_rng([4, i])) for i, f in enumerate(families)]
+    return TokenMeta(*(np.concatenate([getattr(m, f) for m in metas]) for f in TokenMeta._fields))

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from mllm_jax.kernels.dispatch import choose, kernel_tile
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.parallel import context as cp_lib
 
@@ -27,7 +28,8 @@ def _rows(x: np.ndarray, leading: int) -> np.ndarray:
 
 
 def cost_model_for(llm_config, *, block: int, tile_k: int) -> cp_lib.CostModel:
-    """The planner's block costs (alpha per non-empty block x tile_k tile, beta per token) from the trained LLM's
+    """The planner's block costs (alpha per non-empty ``block`` x ``tile_k`` tile: pass the counted tile's rows as
+    ``block``; beta per token) from the trained LLM's
     shapes (LLMConfig: d_model, d_ff, heads, kv heads, head dim; gated MLP) instead of the Llama-3-8B default."""
     head_dim = llm_config.head_dim or llm_config.d_model // llm_config.n_heads
     return cp_lib.CostModel(d_model=llm_config.d_model, d_ff=llm_config.d_ff, n_heads=llm_config.n_heads,
@@ -35,22 +37,47 @@ def cost_model_for(llm_config, *, block: int, tile_k: int) -> cp_lib.CostModel:
                             tile_k=tile_k)
 
 
-def permute_for_context(batch: dict, parallel_config, *, leading: int,
-                        llm_config=None) -> tuple[dict, "cp_lib.ContextPlan"]:
+def planner_tile(parallel_config, seq_len: int, head_dim: int, attention_impl: str, backend: str | None = None,
+                 generation: str | None = None) -> tuple[int, int]:
+    """(tile_q, tile_k) the planner counts: the tile of the attention kernel each context rank runs on the platform
+    (kernels.dispatch.kernel_tile: the ring steps a q shard against a K/V shard with the accelerator kernel, else
+    kernels.tiled; the all-gather attends a q shard to every key), each cut to divide ``ContextConfig.block`` (the
+    unit the planner moves). A block that is a multiple of the kernel's tile makes the plan's counts its live tiles."""
+    cc, cp = parallel_config.context_config, parallel_config.context
+    unit = (2 * cp if cc.mode == "zigzag" else cp) * cc.block
+    padded = -(-seq_len // unit) * unit
+    shard = padded // cp
+    keys = shard if cc.attention == "ring" else padded
+    impl = attention_impl
+    if cc.attention == "ring" and choose(impl, keys, backend) not in ("pallas_tpu", "pallas_gpu"):
+        impl = "tiled"  # the ring's per-step kernel off the accelerators (kernels.context_parallel._ring_kernel)
+    bq, bk = kernel_tile(impl, shard, keys, head_dim, backend, generation)
+    return math.gcd(cc.block, bq), math.gcd(cc.block, bk)
+
+
+def permute_for_context(batch: dict, parallel_config, *, leading: int, llm_config=None, attention_impl=None,
+                        backend: str | None = None, generation: str | None = None
+                        ) -> tuple[dict, "cp_lib.ContextPlan"]:
     """(the batch permuted by a plan of ``ParallelConfig.context_config`` over ``ParallelConfig.context`` ranks, the
     plan). ``leading`` = number of axes before the batch axis (1 for [M, B, S] train batches, 0 for eval).
     ``llm_config``: the trained model's LLMConfig, whose shapes cost the blocks (``cost_model_for``); None keeps the
-    Llama-3-8B layer of parallel.cost_model.CostModel."""
+    Llama-3-8B layer of parallel.cost_model.CostModel. ``attention_impl`` (ModelConfig.attention_impl): count the
+    tiles of the kernel it resolves to on ``backend`` (default jax's) and ``generation`` (``planner_tile``); None
+    keeps block x 32 tiles."""
     cc = parallel_config.context_config
     lead_shape = np.shape(batch["input_ids"])[:leading]
     moved = TOKEN_KEYS + tuple(k for k in TRAILING_TOKEN_KEYS if batch.get(k) is not None)
     flat = {k: _rows(batch[k], leading) for k in moved}
     flat["feature_index"] = {n: _rows(v, leading) for n, v in (batch.get("feature_index") or {}).items()}
     meta = TokenMeta(flat["positions"], flat["segment_ids"], flat["span_ids"])
-    # Key tiles of 32 tokens (the kernels' and Cornstarch's), or the largest that divides a small block.
-    tile_k = math.gcd(cc.block, 32)
-    cost_model = None if llm_config is None else cost_model_for(llm_config, block=cc.block, tile_k=tile_k)
-    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block, tile_k=tile_k,
+    if attention_impl is None:  # Cornstarch's key tiles of 32 tokens, or the largest that divides a small block
+        tile_q, tile_k = cc.block, math.gcd(cc.block, 32)
+    else:
+        head_dim = 128 if llm_config is None else (llm_config.head_dim or llm_config.d_model // llm_config.n_heads)
+        tile_q, tile_k = planner_tile(parallel_config, meta.segment_ids.shape[1], head_dim, attention_impl, backend,
+                                      generation)
+    cost_model = None if llm_config is None else cost_model_for(llm_config, block=tile_q, tile_k=tile_k)
+    plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block, tile_k=tile_k, tile_q=tile_q,
                        cost_model=cost_model)
     permuted = cp_lib.permute_batch(flat, plan)
 

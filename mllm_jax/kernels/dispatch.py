@@ -67,6 +67,29 @@ def choose(impl: str, num_keys: int, backend: str | None = None) -> str:
     return "dense" if num_keys <= dense_max else "tiled"
 
 
+def kernel_tile(impl: str, num_queries: int, num_keys: int, head_dim: int, backend: str | None = None,
+                generation: str | None = None) -> tuple[int, int]:
+    """(block_q, block_k): the tile the kernel ``choose(impl, num_keys, backend)`` computes on a call of
+    ``num_queries`` x ``num_keys`` tokens with ``head_dim``, by default blocks (the kernels' block tables:
+    pallas_tpu.blocks_for per TPU generation, pallas_gpu.default_blocks per GPU generation, kernels.tiled's
+    default_block; dense attention is one tile). ``generation``: the TPU/GPU generation ("v5e", "h100"; default the
+    running one's, else the kernel's default)."""
+    name = choose(impl, num_keys, backend)
+    if name == "pallas_tpu":
+        from mllm_jax.kernels.pallas_tpu import blocks_for
+
+        return blocks_for(num_queries, num_keys, head_dim, generation=generation)
+    if name == "pallas_gpu":
+        from mllm_jax.kernels.pallas_gpu import default_blocks
+
+        return default_blocks(num_queries, num_keys, head_dim, generation)
+    if name == "tiled":
+        from mllm_jax.kernels._common import default_block
+
+        return default_block(num_queries), default_block(num_keys)
+    return num_queries, num_keys
+
+
 def mesh_backend() -> str | None:
     """The platform of the devices of the mesh being traced for, when it says ("tpu", "gpu", "cpu"): a program
     compiled on a CPU host for a TPU target (--compile_only) chooses as on the target, not as on the host."""

@@ -5,8 +5,9 @@ context ranks. Rank r then holds the slots [r * S' / cp, (r + 1) * S' / cp) of t
 the padded length; padding slots hold -1 (segment 0: they attend nothing and nothing attends them).
 
 Work per block (DESIGN.md, 'Context parallelism'):
-- attention: the number of non-empty ``block`` x ``tile_k`` tiles of its rows against every key of its sequence
-  (Cornstarch's 128 x 32 tiles), counted exactly from the metadata;
+- attention: the number of non-empty ``tile_q`` x ``tile_k`` tiles of its rows against every key of its sequence
+  (by default ``block`` x 32: Cornstarch's 128 x 32 tiles; data.context_batches passes the attention kernel's own
+  tile on the run's platform), counted exactly from the metadata;
 - linear layers (projections, MLP): its number of real tokens.
 Tile counts do not depend on the permutation because blocks move whole, so a plan is costed once, before assignment.
 
@@ -62,6 +63,7 @@ class ContextPlan:
     seq_len: int
     alpha: float
     beta: float
+    tile_q: int = 0  # rows of the counted tiles (0: block)
 
     @property
     def padded_len(self) -> int:
@@ -137,8 +139,9 @@ def _entries(pos, code, span, unit):
     return keys, seg_max, seg_min, (unit_id[sp], code[sp], span[sp])
 
 
-def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32):
-    """Exact non-empty ``block`` x ``tile_k`` tile counts and real-token counts per row block, int64 [B, nb] each.
+def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32, tile_q: int | None = None):
+    """Exact non-empty ``tile_q`` x ``tile_k`` tile counts (``tile_q`` defaults to ``block``; both must divide it, so
+    tiles move whole with their block) and real-token counts per row block, int64 [B, nb] each.
 
     A tile is non-empty iff some query of the block attends some key of the chunk under the kernels.meta rule (no
     window, not span-isolated). Linear in the number of tokens: row blocks and key chunks are summarised by their
@@ -149,7 +152,11 @@ def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32):
     seg = np.asarray(meta.segment_ids)
     span = np.asarray(meta.span_ids)
     b, s = seg.shape
+    tq = block if tile_q is None else tile_q
+    if block % tq or block % tile_k:
+        raise ValueError(f"block ({block}) must be a multiple of tile_q ({tq}) and tile_k ({tile_k})")
     nb = -(-s // block)
+    nq = nb * (block // tq)  # row units of tile_q rows (summed into their block at the end)
     nk = nb * (block // tile_k)
     pad = nb * block - s
     if pad:
@@ -167,7 +174,7 @@ def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32):
     else:
         _, inv = np.unique(np.where(seg_flat != 0, batch_of * _SHIFT + seg_flat, -1), return_inverse=True)
         code = np.where(seg_flat != 0, inv.astype(np.int64) + 1, 0)
-    q_keys, q_pmax, _, (qs_unit, qs_seg, qs_span) = _entries(pos, code, span, block)
+    q_keys, q_pmax, _, (qs_unit, qs_seg, qs_span) = _entries(pos, code, span, tq)
     k_keys, _, k_pmin, (ks_unit, ks_seg, ks_span) = _entries(pos, code, span, tile_k)
     q_row, q_seg = q_keys // _SHIFT, q_keys % _SHIFT
     k_col, k_seg = k_keys // _SHIFT, k_keys % _SHIFT
@@ -191,14 +198,14 @@ def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32):
     q_sp_seg = sp_codes[q_sp_pid] // _SHIFT
     p_of_sp = q_pmax[np.searchsorted(q_rowseg, q_sp_row * _SHIFT + q_sp_seg)]
 
-    counts = np.zeros(b * nb, np.int64)
+    counts = np.zeros(b * nq, np.int64)
     # Simple chunks: one (segment, min position) and optionally one span each.
     simple_seg = simple_col[k_col]
     c_seg, c_min = k_seg[simple_seg], k_pmin[simple_seg]
     causal_sorted = np.sort(c_seg * _SHIFT + c_min)
     hi = np.searchsorted(causal_sorted, q_seg * _SHIFT + q_pmax, side="right")
     lo = np.searchsorted(causal_sorted, q_seg * _SHIFT, side="left")
-    counts += np.bincount(q_row, weights=hi - lo, minlength=b * nb).astype(np.int64)
+    counts += np.bincount(q_row, weights=hi - lo, minlength=b * nq).astype(np.int64)
     # ... plus the span chunks of a row's span that its causal reach misses (min position beyond the row's max).
     col_min = np.zeros(b * nk, np.int64)
     col_min[k_col[simple_seg]] = c_min
@@ -206,14 +213,14 @@ def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32):
     span_sorted = np.sort(k_sp_pid[simple_sp] * _SHIFT + col_min[k_sp_col[simple_sp]])
     hi = np.searchsorted(span_sorted, (q_sp_pid + 1) * _SHIFT, side="left")
     lo = np.searchsorted(span_sorted, q_sp_pid * _SHIFT + p_of_sp, side="right")
-    counts += np.bincount(q_sp_row, weights=hi - lo, minlength=b * nb).astype(np.int64)
+    counts += np.bincount(q_sp_row, weights=hi - lo, minlength=b * nq).astype(np.int64)
 
     # Other chunks (several segments or spans: boundaries): mark every (row, chunk) pair reached, then count.
     cx_cols = np.flatnonzero(~simple_col & (n_seg_per_col > 0))
     if cx_cols.size:
         cx_index = np.full(b * nk, -1, np.int64)
         cx_index[cx_cols] = np.arange(cx_cols.size)
-        hit = np.zeros((b * nb, cx_cols.size), bool)
+        hit = np.zeros((b * nq, cx_cols.size), bool)
         # Causal: rows of the same segment whose max position reaches the chunk's min position.
         q_order = np.argsort(q_seg * _SHIFT + q_pmax, kind="stable")
         q_sorted = (q_seg * _SHIFT + q_pmax)[q_order]
@@ -229,7 +236,7 @@ def block_costs(meta: TokenMeta, block: int = 128, tile_k: int = 32):
         hi = np.searchsorted(sp_sorted, k_sp_pid[sel], side="right")
         _mark(hit, q_sp_row[sp_order], lo, hi, cx_index[k_sp_col[sel]])
         counts += hit.sum(1)
-    return counts.reshape(b, nb), tokens
+    return counts.reshape(b, nb, block // tq).sum(-1), tokens
 
 
 def _mark(hit, rows_sorted, lo, hi, cols):
@@ -357,6 +364,7 @@ def plan(
     block: int = 128,
     *,
     tile_k: int = 32,
+    tile_q: int | None = None,
     cost_model: CostModel | None = None,
     alpha: float | None = None,
     beta: float | None = None,
@@ -367,20 +375,24 @@ def plan(
 
     ``alpha`` / ``beta`` (FLOPs per non-empty tile / per token) default to ``cost_model`` (CostModel() if None).
     S is padded to a multiple of cp * block (2 * cp * block for zigzag); see the module docstring.
-    ``costs``: block_costs(meta, block, tile_k), when already computed (planning several modes for one batch).
+    ``costs``: block_costs(meta, block, tile_k, tile_q), when already computed (planning several modes for one
+    batch). ``tile_q`` x ``tile_k``: the attention tile counted (``tile_q`` defaults to ``block``); with the kernel's
+    own tile (kernels.dispatch.kernel_tile) and a block that is a multiple of both, the plan's rank tiles are the
+    live tiles the kernel computes on each rank (data.context_batches.permute_for_context does this).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if not isinstance(cp, (int, np.integer)) or cp < 1:
         raise ValueError(f"cp (context ranks) must be a positive integer; got {cp!r}")
-    if block < 1 or tile_k < 1 or block % tile_k:
-        raise ValueError(f"block ({block}) must be a positive multiple of tile_k ({tile_k})")
+    tq = block if tile_q is None else tile_q
+    if block < 1 or tile_k < 1 or tq < 1 or block % tile_k or block % tq:
+        raise ValueError(f"block ({block}) must be a positive multiple of tile_k ({tile_k}) and tile_q ({tq})")
     pos, seg, span = _check_meta(meta)
-    cm = cost_model or CostModel(tile_q=block, tile_k=tile_k)
+    cm = cost_model or CostModel(tile_q=tq, tile_k=tile_k)
     alpha = cm.alpha if alpha is None else float(alpha)
     beta = cm.beta if beta is None else float(beta)
     b, s = seg.shape
-    tiles, tokens = costs if costs is not None else block_costs(TokenMeta(pos, seg, span), block, tile_k)
+    tiles, tokens = costs if costs is not None else block_costs(TokenMeta(pos, seg, span), block, tile_k, tq)
     if tiles.shape != (b, -(-s // block)) or tokens.shape != tiles.shape:
         raise ValueError(f"costs must be two [B, nb] = {(b, -(-s // block))} arrays; got {tiles.shape}, {tokens.shape}")
     nb = tiles.shape[1]
@@ -417,6 +429,7 @@ def plan(
         seq_len=s,
         alpha=alpha,
         beta=beta,
+        tile_q=tq,
     )
 
 

@@ -154,7 +154,8 @@ def prepare_host_batch(batch: dict, cfg: RunConfig, *, leading: int) -> dict:
     """Host-side transforms before placement: the context-parallel permutation when ParallelConfig.context > 1; the
     encoder instances assigned to devices by cost (DataConfig.encoder_balance)."""
     if cfg.parallel.context > 1:
-        batch, _ = permute_for_context(batch, cfg.parallel, leading=leading, llm_config=cfg.model.llm)
+        batch, _ = permute_for_context(batch, cfg.parallel, leading=leading, llm_config=cfg.model.llm,
+                                       attention_impl=cfg.model.attention_impl)  # count the kernel's own tiles
     return encoder_balance.prepare(batch, cfg.model, cfg.parallel, cfg.data.encoder_balance, leading=leading)
 
 
