@@ -20,7 +20,7 @@ context) generates where it lies, under its mesh: the rows are placed as data.pl
 data x fsdp where that divides B), the parameters stay in their storage and are FSDP-gathered per layer as in
 training, the cache's rows follow the batch axes and its K/V heads `tensor` (CACHE_NAMES), the logits are laid out
 per row. With a `context` axis the prompt's prefill runs as a training forward does: the left-aligned prompt
-permuted on the host by the context planner (``context_permute``: parallel.context, ContextConfig's mode and block),
+permuted on the host by training's planner step (``context_permute``: ContextConfig's mode and block),
 its sequence sharded over `context`, every projection and MLP on a rank's share, the attention the model's
 context-parallel method (allgather or ring) with the metadata travelling with the keys; each layer's K/V are written
 into the cache in the left-aligned token order. The cache is replicated over `context` and each decoded token runs
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -54,9 +53,7 @@ from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.llm import (LLM, _layer_slice, attention_residual, attention_scale, check_rope_positions, layer_ropes,
                           layer_window, mlp_sublayer, rope_tables, use_layer_params)
 from mllm_jax.multimodal import MultimodalModel, llm_meta
-from mllm_jax.parallel import context as cp_lib
-from mllm_jax.parallel.config import ContextConfig
-from mllm_jax.parallel.cost_model import CostModel
+from mllm_jax.parallel.config import ContextConfig, ParallelConfig
 
 GLOBAL_WINDOW = 2**30  # a window no position distance reaches: the code of a global-attention layer
 # The cache's logical names [L, B, T, Hkv, Dh]: on a mesh its rows lie like the activations' batch (data x fsdp) and
@@ -165,19 +162,21 @@ def left_align(batch: dict) -> dict:
     return out
 
 
-def context_permute(batch: dict, cp: int, config: ContextConfig, llm_config) -> tuple[dict, np.ndarray]:
+def context_permute(batch: dict, cp: int, config: ContextConfig, model_config) -> tuple[dict, np.ndarray]:
     """(a left-aligned batch permuted for context parallelism, order [B, W]: the slot of each left-aligned token).
 
-    The training path's planner (parallel.context.plan with ``config``'s mode and block, blocks costed from the LLM's
-    shapes as data.context_batches.cost_model_for does) and permutation: every token array moves with its metadata
+    The training loop's own host step (data.context_batches.permute_for_context, as train.loop.prepare_host_batch
+    calls it): a plan of ``config``'s mode and block over ``cp`` ranks, blocks costed from the LLM's shapes and the
+    tiles of the attention kernel ``model_config.attention_impl`` runs; every token array moves with its metadata
     (feature_index and M-RoPE positions included), S' is padded to a multiple of cp x block (padding: segment 0)."""
-    meta = TokenMeta(*(np.asarray(batch[k]) for k in ("positions", "segment_ids", "span_ids")))
-    tile_k = math.gcd(config.block, 32)
-    c = llm_config
-    cost_model = CostModel(d_model=c.d_model, d_ff=c.d_ff, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                           head_dim=c.resolved_head_dim, gated_mlp=True, tile_q=config.block, tile_k=tile_k)
-    plan = cp_lib.plan(meta, cp, mode=config.mode, block=config.block, tile_k=tile_k, cost_model=cost_model)
-    return cp_lib.permute_batch(batch, plan), plan.inverse()
+    from mllm_jax.data.context_batches import permute_for_context
+
+    # permute_for_context moves the labels too: a prompt has none (IGNORE everywhere), dropped after.
+    full = {**batch, "labels": np.full(np.shape(batch["input_ids"]), IGNORE, np.int32)}
+    out, plan = permute_for_context(full, ParallelConfig(context=cp, context_config=config), leading=0,
+                                    llm_config=model_config.llm, attention_impl=model_config.attention_impl)
+    out.pop("labels")
+    return out, plan.inverse()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -580,7 +579,8 @@ def generate(model, batch: dict, *, max_new_tokens: int, sampling: SamplingConfi
 
         order = None
         if mesh.shape["context"] > 1:  # as training: the prompt permuted by a context plan, its sequence sharded
-            left, order = context_permute(left, mesh.shape["context"], context_config or ContextConfig(), llm.config)
+            left, order = context_permute(left, mesh.shape["context"], context_config or ContextConfig(),
+                                          model.config)
         with jax.set_mesh(mesh):
             placed = put_batch(left, mesh, leading=0, rule_table=model.rule_table)
             stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)

@@ -125,7 +125,7 @@ def test_context_parallel_prefill_generates_like_one_device(request, rows, layou
     ref = decode.generate(model, batch, max_new_tokens=STEPS, return_logits=True)
     # The plan really moves tokens (a cache written in slot order instead of token order would differ) and pads the
     # 16-token prompts to no more than cp x block per rank.
-    permuted, order = decode.context_permute(decode.left_align(batch), 2, plan, cfg.llm)
+    permuted, order = decode.context_permute(decode.left_align(batch), 2, plan, cfg)
     assert order.shape == (rows, 16) and (order != np.arange(16)).any(), order
     assert permuted["input_ids"].shape == (rows, 16)
     pc = ParallelConfig(**layout, context_config=plan)

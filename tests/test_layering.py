@@ -16,8 +16,10 @@ FORBIDDEN = {"data": ("train",), "hf": ("train",)}
 # run's workdir with the train layer's own reader, lazily inside its CLI function; the library functions
 # (hf.export.export, save_pretrained, ...) import nothing from train.
 EXEMPT = {("mllm_jax.hf.export", "mllm_jax.train.workdir"),
-          # decode's sharded path lays the prompt batch out exactly as training lays out an eval batch (lazily)
-          ("mllm_jax.decode", "mllm_jax.data.placement.put_batch")}
+          # decode's sharded path lays the prompt batch out exactly as training lays out an eval batch (lazily),
+          # and under context parallelism permutes it with training's own planner step (lazily)
+          ("mllm_jax.decode", "mllm_jax.data.placement.put_batch"),
+          ("mllm_jax.decode", "mllm_jax.data.context_batches.permute_for_context")}
 # The model layer (mllm_jax's top-level modules) never imports the layers above it; gin_setup, the registry of every
 # config class (train's and data's included), sits above all of them by design.
 MODEL_FORBIDDEN = ("data", "hf", "train", "datasets", "processor")
