@@ -373,53 +373,64 @@ def plot(examples, path):
     plt.close(fig)
 
 
-def kernel_rank_balance(length=4096, cp=4, families=("multimodal_packed", "llava_single_image"),
-                        modes=("zigzag", "balanced"), target="tpu:v5e:1x1"):
-    """The context-parallel attention each rank really runs, compiled: under ``allgather`` a rank attends its q shard
-    of the permuted batch to every (gathered) key; that call of kernels.pallas_tpu (forward + backward, Llama-3-8B
-    heads) is compiled for ``target`` with the rank's concrete metadata, whose tile lists hold exactly its live tiles,
-    and the compiler's cost analysis gives the rank's attention FLOPs (the kernel declares them per listed tile).
-    Per family and mode: max / mean over ranks of those compiled FLOPs (``compiled_ratio``) next to the planner's
-    own prediction from its 128 x 32 tile counts (``planned_tile_ratio``): they can disagree (different tiles, the
-    kernel's 512 x 1024 blocks over the permuted order)."""
+def measured_rank_tiles(meta: TokenMeta, p, *, block: int = 128, heads: int = 2, head_dim: int = 16,
+                        seed: int = 0) -> np.ndarray:
+    """The tiles each context rank's attention really computes under plan ``p``: the batch with metadata ``meta`` is
+    permuted by ``p.permutation`` and kernels.context_parallel.context_attention (method "ring", its per-step kernel
+    kernels.tiled with ``block`` x ``block`` tiles) is compiled and run under jax.shard_map on ``p.cp`` devices; each
+    ring step's tile loop counts the tiles it computes on its rank (context_parallel.record_rank_tiles). int64 [cp]
+    summed over the batch rows and ring steps. Needs ``p.cp`` devices (8 fake CPU devices:
+    XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from mllm_jax.kernels import pallas_tpu
-    from mllm_jax.train import targets as tg
+    from mllm_jax.kernels import context_parallel
 
-    device = tg.parse(target).devices()[0]
-    mesh = jax.make_mesh((1,), ("x",), devices=[device])
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    cm = CostModel()
-    hq, hkv, d = cm.n_heads, cm.n_kv_heads, cm.head_dim
-    shard = length // cp
+    if len(jax.devices()) < p.cp:
+        raise ValueError(f"measured_rank_tiles needs {p.cp} devices (the plan's cp); jax has {len(jax.devices())}: "
+                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={p.cp} before jax starts")
+    pm = p.permute_meta(meta)
+    b, s = pm.segment_ids.shape
+    mesh = jax.make_mesh((p.cp,), ("context",), devices=jax.devices()[: p.cp])
+    seq = NamedSharding(mesh, P(None, "context"))
+    x = jax.device_put(jax.random.normal(jax.random.key(seed), (b, s, heads, head_dim)), seq)
+    m = TokenMeta(*(jax.device_put(jnp.asarray(a), seq) for a in pm))
+    with context_parallel.record_rank_tiles() as record:
+        f = jax.jit(lambda x, m: context_parallel.context_attention(
+            x, x, x, m, m, mesh=mesh, method="ring", impl="xla", block_q=block, block_k=block))
+        jax.block_until_ready(f(x, m))
+        jax.effects_barrier()
+    tiles = np.zeros(p.cp, np.int64)
+    for rank, n in record:
+        tiles[rank] += n
+    return tiles
+
+
+def kernel_rank_balance(length=4096, cp=4, families=("multimodal_packed", "llava_single_image"),
+                        modes=("zigzag", "balanced"), block=128, heads=2, head_dim=16):
+    """Per-rank balance of the real context-parallel attention against the planner's prediction. Per family and mode:
+    the plan (tiles of the ring's CPU kernel, ``block`` x ``block``), then ``measured_rank_tiles``: the ring attention
+    itself compiled and run on ``cp`` fake devices, each rank's tiles counted by the kernel's tile loop, and its
+    forward FLOPs (4 x block^2 x head_dim per tile and query head). ``agree``: the measured tiles are the planned
+    ones rank by rank. Why measured and not the compiler's cost analysis: the ranks run one SPMD program whose tile
+    loops have data-dependent trip counts, so its compiled FLOPs are the same on every rank."""
     out = {}
     for fi, family in enumerate(families):
         meta = family_meta(family, length, np.random.default_rng([11, fi]))
         out[family] = {}
         for mode in modes:
-            p = plan(meta, cp, mode)
-            pm = p.permute_meta(meta)
-            n = pm.segment_ids.shape[1] // cp
-            flops = []
-            for r in range(cp):
-                q_meta = TokenMeta(*(a[:, r * n : (r + 1) * n] for a in pm))
-
-                def loss(q, k, v, q_meta=q_meta):
-                    o = pallas_tpu.flash_attention(q, k, v, q_meta, pm, generation=target.split(":")[1])
-                    return jnp.sum(o.astype(jnp.float32))
-
-                spec = lambda s, h: jax.ShapeDtypeStruct((1, s, h, d), jnp.bfloat16, sharding=sharding)  # noqa
-                k_len = pm.segment_ids.shape[1]
-                compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
-                    spec(n, hq), spec(k_len, hkv), spec(k_len, hkv)).compile()
-                ca = compiled.cost_analysis()
-                flops.append(float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]))
-            out[family][mode] = {"compiled_ratio": max(flops) / float(np.mean(flops)),
+            p = plan(meta, cp, mode, block=block, tile_k=block)
+            tiles = measured_rank_tiles(meta, p, block=block, heads=heads, head_dim=head_dim)
+            flops = tiles * 4.0 * block * block * head_dim * heads
+            out[family][mode] = {"measured_ratio": float(tiles.max() / tiles.mean()),
                                  "planned_tile_ratio": float(p.rank_tiles.max() / p.rank_tiles.mean()),
-                                 "rank_gflops": [f / 1e9 for f in flops]}
-    return {"seq_len": length, "cp": cp, "target": target, "shard": shard, "families": out}
+                                 "measured_rank_tiles": tiles.tolist(), "planned_rank_tiles": p.rank_tiles.tolist(),
+                                 "rank_attention_mflops": [f / 1e6 for f in flops],
+                                 "agree": bool(np.array_equal(tiles, p.rank_tiles))}
+    return {"seq_len": length, "cp": cp, "tile": [block, block], "kernel": "kernels.tiled (ring step)",
+            "families": out}
 
 
 def main(argv=None):
@@ -430,8 +441,11 @@ def main(argv=None):
     ap.add_argument("--masks", type=int, default=None)
     ap.add_argument("--no_flops", action="store_true")
     ap.add_argument("--kernel_ranks", action="store_true",
-                    help="compile each rank's real attention (kernels.pallas_tpu, tpu:v5e) and compare its FLOPs")
+                    help="run the real ring attention on 4 fake devices and compare each rank's tiles with the plan")
     args = ap.parse_args(argv)
+    if args.kernel_ranks and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sizes = [4096] if args.quick else [16384, 32768, 65536]
     n_masks = args.masks or (3 if args.quick else 50)
     t0 = time.perf_counter()

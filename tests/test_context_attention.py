@@ -310,3 +310,24 @@ def test_ring_compiles_for_h100_with_the_triton_kernels_inside_the_ring():
     # cp = 4 steps: the scanned cp - 1 and the last one, so each kernel appears twice (not unrolled 4 times).
     assert ct.pallas_kernels(text) == {n: 2 for n in names}, ct.pallas_kernels(text)
     assert ct.collectives(text)["collective-permute"]["count"] >= 2
+
+
+@pytest.mark.slow
+def test_per_rank_balance_check_runs_the_real_ring_and_catches_a_wrong_plan():
+    """benchmarks.cp_balance.measured_rank_tiles compiles and runs context_attention (ring, kernels.tiled steps) on 4
+    of the 8 fake devices and counts each rank's tiles in the kernel's own tile loop. With the plan that permuted the
+    batch it equals the planner's per-rank tiles; a deliberately wrong plan (made for another batch's metadata, then
+    applied to this one) predicts other per-rank tiles than the attention computes, and the check says so."""
+    from benchmarks.cp_balance import measured_rank_tiles
+
+    cp, s = 4, 2048
+    meta = _meta(("multimodal_packed",), s, seed=2)
+    right = plan(meta, cp, "balanced", block=128, tile_k=128)
+    measured = measured_rank_tiles(meta, right)
+    np.testing.assert_array_equal(measured, right.rank_tiles)
+    other = _meta(("video",), s, seed=3)
+    wrong = plan(other, cp, "balanced", block=128, tile_k=128)
+    measured_wrong = measured_rank_tiles(meta, wrong)
+    assert not np.array_equal(measured_wrong, wrong.rank_tiles), (measured_wrong, wrong.rank_tiles)
+    # The same tiles in total (a permutation moves whole blocks), differently spread over the ranks.
+    assert measured_wrong.sum() == right.rank_tiles.sum()

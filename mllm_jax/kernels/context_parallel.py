@@ -24,6 +24,7 @@ from metadata, never from slot indices. Two methods:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -192,18 +193,49 @@ def _block_fns(kw):
     return tiled_attention_fwd_block, tiled_attention_bwd_block, kw
 
 
-def _block_forward(q, k, v, q_meta, k_meta, kw):
+# Instrumentation (``record_rank_tiles``): a list while recording, else None; read at trace time, so programs traced
+# outside the context carry no callback.
+_rank_tiles: list | None = None
+
+
+@contextlib.contextmanager
+def record_rank_tiles():
+    """Record the tiles each ring step's forward computes on each rank, as (rank, tiles) pairs appended when a
+    program traced inside this context runs: the tile loop's own counter of kernels.tiled (the ring's step off the
+    accelerators; 0 for a shard pair skipped whole). For per-rank balance checks (benchmarks/cp_balance.py)."""
+    global _rank_tiles
+    previous, _rank_tiles = _rank_tiles, []
+    try:
+        yield _rank_tiles
+    finally:
+        _rank_tiles = previous
+
+
+def _block_forward(q, k, v, q_meta, k_meta, kw, axis=None):
     """out [B, Sq, Hq, D] (f32, normalised over this K/V shard) and lse [B, Hq, Sq] (-inf: nothing seen here)."""
     fwd_block, _, kw_ = _block_fns(kw)
+    record = _rank_tiles
+    if record is not None and kw["kernel"] != "tiled":
+        raise ValueError(f"record_rank_tiles counts kernels.tiled's tile loop; this ring steps with {kw['kernel']}")
 
     def compute(_):
-        return fwd_block(q, k, v, q_meta, k_meta, **kw_)
+        if record is None:
+            return (*fwd_block(q, k, v, q_meta, k_meta, **kw_), jnp.int32(0))
+        from mllm_jax.kernels import tiled
+
+        cfg = tiled._config(q, k, kw_["block_q"], kw_["block_k"], kw_["scale"], kw_["window"], kw_["softcap"],
+                            kw_["span_isolated"])
+        return tiled._fwd_block(cfg, q, k, v, q_meta, k_meta)
 
     def skip(_):
         b, sq, hq, _d = q.shape
-        return jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32), jnp.full((b, hq, sq), -jnp.inf, jnp.float32)
+        return (jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32), jnp.full((b, hq, sq), -jnp.inf, jnp.float32),
+                jnp.int32(0))
 
-    return jax.lax.cond(_any_visible(q_meta, k_meta, kw["window"], kw["span_isolated"]), compute, skip, None)
+    o, lse, n = jax.lax.cond(_any_visible(q_meta, k_meta, kw["window"], kw["span_isolated"]), compute, skip, None)
+    if record is not None:
+        jax.debug.callback(lambda r, t: record.append((int(r), int(t))), jax.lax.axis_index(axis), n)
+    return o, lse
 
 
 def _block_backward(q, k, v, q_meta, k_meta, do, lse, delta, kw):
@@ -289,7 +321,7 @@ def _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items):
     b, sq, hq, _d = q.shape
 
     def step(carry, kv):
-        o_t, lse_t = _block_forward(q, kv[0], kv[1], q_meta, kv[2], kw)
+        o_t, lse_t = _block_forward(q, kv[0], kv[1], q_meta, kv[2], kw, axis)
         return _merge(*carry, o_t, lse_t)
 
     init = (jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32), jnp.full((b, hq, sq), -jnp.inf, jnp.float32))
