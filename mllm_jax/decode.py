@@ -15,19 +15,18 @@ GQA, sliding windows (per layer: Gemma 2 alternates), logit soft-capping, Gemma'
     out = generate(model, batch, max_new_tokens=16, stop_tokens=(eos,))   # model: MultimodalModel or LLM
     out.tokens [B, 16] (pad_id after a row's stop token), out.lengths [B] (tokens up to and including the stop)
 
-**Sharded**: a model laid out on a mesh with the training layouts (build.create_model; data, fsdp, tensor,
-context) generates where it lies, under its mesh: the rows are placed as data.placement places an eval batch (over
-data x fsdp where that divides B), the parameters stay in their storage and are FSDP-gathered per layer as in
-training, the cache's rows follow the batch axes and its K/V heads `tensor` (CACHE_NAMES), the logits are laid out
-per row. With a `context` axis the prompt's prefill runs as a training forward does: the left-aligned prompt
-permuted on the host by training's planner step (``context_permute``: ContextConfig's mode and block),
-its sequence sharded over `context`, every projection and MLP on a rank's share, the attention the model's
-context-parallel method (allgather or ring) with the metadata travelling with the keys; each layer's K/V are written
-into the cache in the left-aligned token order. The cache is replicated over `context` and each decoded token runs
-on every context rank: one query row per step has no sequence to split, and sharding the cache's slots would turn
-every step's softmax into a cross-rank merge for a tiny matmul; the prefill, whose attention grows with the prompt
-squared, is what context parallelism splits. Pipeline and expert axes are refused (``_layout``). The one-device
-path is unchanged.
+**Sharded**: a model laid out on a mesh with the training layouts (build.create_model; data, fsdp, tensor, context)
+generates where it lies, under its mesh: the rows are placed as data.placement places an eval batch (over data x fsdp
+where that divides B), the parameters stay in their storage and are FSDP-gathered per layer as in training, the
+cache's rows follow the batch axes and its K/V heads `tensor` (CACHE_NAMES), the logits are laid out per row. With a
+`context` axis the prompt's prefill runs as a training forward does: the left-aligned prompt permuted on the host by
+training's planner step (``context_permute``: ContextConfig's mode and block), its sequence sharded over `context`,
+every projection and MLP on a rank's share, the attention the model's context-parallel method (allgather or ring) with
+the metadata travelling with the keys; each layer's K/V are written into the cache in the left-aligned token order.
+The cache is replicated over `context` and each decoded token runs on every context rank: one query row per step has
+no sequence to split, and sharding the cache's slots would turn every step's softmax into a cross-rank merge for a
+tiny matmul; the prefill, whose attention grows with the prompt squared, is what context parallelism splits. Pipeline
+and expert axes are refused (``_layout``). The one-device path is unchanged.
 
 ``batch``: a contract batch (docs/contracts.md) holding prompts only, one sample per row, right-padded as the data
 pipeline makes them (segment 0 = padding); labels are not needed. ``SamplingConfig``: greedy (temperature 0),
