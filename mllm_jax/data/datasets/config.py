@@ -42,6 +42,12 @@ class DatasetConfig:
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
     audio_prompt: str = "Describe the audio."
+    # Native-resolution vision (NativeVisionConfig; docs/data.md): the frame rate of a "video" whose record has no
+    # "fps" field (0: unknown, every frame is kept, as the processor without a rate), and a directory with a Hugging
+    # Face preprocessor_config.json (+ video_preprocessor_config.json) to take the processor from ("": the model's
+    # NativeVisionConfig).
+    video_fps: float = 0.0
+    processor_path: str = ""
 
     def validate(self) -> "DatasetConfig":
         if self.format not in FORMATS:
@@ -56,6 +62,8 @@ class DatasetConfig:
             raise ValueError(f"DatasetConfig.seq_len_buckets must be positive lengths; got {self.seq_len_buckets}")
         if not self.instance_buckets or any(int(n) <= 0 for n in self.instance_buckets):
             raise ValueError(f"DatasetConfig.instance_buckets must be positive counts; got {self.instance_buckets}")
+        if self.video_fps < 0:
+            raise ValueError(f"DatasetConfig.video_fps must be >= 0 (0: unknown); got {self.video_fps}")
         for name in ("global_batch_samples", "rows_per_microbatch", "prefetch", "num_workers", "max_image_pixels"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"DatasetConfig.{name} must be positive; got {getattr(self, name)}")

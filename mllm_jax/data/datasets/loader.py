@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mllm_jax.data import native_pack
 from mllm_jax.data.datasets.balance import Capacity, assign
 from mllm_jax.data.datasets.config import DatasetConfig
 from mllm_jax.data.datasets.packing import PackedBatchWriter, choose_bucket, pack_rows
@@ -87,6 +88,11 @@ class Loader:
         self.pad_id = pad_id
         self.workload_model = workload_model or WorkloadModel(model_config)
         self.placeholder_ids = {n: model_config.placeholder_ids[n] for n in source.modalities}
+        # Native-resolution modalities (docs/native_resolution.md): instances packed into patch rows, whose count per
+        # rank and microbatch is the smallest of DatasetConfig.instance_buckets that holds every microbatch's.
+        self.native = {n: model_config.encoders[n] for n in source.modalities if model_config.is_native_resolution(n)}
+        merges = [e.spatial_merge_size for e in self.native.values()]
+        self.mrope_merge = (merges[0] if merges else 1) if getattr(model_config.llm, "mrope_section", None) else None
         state = dict(state) if state is not None else {"epoch": 0, "position": 0}
         self._check_state(state)
         self.bad = BadSampleLog(config.on_bad_sample, state.get("bad_samples"))
@@ -148,10 +154,24 @@ class Loader:
         tokens = [s.num_tokens for s in samples]
         mods = self.source.modalities
         inst = [{m: s.num_instances(m) for m in mods} for s in samples]
-        work = self.workload_model.workloads(tokens, inst)
+        # A native modality is priced from its instances' grids and limited by patches: each sample's instances'
+        # patch counts (known from the headers), which must first-fit into n_max patch rows per microbatch.
+        grids = [{m: [i.grid for i in s.instances if i.modality == m] for m in self.native} for s in samples]
+        patches = [{m: [int(np.prod(g)) for g in d[m]] for m in self.native} for d in grids]
+        work = self.workload_model.workloads(tokens, [dict(d, **g) for d, g in zip(inst, grids)])
         rows, s_max, n_max = cfg.rows_per_microbatch, max(cfg.seq_len_buckets), max(cfg.instance_buckets)
-        cap = Capacity(tokens, [[d[m] for m in mods] for d in inst], max_tokens=rows * s_max,
-                       max_instances=n_max, fits=lambda ix: pack_rows([tokens[i] for i in ix], rows, s_max) is not None)
+
+        def native_rows(ix, m):
+            return native_pack.rows_needed([n for i in ix for n in patches[i][m]], self.native[m])
+
+        def fits(ix):
+            return pack_rows([tokens[i] for i in ix], rows, s_max) is not None and all(
+                native_rows(ix, m) <= n_max for m in self.native)
+
+        cap = Capacity(tokens, [[sum(patches[i][m]) if m in self.native else inst[i][m] for m in mods]
+                                for i in range(len(samples))], max_tokens=rows * s_max,
+                       max_instances=[n_max * self.native[m].patches_per_row if m in self.native else n_max
+                                      for m in mods], fits=fits)
         assignment = assign(work, num_ranks=self.num_ranks, num_microbatches=self.microbatches,
                             method=cfg.microbatch_assignment, seed=[cfg.seed, *start], capacity=cap,
                             refine_iterations=cfg.refine_iterations)
@@ -161,7 +181,8 @@ class Loader:
             return all(pack_rows([tokens[i] for i in mb], rows, s) is not None for mb in mbs)
 
         seq_len = choose_bucket(cfg.seq_len_buckets, packs)
-        need = {m: max(sum(inst[i][m] for i in mb) for mb in mbs) for m in mods}
+        need = {m: max(native_rows(mb, m) if m in self.native else sum(inst[i][m] for i in mb) for mb in mbs)
+                for m in mods}
         slots = {m: choose_bucket(cfg.instance_buckets, lambda b, m=m: b >= need[m]) for m in mods}
         plan_rows = [[[[mb[j] for j in row] for row in pack_rows([tokens[i] for i in mb], rows, seq_len)]
                       for mb in rank] for rank in assignment]
@@ -183,7 +204,7 @@ class Loader:
                                    first_rank=self.local_ranks[0], rows=self.config.rows_per_microbatch,
                                    seq_len=plan.seq_len, slots=plan.slots, shapes=self.source.instance_shapes,
                                    feature_counts=self.source.feature_counts, placeholder_ids=self.placeholder_ids,
-                                   pad_id=self.pad_id)
+                                   pad_id=self.pad_id, native=self.native, mrope_merge=self.mrope_merge)
         ids = [[None] * len(self.local_ranks) for _ in range(self.microbatches)]
         for lr, r in enumerate(self.local_ranks):
             for m in range(self.microbatches):

@@ -160,3 +160,103 @@ def load_audio(path: str, sample_id: str, *, n_mels: int, num_frames: int, data:
         x, rate = read_wav(path, sample_id, data)
         return log_mel(resample(x, rate), n_mels=n_mels, num_frames=num_frames)
     raise BadSampleError(sample_id, "corrupt_file", f"audio {path}: unsupported extension (want .wav or .npy)")
+
+
+# ----------------------------------------------------------------- native resolution (Qwen2-VL processor, videos)
+
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _open_image(path: str, sample_id: str, max_pixels: int, data: bytes | None = None):
+    """An opened (not yet decoded) PIL image; its header checked against ``max_pixels``."""
+    if data is None and not os.path.isfile(path):
+        raise BadSampleError(sample_id, "missing_file", f"image {path} does not exist")
+    try:
+        img = Image.open(path if data is None else io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadSampleError(sample_id, "image_too_large", f"image {path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadSampleError(sample_id, "corrupt_file", f"image {path} cannot be decoded: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise BadSampleError(sample_id, "image_too_large",
+                             f"image {path} is {width} x {height} = {width * height:,} pixels, more than "
+                             f"DatasetConfig.max_image_pixels={max_pixels:,}")
+    return img
+
+
+def image_size(path: str, sample_id: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) from an image file's header (no pixel decoded)."""
+    with _open_image(path, sample_id, max_pixels) as img:
+        return img.size[1], img.size[0]
+
+
+def decode_rgb(path: str, sample_id: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               data: bytes | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]: the image decoded and made RGB as HF's processors do (native_vision.to_rgb)."""
+    from mllm_jax.data.processor.native_vision import to_rgb
+
+    try:
+        with _open_image(path, sample_id, max_pixels, data) as img:
+            img.load()  # a truncated file fails here
+            return to_rgb(img)
+    except BadSampleError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSampleError(sample_id, "image_too_large", f"image {path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadSampleError(sample_id, "corrupt_file", f"image {path} cannot be decoded: {e}") from None
+
+
+def video_header(path: str, sample_id: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """(frame count, height, width, frame files) of a video without decoding it: a folder of frame images (sorted by
+    file name; the first frame's header gives the size) or a .npy uint8 [T, H, W, 3] (its header). BadSampleError
+    "missing_file", "corrupt_file", "bad_video" (no frames, not uint8 [T, H, W, 3]) or "image_too_large"."""
+    if os.path.isdir(path):
+        files = tuple(sorted(os.path.join(path, f) for f in os.listdir(path)
+                             if f.lower().endswith(FRAME_EXTENSIONS) and os.path.isfile(os.path.join(path, f))))
+        if not files:
+            raise BadSampleError(sample_id, "bad_video", f"video folder {path} has no frames (no file ending in "
+                                 f"{FRAME_EXTENSIONS})")
+        h, w = image_size(files[0], sample_id, max_pixels=max_pixels)
+        return len(files), h, w, files
+    if not os.path.isfile(path):
+        raise BadSampleError(sample_id, "missing_file", f"video {path} does not exist")
+    if not path.endswith(".npy"):
+        raise BadSampleError(sample_id, "bad_video", f"video {path}: want a folder of frames or a .npy file")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only
+    except (OSError, ValueError, EOFError) as e:
+        raise BadSampleError(sample_id, "corrupt_file", f"video {path} cannot be read as .npy: {e}") from None
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+        raise BadSampleError(sample_id, "bad_video", f"video {path}: want uint8 frames [T, H, W, 3]; got "
+                             f"{a.dtype} {a.shape}")
+    if a.shape[0] == 0:
+        raise BadSampleError(sample_id, "bad_video", f"video {path} has no frames (shape {a.shape})")
+    if a.shape[1] * a.shape[2] > max_pixels:
+        raise BadSampleError(sample_id, "image_too_large", f"video {path}: frames of {a.shape[1]} x {a.shape[2]} "
+                             f"pixels, more than DatasetConfig.max_image_pixels={max_pixels:,}")
+    return a.shape[0], a.shape[1], a.shape[2], ()
+
+
+def decode_video_frames(instance, sample_id: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """(uint8 [n, H, W, 3] the frames ``instance.frames`` keeps, sha256 of the bytes they were decoded from): only
+    the kept frames of a folder are read. Frames whose size differs from the first's: "corrupt_file"."""
+    h = hashlib.sha256()
+    if instance.frame_files:
+        frames = []
+        for k in instance.frames:
+            data, digest = read_media(instance.frame_files[k], sample_id)
+            h.update(digest.encode())
+            frames.append(decode_rgb(instance.frame_files[k], sample_id, max_pixels=max_pixels, data=data))
+        if len({f.shape for f in frames}) != 1:
+            raise BadSampleError(sample_id, "corrupt_file", f"video {instance.media}: frames of different sizes "
+                                 f"{sorted({f.shape[:2] for f in frames})}")
+        return np.stack(frames), h.hexdigest()
+    data, digest = read_media(instance.media, sample_id)
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise BadSampleError(sample_id, "corrupt_file", f"video {instance.media} cannot be read as .npy: {e}") from None
+    return np.ascontiguousarray(a[np.asarray(instance.frames, np.int64)]), digest

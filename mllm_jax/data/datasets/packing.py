@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mllm_jax.data import native_pack
 from mllm_jax.data.datasets.sample import IGNORE, Sample
 
 
@@ -45,21 +46,39 @@ class PackedBatchWriter:
     r*N .. r*N+N-1 of each global microbatch, and feature_index holds global indices (r*N + n) * T + k into the
     microbatch's projected features [D * N * T, dim], so the host blocks of all processes concatenate along axis 1
     into the global microbatch.
+
+    A native-resolution modality (``native[name]``: its NativeVisionConfig, docs/native_resolution.md): ``slots[name]``
+    is the patch rows R per data rank and microbatch (one bucket for the whole global batch), encoder_inputs[name] the
+    dict {patches [M, D_local * R, P, K], grid, segment_ids} of each rank's instances packed by
+    ``native_pack.pack_instances``, and feature_index the global index ((r * R + row) * P + offset) / merge_size**2 + k
+    into the microbatch's merged features [D * R * P / merge_size**2, dim]. ``mrope_merge``: write ``rope_positions``
+    [M, D_local * R, S, 3] per sample (native_pack.rope_positions; the merge size of the native tower, 1 without one).
     """
 
     def __init__(self, *, microbatches: int, local_ranks: int, first_rank: int, rows: int, seq_len: int,
-                 slots: dict, shapes: dict, feature_counts: dict, placeholder_ids: dict, pad_id: int = 0):
+                 slots: dict, shapes: dict, feature_counts: dict, placeholder_ids: dict, pad_id: int = 0,
+                 native: dict | None = None, mrope_merge: int | None = None):
         m, b, s = microbatches, local_ranks * rows, seq_len
         self.rows, self.seq_len, self.first_rank = rows, seq_len, first_rank
         self.slots, self.feature_counts, self.placeholder_ids = slots, feature_counts, placeholder_ids
+        self.native, self.mrope_merge = dict(native or {}), mrope_merge
         self.batch = {k: np.zeros((m, b, s), np.int32) for k in ("input_ids", "positions", "segment_ids", "span_ids")}
         self.batch["input_ids"][:] = pad_id
         self.batch["labels"] = np.full((m, b, s), IGNORE, np.int32)
+        if mrope_merge is not None:
+            self.batch["rope_positions"] = np.zeros((m, b, s, 3), np.int32)
         self.batch["encoder_inputs"] = {n: np.zeros((m, local_ranks * slots[n]) + tuple(shapes[n]), np.float32)
-                                        for n in slots}
+                                        for n in slots if n not in self.native}
+        for n, enc in self.native.items():
+            self.batch["encoder_inputs"][n] = {
+                "patches": np.zeros((m, local_ranks * slots[n], enc.patches_per_row, enc.patch_dim), np.float32),
+                "grid": np.zeros((m, local_ranks * slots[n], enc.patches_per_row, 3), np.int32),
+                "segment_ids": np.zeros((m, local_ranks * slots[n], enc.patches_per_row), np.int32)}
+        self.patches_used = 0  # native patch slots holding an instance, over the batch
         self.batch["feature_index"] = {n: np.full((m, b, s), -1, np.int32) for n in slots}
         # Beside the batch (object arrays do not go to devices): the id of each encoder row, like encoder_inputs'
         # instance axes [M, D_local * N] ("" for an empty slot), for a frozen encoder's feature cache.
+        # (A native modality's rows are patch rows, shared by instances: their keys stay "".)
         self.instance_keys = {n: np.full((m, local_ranks * slots[n]), "", object) for n in slots}
 
     def put(self, microbatch: int, local_rank: int, row_plan) -> None:
@@ -69,6 +88,7 @@ class PackedBatchWriter:
         bt, m = self.batch, microbatch
         used = {n: 0 for n in self.slots}
         global_rank = self.first_rank + local_rank
+        native_items = {n: [] for n in self.native}  # (instance, processed, row, first token, sample id)
         for r, samples in enumerate(row_plan):
             row = local_rank * self.rows + r
             cursor, segment, span = 0, 0, 0
@@ -90,7 +110,25 @@ class PackedBatchWriter:
                 if len(keys) != len(p.instances):
                     raise ValueError(f"sample {p.sample_id!r}: {len(keys)} instance keys for {len(p.instances)} "
                                      f"instances")
+                rope_spans = []
                 for inst, data, key in zip(p.instances, sample.encoder_inputs, keys):
+                    if not np.all(p.input_ids[inst.start:inst.start + inst.length] == self.placeholder_ids[
+                            inst.modality]):
+                        raise ValueError(f"sample {p.sample_id!r}: {inst.modality!r} run at {inst.start} is not "
+                                         f"placeholders")
+                    if inst.modality in self.native:
+                        enc = self.native[inst.modality]
+                        if tuple(data.grid_thw) != tuple(inst.grid) or inst.length != native_pack.instance_tokens(
+                                inst.grid, enc.spatial_merge_size):
+                            raise ValueError(f"sample {p.sample_id!r}: {inst.modality!r} instance {inst.media} has "
+                                             f"grid {tuple(data.grid_thw)}, its run {inst.length} tokens for the "
+                                             f"planned grid {inst.grid}")
+                        span += 1
+                        bt["span_ids"][m, row, cursor + inst.start:cursor + inst.start + inst.length] = span
+                        native_items[inst.modality].append((inst, data, row, cursor + inst.start, p.sample_id))
+                        rope_spans.append((inst.start, tuple(inst.grid),
+                                           native_pack.time_interval(enc, data, inst.video)))
+                        continue
                     name, k = inst.modality, used[inst.modality]
                     if k >= self.slots[name]:
                         raise ValueError(f"microbatch {m} rank {global_rank}: more than {self.slots[name]} "
@@ -98,12 +136,32 @@ class PackedBatchWriter:
                     used[name] += 1
                     span += 1
                     run = slice(cursor + inst.start, cursor + inst.start + inst.length)
-                    if not np.all(p.input_ids[inst.start:inst.start + inst.length] == self.placeholder_ids[name]):
-                        raise ValueError(f"sample {p.sample_id!r}: {name!r} run at {inst.start} is not placeholders")
                     bt["span_ids"][m, row, run] = span
                     bt["encoder_inputs"][name][m, local_rank * self.slots[name] + k] = data
                     self.instance_keys[name][m, local_rank * self.slots[name] + k] = key
                     t = self.feature_counts[name]
                     base = (global_rank * self.slots[name] + k) * t
                     bt["feature_index"][name][m, row, run] = base + np.arange(inst.length)
+                if self.mrope_merge is not None:  # fixed-size modalities' tokens count as text
+                    bt["rope_positions"][m, row, sl] = native_pack.rope_positions(n_tok, rope_spans, self.mrope_merge)
                 cursor += n_tok
+        for name, items in native_items.items():
+            self._put_native(m, local_rank, global_rank, name, items)
+
+    def _put_native(self, m: int, local_rank: int, global_rank: int, name: str, items: list) -> None:
+        """A rank's instances of a native modality packed into its R patch rows; their runs' feature_index."""
+        enc, r = self.native[name], self.slots[name]
+        try:
+            packed = native_pack.pack_instances([x.patches for _, x, *_ in items], [x.grid_thw for _, x, *_ in items],
+                                                enc, buckets=(r,), names=[f"sample {it[-1]!r}: {it[0].media}"
+                                                                          for it in items])
+        except ValueError as e:  # the plan guaranteed they fit: a mismatch here is a bug, never a silent overflow
+            raise ValueError(f"microbatch {m} rank {global_rank}: {name!r} instances do not fit the planned {r} patch "
+                             f"rows: {e}") from e
+        rows = slice(local_rank * r, (local_rank + 1) * r)
+        for key, v in packed.inputs.items():
+            self.batch["encoder_inputs"][name][key][m, rows] = v
+        self.patches_used += packed.used
+        first = global_rank * r * enc.patches_per_row // enc.merge_units  # this rank's first merged feature
+        for (inst, _, row, start, _), base in zip(items, packed.feature_base):
+            self.batch["feature_index"][name][m, row, start:start + inst.length] = first + base + np.arange(inst.length)

@@ -29,12 +29,22 @@ class BadSampleError(ValueError):
 
 @dataclass(frozen=True)
 class Instance:
-    """One encoder instance (an image, an audio clip) and its placeholder run [start, start + length)."""
+    """One encoder instance (an image, an audio clip) and its placeholder run [start, start + length).
+
+    A native-resolution instance (docs/native_resolution.md) also carries what planning read from its header: its
+    patch grid (t, h, w) (the run is t*h*w / merge_size**2 long) and, for a video, the frames kept (indices into
+    ``frame_files`` for a folder of frames, into the first axis of a .npy clip) and the seconds one temporal grid
+    step spans (the M-RoPE time interval's)."""
 
     modality: str
     start: int
     length: int
-    media: str  # path of the file it is decoded from
+    media: str  # path of the file (or, for a video, the .npy file or folder of frames) it is decoded from
+    grid: tuple | None = None  # native resolution: (t, h, w) patches
+    video: bool = False
+    frames: tuple = ()  # video: the frame indices kept (processor's sample_frames)
+    frame_files: tuple = ()  # video folder: its frame images in order
+    seconds_per_grid: float | None = None  # video: temporal_patch_size / the sampled frame rate
 
 
 @dataclass

@@ -22,7 +22,10 @@ from mllm_jax.data.datasets import media as media_lib
 from mllm_jax.data.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image, read_media
 from mllm_jax.data.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
 from mllm_jax.data.datasets.text import ConversationEncoder
+from mllm_jax.data import native_pack
 from mllm_jax.data.processor.chat import ChatTemplate
+
+VIDEO = "<video>"  # a native-resolution LLaVA record's video placeholder (images: <image>)
 
 
 def _decode_utf8(path: str, data: bytes) -> str:
@@ -103,9 +106,14 @@ class _Source:
         self.model_config = model_config
         self.max_tokens = int(max_tokens)
         self.max_instances = int(max_instances)
-        self.feature_counts = {self.modality: feature_counts(model_config)[self.modality]}
-        self.instance_shapes = {self.modality: encoder_input_shape(model_config.encoders[self.modality])}
-        self.encoder = ConversationEncoder(tokenizer, model_config.placeholder_ids, self.feature_counts, template)
+        self.native = model_config.is_native_resolution(self.modality)
+        if self.native:  # each instance's run follows its own grid (NativeLlavaSource)
+            self.feature_counts, self.instance_shapes = {self.modality: None}, {}
+        else:
+            self.feature_counts = {self.modality: feature_counts(model_config)[self.modality]}
+            self.instance_shapes = {self.modality: encoder_input_shape(model_config.encoders[self.modality])}
+        self.encoder = ConversationEncoder(tokenizer, model_config.placeholder_ids, self.feature_counts, template,
+                                           aliases={VIDEO: self.modality} if self.native else None)
 
     @property
     def modalities(self) -> tuple:
@@ -234,10 +242,154 @@ class AudioCaptionSource(_Source):
         return Sample(prepared, tuple(inputs), tuple(keys))
 
 
+def _as_list(value, sid: str, what: str) -> list:
+    value = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise BadSampleError(sid, "malformed_record", f"{what!r} must be a path or a list of paths; got {value!r}")
+    return value
+
+
+def native_processor(model_config, name: str, processor_path: str = ""):
+    """The NativeVisionProcessor of modality ``name``: from a Hugging Face processor directory (its
+    preprocessor_config.json) when ``processor_path`` names one, else the model's NativeVisionConfig. A directory
+    whose patch sizes differ from the tower's is a ValueError naming both."""
+    from mllm_jax.data.processor.native_vision import NativeVisionProcessor
+
+    enc = model_config.encoders[name]
+    if not processor_path:
+        return NativeVisionProcessor.for_model(enc)
+    proc = NativeVisionProcessor.from_pretrained(processor_path)
+    want = (enc.patch_size, enc.temporal_patch_size, enc.spatial_merge_size)
+    got = (proc.patch_size, proc.temporal_patch_size, proc.merge_size)
+    if got != want:
+        raise ValueError(f"DatasetConfig.processor_path={processor_path!r}: (patch_size, temporal_patch_size, "
+                         f"merge_size) = {got}, but the {name!r} tower has {want}")
+    return proc
+
+
+class NativeLlavaSource(LlavaSource):
+    """LLaVA JSON for a native-resolution vision tower (NativeVisionConfig, docs/native_resolution.md): images at
+    their own size and videos, through the Qwen2-VL processor. A record: {"id", "image": path | [paths],
+    "video": path | [paths] (a folder of frame images, sorted by file name, or a .npy uint8 [T, H, W, 3]),
+    "fps": the videos' frame rate (optional; default DatasetConfig.video_fps, 0 = unknown: every frame kept),
+    "conversations": [...]}; the text's ``<image>`` marks the images in order, ``<video>`` the videos in order.
+
+    ``prepare`` reads only headers (image size; a video's frame count and size) to know each instance's grid, its
+    placeholder run (t*h*w / merge_size**2 tokens), the frames a video keeps and its patch count, so every host
+    plans the same batches; ``materialize`` decodes the pixels (only a video's kept frames) through the processor."""
+
+    def __init__(self, json_path: str, image_folder: str, tokenizer, model_config, *, max_tokens: int,
+                 max_rows: int, template: ChatTemplate | str = "synthetic",
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, video_fps: float = 0.0, processor_path: str = ""):
+        super().__init__(json_path, image_folder, tokenizer, model_config, max_tokens=max_tokens,
+                         max_instances=max_rows, template=template, max_image_pixels=max_image_pixels)
+        self.enc = model_config.encoders[self.modality]
+        self.processor = native_processor(model_config, self.modality, processor_path)
+        self.video_fps = float(video_fps)
+        self.processor_path = processor_path
+        self.max_rows = int(max_rows)  # patch rows per data rank and microbatch (the largest instance bucket)
+
+    def _instance_plan(self, sid: str, path: str, video: bool, fps) -> dict:
+        """Instance fields from the file's header: grid, kept frames, seconds per grid."""
+        try:
+            if not video:
+                h, w = media_lib.image_size(path, sid, max_pixels=self.max_image_pixels)
+                return dict(grid=native_pack.image_grid(self.processor, h, w))
+            n, h, w, files = media_lib.video_header(path, sid, max_pixels=self.max_image_pixels)
+            keep, grid, spg = native_pack.video_plan(self.processor, n, h, w, fps)
+        except ValueError as e:  # the processor's refusals: an aspect ratio above 200, too few frames to sample
+            if isinstance(e, BadSampleError):
+                raise
+            raise BadSampleError(sid, "bad_video" if video else "bad_image_size", f"{path}: {e}") from None
+        return dict(grid=grid, video=True, frames=tuple(int(k) for k in keep), frame_files=files,
+                    seconds_per_grid=float(spg))
+
+    def prepare(self, index: int) -> PreparedSample:
+        rec, sid = self.records[index], self.sample_id(index)
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            raise BadSampleError(sid, "malformed_record", "want a dict with a 'conversations' list")
+        images, videos = _as_list(rec.get("image"), sid, "image"), _as_list(rec.get("video"), sid, "video")
+        fps = rec.get("fps", self.video_fps)
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps < 0:
+            raise BadSampleError(sid, "malformed_record", f"'fps' must be a non-negative number; got {fps!r}")
+        try:
+            turns = [(t["from"], str(t["value"])) for t in rec["conversations"]]
+        except (KeyError, TypeError):
+            raise BadSampleError(sid, "malformed_record", "each turn needs 'from' and 'value'") from None
+        markers = self.encoder.markers(turns)
+        image_marker = self.encoder.placeholder_strings[self.modality]
+        n_img, n_vid = markers.count(image_marker), markers.count(VIDEO)
+        if (n_img, n_vid) != (len(images), len(videos)):
+            raise BadSampleError(sid, "placeholder_mismatch", f"{n_img} {image_marker} and {n_vid} {VIDEO} "
+                                 f"placeholders in the text but {len(images)} images and {len(videos)} videos")
+        paths = iter([self._media_path(p, sid) for p in images]), iter([self._media_path(p, sid) for p in videos])
+        media = [next(paths[m == VIDEO]) for m in markers]  # in order of appearance
+        for p in media:
+            if not os.path.exists(p):
+                raise BadSampleError(sid, "missing_file", f"{p} does not exist")
+        plans = [self._instance_plan(sid, p, m == VIDEO, float(fps) or None) for p, m in zip(media, markers)]
+        counts = [int(np.prod(pl["grid"])) for pl in plans]
+        p_row = self.enc.patches_per_row
+        for pl, n, path in zip(plans, counts, media):
+            if n > p_row:
+                raise BadSampleError(sid, "instance_too_large",
+                                     f"{path}: grid (t, h, w) = {pl['grid']} has {n} patches, more than a packed row "
+                                     f"holds (NativeVisionConfig.patches_per_row = {p_row})")
+        if native_pack.rows_needed(counts, self.enc) > self.max_rows:
+            raise BadSampleError(sid, "too_many_instances",
+                                 f"its {len(counts)} instances of {counts} patches need "
+                                 f"{native_pack.rows_needed(counts, self.enc)} patch rows of {p_row}, more than the "
+                                 f"largest bucket's {self.max_rows} (DatasetConfig.instance_buckets)")
+        lengths = [native_pack.instance_tokens(pl["grid"], self.enc.spatial_merge_size) for pl in plans]
+        try:
+            ids, target, runs = self.encoder.encode_turns(turns, run_lengths=lengths)
+        except ValueError as e:
+            raise BadSampleError(sid, "malformed_record", str(e)) from None
+        if len(ids) > self.max_tokens:
+            raise BadSampleError(sid, "too_long", f"{len(ids)} tokens, more than the longest bucket's {self.max_tokens}")
+        instances = tuple(Instance(name, start, n, p, **pl)
+                          for (name, start), n, p, pl in zip(runs, lengths, media, plans))
+        return PreparedSample(sid, ids, target, instances)
+
+    def preprocessing(self) -> dict:
+        return {"version": media_lib.PREPROCESSING_VERSION, "processor": repr(self.processor)}
+
+    def materialize(self, prepared: PreparedSample) -> Sample:
+        """Each instance through the processor (a NativeInstance), its grid checked against the planned one."""
+        sid, out, keys = prepared.sample_id, [], []
+        for inst in prepared.instances:
+            if inst.video:
+                frames, digest = media_lib.decode_video_frames(inst, sid, max_pixels=self.max_image_pixels)
+                try:  # the kept frames alone: the processor samples nothing more
+                    x = self.processor.video(frames)._replace(seconds_per_grid=inst.seconds_per_grid)
+                except ValueError as e:
+                    raise BadSampleError(sid, "bad_video", f"{inst.media}: {e}") from None
+            else:
+                data, digest = read_media(inst.media, sid)
+                rgb = media_lib.decode_rgb(inst.media, sid, max_pixels=self.max_image_pixels, data=data)
+                try:
+                    x = self.processor.image(rgb)
+                except ValueError as e:
+                    raise BadSampleError(sid, "bad_image_size", f"{inst.media}: {e}") from None
+            if tuple(x.grid_thw) != tuple(inst.grid):
+                raise BadSampleError(sid, "grid_mismatch", f"{inst.media}: decoded to grid {tuple(x.grid_thw)}, but "
+                                     f"its header planned {tuple(inst.grid)} (a file changed since, or frames of "
+                                     f"another size)")
+            out.append(x)
+            keys.append(digest)
+        return Sample(prepared, tuple(out), tuple(keys))
+
+
 def make_source(config, tokenizer, model_config, *, template: ChatTemplate | str = "synthetic"):
-    """The source a DatasetConfig names; lengths and instance limits from its largest buckets."""
+    """The source a DatasetConfig names; lengths and instance limits from its largest buckets. LLaVA JSON for a
+    native-resolution "vision" tower is read by NativeLlavaSource (instance_buckets then count patch rows)."""
     config.validate()
     kw = dict(max_tokens=max(config.seq_len_buckets), max_instances=max(config.instance_buckets), template=template)
+    if config.format == "llava" and "vision" in model_config.encoders and model_config.is_native_resolution("vision"):
+        kw["max_rows"] = kw.pop("max_instances")
+        return NativeLlavaSource(config.path, config.media_root, tokenizer, model_config,
+                                 max_image_pixels=config.max_image_pixels, video_fps=config.video_fps,
+                                 processor_path=config.processor_path, **kw)
     if config.format == "llava":
         return LlavaSource(config.path, config.media_root, tokenizer, model_config, mean=config.image_mean,
                            std=config.image_std, max_image_pixels=config.max_image_pixels, **kw)

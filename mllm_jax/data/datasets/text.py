@@ -41,10 +41,13 @@ def encode_fn(tokenizer):
 class ConversationEncoder:
     """Encodes [(role, text)] turns. ``feature_counts[name]`` is the run length per instance of modality ``name``,
     ``placeholder_ids[name]`` its token id (ModelConfig.placeholder_ids), ``placeholders[name]`` the string that marks
-    an instance in the text (``<image>``). The template's markers are tokenised with the same tokenizer as the text."""
+    an instance in the text (``<image>``); ``aliases`` more strings for a modality ({"<video>": "vision"}). A
+    modality whose count is None (native resolution: each instance its own grid) takes each run's length from
+    ``encode_turns(..., run_lengths=)``. The template's markers are tokenised with the same tokenizer as the text."""
 
     def __init__(self, tokenizer, placeholder_ids: dict, feature_counts: dict,
-                 template: ChatTemplate | str = "synthetic", placeholders: dict = PLACEHOLDER_TOKENS):
+                 template: ChatTemplate | str = "synthetic", placeholders: dict = PLACEHOLDER_TOKENS,
+                 aliases: dict | None = None):
         self.encode = encode_fn(tokenizer)
         self.template = template = get_template(template)
         self.placeholder_ids = dict(placeholder_ids)
@@ -55,6 +58,11 @@ class ConversationEncoder:
             raise ValueError(f"no placeholder string or id for modalities {missing}; placeholders "
                              f"{dict(placeholders)}, placeholder_ids {self.placeholder_ids}")
         by_string = {s: n for n, s in self.placeholder_strings.items()}
+        for string, name in (aliases or {}).items():
+            if name not in self.feature_counts:
+                raise ValueError(f"placeholder alias {string!r} names modality {name!r}, which has no count "
+                                 f"({sorted(self.feature_counts)})")
+            by_string[string] = name
         self._split = re.compile("(" + "|".join(re.escape(s) for s in by_string) + ")") if by_string else None
         self._by_string = by_string
         encode_marker = lambda text: self.encode(text) if text else np.zeros(0, np.int32)  # noqa: E731
@@ -65,10 +73,18 @@ class ConversationEncoder:
     def count_placeholders(self, text: str) -> dict:
         return {n: text.count(s) for n, s in self.placeholder_strings.items()}
 
-    def encode_turns(self, turns):
-        """turns: [(role in {"human", "gpt"}, text)] -> (ids [L] int32, target [L] bool, runs [(modality, start)]).
+    def markers(self, turns) -> list:
+        """The placeholder strings of ``turns``' texts in order of appearance (each one instance's run)."""
+        if self._split is None:
+            return []
+        return [piece for _, text in turns for piece in self._split.split(text) if piece in self._by_string]
 
-        Raises ValueError on an unknown role (callers turn it into a bad sample)."""
+    def encode_turns(self, turns, run_lengths=None):
+        """turns: [(role in {"human", "gpt"}, text)] -> (ids [L] int32, target [L] bool, runs [(modality, start)]).
+        ``run_lengths``: the length of each run in order of appearance (``markers``), for modalities without a fixed
+        count.
+
+        Raises ValueError on an unknown role or a run without a length (callers turn it into a bad sample)."""
         ids, tgt, runs = [self._bos], [np.zeros(len(self._bos), bool)], []
         length = len(self._bos)
 
@@ -87,8 +103,14 @@ class ConversationEncoder:
             for piece in pieces:
                 name = self._by_string.get(piece)
                 if name is not None:
+                    k = len(runs)
+                    n = self.feature_counts[name] if run_lengths is None else run_lengths[k] if k < len(
+                        run_lengths) else None
+                    if n is None:
+                        raise ValueError(f"placeholder {piece!r} (run {k}) has no length: {len(run_lengths or ())} "
+                                         f"run lengths given")
                     runs.append((name, length))
-                    put(np.full(self.feature_counts[name], self.placeholder_ids[name], np.int32), False)
+                    put(np.full(int(n), self.placeholder_ids[name], np.int32), False)
                 elif piece.strip():
                     put(self.encode(piece), is_gpt)
             put(self._suffix[ROLES[role]], is_gpt)  # the answer's end-of-turn marker is trained
