@@ -227,6 +227,69 @@ def test_bad_inputs_raise_naming_the_sample_under_on_bad_sample_raise(setup):
         src.prepare(len(src) - 1)
 
 
+def _flat(batch):
+    return {f"{k}/{n}/{q}" if isinstance(a, dict) else f"{k}/{n}": (a[q] if isinstance(a, dict) else a)
+            for k, v in batch.items() for n, a in (v.items() if isinstance(v, dict) else [("", v)])
+            for q in (a if isinstance(a, dict) else [None])}
+
+
+def test_host_blocks_concatenate_to_the_single_host_batch(setup):
+    """Two hosts, each decoding its data rank only: their blocks (patch rows, feature_index global) are the one-host
+    batch's halves along the row axis."""
+    _, path, _, mc = setup
+    cfg = dataset_config(path)
+
+    def first(pi, pc):
+        with Loader(make_source(cfg, build_tokenizer(), mc), cfg, mc, num_data_ranks=2, microbatches=2,
+                    process_index=pi, process_count=pc) as loader:
+            return _flat(next(loader))
+
+    whole, a, b = first(0, 1), first(0, 2), first(1, 2)
+    assert set(whole) == set(a) == set(b) and "encoder_inputs/vision/patches" in whole
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([a[k], b[k]], axis=1), whole[k], err_msg=k)
+
+
+@pytest.mark.parametrize("method", ["balanced", "sequential", "random"])
+def test_microbatch_patches_fit_one_patch_row_under_every_assignment(setup, method):
+    """With one patch row per rank and microbatch (instance_buckets=(1,)), planning puts no more patches in a
+    microbatch than the row holds, for every assignment method (the balancer prices and limits by patches)."""
+    _, path, _, mc = setup
+    cfg = dataset_config(path, instance_buckets=(1,), microbatch_assignment=method)
+    with Loader(make_source(cfg, build_tokenizer(), mc), cfg, mc, num_data_ranks=2, microbatches=2,
+                process_index=0, process_count=1) as loader:
+        for _ in range(3):
+            batch = next(loader)
+            seg = batch["encoder_inputs"]["vision"]["segment_ids"]
+            assert seg.shape[:2] == (2, 2)  # [M, D * 1 row]
+            for m in range(2):
+                mb = {k: (v[m] if not isinstance(v, dict) else {n: (a[m] if not isinstance(a, dict) else
+                                                                    {q: b[m] for q, b in a.items()})
+                                                                for n, a in v.items()}) for k, v in batch.items()}
+                check_batch(mb, mc)
+            assert (seg > 0).sum() > 0
+
+
+def test_processor_from_a_hf_preprocessor_config(setup, tmp_path):
+    _, path, _, mc = setup
+    enc = mc.encoders["vision"]
+    conf = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": enc.patch_size,
+            "temporal_patch_size": enc.temporal_patch_size, "merge_size": enc.spatial_merge_size,
+            "min_pixels": 1024, "max_pixels": 1600}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(conf))
+    src = make_source(dataset_config(path, processor_path=str(tmp_path)), build_tokenizer(), mc)
+    assert (src.processor.min_pixels, src.processor.max_pixels) == (1024, 1600)
+    ids = [src.sample_id(i) for i in range(len(src))]
+    # 8x8 is scaled up to min_pixels = 1024 (32x32: 8x8 patches); 24x40 up to 32x48 (the model's bounds keep it)
+    assert src.prepare(ids.index("s3")).instances[0].grid == (1, 8, 8)
+    x = src.materialize(src.prepare(ids.index("s0")))
+    assert x.prepared.instances[0].grid == tuple(x.encoder_inputs[0].grid_thw) == (1, 8, 12)
+    assert x.prepared.instances[0].length == 24 and (x.prepared.input_ids == 3).sum() == 24
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(conf | {"patch_size": 14}))
+    with pytest.raises(ValueError, match=r"processor_path.*\(14, 2, 2\).*\(4, 2, 2\)"):
+        make_source(dataset_config(path, processor_path=str(tmp_path)), build_tokenizer(), mc)
+
+
 @pytest.mark.slow
 def test_native_llava_json_trains_under_data_fsdp_context_like_data8(tmp_path):
     path, _ = write_dataset(tmp_path, bad=False)
