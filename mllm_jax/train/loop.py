@@ -432,7 +432,7 @@ def _start_train_data(cfg: RunConfig, data: _RunData, data_state: dict | None) -
     there; the synthetic stream is moved there."""
     if data.real:
         data.train = RealTrainData(cfg.dataset, data.tokenizer, cfg.model, cfg.parallel, state=data_state,
-                                   encoder_cache=cfg.data.encoder_cache)
+                                   encoder_cache=cfg.data.encoder_cache, pretrained=cfg.pretrained)
     elif data_state is not None:
         data.train.restore(data_state)
 
