@@ -290,6 +290,70 @@ def test_processor_from_a_hf_preprocessor_config(setup, tmp_path):
         make_source(dataset_config(path, processor_path=str(tmp_path)), build_tokenizer(), mc)
 
 
+def test_a_pretrained_runs_processor_comes_from_its_checkpoint_directory(setup, tmp_path):
+    """train.py's real data (RealTrainData) for a run from pretrained weights: the processor is read from the
+    checkpoint directory's preprocessor_config.json; DatasetConfig.processor_path overrides it; none: the tower's."""
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.data.train_data import RealTrainData
+    from mllm_jax.hf.recipe import PretrainedConfig
+
+    _, path, _, mc = setup
+    enc = mc.encoders["vision"]
+    for d, lo in (("ckpt", 1024), ("other", 512)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 4, "temporal_patch_size": 2,
+            "merge_size": 2, "min_pixels": lo, "max_pixels": 1600}))
+    cases = ((PretrainedConfig(model=str(tmp_path / "ckpt")), "", 1024),
+             (PretrainedConfig(model=str(tmp_path / "ckpt")), str(tmp_path / "other"), 512),
+             (PretrainedConfig(encoders={"vision": str(tmp_path / "ckpt")}), "", 1024),
+             (PretrainedConfig(model=str(tmp_path)), "", enc.min_pixels),  # no preprocessor_config.json there
+             (None, "", enc.min_pixels))
+    for pretrained, override, want in cases:
+        data = RealTrainData(dataset_config(path, processor_path=override), build_tokenizer(), mc, ParallelConfig(),
+                             pretrained=pretrained)
+        try:
+            assert data.source.processor.min_pixels == want, (pretrained, want)
+        finally:
+            data.close()
+
+
+def test_the_balancer_prices_each_sample_from_its_instances_grids(setup):
+    """What the loader hands the workload model: each sample's token count and, for the native modality, its
+    instances' grids as the processor makes them (the oracle: the processor on each file alone)."""
+    from mllm_jax.data.datasets import WorkloadModel
+
+    root, path, media, mc = setup
+    processor = NativeVisionProcessor.for_model(mc.encoders["vision"])
+    calls = []
+
+    class Recording(WorkloadModel):
+        def workloads(self, tokens, instances):
+            calls.append((list(tokens), [dict(i) for i in instances]))
+            return super().workloads(tokens, instances)
+
+    cfg = dataset_config(path)
+    src = make_source(cfg, build_tokenizer(), mc)
+    loader = Loader(src, cfg, mc, num_data_ranks=2, microbatches=2, process_index=0, process_count=1,
+                    workload_model=Recording(mc))
+    try:
+        plan = loader.plan({"epoch": 0, "position": 0})
+    finally:
+        loader.close()
+    tokens, instances = calls[-1]
+    assert tokens == [s.num_tokens for s in plan.samples]
+    for s, inst in zip(plan.samples, instances):
+        images, videos = media[s.sample_id]
+        text = [t for t in json.loads(open(path).read()) if t["id"] == s.sample_id][0]["conversations"][0]["value"]
+        order = iter(images), iter(videos)
+        want = [oracle(processor, root, *next(order[w == "<video>"]))[0].grid_thw for w in text.split()
+                if w in ("<image>", "<video>")]
+        assert [tuple(g) for g in inst["vision"]] == want, s.sample_id
+    # a bigger grid costs more encoder work (priced at its own size, not per instance)
+    w = Recording(mc)
+    assert w.encoder_flops("vision", [(1, 12, 8)]) > w.encoder_flops("vision", [(1, 4, 4)]) > 0
+
+
 @pytest.mark.slow
 def test_native_llava_json_trains_under_data_fsdp_context_like_data8(tmp_path):
     path, _ = write_dataset(tmp_path, bad=False)
