@@ -225,6 +225,20 @@ def test_bad_inputs_raise_naming_the_sample_under_on_bad_sample_raise(setup):
     src.records.append(rec)
     with pytest.raises(BadSampleError, match="placeholder_mismatch"):
         src.prepare(len(src) - 1)
+    # instances that need more patch rows than the largest bucket: 96 + 144 + 60 patches > one row of 256
+    one_row = make_source(dataset_config(path, on_bad_sample="raise", instance_buckets=(1,)), build_tokenizer(), mc)
+    one_row.records.append({"id": "many", "image": ["b.png", "a.png"], "video": ["v.npy"], "conversations": [
+        {"from": "human", "value": "<image> <video> <image>"}, {"from": "gpt", "value": "a"}]})
+    with pytest.raises(BadSampleError, match=r"many.*too_many_instances.*\[96, 144, 60\] patches need 2 patch rows"):
+        one_row.prepare(len(one_row) - 1)
+    # a file that changed size between planning and decoding: its grid no longer matches its run
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(root / "media" / "changing.png")
+    src.records.append({"id": "changed", "image": "changing.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]})
+    planned = src.prepare(len(src) - 1)
+    Image.fromarray(np.zeros((40, 24, 3), np.uint8)).save(root / "media" / "changing.png")
+    with pytest.raises(BadSampleError, match=r"changed.*grid_mismatch.*\(1, 10, 6\).*planned \(1, 6, 6\)"):
+        src.materialize(planned)
 
 
 def _flat(batch):
