@@ -368,6 +368,31 @@ def test_the_balancer_prices_each_sample_from_its_instances_grids(setup):
     assert w.encoder_flops("vision", [(1, 12, 8)]) > w.encoder_flops("vision", [(1, 4, 4)]) > 0
 
 
+def test_a_dropped_samples_instances_keep_their_planned_slots_empty(setup):
+    """native_pack.pack_instances(reserve=...) (what the writer does for a sample dropped while decoding): the others
+    sit exactly where the plan of all of them put them, in the same rows; the dropped one's slots are empty."""
+    _, _, _, mc = setup
+    enc = mc.encoders["vision"]
+    rng = np.random.default_rng(2)
+    grids = [(1, 12, 8), (2, 6, 8), (1, 6, 10), (3, 8, 6), (1, 4, 4)]
+    patches = [rng.standard_normal((int(np.prod(g)), enc.patch_dim)).astype(np.float32) for g in grids]
+    for drop in range(len(grids)):
+        keep = [i for i in range(len(grids)) if i != drop]
+        # the plan of all of them, the dropped one last (as the writer lists reserved instances)
+        full = native_pack.pack_instances([patches[i] for i in keep + [drop]], [grids[i] for i in keep + [drop]],
+                                          enc, buckets=(1, 2, 3))
+        got = native_pack.pack_instances([patches[i] for i in keep], [grids[i] for i in keep], enc,
+                                         buckets=(1, 2, 3), reserve=[len(patches[drop])])
+        np.testing.assert_array_equal(got.feature_base, full.feature_base[:-1])
+        assert got.inputs["patches"].shape == full.inputs["patches"].shape
+        assert got.used == full.used - len(patches[drop]) and got.padding == full.padding + len(patches[drop])
+        row, off = divmod(int(full.feature_base[-1]) * enc.merge_units, enc.patches_per_row)
+        assert (got.inputs["segment_ids"][row, off:off + len(patches[drop])] == 0).all()
+        for k, i in enumerate(keep):
+            r, o = divmod(int(full.feature_base[k]) * enc.merge_units, enc.patches_per_row)
+            np.testing.assert_array_equal(got.inputs["patches"][r, o:o + len(patches[i])], patches[i])
+
+
 @pytest.mark.slow
 def test_native_llava_json_trains_under_data_fsdp_context_like_data8(tmp_path):
     path, _ = write_dataset(tmp_path, bad=False)

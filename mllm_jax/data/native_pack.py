@@ -215,12 +215,16 @@ def video_plan(processor, num_frames: int, height: int, width: int, video_fps: f
     return keep, (t, h // processor.patch_size, w // processor.patch_size), spg
 
 
-def pack_instances(patches, grids, enc, *, rows: int | None = None, buckets=None, names=None) -> PackedRows:
+def pack_instances(patches, grids, enc, *, rows: int | None = None, buckets=None, names=None,
+                   reserve=()) -> PackedRows:
     """One microbatch's (or one data rank's) instances packed into patch rows of ``enc.patches_per_row``:
     ``patches[i]`` [n_i, K] from the processor, ``grids[i]`` its (t, h, w). The row count is the smallest of
     ``buckets`` (default ``row_buckets(len(patches))``) that holds them, grown to ``rows`` when given. An instance
     larger than a row is a ValueError naming it (``names[i]``, default its index). With no instance: empty rows of
-    the right width."""
+    the right width. ``reserve``: patch counts of instances planned with them but absent (a sample dropped while
+    decoding): the layout is the plan of all of them (the absent ones listed last), their places left empty, so what fit when planned still fits
+    (first-fit decreasing is not guaranteed monotone: a
+    re-plan of fewer items need not keep the planned row count)."""
     from mllm_jax.data.processor.native_vision import patch_grid
 
     p = enc.patches_per_row
@@ -229,8 +233,11 @@ def pack_instances(patches, grids, enc, *, rows: int | None = None, buckets=None
         if len(x) > p:
             raise ValueError(f"{name} of grid (t, h, w) = {tuple(int(v) for v in g)} has {len(x)} patches, more "
                              f"than a packed row holds (NativeVisionConfig.patches_per_row = {p}): raise it or lower max_pixels")
-    buckets = buckets if buckets is not None else row_buckets(max(len(patches), 1))
-    plan = plan_rows([len(x) for x in patches], p, enc.merge_units, buckets)
+    reserve = [int(n) for n in reserve]
+    buckets = buckets if buckets is not None else row_buckets(max(len(patches) + len(reserve), 1))
+    plan = plan_rows([len(x) for x in patches] + reserve, p, enc.merge_units, buckets)
+    k = len(patches)
+    plan = dataclasses.replace(plan, row=plan.row[:k], offset=plan.offset[:k], used=plan.used - sum(reserve))
     packed = pack(list(patches), [patch_grid(g, enc.spatial_merge_size) for g in grids], plan, enc.merge_units,
                   rows=max(plan.rows, rows or 0))
     if not len(patches):

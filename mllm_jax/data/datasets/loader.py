@@ -208,7 +208,8 @@ class Loader:
         ids = [[None] * len(self.local_ranks) for _ in range(self.microbatches)]
         for lr, r in enumerate(self.local_ranks):
             for m in range(self.microbatches):
-                writer.put(m, lr, [[decoded[i] for i in row] for row in plan.rows[r][m]])
+                writer.put(m, lr, [[decoded[i] for i in row] for row in plan.rows[r][m]],
+                           dropped=[plan.samples[i] for row in plan.rows[r][m] for i in row if decoded[i] is None])
                 ids[m][lr] = [decoded[i].sample_id for row in plan.rows[r][m] for i in row if decoded[i] is not None]
         return writer.batch, ids, writer.instance_keys
 

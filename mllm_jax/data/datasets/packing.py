@@ -81,8 +81,10 @@ class PackedBatchWriter:
         # (A native modality's rows are patch rows, shared by instances: their keys stay "".)
         self.instance_keys = {n: np.full((m, local_ranks * slots[n]), "", object) for n in slots}
 
-    def put(self, microbatch: int, local_rank: int, row_plan) -> None:
-        """row_plan: per row, the Samples packed in it (None entries, dropped samples, are left as padding)."""
+    def put(self, microbatch: int, local_rank: int, row_plan, dropped=()) -> None:
+        """row_plan: per row, the Samples packed in it (None entries, dropped samples, are left as padding).
+        ``dropped``: the PreparedSamples of those None entries: their native instances keep their planned patch
+        slots (empty), so the rest are laid out as planned."""
         if len(row_plan) > self.rows:
             raise ValueError(f"row plan has {len(row_plan)} rows; the bucket has {self.rows}")
         bt, m = self.batch, microbatch
@@ -146,15 +148,16 @@ class PackedBatchWriter:
                     bt["rope_positions"][m, row, sl] = native_pack.rope_positions(n_tok, rope_spans, self.mrope_merge)
                 cursor += n_tok
         for name, items in native_items.items():
-            self._put_native(m, local_rank, global_rank, name, items)
+            reserve = [int(np.prod(i.grid)) for p in dropped for i in p.instances if i.modality == name]
+            self._put_native(m, local_rank, global_rank, name, items, reserve)
 
-    def _put_native(self, m: int, local_rank: int, global_rank: int, name: str, items: list) -> None:
+    def _put_native(self, m: int, local_rank: int, global_rank: int, name: str, items: list, reserve=()) -> None:
         """A rank's instances of a native modality packed into its R patch rows; their runs' feature_index."""
         enc, r = self.native[name], self.slots[name]
         try:
             packed = native_pack.pack_instances([x.patches for _, x, *_ in items], [x.grid_thw for _, x, *_ in items],
-                                                enc, buckets=(r,), names=[f"sample {it[-1]!r}: {it[0].media}"
-                                                                          for it in items])
+                                                enc, buckets=(r,), reserve=reserve,
+                                                names=[f"sample {it[-1]!r}: {it[0].media}" for it in items])
         except ValueError as e:  # the plan guaranteed they fit: a mismatch here is a bug, never a silent overflow
             raise ValueError(f"microbatch {m} rank {global_rank}: {name!r} instances do not fit the planned {r} patch "
                              f"rows: {e}") from e
