@@ -130,6 +130,8 @@ def context_attention(
         ring_kw["kernel"] = _ring_kernel(kw.get("impl", "auto"), k.shape[1] // cp)
         if ring_kw["kernel"] != "tiled":
             ring_kw["interpret"] = bool(kw.get("interpret", False))
+        # Inside a pipeline stage (decided here, outside this shard_map, which makes every axis manual) the hop differs.
+        ring_kw["in_stage"] = _manual_stages() is not None
         body = functools.partial(_ring_attention, axis=axis, cp=cp, kw_items=tuple(sorted(ring_kw.items())))
     # check_vma=False: the per-shard attention may be a pallas_call, whose outputs carry no varying-axes type.
     return jax.shard_map(
@@ -182,6 +184,7 @@ def _block_fns(kw):
     """(forward block, backward block, their keyword arguments) of the ring's per-step kernel."""
     kw = dict(kw)
     kernel = kw.pop("kernel")
+    kw.pop("in_stage")
     if kernel == "pallas_tpu":
         from mllm_jax.kernels.pallas_tpu import flash_attention_bwd_block, flash_attention_fwd_block
 
@@ -264,7 +267,7 @@ def _merge(o, lse, o_t, lse_t):
     return (o * to_o(w / safe) + o_t * to_o(w_t / safe)), top + jnp.log(total)
 
 
-def _hop(axis, cp):
+def _hop(axis, cp, in_stage):
     """Sends a pytree one rank on round the ring over ``axis``: a ``ppermute``.
 
     Inside a pipeline stage (a shard_map already manual over `pipeline`, whose stages run different ops in a tick) a
@@ -274,7 +277,7 @@ def _hop(axis, cp):
     an ``all_to_all`` over ``axis``, whose replica groups are one stage's context group: the shard goes in the slot of
     the next rank, zeros in the others. It moves (cp - 1) x the bytes of the ppermute and holds a [cp, shard]
     buffer (equal bytes at cp = 2)."""
-    if _manual_stages() is None:
+    if not in_stage:
         return functools.partial(jax.lax.ppermute, axis_name=axis, perm=[(i, (i + 1) % cp) for i in range(cp)])
 
     def one(x):
@@ -287,7 +290,8 @@ def _hop(axis, cp):
 
 
 def _manual_stages(name: str = "pipeline"):
-    """(axis name, size) of a manual pipeline axis of size > 1 around this shard_map, or None."""
+    """(axis name, size) of a manual pipeline axis of size > 1 in the current mesh (inside the pipeline's stage
+    shard_map), or None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or name not in mesh.axis_names:
         return None
@@ -325,7 +329,7 @@ def _ring_forward(q, k, v, q_meta, k_meta, axis, cp, kw_items):
         return _merge(*carry, o_t, lse_t)
 
     init = (jnp.zeros((b, sq, hq, v.shape[-1]), jnp.float32), jnp.full((b, hq, sq), -jnp.inf, jnp.float32))
-    o, lse = _ring_steps(step, init, (k, v, k_meta), cp, _hop(axis, cp))
+    o, lse = _ring_steps(step, init, (k, v, k_meta), cp, _hop(axis, cp, kw["in_stage"]))
     return o.astype(q.dtype), lse
 
 
@@ -336,7 +340,8 @@ def _ring_fwd_rule(q, k, v, q_meta, k_meta, axis, cp, kw_items):
 
 def _ring_bwd_rule(axis, cp, kw_items, res, do):
     q, k, v, q_meta, k_meta, o, lse = res
-    kw, hop = dict(kw_items), _hop(axis, cp)
+    kw = dict(kw_items)
+    hop = _hop(axis, cp, kw["in_stage"])
     delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), (0, 2, 1))  # [B,H,Sq]
 
     def step(carry, kv):
