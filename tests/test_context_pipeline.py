@@ -117,3 +117,25 @@ def test_ring_inside_pipeline_stages_compiles_for_tpu_with_mosaic_kernels():
     kernels_in = ct.pallas_kernels(text)
     assert all(kernels_in.get(n, 0) >= 1 for n in ("mllm_flash_fwd", "mllm_flash_dq", "mllm_flash_dkv")), kernels_in
     assert ct.collectives(text)["all-to-all"]["count"] >= 2, ct.collectives(text)
+
+
+def test_ring_hop_is_a_ppermute_outside_stages_and_an_all_to_all_inside():
+    """Which collective moves K/V round the ring: ppermute on a mesh whose pipeline axis is not manual (even of size
+    2: the ring's own shard_map makes it manual, which is not a stage), all_to_all inside a shard_map already manual
+    over `pipeline` (a stage: kernels.context_parallel._hop)."""
+    from mllm_jax.kernels.context_parallel import context_attention
+
+    mesh = _mesh(jax.devices()[:4])
+    meta = TokenMeta.causal(1, 64, xp=jnp)
+    q, k = jnp.ones((1, 64, 2, 8)), jnp.ones((1, 64, 1, 8))
+
+    def ring(q, k):
+        return context_attention(q, k, k, meta, meta, mesh=jax.sharding.get_abstract_mesh(), method="ring").sum()
+
+    in_stage = jax.shard_map(lambda q, k: ring(q, k)[None], mesh=mesh, in_specs=(P(), P()), out_specs=P("pipeline"),
+                             axis_names={"pipeline"}, check_vma=False)
+    with jax.set_mesh(mesh):
+        outside = str(jax.make_jaxpr(jax.grad(ring, (0, 1)))(q, k))
+        inside = str(jax.make_jaxpr(jax.grad(lambda q, k: in_stage(q, k).sum(), (0, 1)))(q, k))
+    assert "ppermute" in outside and "all_to_all" not in outside
+    assert "all_to_all" in inside and "ppermute" not in inside
