@@ -17,7 +17,8 @@ from metadata, never from slot indices. Two methods:
   (``pallas_tpu.flash_attention_fwd_block`` returns the lse; ``flash_attention_bwd_block`` takes the merged lse),
   whose grid steps only the step's live tiles; the Pallas GPU kernel (``pallas_gpu``'s pair of the same name, whose
   programs loop over the step's compacted tile lists); or else ``kernels.tiled`` (the same pair of functions). No
-  [S/cp, S/cp] array is materialised.
+  [S/cp, S/cp] array is materialised. Inside a pipeline stage the hop is an ``all_to_all`` over the stage's context
+  group instead of a ppermute (``_hop``: (cp - 1) x the bytes and a transient [cp, shard] buffer per hop).
 
 ``kernels.attention`` calls ``context_attention`` itself under a mesh whose ``context`` axis has size > 1.
 """
