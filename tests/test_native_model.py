@@ -36,9 +36,9 @@ def _samples():
     for h, w in ((24, 40), (48, 24), (32, 32)):
         out.append(synthetic.Sample("image", "<image> describe the image .", "a red circle at the top left",
                                     [("vision", synthetic.native_image(rng, h, w, "red", "circle", 0, 0))]))
-    for t, start in ((4, "left"), (6, "top")):
-        clip = synthetic.native_video(rng, t, 24, 32, "blue", "square", start)
-        out.append(synthetic.Sample("video", "<image> describe the image .", f"a blue square from the {start}",
+    for t, motion in ((4, "left"), (6, "down")):
+        clip = synthetic.native_video(rng, t, 24, 32, "blue", "square", motion)
+        out.append(synthetic.Sample("video", "<image> describe the image .", f"a blue square moving {motion}",
                                     [("vision", clip)]))
     out.append(synthetic.make_sample(rng, "text"))
     return out

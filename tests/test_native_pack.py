@@ -257,8 +257,8 @@ def test_synthetic_native_batches_are_valid_and_captions_match_the_pixels():
     seg = batch["encoder_inputs"]["vision"]["segment_ids"]
     pack = data.builder.last_pack["vision"]  # the last microbatch's count
     assert pack["padding"] == seg[1].size - pack["patches"] and pack["patches"] == (seg[1] > 0).sum()
-    # Several sizes and videos among the first samples; a video's caption names the side its shape comes from.
-    grids, starts = set(), 0
+    # Several sizes and videos among the first samples; a video's caption names the way its shape moves.
+    grids, moves = set(), 0
     for i in range(40):
         s = data.sample(i)
         for _, x in s.media:
@@ -266,12 +266,31 @@ def test_synthetic_native_batches_are_valid_and_captions_match_the_pixels():
             if x.ndim == 4:
                 first, last = [np.argwhere(f.max(-1) > 150).mean(0) for f in (x[0], x[-1])]  # (y, x) centroids
                 motion = last - first
-                direction = np.asarray(synthetic.VIDEO_STARTS[s.answer.split()[-1]])
-                # It moves along its direction by over a third of the frame, and hardly across it.
-                assert motion @ direction > x.shape[1 + int(direction[1] != 0)] / 3, (s.answer, motion)
+                assert s.answer.split()[-2] == "moving", s.answer
+                direction = np.asarray(synthetic.VIDEO_MOTIONS[s.answer.split()[-1]])
+                # It moves the way the caption says by at least a pixel a frame, and hardly across it.
+                assert motion @ direction > len(x) - 1, (s.answer, motion)
                 assert abs(motion @ direction[::-1]) < 1.0, (s.answer, motion)
-                starts += 1
-    assert len(grids) >= 6 and starts >= 5
+                moves += 1
+    assert len(grids) >= 6 and moves >= 5
+
+
+def test_native_image_captions_match_the_pixels():
+    """Oracle: an image's colour and cell recomputed from its saturated pixels (the grey frame is not the shape)."""
+    from mllm_jax.data import synthetic
+    from mllm_jax.data.tokenizer import COLOURS, COLS, ROWS
+
+    rgb = {c: np.asarray(synthetic._RGB[c]) for c in COLOURS}
+    for i in range(30):
+        s = synthetic.make_native_sample(synthetic.sample_rng(0, "train", i), "image", factor=8)
+        img = s.media[0][1].astype(np.float32) / 255
+        h, w = img.shape[:2]
+        words = s.answer.split()
+        shape_px = img.max(-1) - img.min(-1) > 0.4
+        ys, xs = np.nonzero(shape_px)
+        assert (ROWS[int(ys.mean() + 0.5) * 3 // h], COLS[int(xs.mean() + 0.5) * 3 // w]) == (words[5], words[6]), s.answer
+        mean_rgb = img[shape_px].mean(0)
+        assert min(COLOURS, key=lambda c: np.abs(mean_rgb / mean_rgb.max() - rgb[c]).sum()) == words[1], s.answer
 
 
 def test_a_video_with_no_frames_and_a_tiny_image_are_named_or_resized():
@@ -280,7 +299,7 @@ def test_a_video_with_no_frames_and_a_tiny_image_are_named_or_resized():
 
     mc = _native_model()
     builder = BatchBuilder(mc, _native_data(samples_per_row=1))
-    empty = synthetic.Sample("video", "<image> describe the image .", "a red circle from the left",
+    empty = synthetic.Sample("video", "<image> describe the image .", "a red circle moving left",
                              [("vision", np.zeros((0, 16, 16, 3), np.uint8))])
     ok = synthetic.make_native_sample(np.random.default_rng(0), "image", factor=8)
     with pytest.raises(ValueError, match=r"sample 1 \(video\): 'vision' item of shape \(0, 16, 16, 3\): video has no "

@@ -3,8 +3,8 @@
 Tasks whose answers can only be produced by looking at the input:
 - image: a coloured shape in one of 3x3 cells, captioned "a red circle at the top left"; for a native-resolution
   tower (NativeVisionConfig) the image has its own size and aspect (``native_image``: uint8 pixels for the processor);
-- video (native-resolution towers only): a short clip of a shape moving across the frame, captioned by where it
-  comes from, "a red circle from the left" (moving right), "... from the top" (moving down), ... (``native_video``);
+- video (native-resolution towers only): a short clip of a shape moving a few pixels a frame, captioned by the way it
+  moves, "a red circle moving left" (left, right, up, down: ``native_video``);
 - audio: a pure tone, captioned "a 440 hz tone", given to the model as Whisper-style log-mel frames;
 - text: "count from four :" answered "five six seven".
 Positions, sizes, brightness, noise and phase are jittered so held-out samples are new inputs.
@@ -20,8 +20,8 @@ from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, T
 
 TASKS = ("image", "video", "audio", "text")
 TASK_MODALITY = {"image": "vision", "video": "vision", "audio": "audio", "text": None}
-# Where a video's shape starts (the caption word) -> its direction of motion (dy, dx) in frame fractions.
-VIDEO_STARTS = {"left": (0.0, 1.0), "right": (0.0, -1.0), "top": (1.0, 0.0), "bottom": (-1.0, 0.0)}
+# A video's motion (the caption word) -> its direction (dy, dx) in pixels (y down).
+VIDEO_MOTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
 _RGB = {
     "red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.2, 1.0),
     "yellow": (1.0, 0.95, 0.1), "magenta": (1.0, 0.1, 1.0), "cyan": (0.1, 0.95, 1.0),
@@ -149,47 +149,69 @@ def _frame_uint8(rng, height: int, width: int, colour: str, masks) -> np.ndarray
     return np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+# Native-resolution rendering (issue 21's CPU recipe, configs/qwen2vl_tiny.gin): every image has a 1-px grey frame
+# (a border the tower can see: it has only relative positions), shapes of radius 0.40..0.48 of a cell; a video's shape
+# (0.45..0.55 of a third of the frame) moves NATIVE_VIDEO_STEP px a frame, so a temporal patch of 2 frames shows it.
+NATIVE_FRAME_GREY = 0.6
+NATIVE_SHAPE_SCALE = (0.4, 0.48)
+NATIVE_VIDEO_SHAPE_SCALE = (0.45, 0.55)
+NATIVE_VIDEO_STEP = 2.0
+NATIVE_IMAGE_BLOCKS = (4, 6)  # images of 4..6 x 4..6 blocks of patch x merge pixels
+NATIVE_VIDEO_BLOCKS = (3, 4)
+
+
 def native_image(rng, height: int, width: int, colour: str, shape: str, row: int, col: int) -> np.ndarray:
-    """uint8 [H, W, 3]: one filled shape centred in cell (row, col) of a 3x3 grid over an H x W image."""
+    """uint8 [H, W, 3]: one filled shape centred in cell (row, col) of a 3x3 grid over an H x W image, in a 1-px grey
+    frame."""
     ch, cw = height / 3.0, width / 3.0
     cy = (row + 0.5) * ch + rng.uniform(-ch / 8, ch / 8)
     cx = (col + 0.5) * cw + rng.uniform(-cw / 8, cw / 8)
-    r = min(ch, cw) * rng.uniform(0.3, 0.42)
-    return _frame_uint8(rng, height, width, colour, [_shape_mask(height, width, shape, cy, cx, r)])[0]
+    r = min(ch, cw) * rng.uniform(*NATIVE_SHAPE_SCALE)
+    img = _frame_uint8(rng, height, width, colour, [_shape_mask(height, width, shape, cy, cx, r)])[0]
+    img[0, :] = img[-1, :] = img[:, 0] = img[:, -1] = round(NATIVE_FRAME_GREY * 255)
+    return img
 
 
-def native_video(rng, frames: int, height: int, width: int, colour: str, shape: str, start: str) -> np.ndarray:
-    """uint8 [T, H, W, 3]: a shape entering near the ``start`` side and crossing the frame (VIDEO_STARTS)."""
-    dy, dx = VIDEO_STARTS[start]
-    r = min(height, width) / 3.0 * rng.uniform(0.3, 0.42)
-    # From 1/6 to 5/6 of the frame along the motion, a jittered position across it.
-    along = np.linspace(1 / 6, 5 / 6, frames)
-    across = rng.uniform(0.3, 0.7)
+def native_video(rng, frames: int, height: int, width: int, colour: str, shape: str, motion: str) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a shape moving ``motion`` (VIDEO_MOTIONS) by a few pixels a frame, inside the frame."""
+    dy, dx = VIDEO_MOTIONS[motion]
+    step = NATIVE_VIDEO_STEP
+    r = min(height, width) / 3.0 * rng.uniform(*NATIVE_VIDEO_SHAPE_SCALE)
+    travel = (frames - 1) * step
+    size = height if dy else width
+    lo, hi = r + 0.5, size - r - 0.5 - travel
+    if hi < lo:
+        raise ValueError(f"a {frames}-frame clip of {height}x{width} px is too small for a shape of radius {r:.1f} "
+                         f"moving {step} px a frame")
+    a0 = rng.uniform(lo, hi)
+    across = rng.uniform(0.3, 0.7) * (width if dy else height)
     masks = []
-    for a in along:
-        fy = (a if dy > 0 else 1 - a) if dy else across
-        fx = (a if dx > 0 else 1 - a) if dx else across
-        masks.append(_shape_mask(height, width, shape, fy * height, fx * width, r))
+    for i in range(frames):
+        a = a0 + i * step
+        a = a if (dy + dx) > 0 else size - a
+        cy, cx = (a, across) if dy else (across, a)
+        masks.append(_shape_mask(height, width, shape, cy, cx, r))
     return _frame_uint8(rng, height, width, colour, masks)
 
 
 def make_native_sample(rng: np.random.Generator, task: str, *, factor: int, video_frames: tuple = (4, 6)) -> Sample:
-    """A sample for a native-resolution vision tower: images of 3..6 x 3..6 blocks of ``factor`` pixels (patch size x
-    merge size: so the processor keeps the size), videos of ``video_frames`` frames at 3..4 blocks a side."""
+    """A sample for a native-resolution vision tower: images of NATIVE_IMAGE_BLOCKS blocks of ``factor`` pixels a side
+    (patch size x merge size: so the processor keeps the size), videos of ``video_frames`` frames at
+    NATIVE_VIDEO_BLOCKS blocks a side."""
     if task == "image":
         colour = COLOURS[rng.integers(len(COLOURS))]
         shape = SHAPES[rng.integers(len(SHAPES))]
         row, col = int(rng.integers(3)), int(rng.integers(3))
-        h, w = (int(v) * factor for v in rng.integers(3, 7, size=2))
+        h, w = (int(v) * factor for v in rng.integers(NATIVE_IMAGE_BLOCKS[0], NATIVE_IMAGE_BLOCKS[1] + 1, size=2))
         img = native_image(rng, h, w, colour, shape, row, col)
         return Sample(task, "<image> describe the image .", f"a {colour} {shape} at the {ROWS[row]} {COLS[col]}",
                       [("vision", img)])
     if task == "video":
         colour = COLOURS[rng.integers(len(COLOURS))]
         shape = SHAPES[rng.integers(len(SHAPES))]
-        start = tuple(VIDEO_STARTS)[rng.integers(len(VIDEO_STARTS))]
+        motion = tuple(VIDEO_MOTIONS)[rng.integers(len(VIDEO_MOTIONS))]
         t = int(video_frames[rng.integers(len(video_frames))])
-        h, w = (int(v) * factor for v in rng.integers(3, 5, size=2))
-        clip = native_video(rng, t, h, w, colour, shape, start)
-        return Sample(task, "<image> describe the image .", f"a {colour} {shape} from the {start}", [("vision", clip)])
+        h, w = (int(v) * factor for v in rng.integers(NATIVE_VIDEO_BLOCKS[0], NATIVE_VIDEO_BLOCKS[1] + 1, size=2))
+        clip = native_video(rng, t, h, w, colour, shape, motion)
+        return Sample(task, "<image> describe the image .", f"a {colour} {shape} moving {motion}", [("vision", clip)])
     raise ValueError(f"native-resolution tasks are 'image' and 'video'; got {task!r}")

@@ -20,6 +20,7 @@ COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SHAPES = ("circle", "square", "triangle")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
+MOTIONS = ("left", "right", "up", "down")  # a video's caption: "a red circle moving left"
 TONES_HZ = (220, 330, 440, 550, 660, 880)
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -33,6 +34,7 @@ FILLER_WORDS = (
 def vocabulary() -> list[str]:
     words = list(SPECIAL_TOKENS) + list(FILLER_WORDS) + list(COLOURS) + list(SHAPES) + list(ROWS) + list(COLS)
     words += [str(hz) for hz in TONES_HZ] + list(NUMBER_WORDS)
+    words += ["moving"] + list(MOTIONS)  # last, so the ids of the words above stay as they were
     seen, out = set(), []
     for w in words:
         if w not in seen:
