@@ -171,8 +171,11 @@ class NativeVisionEncoder(nnx.Module):
         self.check_inputs(inputs)
         c, run = self.config, self.run
         dtype = L.dtype_of(run.dtype)
-        grid = inputs["grid"]
-        slice_ids, window_ids = attention_ids(grid, inputs["segment_ids"], c.spatial_merge_size, window_units(c))
+        # The metadata in the rows' layout under this tower's rules, whatever layout the batch came in (e.g. rows
+        # flattened from microbatches by the pipelined step): the rotary tables and ids then match q and k.
+        grid = part.constrain(inputs["grid"], ("batch", "length", None))
+        segment_ids = part.constrain(inputs["segment_ids"], ("batch", "length"))
+        slice_ids, window_ids = attention_ids(grid, segment_ids, c.spatial_merge_size, window_units(c))
         zeros = jnp.zeros_like(slice_ids)
         metas = (TokenMeta(zeros, slice_ids, slice_ids), TokenMeta(zeros, window_ids, window_ids))
         rope = rope_cos_sin(grid, c.d_model // c.n_heads, c.rope_theta)
