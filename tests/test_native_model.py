@@ -14,7 +14,8 @@ from flax import nnx
 from mllm_jax import MultimodalModel, check_batch
 from mllm_jax.config import LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig
 from mllm_jax.data import synthetic
-from mllm_jax.data.batching import BatchBuilder
+from mllm_jax.data.batching import BatchBuilder, SyntheticBatches
+from mllm_jax.train import loop
 from mllm_jax.train.config import DataConfig
 from tests.train_main import losses, run_main
 
@@ -114,15 +115,23 @@ RECIPE = "configs/qwen2vl_tiny.gin"
 STEPS = 8
 
 
-def test_native_batch_trains_under_data_fsdp_context_like_data_parallel_and_learns(tmp_path):
-    """The recipe (shrunk) on data=8 (the one-device oracle: tests/test_train_cli.py ties them) and on data x fsdp x
-    context = 2 x 2 x 2: the same loss at every step (layouts reorder float sums only); and the loss falls."""
-    base = TINY_NATIVE + [f"TrainConfig.steps = {STEPS}"]
-    ref = losses(run_main(str(tmp_path / "data8"), base + ["ParallelConfig.data = 8"], gin_file=RECIPE))
-    layout = ["ParallelConfig.data = 2", "ParallelConfig.fsdp = 2", "ParallelConfig.context = 2",
-              "ContextConfig.block = 16", 'ContextConfig.mode = "balanced"']
-    got = losses(run_main(str(tmp_path / "cp"), base + layout, gin_file=RECIPE))
+def test_native_batch_trains_under_pipeline_like_data_parallel_learns_and_reports_padding(tmp_path):
+    """The recipe (shrunk) on data=8 (the one-device oracle: tests/test_train_cli.py ties them) and on pipeline=2 x
+    data=4 (the tower runs outside the pipeline on the microbatches' patch rows flattened together): the same loss at
+    every step (layouts reorder float sums only); the loss falls; the metrics report the row buckets' padding. (data x
+    fsdp x context = 2 x 2 x 2 on a native batch: tests/test_datasets_native.py, the same model on real files.)"""
+    base = TINY_NATIVE + [f"TrainConfig.steps = {STEPS}", "DataConfig.batch_size = 16",
+                          "ParallelConfig.microbatches = 2"]
+    rows = run_main(str(tmp_path / "data8"), base + ["ParallelConfig.data = 8"], gin_file=RECIPE)
+    ref = losses(rows)
+    got = losses(run_main(str(tmp_path / "pp"), base + ["ParallelConfig.data = 4", "ParallelConfig.pipeline = 2"],
+                          gin_file=RECIPE))
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=2e-5)
-    # Learning: from chance (ln 128 = 4.85) down by over a fifth in 8 steps (measured: 4.83 -> 3.56).
+    # Learning: from chance (ln 128 = 4.85) down by over a fifth in 8 steps.
     assert ref[STEPS] < 0.8 * ref[1], ref
+    # patch_padding of step 1 (log_every = 1) = the padded share of the first batch's patch rows, counted here.
+    cfg = loop.load_run_config([RECIPE], base + ["ParallelConfig.data = 8"])
+    seg = SyntheticBatches(cfg.model, cfg.data, microbatches=2).batch_at(0)["encoder_inputs"]["vision"]["segment_ids"]
+    assert rows[0]["step"] == 1 and rows[0]["patch_padding"] == pytest.approx(float((seg == 0).mean()), rel=1e-12)
+    assert 0 < rows[0]["patch_padding"] < 1
