@@ -159,3 +159,19 @@ def jit_call(fn, module, *args):
     """``fn(module, *args)`` under one jit (fast_compile_options): many eager calls cost one compile each per op."""
     graphdef, state = nnx.split(module)
     return jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
+
+
+def make_every_tensor_count(torch_model) -> None:
+    """Re-draw a transformers model's weights in place (torch seeded by the caller): HF's init (std 0.02, norms 1,
+    biases 0) leaves attention near uniform and hides the norm and bias terms, so a parity test could pass with
+    them wrong. Norms get 1 + noise, matrices fan-in-scaled normals, vectors N(0, 0.1)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.ndim > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            else:
+                p.normal_(0.0, 0.1)

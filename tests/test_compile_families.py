@@ -1,5 +1,6 @@
-"""Every layout family of vlm_tiny compiled for a TPU topology (Mosaic) and a GPU target (Triton), the kernels in the
-program. A file of its own so that pytest-xdist (one file per worker) can run it beside test_compile_target.py."""
+"""Every layout family of vlm_tiny compiled for a TPU topology (Mosaic), the kernels in the program (GPU targets:
+test_compile_families_gpu.py). Files of their own so that pytest-xdist (one file per worker) can run them beside
+test_compile_target.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from mllm_jax.train import compile_target as ct
 from mllm_jax.train import targets
-from test_compile_target import _cfg, needs_cuda, needs_tpu
+from test_compile_target import _cfg, needs_tpu
 
 
 LAYOUT_FAMILIES = {  # every family the README says composes, on 4 devices
@@ -36,15 +37,6 @@ def test_every_layout_family_compiles_for_tpu_with_its_pallas_kernels(family):
     assert r["fits"] and r["attention_impl"] == "pallas_tpu"
     # The ViT's and the LLM's attention are Pallas calls (dQ kernels: one per layer's backward, at least).
     assert r["pallas_kernels"].get("mllm_flash_dq", 0) >= 1 and r["pallas_calls"] >= 3, r["pallas_kernels"]
-
-
-@needs_cuda
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["data", "data_tensor", "context_allgather", "pipeline_data"])
-def test_layout_families_compile_for_gpu_with_triton_kernels(family):
-    r = ct.compile_for_target(_cfg(*LAYOUT_FAMILIES[family]), targets.parse("gpu:h100:1x4"), costs=False)
-    assert r["fits"] and r["attention_impl"] == "pallas_gpu"
-    assert r["pallas_calls"] >= 3, r["pallas_kernels"]
 
 
 @needs_tpu

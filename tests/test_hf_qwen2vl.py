@@ -20,6 +20,7 @@ from mllm_jax.data import native_pack
 from mllm_jax.data.processor.native_vision import patch_grid
 from mllm_jax.hf import config_map as cm
 from mllm_jax.hf import load_pretrained, save_pretrained
+from model_testlib import make_every_tensor_count
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -59,14 +60,7 @@ def _hf_model(family):
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = cls(config).eval()
-    with torch.no_grad():  # HF's init (std 0.02, norms 1 and biases 0) hides terms: make every tensor count
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            elif p.ndim > 1:
-                p.normal_(0.0, p[0].numel() ** -0.5)
-            else:
-                p.normal_(0.0, 0.1)
+    make_every_tensor_count(model)
     return model
 
 

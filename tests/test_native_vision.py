@@ -33,6 +33,7 @@ from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import logical_rules  # noqa: E402
 from mllm_jax.projector import Projector  # noqa: E402
+from model_testlib import make_every_tensor_count  # noqa: E402
 
 M = 2
 GRIDS = [(1, 8, 12), (1, 6, 4), (3, 4, 8), (1, 10, 6)]  # three images and a video, in patches
@@ -61,14 +62,7 @@ def _hf_model(kind, hf_config):
     hf_config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = cls(hf_config).eval()
-    with torch.no_grad():  # HF's init (std 0.02, norms 1 and 0) leaves attention near uniform: make every tensor count
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            elif p.ndim > 1:
-                p.normal_(0.0, p[0].numel() ** -0.5)
-            else:
-                p.normal_(0.0, 0.1)
+    make_every_tensor_count(model)
     return model
 
 
