@@ -175,37 +175,10 @@ def test_ring_steps_with_the_pallas_tpu_kernel():
     gradients match one-device dense attention on a zigzag-permuted packed batch, and the steps are Pallas calls."""
     from mllm_jax.kernels import context_parallel
 
-    shape, families, kw = (1, 2, 1), ("multimodal_packed", "llava_single_image"), {"softcap": 3.0}
-    b, s, hq, hkv, d = len(families), 256, 4, 2, 16
-    meta = _meta(families, s, seed=5)
-    keys = jax.random.split(jax.random.key(7), 4)
-    q = jax.random.normal(keys[0], (b, s, hq, d))
-    k = jax.random.normal(keys[1], (b, s, hkv, d))
-    v = jax.random.normal(keys[2], (b, s, hkv, d))
-    w = jax.random.normal(keys[3], (b, s, hq, d))
-    (_, ref_out), ref_grads = _reference(tuple(sorted(kw.items())))(q, k, v, TokenMeta(*map(jnp.asarray, meta)), w)
-    assert context_parallel._ring_kernel("pallas_tpu", s // 2) == "pallas_tpu"
-    assert context_parallel._ring_kernel("auto", s // 2) == "tiled"  # CPU
-
-    p = plan(meta, shape[1], "zigzag", block=32, tile_k=8)
-    mesh = _mesh(*shape)
-    spec, mspec = P("data", "context", "tensor", None), P("data", "context")
-    with jax.set_mesh(mesh):
-        qp, kp, vp, wp = (jax.device_put(_take(x, p.permutation), NamedSharding(mesh, spec)) for x in (q, k, v, w))
-        mp = TokenMeta(*(jax.device_put(jnp.asarray(a), NamedSharding(mesh, mspec)) for a in p.permute_meta(meta)))
-
-        def loss(q, k, v, meta, w):
-            out = context_attention(q, k, v, meta, meta, mesh=mesh, method="ring", impl="pallas_tpu",
-                                    interpret=True, block_q=128, block_k=128, **kw)
-            return jnp.sum(out * w), out
-
-        grad_fn = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
-        calls = str(jax.make_jaxpr(grad_fn)(qp, kp, vp, mp, wp)).count("pallas_call")
-        (_, out), grads = jax.jit(grad_fn)(qp, kp, vp, mp, wp)
+    assert context_parallel._ring_kernel("pallas_tpu", 128) == "pallas_tpu"
+    assert context_parallel._ring_kernel("auto", 128) == "tiled"  # CPU
+    calls = _ring_vs_dense("pallas_tpu", dict(block_q=128, block_k=128), {"softcap": 3.0}, seed=5)
     assert calls >= 3, calls  # the forward block, then dQ and dK/dV blocks, inside the ring's scan and cond
-    np.testing.assert_allclose(unpermute(np.asarray(out), p), ref_out, atol=2e-5, rtol=2e-5)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(unpermute(np.asarray(g), p), r, atol=5e-5, rtol=5e-5)
 
 
 def _ring_vs_dense(impl, blocks, kw, *, seed):
