@@ -139,11 +139,13 @@ def test_balanced_refinement_against_exhaustive_optimum():
     assert improved > 0 and reached >= 0.8 * n, (reached, improved)
 
 
-def test_plan_128k_is_fast():
+@pytest.mark.parametrize("tiles", [{}, {"tile_q": 512, "tile_k": 1024}, {"block": 64, "tile_q": 64, "tile_k": 128}])
+def test_plan_128k_is_fast(tiles):
+    """Per-block tiles, and kernel tiles larger than the block (counted on the permuted shards, then refined)."""
     meta = family_meta("multimodal_packed", 131072, np.random.default_rng(0))
-    plan(meta, 8, "balanced")  # warm caches
+    plan(meta, 8, "balanced", **tiles)  # warm caches
     t0 = time.perf_counter()
-    plan(meta, 8, "balanced")
+    plan(meta, 8, "balanced", **tiles)
     assert time.perf_counter() - t0 < 0.5
 
 
@@ -177,8 +179,10 @@ def test_bad_inputs_are_refused_with_the_values():
         plan(meta, 2, "striped")
     with pytest.raises(ValueError, match="cp"):
         plan(meta, 0)
-    with pytest.raises(ValueError, match="tile_k"):
-        plan(meta, 2, block=100)
+    with pytest.raises(ValueError, match="method"):
+        plan(meta, 2, method="ulysses")
+    with pytest.raises(ValueError, match=r"tile_q \(0\)"):
+        plan(meta, 2, tile_q=0)
     bad = TokenMeta(meta.positions, meta.segment_ids[:, :10], meta.span_ids)
     with pytest.raises(ValueError, match=r"\[B, S\]"):
         plan(bad, 2)
@@ -205,7 +209,7 @@ def test_permute_for_context_costs_blocks_with_the_trained_models_shapes():
     meta = family_meta("multimodal_packed", 2048, np.random.default_rng(3))
     batch = {"input_ids": np.ones_like(meta.positions), "labels": np.ones_like(meta.positions),
              "positions": meta.positions, "segment_ids": meta.segment_ids, "span_ids": meta.span_ids}
-    pc = SimpleNamespace(context=4, context_config=SimpleNamespace(mode="balanced", block=128))
+    pc = SimpleNamespace(context=4, context_config=SimpleNamespace(mode="balanced", block=128, attention="allgather"))
     llm = LLMConfig(d_model=512, n_heads=8, n_kv_heads=2, d_ff=1024)
     _, default_plan = permute_for_context(batch, pc, leading=0)
     _, model_plan = permute_for_context(batch, pc, leading=0, llm_config=llm)
@@ -235,37 +239,92 @@ def _batch(meta):
             "span_ids": meta.span_ids}
 
 
-@pytest.mark.parametrize("backend, generation, method, block, tile", [
-    ("tpu", "v5e", "allgather", 1024, (512, 1024)),  # pallas_tpu's v5e blocks (head dim 128)
-    ("gpu", "h100", "ring", 128, (64, 128)),  # pallas_gpu's H100 blocks, per ring step
-    ("cpu", None, "ring", 128, (128, 128)),  # kernels.tiled, the ring's CPU step
-])
-def test_planner_counts_the_kernels_own_tiles_on_the_platform(backend, generation, method, block, tile):
+def _live_kernel_tiles(p, meta, method):
+    """Brute force: per rank, the live tiles of kernels.meta.block_map (the kernels' own tile rule) of its permuted q
+    shard against every key (all-gather) or against each K/V shard in turn (the ring's shard pairs)."""
+    from mllm_jax.kernels.meta import block_map
+
+    pm = p.permute_meta(meta)
+    n = p.shard_len
+    shard = lambda r: TokenMeta(*(a[:, r * n : (r + 1) * n] for a in pm))  # noqa: E731
+    k_parts = [pm] if method == "allgather" else [shard(j) for j in range(p.cp)]
+    return np.array([sum(int((block_map(shard(r), kp, p.tile_q, p.tile_k, xp=np) != 0).sum()) for kp in k_parts)
+                     for r in range(p.cp)])
+
+
+PLATFORMS = [
+    ("tpu", "v5e", "allgather", (512, 1024)),  # pallas_tpu's v5e blocks (head dim 128) over the gathered keys
+    ("tpu", "v5e", "ring", (512, 1024)),  # the same kernel per ring step
+    ("gpu", "h100", "ring", (64, 128)),  # pallas_gpu's H100 blocks, per ring step
+    ("gpu", "h100", "allgather", (64, 128)),
+]
+
+
+@pytest.mark.parametrize("block", [64, 128, 256, 512])
+@pytest.mark.parametrize("backend, generation, method, tile", PLATFORMS)
+def test_planner_counts_the_kernels_own_tiles_for_any_block(backend, generation, method, tile, block):
     """permute_for_context(attention_impl=...) counts the tiles of the kernel the run's platform resolves to
     (kernels.dispatch.kernel_tile: the kernels' block tables), so each rank's planned tiles are exactly the live tiles
-    that kernel computes on the rank's permuted shard: recounted with the kernel's own block map over the permuted
-    order (the rank's q shard against every key for the all-gather, against each K/V shard for the ring). With the
-    default 128 x 32 tiles the two disagree."""
+    that kernel computes on the rank's permuted shard, whether ContextConfig.block is a multiple of the tile or
+    smaller than it (a kernel tile then spans several blocks the permutation brought together): recounted by brute
+    force with the kernel's own block map over the permuted order. With the default 128 x 32 tiles they disagree."""
     from mllm_jax.config import LLMConfig
     from mllm_jax.data.context_batches import permute_for_context
-    from mllm_jax.kernels.meta import block_map
     from mllm_jax.parallel.config import ContextConfig, ParallelConfig
 
-    cp, s = 4, 8192
+    cp, s = 4, 4096
     meta = _meta_rows(["multimodal_packed", "interleaved_multi_image"], s)
     pc = ParallelConfig(context=cp, context_config=ContextConfig(mode="balanced", block=block, attention=method))
     llm = LLMConfig(d_model=1024, n_heads=8, n_kv_heads=2, d_ff=2048, head_dim=128)
     _, p = permute_for_context(_batch(meta), pc, leading=0, llm_config=llm, attention_impl="auto", backend=backend,
                                generation=generation)
-    assert (p.tile_q, p.tile_k) == tile
-    pm = p.permute_meta(meta)
-    n = p.shard_len
-    shard = lambda r: TokenMeta(*(a[:, r * n : (r + 1) * n] for a in pm))  # noqa: E731
-    k_parts = [pm] if method == "allgather" else [shard(j) for j in range(cp)]
-    live = [sum(int((block_map(shard(r), kp, *tile, xp=np) != 0).sum()) for kp in k_parts) for r in range(cp)]
+    assert (p.tile_q, p.tile_k, p.method) == (*tile, method)
+    live = _live_kernel_tiles(p, meta, method)
     np.testing.assert_array_equal(p.rank_tiles, live)
     _, old = permute_for_context(_batch(meta), pc, leading=0, llm_config=llm)  # block x 32 tiles
     assert not np.array_equal(old.rank_tiles, live)
+
+
+def test_planner_counts_the_cpu_ring_tiles():
+    from mllm_jax.config import LLMConfig
+    from mllm_jax.data.context_batches import permute_for_context
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    meta = _meta_rows(["video", "llava_single_image"], 4096)
+    pc = ParallelConfig(context=4, context_config=ContextConfig(mode="zigzag", block=64, attention="ring"))
+    _, p = permute_for_context(_batch(meta), pc, leading=0, llm_config=LLMConfig(d_model=256, n_heads=4, d_ff=512),
+                               attention_impl="xla", backend="cpu")
+    assert (p.tile_q, p.tile_k) == (128, 128)  # kernels.tiled, the ring's CPU step
+    np.testing.assert_array_equal(p.rank_tiles, _live_kernel_tiles(p, meta, "ring"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_tiles_larger_than_the_block_on_shuffled_tokens(mode):
+    """Any mode, odd lengths (a ragged last block, shards not a multiple of the q tile), tokens shuffled (segments and
+    spans scattered, so a tile's summary is far from exact), tiles that are not multiples of one another: the plan's
+    rank tiles are still the kernel block map's live tiles on every rank."""
+    rng = np.random.default_rng(12)
+    for cp, block, tile, method in ((3, 32, (96, 64), "ring"), (2, 48, (64, 128), "allgather"),
+                                    (4, 16, (40, 24), "ring")):
+        meta = random_meta(2, int(rng.integers(300, 900)), rng, shuffle=True)
+        p = plan(meta, cp, mode, block, tile_q=tile[0], tile_k=tile[1], method=method)
+        np.testing.assert_array_equal(p.rank_tiles, _live_kernel_tiles(p, meta, method))
+
+
+def test_refinement_on_kernel_tiles_never_raises_the_largest_rank():
+    """With a tile larger than the block, balanced swaps blocks while the largest rank load on the kernel's real tiles
+    falls: never above the unrefined plan, lower on some masks; both recounted by brute force."""
+    lower = 0
+    for fi, family in ((0, "causal_blockwise"), (2, "prefix_lm_document"), (5, "llava_single_image")):
+        meta = family_meta(family, 4096, np.random.default_rng([9, fi]))
+        kw = dict(tile_q=128, tile_k=256, method="allgather")
+        raw = plan(meta, 4, "balanced", 32, refine_rounds=0, **kw)
+        ref = plan(meta, 4, "balanced", 32, **kw)
+        for p in (raw, ref):
+            np.testing.assert_array_equal(p.rank_tiles, _live_kernel_tiles(p, meta, "allgather"))
+        assert ref.rank_cost.max() <= raw.rank_cost.max()
+        lower += ref.rank_cost.max() < raw.rank_cost.max()
+    assert lower >= 1
 
 
 def _meta_rows(families, length):

@@ -41,8 +41,9 @@ def planner_tile(parallel_config, seq_len: int, head_dim: int, attention_impl: s
                  generation: str | None = None) -> tuple[int, int]:
     """(tile_q, tile_k) the planner counts: the tile of the attention kernel each context rank runs on the platform
     (kernels.dispatch.kernel_tile: the ring steps a q shard against a K/V shard with the accelerator kernel, else
-    kernels.tiled; the all-gather attends a q shard to every key), each cut to divide ``ContextConfig.block`` (the
-    unit the planner moves). A block that is a multiple of the kernel's tile makes the plan's counts its live tiles."""
+    kernels.tiled; the all-gather attends a q shard to every key), for the shard and key lengths of the plan's
+    padded sequence. parallel.context.plan counts these tiles on each rank's permuted shard whatever
+    ``ContextConfig.block`` is (a tile larger than the block is made of several blocks)."""
     cc, cp = parallel_config.context_config, parallel_config.context
     unit = (2 * cp if cc.mode == "zigzag" else cp) * cc.block
     padded = -(-seq_len // unit) * unit
@@ -51,8 +52,7 @@ def planner_tile(parallel_config, seq_len: int, head_dim: int, attention_impl: s
     impl = attention_impl
     if cc.attention == "ring" and choose(impl, keys, backend) not in ("pallas_tpu", "pallas_gpu"):
         impl = "tiled"  # the ring's per-step kernel off the accelerators (kernels.context_parallel._ring_kernel)
-    bq, bk = kernel_tile(impl, shard, keys, head_dim, backend, generation)
-    return math.gcd(cc.block, bq), math.gcd(cc.block, bk)
+    return kernel_tile(impl, shard, keys, head_dim, backend, generation)
 
 
 def permute_for_context(batch: dict, parallel_config, *, leading: int, llm_config=None, attention_impl=None,
@@ -78,7 +78,7 @@ def permute_for_context(batch: dict, parallel_config, *, leading: int, llm_confi
                                       generation)
     cost_model = None if llm_config is None else cost_model_for(llm_config, block=tile_q, tile_k=tile_k)
     plan = cp_lib.plan(meta, parallel_config.context, mode=cc.mode, block=cc.block, tile_k=tile_k, tile_q=tile_q,
-                       cost_model=cost_model)
+                       method=cc.attention, cost_model=cost_model)
     permuted = cp_lib.permute_batch(flat, plan)
 
     def back(x):  # [(lead * B), S'] -> [..lead.., B, S']

@@ -126,6 +126,19 @@ def block_stats(meta: TokenMeta, block: int, xp=None) -> BlockStats:
     return BlockStats(seg_min, seg_max, first_pos, last_pos, pos_min, pos_max, span_min, span_max, has_pad, has_text)
 
 
+def merge_stats(stats: BlockStats, xp=np) -> BlockStats:
+    """The summaries of unions of blocks: ``stats`` [..., n, parts] -> [..., n], each the block_stats of its parts'
+    tokens together (a tile made of smaller blocks, in any order: the context planner's permuted tiles)."""
+    s = stats
+    seg_min, seg_max = xp.min(s.seg_min, axis=-1), xp.max(s.seg_max, axis=-1)
+    # A part holds tokens of the union's first (last) segment iff its own first (last) segment is that one.
+    first_pos = xp.min(xp.where(s.seg_min == seg_min[..., None], s.first_pos, _BIG), axis=-1)
+    last_pos = xp.max(xp.where(s.seg_max == seg_max[..., None], s.last_pos, -1), axis=-1)
+    return BlockStats(seg_min, seg_max, first_pos, last_pos, xp.min(s.pos_min, axis=-1), xp.max(s.pos_max, axis=-1),
+                      xp.min(s.span_min, axis=-1), xp.max(s.span_max, axis=-1), xp.any(s.has_pad, axis=-1),
+                      xp.any(s.has_text, axis=-1))
+
+
 def classify(q: BlockStats, k: BlockStats, *, window: int | None = None, span_isolated: bool = False, xp=np):
     """Block map [B, nQ, nK] from block summaries: 0 = no pair attends, 1 = partial, 2 = every pair attends.
 

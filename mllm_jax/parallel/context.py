@@ -9,7 +9,9 @@ Work per block (DESIGN.md, 'Context parallelism'):
   (by default ``block`` x 32: Cornstarch's 128 x 32 tiles; data.context_batches passes the attention kernel's own
   tile on the run's platform), counted exactly from the metadata;
 - linear layers (projections, MLP): its number of real tokens.
-Tile counts do not depend on the permutation because blocks move whole, so a plan is costed once, before assignment.
+Tile counts do not depend on the permutation when the tiles divide the block (they move whole), so a plan is costed
+once, before assignment. A kernel tile larger than the block is made of pieces of several blocks: then the plan
+assigns on the gcd tile and counts the kernel's tiles on the permuted shards (``plan``, ``_kernel_rank_tiles``).
 
 Modes:
 - ``uniform``: contiguous chunks;
@@ -29,14 +31,18 @@ in the original order; after permutation neighbours are unrelated tokens).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from mllm_jax.kernels.meta import TokenMeta
+from mllm_jax.kernels.meta import SKIP, BlockStats, TokenMeta, block_stats, classify, merge_stats
 from mllm_jax.parallel.cost_model import CostModel
 
 MODES = ("uniform", "zigzag", "lpt", "balanced")
+METHODS = ("allgather", "ring")  # kernels.context_parallel's methods: the keys a rank's q shard is tiled against
+# Tile pairs the kernel-tile refinement may recount in all (~20 ns each on one core: ~20 ms).
+REFINE_TILE_PAIRS = 1 << 20
 _SHIFT = np.int64(2**31)  # positions and ids are < 2**30 (kernels.meta), so (id, value) pairs pack into one int64
 
 
@@ -64,6 +70,7 @@ class ContextPlan:
     alpha: float
     beta: float
     tile_q: int = 0  # rows of the counted tiles (0: block)
+    method: str = "allgather"  # the keys a rank's tiles were counted against when a tile does not divide the block
 
     @property
     def padded_len(self) -> int:
@@ -323,8 +330,9 @@ def _assign_balanced(cost: np.ndarray, cp: int, max_swaps: int) -> np.ndarray:
     return flat_owner.reshape(b, n)
 
 
-def _permutation(owner: np.ndarray, cp: int, block: int, seq_len: int, shard_blocks: int) -> np.ndarray:
-    """Slots [B, cp * shard_blocks * block] from block owners [B, n]: each rank's blocks ascending, then -1 padding."""
+def _block_slots(owner: np.ndarray, cp: int, shard_blocks: int) -> np.ndarray:
+    """int64 [B, cp * shard_blocks]: the original block at every slot block (each rank's blocks ascending, then -1
+    padding), from block owners [B, n]."""
     b, n = owner.shape
     order = np.argsort(owner.astype(np.int64) * n + np.arange(n), axis=1, kind="stable")
     sorted_owner = np.take_along_axis(owner, order, axis=1)
@@ -334,9 +342,108 @@ def _permutation(owner: np.ndarray, cp: int, block: int, seq_len: int, shard_blo
     slot = sorted_owner * shard_blocks + rank_index
     block_at = np.full((b, cp * shard_blocks), -1, np.int64)
     np.put_along_axis(block_at, slot, order, axis=1)
+    return block_at
+
+
+def _permutation(owner: np.ndarray, cp: int, block: int, seq_len: int, shard_blocks: int) -> np.ndarray:
+    """Slots [B, cp * shard_blocks * block] from block owners [B, n]: each rank's blocks ascending, then -1 padding."""
+    b = owner.shape[0]
+    block_at = _block_slots(owner, cp, shard_blocks)
     tok = block_at[:, :, None] * block + np.arange(block)
     tok = np.where((block_at[:, :, None] >= 0) & (tok < seq_len), tok, -1)
     return tok.reshape(b, -1).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------- kernel tiles of a permuted shard
+#
+# When the kernel's tile does not divide the block, its tiles are made of several blocks (or pieces of blocks) that
+# the permutation brings together, so what it computes depends on the assignment, not on per-block sums. The
+# sequence is cut once into pieces of ``unit`` = gcd(block, tile_q, tile_k) tokens (each inside one block, so it
+# moves whole) and summarised (kernels.meta.block_stats); a permuted tile's summary is the merge of its pieces'
+# (kernels.meta.merge_stats), classified by the kernels' own rule (kernels.meta.classify). Cost: O(S / unit) for the
+# merges plus one entry per (q tile, k tile) pair.
+
+
+def _piece_stats(arrays, n_blocks: int, block: int, unit: int) -> BlockStats:
+    """block_stats [B, n_blocks * block / unit + 1] of the ``unit``-token pieces of the sequence padded to
+    ``n_blocks`` blocks, the last entry an all-padding piece (what padding slots hold)."""
+    b, s = arrays[0].shape
+    padded = [np.pad(a, ((0, 0), (0, n_blocks * block - s))) for a in arrays]
+    pieces = block_stats(TokenMeta(*padded), unit, xp=np)
+    empty = block_stats(TokenMeta(*(np.zeros((b, unit), np.int32),) * 3), unit, xp=np)
+    return BlockStats(*(np.concatenate([p, e], axis=1) for p, e in zip(pieces, empty)))
+
+
+def _kernel_rank_tiles(pieces: BlockStats, rows: np.ndarray, block_at: np.ndarray, cp: int, block: int, tile_q: int,
+                       tile_k: int, unit: int, method: str) -> np.ndarray:
+    """int64 [R, cp]: live (non-skipped) ``tile_q`` x ``tile_k`` tiles of each rank for R block layouts ``block_at``
+    [R, cp * shard_blocks] of batch rows ``rows`` [R]: the rank's shard (padded to whole q tiles with padding
+    tokens, as the kernels pad) against every key of the permuted sequence ("allgather") or against each rank's shard
+    ("ring": the ring's shard pairs), the tiles the kernels' block map keeps."""
+    n_r = block_at.shape[0]
+    per_block = block // unit
+    empty = pieces.seg_min.shape[1] - 1
+    idx = np.where(block_at[:, :, None] >= 0, block_at[:, :, None] * per_block + np.arange(per_block), empty)
+    idx = idx.reshape(n_r, cp, -1)  # [R, cp, pieces per shard]
+
+    def tiles(idx_rgp, width):  # [R, groups, pieces] -> stats [R, groups * tiles] of ``width`` pieces each
+        groups, n_p = idx_rgp.shape[1:]
+        m = -(-n_p // width)
+        idx_rgp = np.pad(idx_rgp, ((0, 0), (0, 0), (0, m * width - n_p)), constant_values=empty)
+        idx_rtw = idx_rgp.reshape(n_r, groups * m, width)
+        return merge_stats(BlockStats(*(a[rows[:, None, None], idx_rtw] for a in pieces)))
+
+    q = tiles(idx, tile_q // unit)
+    k = tiles(idx.reshape(n_r, 1, -1) if method == "allgather" else idx, tile_k // unit)
+    live = classify(q, k, xp=np) != SKIP  # [R, cp * q tiles per rank, k tiles]
+    return live.sum(-1).reshape(n_r, cp, -1).sum(-1).astype(np.int64)
+
+
+def _rank_sums(owner: np.ndarray, values: np.ndarray, cp: int) -> np.ndarray:
+    """[R, cp]: per layout row, the sum of ``values`` [R, n] over the blocks each rank owns."""
+    n_r = owner.shape[0]
+    flat = (np.arange(n_r)[:, None] * cp + owner).ravel()
+    return np.bincount(flat, weights=values.ravel(), minlength=n_r * cp).reshape(n_r, cp)
+
+
+def _refine_on_kernel_tiles(owner, proxy_cost, tokens, count, alpha, beta, cp, rounds, candidates):
+    """Swaps of two blocks of one sequence between the most loaded rank and another, judged on the kernel's real
+    tiles: each round the ``candidates`` swaps the proxy cost (``proxy_cost`` [B, n]: tiles of the gcd tile) ranks
+    best are recounted exactly (``count(owners [R, n], rows [R]) -> tiles [R, cp]``), and the one that lowers the
+    largest rank load (alpha * kernel tiles + beta * tokens) most is kept; stops when none lowers it.
+    Returns (owner, kernel tiles [B, cp])."""
+    b, n = owner.shape
+    owner = owner.copy()
+    tiles = count(owner, np.arange(b))
+    row_load = alpha * tiles + beta * _rank_sums(owner, tokens, cp)
+    load = row_load.sum(0)
+    seq_of = np.repeat(np.arange(b), n)
+    for _ in range(rounds):
+        hi = int(np.argmax(load))
+        flat_owner, flat_cost = owner.ravel(), proxy_cost.ravel()
+        mine, theirs = np.flatnonzero(flat_owner == hi), np.flatnonzero(flat_owner != hi)
+        d = flat_cost[mine][:, None] - flat_cost[theirs][None, :]
+        lo_load = load[flat_owner[theirs]][None, :]
+        predicted = np.maximum(load[hi] - d, lo_load + d)
+        ok = (seq_of[mine][:, None] == seq_of[theirs][None, :]) & (predicted < load[hi])
+        if not ok.any():
+            break
+        pick = np.argsort(np.where(ok, predicted, np.inf), axis=None, kind="stable")[:candidates]
+        pick = pick[ok.ravel()[pick]]
+        a, c = mine[pick // theirs.size], theirs[pick % theirs.size]
+        seqs = seq_of[a]
+        trial = owner[seqs].copy()
+        k = np.arange(pick.size)
+        trial[k, a % n], trial[k, c % n] = flat_owner[c], hi
+        t = count(trial, seqs)
+        new_row = alpha * t + beta * _rank_sums(trial, tokens[seqs], cp)
+        new_load = load[None] - row_load[seqs] + new_row
+        best = int(np.argmin(new_load.max(1)))
+        if new_load[best].max() >= load.max() * (1 - 1e-12):
+            break
+        s = seqs[best]
+        owner[s], tiles[s], row_load[s], load = trial[best], t[best], new_row[best], new_load[best]
+    return owner, tiles
 
 
 # ----------------------------------------------------------------------------------------------------------- plan
@@ -365,34 +472,50 @@ def plan(
     *,
     tile_k: int = 32,
     tile_q: int | None = None,
+    method: str = "allgather",
     cost_model: CostModel | None = None,
     alpha: float | None = None,
     beta: float | None = None,
     max_swaps: int = 1000,
+    refine_rounds: int = 32,
+    refine_candidates: int = 8,
     costs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ContextPlan:
     """Distribute the row blocks of every sequence of ``meta`` (numpy [B, S]) over ``cp`` context ranks.
 
-    ``alpha`` / ``beta`` (FLOPs per non-empty tile / per token) default to ``cost_model`` (CostModel() if None).
+    ``alpha`` / ``beta`` (FLOPs per counted tile / per token) default to ``cost_model`` (CostModel() if None).
     S is padded to a multiple of cp * block (2 * cp * block for zigzag); see the module docstring.
-    ``costs``: block_costs(meta, block, tile_k, tile_q), when already computed (planning several modes for one
-    batch). ``tile_q`` x ``tile_k``: the attention tile counted (``tile_q`` defaults to ``block``); with the kernel's
-    own tile (kernels.dispatch.kernel_tile) and a block that is a multiple of both, the plan's rank tiles are the
-    live tiles the kernel computes on each rank (data.context_batches.permute_for_context does this).
+
+    ``tile_q`` x ``tile_k``: the attention tile counted (``tile_q`` defaults to ``block``), normally the kernel's own
+    (kernels.dispatch.kernel_tile; data.context_batches.permute_for_context passes it). The plan's ``rank_tiles`` are
+    the live tiles that kernel computes on each rank's permuted shard, for any block:
+    - both sides divide the block: tiles move whole with their blocks and are counted once, exactly, per block
+      (``block_costs``; ``costs``: its result when already computed, planning several modes for one batch);
+    - otherwise a kernel tile is made of pieces of several blocks: blocks are assigned on the tiles of
+      gcd(block, tile) (``costs`` then holds those), the kernel's tiles are counted on the permuted shards
+      (``method``: "allgather", a q shard against every key, or "ring", against each K/V shard), and ``balanced``
+      then swaps blocks (``refine_rounds`` rounds of ``refine_candidates`` exactly recounted swaps) while that lowers
+      the largest rank load of kernel tiles and tokens.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not isinstance(cp, (int, np.integer)) or cp < 1:
         raise ValueError(f"cp (context ranks) must be a positive integer; got {cp!r}")
     tq = block if tile_q is None else tile_q
-    if block < 1 or tile_k < 1 or tq < 1 or block % tile_k or block % tq:
-        raise ValueError(f"block ({block}) must be a positive multiple of tile_k ({tile_k}) and tile_q ({tq})")
+    if block < 1 or tile_k < 1 or tq < 1:
+        raise ValueError(f"block ({block}), tile_q ({tq}) and tile_k ({tile_k}) must be positive")
     pos, seg, span = _check_meta(meta)
+    # Tiles assigned per block: the kernel's when they divide the block, else the largest that do.
+    bq, bk = math.gcd(block, tq), math.gcd(block, tile_k)
+    aligned = (bq, bk) == (tq, tile_k)
     cm = cost_model or CostModel(tile_q=tq, tile_k=tile_k)
     alpha = cm.alpha if alpha is None else float(alpha)
     beta = cm.beta if beta is None else float(beta)
+    alpha_block = alpha * (bq * bk) / (tq * tile_k)  # FLOPs of one assigned tile
     b, s = seg.shape
-    tiles, tokens = costs if costs is not None else block_costs(TokenMeta(pos, seg, span), block, tile_k, tq)
+    tiles, tokens = costs if costs is not None else block_costs(TokenMeta(pos, seg, span), block, bk, bq)
     if tiles.shape != (b, -(-s // block)) or tokens.shape != tiles.shape:
         raise ValueError(f"costs must be two [B, nb] = {(b, -(-s // block))} arrays; got {tiles.shape}, {tokens.shape}")
     nb = tiles.shape[1]
@@ -408,13 +531,35 @@ def plan(
         owner_real = _assign_lpt(tiles.sum(0).astype(np.float64), cp)
         owner = np.broadcast_to(owner_real, (b, nb))
     else:
-        owner = _assign_balanced(alpha * tiles_p + beta * tokens_p, cp, max_swaps)
+        owner = _assign_balanced(alpha_block * tiles_p + beta * tokens_p, cp, max_swaps)
     owner = np.ascontiguousarray(owner, dtype=np.int32)
     counts = np.stack([np.bincount(o, minlength=cp) for o in owner])
     shard_blocks = int(counts.max())
-    perm = _permutation(owner, cp, block, s, shard_blocks)
+    if aligned:
+        rank_tiles = np.bincount(owner[:, :nb].ravel(), weights=tiles.ravel(), minlength=cp)
+    else:
+        piece = math.gcd(block, tq, tile_k)
+        pieces = _piece_stats((pos, seg, span), owner.shape[1], block, piece)
+
+        def count(owners, rows):
+            return _kernel_rank_tiles(pieces, rows, _block_slots(owners, cp, shard_blocks), cp, block, tq, tile_k,
+                                      piece, method)
+
+        # Each refinement round recounts ``refine_candidates`` layouts of one sequence: bounded by a budget of tile
+        # pairs, so small kernel tiles against small blocks (many pairs) refine less rather than slowly.
+        shard_pieces = shard_blocks * block // piece
+        q_tiles = cp * -(-shard_pieces // (tq // piece))
+        k_tiles = (-(-cp * shard_pieces // (tile_k // piece)) if method == "allgather"
+                   else cp * -(-shard_pieces // (tile_k // piece)))
+        rounds = min(refine_rounds, REFINE_TILE_PAIRS // max(1, refine_candidates * q_tiles * k_tiles))
+        if mode == "balanced" and rounds > 0:
+            owner, row_tiles = _refine_on_kernel_tiles(owner, alpha_block * tiles_p + beta * tokens_p, tokens_p, count,
+                                                       alpha, beta, cp, rounds, refine_candidates)
+        else:
+            row_tiles = count(owner, np.arange(b))
+        rank_tiles = row_tiles.sum(0)
     own_real = owner[:, :nb]
-    rank_tiles = np.bincount(own_real.ravel(), weights=tiles.ravel(), minlength=cp)
+    perm = _permutation(owner, cp, block, s, shard_blocks)
     rank_tokens = np.bincount(own_real.ravel(), weights=tokens.ravel(), minlength=cp)
     return ContextPlan(
         permutation=perm,
@@ -430,6 +575,7 @@ def plan(
         alpha=alpha,
         beta=beta,
         tile_q=tq,
+        method=method,
     )
 
 
