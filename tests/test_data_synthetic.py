@@ -176,3 +176,109 @@ def test_tokenizer_round_trip_and_fixed_special_ids():
     assert codec.placeholder_ids() == {"vision": 3, "audio": 4} and codec.pad_id == 0
     with pytest.raises(ValueError, match="outside the synthetic vocabulary"):
         codec.encode("a purple circle")
+
+
+def _fill_ratio_shape(mask_HW):
+    """Oracle for a rendered shape: its pixels over its bounding box (square 1, circle ~pi/4, triangle ~1/2)."""
+    ys, xs = np.nonzero(mask_HW)
+    fill = mask_HW.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "triangle" if fill < 0.675 else "circle" if fill < 0.97 else "square"
+
+
+def test_native_recipe_batches_show_the_model_what_the_caption_says():
+    """The LLM's view of configs/qwen2vl_tiny.gin's batches: each placeholder run's features point at packed patch
+    rows; un-patchified (grid (t, h, w), HF patch order) and de-normalised, the instance's pixels must show what the
+    run's training labels say: a video's shape moves NATIVE_VIDEO_STEP px along the caption's direction every frame
+    (no frame repeated or dropped) and by a temporal patch's worth between temporal slices; an image's shape sits in
+    the caption's cell; the shape word is the one its fill ratio gives (the shapes stay apart after patching); each
+    token's M-RoPE position is its merged unit's (t, h / m, w / m) from the run's first position."""
+    from mllm_jax.data.processor.image import CLIP_MEAN, CLIP_STD
+    from mllm_jax.train import loop
+
+    cfg = loop.load_run_config(["configs/qwen2vl_tiny.gin"], ["DataConfig.batch_size = 8"])
+    enc_cfg = cfg.model.encoders["vision"]
+    p, tp, m = enc_cfg.patch_size, enc_cfg.temporal_patch_size, enc_cfg.spatial_merge_size
+    stream = SyntheticBatches(cfg.model, cfg.data)
+    codec = stream.builder.codec
+    b = unstack_first(stream.batch_at(0))
+    enc = b["encoder_inputs"]["vision"]
+    rows, per_row = enc["segment_ids"].shape
+    patches = enc["patches"].reshape(rows * per_row, 3, tp, p, p)
+    grid = enc["grid"].reshape(rows * per_row, 3)
+    seen = {"video": 0, "image": 0}
+    for row in range(b["input_ids"].shape[0]):
+        for span in np.unique(b["span_ids"][row][b["span_ids"][row] > 0]):
+            toks = np.flatnonzero(b["span_ids"][row] == span)
+            feats = b["feature_index"]["vision"][row, toks]
+            idx = (feats[:, None] * m * m + np.arange(m * m)).reshape(-1)  # the merged unit's patches
+            g = grid[idx]
+            t, gh, gw = g.max(0) + 1
+            assert len(idx) == t * gh * gw  # the run covers one whole instance
+            frames = np.zeros((t * tp, gh * p, gw * p, 3), np.float32)
+            for (gt, gy, gx), x in zip(g, patches[idx]):
+                frames[gt * tp:(gt + 1) * tp, gy * p:(gy + 1) * p, gx * p:(gx + 1) * p] = x.transpose(1, 2, 3, 0)
+            frames = frames * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN)
+            mask = frames.max(-1) - frames.min(-1) > 0.4  # the saturated shape (the grey frame and background not)
+            rope = b["rope_positions"][row, toks]
+            np.testing.assert_array_equal(rope - rope[0], np.stack([g[::m * m, 0], g[::m * m, 1] // m,
+                                                                    g[::m * m, 2] // m], -1))
+            words, j = [], toks[-1]
+            while b["labels"][row, j] != codec.token_id("<eos>"):
+                if b["labels"][row, j] != IGNORE:
+                    words.append(codec.decode([int(b["labels"][row, j])]).strip())
+                j += 1
+            assert _fill_ratio_shape(mask[0]) == words[2], words
+            cents = np.array([np.argwhere(f).mean(0) for f in mask])  # (y, x) per frame
+            if words[3] == "moving":
+                seen["video"] += 1
+                direction = np.asarray(synthetic.VIDEO_MOTIONS[words[4]])
+                step = np.diff(cents, axis=0)
+                np.testing.assert_allclose(step @ direction, synthetic.NATIVE_VIDEO_STEP, atol=0.25, err_msg=words)
+                np.testing.assert_allclose(step @ direction[::-1], 0, atol=0.25, err_msg=words)
+                slices = cents.reshape(t, tp, 2).mean(1)
+                np.testing.assert_allclose(np.diff(slices, axis=0) @ direction, tp * synthetic.NATIVE_VIDEO_STEP,
+                                           atol=0.25)
+            else:
+                seen["image"] += 1
+                assert t == 1 and (ROWS[int(cents[0, 0] * 3 // (gh * p))], COLS[int(cents[0, 1] * 3 // (gw * p))]) \
+                    == (words[5], words[6]), words
+    assert seen["video"] >= 8 and seen["image"] >= 8, seen
+
+
+def test_held_out_eval_scores_motion_words_apart_from_column_words():
+    """loop.evaluate's word groups on the native recipe's held-out batch, predictions = labels except the motion word
+    of the videos in even rows: eval_accuracy_motion is the share of videos whose motion was kept (counted from the
+    samples' own captions), and the image position words ("left" / "right" are also motion words) stay at 1."""
+    from mllm_jax.train import loop
+
+    cfg = loop.load_run_config(["configs/qwen2vl_tiny.gin"], ["DataConfig.batch_size = 8"])
+    stream = SyntheticBatches(cfg.model, cfg.data, split="eval")
+    codec = stream.builder.codec
+    batch = unstack_first(stream.batch_at(0))
+    labels, k = batch["labels"], cfg.data.samples_per_row
+    after_moving = batch["input_ids"] == codec.token_id("moving")
+    pred = labels.copy()
+    broken = after_moving & (np.arange(len(labels)) % 2 == 0)[:, None]
+    up, down = codec.token_id("up"), codec.token_id("down")
+    pred[broken] = np.where(labels[broken] == up, down, up)
+    out = loop.evaluate(lambda state, b: (1.0, 1.0, pred), None, [batch], lambda b: b,
+                        loop.caption_word_groups(codec))
+    videos = [i // k for i in range(len(labels) * k) if stream.sample(i).answer.split()[3] == "moving"]
+    assert len(videos) >= 4 and 0 < sum(r % 2 == 0 for r in videos) < len(videos)
+    assert out["eval_accuracy_motion"] == pytest.approx(sum(r % 2 for r in videos) / len(videos))
+    assert out["eval_accuracy_position"] == 1.0 and out["eval_accuracy_colour"] == 1.0
+    assert out["eval_accuracy_image_words"] < 1.0
+
+
+def test_slot_scores_count_each_caption_word_at_its_place():
+    from mllm_jax.train.captions import slot_scores
+
+    answers = ["a red circle at the top left", "a blue square at the bottom right", "a red circle moving left",
+               "a green triangle moving up", "count from four :"]
+    got = ["a red square at the top right", "a blue square at the bottom right", "a red circle moving right",
+           "a green circle", "five six seven"]
+    assert slot_scores(got, answers) == {
+        "image_colour": 1.0, "image_shape": 0.5, "image_row": 1.0, "image_column": 0.5,
+        "video_colour": 1.0, "video_shape": 0.5, "video_motion": 0.0}
+    with pytest.raises(ValueError, match="2 captions for 1 answers"):
+        slot_scores(["a", "b"], ["a"])

@@ -66,6 +66,28 @@ def caption_scores(captions: list[str], answers: list[str]) -> dict:
     return {"caption_exact": exact / max(len(answers), 1), "word_accuracy": right / max(words, 1)}
 
 
+# The words of a synthetic vision caption by place: "a red circle at the top left" / "a red circle moving left".
+IMAGE_SLOTS = {"colour": 1, "shape": 2, "row": 5, "column": 6}
+VIDEO_SLOTS = {"colour": 1, "shape": 2, "motion": 4}
+
+
+def slot_scores(captions: list[str], answers: list[str]) -> dict:
+    """Per task and word: {"image_shape": fraction of image captions with the answer's shape word at its place, ...,
+    "video_motion": ...} over the answers that are synthetic image or video captions (the others are skipped)."""
+    if len(captions) != len(answers):
+        raise ValueError(f"{len(captions)} captions for {len(answers)} answers")
+    right, seen = {}, {}
+    for c, a in zip(captions, answers):
+        cw, aw = c.split(), a.split()
+        task, slots = (("video", VIDEO_SLOTS) if aw[3:4] == ["moving"] else
+                       ("image", IMAGE_SLOTS) if aw[3:5] == ["at", "the"] else (None, {}))
+        for word, i in slots.items():
+            key = f"{task}_{word}"
+            seen[key] = seen.get(key, 0) + 1
+            right[key] = right.get(key, 0) + (cw[i:i + 1] == aw[i:i + 1])
+    return {k: right[k] / seen[k] for k in seen}
+
+
 def held_out_samples(model_config, data_config, n: int, codec: TextCodec) -> list:
     """The first ``n`` samples of the run's held-out ("eval") stream: its own task mixture, never trained on."""
     stream = SyntheticBatches(model_config, data_config, split="eval", codec=codec)

@@ -22,7 +22,7 @@ from mllm_jax.data.batching import IGNORE, unstack_first
 from mllm_jax.data.context_batches import permute_for_context
 from mllm_jax.data.datasets.config import DatasetConfig
 from mllm_jax.data.datasets.sources import check_dataset_file
-from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
+from mllm_jax.data.tokenizer import COLOURS, COLS, MOTIONS, NUMBER_WORDS, ROWS, SHAPES, TONES_HZ
 from mllm_jax.data import encoder_balance
 from mllm_jax.data.train_data import (RealTrainData, SyntheticTrainData, check_encoder_options, load_tokenizer,
                                       uses_real_data)
@@ -204,14 +204,19 @@ def _apply_checkpoint_tree(model, optimizer, tree) -> None:
 # Evaluation.
 
 
-def caption_word_groups(codec: TextCodec) -> dict[str, np.ndarray]:
-    """Token ids of the caption words that can only be right by looking at the input, per group."""
+def caption_word_groups(codec: TextCodec) -> dict[str, np.ndarray | tuple]:
+    """Token ids of the caption words that can only be right by looking at the input, per group. A group is an id
+    array, or (ids, after, follows): then only labels whose preceding token is (follows) / is not (not follows) the id
+    ``after`` count: a video's motion word follows "moving" ("a red circle moving left"), and "left" / "right" are
+    also an image's column words."""
     ids = lambda words: np.asarray([codec.token_id(str(w)) for w in words])  # noqa: E731
+    moving = codec.token_id("moving")
     return {
-        "image_words": ids(COLOURS + SHAPES + ROWS + COLS),
+        "image_words": ids(COLOURS + SHAPES + ROWS + COLS + MOTIONS),
         "colour": ids(COLOURS),
         "shape": ids(SHAPES),
-        "position": ids(ROWS + COLS),
+        "position": (ids(ROWS + COLS), moving, False),
+        "motion": (ids(MOTIONS), moving, True),
         "audio_words": ids(TONES_HZ),
         "text_words": ids(NUMBER_WORDS),
     }
@@ -235,8 +240,11 @@ def evaluate(eval_fn, model_state, eval_batches, put: Callable, groups: dict) ->
         hit = (pred == labels) & valid
         correct += int(hit.sum())
         total += int(valid.sum())
-        for k, ids in groups.items():
+        for k, group in groups.items():
+            ids, after, follows = group if isinstance(group, tuple) else (group, None, None)
             sel = valid & np.isin(labels, ids)
+            if after is not None:  # labels[t] is the token after input_ids[t]
+                sel &= (np.asarray(batch["input_ids"]) == after) == follows
             g_correct[k] += int((hit & sel).sum())
             g_total[k] += int(sel.sum())
     out = {"eval_loss": loss_sum / max(count, 1.0), "eval_accuracy": correct / max(total, 1)}
