@@ -6,13 +6,16 @@ FLOPs count 2 per multiply-add, with the per-token and per-pair formulas of para
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from mllm_jax.config import AudioConfig, LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig, VisionConfig
 from mllm_jax.parallel.cost_model import (Layer, ModelCosts, PipelineCosts, apply_profile,
                                           attention_flops_per_pair, causal_pairs, cost_chain,
                                           decoder_linear_flops_per_token)
 
-__all__ = ["ProjectorConfig", "causal_pairs", "cost_chain", "encoder_layers", "llm_embedding", "llm_head",
-           "llm_layer", "model_costs", "pipeline_costs", "projector_layer", "step_model_flops"]
+__all__ = ["ModalityShapes", "ProjectorConfig", "causal_pairs", "cost_chain", "encoder_layers", "llm_embedding",
+           "llm_head", "llm_layer", "modality_shapes", "model_costs", "pipeline_costs", "projector_layer",
+           "step_model_flops"]
 
 
 def _lora_dims(cfg: LLMConfig) -> dict:
@@ -268,6 +271,54 @@ def llm_embedding(cfg: LLMConfig, *, trainable=True) -> Layer:
     return Layer(name="llm/embed", module="llm", weight_flops=0.0, params=params, trainable=trainable)
 
 
+@dataclass(frozen=True)
+class ModalityShapes:
+    """One modality's shapes in one microbatch: ``instances`` images/clips, ``tower_tokens`` tokens each through the
+    encoder (``given_tokens``: the override, None when the config's own count is used), ``projector_tokens`` tokens
+    of width ``projector_dim`` each into the projector, ``injected`` LLM tokens per sequence."""
+
+    instances: int
+    tower_tokens: int
+    given_tokens: int | None
+    projector: ProjectorConfig
+    projector_tokens: int
+    projector_dim: int
+    injected: int
+
+
+def modality_shapes(config: ModelConfig, *, instances: dict | None = None, encoder_tokens: dict | None = None,
+                    feature_tokens: dict | None = None, batch: int = 1) -> dict:
+    """{encoder name: ModalityShapes} for microbatches of ``batch`` sequences (model_costs' arguments): the one home of
+    these counts for the analytic costs and the compiled ones (mllm_jax.train.layer_costs)."""
+    instances = dict(instances or {})
+    encoder_tokens = dict(encoder_tokens or {})
+    feature_tokens = dict(feature_tokens or {})
+    for name in list(instances) + list(encoder_tokens) + list(feature_tokens):
+        if name not in config.encoders:
+            raise ValueError(f"unknown encoder {name!r}; the model has {sorted(config.encoders)}")
+    out = {}
+    for name, ecfg in config.encoders.items():
+        # A native-resolution instance is priced as a full patch row unless its patches are given.
+        given = encoder_tokens.get(name) or (ecfg.patches_per_row if config.is_native_resolution(name) else None)
+        # Tokens handed to the projector (CLIP-style towers drop the class token here).
+        tokens = given or ecfg.num_features
+        pcfg = config.projectors.get(name, ProjectorConfig())
+        d_in = ecfg.d_model
+        if name in feature_tokens:
+            d_in = ecfg.d_model * tokens // feature_tokens[name]
+            tokens = feature_tokens[name]
+        out[name] = ModalityShapes(
+            instances=instances.get(name, 1) * batch,
+            tower_tokens=given or ecfg.num_positions,
+            given_tokens=given,
+            projector=pcfg,
+            projector_tokens=tokens,
+            projector_dim=d_in,
+            injected=pcfg.output_tokens(tokens) * instances.get(name, 1),
+        )
+    return out
+
+
 def model_costs(
     config: ModelConfig,
     *,
@@ -289,51 +340,36 @@ def model_costs(
     projector then sees the merged tokens with proportionally wider features); otherwise projectors keep the token
     count (a resampler emits num_queries). ``remat``: None -> config.remat != "none".
     """
-    instances = dict(instances or {})
-    encoder_tokens = dict(encoder_tokens or {})
-    feature_tokens = dict(feature_tokens or {})
     remat = (config.remat != "none") if remat is None else remat
-    for name in list(instances) + list(encoder_tokens) + list(feature_tokens):
-        if name not in config.encoders:
-            raise ValueError(f"unknown encoder {name!r}; the model has {sorted(config.encoders)}")
     d_llm = config.llm.d_model
     encoders = {}
-    injected = 0
     any_encoder_trains = False
+    shapes = modality_shapes(config, instances=instances, encoder_tokens=encoder_tokens,
+                             feature_tokens=feature_tokens, batch=batch)
     for name, ecfg in config.encoders.items():
-        n = instances.get(name, 1) * batch
-        # A native-resolution instance is priced as a full patch row unless its patches are given.
-        enc_tokens = encoder_tokens.get(name) or (ecfg.patches_per_row if config.is_native_resolution(name) else None)
+        sh = shapes[name]
         enc_layers = encoder_layers(
             name,
             ecfg,
-            n_instances=n,
+            n_instances=sh.instances,
             trainable=config.is_trainable(f"encoders/{name}"),
-            tokens=enc_tokens,
+            tokens=sh.given_tokens,
             act_dtype_bytes=act_dtype_bytes,
         )
-        # Tokens handed to the projector (CLIP-style towers drop the class token here).
-        tokens = enc_tokens or ecfg.num_features
-        pcfg = config.projectors.get(name, ProjectorConfig())
-        d_in = ecfg.d_model
-        if name in feature_tokens:
-            d_in = ecfg.d_model * tokens // feature_tokens[name]
-            tokens = feature_tokens[name]
         proj = projector_layer(
             name,
-            pcfg,
-            d_in,
+            sh.projector,
+            sh.projector_dim,
             d_llm,
-            tokens * n,
+            sh.projector_tokens * sh.instances,
             trainable=config.is_trainable(f"projectors/{name}"),
             act_dtype_bytes=act_dtype_bytes,
-            instances=n,
+            instances=sh.instances,
         )
         chain, trains = cost_chain(enc_layers + [proj], remat=remat, frozen_aware=frozen_aware)
         encoders[name] = chain
         any_encoder_trains |= trains
-        injected += pcfg.output_tokens(tokens) * instances.get(name, 1)
-    seq = text_tokens + injected
+    seq = text_tokens + sum(sh.injected for sh in shapes.values())
     llm_trains = config.is_trainable("llm")
     embed_layer = llm_embedding(config.llm, trainable=llm_trains)
     layers = [

@@ -12,7 +12,10 @@ Two predictions of an iteration:
   same way (encoder stages at the depths before the LLM's first stage), so every placement is compared on the
   schedule our runtime executes, with the same per-layer costs.
 
-Communication is not modelled.
+Per-layer costs: the analytic model (parallel.cost_model over the model's layer descriptions), or a plain table of
+per-layer op costs (``LayerCosts``: forward, B, W and BW of every layer, encoders and projectors included; compiled
+from the real layers for the target by mllm_jax.train.layer_costs) through ``plan_pipeline(layer_costs=...)``;
+``PipelinePlan.cost_source`` says which. Communication is not modelled.
 """
 
 from __future__ import annotations
@@ -32,6 +35,89 @@ from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_S
 SCHEDULES_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
 
 INF = float("inf")
+
+# A layer's ops as the runtime runs them (remat per layer: every backward op recomputes the forward first).
+OPS = ("f", "b", "w", "bw")
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per-layer op costs from outside the analytic model, as a plain table (e.g. compiled for a target:
+    mllm_jax.train.layer_costs). ``ops``: {layer name (CostedLayer.name): {op: cost}} in the planner's unit (FLOPs,
+    or roofline seconds x peak FLOP/s), ops of ``OPS``: "f" the forward; "b" the forward and the input gradient;
+    "w" the forward and the trainable weights' gradient; "bw" the forward and both in one vjp. A layer needs the ops
+    the frozen rule runs at its position ("f" always). The loss head's "b" / "w" / "bw" is its whole forward +
+    backward (it runs in the last stage's forward tick). ``source``: what the planner reports ("compiled:tpu:v5p:..."
+    or "analytic"); ``figures``: the measurements behind the table, for reports."""
+
+    ops: dict
+    source: str = "table"
+    figures: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MeasuredLayer(CostedLayer):
+    """A CostedLayer whose forward and backward come from a LayerCosts row (``ops``) instead of its Layer's FLOPs."""
+
+    ops: dict = field(default_factory=dict)
+
+
+def _rule_op(c: CostedLayer, ops: dict) -> float:
+    """The backward op the frozen rule runs for ``c`` (its forward recomputed included), 0 when it runs none."""
+    dx, dw = c.needs_dx, c.layer.has_trainable
+    kind = "bw" if dx and dw else ("b" if dx else ("w" if dw else None))
+    if kind is None:
+        return 0.0
+    if kind not in ops:
+        raise ValueError(f"layer {c.name!r} needs its {kind!r} op cost (needs_dx={dx}, trainable={dw}); the table "
+                         f"has {sorted(ops)}")
+    return float(ops[kind])
+
+
+def analytic_layer_costs(costs: PipelineCosts) -> LayerCosts:
+    """The analytic cost model as a LayerCosts table (what ``runtime_layer_ops`` prices every op at): planning on it
+    gives the plan without a table."""
+    table = {}
+    chains = [costs.runtime.llm, [costs.runtime.embed, costs.runtime.head]]
+    chains += list(costs.runtime.encoders.values())
+    for c in (c for chain in chains for c in chain):
+        f = c.layer.fwd
+        dw = backward_flops(c.layer, False)
+        dx = backward_flops(c.layer, True) - dw
+        if c is costs.runtime.head:  # its backward runs in the forward's tick, without a recompute
+            back = backward_flops(c.layer, c.needs_dx)
+            table[c.name] = {op: f + back for op in ("b", "w", "bw")} | {"f": f}
+        else:
+            table[c.name] = {"f": f, "b": f + dx, "w": f + dw, "bw": f + dx + dw}
+    return LayerCosts(table, source="analytic")
+
+
+def with_layer_costs(costs: PipelineCosts, table: LayerCosts) -> PipelineCosts:
+    """``costs`` with the frozen-aware chains (``aware``, ``runtime``) priced by ``table``: each layer's forward its
+    "f", its backward the op the frozen rule runs there (less one forward where its chain has no remat). The
+    frozen-unaware chain stays the analytic one: it is what a frozen-unaware planner believes (only its relative
+    costs pick that baseline's split, which is then priced on the table)."""
+    missing = [c.name for chain in _chains(costs.runtime) for c in chain if c.name not in table.ops]
+    if missing:
+        raise ValueError(f"the layer cost table ({table.source}) has no row for layers {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}")
+
+    def priced(c: CostedLayer) -> MeasuredLayer:
+        ops = table.ops[c.name]
+        f, op = float(ops["f"]), _rule_op(c, ops)
+        remat = c.bwd > backward_flops(c.layer, c.needs_dx)  # the chain recomputes the forward in its backward
+        bwd = op if (remat or op == 0.0) else max(op - f, 0.0)
+        return MeasuredLayer(c.layer, f, bwd, c.needs_dx, c.act_bytes, dict(ops))
+
+    def model(m: ModelCosts) -> ModelCosts:
+        return ModelCosts({k: [priced(c) for c in v] for k, v in m.encoders.items()}, priced(m.embed),
+                          [priced(c) for c in m.llm], priced(m.head), m.llm_upstream_trainable)
+
+    return PipelineCosts(model(costs.aware), costs.unaware, model(costs.runtime))
+
+
+def _chains(m: ModelCosts):
+    return [m.llm, [m.embed, m.head], *m.encoders.values()]
 
 
 def pipeline_time(stage_costs, microbatches: int) -> float:
@@ -153,6 +239,8 @@ def runtime_layer_ops(chain) -> dict:
     trains, no dW for frozen weights, and a frozen layer with nothing trainable upstream costs nothing. (W's vjp
     also walks the cotangents back through the layer's inside to reach its weights; the analytic costs count dW
     only: compiled per-layer costs, where given, include it.)"""
+    if chain and all(isinstance(c, MeasuredLayer) for c in chain):
+        return _measured_layer_ops(chain)
     f = np.array([c.layer.fwd for c in chain], dtype=np.float64)
     dw = np.array([backward_flops(c.layer, False) for c in chain], dtype=np.float64)
     dx = np.array([backward_flops(c.layer, c.needs_dx) for c in chain], dtype=np.float64) - dw
@@ -164,6 +252,24 @@ def runtime_layer_ops(chain) -> dict:
     }
 
 
+def _measured_layer_ops(chain) -> dict:
+    """``runtime_layer_ops`` from each layer's table row: the ops the frozen rule runs there, 0 for the others."""
+    out = {op: np.zeros(len(chain)) for op in OPS}
+    for i, c in enumerate(chain):
+        dx, dw = c.needs_dx, c.layer.has_trainable
+        out["f"][i] = c.ops["f"]
+        rule = _rule_op(c, c.ops)
+        if dx:
+            out["b"][i] = c.ops.get("b", rule if not dw else 0.0)
+        if dw:
+            out["w"][i] = c.ops.get("w", rule if not dx else 0.0)
+        out["bw"][i] = rule
+        if dx and dw and ("b" not in c.ops or "w" not in c.ops):
+            raise ValueError(f"layer {c.name!r} has dX and dW: the split schedules need its 'b' and 'w' op costs; "
+                             f"the table has {sorted(c.ops)}")
+    return out
+
+
 def runtime_layer_costs(chain) -> tuple:
     """(forward-op, fused-backward-op) cost of each LLM layer slot: 1F1B's two ops (``runtime_layer_ops``)."""
     ops = runtime_layer_ops(chain)
@@ -172,6 +278,8 @@ def runtime_layer_costs(chain) -> tuple:
 
 def runtime_head_cost(head: CostedLayer) -> float:
     """The last stage's loss (final norm, logits, cross entropy) forward and backward, both in its forward op."""
+    if isinstance(head, MeasuredLayer):
+        return _rule_op(head, head.ops) or head.fwd
     return head.layer.fwd + backward_flops(head.layer, head.needs_dx)
 
 
@@ -489,6 +597,7 @@ class PipelinePlan:
     # runs), and how the search found it.
     runtime: Placement | None = None
     lockstep_search: LockstepSplit | None = None
+    cost_source: str = "analytic"  # the per-layer costs planned on: "analytic", or a LayerCosts table's source
 
     @property
     def llm_stage_layers(self) -> tuple:
@@ -709,6 +818,7 @@ def plan_pipeline(
     cornstarch_stages: dict | None = None,
     megatron_stages: dict | None = None,
     schedule: str | None = None,
+    layer_costs: LayerCosts | None = None,
 ) -> PipelinePlan:
     """Choose the LLM layers per pipeline stage and where the encoders run.
 
@@ -720,7 +830,9 @@ def plan_pipeline(
     prefers); their totals may differ from ``parallel.pipeline``. ``schedule``: the runtime's schedule ("1f1b",
     "zb_h1", "1f1b_fb") or "auto" (the fastest in simulation that fits the memory budget, per placement); None:
     ``parallel.pipeline_schedule`` (what the run will execute). Every placement's ``runtime_time`` is simulated tick
-    by tick under it, with the same per-layer costs.
+    by tick under it, with the same per-layer costs. ``layer_costs``: per-layer op costs to plan on instead of the
+    analytic ones (a LayerCosts table, e.g. compiled for the target: mllm_jax.train.layer_costs; ``with_layer_costs``);
+    the plan's ``cost_source`` says which.
     """
     stages, M, tensor = parallel.pipeline, parallel.microbatches, parallel.tensor
     if placement not in ("auto", "outside", "own_stages"):
@@ -730,6 +842,8 @@ def plan_pipeline(
     schedule = parallel.pipeline_schedule if schedule is None else schedule
     if schedule != "auto" and schedule not in SCHEDULES_PLANNED:
         raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES_PLANNED}; got {schedule!r}")
+    if layer_costs is not None:
+        costs = with_layer_costs(costs, layer_costs)
     n_layers = len(costs.aware.llm)
     if n_layers < stages:
         raise ValueError(f"the LLM has {n_layers} layers, fewer than the {stages} pipeline stages")
@@ -750,7 +864,7 @@ def plan_pipeline(
     cornstarch, megatron = _baselines(costs, stages, args, rt_args, cornstarch_stages, megatron_stages)
     return PipelinePlan(
         chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates),
-        runtime_placement, search,
+        runtime_placement, search, "analytic" if layer_costs is None else layer_costs.source,
     )
 
 
@@ -870,7 +984,7 @@ def format_plan(plan: PipelinePlan) -> str:
     budget = "none" if plan.memory_budget == INF else f"{plan.memory_budget / 2**30:.2f} GiB"
     lines = [
         f"pipeline plan: {plan.stages} stages, {plan.microbatches} microbatches, tensor {plan.tensor}, "
-        f"memory budget {budget}",
+        f"memory budget {budget}, per-layer costs {plan.cost_source}",
         "chosen:",
         *_fmt_placement(plan.chosen, unit),
         "compared on the same cost model:",
