@@ -1,5 +1,6 @@
 """Gemma 3 multimodal (Gemma3ForConditionalGeneration) against PyTorch transformers: the pooling projector alone, the
-config map, logits on a batch with several images (each image's tokens one bidirectional span), and export.
+config map, logits on a batch with several images (each image's tokens one bidirectional span), logits on what our
+processor makes of chat messages (pan-and-scan crops) against Gemma3Processor's inputs, and export.
 
 One tiny random transformers model per module (CPU, float32), saved once; oracles: its forward passes, its own mask
 functions, and transformers reloading what we write.
@@ -236,6 +237,40 @@ def test_two_samples_packed_in_one_row_give_each_its_own_logits(hf_dir, ours):
                   feature_index={"vision": row(fi)})
     out = _our_logits(ours, packed).reshape(2, 20, -1)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_processor_batch_gives_transformers_logits(hf_dir, ours, tmp_path):
+    """Chat messages with a wide image (pan-and-scan: the image and its 2 crops) and a square one through our
+    MultimodalProcessor (Gemma 3 framing), and the same rendered prompt and images through transformers'
+    Gemma3Processor (Gemma3ImageProcessorPil) with the same tiny tokenizer: the same token ids and pixel rows, and
+    our model on our batch gives transformers' logits on its inputs (token_type_ids included) to 1e-4."""
+    from gemma3_testlib import make_tokenizers
+    from mllm_jax.data.processor import MultimodalProcessor, get_template
+    from mllm_jax.data.processor.gemma3 import BOI as BOI_TEXT
+    from mllm_jax.data.processor.gemma3 import Gemma3ImageProcessor
+
+    ours_tok, hf_tok = make_tokenizers(tmp_path)
+    rng = np.random.default_rng(3)
+    wide, square = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((20, 44, 3), (24, 24, 3)))
+    messages = [{"role": "user", "content": [{"type": "image", "image": wide}, {"type": "text", "text": "what is this"},
+                                             {"type": "image", "image": square}]},
+                {"role": "assistant", "content": "a cat and dog"}]
+    pas = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=8)
+    proc = MultimodalProcessor(ours_tok, ours.config, template="gemma", encoder_processors={
+        "vision": Gemma3ImageProcessor.for_model(ours.config.encoders["vision"], **pas)})
+    batch = proc([messages], seq_len=len(proc.encode(messages).ids))
+    text = "".join(BOI_TEXT if p.modality else p.text for p in get_template("gemma").render(messages))
+    hf_proc = transformers.Gemma3Processor(image_processor=transformers.Gemma3ImageProcessorPil(
+        size={"height": 16, "width": 16}), tokenizer=hf_tok, image_seq_length=TOKENS_PER_IMAGE)
+    ref = hf_proc(text=[text], images=[[wide, square]], return_tensors="np", **pas)
+    np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+    ref_pixels = ref["pixel_values"].transpose(0, 2, 3, 1)
+    assert len(ref_pixels) == 4  # the wide image, its 2 crops, the square one
+    np.testing.assert_allclose(batch["encoder_inputs"]["vision"], ref_pixels, atol=1e-5)
+    keys = ("input_ids", "positions", "segment_ids", "span_ids", "encoder_inputs", "feature_index")
+    np.testing.assert_allclose(_our_logits(ours, {k: batch[k] for k in keys}),
+                               _hf_logits(hf_dir[0], ref["input_ids"], ref["token_type_ids"], ref_pixels),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_save_reloads_in_transformers_with_the_same_logits(hf_dir, ours, tmp_path):

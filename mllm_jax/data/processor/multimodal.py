@@ -6,6 +6,10 @@ with whole samples (segments); labels are the next token within a segment, kept 
 Encoder rows are laid out sample-major per batch row (row b owns rows b*K .. b*K+K-1 of each modality, K = the
 ``instances`` budget), so splitting the batch along B splits the encoder inputs the same way.
 
+Gemma 3 (a "gemma3" projector): each image becomes Gemma3Processor's text (``<start_of_image>``, the image tokens,
+``<end_of_image>``, and with pan-and-scan one more run per crop), tokenised with the text around it; each image and crop
+is one encoder row (processor/gemma3.py).
+
 Span ids: each media instance gets its own span (its tokens attend each other both ways, docs/architecture.md) unless
 ``bidirectional_media=False``: pretrained LLaVA-style checkpoints were trained with a plain causal mask, and span id 0
 reproduces that exactly.
@@ -18,8 +22,10 @@ import dataclasses
 import numpy as np
 
 from mllm_jax.batch import IGNORE
+from mllm_jax.data.batching import encoder_input_shape
 from mllm_jax.data.processor.audio import WhisperFeatures
 from mllm_jax.data.processor.chat import ChatTemplate, get_template
+from mllm_jax.data.processor.gemma3 import Gemma3ImageProcessor, Gemma3Prompt, expand_text_pieces
 from mllm_jax.data.processor.image import ImageProcessor
 
 
@@ -44,15 +50,25 @@ class MultimodalProcessor:
         if missing:
             raise ValueError(f"ModelConfig.placeholder_ids has no id for modalities {missing}")
         self.encoder_processors = dict(encoder_processors or {})
-        for name, enc in model_config.encoders.items():
+        for name in model_config.encoders:
             if name not in self.encoder_processors:
-                self.encoder_processors[name] = (
-                    WhisperFeatures.for_model(enc) if hasattr(enc, "n_mels") else ImageProcessor.for_model(enc)
-                )
+                self.encoder_processors[name] = default_processor(model_config, name)
+        # modality -> Gemma3Prompt: a "gemma3" projector's images are framed and cropped as Gemma3Processor does
+        self.prompts = {name: Gemma3Prompt.for_model(model_config, tokenizer, name) for name in model_config.encoders
+                        if _projector_kind(model_config, name) == "gemma3"}
+        for name in self.prompts:
+            want, got = encoder_input_shape(model_config.encoders[name]), tuple(self.encoder_processors[name].shape)
+            if got != want:
+                raise ValueError(f"encoder_processors[{name!r}] makes rows of shape {got}; the {name!r} tower takes "
+                                 f"{want}")
 
     def encode(self, messages, *, add_generation_prompt: bool = False) -> EncodedSample:
+        pieces = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        framed = {}  # modality -> its images' rows, in order, once their text is in the pieces (Gemma 3)
+        for name, prompt in self.prompts.items():
+            pieces, framed[name] = expand_text_pieces(pieces, prompt, self.encoder_processors[name], name)
         ids, train, media = [], [], []
-        for piece in self.template.render(messages, add_generation_prompt=add_generation_prompt):
+        for piece in pieces:
             if piece.modality is None:
                 toks = self.tokenizer.encode(piece.text)
                 ids += toks
@@ -65,6 +81,11 @@ class MultimodalProcessor:
             n = self.counts[piece.modality]
             ids += [self.config.placeholder_ids[piece.modality]] * n
             train += [False] * n
+        for name, images in framed.items():  # each image and crop: one row, its run found in the tokenised text
+            rows = [row for image in images for row in image]
+            starts = self.prompts[name].runs(ids, self.config.placeholder_ids[name], len(rows))
+            media += [(name, row, start) for row, start in zip(rows, starts)]
+        media.sort(key=lambda m: m[2])
         return EncodedSample(np.asarray(ids, np.int32), np.asarray(train, bool), media)
 
     def __call__(self, conversations, *, seq_len: int, batch_size: int | None = None, instances: dict | None = None,
@@ -120,6 +141,22 @@ class MultimodalProcessor:
         batch["encoder_inputs"] = encoder_inputs
         batch["feature_index"] = feature_index
         return batch
+
+
+def default_processor(model_config, name: str):
+    """The encoder-input processor of modality ``name``: Whisper log-mel for audio, Gemma3ImageProcessor for a
+    tower under a "gemma3" projector, else the CLIP/SigLIP ImageProcessor of its VisionConfig."""
+    enc = model_config.encoders[name]
+    if hasattr(enc, "n_mels"):
+        return WhisperFeatures.for_model(enc)
+    if _projector_kind(model_config, name) == "gemma3":
+        return Gemma3ImageProcessor.for_model(enc)
+    return ImageProcessor.for_model(enc)
+
+
+def _projector_kind(model_config, name: str):
+    proj = model_config.projectors.get(name)
+    return None if proj is None else proj.kind
 
 
 def _pack(samples, seq_len: int) -> list[list[int]]:
