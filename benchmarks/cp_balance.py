@@ -373,14 +373,17 @@ def plot(examples, path):
     plt.close(fig)
 
 
-def measured_rank_tiles(meta: TokenMeta, p, *, block: int = 128, heads: int = 2, head_dim: int = 16,
+def measured_rank_tiles(meta: TokenMeta, p, *, method: str = "ring", impl: str = "xla", interpret: bool = True,
+                        block_q: int | None = None, block_k: int | None = None, heads: int = 2, head_dim: int = 16,
                         seed: int = 0) -> np.ndarray:
     """The tiles each context rank's attention really computes under plan ``p``: the batch with metadata ``meta`` is
-    permuted by ``p.permutation`` and kernels.context_parallel.context_attention (method "ring", its per-step kernel
-    kernels.tiled with ``block`` x ``block`` tiles) is compiled and run under jax.shard_map on ``p.cp`` devices; each
-    ring step's tile loop counts the tiles it computes on its rank (context_parallel.record_rank_tiles). int64 [cp]
-    summed over the batch rows and ring steps. Needs ``p.cp`` devices (8 fake CPU devices:
-    XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+    permuted by ``p.permutation`` and kernels.context_parallel.context_attention (``method`` "ring" or "allgather",
+    ``impl`` "xla" (kernels.tiled), "pallas_tpu" or "pallas_gpu", Pallas in interpret mode on CPU; block sizes
+    ``block_q`` x ``block_k``, None: the kernel's defaults) is compiled and run under jax.shard_map on ``p.cp``
+    devices. Each rank's forward counts its tiles in the kernel itself (context_parallel.record_rank_tiles):
+    kernels.tiled's tile loop, the Pallas GPU kernel's tile loop, the Pallas TPU kernel's grid over its
+    scalar-prefetched live-tile lists. int64 [cp] summed over the batch rows (and ring steps). Needs ``p.cp`` devices
+    (8 fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -399,7 +402,8 @@ def measured_rank_tiles(meta: TokenMeta, p, *, block: int = 128, heads: int = 2,
     m = TokenMeta(*(jax.device_put(jnp.asarray(a), seq) for a in pm))
     with context_parallel.record_rank_tiles() as record:
         f = jax.jit(lambda x, m: context_parallel.context_attention(
-            x, x, x, m, m, mesh=mesh, method="ring", impl="xla", block_q=block, block_k=block))
+            x, x, x, m, m, mesh=mesh, method=method, impl=impl, interpret=interpret, block_q=block_q,
+            block_k=block_k))
         jax.block_until_ready(f(x, m))
         jax.effects_barrier()
     tiles = np.zeros(p.cp, np.int64)
@@ -408,29 +412,50 @@ def measured_rank_tiles(meta: TokenMeta, p, *, block: int = 128, heads: int = 2,
     return tiles
 
 
+# (method, impl, block_q, block_k) of the context attention kernel_rank_balance runs; None: the kernel's default.
+RING_TILED = (("ring", "xla", None, None),)
+ALL_KERNELS = (("ring", "xla", None, None), ("allgather", "xla", None, None), ("ring", "pallas_tpu", 128, 256),
+               ("allgather", "pallas_tpu", 128, 256), ("ring", "pallas_gpu", 32, 64),
+               ("allgather", "pallas_gpu", 64, 32))
+
+
 def kernel_rank_balance(length=4096, cp=4, families=("multimodal_packed", "llava_single_image"),
-                        modes=("zigzag", "balanced"), block=128, heads=2, head_dim=16):
-    """Per-rank balance of the real context-parallel attention against the planner's prediction. Per family and mode:
-    the plan (tiles of the ring's CPU kernel, ``block`` x ``block``), then ``measured_rank_tiles``: the ring attention
-    itself compiled and run on ``cp`` fake devices, each rank's tiles counted by the kernel's tile loop, and its
-    forward FLOPs (4 x block^2 x head_dim per tile and query head). ``agree``: the measured tiles are the planned
-    ones rank by rank. Why measured and not the compiler's cost analysis: the ranks run one SPMD program whose tile
-    loops have data-dependent trip counts, so its compiled FLOPs are the same on every rank."""
+                        modes=("zigzag", "balanced"), block=128, heads=2, head_dim=16, kernels=RING_TILED):
+    """Per-rank balance of the real context-parallel attention against the planner's prediction. Per kernel
+    (``kernels``: (method, impl, block_q, block_k), Pallas in interpret mode), family and mode: the plan (planner
+    block ``block``, the kernel's tile: its blocks, else kernels.dispatch.kernel_tile on CPU), then
+    ``measured_rank_tiles``: the context attention itself compiled and run on ``cp`` fake devices, each rank's tiles
+    counted by the kernel, and its forward FLOPs (4 x tile_q x tile_k x head_dim per tile and query head).
+    ``agree``: the measured tiles are the planned ones rank by rank. Why measured and not the compiler's cost
+    analysis: the ranks run one SPMD program whose tile loops have data-dependent trip counts, so its compiled FLOPs
+    are the same on every rank."""
+    from mllm_jax.kernels.dispatch import kernel_tile
+
     out = {}
-    for fi, family in enumerate(families):
-        meta = family_meta(family, length, np.random.default_rng([11, fi]))
-        out[family] = {}
-        for mode in modes:
-            p = plan(meta, cp, mode, block=block, tile_k=block)
-            tiles = measured_rank_tiles(meta, p, block=block, heads=heads, head_dim=head_dim)
-            flops = tiles * 4.0 * block * block * head_dim * heads
-            out[family][mode] = {"measured_ratio": float(tiles.max() / tiles.mean()),
-                                 "planned_tile_ratio": float(p.rank_tiles.max() / p.rank_tiles.mean()),
-                                 "measured_rank_tiles": tiles.tolist(), "planned_rank_tiles": p.rank_tiles.tolist(),
-                                 "rank_attention_mflops": [f / 1e6 for f in flops],
-                                 "agree": bool(np.array_equal(tiles, p.rank_tiles))}
-    return {"seq_len": length, "cp": cp, "tile": [block, block], "kernel": "kernels.tiled (ring step)",
-            "families": out}
+    for method, impl, bq, bk in kernels:
+        name = f"{method}/{impl}"
+        out[name] = {}
+        for fi, family in enumerate(families):
+            meta = family_meta(family, length, np.random.default_rng([11, fi]))
+            out[name][family] = {}
+            for mode in modes:
+                unit = (2 * cp if mode == "zigzag" else cp) * block
+                shard = -(-length // unit) * unit // cp
+                keys = shard if method == "ring" else shard * cp
+                kernel = "tiled" if impl == "xla" and method == "ring" else impl  # the ring's CPU step
+                tile = (bq, bk) if bq else kernel_tile(kernel, shard, keys, head_dim, backend="cpu")
+                p = plan(meta, cp, mode, block=block, tile_q=tile[0], tile_k=tile[1], method=method)
+                tiles = measured_rank_tiles(meta, p, method=method, impl=impl, block_q=bq, block_k=bk, heads=heads,
+                                            head_dim=head_dim)
+                flops = tiles * 4.0 * tile[0] * tile[1] * head_dim * heads
+                out[name][family][mode] = {
+                    "tile": list(tile), "measured_ratio": float(tiles.max() / tiles.mean()),
+                    "planned_tile_ratio": float(p.rank_tiles.max() / p.rank_tiles.mean()),
+                    "measured_rank_tiles": tiles.tolist(), "planned_rank_tiles": p.rank_tiles.tolist(),
+                    "rank_attention_mflops": [f / 1e6 for f in flops],
+                    "agree": bool(np.array_equal(tiles, p.rank_tiles))}
+    return {"seq_len": length, "cp": cp, "block": block, "kernels": out,
+            "all_agree": all(r["agree"] for k in out.values() for f in k.values() for r in f.values())}
 
 
 def main(argv=None):

@@ -152,14 +152,25 @@ def _allgather_body(q, k, v, q_meta, k_meta, *, axis, step, remat, kw):
     gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
     k_meta_all = TokenMeta(*(gather(a) for a in k_meta))
     group = q.shape[2] // k.shape[2]
+    record = _rank_tiles
 
     def one_group(q_g, k_g, v_g):
         return attention(q_g, gather(k_g), gather(v_g), q_meta, k_meta_all, context_parallel=False, **kw)
 
-    if remat:
+    def counted_group(q_g, k_g, v_g, first):
+        # Recording: the forward of the kernel attention() runs here, counting its own tiles (the first KV-head group
+        # only: every group computes the same tiles).
+        kernel = choose(kw.get("impl", "auto"), k_meta_all.segment_ids.shape[1])
+        out, _, n = _counted_forward(kernel, q_g, gather(k_g), gather(v_g), q_meta, k_meta_all, kw)
+        if first:
+            jax.debug.callback(lambda r, t: record.append((int(r), int(t))), jax.lax.axis_index(axis), n)
+        return out.astype(q_g.dtype)
+
+    if remat and record is None:
         one_group = jax.checkpoint(one_group)
     outs = [
-        one_group(q[:, :, h * group : (h + step) * group], k[:, :, h : h + step], v[:, :, h : h + step])
+        (one_group if record is None else functools.partial(counted_group, first=h == 0))(
+            q[:, :, h * group : (h + step) * group], k[:, :, h : h + step], v[:, :, h : h + step])
         for h in range(0, k.shape[2], step)
     ]
     return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
@@ -204,9 +215,10 @@ _rank_tiles: list | None = None
 
 @contextlib.contextmanager
 def record_rank_tiles():
-    """Record the tiles each ring step's forward computes on each rank, as (rank, tiles) pairs appended when a
-    program traced inside this context runs: the tile loop's own counter of kernels.tiled (the ring's step off the
-    accelerators; 0 for a shard pair skipped whole). For per-rank balance checks (benchmarks/cp_balance.py)."""
+    """Record the tiles each rank's attention forward computes, as (rank, tiles) pairs appended when a program traced
+    inside this context runs: one pair per ring step (0 for a shard pair skipped whole) or per all-gather call, the
+    tiles counted by the kernel itself (``_counted_forward``). For per-rank balance checks (benchmarks/cp_balance.py);
+    forward only (the backward is not traced with a counter)."""
     global _rank_tiles
     previous, _rank_tiles = _rank_tiles, []
     try:
@@ -215,21 +227,44 @@ def record_rank_tiles():
         _rank_tiles = previous
 
 
+def _counted_forward(kernel, q, k, v, q_meta, k_meta, kw):
+    """(out, lse, tiles) of ``kernel``'s forward ("tiled", "pallas_tpu", "pallas_gpu") of one q shard against one K/V
+    shard, the tiles counted by the kernel: kernels.tiled's tile-loop counter; the Pallas GPU kernel's in-loop counter
+    (of the first query head: every head computes the same tiles), summed over the batch; the Pallas TPU kernel's
+    grid steps per kv head (the bounds of the grids over its scalar-prefetched live-tile lists)."""
+    blocks = {key: kw.get(key) for key in ("block_q", "block_k", "scale", "window", "softcap")}
+    blocks["span_isolated"] = bool(kw.get("span_isolated", False))
+    if kernel == "tiled":
+        from mllm_jax.kernels import tiled
+
+        cfg = tiled._config(q, k, blocks["block_q"], blocks["block_k"], blocks["scale"], blocks["window"],
+                            blocks["softcap"], blocks["span_isolated"])
+        return tiled._fwd_block(cfg, q, k, v, q_meta, k_meta)
+    interpret = bool(kw.get("interpret", False))
+    if kernel == "pallas_gpu":
+        from mllm_jax.kernels import pallas_gpu
+
+        out, lse, n = pallas_gpu.flash_attention_fwd_block(q, k, v, q_meta, k_meta, interpret=interpret,
+                                                           with_count=True, **blocks)
+        return out, lse, jnp.sum(n[:, 0])
+    if kernel == "pallas_tpu":
+        from mllm_jax.kernels import pallas_tpu
+
+        return pallas_tpu.flash_attention_fwd_block(q, k, v, q_meta, k_meta, interpret=interpret, with_steps=True,
+                                                    **blocks)
+    raise ValueError(f"record_rank_tiles counts the tiles of kernels.tiled and the Pallas kernels; this attention runs "
+                     f"{kernel!r}")
+
+
 def _block_forward(q, k, v, q_meta, k_meta, kw, axis=None):
     """out [B, Sq, Hq, D] (f32, normalised over this K/V shard) and lse [B, Hq, Sq] (-inf: nothing seen here)."""
     fwd_block, _, kw_ = _block_fns(kw)
     record = _rank_tiles
-    if record is not None and kw["kernel"] != "tiled":
-        raise ValueError(f"record_rank_tiles counts kernels.tiled's tile loop; this ring steps with {kw['kernel']}")
 
     def compute(_):
         if record is None:
             return (*fwd_block(q, k, v, q_meta, k_meta, **kw_), jnp.int32(0))
-        from mllm_jax.kernels import tiled
-
-        cfg = tiled._config(q, k, kw_["block_q"], kw_["block_k"], kw_["scale"], kw_["window"], kw_["softcap"],
-                            kw_["span_isolated"])
-        return tiled._fwd_block(cfg, q, k, v, q_meta, k_meta)
+        return _counted_forward(kw["kernel"], q, k, v, q_meta, k_meta, kw_)
 
     def skip(_):
         b, sq, hq, _d = q.shape

@@ -414,15 +414,18 @@ def flash_attention_with_count(
 
 def flash_attention_fwd_block(
     q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None, scale=None, window=None,
-    softcap=None, span_isolated=False, interpret=False,
+    softcap=None, span_isolated=False, interpret=False, with_count=False,
 ):
     """The forward of one q shard against one K/V shard, for callers that own the vjp (ring attention); the
     conventions of kernels.tiled.tiled_attention_fwd_block: (out [B, Sq, Hq, D] float32, normalised over this K/V
     shard only; lse [B, Hq, Sq] float32, natural log, -inf for rows that see nothing here). The kernel's compacted
-    tile lists skip the empty tiles of the pair."""
+    tile lists skip the empty tiles of the pair. ``with_count``: also the tiles the kernel's loops computed per
+    batch row and query head, int32 [B, Hq] (counted inside the loop, as flash_attention_with_count)."""
     cfg = _config(q, k, v, block_q, block_k, scale, window, softcap, span_isolated, interpret)
-    out, lse2 = _forward(cfg, _pad(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta)), out_dtype=jnp.float32)
-    return out[:, : q.shape[1], :, : q.shape[3]], lse2[:, :, : q.shape[1]] / LOG2E  # -inf stays -inf
+    out, lse2, *n = _forward(cfg, _pad(cfg, q, k, v, TokenMeta(*q_meta), TokenMeta(*k_meta)), with_count=with_count,
+                             out_dtype=jnp.float32)
+    result = out[:, : q.shape[1], :, : q.shape[3]], lse2[:, :, : q.shape[1]] / LOG2E  # -inf stays -inf
+    return (*result, n[0].sum(axis=(2, 3))) if with_count else result
 
 
 def flash_attention_bwd_block(

@@ -882,15 +882,18 @@ def _block_prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, sof
 
 def flash_attention_fwd_block(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block_q=None, block_k=None,
                               scale=None, window=None, softcap=None, span_isolated=False, interpret=False,
-                              generation=None):
+                              generation=None, with_steps=False):
     """The forward of one q shard against one K/V shard, for callers that own the vjp (ring attention); the
     conventions of kernels.tiled.tiled_attention_fwd_block: (out [B, Sq, Hq, D] float32, normalised over this K/V
-    shard only; lse [B, Hq, Sq] float32, -inf for rows that see nothing here). Only the live tiles are stepped."""
+    shard only; lse [B, Hq, Sq] float32, -inf for rows that see nothing here). Only the live tiles are stepped.
+    ``with_steps``: also the grid steps per kv head this call's kernels run (the sum of the grid bounds of its
+    scalar-prefetched tile lists: one step per live tile; int32, traced with traced metadata)."""
     prep = _block_prepare(q, k, v, q_meta, k_meta, block_q, block_k, scale, window, softcap, span_isolated,
                           interpret, generation)
     out, lse = _fwd(prep.q, prep.k, prep.v, prep.qm, prep.km, prep.plan, prep.cfg, out_dtype=jnp.float32)
     lse = prep.unrows(lse)
-    return prep.ungroup(out), jnp.where(lse >= _EMPTY_LSE, -jnp.inf, lse)
+    result = prep.ungroup(out), jnp.where(lse >= _EMPTY_LSE, -jnp.inf, lse)
+    return (*result, jnp.asarray(plan_steps(prep.plan)["fwd"], jnp.int32)) if with_steps else result
 
 
 def flash_attention_bwd_block(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, d_out, lse, delta, *, block_q=None,
