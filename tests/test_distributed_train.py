@@ -1,6 +1,11 @@
 """Two processes on localhost (4 fake CPU devices each, gloo) train the tiny recipe with the losses of one process
 with 8 devices on the same (data=8) mesh, process 0 alone writes the metrics, and the checkpoint they write together
-restores in a one-process run that then continues exactly like the uninterrupted one-process run."""
+restores in a one-process run that then continues exactly like the uninterrupted one-process run.
+
+Half the samples are text, so the hosts' rows hold different numbers of images: the two-process run balances them
+over all 8 devices (DataConfig.encoder_balance = "balanced", the default: metadata exchanged between the hosts, pixels
+moved across them by an all_to_all), the one-process reference keeps them row-bound; losses and gradient norms must
+agree."""
 
 import os
 import shutil
@@ -28,8 +33,10 @@ PARAMS = [
     "DataConfig.seq_len = 64", "DataConfig.samples_per_row = 1", "DataConfig.batch_size = 16", "DataConfig.eval_batches = 1",
     "OptimizerConfig.warmup_steps = 1", "TrainConfig.log_every = 1", "TrainConfig.eval_every = 0",
     "TrainConfig.progress_bar = False", f"TrainConfig.steps = {STEPS}", "TrainConfig.checkpoint_every = 2",
-    "CheckpointConfig.keep = 10", "ParallelConfig.data = 8",
+    "CheckpointConfig.keep = 10", "ParallelConfig.data = 8", 'DataConfig.mixture = {"image": 1.0, "text": 1.0}',
+    "DataConfig.seed = 1",  # its steps hold more images on one host's devices than the other's
 ]
+ROW_BOUND = ['DataConfig.encoder_balance = "row_bound"']
 # Same program, same data; only the order in which gloo sums the cross-process reductions may differ.
 RTOL = 1e-5
 
@@ -60,16 +67,36 @@ def _run_two_processes(workdir: str) -> list[str]:
     return outs
 
 
-def _config():
+def _config(extra=()):
     gin.clear_config()
     try:
-        return loop.load_run_config(["configs/vlm_tiny.gin"], PARAMS)
+        return loop.load_run_config(["configs/vlm_tiny.gin"], PARAMS + list(extra))
     finally:
         gin.clear_config()
 
 
 def _losses(rows):
     return {r["step"]: r["loss"] for r in rows}
+
+
+def _check_instances_cross_hosts(cfg):
+    """The oracle can fail: the balanced plan moves images from one host's devices to the other's in some step."""
+    from mllm_jax.data import SyntheticBatches, TextCodec
+    from mllm_jax.data.encoder_balance import encoder_shards, instance_cost
+    from mllm_jax.parallel.instance_balance import assign, localize
+
+    data = SyntheticBatches(cfg.model, cfg.data, codec=TextCodec())
+    S, t = encoder_shards(cfg.parallel, "vision"), cfg.model.features_per_instance("vision")
+    crossing = []
+    for step in range(STEPS):
+        batch = data.batch_at(step)
+        fi = batch["feature_index"]["vision"][0]
+        used = np.unique(fi[fi >= 0] // t)
+        source = used // (batch["encoder_inputs"]["vision"].shape[1] // S)
+        costs = np.full(len(used), instance_cost(cfg.model.encoders["vision"]))
+        plan = localize(assign(costs, S), costs, source)
+        crossing.append(int((source // 4 != plan.device // 4).sum()))
+    assert any(crossing), crossing
 
 
 @pytest.mark.slow
@@ -79,12 +106,15 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
     assert "done:" in outs[0] and "done:" in outs[1]
 
     one = str(tmp_path / "one")
-    loop.run(_config(), one, log=lambda *_: None)  # this pytest process: 8 devices (conftest)
+    loop.run(_config(ROW_BOUND), one, log=lambda *_: None)  # this pytest process: 8 devices (conftest)
     want = _losses(read_metrics(one))
+    _check_instances_cross_hosts(_config())
     rows = read_metrics(two)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one row per step: process 0 alone writes
     got = _losses(rows)
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=RTOL)
+    norms = lambda rs: [r["grad_norm"] for r in rs]  # noqa: E731  (the gradients, through their global norm)
+    np.testing.assert_allclose(norms(rows), norms(read_metrics(one)), rtol=RTOL)
     assert rows[-1]["eval_loss"] == pytest.approx(read_metrics(one)[-1]["eval_loss"], rel=RTOL)
 
     # One process resumes from the two-process checkpoint of step 2 and must continue as the one-process run did.
@@ -92,7 +122,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
     shutil.copytree(two, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", str(STEPS)))
     os.remove(os.path.join(resumed, "metrics.jsonl"))
-    summary = loop.run(_config(), resumed, log=lambda *_: None)
+    summary = loop.run(_config(ROW_BOUND), resumed, log=lambda *_: None)
     assert summary["start_step"] == 2 and summary["end_step"] == STEPS
     again = _losses(read_metrics(resumed))
     assert list(again) == [STEPS]

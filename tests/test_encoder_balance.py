@@ -182,3 +182,111 @@ def test_capacity_buckets_and_mode_errors():
     assert eb.encoder_shards(ParallelConfig(data=2, context=2, tensor=2), "vision") == 8
     assert eb.encoder_shards(ParallelConfig(data=2, tensor=4, rules={"encoders/vision": {"batch": "data"}}),
                              "vision") == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (simulated here by threads, each one host with its rows; the real two-process run is
+# tests/test_distributed_train.py): the same used set everywhere, the one-process plan's loads, pixels moved on
+# device by one all_to_all.
+
+
+def _hosts_balance(config, pc, mesh, data, step, hosts):  # data: a SyntheticBatches
+    """Each simulated host's balance_host_rows on its rows of batch ``step``, the metadata exchange a barrier."""
+    import threading
+
+    from mllm_jax.data.batching import local_synthetic_batch
+
+    per_host = data.cfg.batch_size // pc.microbatches // hosts
+    blocks = pc.data * pc.fsdp // hosts
+    sent, barrier, outs = [None] * hosts, threading.Barrier(hosts), [None] * hosts
+
+    def run(h):
+        def gather(v):
+            sent[h] = v
+            barrier.wait()
+            return np.stack(sent)
+
+        local = local_synthetic_batch(data, step, slice(h * per_host, (h + 1) * per_host))
+        outs[h] = eb.balance_host_rows(local, config, pc, mesh, leading=1, processes=hosts, gather=gather,
+                                       span=(h, hosts, blocks))
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in range(hosts)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return outs
+
+
+@pytest.mark.parametrize("layout", ["data8", "data2_fsdp2_tensor2"])
+def test_several_processes_balance_like_one_and_move_pixels_on_device(layout):
+    pc = {"data8": ParallelConfig(data=8, microbatches=2),
+          "data2_fsdp2_tensor2": ParallelConfig(data=2, fsdp=2, tensor=2, microbatches=2)}[layout]
+    config, hosts = _config(), 2
+    mesh = make_mesh(pc)
+    # 2 samples of 0-1 images a device: row-bound devices hold 0-2 images, balanced ones 1 (moves across hosts).
+    data = SyntheticBatches(config, dataclasses.replace(DATA, batch_size=16), microbatches=pc.microbatches,
+                            codec=CODEC)
+    whole = data.batch_at(2)
+    one = eb.balance_batch(whole, config, pc, leading=1)
+    outs = _hosts_balance(config, pc, mesh, data, 2, hosts)
+    r = outs[0][eb.RELAYOUT][("encoder_inputs", "vision")]
+    for o in outs[1:]:  # every host computed the same exchange
+        ro = o[eb.RELAYOUT][("encoder_inputs", "vision")]
+        np.testing.assert_array_equal(ro.send, r.send)
+        np.testing.assert_array_equal(ro.recv, r.recv)
+    # The global batch the hosts' rows stage into (placement stitches them in span order), then placed and moved.
+    glob = {k: np.concatenate([o[k] for o in outs], axis=1) for k in ("input_ids", "labels", "positions",
+                                                                      "segment_ids", "span_ids")}
+    glob["feature_index"] = {"vision": np.concatenate([o["feature_index"]["vision"] for o in outs], axis=1)}
+    glob["encoder_inputs"] = {"vision": np.concatenate([o["encoder_inputs"]["vision"] for o in outs], axis=1)}
+    glob[eb.RELAYOUT] = outs[0][eb.RELAYOUT]
+    placed = eb.place(glob, mesh, leading=1, rule_table=rule_table(config, pc))
+    x_new = np.asarray(placed["encoder_inputs"]["vision"])
+    assert x_new.shape == one["encoder_inputs"]["vision"].shape  # the one-process layout: S x C rows
+    # The oracle can fail: instances really cross hosts (host h's row-bound devices are h * S / 2 ...).
+    a_, b_ = np.nonzero((r.send >= 0).any(axis=(0, 3)))
+    assert (a_ // 4 != b_ // 4).any(), r.send
+    t = config.features_per_instance("vision")
+    x_old, S = whole["encoder_inputs"]["vision"], 8
+    C = x_new.shape[1] // S
+    for m in range(pc.microbatches):
+        fi_old, fi_new = whole["feature_index"]["vision"][m], glob["feature_index"]["vision"][m]
+        np.testing.assert_array_equal(fi_old >= 0, fi_new >= 0)
+        sel = fi_old >= 0
+        np.testing.assert_array_equal(fi_old[sel] % t, fi_new[sel] % t)
+        # Every token's feature row holds the pixels it held in the row-bound batch.
+        np.testing.assert_array_equal(x_new[m][fi_new[sel] // t], x_old[m][fi_old[sel] // t])
+        # Busiest / mean encoder work per device equals the one-process plan's (the loads as a multiset).
+        many = np.bincount(np.unique(fi_new[sel] // t) // C, minlength=S)
+        single = np.bincount(np.unique(one["feature_index"]["vision"][m][sel] // t) // C, minlength=S)
+        np.testing.assert_array_equal(np.sort(many), np.sort(single))
+        # Only what must move moves: instances beyond their row-bound device's planned count.
+        n_rb = x_old.shape[1] // S
+        own = np.bincount(np.unique(fi_old[sel] // t) // n_rb, minlength=S)
+        moved = int((r.send[m] >= 0).sum())
+        assert moved == int(np.maximum(own - np.sort(many)[::-1][np.argsort(np.argsort(-own, kind="stable"))],
+                                       0).sum())
+
+
+def test_localize_keeps_loads_and_moves_only_the_surplus():
+    from mllm_jax.parallel.instance_balance import localize, pair_count
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        m = int(rng.integers(2, 9))
+        costs = rng.choice([1.0, 2.0, 5.0], size=int(rng.integers(1, 40)))
+        source = rng.integers(0, m, len(costs))
+        plan = assign(costs, m)
+        local = localize(plan, costs, source)
+        np.testing.assert_allclose(np.sort(local.loads), np.sort(plan.loads))  # busiest / mean unchanged
+        np.testing.assert_allclose(np.bincount(local.device, weights=costs, minlength=m), local.loads)
+        for d in range(m):
+            assert sorted(local.slot[local.device == d]) == list(range(local.counts[d]))
+        # Per cost class, moved = sum over devices of (own - kept), kept = min(own, the device's planned count).
+        for v in np.unique(costs):
+            sel = costs == v
+            own = np.bincount(source[sel], minlength=m)
+            planned = np.bincount(local.device[sel], minlength=m)
+            assert int((local.device[sel] != source[sel]).sum()) == int(np.maximum(own - planned, 0).sum())
+        assert pair_count(local, source) <= max(1, len(costs))

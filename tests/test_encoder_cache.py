@@ -179,16 +179,23 @@ def test_corrupt_entry_is_recomputed_not_trusted(tmp_path):
 @pytest.mark.slow
 def test_resumed_run_with_cache_trains_like_the_uncached_run(tmp_path):
     """train.py: a frozen-encoder run with the cache, stopped at step 2 and resumed to 4 (its second epoch reads the
-    entries the first invocation wrote, untouched), has the uncached run's losses."""
+    entries the first invocation wrote, untouched), has the uncached run's losses. Held-out batches are cached too
+    (evaluations at steps 2 and 4): under their own "eval:" keys, stored by the first evaluation and read untouched
+    by the second (a hit: nothing rewritten), with the uncached run's eval metrics."""
     params = TINY + ["TrainConfig.steps = 4", "TrainConfig.checkpoint_every = 2", "DataConfig.epoch_samples = 32",
-                     "DataConfig.samples_per_row = 1", "ParallelConfig.data = 8"]
-    ref = losses(run_main(str(tmp_path / "plain"), params, gin_file="configs/vlm_tiny_frozen.gin"))
+                     "DataConfig.samples_per_row = 1", "ParallelConfig.data = 8", "TrainConfig.eval_every = 2"]
+    plain = run_main(str(tmp_path / "plain"), params, gin_file="configs/vlm_tiny_frozen.gin")
+    ref = losses(plain)
     cache = tmp_path / "cache"
     cached = params + [f"DataConfig.encoder_cache = '{cache}'"]
-    run_main(str(tmp_path / "cached"), cached + ["TrainConfig.stop_at_step = 2"], gin_file="configs/vlm_tiny_frozen.gin")
+    first = run_main(str(tmp_path / "cached"), cached + ["TrainConfig.stop_at_step = 2"],
+                     gin_file="configs/vlm_tiny_frozen.gin")
     (folder,) = os.listdir(cache)
     entries = sorted(os.listdir(cache / folder))
-    assert len(entries) == 32  # one epoch: 2 steps x 16 image samples
+    train_entries = [e for e in entries if e.startswith("train:")]
+    eval_entries = [e for e in entries if e.startswith("eval:")]
+    assert len(train_entries) == 32  # one epoch: 2 steps x 16 image samples
+    assert len(eval_entries) == 16 and len(entries) == 48  # one held-out batch of 16 image samples, its own keys
     mtimes = {e: os.stat(cache / folder / e).st_mtime_ns for e in entries}
     rows = run_main(str(tmp_path / "cached"), cached, gin_file="configs/vlm_tiny_frozen.gin")
     assert {e: os.stat(cache / folder / e).st_mtime_ns for e in os.listdir(cache / folder)} == mtimes
@@ -196,6 +203,12 @@ def test_resumed_run_with_cache_trains_like_the_uncached_run(tmp_path):
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
     for step in ref:
         np.testing.assert_allclose(got[step], ref[step], rtol=2e-5)
+    evals = {r["step"]: r for r in first + rows if "eval_loss" in r}
+    want = {r["step"]: r for r in plain if "eval_loss" in r}
+    assert sorted(evals) == sorted(want) == [2, 4]
+    for step in want:
+        for key in [k for k in want[step] if k.startswith("eval_")]:
+            assert evals[step][key] == want[step][key], (step, key, evals[step][key], want[step][key])
 
 
 @pytest.mark.slow

@@ -79,6 +79,12 @@ class SyntheticTrainData:
         """The feature cache's hits / misses / corrupt entries since this process opened it (None: no cache)."""
         return None if self.cache is None else dict(self.cache.counts)
 
+    def cached_eval(self, batch: dict, keys: dict) -> dict:
+        """A held-out batch with frozen modalities' features from the cache (the batch unchanged without one).
+        ``keys``: the eval stream's ``instance_keys`` ("eval:..." ids: never a train sample's entry); the first
+        evaluation encodes and stores them, later ones (and resumed runs) read them."""
+        return batch if self.cache is None else self.cache.features(batch, keys, self.encode)
+
     def next_host_batch(self, mesh) -> dict:
         data = self.batches
         rows = distributed.host_local_slice(data.cfg.batch_size // data.microbatches, mesh)

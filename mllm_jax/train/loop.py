@@ -17,7 +17,7 @@ from flax import nnx
 
 from mllm_jax import distributed
 from mllm_jax.config import ModelConfig
-from mllm_jax.data import SyntheticBatches, TextCodec, placement
+from mllm_jax.data import SyntheticBatches, TextCodec
 from mllm_jax.data.batching import IGNORE, unstack_first
 from mllm_jax.data.context_batches import permute_for_context
 from mllm_jax.data.datasets.config import DatasetConfig
@@ -120,7 +120,8 @@ def build_mesh(pc: ParallelConfig):
 
 
 def put_batch(batch, mesh, *, leading: int, rule_table=None):
-    return placement.put_batch(batch, mesh, leading=leading, rule_table=rule_table)
+    # encoder_balance.place: placement.put_batch, then (several processes) the balanced encoder rows' device move.
+    return encoder_balance.place(batch, mesh, leading=leading, rule_table=rule_table)
 
 
 def create_model(cfg: RunConfig, mesh):
@@ -150,13 +151,15 @@ def make_grads_fn(cfg: RunConfig, mesh):
     return grads_fn
 
 
-def prepare_host_batch(batch: dict, cfg: RunConfig, *, leading: int) -> dict:
+def prepare_host_batch(batch: dict, cfg: RunConfig, *, leading: int, whole_batch: bool = False) -> dict:
     """Host-side transforms before placement: the context-parallel permutation when ParallelConfig.context > 1; the
-    encoder instances assigned to devices by cost (DataConfig.encoder_balance)."""
+    encoder instances assigned to devices by cost (DataConfig.encoder_balance; ``whole_batch``: every host holds all
+    rows, as for held-out batches; else, with several processes, a collective over the hosts' metadata)."""
     if cfg.parallel.context > 1:
         batch, _ = permute_for_context(batch, cfg.parallel, leading=leading, llm_config=cfg.model.llm,
                                        attention_impl=cfg.model.attention_impl)  # count the kernel's own tiles
-    return encoder_balance.prepare(batch, cfg.model, cfg.parallel, cfg.data.encoder_balance, leading=leading)
+    return encoder_balance.prepare(batch, cfg.model, cfg.parallel, cfg.data.encoder_balance, leading=leading,
+                                   whole_batch=whole_batch)
 
 
 def trainable_filter(model_config):
@@ -462,11 +465,17 @@ class _Session:
                                out_shardings=(state_shardings, None), donate_argnums=0)
         self.eval_fn = jax.jit(make_eval_step(nnx.graphdef(model)))
         self.caption_samples, self.caption_builder = [], None  # eval_caption_exact: generated captions
+        self.eval_keys = None  # the held-out batches' instance keys when a feature cache serves them
         if data.real:
             self.eval_batches, self.groups = [], {}  # held-out evaluation is the synthetic stream's (real: loss only)
         else:
-            self.eval_batches = [prepare_host_batch(unstack_first(data.eval.batch_at(i)), cfg, leading=0)
-                                 for i in range(cfg.data.eval_batches)]
+            self.eval_batches = [unstack_first(data.eval.batch_at(i)) for i in range(cfg.data.eval_batches)]
+            # With a feature cache the frozen encoders' eval features are looked up at every evaluation (the first
+            # stores them; keyed "eval:...", never a train entry); without one the batches are prepared once here.
+            self.eval_keys = [unstack_first(data.eval.instance_keys(i)) for i in range(cfg.data.eval_batches)] \
+                if cfg.data.encoder_cache else None
+            if self.eval_keys is None:
+                self.eval_batches = [self._prepare_eval(b) for b in self.eval_batches]
             self.groups = caption_word_groups(data.codec)
             if self.eval_batches:
                 self.caption_samples = captions.held_out_samples(cfg.model, cfg.data, captions.EVAL_CAPTION_SAMPLES,
@@ -479,13 +488,20 @@ class _Session:
                                                            rule_table=self.rule_table))
         return m
 
+    def _prepare_eval(self, batch: dict) -> dict:
+        return prepare_host_batch(batch, self.cfg, leading=0, whole_batch=True)
+
     def put_eval(self, batch: dict) -> dict:
         return put_batch(distributed.take_host_rows(batch, self.mesh, 0), self.mesh, leading=0,
                          rule_table=self.rule_table)
 
     def evaluate(self) -> dict:
         m, _ = nnx.merge(self.graphdef, self.state)
-        out = evaluate(self.eval_fn, nnx.state(m), self.eval_batches, self.put_eval, self.groups)
+        batches = self.eval_batches
+        if self.eval_keys is not None:
+            batches = [self._prepare_eval(self.train_data.cached_eval(b, k))
+                       for b, k in zip(self.eval_batches, self.eval_keys)]
+        out = evaluate(self.eval_fn, nnx.state(m), batches, self.put_eval, self.groups)
         return {**out, **captions.eval_caption_scores(m, self.caption_builder, self.caption_samples,
                                                       context_config=self.cfg.parallel.context_config)}
 
