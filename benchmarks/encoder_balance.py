@@ -7,7 +7,11 @@ instances). Instances are priced by ``mllm_jax.data.encoder_balance.tower_cost``
 an image, 4 x 256 a video chunk). Row-bound: a device encodes the instances of its own samples (the contiguous split
 of the sample-major instance axis); balanced: ``mllm_jax.parallel.instance_balance.assign`` over all devices.
 Reported per device count: busiest / mean encoder work (mean over ``--trials`` batches), and the static rows a device
-encodes (row-bound: samples x 8 slots; balanced: the capacity bucket of the busiest device's count).
+encodes (row-bound: samples x 8 slots; balanced: the capacity bucket of the busiest device's count). Several processes
+(``--devices_per_host`` each): the plan ``localize``d (instances left on their row-bound device where the counts
+allow), its busiest / mean (the one-process plan's), the instances that move (all, and across hosts), and the rows
+per device on the wire of its all_to_all ((devices - 1) x the per-pair bucket K) next to an all-gather of the
+row-bound slices ((devices - 1) x samples x 8), the fallback of a gather XLA partitions itself.
 
 Part 2 (CPU step time, configs/vlm_tiny_frozen.gin with the LLM trainable (``STAGE2``: frozen ViT; one device): the
 train step (a) from pixels (the frozen encoder's forward in the step), (b) from cached features in the second epoch, the
@@ -35,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._report import report  # noqa: E402
 from mllm_jax.data.encoder_balance import capacity, tower_cost  # noqa: E402
-from mllm_jax.parallel.instance_balance import assign, lower_bound  # noqa: E402
+from mllm_jax.parallel.instance_balance import assign, localize, lower_bound, pair_count  # noqa: E402
 
 IMAGE_PROBS = (0.22, 0.28, 0.16, 0.1, 0.08, 0.06, 0.04, 0.03, 0.03)  # P(0..8 images in a sample)
 VIDEO_P = 0.1
@@ -64,10 +68,11 @@ def sample_instances(rng, n_samples: int):
     return np.asarray(costs), np.asarray(owner, np.int64)
 
 
-def planner_part(device_counts, samples_per_device: int, trials: int) -> dict:
+def planner_part(device_counts, samples_per_device: int, trials: int, devices_per_host: int = 8) -> dict:
     out = {}
     for d in device_counts:
         rb, bal, bal_lb, rows_bal, secs = [], [], [], [], []
+        multi, moved, cross, k_pair, secs_local = [], [], [], [], []
         for t in range(trials):
             rng = np.random.default_rng([d, t])
             costs, owner = sample_instances(rng, d * samples_per_device)
@@ -79,14 +84,35 @@ def planner_part(device_counts, samples_per_device: int, trials: int) -> dict:
             bal.append(plan.max_over_mean())
             bal_lb.append(plan.loads.max() / lower_bound(costs, d))
             rows_bal.append(capacity(int(plan.counts.max())))
+            source = owner // samples_per_device  # the row-bound device of every instance
+            t0 = time.perf_counter()
+            local = localize(plan, costs, source)
+            secs_local.append(time.perf_counter() - t0)
+            multi.append(local.max_over_mean())
+            move = local.device != source
+            moved.append(float(move.mean()))
+            cross.append(float((move & (source // devices_per_host != local.device // devices_per_host)).mean()))
+            k = pair_count(local, source)
+            k_pair.append(capacity(k) if k else 0)
         out[d] = {"row_bound_max_over_mean": float(np.mean(rb)), "balanced_max_over_mean": float(np.mean(bal)),
                   "balanced_over_lower_bound": float(np.mean(bal_lb)),
                   "rows_per_device_row_bound": samples_per_device * SLOTS,
-                  "rows_per_device_balanced": float(np.mean(rows_bal)), "assign_ms": 1e3 * float(np.mean(secs))}
+                  "rows_per_device_balanced": float(np.mean(rows_bal)), "assign_ms": 1e3 * float(np.mean(secs)),
+                  "multi_process_max_over_mean": float(np.mean(multi)), "moved_fraction": float(np.mean(moved)),
+                  "moved_across_hosts_fraction": float(np.mean(cross)), "pair_capacity_max": int(max(k_pair)),
+                  "all_to_all_rows_per_device": float(np.mean([(d - 1) * k for k in k_pair])),
+                  "all_gather_rows_per_device": (d - 1) * samples_per_device * SLOTS,
+                  "moved_rows_per_device": float(np.mean(moved)) * len(costs) / d,
+                  "localize_ms": 1e3 * float(np.mean(secs_local))}
         print(f"{d:>4} devices: row-bound {out[d]['row_bound_max_over_mean']:.3f}  balanced "
               f"{out[d]['balanced_max_over_mean']:.4f} (vs lower bound {out[d]['balanced_over_lower_bound']:.4f})  "
               f"rows/device {samples_per_device * SLOTS} -> {out[d]['rows_per_device_balanced']:.1f}  "
               f"assign {out[d]['assign_ms']:.1f} ms", flush=True)
+        print(f"      {devices_per_host} a host: busiest/mean {out[d]['multi_process_max_over_mean']:.4f}, moved "
+              f"{out[d]['moved_fraction']:.2f} ({out[d]['moved_across_hosts_fraction']:.2f} across hosts), K "
+              f"{out[d]['pair_capacity_max']}, rows/device moved {out[d]['moved_rows_per_device']:.1f}, all_to_all "
+              f"{out[d]['all_to_all_rows_per_device']:.0f}, all-gather {out[d]['all_gather_rows_per_device']}, "
+              f"localize {out[d]['localize_ms']:.1f} ms", flush=True)
     return out
 
 
@@ -190,6 +216,7 @@ def main(argv=None):
     ap.add_argument("--devices", default="8,16,32,64,128,256")
     ap.add_argument("--samples_per_device", type=int, default=8)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--devices_per_host", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=6, help="timed steps per mode (part 2) + 1")
     ap.add_argument("--gin_param", action="append", default=None,
                     help="bindings for the part-2 recipe (default: LLaVA stage 2, the LLM trainable: see STAGE2)")
@@ -197,12 +224,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     devices = [int(d) for d in args.devices.split(",")]
     t0 = time.perf_counter()
-    per = planner_part(devices, args.samples_per_device, args.trials)
+    per = planner_part(devices, args.samples_per_device, args.trials, args.devices_per_host)
     result = {
         "benchmark": "encoder_balance", "devices": devices, "samples_per_device": args.samples_per_device,
         "trials": args.trials, "per_devices": {str(d): v for d, v in per.items()},
         "balanced_max_over_mean": max(v["balanced_max_over_mean"] for v in per.values()),
         "row_bound_max_over_mean": max(v["row_bound_max_over_mean"] for v in per.values()),
+        "multi_process_max_over_mean": max(v["multi_process_max_over_mean"] for v in per.values()),
         "goal_balanced_max_over_mean": 1.05, "goal_cached_step_vs_text_only": 1.1,
     }
     if not args.skip_steps:
