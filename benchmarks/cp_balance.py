@@ -458,6 +458,37 @@ def kernel_rank_balance(length=4096, cp=4, families=("multimodal_packed", "llava
             "all_agree": all(r["agree"] for k in out.values() for f in k.values() for r in f.values())}
 
 
+def kernel_tile_plans(length=32768, cp=8, families=("multimodal_packed", "video", "prefix_lm_document"),
+                      tile=(512, 1024), blocks=(128, 1024), repeats=5):
+    """Plans counted on the kernel's own tile (default pallas_tpu's 512 x 1024 on v5e, all-gather) per family and
+    planner block: the planning time (median of ``repeats``) with the tiles cut to divide the block (the planner
+    before it counted kernel tiles spanning blocks), with exact kernel tiles, and with the refinement on them; and
+    each plan's largest rank cost (alpha * kernel tiles + beta * tokens, FLOPs) and max / mean over the ranks."""
+    def timed(**kw):
+        plan(meta, cp, "balanced", **kw)
+        times, p = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            p = plan(meta, cp, "balanced", **kw)
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times)), p
+
+    out = {}
+    for fi, family in enumerate(families):
+        meta = family_meta(family, length, np.random.default_rng([13, fi]))
+        out[family] = {}
+        for block in blocks:
+            cut_ms, _ = timed(block=block, tile_q=np.gcd(block, tile[0]), tile_k=np.gcd(block, tile[1]))
+            exact_ms, raw = timed(block=block, tile_q=tile[0], tile_k=tile[1], refine_rounds=0)
+            refined_ms, ref = timed(block=block, tile_q=tile[0], tile_k=tile[1])
+            out[family][str(block)] = {
+                "plan_ms_tiles_cut_to_block": cut_ms, "plan_ms_exact": exact_ms, "plan_ms_exact_refined": refined_ms,
+                "max_rank_cost_exact": float(raw.rank_cost.max()), "max_rank_cost_refined": float(ref.rank_cost.max()),
+                "cost_ratio_exact": raw.imbalance(), "cost_ratio_refined": ref.imbalance(),
+                "tile_ratio_refined": ref.imbalance("tiles")}
+    return {"seq_len": length, "cp": cp, "tile": list(tile), "method": "allgather", "families": out}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -466,7 +497,10 @@ def main(argv=None):
     ap.add_argument("--masks", type=int, default=None)
     ap.add_argument("--no_flops", action="store_true")
     ap.add_argument("--kernel_ranks", action="store_true",
-                    help="run the real ring attention on 4 fake devices and compare each rank's tiles with the plan")
+                    help="run the real context attention (ring and all-gather; kernels.tiled, Pallas TPU and GPU in "
+                         "interpret mode) on 4 fake devices and compare each rank's tiles with the plan")
+    ap.add_argument("--kernel_tiles", action="store_true",
+                    help="plans on pallas_tpu's 512 x 1024 tiles at S = 32K, cp = 8: planning time and rank costs")
     args = ap.parse_args(argv)
     if args.kernel_ranks and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -514,8 +548,10 @@ def main(argv=None):
     if not args.no_flops:
         result["compiled_flops"] = {"seq_len": 2048 if args.quick else 4096, "cp": args.cp,
                                     "families": compiled_flops(2048 if args.quick else 4096, args.cp)}
-    if args.kernel_ranks:
-        result["kernel_rank_balance"] = kernel_rank_balance()
+    if args.kernel_ranks:  # planner blocks of 32, below every kernel's tile
+        result["kernel_rank_balance"] = kernel_rank_balance(length=2048, block=32, kernels=ALL_KERNELS)
+    if args.kernel_tiles:
+        result["kernel_tile_plans"] = kernel_tile_plans(repeats=3 if args.quick else 5)
     result["wall_s"] = time.perf_counter() - t0
     report(result, args.out)
 
