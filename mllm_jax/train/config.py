@@ -23,10 +23,12 @@ class DataConfig:
     # the synthetic stream always uses its own word-level tokenizer.
     tokenizer_path: str = ""
     # Which device encodes which image/clip (mllm_jax.data.encoder_balance): "balanced" assigns each step's instances
-    # to every device by cost (one process); "row_bound" keeps them with their rows' samples.
+    # to every device by cost (several processes: metadata exchanged, pixels moved on device); "row_bound" keeps them
+    # with their rows' samples.
     encoder_balance: str = "balanced"
     # A folder for frozen encoders' pre-projector features per sample (mllm_jax.data.encoder_cache), so that later
-    # epochs skip the encoder; "" for none. Needs epoch_samples (the synthetic stream never repeats a sample without).
+    # epochs and evaluations skip the encoder (train and held-out samples keyed apart); "" for none. Needs
+    # epoch_samples (the synthetic stream never repeats a sample without).
     encoder_cache: str = ""
     # The synthetic train stream repeats after this many samples (epochs; sample i is sample i % epoch_samples);
     # 0: an endless stream of new samples.
