@@ -247,6 +247,17 @@ def test_several_processes_balance_like_one_and_move_pixels_on_device(layout):
     # The oracle can fail: instances really cross hosts (host h's row-bound devices are h * S / 2 ...).
     a_, b_ = np.nonzero((r.send >= 0).any(axis=(0, 3)))
     assert (a_ // 4 != b_ // 4).any(), r.send
+    # The compiled move: one all_to_all whose S chunks per device hold M x K rows each, and no all-gather.
+    from mllm_jax.parallel.instance_balance import _mover
+
+    axes = tuple(a for a in ("data", "fsdp", "tensor") if mesh.shape[a] > 1)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axes))
+    args = [jax.device_put(a, sharding) for a in (glob["encoder_inputs"]["vision"], r.send, r.recv)]
+    with jax.set_mesh(mesh):
+        hlo = _mover(mesh, axes).lower(*args).compile().as_text()
+    (a2a,) = [line for line in hlo.splitlines() if " all-to-all(" in line]
+    M, K = r.send.shape[0], r.send.shape[-1]
+    assert a2a.count(f"f32[{M},{K},8,8,3]") >= 8 and "all-gather" not in hlo, a2a[:300]
     t = config.features_per_instance("vision")
     x_old, S = whole["encoder_inputs"]["vision"], 8
     C = x_new.shape[1] // S
