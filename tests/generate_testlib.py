@@ -21,7 +21,7 @@ PARAMS = TINY + CLIP_TOWER + ["ParallelConfig.data = 2", "ParallelConfig.fsdp = 
                               "ContextConfig.block = 16", 'ContextConfig.mode = "zigzag"',
                               f"TrainConfig.steps = {STEPS}",
                               f"TrainConfig.checkpoint_every = {STEPS}", "DataConfig.eval_batches = 1",
-                              "OptimizerConfig.learning_rate = 1e-2"]
+                              "OptimizerConfig.learning_rate = 1e-2", "TrainConfig.eval_captions = 4"]
 
 
 @functools.cache

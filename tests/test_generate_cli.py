@@ -105,7 +105,7 @@ def test_training_eval_reports_the_generated_caption_exact_match(run):
     last = read_metrics(run.workdir)[-1]
     assert "eval_accuracy" in last and last["step"] == run.step
     codec = TextCodec(run.tokenizer)
-    samples = captions.held_out_samples(run.config.model, run.config.data, captions.EVAL_CAPTION_SAMPLES, codec)
+    samples = captions.held_out_samples(run.config.model, run.config.data, run.config.train.eval_captions, codec)
     want = captions.caption_exact(run.model, captions.make_builder(run.config.model, run.config.data, codec), samples,
                                   max_new_tokens=captions.EVAL_CAPTION_TOKENS)
     assert (last["eval_caption_exact"], last["eval_caption_word_accuracy"]) == (want["caption_exact"],

@@ -19,7 +19,7 @@ TINY = [
     "DataConfig.seq_len = 64", "DataConfig.samples_per_row = 1", "DataConfig.batch_size = 16",
     "DataConfig.eval_batches = 1", "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.learning_rate = 3e-3",
     "TrainConfig.log_every = 1", "TrainConfig.eval_every = 0", "TrainConfig.progress_bar = False",
-    "CheckpointConfig.keep = 10",
+    "TrainConfig.eval_captions = 0", "CheckpointConfig.keep = 10",
 ]
 
 
@@ -157,3 +157,9 @@ def test_dry_run_builds_full_size_recipes_abstractly():
     lines.clear()
     dry_run.report(cfg, print_fn=lines.append)
     assert any("llm" in line and "7,241,732,096" in line for line in lines)
+
+
+def test_negative_eval_captions_is_refused_naming_the_value():
+    loop.validate(tiny_config("TrainConfig.eval_captions = 0"), 8)  # 0 turns the captioning off
+    with pytest.raises(ValueError, match=r"TrainConfig.eval_captions must be >= 0 .*got -1"):
+        loop.validate(tiny_config("TrainConfig.eval_captions = -1"), 8)

@@ -118,9 +118,8 @@ def image_sample(images: list, prompt: str) -> synthetic.Sample:
     return synthetic.Sample("image", prompt, "", [("vision", img) for img in images])
 
 
-# The training loop's eval_caption_exact: a few held-out samples, short captions (and, where the layout needs a
-# copy onto one device, a model small enough to copy).
-EVAL_CAPTION_SAMPLES = 4
+# The training loop's eval_caption_exact (TrainConfig.eval_captions held-out samples): short captions (and, where the
+# layout needs a copy onto one device, a model small enough to copy).
 EVAL_CAPTION_TOKENS = 10  # the longest synthetic answer ("a magenta triangle at the bottom center") + <eos> is 8
 EVAL_CAPTION_MAX_PARAMS = 2**28  # above this the copy onto one device is not worth an evaluation
 

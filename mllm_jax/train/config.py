@@ -62,6 +62,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     eval_every: int = 100  # 0 -> evaluate only at the end
+    # Held-out samples greedily captioned at each evaluation (eval_caption_exact, eval_caption_word_accuracy); 0 turns
+    # the captioning off (it compiles a prefill and a decode step for the run's layout).
+    eval_captions: int = 4
     seed: int = 0  # parameter initialisation
     progress_bar: bool = True  # tqdm, only when stdout is a terminal
     stop_at_step: int | None = None  # end this invocation early at this step with a checkpoint (time-sliced jobs)

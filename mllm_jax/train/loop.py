@@ -107,6 +107,8 @@ def validate(cfg: RunConfig, num_devices: int) -> None:
     for field in ("steps", "log_every", "checkpoint_every"):
         if getattr(tc, field) < 1:
             raise ValueError(f"TrainConfig.{field} must be >= 1; got {getattr(tc, field)}")
+    if tc.eval_captions < 0:
+        raise ValueError(f"TrainConfig.eval_captions must be >= 0 (0: no captioning); got {tc.eval_captions}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,8 +479,8 @@ class _Session:
             if self.eval_keys is None:
                 self.eval_batches = [self._prepare_eval(b) for b in self.eval_batches]
             self.groups = caption_word_groups(data.codec)
-            if self.eval_batches:
-                self.caption_samples = captions.held_out_samples(cfg.model, cfg.data, captions.EVAL_CAPTION_SAMPLES,
+            if self.eval_batches and cfg.train.eval_captions:
+                self.caption_samples = captions.held_out_samples(cfg.model, cfg.data, cfg.train.eval_captions,
                                                                  data.codec)
                 self.caption_builder = captions.make_builder(cfg.model, cfg.data, data.codec)
 
