@@ -134,7 +134,7 @@ def llm_layer_piece(config: ModelConfig, *, batch: int, seq: int, attention_impl
         p["window"], mask["window"] = _sds((), jnp.float32), False
     tok = _sds((batch, seq), jnp.int32)
     aux = {"positions": tok, "segment_ids": tok, "span_ids": tok}
-    key = ("llm_layer", config.llm, config.lora, config.dtype, batch, seq, mask_key(mask), attention_impl)
+    key = ("llm_layer", config.llm, config.lora, config.dtype, batch, seq, attention_impl)
     return _Piece(key, layer_fn, p, mask, _sds((batch, seq, config.llm.d_model), _compute_dtype(config)), aux)
 
 
@@ -149,7 +149,7 @@ def head_piece(config: ModelConfig, *, batch: int, seq: int, attention_impl: str
     def fn(hp, h, aux):
         return head_loss(hp, h, aux["labels"], cfg, chunk=seq)[0]
 
-    key = ("head", cfg, config.dtype, batch, seq, mask_key(mask))
+    key = ("head", cfg, config.dtype, batch, seq)
     return _Piece(key, fn, p, mask, _sds((batch, seq, cfg.d_model), _compute_dtype(config)),
                   {"labels": _sds((batch, seq), jnp.int32)})
 
@@ -173,8 +173,7 @@ def encoder_layer_piece(config: ModelConfig, name: str, *, instances: int, token
     piece = _module_piece(None, enc.layers, call, x, None, trainable=config.is_trainable(f"encoders/{name}"),
                           lora_only=lora is not None)
     key = ("encoder_layer", type(ecfg).__name__, ecfg.d_model, ecfg.n_heads, ecfg.d_ff, ecfg.activation,
-           isinstance(ecfg, AudioConfig), lora, config.dtype, instances, tokens, mask_key(piece.mask),
-           attention_impl)
+           isinstance(ecfg, AudioConfig), lora, config.dtype, instances, tokens, attention_impl)
     return dataclasses.replace(piece, key=key)
 
 
@@ -215,7 +214,7 @@ def stem_piece(config: ModelConfig, name: str, *, instances: int, tokens: int, a
         raise ValueError(f"encoder {name!r}: compiled layer costs support VisionConfig and AudioConfig towers; got "
                          f"{type(ecfg).__name__}")
     piece = _module_piece(None, enc, call, x, None, trainable=trainable, lora_only=False, keep=keep, scale=scale)
-    key = ("stem", ecfg, config.dtype, instances, mask_key(piece.mask), attention_impl)
+    key = ("stem", ecfg, config.dtype, instances, attention_impl)
     return dataclasses.replace(piece, key=key)
 
 
@@ -229,8 +228,7 @@ def projector_piece(config: ModelConfig, name: str, *, instances: int, tokens: i
 
     piece = _module_piece(None, proj, call, _sds((instances, tokens, d_in), _compute_dtype(config)), None,
                           trainable=config.is_trainable(f"projectors/{name}"), lora_only=False)
-    key = ("projector", pcfg, d_in, config.llm.d_model, config.dtype, instances, tokens, mask_key(piece.mask),
-           attention_impl)
+    key = ("projector", pcfg, d_in, config.llm.d_model, config.dtype, instances, tokens, attention_impl)
     return dataclasses.replace(piece, key=key)
 
 
@@ -275,12 +273,13 @@ class CompileDevice:
 
 def compile_op(piece: _Piece, op: str, device: CompileDevice) -> dict:
     """{"flops", "bytes", "seconds" (roofline on the target's chip, None on cpu), "cost" (the planner's unit)}."""
-    key = (piece.key, op, device.name)
+    # F and B do not depend on which weights train (weights are constants of both): one compile whatever the mask.
+    key = (piece.key, mask_key(piece.mask) if op in ("w", "bw") else None, op, device.name)
     if key in _CACHE:
         return _CACHE[key]
     fn, args = _program(piece, op)
-    compiled, _, lowered = compile_on_target(jax.jit(fn), device.place(args), device.mesh,
-                                             what=f"{device.name}: {piece.key[0]} op {op}")
+    compiled, compile_s, lowered = compile_on_target(jax.jit(fn), device.place(args), device.mesh,
+                                                     what=f"{device.name}: {piece.key[0]} op {op}")
     cost = _cost(compiled, lowered)
     flops = float(cost.get("flops", 0.0)) * piece.scale
     nbytes = float(cost.get("bytes accessed", 0.0)) * piece.scale
@@ -293,7 +292,7 @@ def compile_op(piece: _Piece, op: str, device: CompileDevice) -> dict:
         chip = device.target.chip
         seconds = max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
         unit = seconds * chip.peak_flops
-    _CACHE[key] = {"flops": flops, "bytes": nbytes, "seconds": seconds, "cost": unit}
+    _CACHE[key] = {"flops": flops, "bytes": nbytes, "seconds": seconds, "cost": unit, "compile_s": compile_s}
     return _CACHE[key]
 
 
