@@ -39,8 +39,10 @@ def check_encoder_input(name: str, ecfg, x) -> int:
 
 def check_native_input(name: str, ecfg: NativeVisionConfig, x) -> list:
     """Shape and layout check of a packed native-resolution input; returns its instances as (row, start, patches,
-    (t, h, w)) in row-major order. Each instance: a run of one segment id starting at a multiple of merge_size**2,
-    its ``grid`` coordinates a full (t, h, w) patch grid with h and w multiples of merge_size."""
+    (t, h, w), token_units) in row-major order. Each instance: a run of one segment id starting at a multiple of
+    merge_size**2, its ``grid`` coordinates a full (t, h, w) patch grid with h and w multiples of merge_size, each
+    merge_size**2 consecutive patches one merged unit's patches in (row, column) order (what the patch merger
+    concatenates); the units themselves may come in any order (Qwen2.5-VL's packing is window-major)."""
     if not isinstance(x, dict) or set(x) != set(NATIVE_KEYS):
         got = sorted(x) if isinstance(x, dict) else f"an array of shape {_shape(x)}"
         raise ValueError(f"encoder_inputs[{name!r}] (native resolution) must be a dict with keys {NATIVE_KEYS}; got "
@@ -76,22 +78,48 @@ def check_native_input(name: str, ecfg: NativeVisionConfig, x) -> list:
                 raise ValueError(f"encoder_inputs[{name!r}] row {r}: the grid of the instance at patch {a} is not a "
                                  f"full (t, h, w) grid of {n} patches with h, w multiples of {m} (its extent is "
                                  f"{thw})")
-            out.append((r, int(a), n, thw))
+            groups = g.reshape(-1, m2, 3)
+            corner = groups[:, :1] // [1, m, m] * [1, m, m]
+            bad = np.flatnonzero((groups != corner + _merge_offsets(m)).any(axis=(1, 2)))
+            if len(bad):
+                j = int(bad[0])
+                raise ValueError(f"encoder_inputs[{name!r}] row {r}: the instance at patch {a} has at patch "
+                                 f"{a + j * m2} the grid {groups[j].tolist()}, not one merged unit's {m}x{m} patches "
+                                 f"in (row, column) order (the patch merger concatenates each {m2} consecutive "
+                                 f"patches)")
+            out.append((r, int(a), n, thw, token_units(g, m)))
     return out
 
 
+def _merge_offsets(m: int) -> np.ndarray:
+    """[m*m, 3]: the (t, h, w) offsets of a merged unit's patches from its corner, in the merger's order."""
+    dh, dw = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    return np.stack([np.zeros(m * m, np.int64), dh.reshape(-1), dw.reshape(-1)], -1)
+
+
+def token_units(grid_N3, merge_size: int) -> np.ndarray:
+    """[N / merge_size**2] int: for each LLM token of one packed native instance, in its placeholder run's order
+    (raster over (t, h / m, w / m), HF's), the merged unit of the instance (a group of merge_size**2 consecutive
+    patches of ``grid_N3``, the instance's packed grid) that the token reads. Its run's feature_index is the
+    instance's first feature + this: the packing may lay the units out in any order (Qwen2.5-VL: window-major,
+    data.native_pack.window_order), the tokens still read them in raster order."""
+    g = np.asarray(grid_N3)[::merge_size**2]
+    return np.lexsort((g[:, 2] // merge_size, g[:, 1] // merge_size, g[:, 0]))
+
+
 def check_native_alignment(name: str, ecfg: NativeVisionConfig, instances: list, patches_per_row: int, ids, fi,
-                           span, placeholder: int) -> None:
+                           span, placeholders: tuple) -> None:
     """Each placeholder run (span) of modality ``name`` points at exactly one packed instance's projected features,
-    all of them, in order: a grid whose token count differs from its run's length is an error, not a misalignment."""
+    all of them, each token its own merged unit (``token_units``): a grid whose token count differs from its run's
+    length is an error, not a misalignment."""
     m2 = ecfg.merge_units
-    bases = [((r * patches_per_row + a) // m2, n // m2) for r, a, n, _ in instances]  # (first feature, tokens)
+    bases = [((r * patches_per_row + a) // m2, n // m2) for r, a, n, *_ in instances]  # (first feature, tokens)
     nfeat = max([b + t for b, t in bases] + [0])
     owner = np.full(nfeat, -1, np.int64)
     for i, (b, t) in enumerate(bases):
         owner[b:b + t] = i
     total = owner.size
-    is_ph = ids == placeholder
+    is_ph = np.isin(ids, placeholders)
     for b in range(ids.shape[0]):
         for sp in np.unique(span[b][is_ph[b]]):
             run = np.flatnonzero(is_ph[b] & (span[b] == sp))
@@ -103,13 +131,13 @@ def check_native_alignment(name: str, ecfg: NativeVisionConfig, instances: list,
             if len(inst) != 1 or inst[0] < 0:
                 raise ValueError(f"sample {b}: {name!r} placeholder run of span {int(sp)} points at "
                                  f"{len(inst)} packed instances (or padding); one run must hold one instance")
-            r, a, _, thw = instances[int(inst[0])]
+            r, a, _, thw, units = instances[int(inst[0])]
             base, tokens = bases[int(inst[0])]
-            if len(run) != tokens or not np.array_equal(f, base + np.arange(tokens)):
+            if len(run) != tokens or not np.array_equal(f, base + units):
                 raise ValueError(f"sample {b}: {name!r} placeholder run of span {int(sp)} has {len(run)} tokens but "
                                  f"its instance (row {r}, patch {a}) has grid (t, h, w) = {thw}, i.e. {tokens} "
                                  f"tokens after the {ecfg.spatial_merge_size}x{ecfg.spatial_merge_size} merge (or its "
-                                 f"feature_index is not that instance's features in order)")
+                                 f"feature_index is not that instance's features in token order: batch.token_units)")
 
 
 def check_batch(batch: dict, config: ModelConfig) -> None:
@@ -148,14 +176,14 @@ def check_batch(batch: dict, config: ModelConfig) -> None:
             ecfg = config.encoders[name]
             instances = check_native_input(name, ecfg, inputs[name])
             check_native_alignment(name, ecfg, instances, _shape(inputs[name]["segment_ids"])[1], ids, fi,
-                                   np.asarray(batch["span_ids"]), config.placeholder_ids[name])
+                                   np.asarray(batch["span_ids"]), config.placeholder_tokens(name))
         else:
             n = check_encoder_input(name, config.encoders[name], inputs[name])
             total = n * config.features_per_instance(name)
             if fi.size and fi.max() >= total:
                 raise ValueError(f"feature_index[{name!r}] max {fi.max()} is beyond the {total} features "
                                  f"({n} instances x {config.features_per_instance(name)} tokens)")
-        is_ph = ids == config.placeholder_ids[name]
+        is_ph = np.isin(ids, config.placeholder_tokens(name))
         n_ph, n_feat = is_ph.sum(axis=1), (fi >= 0).sum(axis=1)
         for b in range(ids.shape[0]):
             if n_ph[b] != n_feat[b]:
@@ -166,9 +194,9 @@ def check_batch(batch: dict, config: ModelConfig) -> None:
             b, s = np.argwhere(misplaced)[0]
             raise ValueError(f"sample {b}: feature_index[{name!r}] points at position {s}, which is not a "
                              f"{name!r} placeholder (id {ids[b, s]})")
-    for name, pid in config.placeholder_ids.items():
+    for name in config.placeholder_ids:
         if name not in index:
-            n_ph = (ids == pid).sum(axis=1)
+            n_ph = np.isin(ids, config.placeholder_tokens(name)).sum(axis=1)
             if n_ph.any():
                 b = int(np.argmax(n_ph > 0))
                 raise ValueError(f"sample {b}: {n_ph[b]} {name!r} placeholder tokens but 0 {name!r} features "

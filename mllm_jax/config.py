@@ -279,6 +279,10 @@ class ModelConfig:
     encoders: dict = field(default_factory=dict)  # name -> VisionConfig | AudioConfig
     projectors: dict = field(default_factory=dict)  # name -> ProjectorConfig
     placeholder_ids: dict = field(default_factory=dict)  # name -> int token id
+    # More ids that mark a modality's placeholder, {token id: name}: HF Qwen2-VL's <|video_pad|> (video_token_id) for
+    # "vision", whose placeholder is <|image_pad|>. A prompt may hold either; the features replace both and
+    # check_batch counts both (placeholder_tokens); our data writes placeholder_ids.
+    placeholder_aliases: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)
     lora: LoRAConfig | None = None
     span_isolated: bool = False  # Cornstarch semantics: encoder tokens see only their own span
@@ -298,6 +302,11 @@ class ModelConfig:
         return RunSettings(dtype=self.dtype, remat=self.remat, layer_loop=self.layer_loop,
                            attention_impl=self.attention_impl, span_isolated=self.span_isolated,
                            context_method=context_method, lora_scale=lora_scale)
+
+    def placeholder_tokens(self, name: str) -> tuple[int, ...]:
+        """Every token id that marks a placeholder of modality ``name``: placeholder_ids[name], then its aliases."""
+        return (int(self.placeholder_ids[name]),
+                *sorted(int(i) for i, n in self.placeholder_aliases.items() if n == name))
 
     def features_per_instance(self, name: str) -> int:
         """LLM tokens one instance (image, clip) of modality ``name`` becomes: the length of its placeholder run.

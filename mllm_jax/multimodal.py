@@ -60,6 +60,10 @@ def validate_config(config: ModelConfig) -> None:
     if enc != proj or enc != ph:
         raise ValueError(f"encoders {sorted(enc)}, projectors {sorted(proj)} and placeholder_ids {sorted(ph)} must "
                          f"name the same modalities")
+    bad = {i: n for i, n in config.placeholder_aliases.items() if n not in ph or i in config.placeholder_ids.values()}
+    if bad:
+        raise ValueError(f"placeholder_aliases {bad} must name modalities of placeholder_ids {config.placeholder_ids} "
+                         f"with ids that are no modality's placeholder")
     keys = {"llm", *(f"encoders/{n}" for n in enc), *(f"projectors/{n}" for n in enc)}
     bad = [k for k in config.trainable if k not in keys]
     if bad:

@@ -9,10 +9,12 @@ features [R, P, D] (the projector kind "patch_merger" merges them).
   concatenated, over the whole head (HF VisionRotaryEmbedding).
 - blocks: qwen2_vl: LayerNorm, fused qkv (bias), o, MLP fc1-act-fc2; qwen2_5_vl: RMSNorm, the same attention, gated
   MLP gate/up/down (bias).
-- attention through kernels.attention with TokenMeta ids, never a permutation: HF attends within each temporal slice
-  of an instance (cu_seqlens has one segment per (instance, t)); Qwen2.5-VL's window layers within windows of
-  ``window_size // patch_size // merge`` merged units square, anchored at the slice's top-left (HF's window_index
-  permutation + cu_window_seqlens, whose attention is the same set of keys per query). Padding (segment 0) sees
+- attention through kernels.attention with TokenMeta ids computed from each patch's (t, h, w), never a permutation:
+  HF attends within each temporal slice of an instance (cu_seqlens has one segment per (instance, t)); Qwen2.5-VL's
+  window layers within windows of ``window_size // patch_size // merge`` merged units square, anchored at the slice's
+  top-left (HF's window_index permutation + cu_window_seqlens, whose attention is the same set of keys per query).
+  The packer lays Qwen2.5-VL instances out window-major (data.native_pack), so each window is contiguous and the
+  kernels compute only its tiles; any patch order inside a slice gives the same features. Padding (segment 0) sees
   nothing.
 
 Parameters: patch_embed/kernel, layers/{norm1, attn/{qkv, o}, norm2, mlp/{fc1, fc2} | {gate, up, down}} stacked on a
@@ -49,6 +51,10 @@ def validate(cfg: NativeVisionConfig) -> None:
     if cfg.window_size and (cfg.window_size % unit or cfg.kind != "qwen2_5_vl"):
         raise ValueError(f"NativeVisionConfig.window_size ({cfg.window_size}) must be a multiple of patch_size * "
                          f"spatial_merge_size ({unit}), and only kind 'qwen2_5_vl' has windows (kind {cfg.kind!r})")
+    if cfg.window_size and (cfg.patches_per_row + 1) * windows_across_bound(
+            cfg.patches_per_row, cfg.spatial_merge_size, window_units(cfg)) >= 2**31:
+        raise ValueError(f"NativeVisionConfig.patches_per_row ({cfg.patches_per_row}) is too large for the int32 "
+                         f"window ids of window_size {cfg.window_size} (attention_ids); split the rows")
     bad = [i for i in cfg.full_attention_layers if not 0 <= i < cfg.n_layers]
     if bad:
         raise ValueError(f"NativeVisionConfig.full_attention_layers {bad} are not layers of a {cfg.n_layers}-layer "
@@ -69,11 +75,15 @@ def full_layers(cfg: NativeVisionConfig) -> np.ndarray:
 
 def attention_ids(grid_RP3, segment_ids_RP, merge_size: int, window: int):
     """(slice ids, window ids) int32 [R, P]: equal, nonzero ids for the patches that attend to each other; 0 for
-    padding. A slice is one temporal index of one instance; the id is 1 + the index of its first patch in the row.
-    A window's id is 1 + the index of its first patch: the slice start plus the merged unit at the window's top-left
-    corner (row wh*window, column ww*window), whose index in the slice's merge-group-major order needs the slice's
-    width in merged units, recovered from any patch below the first merged row as (unit - column) / row.
-    ``window`` = 0: no windows (the window ids are the slice ids)."""
+    padding. A slice is one temporal index of one instance, a contiguous run of the row (in any patch order); its id
+    is 1 + the index of its first patch in the row. A window is the set of patches whose merged unit (h // m, w // m)
+    falls in the same ``window``-unit square of the slice (anchored at its top-left); its id is the slice id plus the
+    window's raster number in the slice (wh * windows across + ww, the windows across from the slice's largest
+    window column, ``run_max``). Everything comes from each patch's own (t, h, w), so any order of the patches inside a slice gives the
+    same attention; with the windows contiguous in raster order of windows (``data.native_pack.window_order``) the
+    ids increase along the row and a tile of the block map meets only the windows it holds. The slice has at least as
+    many patches as windows, so the ids stay inside its own range of the row: unique per row. ``window`` = 0: no
+    windows (the window ids are the slice ids)."""
     seg = segment_ids_RP.astype(jnp.int32)
     grid = grid_RP3.astype(jnp.int32)
     t, h, w = grid[..., 0], grid[..., 1], grid[..., 2]
@@ -85,12 +95,29 @@ def attention_ids(grid_RP3, segment_ids_RP, merge_size: int, window: int):
     slice_ids = jnp.where(valid, start + 1, 0)
     if not window:
         return slice_ids, slice_ids
-    m2 = merge_size**2
-    row, col = h // merge_size, w // merge_size
-    unit = (idx - start) // m2
-    width = jnp.where(row > 0, (unit - col) // jnp.maximum(row, 1), 0)  # only read where row >= window > 0
-    corner = (row // window) * window * width + (col // window) * window
-    return slice_ids, jnp.where(valid, start + corner * m2 + 1, 0)
+    wh, ww = h // merge_size // window, w // merge_size // window
+    across = run_max(ww, first, windows_across_bound(seg.shape[1], merge_size, window)) + 1
+    return slice_ids, jnp.where(valid, slice_ids + wh * across + ww, 0)
+
+
+def run_max(x_RP, first_RP, bound: int):
+    """[R, P]: the largest ``x`` (ints in [0, bound)) of each contiguous run of the row (a run starts where ``first``
+    is True), at every position of the run. A running max of run ordinal * bound + x (cummax: earlier runs' keys are
+    smaller, so the max restarts at each run), read at the run's last position. int32: (runs + 1) * bound < 2**31
+    (``validate`` checks the tower's bound)."""
+    p = x_RP.shape[1]
+    ordinal = jnp.cumsum(first_RP.astype(jnp.int32), axis=1)
+    prefix = jax.lax.cummax(ordinal * bound + x_RP, axis=1) - ordinal * bound
+    idx = jnp.arange(p, dtype=jnp.int32)[None]
+    last = jnp.concatenate([first_RP[:, 1:], jnp.ones_like(first_RP[:, :1])], axis=1)
+    end = jax.lax.cummin(jnp.where(last, idx, p), axis=1, reverse=True)
+    return jnp.take_along_axis(prefix, end, axis=1)
+
+
+def windows_across_bound(patches_per_row: int, merge_size: int, window: int) -> int:
+    """More than any window column (w // merge_size // window) of a row of ``patches_per_row`` patches: an instance
+    is at least merge_size patches high, so at most patches_per_row / merge_size wide."""
+    return (patches_per_row // merge_size) // (merge_size * window) + 1
 
 
 def rope_cos_sin(grid_RP3, head_dim: int, theta: float):

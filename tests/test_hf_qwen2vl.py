@@ -5,7 +5,8 @@ two samples packed into one row, the grid / placeholder-count refusal, and expor
 One tiny random transformers model per family (CPU, float32), saved once by transformers itself (the hub's names:
 visual.*, model.*). Oracles: its forward pass on each sample alone (HF's pixel_values /
 pixel_values_videos, grids, mm_token_type_ids, so transformers computes its own M-RoPE positions), and transformers
-reloading what we write.
+reloading what we write. Our batches hold HF's tokenizer's ids (<video_pad> runs for videos: the imported config's
+placeholder alias) and, for Qwen2.5-VL, each instance's patches window-major (native_pack.window_order).
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ from mllm_jax.data import native_pack
 from mllm_jax.data.processor.native_vision import patch_grid
 from mllm_jax.hf import config_map as cm
 from mllm_jax.hf import load_pretrained, save_pretrained
+from mllm_jax.native_vision import window_units
 from model_testlib import make_every_tensor_count
 
 torch = pytest.importorskip("torch")
@@ -142,9 +144,9 @@ def _hf_logits(model, sample):
 
 def _our_batch(cfg, rows, seq_len, video_interval=None):
     """Our packed batch: ``rows`` lists the samples of each row (packed one after another, own segment, positions
-    and M-RoPE positions restarting); every instance of the batch packed into patch rows of P patches. Videos keep
-    the modality's placeholder (image_token_id): the features replace it, so the LLM never reads the id.
-    ``video_interval``: a wrong M-RoPE time step for videos (the oracle's check)."""
+    and M-RoPE positions restarting); every instance of the batch packed into patch rows of P patches. The ids are
+    HF's tokenizer's: a video's run is <video_pad> (video_token_id, the imported config's placeholder alias), an
+    image's <image_pad>. ``video_interval``: a wrong M-RoPE time step for videos (the oracle's check)."""
     enc = cfg.encoders["vision"]
     # HF's M-RoPE time step of a video: tokens_per_second * second_per_grid_t (Qwen2.5-VL), else 1
     video = enc.tokens_per_second * SECONDS_PER_GRID if enc.tokens_per_second else 1
@@ -156,7 +158,7 @@ def _our_batch(cfg, rows, seq_len, video_interval=None):
         at, span = 0, 0
         for seg, (ids, _, instances, spans) in enumerate(samples, start=1):
             n = len(ids)
-            batch["input_ids"][r, at:at + n] = np.where(ids == VIDEO, IMAGE, ids)
+            batch["input_ids"][r, at:at + n] = ids
             batch["positions"][r, at:at + n] = np.arange(n)
             batch["segment_ids"][r, at:at + n] = seg
             rope_spans = [(s, g, video_interval or video if kind == "video" else 1) for s, g, kind in spans]
@@ -170,10 +172,11 @@ def _our_batch(cfg, rows, seq_len, video_interval=None):
                 runs.append((r, at + start, tokens))
             at += n
     plan = native_pack.plan_rows([len(x) for x in patches], P, M * M, native_pack.row_buckets(len(patches)))
-    packed = native_pack.pack(patches, coords, plan, M * M)
+    # Qwen2.5-VL: each instance window-major, feature_index reading its merged units back in token order
+    packed = native_pack.pack(patches, coords, plan, M * M, window=window_units(enc))
     fi = np.full((len(rows), seq_len), -1, np.int32)
-    for (r, start, tokens), base in zip(runs, packed.feature_base):
-        fi[r, start:start + tokens] = base + np.arange(tokens)
+    for (r, start, tokens), index in zip(runs, packed.feature_index):
+        fi[r, start:start + tokens] = index
     batch["labels"] = np.full((len(rows), seq_len), IGNORE, np.int32)
     return {**batch, "encoder_inputs": {"vision": packed.inputs}, "feature_index": {"vision": fi}}
 
@@ -194,6 +197,7 @@ def test_config_maps_and_round_trips(case):
     enc, proj = cfg.encoders["vision"], cfg.projectors["vision"]
     assert enc.kind == family and proj.kind == "patch_merger" and cfg.media_attention == "causal"
     assert cfg.placeholder_ids == {"vision": IMAGE} and (proj.boi_token_id, proj.eoi_token_id) == (START, END)
+    assert cfg.placeholder_aliases == {VIDEO: "vision"} and cfg.placeholder_tokens("vision") == (IMAGE, VIDEO)
     assert cfg.llm.mrope_section == (1, 1, 2) and cfg.llm.qkv_bias
     assert cfg.llm.tie_embeddings == (family == "qwen2_5_vl")
     assert enc.tokens_per_second == (TOKENS_PER_SECOND if family == "qwen2_5_vl" else 0)
@@ -253,12 +257,18 @@ def test_hub_flat_config_reads_as_transformers_reads_it(hub):
             3420, 112, (7, 15, 23, 31), 2)
     else:
         assert enc.d_ff == 5120 and enc.window_size == 0
-    assert ours.placeholder_ids == {"vision": 151655}
+    assert ours.placeholder_ids == {"vision": 151655} and ours.placeholder_aliases == {151656: "vision"}
 
 
 def test_config_refusals():
-    with pytest.raises(ValueError, match="video_token_id=7 is not image_token_id"):
-        cm.config_from_hf({**HUB_7B, "video_token_id": 7})
+    with pytest.raises(ValueError, match="video_token_id=151655 equals image_token_id"):
+        cm.config_from_hf({**HUB_7B, "video_token_id": 151655})
+    other = cm.config_from_hf({**HUB_7B, "video_token_id": 7})  # any other video id is the alias, written back
+    assert other.placeholder_aliases == {7: "vision"} and cm.qwen2vl_to_hf(other)["video_token_id"] == 7
+    from mllm_jax.multimodal import validate_config
+    for bad in ({7: "audio"}, {151655: "vision"}):  # no such modality; an id that is a placeholder itself
+        with pytest.raises(ValueError, match=r"placeholder_aliases .* must name modalities of placeholder_ids"):
+            validate_config(other.replace(placeholder_aliases=bad))
     with pytest.raises(ValueError, match=r"output width \(64\)"):
         cm.config_from_hf({**HUB_7B, "vision_config": {**HUB_7B["vision_config"], "hidden_size": 64}})
     cfg = cm.config_from_hf(HUB_7B)
@@ -315,6 +325,11 @@ def test_logits_match_transformers_packed_and_alone(case, parity):
     n0, n1 = (len(s[0]) for s in samples)
     check_batch(batch, ours.config)
     assert batch["encoder_inputs"]["vision"]["segment_ids"].max() >= 2  # instances really share patch rows
+    # The prompts hold HF's <video_pad> runs: placeholders through the imported config's alias, refused without it
+    assert (batch["input_ids"] == VIDEO).sum() == 3 * 8 and batch["feature_index"]["vision"][
+        batch["input_ids"] == VIDEO].min() >= 0  # sample 0's 2 x 2 x 2-unit video in rows 0, 2 and 3
+    with pytest.raises(ValueError, match=r"sample 0: 6 'vision' placeholder tokens but 14 'vision' features"):
+        check_batch(batch, ours.config.replace(placeholder_aliases={}))
     got = _our_logits(ours, batch)
     np.testing.assert_allclose(got[0, :n0], refs[0], atol=1e-4, rtol=1e-4, err_msg="sample 0 alone")
     np.testing.assert_allclose(got[1, :n1], refs[1], atol=1e-4, rtol=1e-4, err_msg="sample 1 alone")
@@ -328,6 +343,16 @@ def test_logits_match_transformers_packed_and_alone(case, parity):
     assert np.abs(_our_logits(ours, bad)[0, :n0] - refs[0]).max() > 1e-2
     if family == "qwen2_5_vl":  # ... and so does the video's M-RoPE time step taken as Qwen2-VL's (1, not 4)
         bad = _our_batch(ours.config, ROWS(samples), seq_len=n0 + n1 + 3, video_interval=1)
+        assert np.abs(_our_logits(ours, bad)[0, :n0] - refs[0]).max() > 1e-2
+        # ... and so does each run reading its window-major merged units in packed order (not its tokens' own)
+        fi, span = batch["feature_index"]["vision"], batch["span_ids"]
+        raster = fi.copy()
+        for r in range(len(fi)):
+            for sp in np.unique(span[r][fi[r] >= 0]):
+                run = np.flatnonzero((span[r] == sp) & (fi[r] >= 0))
+                raster[r, run] = fi[r, run].min() + np.arange(len(run))
+        assert not np.array_equal(raster, fi)
+        bad = dict(batch, feature_index={"vision": raster})
         assert np.abs(_our_logits(ours, bad)[0, :n0] - refs[0]).max() > 1e-2
 
 

@@ -128,21 +128,24 @@ def test_rope_positions_refuse_overlap_and_bad_grid():
 # ------------------------------------------------------------------------------------------------------ check_batch
 
 
-def _config(patches_per_row=32):
+def _config(patches_per_row=32, window=0):
+    """``window``: a Qwen2.5-VL tower with windows of that many merged units (patch 2, merge 2)."""
+    kind = dict(kind="qwen2_5_vl", window_size=4 * window, full_attention_layers=(0,)) if window else {}
     enc = NativeVisionConfig(patch_size=2, temporal_patch_size=2, num_channels=1, d_model=8, n_layers=1, n_heads=2,
-                             d_ff=16, patches_per_row=patches_per_row)
+                             d_ff=16, patches_per_row=patches_per_row, **kind)
     return ModelConfig(llm=LLMConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16),
                        encoders={"vision": enc}, projectors={"vision": ProjectorConfig(kind="patch_merger")},
                        placeholder_ids={"vision": 3})
 
 
-def _native_batch(grids, seq_len=40, per_sample=((0, 1), (2,))):
-    """Two samples (by default: instances 0, 1 in sample 0, instance 2 in sample 1), packed."""
-    cfg = _config()
+def _native_batch(grids, seq_len=40, per_sample=((0, 1), (2,)), window=0, patches_per_row=32):
+    """Two samples (by default: instances 0, 1 in sample 0, instance 2 in sample 1), packed (window-major with
+    ``window``)."""
+    cfg = _config(patches_per_row, window)
     enc = cfg.encoders["vision"]
     patches = [np.ones((t * h * w, enc.patch_dim), np.float32) for t, h, w in grids]
     plan = npk.plan_rows([len(x) for x in patches], enc.patches_per_row, M2, npk.row_buckets(len(grids)))
-    packed = npk.pack(patches, [_grid_coords(*g) for g in grids], plan, M2)
+    packed = npk.pack(patches, [_grid_coords(*g) for g in grids], plan, M2, window=window)
     b = {k: np.zeros((len(per_sample), seq_len), np.int32) for k in ("input_ids", "positions", "segment_ids",
                                                                       "span_ids")}
     b["labels"] = np.full((len(per_sample), seq_len), -100, np.int32)
@@ -153,7 +156,7 @@ def _native_batch(grids, seq_len=40, per_sample=((0, 1), (2,))):
             n = len(patches[i]) // M2
             b["input_ids"][row, cur:cur + n] = 3
             b["span_ids"][row, cur:cur + n] = span
-            fi[row, cur:cur + n] = packed.feature_base[i] + np.arange(n)
+            fi[row, cur:cur + n] = packed.feature_index[i]
             cur += n + 1
         b["segment_ids"][row, :cur] = 1
         b["positions"][row, :cur] = np.arange(cur)
@@ -201,6 +204,84 @@ def test_check_batch_names_a_run_spanning_two_instances_and_bad_layouts():
     b["encoder_inputs"]["vision"] = b["encoder_inputs"]["vision"]["patches"]
     with pytest.raises(ValueError, match="must be a dict with keys"):
         check_batch(b, cfg)
+
+
+# ------------------------------------------------------------------------------------- window-major (Qwen2.5-VL)
+
+
+@pytest.mark.parametrize("grid,window", [((1, 12, 20), 2), ((3, 8, 6), 2), ((1, 20, 12), 4), ((2, 4, 4), 4)])
+def test_window_order_is_hf_window_index(grid, window):
+    """window_order lays an instance out as transformers' get_vision_window_index permutes it (windows with partial
+    ones at the edges, a video's temporal steps, a window larger than the image), from any input order; window 0
+    keeps HF's processor order."""
+    import torch
+    from transformers.vision_utils import get_vision_window_index
+
+    coords = _grid_coords(*grid)
+    index, _ = get_vision_window_index(torch.tensor([grid]), 2, window * 4, 2)  # patch 2, merge 2
+    hf = (index.numpy()[:, None] * M2 + np.arange(M2)).reshape(-1)  # HF's window order -> processor order
+    np.testing.assert_array_equal(npk.window_order(coords, 2, window), hf)
+    shuffled = np.random.default_rng(0).permutation(len(coords))
+    np.testing.assert_array_equal(coords[shuffled][npk.window_order(coords[shuffled], 2, window)], coords[hf])
+    np.testing.assert_array_equal(npk.window_order(coords, 2, 0), np.arange(len(coords)))
+    if grid[1] > 2 * window or grid[2] > 2 * window:  # the test could fail: several windows reorder the units
+        assert not np.array_equal(hf, np.arange(len(coords)))
+
+
+WINDOW_GRIDS = [(1, 8, 12), (2, 4, 8), (1, 4, 4)]  # windows of 2 merged units: 2 x 3, 1 x 2 (x2), 1 window
+
+
+def test_window_major_pack_keeps_merge_groups_and_feature_index_reads_tokens_in_raster_order():
+    """Window-major packing: each window a contiguous run, every merge group whole, and each token's feature the
+    merged unit at the token's own (t, row, column); check_batch accepts that and refuses raster feature_index on
+    the permuted units or a merge group split across units."""
+    b, cfg = _native_batch(WINDOW_GRIDS, seq_len=48, window=2, patches_per_row=128)
+    check_batch(b, cfg)
+    x = b["encoder_inputs"]["vision"]
+    grid, fi = x["grid"].reshape(-1, 3), b["feature_index"]["vision"]
+    units = grid[::M2] // [1, 2, 2]  # each packed feature's merged unit (t, row, column)
+    groups = grid.reshape(-1, M2, 3)
+    np.testing.assert_array_equal(groups // [1, 2, 2], np.repeat(units[:, None], M2, 1))  # groups whole
+    for row, insts in enumerate(((0, 1), (2,))):
+        cur = 1
+        for i in insts:
+            t, h, w = WINDOW_GRIDS[i]
+            n = t * h * w // M2
+            tt, rr, cc = np.meshgrid(np.arange(t), np.arange(h // 2), np.arange(w // 2), indexing="ij")
+            raster = np.stack([tt, rr, cc], -1).reshape(-1, 3)
+            np.testing.assert_array_equal(units[fi[row, cur:cur + n]], raster, err_msg=f"instance {i}")
+            feats = fi[row, cur:cur + n]
+            if i == 0:  # several windows: the packed units are not in raster order (the oracle could fail)
+                assert not np.array_equal(feats, feats.min() + np.arange(n))
+                bad = {**b, "feature_index": {"vision": fi.copy()}}
+                bad["feature_index"]["vision"][row, cur:cur + n] = feats.min() + np.arange(n)
+                with pytest.raises(ValueError, match=r"not that instance's features in token order"):
+                    check_batch(bad, cfg)
+            cur += n + 1
+    bad = {**b, "encoder_inputs": {"vision": {**x, "grid": x["grid"].copy()}}}
+    g = bad["encoder_inputs"]["vision"]["grid"]
+    g[0, [1, 4]] = g[0, [4, 1]]  # one patch of unit 0 and one of unit 1 swapped: a full grid, groups broken
+    with pytest.raises(ValueError, match=r"row 0: the instance at patch 0 has at patch 0 the grid .* not one merged "
+                                         r"unit's 2x2 patches"):
+        check_batch(bad, cfg)
+
+
+def test_pack_instances_orders_by_the_towers_windows():
+    """pack_instances (what the synthetic and real-data builders call) lays a Qwen2.5-VL tower's instances out
+    window-major and a Qwen2-VL tower's in HF's order; feature_index follows."""
+    grids = [(1, 8, 12), (1, 4, 4)]
+    patches = [np.arange(t * h * w, dtype=np.float32)[:, None] for t, h, w in grids]  # each patch's HF index
+    for window in (0, 2):
+        enc = _config(128, window).encoders["vision"]
+        packed = npk.pack_instances(patches, grids, enc)
+        for i, g in enumerate(grids):
+            r, o = divmod(int(packed.feature_base[i]) * M2, 128)
+            n = len(patches[i])
+            order = packed.inputs["patches"][r, o:o + n, 0].astype(np.int64)
+            np.testing.assert_array_equal(order, npk.window_order(_grid_coords(*g), 2, window))
+            np.testing.assert_array_equal(packed.feature_index[i],
+                                          packed.feature_base[i] + np.argsort(order[::M2] // M2))
+        assert (window == 0) == all(np.array_equal(f, f[0] + np.arange(len(f))) for f in packed.feature_index)
 
 
 def test_placement_shards_packed_rows_by_the_encoder_batch_rule():

@@ -1,7 +1,7 @@
 """The Qwen2-VL / Qwen2.5-VL vision tower and patch merger against transformers (float32, tiny random configs).
 
 One packed batch holds three images of different sizes and a video (t = 3), with padding between and after the
-instances and an all-padding row. Oracles: transformers' Qwen2VisionTransformerPretrainedModel /
+instances and an all-padding row, each instance in the packer's order (Qwen2.5-VL: window-major). Oracles: transformers' Qwen2VisionTransformerPretrainedModel /
 Qwen2_5_VisionTransformerPretrainedModel on the same instances (per-patch last hidden state and merged output), and
 our own tower with each instance alone in its row. The HF weights reach our modules through mllm_jax.hf's weight map
 (a safetensors round trip), so the map is tested by the parity.
@@ -28,7 +28,10 @@ from mllm_jax.hf import weight_maps as wm  # noqa: E402
 from mllm_jax.hf.safetensors_io import CheckpointReader, write_checkpoint  # noqa: E402
 from mllm_jax.hf.streaming import load_into  # noqa: E402
 from mllm_jax.multimodal import MultimodalModel  # noqa: E402
-from mllm_jax.native_vision import NativeVisionEncoder, attention_ids  # noqa: E402
+from mllm_jax.batch import token_units  # noqa: E402
+from mllm_jax.data.native_pack import window_order  # noqa: E402
+from mllm_jax.kernels.meta import TokenMeta, block_map  # noqa: E402
+from mllm_jax.native_vision import NativeVisionEncoder, attention_ids, window_units  # noqa: E402
 from mllm_jax.parallel.config import ParallelConfig  # noqa: E402
 from mllm_jax.parallel.mesh import make_mesh  # noqa: E402
 from mllm_jax.parallel.sharding import logical_rules  # noqa: E402
@@ -71,17 +74,24 @@ def _instances(cfg):
     return [(rng.standard_normal((t * h * w, cfg.patch_dim)).astype(np.float32), (t, h, w)) for t, h, w in GRIDS]
 
 
-def _pack(instances, layout, p):
-    """{patches, grid, segment_ids} of len(layout) rows of p patches: instance i at its offset, 1-based segments."""
+def _order(grid, window):
+    """Instance ``grid``'s patch order in a packed row: HF's processor order reordered by native_pack.window_order
+    (window-major for window > 0, what the packer does for a tower with window layers; HF's order for 0)."""
+    return window_order(patch_grid(grid, M), M, window)
+
+
+def _pack(instances, layout, p, window=0):
+    """{patches, grid, segment_ids} of len(layout) rows of p patches: instance i at its offset in the order
+    ``_order(grid, window)``, 1-based segments."""
     r = len(layout)
     out = {"patches": np.zeros((r, p, instances[0][0].shape[1]), np.float32),
            "grid": np.zeros((r, p, 3), np.int32), "segment_ids": np.zeros((r, p), np.int32)}
     for row, entries in enumerate(layout):
         for s, (i, off) in enumerate(entries, start=1):
             patches, grid = instances[i]
-            n = len(patches)
-            out["patches"][row, off:off + n] = patches
-            out["grid"][row, off:off + n] = patch_grid(grid, M)
+            n, order = len(patches), _order(grid, window)
+            out["patches"][row, off:off + n] = patches[order]
+            out["grid"][row, off:off + n] = patch_grid(grid, M)[order]
             out["segment_ids"][row, off:off + n] = s
     return out
 
@@ -102,13 +112,9 @@ def case(request, tmp_path_factory):
     with torch.no_grad():
         out = model(torch.from_numpy(np.concatenate([x for x, _ in instances])),
                     grid_thw=torch.tensor([g for _, g in instances]))
+    # HF's last hidden state is in its tower's order: Qwen2.5-VL's window order (window_index), the order our packer
+    # lays its instances out in; the merged output in the tokens' raster order.
     hidden, merged = out.last_hidden_state.numpy(), out.pooler_output.numpy()
-    if kind == "qwen2_5_vl":  # HF's last hidden state is in its window order: undo the permutation
-        from transformers.vision_utils import get_vision_window_index
-        index, _ = get_vision_window_index(torch.tensor(GRIDS), M, hf_cfg.window_size, hf_cfg.patch_size)
-        natural = np.empty_like(hidden).reshape(-1, M * M, hidden.shape[-1])
-        natural[index.numpy()] = hidden.reshape(-1, M * M, hidden.shape[-1])
-        hidden = natural.reshape(hidden.shape)
     # Through a checkpoint directory: the weight map both ways (HF -> ours here, ours -> HF in a test below).
     path = tmp_path_factory.mktemp(kind)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -123,7 +129,8 @@ def case(request, tmp_path_factory):
     merger = load_into(lambda: Projector(proj_cfg, cfg.d_model, LLM_D, rngs=nnx.Rngs(0)),
                        [(reader, wm.patch_merger_rules(proj_cfg, prefix))])
     return dict(kind=kind, cfg=cfg, proj_cfg=proj_cfg, tower=tower, merger=merger, instances=instances,
-                hidden=hidden, merged=merged, state_dict=sd, hf_cfg=hf_cfg, reader=reader, prefix=prefix)
+                hidden=hidden, merged=merged, state_dict=sd, hf_cfg=hf_cfg, reader=reader, prefix=prefix,
+                window=window_units(cfg))
 
 
 def _run(tower, merger, batch):
@@ -138,22 +145,38 @@ def _run(tower, merger, batch):
 
 @pytest.fixture(scope="module")
 def packed(case):
-    batch = _pack(case["instances"], LAYOUT, P)
+    """The packer's order: window-major for Qwen2.5-VL, HF's for Qwen2-VL."""
+    batch = _pack(case["instances"], LAYOUT, P, case["window"])
     return batch, *_run(case["tower"], case["merger"], batch)
 
 
 def test_packed_features_match_hf(case, packed):
-    _, feats, merged = packed
+    """Per patch: HF's last hidden state in its own order (Qwen2.5-VL: window-major, which is our packed order);
+    merged: the features the tokens' feature_index (batch.token_units of the packed grid) reads equal HF's merged
+    output in token order."""
+    batch, feats, merged = packed
     starts = np.cumsum([0] + [len(x) for x, _ in case["instances"]])
     for i, (row, off) in _where(LAYOUT).items():
         n = len(case["instances"][i][0])
         np.testing.assert_allclose(feats[row, off:off + n], case["hidden"][starts[i]:starts[i] + n], atol=1e-4,
                                    rtol=1e-4, err_msg=f"{case['kind']} instance {i} features")
-        np.testing.assert_allclose(merged[row, off // M**2:(off + n) // M**2],
-                                   case["merged"][starts[i] // M**2:(starts[i] + n) // M**2], atol=1e-4, rtol=1e-4,
-                                   err_msg=f"{case['kind']} instance {i} merged")
+        tokens = merged[row, off // M**2 + token_units(batch["grid"][row, off:off + n], M)]
+        np.testing.assert_allclose(tokens, case["merged"][starts[i] // M**2:(starts[i] + n) // M**2], atol=1e-4,
+                                   rtol=1e-4, err_msg=f"{case['kind']} instance {i} merged")
     assert merged.shape == (len(LAYOUT), P // M**2, LLM_D)
     assert np.isfinite(feats).all() and np.isfinite(merged).all()  # padding patches see nothing: finite, unused
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_vl"], indirect=True)  # Qwen2-VL has no windows: one order
+def test_any_patch_order_gives_the_same_features(case, packed):
+    """The tower reads windows and rotary angles from each patch's own (t, h, w): HF's processor order (windows not
+    contiguous) gives the window-major packing's per-patch features, patch for patch."""
+    _, feats, _ = packed
+    hf_order, _ = _run(case["tower"], case["merger"], _pack(case["instances"], LAYOUT, P, 0))
+    for i, (row, off) in _where(LAYOUT).items():
+        n, grid = len(case["instances"][i][0]), case["instances"][i][1]
+        np.testing.assert_allclose(hf_order[row, off + _order(grid, case["window"])], feats[row, off:off + n],
+                                   atol=1e-5, rtol=1e-5, err_msg=f"instance {i}")
 
 
 def _loss_and_grads(tower, merger, batch, weights, rules=(None, None)):
@@ -179,7 +202,7 @@ def test_rows_sharded_with_fsdp_and_remat_equal_one_device(case):
     """Rows over the encoder rule's batch axes and parameters over fsdp (8 fake devices), remat and the unrolled
     layer loop: the merged features and the parameter gradients of the one-device scan."""
     layout = LAYOUT + [[(1, 0), (3, 24)]]
-    batch = jax.tree.map(jnp.asarray, _pack(case["instances"], layout, P))
+    batch = jax.tree.map(jnp.asarray, _pack(case["instances"], layout, P, case["window"]))
     weights = jnp.asarray(np.random.default_rng(2).standard_normal((len(layout), P // M**2, LLM_D)), jnp.float32)
     merged1, grads1 = _loss_and_grads(case["tower"], case["merger"], batch, weights)
     mesh = make_mesh(SHARDED)
@@ -207,7 +230,7 @@ def test_rows_sharded_with_fsdp_and_remat_equal_one_device(case):
 def test_each_instance_alone_gives_its_packed_features(case, packed):
     _, feats, _ = packed
     alone_layout = [[(i, 0)] for i in range(len(GRIDS))]
-    alone, _ = _run(case["tower"], case["merger"], _pack(case["instances"], alone_layout, 96))
+    alone, _ = _run(case["tower"], case["merger"], _pack(case["instances"], alone_layout, 96, case["window"]))
     for i, (row, off) in _where(LAYOUT).items():
         n = len(case["instances"][i][0])
         np.testing.assert_allclose(feats[row, off:off + n], alone[i, :n], atol=1e-5, rtol=1e-5)
@@ -241,30 +264,73 @@ def test_multimodal_model_encodes_packed_rows(case, packed):
     np.testing.assert_allclose(out, merged, atol=1e-5, rtol=1e-5)
 
 
-def test_windows_are_hf_windows():
-    """Our window ids group the patches exactly as HF's window_index + cu_window_seqlens do (Qwen2.5-VL)."""
+@pytest.mark.parametrize("window_major", [False, True], ids=["hf_order", "window_major"])
+def test_windows_are_hf_windows(window_major):
+    """Our window ids group the patches exactly as HF's window_index + cu_window_seqlens do (Qwen2.5-VL), in HF's
+    patch order and in the packer's window-major one; window-major, each window is one run of the row and the ids
+    increase along it."""
     from transformers.vision_utils import get_vision_window_index
     index, cu = get_vision_window_index(torch.tensor(GRIDS), M, 16, 4)  # windows of 2 x 2 merged units
     patch_order = (index.numpy()[:, None] * M * M + np.arange(M * M)).reshape(-1)  # window order -> patch index
     hf_window = np.zeros(len(patch_order), np.int64)
     hf_window[patch_order] = np.searchsorted(cu.numpy(), np.arange(len(patch_order)), side="right")
-    grids = [(np.zeros((t * h * w, 1), np.float32), (t, h, w)) for t, h, w in GRIDS]
-    batch = _pack(grids, LAYOUT, P)
+    grids = [(np.arange(t * h * w), (t, h, w)) for t, h, w in GRIDS]  # "patches": each one's index in HF's order
+    window = 2 if window_major else 0
+    batch = _pack([(x[:, None].astype(np.float32), g) for x, g in grids], LAYOUT, P, window)
     _, ours = attention_ids(jnp.asarray(batch["grid"]), jnp.asarray(batch["segment_ids"]), M, 2)
     ours = np.asarray(ours)
     starts = np.cumsum([0] + [len(x) for x, _ in grids])
     covered = np.zeros(ours.shape, bool)
     for i, (row, off) in _where(LAYOUT).items():
         n = len(grids[i][0])
-        a, b = ours[row, off:off + n], hf_window[starts[i]:starts[i] + n]
+        a = ours[row, off:off + n]
+        b = hf_window[starts[i] + batch["patches"][row, off:off + n, 0].astype(np.int64)]
         pairs = set(zip(a.tolist(), b.tolist()))  # the same partition: the two labelings are in bijection
         assert len(pairs) == len(set(a.tolist())) == len(set(b.tolist())), f"instance {i}"
         assert len(set(b.tolist())) > 1, "the test needs several windows per instance"
+        if window_major:
+            np.testing.assert_array_equal(np.sort(b), b)  # HF's windows in HF's order, each one contiguous
+            assert (np.diff(a) >= 0).all() and len(np.unique(a)) == len(np.flatnonzero(np.diff(a))) + 1
         covered[row, off:off + n] = True
     assert (ours[~covered] == 0).all()  # padding is no window
     for row, entries in enumerate(LAYOUT):  # windows of different instances of a row never share an id
         ids = [set(ours[row, off:off + len(grids[i][0])].tolist()) for i, off in entries]
         assert sum(len(s) for s in ids) == len(set().union(*ids))
+
+
+LIVE_P = 5632  # one row shape for every layout below (one compile); the padding after them adds no live tile
+_attention_ids = jax.jit(attention_ids, static_argnums=(2, 3))
+
+
+def _live_tiles(grids, window, order_window, block):
+    """(tiles the block map computes for one window layer, tiles holding a same-window pair counted by brute force
+    over the windows, the sum over windows of each one's own tiles) for the instances of ``grids`` packed one after
+    another in one row of LIVE_P patches in the order ``_order(grid, order_window)``."""
+    coords = [patch_grid(g, M)[_order(g, order_window)] for g in grids]
+    n = sum(map(len, coords))
+    grid = np.zeros((1, LIVE_P, 3), np.int32)
+    grid[0, :n] = np.concatenate(coords)
+    seg = np.zeros((1, LIVE_P), np.int32)
+    seg[0, :n] = np.concatenate([np.full(len(c), i + 1) for i, c in enumerate(coords)])
+    _, ids = _attention_ids(jnp.asarray(grid), jnp.asarray(seg), M, window)
+    ids = np.asarray(ids)
+    meta = TokenMeta(np.zeros_like(ids), ids, ids)
+    live = int((block_map(meta, meta, block, block) != 0).sum())
+    own = [np.unique(np.flatnonzero(ids[0] == w) // block) for w in np.unique(ids[0][ids[0] > 0])]  # its blocks
+    union = {(q, k) for b in own for q in b for k in b}
+    return live, len(union), sum(len(b) ** 2 for b in own)
+
+
+@pytest.mark.parametrize("grids,block", [([(1, 40, 40)], 128), ([(1, 56, 100)], 128), ([(1, 74, 74)], 512),
+                                         ([(2, 20, 28), (1, 12, 36)], 64)])
+def test_window_major_packing_computes_only_each_windows_tiles(grids, block):
+    """Qwen2.5-VL's geometry (windows of 4 x 4 merged units, merge 2): on the packer's window-major order the block
+    map of a window layer computes exactly the tiles that hold a pair of patches of one window (a brute-force count
+    over the windows); HF's order computes more (the excess docs/native_resolution.md measured)."""
+    live, brute, own = _live_tiles(grids, 4, 4, block)
+    assert live == brute and brute <= own
+    hf_live, hf_brute, _ = _live_tiles(grids, 4, 0, block)
+    assert hf_live >= hf_brute > live  # HF's order spreads each window over more tiles
 
 
 def test_weight_map_round_trip(case):
@@ -300,7 +366,7 @@ def test_config_round_trip(case):
 
 def test_bad_inputs_named(case):
     tower = case["tower"]
-    batch = _pack(case["instances"], LAYOUT, P)
+    batch = _pack(case["instances"], LAYOUT, P, case["window"])
     with pytest.raises(ValueError, match="keys"):
         tower({"patches": batch["patches"]})
     with pytest.raises(ValueError, match=r"grid.*shape \(3, 160, 3\).*got \(3, 160, 2\)"):

@@ -208,8 +208,8 @@ class BatchBuilder:
         packed = native_pack.pack_instances(
             [inst.patches for inst, *_ in items], [inst.grid_thw for inst, *_ in items], enc,
             names=[f"sample {it[-1]}: a {name!r} item" for it in items])
-        for (inst, row, start, n_tok, _), base in zip(items, packed.feature_base):
-            batch["feature_index"][name][row, start:start + n_tok] = base + np.arange(n_tok)
+        for (inst, row, start, n_tok, _), fi in zip(items, packed.feature_index):
+            batch["feature_index"][name][row, start:start + n_tok] = fi
         batch["encoder_inputs"][name] = packed.inputs
         self.last_pack[name] = {"patches": packed.used, "padding": packed.padding}
 

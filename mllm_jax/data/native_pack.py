@@ -5,7 +5,14 @@ comes from a small static set (``row_buckets``: 1, 2, 3, 4, 6, 8, 12, ...), so f
 padding is counted (``PackedRows.padding``). Each instance starts at a multiple of ``merge_units`` (= merge_size**2)
 so the projector's merge groups never straddle two instances; its projected features are then the contiguous range
 ``feature_base[i] .. feature_base[i] + n_i / merge_units - 1`` of the modality's features flattened to
-[R * P / merge_units, D], which is what ``feature_index`` points at for the instance's placeholder run.
+[R * P / merge_units, D], and ``PackedRows.feature_index[i]`` is what the instance's placeholder run points at.
+
+Patch order: HF's (merge-group major, raster over merged units) for Qwen2-VL; a tower with window layers
+(Qwen2.5-VL) gets each instance window-major (``window_order``: HF's ``get_window_index`` order), so each attention
+window is a contiguous run of the row and the kernels' block map computes only its tiles. The tower reads windows and
+2-D rotary angles from each patch's ``grid`` coordinate, the merger's groups stay whole, and the run's feature_index
+takes the merged units back to the tokens' raster order (``batch.token_units``): a gather the LLM does anyway, so the
+permutation costs nothing on the device.
 
 M-RoPE (``rope_positions``): Qwen2-VL's ``get_rope_index`` computed per packed sample from the sample's own token
 layout, so packing (which sample sits next to which) and the context permutation (which moves the positions with their
@@ -15,8 +22,11 @@ tokens) leave every token's rotary angles unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
+
+from mllm_jax.batch import token_units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +99,31 @@ class PackedRows:
     feature_base: np.ndarray  # [N] int: instance i's first feature in the flattened [R * P / merge_units, D]
     used: int  # patches holding an instance
     padding: int  # padded patches (R * P - used)
+    # instance i's placeholder run's feature_index: its n_i / merge_units features in token (raster) order
+    feature_index: list = dataclasses.field(default_factory=list)
 
 
-def pack(patches, coords, plan: PackPlan, merge_units: int, *, rows: int | None = None) -> PackedRows:
+def window_order(coords_N3, merge_size: int, window: int) -> np.ndarray:
+    """[N] int: the order that lays one instance's patches (``coords_N3``, each patch's (t, h, w), in any order) out
+    window-major, as HF Qwen2.5-VL's ``get_window_index`` permutes them: per temporal index, the windows of ``window``
+    merged units square (anchored at the top-left, partial at the bottom and right) in raster order, each window's
+    merged units in raster order, each unit's merge_size**2 patches in (row, column) order. ``window`` = 0: HF's
+    processor order (merge-group major)."""
+    c = np.asarray(coords_N3, np.int64)
+    m = merge_size
+    t, row, col = c[:, 0], c[:, 1] // m, c[:, 2] // m
+    keys = [c[:, 2] % m, c[:, 1] % m, col, row]
+    if window:
+        keys += [col // window, row // window]
+    return np.lexsort(keys + [t])
+
+
+def pack(patches, coords, plan: PackPlan, merge_units: int, *, rows: int | None = None,
+         window: int = 0) -> PackedRows:
     """Instances (``patches[i]`` [n_i, K] in HF's patch order, ``coords[i]`` [n_i, 3] each patch's (t, h, w)) laid
-    out by ``plan``; ``rows`` > plan.rows pads with empty rows (several microbatches of one batch share a shape)."""
+    out by ``plan``; ``rows`` > plan.rows pads with empty rows (several microbatches of one batch share a shape).
+    ``window`` (merged units, ``native_vision.window_units``; 0: none): each instance laid out window-major
+    (``window_order``); ``feature_index[i]`` then reads its units back in token order."""
     if len(patches) != len(plan.row) or len(coords) != len(plan.row):
         raise ValueError(f"{len(patches)} patch arrays and {len(coords)} coordinate arrays for a plan of "
                          f"{len(plan.row)} instances")
@@ -105,19 +135,25 @@ def pack(patches, coords, plan: PackPlan, merge_units: int, *, rows: int | None 
     out = {"patches": np.zeros((r_total, p, k), np.float32), "grid": np.zeros((r_total, p, 3), np.int32),
            "segment_ids": np.zeros((r_total, p), np.int32)}
     seg_in_row = np.zeros(r_total, np.int64)
+    m = math.isqrt(merge_units)
+    base = ((plan.row * p + plan.offset) // merge_units).astype(np.int64)
+    feature_index = [None] * len(plan.row)
     # Segments numbered 1, 2, ... along each row in offset order (the mask and windows only compare them).
     for i in sorted(range(len(plan.row)), key=lambda i: (plan.row[i], plan.offset[i])):
         x, c = np.asarray(patches[i], np.float32), np.asarray(coords[i], np.int32)
         n = x.shape[0]
         if x.ndim != 2 or x.shape[1] != k or c.shape != (n, 3):
             raise ValueError(f"instance {i}: patches {x.shape} must be [n, {k}] and coordinates {c.shape} [n, 3]")
+        if window:
+            order = window_order(c, m, window)
+            x, c = x[order], c[order]
         r, o = int(plan.row[i]), int(plan.offset[i])
         seg_in_row[r] += 1
         out["patches"][r, o:o + n] = x
         out["grid"][r, o:o + n] = c
         out["segment_ids"][r, o:o + n] = seg_in_row[r]
-    base = (plan.row * p + plan.offset) // merge_units
-    return PackedRows(out, base.astype(np.int64), plan.used, r_total * p - plan.used)
+        feature_index[i] = base[i] + token_units(c, m)
+    return PackedRows(out, base, plan.used, r_total * p - plan.used, feature_index)
 
 
 def pad_rows(inputs: dict, rows: int) -> dict:
@@ -224,8 +260,10 @@ def pack_instances(patches, grids, enc, *, rows: int | None = None, buckets=None
     the right width. ``reserve``: patch counts of instances planned with them but absent (a sample dropped while
     decoding): the layout is the plan of all of them (the absent ones listed last), their places left empty, so what fit when planned still fits
     (first-fit decreasing is not guaranteed monotone: a
-    re-plan of fewer items need not keep the planned row count)."""
+    re-plan of fewer items need not keep the planned row count). Each instance in its tower's patch order
+    (window-major with window layers: ``pack``); its run's feature_index is ``feature_index[i]``."""
     from mllm_jax.data.processor.native_vision import patch_grid
+    from mllm_jax.native_vision import window_units
 
     p = enc.patches_per_row
     names = names or [f"instance {i}" for i in range(len(patches))]
@@ -239,7 +277,7 @@ def pack_instances(patches, grids, enc, *, rows: int | None = None, buckets=None
     k = len(patches)
     plan = dataclasses.replace(plan, row=plan.row[:k], offset=plan.offset[:k], used=plan.used - sum(reserve))
     packed = pack(list(patches), [patch_grid(g, enc.spatial_merge_size) for g in grids], plan, enc.merge_units,
-                  rows=max(plan.rows, rows or 0))
+                  rows=max(plan.rows, rows or 0), window=window_units(enc))
     if not len(patches):
         packed.inputs["patches"] = np.zeros(packed.inputs["segment_ids"].shape + (enc.patch_dim,), np.float32)
     return packed

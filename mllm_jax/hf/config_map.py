@@ -636,10 +636,10 @@ _QWEN2VL_OUTER = ("model_type", "architectures", "text_config", "vision_config",
 def qwen2vl_from_hf(hf: dict) -> ModelConfig:
     """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration: the native-resolution tower with its
     patch merger (modality "vision") and the M-RoPE Qwen2 LLM, placeholder tokens attending causally (HF has no
-    image mask). Images and videos share the modality: our batch lays a video's placeholder run out with
-    image_token_id too (the id is replaced by the features, so the LLM never sees it); HF's video_token_id must be
-    image_token_id + 1 (every released checkpoint) so that the export can write it back. vision_start / vision_end
-    are kept on the projector config (boi_token_id / eoi_token_id) for the processor and the export."""
+    image mask). Images and videos share the modality: its placeholder is image_token_id (what our data writes for
+    both) and HF's video_token_id an alias of it (ModelConfig.placeholder_aliases: a tokenizer's <|video_pad|> runs
+    are placeholders too; the features replace either id, so the LLM never sees it). vision_start / vision_end are
+    kept on the projector config (boi_token_id / eoi_token_id) for the processor and the export."""
     kind = hf.get("model_type")
     if kind not in NATIVE_VISION_TYPES:
         raise unsupported_type(kind)
@@ -654,14 +654,14 @@ def qwen2vl_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"{kind}: the vision merger's output width ({out}) must equal the text hidden_size "
                          f"({llm.d_model})")
     tokens = {k: int(hf.get(k, v)) for k, v in QWEN2VL_TOKENS.items()}
-    if tokens["video_token_id"] != tokens["image_token_id"] + 1:
-        raise ValueError(f"{kind}: video_token_id={tokens['video_token_id']} is not image_token_id + 1 "
-                         f"({tokens['image_token_id'] + 1}); our model keeps images and videos in one modality "
-                         f"(placeholder image_token_id) and writes video_token_id back as image_token_id + 1")
+    if tokens["video_token_id"] == tokens["image_token_id"]:
+        raise ValueError(f"{kind}: video_token_id={tokens['video_token_id']} equals image_token_id; HF's processor "
+                         f"writes two different ids")
     projector = dataclasses.replace(projector, boi_token_id=tokens["vision_start_token_id"],
                                     eoi_token_id=tokens["vision_end_token_id"])
     return ModelConfig(llm=llm, encoders={VISION_NAME: tower}, projectors={VISION_NAME: projector},
-                       placeholder_ids={VISION_NAME: tokens["image_token_id"]}, media_attention="causal")
+                       placeholder_ids={VISION_NAME: tokens["image_token_id"]},
+                       placeholder_aliases={tokens["video_token_id"]: VISION_NAME}, media_attention="causal")
 
 
 _QWEN2VL_ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -684,6 +684,11 @@ def qwen2vl_to_hf(cfg: ModelConfig) -> dict:
     vision = native_vision_to_hf(tower, dataclasses.replace(proj, boi_token_id=None, eoi_token_id=None),
                                  cfg.llm.d_model)
     image = cfg.placeholder_ids[VISION_NAME]
+    aliases = [i for i in cfg.placeholder_tokens(VISION_NAME) if i != image]
+    if len(aliases) > 1 or set(cfg.placeholder_aliases.values()) - {VISION_NAME}:
+        raise ValueError(f"Qwen2-VL has one more placeholder id (video_token_id) for modality {VISION_NAME!r}; got "
+                         f"placeholder_aliases {cfg.placeholder_aliases}")
+    video = aliases[0] if aliases else image + 1  # transformers' default relation (151655 / 151656)
     start = proj.boi_token_id if proj.boi_token_id is not None else QWEN2VL_TOKENS["vision_start_token_id"]
     end = proj.eoi_token_id if proj.eoi_token_id is not None else QWEN2VL_TOKENS["vision_end_token_id"]
     return {
@@ -692,7 +697,7 @@ def qwen2vl_to_hf(cfg: ModelConfig) -> dict:
         "text_config": llm_to_hf(cfg.llm, f"{kind}_text"),
         "vision_config": vision,
         "image_token_id": image,
-        "video_token_id": image + 1,
+        "video_token_id": video,
         "vision_start_token_id": start,
         "vision_end_token_id": end,
         "tie_word_embeddings": cfg.llm.tie_embeddings,

@@ -50,8 +50,9 @@ class PackedBatchWriter:
     A native-resolution modality (``native[name]``: its NativeVisionConfig, docs/native_resolution.md): ``slots[name]``
     is the patch rows R per data rank and microbatch (one bucket for the whole global batch), encoder_inputs[name] the
     dict {patches [M, D_local * R, P, K], grid, segment_ids} of each rank's instances packed by
-    ``native_pack.pack_instances``, and feature_index the global index ((r * R + row) * P + offset) / merge_size**2 + k
-    into the microbatch's merged features [D * R * P / merge_size**2, dim]. ``mrope_merge``: write ``rope_positions``
+    ``native_pack.pack_instances``, and feature_index the global index ((r * R + row) * P + offset) / merge_size**2 +
+    the token's merged unit (``PackedRows.feature_index``: window-major packing reorders them) into the microbatch's
+    merged features [D * R * P / merge_size**2, dim]. ``mrope_merge``: write ``rope_positions``
     [M, D_local * R, S, 3] per sample (native_pack.rope_positions; the merge size of the native tower, 1 without one).
     """
 
@@ -166,5 +167,5 @@ class PackedBatchWriter:
             self.batch["encoder_inputs"][name][key][m, rows] = v
         self.patches_used += packed.used
         first = global_rank * r * enc.patches_per_row // enc.merge_units  # this rank's first merged feature
-        for (inst, _, row, start, _), base in zip(items, packed.feature_base):
-            self.batch["feature_index"][name][m, row, start:start + inst.length] = first + base + np.arange(inst.length)
+        for (inst, _, row, start, _), fi in zip(items, packed.feature_index):
+            self.batch["feature_index"][name][m, row, start:start + inst.length] = first + fi
