@@ -376,6 +376,10 @@ def test_bad_inputs_named(case):
     with pytest.raises(ValueError, match="full_attention_layers"):
         NativeVisionEncoder(NativeVisionConfig(**{**case["cfg"].__dict__, "full_attention_layers": (7,)}),
                             rngs=nnx.Rngs(0))
+    if case["window"]:  # window ids are int32: a row too long for them is refused by name
+        with pytest.raises(ValueError, match=r"patches_per_row \(1048576\) is too large for the int32 window ids"):
+            NativeVisionEncoder(NativeVisionConfig(**{**case["cfg"].__dict__, "patches_per_row": 2**20}),
+                                rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="LoRA"):
         NativeVisionEncoder(case["cfg"], rngs=nnx.Rngs(0), lora_rank=4, run=RunSettings())
     with pytest.raises(ValueError, match="merge"):
