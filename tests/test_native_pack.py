@@ -356,6 +356,27 @@ def test_synthetic_native_batches_are_valid_and_captions_match_the_pixels():
     assert len(grids) >= 6 and moves >= 5
 
 
+def test_synthetic_batches_of_a_windowed_tower_are_window_major_and_valid():
+    """BatchBuilder with a Qwen2.5-VL tower (windows of 2 merged units): the microbatches pass check_batch (merge
+    groups whole, each token's feature its own unit) and some runs really read permuted units."""
+    import jax
+
+    from mllm_jax.data import SyntheticBatches
+
+    mc = _native_model(kind="qwen2_5_vl", window_size=16, full_attention_layers=(0,))
+    batch = SyntheticBatches(mc, _native_data(), microbatches=2).batch_at(0)
+    permuted = 0
+    for m in range(2):
+        b = jax.tree.map(lambda x: x[m], batch)
+        check_batch(b, mc)
+        fi, span = b["feature_index"]["vision"], b["span_ids"]
+        for r in range(len(fi)):
+            for sp in np.unique(span[r][fi[r] >= 0]):
+                f = fi[r][(span[r] == sp) & (fi[r] >= 0)]
+                permuted += not np.array_equal(f, f.min() + np.arange(len(f)))
+    assert permuted > 0
+
+
 def test_native_image_captions_match_the_pixels():
     """Oracle: an image's colour and cell recomputed from its saturated pixels (the grey frame is not the shape)."""
     from mllm_jax.data import synthetic
