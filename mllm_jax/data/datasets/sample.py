@@ -34,7 +34,8 @@ class Instance:
     A native-resolution instance (docs/native_resolution.md) also carries what planning read from its header: its
     patch grid (t, h, w) (the run is t*h*w / merge_size**2 long) and, for a video, the frames kept (indices into
     ``frame_files`` for a folder of frames, into the first axis of a .npy clip) and the seconds one temporal grid
-    step spans (the M-RoPE time interval's)."""
+    step spans (the M-RoPE time interval's). A Gemma 3 image and each of its pan-and-scan crops are one instance
+    each (``view``), in the order image, crop 1, crop 2, ..."""
 
     modality: str
     start: int
@@ -45,6 +46,7 @@ class Instance:
     frames: tuple = ()  # video: the frame indices kept (processor's sample_frames)
     frame_files: tuple = ()  # video folder: its frame images in order
     seconds_per_grid: float | None = None  # video: temporal_patch_size / the sampled frame rate
+    view: int = 0  # Gemma 3 pan-and-scan: 0 the image itself, k > 0 its k-th crop (the same media file)
 
 
 @dataclass

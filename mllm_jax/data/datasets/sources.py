@@ -21,7 +21,7 @@ from mllm_jax.data.batching import encoder_input_shape, feature_counts
 from mllm_jax.data.datasets import media as media_lib
 from mllm_jax.data.datasets.media import DEFAULT_MAX_IMAGE_PIXELS, load_audio, load_image, read_media
 from mllm_jax.data.datasets.sample import BadSampleError, Instance, PreparedSample, Sample
-from mllm_jax.data.datasets.text import ConversationEncoder
+from mllm_jax.data.datasets.text import ConversationEncoder, Gemma3ConversationEncoder
 from mllm_jax.data import native_pack
 from mllm_jax.data.processor.chat import ChatTemplate
 
@@ -172,7 +172,8 @@ class LlavaSource(_Source):
         self.mean, self.std = tuple(mean), tuple(std)
         self.max_image_pixels = int(max_image_pixels)
 
-    def prepare(self, index: int) -> PreparedSample:
+    def _record(self, index: int) -> tuple[str, list, list]:
+        """(sample id, turns [(from, value)], image files checked to stay under the media root) of a record."""
         rec, sid = self.records[index], self.sample_id(index)
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise BadSampleError(sid, "malformed_record", "want a dict with a 'conversations' list")
@@ -184,7 +185,10 @@ class LlavaSource(_Source):
             turns = [(t["from"], str(t["value"])) for t in rec["conversations"]]
         except (KeyError, TypeError):
             raise BadSampleError(sid, "malformed_record", "each turn needs 'from' and 'value'") from None
-        return self._finish(sid, turns, [self._media_path(p, sid) for p in images])
+        return sid, turns, [self._media_path(p, sid) for p in images]
+
+    def prepare(self, index: int) -> PreparedSample:
+        return self._finish(*self._record(index))
 
     def preprocessing(self) -> dict:
         """What, besides a file's bytes and the encoder's config, decides an instance's encoder input (for the
@@ -380,16 +384,112 @@ class NativeLlavaSource(LlavaSource):
         return Sample(prepared, tuple(out), tuple(keys))
 
 
-def make_source(config, tokenizer, model_config, *, template: ChatTemplate | str = "synthetic"):
+def gemma3_processor(model_config, name: str = "vision", processor_path: str = ""):
+    """The Gemma3ImageProcessor of modality ``name``: from a Hugging Face processor directory (its
+    preprocessor_config.json, pan-and-scan settings included) when ``processor_path`` names one, else the tower's
+    (HF's defaults: pan-and-scan off). A square other than the tower's image_size is a ValueError naming both."""
+    from mllm_jax.data.processor.gemma3 import Gemma3ImageProcessor
+
+    enc = model_config.encoders[name]
+    if not processor_path:
+        return Gemma3ImageProcessor.for_model(enc)
+    proc = Gemma3ImageProcessor.from_pretrained(processor_path)
+    if proc.size != enc.image_size:
+        raise ValueError(f"DatasetConfig.processor_path={processor_path!r}: images of {proc.size} px, but the "
+                         f"{name!r} tower takes image_size={enc.image_size}")
+    return proc
+
+
+class Gemma3LlavaSource(LlavaSource):
+    """LLaVA JSON for a Gemma 3 model (a "gemma3" projector, docs/data.md): the sample Gemma3Processor /
+    MultimodalProcessor make of the same conversation. Each ``<image>`` becomes "\\n\\n<start_of_image>" + the
+    image tokens + "<end_of_image>\\n\\n", and with pan-and-scan (the processor's ``do_pan_and_scan``) the crop text
+    and one such sequence per crop, tokenised with the text around it (text.Gemma3ConversationEncoder); each image and
+    each crop is one encoder instance (``Instance.view``), resized and normalised by Gemma3ImageProcessor.
+
+    ``prepare`` reads only each image's header: its crop count is ``pan_and_scan_grid`` of its size, so every host
+    plans the same lengths without decoding; ``materialize`` decodes the pixels and checks the crop count
+    (``grid_mismatch`` if a file changed in between)."""
+
+    def __init__(self, json_path: str, image_folder: str, tokenizer, model_config, *, max_tokens: int,
+                 max_instances: int, template: ChatTemplate | str = "gemma",
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, processor_path: str = ""):
+        from mllm_jax.data.processor.gemma3 import Gemma3Prompt
+
+        super().__init__(json_path, image_folder, tokenizer, model_config, max_tokens=max_tokens,
+                         max_instances=max_instances, template=template, max_image_pixels=max_image_pixels)
+        self.processor = gemma3_processor(model_config, self.modality, processor_path)
+        prompt = Gemma3Prompt.for_model(model_config, tokenizer, self.modality)
+        self.encoder = Gemma3ConversationEncoder(tokenizer, prompt, model_config.placeholder_ids[self.modality],
+                                                 template)
+
+    def prepare(self, index: int) -> PreparedSample:
+        sid, turns, media = self._record(index)
+        if self.encoder.count_images(turns) != len(media):
+            raise BadSampleError(sid, "placeholder_mismatch", f"{self.encoder.count_images(turns)} "
+                                 f"{self.encoder.marker} placeholders in the text but {len(media)} files")
+        for p in media:
+            if not os.path.isfile(p):
+                raise BadSampleError(sid, "missing_file", f"{p} does not exist")
+        crops = [len(self.processor.crops(*media_lib.image_size(p, sid, max_pixels=self.max_image_pixels)))
+                 for p in media]
+        views = [(p, k) for p, n in zip(media, crops) for k in range(1 + n)]
+        if len(views) > self.max_instances:
+            raise BadSampleError(sid, "too_many_instances",
+                                 f"{len(media)} images with {crops} crops are {len(views)} {self.modality!r} "
+                                 f"instances, more than the largest bucket's {self.max_instances} per microbatch")
+        try:
+            ids, target, starts = self.encoder.encode_turns(turns, crops)
+        except ValueError as e:
+            raise BadSampleError(sid, "malformed_record", str(e)) from None
+        if len(ids) > self.max_tokens:
+            raise BadSampleError(sid, "too_long", f"{len(ids)} tokens, more than the longest bucket's {self.max_tokens}")
+        t = self.feature_counts[self.modality]
+        instances = tuple(Instance(self.modality, start, t, p, view=k) for start, (p, k) in zip(starts, views))
+        return PreparedSample(sid, ids, target, instances)
+
+    def preprocessing(self) -> dict:
+        return {"version": media_lib.PREPROCESSING_VERSION, "processor": repr(self.processor)}
+
+    def materialize(self, prepared: PreparedSample) -> Sample:
+        """Each image decoded once and through the processor: its rows [image, crops...] are its instances' inputs.
+        A crop's cache key is its file's digest + "-crop<k>" (the image's is the digest)."""
+        sid, out, keys = prepared.sample_id, [], []
+        instances = prepared.instances
+        for j, inst in enumerate(instances):
+            if inst.view == 0:
+                data, digest = read_media(inst.media, sid)
+                rows = self.processor(media_lib.decode_rgb(inst.media, sid, max_pixels=self.max_image_pixels,
+                                                           data=data))
+                planned = 1 + next((k for k, i in enumerate(instances[j + 1:]) if i.view == 0),
+                                   len(instances) - j - 1)
+                if len(rows) != planned:
+                    raise BadSampleError(sid, "grid_mismatch", f"{inst.media}: decoded to {len(rows) - 1} crops, but "
+                                         f"its header planned {planned - 1} (the file changed since)")
+            out.append(rows[inst.view])
+            keys.append(digest if inst.view == 0 else f"{digest}-crop{inst.view}")
+        return Sample(prepared, tuple(out), tuple(keys))
+
+
+def make_source(config, tokenizer, model_config, *, template: ChatTemplate | str | None = None):
     """The source a DatasetConfig names; lengths and instance limits from its largest buckets. LLaVA JSON for a
-    native-resolution "vision" tower is read by NativeLlavaSource (instance_buckets then count patch rows)."""
+    native-resolution "vision" tower is read by NativeLlavaSource (instance_buckets then count patch rows), for a
+    Gemma 3 model (a "gemma3" vision projector) by Gemma3LlavaSource. ``template``: the chat template; by default
+    "gemma" for a Gemma 3 model (its checkpoints' turns), else "synthetic"."""
     config.validate()
+    projector = model_config.projectors.get("vision")
+    gemma3 = config.format == "llava" and projector is not None and projector.kind == "gemma3"
+    if template is None:
+        template = "gemma" if gemma3 else "synthetic"
     kw = dict(max_tokens=max(config.seq_len_buckets), max_instances=max(config.instance_buckets), template=template)
     if config.format == "llava" and "vision" in model_config.encoders and model_config.is_native_resolution("vision"):
         kw["max_rows"] = kw.pop("max_instances")
         return NativeLlavaSource(config.path, config.media_root, tokenizer, model_config,
                                  max_image_pixels=config.max_image_pixels, video_fps=config.video_fps,
                                  processor_path=config.processor_path, **kw)
+    if gemma3:
+        return Gemma3LlavaSource(config.path, config.media_root, tokenizer, model_config,
+                                 max_image_pixels=config.max_image_pixels, processor_path=config.processor_path, **kw)
     if config.format == "llava":
         return LlavaSource(config.path, config.media_root, tokenizer, model_config, mean=config.image_mean,
                            std=config.image_std, max_image_pixels=config.max_image_pixels, **kw)

@@ -7,6 +7,9 @@ Layout, as the synthetic data of mllm_jax.data lays out one exchange, extended t
 
 Targets are the gpt text and its closing <eos>. Each placeholder string (``<image>``) in the text becomes a run of
 the modality's feature count of its placeholder id; placeholders are never targets.
+
+A Gemma 3 model (a "gemma3" projector) sees each image framed and cropped as Gemma3Processor frames it:
+``Gemma3ConversationEncoder`` encodes the turns exactly as MultimodalProcessor encodes the same conversation.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import re
 import numpy as np
 
 from mllm_jax.data.tokenizer import PLACEHOLDER_TOKENS
-from mllm_jax.data.processor.chat import ChatTemplate, get_template
+from mllm_jax.data.processor.chat import MEDIA_TYPES, ChatTemplate, get_template
+from mllm_jax.data.processor.gemma3 import Gemma3Prompt, frame_pieces
 
 ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA conversation roles -> chat template roles
 
@@ -115,3 +119,55 @@ class ConversationEncoder:
                     put(self.encode(piece), is_gpt)
             put(self._suffix[ROLES[role]], is_gpt)  # the answer's end-of-turn marker is trained
         return np.concatenate(ids).astype(np.int32), np.concatenate(tgt), runs
+
+
+class Gemma3ConversationEncoder:
+    """LLaVA turns [(role, text)] -> what MultimodalProcessor.encode makes of the same conversation for a Gemma 3
+    model: each ``marker`` (``<image>``) an image part of its message, the chat template rendered into pieces, each
+    image Gemma3Processor's text for its crop count (processor.gemma3.frame_pieces: "\\n\\n<start_of_image>", the
+    image tokens, "<end_of_image>\\n\\n", one more sequence per crop), adjacent text of one training flag tokenised as
+    one string. The crop counts are given (from the images' headers), so no pixel is needed to plan a sample."""
+
+    modality = MEDIA_TYPES["image"]  # the chat template's image parts
+
+    def __init__(self, tokenizer, prompt: Gemma3Prompt, image_token_id: int, template: ChatTemplate | str = "gemma",
+                 marker: str = PLACEHOLDER_TOKENS["vision"]):
+        self.encode = encode_fn(tokenizer)
+        self.template = get_template(template)
+        self.prompt, self.image_token_id, self.marker = prompt, int(image_token_id), marker
+
+    def count_images(self, turns) -> int:
+        return sum(text.count(self.marker) for _, text in turns)
+
+    def messages(self, turns) -> list:
+        """The chat messages of LLaVA turns; image parts hold their index in order of appearance."""
+        out, k = [], 0
+        for role, text in turns:
+            if role not in ROLES:
+                raise ValueError(f"conversation role must be 'human' or 'gpt'; got {role!r}")
+            parts = []
+            for j, piece in enumerate(text.split(self.marker)):
+                if j:
+                    parts.append({"type": "image", "image": k})
+                    k += 1
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            out.append({"role": ROLES[role], "content": parts})
+        return out
+
+    def encode_turns(self, turns, num_crops):
+        """turns, the crop count of each image in order -> (ids [L] int32, target [L] bool, the start of each image
+        and crop's run of ``prompt.tokens_per_image`` image tokens, in order). ValueError for an unknown role, an
+        image in a gpt turn, a text holding a Gemma 3 marker, or a count of images other than ``len(num_crops)``."""
+        messages = self.messages(turns)
+        if self.count_images(turns) != len(num_crops):
+            raise ValueError(f"{self.count_images(turns)} {self.marker} markers but {len(num_crops)} crop counts")
+        pieces = frame_pieces(self.template.render(messages), self.prompt, lambda k: num_crops[k], self.modality)
+        ids, tgt = [np.zeros(0, np.int32)], [np.zeros(0, bool)]
+        for piece in pieces:  # all text now: the images are in it
+            toks = self.encode(piece.text)
+            ids.append(toks)
+            tgt.append(np.full(len(toks), piece.train, bool))
+        ids = np.concatenate(ids).astype(np.int32)
+        starts = self.prompt.runs(ids, self.image_token_id, sum(1 + int(n) for n in num_crops))
+        return ids, np.concatenate(tgt), starts

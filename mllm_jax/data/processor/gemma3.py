@@ -194,15 +194,26 @@ class Gemma3Prompt:
 
 
 def expand_text_pieces(pieces, prompt: Gemma3Prompt, processor: Gemma3ImageProcessor, modality: str):
-    """Chat-template pieces (chat.Piece) -> (pieces with each ``modality`` image replaced by its text, merged with the
-    text around it; the image rows [1 + crops, S, S, 3] in order). Adjacent text pieces of one training flag are
-    merged so that they tokenise as HF tokenises the whole prompt."""
-    out, rows = [], []
+    """Chat-template pieces (chat.Piece) -> (``frame_pieces`` of them, each ``modality`` image's crops counted from
+    its pixels; the image rows [1 + crops, S, S, 3] in order)."""
+    rows = []
+
+    def num_crops(image) -> int:
+        rows.append(processor(image))
+        return len(rows[-1]) - 1
+
+    return frame_pieces(pieces, prompt, num_crops, modality), rows
+
+
+def frame_pieces(pieces, prompt: Gemma3Prompt, num_crops, modality: str) -> list:
+    """Chat-template pieces (chat.Piece) -> pieces with each ``modality`` image replaced by its text
+    (``prompt.replacement(num_crops(image))``), merged with the text around it. Adjacent text pieces of one training
+    flag are merged so that they tokenise as HF tokenises the whole prompt. ``num_crops``: from the pixels
+    (expand_text_pieces) or from the image's header alone (a dataset reader planning lengths before decoding)."""
+    out = []
     for p in pieces:
         if p.modality == modality:
-            pixels = processor(p.data)
-            rows.append(pixels)
-            p = p._replace(text=prompt.replacement(len(pixels) - 1), modality=None, data=None)
+            p = p._replace(text=prompt.replacement(int(num_crops(p.data))), modality=None, data=None)
         elif p.modality is None and re.search("|".join(map(re.escape, (prompt.boi, prompt.eoi, prompt.image_token))),
                                               p.text):
             raise ValueError(f"message text {p.text!r} holds an image marker ({prompt.boi}, {prompt.eoi} or "
@@ -211,4 +222,4 @@ def expand_text_pieces(pieces, prompt: Gemma3Prompt, processor: Gemma3ImageProce
             out[-1] = out[-1]._replace(text=out[-1].text + p.text)
         else:
             out.append(p)
-    return out, rows
+    return out
