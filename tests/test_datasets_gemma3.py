@@ -137,8 +137,9 @@ def test_reader_batches_are_the_processors(data, pan_and_scan):
 
 def test_planning_reads_headers_only(data, tmp_path):
     """prepare plans an image's crops from its header: a PNG cut after its header plans them and fails only when
-    decoded (corrupt_file); a file replaced after planning by one of another shape is grid_mismatch. The cache
-    fingerprint follows the pan-and-scan settings."""
+    decoded (corrupt_file); a file replaced after planning by one of another shape is grid_mismatch. An image in
+    an answer and Gemma 3 markers in the text are malformed records; a processor of another size is refused. The
+    cache fingerprint follows the pan-and-scan settings."""
     root, _, tok, _, cfg = data
     png = io.BytesIO()
     Image.fromarray(np.zeros((20, 50, 3), np.uint8)).save(png, format="PNG")
@@ -146,6 +147,10 @@ def test_planning_reads_headers_only(data, tmp_path):
     Image.fromarray(np.zeros((20, 50, 3), np.uint8)).save(tmp_path / "swap.png")
     records = [{"id": name, "image": f"{name}.png", "conversations": [
         {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}]} for name in ("cut", "swap")]
+    records += [{"id": "answer", "image": "swap.png", "conversations": [
+                    {"from": "human", "value": "what"}, {"from": "gpt", "value": "<image>"}]},
+                {"id": "marker", "conversations": [
+                    {"from": "human", "value": "what <start_of_image>"}, {"from": "gpt", "value": "a cat"}]}]
     (tmp_path / "d.json").write_text(json.dumps(records))
     dcfg = DatasetConfig(format="llava", path=str(tmp_path / "d.json"), seq_len_buckets=(128,),
                          instance_buckets=(8,), processor_path=_processor_dir(root, True))
@@ -158,5 +163,13 @@ def test_planning_reads_headers_only(data, tmp_path):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "swap.png")
     with pytest.raises(BadSampleError, match=r"grid_mismatch.*decoded to 0 crops, but its header planned 3"):
         src.materialize(swap)
+    with pytest.raises(BadSampleError, match="malformed_record.*media in an assistant message"):
+        src.prepare(2)
+    with pytest.raises(BadSampleError, match="malformed_record.*holds an image marker"):
+        src.prepare(3)
+    transformers.Gemma3ImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "p8")
+    with pytest.raises(ValueError, match="images of 8 px, but the 'vision' tower takes image_size=16"):
+        make_source(DatasetConfig(format="llava", path=str(tmp_path / "d.json"), processor_path=str(tmp_path / "p8")),
+                    tok, cfg)
     plain = make_source(DatasetConfig(format="llava", path=str(tmp_path / "d.json")), tok, cfg)
     assert plain.preprocessing() != src.preprocessing()
