@@ -330,3 +330,116 @@ def test_refinement_on_kernel_tiles_never_raises_the_largest_rank():
 def _meta_rows(families, length):
     metas = [family_meta(f, length, np.random.default_rng([4, i])) for i, f in enumerate(families)]
     return TokenMeta(*(np.concatenate([getattr(m, f) for m in metas]) for f in TokenMeta._fields))
+
+
+# ------------------------------------------------------------------------------------ ContextConfig.block = "auto"
+
+# (attention_impl, backend, generation, the kernel's tile on long sequences at head dim 128: the kernels' tables)
+AUTO_TARGETS = {
+    "tpu_v5e": ("pallas_tpu", "tpu", "v5e", (512, 1024)),
+    "tpu_v5p": ("pallas_tpu", "tpu", "v5p", (512, 1024)),
+    "gpu_h100": ("pallas_gpu", "gpu", "h100", (64, 128)),
+    "cpu": ("auto", "cpu", None, (128, 128)),  # kernels.tiled (the ring's CPU step; the all-gather's from 256 keys)
+}
+_PADDED = {}
+
+
+def _plan_padded_len(s, cp, mode, block):
+    """The oracle: the padded length plan() itself gives for ``block`` (cached: targets share it)."""
+    key = (s, cp, mode, block)
+    if key not in _PADDED:
+        _PADDED[key] = plan(TokenMeta.causal(1, s), cp, mode, block, tile_k=min(block, 32)).padded_len
+    return _PADDED[key]
+
+
+@pytest.mark.parametrize("target", list(AUTO_TARGETS))
+def test_auto_block_per_target(target):
+    """ContextConfig.block = "auto" (data.context_batches.context_block): on long sequences the smallest block both
+    sides of the target's kernel tile divide (v5e / v5p 1024, H100 128, CPU 128), so its tiles move whole; at every
+    S, cp, mode and method the largest power of two up to that whose plan pads S at most S / 32 beyond the least any
+    power-of-two block >= 16 pads it to (plan()'s own padded lengths); short sequences get the small block that pads
+    least. And the plan permute_for_context makes with "auto" is a plan of that block."""
+    from mllm_jax.data.context_batches import context_block, permute_for_context
+    from mllm_jax.kernels.dispatch import kernel_tile
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    impl, backend, gen, tile = AUTO_TARGETS[target]
+    where = dict(attention_impl=impl, backend=backend, generation=gen)
+    lcm = int(np.lcm(*tile))
+    for s, cp, mode, method in itertools.product((300, 1000, 4096, 12200, 32768), (2, 8), ("balanced", "zigzag"),
+                                                 ("allgather", "ring")):
+        pc = ParallelConfig(context=cp, context_config=ContextConfig(mode=mode, block="auto", attention=method))
+        got = context_block(pc, s, 128, **where)
+        # The kernel's tile on this shard (the kernels shrink it to a short one): the block stops at its lcm.
+        shard = -(-s // cp)
+        ring_cpu = method == "ring" and backend == "cpu"  # the ring's CPU step is kernels.tiled
+        shard_tile = kernel_tile("tiled" if ring_cpu else impl, shard, shard if method == "ring" else s, 128, backend,
+                                 gen)
+        top = 1 << (int(np.lcm(*shard_tile)).bit_length() - 1)
+        powers = [1 << i for i in range(4, top.bit_length())]
+        fits = [b for b in powers if _plan_padded_len(s, cp, mode, b)
+                <= min(_plan_padded_len(s, cp, mode, p) for p in powers) + s / 32]
+        assert got == max(fits), (target, s, cp, mode, method, got, fits)
+        if s == 32768:
+            assert got == lcm, (target, cp, mode, method, got)
+        if s == 300:  # cheaper than block 128: 320 tokens at cp 2 (blocks of 32), 384 at cp 8 (16); 512 / 1024
+            assert _plan_padded_len(s, cp, mode, got) < _plan_padded_len(s, cp, mode, 128)
+    meta = _meta_rows(["video"], 12200)
+    pc = ParallelConfig(context=8, context_config=ContextConfig(block="auto"))
+    _, p = permute_for_context(_batch(meta), pc, leading=0, **where)
+    assert p.block == context_block(pc, 12200, 128, **where) and p.padded_len == _plan_padded_len(12200, 8,
+                                                                                                   "balanced", p.block)
+    np.testing.assert_array_equal(p.rank_tiles, _live_kernel_tiles(p, meta, "allgather"))
+
+
+def test_auto_block_with_a_short_shard_is_the_shrunk_tiles():
+    """The kernels shrink their tile to a short shard (pallas_tpu to the 128-row multiple, kernels.tiled to the
+    8-row one): 4096 tokens over 8 ranks on v5e is 512-row shards against 4096 keys, the 512 x 1024 tile, block
+    512 (1024 would pad to 8192); the ring's CPU step on 32-token shards (train.py's tiny context runs) is 32 x 32."""
+    from mllm_jax.data.context_batches import context_block
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    pc = ParallelConfig(context=8, context_config=ContextConfig(block="auto"))
+    assert context_block(pc, 4096, 128, "pallas_tpu", "tpu", "v5e") == 512
+    ring = ParallelConfig(context=2, context_config=ContextConfig(block="auto", attention="ring"))
+    assert context_block(ring, 64, 16, "auto", "cpu") == 32
+
+
+def test_auto_block_is_no_heavier_than_block_128_on_the_families():
+    """benchmarks/cp_balance.py's families at 8K-32K tokens, cp = 8, pallas_tpu's v5e tile, balanced: the largest
+    rank cost of the plan with block "auto" (alpha x the kernel's exact live tiles + beta x tokens) is at most block
+    128's for every family, all-gather and ring, and lower on most (1024-token blocks: the tiles move whole)."""
+    from mllm_jax.data.context_batches import permute_for_context
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    lower = total = 0
+    for s, method in ((8192, "allgather"), (12288, "allgather"), (16384, "ring"), (32768, "allgather"),
+                      (32768, "ring")):
+        for fi, family in enumerate(FAMILIES):
+            batch = _batch(family_meta(family, s, np.random.default_rng([21, fi, s])))
+            cost = {}
+            for block in ("auto", 128):
+                pc = ParallelConfig(context=8, context_config=ContextConfig(block=block, attention=method))
+                _, p = permute_for_context(batch, pc, leading=0, attention_impl="pallas_tpu", backend="tpu",
+                                           generation="v5e")
+                cost[block] = (p.rank_cost.max(), p.block, p.padded_len)
+            assert cost["auto"][1] > 128 and cost["auto"][2] == cost[128][2] == s
+            assert cost["auto"][0] <= cost[128][0], (s, method, family, cost)
+            lower += cost["auto"][0] < cost[128][0]
+            total += 1
+    assert lower >= total // 2, (lower, total)
+
+
+def test_bad_blocks_are_refused_with_the_values():
+    from mllm_jax.parallel.config import ContextConfig
+    from mllm_jax.parallel.context import auto_block
+
+    for bad in ("big", 0, -128, 64.0, True):
+        with pytest.raises(ValueError, match=rf"ContextConfig.block must be 'auto' or a positive integer; got {bad!r}"):
+            ContextConfig(block=bad)
+    with pytest.raises(ValueError, match="tile_k must be a positive integer; got 0"):
+        auto_block(4096, 8, "balanced", 512, 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        auto_block(4096, 8, "striped", 512, 1024)
+    with pytest.raises(ValueError, match="block must be a positive integer"):
+        plan(TokenMeta.causal(1, 256), 2, "balanced", "auto")

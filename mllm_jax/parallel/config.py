@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 # `expert`: expert parallelism (MoE experts split over it; the tokens too, like `data`, exchanged by all-to-all).
 MESH_AXES = ("data", "fsdp", "expert", "pipeline", "context", "tensor")
 
 
+# ContextConfig.block's value for a block chosen from the kernel tile and the sequence length.
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class ContextConfig:
-    """Context parallelism: how tokens are distributed over the `context` axis and how K/V travel."""
+    """Context parallelism: how tokens are distributed over the `context` axis and how K/V travel.
+
+    ``block``: the planner's row block in tokens, or "auto": chosen per sequence length from the tile of the
+    attention kernel the run's target runs (data.context_batches.context_block -> parallel.context.auto_block; the
+    kernel's tile where S allows it without padding, smaller for short or ragged S)."""
 
     mode: str = "balanced"  # "uniform" | "zigzag" | "lpt" | "balanced"
-    block: int = 128  # planner row block (tokens)
+    block: int | str = 128  # planner row block (tokens), or "auto"
     attention: str = "allgather"  # "allgather" | "ring"
+
+    def __post_init__(self):
+        b = self.block
+        if b != AUTO and (isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1):
+            raise ValueError(f"ContextConfig.block must be {AUTO!r} or a positive integer; got {b!r}")
 
 
 @dataclass(frozen=True)

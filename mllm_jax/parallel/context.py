@@ -45,6 +45,11 @@ METHODS = ("allgather", "ring")  # kernels.context_parallel's methods: the keys 
 REFINE_TILE_PAIRS = 1 << 20
 _SHIFT = np.int64(2**31)  # positions and ids are < 2**30 (kernels.meta), so (id, value) pairs pack into one int64
 
+# ContextConfig.block = "auto" (``auto_block``): blocks tried from the kernel tile down to this many tokens, and the
+# padding a larger block may add beyond the least any candidate pads to (a fraction of S).
+AUTO_MIN_BLOCK = 16
+AUTO_EXTRA_PADDING = 1 / 32
+
 
 @dataclass(frozen=True)
 class ContextPlan:
@@ -99,6 +104,39 @@ class ContextPlan:
 
     def permute_meta(self, meta: TokenMeta) -> TokenMeta:
         return TokenMeta(*(np.asarray(a) for a in meta)).take(self.permutation, xp=np)
+
+
+# ---------------------------------------------------------------------------------------------- lengths and blocks
+
+
+def padded_length(seq_len: int, cp: int, mode: str, block: int) -> int:
+    """S': ``seq_len`` padded to a multiple of cp x block (2 x cp x block for zigzag). For ``lpt`` the least it can
+    be (its ranks may hold different block counts, the shards then padded to the largest: batch-dependent)."""
+    unit = (2 * cp if mode == "zigzag" else cp) * block
+    return -(-seq_len // unit) * unit
+
+
+def auto_block(seq_len: int, cp: int, mode: str, tile_q: int, tile_k: int) -> int:
+    """The planner block ``ContextConfig.block = "auto"`` means: a pure function of the static config, so every host
+    and a compile for a target derive the same padded length.
+
+    Candidates: the smallest block both sides of the kernel's ``tile_q`` x ``tile_k`` tile divide (their lcm, as a
+    power of two at most: then the kernel's tiles move whole with the blocks and are never made of blocks from far
+    apart, the 17-19 % lighter largest rank of benchmarks/RESULTS.md), halved down to AUTO_MIN_BLOCK. The largest
+    whose padded length exceeds the least any candidate pads to by at most AUTO_EXTRA_PADDING x S: long sequences
+    keep the kernel's tile, short or ragged ones the small block that pads least. The 8K-32K families of
+    benchmarks/cp_balance.py check it for ``balanced``, ``zigzag`` and ``uniform``; ``lpt`` (greedy, uneven block
+    counts) is not monotone in the block either way."""
+    for name, val in (("seq_len", seq_len), ("cp", cp), ("tile_q", tile_q), ("tile_k", tile_k)):
+        if not isinstance(val, (int, np.integer)) or val < 1:
+            raise ValueError(f"auto_block: {name} must be a positive integer; got {val!r}")
+    if mode not in MODES:
+        raise ValueError(f"auto_block: mode must be one of {MODES}; got {mode!r}")
+    top = 1 << (math.lcm(int(tile_q), int(tile_k)).bit_length() - 1)  # largest power of two <= lcm
+    candidates = [top >> i for i in range(top.bit_length()) if (top >> i) >= min(AUTO_MIN_BLOCK, top)]
+    lengths = [padded_length(seq_len, cp, mode, b) for b in candidates]
+    limit = min(lengths) + seq_len * AUTO_EXTRA_PADDING
+    return next(b for b, n in zip(candidates, lengths) if n <= limit)
 
 
 # --------------------------------------------------------------------------------------------- exact tile counting
@@ -503,6 +541,9 @@ def plan(
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not isinstance(cp, (int, np.integer)) or cp < 1:
         raise ValueError(f"cp (context ranks) must be a positive integer; got {cp!r}")
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive integer (ContextConfig.block 'auto' is resolved first, by "
+                         f"data.context_batches.context_block); got {block!r}")
     tq = block if tile_q is None else tile_q
     if block < 1 or tile_k < 1 or tq < 1:
         raise ValueError(f"block ({block}), tile_q ({tq}) and tile_k ({tile_k}) must be positive")
