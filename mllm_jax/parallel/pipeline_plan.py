@@ -78,9 +78,7 @@ def analytic_layer_costs(costs: PipelineCosts) -> LayerCosts:
     """The analytic cost model as a LayerCosts table (what ``runtime_layer_ops`` prices every op at): planning on it
     gives the plan without a table."""
     table = {}
-    chains = [costs.runtime.llm, [costs.runtime.embed, costs.runtime.head]]
-    chains += list(costs.runtime.encoders.values())
-    for c in (c for chain in chains for c in chain):
+    for c in (c for chain in _chains(costs.runtime) for c in chain):
         f = c.layer.fwd
         dw = backward_flops(c.layer, False)
         dx = backward_flops(c.layer, True) - dw
