@@ -91,6 +91,39 @@ def test_batch_shapes_follow_the_context_plan():
     assert b["encoder_inputs"]["vision"].shape == (2, 8 * 8, 36, 36, 3)
 
 
+@pytest.mark.parametrize("target, params", [
+    # pallas_tpu's 512 x 1024 tile: block 1024, 31868 -> 32768 (this CPU host's kernels.tiled 128 x 128: 32256)
+    ("tpu:v5e:2x2", ["DataConfig.seq_len=31868"]),
+    ("tpu:v5p:2x2x1", ["DataConfig.seq_len=3000", 'ContextConfig.mode="zigzag"']),
+    ("gpu:h100:1x4", ["DataConfig.seq_len=3000", 'ContextConfig.attention="ring"']),
+    (None, ["DataConfig.seq_len=300"]),  # this host: 300 -> 320 (blocks of 16), not 512 (blocks of 128)
+])
+def test_auto_block_padded_length_is_the_host_permutations(target, params):
+    """ContextConfig.block = "auto": the padded length a compile for the target derives (for_target, then
+    batch_shapes' context_length) is the length the run's hosts get from permute_for_context on that target's
+    kernel (its platform and chip), on a batch of the run's sequence length."""
+    from mllm_jax.data.context_batches import permute_for_context
+    from mllm_jax.kernels.meta import TokenMeta
+
+    raw = _cfg("ParallelConfig.context=4", 'ContextConfig.block="auto"', "LLMConfig.max_position_embeddings=32768",
+               *params)
+    cfg, where = raw, dict(attention_impl=raw.model.attention_impl)
+    if target is not None:
+        t = targets.parse(target)
+        cfg = ct.for_target(raw, t)
+        where = dict(attention_impl=t.attention_impl, backend=t.platform, generation=t.chip.name)
+        assert isinstance(cfg.parallel.context_config.block, int)
+    meta = TokenMeta.causal(1, cfg.data.seq_len)
+    batch = {"input_ids": np.ones_like(meta.positions), "labels": np.ones_like(meta.positions),
+             "positions": meta.positions, "segment_ids": meta.segment_ids, "span_ids": meta.span_ids}
+    out, _ = permute_for_context(batch, raw.parallel, leading=0, llm_config=cfg.model.llm, **where)
+    assert ct.context_length(cfg) == ct.batch_shapes(cfg)["input_ids"].shape[-1] == out["input_ids"].shape[-1]
+    if target == "tpu:v5e:2x2":  # resolved for the target's kernel, not this host's
+        assert (out["input_ids"].shape[-1], ct.context_length(raw)) == (32768, 32256)
+    if target is None:
+        assert out["input_ids"].shape[-1] == 320
+
+
 def test_collective_parser():
     hlo = ("  %all-reduce.1 = f32[16,4]{1,0} all-reduce(f32[16,4]{1,0} %x), replica_groups={}\n"
            "  %ag = (bf16[8]{0}, bf16[32]{0}) all-gather-start(bf16[8]{0} %y), dimensions={0}\n"

@@ -560,8 +560,7 @@ def plan(
     if tiles.shape != (b, -(-s // block)) or tokens.shape != tiles.shape:
         raise ValueError(f"costs must be two [B, nb] = {(b, -(-s // block))} arrays; got {tiles.shape}, {tokens.shape}")
     nb = tiles.shape[1]
-    unit = 2 * cp if mode == "zigzag" else cp
-    n = -(-nb // unit) * unit  # blocks after padding
+    n = padded_length(nb, cp, mode, 1)  # blocks after padding
     pad = ((0, 0), (0, n - nb))
     tiles_p, tokens_p = np.pad(tiles, pad), np.pad(tokens, pad)
     if mode == "uniform":

@@ -30,6 +30,9 @@ from jax.sharding import PartitionSpec as P
 
 from mllm_jax.costs import step_model_flops
 from mllm_jax.data import placement
+from mllm_jax.data.context_batches import context_block, head_dim_of
+from mllm_jax.parallel.config import AUTO
+from mllm_jax.parallel.context import padded_length
 from mllm_jax.train import loop
 from mllm_jax.train.targets import GiB, Target
 
@@ -58,13 +61,20 @@ def layout_name(pc) -> str:
 
 
 def for_target(cfg: loop.RunConfig, target: Target, *, layer_loop: str | None = None) -> loop.RunConfig:
-    """The run's config as it runs on ``target``: attention_impl "auto" resolved to the target's kernels."""
+    """The run's config as it runs on ``target``: attention_impl "auto" resolved to the target's kernels, and
+    ContextConfig.block "auto" to the block the run's hosts choose there (data.context_batches.context_block on the
+    target's kernel tile, platform and chip), so the padded shapes are the target's, not this host's."""
     model = cfg.model
     if model.attention_impl == "auto":
         model = model.replace(attention_impl=target.attention_impl)
     if layer_loop is not None:
         model = model.replace(layer_loop=layer_loop)
-    return dataclasses.replace(cfg, model=model)
+    pc = cfg.parallel
+    if pc.context > 1 and pc.context_config.block == AUTO:
+        block = context_block(pc, cfg.data.seq_len, head_dim_of(model.llm), model.attention_impl,
+                              backend=target.platform, generation=target.chip.name)
+        pc = dataclasses.replace(pc, context_config=dataclasses.replace(pc.context_config, block=block))
+    return dataclasses.replace(cfg, model=model, parallel=pc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,8 +82,9 @@ def for_target(cfg: loop.RunConfig, target: Target, *, layer_loop: str | None = 
 
 
 def context_length(cfg: loop.RunConfig) -> int:
-    """The permuted sequence length the context plan gives (parallel.context: padded to a multiple of cp x block, 2 x
-    cp x block for zigzag). 'lpt' depends on the batch: planned on the run's first synthetic batch."""
+    """The permuted sequence length the context plan gives (parallel.context.padded_length: a multiple of cp x block,
+    2 x cp x block for zigzag; block "auto" as this host resolves it, see ``for_target`` for a target's). 'lpt'
+    depends on the batch: planned on the run's first synthetic batch."""
     pc, s = cfg.parallel, cfg.data.seq_len
     if pc.context == 1:
         return s
@@ -83,8 +94,8 @@ def context_length(cfg: loop.RunConfig) -> int:
 
         first = SyntheticBatches(cfg.model, cfg.data, microbatches=pc.microbatches).batch_at(0)
         return int(loop.prepare_host_batch(first, cfg, leading=1)["input_ids"].shape[-1])
-    unit = (2 if cc.mode == "zigzag" else 1) * pc.context * cc.block
-    return -(-s // unit) * unit
+    block = context_block(pc, s, head_dim_of(cfg.model.llm), cfg.model.attention_impl)
+    return padded_length(s, pc.context, cc.mode, block)
 
 
 def batch_shapes(cfg: loop.RunConfig) -> dict:
