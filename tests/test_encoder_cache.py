@@ -130,6 +130,28 @@ def test_cache_returns_bit_identical_features_across_epochs_and_processes(tmp_pa
     np.testing.assert_allclose(float(s1 / c1), float(s0 / c0), rtol=1e-6)
 
 
+def test_a_hosts_rows_get_their_own_entries(tmp_path):
+    """Several processes: a host holds rows ``rows`` of each microbatch (local_synthetic_batch) whose feature_index
+    is global; with its span it looks up exactly its rows' entries (here written by the whole batch's lookup: all
+    hits, the very same bits), and a wrong span is refused, never another row's features."""
+    from mllm_jax.data.batching import local_synthetic_batch
+
+    config = _config()
+    model, mesh, stream, enc, cache = _setup(tmp_path, config)
+    whole = cache.features(stream.batch_at(0), stream.instance_keys(0), enc)["encoder_features"]["vision"]
+    n = whole.shape[1] // 2
+    for span, rows in enumerate((slice(0, 2), slice(2, 4))):  # two hosts of DATA's 4 rows
+        host = ec.open_cache(str(tmp_path), config, DATA, enc)
+        got = host.features(local_synthetic_batch(stream, 0, rows), stream.instance_keys(0, rows), enc, span=span)
+        assert np.array_equal(got["encoder_features"]["vision"], whole[:, span * n:(span + 1) * n])
+        assert host.counts["misses"] == 0 and host.counts["hits"] > 0
+    first, second = slice(0, 2), slice(2, 4)
+    with pytest.raises(ValueError, match=rf"before this host's rows \[{n}, {2 * n}\) \(span=1\)"):
+        cache.features(local_synthetic_batch(stream, 0, first), stream.instance_keys(0, first), enc, span=1)
+    with pytest.raises(ValueError, match=rf"points at encoder row \d+ but there are {n} rows"):
+        cache.features(local_synthetic_batch(stream, 0, second), stream.instance_keys(0, second), enc, span=0)
+
+
 def test_changed_encoder_weights_config_or_preprocessing_invalidate(tmp_path):
     config = _config()
     model, mesh, stream, enc, cache = _setup(tmp_path, config)

@@ -144,12 +144,30 @@ class FeatureCache:
         self.tokens_per_instance = tokens_per_instance
         self.counts = {"hits": 0, "misses": 0, "corrupt": 0}
 
-    def features(self, batch: dict, keys: dict, encode) -> dict:
+    def total_counts(self) -> dict:
+        """Hits / misses / corrupt entries summed over every process (a collective with several processes: each
+        calls it at the same point; one process: ``counts``)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return dict(self.counts)
+        from jax.experimental import multihost_utils
+
+        names = sorted(self.counts)
+        got = np.asarray(multihost_utils.process_allgather(np.asarray([self.counts[n] for n in names], np.int64)))
+        return {n: int(v) for n, v in zip(names, got.reshape(-1, len(names)).sum(0))}
+
+    def features(self, batch: dict, keys: dict, encode, *, span: int = 0) -> dict:
         """The batch with ``encoder_inputs[name]`` replaced by ``encoder_features[name]`` for every cached modality.
 
         ``keys[name]``: object array shaped like the instance axes of encoder_inputs[name] ([M, N]), the id of each
         row; only rows that feature_index points at are looked up (unused rows get zero features). Misses are
-        encoded together by ``encode(name, inputs [n, ...]) -> array [n, T, D]`` and stored."""
+        encoded together by ``encode(name, inputs [n, ...]) -> array [n, T, D]`` and stored.
+
+        ``span``: which of the step's equal, contiguous spans of encoder rows this batch holds (several processes:
+        a host's rows, ``distributed.host_local_slice``). feature_index is global within the microbatch, so this
+        host's N rows are rows [span * N, (span + 1) * N) of it; a used row outside them is an error, never another
+        row's features."""
         from mllm_jax.data.encoder_balance import used_slots
 
         inputs = dict(batch.get("encoder_inputs") or {})
@@ -169,9 +187,15 @@ class FeatureCache:
             fi_M = fi.reshape((-1,) + fi.shape[-2:])
             out = np.zeros(x_MN.shape[:2] + store.shape, store.dtype)
             missing = []
+            start = span * x_MN.shape[1]
             for m in range(x_MN.shape[0]):
-                for s in used_slots(fi_M[m], self.tokens_per_instance[name], x_MN.shape[1],
-                                    what=f"feature_index[{name!r}]"):
+                used = used_slots(fi_M[m], self.tokens_per_instance[name], start + x_MN.shape[1],
+                                  what=f"feature_index[{name!r}]")
+                if len(used) and used[0] < start:
+                    raise ValueError(f"feature_index[{name!r}] of microbatch {m} points at encoder row "
+                                     f"{int(used[0])}, before this host's rows [{start}, {start + x_MN.shape[1]}) "
+                                     f"(span={span})")
+                for s in used - start:
                     if not k_MN[m, s]:
                         raise ValueError(f"encoder row {s} of microbatch {m} ({name!r}) is used by feature_index "
                                          f"but has no instance key ({k_MN[m, s]!r}): the data stream did not key it")
@@ -200,7 +224,13 @@ class FeatureCache:
 class FrozenEncoders:
     """``encode(name, inputs [n, ...]) -> np.ndarray [n, T, D]``: the modality's encoder alone, jitted, spread over
     the mesh like in the model (its own rules), on its own device copy of the frozen weights (the train step donates
-    the model's buffers). ``n`` is padded to a few static sizes (encoder_balance.capacity), so few shapes compile."""
+    the model's buffers). ``n`` is padded to a few static sizes (encoder_balance.capacity), so few shapes compile.
+
+    Several processes: each host encodes its own misses, which differ from the other hosts' in number and content, so
+    one global program cannot serve them (its shapes and its inputs must agree on every host). The encoder runs on
+    this host's devices alone (``mesh.local_mesh``, the global mesh's sub-mesh of this process's devices, same axis
+    names): the frozen weights are gathered once (a collective at construction) and laid out there by their own
+    specs, and every call is a program of this process only (no collective, no waiting on other hosts)."""
 
     def __init__(self, model, mesh, parallel_config, names):
         import jax
@@ -210,13 +240,14 @@ class FrozenEncoders:
         if native:  # their instances vary in size and share packed rows: no fixed [T, D] entry per instance
             raise ValueError(f"DataConfig.encoder_cache does not support native-resolution encoders ({native}: "
                              f"instances of varying size packed into patch rows); set DataConfig.encoder_cache = ''")
-        self.mesh, self.parallel_config = mesh, parallel_config
+        self.parallel_config = parallel_config
+        self.mesh = mesh if jax.process_count() == 1 else _local_mesh(mesh)
         self.rule_table = model.rule_table
         self.graphdefs, self.states = {}, {}
         for name in names:
             gdef, state = nnx.split(model.encoders[name])
             self.graphdefs[name] = gdef
-            self.states[name] = jax.tree.map(lambda a: a.copy(), state)
+            self.states[name] = _local_copy(state, self.mesh)
         self._fns = {}
 
     def _fn(self, name: str):
@@ -236,22 +267,62 @@ class FrozenEncoders:
             self._fns[name] = jax.jit(run)
         return self._fns[name]
 
+    def shards(self, name: str) -> int:
+        """Devices of ``self.mesh`` the instance axis splits over (the rule's axes; on several processes their local
+        sizes)."""
+        from mllm_jax.data import placement
+        from mllm_jax.data.encoder_balance import encoder_shards
+
+        spec = placement.encoder_spec(self.mesh, self.rule_table, name, (encoder_shards(self.parallel_config, name),),
+                                      0)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return int(np.prod([self.mesh.shape[a] for a in axes]))
+
     def __call__(self, name: str, inputs) -> np.ndarray:
         import jax
         from jax.sharding import NamedSharding
 
         from mllm_jax.data import placement
-        from mllm_jax.data.encoder_balance import capacity, encoder_shards
+        from mllm_jax.data.encoder_balance import capacity
 
         x = np.asarray(inputs)
         n = x.shape[0]
-        shards = encoder_shards(self.parallel_config, name)
+        shards = self.shards(name)
         rows = shards * capacity(-(-n // shards))
         x = np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]) if rows > n else x
         spec = placement.encoder_spec(self.mesh, self.rule_table, name, x.shape, 0)
         with jax.set_mesh(self.mesh):
             out = self._fn(name)(self.states[name], jax.device_put(x, NamedSharding(self.mesh, spec)))
         return np.asarray(out)[:n]
+
+
+def _local_mesh(mesh):
+    """This process's devices of ``mesh`` as a mesh with the same axis names (jax's Mesh.local_mesh)."""
+    try:
+        return mesh.local_mesh
+    except ValueError as e:
+        raise ValueError(f"DataConfig.encoder_cache with several processes encodes each host's misses on its own "
+                         f"devices, which must form a contiguous block of the mesh {dict(mesh.shape)} (build it with "
+                         f"jax.make_mesh: devices ordered by process); they do not ({e})") from None
+
+
+def _local_copy(state, mesh):
+    """A copy of ``state``'s arrays that this process owns alone: on ``mesh`` (one process: the global mesh, same
+    shardings) or, when an array spans other processes' devices, its whole value gathered from them
+    (``distributed.to_host``, a collective) and laid out on the local ``mesh`` by the array's own spec."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from mllm_jax import distributed
+
+    def one(a):
+        if a.is_fully_addressable:
+            return a.copy()
+        spec = a.sharding.spec if isinstance(a.sharding, NamedSharding) else None
+        full = distributed.to_host(a)
+        return jax.device_put(full, NamedSharding(mesh, spec) if spec is not None else mesh.devices.flat[0])
+
+    return jax.tree.map(one, state)
 
 
 def open_cache(directory: str, model_config, preprocessing, encoders: FrozenEncoders) -> FeatureCache:

@@ -76,8 +76,9 @@ class SyntheticTrainData:
 
     @property
     def cache_counts(self) -> dict | None:
-        """The feature cache's hits / misses / corrupt entries since this process opened it (None: no cache)."""
-        return None if self.cache is None else dict(self.cache.counts)
+        """The feature cache's hits / misses / corrupt entries since the processes opened it, summed over them (None:
+        no cache). A collective with several processes: every process reads it at the same steps (the metrics')."""
+        return None if self.cache is None else self.cache.total_counts()
 
     def cached_eval(self, batch: dict, keys: dict) -> dict:
         """A held-out batch with frozen modalities' features from the cache (the batch unchanged without one).
@@ -89,8 +90,9 @@ class SyntheticTrainData:
         data = self.batches
         rows = distributed.host_local_slice(data.cfg.batch_size // data.microbatches, mesh)
         batch = batching.local_synthetic_batch(data, data.index, rows)
-        if self.cache is not None:
-            batch = self.cache.features(batch, data.instance_keys(data.index, rows), self.encode)
+        if self.cache is not None:  # this host holds span rows.start // len(rows) of the step's equal spans
+            batch = self.cache.features(batch, data.instance_keys(data.index, rows), self.encode,
+                                        span=rows.start // (rows.stop - rows.start))
         data.index += 1  # the position resume restores: batch i is the i-th of the stream on every host
         return batch
 
@@ -156,12 +158,14 @@ class RealTrainData:
 
     @property
     def cache_counts(self) -> dict | None:
-        return None if self.cache is None else dict(self.cache.counts)
+        return None if self.cache is None else self.cache.total_counts()
 
     def next_host_batch(self, mesh) -> dict:
         batch = next(self.loader)
-        if self.cache is not None:
-            batch = self.cache.features(batch, self.loader.last_instance_keys, self.encode)
+        if self.cache is not None:  # this host feeds data ranks local_ranks: span start // len(local_ranks)
+            ranks = self.loader.local_ranks
+            batch = self.cache.features(batch, self.loader.last_instance_keys, self.encode,
+                                        span=ranks.start // len(ranks))
         return batch
 
     def state(self) -> dict:
