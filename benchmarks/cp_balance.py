@@ -7,7 +7,8 @@ bound total / cp (1.0 = perfect), mean and worst over the masks, for the combine
 parallel.context.CostModel defaults: a Llama-3-8B layer) and for the tile cost alone. Also: planning time for a 128K
 batch, compiled per-rank FLOPs (cost_analysis of each rank's tile-skipping attention + linear layers, in a subprocess
 with 8 fake devices, one mask per family and mode), and a PNG of per-rank loads. Prints one final JSON line and
-writes it to --out.
+writes it to --out. ``--kernel_tiles``: plans on pallas_tpu's tile at 32K with block 128 and "auto";
+``--auto_block``: ContextConfig.block = "auto" against 128 on every family at 8K-32K (``auto_block_costs``).
 
 Families (Cornstarch's context-parallel microbenchmark, cornstarch_notes.md, expressed with the (segment, span,
 position) rule of docs/architecture.md):
@@ -43,7 +44,7 @@ from benchmarks import _variable_resolution as varres  # noqa: E402
 from benchmarks._report import report  # noqa: E402
 from mllm_jax.data.processor.native_vision import NativeVisionProcessor  # noqa: E402
 from mllm_jax.kernels.meta import TokenMeta  # noqa: E402
-from mllm_jax.parallel.context import MODES, CostModel, block_costs, plan  # noqa: E402
+from mllm_jax.parallel.context import MODES, CostModel, auto_block, block_costs, plan  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ mask families
 
@@ -459,11 +460,13 @@ def kernel_rank_balance(length=4096, cp=4, families=("multimodal_packed", "llava
 
 
 def kernel_tile_plans(length=32768, cp=8, families=("multimodal_packed", "video", "prefix_lm_document"),
-                      tile=(512, 1024), blocks=(128, 1024), repeats=5):
+                      tile=(512, 1024), blocks=(128, "auto"), repeats=5):
     """Plans counted on the kernel's own tile (default pallas_tpu's 512 x 1024 on v5e, all-gather) per family and
-    planner block: the planning time (median of ``repeats``) with the tiles cut to divide the block (the planner
-    before it counted kernel tiles spanning blocks), with exact kernel tiles, and with the refinement on them; and
-    each plan's largest rank cost (alpha * kernel tiles + beta * tokens, FLOPs) and max / mean over the ranks."""
+    planner block ("auto": parallel.context.auto_block for this length and tile): the planning time (median of
+    ``repeats``) with the tiles cut to divide the block (the planner before it counted kernel tiles spanning blocks),
+    with exact kernel tiles, and with the refinement on them; and each plan's largest rank cost (alpha * kernel tiles
+    + beta * tokens, FLOPs) and max / mean over the ranks."""
+    blocks = [auto_block(length, cp, "balanced", *tile) if b == "auto" else b for b in blocks]
     def timed(**kw):
         plan(meta, cp, "balanced", **kw)
         times, p = [], None
@@ -486,7 +489,51 @@ def kernel_tile_plans(length=32768, cp=8, families=("multimodal_packed", "video"
                 "max_rank_cost_exact": float(raw.rank_cost.max()), "max_rank_cost_refined": float(ref.rank_cost.max()),
                 "cost_ratio_exact": raw.imbalance(), "cost_ratio_refined": ref.imbalance(),
                 "tile_ratio_refined": ref.imbalance("tiles")}
-    return {"seq_len": length, "cp": cp, "tile": list(tile), "method": "allgather", "families": out}
+    return {"seq_len": length, "cp": cp, "tile": list(tile), "method": "allgather", "blocks": blocks,
+            "families": out}
+
+
+# (attention_impl, backend, generation) of the context attention on each target, for ContextConfig.block = "auto".
+AUTO_TARGETS = {"tpu_v5e": ("pallas_tpu", "tpu", "v5e"), "gpu_h100": ("pallas_gpu", "gpu", "h100"),
+                "cpu": ("auto", "cpu", None)}
+
+
+def auto_block_costs(lengths=(8192, 16384, 32768), cp=8, methods=("allgather", "ring"), target="tpu_v5e", seed=21):
+    """ContextConfig.block = "auto" against 128 on every family (one mask each), balanced, through the host path
+    (data.context_batches.permute_for_context on the target's kernel): per length and method the auto block, the
+    kernel tile, and per family the largest rank cost (alpha * the kernel's exact live tiles + beta * tokens, the
+    plan's own count) of each block and auto / 128. Also the auto block the other targets' kernels give."""
+    from mllm_jax.data.context_batches import context_block, permute_for_context
+    from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+
+    impl, backend, gen = AUTO_TARGETS[target]
+    out, ratios = {}, []
+    for s in lengths:
+        for method in methods:
+            row, fam = {}, {}
+            for fi, family in enumerate(FAMILIES):
+                meta = family_meta(family, s, np.random.default_rng([seed, fi, s]))
+                ids = np.ones_like(meta.positions)
+                batch = {"input_ids": ids, "labels": ids, "positions": meta.positions,
+                         "segment_ids": meta.segment_ids, "span_ids": meta.span_ids}
+                cost = {}
+                for block in ("auto", 128):
+                    pc = ParallelConfig(context=cp, context_config=ContextConfig(block=block, attention=method))
+                    _, p = permute_for_context(batch, pc, leading=0, attention_impl=impl, backend=backend,
+                                               generation=gen)
+                    cost[block] = float(p.rank_cost.max())
+                    if block == "auto":
+                        row.update(auto_block=p.block, tile=[p.tile_q, p.tile_k], padded_len=p.padded_len)
+                fam[family] = {"max_rank_cost_auto": cost["auto"], "max_rank_cost_128": cost[128],
+                               "auto_over_128": cost["auto"] / cost[128]}
+                ratios.append(cost["auto"] / cost[128])
+            row["families"] = fam
+            out[f"{s}/{method}"] = row
+    others = {t: {str(s): context_block(ParallelConfig(context=cp, context_config=ContextConfig(block="auto")), s,
+                                         128, *AUTO_TARGETS[t]) for s in lengths} for t in AUTO_TARGETS}
+    return {"target": target, "cp": cp, "mode": "balanced", "by_seq_len_method": out,
+            "auto_over_128_max": max(ratios), "auto_over_128_min": min(ratios),
+            "auto_le_128_every_family": max(ratios) <= 1.0, "auto_block_all_gather_per_target": others}
 
 
 def main(argv=None):
@@ -500,7 +547,11 @@ def main(argv=None):
                     help="run the real context attention (ring and all-gather; kernels.tiled, Pallas TPU and GPU in "
                          "interpret mode) on 4 fake devices and compare each rank's tiles with the plan")
     ap.add_argument("--kernel_tiles", action="store_true",
-                    help="plans on pallas_tpu's 512 x 1024 tiles at S = 32K, cp = 8: planning time and rank costs")
+                    help="plans on pallas_tpu's 512 x 1024 tiles at S = 32K, cp = 8: planning time and rank costs "
+                         "(block 128 and ContextConfig.block = 'auto')")
+    ap.add_argument("--auto_block", action="store_true",
+                    help="ContextConfig.block = 'auto' vs 128 on every family at S = 8K-32K, cp = 8, pallas_tpu v5e "
+                         "(all-gather and ring): the largest rank's cost on the kernel's exact tiles")
     args = ap.parse_args(argv)
     if args.kernel_ranks and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -552,6 +603,8 @@ def main(argv=None):
         result["kernel_rank_balance"] = kernel_rank_balance(length=2048, block=32, kernels=ALL_KERNELS)
     if args.kernel_tiles:
         result["kernel_tile_plans"] = kernel_tile_plans(repeats=3 if args.quick else 5)
+    if args.auto_block:
+        result["auto_block"] = auto_block_costs()  # a few seconds: the same under --quick
     result["wall_s"] = time.perf_counter() - t0
     report(result, args.out)
 
