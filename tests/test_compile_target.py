@@ -122,6 +122,9 @@ def test_auto_block_padded_length_is_the_host_permutations(target, params):
         assert (out["input_ids"].shape[-1], ct.context_length(raw)) == (32768, 32256)
     if target is None:
         assert out["input_ids"].shape[-1] == 320
+        from mllm_jax.train import dry_run  # --dry_run's activations: the padded shard's tokens
+
+        assert dry_run.llm_tokens_per_device(raw) == raw.data.batch_size * 320 / 4
 
 
 def test_collective_parser():

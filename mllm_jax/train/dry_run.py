@@ -35,11 +35,24 @@ def _count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def llm_tokens_per_device(cfg: loop.RunConfig) -> float:
+    """LLM tokens a device holds per microbatch: its rows x the sequence as the context plan pads it
+    (compile_target.context_length: ContextConfig.block, "auto" as this host resolves it), over the context ranks."""
+    from mllm_jax.train.compile_target import context_length
+
+    return _device_rows(cfg) * context_length(cfg) / cfg.parallel.context
+
+
+def _device_rows(cfg: loop.RunConfig) -> float:
+    pc = cfg.parallel
+    return cfg.data.batch_size / pc.microbatches / (pc.data * pc.fsdp)
+
+
 def activation_estimate(cfg: loop.RunConfig) -> float:
     """Bytes per device of activations saved for the backward of one microbatch (rough)."""
     pc, mc, dc = cfg.parallel, cfg.model, cfg.data
     act_bytes = 2 if mc.dtype == "bfloat16" else 4
-    rows = dc.batch_size / pc.microbatches / (pc.data * pc.fsdp)
+    rows = _device_rows(cfg)
     remat = mc.remat != "none"
 
     def one_layer(tokens, d, d_ff):  # every tensor a layer's backward needs
@@ -50,7 +63,7 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
         return layers * per_layer + (one_layer(tokens, d, d_ff) if remat else 0.0)  # + the recomputed layer
 
     llm = mc.llm
-    tokens = rows * dc.seq_len / pc.context  # each context rank holds its shard of the sequence
+    tokens = llm_tokens_per_device(cfg)
     if pc.pipeline > 1:
         # A device runs its stage's layers only, and 1F1B keeps every slot's input for at most `stages`
         # microbatches in flight (the backward rematerialises each layer from its saved input).
