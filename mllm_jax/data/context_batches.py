@@ -91,7 +91,8 @@ def permute_for_context(batch: dict, parallel_config, *, leading: int, llm_confi
     ``llm_config``: the trained model's LLMConfig, whose shapes cost the blocks (``cost_model_for``); None keeps the
     Llama-3-8B layer of parallel.cost_model.CostModel. ``attention_impl`` (ModelConfig.attention_impl): count the
     tiles of the kernel it resolves to on ``backend`` (default jax's) and ``generation`` (``planner_tile``); None
-    keeps block x 32 tiles."""
+    keeps block x 32 tiles. ``ContextConfig.block = "auto"`` is resolved by ``context_block`` for the batch's
+    sequence length on that kernel (None: the "auto" impl's)."""
     cc = parallel_config.context_config
     head_dim = head_dim_of(llm_config)
     block = context_block(parallel_config, np.shape(batch["input_ids"])[-1], head_dim, attention_impl, backend,
