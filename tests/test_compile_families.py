@@ -15,7 +15,8 @@ from test_compile_target import _cfg, needs_tpu
 # suite's time): each axis appears with two partners, pipeline with each of data, fsdp, tensor and context.
 LAYOUT_FAMILIES = {
     "data_fsdp_tensor": ["ParallelConfig.data=2", "ParallelConfig.fsdp=2", "ParallelConfig.tensor=2"],
-    "data_context_allgather": ["ParallelConfig.data=2", "ParallelConfig.context=4"],
+    "data_context_allgather": ["ParallelConfig.data=2", "ParallelConfig.context=4",
+                               'ContextConfig.block="auto"'],  # the padded length the target's kernel tile gives
     "fsdp_context_ring": ["ParallelConfig.fsdp=2", "ParallelConfig.context=4", 'ContextConfig.attention="ring"'],
     "pipeline_data_tensor": ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.tensor=2",
                              "ParallelConfig.microbatches=2"],
