@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from mllm_jax.build import create_model
-from mllm_jax.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mllm_jax.config import LLMConfig, ModelConfig, NativeVisionConfig, ProjectorConfig, VisionConfig
 from mllm_jax.data import SyntheticBatches, TextCodec
 from mllm_jax.data import encoder_cache as ec
 from mllm_jax.data.batching import unstack_first
@@ -150,6 +150,55 @@ def test_a_hosts_rows_get_their_own_entries(tmp_path):
         cache.features(local_synthetic_batch(stream, 0, first), stream.instance_keys(0, first), enc, span=1)
     with pytest.raises(ValueError, match=rf"points at encoder row \d+ but there are {n} rows"):
         cache.features(local_synthetic_batch(stream, 0, second), stream.instance_keys(0, second), enc, span=0)
+
+
+def _native_config() -> ModelConfig:
+    enc = NativeVisionConfig(patch_size=4, d_model=16, n_layers=1, n_heads=2, d_ff=32, min_pixels=16 * 16,
+                             max_pixels=48 * 48, patches_per_row=256)
+    return ModelConfig(llm=LLMConfig(vocab_size=80, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                                     mrope_section=(2, 3, 3)),
+                       encoders={"vision": enc}, projectors={"vision": ProjectorConfig(kind="patch_merger")},
+                       placeholder_ids={"vision": 3}, media_attention="causal", trainable=FROZEN)
+
+
+def test_native_resolution_instances_are_cached_by_content(tmp_path):
+    """A native-resolution tower (packed patch rows of images and videos of several sizes): one entry per instance,
+    its per-patch pre-projector features [n, D_enc], keyed by its patches and grid (zeros at padding). A fresh cache
+    hits every instance with the same bits, wherever the instance is packed (rows reversed); the loss from cached
+    features is the loss from pixels (the tower run inside the model on the same rows); one ulp of one weight is
+    another folder."""
+    config = _native_config()
+    data = DataConfig(batch_size=8, seq_len=128, samples_per_row=2, mixture={"image": 1.0, "video": 1.0, "text": 0.3})
+    model, mesh, stream, enc, cache = _setup(tmp_path, config, data)
+    batch = stream.batch_at(0)
+    rows = batch["encoder_inputs"]["vision"]
+    seg = rows["segment_ids"]
+    instances = sum(len(np.unique(r[r > 0])) for r in seg.reshape(-1, seg.shape[-1]))  # brute-force count
+    out = cache.features(batch, stream.instance_keys(0), enc)
+    assert cache.counts == {"hits": 0, "misses": instances, "corrupt": 0} and instances > 4
+    feats = out["encoder_features"]["vision"]
+    assert feats.shape == seg.shape + (16,) and len(os.listdir(cache.stores["vision"].directory)) == instances
+    assert not feats[seg == 0].any() and feats[seg > 0].std() > 0.1
+    # A fresh cache (another process, a later epoch) over the same folder, the rows packed in another order.
+    fresh = ec.open_cache(str(tmp_path), config, data, enc)
+    flipped = {**batch, "encoder_inputs": {"vision": {k: v[:, ::-1] for k, v in rows.items()}}}
+    again = fresh.features(flipped, stream.instance_keys(0), enc)["encoder_features"]["vision"]
+    assert fresh.counts == {"hits": instances, "misses": 0, "corrupt": 0}
+    assert np.array_equal(again, feats[:, ::-1])
+    with jax.set_mesh(mesh):
+        loss = nnx.jit(lambda m, b: m.loss(b))
+        (s0, c0), (s1, c1) = loss(model, unstack_first(batch)), loss(model, unstack_first(out))
+    np.testing.assert_allclose(float(s1 / c1), float(s0 / c0), rtol=1e-6)
+    # Another tower (one ulp of one weight): another folder, every instance a miss.
+    leaves, treedef = jax.tree_util.tree_flatten(enc.states["vision"])
+    a = np.array(leaves[0])
+    a.flat[0] = np.nextafter(a.flat[0], np.float32(np.inf))
+    leaves[0] = jax.device_put(a, leaves[0].sharding)
+    enc.states["vision"] = jax.tree_util.tree_unflatten(treedef, leaves)
+    other = ec.open_cache(str(tmp_path), config, data, enc)
+    assert other.stores["vision"].directory != cache.stores["vision"].directory
+    other.features(batch, stream.instance_keys(0), enc)
+    assert other.counts == {"hits": 0, "misses": instances, "corrupt": 0}
 
 
 def test_changed_encoder_weights_config_or_preprocessing_invalidate(tmp_path):

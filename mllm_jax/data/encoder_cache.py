@@ -16,6 +16,11 @@
   temporary file in the same folder and renamed into place (``os.replace``: a reader sees the whole entry or none).
   An entry whose digest, shape or dtype does not match is counted as corrupt, deleted and recomputed, never used.
 
+A native-resolution tower (packed patch rows ``{patches, grid, segment_ids}``) has one entry per instance (a segment
+of a row), its per-patch features [n, D_enc], keyed by the sha256 of its packed patches and grid (``native_key``):
+the content, since its row and offset change from batch to batch. Several processes: each host looks up, encodes and
+stores the instances of its own rows (``FeatureCache.features(span=)``, ``FrozenEncoders`` on its own devices).
+
 ``FeatureCache.features(batch, keys, encode)`` turns a batch's ``encoder_inputs[name]`` of frozen modalities into
 ``encoder_features[name]`` (what ``MultimodalModel.embed`` projects and injects), encoding only the misses with
 ``encode(name, inputs) -> features`` (``FrozenEncoders``: a jitted forward of the encoder alone, on its own copy of
@@ -88,8 +93,36 @@ def decode_entry(blob: bytes, shape: tuple, dtype) -> np.ndarray | None:
     return a
 
 
+def native_key(patches: np.ndarray, grid: np.ndarray) -> str:
+    """A native-resolution instance's cache key: the sha256 of its encoder input, its packed patches [n, K] and their
+    (t, h, w) grid [n, 3] (dtype and shape included). Its packed position changes from batch to batch, its content
+    does not: like a real dataset's media-file key, the key follows the content (the processor's output, so other
+    preprocessing is another key), and the tower's features of an instance depend on nothing else (attention stays
+    within its own segment)."""
+    h = hashlib.sha256()
+    for a in (patches, grid):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return f"native-{h.hexdigest()}"
+
+
+def segment_runs(segment_ids_P: np.ndarray, *, what: str) -> list[tuple[int, slice]]:
+    """(segment id, its patches) of one packed row, in row order; each segment must be one contiguous run."""
+    seg = np.asarray(segment_ids_P)
+    out = []
+    for sid in np.unique(seg[seg > 0]):
+        idx = np.flatnonzero(seg == sid)
+        if idx[-1] - idx[0] + 1 != len(idx):
+            raise ValueError(f"{what}: segment {int(sid)} is not one contiguous run of patches (patches "
+                             f"{int(idx[0])}..{int(idx[-1])} hold {len(idx)} of it)")
+        out.append((int(sid), slice(int(idx[0]), int(idx[-1]) + 1)))
+    return out
+
+
 class FeatureStore:
-    """One modality's entries under ``directory`` (already including its fingerprint); [T, D] float arrays."""
+    """One modality's entries under ``directory`` (already including its fingerprint); [T, D] float arrays.
+    ``shape`` (None, D): entries of any length T (a native-resolution instance's patches); ``load`` then takes it."""
 
     def __init__(self, directory: str, shape: tuple, dtype=np.float32):
         self.directory, self.shape, self.dtype = directory, tuple(shape), np.dtype(dtype)
@@ -100,15 +133,24 @@ class FeatureStore:
             raise ValueError(f"cache key must be a plain file name; got {key!r}")
         return os.path.join(self.directory, f"{key}.npy")
 
-    def load(self, key: str) -> tuple[np.ndarray | None, bool]:
-        """(array or None, whether an entry existed but was corrupt: then it is deleted)."""
+    def expected(self, length: int | None = None) -> tuple:
+        if self.shape[0] is None:
+            if length is None:
+                raise ValueError(f"entries of {self.directory} vary in length; give the entry's length")
+            return (int(length),) + self.shape[1:]
+        return self.shape
+
+    def load(self, key: str, length: int | None = None) -> tuple[np.ndarray | None, bool]:
+        """(array or None, whether an entry existed but was corrupt: then it is deleted). ``length``: the entry's
+        first dimension when entries vary in length (a stored entry of another length is corrupt)."""
+        shape = self.expected(length)
         p = self.path(key)
         try:
             with open(p, "rb") as f:
                 blob = f.read()
         except FileNotFoundError:
             return None, False
-        a = decode_entry(blob, self.shape, self.dtype)
+        a = decode_entry(blob, shape, self.dtype)
         if a is None:
             try:
                 os.remove(p)
@@ -119,8 +161,9 @@ class FeatureStore:
 
     def store(self, key: str, array: np.ndarray) -> None:
         array = np.asarray(array)
-        if array.shape != self.shape or array.dtype != self.dtype:
-            raise ValueError(f"feature cache entry {key!r}: expected {self.shape} {self.dtype}, got {array.shape} "
+        shape = self.expected(array.shape[0] if array.ndim else None)
+        if array.shape != shape or array.dtype != self.dtype:
+            raise ValueError(f"feature cache entry {key!r}: expected {shape} {self.dtype}, got {array.shape} "
                              f"{array.dtype}")
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
         try:
@@ -137,7 +180,8 @@ class FeatureStore:
 
 class FeatureCache:
     """Stores per frozen modality (``stores[name]``) and the hit / miss / corrupt counts since creation.
-    ``tokens_per_instance[name]``: ModelConfig.features_per_instance (the unit of feature_index)."""
+    ``tokens_per_instance[name]``: ModelConfig.features_per_instance (the unit of feature_index); None for a
+    native-resolution modality (packed patch rows: one entry per instance, its per-patch features [n, D_enc])."""
 
     def __init__(self, stores: dict, tokens_per_instance: dict):
         self.stores = stores
@@ -162,7 +206,8 @@ class FeatureCache:
 
         ``keys[name]``: object array shaped like the instance axes of encoder_inputs[name] ([M, N]), the id of each
         row; only rows that feature_index points at are looked up (unused rows get zero features). Misses are
-        encoded together by ``encode(name, inputs [n, ...]) -> array [n, T, D]`` and stored.
+        encoded together by ``encode(name, inputs [n, ...]) -> array [n, T, D]`` and stored. A native-resolution
+        modality needs no keys: its packed rows' instances are keyed by content (``_native``).
 
         ``span``: which of the step's equal, contiguous spans of encoder rows this batch holds (several processes:
         a host's rows, ``distributed.host_local_slice``). feature_index is global within the microbatch, so this
@@ -174,6 +219,9 @@ class FeatureCache:
         feats = dict(batch.get("encoder_features") or {})
         for name, store in self.stores.items():
             if name not in inputs:
+                continue
+            if self.tokens_per_instance[name] is None:
+                feats[name] = self._native(name, store, inputs.pop(name), encode)
                 continue
             x = np.asarray(inputs.pop(name))
             k = np.asarray(keys[name], object)
@@ -220,6 +268,38 @@ class FeatureCache:
         result["encoder_features"] = feats
         return result
 
+    def _native(self, name: str, store: FeatureStore, x: dict, encode) -> np.ndarray:
+        """A native-resolution modality's packed rows {patches, grid, segment_ids} ([.., R, P, ...]) -> per-patch
+        pre-projector features [.., R, P, D_enc] (zeros at padding), what the tower gives on those rows. Each
+        instance (a segment of a row) is one entry, keyed by its content (``native_key``); the rows holding a miss
+        are encoded as they are (their instances keep their packing) and the misses stored."""
+        x = {k: np.asarray(v) for k, v in x.items()}
+        seg = x["segment_ids"]
+        lead, (rows, width) = seg.shape[:-2], seg.shape[-2:]
+        flat = {k: v.reshape((-1,) + v.shape[len(lead) + 1:]) for k, v in x.items()}  # [all microbatches' rows, P..]
+        out = np.zeros((flat["segment_ids"].shape[0], width) + store.shape[1:], store.dtype)
+        missing = []  # (row, patches, key)
+        for r, seg_P in enumerate(flat["segment_ids"]):
+            for sid, run in segment_runs(seg_P, what=f"encoder_inputs[{name!r}] row {r}"):
+                key = native_key(flat["patches"][r, run], flat["grid"][r, run])
+                a, corrupt = store.load(key, run.stop - run.start)
+                self.counts["corrupt"] += int(corrupt)
+                if a is None:
+                    missing.append((r, run, key))
+                else:
+                    out[r, run] = a
+                    self.counts["hits"] += 1
+        if missing:
+            need = sorted({r for r, _, _ in missing})
+            got = np.asarray(encode(name, {k: v[need] for k, v in flat.items()}))
+            at = {r: i for i, r in enumerate(need)}
+            for r, run, key in missing:
+                a = got[at[r], run].astype(store.dtype, copy=False)
+                store.store(key, a)
+                out[r, run] = a
+            self.counts["misses"] += len(missing)
+        return out.reshape(lead + (rows, width) + out.shape[2:])
+
 
 class FrozenEncoders:
     """``encode(name, inputs [n, ...]) -> np.ndarray [n, T, D]``: the modality's encoder alone, jitted, spread over
@@ -236,10 +316,6 @@ class FrozenEncoders:
         import jax
         from flax import nnx
 
-        native = [n for n in names if model.config.is_native_resolution(n)]
-        if native:  # their instances vary in size and share packed rows: no fixed [T, D] entry per instance
-            raise ValueError(f"DataConfig.encoder_cache does not support native-resolution encoders ({native}: "
-                             f"instances of varying size packed into patch rows); set DataConfig.encoder_cache = ''")
         self.parallel_config = parallel_config
         self.mesh = mesh if jax.process_count() == 1 else _local_mesh(mesh)
         self.rule_table = model.rule_table
@@ -279,20 +355,26 @@ class FrozenEncoders:
         return int(np.prod([self.mesh.shape[a] for a in axes]))
 
     def __call__(self, name: str, inputs) -> np.ndarray:
+        """``inputs``: [n, ...] instances, or a native-resolution tower's packed rows {patches, grid, segment_ids}
+        [n, P, ...] (padded with empty rows: segment 0, whose outputs are unused)."""
         import jax
         from jax.sharding import NamedSharding
 
         from mllm_jax.data import placement
         from mllm_jax.data.encoder_balance import capacity
 
-        x = np.asarray(inputs)
-        n = x.shape[0]
+        x = jax.tree.map(np.asarray, inputs)
+        n = jax.tree.leaves(x)[0].shape[0]
         shards = self.shards(name)
         rows = shards * capacity(-(-n // shards))
-        x = np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]) if rows > n else x
-        spec = placement.encoder_spec(self.mesh, self.rule_table, name, x.shape, 0)
+
+        def put(a):  # padded with zero instances (rows) to the static size, spread by the encoder's rule
+            a = np.concatenate([a, np.zeros((rows - n,) + a.shape[1:], a.dtype)]) if rows > n else a
+            return jax.device_put(a, NamedSharding(self.mesh, placement.encoder_spec(self.mesh, self.rule_table, name,
+                                                                                     a.shape, 0)))
+
         with jax.set_mesh(self.mesh):
-            out = self._fn(name)(self.states[name], jax.device_put(x, NamedSharding(self.mesh, spec)))
+            out = self._fn(name)(self.states[name], jax.tree.map(put, x))
         return np.asarray(out)[:n]
 
 
@@ -333,6 +415,9 @@ def open_cache(directory: str, model_config, preprocessing, encoders: FrozenEnco
         enc = model_config.encoders[name]
         digest = weights_digest(state)
         folder = os.path.join(directory, f"{name}-{fingerprint(name, model_config, preprocessing, digest)}")
-        stores[name] = FeatureStore(folder, (enc.num_features, enc.d_model), np.float32)
-        tokens[name] = model_config.features_per_instance(name)
+        if model_config.is_native_resolution(name):  # one entry per instance: its patches' features [n, D_enc]
+            stores[name], tokens[name] = FeatureStore(folder, (None, enc.d_model), np.float32), None
+        else:
+            stores[name] = FeatureStore(folder, (enc.num_features, enc.d_model), np.float32)
+            tokens[name] = model_config.features_per_instance(name)
     return FeatureCache(stores, tokens)
