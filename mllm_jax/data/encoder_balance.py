@@ -96,9 +96,18 @@ def balance_batch(batch: dict, model_config, parallel_config, *, leading: int) -
 
     ``leading``: axes before the batch axis (1 for [M, B, ...] train batches, 0 for eval batches); encoder arrays have
     the same leading axes before their instance axis. Returns a new dict; the input is not modified."""
+    out, _ = _each_encoder_array(batch, model_config, lambda key, name, x, fi: (
+        *_balance_one(x, fi, model_config, parallel_config, name, leading, key), None))
+    return out
+
+
+def _each_encoder_array(batch: dict, model_config, balance) -> tuple[dict, dict]:
+    """(a copy of ``batch`` with each fixed-size modality's encoder rows and feature_index replaced by ``balance(key,
+    name, x, feature_index) -> (x, feature_index, extra)``, {(key, name): extra}). Native-resolution rows are kept."""
     index = batch.get("feature_index") or {}
     out = dict(batch)
     out["feature_index"] = dict(index)
+    extras = {}
     for key in ENCODER_KEYS:
         arrays = batch.get(key) or {}
         if not arrays:
@@ -109,18 +118,23 @@ def balance_batch(batch: dict, model_config, parallel_config, *, leading: int) -
                 raise ValueError(f"batch has {key}[{name!r}] but no feature_index[{name!r}]")
             if model_config.is_native_resolution(name):  # packed patch rows: kept (module docstring)
                 continue
-            out[key][name], out["feature_index"][name] = _balance_one(
-                np.asarray(x), np.asarray(index[name]), model_config, parallel_config, name, leading, key)
-    return out
+            out[key][name], out["feature_index"][name], extras[(key, name)] = balance(
+                key, name, np.asarray(x), np.asarray(index[name]))
+    return out, extras
 
 
-def _balance_one(x, fi, model_config, parallel_config, name: str, leading: int, key: str):
+def _flat_microbatches(x, fi, leading: int, key: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x [M, N, ...], feature_index [M, B, S]): the ``leading`` axes of both flattened into one, checked equal."""
     lead = x.shape[:leading]
     if fi.shape[:leading] != lead:
         raise ValueError(f"{key}[{name!r}] has leading axes {lead} but feature_index[{name!r}] has "
                          f"{fi.shape[:leading]}")
-    x_MN = x.reshape((-1,) + x.shape[leading:])
-    fi_MBS = fi.reshape((-1,) + fi.shape[leading:])
+    return x.reshape((-1,) + x.shape[leading:]), fi.reshape((-1,) + fi.shape[leading:])
+
+
+def _balance_one(x, fi, model_config, parallel_config, name: str, leading: int, key: str):
+    lead = x.shape[:leading]
+    x_MN, fi_MBS = _flat_microbatches(x, fi, leading, key, name)
     t = model_config.features_per_instance(name)
     shards = encoder_shards(parallel_config, name)
     cost = instance_cost(model_config.encoders[name])
@@ -202,23 +216,8 @@ def balance_host_rows(batch: dict, model_config, parallel_config, mesh, *, leadi
     import jax
 
     processes = jax.process_count() if processes is None else processes
-    index = batch.get("feature_index") or {}
-    out = dict(batch)
-    out["feature_index"] = dict(index)
-    relayout = {}
-    for key in ENCODER_KEYS:
-        arrays = batch.get(key) or {}
-        if not arrays:
-            continue
-        out[key] = dict(arrays)
-        for name, x in arrays.items():
-            if name not in index:
-                raise ValueError(f"batch has {key}[{name!r}] but no feature_index[{name!r}]")
-            if model_config.is_native_resolution(name):  # packed patch rows: kept (module docstring)
-                continue
-            out[key][name], out["feature_index"][name], relayout[(key, name)] = _balance_host_one(
-                np.asarray(x), np.asarray(index[name]), model_config, parallel_config, mesh, name, leading, key,
-                processes, gather, span)
+    out, relayout = _each_encoder_array(batch, model_config, lambda key, name, x, fi: _balance_host_one(
+        x, fi, model_config, parallel_config, mesh, name, leading, key, processes, gather, span))
     out[RELAYOUT] = relayout
     return out
 
@@ -227,11 +226,7 @@ def _balance_host_one(x, fi, model_config, parallel_config, mesh, name, leading,
     from mllm_jax.parallel.instance_balance import exchange_indices, localize, pair_count
 
     lead = x.shape[:leading]
-    if fi.shape[:leading] != lead:
-        raise ValueError(f"{key}[{name!r}] has leading axes {lead} but feature_index[{name!r}] has "
-                         f"{fi.shape[:leading]}")
-    x_MN = x.reshape((-1,) + x.shape[leading:])
-    fi_MBS = fi.reshape((-1,) + fi.shape[leading:])
+    x_MN, fi_MBS = _flat_microbatches(x, fi, leading, key, name)
     M, rows = x_MN.shape[:2]
     t = model_config.features_per_instance(name)
     shards = encoder_shards(parallel_config, name)
