@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 
 import numpy as np
 
-from mllm_jax.data.processor.image import SIGLIP_MEAN, SIGLIP_STD, ImageProcessor
+from mllm_jax.data.processor.image import SIGLIP_MEAN, SIGLIP_STD, ImageProcessor, read_config_json
 from mllm_jax.data.processor.native_vision import to_rgb
 
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"  # the released tokenizer's
@@ -82,10 +81,7 @@ class Gemma3ImageProcessor:
         """Reads a HF Gemma 3 processor directory's preprocessor_config.json (null pan-and-scan fields take
         Gemma3Processor's defaults, as HF's processor does)."""
         path = os.path.join(directory, "preprocessor_config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"image processor config not found: {path}")
-        with open(path) as f:
-            hf = json.load(f)
+        hf = read_config_json(path, required=True)
         kind = hf.get("image_processor_type", "")
         if not kind.startswith("Gemma3ImageProcessor"):
             raise ValueError(f"{path}: image_processor_type {kind!r} is not a Gemma 3 image processor "

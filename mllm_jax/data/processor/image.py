@@ -48,10 +48,7 @@ class ImageProcessor:
     def from_pretrained(cls, directory: str) -> "ImageProcessor":
         """Reads preprocessor_config.json written by a HF CLIP/SigLIP image processor."""
         path = os.path.join(directory, "preprocessor_config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"image processor config not found: {path}")
-        with open(path) as f:
-            hf = json.load(f)
+        hf = read_config_json(path, required=True)
         kind_name = hf.get("image_processor_type", "")
         kind = "siglip" if "Siglip" in kind_name else "clip" if "CLIP" in kind_name else None
         if kind is None:
@@ -108,3 +105,13 @@ def center_crop(pixels_HWC: np.ndarray, crop: int) -> np.ndarray:
         h, w = pixels_HWC.shape[:2]
     top, left = (h - crop) // 2, (w - crop) // 2
     return pixels_HWC[top : top + crop, left : left + crop]
+
+
+def read_config_json(path: str, *, required: bool) -> dict:
+    """A HF processor's JSON config ({} when absent and not ``required``; a missing required one names the path)."""
+    if not os.path.isfile(path):
+        if required:
+            raise ValueError(f"processor config not found: {path}")
+        return {}
+    with open(path) as f:
+        return json.load(f)

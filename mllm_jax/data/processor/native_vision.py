@@ -16,7 +16,6 @@ by rounding); grids and token counts are the same either way.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import NamedTuple
@@ -24,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from mllm_jax.data.processor.image import _RESAMPLE, CLIP_MEAN, CLIP_STD
+from mllm_jax.data.processor.image import _RESAMPLE, CLIP_MEAN, CLIP_STD, read_config_json
 
 MAX_ASPECT_RATIO = 200
 
@@ -142,7 +141,7 @@ class NativeVisionProcessor:
         """Reads a HF Qwen2-VL processor directory: preprocessor_config.json (the image processor; ``size``
         shortest_edge/longest_edge or the older min_pixels/max_pixels) and, when present,
         video_preprocessor_config.json (the video processor's size, fps, min_frames, max_frames)."""
-        image = _read_json(os.path.join(directory, "preprocessor_config.json"), required=True)
+        image = read_config_json(os.path.join(directory, "preprocessor_config.json"), required=True)
         kind = image.get("image_processor_type", "")
         if not kind.startswith("Qwen2VLImageProcessor"):
             raise ValueError(f"{directory}/preprocessor_config.json: image_processor_type {kind!r} is not a Qwen2-VL "
@@ -153,7 +152,7 @@ class NativeVisionProcessor:
                   std=tuple(image.get("image_std", CLIP_STD)),
                   rescale_factor=float(image.get("rescale_factor", 1 / 255)), resample=int(image.get("resample", 3)))
         kw["min_pixels"], kw["max_pixels"] = _pixel_bounds(image, cls.min_pixels, cls.max_pixels)
-        video = _read_json(os.path.join(directory, "video_preprocessor_config.json"), required=False)
+        video = read_config_json(os.path.join(directory, "video_preprocessor_config.json"), required=False)
         if video:
             kw["video_min_pixels"], kw["video_max_pixels"] = _pixel_bounds(video, cls.video_min_pixels,
                                                                            cls.video_max_pixels)
@@ -233,15 +232,6 @@ def to_rgb(image) -> np.ndarray:
         alpha = x[..., 3:4] / 255
         return np.round(alpha * x[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return x
-
-
-def _read_json(path: str, *, required: bool) -> dict:
-    if not os.path.isfile(path):
-        if required:
-            raise ValueError(f"processor config not found: {path}")
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def _pixel_bounds(config: dict, min_default: int, max_default: int) -> tuple[int, int]:
