@@ -173,3 +173,24 @@ def test_planning_reads_headers_only(data, tmp_path):
                     tok, cfg)
     plain = make_source(DatasetConfig(format="llava", path=str(tmp_path / "d.json")), tok, cfg)
     assert plain.preprocessing() != src.preprocessing()
+
+
+def test_a_pretrained_gemma3_directory_gives_the_processor(data, tmp_path):
+    """A run from a Gemma 3 checkpoint reads the checkpoint directory's preprocessor_config.json (pan-and-scan and
+    its limits), as for native towers; DatasetConfig.processor_path wins; other towers keep their own processor."""
+    import dataclasses
+
+    from mllm_jax.config import ProjectorConfig
+    from mllm_jax.data.train_data import vision_processor_path
+    from mllm_jax.hf.recipe import PretrainedConfig
+
+    cfg = data[4]
+    checkpoint = _processor_dir(tmp_path, True)
+    assert vision_processor_path(DatasetConfig(), cfg, PretrainedConfig(model=checkpoint)) == checkpoint
+    assert vision_processor_path(DatasetConfig(), cfg, PretrainedConfig(encoders={"vision": checkpoint})) == checkpoint
+    assert vision_processor_path(DatasetConfig(processor_path="mine"), cfg, PretrainedConfig(model=checkpoint)) == "mine"
+    assert vision_processor_path(DatasetConfig(), cfg, PretrainedConfig(model=str(tmp_path / "none"))) == ""
+    assert vision_processor_path(DatasetConfig(), cfg, None) == ""
+    llava = dataclasses.replace(cfg, projectors={"vision": ProjectorConfig(kind="mlp")})
+    assert vision_processor_path(DatasetConfig(), llava, PretrainedConfig(model=checkpoint)) == ""
+    assert Gemma3ImageProcessor.from_pretrained(checkpoint).do_pan_and_scan

@@ -106,12 +106,15 @@ class SyntheticTrainData:
         pass
 
 
-def native_processor_path(dataset_config, model_config, pretrained=None) -> str:
-    """Where a native-resolution vision tower's processor comes from: DatasetConfig.processor_path when set, else the
-    pretrained checkpoint directory of the run (PretrainedConfig.encoders["vision"], else .model) when it holds a
-    Hugging Face preprocessor_config.json, else "" (the model's NativeVisionConfig)."""
-    if dataset_config.processor_path or "vision" not in model_config.encoders \
-            or not model_config.is_native_resolution("vision") or pretrained is None:
+def vision_processor_path(dataset_config, model_config, pretrained=None) -> str:
+    """Where the image processor of a vision tower that reads one from Hugging Face (a native-resolution tower, or
+    Gemma 3's with its pan-and-scan settings) comes from: DatasetConfig.processor_path when set, else the pretrained
+    checkpoint directory of the run (PretrainedConfig.encoders["vision"], else .model) when it holds a Hugging Face
+    preprocessor_config.json, else "" (the tower's own config)."""
+    if dataset_config.processor_path or "vision" not in model_config.encoders or pretrained is None:
+        return dataset_config.processor_path
+    projector = (model_config.projectors or {}).get("vision")
+    if not (model_config.is_native_resolution("vision") or getattr(projector, "kind", "") == "gemma3"):
         return dataset_config.processor_path
     for d in (pretrained.encoders.get("vision"), pretrained.model):
         if d and os.path.isfile(os.path.join(d, "preprocessor_config.json")):
@@ -124,8 +127,8 @@ class RealTrainData:
     rank, workload-balanced microbatches). Built after the checkpoint is read: the loader starts at ``state``.
     ``encoder_cache``: DataConfig.encoder_cache; with ``use_encoder_cache`` frozen modalities come as
     ``encoder_features``, keyed by the sha256 of each instance's media file (``Loader.last_instance_keys``).
-    ``pretrained``: the run's PretrainedConfig: a native vision tower's processor is read from its checkpoint
-    directory's preprocessor_config.json (``native_processor_path``)."""
+    ``pretrained``: the run's PretrainedConfig: a native or Gemma 3 vision tower's processor is read from its checkpoint
+    directory's preprocessor_config.json (``vision_processor_path``)."""
 
     def __init__(self, dataset_config, tokenizer, model_config, parallel_config, *, state: dict | None = None,
                  encoder_cache: str = "", pretrained=None):
@@ -133,7 +136,7 @@ class RealTrainData:
 
         from mllm_jax.data.datasets import Loader, make_source
 
-        processor_path = native_processor_path(dataset_config, model_config, pretrained)
+        processor_path = vision_processor_path(dataset_config, model_config, pretrained)
         if processor_path != dataset_config.processor_path:
             dataset_config = dataclasses.replace(dataset_config, processor_path=processor_path)
         pad = tokenizer.token_to_id(PAD)
