@@ -4,10 +4,14 @@ tick by tick under the lockstep schedule our runtime executes (``predictor: "run
 balance check on the real decoder layers of a partly frozen LLM.
 
   python benchmarks/pipeline.py --out /tmp/pipeline.json [--quick] [--png /tmp/pipeline_timeline.png]
+      [--costs=compiled --target=tpu:v5p:2x2x1]
 
-(a) is analytic per-layer costs (parallel.cost_model over mllm_jax.costs' layers of public architecture shapes;
-communication not modelled), the same costs for every placement: "ours" is the encoders-outside placement with the
-LLM split and schedule (1F1B, ZB-H1 or 1F1B-FB) the planner picks for our runtime (``PipelinePlan.runtime``), "cornstarch"
+(a) is per-layer costs of public architecture shapes, analytic (parallel.cost_model over mllm_jax.costs' layers) or
+with ``--costs=compiled`` compiled from the real layers for ``--target`` (mllm_jax.train.layer_costs: forward, B, W,
+BW of each layer kind by the target's compiler, roofline time on its chip; times then in seconds on that chip; the
+JSON's ``costs`` says which; communication not modelled), the same costs for every placement: "ours" is the
+encoders-outside placement with the LLM split and schedule (1F1B, ZB-H1 or 1F1B-FB) the planner picks for our runtime
+(``PipelinePlan.runtime``), "cornstarch"
 Cornstarch's (5,1,1) placement (each encoder on a stage of its own) and "megatron_like" a frozen-unaware planner's,
 both run as our runtime would run them (encoder stages at the depths before the LLM's first stage, lockstep ticks,
 the fastest schedule). model_details adds Cornstarch's own asynchronous 1F1B formula for its placement.
@@ -127,11 +131,40 @@ def model_config(name):
         projectors={k: ProjectorConfig(kind="mlp") for k in encoders},
         trainable=trainable,
         remat="full",
+        dtype="bfloat16",  # what the compiled layers compute in (the analytic costs count 2-byte activations too)
     )
     return cfg, tokens, feats
 
 
-def predicted(name, microbatches=24, tensor=2, schedule="auto"):
+def layer_cost_table(name, target, log=None):
+    """The compiled per-layer op costs of ``name`` on ``target`` (mllm_jax.train.layer_costs; layer kinds shared by
+    several models compile once)."""
+    from mllm_jax.train.layer_costs import compiled_layer_costs
+
+    cfg, tokens, feats = model_config(name)
+    return compiled_layer_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats, target=target,
+                                log=log)
+
+
+def w_vs_bw(target) -> dict:
+    """Every op of one trainable decoder layer (VLM-S's Llama-3.1-8B at its sequence, the LLM made trainable),
+    compiled: how W (dW only) compares with the fused backward and B (F and B are the frozen layer's programs)."""
+    from mllm_jax.costs import modality_shapes
+    from mllm_jax.train.layer_costs import CompileDevice, compile_op, llm_layer_piece
+
+    cfg, tokens, feats = model_config("VLM-S")
+    cfg = cfg.replace(trainable={**cfg.trainable, "llm": True})
+    seq = 1024 + sum(s.injected for s in modality_shapes(cfg, encoder_tokens=tokens, feature_tokens=feats).values())
+    device = CompileDevice(target)
+    piece = llm_layer_piece(cfg, batch=1, seq=seq, attention_impl=device.attention_impl)
+    fig = {op: compile_op(piece, op, device) for op in ("f", "b", "w", "bw")}
+    f = fig["f"]["cost"]
+    return {"model": f"VLM-S (llama3.1-8b layer at {seq} tokens, trainable)",
+            **{f"{op}_over_f": fig[op]["cost"] / f for op in ("b", "w", "bw")},
+            "w_over_bw": fig["w"]["cost"] / fig["bw"]["cost"], "figures": fig}
+
+
+def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, device_flops=DEVICE_FLOPS):
     cfg, tokens, feats = model_config(name)
     llm_s, vis_s, aud_s = MODELS[name][3]
     megatron = {"llm": llm_s, **({"vision": vis_s} if vis_s else {}), **({"audio": aud_s} if aud_s else {})}
@@ -141,10 +174,11 @@ def predicted(name, microbatches=24, tensor=2, schedule="auto"):
     plan = plan_pipeline(
         pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats),
         ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches),
-        device_flops=DEVICE_FLOPS,
+        device_flops=device_flops,
         cornstarch_stages=cornstarch,
         megatron_stages=megatron,
         schedule=schedule,
+        layer_costs=table,
     )
     return plan
 
@@ -310,7 +344,7 @@ def measure(quick: bool) -> dict:
 # Timeline of the lockstep table: every tick as long as its slowest op.
 
 
-def draw_timeline(path, plan, name):
+def draw_timeline(path, plan, name, table=None):
     """Our planned split of ``name`` in lockstep ticks under 1F1B and under ZB-H1 (each tick as long as its slowest
     op; the gaps are the bubbles)."""
     import matplotlib
@@ -321,7 +355,7 @@ def draw_timeline(path, plan, name):
     from mllm_jax.parallel.schedule import simulate as simulate_table, tick_costs
 
     colors = {OP_F: "tab:blue", OP_B: "tab:orange", OP_W: "tab:green", OP_BW: "tab:red", OP_FB: "tab:purple"}
-    so = _plan_stage_ops(plan, name)
+    so = _plan_stage_ops(plan, name, table)
     fig, axes = plt.subplots(2, 1, figsize=(12, 5), sharex=True)
     chosen = plan.runtime.schedule
     for ax, kind in zip(axes, ("1f1b", chosen if chosen != "1f1b" else "zb_h1")):
@@ -346,13 +380,14 @@ def draw_timeline(path, plan, name):
     plt.close(fig)
 
 
-def _plan_stage_ops(plan, name):
+def _plan_stage_ops(plan, name, table=None):
     """The planned split's per-stage op costs in seconds (the runtime costs the plan simulated)."""
-    from mllm_jax.parallel.pipeline_plan import runtime_stage_ops
+    from mllm_jax.parallel.pipeline_plan import runtime_stage_ops, with_layer_costs
     from mllm_jax.parallel.schedule import StageOps
 
     cfg, tokens, feats = model_config(name)
-    rt = pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats).runtime
+    costs = pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats)
+    rt = (costs if table is None else with_layer_costs(costs, table)).runtime
     so = runtime_stage_ops(rt.llm, plan.runtime.llm_stage_layers, rt.head)
     scale = plan.tensor * plan.device_flops
     return StageOps(*(tuple(v / scale for v in getattr(so, k)) for k in ("f", "b", "w", "bw")))
@@ -363,11 +398,37 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--png", default=None, help="timeline PNG (default: beside --out)")
+    ap.add_argument("--costs", choices=("analytic", "compiled"), default="analytic",
+                    help="per-layer costs: the analytic model, or compiled from the real layers for --target")
+    ap.add_argument("--target", default="tpu:v5p:2x2x1",
+                    help="--costs=compiled: the chip (targets.py; a TPU: the GPU back end has no cost analysis "
+                         "without a device) whose compiler and roofline price the layers")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the nine models")
+    ap.add_argument("--cache", default=None, help="--costs=compiled: a JSON file of compiled figures (resumable)")
     args = ap.parse_args()
+    names = args.models.split(",")
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise SystemExit(f"--models: unknown {bad}; the models are {list(MODELS)}")
     t0 = time.time()
-    models, details = {}, {}
-    for name in MODELS:
-        plan = predicted(name)
+    models, details, tables = {}, {}, {}
+    device_flops, target, w_bw = DEVICE_FLOPS, None, None
+    if args.costs == "compiled":
+        from mllm_jax.train.targets import parse
+
+        from mllm_jax.train.layer_costs import use_cache_file
+
+        use_cache_file(args.cache)
+        target = parse(args.target)
+        device_flops = target.chip.peak_flops  # the table is roofline seconds x peak: plans report seconds
+        for name in names:
+            t1 = time.time()
+            tables[name] = layer_cost_table(name, target)
+            print(f"{name}: layer costs compiled for {target.topology} in {time.time() - t1:.1f} s", flush=True)
+        w_bw = w_vs_bw(target)
+    compile_s = time.time() - t0
+    for name in names:
+        plan = predicted(name, table=tables.get(name), device_flops=device_flops)
         ours, cs, meg = plan.runtime, plan.cornstarch, plan.megatron_like
         models[name] = {
             # Every time simulated under our runtime's lockstep schedule, with the same per-layer costs.
@@ -410,15 +471,24 @@ def main():
               f"{ours.bubble_fraction:.3f})  cornstarch {cs.runtime_time:.3f} s  megatron-like "
               f"{meg.runtime_time:.3f} s", flush=True)
     png = args.png or os.path.splitext(args.out)[0] + "_timeline.png"
-    draw_timeline(png, predicted("VALM-L"), "VALM-L")
+    drawn = "VALM-L" if "VALM-L" in names else names[-1]
+    draw_timeline(png, predicted(drawn, table=tables.get(drawn), device_flops=device_flops), drawn, tables.get(drawn))
     measured = measure(args.quick)
     speed = [d["speedup_vs_cornstarch"] for d in details.values()]
     result = {
         "benchmark": "pipeline",
         "quick": args.quick,
+        "models_run": names,
         "predictor": "runtime_schedule",
-        "cost_source": {"a": "analytic (parallel.cost_model)", "b": "compiled per-layer ops (host cost_analysis)"},
-        "settings": {"microbatches": 24, "tensor": 2, "text_tokens": 1024, "device_flops": DEVICE_FLOPS,
+        "costs": args.costs,
+        "cost_source": {"a": "analytic (parallel.cost_model)" if target is None else
+                        f"compiled per-layer ops ({target.topology} cost_analysis, roofline on its chip: "
+                        "mllm_jax.train.layer_costs)",
+                        "b": "compiled per-layer ops (host cost_analysis)"},
+        "layer_costs": None if target is None else {
+            "target": target.topology, "compile_s": compile_s, "w_vs_bw": w_bw,
+            "figures": {n: t.figures for n, t in tables.items()}},
+        "settings": {"microbatches": 24, "tensor": 2, "text_tokens": 1024, "device_flops": device_flops,
                      "frozen": "encoders and LLM frozen, projectors trainable", "remat": True},
         "models": models,
         "model_details": details,

@@ -30,7 +30,9 @@ recomputes each chunk's logits in its backward (remat), added as one more forwar
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,7 @@ from mllm_jax import layers as L
 from mllm_jax import lora as lora_lib
 from mllm_jax.config import AudioConfig, ModelConfig, VisionConfig
 from mllm_jax.costs import modality_shapes, pipeline_costs
-from mllm_jax.encoder import apply_encoder_layers
+from mllm_jax.encoder import EncoderLayers, apply_encoder_layers
 from mllm_jax.llm import LLM, head_loss
 from mllm_jax.loss import chunk_length
 from mllm_jax.multimodal import build_encoder
@@ -55,6 +57,7 @@ from mllm_jax.train.pipelined_step import _stage_layer, llm_base_trainable, llm_
 from mllm_jax.train.targets import Target
 
 _CACHE: dict = {}  # (kind key, op, target) -> {"flops", "bytes", "seconds", "cost"}
+_DISK: dict = {"path": None, "figures": {}}  # an optional JSON file of the figures by str(key): resumable runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,19 +164,21 @@ def encoder_layer_piece(config: ModelConfig, name: str, *, instances: int, token
         raise ValueError(f"encoder {name!r}: compiled layer costs support VisionConfig and AudioConfig towers; got "
                          f"{type(ecfg).__name__}")
     lora = lora_lib.lora_for(config, name)
-    extra = {"select_layer": -1} if isinstance(ecfg, VisionConfig) else {}
-    one = config.replace(encoders={**config.encoders, name: dataclasses.replace(ecfg, n_layers=1, **extra)})
-    enc = nnx.eval_shape(lambda: build_encoder(one, name, rngs=nnx.Rngs(0)))
+    audio = isinstance(ecfg, AudioConfig)  # Whisper's k projection has no bias
+    layers = nnx.eval_shape(lambda: EncoderLayers(
+        ecfg.d_model, ecfg.n_heads, ecfg.d_ff, 1, rngs=nnx.Rngs(0), k_bias=not audio,
+        lora_rank=lora.rank if lora is not None else None,
+        lora_targets=lora_lib.encoder_targets(lora) if lora is not None else ()))
     run = _run(config, attention_impl, lora.alpha / lora.rank if lora is not None else 0.0)
 
     def call(layers, h, aux):
         return apply_encoder_layers(layers, h, 1, act=ecfg.activation, eps=ecfg.norm_eps, run=run)
 
     x = _sds((instances, tokens, ecfg.d_model), _compute_dtype(config))
-    piece = _module_piece(None, enc.layers, call, x, None, trainable=config.is_trainable(f"encoders/{name}"),
+    piece = _module_piece(None, layers, call, x, None, trainable=config.is_trainable(f"encoders/{name}"),
                           lora_only=lora is not None)
     key = ("encoder_layer", type(ecfg).__name__, ecfg.d_model, ecfg.n_heads, ecfg.d_ff, ecfg.activation,
-           isinstance(ecfg, AudioConfig), lora, config.dtype, instances, tokens, attention_impl)
+           audio, lora, config.dtype, instances, tokens, attention_impl)
     return dataclasses.replace(piece, key=key)
 
 
@@ -187,9 +192,9 @@ def stem_piece(config: ModelConfig, name: str, *, instances: int, tokens: int, a
     if isinstance(ecfg, VisionConfig):
         patches = tokens - (1 if ecfg.class_token else 0)
         grid = max(1, round(math.sqrt(patches)))
-        if grid * grid != ecfg.num_patches:
-            ecfg = dataclasses.replace(ecfg, image_size=grid * ecfg.patch_size)
-            scale = tokens / ecfg.num_positions
+        # The patch grid of its tokens (HF rounds image_size / patch_size down: SigLIP-so400m's 384 / 14 is 27).
+        ecfg = dataclasses.replace(ecfg, image_size=grid * ecfg.patch_size)
+        scale = tokens / ecfg.num_positions
         one = config.replace(encoders={**config.encoders, name: dataclasses.replace(ecfg, n_layers=1)})
         enc = nnx.eval_shape(lambda: build_encoder(one, name, rngs=nnx.Rngs(0)))
         x = _sds((instances, ecfg.image_size, ecfg.image_size, ecfg.num_channels), jnp.float32)
@@ -277,6 +282,9 @@ def compile_op(piece: _Piece, op: str, device: CompileDevice) -> dict:
     key = (piece.key, mask_key(piece.mask) if op in ("w", "bw") else None, op, device.name)
     if key in _CACHE:
         return _CACHE[key]
+    if str(key) in _DISK["figures"]:
+        _CACHE[key] = dict(_DISK["figures"][str(key)])
+        return _CACHE[key]
     fn, args = _program(piece, op)
     compiled, compile_s, lowered = compile_on_target(jax.jit(fn), device.place(args), device.mesh,
                                                      what=f"{device.name}: {piece.key[0]} op {op}")
@@ -293,7 +301,20 @@ def compile_op(piece: _Piece, op: str, device: CompileDevice) -> dict:
         seconds = max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
         unit = seconds * chip.peak_flops
     _CACHE[key] = {"flops": flops, "bytes": nbytes, "seconds": seconds, "cost": unit, "compile_s": compile_s}
+    if _DISK["path"] is not None:
+        _DISK["figures"][str(key)] = _CACHE[key]
+        with open(_DISK["path"], "w") as fh:
+            json.dump(_DISK["figures"], fh)
     return _CACHE[key]
+
+
+def use_cache_file(path: str | None) -> None:
+    """Keep every compiled figure in the JSON file ``path`` too (read now if it exists): a run that stops resumes
+    without compiling again. None: memory only."""
+    _DISK["path"], _DISK["figures"] = path, {}
+    if path is not None and os.path.exists(path):
+        with open(path) as fh:
+            _DISK["figures"] = json.load(fh)
 
 
 # ----------------------------------------------------------------------------------------------------------------
