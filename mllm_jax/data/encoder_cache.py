@@ -393,16 +393,15 @@ def _local_copy(state, mesh):
     shardings) or, when an array spans other processes' devices, its whole value gathered from them
     (``distributed.to_host``, a collective) and laid out on the local ``mesh`` by the array's own spec."""
     import jax
-    from jax.sharding import NamedSharding
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from mllm_jax import distributed
 
     def one(a):
         if a.is_fully_addressable:
             return a.copy()
-        spec = a.sharding.spec if isinstance(a.sharding, NamedSharding) else None
-        full = distributed.to_host(a)
-        return jax.device_put(full, NamedSharding(mesh, spec) if spec is not None else mesh.devices.flat[0])
+        spec = a.sharding.spec if isinstance(a.sharding, NamedSharding) else P()  # else: replicated
+        return jax.device_put(distributed.to_host(a), NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state)
 
