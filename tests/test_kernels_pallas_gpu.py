@@ -2,6 +2,8 @@
 families; its in-kernel tile count against the exact non-empty tiles; and its compile through Triton for an H100 (forward
 and backward) by the deviceless CUDA back end on this CPU machine."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,3 +174,39 @@ def test_h100_block_table_entry_compiles_and_the_next_larger_is_refused():
     compile_on_one_device("gpu:h100:1x1", grad(64, 128), spec(hq), spec(hkv), spec(hkv), meta)
     with pytest.raises(Exception, match="Shared memory size limit exceeded"):
         compile_on_one_device("gpu:h100:1x1", grad(128, 64), spec(hq), spec(hkv), spec(hkv), meta)
+
+
+def test_gpu_timing_script_smoke_runs_every_path_and_refuses_cpu_without_it(tmp_path, capsys):
+    """benchmarks/attention_gpu.py (the GPU timing run, docs/kernels.md): without a GPU it refuses, naming the
+    backend; --interpret_smoke runs every code path (our kernel and JAX's Pallas anchor in interpret mode, cuDNN's
+    call with implementation="xla"; causal covers is_causal and the anchor's causal mask, packed the dense mask and
+    segment ids) and our kernel's output matches kernels.reference; the model counts exactly the non-empty tiles."""
+    from benchmarks import attention_gpu
+    from mllm_jax.kernels.pallas_tpu import TILE_FLOPS
+    from mllm_jax.train.targets import CHIPS
+
+    out = tmp_path / "gpu.json"
+    with pytest.raises(SystemExit, match="backend is 'cpu'"):
+        attention_gpu.main(["--out", str(out), "--in_process"])
+    assert not out.exists()
+    got = attention_gpu.main(["--out", str(out), "--interpret_smoke", "--in_process", "--families", "causal,packed"])
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg, s = attention_gpu.SMOKE_RUN, attention_gpu.SMOKE_RUN["sizes"][0]
+    assert got["interpret_smoke"] and got["backend"] == "cpu" and not got["partial"]
+    for fam in ("causal", "packed"):
+        for impl in attention_gpu.IMPLS:
+            t = got["gpu_ms"][fam][f"{impl}@{s}"]
+            assert isinstance(t, dict) and t["fwd"] > 0 and t["fwd_bwd"] > 0, (fam, impl, t)
+        for key in ("measured_over_model", "speedup_vs_cudnn", "speedup_vs_pallas_anchor"):
+            assert set(got[key][f"{fam}@{s}"]) == {"fwd", "fwd_bwd"}, (key, fam)
+        err = got["max_abs_err"][f"{fam}@{s}"]
+        assert err["ours_vs_reference"] < 1e-4 and err["ours_vs_cudnn"] < 1e-4, (fam, err)
+        model = got["model_ms"][fam][str(s)]
+        meta = make_meta(fam, 1, s, seed=s)
+        bq, bk = cfg["blocks"]
+        live = int((dense_block_map(meta, meta, bq, bk) != SKIP).sum())  # the brute-force count of non-empty tiles
+        assert model["live_tiles_per_head"] == live, (fam, model)
+        flops = sum(TILE_FLOPS.values()) * cfg["hq"] * live * bq * bk * cfg["head_dim"]
+        np.testing.assert_allclose(model["flops_ms"], 1e3 * flops / CHIPS["h100"].peak_flops, rtol=1e-12)
+    assert got["max_abs_err"][f"causal@{s}"]["anchor_vs_reference"] < 1e-4  # the anchor's causal mask is exact there
+    assert "cudnn" not in got["mask_used"]["cudnn:causal"] and "is_causal" in got["mask_used"]["cudnn:causal"]
