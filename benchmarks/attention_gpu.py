@@ -10,9 +10,9 @@ compiled and warmed up, block_until_ready, the median of --repeats runs, of
 - "ours":   kernels.attention(impl="pallas_gpu") at pallas_gpu.default_blocks(.., "h100"); the metadata are traced
             arguments (as in training), so the block map and its compaction are inside the timed function;
 - "cudnn":  jax.nn.dot_product_attention(implementation="cudnn"): the causal family with is_causal=True (cuDNN's own
-            causal mask); every other family with the family's dense bool mask [1, 1, S, S] built before timing, which
-            jax turns into an additive bias (cuDNN has no span or segment mask): the exact mask, but a dense S x S
-            kernel with no tile skipping;
+            causal mask); every other family with the family's dense mask as an additive bias [1, 1, S, S] (0 / -2^41,
+            what jax makes of a bool mask for cuDNN) built before timing (cuDNN has no span or segment mask): the
+            exact mask, but a dense S x S kernel with no tile skipping, and cuDNN's backward also writes dbias;
 - "anchor": jax.experimental.pallas.ops.gpu.attention.mha (JAX's Pallas GPU attention) at its default blocks. No
             GQA (K/V are repeated to the query heads before timing; the repeat and the group sum of dK/dV are not
             timed), and only causal and segment-id masks: every family runs causal (packed: causal + segment ids),
@@ -184,12 +184,16 @@ def _impl(impl: str, cfg: dict, family: str, s: int):
 
             return _jitted(("cudnn", "causal", s), sdpa_causal), (), f"is_causal=True ({sdpa})", 1
 
-        def sdpa_masked(q, k, v, dense):
-            return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation=sdpa)
+        def sdpa_bias(q, k, v, bias):
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=sdpa)
 
-        dense = jax.jit(lambda m: mask(m, m)[:, None])(TokenMeta(*(jnp.asarray(a) for a in meta)))
-        return _jitted(("cudnn", "mask", s), sdpa_masked), (dense,), \
-            f"dense bool mask [1, 1, S, S] -> additive bias ({sdpa})", 1
+        # The additive bias jax would make of a bool mask (0 / -2^41, its cuDNN-safe large negative), built here so
+        # the conversion is not timed.
+        dtype = jnp.dtype(cfg["dtype"])
+        bias = jax.jit(lambda m: jnp.where(mask(m, m)[:, None], 0.0, -2.0**41).astype(dtype))(
+            TokenMeta(*(jnp.asarray(a) for a in meta)))
+        return _jitted(("cudnn", "bias", s), sdpa_bias), (bias,), \
+            f"the family's dense mask as an additive bias [1, 1, S, S] ({sdpa})", 1
     if impl != "anchor":
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     _, mha = find_anchor()

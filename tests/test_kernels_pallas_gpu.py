@@ -179,7 +179,7 @@ def test_h100_block_table_entry_compiles_and_the_next_larger_is_refused():
 def test_gpu_timing_script_smoke_runs_every_path_and_refuses_cpu_without_it(tmp_path, capsys):
     """benchmarks/attention_gpu.py (the GPU timing run, docs/kernels.md): without a GPU it refuses, naming the
     backend; --interpret_smoke runs every code path (our kernel and JAX's Pallas anchor in interpret mode, cuDNN's
-    call with implementation="xla"; causal covers is_causal and the anchor's causal mask, packed the dense mask and
+    call with implementation="xla"; causal covers is_causal and the anchor's causal mask, packed the dense bias and
     segment ids) and our kernel's output matches kernels.reference; the model counts exactly the non-empty tiles."""
     from benchmarks import attention_gpu
     from mllm_jax.kernels.pallas_tpu import TILE_FLOPS
