@@ -19,9 +19,9 @@ compiled and warmed up, block_until_ready, the median of --repeats runs, of
             the nearest mask it supports, not the family's (images' bidirectional spans are not expressible).
 One case is (family, S, implementation); a case that raises records its error string and the run goes on. Unless
 --in_process, the cases run in a worker process that the driver restarts past a case that exceeds --case_timeout_s
-(recorded as timed out) or crashes, so the run never hangs; cases left when --budget_s has passed are recorded as
-skipped. The driver rewrites --out after every case ("partial": true until the end), so a run cut short keeps its
-numbers.
+(recorded as timed out) or crashes, so the run never hangs (a worker that dies before its first case, e.g. on an
+import, ends the run with that error on every case); cases left when --budget_s has passed are recorded as skipped.
+The driver rewrites --out after every case ("partial": true until the end), so a run cut short keeps its numbers.
 
 Next to each time, a MODEL of our kernel (not a measurement), from its tile lists and block specs:
 
@@ -322,6 +322,7 @@ def run_in_workers(cfg: dict, cases: list, deadline: float, case_timeout_s: floa
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", spec],
                                 stdout=subprocess.PIPE, text=True)
         lines: queue.Queue = queue.Queue()
+        started = False
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         while pending:
             try:
@@ -332,6 +333,12 @@ def run_in_workers(cfg: dict, cases: list, deadline: float, case_timeout_s: floa
                 results[pending.pop(0)] = {"error": f"timed out after --case_timeout_s={case_timeout_s:g} s"}
                 if progress:
                     progress(info, results)
+                break
+            if line is None and not started:  # it died before reporting its device (an import, the GPU's start):
+                rc = proc.wait()  # every fresh worker would too, so the run stops here (its stderr says why)
+                results.update({c: {"error": f"worker process exited with rc={rc} before its first case"}
+                                for c in pending})
+                pending = []
                 break
             if line is None:  # the worker ended before every case reported
                 rc = proc.wait()
@@ -347,7 +354,7 @@ def run_in_workers(cfg: dict, cases: list, deadline: float, case_timeout_s: floa
                 proc.wait()
                 raise SystemExit(msg["refused"])
             if "info" in msg:
-                info = msg["info"]
+                info, started = msg["info"], True
                 continue
             case = tuple(msg["case"])
             results[case] = msg["result"]
