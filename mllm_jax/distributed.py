@@ -218,9 +218,13 @@ def host_local_slice(global_batch_rows: int, mesh, batch_axes=BATCH_AXES) -> sli
 
 
 def take_host_rows(batch_tree, mesh, axis: int = 0, batch_axes=BATCH_AXES):
-    """This process's rows (``host_local_slice``) of every leaf of a batch that every host holds in full."""
+    """This process's rows (``host_local_slice``) of every leaf of a batch that every host holds in full. One process
+    holds every row: the tree as it is (rows need not divide over the shards then: a native tower's patch rows, which
+    placement lays out by what divides them)."""
     import jax
 
+    if jax.process_count() == 1:
+        return batch_tree
     return jax.tree.map(lambda x: x[(slice(None),) * axis + (host_local_slice(x.shape[axis], mesh, batch_axes),)],
                         batch_tree)
 
