@@ -353,7 +353,12 @@ def test_synthetic_native_batches_are_valid_and_captions_match_the_pixels():
                 assert motion @ direction > len(x) - 1, (s.answer, motion)
                 assert abs(motion @ direction[::-1]) < 1.0, (s.answer, motion)
                 moves += 1
-    assert len(grids) >= 6 and moves >= 5
+    # Every size the generator draws (blocks of patch x merge = 8 px a side) appears among the first 40 samples.
+    blocks = lambda lo_hi: range(lo_hi[0], lo_hi[1] + 1)  # noqa: E731
+    image, video = blocks(synthetic.NATIVE_IMAGE_BLOCKS), blocks(synthetic.NATIVE_VIDEO_BLOCKS)
+    sizes = {(8 * h, 8 * w, 3) for h in image for w in image}
+    sizes |= {(t, 8 * h, 8 * w, 3) for t in synthetic.NATIVE_VIDEO_FRAMES for h in video for w in video}
+    assert grids == sizes and len(sizes) >= 5 and moves >= 5
 
 
 def test_synthetic_batches_of_a_windowed_tower_are_window_major_and_valid():
