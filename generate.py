@@ -19,8 +19,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a run's workdir (config.gin, tokenizer.json, checkpoints/)")
 flags.DEFINE_multi_string("image", [], "image file(s) to caption (PNG, JPEG, ...), resized to the model's size")
 flags.DEFINE_string("prompt", "<image> describe the image .", "the user's turn; one <image> per --image")
-flags.DEFINE_integer("synthetic", 0, "caption this many held-out synthetic samples and report caption_exact and "
-                     "word_accuracy as the last line (JSON)")
+flags.DEFINE_integer("synthetic", 0, "caption this many held-out synthetic samples and report caption_exact, "
+                     "word_accuracy and per task and word (image_shape, video_motion, ...) as the last line (JSON)")
 flags.DEFINE_integer("max_new_tokens", 16, "tokens to generate at most (the caption ends at <eos>)")
 flags.DEFINE_float("temperature", 0.0, "0: greedy")
 flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
@@ -68,7 +68,8 @@ def _main(argv) -> int:
         for s, c in zip(samples, got):
             print(f"{s.task}: {c!r} (answer {s.answer!r})")
         scores = captions.caption_scores(got, [s.answer for s in samples])
-        print(json.dumps({**scores, "samples": len(samples), "step": run.step}))
+        slots = captions.slot_scores(got, [s.answer for s in samples])  # per task and word (image_shape, ...)
+        print(json.dumps({**scores, **slots, "samples": len(samples), "step": run.step}))
         return 0
     if "vision" not in cfg.model.encoders:
         raise ValueError(f"--image needs a model with a 'vision' encoder; this one has {sorted(cfg.model.encoders)}")

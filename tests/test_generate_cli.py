@@ -54,7 +54,7 @@ def test_synthetic_captions_and_scores(run):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     scores = json.loads(lines[-1])
-    assert set(scores) == {"caption_exact", "word_accuracy", "samples", "step"}
+    assert {"caption_exact", "word_accuracy", "samples", "step", "image_shape"} <= set(scores)
     assert scores["samples"] == 5 and scores["step"] == run.step
     # The printed captions, scored again here, give the JSON's numbers; and they are the library's captions.
     from mllm_jax.data.tokenizer import TextCodec
@@ -67,7 +67,9 @@ def test_synthetic_captions_and_scores(run):
     want = captions.generate_captions(run.model, captions.make_builder(run.config.model, run.config.data, codec),
                                       samples)
     assert [c for c, _ in pairs] == want
-    assert scores == {**captions.caption_scores(want, [s.answer for s in samples]), "samples": 5, "step": run.step}
+    answers = [s.answer for s in samples]
+    assert scores == {**captions.caption_scores(want, answers), **captions.slot_scores(want, answers), "samples": 5,
+                      "step": run.step}
 
 
 def test_image_file_caption(run, tmp_path):
