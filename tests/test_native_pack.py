@@ -421,18 +421,18 @@ def test_a_video_with_no_frames_and_a_tiny_image_are_named_or_resized():
     assert (batch["input_ids"][1] == 3).sum() * 4 * 16 >= 16 * 16 and (seg > 0).sum() == (batch["input_ids"] == 3).sum() * 4
 
 
-def test_encoder_balance_keeps_packed_rows_and_the_cache_refuses_native_towers():
+def test_encoder_balance_keeps_packed_rows():
+    """Native rows stay as packed (the balancer moves whole instances of fixed-size towers only); the feature cache
+    of native towers is tests/test_encoder_cache.py's."""
     import jax
 
-    from mllm_jax.data import SyntheticBatches, encoder_balance, encoder_cache
+    from mllm_jax.data import SyntheticBatches, encoder_balance
     from mllm_jax.parallel.config import ParallelConfig
 
     mc = _native_model()
     batch = SyntheticBatches(mc, _native_data(), microbatches=2).batch_at(0)
     out = encoder_balance.prepare(batch, mc, ParallelConfig(data=2, fsdp=4), "balanced", leading=1)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(batch)))
-    with pytest.raises(ValueError, match=r"encoder_cache does not support native-resolution encoders \(\['vision'\]"):
-        encoder_cache.FrozenEncoders(types.SimpleNamespace(config=mc, rule_table=None), None, None, ["vision"])
 
 
 @pytest.mark.parametrize("kind,tps", [("qwen2_vl", 0.0), ("qwen2_5_vl", 4.0)])
