@@ -46,6 +46,15 @@ def _compiled_cost(fn, *args) -> tuple[float, int]:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"]), compiled.memory_analysis().temp_size_in_bytes
 
 
+
+def _nudge_one_weight(enc) -> None:
+    """The frozen tower with one weight moved by one ulp: another tower for the cache's fingerprint."""
+    leaves, treedef = jax.tree_util.tree_flatten(enc.states["vision"])
+    a = np.array(leaves[0])
+    a.flat[0] = np.nextafter(a.flat[0], np.float32(np.inf))
+    leaves[0] = jax.device_put(a, leaves[0].sharding)
+    enc.states["vision"] = jax.tree_util.tree_unflatten(treedef, leaves)
+
 def test_frozen_encoder_grad_step_costs_one_encoder_forward():
     """Compiled FLOPs (XLA's cost analysis of the CPU program): the gradient step with a frozen encoder costs the
     step from precomputed features plus one encoder forward, to 2%: no backward (its dX alone would add ~1 forward,
@@ -190,11 +199,7 @@ def test_native_resolution_instances_are_cached_by_content(tmp_path):
         (s0, c0), (s1, c1) = loss(model, unstack_first(batch)), loss(model, unstack_first(out))
     np.testing.assert_allclose(float(s1 / c1), float(s0 / c0), rtol=1e-6)
     # Another tower (one ulp of one weight): another folder, every instance a miss.
-    leaves, treedef = jax.tree_util.tree_flatten(enc.states["vision"])
-    a = np.array(leaves[0])
-    a.flat[0] = np.nextafter(a.flat[0], np.float32(np.inf))
-    leaves[0] = jax.device_put(a, leaves[0].sharding)
-    enc.states["vision"] = jax.tree_util.tree_unflatten(treedef, leaves)
+    _nudge_one_weight(enc)
     other = ec.open_cache(str(tmp_path), config, data, enc)
     assert other.stores["vision"].directory != cache.stores["vision"].directory
     other.features(batch, stream.instance_keys(0), enc)
@@ -207,11 +212,7 @@ def test_changed_encoder_weights_config_or_preprocessing_invalidate(tmp_path):
     cache.features(stream.batch_at(0), stream.instance_keys(0), enc)
     folder = cache.stores["vision"].directory
     # One weight changed by one ulp: another fingerprint, another folder, every instance a miss.
-    leaves, treedef = jax.tree_util.tree_flatten(enc.states["vision"])
-    a = np.array(leaves[0])
-    a.flat[0] = np.nextafter(a.flat[0], np.float32(np.inf))
-    leaves[0] = jax.device_put(a, leaves[0].sharding)
-    enc.states["vision"] = jax.tree_util.tree_unflatten(treedef, leaves)
+    _nudge_one_weight(enc)
     other = ec.open_cache(str(tmp_path), config, DATA, enc)
     assert other.stores["vision"].directory != folder
     other.features(stream.batch_at(0), stream.instance_keys(0), enc)
