@@ -37,7 +37,7 @@ def _samples():
     for h, w in ((24, 40), (48, 24), (32, 32)):
         out.append(synthetic.Sample("image", "<image> describe the image .", "a red circle at the top left",
                                     [("vision", synthetic.native_image(rng, h, w, "red", "circle", 0, 0))]))
-    for t, motion in ((4, "left"), (6, "down")):
+    for t, motion in ((4, "down"), (6, "left")):  # the 6-frame clip travels along its 32-px side
         clip = synthetic.native_video(rng, t, 24, 32, "blue", "square", motion)
         out.append(synthetic.Sample("video", "<image> describe the image .", f"a blue square moving {motion}",
                                     [("vision", clip)]))
