@@ -5,7 +5,8 @@ At these lengths the LLM attention takes the tiled path (kernels.tiled), per sha
 splits the batch or heads: before that, `data=2` at 2048 tokens crashed ("dynamic_slice on sharded dims"). The oracle
 is the data=8 run of the same model and data; the layouts only reorder float sums. One length (the longer) keeps the
 suite's time; at 2048 tokens tests/test_context_integration.py checks the model's loss and gradients under context
-parallelism and tests/test_kernels_tiled.py the sharded tiled attention."""
+parallelism and tests/test_kernels_tiled.py the sharded tiled attention. FSDP shards the batch as data does (the same
+per-shard tiled path); fsdp x tensor trains like data parallelism in tests/test_train_parallel.py (with pipeline)."""
 
 import numpy as np
 import pytest
@@ -24,7 +25,6 @@ def _base(seq_len):
 
 LAYOUTS = {
     4096: [
-        ["ParallelConfig.fsdp = 4", "ParallelConfig.tensor = 2"],
         ["ParallelConfig.data = 2", "ParallelConfig.context = 4", "ContextConfig.attention = 'allgather'"],
         ["ParallelConfig.data = 2", "ParallelConfig.context = 2", "ParallelConfig.tensor = 2",
          "ContextConfig.attention = 'ring'"],

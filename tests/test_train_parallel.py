@@ -61,8 +61,10 @@ def test_pipeline_trains_like_data_parallel(reference, tmp_path, layout):
 
 @pytest.mark.slow
 def test_context_parallel_trains_like_data_parallel_in_every_mode(reference, tmp_path):
+    # zigzag and balanced through train.py; every mode's model loss and gradients: test_context_integration.py
+    # (uniform and lpt only permute the host batch differently; the planner tests check their permutations).
     layouts = [(["ParallelConfig.data = 4", "ParallelConfig.context = 2", "ContextConfig.block = 16"], mode)
-               for mode in ("uniform", "zigzag", "lpt", "balanced")]
+               for mode in ("zigzag", "balanced")]
     # The block chosen from the ring's kernel tile (ContextConfig.block = "auto": kernels.tiled's 32 x 32 on the
     # 32-token shards here, so 32-token blocks).
     layouts.append((["ParallelConfig.data = 2", "ParallelConfig.context = 2", "ParallelConfig.tensor = 2",
