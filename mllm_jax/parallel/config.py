@@ -50,8 +50,18 @@ class ParallelConfig:
     # activation memory), "1f1b_fb" (a forward and a backward paired per tick: the async 1F1B time in lockstep, about
     # twice 1F1B's activations) or "auto" (the planner's choice, by simulating each on the model's costs).
     pipeline_schedule: str = "1f1b"
+    # With fsdp > 1: each pipeline stage casts its layer weights to the compute dtype and FSDP-gathers them once per
+    # step, before the schedule's first tick, instead of gathering each layer (as stored, float32) for every
+    # forward, recompute and backward of every microbatch. Costs the stage's gathered weights in the compute dtype,
+    # held for the whole step (docs/pipeline.md, "Memory").
+    pipeline_fsdp_gather_once: bool = False
     context_config: ContextConfig = field(default_factory=ContextConfig)
     rules: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.pipeline_fsdp_gather_once, bool):
+            raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
+                             f"{self.pipeline_fsdp_gather_once!r}")
 
     @property
     def axis_sizes(self) -> dict:
