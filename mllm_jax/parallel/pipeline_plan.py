@@ -20,6 +20,7 @@ from the real layers for the target by mllm_jax.train.layer_costs) through ``pla
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -596,6 +597,9 @@ class PipelinePlan:
     runtime: Placement | None = None
     lockstep_search: LockstepSplit | None = None
     cost_source: str = "analytic"  # the per-layer costs planned on: "analytic", or a LayerCosts table's source
+    # plan_microbatches: every microbatch count it simulated (MicrobatchChoice), the plan's own among them.
+    microbatch_choices: tuple = field(default=())
+    tick_seconds: float = 0.0  # the fixed cost per tick planned with (the ppermutes), in the plan's unit
 
     @property
     def llm_stage_layers(self) -> tuple:
@@ -619,13 +623,19 @@ def _pick_schedule(sims: dict, kind: str):
     return k, sims[k]
 
 
-def _simulations(ops: StageOps, M, kind) -> dict:
+def _simulations(ops: StageOps, M, kind, tick_seconds: float = 0.0) -> dict:
+    """Each schedule's Simulation; ``tick_seconds`` (the per-tick ppermute, not overlapped with compute) is added to
+    the time of every tick, so it counts as bubble (no stage computes while it runs)."""
     kinds = SCHEDULES_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
-    return {k: simulate(ops, M, k) for k in kinds}
+    sims = {k: simulate(ops, M, k) for k in kinds}
+    if tick_seconds:
+        sims = {k: dataclasses.replace(v, time=v.time + v.ticks * tick_seconds) for k, v in sims.items()}
+    return sims
 
 
 def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
-                      runtime_costs: ModelCosts | None = None, schedule: str = "auto") -> Placement:
+                      runtime_costs: ModelCosts | None = None, schedule: str = "auto",
+                      tick_seconds: float = 0.0) -> Placement:
     pieces = split_chain(costs.llm, counts)
     pieces[0] = [costs.embed] + pieces[0]
     pieces[-1] = pieces[-1] + [costs.head]
@@ -649,7 +659,7 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
 
     ops = runtime_stage_ops(rt.llm, counts, rt.head)
     ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
-    sims = _simulations(ops, M, schedule)
+    sims = _simulations(ops, M, schedule, tick_seconds)
     if schedule == "auto":  # the fastest schedule whose activations fit the budget (1F1B when none does)
         fitting = {k: v for k, v in sims.items() if k == "1f1b" or max(memory(k)) <= budget}
         kind, sim = _pick_schedule(fitting, "auto")
@@ -676,7 +686,8 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     )
 
 
-def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, schedule) -> tuple:
+def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, schedule,
+                        tick_seconds: float = 0.0) -> tuple:
     """Encoders on stages of their own, simulated as our lockstep runtime would run them: each encoder branch's
     stages end at the depth before the LLM's first stage (its successor), stages at one depth run the same op in the
     same tick (a tick lasts as long as the slowest of them). Returns (kind, Simulation, its bubble fraction over the
@@ -710,13 +721,14 @@ def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, 
                 work += float(per_op[sim.schedule.ops[:, d]].sum())
         return 1.0 - work / (n_physical * sim.time) if sim.time > 0 else 0.0
 
-    sims = _simulations(merged, M, schedule)
+    sims = _simulations(merged, M, schedule, tick_seconds)
     kind, sim = _pick_schedule(sims, schedule)
     return kind, sim, physical_bubble(sim), sims["1f1b"].time, physical_bubble(sims["1f1b"])
 
 
 def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_flops, budget,
-                         runtime: ModelCosts | None = None, schedule: str = "auto") -> Placement:
+                         runtime: ModelCosts | None = None, schedule: str = "auto",
+                         tick_seconds: float = 0.0) -> Placement:
     n_llm = len(llm_counts)
     pieces = split_chain(costs.llm, llm_counts)
     pieces[0] = [costs.embed] + pieces[0]
@@ -740,7 +752,7 @@ def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_
     sim_fields = ()
     if runtime is not None:
         kind, sim, bubble, t1, bubble1 = _own_stages_runtime(runtime, llm_counts, enc_counts, M, tensor * device_flops,
-                                                            schedule)
+                                                            schedule, tick_seconds)
         sim_fields = (sim.time, None, kind, bubble, t1, bubble1)
     return Placement(
         name, False, tuple(llm_counts), dict(enc_counts), llm_c, enc_c, 0.0, t, tuple(mem), max(mem) <= budget,
@@ -767,7 +779,7 @@ def _split_module(chain, stages, M, tensor, budget, offset, first=(), last=(), f
 
 
 def _own_stage_placement(name, costs, stage_counts, M, tensor, device_flops, budget, unaware=None, runtime=None,
-                         schedule="auto"):
+                         schedule="auto", tick_seconds=0.0):
     """stage_counts: {"llm": n, encoder: n}; layers split per module by min-max (frozen-unaware if ``unaware``)."""
     n_llm = stage_counts["llm"]
     enc_counts = {}
@@ -794,7 +806,7 @@ def _own_stage_placement(name, costs, stage_counts, M, tensor, device_flops, bud
         frozen_unaware_chain=None if unaware is None else unaware.llm,
     )
     return _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_flops, budget, runtime,
-                                schedule)
+                                schedule, tick_seconds)
 
 
 def _stage_allocations(total, encoders):
@@ -817,6 +829,7 @@ def plan_pipeline(
     megatron_stages: dict | None = None,
     schedule: str | None = None,
     layer_costs: LayerCosts | None = None,
+    tick_seconds: float = 0.0,
 ) -> PipelinePlan:
     """Choose the LLM layers per pipeline stage and where the encoders run.
 
@@ -830,9 +843,14 @@ def plan_pipeline(
     ``parallel.pipeline_schedule`` (what the run will execute). Every placement's ``runtime_time`` is simulated tick
     by tick under it, with the same per-layer costs. ``layer_costs``: per-layer op costs to plan on instead of the
     analytic ones (a LayerCosts table, e.g. compiled for the target: mllm_jax.train.layer_costs; ``with_layer_costs``);
-    the plan's ``cost_source`` says which.
+    the plan's ``cost_source`` says which. ``tick_seconds``: a fixed cost of every tick of the schedule, in the
+    plan's unit (seconds with ``device_flops`` the chip's FLOP/s): the ppermutes that end each tick, which the runtime
+    does not overlap with compute (``plan_microbatches`` prices them from the activation bytes and a link); 0: not
+    modelled. The microbatch count is ``parallel.microbatches`` here; ``plan_microbatches`` chooses it.
     """
     stages, M, tensor = parallel.pipeline, parallel.microbatches, parallel.tensor
+    if not tick_seconds >= 0:
+        raise ValueError(f"tick_seconds must be >= 0; got {tick_seconds!r}")
     if placement not in ("auto", "outside", "own_stages"):
         raise ValueError(f"placement must be auto, outside or own_stages; got {placement!r}")
     if stages < 1 or M < 1:
@@ -847,8 +865,8 @@ def plan_pipeline(
         raise ValueError(f"the LLM has {n_layers} layers, fewer than the {stages} pipeline stages")
     args = (M, tensor, device_flops, memory_budget)
     rt_args = (M, tensor, device_flops, memory_budget, stages, costs.runtime, schedule)
-    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args)
-    best_own = _best_own_stages(costs, stages, args, schedule) if placement != "outside" else None
+    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, tick_seconds)
+    best_own = _best_own_stages(costs, stages, args, schedule, tick_seconds) if placement != "outside" else None
     candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
         chosen = outside
@@ -859,14 +877,175 @@ def plan_pipeline(
         chosen = best_own
     else:
         chosen = min(candidates, key=lambda p: (not p.fits_memory, p.predicted_time))
-    cornstarch, megatron = _baselines(costs, stages, args, rt_args, cornstarch_stages, megatron_stages)
+    cornstarch, megatron = _baselines(costs, stages, args, rt_args, cornstarch_stages, megatron_stages,
+                                      tick_seconds)
     return PipelinePlan(
         chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates),
         runtime_placement, search, "analytic" if layer_costs is None else layer_costs.source,
+        tick_seconds=tick_seconds,
     )
 
 
-def _outside_placements(costs: PipelineCosts, stages, rt_args) -> tuple:
+# ----------------------------------------------------------------------------------------------------------------
+# The microbatch count: for a fixed batch per pipeline replica, M microbatches of rows / M rows each.
+
+# How many times an op moves a layer's weights through HBM (analytic bytes): F reads them once; B recomputes the
+# forward and multiplies the cotangent by them again; W recomputes and writes the weight gradient; BW all three.
+WEIGHT_PASSES = {"f": 1.0, "b": 2.0, "w": 2.0, "bw": 3.0}
+# ... and a microbatch's activations (its saved per-layer tensors, ``Layer.act_bytes``): F writes them, B and W
+# write them again in the recompute and read them in the vjp, BW once more.
+ACTIVATION_PASSES = {"f": 1.0, "b": 2.0, "w": 2.0, "bw": 3.0}
+
+
+@dataclass(frozen=True)
+class RowCosts:
+    """Per-layer op costs as functions of a microbatch's rows: each op's FLOPs and bytes accessed are affine in the
+    rows, a + b * rows (the fixed part: the layer's weights, which every op reads again whatever the microbatch;
+    the per-row part: its tokens' work and activations), and its time the roofline max(FLOPs / peak, bytes / HBM
+    bandwidth). ``ops``: {layer name: {op: (flops_fixed, flops_per_row, bytes_fixed, bytes_per_row)}}, ops of
+    ``OPS`` as in LayerCosts; ``source`` as LayerCosts'. Fitted from compiled ops at two microbatch sizes
+    (mllm_jax.train.layer_costs.compiled_row_costs) or from the analytic model (``analytic_row_costs``)."""
+
+    ops: dict
+    peak_flops: float
+    hbm_bandwidth: float
+    source: str = "table"
+
+    def __post_init__(self):
+        if not (self.peak_flops > 0 and self.hbm_bandwidth > 0):
+            raise ValueError(f"RowCosts needs peak_flops and hbm_bandwidth > 0; got {self.peak_flops!r}, "
+                             f"{self.hbm_bandwidth!r}")
+
+    def seconds(self, layer: str, op: str, rows: float) -> float:
+        ff, fr, bf, br = self.ops[layer][op]
+        return max((ff + fr * rows) / self.peak_flops, (bf + br * rows) / self.hbm_bandwidth)
+
+    def at(self, rows: float) -> LayerCosts:
+        """The LayerCosts table of microbatches of ``rows`` rows, in the planner's unit: roofline seconds x peak
+        (plan with ``device_flops=peak_flops`` to report seconds)."""
+        if rows <= 0:
+            raise ValueError(f"rows must be > 0; got {rows}")
+        return LayerCosts({name: {op: self.seconds(name, op, rows) * self.peak_flops for op in ops}
+                           for name, ops in self.ops.items()}, source=f"{self.source}@{rows:g}rows")
+
+
+def analytic_row_costs(costs_one_row: PipelineCosts, *, peak_flops: float, hbm_bandwidth: float,
+                       weight_bytes: float = 2.0) -> RowCosts:
+    """The analytic model as RowCosts, from its costs of a microbatch of one row: FLOPs all per row (the model's
+    FLOPs are linear in the rows); bytes fixed = the layer's parameters x ``weight_bytes`` (the compute dtype's) x
+    ``WEIGHT_PASSES[op]``, per row = its saved activations x ``ACTIVATION_PASSES[op]`` (an estimate of the traffic,
+    not a count of it: compiled costs measure both). The embedding lookup costs nothing (a gather)."""
+    flops = analytic_layer_costs(costs_one_row).ops
+    table = {}
+    for c in (c for chain in _chains(costs_one_row.runtime) for c in chain):
+        if c.layer.fwd == 0:
+            table[c.name] = {op: (0.0, 0.0, 0.0, 0.0) for op in OPS}
+            continue
+        wb = (c.layer.params + c.layer.lora_params) * weight_bytes
+        act = c.layer.act_bytes
+        table[c.name] = {op: (0.0, float(flops[c.name][op]), wb * WEIGHT_PASSES[op], act * ACTIVATION_PASSES[op])
+                         for op in OPS}
+    return RowCosts(table, peak_flops, hbm_bandwidth, source="analytic")
+
+
+def fit_row_costs(figures: dict, *, peak_flops: float, hbm_bandwidth: float, source: str) -> RowCosts:
+    """RowCosts from measured figures at two (or more) microbatch sizes: ``figures`` {rows: {layer: {op: (flops,
+    bytes)}}}; FLOPs and bytes each fitted as a + b * rows by least squares over the sizes, a and b clipped at 0
+    (a fixed part cannot be negative; rounding in the compiler's counts can make it so)."""
+    sizes = sorted(figures)
+    if len(sizes) < 2:
+        raise ValueError(f"fitting a + b * rows needs figures at two microbatch sizes at least; got {sizes}")
+    x = np.asarray(sizes, np.float64)
+
+    def fit(ys):
+        b, a = np.polyfit(x, np.asarray(ys, np.float64), 1)
+        return max(float(a), 0.0), max(float(b), 0.0)
+
+    first = figures[sizes[0]]
+    table = {}
+    for name, ops in first.items():
+        table[name] = {}
+        for op in ops:
+            fa, fb = fit([figures[r][name][op][0] for r in sizes])
+            ba, bb = fit([figures[r][name][op][1] for r in sizes])
+            table[name][op] = (fa, fb, ba, bb)
+    return RowCosts(table, peak_flops, hbm_bandwidth, source=source)
+
+
+@dataclass(frozen=True)
+class MicrobatchChoice:
+    """One microbatch count ``plan_microbatches`` simulated: ``rows`` per microbatch, the runtime placement's
+    simulated step time (``runtime_time``, ppermutes included) under ``schedule``, whether it fits the memory
+    budget, its peak per-device memory, and the per-tick cost it was priced with."""
+
+    microbatches: int
+    rows: int
+    runtime_time: float
+    fits_memory: bool
+    peak_memory: float
+    schedule: str
+    tick_seconds: float
+
+
+def divisors(n: int) -> tuple:
+    if n < 1:
+        raise ValueError(f"divisors of a positive integer; got {n}")
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def tick_seconds_for(boundary_bytes: float, *, link_bandwidth: float, link_latency: float) -> float:
+    """One tick's ppermutes: each stage sends one activation forward and one cotangent back (opposite directions of
+    a link, at once), ``boundary_bytes`` each: latency + bytes / one direction's bandwidth."""
+    if not (link_bandwidth > 0 and link_latency >= 0):
+        raise ValueError(f"link_bandwidth must be > 0 and link_latency >= 0; got {link_bandwidth!r}, "
+                         f"{link_latency!r}")
+    return link_latency + boundary_bytes / link_bandwidth
+
+
+def plan_microbatches(costs_at, parallel: ParallelConfig, *, rows: int, row_costs: RowCosts,
+                      link_bandwidth: float = INF, link_latency: float = 0.0, candidates=None,
+                      memory_budget: float = INF, **plan_kw) -> PipelinePlan:
+    """Choose the microbatch count with the stages and the schedule: for a fixed batch of ``rows`` rows per pipeline
+    replica, every M in ``candidates`` (default: the divisors of ``rows``, the counts the train step accepts) is
+    planned (``plan_pipeline``) on microbatches of rows / M rows, and the plan whose runtime placement (what
+    train.pipelined_step runs) has the least simulated step time within ``memory_budget`` is returned (the least
+    over budget when none fits; ties: the fewer microbatches). Its ``microbatch_choices`` lists every M tried.
+
+    What moves with M: each op's time is the roofline of FLOPs and bytes affine in the rows (``row_costs.at``), so
+    more, smaller microbatches shrink the pipeline's fill and drain but pay each op's fixed part (the weights read
+    again) and each tick's ppermutes (``tick_seconds_for``: the boundary activation of rows / M rows over one
+    direction of a link, ``link_bandwidth`` bytes/s, plus ``link_latency`` s) more often; the activations a stage
+    holds (its schedule's slots x one microbatch's saved inputs) shrink. ``costs_at(r)``: the model's PipelineCosts
+    for microbatches of ``r`` rows (e.g. ``lambda r: pipeline_costs(config, text_tokens=..., microbatch_size=r)``),
+    whose layer names are ``row_costs``'; ``plan_kw``: plan_pipeline's other options. Times are seconds on the
+    chip of ``row_costs``."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1; got {rows}")
+    cands = divisors(rows) if candidates is None else tuple(int(m) for m in candidates)
+    bad = [m for m in cands if m < 1 or rows % m]
+    if bad or not cands:
+        raise ValueError(f"microbatch candidates must divide rows={rows}; got {list(cands)}")
+    for k in ("layer_costs", "device_flops", "tick_seconds"):
+        if k in plan_kw:
+            raise ValueError(f"plan_microbatches sets {k} itself (from row_costs and the link); got {k}=")
+    best, choices = None, []
+    for M in cands:
+        r = rows // M
+        costs = costs_at(r)
+        tick = 0.0 if link_bandwidth == INF and link_latency == 0 else tick_seconds_for(
+            costs.runtime.llm[0].layer.io_bytes, link_bandwidth=link_bandwidth, link_latency=link_latency)
+        plan = plan_pipeline(costs, dataclasses.replace(parallel, microbatches=M), memory_budget=memory_budget,
+                             device_flops=row_costs.peak_flops, layer_costs=row_costs.at(r), tick_seconds=tick,
+                             **plan_kw)
+        p = plan.runtime
+        choices.append(MicrobatchChoice(M, r, p.runtime_time, p.fits_memory, max(p.stage_memory), p.schedule, tick))
+        key = (not p.fits_memory, p.runtime_time * (1 + 1e-12), M)
+        if best is None or key < best[0]:
+            best = (key, plan)
+    return dataclasses.replace(best[1], microbatch_choices=tuple(choices))
+
+
+def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: float = 0.0) -> tuple:
     """Encoders outside the pipeline: (the min-max split on the common yardstick (the 1F1B formula), the uniform
     split, the split with the least lockstep step time as parallel.pipeline runs it, that search)."""
     aware, runtime = costs.aware, costs.runtime
@@ -876,8 +1055,8 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args) -> tuple:
     counts = min_max_split(aware.llm, stages, microbatches=M, memory_budget=memory_budget, tensor=tensor, **ends)
     if counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
         counts = min_max_split(aware.llm, stages, microbatches=M, **ends)
-    outside = _evaluate_outside("ours:outside", aware, counts, *rt_args)
-    uniform = _evaluate_outside("uniform", aware, uniform_split(len(aware.llm), stages), *rt_args)
+    outside = _evaluate_outside("ours:outside", aware, counts, *rt_args, tick_seconds)
+    uniform = _evaluate_outside("uniform", aware, uniform_split(len(aware.llm), stages), *rt_args, tick_seconds)
     best = None
     for kind in (SCHEDULES_PLANNED if schedule == "auto" else (schedule,)):
         search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
@@ -885,7 +1064,7 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args) -> tuple:
         if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
             search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
                                     schedule=kind)
-        placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind)
+        placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind, tick_seconds)
         # Fitting the memory budget first (each schedule holds its own number of microbatches), then the fastest.
         if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
                                                                           best[0].runtime_time * (1 - 1e-12)):
@@ -901,7 +1080,7 @@ def _feasible_allocations(costs: ModelCosts, stages):
             yield alloc
 
 
-def _best_own_stages(costs: PipelineCosts, stages, args, schedule="auto") -> Placement | None:
+def _best_own_stages(costs: PipelineCosts, stages, args, schedule="auto", tick_seconds=0.0) -> Placement | None:
     """Encoders on their own stages: the best allocation (fitting memory first, then the fastest); None without
     encoders or with too few stages."""
     aware = costs.aware
@@ -909,13 +1088,15 @@ def _best_own_stages(costs: PipelineCosts, stages, args, schedule="auto") -> Pla
         return None
     best = None
     for alloc in _feasible_allocations(aware, stages):
-        p = _own_stage_placement("ours:own_stages", aware, alloc, *args, runtime=costs.runtime, schedule=schedule)
+        p = _own_stage_placement("ours:own_stages", aware, alloc, *args, runtime=costs.runtime, schedule=schedule,
+                                 tick_seconds=tick_seconds)
         if best is None or (p.fits_memory, -p.predicted_time) > (best.fits_memory, -best.predicted_time):
             best = p
     return best
 
 
-def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, megatron_stages) -> tuple:
+def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, megatron_stages,
+               tick_seconds=0.0) -> tuple:
     """(Cornstarch's placement: encoders on their own stages, Megatron-like: a frozen-unaware planner's split), both
     evaluated on the frozen-aware costs; Cornstarch's is None without encoders or with too few stages."""
     aware, unaware = costs.aware, costs.unaware
@@ -924,12 +1105,13 @@ def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, m
         # Text-only: the frozen-unaware baseline balances layers by its own costs on the one pipeline.
         counts = min_max_split(unaware.llm, stages, microbatches=args[0], first_extra=[unaware.embed],
                                last_extra=[unaware.head])
-        return None, _evaluate_outside("megatron_like", aware, counts, *rt_args)
+        return None, _evaluate_outside("megatron_like", aware, counts, *rt_args, tick_seconds)
     if stages <= len(enc_names):
         return None, None
     cs = cornstarch_stages or {"llm": stages - len(enc_names), **{e: 1 for e in enc_names}}
     _check_alloc(cs, enc_names, stages, "cornstarch_stages")
-    cornstarch = _own_stage_placement("cornstarch", aware, cs, *args, runtime=costs.runtime, schedule=rt_args[-1])
+    cornstarch = _own_stage_placement("cornstarch", aware, cs, *args, runtime=costs.runtime, schedule=rt_args[-1],
+                                      tick_seconds=tick_seconds)
     if megatron_stages is None:
         # A frozen-unaware planner picks the allocation that looks best on its own cost model.
         best_ref = None
@@ -940,7 +1122,7 @@ def _baselines(costs: PipelineCosts, stages, args, rt_args, cornstarch_stages, m
         megatron_stages = best_ref[1]
     _check_alloc(megatron_stages, enc_names, stages, "megatron_stages")
     return cornstarch, _own_stage_placement("megatron_like", aware, megatron_stages, *args, unaware=unaware,
-                                            runtime=costs.runtime, schedule=rt_args[-1])
+                                            runtime=costs.runtime, schedule=rt_args[-1], tick_seconds=tick_seconds)
 
 
 def _check_alloc(alloc, enc_names, stages, what):
@@ -990,4 +1172,11 @@ def format_plan(plan: PipelinePlan) -> str:
     for p in (plan.runtime, plan.uniform, plan.cornstarch, plan.megatron_like, *plan.alternatives):
         if p is not None and p is not plan.chosen:
             lines += _fmt_placement(p, unit)
+    if plan.microbatch_choices:
+        lines.append(f"microbatches chosen: {plan.microbatches} (least simulated step time of the runtime placement"
+                     f" within the memory budget; per-tick ppermutes {plan.tick_seconds:.3g} {unit}):")
+        for c in plan.microbatch_choices:
+            lines.append(f"  M={c.microbatches:<4d} {c.rows} rows each: {c.runtime_time:.4g} {unit} ({c.schedule}, "
+                         f"peak {c.peak_memory / 2**30:.3f} GiB{'' if c.fits_memory else ', OVER MEMORY BUDGET'}, "
+                         f"tick {c.tick_seconds:.3g} {unit})")
     return "\n".join(lines)

@@ -336,11 +336,44 @@ def compiled_layer_costs(config: ModelConfig, *, text_tokens: int, microbatch_si
     shape arguments), compiled for ``target`` (a targets.Target, or None / "cpu" for the host). ``ops``: "needed"
     (what the frozen rule runs at each layer's position) or "all". ``figures`` of the result: per layer kind and op,
     the compiled FLOPs, bytes and roofline seconds."""
+    table, figures, _ = _compiled(config, text_tokens=text_tokens, microbatch_size=microbatch_size, target=target,
+                                  ops=ops, kw=dict(instances=instances, encoder_tokens=encoder_tokens,
+                                                   feature_tokens=feature_tokens), log=log)
+    return table
+
+
+def compiled_row_costs(config: ModelConfig, *, text_tokens: int, target, rows=(1, 2), ops: str = "needed",
+                       instances=None, encoder_tokens=None, feature_tokens=None, chip=None, log=None):
+    """Per-layer op costs as functions of a microbatch's rows (``pipeline_plan.RowCosts``, what
+    ``plan_microbatches`` chooses the microbatch count on): every layer kind compiled for ``target`` (a TPU
+    targets.Target, or None / "cpu" for the host) at microbatches of each of ``rows`` rows, its compiled FLOPs and
+    bytes each fitted as a + b * rows (``pipeline_plan.fit_row_costs``), priced at the roofline of ``chip`` (default:
+    the target's; required on the host). The fixed part is what does not shrink with the rows: the weights every op
+    reads again."""
+    from mllm_jax.parallel.pipeline_plan import fit_row_costs
+
+    chip = chip if chip is not None else (None if target in (None, "cpu") else target.chip)
+    if chip is None:
+        raise ValueError("compiled_row_costs prices the roofline on a chip: give a TPU target, or chip= with the host")
+    rows = tuple(int(r) for r in rows)
+    if len(set(rows)) < 2 or min(rows) < 1:
+        raise ValueError(f"rows must name two or more distinct microbatch sizes >= 1; got {rows}")
+    kw = dict(instances=instances, encoder_tokens=encoder_tokens, feature_tokens=feature_tokens)
+    raw = {r: _compiled(config, text_tokens=text_tokens, microbatch_size=r, target=target, ops=ops, kw=kw,
+                        log=log)[2] for r in rows}
+    name = "cpu" if target in (None, "cpu") else target.topology
+    return fit_row_costs(raw, peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
+                         source=f"compiled:{name}")
+
+
+def _compiled(config: ModelConfig, *, text_tokens: int, microbatch_size: int, target, ops: str, kw: dict,
+              log=None) -> tuple:
+    """(LayerCosts, its figures per layer kind, {layer name: {op: (FLOPs, bytes)}}) compiled at one microbatch
+    size."""
     if ops not in ("needed", "all"):
         raise ValueError(f"ops must be 'needed' or 'all'; got {ops!r}")
     device = CompileDevice(None if target in (None, "cpu") else target)
     log = log or (lambda *_: None)
-    kw = dict(instances=instances, encoder_tokens=encoder_tokens, feature_tokens=feature_tokens)
     runtime = pipeline_costs(config, text_tokens=text_tokens, microbatch_size=microbatch_size, remat=True,
                              **kw).runtime
     shapes = modality_shapes(config, batch=microbatch_size, **kw)
@@ -365,22 +398,26 @@ def compiled_layer_costs(config: ModelConfig, *, text_tokens: int, microbatch_si
                                             attention_impl=impl)
             pieces[c.name] = (piece, c)
     table, figures = {runtime.embed.name: {op: 0.0 for op in OPS}}, {}
+    raw = {runtime.embed.name: {op: (0.0, 0.0) for op in OPS}}
     for lname, (piece, c) in pieces.items():
-        row = {}
+        row, raw_row = {}, {}
         for op in _needed(c, ops):
             fig = compile_op(piece, op, device)
             row[op] = fig["cost"]
+            raw_row[op] = (fig["flops"], fig["bytes"])
             figures.setdefault(piece.key[0] + ":" + lname.split("/")[0] + _kind_suffix(lname), {})[op] = fig
-        table[lname] = row
+        table[lname], raw[lname] = row, raw_row
     # The chunked loss recomputes each chunk's logits in its backward when the sequence has several chunks.
-    head = table[runtime.head.name]
+    hname = runtime.head.name
+    head, head_raw = table[hname], raw[hname]
     if chunk_length(b, seq, config.llm.vocab_size) < seq:
         for op in ("b", "w", "bw"):
             if op in head:
                 head[op] += head["f"]
+                head_raw[op] = tuple(x + y for x, y in zip(head_raw[op], head_raw["f"]))
     source = f"compiled:{device.name}"
     log(f"layer costs {source}: {len(_CACHE)} programs cached")
-    return LayerCosts(table, source=source, figures=figures)
+    return LayerCosts(table, source=source, figures=figures), figures, raw
 
 
 def _kind_suffix(lname: str) -> str:

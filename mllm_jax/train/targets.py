@@ -34,6 +34,7 @@ class Chip:
     cores_per_chip_in_name: int = 1  # Cloud TPU names: v4-8 / v5p-8 count TensorCores (2 per chip)
     cloud_prefix: str = ""  # Cloud TPU name prefix ("v5litepod" for v5e)
     gpu_config: str = ""  # GPU: the stream_executor.GpuTargetConfigProto text (get_topology_desc target_config)
+    link_bandwidth: float = 0.0  # bytes/s one way over one chip-to-chip link (ICI / NVLink): a ppermute's hop
 
     @property
     def hbm_gib(self) -> float:
@@ -63,18 +64,25 @@ _A100_MEMORY = 85100068864  # A100 SXM4 80 GB, as in XLA's a100_sxm_80.txtpb
 #   TPU: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (v5e 16 GiB / 197 TF / 819 GB/s; v5p 95 GiB / 459 TF /
 #   2765 GB/s; v4 32 GiB / 275 TF / 1200 GB/s; v6e 32 GiB / 918 TF / 1640 GB/s).
 #   GPU: NVIDIA's H100 SXM (989 TF dense bf16, 3.35 TB/s) and A100 SXM 80 GB (312 TF, 2.039 TB/s) data sheets.
+#   link_bandwidth, one way per link: TPU ICI v5p / v6e 90 GB/s, v5e / v4 45 GB/s ("How to Scale Your Model",
+#   jax-ml.github.io/scaling-book, part 2); GPU NVLink one way per GPU: H100 450 GB/s, A100 300 GB/s.
+# A pipeline tick's ppermute also pays a fixed latency; we assume PPERMUTE_LATENCY_S (not measured: an ICI hop is
+# about 1 us, the rest is the collective's launch and synchronisation), for the pipeline planner's microbatch count.
+PPERMUTE_LATENCY_S = 10e-6
 CHIPS: dict[str, Chip] = {c.name: c for c in (
-    Chip("v5e", "tpu", 16 * GiB, 197e12, 819e9, topology_name="v5e", dims=2, cloud_prefix="v5litepod"),
+    Chip("v5e", "tpu", 16 * GiB, 197e12, 819e9, topology_name="v5e", dims=2, cloud_prefix="v5litepod",
+         link_bandwidth=45e9),
     Chip("v5p", "tpu", 95 * GiB, 459e12, 2765e9, topology_name="v5p", dims=3, cores_per_chip_in_name=2,
-         cloud_prefix="v5p"),
+         cloud_prefix="v5p", link_bandwidth=90e9),
     Chip("v4", "tpu", 32 * GiB, 275e12, 1200e9, topology_name="v4", dims=3, cores_per_chip_in_name=2,
-         cloud_prefix="v4"),
-    Chip("v6e", "tpu", 32 * GiB, 918e12, 1640e9, topology_name="v6e", dims=2, cloud_prefix="v6e"),
-    Chip("h100", "gpu", _H100_MEMORY, 989e12, 3.35e12,
+         cloud_prefix="v4", link_bandwidth=45e9),
+    Chip("v6e", "tpu", 32 * GiB, 918e12, 1640e9, topology_name="v6e", dims=2, cloud_prefix="v6e",
+         link_bandwidth=90e9),
+    Chip("h100", "gpu", _H100_MEMORY, 989e12, 3.35e12, link_bandwidth=450e9,
          gpu_config=_gpu_config(name="NVIDIA H100 80GB HBM3", sms=132, fpus=128, smem_core=233472,
                                 smem_optin=232448, bandwidth=3.35232e12, l2=52428800, clock_ghz=1.98,
                                 memory=_H100_MEMORY, cc_major=9)),
-    Chip("a100", "gpu", _A100_MEMORY, 312e12, 2.039e12,
+    Chip("a100", "gpu", _A100_MEMORY, 312e12, 2.039e12, link_bandwidth=300e9,
          gpu_config=_gpu_config(name="NVIDIA A100-SXM4-80GB", sms=108, fpus=64, smem_core=167936,
                                 smem_optin=166912, bandwidth=2.03904e12, l2=41943040, clock_ghz=1.41,
                                 memory=_A100_MEMORY, cc_major=8)),
