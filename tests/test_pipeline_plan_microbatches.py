@@ -160,3 +160,30 @@ def test_compiled_row_costs_fixed_part_is_the_weights():
     assert bf + 4 * br == pytest.approx(at4["bytes"], rel=0.10)
     with pytest.raises(ValueError, match="chip"):
         compiled_row_costs(cfg, text_tokens=TOKENS, target=None)
+
+
+def test_dry_run_prints_the_planned_microbatch_count():
+    import gin
+
+    from mllm_jax.train import dry_run, loop
+
+    cfg = loop.load_run_config(["configs/vlm_tiny.gin"], ["ParallelConfig.data = 2", "ParallelConfig.fsdp = 2",
+                                                          "ParallelConfig.pipeline = 2"])
+    gin.clear_config()
+    lines = []
+    out = dry_run.report(cfg, print_fn=lines.append)
+    plan = out["microbatch_plan"]
+    rows = cfg.data.batch_size // 4  # a pipeline replica's rows: batch / (data x fsdp)
+    assert [c.microbatches for c in plan.microbatch_choices] == list(divisors(rows))
+    assert plan.microbatches == min(plan.microbatch_choices, key=lambda c: c.runtime_time).microbatches
+    text = "\n".join(lines)
+    assert f"microbatches chosen: {plan.microbatches}" in text and "ParallelConfig.microbatches is 1" in text
+    # Priced on v5p: the ppermute of one microbatch's boundary activation per tick (rows x seq_len x d_model; the
+    # cost model's 2-byte activations), the row's seq_len tokens including the injected features.
+    from mllm_jax.train.targets import CHIPS, PPERMUTE_LATENCY_S
+
+    c = plan.microbatch_choices[0]
+    act = c.rows * cfg.data.seq_len * cfg.model.llm.d_model * 2
+    assert c.tick_seconds == pytest.approx(PPERMUTE_LATENCY_S + act / CHIPS["v5p"].link_bandwidth)
+    loop.validate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, microbatches=plan.microbatches)),
+                  8)

@@ -926,7 +926,7 @@ class RowCosts:
         if rows <= 0:
             raise ValueError(f"rows must be > 0; got {rows}")
         return LayerCosts({name: {op: self.seconds(name, op, rows) * self.peak_flops for op in ops}
-                           for name, ops in self.ops.items()}, source=f"{self.source}@{rows:g}rows")
+                           for name, ops in self.ops.items()}, source=self.source)
 
 
 def analytic_row_costs(costs_one_row: PipelineCosts, *, peak_flops: float, hbm_bandwidth: float,
@@ -1172,11 +1172,18 @@ def format_plan(plan: PipelinePlan) -> str:
     for p in (plan.runtime, plan.uniform, plan.cornstarch, plan.megatron_like, *plan.alternatives):
         if p is not None and p is not plan.chosen:
             lines += _fmt_placement(p, unit)
-    if plan.microbatch_choices:
-        lines.append(f"microbatches chosen: {plan.microbatches} (least simulated step time of the runtime placement"
-                     f" within the memory budget; per-tick ppermutes {plan.tick_seconds:.3g} {unit}):")
-        for c in plan.microbatch_choices:
-            lines.append(f"  M={c.microbatches:<4d} {c.rows} rows each: {c.runtime_time:.4g} {unit} ({c.schedule}, "
-                         f"peak {c.peak_memory / 2**30:.3f} GiB{'' if c.fits_memory else ', OVER MEMORY BUDGET'}, "
-                         f"tick {c.tick_seconds:.3g} {unit})")
-    return "\n".join(lines)
+    return "\n".join(lines + format_microbatch_choices(plan))
+
+
+def format_microbatch_choices(plan: PipelinePlan) -> list:
+    """``plan_microbatches``' choice and every count it simulated, one line each (empty for a plan at a given M)."""
+    if not plan.microbatch_choices:
+        return []
+    unit = "FLOP" if plan.device_flops == 1.0 else "s"
+    lines = [f"microbatches chosen: {plan.microbatches} (the least simulated step time of the runtime placement "
+             f"within the memory budget; per-layer costs {plan.cost_source})"]
+    for c in plan.microbatch_choices:
+        lines.append(f"  M={c.microbatches:<4d} {c.rows} rows each: {c.runtime_time:.4g} {unit} ({c.schedule}, "
+                     f"peak {c.peak_memory / 2**30:.3f} GiB{'' if c.fits_memory else ', OVER MEMORY BUDGET'}, "
+                     f"tick {c.tick_seconds:.3g} {unit})")
+    return lines

@@ -120,9 +120,13 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
     print_fn("per-device memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
     if cfg.parallel.pipeline > 1:
         out["pipeline_plan"] = pipeline_plan(cfg)
-        from mllm_jax.parallel.pipeline_plan import format_plan
+        from mllm_jax.parallel.pipeline_plan import format_microbatch_choices, format_plan
 
         print_fn(format_plan(out["pipeline_plan"]))
+        out["microbatch_plan"] = microbatch_plan(cfg)
+        print_fn(f"microbatch count (ParallelConfig.microbatches is {cfg.parallel.microbatches}), planned on "
+                 f"{MICROBATCH_CHIP}'s figures:")
+        print_fn("\n".join(format_microbatch_choices(out["microbatch_plan"])))
     return out
 
 
@@ -134,7 +138,45 @@ def pipeline_plan(cfg: loop.RunConfig):
 
     pc, dc = cfg.parallel, cfg.data
     rows = max(1, dc.batch_size // (pc.microbatches * pc.data * pc.fsdp))
+    text, instances = _row_shapes(cfg)
+    return plan_pipeline(pipeline_costs(cfg.model, text_tokens=text, microbatch_size=rows, instances=instances), pc)
+
+
+def _row_shapes(cfg: loop.RunConfig) -> tuple:
+    """(text tokens, {encoder: instances}) of one row: samples_per_row samples with their encoder instances, in
+    DataConfig.seq_len tokens of which the instances' injected features take their share."""
+    from mllm_jax.costs import modality_shapes
+
+    dc = cfg.data
     slots = {"vision": dc.max_images, "audio": dc.max_audio}
     instances = {n: dc.samples_per_row * slots.get(n, 1) for n in cfg.model.encoders} or None
-    return plan_pipeline(pipeline_costs(cfg.model, text_tokens=dc.seq_len, microbatch_size=rows, instances=instances),
-                         pc)
+    injected = sum(sh.injected for sh in modality_shapes(cfg.model, instances=instances).values())
+    return max(dc.seq_len - injected, 1), instances
+
+
+# The chip the analytic microbatch recommendation is priced on (--dry_run has no target).
+MICROBATCH_CHIP = "v5p"
+
+
+def microbatch_plan(cfg: loop.RunConfig, chip=None):
+    """The planner's microbatch count for the run's batch (``plan_microbatches``): a pipeline replica's rows
+    (DataConfig.batch_size / (data x fsdp)) in M microbatches, M among their divisors (the counts the train step
+    accepts), on the analytic costs as a roofline of ``chip`` (targets.Chip; default MICROBATCH_CHIP): FLOPs, the
+    weights read again by every op, the per-tick ppermutes over one ICI link, the chip's HBM as the budget."""
+    from mllm_jax.costs import pipeline_costs
+    from mllm_jax.parallel.pipeline_plan import analytic_row_costs, plan_microbatches
+    from mllm_jax.train.targets import CHIPS, PPERMUTE_LATENCY_S
+
+    chip = chip or CHIPS[MICROBATCH_CHIP]
+    pc, dc = cfg.parallel, cfg.data
+    rows = max(1, dc.batch_size // (pc.data * pc.fsdp))
+    text, instances = _row_shapes(cfg)
+
+    def costs_at(r):
+        return pipeline_costs(cfg.model, text_tokens=text, microbatch_size=r, instances=instances)
+
+    weight_bytes = 2.0 if cfg.model.dtype == "bfloat16" else 4.0
+    row_costs = analytic_row_costs(costs_at(1), peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
+                                   weight_bytes=weight_bytes)
+    return plan_microbatches(costs_at, pc, rows=rows, row_costs=row_costs, link_bandwidth=chip.link_bandwidth,
+                             link_latency=PPERMUTE_LATENCY_S, memory_budget=chip.hbm_bytes, placement="outside")
