@@ -84,7 +84,10 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
     return total
 
 
-def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
+def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
+    """Print and return the dry run's figures. ``target``: the pipeline plan and its microbatch count on per-layer
+    costs compiled for it (a targets.Target: its compiler and chip, roofline seconds; "cpu": the host compiler's
+    FLOPs, the microbatch count priced on MICROBATCH_CHIP's figures); None: the analytic costs."""
     cfg = loop.for_devices(cfg, jax.device_count())
     loop.validate(cfg, jax.device_count())
     mesh = loop.build_mesh(cfg.parallel)
@@ -119,27 +122,43 @@ def report(cfg: loop.RunConfig, *, print_fn=print) -> dict:
     g = out["per_device_gib"]
     print_fn("per-device memory estimate (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in g.items()))
     if cfg.parallel.pipeline > 1:
-        out["pipeline_plan"] = pipeline_plan(cfg)
+        out["pipeline_plan"] = pipeline_plan(cfg, target=target)
         from mllm_jax.parallel.pipeline_plan import format_microbatch_choices, format_plan
 
         print_fn(format_plan(out["pipeline_plan"]))
-        out["microbatch_plan"] = microbatch_plan(cfg)
+        chip = _chip(target)
+        out["microbatch_plan"] = microbatch_plan(cfg, chip=chip, target=target)
         print_fn(f"microbatch count (ParallelConfig.microbatches is {cfg.parallel.microbatches}), planned on "
-                 f"{MICROBATCH_CHIP}'s figures:")
+                 f"{chip.name}'s figures:")
         print_fn("\n".join(format_microbatch_choices(out["microbatch_plan"])))
     return out
 
 
-def pipeline_plan(cfg: loop.RunConfig):
+def pipeline_plan(cfg: loop.RunConfig, target=None):
     """The frozen-aware planner's choice for the run's shapes: a microbatch of a data rank's rows, each row of
-    DataConfig.seq_len tokens holding samples_per_row samples with their encoder instances."""
+    DataConfig.seq_len tokens holding samples_per_row samples with their encoder instances; on the analytic costs,
+    or (``target``: a targets.Target or "cpu") on per-layer costs compiled for it (train.layer_costs: the plan's
+    ``cost_source`` says which; times in roofline seconds on a target's chip, FLOPs on "cpu")."""
     from mllm_jax.costs import pipeline_costs
     from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
     pc, dc = cfg.parallel, cfg.data
     rows = max(1, dc.batch_size // (pc.microbatches * pc.data * pc.fsdp))
     text, instances = _row_shapes(cfg)
-    return plan_pipeline(pipeline_costs(cfg.model, text_tokens=text, microbatch_size=rows, instances=instances), pc)
+    costs = pipeline_costs(cfg.model, text_tokens=text, microbatch_size=rows, instances=instances)
+    if target is None:
+        return plan_pipeline(costs, pc)
+    from mllm_jax.train.layer_costs import compiled_layer_costs
+
+    table = compiled_layer_costs(cfg.model, text_tokens=text, microbatch_size=rows, target=target,
+                                 instances=instances)
+    return plan_pipeline(costs, pc, layer_costs=table, device_flops=1.0 if target == "cpu" else target.chip.peak_flops)
+
+
+def _chip(target):
+    from mllm_jax.train.targets import CHIPS
+
+    return CHIPS[MICROBATCH_CHIP] if target in (None, "cpu") else target.chip
 
 
 def _row_shapes(cfg: loop.RunConfig) -> tuple:
@@ -158,16 +177,18 @@ def _row_shapes(cfg: loop.RunConfig) -> tuple:
 MICROBATCH_CHIP = "v5p"
 
 
-def microbatch_plan(cfg: loop.RunConfig, chip=None):
+def microbatch_plan(cfg: loop.RunConfig, chip=None, target=None):
     """The planner's microbatch count for the run's batch (``plan_microbatches``): a pipeline replica's rows
     (DataConfig.batch_size / (data x fsdp)) in M microbatches, M among their divisors (the counts the train step
-    accepts), on the analytic costs as a roofline of ``chip`` (targets.Chip; default MICROBATCH_CHIP): FLOPs, the
-    weights read again by every op, the per-tick ppermutes over one ICI link, the chip's HBM as the budget."""
+    accepts), as a roofline of ``chip`` (targets.Chip; default the target's, else MICROBATCH_CHIP): FLOPs, the
+    weights read again by every op, the per-tick ppermutes over one ICI link, the chip's HBM as the budget. Row
+    costs: the analytic model's, or with ``target`` (a targets.Target or "cpu") compiled at microbatches of 1 and 2
+    rows and fitted (train.layer_costs.compiled_row_costs)."""
     from mllm_jax.costs import pipeline_costs
     from mllm_jax.parallel.pipeline_plan import analytic_row_costs, plan_microbatches
-    from mllm_jax.train.targets import CHIPS, PPERMUTE_LATENCY_S
+    from mllm_jax.train.targets import PPERMUTE_LATENCY_S
 
-    chip = chip or CHIPS[MICROBATCH_CHIP]
+    chip = chip or _chip(target)
     pc, dc = cfg.parallel, cfg.data
     rows = max(1, dc.batch_size // (pc.data * pc.fsdp))
     text, instances = _row_shapes(cfg)
@@ -175,8 +196,14 @@ def microbatch_plan(cfg: loop.RunConfig, chip=None):
     def costs_at(r):
         return pipeline_costs(cfg.model, text_tokens=text, microbatch_size=r, instances=instances)
 
-    weight_bytes = 2.0 if cfg.model.dtype == "bfloat16" else 4.0
-    row_costs = analytic_row_costs(costs_at(1), peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
-                                   weight_bytes=weight_bytes)
+    if target is None:
+        weight_bytes = 2.0 if cfg.model.dtype == "bfloat16" else 4.0
+        row_costs = analytic_row_costs(costs_at(1), peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
+                                       weight_bytes=weight_bytes)
+    else:
+        from mllm_jax.train.layer_costs import compiled_row_costs
+
+        row_costs = compiled_row_costs(cfg.model, text_tokens=text, target=target, rows=(1, 2), instances=instances,
+                                       chip=chip)
     return plan_microbatches(costs_at, pc, rows=rows, row_costs=row_costs, link_bandwidth=chip.link_bandwidth,
                              link_latency=PPERMUTE_LATENCY_S, memory_budget=chip.hbm_bytes, placement="outside")
