@@ -15,7 +15,9 @@ Two predictions of an iteration:
 Per-layer costs: the analytic model (parallel.cost_model over the model's layer descriptions), or a plain table of
 per-layer op costs (``LayerCosts``: forward, B, W and BW of every layer, encoders and projectors included; compiled
 from the real layers for the target by mllm_jax.train.layer_costs) through ``plan_pipeline(layer_costs=...)``;
-``PipelinePlan.cost_source`` says which. Communication is not modelled.
+``PipelinePlan.cost_source`` says which. Communication: a fixed cost per tick when given (``tick_seconds``: the
+ppermutes that end every tick), otherwise not modelled. The microbatch count: ``plan_microbatches`` plans every
+divisor of a replica's rows on op costs affine in the rows (``RowCosts``) and keeps the fastest that fits memory.
 """
 
 from __future__ import annotations
