@@ -102,3 +102,32 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
         with pytest.raises(WorkdirLockedError):  # this very process holds it: a nested run is refused too
             WorkdirLock(str(tmp_path)).acquire()
     assert not os.path.exists(tmp_path / "lock") and os.listdir(tmp_path) == []
+
+
+def test_one_process_saves_replicated_arrays_without_compiling(tmp_path):
+    # Orbax's default replica-parallel save slices every replicated array per replica with eager ops that compile a
+    # program per shape; one process writes every byte anyway, so its saves must compile nothing (the oracle: jax's
+    # own count of backend compiles during the save) and still restore the same values.
+    from jax._src import monitoring
+
+    mesh8 = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+    rep = NamedSharding(mesh8, P())
+    saved = {f"w{i}": jax.device_put(jnp.full((16, 5 + i), float(i)), rep) for i in range(4)}
+    jax.block_until_ready(saved)
+    compiles = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    ck = Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ck.save(1, saved, {"index": 1}, ModelConfig(llm=LLMConfig(n_layers=2)))
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    tree, _ = ck.restore(1, _abstract(saved))
+    ck.close()
+    assert compiles == [], f"the save compiled {len(compiles)} programs"
+    for name, a in saved.items():
+        np.testing.assert_array_equal(np.asarray(tree[name]), np.asarray(a), err_msg=name)

@@ -6,7 +6,6 @@ permuted and predictions are compared with the labels in that same order).
 Tolerances: the layouts only reorder float sums (pipeline stages, sequence shards, tensor-parallel matmuls), so losses
 agree to float32 round-off over 2 steps of AdamW."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,17 +14,6 @@ from tests.train_main import TINY, losses, run_main
 STEPS = 2
 BASE = TINY + [f"TrainConfig.steps = {STEPS}", "TrainConfig.checkpoint_every = 100"]
 RTOL = 2e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """Runs that differ only in the permutation (context modes) compile identical programs: reuse them."""
-    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
 @pytest.fixture(scope="module")
