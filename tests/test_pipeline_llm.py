@@ -1,6 +1,9 @@
 """The pipelined MultimodalModel (train.pipelined_step) against one device's model.loss: loss and every trainable
 gradient, over stage splits, microbatch counts, frozen parts and data / tensor axes."""
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,9 +100,10 @@ def jitted_pipeline(model, mesh, parallel, stage_layers):
     return run, state
 
 
-def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_lora=False):
+def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_lora=False) -> str:
     """Pipelined loss and gradients vs one device. ``sharded_model``: the pipelined model is build.create_model's
-    (per-module rules, parameters sharded on the mesh); else the one-device model's parameters replicated on it."""
+    (per-module rules, parameters sharded on the mesh); else the one-device model's parameters replicated on it.
+    Returns the compiled pipelined program's HLO text (the program that computed the checked gradients)."""
     mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
     if sharded_model:
         model = create_model(config, mesh, parallel, seed=0)
@@ -109,9 +113,11 @@ def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_
         reference = MultimodalModel(config, rngs=nnx.Rngs(0))
         model = reference
     if perturb_lora:
-        for i, (path, v) in enumerate(nnx.to_flat_state(nnx.state(reference, LoRAParam))):
-            if path[-1] == "lora_b":
-                v.set_value(0.1 * jax.random.normal(jax.random.key(i), v.shape))
+        for m in {id(reference): reference, id(model): model}.values():  # the same values into both
+            for i, (path, v) in enumerate(nnx.to_flat_state(nnx.state(m, LoRAParam))):
+                if path[-1] == "lora_b":
+                    value = 0.1 * jax.random.normal(jax.random.key(i), v.shape)
+                    v.set_value(jax.device_put(value, v[...].sharding) if m is not reference else value)
     batch = make_batch(parallel.microbatches, mb)
     want_loss, want = one_device(reference, batch)
     run, st = jitted_pipeline(model, mesh, parallel, stage_layers)
@@ -123,7 +129,8 @@ def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_
             batch = {k: v if isinstance(v, dict) or k == "encoder_inputs" else jax.device_put(v, rows)
                      for k, v in batch.items()}
             batch["feature_index"] = jax.tree.map(lambda a: jax.device_put(a, rows), batch["feature_index"])
-        loss_sum, count, grads = run(st, batch)
+        compiled = run.lower(st, batch).compile()
+        loss_sum, count, grads = compiled(st, batch)
     np.testing.assert_allclose(loss_sum / count, want_loss, rtol=2e-5)
     want_flat = dict(nnx.to_flat_state(want))
     got_flat = dict(nnx.to_flat_state(grads))
@@ -132,6 +139,44 @@ def check(config, parallel, stage_layers, *, mb=2, sharded_model=False, perturb_
         w, g = np.asarray(w[...]), np.asarray(got_flat[path][...])
         assert np.abs(w).max() > 0, f"{path}: the oracle gradient is zero (the test would not see a bug)"
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6, err_msg="/".join(map(str, path)))
+    return compiled.as_text()
+
+
+def all_gathers(hlo: str) -> list:
+    """(in a loop, element type, result shape) of every all-gather in compiled HLO text. In a loop: in a computation
+    reachable from a ``while`` body (the pipeline's tick scan and the loops inside it) through the computations
+    that instructions call (fusions, conditional branches, nested loops)."""
+    calls, bodies, found, comp = {}, [], [], None
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            comp = head.group(1)
+            calls[comp] = set()
+            continue
+        if comp is None:
+            continue
+        calls[comp].update(re.findall(r"(?:body|condition|calls|to_apply)=%?([\w.\-]+)", line))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            calls[comp].update(c.strip().lstrip("%") for c in group.split(","))
+        bodies += re.findall(r" while\(.*body=%?([\w.\-]+)", line)
+        gather = re.search(r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(", line)
+        if gather:
+            found.append((comp, gather.group(1), tuple(int(d) for d in gather.group(2).split(",") if d)))
+    in_loop, todo = set(), list(bodies)
+    while todo:
+        c = todo.pop()
+        if c not in in_loop:
+            in_loop.add(c)
+            todo.extend(calls.get(c, ()))
+    return [(c in in_loop, dtype, shape) for c, dtype, shape in found]
+
+
+def fsdp_layer_leaves(config, parallel) -> int:
+    """Leaves of one decoder layer that build.create_model stores sharded over `fsdp` (what an FSDP gather moves)."""
+    mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
+    model = create_model(config, mesh, parallel, seed=0)
+    values, _ = model.llm.layer_params()
+    return sum("fsdp" in str(a.sharding.spec) for a in jax.tree.leaves(values))
 
 
 FROZEN_ENC = {"encoders/vision": False}
@@ -170,10 +215,14 @@ def test_pipelined_model_matches_one_device(stages, split, M, trainable, llm_kw)
 @pytest.mark.slow
 def test_pipelined_model_with_llm_lora():
     # LoRA on the LLM: only the adapters (and the projector) train; base weights, head and embedding stay frozen.
-    # lora_b starts at zero, so perturb it: with lora_b = 0 the adapters' A gradient would be zero.
+    # lora_b starts at zero, so perturb it: with lora_b = 0 the adapters' A gradient would be zero. Stored over
+    # fsdp and gathered once per step (pipeline_fsdp_gather_once): the frozen base weights and the adapters are
+    # gathered alike, the adapters' gradients (against the gathered copy) reduce-scattered into their storage layout.
     lora = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), modules=("llm",))
     cfg = tiny_config(6, FROZEN_ENC, lora=lora)
-    check(cfg, ParallelConfig(pipeline=2, microbatches=2), (2, 4), perturb_lora=True)
+    parallel = ParallelConfig(fsdp=2, pipeline=2, microbatches=2, pipeline_fsdp_gather_once=True)
+    gathers = all_gathers(check(cfg, parallel, (2, 4), perturb_lora=True, sharded_model=True))
+    assert not [g for g in gathers if g[0]], "an all-gather inside the tick loop"
 
 
 @pytest.mark.slow
@@ -192,16 +241,39 @@ def test_pipelined_model_with_data_and_tensor():
           sharded_model=True)
 
 
+FSDP_PIPELINE_TENSOR = ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches=4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel,split", [
     (ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=2), (2, 4)),
-    (ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches=4), (3, 3)),
-], ids=["pipeline2_context2_tensor2", "fsdp2_pipeline2_tensor2_uniform"])
+    (FSDP_PIPELINE_TENSOR, (3, 3)),
+    (dataclasses.replace(FSDP_PIPELINE_TENSOR, pipeline_fsdp_gather_once=True), (3, 3)),
+], ids=["pipeline2_context2_tensor2", "fsdp2_pipeline2_tensor2_uniform", "fsdp2_pipeline2_tensor2_gather_once"])
 def test_pipelined_model_with_context_fsdp_and_tensor(parallel, split):
     # Inside the stages: context-parallel attention (K/V all-gathered over `context`), weights stored over fsdp and
-    # gathered per layer, heads and MLP split over `tensor`. The stacked layers are stored in per-device blocks over
-    # `pipeline`: an uneven split regroups them into stages, a uniform one uses each device's block as it is.
-    check(tiny_config(6, FROZEN_ENC), parallel, split, sharded_model=True)
+    # gathered per layer (or once per step: pipeline_fsdp_gather_once), heads and MLP split over `tensor`. The
+    # stacked layers are stored in per-device blocks over `pipeline`: an uneven split regroups them into stages, a
+    # uniform one uses each device's block as it is.
+    cfg = tiny_config(6, FROZEN_ENC)
+    hlo = check(cfg, parallel, split, sharded_model=True)
+    if parallel.fsdp == 1:
+        return
+    # The compiled program's FSDP gathers. Per layer: every all-gather inside the tick loop gathers one layer's
+    # weight for a forward, a remat recompute or a backward (one per fsdp-sharded leaf at each of the ops' call
+    # sites). Once: none inside the loop; before it one all-gather per fsdp-sharded leaf of the stage's stacked
+    # [slots, ...] weights, in the compute dtype (float32 here; bfloat16's are checked on the TPU compile,
+    # docs/pipeline.md: the CPU compiler computes bfloat16 in float32).
+    gathers = all_gathers(hlo)
+    in_loop = [g for g in gathers if g[0]]
+    stacked = [g for g in gathers if not g[0] and len(g[2]) > 1 and g[2][0] == max(split)]
+    leaves = fsdp_layer_leaves(cfg, parallel)
+    assert leaves >= 7, leaves  # q, k, v, o, gate, up, down at least
+    if parallel.pipeline_fsdp_gather_once:
+        assert in_loop == [], in_loop
+        assert len(stacked) == leaves and {g[1] for g in stacked} == {"f32"}, stacked
+    else:
+        assert len(in_loop) >= 2 * leaves and not stacked, (in_loop, stacked)
 
 
 def test_pipeline_devices_store_only_their_block_of_layers():

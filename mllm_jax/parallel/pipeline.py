@@ -23,7 +23,9 @@ Uneven stages are padded to the largest with an inactive slot per missing layer;
 own slots: its loops' trip count is the stage's active layer count (data, not a shape), so padding costs no compute,
 only the padded slots' memory. Memory: one pool of activation slots per device (saved inputs, and for ZB-H1 the kept
 cotangents of a deferred W) sized by the schedule; a weight-gradient accumulator with rows for the slots that have a
-weight gradient only (``StageLayout.grad_rows``), none when no layer trains, none for frozen leaves.
+weight gradient only (``StageLayout.grad_rows``), none when no layer trains, none for frozen leaves; with
+``gather_params`` the stage's weights as the layers use them (e.g. FSDP-gathered in the compute dtype), made once per
+step before the tick loop instead of per layer and op.
 """
 
 from __future__ import annotations
@@ -289,7 +291,18 @@ def layer_grads(layer_fn, p, x, g, aux_m, *, dx: bool, dw: bool, split: ParamSpl
 
 
 def _add_grad(acc, row, dq):
-    return [jax.lax.dynamic_update_index_in_dim(a, a[row] + d.astype(a.dtype), row, 0) for a, d in zip(acc, dq)]
+    """acc[:][row] += dq. A gradient taken with respect to the gathered copy of the weights (``gather_params``)
+    comes back in the accumulator's dtype and storage layout: the transpose of the cast and the gather (a cast and a
+    reduce-scatter, what the per-layer gather's vjp does too)."""
+
+    def into(a, d):
+        d = d.astype(a.dtype)
+        want = _spec_of(a)[1:]
+        if _spec_of(d) != want:
+            d = jax.sharding.reshard(d, P(*want))
+        return d
+
+    return [jax.lax.dynamic_update_index_in_dim(a, a[row] + into(a, d), row, 0) for a, d in zip(acc, dq)]
 
 
 def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, dy, aux_m, gacc, cnt=None,
@@ -398,6 +411,7 @@ def pipeline_value_and_grad(
     schedule: str = "1f1b",
     trace: bool = False,
     param_trainable=None,
+    gather_params=None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -409,6 +423,11 @@ def pipeline_value_and_grad(
     param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
     schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe").
+    gather_params(stage_params) -> stage_params: the stage's parameters ([slots, ...] leaves, as stored) as its
+    layers use them, e.g. cast to the compute dtype and FSDP-gathered. Called once per step on each device, before
+    the tick loop; every op of the step runs on its output, and the weight gradients, taken with respect to it, are
+    cast and laid out back into the storage layout's accumulator as they are added (a reduce-scatter per layer and
+    backward). None: the layers get the parameters as stored (``layer_fn`` gathers what it needs itself).
 
     Returns (loss_sum, (grads_stacked [layers, ...], grads_loss_params, dx_microbatches or None)); frozen layers
     get zero gradients (no buffer inside the pipeline when no layer trains); dx_microbatches is computed only with
@@ -438,7 +457,7 @@ def pipeline_value_and_grad(
                              loss_params_trainable=loss_params_trainable)
         sched = layout_schedule(layout, M, schedule)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
-                                split)
+                                split, gather_params)
     stage_spec = P(axis)
     fn = jax.shard_map(
         per_device,
@@ -493,7 +512,7 @@ def _grads_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
 
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
-                   want_dx: bool, trace: bool = False, split: ParamSplit | None = None):
+                   want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None):
     """The per-device body of the pipeline's shard_map: one stage scanning its column of the schedule table, each
     tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip), then the ppermutes to its neighbours. Returns
     (its slots' parameter gradients, loss-parameter gradients and loss summed over stages, its input-gradient buffer
@@ -505,7 +524,9 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
     trains = layout.trains
 
     def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
-        params_L = jax.tree.map(lambda a: a[0], params_L)
+        stored_L = jax.tree.map(lambda a: a[0], params_L)
+        # The copy the ops use: as stored, or gathered once here for the whole step (``gather_params``).
+        params_L = stored_L if gather_params is None else gather_params(stored_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
         last = stage == S - 1
         L = layout.slots
@@ -616,7 +637,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             jnp.broadcast_to(zero_x[None, None], (sched.act_slots, L + 1) + mb_shape),
             buffer(sched.g_slots),
             # Rows for the slots with a weight gradient only (``StageLayout.grad_rows``), trainable leaves only.
-            [jnp.zeros_like(a[:G]) for a in split.split(params_L)[0]] if trains else None,
+            # In the storage layout and dtype (FSDP-sharded, float32), whatever copy the ops use.
+            [jnp.zeros_like(a[:G]) for a in split.split(stored_L)[0]] if trains else None,
             _zeros_like(lp),
             jnp.float32(0.0),
             buffer(M) if want_dx else jnp.zeros((), x_mb.dtype),

@@ -24,7 +24,9 @@ import numpy as np
 from flax import nnx
 
 from mllm_jax import costs
+from mllm_jax import layers as L
 from mllm_jax import lora as lora_lib
+from mllm_jax import moe as moe_lib
 from mllm_jax import partitioning as part
 from mllm_jax.freeze import trainable_filter
 from mllm_jax.kernels.meta import TokenMeta
@@ -163,6 +165,25 @@ def _stage_layer(llm):
     return layer_fn, window_codes
 
 
+def _gather_stage_once(llm):
+    """The stage's stacked layer weights as its layers use them, made once per step (``ParallelConfig.
+    pipeline_fsdp_gather_once``): cast to the compute dtype first, then FSDP-gathered (the all-gather moves the
+    compute dtype's bytes), each leaf laid out as ``llm.use_layer_params`` lays out one layer (tensor and expert
+    splits kept), so the layer's own gather and cast find nothing left to do. The leading slot axis is named
+    ``layers``, which maps to the Manual `pipeline` axis inside the pipeline: it stays whole."""
+    _, names = llm.layer_params()
+    dtype = L.dtype_of(llm.run.dtype)
+
+    def gather(p_L: dict) -> dict:
+        w = jax.tree.map(lambda a: a.astype(dtype), p_L["weights"])
+        out = L.use_params({k: v for k, v in w.items() if k != "moe"}, {k: names[k] for k in w if k != "moe"}, dtype)
+        if "moe" in w:
+            out["moe"] = moe_lib.use_moe_params(w["moe"], names["moe"], dtype, drop_leading=False)
+        return {**p_L, "weights": out}
+
+    return gather
+
+
 def _loss_fn(llm, chunk):
     def loss_fn(head_params, y, aux_m):
         total, _ = head_loss(head_params, y, aux_m["labels"], llm.config, chunk=chunk)
@@ -213,8 +234,10 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     count = jnp.sum((labels != IGNORE).astype(jnp.float32))
     inv_count = 1.0 / jnp.maximum(count, 1.0)
     outside = _embed_outside(model, batch, M)
+    gather_once = parallel_config.pipeline_fsdp_gather_once and parallel_config.fsdp > 1
     loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
-                                                    stage_layers=stage_layers, chunk=chunk, schedule=schedule)
+                                                    stage_layers=stage_layers, chunk=chunk, schedule=schedule,
+                                                    gather_once=gather_once)
     grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
     return loss * count, count, grads
 
@@ -283,15 +306,17 @@ def _embed_outside(model, batch: dict, M: int) -> _Outside:
 
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
-              schedule: str) -> tuple:
+              schedule: str, gather_once: bool = False) -> tuple:
     """(loss, layer grads, head grads, input cotangent [M, mb, S, D]): the decoder layers pipelined over the
-    `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage."""
+    `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage.
+    ``gather_once``: each stage casts and FSDP-gathers its layer weights once per step (``_gather_stage_once``)."""
     config, llm = model.config, model.llm
     M = outside.x_M.shape[0]
     values, _ = llm.layer_params()
     layer_fn, window_codes = _stage_layer(llm)
     # Weights enter the pipeline in their storage layout (FSDP- and tensor-sharded over the non-pipeline axes);
-    # each layer gathers what it must (``use_params``) and its einsums keep the tensor-parallel layout.
+    # each layer gathers what it must (``use_params``) and its einsums keep the tensor-parallel layout, or with
+    # ``gather_once`` the stage gathers them all once, in the compute dtype, before its first tick.
     stacked = {"weights": values}
     if window_codes is not None:
         stacked["window"] = window_codes
@@ -332,6 +357,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             loss_params_trainable=llm_base_trainable(config),
             schedule=schedule,
             param_trainable=param_trainable,
+            gather_params=_gather_stage_once(llm) if gather_once else None,
         )
     return loss, g_layers, g_loss_params, dx_M
 
