@@ -14,6 +14,7 @@ Rerunning the same command resumes from the newest checkpoint in --workdir.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from absl import app, flags, logging
@@ -64,17 +65,33 @@ def _main(argv) -> int:
     from mllm_jax import gin_setup
     from mllm_jax.train import loop
 
-    cfg = loop.load_run_config(FLAGS.gin_file, FLAGS.gin_param)
-    if FLAGS.dry_run:
-        from mllm_jax.train import dry_run
-
-        dry_run.report(cfg)
-        return 0
-    if not FLAGS.workdir:
+    if not FLAGS.workdir and not FLAGS.dry_run:
         raise app.UsageError("--workdir is required (unless --dry_run)")
-    summary = loop.run(cfg, FLAGS.workdir, config_text=gin_setup.config_str())  # NonFiniteLossError: a RuntimeError
+    with _cpu_device_hint():
+        cfg = loop.load_run_config(FLAGS.gin_file, FLAGS.gin_param)
+        if FLAGS.dry_run:
+            from mllm_jax.train import dry_run
+
+            dry_run.report(cfg)
+            return 0
+        summary = loop.run(cfg, FLAGS.workdir, config_text=gin_setup.config_str())  # NonFiniteLossError: a RuntimeError
     print(f"done: {summary}")
     return 0
+
+
+@contextlib.contextmanager
+def _cpu_device_hint():
+    """A layout that does not fit this process's CPU devices (a --dry_run of a pod layout on a laptop) says how to
+    get more."""
+    import jax
+
+    try:
+        yield
+    except ValueError as e:
+        if "devices" not in str(e) or FLAGS.cpu_devices or jax.default_backend() != "cpu":
+            raise
+        raise ValueError(f"{e} (this process has {jax.device_count()} CPU device(s); --cpu_devices=N gives it N, "
+                         f"e.g. to --dry_run a multi-device layout)") from e
 
 
 def _compile_only() -> int:

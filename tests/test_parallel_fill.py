@@ -48,3 +48,12 @@ def test_the_7b_recipes_fill_any_slice():
             loop.validate(filled, devices)
             assert filled.parallel.fsdp == devices
             assert filled.parallel.microbatches * devices == cfg.data.batch_size
+
+
+def test_dry_run_of_a_layout_bigger_than_the_host_says_how_to_get_the_devices(tmp_path):
+    # train.py --dry_run of expert=16 on this process's 8 CPU devices: refused naming the axes and the device count,
+    # and pointing at --cpu_devices (the recipe's own layout needs its devices even for a dry run).
+    from train_main import run_main
+
+    with pytest.raises(ValueError, match=r"expert=16.*do not divide the 8 devices.*--cpu_devices=N"):
+        run_main(str(tmp_path), ["ParallelConfig.fsdp = -1", "ParallelConfig.expert = 16"], flags=["--dry_run"])
