@@ -221,6 +221,8 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     ``parallel_config.microbatches``: the same batch the train step scans over.
     stage_layers: LLM layers per stage (uneven allowed); None asks the frozen-aware planner (encoders outside).
     schedule: "1f1b", "zb_h1" or "auto" (the planner's); None: ``parallel_config.pipeline_schedule``.
+    ``parallel_config.pipeline_fsdp_gather_once`` (with a mesh fsdp axis > 1): each stage casts its layer weights to
+    the compute dtype and FSDP-gathers them once per step, before its first tick (docs/pipeline.md).
 
     Returns (loss_sum, label_count, grads): the global sum of token losses and the global count of label tokens
     (float32 scalars), and the gradient of loss_sum / label_count as an nnx.State over exactly
@@ -234,7 +236,7 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     count = jnp.sum((labels != IGNORE).astype(jnp.float32))
     inv_count = 1.0 / jnp.maximum(count, 1.0)
     outside = _embed_outside(model, batch, M)
-    gather_once = parallel_config.pipeline_fsdp_gather_once and parallel_config.fsdp > 1
+    gather_once = parallel_config.pipeline_fsdp_gather_once and dict(mesh.shape).get("fsdp", 1) > 1
     loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
                                                     stage_layers=stage_layers, chunk=chunk, schedule=schedule,
                                                     gather_once=gather_once)
