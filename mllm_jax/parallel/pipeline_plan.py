@@ -496,9 +496,9 @@ def lockstep_split(
     it is kept wherever nothing beats it. Exhaustive (hence exact) unless ``max_nodes`` runs out first (reported in
     ``exhaustive``): small pipelines always finish, 8 stages of 64 layers may not.
 
-    ``schedule`` "zb_h1": its table depends on which stages have weight gradients, so the search is the 1F1B
-    optimum's neighbourhood: from the 1F1B split (and the DP's), single-boundary moves while the ZB-H1 time improves
-    (``exhaustive`` False). ``layer_ops``: per-layer op costs ({"f", "b", "w", "bw"}, e.g. compiled) instead of the
+    ``schedule`` "zb_h1" / "1f1b_fb": its table depends on which stages have weight gradients, so the search is
+    local: from the 1F1B split, the DP's and the uniform one, single-boundary moves while the schedule's time improves
+    (``exhaustive`` False; never slower than the uniform split). ``layer_ops``: per-layer op costs ({"f", "b", "w", "bw"}, e.g. compiled) instead of the
     analytic ``runtime_layer_ops(chain)``."""
     if stages < 1 or len(chain) < stages:
         raise ValueError(f"cannot split {len(chain)} layers into {stages} non-empty stages")
@@ -512,8 +512,11 @@ def lockstep_split(
     dp = None if dp is None else tuple(int(c) for c in dp)
     if schedule == "1f1b" or best[1] is None:
         return LockstepSplit(best[1], best[0], dp, dp_time, nodes, not exhausted)
-    starts = [c for c in {best[1], dp} if c is not None and all(rc.fits(s, e0, e1) for s, (e0, e1) in
-                                                                  enumerate(zip(np.cumsum((0,) + c)[:-1], np.cumsum(c))))]
+    # Climbs from the 1F1B optimum, the DP's split and the uniform one (a single-boundary climb is local: from the
+    # 1F1B optimum alone it can end slower than the uniform split under 1F1B-FB).
+    seeds = {best[1], dp, uniform_split(len(chain), stages)}
+    starts = [c for c in seeds if c is not None and all(rc.fits(s, e0, e1) for s, (e0, e1) in
+                                                       enumerate(zip(np.cumsum((0,) + c)[:-1], np.cumsum(c))))]
     if not starts:
         return LockstepSplit(None, INF, dp, INF, nodes, False)
     found = [_climb(rc, start, schedule) for start in starts]
