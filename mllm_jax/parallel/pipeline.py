@@ -648,9 +648,19 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
         gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
         counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
-        return gout, total(lpacc), total(loss), total(dxs), counts
+        return gout, total(lpacc), total(loss), jax.tree.map(lambda a: _from_one_stage(a, axis), dxs), counts
 
     return per_device
+
+
+def _from_one_stage(a, axis: str):
+    """Every stage's copy of a buffer that one stage wrote and the others hold as zeros (stage 0's input gradient):
+    a psum over ``axis``. 16-bit floats are summed as their bits (uint16: x + 0 + ... + 0 is x exactly, in the same
+    bytes): XLA:CPU's all-reduce promotion of a bfloat16 psum fails to compile here (an invalid copy opcode)."""
+    if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize == 2:
+        bits = jax.lax.psum(jax.lax.bitcast_convert_type(a, jnp.uint16), axis)
+        return jax.lax.bitcast_convert_type(bits, a.dtype)
+    return jax.lax.psum(a, axis)
 
 
 def _receive(acts, gs, y_in, g_in, rx, rg):
