@@ -31,7 +31,7 @@ DATA = DataConfig(batch_size=4, seq_len=64, samples_per_row=2, mixture={"image":
 def _config(**kw) -> ModelConfig:
     kw.setdefault("trainable", FROZEN)
     return ModelConfig(
-        llm=LLMConfig(vocab_size=72, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48),
+        llm=LLMConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48),
         encoders={"vision": kw.pop("vision", VisionConfig(kind="vit", image_size=8, patch_size=4, d_model=16,
                                                           n_layers=2, n_heads=2, d_ff=32, class_token=False,
                                                           pre_norm=False))},

@@ -37,9 +37,9 @@ def _samples():
     for h, w in ((24, 40), (48, 24), (32, 32)):
         out.append(synthetic.Sample("image", "<image> describe the image .", "a red circle at the top left",
                                     [("vision", synthetic.native_image(rng, h, w, "red", "circle", 0, 0))]))
-    for t, motion in ((4, "down"), (6, "left")):  # the 6-frame clip travels along its 32-px side
+    for t, motion in ((4, "downward"), (6, "leftward")):  # the 6-frame clip travels along its 32-px side
         clip = synthetic.native_video(rng, t, 24, 32, "blue", "square", motion)
-        out.append(synthetic.Sample("video", "<image> describe the image .", f"a blue square moving {motion}",
+        out.append(synthetic.Sample("video", "<image> describe the video .", f"a blue square moving {motion}",
                                     [("vision", clip)]))
     out.append(synthetic.make_sample(rng, "text"))
     return out
@@ -110,6 +110,7 @@ TINY_NATIVE = [
     "DataConfig.samples_per_row = 2", "DataConfig.batch_size = 8", "DataConfig.eval_batches = 0",
     "OptimizerConfig.warmup_steps = 1", "OptimizerConfig.learning_rate = 1e-2", "TrainConfig.log_every = 1",
     "TrainConfig.eval_every = 0", "TrainConfig.progress_bar = False", "TrainConfig.checkpoint_every = 100", "CheckpointConfig.async_save = False",
+    "DataConfig.mixture_warmup = {}", "DataConfig.mixture_warmup_steps = 0",  # images and videos from step 1
 ]
 RECIPE = "configs/qwen2vl_tiny.gin"
 STEPS = 8

@@ -253,21 +253,22 @@ class SyntheticBatches:
         self.microbatches = microbatches
         self.split = split
         self.index = 0
-        tasks, weights = [], []
-        for task, w in sorted(data_config.mixture.items()):
-            if task not in synthetic.TASKS:
-                raise ValueError(f"DataConfig.mixture has unknown task {task!r}; known: {synthetic.TASKS}")
-            modality = synthetic.TASK_MODALITY[task]
-            if w > 0 and modality is not None and modality not in model_config.encoders:
-                raise ValueError(f"DataConfig.mixture asks for {task!r} samples but the model has no {modality!r} "
-                                 f"encoder (encoders: {tuple(model_config.encoders)})")
-            if w > 0:
-                tasks.append(task)
-                weights.append(float(w))
-        if not tasks:
-            raise ValueError(f"DataConfig.mixture has no task with positive weight: {data_config.mixture}")
-        self.tasks = tasks
-        self.probs = np.asarray(weights) / np.sum(weights)
+        self.tasks, self.probs = _mixture_tasks(data_config.mixture, "mixture", model_config)
+        # Curriculum: samples before warmup_samples (train split) draw their task from mixture_warmup.
+        self.warmup_samples, self.warm_tasks, self.warm_probs = 0, self.tasks, self.probs
+        if data_config.mixture_warmup_steps or data_config.mixture_warmup:
+            if data_config.mixture_warmup_steps <= 0 or not data_config.mixture_warmup:
+                raise ValueError(f"DataConfig.mixture_warmup ({data_config.mixture_warmup}) and mixture_warmup_steps "
+                                 f"({data_config.mixture_warmup_steps}) go together: give both or neither")
+            if data_config.epoch_samples:
+                raise ValueError(f"DataConfig.mixture_warmup with epoch_samples ({data_config.epoch_samples}): a "
+                                 f"repeated sample would change its task between epochs")
+            self.warm_tasks, self.warm_probs = _mixture_tasks(data_config.mixture_warmup, "mixture_warmup",
+                                                              model_config)
+            if split == "train":
+                self.warmup_samples = (data_config.mixture_warmup_steps * data_config.batch_size
+                                       * data_config.samples_per_row)
+        tasks = set(self.tasks) | set(self.warm_tasks)
         encs = model_config.encoders
         self._native = "vision" in encs and model_config.is_native_resolution("vision")
         if "video" in tasks and not self._native:
@@ -286,7 +287,8 @@ class SyntheticBatches:
 
     def sample(self, index: int) -> synthetic.Sample:
         rng = synthetic.sample_rng(self.cfg.seed, self.split, self.sample_index(index))
-        task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
+        tasks, probs = (self.warm_tasks, self.warm_probs) if index < self.warmup_samples else (self.tasks, self.probs)
+        task = tasks[rng.choice(len(tasks), p=probs)]
         if self._native and task in ("image", "video"):
             return synthetic.make_native_sample(rng, task, factor=self._factor)
         return synthetic.make_sample(rng, task, image_size=self._image_size, n_frames=self._audio[0],
@@ -335,6 +337,24 @@ class SyntheticBatches:
             raise ValueError(f"data iterator state {state} is for another stream than seed={self.cfg.seed}, "
                              f"split={self.split!r}")
         self.index = int(state["index"])
+
+
+def _mixture_tasks(mixture: dict, name: str, model_config) -> tuple[list, np.ndarray]:
+    """(tasks, probabilities) of a DataConfig mixture (``name``: its field), the tasks sorted by name."""
+    tasks, weights = [], []
+    for task, w in sorted(mixture.items()):
+        if task not in synthetic.TASKS:
+            raise ValueError(f"DataConfig.{name} has unknown task {task!r}; known: {synthetic.TASKS}")
+        modality = synthetic.TASK_MODALITY[task]
+        if w > 0 and modality is not None and modality not in model_config.encoders:
+            raise ValueError(f"DataConfig.{name} asks for {task!r} samples but the model has no {modality!r} "
+                             f"encoder (encoders: {tuple(model_config.encoders)})")
+        if w > 0:
+            tasks.append(task)
+            weights.append(float(w))
+    if not tasks:
+        raise ValueError(f"DataConfig.{name} has no task with positive weight: {mixture}")
+    return tasks, np.asarray(weights) / np.sum(weights)
 
 
 def stack_microbatches(parts: list[dict], native: tuple = ()) -> dict:

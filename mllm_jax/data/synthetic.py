@@ -4,7 +4,8 @@ Tasks whose answers can only be produced by looking at the input:
 - image: a coloured shape in one of 3x3 cells, captioned "a red circle at the top left"; for a native-resolution
   tower (NativeVisionConfig) the image has its own size and aspect (``native_image``: uint8 pixels for the processor);
 - video (native-resolution towers only): a short clip of a shape moving a few pixels a frame, captioned by the way it
-  moves, "a red circle moving left" (left, right, up, down: ``native_video``);
+  moves, "a red circle moving leftward" (leftward, rightward, upward, downward: ``native_video``), asked with a
+  prompt of its own, "<image> describe the video .";
 - audio: a pure tone, captioned "a 440 hz tone", given to the model as Whisper-style log-mel frames;
 - text: "count from four :" answered "five six seven".
 Positions, sizes, brightness, noise and phase are jittered so held-out samples are new inputs.
@@ -21,7 +22,7 @@ from mllm_jax.data.tokenizer import COLOURS, COLS, NUMBER_WORDS, ROWS, SHAPES, T
 TASKS = ("image", "video", "audio", "text")
 TASK_MODALITY = {"image": "vision", "video": "vision", "audio": "audio", "text": None}
 # A video's motion (the caption word) -> its direction (dy, dx) in pixels (y down).
-VIDEO_MOTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
+VIDEO_MOTIONS = {"leftward": (0.0, -1.0), "rightward": (0.0, 1.0), "upward": (-1.0, 0.0), "downward": (1.0, 0.0)}
 _RGB = {
     "red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.2, 1.0),
     "yellow": (1.0, 0.95, 0.1), "magenta": (1.0, 0.1, 1.0), "cyan": (0.1, 0.95, 1.0),
@@ -218,5 +219,5 @@ def make_native_sample(rng: np.random.Generator, task: str, *, factor: int,
         t = int(video_frames[rng.integers(len(video_frames))])
         h, w = (int(v) * factor for v in rng.integers(NATIVE_VIDEO_BLOCKS[0], NATIVE_VIDEO_BLOCKS[1] + 1, size=2))
         clip = native_video(rng, t, h, w, colour, shape, motion)
-        return Sample(task, "<image> describe the image .", f"a {colour} {shape} moving {motion}", [("vision", clip)])
+        return Sample(task, "<image> describe the video .", f"a {colour} {shape} moving {motion}", [("vision", clip)])
     raise ValueError(f"native-resolution tasks are 'image' and 'video'; got {task!r}")

@@ -20,7 +20,9 @@ COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SHAPES = ("circle", "square", "triangle")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
-MOTIONS = ("left", "right", "up", "down")  # a video's caption: "a red circle moving left"
+# A video's caption: "a red circle moving leftward". Words of their own: "left" / "right" are also an image's column
+# words, and with images in the stream the LLM then learned to say them from the place, not the motion.
+MOTIONS = ("leftward", "rightward", "upward", "downward")
 TONES_HZ = (220, 330, 440, 550, 660, 880)
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -34,7 +36,9 @@ FILLER_WORDS = (
 def vocabulary() -> list[str]:
     words = list(SPECIAL_TOKENS) + list(FILLER_WORDS) + list(COLOURS) + list(SHAPES) + list(ROWS) + list(COLS)
     words += [str(hz) for hz in TONES_HZ] + list(NUMBER_WORDS)
-    words += ["moving"] + list(MOTIONS)  # last, so the ids of the words above stay as they were
+    # Appended, so the ids of the words above stay as they were: "up" / "down" were the first motion words and keep
+    # their ids (70, 71; unused now); the video prompt is "<image> describe the video .".
+    words += ["moving", "left", "right", "up", "down"] + list(MOTIONS) + ["video"]
     seen, out = set(), []
     for w in words:
         if w not in seen:

@@ -15,6 +15,10 @@ class DataConfig:
     samples_per_row: int = 1  # packing: each row holds exactly this many samples as separate segments
     # Task -> sampling weight; "image" needs a "vision" encoder, "audio" an "audio" encoder.
     mixture: dict = field(default_factory=lambda: {"image": 1.0})
+    # A curriculum: the train stream's first ``mixture_warmup_steps`` steps draw their tasks from ``mixture_warmup``
+    # instead (e.g. {"video": 1.0}: videos first); held-out streams always draw from ``mixture``.
+    mixture_warmup: dict = field(default_factory=dict)
+    mixture_warmup_steps: int = 0
     max_images: int = 1  # encoder instances per sample (rows of encoder_inputs per sample)
     max_audio: int = 1
     audio_fmax: float = 4000.0
