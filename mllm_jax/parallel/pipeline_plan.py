@@ -498,8 +498,8 @@ def lockstep_split(
 
     ``schedule`` "zb_h1" / "1f1b_fb": its table depends on which stages have weight gradients, so the search is
     local: from the 1F1B split, the DP's and the uniform one, single-boundary moves while the schedule's time improves
-    (``exhaustive`` False; never slower than the uniform split). ``layer_ops``: per-layer op costs ({"f", "b", "w", "bw"}, e.g. compiled) instead of the
-    analytic ``runtime_layer_ops(chain)``."""
+    (``exhaustive`` False; never slower than the uniform split). ``layer_ops``: per-layer op costs ({"f", "b", "w",
+    "bw"}, e.g. compiled) instead of the analytic ``runtime_layer_ops(chain)``."""
     if stages < 1 or len(chain) < stages:
         raise ValueError(f"cannot split {len(chain)} layers into {stages} non-empty stages")
     if schedule not in SCHEDULES:
