@@ -26,12 +26,14 @@ flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard ev
 flags.DEFINE_integer("cpu_devices", None, "on CPU: the number of (fake) devices of this process, set before jax "
                      "starts (unset: left as XLA_FLAGS has it, 1 by default)")
 flags.DEFINE_bool("dry_run", False, "build abstractly: print the mesh, parameter counts, a memory estimate and, "
-                  "with ParallelConfig.pipeline > 1, the pipeline plan")
+                  "with ParallelConfig.pipeline > 1, the pipeline plan and its microbatch count (on analytic "
+                  "per-layer costs; with --target on costs compiled for the target's chip)")
 flags.DEFINE_bool("compile_only", False, "compile the train step for --target with the target's own compiler (no "
                   "accelerator needed: libtpu / jax-cuda12-plugin) and report memory per chip, FLOPs, collectives, "
                   "Pallas calls, the roofline step time and mfu_bound; the last line is JSON. Exit 1 when it does "
                   "not compile or fit")
-flags.DEFINE_string("target", None, "with --compile_only: tpu:<chip>:<topology> (tpu:v5p:4x4x4, tpu:v5e:16x16), a "
+flags.DEFINE_string("target", None, "with --compile_only (or --dry_run: plan the pipeline on per-layer costs "
+                    "compiled for it; TPU targets or cpu): tpu:<chip>:<topology> (tpu:v5p:4x4x4, tpu:v5e:16x16), a "
                     "Cloud TPU name (tpu:v5p-128, tpu:v5litepod-256) or gpu:<chip>:<hosts>x<gpus> (gpu:h100:2x8)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0's coordinator")
 flags.DEFINE_integer("num_processes", None, "multi-host: the number of processes in the job")
@@ -50,10 +52,22 @@ def main(argv) -> int:
 def _main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.compile_only or FLAGS.target:
-        if not (FLAGS.compile_only and FLAGS.target):
-            raise app.UsageError("--compile_only and --target go together (e.g. --compile_only --target=tpu:v5e:2x2)")
+    if FLAGS.target and not (FLAGS.compile_only or FLAGS.dry_run):
+        raise app.UsageError("--target goes with --compile_only (e.g. --compile_only --target=tpu:v5e:2x2) or "
+                             "--dry_run (the pipeline plan on per-layer costs compiled for the target)")
+    if FLAGS.compile_only:
+        if not FLAGS.target:
+            raise app.UsageError("--compile_only needs --target (e.g. --compile_only --target=tpu:v5e:2x2)")
         return _compile_only()
+    plan_target = None
+    if FLAGS.target:  # --dry_run --target: the target's compiler runs on the host (as for --compile_only)
+        import os
+
+        from mllm_jax.train import targets
+
+        if not os.environ.get("JAX_PLATFORMS"):
+            os.environ["JAX_PLATFORMS"] = "cpu"
+        plan_target = "cpu" if FLAGS.target == "cpu" else targets.parse(FLAGS.target)
     # Before anything touches jax: XLA:CPU flags, the CPU device count and (when several processes) the distributed
     # runtime.
     from mllm_jax import cpu_flags, distributed
@@ -72,7 +86,7 @@ def _main(argv) -> int:
         if FLAGS.dry_run:
             from mllm_jax.train import dry_run
 
-            dry_run.report(cfg)
+            dry_run.report(cfg, target=plan_target)
             return 0
         summary = loop.run(cfg, FLAGS.workdir, config_text=gin_setup.config_str())  # NonFiniteLossError: a RuntimeError
     print(f"done: {summary}")

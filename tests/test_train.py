@@ -163,3 +163,23 @@ def test_negative_eval_captions_is_refused_naming_the_value():
     loop.validate(tiny_config("TrainConfig.eval_captions = 0"), 8)  # 0 turns the captioning off
     with pytest.raises(ValueError, match=r"TrainConfig.eval_captions must be >= 0 .*got -1"):
         loop.validate(tiny_config("TrainConfig.eval_captions = -1"), 8)
+
+
+def test_dry_run_target_flag_reaches_the_plan_and_bad_pairs_are_refused(tmp_path, monkeypatch):
+    from absl import app
+
+    from mllm_jax.train import dry_run, targets
+    from train_main import main_status
+
+    pipeline = ["ParallelConfig.data = 4", "ParallelConfig.pipeline = 2", "ParallelConfig.microbatches = 2"]
+    seen = []
+    monkeypatch.setattr(dry_run, "report", lambda cfg, target=None, **_: seen.append(target) or {})
+    for flags in (["--target=tpu:v5e:2x2"], ["--target=cpu"], []):
+        assert main_status(pipeline, flags=["--dry_run", *flags]) == 0
+    assert seen == [targets.parse("tpu:v5e:2x2"), "cpu", None]
+    monkeypatch.undo()
+    with pytest.raises(app.UsageError, match="--target goes with --compile_only .* or --dry_run"):
+        main_status([], flags=[f"--workdir={tmp_path}", "--target=tpu:v5e:2x2"])
+    # The GPU back end gives no cost analysis without a device: refused naming the target, before any compile.
+    with pytest.raises(ValueError, match=r"TPU targets or the host.*got target gpu:h100:1x8"):
+        main_status(pipeline, flags=["--dry_run", "--target=gpu:h100:1x8"])

@@ -31,18 +31,22 @@ TINY = [
 
 def run_main(workdir: str, params, *, gin_file: str = "configs/vlm_tiny.gin", flags=()) -> list[dict]:
     """``python train.py --gin_file=... --gin_param=P... --workdir=...``; returns metrics.jsonl's rows."""
-    # --traceback: a refused input raises here with its traceback instead of becoming exit status 1.
-    argv = ["train.py", f"--gin_file={gin_file}", f"--workdir={workdir}", "--traceback", *flags,
-            *(f"--gin_param={p}" for p in params)]
+    assert main_status(params, gin_file=gin_file, flags=(f"--workdir={workdir}", *flags)) == 0
+    return read_metrics(workdir)
+
+
+def main_status(params, *, gin_file: str = "configs/vlm_tiny.gin", flags=()) -> int:
+    """train.py's exit status for ``--gin_file=... --gin_param=P... flags``; --traceback: a refused input raises here
+    with its traceback instead of becoming exit status 1."""
+    argv = ["train.py", f"--gin_file={gin_file}", "--traceback", *flags, *(f"--gin_param={p}" for p in params)]
     train.FLAGS.unparse_flags()
     train.FLAGS(argv)
     gin.clear_config()
     try:
-        assert train.main(["train.py"]) == 0
+        return train.main(["train.py"])
     finally:
         gin.clear_config()
         train.FLAGS.unparse_flags()
-    return read_metrics(workdir)
 
 
 def losses(rows) -> dict:

@@ -372,6 +372,9 @@ def _compiled(config: ModelConfig, *, text_tokens: int, microbatch_size: int, ta
     size."""
     if ops not in ("needed", "all"):
         raise ValueError(f"ops must be 'needed' or 'all'; got {ops!r}")
+    if target not in (None, "cpu") and target.platform != "tpu":
+        raise ValueError(f"per-layer costs compile for TPU targets or the host ('cpu'): the GPU back end gives no "
+                         f"cost analysis without a device; got target {target.topology}")
     device = CompileDevice(None if target in (None, "cpu") else target)
     log = log or (lambda *_: None)
     runtime = pipeline_costs(config, text_tokens=text_tokens, microbatch_size=microbatch_size, remat=True,
