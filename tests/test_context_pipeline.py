@@ -90,11 +90,14 @@ def test_ring_inside_pipeline_stages_matches_one_device():
         loss, (g, glp, dx) = lowered.compile()(params, lp, x_c, aux_c)
     assert "all_to_all" in lowered.as_text()  # the ring's hop inside the stages (the pipeline's own are permutes)
     np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
-    for name in params:
-        assert np.abs(want_g[name]).max() > 0
-        np.testing.assert_allclose(g[name], want_g[name], rtol=5e-5, atol=5e-5, err_msg=name)
-    np.testing.assert_allclose(glp["v"], want_glp["v"], rtol=5e-5, atol=5e-5)
-    np.testing.assert_allclose(dx, want_dx, rtol=5e-5, atol=5e-5)
+    # The ring's blockwise online softmax against the dense softmax: float32 round-off of sums whose terms are as
+    # large as the array's largest entries, so the absolute tolerance scales with them (near-zero entries of a
+    # gradient reaching 30 differ by up to ~2e-6 of its scale, depending on the host's vector units).
+    got_want = [(name, g[name], want_g[name]) for name in params] + [("v", glp["v"], want_glp["v"]), ("dx", dx, want_dx)]
+    for name, got, want in got_want:
+        scale = np.abs(want).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(got, want, rtol=5e-5, atol=1e-5 * scale, err_msg=name)
 
 
 @needs_tpu
