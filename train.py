@@ -61,12 +61,9 @@ def _main(argv) -> int:
         return _compile_only()
     plan_target = None
     if FLAGS.target:  # --dry_run --target: the target's compiler runs on the host (as for --compile_only)
-        import os
-
         from mllm_jax.train import targets
 
-        if not os.environ.get("JAX_PLATFORMS"):
-            os.environ["JAX_PLATFORMS"] = "cpu"
+        _host_backend_only()
         plan_target = "cpu" if FLAGS.target == "cpu" else targets.parse(FLAGS.target)
     # Before anything touches jax: XLA:CPU flags, the CPU device count and (when several processes) the distributed
     # runtime.
@@ -99,21 +96,28 @@ def _cpu_device_hint():
     get more."""
     import jax
 
+    from mllm_jax.parallel.config import DeviceCountError
+
     try:
         yield
-    except ValueError as e:
-        if "devices" not in str(e) or FLAGS.cpu_devices or jax.default_backend() != "cpu":
+    except DeviceCountError as e:
+        if FLAGS.cpu_devices or jax.default_backend() != "cpu":
             raise
-        raise ValueError(f"{e} (this process has {jax.device_count()} CPU device(s); --cpu_devices=N gives it N, "
-                         f"e.g. to --dry_run a multi-device layout)") from e
+        raise DeviceCountError(f"{e} (this process has {jax.device_count()} CPU device(s); --cpu_devices=N gives it "
+                               f"N, e.g. to --dry_run a multi-device layout)") from e
 
 
-def _compile_only() -> int:
-    # The host backend only builds abstract arrays; the target's compiler comes from libtpu / the CUDA plugin.
+def _host_backend_only() -> None:
+    """A target's compiler runs on the host: jax's own backend is the CPU, which only builds abstract arrays (the
+    target's compiler comes from libtpu / the CUDA plugin)."""
     import os
 
     if not os.environ.get("JAX_PLATFORMS"):
         os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _compile_only() -> int:
+    _host_backend_only()
     logging.set_verbosity(logging.WARNING)
     from mllm_jax.train import compile_target, loop, targets
 

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 MESH_AXES = ("data", "fsdp", "expert", "pipeline", "context", "tensor")
 
 
+class DeviceCountError(ValueError):
+    """A layout whose mesh does not fit the devices there are (train.py adds how to get more on CPU)."""
+
+
 # ContextConfig.block's value for a block chosen from the kernel tile and the sequence length.
 AUTO = "auto"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
+from mllm_jax.parallel.config import MESH_AXES, DeviceCountError, ParallelConfig
 
 FILL = -1
 
@@ -26,7 +26,7 @@ def fill_layout(pc: ParallelConfig, num_devices: int, batch_size: int | None = N
                 rest *= sizes[a] if sizes[a] > 0 else 1
         if num_devices % rest:
             given = " x ".join(f"{a}={s}" for a, s in sizes.items() if a != fill[0])
-            raise ValueError(f"ParallelConfig.{fill[0]}=-1 fills the devices left, but the other axes ({given} = "
+            raise DeviceCountError(f"ParallelConfig.{fill[0]}=-1 fills the devices left, but the other axes ({given} = "
                              f"{rest}) do not divide the {num_devices} devices")
         pc = dataclasses.replace(pc, **{fill[0]: num_devices // rest})
     if pc.microbatches == FILL:

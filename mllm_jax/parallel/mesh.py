@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType
 
-from mllm_jax.parallel.config import MESH_AXES, ParallelConfig
+from mllm_jax.parallel.config import MESH_AXES, DeviceCountError, ParallelConfig
 
 
 def validate(parallel_config: ParallelConfig, num_devices: int | None = None) -> None:
@@ -20,7 +20,7 @@ def validate(parallel_config: ParallelConfig, num_devices: int | None = None) ->
         raise ValueError(f"ParallelConfig.microbatches must be >= 1; got {parallel_config.microbatches}")
     if num_devices is not None and parallel_config.num_devices != num_devices:
         desc = " x ".join(f"{a}={s}" for a, s in sizes.items())
-        raise ValueError(f"mesh axes {desc} = {parallel_config.num_devices} devices, but {num_devices} are "
+        raise DeviceCountError(f"mesh axes {desc} = {parallel_config.num_devices} devices, but {num_devices} are "
                          f"available; make the product of ParallelConfig sizes equal {num_devices}")
 
 
