@@ -29,6 +29,7 @@ writing; with one process the same host writes every byte either way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -210,9 +211,11 @@ class WorkdirLock:
         self.release()
 
 
+@functools.cache
 def _single_process_array_saves() -> None:
     """With one process, save jax arrays without replica-parallel slicing (module docstring). Orbax's handler
-    registry is per process, so this changes nothing for a multi-process run."""
+    registry is per process, so this changes nothing for a multi-process run; registered once (Orbax logs every
+    override)."""
     if jax.process_count() == 1:
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
