@@ -1,10 +1,8 @@
 """Tiny configs and batches shared by tests/test_model_*.py and tests/test_sharding*.py (not a test module), and the
-helpers that keep those tests cheap: models built once per process, test programs compiled at LLVM -O0, one model's
-weights placed into any layout."""
+helpers that keep those tests cheap: models built once per process, one model's weights placed into any layout.
+(The cheap code generation every test program compiles with is set for the whole process by tests/conftest.py.)"""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -105,42 +103,18 @@ def instances_batch(config: ModelConfig, *, rows: int, per_row: int, length: int
     )
 
 
-# Test programs compile with the CPU backend's cheap code generation: LLVM at -O0 and the older elemental emitters
-# instead of the fusion emitters. These tiny programs spend far longer compiling than running (the tiny multimodal
-# model's init: 17 s -> 3 s; an encoder's gradient: 2.4 s -> 0.6 s). The HLO, hence the math, the layouts and
-# the FLOP counts (cost_analysis), is unchanged. Options this XLA does not know are dropped (checked once).
-_CHEAP_CODEGEN = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
-                  {"xla_backend_optimization_level": 0}, {})
-
-
-@functools.cache
-def fast_compile_options() -> dict:
-    for options in _CHEAP_CODEGEN:
-        try:
-            jax.jit(lambda x: x + 1).lower(np.float32(1)).compile(compiler_options=options)
-            return options
-        except Exception:  # noqa: BLE001 (an XLA without the option: INVALID_ARGUMENT)
-            continue
-    return {}
-
-
-def jit(fn, **kw):
-    """jax.jit with fast_compile_options()."""
-    return jax.jit(fn, compiler_options=fast_compile_options(), **kw)
-
-
 _BUILT: dict = {}
 
 
 def build(cls, config, seed: int = 0, **kw):
-    """``cls(config, rngs=nnx.Rngs(seed), **kw)``, initialised under one -O0 jit, once per process per arguments.
+    """``cls(config, rngs=nnx.Rngs(seed), **kw)``, initialised under one jit, once per process per arguments.
 
     Each call returns a fresh module (copied variables), so a test may mutate its model freely."""
     key = (cls, repr(config), seed, repr(sorted(kw.items())))
     if key not in _BUILT:
         make = lambda: cls(config, rngs=nnx.Rngs(seed), **kw)  # noqa: E731
         graphdef = nnx.graphdef(nnx.eval_shape(make))
-        _BUILT[key] = graphdef, jit(lambda: nnx.state(make()))()
+        _BUILT[key] = graphdef, jax.jit(lambda: nnx.state(make()))()
     graphdef, state = _BUILT[key]
     return nnx.merge(graphdef, state, copy=True)
 
@@ -156,9 +130,9 @@ def place(model, abstract, mesh):
 
 
 def jit_call(fn, module, *args):
-    """``fn(module, *args)`` under one jit (fast_compile_options): many eager calls cost one compile each per op."""
+    """``fn(module, *args)`` under one jit: many eager calls cost one compile each per op."""
     graphdef, state = nnx.split(module)
-    return jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
+    return jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
 
 
 def make_every_tensor_count(torch_model) -> None:

@@ -12,7 +12,7 @@ from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.config import RunSettings
 from mllm_jax.llm import LLM
 
-from model_testlib import TINY_LLM, build, jit
+from model_testlib import TINY_LLM, build
 
 
 def _jaxpr_size(n_layers: int) -> int:
@@ -54,7 +54,7 @@ def test_remat_policies_give_identical_loss_and_grads():
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids, meta) ** 2)  # noqa: E731
         prims = _primitives(jax.make_jaxpr(loss)(params).jaxpr)
         assert bool(prims & {"checkpoint", "remat", "remat2"}) == (remat != "none")  # the layer body is remat'd
-        results[remat] = jit(jax.value_and_grad(loss))(params)
+        results[remat] = jax.jit(jax.value_and_grad(loss))(params)
     l0, g0 = results["none"]
     for remat in ("full", "dots"):
         l1, g1 = results[remat]
@@ -78,7 +78,7 @@ def test_unrolled_layer_loop_gives_the_scans_loss_and_grads():
         loss = lambda p: model_loss(nnx.merge(graphdef, p), batch)  # noqa: E731
         prims = _primitives(jax.make_jaxpr(loss)(params).jaxpr)
         assert ("scan" in prims) == (loop == "scan"), prims
-        results[loop] = jit(jax.value_and_grad(loss))(params)
+        results[loop] = jax.jit(jax.value_and_grad(loss))(params)
     (l0, g0), (l1, g1) = results["scan"], results["unrolled"]
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)

@@ -22,7 +22,6 @@ from mllm_jax import moe
 from mllm_jax.config import LLMConfig, RunSettings
 from mllm_jax.llm import LLM, mlp_sublayer, mlp_sublayer_with_aux, use_layer_params
 
-from model_testlib import jit
 
 BASE = LLMConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=24, n_experts=6,
                  experts_per_token=2, moe_d_ff=12)
@@ -95,7 +94,7 @@ def test_grouped_dispatch_equals_dense_oracle(case, impl):
     def oracle(p, x):
         return jnp.sum(_oracle(p, x.reshape(-1, 16), cfg, keep).reshape(x.shape) * w_out)
 
-    (v1, g1), (v2, g2) = (jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x) for f in (ours, oracle))
+    (v1, g1), (v2, g2) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x) for f in (ours, oracle))
     np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
@@ -123,7 +122,7 @@ def test_router_sending_everything_to_one_expert_runs_and_shows_in_imbalance(cap
         y, stats = moe.moe_mlp(p, x, cfg)
         return jnp.mean(y ** 2) + moe.layer_penalty(stats, cfg), stats
 
-    (v, stats), g = jit(jax.value_and_grad(loss, has_aux=True))(p)
+    (v, stats), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
     assert np.isfinite(float(v)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
     counts = np.asarray(stats.counts)
     np.testing.assert_array_equal(counts, [16, 16, 0, 0, 0, 0])
@@ -156,7 +155,7 @@ def test_train_step_reports_and_trains_the_router_losses():
     cfg = tiny_config(llm=llm)
     model = build(MultimodalModel, cfg, 0)
     batch = jax.tree.map(jnp.asarray, tiny_batch(cfg))
-    _, _, stats = jit(lambda m, b: m.loss_terms(b))(model, batch)
+    _, _, stats = jax.jit(lambda m, b: m.loss_terms(b))(model, batch)
     aux, z = moe.objective_terms(stats, llm)
     import optax
 
@@ -165,7 +164,7 @@ def test_train_step_reports_and_trains_the_router_losses():
         opt = nnx.Optimizer(m, optax.sgd(1.0), wrt=trainable_filter(m.config))
         graphdef, state = nnx.split((m, opt))
         step = make_train_step(graphdef, trainable_filter(m.config))
-        new_state, metrics = jit(step)(state, jax.tree.map(lambda a: a[None], batch))
+        new_state, metrics = jax.jit(step)(state, jax.tree.map(lambda a: a[None], batch))
         before = nnx.to_pure_dict(nnx.state(m))["llm"]["layers"]["moe"]["router"]["kernel"]
         after = nnx.to_pure_dict(new_state)[0]["llm"]["layers"]["moe"]["router"]["kernel"]
         return metrics, np.asarray(before) - np.asarray(after)

@@ -23,7 +23,6 @@ from mllm_jax.parallel.sharding import rule_table
 from mllm_jax.train.config import DataConfig
 from mllm_jax.train.step import moe_model_loss
 
-from model_testlib import jit
 
 CODEC = TextCodec()
 M = 2  # microbatches (the pipeline needs them; every layout runs the same two)
@@ -61,7 +60,7 @@ def host():
 def one_device(host):
     model = MultimodalModel(CFG, rngs=nnx.Rngs(0))
     gdef, state = nnx.split(model)
-    ce, grads = jit(lambda st, b: _objective(nnx.merge(gdef, st), b))(state, jax.tree.map(jnp.asarray, host))
+    ce, grads = jax.jit(lambda st, b: _objective(nnx.merge(gdef, st), b))(state, jax.tree.map(jnp.asarray, host))
     return float(ce), nnx.to_pure_dict(grads)
 
 
@@ -85,7 +84,7 @@ def _layout_run(pc: ParallelConfig, host):
         else:
             run = _objective
         gdef, state = nnx.split(model)
-        fn = jit(lambda st, b: run(nnx.merge(gdef, st), b))
+        fn = jax.jit(lambda st, b: run(nnx.merge(gdef, st), b))
         hlo = fn.lower(state, batch).compile().as_text()
         ce, grads = fn(state, batch)
     return float(ce), grads, hlo

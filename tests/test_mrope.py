@@ -18,7 +18,7 @@ from mllm_jax.config import LLMConfig, ModelConfig
 from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.llm import LLM
 from mllm_jax.multimodal import MultimodalModel
-from tests.model_testlib import build, jit, jit_call
+from tests.model_testlib import build, jit_call
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -188,7 +188,7 @@ def test_context_and_data_fsdp_layouts_give_the_one_device_loss_and_grads():
             placed = put_batch(b, mesh, leading=0)
             if pc.context > 1:
                 assert placed["rope_positions"].sharding.spec[1] == "context"
-            value, grads = jit(jax.value_and_grad(loss))(params, placed)
+            value, grads = jax.jit(jax.value_and_grad(loss))(params, placed)
         return float(value), [np.asarray(g) for g in jax.tree.leaves(grads)]
 
     ref_loss, ref_grads = run(one, batch)
@@ -226,11 +226,11 @@ def test_pipelined_step_with_mrope_and_causal_media_matches_one_device():
         total, count = nnx.merge(gdef, tr, rest).loss(b)
         return total / count
 
-    want_loss, want = jit(jax.value_and_grad(one_device))(trainable, concatenated(batch))
+    want_loss, want = jax.jit(jax.value_and_grad(one_device))(trainable, concatenated(batch))
     parallel = ParallelConfig(pipeline=2, microbatches=2)
     mesh = make_mesh(parallel, jax.devices()[:2])
     gdef_all, st = nnx.split(model)
-    run = jit(lambda s_, b: pipelined_loss_and_grad(nnx.merge(gdef_all, s_), b, mesh=mesh, parallel_config=parallel,
+    run = jax.jit(lambda s_, b: pipelined_loss_and_grad(nnx.merge(gdef_all, s_), b, mesh=mesh, parallel_config=parallel,
                                                     stage_layers=(1, 1)))
     with jax.set_mesh(mesh):
         loss_sum, count, grads = run(jax.device_put(st, NamedSharding(mesh, P())), batch)

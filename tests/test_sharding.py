@@ -30,7 +30,7 @@ from mllm_jax.parallel.context import permute_batch, plan, unpermute
 from mllm_jax.parallel.mesh import make_mesh
 from mllm_jax.parallel.sharding import logical_rules, rule_table
 
-from model_testlib import TINY_LLM, build, instances_batch, jit, place, tiny_config
+from model_testlib import TINY_LLM, build, instances_batch, place, tiny_config
 
 LAYOUT = ParallelConfig(data=2, fsdp=2, tensor=2)
 CFG = tiny_config()
@@ -270,7 +270,7 @@ def test_llm_context_parallel_computes_a_shard_and_equals_one_device():
     assert not np.array_equal(permuted["positions"], batch["positions"])  # the plan does move blocks
 
     def forward_flops(graphdef, state, tokens):
-        compiled = jit(lambda st, b: nnx.merge(graphdef, st)(b)).lower(state, tokens).compile()
+        compiled = jax.jit(lambda st, b: nnx.merge(graphdef, st)(b)).lower(state, tokens).compile()
         return compiled.cost_analysis()["flops"]
 
     gdef1, state1 = nnx.split(text_model)
