@@ -76,7 +76,7 @@ def target_compile(target_text: str, layers: int) -> dict:
     cfg = loop.load_run_config([recipe], [f"LLMConfig.n_layers = {layers}"])
     target = targets.parse(target_text)
     r = compile_target.compile_for_target(cfg, target, costs=True)
-    cfg = loop.for_devices(cfg, target.num_devices)
+    cfg = loop.for_devices(cfg, target.num_devices, chip=target.chip)
     llm, pc = cfg.model.llm, cfg.parallel
     # Expert exchange per MoE layer and microbatch, per device: the dropless buffer (every local assignment may go
     # to one device) is ep x (local tokens x k) rows of d_model, sent once forward and once back (bf16), and the

@@ -213,3 +213,60 @@ def test_dry_run_plans_on_compiled_costs():
     assert analytic.cost_source == "analytic"
     assert plan.runtime.runtime_time != analytic.runtime.runtime_time
     assert [c.microbatches for c in mb.microbatch_choices] == list(divisors(cfg.data.batch_size // 4))
+
+
+def _recipe(gin_file, *params):
+    import gin
+
+    from mllm_jax.train import loop
+
+    cfg = loop.load_run_config([gin_file], list(params))
+    gin.clear_config()
+    return cfg
+
+
+def test_auto_microbatches_is_the_dry_runs_recommendation():
+    # ParallelConfig.microbatches = "auto" is filled (train.loop.for_devices, before anything is built) with the count
+    # --dry_run recommends for the same layout and chip: the least simulated step time among the divisors of a
+    # replica's rows. LLaVA-7B on fsdp=4 x pipeline=2 of v5p: 32 rows a replica, where the plan takes 32 microbatches
+    # (the tiny recipe takes 1: the test would not tell "auto" from a count left at 1).
+    from mllm_jax.train import dry_run, loop
+    from mllm_jax.train.targets import CHIPS
+
+    layout = ["ParallelConfig.data = 1", "ParallelConfig.fsdp = 4", "ParallelConfig.pipeline = 2",
+              "ParallelConfig.tensor = 1", "ParallelConfig.context = 1"]
+    auto = _recipe("configs/llava_7b.gin", *layout, "ParallelConfig.microbatches = 'auto'")
+    filled = loop.for_devices(auto, 8, chip=CHIPS["v5p"])
+    fixed = dataclasses.replace(auto, parallel=dataclasses.replace(auto.parallel, microbatches=1))
+    plan = dry_run.microbatch_plan(loop.for_devices(fixed, 8), chip=CHIPS["v5p"])
+    best = min(plan.microbatch_choices, key=lambda c: (c.runtime_time, c.microbatches))
+    assert filled.parallel.microbatches == best.microbatches > 1
+    assert filled.parallel.microbatches in divisors(auto.data.batch_size // 4)
+    loop.validate(filled, 8)
+    # Priced on another chip, the same layout may take another count, always one of its choices.
+    v5e = loop.for_devices(auto, 8, chip=CHIPS["v5e"]).parallel.microbatches
+    assert v5e in [c.microbatches for c in plan.microbatch_choices]
+
+
+def test_auto_microbatches_without_a_pipeline_is_one_and_bad_values_are_refused():
+    from mllm_jax.train import loop
+
+    cfg = _recipe("configs/vlm_tiny.gin", "ParallelConfig.data = 8", "ParallelConfig.microbatches = 'auto'")
+    assert loop.for_devices(cfg, 8).parallel.microbatches == 1
+    with pytest.raises(ValueError, match="ParallelConfig.microbatches must be an integer or 'auto'; got 'autox'"):
+        ParallelConfig(microbatches="autox")
+    real = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, data=4, pipeline=2),
+                               dataset=dataclasses.replace(cfg.dataset, path="/data/llava.json"))
+    with pytest.raises(ValueError, match=r"DatasetConfig.path='/data/llava.json'.*as a number"):
+        loop.for_devices(real, 8)
+
+
+def test_train_py_runs_with_auto_microbatches(tmp_path, capsys):
+    # Through train.py: the filled count is printed with the layout, and the run trains on it.
+    from tests.train_main import TINY, run_main
+
+    rows = run_main(str(tmp_path), TINY + [
+        "TrainConfig.steps = 1", "ParallelConfig.data = 4", "ParallelConfig.pipeline = 2",
+        "ParallelConfig.microbatches = 'auto'"])
+    assert rows[-1]["step"] == 1 and math.isfinite(rows[-1]["loss"])
+    assert "microbatches=1 (microbatches \"auto\": the planner's count)" in capsys.readouterr().out

@@ -49,7 +49,9 @@ class ParallelConfig:
     pipeline: int = 1
     context: int = 1
     tensor: int = 1
-    microbatches: int = 1
+    # A pipeline's microbatches (gradient accumulation without one); -1: one row per batch shard (parallel.fill);
+    # "auto": the planner's count for the run's chip (train.microbatch_choice, resolved by train.loop.for_devices).
+    microbatches: int | str = 1
     # The pipeline's schedule (parallel.schedule): "1f1b", "zb_h1" (weight gradients fill 1F1B's cool-down, same
     # activation memory), "1f1b_fb" (a forward and a backward paired per tick: the async 1F1B time in lockstep, about
     # twice 1F1B's activations) or "auto" (the planner's choice, by simulating each on the model's costs).
@@ -63,6 +65,9 @@ class ParallelConfig:
     rules: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        mb = self.microbatches
+        if mb != AUTO and (isinstance(mb, bool) or not isinstance(mb, numbers.Integral)):
+            raise ValueError(f"ParallelConfig.microbatches must be an integer or {AUTO!r}; got {mb!r}")
         if not isinstance(self.pipeline_fsdp_gather_once, bool):
             raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
                              f"{self.pipeline_fsdp_gather_once!r}")

@@ -16,8 +16,10 @@ def validate(parallel_config: ParallelConfig, num_devices: int | None = None) ->
     bad = {a: s for a, s in sizes.items() if not isinstance(s, int) or s < 1}
     if bad:
         raise ValueError(f"mesh axis sizes must be positive integers; got {bad}")
-    if parallel_config.microbatches < 1:
-        raise ValueError(f"ParallelConfig.microbatches must be >= 1; got {parallel_config.microbatches}")
+    mb = parallel_config.microbatches
+    if not isinstance(mb, int) or mb < 1:
+        raise ValueError(f"ParallelConfig.microbatches must be an integer >= 1 here (-1 and \"auto\" are resolved by "
+                         f"train.loop.for_devices); got {mb!r}")
     if num_devices is not None and parallel_config.num_devices != num_devices:
         desc = " x ".join(f"{a}={s}" for a, s in sizes.items())
         raise DeviceCountError(f"mesh axes {desc} = {parallel_config.num_devices} devices, but {num_devices} are "

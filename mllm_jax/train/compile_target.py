@@ -329,7 +329,7 @@ def compile_for_target(cfg: loop.RunConfig, target: Target, *, costs: bool = Tru
     Raises TargetCompileError when the target's compiler rejects the program, DoesNotFitError (with the report)
     when it does not fit in HBM."""
     log = log or (lambda *_: None)
-    cfg = loop.for_devices(cfg, target.num_devices)
+    cfg = loop.for_devices(cfg, target.num_devices, chip=target.chip)
     run_cfg = for_target(cfg, target)
     layout = layout_name(cfg.parallel)
     devices = target.devices()
@@ -472,7 +472,7 @@ def main(cfg: loop.RunConfig, target: Target, *, print_fn=print, costs: bool = T
     except (TargetCompileError, RuntimeError, ValueError) as e:
         failure, report = e, None
         try:  # the error line names the layout as filled for the target, where it can be
-            cfg = loop.for_devices(cfg, target.num_devices)
+            cfg = loop.for_devices(cfg, target.num_devices, chip=target.chip)
         except ValueError:
             pass
     if report is not None:

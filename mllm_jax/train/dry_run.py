@@ -15,6 +15,7 @@ from flax import nnx
 
 from mllm_jax.data.batching import feature_counts
 from mllm_jax.train import loop
+from mllm_jax.train.microbatch_choice import microbatch_plan, pricing_chip, row_shapes
 
 GiB = 2.0**30
 
@@ -87,8 +88,11 @@ def activation_estimate(cfg: loop.RunConfig) -> float:
 def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
     """Print and return the dry run's figures. ``target``: the pipeline plan and its microbatch count on per-layer
     costs compiled for it (a targets.Target: its compiler and chip, roofline seconds; "cpu": the host compiler's
-    FLOPs, the microbatch count priced on MICROBATCH_CHIP's figures); None: the analytic costs."""
-    cfg = loop.for_devices(cfg, jax.device_count())
+    FLOPs, the microbatch count priced on microbatch_choice.MICROBATCH_CHIP's figures); None: the analytic costs."""
+    given_microbatches = cfg.parallel.microbatches
+    cfg = loop.for_devices(cfg, jax.device_count(), chip=pricing_chip(target))
+    if given_microbatches != cfg.parallel.microbatches:
+        given_microbatches = f"{given_microbatches!r}, filled as {cfg.parallel.microbatches}"
     loop.validate(cfg, jax.device_count())
     mesh = loop.build_mesh(cfg.parallel)
     from mllm_jax.build import abstract_model
@@ -126,9 +130,9 @@ def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
         from mllm_jax.parallel.pipeline_plan import format_microbatch_choices, format_plan
 
         print_fn(format_plan(out["pipeline_plan"]))
-        chip = _chip(target)
+        chip = pricing_chip(target)
         out["microbatch_plan"] = microbatch_plan(cfg, chip=chip, target=target)
-        print_fn(f"microbatch count (ParallelConfig.microbatches is {cfg.parallel.microbatches}), planned on "
+        print_fn(f"microbatch count (ParallelConfig.microbatches is {given_microbatches}), planned on "
                  f"{chip.name}'s figures:")
         print_fn("\n".join(format_microbatch_choices(out["microbatch_plan"])))
     return out
@@ -144,7 +148,7 @@ def pipeline_plan(cfg: loop.RunConfig, target=None):
 
     pc, dc = cfg.parallel, cfg.data
     rows = max(1, dc.batch_size // (pc.microbatches * pc.data * pc.fsdp))
-    text, instances = _row_shapes(cfg)
+    text, instances = row_shapes(cfg)
     costs = pipeline_costs(cfg.model, text_tokens=text, microbatch_size=rows, instances=instances)
     if target is None:
         return plan_pipeline(costs, pc)
@@ -153,57 +157,3 @@ def pipeline_plan(cfg: loop.RunConfig, target=None):
     table = compiled_layer_costs(cfg.model, text_tokens=text, microbatch_size=rows, target=target,
                                  instances=instances)
     return plan_pipeline(costs, pc, layer_costs=table, device_flops=1.0 if target == "cpu" else target.chip.peak_flops)
-
-
-def _chip(target):
-    from mllm_jax.train.targets import CHIPS
-
-    return CHIPS[MICROBATCH_CHIP] if target in (None, "cpu") else target.chip
-
-
-def _row_shapes(cfg: loop.RunConfig) -> tuple:
-    """(text tokens, {encoder: instances}) of one row: samples_per_row samples with their encoder instances, in
-    DataConfig.seq_len tokens of which the instances' injected features take their share."""
-    from mllm_jax.costs import modality_shapes
-
-    dc = cfg.data
-    slots = {"vision": dc.max_images, "audio": dc.max_audio}
-    instances = {n: dc.samples_per_row * slots.get(n, 1) for n in cfg.model.encoders} or None
-    injected = sum(sh.injected for sh in modality_shapes(cfg.model, instances=instances).values())
-    return max(dc.seq_len - injected, 1), instances
-
-
-# The chip the analytic microbatch recommendation is priced on (--dry_run has no target).
-MICROBATCH_CHIP = "v5p"
-
-
-def microbatch_plan(cfg: loop.RunConfig, chip=None, target=None):
-    """The planner's microbatch count for the run's batch (``plan_microbatches``): a pipeline replica's rows
-    (DataConfig.batch_size / (data x fsdp)) in M microbatches, M among their divisors (the counts the train step
-    accepts), as a roofline of ``chip`` (targets.Chip; default the target's, else MICROBATCH_CHIP): FLOPs, the
-    weights read again by every op, the per-tick ppermutes over one ICI link, the chip's HBM as the budget. Row
-    costs: the analytic model's, or with ``target`` (a targets.Target or "cpu") compiled at microbatches of 1 and 2
-    rows and fitted (train.layer_costs.compiled_row_costs)."""
-    from mllm_jax.costs import pipeline_costs
-    from mllm_jax.parallel.pipeline_plan import analytic_row_costs, plan_microbatches
-    from mllm_jax.train.targets import PPERMUTE_LATENCY_S
-
-    chip = chip or _chip(target)
-    pc, dc = cfg.parallel, cfg.data
-    rows = max(1, dc.batch_size // (pc.data * pc.fsdp))
-    text, instances = _row_shapes(cfg)
-
-    def costs_at(r):
-        return pipeline_costs(cfg.model, text_tokens=text, microbatch_size=r, instances=instances)
-
-    if target is None:
-        weight_bytes = 2.0 if cfg.model.dtype == "bfloat16" else 4.0
-        row_costs = analytic_row_costs(costs_at(1), peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
-                                       weight_bytes=weight_bytes)
-    else:
-        from mllm_jax.train.layer_costs import compiled_row_costs
-
-        row_costs = compiled_row_costs(cfg.model, text_tokens=text, target=target, rows=(1, 2), instances=instances,
-                                       chip=chip)
-    return plan_microbatches(costs_at, pc, rows=rows, row_costs=row_costs, link_bandwidth=chip.link_bandwidth,
-                             link_latency=PPERMUTE_LATENCY_S, memory_budget=chip.hbm_bytes, placement="outside")

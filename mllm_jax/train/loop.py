@@ -33,7 +33,7 @@ from mllm_jax.train.config import CheckpointConfig, DataConfig, OptimizerConfig,
 from mllm_jax.train.metrics import MetricsWriter, moe_fields
 from mllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mllm_jax.train.step import make_eval_step, make_train_step, model_loss
-from mllm_jax.parallel.config import ContextConfig, ParallelConfig
+from mllm_jax.parallel.config import AUTO, ContextConfig, ParallelConfig
 
 BATCH_AXES = distributed.BATCH_AXES
 
@@ -77,13 +77,23 @@ def load_run_config(gin_files=(), gin_params=()) -> RunConfig:
 # Validation: every error here happens before anything is built or compiled, and names the numbers.
 
 
-def for_devices(cfg: RunConfig, num_devices: int) -> RunConfig:
-    """``cfg`` with its layout's -1 sizes filled for ``num_devices`` devices (mllm_jax.parallel.fill)."""
+def for_devices(cfg: RunConfig, num_devices: int, chip=None) -> RunConfig:
+    """``cfg`` with its layout's -1 sizes filled for ``num_devices`` devices (mllm_jax.parallel.fill) and
+    ``microbatches="auto"`` resolved to the planner's count (train.microbatch_choice; priced on ``chip``, a
+    targets.Chip, default this process's accelerator)."""
     from mllm_jax.parallel.fill import fill_layout
 
     batch = None if uses_real_data(cfg.dataset) else cfg.data.batch_size
     parallel = fill_layout(cfg.parallel, num_devices, batch)
-    return cfg if parallel == cfg.parallel else dataclasses.replace(cfg, parallel=parallel)
+    filled = cfg if parallel == cfg.parallel else dataclasses.replace(cfg, parallel=parallel)
+    if parallel.microbatches == AUTO:
+        from mllm_jax.train.microbatch_choice import auto_microbatches
+
+        # The planner prices a layout that exists: the axes checked first (with a stand-in count).
+        validate_layout(dataclasses.replace(parallel, microbatches=1), cfg.model, num_devices)
+        m = auto_microbatches(filled, chip=chip)
+        filled = dataclasses.replace(filled, parallel=dataclasses.replace(parallel, microbatches=m))
+    return filled
 
 
 def validate(cfg: RunConfig, num_devices: int) -> None:
@@ -310,9 +320,13 @@ def run(cfg: RunConfig, workdir: str, *, loss_fn: Callable = model_loss, stop_af
     runs: a second run on the same workdir is refused, a stale lock (its process gone) is taken over."""
     filled = for_devices(cfg, jax.device_count())
     if filled is not cfg:
+        why = [w for w, given in (("sizes given as -1 filled", -1 in cfg.parallel.axis_sizes.values()
+                                   or cfg.parallel.microbatches == -1),
+                                  ("microbatches \"auto\": the planner's count", cfg.parallel.microbatches == AUTO))
+               if given]
         log("layout for " + str(jax.device_count()) + " devices: " + " ".join(
             f"{a}={s}" for a, s in filled.parallel.axis_sizes.items() if s > 1) + f" microbatches="
-            f"{filled.parallel.microbatches} (ParallelConfig sizes given as -1 filled)")
+            f"{filled.parallel.microbatches} ({'; '.join(why)})")
     cfg = filled
     validate(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)

@@ -93,6 +93,22 @@ EXAMPLES = ("tpu:v5e:2x2", "tpu:v5e:16x16", "tpu:v5p:4x4x4", "tpu:v6e:4x4", "tpu
             "tpu:v5litepod-256", "tpu:v6e-16", "gpu:h100:1x8", "gpu:h100:2x8", "gpu:a100:1x8")
 
 
+def local_chip() -> Chip | None:
+    """The CHIPS entry of the accelerator this process runs on (jax's first device), None on a CPU or a chip not in
+    CHIPS."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "tpu":
+        from mllm_jax.kernels.pallas_tpu import tpu_generation
+
+        return CHIPS.get(tpu_generation())
+    if device.platform == "gpu":
+        kind = device.device_kind.lower()
+        return next((c for c in CHIPS.values() if c.platform == "gpu" and c.name in kind), None)
+    return None
+
+
 class UnknownTargetError(ValueError):
     pass
 
