@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,17 @@ def test_target_names():
     assert targets.parse("tpu:v5p-128").num_devices == 64
     assert targets.parse("gpu:h100:2x8").attention_impl == "pallas_gpu"
     assert targets.parse("tpu:v6e:4x4").attention_impl == "pallas_tpu"
+
+
+@needs_tpu
+@pytest.mark.parametrize("text", ["tpu:v4:2x2x1", "tpu:v4-16", "tpu:v5p:2x2x1", "tpu:v5e:2x4", "tpu:v6e:1x1"])
+def test_tpu_target_has_one_device_per_chip(text):
+    # As jax sees the hardware: v4 and v5p run their two TensorCores as one megacore device (libtpu's default
+    # description of v4 had a device per core, 8 on a 2x2x1 slice, and every v4 compile was refused).
+    t = targets.parse(text)
+    devices = t.devices()
+    assert len(devices) == t.num_devices == math.prod(t.shape)
+    assert len({tuple(d.coords) for d in devices}) == len(devices), [d.coords for d in devices]
 
 
 @pytest.mark.parametrize("text", ["tpu:v9:2x2", "gpu:rtx4090:1x1", "cpu:8", "tpu:v5p:4x4", "tpu:v5p-12", ""])

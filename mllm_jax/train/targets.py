@@ -159,6 +159,10 @@ class Target:
                 kw = {}
                 if self.num_devices < 4 and self.chip.dims == 2:  # below one host's 2x2: say the host is smaller
                     kw["chips_per_host_bounds"] = self.shape + (1,)
+                if self.chip.cores_per_chip_in_name == 2:
+                    # v4 and v5p: the chip's two TensorCores run as one megacore device, as jax sees them on the
+                    # hardware (libtpu's default description of v4 has a device per core: 8 on a 2x2x1 slice).
+                    kw["chip_config_name"] = "megacore"
                 topo = topologies.get_topology_desc(platform="tpu", topology_name=name, **kw)
             else:
                 hosts, per_host = self.shape
