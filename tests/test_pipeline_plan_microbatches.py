@@ -213,6 +213,14 @@ def test_dry_run_plans_on_compiled_costs():
     assert analytic.cost_source == "analytic"
     assert plan.runtime.runtime_time != analytic.runtime.runtime_time
     assert [c.microbatches for c in mb.microbatch_choices] == list(divisors(cfg.data.batch_size // 4))
+    # "auto" on a target takes the count planned on the compiled costs (not the analytic fill), and the printed
+    # pipeline plan is planned at it.
+    auto = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, microbatches="auto"))
+    lines = []
+    out = dry_run.report(auto, print_fn=lines.append, target="cpu")
+    m = out["microbatch_plan"].microbatches
+    assert m == mb.microbatches and out["pipeline_plan"].microbatches == m, m
+    assert f"ParallelConfig.microbatches is 'auto', filled as {m}" in "\n".join(lines)
 
 
 def _recipe(gin_file, *params):

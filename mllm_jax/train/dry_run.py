@@ -7,6 +7,7 @@ Activations are a rough model (saved tensors per layer per token), stated as suc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mllm_jax.data.batching import feature_counts
+from mllm_jax.parallel.config import AUTO
 from mllm_jax.train import loop
 from mllm_jax.train.microbatch_choice import microbatch_plan, pricing_chip, row_shapes
 
@@ -89,8 +91,13 @@ def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
     """Print and return the dry run's figures. ``target``: the pipeline plan and its microbatch count on per-layer
     costs compiled for it (a targets.Target: its compiler and chip, roofline seconds; "cpu": the host compiler's
     FLOPs, the microbatch count priced on microbatch_choice.MICROBATCH_CHIP's figures); None: the analytic costs."""
-    given_microbatches = cfg.parallel.microbatches
-    cfg = loop.for_devices(cfg, jax.device_count(), chip=pricing_chip(target))
+    given_microbatches, chip, planned = cfg.parallel.microbatches, pricing_chip(target), None
+    cfg = loop.for_devices(cfg, jax.device_count(), chip=chip)
+    if given_microbatches == AUTO and target is not None and cfg.parallel.pipeline > 1:
+        # On a target the printed recommendation comes from compiled costs: "auto" takes that count too (a run and
+        # --compile_only fill it from the analytic costs, microbatch_choice.auto_microbatches).
+        planned = microbatch_plan(cfg, chip=chip, target=target)
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, microbatches=planned.microbatches))
     if given_microbatches != cfg.parallel.microbatches:
         given_microbatches = f"{given_microbatches!r}, filled as {cfg.parallel.microbatches}"
     loop.validate(cfg, jax.device_count())
@@ -130,8 +137,7 @@ def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
         from mllm_jax.parallel.pipeline_plan import format_microbatch_choices, format_plan
 
         print_fn(format_plan(out["pipeline_plan"]))
-        chip = pricing_chip(target)
-        out["microbatch_plan"] = microbatch_plan(cfg, chip=chip, target=target)
+        out["microbatch_plan"] = planned or microbatch_plan(cfg, chip=chip, target=target)
         print_fn(f"microbatch count (ParallelConfig.microbatches is {given_microbatches}), planned on "
                  f"{chip.name}'s figures:")
         print_fn("\n".join(format_microbatch_choices(out["microbatch_plan"])))
