@@ -118,7 +118,7 @@ def _model_run(graphdef, state):
     """jitted batch -> (loss, hidden, grads): one compile per layout."""
     merge, params = _split_params(graphdef, state)
 
-    @jit
+    @jax.jit
     def run(params, batch):
         def loss(p):
             m = merge(p)
@@ -189,7 +189,7 @@ def _encoders_run(graphdef, state, weights):
     """jitted encoder inputs -> (features per modality, grads of sum(features * weights) w.r.t. every Param)."""
     merge, params = _split_params(graphdef, state)
 
-    @jit
+    @jax.jit
     def run(params, inputs):
         def f(p):
             m = merge(p)
