@@ -32,6 +32,10 @@ flags.DEFINE_bool("compile_only", False, "compile the train step for --target wi
                   "accelerator needed: libtpu / jax-cuda12-plugin) and report memory per chip, FLOPs, collectives, "
                   "Pallas calls, the roofline step time and mfu_bound; the last line is JSON. Exit 1 when it does "
                   "not compile or fit")
+flags.DEFINE_bool("compile_costs", True, "with --compile_only: also compile an unrolled copy of the step for exact "
+                  "FLOP and byte figures (the roofline and mfu_bound). A 7B model's copy needs more host memory than "
+                  "the step itself (over 24 GiB for LLaVA-7B on 8 chips); --nocompile_costs reports memory, "
+                  "collectives and kernels without it")
 flags.DEFINE_string("target", None, "with --compile_only (or --dry_run: plan the pipeline on per-layer costs "
                     "compiled for it; TPU targets or cpu): tpu:<chip>:<topology> (tpu:v5p:4x4x4, tpu:v5e:16x16), a "
                     "Cloud TPU name (tpu:v5p-128, tpu:v5litepod-256) or gpu:<chip>:<hosts>x<gpus> (gpu:h100:2x8)")
@@ -127,7 +131,7 @@ def _compile_only() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = loop.load_run_config(FLAGS.gin_file, FLAGS.gin_param)
-    return compile_target.main(cfg, target)
+    return compile_target.main(cfg, target, costs=FLAGS.compile_costs)
 
 
 if __name__ == "__main__":

@@ -283,3 +283,18 @@ def test_attention_choice_follows_the_target_not_the_host():
     with jax.set_mesh(mesh):
         assert kernels.choose("xla", keys) == "dense"
         assert kernels.choose("auto", keys) == "pallas_tpu"
+
+
+@needs_tpu
+def test_nocompile_costs_skips_the_unrolled_copy(capsys):
+    # train.py --compile_only --nocompile_costs: the step (scanned layers: the cost figures would need an unrolled
+    # copy, which for a 7B model takes more host memory than the step) compiles and fits; no cost figures.
+    from tests.train_main import main_status
+
+    params = ["LLMConfig.n_layers=2", "VisionConfig.n_layers=1", 'ModelConfig.layer_loop="scan"',
+              'ModelConfig.attention_impl="xla"']
+    assert main_status(params, flags=("--compile_only", "--target=tpu:v5e:1x1", "--nocompile_costs")) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["fits"] is True and last["cost_basis"] == "not computed" and last["roofline_step_s"] is None, last
+    assert "unrolled copy" not in out

@@ -359,6 +359,10 @@ def compile_for_target(cfg: loop.RunConfig, target: Target, *, costs: bool = Tru
         one = dataclasses.replace(run_cfg, model=run_cfg.model.replace(layer_loop="unrolled"),
                                   data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // m),
                                   parallel=dataclasses.replace(cfg.parallel, microbatches=1))
+        # Announced first: the copy can take far more host memory than the step (a process killed here is the
+        # host running out of memory; train.py --nocompile_costs skips the copy).
+        log("compiling an unrolled copy of one microbatch for the FLOP and byte figures (it can need more host "
+            "memory than the step; costs=False, train.py --nocompile_costs, skips it)")
         cost_compiled, cost_s, cost_lowered = compile_step(build_step(one, devices),
                                                            what=what + "'s unrolled copy for the cost figures")
         cost = {k: v * m for k, v in _cost(cost_compiled, cost_lowered).items() if isinstance(v, (int, float))}
