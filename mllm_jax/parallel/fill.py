@@ -26,8 +26,8 @@ def fill_layout(pc: ParallelConfig, num_devices: int, batch_size: int | None = N
                 rest *= sizes[a] if sizes[a] > 0 else 1
         if num_devices % rest:
             given = " x ".join(f"{a}={s}" for a, s in sizes.items() if a != fill[0])
-            raise DeviceCountError(f"ParallelConfig.{fill[0]}=-1 fills the devices left, but the other axes ({given} = "
-                             f"{rest}) do not divide the {num_devices} devices")
+            raise DeviceCountError(f"ParallelConfig.{fill[0]}=-1 fills the devices left, but the other axes "
+                                   f"({given} = {rest}) do not divide the {num_devices} devices")
         pc = dataclasses.replace(pc, **{fill[0]: num_devices // rest})
     if pc.microbatches == FILL:
         shards = pc.data * pc.fsdp * pc.expert  # the batch axes (distributed.BATCH_AXES)

@@ -23,7 +23,7 @@ def validate(parallel_config: ParallelConfig, num_devices: int | None = None) ->
     if num_devices is not None and parallel_config.num_devices != num_devices:
         desc = " x ".join(f"{a}={s}" for a, s in sizes.items())
         raise DeviceCountError(f"mesh axes {desc} = {parallel_config.num_devices} devices, but {num_devices} are "
-                         f"available; make the product of ParallelConfig sizes equal {num_devices}")
+                               f"available; make the product of ParallelConfig sizes equal {num_devices}")
 
 
 def make_mesh(parallel_config: ParallelConfig, devices=None):
