@@ -15,6 +15,9 @@ from mllm_jax.parallel.pipeline import (
     OP_FWD,
     OP_IDLE,
     OP_W,
+    TO_LEFT,
+    TO_RIGHT,
+    TO_SELF,
     build_schedule,
     make_layout,
     pipeline_value_and_grad,
@@ -25,56 +28,85 @@ from mllm_jax.parallel.pipeline import (
 # The schedule as data.
 
 
-def replay(sched, stages, M):
-    """Run the table on symbolic buffers: every read must find exactly the microbatch the op names (saved inputs
-    and kept cotangents share one pool of activation slots per stage). Returns each stage's peak live slots."""
+def replay(sched, stages=None, M=None):
+    """Run the table on symbolic buffers: every read must find exactly the (virtual stage, microbatch) the op names,
+    every message must arrive where the table stores it (and nothing else arrive), and everything must be consumed
+    (saved inputs and kept cotangents share one pool of activation slots per device). Returns each device's peak
+    live slots."""
     col = {f: sched.column(f) for f in FIELDS}
-    acts = [dict() for _ in range(stages)]  # slot -> ("x" | "w", microbatch)
-    gs = [dict() for _ in range(stages)]
-    peak = [0] * stages
+    S = sched.stages
+    K = S * sched.virtual_stages
+    ops, mbs, ks = col["op"], col["mb"], col["virtual"]
+    # Virtual stages with a backward (their saved inputs stay until it).
+    has_bw = {int(k) for k in ks[(ops == OP_BWD) | (ops == OP_B) | (ops == OP_FB)]}
+    acts = [dict() for _ in range(S)]  # slot -> ("x" | "w", virtual stage, microbatch)
+    gs = [dict() for _ in range(S)]  # slot -> (virtual stage, microbatch)
+    x_channel = {TO_RIGHT: (1, "recv_x_slot"), TO_LEFT: (-1, "recv_xl_slot"), TO_SELF: (0, "recv_xo_slot")}
+    g_channel = {TO_LEFT: (-1, "recv_g_slot"), TO_RIGHT: (1, "recv_gr_slot"), TO_SELF: (0, "recv_go_slot")}
+    peak = [0] * S
     for t in range(sched.table.shape[0]):
-        sent_x, sent_g = {}, {}
-        for s in range(stages):
-            op, m = col["op"][t, s], col["mb"][t, s]
-            xs, ws = col["x_slot"][t, s], col["w_slot"][t, s]
+        sent_x, sent_g = {}, {}  # (device, recv column) -> what arrives
+
+        def send(d, to, channels, sent, what):
+            step, name = channels[int(to)]
+            key = ((d + step) % S, name)
+            assert key not in sent, "two messages on one channel"
+            sent[key] = what
+
+        for d in range(S):
+            op, m, k = ops[t, d], mbs[t, d], ks[t, d]
+            xs, ws = col["x_slot"][t, d], col["w_slot"][t, d]
             if op in (OP_FWD, OP_FB):
-                if s > 0:
-                    assert acts[s][xs] == ("x", m)
-                elif xs >= 0:
-                    assert xs not in acts[s], "overwrote a live slot"
-                    acts[s][xs] = ("x", m)
-                    peak[s] = max(peak[s], len(acts[s]))  # before a paired backward frees its slot
-                if s + 1 < stages:
-                    sent_x[s + 1] = m
-            if op == OP_FB:  # the backward half, after the forward half
-                m2 = col["mb2"][t, s]
-                assert acts[s].pop(col["x2_slot"][t, s]) == ("x", m2)
-                if s < stages - 1:
-                    assert gs[s].pop(col["g_slot"][t, s]) == m2
-                if s > 0:
-                    sent_g[s - 1] = m2
-            elif op in (OP_BWD, OP_B):
-                assert acts[s][xs] == ("x", m)
-                if op == OP_BWD:
-                    del acts[s][xs]
+                if k > 0:
+                    assert acts[d][xs] == ("x", k, m)
+                    if k not in has_bw:  # no backward: the forward read it last
+                        del acts[d][xs]
                 else:
-                    assert ws not in acts[s], "overwrote a live slot"
-                    acts[s][ws] = ("w", m)
-                if s < stages - 1:
-                    assert gs[s].pop(col["g_slot"][t, s]) == m
-                if s > 0:
-                    sent_g[s - 1] = m
+                    assert xs >= 0 and xs not in acts[d], "overwrote a live slot"
+                    if k in has_bw:  # else a scratch slot: the forward writes its layer inputs, nobody reads them
+                        acts[d][xs] = ("x", k, m)
+                    peak[d] = max(peak[d], len(acts[d]))  # before a paired backward frees its slot
+                if k + 1 < K:
+                    send(d, col["x_to"][t, d], x_channel, sent_x, ("x", k + 1, m))
+                elif col["recv_go_slot"][t, d] >= 0:  # the loss cotangent, kept for this stage's backward
+                    sent_g[(d, "recv_go_slot")] = (k, m)
+            back = op in (OP_BWD, OP_B, OP_FB)
+            mb = col["mb2"][t, d] if op == OP_FB else m
+            if op == OP_FB:  # the backward half, after the forward half
+                assert acts[d].pop(col["x2_slot"][t, d]) == ("x", k, mb)
+            elif back:
+                assert acts[d][xs] == ("x", k, mb)
+                if op == OP_BWD:
+                    del acts[d][xs]
+                else:
+                    assert ws not in acts[d], "overwrote a live slot"
+                    acts[d][ws] = ("w", k, mb)
+            if back:
+                g = col["g_slot"][t, d]
+                if g >= 0:
+                    assert gs[d].pop(g) == (k, mb)
+                else:  # only a paired op's backward of the microbatch its forward half just made
+                    assert op == OP_FB and k == K - 1 and mb == m
+                if k > 0 and col["g_to"][t, d] >= 0:
+                    send(d, col["g_to"][t, d], g_channel, sent_g, (k - 1, mb))
             elif op == OP_W:
-                assert acts[s].pop(xs) == ("x", m) and acts[s].pop(ws) == ("w", m)
-        for s in range(stages):
-            if col["recv_x_slot"][t, s] >= 0:
-                assert col["recv_x_slot"][t, s] not in acts[s], "overwrote a live activation"
-                acts[s][col["recv_x_slot"][t, s]] = ("x", sent_x[s])
-            if col["recv_g_slot"][t, s] >= 0:
-                assert col["recv_g_slot"][t, s] not in gs[s], "overwrote a live cotangent"
-                gs[s][col["recv_g_slot"][t, s]] = sent_g[s]
-            peak[s] = max(peak[s], len(acts[s]))
-            assert all(slot < sched.act_slots for slot in acts[s])
+                assert acts[d].pop(xs) == ("x", k, m) and acts[d].pop(ws) == ("w", k, m)
+        for d in range(S):
+            for name in ("recv_x_slot", "recv_xl_slot", "recv_xo_slot"):
+                slot = col[name][t, d]
+                assert (slot >= 0) == ((d, name) in sent_x), f"tick {t} device {d}: {name}"
+                if slot >= 0:
+                    assert slot not in acts[d], "overwrote a live activation"
+                    acts[d][slot] = sent_x[(d, name)]
+            for name in ("recv_g_slot", "recv_gr_slot", "recv_go_slot"):
+                slot = col[name][t, d]
+                assert (slot >= 0) == ((d, name) in sent_g), f"tick {t} device {d}: {name}"
+                if slot >= 0:
+                    assert slot not in gs[d], "overwrote a live cotangent"
+                    assert slot < sched.g_slots
+                    gs[d][slot] = sent_g[(d, name)]
+            peak[d] = max(peak[d], len(acts[d]))
+            assert all(slot < sched.act_slots for slot in acts[d])
     assert all(not a for a in acts) and all(not g for g in gs)  # everything was consumed
     return peak
 
@@ -157,7 +189,7 @@ def pipeline_mesh(shape, names):
 
 
 def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spec=None, mb=2, schedule="1f1b",
-                param_trainable=None):
+                param_trainable=None, virtual_stages=None):
     n = sum(stage_layers)
     params, lp, x, aux = problem(n, M, mb=mb)
     tr = np.ones(n, bool) if trainable is None else np.asarray(trainable, bool)
@@ -179,6 +211,7 @@ def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spe
             input_requires_grad=input_grad,
             schedule=schedule,
             param_trainable=param_trainable,
+            virtual_stages=virtual_stages,
         )
 
     with jax.set_mesh(mesh):

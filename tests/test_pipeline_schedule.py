@@ -78,6 +78,49 @@ def test_paired_table_keeps_dependencies_and_its_memory(stages, M):
     assert frozen.peak_act[0] == 0 and max(frozen.peak_act) <= max(sched.peak_act)
 
 
+@pytest.mark.parametrize("stages,M", [(1, 3), (2, 2), (2, 5), (3, 6), (4, 8), (4, 3), (5, 10)])
+def test_virtual_stage_tables_keep_dependencies_and_their_memory(stages, M):
+    """Interleaved (Megatron's ring of chunks) and zb_v (the V): every read finds its (virtual stage, microbatch),
+    every message arrives where the table stores it; zb_v holds at most 2 chunk inputs per microbatch in flight
+    on any device: 2 x min(S, M) slots of half a stage, 1F1B's activation memory."""
+    K = 2 * stages
+    for weights in (True, False):
+        zb = build_schedule(stages, M, kind="zb_v", weight_stages=[weights] * K)
+        assert tuple(replay(zb)) == zb.peak_act
+        assert zb.act_slots <= 2 * one_f_one_b_peak(0, stages, M)
+        assert zb.virtual_stages == 2 and ((zb.ops == OP_W).any() == (weights and stages * M > 1))
+        # The V: virtual stage k < S on device k, then back; the loss (the last virtual stage) on device 0.
+        k, d = zb.column("virtual"), np.arange(stages)[None, :]
+        busy = zb.ops != 0
+        assert (np.where(k < stages, k, 2 * stages - 1 - k) == d)[busy].all()
+        assert (zb.column("recv_xo_slot") >= 0).sum() == (M if stages > 1 else M)  # one turn per microbatch
+    if M % stages == 0:
+        for V in (2, 3):
+            il = build_schedule(stages, M, kind="interleaved", virtual_stages=V)
+            assert tuple(replay(il)) == il.peak_act
+            assert ((il.column("virtual") % stages == np.arange(stages)[None, :]) | (il.ops == 0)).all()
+    else:
+        with pytest.raises(ValueError, match="multiple of"):
+            build_schedule(stages, M, kind="interleaved")
+    with pytest.raises(ValueError, match="one chunk per device"):
+        build_schedule(stages, M, kind="zb_h1", virtual_stages=2)
+
+
+def test_zb_v_bubble_is_below_1f1b_at_1f1b_memory():
+    """A frozen LLM (no W): ZB-H1 is 1F1B, but the V's shorter round trips and half-stage chunks fill the
+    warm-up and cool-down; trainable layers: ZB-V below ZB-H1. Same activation memory: S stage inputs per device
+    (1F1B: S slots of a stage; zb_v: 2 S slots of half a stage)."""
+    S, M = 4, 8
+    for w in (0.0, 1.0):
+        whole = StageOps(f=(1.0,) * S, b=(2.0,) * S, w=(w,) * S, bw=(2.0 + w,) * S)
+        half = StageOps(f=(0.5,) * 2 * S, b=(1.0,) * 2 * S, w=(w / 2,) * 2 * S, bw=((2.0 + w) / 2,) * 2 * S)
+        one, zb1, v = simulate(whole, M, "1f1b"), simulate(whole, M, "zb_h1"), simulate(half, M, "zb_v")
+        assert v.schedule.act_slots == 2 * one.schedule.act_slots
+        assert v.bubble_fraction < zb1.bubble_fraction <= one.bubble_fraction
+        assert v.time < zb1.time
+    assert simulate(half, M, "interleaved").time < one.time  # the ring, at more memory
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The simulator's tick table is the runtime's: the runtime counts what each stage ran in each tick.
 
@@ -88,9 +131,11 @@ def unit_chain(trainable):
     return cost_chain(layers, remat=True)[0]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb", "interleaved", "zb_v"])
 def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
     stage_layers, trainable, M = (1, 3, 2, 1), [0, 0, 1, 0, 1, 1, 0], 5
+    if schedule in ("interleaved", "zb_v"):  # two chunks per device: 8 virtual stages
+        stage_layers, trainable, M = (1, 1, 2, 1, 1, 2, 1, 1), [0, 0, 1, 0, 1, 1, 0, 1, 0, 1], 4
     mesh = pipeline_mesh((4,), ("pipeline",))
     params, lp, x, aux = problem(sum(stage_layers), M)
 
@@ -105,7 +150,7 @@ def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
     # The planner's per-stage op costs of the same split (unit layers): the work of a tick in layer passes.
     ops = runtime_stage_ops(unit_chain(trainable), stage_layers)
     sim = simulate(ops, M, schedule)
-    layout = make_layout(stage_layers, np.asarray(trainable, bool))
+    layout = make_layout(stage_layers, np.asarray(trainable, bool), schedule=schedule)
     assert (sim.schedule.table == layout_schedule(layout, M, schedule).table).all()
     assert counts.shape == (sim.ticks, 4, len(TRACE_FIELDS))
     ran = counts.sum(axis=2)  # forwards + remat recomputes + dX + dW, each one unit
@@ -115,8 +160,11 @@ def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
         assert (sim.schedule.ops == OP_W).any()
     if schedule == "1f1b_fb":
         assert (sim.schedule.ops == OP_FB).any()
-    # The frozen prefix (stage 0, layer 1 of stage 1) never ran a backward.
-    assert counts[:, 0, 1:].sum() == 0
+    if schedule == "zb_v":
+        assert (sim.schedule.ops == OP_W).any()
+    # The frozen prefix (virtual stages 0 and 1 on devices 0 and 1, or stage 0) never ran a backward.
+    frozen = sim.schedule.column("virtual") < (2 if schedule in ("interleaved", "zb_v") else 1)
+    assert (counts[..., 1:].sum(axis=2)[frozen] == 0).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,10 +259,18 @@ def test_gradient_accumulator_has_rows_for_trainable_slots_only():
     ("1f1b_fb", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),
     ("1f1b_fb", (2, 2, 2, 2), 6, [0] * 8, True, None),  # frozen layers, trainable input: dX everywhere
     ("1f1b_fb", (2, 1, 1), 4, None, True, {"w": False, "b": True}),
+    # Two chunks per device (8 virtual stages on 4 devices): the ring and the V.
+    ("interleaved", (1, 2, 1, 1, 2, 1, 1, 1), 8, [0, 0, 0, 1, 0, 1, 1, 0, 1, 1], False, None),
+    ("interleaved", (2, 1, 1, 1, 1, 2), 4, [0] * 8, True, None),  # three chunks on two devices, frozen, dX only
+    ("zb_v", (1, 1, 2, 1, 1, 2, 1, 1), 5, [0, 0, 0, 1, 0, 1, 1, 0, 1, 1], False, None),
+    ("zb_v", (2, 1, 1, 1), 4, None, True, {"w": False, "b": True}),  # two devices, LoRA-like, input gradient
+    ("zb_v", (1, 1, 1, 1, 1, 1, 1, 1), 6, [0] * 8, True, None),
 ])
 def test_schedules_match_one_device(schedule, stage_layers, M, trainable, input_grad, param_trainable):
-    mesh = pipeline_mesh((len(stage_layers),), ("pipeline",))
-    check_equal(mesh, stage_layers, M, trainable, input_grad, schedule=schedule, param_trainable=param_trainable)
+    virtual = {"interleaved": 2 if len(stage_layers) == 8 else 3, "zb_v": 2}.get(schedule, 1)
+    mesh = pipeline_mesh((len(stage_layers) // virtual,), ("pipeline",))
+    check_equal(mesh, stage_layers, M, trainable, input_grad, schedule=schedule, param_trainable=param_trainable,
+                virtual_stages=virtual if schedule == "interleaved" else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,11 +38,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
-                                        Schedule, build_schedule, stage_op_order)
+                                        TO_LEFT, TO_RIGHT, TO_SELF, Schedule, build_schedule, stage_op_order,
+                                        virtual_placement, virtual_stages_of)
 
 # Older names of the ops (the fused backward was the only one).
 OP_FWD, OP_BWD, OP_BWD_SKIP = OP_F, OP_BW, OP_SKIP
 __all__ = ["FIELDS", "OP_B", "OP_BW", "OP_F", "OP_FB", "OP_IDLE", "OP_SKIP", "OP_W", "SCHEDULES", "Schedule",
+           "TO_LEFT", "TO_RIGHT", "TO_SELF",
            "build_schedule",
            "layout_schedule", "make_layout", "pipeline_value_and_grad", "sequential_value_and_grad", "stage_op_order"]
 
@@ -56,17 +58,34 @@ TRACE_FIELDS = ("forward_layers", "recomputes", "input_grads", "weight_grads")
 @dataclass(frozen=True)
 class StageLayout:
     """Canonical layers -> [stages, slots]: ``index`` [S, L_max] (layer per slot, 0 where padded), ``active``
-    [S, L_max], ``kind`` [S, L_max] (KIND_*), ``backward_stages`` [S]."""
+    [S, L_max], ``kind`` [S, L_max] (KIND_*), ``backward_stages`` [S]. The stages are the model's (virtual) stages
+    in order; ``schedule`` says how they sit on the devices (``schedule.virtual_placement``: one per device, or V
+    chunks per device for "interleaved" / "zb_v"), and ``device_view`` lays a per-stage array out per device."""
 
     stage_layers: tuple
     index: np.ndarray
     active: np.ndarray
     kind: np.ndarray
     backward_stages: np.ndarray
+    schedule: str = "1f1b"
+    virtual: int = 1
 
     @property
     def stages(self) -> int:
+        """The model's stages (virtual stages: devices x chunks per device)."""
         return len(self.stage_layers)
+
+    @property
+    def devices(self) -> int:
+        return self.stages // self.virtual
+
+    def device_view(self, a: np.ndarray) -> np.ndarray:
+        """[stages, L_max, ...] -> [devices, chunks x L_max, ...]: chunk c of device d is the stage placed there."""
+        place = virtual_placement(self.schedule, self.devices, self.virtual)
+        order = np.zeros((self.devices, self.virtual), np.int64)
+        order[place[:, 0], place[:, 1]] = np.arange(self.stages)
+        a = np.asarray(a)[order]  # [devices, chunks, L_max, ...]
+        return a.reshape((self.devices, self.virtual * a.shape[2]) + a.shape[3:])
 
     @property
     def slots(self) -> int:
@@ -90,19 +109,28 @@ class StageLayout:
     def grad_rows(self) -> int:
         """Rows of every device's gradient accumulator: the most slots with a weight gradient on one stage (frozen
         slots get none, so a stage of mostly frozen layers does not size it by its layer count)."""
-        return max(1, int(self.grad_slots.sum(axis=1).max()))
+        return max(1, int(self.device_view(self.grad_slots).sum(axis=1).max()))
 
 
-def layout_schedule(layout: StageLayout, microbatches: int, kind: str = "1f1b") -> Schedule:
-    """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate)."""
-    return build_schedule(layout.stages, microbatches, backward_stages=layout.backward_stages,
-                          weight_stages=layout.weight_stages, kind=kind)
+def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = None) -> Schedule:
+    """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate);
+    ``kind`` defaults to the layout's schedule."""
+    kind = layout.schedule if kind is None else kind
+    if virtual_stages_of(kind, layout.virtual if kind in ("interleaved", "zb_v") else None) != layout.virtual:
+        raise ValueError(f"schedule {kind!r} does not run the layout's {layout.virtual} chunks per device")
+    return build_schedule(layout.devices, microbatches, backward_stages=layout.backward_stages,
+                          weight_stages=layout.weight_stages, kind=kind, virtual_stages=layout.virtual)
 
 
-def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=False, loss_params_trainable=True):
-    """``stage_layers``: layers per stage (uneven allowed, each >= 1). ``trainable_layers``: bool per layer (None =
-    all). ``input_requires_grad``: the pipeline input depends on trainable parameters (projectors, embedding), so
-    every layer must pass dX back."""
+def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=False, loss_params_trainable=True,
+                schedule: str = "1f1b", virtual_stages: int | None = None):
+    """``stage_layers``: layers per (virtual) stage (uneven allowed, each >= 1): devices x chunks per device of
+    ``schedule`` entries. ``trainable_layers``: bool per layer (None = all). ``input_requires_grad``: the pipeline
+    input depends on trainable parameters (projectors, embedding), so every layer must pass dX back."""
+    V = virtual_stages_of(schedule, virtual_stages)
+    if len(stage_layers) % V:
+        raise ValueError(f"schedule {schedule!r} runs {V} chunks per device: stage_layers needs a multiple of {V} "
+                         f"entries; got {len(stage_layers)}")
     counts = [int(c) for c in stage_layers]
     if not counts or min(counts) < 1:
         raise ValueError(f"stage_layers must be >= 1 layer per stage; got {tuple(stage_layers)}")
@@ -127,11 +155,12 @@ def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=Fals
         backward[-1] = True
     # A stage before one that needs dX back has ... nothing to do unless its own layers need a backward: kinds
     # already encode that (a stage upstream of the first trainable layer is KIND_NONE throughout).
-    return StageLayout(tuple(counts), index, active, kind, backward)
+    return StageLayout(tuple(counts), index, active, kind, backward, schedule, V)
 
 
 def _is_uniform(layout: StageLayout) -> bool:
-    return bool(layout.active.all())
+    """One stage per device, all of one length: each device's block of the stored layers is its stage."""
+    return layout.virtual == 1 and bool(layout.active.all())
 
 
 def _spec_of(a) -> list:
@@ -153,7 +182,8 @@ def to_stages(stacked, layout: StageLayout, mesh=None, axis="pipeline"):
     Stored layers may already be sharded over ``axis`` in contiguous blocks (the LLM's ``layers`` rule under
     pipeline parallelism): for a uniform split each device's block *is* its stage, so the reshape moves nothing;
     an uneven split gathers the layers over ``axis`` first (a transient copy) and takes each stage's slots."""
-    S, L = layout.index.shape
+    index = layout.device_view(layout.index)  # [devices, chunks x L_max]
+    S, L = index.shape
 
     def one(a):
         if mesh is not None and _sharded_over(a, 0, axis):
@@ -161,7 +191,7 @@ def to_stages(stacked, layout: StageLayout, mesh=None, axis="pipeline"):
             if _is_uniform(layout) and spec[0] == axis:  # blocks of `axis` alone: each device's block is its stage
                 return jnp.reshape(a, (S, L) + a.shape[1:], out_sharding=NamedSharding(mesh, P(axis, None, *spec[1:])))
             a = _reshard_dim(a, mesh, None, axis)
-        idx = jnp.asarray(layout.index.reshape(-1))
+        idx = jnp.asarray(index.reshape(-1))
         return jnp.take(a, idx, axis=0).reshape((S, L) + a.shape[1:])
 
     return jax.tree.map(one, stacked)
@@ -224,11 +254,12 @@ def _keep_layout(layer_fn):
     return fn
 
 
-def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, cnt=None):
+def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, cnt=None, off=0):
     """Run slots 0 .. ``n_active`` - 1 (a traced bound: the loop's trip count is data, so the padded slots of a shorter
     stage are never visited). ``saved`` [act_slots, L_max + 1, ...]: when given, slot i's input is written to
     ``saved[slot, i]`` in place (the backward's per-layer rematerialisation starts from these). ``cnt``: the trace
-    counter (int32[len(TRACE_FIELDS)]) or None. Returns (y, saved, cnt)."""
+    counter (int32[len(TRACE_FIELDS)]) or None. ``off``: the chunk's first slot among the device's (its layers are
+    params_L[off + i]). Returns (y, saved, cnt)."""
 
     def body(i, carry):
         h, buf, c = carry
@@ -236,7 +267,7 @@ def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, c
             buf = jax.lax.dynamic_update_slice(buf, h[None, None], (slot, i) + (0,) * h.ndim)
         if c is not None:
             c = c.at[0].add(1)
-        return layer_fn(_index(params_L, i), h, aux_m), buf, c
+        return layer_fn(_index(params_L, off + i), h, aux_m), buf, c
 
     return jax.lax.fori_loop(0, n_active, body, (x, saved, cnt))
 
@@ -306,7 +337,7 @@ def _add_grad(acc, row, dq):
 
 
 def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, dy, aux_m, gacc, cnt=None,
-                    split=None, rows=None):
+                    split=None, rows=None, off=0):
     """The fused backward (BW): reverse walk over the active slots with the per-slot vjp branch (each recomputes its
     layer's forward from the input the forward saved in ``saved[slot, i]``: remat per layer, no second pass over the
     stage), adding each slot's trainable-leaf gradients into ``gacc`` (list of [L_max, ...]; None: no layer of the
@@ -316,7 +347,7 @@ def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, d
     def body(j, carry):
         g, acc, c = carry
         i = n_active - 1 - j
-        p, k = _index(params_L, i), kind_L[i]
+        p, k = _index(params_L, off + i), kind_L[off + i]
         x = _row(saved, slot, i)
         # Zeros shaped and laid out like the trainable leaves (branch outputs must match in sharding too).
         zeros = None if acc is None else [jnp.zeros_like(a) for a in (split or ParamSplit(p)).split(p)[0]]
@@ -336,7 +367,7 @@ def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, d
         branches = (none, dx_only) if acc is None else (none, dx_only, dw_only, both)
         dq, dx = jax.lax.switch(jnp.minimum(k, len(branches) - 1), branches)
         if acc is not None:
-            acc = _add_grad(acc, i if rows is None else rows[i], dq)
+            acc = _add_grad(acc, off + i if rows is None else rows[off + i], dq)
         if c is not None:
             c = c + jnp.stack([0, k > KIND_NONE, (k == KIND_DX) | (k == KIND_DX_DW), k >= KIND_DW]).astype(c.dtype)
         return dx, acc, c
@@ -345,7 +376,7 @@ def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, d
     return gacc, dx, cnt
 
 
-def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot, dy, aux_m, cnt=None):
+def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot, dy, aux_m, cnt=None, off=0):
     """B: the input gradient only. Reverse walk as in the fused backward, but each slot takes dX only (its vjp with
     respect to the input: no dW is computed), and a slot with a weight gradient keeps the cotangent of its output in
     ``acts[w_slot, i]`` for the W op. Returns (acts, dx, cnt)."""
@@ -353,7 +384,7 @@ def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, 
     def body(j, carry):
         g, buf, c = carry
         i = n_active - 1 - j
-        p, k = _index(params_L, i), kind_L[i]
+        p, k = _index(params_L, off + i), kind_L[off + i]
         buf = jax.lax.cond(k >= KIND_DW,
                            lambda: jax.lax.dynamic_update_slice(buf, g[None, None], (w_slot, i) + (0,) * g.ndim),
                            lambda: buf)
@@ -369,18 +400,18 @@ def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, 
 
 
 def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot, aux_m, gacc, cnt=None,
-                       split=None, rows=None):
+                       split=None, rows=None, off=0):
     """W: the weight gradient only, of the slots that have one: each one's vjp with respect to its trainable leaves
     (no dX), from its saved input ``acts[slot, i]`` and the output cotangent B kept in ``acts[w_slot, i]``."""
 
     def body(i, carry):
         acc, c = carry
-        has_dw = kind_L[i] >= KIND_DW
+        has_dw = kind_L[off + i] >= KIND_DW
 
         def dw():
-            dq, _ = layer_grads(layer_fn, _index(params_L, i), _row(acts, slot, i), _row(acts, w_slot, i), aux_m,
-                                dx=False, dw=True, split=split)
-            return _add_grad(acc, i if rows is None else rows[i], dq)
+            dq, _ = layer_grads(layer_fn, _index(params_L, off + i), _row(acts, slot, i), _row(acts, w_slot, i),
+                                aux_m, dx=False, dw=True, split=split)
+            return _add_grad(acc, off + i if rows is None else rows[off + i], dq)
 
         acc = jax.lax.cond(has_dw, dw, lambda: acc)
         if c is not None:
@@ -412,6 +443,7 @@ def pipeline_value_and_grad(
     trace: bool = False,
     param_trainable=None,
     gather_params=None,
+    virtual_stages: int | None = None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -419,10 +451,12 @@ def pipeline_value_and_grad(
     stacked_params: pytree with leading [layers] axis (canonical layout). x_microbatches [M, mb, ...].
     loss_fn(loss_params, y, aux_m) -> scalar loss *sum* of one microbatch (the caller divides by the global count).
     aux: pytree with leading [M] (labels, token metadata), given to layer_fn and loss_fn per microbatch.
-    stage_layers: layers per stage (mesh.shape[axis] entries). trainable_layers: bool per layer.
+    stage_layers: layers per stage: mesh.shape[axis] entries, or devices x chunks for "interleaved" (V =
+    ``virtual_stages`` chunks per device, default 2) and "zb_v" (2), in the model's order. trainable_layers: bool
+    per layer.
     param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
-    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe").
+    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v").
     gather_params(stage_params) -> stage_params: the stage's parameters ([slots, ...] leaves, as stored) as its
     layers use them, e.g. cast to the compute dtype and FSDP-gathered. Called once per step on each device, before
     the tick loop; every op of the step runs on its output, and the weight gradients, taken with respect to it, are
@@ -435,8 +469,10 @@ def pipeline_value_and_grad(
     forwards / input-gradient vjps / weight-gradient vjps each stage ran in each tick (counted inside the loops).
     """
     S = mesh.shape[axis]
-    if len(stage_layers) != S:
-        raise ValueError(f"stage_layers has {len(stage_layers)} stages but mesh axis {axis!r} has {S} devices")
+    V = virtual_stages_of(schedule, virtual_stages)
+    if len(stage_layers) != S * V:
+        raise ValueError(f"stage_layers has {len(stage_layers)} stages but mesh axis {axis!r} has {S} devices"
+                         + (f" x {V} chunks per device under {schedule!r}" if V > 1 else ""))
     n_layers = jax.tree.leaves(stacked_params)[0].shape[0]
     if sum(stage_layers) != n_layers:
         raise ValueError(f"stage_layers {tuple(stage_layers)} sum to {sum(stage_layers)}; params have {n_layers}")
@@ -446,6 +482,8 @@ def pipeline_value_and_grad(
         trainable_layers,
         input_requires_grad=input_requires_grad,
         loss_params_trainable=loss_params_trainable,
+        schedule=schedule,
+        virtual_stages=V,
     )
     sched = layout_schedule(layout, M, schedule)
     want_dx = bool(input_requires_grad)
@@ -454,7 +492,7 @@ def pipeline_value_and_grad(
     split = ParamSplit(one_layer, param_trainable)
     if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
-                             loss_params_trainable=loss_params_trainable)
+                             loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
         sched = layout_schedule(layout, M, schedule)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
                                 split, gather_params)
@@ -470,8 +508,8 @@ def pipeline_value_and_grad(
     lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
     gstaged, glp, loss, dx, counts = fn(
         jax.tree.map(lead, to_stages(stacked_params, layout, mesh, axis)),
-        lead(jnp.asarray(layout.active)),
-        lead(jnp.asarray(layout.kind)),
+        lead(jnp.asarray(layout.device_view(layout.active))),
+        lead(jnp.asarray(layout.device_view(layout.kind))),
         _reshard_dim(jnp.asarray(sched.table), mesh, 1, axis),  # [T, S, F]: each device reads its column
         lead(jnp.arange(S, dtype=jnp.int32)),
         *(jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t)
@@ -487,8 +525,10 @@ def pipeline_value_and_grad(
 
 
 def _grads_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
-    """[stages, grad_rows, ...] accumulators -> [layers, ...] per leaf: the rows of the slots with a weight gradient
+    """[devices, grad_rows, ...] accumulators -> [layers, ...] per leaf: the rows of the slots with a weight gradient
     in layer order, zeros for the layers without one."""
+    if layout.virtual > 1:
+        return _device_rows_to_layers(gstaged, layout, mesh, axis)
     G = layout.grad_rows
     rows = np.zeros((layout.stages, G), bool)
     for s, n in enumerate(layout.grad_slots.sum(axis=1)):
@@ -511,16 +551,42 @@ def _grads_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
     return out
 
 
+def _device_rows_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
+    """Chunks per device: device d's accumulator rows are its slots with a weight gradient in (chunk, slot) order;
+    each layer takes its row (replicated over ``axis`` first), or a zero row."""
+    G = layout.grad_rows
+    grad_dev, index_dev = layout.device_view(layout.grad_slots), layout.device_view(layout.index)
+    src = np.full(int(layout.active.sum()), layout.devices * G)  # the zero row
+    for d in range(layout.devices):
+        for r, j in enumerate(np.flatnonzero(grad_dev[d])):
+            src[index_dev[d, j]] = d * G + r
+    out = []
+    for g in jax.tree.leaves(gstaged):
+        g = _reshard_dim(g, mesh, None, axis) if mesh is not None else g
+        g = g.reshape((-1,) + g.shape[2:])
+        g = jnp.concatenate([g, jnp.zeros_like(g[:1])], axis=0)
+        out.append(jnp.take(g, jnp.asarray(src), axis=0))
+    return out
+
+
+def _perm(sched: Schedule, field: str, direction: int) -> list:
+    """The (source, destination) pairs of the ppermute carrying ``field``'s messages in ``direction``: only the
+    pairs some tick of the table uses (1F1B: d -> d + 1 without the wrap; interleaved: the ring)."""
+    S = sched.stages
+    step = 1 if direction == TO_RIGHT else -1
+    senders = np.flatnonzero((sched.column(field) == direction).any(axis=0))
+    return [(int(d), int((d + step) % S)) for d in senders]
+
+
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
                    want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None):
-    """The per-device body of the pipeline's shard_map: one stage scanning its column of the schedule table, each
-    tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip), then the ppermutes to its neighbours. Returns
-    (its slots' parameter gradients, loss-parameter gradients and loss summed over stages, its input-gradient buffer
-    (stage 0's: the others are zero), its per-tick trace)."""
-    S, M = layout.stages, x_microbatches.shape[0]
+    """The per-device body of the pipeline's shard_map: one device scanning its column of the schedule table, each
+    tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip) on the chunk the table names, then the
+    ppermutes to its neighbours. Returns (its slots' parameter gradients, loss-parameter gradients and loss summed
+    over devices, its input-gradient buffer (virtual stage 0's: the others are zero), its per-tick trace)."""
+    S, V, K, M = layout.devices, layout.virtual, layout.stages, x_microbatches.shape[0]
     mb_shape = x_microbatches.shape[1:]
-    fwd_perm = [(i, i + 1) for i in range(S - 1)]
-    bwd_perm = [(i + 1, i) for i in range(S - 1)]
+    perms = {(f, d): _perm(sched, f, d) for f in ("x_to", "g_to") for d in (TO_RIGHT, TO_LEFT)}
     trains = layout.trains
 
     def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
@@ -528,11 +594,10 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         # The copy the ops use: as stored, or gathered once here for the whole step (``gather_params``).
         params_L = stored_L if gather_params is None else gather_params(stored_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
-        last = stage == S - 1
-        L = layout.slots
-        # Active slots are a prefix of the stage, and so are its KIND_NONE slots among them.
-        n_active = jnp.sum(active_L.astype(jnp.int32))
-        n_none = jnp.sum((active_L & (kind_L == KIND_NONE)).astype(jnp.int32))
+        L = layout.slots  # slots per chunk; the device's slots are [chunks x L]
+        # Per chunk: active slots are a prefix, and so are its KIND_NONE slots among them.
+        n_active_V = jnp.sum(active_L.reshape(V, L).astype(jnp.int32), axis=1)
+        n_none_V = jnp.sum((active_L & (kind_L == KIND_NONE)).reshape(V, L).astype(jnp.int32), axis=1)
         # Slot -> its row of the gradient accumulator (the slots with a weight gradient, in order).
         rows_L = jnp.maximum(jnp.cumsum((active_L & (kind_L >= KIND_DW)).astype(jnp.int32)) - 1, 0)
         G = layout.grad_rows
@@ -540,56 +605,58 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         zero_x = jnp.zeros_like(x_mb[0])
         buffer = lambda k: jnp.broadcast_to(zero_x[None], (k,) + mb_shape)  # noqa: E731
 
-        # An op maps the stage's state (acts, gacc, lpacc, loss, dxs, cnt) to (what it sends, the new state).
-        def fwd(st, gs, slot, m0):
+        # An op maps the device's state (acts, gacc, lpacc, loss, dxs, cnt) to (what it sends, the new state);
+        # ``c`` is the chunk, ``k`` its virtual stage.
+        def fwd(st, slot, m0, c, k):
             acts, gacc, lpacc, loss, dxs, cnt = st
             aux_m = _index(aux_all, m0)
             # Every slot's input is kept for the backward (row 0 is where the previous stage's activation arrived).
             # A stage without a backward writes into a slot that nobody reads.
-            x = jnp.where(stage == 0, x_mb[m0], acts[slot, 0])
-            y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=acts, slot=slot, cnt=cnt)
+            x = jnp.where(k == 0, x_mb[m0], acts[slot, 0])
+            y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active_V[c], x, aux_m, saved=acts, slot=slot,
+                                              cnt=cnt, off=c * L)
 
             def loss_now():
-                # The last stage takes the loss and its cotangent in its forward (its backward is then the layers'
-                # vjps only); the cotangent waits in the slot's spare row L_max.
+                # The last virtual stage takes the loss and its cotangent in its forward (its backward is then the
+                # layers' vjps only); the cotangent goes to the device's own g pool (``recv_go_slot``).
                 value, vjp = jax.vjp(lambda yy, q: loss_fn(q, yy, aux_m), y, lp)
                 dy, dlp = vjp(jnp.ones_like(value))
-                kept = jax.lax.dynamic_update_slice(new_acts, dy[None, None], (slot, L) + (0,) * dy.ndim)
-                return zero_x, kept, jax.tree.map(jnp.add, lpacc, dlp), loss + value.astype(jnp.float32)
+                return zero_x, dy, jax.tree.map(jnp.add, lpacc, dlp), loss + value.astype(jnp.float32)
 
             def send():
-                return y, new_acts, lpacc, loss
+                return y, zero_x, lpacc, loss
 
-            y, new_acts, lpacc, loss = jax.lax.cond(last, loss_now, send)
-            return y, (new_acts, gacc, lpacc, loss, dxs, cnt)
+            y, dy, lpacc, loss = jax.lax.cond(k == K - 1, loss_now, send)
+            return y, dy, (new_acts, gacc, lpacc, loss, dxs, cnt)
 
-        def incoming(acts, gs, slot, gslot):
-            return jnp.where(last, acts[slot, L], gs[jnp.maximum(gslot, 0)])
+        def incoming(gs, gslot, dy_now):
+            """The output cotangent of a backward: an arrived one (or the loss cotangent kept in the g pool), else
+            (a paired op's backward of the microbatch its forward half just made) ``dy_now``."""
+            return jnp.where(gslot >= 0, gs[jnp.maximum(gslot, 0)], dy_now)
 
-        def input_grad(dxs, dx, m0):
+        def input_grad(dxs, dx, m0, k):
             if not want_dx:
                 return dxs
-            return jax.lax.cond(stage == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
+            return jax.lax.cond(k == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
 
-        def bwd_fused(st, gs, slot, gslot, m0):
+        def bwd_fused(st, g, slot, m0, c, k):
             acts, gacc, lpacc, loss, dxs, cnt = st
-            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
-                                            incoming(acts, gs, slot, gslot), _index(aux_all, m0), gacc, cnt, split,
-                                            rows_L)
-            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0), cnt)
+            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active_V[c], n_none_V[c], acts, slot, g,
+                                            _index(aux_all, m0), gacc, cnt, split, rows_L, off=c * L)
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k), cnt)
 
-        def bwd_input(st, gs, slot, gslot, w_slot, m0):
+        def bwd_input(st, g, slot, w_slot, m0, c, k):
             acts, gacc, lpacc, loss, dxs, cnt = st
-            acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
-                                              incoming(acts, gs, slot, gslot), _index(aux_all, m0), cnt)
-            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0), cnt)
+            acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, n_active_V[c], n_none_V[c], acts, slot,
+                                              w_slot, g, _index(aux_all, m0), cnt, off=c * L)
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k), cnt)
 
-        def bwd_weight(st, slot, w_slot, m0):
+        def bwd_weight(st, slot, w_slot, m0, c):
             acts, gacc, lpacc, loss, dxs, cnt = st
             if not trains:
                 return st
-            gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, w_slot,
-                                           _index(aux_all, m0), gacc, cnt, split, rows_L)
+            gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active_V[c], n_none_V[c], acts, slot,
+                                           w_slot, _index(aux_all, m0), gacc, cnt, split, rows_L, off=c * L)
             return acts, gacc, lpacc, loss, dxs, cnt
 
         def tick(carry, row):
@@ -597,44 +664,59 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
             m0, m2 = jnp.maximum(f["mb"], 0), jnp.maximum(f["mb2"], 0)
             slot, w_slot, slot2 = (jnp.maximum(f[k], 0) for k in ("x_slot", "w_slot", "x2_slot"))
+            c, k = jnp.maximum(f["chunk"], 0), f["virtual"]
             gslot = f["g_slot"]
             st = (acts, gacc, lpacc, loss, dxs, jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None)
 
             def idle():
-                return zero_x, zero_x, st
+                return zero_x, zero_x, zero_x, st
 
             def op_f():
-                y, new = fwd(st, gs, slot, m0)
-                return y, zero_x, new
+                y, dy, new = fwd(st, slot, m0, c, k)
+                return y, zero_x, dy, new
 
             def op_b():
-                dx, new = bwd_input(st, gs, slot, gslot, w_slot, m0)
-                return zero_x, dx, new
+                dx, new = bwd_input(st, incoming(gs, gslot, zero_x), slot, w_slot, m0, c, k)
+                return zero_x, dx, zero_x, new
 
             def op_w():
-                return zero_x, zero_x, bwd_weight(st, slot, w_slot, m0)
+                return zero_x, zero_x, zero_x, bwd_weight(st, slot, w_slot, m0, c)
 
             def op_bw():
-                dx, new = bwd_fused(st, gs, slot, gslot, m0)
-                return zero_x, dx, new
+                dx, new = bwd_fused(st, incoming(gs, gslot, zero_x), slot, m0, c, k)
+                return zero_x, dx, zero_x, new
 
-            def op_fb():  # the forward half first: the last stage's backward may read the cotangent it just made
-                y, mid = fwd(st, gs, slot, m0)
-                dx, new = bwd_fused(mid, gs, slot2, gslot, m2)
-                return y, dx, new
+            def op_fb():  # the forward half first: the last stage's backward may take the cotangent it just made
+                y, dy, mid = fwd(st, slot, m0, c, k)
+                dx, new = bwd_fused(mid, incoming(gs, gslot, dy), slot2, m2, c, k)
+                return y, dx, dy, new
 
             branches = [idle] * len(OP_CHARS)
             branches[OP_F], branches[OP_B], branches[OP_W], branches[OP_BW], branches[OP_FB] = (
                 op_f, op_b, op_w, op_bw, op_fb)
-            y, dx, (acts, gacc, lpacc, loss, dxs, cnt) = jax.lax.switch(f["op"], branches)
-            acts, gs = _receive(acts, gs, jax.lax.ppermute(y, axis, fwd_perm), jax.lax.ppermute(dx, axis, bwd_perm),
-                                f["recv_x_slot"], f["recv_g_slot"])
+            y, dx, dy, (acts, gacc, lpacc, loss, dxs, cnt) = jax.lax.switch(f["op"], branches)
+
+            def hop(value, field, direction):
+                pairs = perms[(field, direction)]
+                if not pairs:
+                    return zero_x
+                return jax.lax.ppermute(jnp.where(f[field] == direction, value, zero_x), axis, pairs)
+
+            # Own arrivals: the turn of a V (activation or cotangent handed to the device's next chunk), or the
+            # loss cotangent of the last virtual stage's forward.
+            own_g = jnp.where(f["g_to"] == TO_SELF, dx, dy)
+            acts = _store(acts, hop(y, "x_to", TO_RIGHT), f["recv_x_slot"], row0=True)
+            acts = _store(acts, hop(y, "x_to", TO_LEFT), f["recv_xl_slot"], row0=True)
+            acts = _store(acts, y, f["recv_xo_slot"], row0=True)
+            gs = _store(gs, hop(dx, "g_to", TO_LEFT), f["recv_g_slot"])
+            gs = _store(gs, hop(dx, "g_to", TO_RIGHT), f["recv_gr_slot"])
+            gs = _store(gs, own_g, f["recv_go_slot"])
             return (acts, gs, gacc, lpacc, loss, dxs), cnt
 
         init = (
-            # One pool of activation slots: saved layer inputs (+ the last stage's cotangent row), or for zb_h1 the
-            # kept layer-output cotangents of a deferred W.
-            jnp.broadcast_to(zero_x[None, None], (sched.act_slots, L + 1) + mb_shape),
+            # One pool of activation slots: saved layer inputs, or for zb_h1 / zb_v the kept layer-output
+            # cotangents of a deferred W (one row per slot of a chunk).
+            jnp.broadcast_to(zero_x[None, None], (sched.act_slots, L) + mb_shape),
             buffer(sched.g_slots),
             # Rows for the slots with a weight gradient only (``StageLayout.grad_rows``), trainable leaves only.
             # In the storage layout and dtype (FSDP-sharded, float32), whatever copy the ops use.
@@ -663,16 +745,12 @@ def _from_one_stage(a, axis: str):
     return jax.lax.psum(a, axis)
 
 
-def _receive(acts, gs, y_in, g_in, rx, rg):
-    """Store what arrived at the end of a tick: the previous stage's activation in row 0 of activation slot ``rx``,
-    the next stage's cotangent in g slot ``rg`` (-1: nothing arrived)."""
-    acts = jax.lax.cond(
-        rx >= 0,
-        lambda: jax.lax.dynamic_update_slice(acts, y_in[None, None], (jnp.maximum(rx, 0), 0) + (0,) * y_in.ndim),
-        lambda: acts,
-    )
-    gs = jax.lax.cond(rg >= 0, lambda: gs.at[jnp.maximum(rg, 0)].set(g_in), lambda: gs)
-    return acts, gs
+def _store(buf, value, slot, row0: bool = False):
+    """buf[slot] = value (row 0 of an activation slot with ``row0``: where a stage's input arrives); -1: nothing
+    arrived."""
+    start = (jnp.maximum(slot, 0),) + ((0,) if row0 else ()) + (0,) * value.ndim
+    new = value[None, None] if row0 else value[None]
+    return jax.lax.cond(slot >= 0, lambda: jax.lax.dynamic_update_slice(buf, new, start), lambda: buf)
 
 
 def sequential_value_and_grad(layer_fn, stacked_params, x_microbatches, *, loss_fn, loss_params, aux=None):

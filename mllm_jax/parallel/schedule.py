@@ -39,13 +39,55 @@ import numpy as np
 
 OP_IDLE, OP_F, OP_B, OP_W, OP_BW, OP_SKIP, OP_FB = range(7)
 OP_CHARS = ".FBWXsP"  # for printing tables: X = fused backward, P = a forward and a fused backward paired in a tick
-SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "gpipe")
-# Columns of the table. x_slot: the slot of saved layer inputs the op reads (and F on stage 0 writes); g_slot: the
-# arrived cotangent B / BW reads; w_slot: the slot of kept layer-output cotangents B writes and W reads;
-# recv_*: where this tick's arriving activation / cotangent is stored (-1: nothing arrives). x and w slots share one
-# pool per stage (both hold one row per layer), so a deferred W costs no buffer 1F1B would not have.
-# mb2 / x2_slot: the backward half of a paired op (OP_FB; its cotangent is in g_slot).
-FIELDS = ("op", "mb", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot", "w_slot", "mb2", "x2_slot")
+# Schedules over one chunk of layers per device, and over V chunks per device (the model's S x V virtual stages).
+SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v")
+VIRTUAL_SCHEDULES = ("interleaved", "zb_v")
+# Where a message goes: to the next device (d + 1, mod S), the previous one (d - 1, mod S), or the sender itself
+# (two consecutive virtual stages on one device: the turn of the V).
+TO_RIGHT, TO_LEFT, TO_SELF = 0, 1, 2
+# Columns of the table. x_slot: the slot of saved layer inputs the op reads (and F on virtual stage 0 writes);
+# g_slot: the arrived cotangent B / BW reads (on the last virtual stage: the loss cotangent its F made; -1 in a
+# paired op whose backward is of the microbatch its forward half just made); w_slot: the slot of kept layer-output
+# cotangents B writes and W reads. x and w slots share one pool per device (both hold one row per layer), so a
+# deferred W costs no buffer 1F1B would not have. mb2 / x2_slot: the backward half of a paired op (OP_FB; its
+# cotangent is in g_slot). chunk / virtual: which of the device's chunks the op runs and that chunk's virtual stage.
+# x_to / g_to: where the op's activation / input cotangent goes (TO_*; -1: nowhere). recv_*: where this tick's
+# arrivals are stored (-1: nothing arrives): recv_x_slot an activation moving right (from d - 1), recv_xl_slot one
+# moving left (from d + 1), recv_xo_slot the device's own; recv_g_slot a cotangent moving left (from d + 1),
+# recv_gr_slot one moving right (from d - 1), recv_go_slot the device's own (a local hand-over, or the loss
+# cotangent of the last virtual stage's F).
+FIELDS = ("op", "mb", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot", "w_slot", "mb2", "x2_slot", "chunk",
+          "virtual", "x_to", "g_to", "recv_xl_slot", "recv_xo_slot", "recv_gr_slot", "recv_go_slot")
+
+
+def virtual_stages_of(kind: str, virtual_stages: int | None = None) -> int:
+    """Chunks per device of schedule ``kind``: 1, V for "interleaved" (default 2), 2 for "zb_v" (the V shape)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule kind must be one of {SCHEDULES}; got {kind!r}")
+    if kind == "zb_v":
+        if virtual_stages not in (None, 2):
+            raise ValueError(f"zb_v runs two chunks per device (the V shape); got virtual_stages={virtual_stages}")
+        return 2
+    if kind == "interleaved":
+        v = 2 if virtual_stages is None else int(virtual_stages)
+        if v < 2:
+            raise ValueError(f"interleaved needs virtual_stages >= 2 chunks per device; got {virtual_stages}")
+        return v
+    if virtual_stages not in (None, 1):
+        raise ValueError(f"schedule {kind!r} runs one chunk per device; got virtual_stages={virtual_stages} "
+                         f"(use 'interleaved' or 'zb_v')")
+    return 1
+
+
+def virtual_placement(kind: str, stages: int, virtual_stages: int | None = None) -> np.ndarray:
+    """int [S x V, 2]: (device, chunk) of each virtual stage k. Interleaved (Megatron-LM): chunk c of device d is
+    k = c S + d, a ring. zb_v: the V shape, k < S on device k (chunk 0), then back from the last device to the first
+    (chunk 1), so the loss is on device 0 and the turn is a local hand-over. Otherwise: stage k on device k."""
+    S, V = stages, virtual_stages_of(kind, virtual_stages)
+    k = np.arange(S * V)
+    if kind == "zb_v":
+        return np.stack([np.where(k < S, k, 2 * S - 1 - k), k // S], axis=1)
+    return np.stack([k % S, k // S], axis=1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +101,11 @@ class Schedule:
     g_slots: int
     peak_act: tuple
     kind: str
+    virtual_stages: int = 1
+
+    @property
+    def chunks(self) -> np.ndarray:
+        return self.column("chunk")
 
     def column(self, field: str) -> np.ndarray:
         return self.table[:, :, FIELDS.index(field)]
@@ -69,15 +116,18 @@ class Schedule:
 
     @property
     def stages(self) -> int:
+        """Devices (pipeline ranks); each runs ``virtual_stages`` of the model's chunks."""
         return self.table.shape[1]
 
     def format(self) -> str:
-        """One line per tick: the op letter and microbatch of every stage."""
-        ops, mbs = self.ops, self.column("mb")
-        return "\n".join(
-            f"{t:3d} " + " ".join(OP_CHARS[o] + (str(m) if m >= 0 else " ") for o, m in zip(ops[t], mbs[t]))
-            for t in range(ops.shape[0])
-        )
+        """One line per tick: the op letter and microbatch of every stage (and its chunk, interleaved: F0.1)."""
+        ops, mbs, cs = self.ops, self.column("mb"), self.chunks
+
+        def cell(o, m, c):
+            return OP_CHARS[o] + ("" if m < 0 else str(m)) + (f".{c}" if self.virtual_stages > 1 and m >= 0 else "")
+
+        return "\n".join(f"{t:3d} " + " ".join(cell(*e) for e in zip(ops[t], mbs[t], cs[t]))
+                         for t in range(ops.shape[0]))
 
 
 def stage_op_order(stages: int, microbatches: int, kind: str = "1f1b") -> list:
@@ -223,92 +273,279 @@ def _place_paired(stages, M, bw):
     return rows
 
 
+def interleaved_op_order(stages: int, virtual_stages: int, microbatches: int) -> list:
+    """Per device, the ordered list of (op, chunk, microbatch) of interleaved 1F1B (Megatron-LM's virtual pipeline;
+    chunk c of device d is virtual stage c S + d). Forwards take the microbatches in groups of S, each group through
+    chunk 0, then chunk 1, ...; backwards take the same groups through the chunks in reverse. Device d runs
+    2 (S - d - 1) + (V - 1) S warm-up forwards, then alternates one forward and one backward."""
+    S, V, M = stages, virtual_stages, microbatches
+    if M % S:
+        raise ValueError(f"interleaved takes the microbatches in groups of the {S} pipeline stages: microbatches "
+                         f"must be a multiple of {S}; got {M}")
+    total = M * V
+
+    def seq(k, backward):
+        group, r = divmod(k, S * V)
+        c = r // S
+        return (V - 1 - c if backward else c), group * S + r % S
+
+    orders = []
+    for d in range(S):
+        warm = min(2 * (S - d - 1) + (V - 1) * S, total)
+        order = [(OP_F, *seq(i, False)) for i in range(warm)]
+        nf, nb = warm, 0
+        while nb < total:
+            if nf < total:
+                order.append((OP_F, *seq(nf, False)))
+                nf += 1
+            order.append((OP_BW, *seq(nb, True)))
+            nb += 1
+        orders.append(order)
+    return orders
+
+
+def _place_in_order(place, M, bw, orders):
+    """Lockstep ticks of per-device op orders over virtual stages: every device runs its next op at the first tick
+    its dependency finished before (F of virtual stage k: k - 1's F of the microbatch; a backward: k + 1's backward,
+    or on the last virtual stage its own F). Rows of (op, microbatch, -1, chunk)."""
+    S, K = int(place[:, 0].max()) + 1, len(place)
+    virtual = {(int(d), int(c)): k for k, (d, c) in enumerate(place)}
+    done_f = np.full((K, M), -1)
+    done_b = np.full((K, M), -1)
+    pos = [0] * S
+    rows, t = [], 0
+    while any(pos[d] < len(orders[d]) for d in range(S)):
+        row = [(OP_IDLE, -1, -1, 0)] * S
+        for d in range(S):
+            if pos[d] == len(orders[d]):
+                continue
+            op, c, m = orders[d][pos[d]]
+            k = virtual[(d, c)]
+            if op == OP_F:
+                ready = k == 0 or 0 <= done_f[k - 1, m] < t
+            else:
+                ready = (0 <= done_f[k, m] < t) if k == K - 1 else (0 <= done_b[k + 1, m] < t)
+            if ready:
+                row[d] = (op if op == OP_F or bw[k] else OP_SKIP, m, -1, c)
+                pos[d] += 1
+        for d, (op, m, _, c) in enumerate(row):
+            if op == OP_F:
+                done_f[virtual[(d, c)], m] = t
+            elif op in (OP_BW, OP_SKIP):
+                done_b[virtual[(d, c)], m] = t
+        rows.append(row)
+        t += 1
+        if t > 8 * (K + M * K) + 8:
+            raise AssertionError(f"schedule did not converge (stages={S}, virtual stages={K}, M={M})")
+    return rows
+
+
+def _place_v(place, M, bw, ws, max_in_flight):
+    """zb_v in lockstep ticks: each tick every device runs one ready op, by priority: a backward (the oldest
+    microbatch; split into B now and a deferred W when the virtual stage has weight gradients and the device has a
+    spare slot for the kept cotangents), else a forward (of a microbatch already admitted first, the latest virtual
+    stage first), else a deferred W. At most ``max_in_flight`` microbatches are admitted and not yet fully
+    backwarded, so a device holds at most 2 of them per microbatch (its two chunks): the activation memory of 1F1B
+    with that many in flight, in slots of half a stage. (Zero Bubble Pipeline Parallelism's V shape, arXiv
+    2401.10241 / 2405.15362, as a greedy lockstep list schedule.)"""
+    S, K = int(place[:, 0].max()) + 1, len(place)
+    dev = place[:, 0]
+    cap = 2 * max_in_flight
+    done_f = np.full((K, M), -1)
+    done_b = np.full((K, M), -1)
+    f_next = np.zeros(K, int)  # per virtual stage: the next microbatch to forward (all in order)
+    b_next = np.zeros(K, int)
+    admitted = finished = 0
+    pending_w = [[] for _ in range(S)]
+    kept = [0] * S
+    rows, t = [], 0
+    stages_of = [[k for k in range(K) if dev[k] == d] for d in range(S)]
+    while finished < M or any(pending_w):
+        row = [(OP_IDLE, -1, -1, 0)] * S
+        # Slots each device may still need for the admitted microbatches: one per own chunk not yet backwarded,
+        # and two per deferred W (its saved inputs and its kept cotangents). A microbatch is admitted only while
+        # every device has room for it, so no arrival can overflow the pool.
+        held = [sum(int(admitted - b_next[k]) for k in stages_of[d]) + 2 * kept[d] for d in range(S)]
+        room = admitted - finished < max_in_flight and all(held[d] + len(stages_of[d]) <= cap for d in range(S))
+        for d in range(S):
+            back = []
+            for k in stages_of[d]:
+                m = b_next[k]
+                if m < M and ((0 <= done_f[k, m] < t) if k == K - 1 else (0 <= done_b[k + 1, m] < t)):
+                    back.append((m, -k))
+            if back:
+                m, k = min(back)
+                k = -k
+                if not bw[k]:
+                    op = OP_SKIP
+                elif ws[k] and held[d] + 1 <= cap:
+                    op = OP_B
+                    pending_w[d].append((int(place[k, 1]), m))
+                    kept[d] += 1
+                else:
+                    op = OP_BW
+                row[d] = (op, m, -1, int(place[k, 1]))
+                continue
+            fwd = []
+            for k in stages_of[d]:
+                m = f_next[k]
+                if m < M and (0 <= done_f[k - 1, m] < t if k > 0 else room):
+                    fwd.append((m, -k))
+            if fwd:
+                m, k = min(fwd)
+                row[d] = (OP_F, m, -1, int(place[-k, 1]))
+            elif pending_w[d]:
+                c, m = pending_w[d].pop(0)
+                kept[d] -= 1
+                row[d] = (OP_W, m, -1, c)
+        for d, (op, m, _, c) in enumerate(row):
+            if op == OP_IDLE or op == OP_W:
+                continue
+            k = int(np.flatnonzero((place[:, 0] == d) & (place[:, 1] == c))[0])
+            if op == OP_F:
+                done_f[k, m] = t
+                f_next[k] += 1
+                admitted += k == 0
+            else:
+                done_b[k, m] = t
+                b_next[k] += 1
+                finished += k == 0
+        rows.append(row)
+        t += 1
+        if t > 16 * (K + M) * 2 + 8:
+            raise AssertionError(f"zb_v schedule did not converge (stages={S}, M={M})")
+    return rows
+
+
 def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weight_stages=None,
-                   kind: str = "1f1b") -> Schedule:
-    """The table the runtime executes. ``backward_stages[s]`` False: stage s has no backward (a frozen prefix; its
-    backwards stay in the table as OP_SKIP to keep the pace, so nothing piles up downstream, and send nothing).
-    ``weight_stages[s]`` False: stage s has no weight gradient (only frozen layers), so zb_h1 never splits its
-    backward. Buffer slots: a stage's saved inputs of a microbatch occupy an activation slot from their arrival (F on
-    stage 0) until BW or W, kept cotangents one from B until W; an arrived cotangent a g slot until B / BW reads it."""
+                   kind: str = "1f1b", virtual_stages: int | None = None,
+                   max_in_flight: int | None = None) -> Schedule:
+    """The table the runtime executes. ``stages``: devices of the pipeline; "interleaved" and "zb_v" run V chunks
+    per device, the model's S x V virtual stages (``virtual_placement``). ``backward_stages[k]`` False: virtual
+    stage k has no backward (a frozen prefix; its backwards stay in the table as OP_SKIP to keep the pace, so nothing
+    piles up downstream, and send nothing). ``weight_stages[k]`` False: virtual stage k has no weight gradient (only
+    frozen layers), so zb_h1 / zb_v never split its backward. ``max_in_flight``: zb_v's admitted microbatches
+    (default min(S, M), 1F1B's on its first stage). Buffer slots, one pool per device: the saved inputs of a
+    (chunk, microbatch) occupy an activation slot from their arrival (F on virtual stage 0) until BW or W, kept
+    cotangents one from B until W; an arrived cotangent (or the last stage's loss cotangent) a g slot until B / BW
+    reads it."""
     if stages < 1 or microbatches < 1:
         raise ValueError(f"stages and microbatches must be >= 1; got {stages} and {microbatches}")
-    bw = np.ones(stages, bool) if backward_stages is None else np.asarray(backward_stages, bool)
+    V = virtual_stages_of(kind, virtual_stages)
+    place = virtual_placement(kind, stages, V)
+    S, M, K = stages, microbatches, stages * V
+    bw = np.ones(K, bool) if backward_stages is None else np.asarray(backward_stages, bool)
     ws = bw.copy() if weight_stages is None else np.asarray(weight_stages, bool) & bw
     for name, v in (("backward_stages", bw), ("weight_stages", ws)):
-        if v.shape != (stages,):
-            raise ValueError(f"{name} must have {stages} entries; got shape {v.shape}")
-    rows = _place_paired(stages, microbatches, bw) if kind == "1f1b_fb" else _place(stages, microbatches, bw, ws, kind)
+        if v.shape != (K,):
+            raise ValueError(f"{name} must have {K} entries (one per virtual stage); got shape {v.shape}")
+    if kind == "interleaved":
+        rows = _place_in_order(place, M, bw, interleaved_op_order(S, V, M))
+    elif kind == "zb_v":
+        n = min(S, M) if max_in_flight is None else int(max_in_flight)
+        if n < 1:
+            raise ValueError(f"max_in_flight must be >= 1; got {max_in_flight}")
+        rows = _place_v(place, M, bw, ws, n)
+    elif kind == "1f1b_fb":
+        rows = _place_paired(S, M, bw)
+    else:
+        rows = _place(S, M, bw, ws, kind)
+    # One entry form: (op, microbatch, paired backward's microbatch, chunk).
+    rows = [[tuple(e) if len(e) == 4 else (tuple(e) + (-1,))[:3] + (0,) for e in row] for row in rows]
 
     T = len(rows)
-    table = np.full((T, stages, len(FIELDS)), -1, np.int32)
+    table = np.full((T, S, len(FIELDS)), -1, np.int32)
     col = {f: i for i, f in enumerate(FIELDS)}
-    x_of = [dict() for _ in range(stages)]  # microbatch -> activation slot of its saved inputs
-    w_of = [dict() for _ in range(stages)]  # microbatch -> activation slot of its kept cotangents
-    g_of = [dict() for _ in range(stages)]
-    a_free, g_free = [set() for _ in range(stages)], [set() for _ in range(stages)]
-    a_count, g_count = [0] * stages, [0] * stages
-    live, peak = [0] * stages, [0] * stages
+    virtual = {(int(d), int(c)): k for k, (d, c) in enumerate(place)}
+    # Per device: (chunk, microbatch) -> its activation slot of saved inputs / of kept cotangents / its g slot.
+    x_of = [dict() for _ in range(S)]
+    w_of = [dict() for _ in range(S)]
+    g_of = [dict() for _ in range(S)]
+    a_free, g_free = [set() for _ in range(S)], [set() for _ in range(S)]
+    a_count, g_count = [0] * S, [0] * S
+    live, peak = [0] * S, [0] * S
 
-    def alloc(free, count, s):
-        if free[s]:
-            slot = min(free[s])
-            free[s].remove(slot)
+    def alloc(free, count, d):
+        if free[d]:
+            slot = min(free[d])
+            free[d].remove(slot)
             return slot
-        count[s] += 1
-        return count[s] - 1
+        count[d] += 1
+        return count[d] - 1
 
-    def take(s):
-        live[s] += 1
-        peak[s] = max(peak[s], live[s])
-        return alloc(a_free, a_count, s)
+    def take(d):
+        live[d] += 1
+        peak[d] = max(peak[d], live[d])
+        return alloc(a_free, a_count, d)
 
-    def release(s, slot):
-        live[s] -= 1
-        a_free[s].add(slot)
+    def release(d, slot):
+        live[d] -= 1
+        a_free[d].add(slot)
+
+    def direction(d, d2):
+        if d2 == d:
+            return TO_SELF
+        return TO_RIGHT if d2 == (d + 1) % S else TO_LEFT
 
     for t, row in enumerate(rows):
-        for s, (op, m, *rest) in enumerate(row):
-            table[t, s, col["op"]], table[t, s, col["mb"]] = op, m
+        for d, (op, m, m2, c) in enumerate(row):
+            k = virtual.get((d, c), -1)
+            table[t, d, col["op"]], table[t, d, col["mb"]] = op, m
+            table[t, d, col["chunk"]], table[t, d, col["virtual"]] = c, k
+            key = (c, m)
             if op in (OP_F, OP_FB):
-                if s == 0 and bw[s]:  # stage 0 reads the input directly; keep it for its backward
-                    x_of[s][m] = take(s)
-                if m in x_of[s]:
-                    table[t, s, col["x_slot"]] = x_of[s][m]
-                    if not bw[s]:  # no backward: the slot is free once the forward has read it
-                        release(s, x_of[s].pop(m))
+                if k == 0 and bw[k]:  # virtual stage 0 reads the input directly; keep it for its backward
+                    x_of[d][key] = take(d)
+                elif k == 0:  # no backward: the forward still writes its layer inputs somewhere, a free slot
+                    table[t, d, col["x_slot"]] = alloc(a_free, a_count, d)
+                    a_free[d].add(table[t, d, col["x_slot"]])
+                if key in x_of[d]:
+                    table[t, d, col["x_slot"]] = x_of[d][key]
+                    if not bw[k]:  # no backward: the slot is free once the forward has read it
+                        release(d, x_of[d].pop(key))
             if op == OP_FB:  # the backward half: after the forward half has taken its slot (it runs first)
-                m2 = rest[0]
-                table[t, s, col["mb2"]] = m2
-                table[t, s, col["x2_slot"]] = x_of[s][m2]
-                if s < stages - 1:
-                    table[t, s, col["g_slot"]] = g_of[s][m2]
-                    g_free[s].add(g_of[s].pop(m2))
-                release(s, x_of[s].pop(m2))
+                key2 = (c, m2)
+                table[t, d, col["mb2"]] = m2
+                table[t, d, col["x2_slot"]] = x_of[d][key2]
+                if key2 in g_of[d]:  # else: the loss cotangent the forward half just made
+                    table[t, d, col["g_slot"]] = g_of[d][key2]
+                    g_free[d].add(g_of[d].pop(key2))
+                release(d, x_of[d].pop(key2))
             elif op in (OP_B, OP_BW):
-                table[t, s, col["x_slot"]] = x_of[s][m]
-                if s < stages - 1:
-                    table[t, s, col["g_slot"]] = g_of[s][m]
-                    g_free[s].add(g_of[s].pop(m))
+                table[t, d, col["x_slot"]] = x_of[d][key]
+                table[t, d, col["g_slot"]] = g_of[d][key]
+                g_free[d].add(g_of[d].pop(key))
                 if op == OP_BW:
-                    release(s, x_of[s].pop(m))
+                    release(d, x_of[d].pop(key))
                 else:
-                    w_of[s][m] = take(s)
-                    table[t, s, col["w_slot"]] = w_of[s][m]
+                    w_of[d][key] = take(d)
+                    table[t, d, col["w_slot"]] = w_of[d][key]
             elif op == OP_W:
-                table[t, s, col["x_slot"]] = x_of[s][m]
-                table[t, s, col["w_slot"]] = w_of[s][m]
-                release(s, x_of[s].pop(m))
-                release(s, w_of[s].pop(m))
-        # Messages sent this tick arrive at its end, after every op of the tick has read its buffers.
-        for s, (op, m, *rest) in enumerate(row):
-            if op in (OP_F, OP_FB) and s + 1 < stages:
-                x_of[s + 1][m] = take(s + 1)
-                table[t, s + 1, col["recv_x_slot"]] = x_of[s + 1][m]
-            mb_back = rest[0] if op == OP_FB else m
-            if op in (OP_B, OP_BW, OP_FB) and s > 0 and bw[s - 1]:
-                g_of[s - 1][mb_back] = alloc(g_free, g_count, s - 1)
-                table[t, s - 1, col["recv_g_slot"]] = g_of[s - 1][mb_back]
-    return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind)
+                table[t, d, col["x_slot"]] = x_of[d][key]
+                table[t, d, col["w_slot"]] = w_of[d][key]
+                release(d, x_of[d].pop(key))
+                release(d, w_of[d].pop(key))
+        # Messages sent this tick arrive at its end, after every op of the tick has read its buffers. A device
+        # receives at most one message of each kind per channel (from d - 1, from d + 1, its own) and tick.
+        for d, (op, m, m2, c) in enumerate(row):
+            k = virtual.get((d, c), -1)
+            if op in (OP_F, OP_FB) and k + 1 < K:
+                d2, c2 = (int(v) for v in place[k + 1])
+                to = direction(d, d2)
+                table[t, d, col["x_to"]] = to
+                x_of[d2][(c2, m)] = take(d2)
+                table[t, d2, col[("recv_x_slot", "recv_xl_slot", "recv_xo_slot")[to]]] = x_of[d2][(c2, m)]
+            if op in (OP_F, OP_FB) and k == K - 1 and bw[k] and not (op == OP_FB and m2 == m):
+                g_of[d][(c, m)] = alloc(g_free, g_count, d)  # the loss cotangent, for this stage's backward
+                table[t, d, col["recv_go_slot"]] = g_of[d][(c, m)]
+            mb_back = m2 if op == OP_FB else m
+            if op in (OP_B, OP_BW, OP_FB) and k > 0 and bw[k - 1]:
+                d2, c2 = (int(v) for v in place[k - 1])
+                to = direction(d, d2)
+                table[t, d, col["g_to"]] = to
+                g_of[d2][(c2, mb_back)] = alloc(g_free, g_count, d2)
+                table[t, d2, col[("recv_gr_slot", "recv_g_slot", "recv_go_slot")[to]]] = g_of[d2][(c2, mb_back)]
+    return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind, V)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,13 +582,16 @@ class StageOps:
 
 
 def tick_costs(schedule: Schedule, ops: StageOps) -> np.ndarray:
-    """[ticks, stages]: what each stage's op of each tick costs."""
-    if ops.stages != schedule.stages:
-        raise ValueError(f"StageOps has {ops.stages} stages but the schedule has {schedule.stages}")
+    """[ticks, stages]: what each stage's op of each tick costs (``ops`` per virtual stage: an interleaved device's op
+    costs what its chunk's virtual stage does)."""
+    S, V = schedule.stages, schedule.virtual_stages
+    if ops.stages != S * V:
+        raise ValueError(f"StageOps has {ops.stages} stages but the schedule has {S * V} "
+                         f"({S} stages x {V} virtual)")
     by_op = np.zeros((len(OP_CHARS), ops.stages))
     by_op[OP_F], by_op[OP_B], by_op[OP_W], by_op[OP_BW] = ops.f, ops.b, ops.w, ops.bw
     by_op[OP_FB] = np.asarray(ops.f) + np.asarray(ops.bw)
-    return np.take_along_axis(by_op, schedule.ops.astype(np.int64), axis=0)
+    return by_op[schedule.ops.astype(np.int64), np.maximum(schedule.column("virtual"), 0)]
 
 
 @dataclass(frozen=True)
@@ -368,26 +608,34 @@ class Simulation:
         return 0.0 if total <= 0 else 1.0 - self.busy / total
 
 
-def schedule_for(ops: StageOps, microbatches: int, kind: str) -> Schedule:
-    return _cached_schedule(ops.stages, microbatches, ops.has_backward, ops.has_weight, kind)
+def schedule_for(ops: StageOps, microbatches: int, kind: str, virtual_stages: int | None = None,
+                 max_in_flight: int | None = None) -> Schedule:
+    """The table for per-virtual-stage costs ``ops`` (``ops.stages`` = devices x the kind's chunks per device)."""
+    V = virtual_stages_of(kind, virtual_stages)
+    if ops.stages % V:
+        raise ValueError(f"StageOps has {ops.stages} stages, not a multiple of the {V} chunks per device of {kind!r}")
+    return _cached_schedule(ops.stages // V, microbatches, ops.has_backward, ops.has_weight, kind, V, max_in_flight)
 
 
 _CACHE: dict = {}
 
 
-def _cached_schedule(stages, microbatches, has_backward, has_weight, kind) -> Schedule:
-    key = (stages, microbatches, has_backward, has_weight if kind == "zb_h1" else None, kind)
+def _cached_schedule(stages, microbatches, has_backward, has_weight, kind, virtual_stages=None,
+                     max_in_flight=None) -> Schedule:
+    key = (stages, microbatches, has_backward, has_weight if kind in ("zb_h1", "zb_v") else None, kind,
+           virtual_stages, max_in_flight)
     if key not in _CACHE:
         if len(_CACHE) > 4096:
             _CACHE.clear()
         _CACHE[key] = build_schedule(stages, microbatches, backward_stages=has_backward, weight_stages=has_weight,
-                                     kind=kind)
+                                     kind=kind, virtual_stages=virtual_stages, max_in_flight=max_in_flight)
     return _CACHE[key]
 
 
-def simulate(ops: StageOps, microbatches: int, kind: str = "1f1b") -> Simulation:
-    """The lockstep step time of ``kind`` with these per-stage op costs (the table the runtime would execute for a
-    layout with these stages' backward / weight-gradient flags)."""
-    sched = schedule_for(ops, microbatches, kind)
+def simulate(ops: StageOps, microbatches: int, kind: str = "1f1b", virtual_stages: int | None = None,
+             max_in_flight: int | None = None) -> Simulation:
+    """The lockstep step time of ``kind`` with these per-(virtual-)stage op costs (the table the runtime would
+    execute for a layout with these stages' backward / weight-gradient flags)."""
+    sched = schedule_for(ops, microbatches, kind, virtual_stages, max_in_flight)
     c = tick_costs(sched, ops)
     return Simulation(float(c.max(axis=1).sum()), int(c.shape[0]), float(c.sum()), sched)
