@@ -164,13 +164,15 @@ def w_vs_bw(target) -> dict:
             "w_over_bw": fig["w"]["cost"] / fig["bw"]["cost"], "figures": fig}
 
 
-# The schedules that hold no more activations than 1F1B (parallel.schedule: ZB-H1 moves weight gradients into
-# 1F1B's cool-down without new microbatches in flight); 1F1B-FB pairs a forward and a backward per tick and holds
-# about twice as many.
-EQUAL_MEMORY_SCHEDULES = ("1f1b", "zb_h1")
+# The schedules that can hold no more activations than 1F1B (parallel.schedule: ZB-H1 moves weight gradients into
+# 1F1B's cool-down without new microbatches in flight; ZB-V holds at most 2 half-stage inputs per microbatch in
+# flight); 1F1B-FB pairs a forward and a backward per tick and holds about twice as many, interleaved more too.
+# Each plan's activation pool is measured (``activation_rows``), not assumed.
+EQUAL_MEMORY_SCHEDULES = ("1f1b", "zb_h1", "zb_v")
 
 
-def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, device_flops=DEVICE_FLOPS):
+def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, device_flops=DEVICE_FLOPS,
+              in_flight=None):
     cfg, tokens, feats = model_config(name)
     llm_s, vis_s, aud_s = MODELS[name][3]
     megatron = {"llm": llm_s, **({"vision": vis_s} if vis_s else {}), **({"audio": aud_s} if aud_s else {})}
@@ -179,7 +181,7 @@ def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, devi
     cornstarch = {"llm": 5, **{k: 1 for k in cfg.encoders}}
     plan = plan_pipeline(
         pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats),
-        ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches),
+        ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches, pipeline_in_flight=in_flight),
         device_flops=device_flops,
         cornstarch_stages=cornstarch,
         megatron_stages=megatron,
@@ -350,9 +352,20 @@ def measure(quick: bool) -> dict:
 # Timeline of the lockstep table: every tick as long as its slowest op.
 
 
-def draw_timeline(path, plan, name, table=None):
-    """Our planned split of ``name`` in lockstep ticks under 1F1B and under ZB-H1 (each tick as long as its slowest
-    op; the gaps are the bubbles)."""
+def activation_rows(plan, name, table=None) -> int:
+    """Rows of the runtime's activation pool on every device for the plan's runtime placement: its schedule's
+    slots x the longest (virtual) stage's layers (a row is one saved layer input of a microbatch)."""
+    from mllm_jax.parallel.schedule import schedule_for
+
+    p = plan.runtime
+    in_flight = plan.in_flight if p.schedule == "zb_v" else None
+    sched = schedule_for(_plan_stage_ops(plan, name, table), plan.microbatches, p.schedule, None, in_flight)
+    return int(sched.act_slots * max(p.llm_stage_layers))
+
+
+def draw_timeline(path, plan, name, table=None, plan_1f1b=None):
+    """Our planned split of ``name`` in lockstep ticks under 1F1B (``plan_1f1b``'s split) and under the chosen
+    schedule (each tick as long as its slowest op; the gaps are the bubbles)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,10 +374,10 @@ def draw_timeline(path, plan, name, table=None):
     from mllm_jax.parallel.schedule import simulate as simulate_table, tick_costs
 
     colors = {OP_F: "tab:blue", OP_B: "tab:orange", OP_W: "tab:green", OP_BW: "tab:red", OP_FB: "tab:purple"}
-    so = _plan_stage_ops(plan, name, table)
     fig, axes = plt.subplots(2, 1, figsize=(12, 5), sharex=True)
     chosen = plan.runtime.schedule
-    for ax, kind in zip(axes, ("1f1b", chosen if chosen != "1f1b" else "zb_h1")):
+    for ax, kind, p in zip(axes, ("1f1b", chosen), (plan_1f1b or plan, plan)):
+        so = _plan_stage_ops(p, name, table)
         sim = simulate_table(so, plan.microbatches, kind)
         costs = tick_costs(sim.schedule, so)
         start = 0.0
@@ -375,9 +388,9 @@ def draw_timeline(path, plan, name, table=None):
                     ax.barh(s, costs[t, s], left=start, color=colors[op], edgecolor="white", lw=0.2)
             start += costs[t].max()
         ax.set_yticks(range(costs.shape[1]))
-        ax.set_ylabel("stage")
+        ax.set_ylabel("device")
         ax.invert_yaxis()
-        ax.set_title(f"{name} LLM pipeline (ours, layers {list(plan.runtime.llm_stage_layers)}), {kind} in lockstep "
+        ax.set_title(f"{name} LLM pipeline (ours, layers {list(p.runtime.llm_stage_layers)}), {kind} in lockstep "
                      f"ticks: {sim.time:.3f} s, bubble {sim.bubble_fraction:.2f} (F blue, B orange, W green, BW red, F+BW purple)",
                      fontsize=8)
     axes[-1].set_xlabel("seconds (cost model)")
@@ -436,16 +449,23 @@ def main():
     for name in names:
         plan = predicted(name, table=tables.get(name), device_flops=device_flops)
         ours, cs, meg = plan.runtime, plan.cornstarch, plan.megatron_like
-        # At 1F1B's activation memory: the planner restricted to the schedules that hold no more microbatches of
-        # saved inputs than 1F1B on any stage (checked below, not assumed), its split chosen again for each.
-        eq_plan = min((predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops)
-                       for k in EQUAL_MEMORY_SCHEDULES), key=lambda p: p.runtime.runtime_time)
+        # At 1F1B's activation memory: the planner restricted to each schedule that can hold no more saved layer
+        # inputs than 1F1B, its split chosen again for each; a plan whose activation pool (measured on its table)
+        # is larger than 1F1B's plan's is dropped, and the fastest of the rest kept.
+        one_plan = predicted(name, schedule="1f1b", table=tables.get(name), device_flops=device_flops)
+        rows_1f1b = activation_rows(one_plan, name, tables.get(name))
+        eq_cands = [one_plan] + [predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops)
+                                 for k in EQUAL_MEMORY_SCHEDULES if k not in ("1f1b", "zb_v")]
+        # zb_v paced by its admitted microbatches: the most that keep its pool within 1F1B's (chunks of a V are
+        # half a stage rounded up, so at 2 x S slots the pool can be a few rows larger).
+        for n in range(one_plan.stages, 0, -1):
+            zb_v = predicted(name, schedule="zb_v", table=tables.get(name), device_flops=device_flops, in_flight=n)
+            if activation_rows(zb_v, name, tables.get(name)) <= rows_1f1b:
+                eq_cands.append(zb_v)
+                break
+        eq_cands = [p for p in eq_cands if activation_rows(p, name, tables.get(name)) <= rows_1f1b]
+        eq_plan = min(eq_cands, key=lambda p: p.runtime.runtime_time)
         eq = eq_plan.runtime
-        eq_slots = max(schedule_in_flight(eq_plan.stages, eq_plan.microbatches, eq.schedule))
-        slots_1f1b = max(schedule_in_flight(eq_plan.stages, eq_plan.microbatches, "1f1b"))
-        if eq_slots > slots_1f1b:
-            raise SystemExit(f"{name}: schedule {eq.schedule} holds {eq_slots} activation slots, more than 1F1B's "
-                             f"{slots_1f1b}: it is not an equal-memory schedule")
         models[name] = {
             # Every time simulated under our runtime's lockstep schedule, with the same per-layer costs.
             "ours": ours.runtime_time,
@@ -459,6 +479,9 @@ def main():
             "schedule_equal_memory": eq.schedule,
             "bubble_fraction_equal_memory": eq.bubble_fraction,
             "bubble_fraction_1f1b_equal_memory_stages": eq.bubble_fraction_1f1b,
+            # The runtime's activation pool (rows of saved layer inputs per device): the plan's and 1F1B's plan's.
+            "activation_rows_equal_memory": activation_rows(eq_plan, name, tables.get(name)),
+            "activation_rows_1f1b": rows_1f1b,
             # Both at 1F1B's memory: Cornstarch's placement under the same restricted schedules.
             "cornstarch_equal_memory": eq_plan.cornstarch.runtime_time,
             "speedup_vs_cornstarch_equal_memory": eq_plan.cornstarch.runtime_time / eq.runtime_time,
@@ -469,9 +492,11 @@ def main():
             "ours_llm_stage_layers": list(ours.llm_stage_layers),
             "ours_encoder_time": ours.encoder_time,
             "ours_runtime_1f1b": ours.runtime_time_1f1b,
-            # Activation slots (microbatches of saved layer inputs) the busiest stage holds: ours, and 1F1B's.
+            # Activation slots (microbatches of saved layer inputs; of a chunk's under zb_v / interleaved) the
+            # busiest device holds: ours, and 1F1B's; and the pool's rows (slots x the longest stage's layers).
             "ours_activation_slots": max(schedule_in_flight(plan.stages, plan.microbatches, ours.schedule)),
             "activation_slots_1f1b": max(schedule_in_flight(plan.stages, plan.microbatches, "1f1b")),
+            "ours_activation_rows": activation_rows(plan, name, tables.get(name)),
             "cornstarch_schedule": cs.schedule,
             "cornstarch_bubble_fraction": cs.bubble_fraction,
             "cornstarch_llm_stage_layers": list(cs.llm_stage_layers),
@@ -496,7 +521,8 @@ def main():
               f"{meg.runtime_time:.3f} s", flush=True)
     png = args.png or os.path.splitext(args.out)[0] + "_timeline.png"
     drawn = "VALM-L" if "VALM-L" in names else names[-1]
-    draw_timeline(png, predicted(drawn, table=tables.get(drawn), device_flops=device_flops), drawn, tables.get(drawn))
+    draw_timeline(png, predicted(drawn, table=tables.get(drawn), device_flops=device_flops), drawn, tables.get(drawn),
+                  predicted(drawn, schedule="1f1b", table=tables.get(drawn), device_flops=device_flops))
     measured = measure(args.quick)
     speed = [d["speedup_vs_cornstarch"] for d in details.values()]
     result = {

@@ -235,6 +235,21 @@ def test_pipelined_model_zb_h1_with_llm_lora():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule,parallel,split,trainable", [
+    # The V on the real decoder layers: LoRA adapters' W deferred into the cool-down, stored over fsdp; the split of
+    # the 4 virtual stages planned (the planner's virtual_split).
+    ("zb_v", dict(fsdp=2, pipeline=2, microbatches=3), None, "lora"),
+    # Megatron's ring of chunks: a frozen LLM under a trainable projector (dX through every chunk, across the wrap).
+    ("interleaved", dict(pipeline=2, microbatches=2), (1, 2, 2, 1), FROZEN_LLM),
+])
+def test_pipelined_model_with_virtual_stages(schedule, parallel, split, trainable):
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), modules=("llm",)) if trainable == "lora" else None
+    cfg = tiny_config(6, FROZEN_ENC if lora else trainable, lora=lora)
+    check(cfg, ParallelConfig(pipeline_schedule=schedule, **parallel), split, perturb_lora=lora is not None,
+          sharded_model=parallel.get("fsdp", 1) > 1)
+
+
+@pytest.mark.slow
 def test_pipelined_model_with_data_and_tensor():
     # build.create_model's sharded model (per-module rules) on data=2 x pipeline=2 x tensor=2.
     check(tiny_config(6, FROZEN_ENC), ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=2), (1, 5),

@@ -321,3 +321,47 @@ def test_auto_schedule_respects_the_memory_budget():
     tight = plan_pipeline(costs, par, placement="outside", memory_budget=budget)
     assert tight.runtime.schedule != "1f1b_fb" and tight.runtime.fits_memory
     assert max(free.runtime.stage_memory) > budget
+
+
+def test_planner_plans_virtual_stages_as_the_runtime_runs_them():
+    """zb_v and interleaved split the LLM into S x V virtual stages; the plan's time is the simulated table of that
+    split, its memory per device (its chunks' weights + its pool); ``pipeline_in_flight`` paces zb_v (less memory,
+    more time); interleaved needs M a multiple of S (refused when asked for, skipped by "auto")."""
+    import dataclasses
+
+    from mllm_jax.config import LLMConfig, ModelConfig
+    from mllm_jax.costs import pipeline_costs
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.pipeline_plan import plan_pipeline, runtime_stage_ops, virtual_memory
+
+    cfg = ModelConfig(llm=LLMConfig(vocab_size=256, d_model=256, n_layers=16, n_heads=4, n_kv_heads=2, d_ff=768),
+                      remat="full")
+    costs = pipeline_costs(cfg, text_tokens=512)
+    par = ParallelConfig(pipeline=4, microbatches=8)
+    rt = costs.runtime
+    times = {}
+    for kind in ("1f1b", "zb_h1", "zb_v", "interleaved"):
+        p = plan_pipeline(costs, dataclasses.replace(par, pipeline_schedule=kind), placement="outside").runtime
+        assert p.schedule == kind
+        counts = p.llm_stage_layers
+        assert len(counts) == (8 if kind in ("zb_v", "interleaved") else 4) and sum(counts) == 16
+        sim = simulate(runtime_stage_ops(rt.llm, counts, rt.head), 8, kind)
+        assert p.runtime_time == pytest.approx(sim.time + p.encoder_time)
+        if kind in ("zb_v", "interleaved"):
+            assert p.stage_memory == pytest.approx(virtual_memory(rt.llm, rt.head, counts, kind, 2,
+                                                                  sim.schedule.peak_act))
+        times[kind] = p.runtime_time
+    assert times["zb_v"] < times["zb_h1"] < times["1f1b"]  # a trainable LLM: W fills the V's cool-down
+    assert times["interleaved"] < times["1f1b"]
+    paced = [plan_pipeline(costs, dataclasses.replace(par, pipeline_schedule="zb_v", pipeline_in_flight=n),
+                           placement="outside") for n in (4, 2)]
+    assert paced[0].runtime.runtime_time == pytest.approx(times["zb_v"])  # 4 = min(S, M), the default
+    assert paced[1].runtime.runtime_time > paced[0].runtime.runtime_time
+    assert max(paced[1].runtime.stage_memory) < max(paced[0].runtime.stage_memory)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        plan_pipeline(costs, ParallelConfig(pipeline=4, microbatches=6, pipeline_schedule="interleaved"))
+    auto = plan_pipeline(costs, ParallelConfig(pipeline=4, microbatches=6, pipeline_schedule="auto"))
+    assert auto.runtime.schedule != "interleaved"
+    for bad in (dict(pipeline_in_flight=0), dict(pipeline_virtual_stages=1), dict(pipeline_in_flight=True)):
+        with pytest.raises(ValueError, match="pipeline_(in_flight|virtual_stages)"):
+            ParallelConfig(**bad)

@@ -54,8 +54,16 @@ class ParallelConfig:
     microbatches: int | str = 1
     # The pipeline's schedule (parallel.schedule): "1f1b", "zb_h1" (weight gradients fill 1F1B's cool-down, same
     # activation memory), "1f1b_fb" (a forward and a backward paired per tick: the async 1F1B time in lockstep, about
-    # twice 1F1B's activations) or "auto" (the planner's choice, by simulating each on the model's costs).
+    # twice 1F1B's activations), "zb_v" (two chunks per device as a V, weight gradients in the bubbles, 1F1B's
+    # activation memory), "interleaved" (Megatron's virtual pipeline: more memory, shorter bubbles) or "auto" (the
+    # planner's choice, by simulating each on the model's costs).
     pipeline_schedule: str = "1f1b"
+    # Chunks per device under pipeline_schedule = "interleaved" (its virtual stages: pipeline x this many, each a
+    # contiguous run of LLM layers; "zb_v" always runs two, as a V).
+    pipeline_virtual_stages: int = 2
+    # Under "zb_v": the microbatches admitted into the pipeline at once (None: min(pipeline, microbatches), 1F1B's
+    # activation memory; fewer hold less and leave more bubble).
+    pipeline_in_flight: int | None = None
     # With fsdp > 1: each pipeline stage casts its layer weights to the compute dtype and FSDP-gathers them once per
     # step, before the schedule's first tick, instead of gathering each layer (as stored, float32) for every
     # forward, recompute and backward of every microbatch. Costs the stage's gathered weights in the compute dtype,
@@ -68,6 +76,13 @@ class ParallelConfig:
         mb = self.microbatches
         if mb != AUTO and (isinstance(mb, bool) or not isinstance(mb, numbers.Integral)):
             raise ValueError(f"ParallelConfig.microbatches must be an integer or {AUTO!r}; got {mb!r}")
+        v = self.pipeline_virtual_stages
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 2:
+            raise ValueError(f"ParallelConfig.pipeline_virtual_stages must be an integer >= 2 (chunks per device "
+                             f"under 'interleaved'); got {v!r}")
+        n = self.pipeline_in_flight
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise ValueError(f"ParallelConfig.pipeline_in_flight must be None or an integer >= 1; got {n!r}")
         if not isinstance(self.pipeline_fsdp_gather_once, bool):
             raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
                              f"{self.pipeline_fsdp_gather_once!r}")

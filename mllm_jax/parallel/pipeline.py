@@ -112,14 +112,16 @@ class StageLayout:
         return max(1, int(self.device_view(self.grad_slots).sum(axis=1).max()))
 
 
-def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = None) -> Schedule:
+def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = None,
+                    max_in_flight: int | None = None) -> Schedule:
     """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate);
-    ``kind`` defaults to the layout's schedule."""
+    ``kind`` defaults to the layout's schedule; ``max_in_flight``: zb_v's admitted microbatches."""
     kind = layout.schedule if kind is None else kind
     if virtual_stages_of(kind, layout.virtual if kind in ("interleaved", "zb_v") else None) != layout.virtual:
         raise ValueError(f"schedule {kind!r} does not run the layout's {layout.virtual} chunks per device")
     return build_schedule(layout.devices, microbatches, backward_stages=layout.backward_stages,
-                          weight_stages=layout.weight_stages, kind=kind, virtual_stages=layout.virtual)
+                          weight_stages=layout.weight_stages, kind=kind, virtual_stages=layout.virtual,
+                          max_in_flight=max_in_flight)
 
 
 def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=False, loss_params_trainable=True,
@@ -444,6 +446,7 @@ def pipeline_value_and_grad(
     param_trainable=None,
     gather_params=None,
     virtual_stages: int | None = None,
+    max_in_flight: int | None = None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -456,7 +459,8 @@ def pipeline_value_and_grad(
     per layer.
     param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
-    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v").
+    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v");
+    ``max_in_flight``: zb_v's microbatches admitted at once (None: min(stages, M), 1F1B's activation memory).
     gather_params(stage_params) -> stage_params: the stage's parameters ([slots, ...] leaves, as stored) as its
     layers use them, e.g. cast to the compute dtype and FSDP-gathered. Called once per step on each device, before
     the tick loop; every op of the step runs on its output, and the weight gradients, taken with respect to it, are
@@ -485,7 +489,9 @@ def pipeline_value_and_grad(
         schedule=schedule,
         virtual_stages=V,
     )
-    sched = layout_schedule(layout, M, schedule)
+    if max_in_flight is not None and schedule != "zb_v":
+        raise ValueError(f"max_in_flight paces the zb_v schedule only; got {max_in_flight} with {schedule!r}")
+    sched = layout_schedule(layout, M, schedule, max_in_flight)
     want_dx = bool(input_requires_grad)
     # One layer's structure only (a[0] of a stack sharded over `pipeline` cannot be sliced on an Explicit mesh).
     one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked_params)
@@ -493,7 +499,7 @@ def pipeline_value_and_grad(
     if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
                              loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
-        sched = layout_schedule(layout, M, schedule)
+        sched = layout_schedule(layout, M, schedule, max_in_flight)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
                                 split, gather_params)
     stage_spec = P(axis)

@@ -31,11 +31,15 @@ import numpy as np
 
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
-from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, SCHEDULES, StageOps,
-                                        build_schedule, simulate)
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, SCHEDULES,
+                                        VIRTUAL_SCHEDULES, StageOps, build_schedule, schedule_for, simulate,
+                                        virtual_placement, virtual_stages_of)
 
 # The schedules the planner chooses among (GPipe holds every microbatch: a memory reference, never faster here).
-SCHEDULES_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
+SCHEDULES_PLANNED = ("1f1b", "zb_h1", "1f1b_fb", "zb_v", "interleaved")
+# One chunk per device: what placements with encoder stages and the 1F1B-formula baselines run (the virtual-stage
+# schedules split the LLM alone, encoders outside).
+ONE_CHUNK_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
 
 INF = float("inf")
 
@@ -226,7 +230,7 @@ def min_max_split(
 def schedule_in_flight(stages: int, microbatches: int, kind: str) -> tuple:
     """Per stage, the microbatches of saved inputs the planner budgets for under schedule ``kind``: 1F1B's
     min(M, S - s); the others' peak live activation slots in their table (ZB-H1: within 1F1B's largest stage's pool;
-    1F1B-FB: about 2 (S - s))."""
+    1F1B-FB: about 2 (S - s); per device, in slots of one chunk, under "zb_v" / "interleaved")."""
     if kind == "1f1b":
         return tuple(min(microbatches, stages - s) for s in range(stages))
     return build_schedule(stages, microbatches, kind=kind).peak_act
@@ -605,6 +609,7 @@ class PipelinePlan:
     # plan_microbatches: every microbatch count it simulated (MicrobatchChoice), the plan's own among them.
     microbatch_choices: tuple = field(default=())
     tick_seconds: float = 0.0  # the fixed cost per tick planned with (the ppermutes), in the plan's unit
+    in_flight: int | None = None  # ParallelConfig.pipeline_in_flight, planned with (zb_v's pacing)
 
     @property
     def llm_stage_layers(self) -> tuple:
@@ -629,9 +634,12 @@ def _pick_schedule(sims: dict, kind: str):
 
 
 def _simulations(ops: StageOps, M, kind, tick_seconds: float = 0.0) -> dict:
-    """Each schedule's Simulation; ``tick_seconds`` (the per-tick ppermute, not overlapped with compute) is added to
-    the time of every tick, so it counts as bubble (no stage computes while it runs)."""
-    kinds = SCHEDULES_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
+    """Each one-chunk schedule's Simulation (a virtual-stage ``kind`` is priced by its own placement,
+    ``_evaluate_virtual``: here it stands for the one-chunk schedules, "auto"); ``tick_seconds`` (the per-tick
+    ppermute, not overlapped with compute) is added to the time of every tick, so it counts as bubble (no stage
+    computes while it runs)."""
+    kind = "auto" if kind in VIRTUAL_SCHEDULES else kind
+    kinds = ONE_CHUNK_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
     sims = {k: simulate(ops, M, k) for k in kinds}
     if tick_seconds:
         sims = {k: dataclasses.replace(v, time=v.time + v.ticks * tick_seconds) for k, v in sims.items()}
@@ -665,6 +673,8 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     ops = runtime_stage_ops(rt.llm, counts, rt.head)
     ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
     sims = _simulations(ops, M, schedule, tick_seconds)
+    if schedule in VIRTUAL_SCHEDULES:
+        schedule = "auto"
     if schedule == "auto":  # the fastest schedule whose activations fit the budget (1F1B when none does)
         fitting = {k: v for k, v in sims.items() if k == "1f1b" or max(memory(k)) <= budget}
         kind, sim = _pick_schedule(fitting, "auto")
@@ -727,7 +737,7 @@ def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, 
         return 1.0 - work / (n_physical * sim.time) if sim.time > 0 else 0.0
 
     sims = _simulations(merged, M, schedule, tick_seconds)
-    kind, sim = _pick_schedule(sims, schedule)
+    kind, sim = _pick_schedule(sims, "auto" if schedule in VIRTUAL_SCHEDULES else schedule)
     return kind, sim, physical_bubble(sim), sims["1f1b"].time, physical_bubble(sims["1f1b"])
 
 
@@ -870,7 +880,9 @@ def plan_pipeline(
         raise ValueError(f"the LLM has {n_layers} layers, fewer than the {stages} pipeline stages")
     args = (M, tensor, device_flops, memory_budget)
     rt_args = (M, tensor, device_flops, memory_budget, stages, costs.runtime, schedule)
-    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, tick_seconds)
+    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, tick_seconds,
+                                                                      parallel.pipeline_virtual_stages,
+                                                                      parallel.pipeline_in_flight)
     best_own = _best_own_stages(costs, stages, args, schedule, tick_seconds) if placement != "outside" else None
     candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
@@ -887,7 +899,7 @@ def plan_pipeline(
     return PipelinePlan(
         chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates),
         runtime_placement, search, "analytic" if layer_costs is None else layer_costs.source,
-        tick_seconds=tick_seconds,
+        tick_seconds=tick_seconds, in_flight=parallel.pipeline_in_flight,
     )
 
 
@@ -1050,9 +1062,13 @@ def plan_microbatches(costs_at, parallel: ParallelConfig, *, rows: int, row_cost
     return dataclasses.replace(best[1], microbatch_choices=tuple(choices))
 
 
-def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: float = 0.0) -> tuple:
+def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: float = 0.0,
+                        interleaved_chunks: int = 2, in_flight: int | None = None) -> tuple:
     """Encoders outside the pipeline: (the min-max split on the common yardstick (the 1F1B formula), the uniform
-    split, the split with the least lockstep step time as parallel.pipeline runs it, that search)."""
+    split, the split with the least lockstep step time as parallel.pipeline runs it, that search). The runtime
+    split is searched under each schedule asked for (every planned one for "auto"), those with several chunks per
+    device over S x V virtual stages (``interleaved_chunks``: V of "interleaved"; ``in_flight``: zb_v's admitted
+    microbatches)."""
     aware, runtime = costs.aware, costs.runtime
     M, tensor, _, memory_budget = rt_args[:4]
     schedule = rt_args[-1]
@@ -1063,7 +1079,8 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
     outside = _evaluate_outside("ours:outside", aware, counts, *rt_args, tick_seconds)
     uniform = _evaluate_outside("uniform", aware, uniform_split(len(aware.llm), stages), *rt_args, tick_seconds)
     best = None
-    for kind in (SCHEDULES_PLANNED if schedule == "auto" else (schedule,)):
+    for kind in (ONE_CHUNK_PLANNED if schedule == "auto" else (schedule,) if schedule not in VIRTUAL_SCHEDULES
+                 else ()):
         search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
                                 tensor=tensor, schedule=kind)
         if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
@@ -1074,7 +1091,129 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
         if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
                                                                           best[0].runtime_time * (1 - 1e-12)):
             best = (placed, search)
+    for kind in (VIRTUAL_SCHEDULES if schedule == "auto" else (schedule,) if schedule in VIRTUAL_SCHEDULES else ()):
+        V = virtual_stages_of(kind, interleaved_chunks if kind == "interleaved" else None)
+        usable = len(runtime.llm) >= stages * V and (kind != "interleaved" or M % stages == 0)
+        if not usable and schedule == "auto":
+            continue
+        if not usable:
+            raise ValueError(f"schedule {kind!r} needs >= {stages * V} LLM layers (got {len(runtime.llm)})"
+                             + (f" and microbatches a multiple of {stages} (got {M})" if kind == "interleaved" else ""))
+        n = in_flight if kind == "zb_v" else None
+        search = virtual_split(runtime.llm, stages, microbatches=M, head=runtime.head, kind=kind, virtual_stages=V,
+                               memory_budget=memory_budget, tensor=tensor, max_in_flight=n)
+        placed = _evaluate_virtual("ours:runtime", aware, search.counts, kind, V, *rt_args[:-1], tick_seconds, n)
+        if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
+                                                                          best[0].runtime_time * (1 - 1e-12)):
+            best = (placed, search)
     return outside, uniform, best[0], best[1]
+
+
+def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | None = None, kind: str,
+                  virtual_stages: int | None = None, memory_budget: float = INF, tensor: int = 1,
+                  layer_ops: dict | None = None, max_in_flight: int | None = None) -> LockstepSplit:
+    """The contiguous split of ``chain`` into the S x V virtual stages of ``kind`` ("interleaved", "zb_v") with the
+    least simulated step time under ``kind``'s table, within ``memory_budget`` per device (``virtual_memory``):
+    from the min-max split of the runtime's op totals and the uniform one, single-boundary moves while the time
+    improves (local: ``exhaustive`` False)."""
+    V = virtual_stages_of(kind, virtual_stages)
+    K = stages * V
+    if len(chain) < K:
+        raise ValueError(f"cannot split {len(chain)} layers into {K} virtual stages ({stages} x {V})")
+    ops = runtime_layer_ops(chain) if layer_ops is None else {k: np.asarray(v, np.float64)
+                                                            for k, v in layer_ops.items()}
+    head_c = runtime_head_cost(head) if head is not None else 0.0
+    total = {id(c): float(v) for c, v in zip(chain, ops["f"] + ops["bw"])}
+    if head is not None:
+        total[id(head)] = head_c
+    dp = min_max_split(chain, K, last_extra=[head] if head is not None else (), cost=lambda c: total[id(c)])
+    evaluated = [0]
+
+    def time_of(counts):
+        evaluated[0] += 1
+        return simulate(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight).time
+
+    def fits(counts):
+        sched = schedule_for(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight)
+        return max(virtual_memory(chain, head, counts, kind, V, sched.peak_act, tensor)) <= memory_budget
+
+    found = []
+    for start in {tuple(dp), uniform_split(len(chain), K)}:
+        if not fits(start):
+            continue
+        counts, best = list(start), time_of(start)
+        improved = True
+        while improved:
+            improved = False
+            for k in range(1, K):
+                for step in (-1, 1):
+                    c = list(counts)
+                    c[k - 1] += step
+                    c[k] -= step
+                    if min(c[k - 1], c[k]) < 1 or not fits(c):
+                        continue
+                    t = time_of(c)
+                    if t < best * (1 - 1e-12):
+                        best, counts, improved = t, c, True
+        found.append((best, tuple(int(x) for x in counts)))
+    dp_time = time_of(tuple(dp))
+    if not found:  # nothing fits: the unconstrained min-max split, flagged by the caller's memory check
+        return LockstepSplit(tuple(dp), dp_time, tuple(dp), dp_time, evaluated[0], False)
+    t, counts = min(found)
+    return LockstepSplit(counts, t, tuple(dp), dp_time, evaluated[0], False)
+
+
+def virtual_memory(chain, head, counts, kind: str, virtual_stages: int, peak_act, tensor: int = 1) -> tuple:
+    """Bytes per device of a virtual-stage split: its chunks' parameters and optimizer state, and its schedule's
+    peak live activation slots (``peak_act``, one per device) of the largest chunk's saved inputs (the runtime's pool
+    has one shape on every device)."""
+    pieces = split_chain(chain, counts)
+    if head is not None:
+        pieces[-1] = pieces[-1] + [head]
+    place = virtual_placement(kind, len(peak_act), virtual_stages)
+    act = max(sum(c.act_bytes for c in p) for p in pieces)
+    out = []
+    for d in range(len(peak_act)):
+        mine = [c for k in np.flatnonzero(place[:, 0] == d) for c in pieces[k]]
+        out.append(stage_memory(mine, in_flight=0, tensor=tensor)["total"] + peak_act[d] * act / tensor)
+    return tuple(out)
+
+
+def _evaluate_virtual(name, costs: ModelCosts, counts, kind, V, M, tensor, device_flops, budget, stages,
+                      runtime_costs: ModelCosts, tick_seconds: float = 0.0,
+                      max_in_flight: int | None = None) -> Placement:
+    """A placement over S x V virtual stages (encoders outside), priced as ``_evaluate_outside`` prices one stage per
+    device: ``llm_stage_layers`` and the stage costs are per virtual stage in the model's order, the memory per
+    device; 1F1B's time and bubble (``runtime_time_1f1b``) are those of the same layers with every V consecutive
+    virtual stages one stage. ``predicted_time``: the asynchronous formula on each device's summed chunks."""
+    pieces = split_chain(costs.llm, counts)
+    pieces[0] = [costs.embed] + pieces[0]
+    pieces[-1] = pieces[-1] + [costs.head]
+    stage_c = tuple(_seconds(sum(c.total for c in p), tensor, device_flops) for p in pieces)
+    place = virtual_placement(kind, stages, V)
+    per_device = [sum(stage_c[k] for k in np.flatnonzero(place[:, 0] == d)) for d in range(stages)]
+    share = math.ceil(M / stages)
+    enc_layers = [c for chain in costs.encoders.values() for c in chain]
+    enc_time = share * _seconds(sum(c.total for c in enc_layers), tensor, device_flops)
+    enc_mem = stage_memory(enc_layers, in_flight=share, tensor=tensor)["total"]
+    rt = runtime_costs
+    ops = runtime_stage_ops(rt.llm, counts, rt.head)
+    ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
+    sim = simulate(ops, M, kind, V, max_in_flight)
+    merged = tuple(sum(counts[i * V:(i + 1) * V]) for i in range(stages))
+    one_ops = runtime_stage_ops(rt.llm, merged, rt.head)
+    one_ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(one_ops, k))
+                         for k in ("f", "b", "w", "bw")))
+    one = simulate(one_ops, M, "1f1b")
+    mem = tuple(m + enc_mem for m in virtual_memory(rt.llm, rt.head, counts, kind, V, sim.schedule.peak_act, tensor))
+    tick = tick_seconds
+    return Placement(
+        name, True, tuple(counts), {}, stage_c, {}, enc_time, enc_time + pipeline_time(per_device, M), mem,
+        max(mem) <= budget, enc_time + sim.time + sim.ticks * tick, (ops.f, ops.bw), kind,
+        sim.bubble_fraction if not tick else 1 - sim.busy / (stages * (sim.time + sim.ticks * tick)),
+        enc_time + one.time + one.ticks * tick,
+        one.bubble_fraction if not tick else 1 - one.busy / (stages * (one.time + one.ticks * tick)),
+    )
 
 
 def _feasible_allocations(costs: ModelCosts, stages):

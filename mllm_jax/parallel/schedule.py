@@ -342,8 +342,9 @@ def _place_in_order(place, M, bw, orders):
 
 def _place_v(place, M, bw, ws, max_in_flight):
     """zb_v in lockstep ticks: each tick every device runs one ready op, by priority: a backward (the oldest
-    microbatch; split into B now and a deferred W when the virtual stage has weight gradients and the device has a
-    spare slot for the kept cotangents), else a forward (of a microbatch already admitted first, the latest virtual
+    microbatch; once the device has run all its forwards, split into B now and a deferred W when the virtual stage
+    has weight gradients and the device has a spare slot for the kept cotangents: W then fills the cool-down, where
+    splitting earlier only adds the second recompute), else a forward (of a microbatch already admitted first, the latest virtual
     stage first), else a deferred W. At most ``max_in_flight`` microbatches are admitted and not yet fully
     backwarded, so a device holds at most 2 of them per microbatch (its two chunks): the activation memory of 1F1B
     with that many in flight, in slots of half a stage. (Zero Bubble Pipeline Parallelism's V shape, arXiv
@@ -378,7 +379,7 @@ def _place_v(place, M, bw, ws, max_in_flight):
                 k = -k
                 if not bw[k]:
                     op = OP_SKIP
-                elif ws[k] and held[d] + 1 <= cap:
+                elif ws[k] and held[d] + 1 <= cap and all(f_next[j] == M for j in stages_of[d]):
                     op = OP_B
                     pending_w[d].append((int(place[k, 1]), m))
                     kept[d] += 1

@@ -36,6 +36,7 @@ from mllm_jax.loss import IGNORE
 from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, llm_meta, num_features
 from mllm_jax.parallel.pipeline import pipeline_value_and_grad
 from mllm_jax.parallel.pipeline_plan import plan_pipeline
+from mllm_jax.parallel.schedule import virtual_stages_of
 
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
 META_KEYS = ("positions", "segment_ids", "span_ids")
@@ -219,8 +220,11 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     batch: the contract batch with a leading microbatch axis on every leaf ([M, mb, S] token arrays, [M, N, ...]
     encoder inputs, [M, mb, S] feature indices into each microbatch's own features), M =
     ``parallel_config.microbatches``: the same batch the train step scans over.
-    stage_layers: LLM layers per stage (uneven allowed); None asks the frozen-aware planner (encoders outside).
-    schedule: "1f1b", "zb_h1" or "auto" (the planner's); None: ``parallel_config.pipeline_schedule``.
+    stage_layers: LLM layers per stage (uneven allowed; per virtual stage, pipeline x chunks entries in the model's
+    order, under "interleaved" / "zb_v"); None asks the frozen-aware planner (encoders outside).
+    schedule: one of ``parallel.schedule.SCHEDULES`` or "auto" (the planner's); None:
+    ``parallel_config.pipeline_schedule``; "interleaved" runs ``parallel_config.pipeline_virtual_stages`` chunks per
+    device.
     ``parallel_config.pipeline_fsdp_gather_once`` (with a mesh fsdp axis > 1): each stage casts its layer weights to
     the compute dtype and FSDP-gathers them once per step, before its first tick (docs/pipeline.md).
 
@@ -239,7 +243,9 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     gather_once = parallel_config.pipeline_fsdp_gather_once and dict(mesh.shape).get("fsdp", 1) > 1
     loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
                                                     stage_layers=stage_layers, chunk=chunk, schedule=schedule,
-                                                    gather_once=gather_once)
+                                                    gather_once=gather_once,
+                                                    virtual_stages=_chunks(schedule, parallel_config),
+                                                    in_flight=parallel_config.pipeline_in_flight)
     grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
     return loss * count, count, grads
 
@@ -253,6 +259,11 @@ def _check_call(model, batch: dict, mesh, parallel_config) -> tuple:
                          f"{S} devices")
     validate_layout(parallel_config, model.config)
     return check_microbatched(batch, parallel_config.microbatches)
+
+
+def _chunks(schedule: str, parallel_config) -> int:
+    """Chunks per device the runtime runs under ``schedule``."""
+    return virtual_stages_of(schedule, parallel_config.pipeline_virtual_stages if schedule == "interleaved" else None)
 
 
 def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages: int, mb: int, seq: int,
@@ -269,9 +280,11 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
         stage_layers = planned.llm_stage_layers if stage_layers is None else stage_layers
         schedule = planned.schedule if schedule == "auto" else schedule
     stage_layers = tuple(int(c) for c in stage_layers)
-    if len(stage_layers) != stages or sum(stage_layers) != n_layers:
-        raise ValueError(f"stage_layers {stage_layers} must have {stages} entries (pipeline stages) summing to the "
-                         f"LLM's n_layers ({n_layers})")
+    V = _chunks(schedule, parallel_config)
+    if len(stage_layers) != stages * V or sum(stage_layers) != n_layers:
+        what = f"{stages} entries (pipeline stages)" if V == 1 else (f"{stages * V} entries ({stages} pipeline "
+                                                                   f"stages x {V} chunks under {schedule!r})")
+        raise ValueError(f"stage_layers {stage_layers} must have {what} summing to the LLM's n_layers ({n_layers})")
     return stage_layers, schedule
 
 
@@ -308,7 +321,8 @@ def _embed_outside(model, batch: dict, M: int) -> _Outside:
 
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
-              schedule: str, gather_once: bool = False) -> tuple:
+              schedule: str, gather_once: bool = False, virtual_stages: int = 1,
+              in_flight: int | None = None) -> tuple:
     """(loss, layer grads, head grads, input cotangent [M, mb, S, D]): the decoder layers pipelined over the
     `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage.
     ``gather_once``: each stage casts and FSDP-gathers its layer weights once per step (``_gather_stage_once``)."""
@@ -360,6 +374,8 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             schedule=schedule,
             param_trainable=param_trainable,
             gather_params=_gather_stage_once(llm) if gather_once else None,
+            virtual_stages=virtual_stages if schedule == "interleaved" else None,
+            max_in_flight=in_flight if schedule == "zb_v" else None,
         )
     return loss, g_layers, g_loss_params, dx_M
 
