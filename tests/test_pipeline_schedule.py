@@ -365,3 +365,46 @@ def test_planner_plans_virtual_stages_as_the_runtime_runs_them():
     for bad in (dict(pipeline_in_flight=0), dict(pipeline_virtual_stages=1), dict(pipeline_in_flight=True)):
         with pytest.raises(ValueError, match="pipeline_(in_flight|virtual_stages)"):
             ParallelConfig(**bad)
+
+
+@pytest.mark.parametrize("schedule,stages,trainable", [
+    ("zb_v", 4, [0, 0, 0, 1, 0, 1, 1, 0] * 2),  # partly frozen: frozen slots' rows come back as zeros
+    ("interleaved", 2, None),
+])
+def test_virtual_stages_move_stored_blocks_not_every_layer(schedule, stages, trainable):
+    """Layers stored over `pipeline` in blocks and a uniform virtual split: each device's block moves to the devices
+    that run its chunks in V ppermute rounds (and the gradients back), against one device; the compiled program has
+    no all-gather over the pipeline axis (gathering every layer is what the general path does)."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mllm_jax.parallel.pipeline import block_rounds, sequential_value_and_grad
+    from test_pipeline import layer_fn, loss_fn, problem
+
+    V, n, M = 2, 16, 4
+    counts = (n // (stages * V),) * (stages * V)
+    mesh = pipeline_mesh((stages,), ("pipeline",))
+    params, lp, x, aux = problem(n, M)
+    tr = np.ones(n, bool) if trainable is None else np.asarray(trainable, bool)
+    loss_ref, (g_ref, glp_ref, _) = jax.jit(
+        lambda p, lp, x, aux: sequential_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux)
+    )(params, lp, x, aux)
+
+    def run(p, lp, x, aux):
+        return pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux, stage_layers=counts,
+                                       mesh=mesh, trainable_layers=tr, schedule=schedule)
+
+    with jax.set_mesh(mesh):
+        stored = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("pipeline"))), params)
+        compiled = jax.jit(run).lower(stored, lp, x, aux).compile()
+        loss, (g, glp, _) = compiled(stored, lp, x, aux)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for name in ("w", "b"):
+        want = np.asarray(g_ref[name]) * tr.reshape((-1,) + (1,) * (g_ref[name].ndim - 1))
+        np.testing.assert_allclose(g[name], want, rtol=2e-5, atol=2e-5)
+        assert g[name].sharding.spec[0] == "pipeline"  # returned in the storage layout
+    np.testing.assert_allclose(glp["v"], glp_ref["v"], rtol=2e-5, atol=2e-5)
+    assert not re.search(r"all-gather", compiled.as_text())
+    rounds = block_rounds(make_layout(counts, schedule=schedule))
+    assert all(sorted(d for _, d in r) == list(range(stages)) for r in rounds.pairs)  # each round a permutation

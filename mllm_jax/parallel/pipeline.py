@@ -165,6 +165,90 @@ def _is_uniform(layout: StageLayout) -> bool:
     return layout.virtual == 1 and bool(layout.active.all())
 
 
+def _is_uniform_virtual(layout: StageLayout) -> bool:
+    """Several chunks per device, every virtual stage of one length: the stored layers' block on device d (layers
+    sharded over the pipeline axis in contiguous blocks) is virtual stages d V .. d V + V - 1, each a whole chunk."""
+    return layout.virtual > 1 and bool(layout.active.all())
+
+
+@dataclass(frozen=True)
+class BlockRounds:
+    """How the chunks of a uniform virtual-stage split move between their storage blocks and their devices in V
+    rounds of ``ppermute``: each round every device sends one of its V stored blocks (``send[r, d]``, the block's
+    index in d's storage) and receives one chunk (``recv[r, d]``, the chunk it becomes), along ``pairs[r]``."""
+
+    send: np.ndarray  # [V, S]
+    recv: np.ndarray  # [V, S]
+    pairs: tuple  # per round, the (source, destination) pairs
+
+
+def block_rounds(layout: StageLayout) -> BlockRounds:
+    """The V rounds: the moves (block j of device s = virtual stage s V + j -> its placement) form a V-regular
+    bipartite multigraph between devices, which splits into V perfect matchings (Konig), found one per round by
+    augmenting paths; each matching is a permutation, one ppermute."""
+    S, V = layout.devices, layout.virtual
+    place = virtual_placement(layout.schedule, S, V)
+    edges = {(s, j): (int(place[s * V + j, 0]), int(place[s * V + j, 1])) for s in range(S) for j in range(V)}
+    left = dict(edges)
+    send = np.zeros((V, S), np.int64)
+    recv = np.zeros((V, S), np.int64)
+    pairs = []
+    for r in range(V):
+        match_of = {}  # destination device -> (source device, block)
+
+        def augment(s, seen):
+            for (s2, j), (d, _) in left.items():
+                if s2 != s or d in seen:
+                    continue
+                seen.add(d)
+                if d not in match_of or augment(match_of[d][0], seen):
+                    match_of[d] = (s, j)
+                    return True
+            return False
+
+        for src in range(S):
+            if not augment(src, set()):
+                raise AssertionError(f"no perfect matching in round {r}")  # unreachable: the graph is regular
+        round_pairs = []
+        for d, (src, j) in sorted(match_of.items()):
+            send[r, src], recv[r, d] = j, left.pop((src, j))[1]
+            round_pairs.append((src, d))
+        pairs.append(tuple(sorted(round_pairs)))
+    return BlockRounds(send, recv, tuple(pairs))
+
+
+def _blocks_to_chunks(blocks, rounds: BlockRounds, me, axis: str):
+    """Inside the shard_map: this device's stored blocks [V x L, ...] (model order) -> its chunks [V x L, ...]
+    (placement order), V ppermutes of one block each."""
+    V = rounds.send.shape[0]
+
+    def one(a):
+        b = a.reshape((V, -1) + a.shape[1:])
+        out = jnp.zeros_like(b)
+        for r in range(V):
+            got = jax.lax.ppermute(b[jnp.asarray(rounds.send[r])[me]], axis, list(rounds.pairs[r]))
+            out = jax.lax.dynamic_update_index_in_dim(out, got, jnp.asarray(rounds.recv[r])[me], 0)
+        return out.reshape(a.shape)
+
+    return jax.tree.map(one, blocks)
+
+
+def _chunks_to_blocks(chunks, rounds: BlockRounds, me, axis: str):
+    """The reverse of ``_blocks_to_chunks`` (the gradients of the chunks back to their storage blocks)."""
+    V = rounds.send.shape[0]
+
+    def one(a):
+        c = a.reshape((V, -1) + a.shape[1:])
+        out = jnp.zeros_like(c)
+        for r in range(V):
+            back = [(d, s) for s, d in rounds.pairs[r]]
+            got = jax.lax.ppermute(c[jnp.asarray(rounds.recv[r])[me]], axis, back)
+            out = jax.lax.dynamic_update_index_in_dim(out, got, jnp.asarray(rounds.send[r])[me], 0)
+        return out.reshape(a.shape)
+
+    return jax.tree.map(one, chunks)
+
+
 def _spec_of(a) -> list:
     try:
         spec = list(jax.typeof(a).sharding.spec)
@@ -500,8 +584,14 @@ def pipeline_value_and_grad(
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
                              loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
         sched = layout_schedule(layout, M, schedule, max_in_flight)
+    # Several chunks per device of one length, layers stored in pipeline blocks: each device's block moves to the
+    # devices that run its chunks in V ppermute rounds (the gradients come back the same way), instead of every
+    # device gathering all the layers.
+    stored_blocks = mesh is not None and _is_uniform_virtual(layout) and all(
+        _sharded_over(a, 0, axis) and _spec_of(a)[0] == axis for a in jax.tree.leaves(stacked_params))
+    rounds = block_rounds(layout) if stored_blocks else None
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
-                                split, gather_params)
+                                split, gather_params, rounds)
     stage_spec = P(axis)
     fn = jax.shard_map(
         per_device,
@@ -512,8 +602,10 @@ def pipeline_value_and_grad(
         check_vma=False,
     )
     lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
+    # In storage blocks (one per device, moved to its chunks inside), or laid out per device here.
+    storage = make_layout((layout.virtual * layout.slots,) * S) if rounds is not None else None
     gstaged, glp, loss, dx, counts = fn(
-        jax.tree.map(lead, to_stages(stacked_params, layout, mesh, axis)),
+        jax.tree.map(lead, to_stages(stacked_params, storage or layout, mesh, axis)),
         lead(jnp.asarray(layout.device_view(layout.active))),
         lead(jnp.asarray(layout.device_view(layout.kind))),
         _reshard_dim(jnp.asarray(sched.table), mesh, 1, axis),  # [T, S, F]: each device reads its column
@@ -523,7 +615,12 @@ def pipeline_value_and_grad(
     )
     # No layer trains: no accumulator was carried; zeros here cost nothing where the caller drops them.
     zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
-    trained = iter(_grads_to_layers(gstaged, layout, mesh, axis) if layout.trains else [])
+    if not layout.trains:
+        trained = iter([])
+    elif rounds is not None:  # back in storage blocks: the layers in order, sharded over `axis` as stored
+        trained = iter(jax.tree.leaves(from_stages(gstaged, storage, mesh, axis)))
+    else:
+        trained = iter(_grads_to_layers(gstaged, layout, mesh, axis))
     grads = jax.tree.unflatten(split.treedef, [next(trained) if m and layout.trains else z
                                                 for z, m in zip(zeros, split.mask)])
     out = (loss, (grads, glp, dx if want_dx else None))
@@ -585,7 +682,8 @@ def _perm(sched: Schedule, field: str, direction: int) -> list:
 
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
-                   want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None):
+                   want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None,
+                   rounds: BlockRounds | None = None):
     """The per-device body of the pipeline's shard_map: one device scanning its column of the schedule table, each
     tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip) on the chunk the table names, then the
     ppermutes to its neighbours. Returns (its slots' parameter gradients, loss-parameter gradients and loss summed
@@ -597,6 +695,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
 
     def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
         stored_L = jax.tree.map(lambda a: a[0], params_L)
+        if rounds is not None:  # this device's storage block -> its chunks
+            stored_L = _blocks_to_chunks(stored_L, rounds, stage[0], axis)
         # The copy the ops use: as stored, or gathered once here for the whole step (``gather_params``).
         params_L = stored_L if gather_params is None else gather_params(stored_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
@@ -734,6 +834,11 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         (_, _, gacc, lpacc, loss, dxs), counts = jax.lax.scan(tick, init, table_T)
         # Only the last stage has a loss and loss-parameter gradients, only stage 0 an input gradient.
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
+        if trains and rounds is not None:  # every slot's row (zeros without a weight gradient), back to storage
+            has = active_L & (kind_L >= KIND_DW)
+            full = [jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.take(a, rows_L, axis=0), 0).astype(a.dtype)
+                    for a in gacc]
+            gacc = _chunks_to_blocks(full, rounds, stage, axis)
         gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
         counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
         return gout, total(lpacc), total(loss), jax.tree.map(lambda a: _from_one_stage(a, axis), dxs), counts
