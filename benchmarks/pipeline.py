@@ -466,6 +466,8 @@ def main():
         eq_cands = [p for p in eq_cands if activation_rows(p, name, tables.get(name)) <= rows_1f1b]
         eq_plan = min(eq_cands, key=lambda p: p.runtime.runtime_time)
         eq = eq_plan.runtime
+        # Cornstarch's placement at 1F1B's memory: the faster of its 1F1B and ZB-H1 tables.
+        cs_eq = min(p.cornstarch.runtime_time for p in eq_cands if p.runtime.schedule in ("1f1b", "zb_h1"))
         models[name] = {
             # Every time simulated under our runtime's lockstep schedule, with the same per-layer costs.
             "ours": ours.runtime_time,
@@ -483,8 +485,8 @@ def main():
             "activation_rows_equal_memory": activation_rows(eq_plan, name, tables.get(name)),
             "activation_rows_1f1b": rows_1f1b,
             # Both at 1F1B's memory: Cornstarch's placement under the same restricted schedules.
-            "cornstarch_equal_memory": eq_plan.cornstarch.runtime_time,
-            "speedup_vs_cornstarch_equal_memory": eq_plan.cornstarch.runtime_time / eq.runtime_time,
+            "cornstarch_equal_memory": cs_eq,
+            "speedup_vs_cornstarch_equal_memory": cs_eq / eq.runtime_time,
         }
         details[name] = {
             "speedup_vs_cornstarch": cs.runtime_time / ours.runtime_time,

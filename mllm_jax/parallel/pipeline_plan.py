@@ -40,6 +40,9 @@ SCHEDULES_PLANNED = ("1f1b", "zb_h1", "1f1b_fb", "zb_v", "interleaved")
 # One chunk per device: what placements with encoder stages and the 1F1B-formula baselines run (the virtual-stage
 # schedules split the LLM alone, encoders outside).
 ONE_CHUNK_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
+# Where a plan asks for a virtual-stage schedule, the one-chunk placements (encoder stages, baselines) take the
+# fastest of these: the one-chunk schedules at 1F1B's activation memory, as the virtual ones are.
+ONE_CHUNK_AT_1F1B_MEMORY = ("1f1b", "zb_h1")
 
 INF = float("inf")
 
@@ -635,11 +638,13 @@ def _pick_schedule(sims: dict, kind: str):
 
 def _simulations(ops: StageOps, M, kind, tick_seconds: float = 0.0) -> dict:
     """Each one-chunk schedule's Simulation (a virtual-stage ``kind`` is priced by its own placement,
-    ``_evaluate_virtual``: here it stands for the one-chunk schedules, "auto"); ``tick_seconds`` (the per-tick
+    ``_evaluate_virtual``: here it stands for ``ONE_CHUNK_AT_1F1B_MEMORY``); ``tick_seconds`` (the per-tick
     ppermute, not overlapped with compute) is added to the time of every tick, so it counts as bubble (no stage
     computes while it runs)."""
-    kind = "auto" if kind in VIRTUAL_SCHEDULES else kind
-    kinds = ONE_CHUNK_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
+    if kind in VIRTUAL_SCHEDULES:
+        kinds = ONE_CHUNK_AT_1F1B_MEMORY
+    else:
+        kinds = ONE_CHUNK_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
     sims = {k: simulate(ops, M, k) for k in kinds}
     if tick_seconds:
         sims = {k: dataclasses.replace(v, time=v.time + v.ticks * tick_seconds) for k, v in sims.items()}
