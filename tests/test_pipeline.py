@@ -43,15 +43,19 @@ def replay(sched, stages=None, M=None):
     gs = [dict() for _ in range(S)]  # slot -> (virtual stage, microbatch)
     x_channel = {TO_RIGHT: (1, "recv_x_slot"), TO_LEFT: (-1, "recv_xl_slot"), TO_SELF: (0, "recv_xo_slot")}
     g_channel = {TO_LEFT: (-1, "recv_g_slot"), TO_RIGHT: (1, "recv_gr_slot"), TO_SELF: (0, "recv_go_slot")}
+    lag = 2 if sched.overlap else 1  # a message to another device is stored lag - 1 ticks after its own
+    later_x, later_g = {}, {}  # tick -> {(device, recv column): what arrives}
     peak = [0] * S
     for t in range(sched.table.shape[0]):
-        sent_x, sent_g = {}, {}  # (device, recv column) -> what arrives
+        sent_x, sent_g = later_x.pop(t, {}), later_g.pop(t, {})  # (device, recv column) -> what arrives
 
         def send(d, to, channels, sent, what):
             step, name = channels[int(to)]
             key = ((d + step) % S, name)
-            assert key not in sent, "two messages on one channel"
-            sent[key] = what
+            box = sent if to == TO_SELF else (later_x if channels is x_channel else later_g).setdefault(
+                t + lag - 1, {}) if lag > 1 else sent
+            assert key not in box, "two messages on one channel"
+            box[key] = what
 
         for d in range(S):
             op, m, k = ops[t, d], mbs[t, d], ks[t, d]
@@ -108,6 +112,7 @@ def replay(sched, stages=None, M=None):
             peak[d] = max(peak[d], len(acts[d]))
             assert all(slot < sched.act_slots for slot in acts[d])
     assert all(not a for a in acts) and all(not g for g in gs)  # everything was consumed
+    assert not later_x and not later_g  # and nothing was still on its way
     return peak
 
 
@@ -189,7 +194,7 @@ def pipeline_mesh(shape, names):
 
 
 def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spec=None, mb=2, schedule="1f1b",
-                param_trainable=None, virtual_stages=None):
+                param_trainable=None, virtual_stages=None, overlap=False):
     n = sum(stage_layers)
     params, lp, x, aux = problem(n, M, mb=mb)
     tr = np.ones(n, bool) if trainable is None else np.asarray(trainable, bool)
@@ -212,6 +217,7 @@ def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spe
             schedule=schedule,
             param_trainable=param_trainable,
             virtual_stages=virtual_stages,
+            overlap=overlap,
         )
 
     with jax.set_mesh(mesh):

@@ -94,9 +94,21 @@ def test_virtual_stage_tables_keep_dependencies_and_their_memory(stages, M):
         busy = zb.ops != 0
         assert (np.where(k < stages, k, 2 * stages - 1 - k) == d)[busy].all()
         assert (zb.column("recv_xo_slot") >= 0).sum() == (M if stages > 1 else M)  # one turn per microbatch
+        lagged = build_schedule(stages, M, kind="zb_v", weight_stages=[weights] * K, overlap=True)
+        assert tuple(replay(lagged)) == lagged.peak_act
+        assert lagged.ops.shape[0] >= zb.ops.shape[0]  # neighbours' results arrive a tick later
+    for kind in ("1f1b", "zb_h1", "1f1b_fb", "gpipe"):
+        lagged = build_schedule(stages, M, kind=kind, overlap=True)
+        assert tuple(replay(lagged)) == lagged.peak_act
+        # A message crosses one link per tick and is read a tick later: F of microbatch 0 reaches the last stage
+        # at tick 2 (S - 1), not S - 1.
+        first_f = [int(np.flatnonzero(lagged.ops[:, d] != 0)[0]) for d in range(stages)]
+        assert first_f == [2 * d for d in range(stages)]
     if M % stages == 0:
         for V in (2, 3):
             il = build_schedule(stages, M, kind="interleaved", virtual_stages=V)
+            assert tuple(replay(il)) == il.peak_act
+            il = build_schedule(stages, M, kind="interleaved", virtual_stages=V, overlap=True)
             assert tuple(replay(il)) == il.peak_act
             assert ((il.column("virtual") % stages == np.arange(stages)[None, :]) | (il.ops == 0)).all()
     else:
@@ -131,8 +143,9 @@ def unit_chain(trainable):
     return cost_chain(layers, remat=True)[0]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb", "interleaved", "zb_v"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb", "interleaved", "zb_v", "zb_v+overlap"])
 def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
+    schedule, overlap = schedule.split("+")[0], schedule.endswith("+overlap")
     stage_layers, trainable, M = (1, 3, 2, 1), [0, 0, 1, 0, 1, 1, 0], 5
     if schedule in ("interleaved", "zb_v"):  # two chunks per device: 8 virtual stages
         stage_layers, trainable, M = (1, 1, 2, 1, 1, 2, 1, 1), [0, 0, 1, 0, 1, 1, 0, 1, 0, 1], 4
@@ -142,16 +155,16 @@ def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
     def run(p, lp, x, aux):
         return pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux,
                                        stage_layers=stage_layers, mesh=mesh, trainable_layers=np.asarray(trainable, bool),
-                                       schedule=schedule, trace=True)
+                                       schedule=schedule, trace=True, overlap=overlap)
 
     with jax.set_mesh(mesh):
         *_, counts = jax.jit(run)(params, lp, x, aux)
     counts = np.asarray(counts)  # [ticks, stages, TRACE_FIELDS]
     # The planner's per-stage op costs of the same split (unit layers): the work of a tick in layer passes.
     ops = runtime_stage_ops(unit_chain(trainable), stage_layers)
-    sim = simulate(ops, M, schedule)
+    sim = simulate(ops, M, schedule, overlap=overlap)
     layout = make_layout(stage_layers, np.asarray(trainable, bool), schedule=schedule)
-    assert (sim.schedule.table == layout_schedule(layout, M, schedule).table).all()
+    assert (sim.schedule.table == layout_schedule(layout, M, schedule, overlap=overlap).table).all()
     assert counts.shape == (sim.ticks, 4, len(TRACE_FIELDS))
     ran = counts.sum(axis=2)  # forwards + remat recomputes + dX + dW, each one unit
     np.testing.assert_array_equal(ran, tick_costs(sim.schedule, ops))
@@ -265,12 +278,19 @@ def test_gradient_accumulator_has_rows_for_trainable_slots_only():
     ("zb_v", (1, 1, 2, 1, 1, 2, 1, 1), 5, [0, 0, 0, 1, 0, 1, 1, 0, 1, 1], False, None),
     ("zb_v", (2, 1, 1, 1), 4, None, True, {"w": False, "b": True}),  # two devices, LoRA-like, input gradient
     ("zb_v", (1, 1, 1, 1, 1, 1, 1, 1), 6, [0] * 8, True, None),
+    # The ppermutes beside the next tick's ops (a message arrives a tick later).
+    ("1f1b+overlap", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], True, None),
+    ("zb_h1+overlap", (2, 1, 1), 4, None, True, {"w": False, "b": True}),
+    ("1f1b_fb+overlap", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),
+    ("zb_v+overlap", (1, 1, 2, 1, 1, 2, 1, 1), 5, [0, 0, 0, 1, 0, 1, 1, 0, 1, 1], True, None),
+    ("interleaved+overlap", (2, 1, 1, 1, 1, 2), 4, [0] * 8, True, None),
 ])
 def test_schedules_match_one_device(schedule, stage_layers, M, trainable, input_grad, param_trainable):
+    schedule, overlap = schedule.split("+")[0], schedule.endswith("+overlap")
     virtual = {"interleaved": 2 if len(stage_layers) == 8 else 3, "zb_v": 2}.get(schedule, 1)
     mesh = pipeline_mesh((len(stage_layers) // virtual,), ("pipeline",))
     check_equal(mesh, stage_layers, M, trainable, input_grad, schedule=schedule, param_trainable=param_trainable,
-                virtual_stages=virtual if schedule == "interleaved" else None)
+                virtual_stages=virtual if schedule == "interleaved" else None, overlap=overlap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,3 +428,45 @@ def test_virtual_stages_move_stored_blocks_not_every_layer(schedule, stages, tra
     assert not re.search(r"all-gather", compiled.as_text())
     rounds = block_rounds(make_layout(counts, schedule=schedule))
     assert all(sorted(d for _, d in r) == list(range(stages)) for r in rounds.pairs)  # each round a permutation
+
+
+def test_overlapped_ppermutes_are_priced_as_the_runtime_runs_them():
+    """``overlap``: a tick lasts the longer of its slowest op and the ppermutes (which run beside it) instead of
+    their sum; messages arrive a tick later, so 1F1B warms up twice as deep (twice the activation slots) and its
+    steady state pairs like 1F1B-FB's. The planner prices a run's ``pipeline_overlap_comm`` the same way."""
+    import dataclasses
+
+    from mllm_jax.config import LLMConfig, ModelConfig
+    from mllm_jax.costs import pipeline_costs
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.pipeline_plan import plan_pipeline, runtime_stage_ops
+
+    ops = StageOps(f=(1.0,) * 4, b=(2.0,) * 4, w=(1.0,) * 4, bw=(3.0,) * 4)
+    for tau in (0.0, 0.5, 2.0):
+        plain = simulate(ops, 8, "1f1b", tick_seconds=tau)
+        lagged = simulate(ops, 8, "1f1b", overlap=True, tick_seconds=tau)
+        assert plain.time == pytest.approx((tick_costs(plain.schedule, ops).max(axis=1) + tau).sum())
+        assert lagged.time == pytest.approx(np.maximum(tick_costs(lagged.schedule, ops).max(axis=1), tau).sum())
+        assert lagged.time < plain.time
+    assert simulate(ops, 8, "1f1b", overlap=True).schedule.act_slots == 2 * 4 - 1
+    # With links as slow as a backward the ppermutes dominate either way, but overlapped they cost a tick each,
+    # not a tick on top of each op.
+    assert simulate(ops, 8, "1f1b", overlap=True, tick_seconds=3.0).time < simulate(ops, 8, "1f1b",
+                                                                                  tick_seconds=3.0).time - 30
+    cfg = ModelConfig(llm=LLMConfig(vocab_size=256, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=768),
+                      remat="full")
+    costs = pipeline_costs(cfg, text_tokens=512)
+    par = ParallelConfig(pipeline=4, microbatches=8, pipeline_schedule="zb_h1")
+    tau = 1e9  # FLOP-units per tick: about a fifth of a layer's forward here
+    got = {}
+    for overlap in (False, True):
+        plan = plan_pipeline(costs, dataclasses.replace(par, pipeline_overlap_comm=overlap), placement="outside",
+                             tick_seconds=tau).runtime
+        sim = simulate(runtime_stage_ops(costs.runtime.llm, plan.llm_stage_layers, costs.runtime.head), 8, "zb_h1",
+                       overlap=overlap, tick_seconds=tau)
+        assert plan.runtime_time == pytest.approx(sim.time + plan.encoder_time)
+        got[overlap] = plan
+    assert got[True].runtime_time < got[False].runtime_time
+    assert max(got[True].stage_memory) > max(got[False].stage_memory)  # the deeper warm-up's activations
+    with pytest.raises(ValueError, match="pipeline_overlap_comm"):
+        ParallelConfig(pipeline_overlap_comm="yes")

@@ -64,6 +64,10 @@ class ParallelConfig:
     # Under "zb_v": the microbatches admitted into the pipeline at once (None: min(pipeline, microbatches), 1F1B's
     # activation memory; fewer hold less and leave more bubble).
     pipeline_in_flight: int | None = None
+    # The pipeline's ppermutes beside the next tick's compute instead of after the tick (parallel.schedule: a message
+    # to another device arrives one tick later, so the fill and drain take longer; the planner prices both with
+    # the ppermute's time per tick).
+    pipeline_overlap_comm: bool = False
     # With fsdp > 1: each pipeline stage casts its layer weights to the compute dtype and FSDP-gathers them once per
     # step, before the schedule's first tick, instead of gathering each layer (as stored, float32) for every
     # forward, recompute and backward of every microbatch. Costs the stage's gathered weights in the compute dtype,
@@ -83,6 +87,9 @@ class ParallelConfig:
         n = self.pipeline_in_flight
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"ParallelConfig.pipeline_in_flight must be None or an integer >= 1; got {n!r}")
+        if not isinstance(self.pipeline_overlap_comm, bool):
+            raise ValueError(f"ParallelConfig.pipeline_overlap_comm must be True or False; got "
+                             f"{self.pipeline_overlap_comm!r}")
         if not isinstance(self.pipeline_fsdp_gather_once, bool):
             raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
                              f"{self.pipeline_fsdp_gather_once!r}")

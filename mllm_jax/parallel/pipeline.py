@@ -113,7 +113,7 @@ class StageLayout:
 
 
 def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = None,
-                    max_in_flight: int | None = None) -> Schedule:
+                    max_in_flight: int | None = None, overlap: bool = False) -> Schedule:
     """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate);
     ``kind`` defaults to the layout's schedule; ``max_in_flight``: zb_v's admitted microbatches."""
     kind = layout.schedule if kind is None else kind
@@ -121,7 +121,7 @@ def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = N
         raise ValueError(f"schedule {kind!r} does not run the layout's {layout.virtual} chunks per device")
     return build_schedule(layout.devices, microbatches, backward_stages=layout.backward_stages,
                           weight_stages=layout.weight_stages, kind=kind, virtual_stages=layout.virtual,
-                          max_in_flight=max_in_flight)
+                          max_in_flight=max_in_flight, overlap=overlap)
 
 
 def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=False, loss_params_trainable=True,
@@ -531,6 +531,7 @@ def pipeline_value_and_grad(
     gather_params=None,
     virtual_stages: int | None = None,
     max_in_flight: int | None = None,
+    overlap: bool = False,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -545,6 +546,7 @@ def pipeline_value_and_grad(
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
     schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v");
     ``max_in_flight``: zb_v's microbatches admitted at once (None: min(stages, M), 1F1B's activation memory).
+    ``overlap``: each tick's ppermutes run during the next tick, beside its ops (``build_schedule(overlap=True)``).
     gather_params(stage_params) -> stage_params: the stage's parameters ([slots, ...] leaves, as stored) as its
     layers use them, e.g. cast to the compute dtype and FSDP-gathered. Called once per step on each device, before
     the tick loop; every op of the step runs on its output, and the weight gradients, taken with respect to it, are
@@ -575,7 +577,7 @@ def pipeline_value_and_grad(
     )
     if max_in_flight is not None and schedule != "zb_v":
         raise ValueError(f"max_in_flight paces the zb_v schedule only; got {max_in_flight} with {schedule!r}")
-    sched = layout_schedule(layout, M, schedule, max_in_flight)
+    sched = layout_schedule(layout, M, schedule, max_in_flight, overlap)
     want_dx = bool(input_requires_grad)
     # One layer's structure only (a[0] of a stack sharded over `pipeline` cannot be sliced on an Explicit mesh).
     one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked_params)
@@ -583,7 +585,7 @@ def pipeline_value_and_grad(
     if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
                              loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
-        sched = layout_schedule(layout, M, schedule, max_in_flight)
+        sched = layout_schedule(layout, M, schedule, max_in_flight, overlap)
     # Several chunks per device of one length, layers stored in pipeline blocks: each device's block moves to the
     # devices that run its chunks in V ppermute rounds (the gradients come back the same way), instead of every
     # device gathering all the layers.
@@ -765,9 +767,23 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                                            w_slot, _index(aux_all, m0), gacc, cnt, split, rows_L, off=c * L)
             return acts, gacc, lpacc, loss, dxs, cnt
 
+        def hop(value, to, field, direction):
+            """``value`` over the ppermute of ``field``'s messages in ``direction`` (zeros from a device whose
+            op sent nothing that way: ``to`` is its message's direction)."""
+            pairs = perms[(field, direction)]
+            if not pairs:
+                return zero_x
+            return jax.lax.ppermute(jnp.where(to == direction, value, zero_x), axis, pairs)
+
         def tick(carry, row):
-            acts, gs, gacc, lpacc, loss, dxs = carry
+            acts, gs, gacc, lpacc, loss, dxs, sent = carry
             f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
+            if sched.overlap:
+                # Last tick's messages travel now, beside this tick's ops (nothing here waits for them until the
+                # stores at the end): the ppermutes are off the critical path, and arrive a tick later.
+                y_prev, dx_prev, x_to_prev, g_to_prev = sent
+                arrived = (hop(y_prev, x_to_prev, "x_to", TO_RIGHT), hop(y_prev, x_to_prev, "x_to", TO_LEFT),
+                           hop(dx_prev, g_to_prev, "g_to", TO_LEFT), hop(dx_prev, g_to_prev, "g_to", TO_RIGHT))
             m0, m2 = jnp.maximum(f["mb"], 0), jnp.maximum(f["mb2"], 0)
             slot, w_slot, slot2 = (jnp.maximum(f[k], 0) for k in ("x_slot", "w_slot", "x2_slot"))
             c, k = jnp.maximum(f["chunk"], 0), f["virtual"]
@@ -801,23 +817,20 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             branches[OP_F], branches[OP_B], branches[OP_W], branches[OP_BW], branches[OP_FB] = (
                 op_f, op_b, op_w, op_bw, op_fb)
             y, dx, dy, (acts, gacc, lpacc, loss, dxs, cnt) = jax.lax.switch(f["op"], branches)
-
-            def hop(value, field, direction):
-                pairs = perms[(field, direction)]
-                if not pairs:
-                    return zero_x
-                return jax.lax.ppermute(jnp.where(f[field] == direction, value, zero_x), axis, pairs)
-
+            if not sched.overlap:  # this tick's messages travel now, after its ops
+                arrived = (hop(y, f["x_to"], "x_to", TO_RIGHT), hop(y, f["x_to"], "x_to", TO_LEFT),
+                           hop(dx, f["g_to"], "g_to", TO_LEFT), hop(dx, f["g_to"], "g_to", TO_RIGHT))
             # Own arrivals: the turn of a V (activation or cotangent handed to the device's next chunk), or the
             # loss cotangent of the last virtual stage's forward.
             own_g = jnp.where(f["g_to"] == TO_SELF, dx, dy)
-            acts = _store(acts, hop(y, "x_to", TO_RIGHT), f["recv_x_slot"], row0=True)
-            acts = _store(acts, hop(y, "x_to", TO_LEFT), f["recv_xl_slot"], row0=True)
+            acts = _store(acts, arrived[0], f["recv_x_slot"], row0=True)
+            acts = _store(acts, arrived[1], f["recv_xl_slot"], row0=True)
             acts = _store(acts, y, f["recv_xo_slot"], row0=True)
-            gs = _store(gs, hop(dx, "g_to", TO_LEFT), f["recv_g_slot"])
-            gs = _store(gs, hop(dx, "g_to", TO_RIGHT), f["recv_gr_slot"])
+            gs = _store(gs, arrived[2], f["recv_g_slot"])
+            gs = _store(gs, arrived[3], f["recv_gr_slot"])
             gs = _store(gs, own_g, f["recv_go_slot"])
-            return (acts, gs, gacc, lpacc, loss, dxs), cnt
+            sent = (y, dx, f["x_to"], f["g_to"]) if sched.overlap else sent
+            return (acts, gs, gacc, lpacc, loss, dxs, sent), cnt
 
         init = (
             # One pool of activation slots: saved layer inputs, or for zb_h1 / zb_v the kept layer-output
@@ -830,8 +843,10 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             _zeros_like(lp),
             jnp.float32(0.0),
             buffer(M) if want_dx else jnp.zeros((), x_mb.dtype),
+            # With overlap: last tick's outgoing activation and cotangent, and where each goes.
+            (zero_x, zero_x, jnp.int32(-1), jnp.int32(-1)) if sched.overlap else None,
         )
-        (_, _, gacc, lpacc, loss, dxs), counts = jax.lax.scan(tick, init, table_T)
+        (_, _, gacc, lpacc, loss, dxs, _), counts = jax.lax.scan(tick, init, table_T)
         # Only the last stage has a loss and loss-parameter gradients, only stage 0 an input gradient.
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
         if trains and rounds is not None:  # every slot's row (zeros without a weight gradient), back to storage

@@ -230,13 +230,14 @@ def min_max_split(
 # The runtime's step time: parallel.pipeline's schedule table in lockstep ticks.
 
 
-def schedule_in_flight(stages: int, microbatches: int, kind: str) -> tuple:
+def schedule_in_flight(stages: int, microbatches: int, kind: str, overlap: bool = False) -> tuple:
     """Per stage, the microbatches of saved inputs the planner budgets for under schedule ``kind``: 1F1B's
     min(M, S - s); the others' peak live activation slots in their table (ZB-H1: within 1F1B's largest stage's pool;
-    1F1B-FB: about 2 (S - s); per device, in slots of one chunk, under "zb_v" / "interleaved")."""
-    if kind == "1f1b":
+    1F1B-FB: about 2 (S - s); per device, in slots of one chunk, under "zb_v" / "interleaved"). ``overlap``: the
+    table whose messages arrive a tick later (twice the warm-up, about twice the slots)."""
+    if kind == "1f1b" and not overlap:
         return tuple(min(microbatches, stages - s) for s in range(stages))
-    return build_schedule(stages, microbatches, kind=kind).peak_act
+    return build_schedule(stages, microbatches, kind=kind, overlap=overlap).peak_act
 
 
 def runtime_layer_ops(chain) -> dict:
@@ -636,7 +637,20 @@ def _pick_schedule(sims: dict, kind: str):
     return k, sims[k]
 
 
-def _simulations(ops: StageOps, M, kind, tick_seconds: float = 0.0) -> dict:
+@dataclass(frozen=True)
+class Comm:
+    """The ticks' ppermutes as planned: ``tick_seconds`` each tick (in the plan's unit), after the tick's ops or,
+    with ``overlap`` (``ParallelConfig.pipeline_overlap_comm``), beside the next tick's (``schedule.simulate``)."""
+
+    tick_seconds: float = 0.0
+    overlap: bool = False
+
+
+def _comm(c) -> Comm:
+    return c if isinstance(c, Comm) else Comm(float(c), False)
+
+
+def _simulations(ops: StageOps, M, kind, tick_seconds: float | Comm = 0.0) -> dict:
     """Each one-chunk schedule's Simulation (a virtual-stage ``kind`` is priced by its own placement,
     ``_evaluate_virtual``: here it stands for ``ONE_CHUNK_AT_1F1B_MEMORY``); ``tick_seconds`` (the per-tick
     ppermute, not overlapped with compute) is added to the time of every tick, so it counts as bubble (no stage
@@ -645,10 +659,8 @@ def _simulations(ops: StageOps, M, kind, tick_seconds: float = 0.0) -> dict:
         kinds = ONE_CHUNK_AT_1F1B_MEMORY
     else:
         kinds = ONE_CHUNK_PLANNED if kind == "auto" else tuple(dict.fromkeys(("1f1b", kind)))
-    sims = {k: simulate(ops, M, k) for k in kinds}
-    if tick_seconds:
-        sims = {k: dataclasses.replace(v, time=v.time + v.ticks * tick_seconds) for k, v in sims.items()}
-    return sims
+    comm = _comm(tick_seconds)
+    return {k: simulate(ops, M, k, overlap=comm.overlap, tick_seconds=comm.tick_seconds) for k in kinds}
 
 
 def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
@@ -671,7 +683,7 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     rt_pieces[-1] = rt_pieces[-1] + [rt.head]
 
     def memory(kind):
-        flight = schedule_in_flight(stages, M, kind)
+        flight = schedule_in_flight(stages, M, kind, _comm(tick_seconds).overlap)
         return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem
                      for s, p in enumerate(rt_pieces))
 
@@ -885,10 +897,11 @@ def plan_pipeline(
         raise ValueError(f"the LLM has {n_layers} layers, fewer than the {stages} pipeline stages")
     args = (M, tensor, device_flops, memory_budget)
     rt_args = (M, tensor, device_flops, memory_budget, stages, costs.runtime, schedule)
-    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, tick_seconds,
+    comm = Comm(tick_seconds, parallel.pipeline_overlap_comm)
+    outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, comm,
                                                                       parallel.pipeline_virtual_stages,
                                                                       parallel.pipeline_in_flight)
-    best_own = _best_own_stages(costs, stages, args, schedule, tick_seconds) if placement != "outside" else None
+    best_own = _best_own_stages(costs, stages, args, schedule, comm) if placement != "outside" else None
     candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
         chosen = outside
@@ -899,8 +912,7 @@ def plan_pipeline(
         chosen = best_own
     else:
         chosen = min(candidates, key=lambda p: (not p.fits_memory, p.predicted_time))
-    cornstarch, megatron = _baselines(costs, stages, args, rt_args, cornstarch_stages, megatron_stages,
-                                      tick_seconds)
+    cornstarch, megatron = _baselines(costs, stages, args, rt_args, cornstarch_stages, megatron_stages, comm)
     return PipelinePlan(
         chosen, cornstarch, megatron, uniform, M, stages, tensor, device_flops, memory_budget, tuple(candidates),
         runtime_placement, search, "analytic" if layer_costs is None else layer_costs.source,
@@ -1204,20 +1216,18 @@ def _evaluate_virtual(name, costs: ModelCosts, counts, kind, V, M, tensor, devic
     rt = runtime_costs
     ops = runtime_stage_ops(rt.llm, counts, rt.head)
     ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
-    sim = simulate(ops, M, kind, V, max_in_flight)
+    comm = _comm(tick_seconds)
+    sim = simulate(ops, M, kind, V, max_in_flight, comm.overlap, comm.tick_seconds)
     merged = tuple(sum(counts[i * V:(i + 1) * V]) for i in range(stages))
     one_ops = runtime_stage_ops(rt.llm, merged, rt.head)
     one_ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(one_ops, k))
                          for k in ("f", "b", "w", "bw")))
-    one = simulate(one_ops, M, "1f1b")
+    one = simulate(one_ops, M, "1f1b", overlap=comm.overlap, tick_seconds=comm.tick_seconds)
     mem = tuple(m + enc_mem for m in virtual_memory(rt.llm, rt.head, counts, kind, V, sim.schedule.peak_act, tensor))
-    tick = tick_seconds
     return Placement(
         name, True, tuple(counts), {}, stage_c, {}, enc_time, enc_time + pipeline_time(per_device, M), mem,
-        max(mem) <= budget, enc_time + sim.time + sim.ticks * tick, (ops.f, ops.bw), kind,
-        sim.bubble_fraction if not tick else 1 - sim.busy / (stages * (sim.time + sim.ticks * tick)),
-        enc_time + one.time + one.ticks * tick,
-        one.bubble_fraction if not tick else 1 - one.busy / (stages * (one.time + one.ticks * tick)),
+        max(mem) <= budget, enc_time + sim.time, (ops.f, ops.bw), kind, sim.bubble_fraction, enc_time + one.time,
+        one.bubble_fraction,
     )
 
 

@@ -33,6 +33,7 @@ Schedules (``SCHEDULES``):
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,7 @@ class Schedule:
     peak_act: tuple
     kind: str
     virtual_stages: int = 1
+    overlap: bool = False  # cross-device messages travel during the next tick (``build_schedule(overlap=True)``)
 
     @property
     def chunks(self) -> np.ndarray:
@@ -130,10 +132,12 @@ class Schedule:
                          for t in range(ops.shape[0]))
 
 
-def stage_op_order(stages: int, microbatches: int, kind: str = "1f1b") -> list:
+def stage_op_order(stages: int, microbatches: int, kind: str = "1f1b", lag: int = 1) -> list:
     """Per stage, the ordered list of (op, microbatch) with the backward as OP_BW (zb_h1 splits some of them when
-    it places them). 1F1B / ZB-H1: min(stages - s - 1, M) warm-up forwards, then one forward and one backward
-    alternately, then the remaining backwards. GPipe: all forwards, then all backwards."""
+    it places them). 1F1B / ZB-H1: min(lag (stages - s - 1), M) warm-up forwards (``lag`` 2: a neighbour's result
+    arrives a tick later, so a round trip takes twice the ticks and keeps twice the microbatches in flight), then
+    one forward and one backward alternately, then the remaining backwards. GPipe: all forwards, then all
+    backwards."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule kind must be one of {SCHEDULES}; got {kind!r}")
     orders = []
@@ -141,7 +145,7 @@ def stage_op_order(stages: int, microbatches: int, kind: str = "1f1b") -> list:
         if kind == "gpipe":
             orders.append([(OP_F, m) for m in range(microbatches)] + [(OP_BW, m) for m in range(microbatches)])
             continue
-        warm = min(stages - s - 1, microbatches)
+        warm = min(lag * (stages - s - 1), microbatches)
         order = [(OP_F, m) for m in range(warm)]
         nf, nb = warm, 0
         while nb < microbatches:
@@ -159,11 +163,17 @@ def one_f_one_b_peak(stage: int, stages: int, microbatches: int) -> int:
     return min(microbatches, stages - stage)
 
 
-def _place(stages, M, bw, ws, kind):
+def _arrived(done: int, t: int, lag: int) -> bool:
+    """A result made at tick ``done`` is usable at tick ``t``: ``lag`` = 1, the message arrives at the end of its
+    tick; 2, its ppermute runs during the next tick, beside that tick's compute (``build_schedule(overlap=True)``)."""
+    return 0 <= done and done + lag <= t
+
+
+def _place(stages, M, bw, ws, kind, lag=1):
     """Assign every stage's ops to ticks (list of rows of (op, m)). An op runs at the first tick its dependency
     finished before (F: the previous stage's F of the microbatch; a backward: the next stage's backward, or on the
     last stage its own F); zb_h1 fills a stage's otherwise idle ticks with its deferred Ws."""
-    orders = stage_op_order(stages, M, kind)
+    orders = stage_op_order(stages, M, kind, lag)
     last_f = [max(i for i, (op, _) in enumerate(o) if op == OP_F) for o in orders]
     # Every device's buffer pool has 1F1B's largest stage's slots (SPMD: one shape for all): a deferred W may use
     # them on any stage at no memory cost.
@@ -179,9 +189,9 @@ def _place(stages, M, bw, ws, kind):
         for s in range(stages):
             op, m = orders[s][pos[s]] if pos[s] < len(orders[s]) else (None, -1)
             if op == OP_F:
-                ready = s == 0 or 0 <= done_f[s - 1, m] < t
+                ready = s == 0 or _arrived(done_f[s - 1, m], t, lag)
             elif op == OP_BW:
-                ready = (0 <= done_f[s, m] < t) if s == stages - 1 else (0 <= done_b[s + 1, m] < t)
+                ready = (0 <= done_f[s, m] < t) if s == stages - 1 else _arrived(done_b[s + 1, m], t, lag)
             else:
                 ready = False
             if ready:
@@ -219,7 +229,7 @@ def paired_peak(stage: int, stages: int, microbatches: int) -> int:
     return min(microbatches, 2 * (stages - stage) - 1)
 
 
-def _place_paired(stages, M, bw):
+def _place_paired(stages, M, bw, lag=1):
     """1f1b_fb: every tick, each stage runs its next forward and its next backward when each is ready (the last
     stage may run a microbatch's backward in the tick of its forward: the forward half runs first). A stage without
     a backward (a frozen prefix) has no backward ops; its forwards wait while the next stage has no free slot."""
@@ -235,7 +245,7 @@ def _place_paired(stages, M, bw):
         for s in range(stages):
             f_m = nf[s] if nf[s] < M else None
             if f_m is not None:
-                ready = s == 0 or 0 <= done_f[s - 1, f_m] < t
+                ready = s == 0 or _arrived(done_f[s - 1, f_m], t, lag)
                 room = (s == stages - 1 or live[s + 1] < cap) and (s > 0 or not bw[0] or live[0] < cap)
                 f_m = f_m if ready and room else None
             b_m = nb[s] if bw[s] and nb[s] < M else None
@@ -243,7 +253,7 @@ def _place_paired(stages, M, bw):
                 if s == stages - 1:
                     ready = 0 <= done_f[s, b_m] < t or f_m == b_m
                 else:
-                    ready = 0 <= done_b[s + 1, b_m] < t
+                    ready = _arrived(done_b[s + 1, b_m], t, lag)
                 b_m = b_m if ready else None
             if f_m is not None:
                 nf[s] += 1
@@ -304,7 +314,7 @@ def interleaved_op_order(stages: int, virtual_stages: int, microbatches: int) ->
     return orders
 
 
-def _place_in_order(place, M, bw, orders):
+def _place_in_order(place, M, bw, orders, lag=1):
     """Lockstep ticks of per-device op orders over virtual stages: every device runs its next op at the first tick
     its dependency finished before (F of virtual stage k: k - 1's F of the microbatch; a backward: k + 1's backward,
     or on the last virtual stage its own F). Rows of (op, microbatch, -1, chunk)."""
@@ -322,9 +332,10 @@ def _place_in_order(place, M, bw, orders):
             op, c, m = orders[d][pos[d]]
             k = virtual[(d, c)]
             if op == OP_F:
-                ready = k == 0 or 0 <= done_f[k - 1, m] < t
+                ready = k == 0 or _arrived(done_f[k - 1, m], t, lag if place[k - 1, 0] != d else 1)
             else:
-                ready = (0 <= done_f[k, m] < t) if k == K - 1 else (0 <= done_b[k + 1, m] < t)
+                ready = ((0 <= done_f[k, m] < t) if k == K - 1 else
+                         _arrived(done_b[k + 1, m], t, lag if place[k + 1, 0] != d else 1))
             if ready:
                 row[d] = (op if op == OP_F or bw[k] else OP_SKIP, m, -1, c)
                 pos[d] += 1
@@ -340,7 +351,7 @@ def _place_in_order(place, M, bw, orders):
     return rows
 
 
-def _place_v(place, M, bw, ws, max_in_flight):
+def _place_v(place, M, bw, ws, max_in_flight, lag=1):
     """zb_v in lockstep ticks: each tick every device runs one ready op, by priority: a backward (the oldest
     microbatch; once the device has run all its forwards, split into B now and a deferred W when the virtual stage
     has weight gradients and the device has a spare slot for the kept cotangents: W then fills the cool-down, where
@@ -372,7 +383,8 @@ def _place_v(place, M, bw, ws, max_in_flight):
             back = []
             for k in stages_of[d]:
                 m = b_next[k]
-                if m < M and ((0 <= done_f[k, m] < t) if k == K - 1 else (0 <= done_b[k + 1, m] < t)):
+                if m < M and ((0 <= done_f[k, m] < t) if k == K - 1 else
+                              _arrived(done_b[k + 1, m], t, lag if dev[k + 1] != d else 1)):
                     back.append((m, -k))
             if back:
                 m, k = min(back)
@@ -390,7 +402,7 @@ def _place_v(place, M, bw, ws, max_in_flight):
             fwd = []
             for k in stages_of[d]:
                 m = f_next[k]
-                if m < M and (0 <= done_f[k - 1, m] < t if k > 0 else room):
+                if m < M and (_arrived(done_f[k - 1, m], t, lag if dev[k - 1] != d else 1) if k > 0 else room):
                     fwd.append((m, -k))
             if fwd:
                 m, k = min(fwd)
@@ -420,13 +432,16 @@ def _place_v(place, M, bw, ws, max_in_flight):
 
 def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weight_stages=None,
                    kind: str = "1f1b", virtual_stages: int | None = None,
-                   max_in_flight: int | None = None) -> Schedule:
+                   max_in_flight: int | None = None, overlap: bool = False) -> Schedule:
     """The table the runtime executes. ``stages``: devices of the pipeline; "interleaved" and "zb_v" run V chunks
     per device, the model's S x V virtual stages (``virtual_placement``). ``backward_stages[k]`` False: virtual
     stage k has no backward (a frozen prefix; its backwards stay in the table as OP_SKIP to keep the pace, so nothing
     piles up downstream, and send nothing). ``weight_stages[k]`` False: virtual stage k has no weight gradient (only
     frozen layers), so zb_h1 / zb_v never split its backward. ``max_in_flight``: zb_v's admitted microbatches
-    (default min(S, M), 1F1B's on its first stage). Buffer slots, one pool per device: the saved inputs of a
+    (default min(S, M), 1F1B's on its first stage). ``overlap``: a message to another device travels during the
+    tick after the one that made it (its ``ppermute`` beside that tick's compute, off the critical path) and is
+    stored at that tick's end, so an op waits one tick more for a neighbour's result; a hand-over on one device is
+    not delayed. Buffer slots, one pool per device: the saved inputs of a
     (chunk, microbatch) occupy an activation slot from their arrival (F on virtual stage 0) until BW or W, kept
     cotangents one from B until W; an arrived cotangent (or the last stage's loss cotangent) a g slot until B / BW
     reads it."""
@@ -440,17 +455,18 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     for name, v in (("backward_stages", bw), ("weight_stages", ws)):
         if v.shape != (K,):
             raise ValueError(f"{name} must have {K} entries (one per virtual stage); got shape {v.shape}")
+    lag = 2 if overlap else 1
     if kind == "interleaved":
-        rows = _place_in_order(place, M, bw, interleaved_op_order(S, V, M))
+        rows = _place_in_order(place, M, bw, interleaved_op_order(S, V, M), lag)
     elif kind == "zb_v":
         n = min(S, M) if max_in_flight is None else int(max_in_flight)
         if n < 1:
             raise ValueError(f"max_in_flight must be >= 1; got {max_in_flight}")
-        rows = _place_v(place, M, bw, ws, n)
+        rows = _place_v(place, M, bw, ws, n, lag)
     elif kind == "1f1b_fb":
-        rows = _place_paired(S, M, bw)
+        rows = _place_paired(S, M, bw, lag)
     else:
-        rows = _place(S, M, bw, ws, kind)
+        rows = _place(S, M, bw, ws, kind, lag)
     # One entry form: (op, microbatch, paired backward's microbatch, chunk).
     rows = [[tuple(e) if len(e) == 4 else (tuple(e) + (-1,))[:3] + (0,) for e in row] for row in rows]
 
@@ -482,6 +498,8 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     def release(d, slot):
         live[d] -= 1
         a_free[d].add(slot)
+
+    arriving = defaultdict(list)  # tick -> messages stored at its end
 
     def direction(d, d2):
         if d2 == d:
@@ -526,27 +544,33 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
                 table[t, d, col["w_slot"]] = w_of[d][key]
                 release(d, x_of[d].pop(key))
                 release(d, w_of[d].pop(key))
-        # Messages sent this tick arrive at its end, after every op of the tick has read its buffers. A device
-        # receives at most one message of each kind per channel (from d - 1, from d + 1, its own) and tick.
+        # Messages are stored at the end of the tick they arrive in, after every op of the tick has read its
+        # buffers: a hand-over on one device at the end of its tick, one to another device ``lag`` - 1 ticks later.
+        # A device receives at most one message of each kind per channel (from d - 1, from d + 1, its own) and tick.
         for d, (op, m, m2, c) in enumerate(row):
             k = virtual.get((d, c), -1)
             if op in (OP_F, OP_FB) and k + 1 < K:
                 d2, c2 = (int(v) for v in place[k + 1])
                 to = direction(d, d2)
                 table[t, d, col["x_to"]] = to
-                x_of[d2][(c2, m)] = take(d2)
-                table[t, d2, col[("recv_x_slot", "recv_xl_slot", "recv_xo_slot")[to]]] = x_of[d2][(c2, m)]
+                arriving[t + (0 if to == TO_SELF else lag - 1)].append(("x", to, d2, (c2, m)))
             if op in (OP_F, OP_FB) and k == K - 1 and bw[k] and not (op == OP_FB and m2 == m):
-                g_of[d][(c, m)] = alloc(g_free, g_count, d)  # the loss cotangent, for this stage's backward
-                table[t, d, col["recv_go_slot"]] = g_of[d][(c, m)]
+                arriving[t].append(("g", TO_SELF, d, (c, m)))  # the loss cotangent, for this stage's backward
             mb_back = m2 if op == OP_FB else m
             if op in (OP_B, OP_BW, OP_FB) and k > 0 and bw[k - 1]:
                 d2, c2 = (int(v) for v in place[k - 1])
                 to = direction(d, d2)
                 table[t, d, col["g_to"]] = to
-                g_of[d2][(c2, mb_back)] = alloc(g_free, g_count, d2)
-                table[t, d2, col[("recv_gr_slot", "recv_g_slot", "recv_go_slot")[to]]] = g_of[d2][(c2, mb_back)]
-    return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind, V)
+                arriving[t + (0 if to == TO_SELF else lag - 1)].append(("g", to, d2, (c2, mb_back)))
+        for what, to, d2, key in arriving.pop(t, ()):
+            if what == "x":
+                x_of[d2][key] = take(d2)
+                table[t, d2, col[("recv_x_slot", "recv_xl_slot", "recv_xo_slot")[to]]] = x_of[d2][key]
+            else:
+                g_of[d2][key] = alloc(g_free, g_count, d2)
+                table[t, d2, col[("recv_gr_slot", "recv_g_slot", "recv_go_slot")[to]]] = g_of[d2][key]
+    assert not arriving, "a message arrives after the last tick"  # unreachable: every message is read
+    return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind, V, bool(overlap))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -610,33 +634,41 @@ class Simulation:
 
 
 def schedule_for(ops: StageOps, microbatches: int, kind: str, virtual_stages: int | None = None,
-                 max_in_flight: int | None = None) -> Schedule:
+                 max_in_flight: int | None = None, overlap: bool = False) -> Schedule:
     """The table for per-virtual-stage costs ``ops`` (``ops.stages`` = devices x the kind's chunks per device)."""
     V = virtual_stages_of(kind, virtual_stages)
     if ops.stages % V:
         raise ValueError(f"StageOps has {ops.stages} stages, not a multiple of the {V} chunks per device of {kind!r}")
-    return _cached_schedule(ops.stages // V, microbatches, ops.has_backward, ops.has_weight, kind, V, max_in_flight)
+    return _cached_schedule(ops.stages // V, microbatches, ops.has_backward, ops.has_weight, kind, V, max_in_flight,
+                            bool(overlap))
 
 
 _CACHE: dict = {}
 
 
 def _cached_schedule(stages, microbatches, has_backward, has_weight, kind, virtual_stages=None,
-                     max_in_flight=None) -> Schedule:
+                     max_in_flight=None, overlap=False) -> Schedule:
     key = (stages, microbatches, has_backward, has_weight if kind in ("zb_h1", "zb_v") else None, kind,
-           virtual_stages, max_in_flight)
+           virtual_stages, max_in_flight, overlap)
     if key not in _CACHE:
         if len(_CACHE) > 4096:
             _CACHE.clear()
         _CACHE[key] = build_schedule(stages, microbatches, backward_stages=has_backward, weight_stages=has_weight,
-                                     kind=kind, virtual_stages=virtual_stages, max_in_flight=max_in_flight)
+                                     kind=kind, virtual_stages=virtual_stages, max_in_flight=max_in_flight,
+                                     overlap=overlap)
     return _CACHE[key]
 
 
 def simulate(ops: StageOps, microbatches: int, kind: str = "1f1b", virtual_stages: int | None = None,
-             max_in_flight: int | None = None) -> Simulation:
+             max_in_flight: int | None = None, overlap: bool = False, tick_seconds: float = 0.0) -> Simulation:
     """The lockstep step time of ``kind`` with these per-(virtual-)stage op costs (the table the runtime would
-    execute for a layout with these stages' backward / weight-gradient flags)."""
-    sched = schedule_for(ops, microbatches, kind, virtual_stages, max_in_flight)
+    execute for a layout with these stages' backward / weight-gradient flags). ``tick_seconds``: what a tick's
+    ppermutes take, in the unit of the costs: after the tick's ops (each tick lasts its slowest op + it), or with
+    ``overlap`` beside the next tick's ops (each tick lasts the longer of the two)."""
+    if not tick_seconds >= 0:
+        raise ValueError(f"tick_seconds must be >= 0; got {tick_seconds!r}")
+    sched = schedule_for(ops, microbatches, kind, virtual_stages, max_in_flight, overlap)
     c = tick_costs(sched, ops)
-    return Simulation(float(c.max(axis=1).sum()), int(c.shape[0]), float(c.sum()), sched)
+    per_tick = c.max(axis=1)
+    per_tick = np.maximum(per_tick, tick_seconds) if overlap else per_tick + tick_seconds
+    return Simulation(float(per_tick.sum()), int(c.shape[0]), float(c.sum()), sched)

@@ -245,7 +245,8 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
                                                     stage_layers=stage_layers, chunk=chunk, schedule=schedule,
                                                     gather_once=gather_once,
                                                     virtual_stages=_chunks(schedule, parallel_config),
-                                                    in_flight=parallel_config.pipeline_in_flight)
+                                                    in_flight=parallel_config.pipeline_in_flight,
+                                                    overlap=parallel_config.pipeline_overlap_comm)
     grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
     return loss * count, count, grads
 
@@ -322,7 +323,7 @@ def _embed_outside(model, batch: dict, M: int) -> _Outside:
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
               schedule: str, gather_once: bool = False, virtual_stages: int = 1,
-              in_flight: int | None = None) -> tuple:
+              in_flight: int | None = None, overlap: bool = False) -> tuple:
     """(loss, layer grads, head grads, input cotangent [M, mb, S, D]): the decoder layers pipelined over the
     `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage.
     ``gather_once``: each stage casts and FSDP-gathers its layer weights once per step (``_gather_stage_once``)."""
@@ -376,6 +377,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             gather_params=_gather_stage_once(llm) if gather_once else None,
             virtual_stages=virtual_stages if schedule == "interleaved" else None,
             max_in_flight=in_flight if schedule == "zb_v" else None,
+            overlap=overlap,
         )
     return loss, g_layers, g_loss_params, dx_M
 

@@ -1,0 +1,58 @@
+"""The pipeline's virtual-stage runtime and its overlapped ppermutes compiled for a TPU target (XLA:TPU + Mosaic,
+deviceless): the schedule the planner simulates is what the target's compiler schedules."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mllm_jax.train import compile_target as ct
+from mllm_jax.train import loop, targets
+from test_compile_target import ROOT, needs_tpu
+
+LAYOUT = ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.tensor=2",
+          "ParallelConfig.microbatches=4"]
+
+
+def tick_loop_order(hlo: str) -> list:
+    """In the compiled loop body that holds the pipeline's ppermutes: the order of collective-permute starts ("S"),
+    dones ("D") and the tick's op switch ("op": the conditional with one branch per schedule op)."""
+    for comp in re.split(r"\n(?=\S)", hlo):
+        if comp.startswith("ENTRY") or "collective-permute-start(" not in comp:
+            continue
+        seq = []
+        for line in comp.splitlines():
+            if "collective-permute-start(" in line:
+                seq.append("S")
+            elif "collective-permute-done(" in line:
+                seq.append("D")
+            elif " conditional(" in line:
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                if branches and len(branches.group(1).split(",")) == 7:  # parallel.schedule.OP_CHARS
+                    seq.append("op")
+        if "op" in seq:
+            return seq
+    raise AssertionError("no loop body with the pipeline's ppermutes and its op switch")
+
+
+@needs_tpu
+@pytest.mark.slow
+def test_overlapped_ppermutes_run_beside_the_ops_on_tpu():
+    """zb_v (two chunks per device, the V) with ``pipeline_overlap_comm`` on tpu:v5e:2x4 (pipeline x data x
+    tensor): the TPU scheduler starts the tick's ppermutes before its op and finishes them after it. Without the
+    option (1F1B) they start after the op: they wait for what it sends."""
+    target = targets.parse("tpu:v5e:2x4")
+
+    def compiled(*params):
+        cfg = loop.load_run_config([f"{ROOT}/configs/vlm_tiny.gin"], LAYOUT + list(params))
+        cfg = loop.for_devices(cfg, target.num_devices, chip=target.chip)
+        step = ct.build_step(ct.for_target(cfg, target), target.devices())
+        return ct.compile_step(step, what="pipeline overlap")[0].as_text()
+
+    overlapped = tick_loop_order(compiled('ParallelConfig.pipeline_schedule="zb_v"',
+                                          "ParallelConfig.pipeline_overlap_comm=True"))
+    first_op = overlapped.index("op")
+    assert "S" in overlapped[:first_op] and "D" in overlapped[first_op:], overlapped
+    plain = tick_loop_order(compiled())
+    assert "S" not in plain[: plain.index("op")], plain
