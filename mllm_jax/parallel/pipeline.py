@@ -1,10 +1,12 @@
 """Pipeline runtime: one jit, layers stacked and sharded over the `pipeline` mesh axis, the schedule as data.
 
 The schedule is a numpy table [tick, stage] of ops with the microbatch and the buffer slots each op reads and each
-arriving message is written to (``parallel.schedule``: 1F1B, ZB-H1, GPipe). The runtime (``pipeline_value_and_grad``)
-scans over the table's rows inside ``jax.shard_map`` over `pipeline`: each device reads its column, runs its op
-under ``lax.switch`` (real control flow inside shard_map), and exchanges activations (forward) and input cotangents
-(backward) with its neighbours by ``ppermute`` every tick.
+arriving message is written to (``parallel.schedule``: 1F1B, ZB-H1, 1F1B-FB, GPipe, and with several chunks of layers
+per device ZB-V and interleaved). The runtime (``pipeline_value_and_grad``) scans over the table's rows inside
+``jax.shard_map`` over `pipeline`: each device reads its column, runs its op on the chunk the table names under
+``lax.switch`` (real control flow inside shard_map), and exchanges activations (forward) and input cotangents
+(backward) with its neighbours by ``ppermute`` every tick, after the tick's op or, with ``overlap``, beside the next
+tick's.
 
 Backward per stage is an explicit vjp with rematerialisation per layer: a stage's forward keeps each of its slots'
 input per microbatch in flight, and its backward walks its layers in reverse, each slot's vjp recomputing that
@@ -19,7 +21,9 @@ simulates exactly that table (``parallel.schedule.simulate``), and ``trace=True`
 each tick, to check it.
 
 Uneven stages are padded to the largest with an inactive slot per missing layer; parameters travel in the canonical
-[layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit. A stage walks only its
+[layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit (a uniform split's
+blocks stay where they are stored; a uniform split into chunks moves each block to its chunks' devices in V
+ppermute rounds, ``block_rounds``). A stage walks only its
 own slots: its loops' trip count is the stage's active layer count (data, not a shape), so padding costs no compute,
 only the padded slots' memory. Memory: one pool of activation slots per device (saved inputs, and for ZB-H1 the kept
 cotangents of a deferred W) sized by the schedule; a weight-gradient accumulator with rows for the slots that have a

@@ -29,6 +29,12 @@ Schedules (``SCHEDULES``):
   which is the asynchronous 1F1B formula in lockstep, instead of 1F1B's max(F, BW) twice. The price is memory: a
   round trip takes twice as many ticks, so stage s holds up to 2 (S - s) - 1 microbatches (1F1B: S - s).
 - "gpipe": all forwards, then all backwards (every microbatch in flight; a memory reference).
+- "zb_v": two chunks per device placed as a V (``virtual_placement``), a greedy lockstep list schedule with B / W
+  split in the cool-down, at most ``max_in_flight`` microbatches admitted: 1F1B's activation memory by default.
+- "interleaved": Megatron-LM's virtual pipeline, V chunks per device in a ring (``interleaved_op_order``).
+
+With ``overlap`` a message to another device travels during the tick after the one that made it (beside that
+tick's ops) and is read a tick later; ``simulate`` then prices a tick as max(op, ppermute) instead of their sum.
 """
 
 from __future__ import annotations
