@@ -391,7 +391,8 @@ def draw_timeline(path, plan, name, table=None, plan_1f1b=None):
         ax.set_ylabel("device")
         ax.invert_yaxis()
         ax.set_title(f"{name} LLM pipeline (ours, layers {list(p.runtime.llm_stage_layers)}), {kind} in lockstep "
-                     f"ticks: {sim.time:.3f} s, bubble {sim.bubble_fraction:.2f} (F blue, B orange, W green, BW red, F+BW purple)",
+                     f"ticks: {sim.time:.3f} s, bubble {sim.bubble_fraction:.2f} "
+                     "(F blue, B orange, W green, BW red, F+BW purple)",
                      fontsize=8)
     axes[-1].set_xlabel("seconds (cost model)")
     fig.tight_layout()

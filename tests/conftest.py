@@ -63,7 +63,8 @@ def pytest_unconfigure(config):
 # Seconds per file from `--durations=0` summed by file (2026-12-06, 2 cores under load; only the order matters).
 # Files not listed count as 5 s and keep their collection order behind the listed ones.
 FILE_SECONDS = {
-    "pipeline_llm": 230, "pipeline_compile": 40, "compile_families": 201, "train_parallel": 171, "train_long_sequences": 132,
+    "pipeline_llm": 230, "pipeline_compile": 40, "compile_families": 201, "train_parallel": 171,
+    "train_long_sequences": 132,
     "compile_families_gpu": 115, "distributed_train": 110, "moe_parallel": 108, "compile_target": 100,
     "kernels_tiled": 97, "kernels_pallas_tpu": 97, "train_cli": 93, "faults_train": 87, "native_model": 81,
     "faults_kill": 77, "generate": 73, "sharding": 65, "datasets_native": 65, "encoder_cache": 63,

@@ -154,8 +154,9 @@ def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
 
     def run(p, lp, x, aux):
         return pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux,
-                                       stage_layers=stage_layers, mesh=mesh, trainable_layers=np.asarray(trainable, bool),
-                                       schedule=schedule, trace=True, overlap=overlap)
+                                       stage_layers=stage_layers, mesh=mesh,
+                                       trainable_layers=np.asarray(trainable, bool), schedule=schedule, trace=True,
+                                       overlap=overlap)
 
     with jax.set_mesh(mesh):
         *_, counts = jax.jit(run)(params, lp, x, aux)

@@ -62,7 +62,8 @@ class ParallelConfig:
     # contiguous run of LLM layers; "zb_v" always runs two, as a V).
     pipeline_virtual_stages: int = 2
     # Under "zb_v": the microbatches admitted into the pipeline at once (None: min(pipeline, microbatches), 1F1B's
-    # activation memory; fewer hold less and leave more bubble).
+    # activation memory, or with pipeline_overlap_comm min(2 pipeline - 1, microbatches); fewer hold less and leave
+    # more bubble).
     pipeline_in_flight: int | None = None
     # The pipeline's ppermutes beside the next tick's compute instead of after the tick (parallel.schedule: a message
     # to another device arrives one tick later, so the fill and drain take longer; the planner prices both with

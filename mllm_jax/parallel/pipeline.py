@@ -549,7 +549,8 @@ def pipeline_value_and_grad(
     param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
     schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v");
-    ``max_in_flight``: zb_v's microbatches admitted at once (None: min(stages, M), 1F1B's activation memory).
+    ``max_in_flight``: zb_v's microbatches admitted at once (None: min(stages, M), 1F1B's activation memory;
+    with ``overlap`` min(2 stages - 1, M)).
     ``overlap``: each tick's ppermutes run during the next tick, beside its ops (``build_schedule(overlap=True)``).
     gather_params(stage_params) -> stage_params: the stage's parameters ([slots, ...] leaves, as stored) as its
     layers use them, e.g. cast to the compute dtype and FSDP-gathered. Called once per step on each device, before

@@ -361,10 +361,10 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
     """zb_v in lockstep ticks: each tick every device runs one ready op, by priority: a backward (the oldest
     microbatch; once the device has run all its forwards, split into B now and a deferred W when the virtual stage
     has weight gradients and the device has a spare slot for the kept cotangents: W then fills the cool-down, where
-    splitting earlier only adds the second recompute), else a forward (of a microbatch already admitted first, the latest virtual
-    stage first), else a deferred W. At most ``max_in_flight`` microbatches are admitted and not yet fully
-    backwarded, so a device holds at most 2 of them per microbatch (its two chunks): the activation memory of 1F1B
-    with that many in flight, in slots of half a stage. (Zero Bubble Pipeline Parallelism's V shape, arXiv
+    splitting earlier only adds the second recompute), else a forward (of a microbatch already admitted first, the
+    latest virtual stage first), else a deferred W. At most ``max_in_flight`` microbatches are admitted and not yet
+    fully backwarded, so a device holds at most 2 inputs per microbatch (its two chunks): the activation memory of
+    1F1B with that many in flight, in slots of half a stage. (Zero Bubble Pipeline Parallelism's V shape, arXiv
     2401.10241 / 2405.15362, as a greedy lockstep list schedule.)"""
     S, K = int(place[:, 0].max()) + 1, len(place)
     dev = place[:, 0]
@@ -444,13 +444,13 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     stage k has no backward (a frozen prefix; its backwards stay in the table as OP_SKIP to keep the pace, so nothing
     piles up downstream, and send nothing). ``weight_stages[k]`` False: virtual stage k has no weight gradient (only
     frozen layers), so zb_h1 / zb_v never split its backward. ``max_in_flight``: zb_v's admitted microbatches
-    (default min(S, M), 1F1B's on its first stage). ``overlap``: a message to another device travels during the
-    tick after the one that made it (its ``ppermute`` beside that tick's compute, off the critical path) and is
-    stored at that tick's end, so an op waits one tick more for a neighbour's result; a hand-over on one device is
-    not delayed. Buffer slots, one pool per device: the saved inputs of a
-    (chunk, microbatch) occupy an activation slot from their arrival (F on virtual stage 0) until BW or W, kept
-    cotangents one from B until W; an arrived cotangent (or the last stage's loss cotangent) a g slot until B / BW
-    reads it."""
+    (default min(S, M), 1F1B's on its first stage; with ``overlap`` min(2 S - 1, M), as 1F1B's deeper warm-up).
+    ``overlap``: a message to another device travels during the tick after the one that made it (its ``ppermute``
+    beside that tick's compute, off the critical path) and is stored at that tick's end, so an op waits one tick
+    more for a neighbour's result; a hand-over on one device is not delayed. Buffer slots, one pool per device: the
+    saved inputs of a (chunk, microbatch) occupy an activation slot from their arrival (F on virtual stage 0) until
+    BW or W, kept cotangents one from B until W; an arrived cotangent (or the last stage's loss cotangent) a g slot
+    until B / BW reads it."""
     if stages < 1 or microbatches < 1:
         raise ValueError(f"stages and microbatches must be >= 1; got {stages} and {microbatches}")
     V = virtual_stages_of(kind, virtual_stages)
@@ -465,7 +465,8 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     if kind == "interleaved":
         rows = _place_in_order(place, M, bw, interleaved_op_order(S, V, M), lag)
     elif kind == "zb_v":
-        n = min(S, M) if max_in_flight is None else int(max_in_flight)
+        # 1F1B's microbatches in flight; with overlap twice the round trip, as 1F1B's deeper warm-up.
+        n = min(S if lag == 1 else 2 * S - 1, M) if max_in_flight is None else int(max_in_flight)
         if n < 1:
             raise ValueError(f"max_in_flight must be >= 1; got {max_in_flight}")
         rows = _place_v(place, M, bw, ws, n, lag)
