@@ -8,6 +8,7 @@ what the pipelined step cannot run. Every error names the values given.
 from __future__ import annotations
 
 from mllm_jax.parallel import mesh
+from mllm_jax.parallel.schedule import VIRTUAL_SCHEDULES, virtual_stages_of
 
 
 def validate_layout(parallel_config, model_config, num_devices: int | None = None) -> None:
@@ -18,6 +19,18 @@ def validate_layout(parallel_config, model_config, num_devices: int | None = Non
     if pc.pipeline > 1 and llm.n_layers < pc.pipeline:
         raise ValueError(f"LLMConfig.n_layers={llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
                          f"stages")
+    if pc.pipeline > 1 and pc.pipeline_schedule in VIRTUAL_SCHEDULES:
+        chunks = virtual_stages_of(pc.pipeline_schedule,
+                                   pc.pipeline_virtual_stages if pc.pipeline_schedule == "interleaved" else None)
+        if llm.n_layers < pc.pipeline * chunks:
+            raise ValueError(f"ParallelConfig.pipeline_schedule={pc.pipeline_schedule!r} runs {chunks} chunks of "
+                             f"layers per stage: LLMConfig.n_layers={llm.n_layers} is fewer than "
+                             f"ParallelConfig.pipeline={pc.pipeline} x {chunks}")
+        M = pc.microbatches
+        if pc.pipeline_schedule == "interleaved" and isinstance(M, int) and M > 0 and M % pc.pipeline:
+            raise ValueError(f"ParallelConfig.pipeline_schedule='interleaved' takes the microbatches in groups of "
+                             f"ParallelConfig.pipeline={pc.pipeline}: ParallelConfig.microbatches={M} is not a "
+                             f"multiple of it")
     if llm.n_experts and llm.n_experts % pc.expert:
         raise ValueError(f"LLMConfig.n_experts={llm.n_experts} is not divisible by ParallelConfig.expert={pc.expert}")
     if pc.pipeline > 1 and 0 < len(llm.moe_layers) < llm.n_layers:

@@ -56,6 +56,15 @@ def test_layout_is_checked_against_every_module():
     with pytest.raises(ValueError, match=r"= 4 devices, but 8 are available"):
         validate_layout(ParallelConfig(data=4), CFG, num_devices=8)
     validate_layout(LAYOUT, CFG, num_devices=8)
+    # Virtual-stage schedules: a chunk of layers per stage and chunk; interleaved takes microbatches by S.
+    with pytest.raises(ValueError, match=r"'zb_v' runs 2 chunks .*n_layers=2 is fewer than .*pipeline=2 x 2"):
+        validate_layout(ParallelConfig(pipeline=2, pipeline_schedule="zb_v"), CFG)
+    deep = tiny_config(llm=dataclasses.replace(CFG.llm, n_layers=8))
+    with pytest.raises(ValueError, match=r"groups of ParallelConfig.pipeline=2: ParallelConfig.microbatches=3"):
+        validate_layout(ParallelConfig(pipeline=2, microbatches=3, pipeline_schedule="interleaved"), deep)
+    validate_layout(ParallelConfig(pipeline=2, microbatches=4, pipeline_schedule="interleaved"), deep)
+    with pytest.raises(ValueError, match=r"pipeline_schedule must be 'auto' or one of .* got 'zigzag'"):
+        ParallelConfig(pipeline_schedule="zigzag")
 
 
 def test_rules_per_module_and_overrides():

@@ -52,6 +52,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 @pytest.mark.parametrize("params,names", [
     (["--gin_file=configs/no_such_recipe.gin"], ["FileNotFoundError", "no_such_recipe.gin"]),
     (["--gin_file=configs/vlm_tiny.gin", "--gin_param=ParallelConfig.data=3"], ["DeviceCountError", "data=3"]),
+    (["--gin_file=configs/vlm_tiny.gin", "--cpu_devices=2", "--gin_param=ParallelConfig.pipeline=2",
+      "--gin_param=ParallelConfig.microbatches=3", "--gin_param=DataConfig.batch_size=12",
+      "--gin_param=ParallelConfig.pipeline_schedule='interleaved'"], ["ValueError", "microbatches=3"]),
 ])
 def test_refused_input_is_one_line_naming_the_value(tmp_path, params, names):
     """A refused input ends with exit status 1 and one 'error:' line that names what is wrong, no traceback;

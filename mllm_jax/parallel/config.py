@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
+from mllm_jax.parallel.schedule import RUN_SCHEDULES
+
 # `expert`: expert parallelism (MoE experts split over it; the tokens too, like `data`, exchanged by all-to-all).
 MESH_AXES = ("data", "fsdp", "expert", "pipeline", "context", "tensor")
 
@@ -81,6 +83,9 @@ class ParallelConfig:
         mb = self.microbatches
         if mb != AUTO and (isinstance(mb, bool) or not isinstance(mb, numbers.Integral)):
             raise ValueError(f"ParallelConfig.microbatches must be an integer or {AUTO!r}; got {mb!r}")
+        if self.pipeline_schedule not in ("auto",) + RUN_SCHEDULES:
+            raise ValueError(f"ParallelConfig.pipeline_schedule must be 'auto' or one of {RUN_SCHEDULES}; got "
+                             f"{self.pipeline_schedule!r}")
         v = self.pipeline_virtual_stages
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 2:
             raise ValueError(f"ParallelConfig.pipeline_virtual_stages must be an integer >= 2 (chunks per device "

@@ -31,12 +31,12 @@ import numpy as np
 
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
-from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, SCHEDULES,
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, RUN_SCHEDULES, SCHEDULES,
                                         VIRTUAL_SCHEDULES, StageOps, build_schedule, schedule_for, simulate,
                                         virtual_placement, virtual_stages_of)
 
 # The schedules the planner chooses among (GPipe holds every microbatch: a memory reference, never faster here).
-SCHEDULES_PLANNED = ("1f1b", "zb_h1", "1f1b_fb", "zb_v", "interleaved")
+SCHEDULES_PLANNED = RUN_SCHEDULES
 # One chunk per device: what placements with encoder stages and the 1F1B-formula baselines run (the virtual-stage
 # schedules split the LLM alone, encoders outside).
 ONE_CHUNK_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
@@ -1056,6 +1056,11 @@ def plan_microbatches(costs_at, parallel: ParallelConfig, *, rows: int, row_cost
     if rows < 1:
         raise ValueError(f"rows must be >= 1; got {rows}")
     cands = divisors(rows) if candidates is None else tuple(int(m) for m in candidates)
+    if candidates is None and (plan_kw.get("schedule") or parallel.pipeline_schedule) == "interleaved":
+        cands = tuple(m for m in cands if m % parallel.pipeline == 0)  # it takes microbatches in groups of S
+        if not cands:
+            raise ValueError(f"interleaved takes the microbatches in groups of ParallelConfig.pipeline="
+                             f"{parallel.pipeline}: no multiple of it divides the {rows} rows per pipeline replica")
     bad = [m for m in cands if m < 1 or rows % m]
     if bad or not cands:
         raise ValueError(f"microbatch candidates must divide rows={rows}; got {list(cands)}")

@@ -49,6 +49,8 @@ OP_CHARS = ".FBWXsP"  # for printing tables: X = fused backward, P = a forward a
 # Schedules over one chunk of layers per device, and over V chunks per device (the model's S x V virtual stages).
 SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v")
 VIRTUAL_SCHEDULES = ("interleaved", "zb_v")
+# What a run may ask for (ParallelConfig.pipeline_schedule, besides "auto"); GPipe is a memory reference only.
+RUN_SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "zb_v", "interleaved")
 # Where a message goes: to the next device (d + 1, mod S), the previous one (d - 1, mod S), or the sender itself
 # (two consecutive virtual stages on one device: the turn of the V).
 TO_RIGHT, TO_LEFT, TO_SELF = 0, 1, 2

@@ -89,8 +89,9 @@ def for_devices(cfg: RunConfig, num_devices: int, chip=None) -> RunConfig:
     if parallel.microbatches == AUTO:
         from mllm_jax.train.microbatch_choice import auto_microbatches
 
-        # The planner prices a layout that exists: the axes checked first (with a stand-in count).
-        validate_layout(dataclasses.replace(parallel, microbatches=1), cfg.model, num_devices)
+        # The planner prices a layout that exists: the axes checked first (with a stand-in count: one group of
+        # the stages, which every schedule takes).
+        validate_layout(dataclasses.replace(parallel, microbatches=parallel.pipeline), cfg.model, num_devices)
         m = auto_microbatches(filled, chip=chip)
         filled = dataclasses.replace(filled, parallel=dataclasses.replace(parallel, microbatches=m))
     return filled
