@@ -55,9 +55,15 @@ class DoesNotFitError(RuntimeError):
 
 
 def layout_name(pc) -> str:
-    """'data=2 tensor=2 microbatches=1': the mesh axes of size > 1 and the microbatch count."""
+    """'data=2 tensor=2 microbatches=1': the mesh axes of size > 1 and the microbatch count (and a pipeline's
+    schedule when it is not 1F1B, its overlapped ppermutes when on)."""
     axes = [f"{a}={s}" for a, s in pc.axis_sizes.items() if s > 1] or ["1 device"]
-    return " ".join(axes + [f"microbatches={pc.microbatches}"])
+    extra = []
+    if pc.pipeline > 1 and pc.pipeline_schedule != "1f1b":
+        extra.append(f"schedule={pc.pipeline_schedule}")
+    if pc.pipeline > 1 and pc.pipeline_overlap_comm:
+        extra.append("overlap_comm")
+    return " ".join(axes + [f"microbatches={pc.microbatches}"] + extra)
 
 
 def for_target(cfg: loop.RunConfig, target: Target, *, layer_loop: str | None = None) -> loop.RunConfig:
