@@ -11,8 +11,10 @@ from mllm_jax.train import compile_target as ct
 from mllm_jax.train import loop, targets
 from test_compile_target import ROOT, needs_tpu
 
-LAYOUT = ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.tensor=2",
-          "ParallelConfig.microbatches=4"]
+# Shrunk (as test_compile_target.py's vlm_tiny) to keep the two compiles short: 4 LLM layers (two chunks of two
+# stages under zb_v), one vision layer.
+LAYOUT = ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.microbatches=4",
+          "LLMConfig.n_layers=4", "VisionConfig.n_layers=1"]
 
 
 def tick_loop_order(hlo: str) -> list:
@@ -39,10 +41,10 @@ def tick_loop_order(hlo: str) -> list:
 @needs_tpu
 @pytest.mark.slow
 def test_overlapped_ppermutes_run_beside_the_ops_on_tpu():
-    """zb_v (two chunks per device, the V) with ``pipeline_overlap_comm`` on tpu:v5e:2x4 (pipeline x data x
-    tensor): the TPU scheduler starts the tick's ppermutes before its op and finishes them after it. Without the
-    option (1F1B) they start after the op: they wait for what it sends."""
-    target = targets.parse("tpu:v5e:2x4")
+    """zb_v (two chunks per device, the V) with ``pipeline_overlap_comm`` on tpu:v5e:2x2 (pipeline x data): the TPU
+    scheduler starts the tick's ppermutes before its op and finishes them after it. Without the option (1F1B) they
+    start after the op: they wait for what it sends."""
+    target = targets.parse("tpu:v5e:2x2")
 
     def compiled(*params):
         cfg = loop.load_run_config([f"{ROOT}/configs/vlm_tiny.gin"], LAYOUT + list(params))
