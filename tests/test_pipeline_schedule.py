@@ -379,6 +379,9 @@ def test_planner_plans_virtual_stages_as_the_runtime_runs_them():
     assert paced[0].runtime.runtime_time == pytest.approx(times["zb_v"])  # 4 = min(S, M), the default
     assert paced[1].runtime.runtime_time > paced[0].runtime.runtime_time
     assert max(paced[1].runtime.stage_memory) < max(paced[0].runtime.stage_memory)
+    # An uneven split carries the transient copy of every layer the runtime gathers to lay its chunks out.
+    even, uneven = (virtual_memory(rt.llm, rt.head, c, "zb_v", 2, (4,) * 4) for c in ((2,) * 8, (3,) + (2,) * 6 + (1,)))
+    assert min(uneven) - max(even) >= 0.9 * sum(c.param_bytes for c in rt.llm)
     with pytest.raises(ValueError, match="multiple of 4"):
         plan_pipeline(costs, ParallelConfig(pipeline=4, microbatches=6, pipeline_schedule="interleaved"))
     auto = plan_pipeline(costs, ParallelConfig(pipeline=4, microbatches=6, pipeline_schedule="auto"))

@@ -1188,7 +1188,9 @@ def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | 
 def virtual_memory(chain, head, counts, kind: str, virtual_stages: int, peak_act, tensor: int = 1) -> tuple:
     """Bytes per device of a virtual-stage split: its chunks' parameters and optimizer state, and its schedule's
     peak live activation slots (``peak_act``, one per device) of the largest chunk's saved inputs (the runtime's pool
-    has one shape on every device)."""
+    has one shape on every device); an uneven split also the transient copy of every layer's parameters the runtime
+    gathers on each device to lay the chunks out (an even one moves blocks: ``pipeline.block_rounds``)."""
+    gathered = 0.0 if len(set(counts)) == 1 else sum(c.param_bytes for c in chain) / tensor
     pieces = split_chain(chain, counts)
     if head is not None:
         pieces[-1] = pieces[-1] + [head]
@@ -1197,7 +1199,7 @@ def virtual_memory(chain, head, counts, kind: str, virtual_stages: int, peak_act
     out = []
     for d in range(len(peak_act)):
         mine = [c for k in np.flatnonzero(place[:, 0] == d) for c in pieces[k]]
-        out.append(stage_memory(mine, in_flight=0, tensor=tensor)["total"] + peak_act[d] * act / tensor)
+        out.append(stage_memory(mine, in_flight=0, tensor=tensor)["total"] + peak_act[d] * act / tensor + gathered)
     return tuple(out)
 
 
