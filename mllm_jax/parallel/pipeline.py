@@ -42,8 +42,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
-                                        TO_LEFT, TO_RIGHT, TO_SELF, Schedule, build_schedule, stage_op_order,
-                                        virtual_placement, virtual_stages_of)
+                                        TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, build_schedule,
+                                        stage_op_order, virtual_placement, virtual_stages_of)
 
 # Older names of the ops (the fused backward was the only one).
 OP_FWD, OP_BWD, OP_BWD_SKIP = OP_F, OP_BW, OP_SKIP
@@ -121,7 +121,7 @@ def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = N
     """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate);
     ``kind`` defaults to the layout's schedule; ``max_in_flight``: zb_v's admitted microbatches."""
     kind = layout.schedule if kind is None else kind
-    if virtual_stages_of(kind, layout.virtual if kind in ("interleaved", "zb_v") else None) != layout.virtual:
+    if virtual_stages_of(kind, layout.virtual if kind in VIRTUAL_SCHEDULES else None) != layout.virtual:
         raise ValueError(f"schedule {kind!r} does not run the layout's {layout.virtual} chunks per device")
     return build_schedule(layout.devices, microbatches, backward_stages=layout.backward_stages,
                           weight_stages=layout.weight_stages, kind=kind, virtual_stages=layout.virtual,
@@ -221,36 +221,23 @@ def block_rounds(layout: StageLayout) -> BlockRounds:
     return BlockRounds(send, recv, tuple(pairs))
 
 
-def _blocks_to_chunks(blocks, rounds: BlockRounds, me, axis: str):
+def _move_blocks(tree, rounds: BlockRounds, me, axis: str, *, back: bool = False):
     """Inside the shard_map: this device's stored blocks [V x L, ...] (model order) -> its chunks [V x L, ...]
-    (placement order), V ppermutes of one block each."""
+    (placement order), V ppermutes of one block each; ``back``: the reverse (the chunks' gradients to their storage
+    blocks), each round's pairs turned round."""
     V = rounds.send.shape[0]
+    src, dst = (rounds.recv, rounds.send) if back else (rounds.send, rounds.recv)
 
     def one(a):
         b = a.reshape((V, -1) + a.shape[1:])
         out = jnp.zeros_like(b)
         for r in range(V):
-            got = jax.lax.ppermute(b[jnp.asarray(rounds.send[r])[me]], axis, list(rounds.pairs[r]))
-            out = jax.lax.dynamic_update_index_in_dim(out, got, jnp.asarray(rounds.recv[r])[me], 0)
+            pairs = [(d, s) for s, d in rounds.pairs[r]] if back else list(rounds.pairs[r])
+            got = jax.lax.ppermute(b[jnp.asarray(src[r])[me]], axis, pairs)
+            out = jax.lax.dynamic_update_index_in_dim(out, got, jnp.asarray(dst[r])[me], 0)
         return out.reshape(a.shape)
 
-    return jax.tree.map(one, blocks)
-
-
-def _chunks_to_blocks(chunks, rounds: BlockRounds, me, axis: str):
-    """The reverse of ``_blocks_to_chunks`` (the gradients of the chunks back to their storage blocks)."""
-    V = rounds.send.shape[0]
-
-    def one(a):
-        c = a.reshape((V, -1) + a.shape[1:])
-        out = jnp.zeros_like(c)
-        for r in range(V):
-            back = [(d, s) for s, d in rounds.pairs[r]]
-            got = jax.lax.ppermute(c[jnp.asarray(rounds.recv[r])[me]], axis, back)
-            out = jax.lax.dynamic_update_index_in_dim(out, got, jnp.asarray(rounds.send[r])[me], 0)
-        return out.reshape(a.shape)
-
-    return jax.tree.map(one, chunks)
+    return jax.tree.map(one, tree)
 
 
 def _spec_of(a) -> list:
@@ -346,7 +333,7 @@ def _keep_layout(layer_fn):
 
 def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, cnt=None, off=0):
     """Run slots 0 .. ``n_active`` - 1 (a traced bound: the loop's trip count is data, so the padded slots of a shorter
-    stage are never visited). ``saved`` [act_slots, L_max + 1, ...]: when given, slot i's input is written to
+    stage are never visited). ``saved`` [act_slots, L_max, ...]: when given, slot i's input is written to
     ``saved[slot, i]`` in place (the backward's per-layer rematerialisation starts from these). ``cnt``: the trace
     counter (int32[len(TRACE_FIELDS)]) or None. ``off``: the chunk's first slot among the device's (its layers are
     params_L[off + i]). Returns (y, saved, cnt)."""
@@ -595,7 +582,7 @@ def pipeline_value_and_grad(
     # devices that run its chunks in V ppermute rounds (the gradients come back the same way), instead of every
     # device gathering all the layers.
     stored_blocks = mesh is not None and _is_uniform_virtual(layout) and all(
-        _sharded_over(a, 0, axis) and _spec_of(a)[0] == axis for a in jax.tree.leaves(stacked_params))
+        _spec_of(a)[0] == axis for a in jax.tree.leaves(stacked_params))  # blocks of `axis` alone, as to_stages
     rounds = block_rounds(layout) if stored_blocks else None
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
                                 split, gather_params, rounds)
@@ -653,12 +640,7 @@ def _grads_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
         return got
     # Some layers are frozen: their rows are zeros (one more row to point at), gathered in layer order.
     where = np.where(has, np.cumsum(has) - 1, int(has.sum()))
-    out = []
-    for g in got:
-        g = _reshard_dim(g, mesh, None, axis) if mesh is not None else g
-        g = jnp.concatenate([g, jnp.zeros_like(g[:1])], axis=0)
-        out.append(jnp.take(g, jnp.asarray(where), axis=0))
-    return out
+    return [_rows_or_zero(_replicated(g, mesh, axis), where) for g in got]
 
 
 def _device_rows_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
@@ -670,13 +652,17 @@ def _device_rows_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
     for d in range(layout.devices):
         for r, j in enumerate(np.flatnonzero(grad_dev[d])):
             src[index_dev[d, j]] = d * G + r
-    out = []
-    for g in jax.tree.leaves(gstaged):
-        g = _reshard_dim(g, mesh, None, axis) if mesh is not None else g
-        g = g.reshape((-1,) + g.shape[2:])
-        g = jnp.concatenate([g, jnp.zeros_like(g[:1])], axis=0)
-        out.append(jnp.take(g, jnp.asarray(src), axis=0))
-    return out
+    return [_rows_or_zero(_replicated(g, mesh, axis).reshape((-1,) + g.shape[2:]), src)
+            for g in jax.tree.leaves(gstaged)]
+
+
+def _replicated(a, mesh, axis):
+    return _reshard_dim(a, mesh, None, axis) if mesh is not None else a
+
+
+def _rows_or_zero(g, idx):
+    """g[idx] along the first axis, where an index len(g) picks a row of zeros."""
+    return jnp.take(jnp.concatenate([g, jnp.zeros_like(g[:1])], axis=0), jnp.asarray(idx), axis=0)
 
 
 def _perm(sched: Schedule, field: str, direction: int) -> list:
@@ -703,7 +689,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
     def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
         stored_L = jax.tree.map(lambda a: a[0], params_L)
         if rounds is not None:  # this device's storage block -> its chunks
-            stored_L = _blocks_to_chunks(stored_L, rounds, stage[0], axis)
+            stored_L = _move_blocks(stored_L, rounds, stage[0], axis)
         # The copy the ops use: as stored, or gathered once here for the whole step (``gather_params``).
         params_L = stored_L if gather_params is None else gather_params(stored_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
@@ -780,15 +766,20 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                 return zero_x
             return jax.lax.ppermute(jnp.where(to == direction, value, zero_x), axis, pairs)
 
+        def travel(y, dx, x_to, g_to):
+            """What arrives from the neighbours when each device sends its activation ``y`` (to ``x_to``) and its
+            input cotangent ``dx`` (to ``g_to``): in the order of the receive columns recv_x / recv_xl / recv_g /
+            recv_gr."""
+            return (hop(y, x_to, "x_to", TO_RIGHT), hop(y, x_to, "x_to", TO_LEFT),
+                    hop(dx, g_to, "g_to", TO_LEFT), hop(dx, g_to, "g_to", TO_RIGHT))
+
         def tick(carry, row):
             acts, gs, gacc, lpacc, loss, dxs, sent = carry
             f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
             if sched.overlap:
                 # Last tick's messages travel now, beside this tick's ops (nothing here waits for them until the
                 # stores at the end): the ppermutes are off the critical path, and arrive a tick later.
-                y_prev, dx_prev, x_to_prev, g_to_prev = sent
-                arrived = (hop(y_prev, x_to_prev, "x_to", TO_RIGHT), hop(y_prev, x_to_prev, "x_to", TO_LEFT),
-                           hop(dx_prev, g_to_prev, "g_to", TO_LEFT), hop(dx_prev, g_to_prev, "g_to", TO_RIGHT))
+                arrived = travel(*sent)
             m0, m2 = jnp.maximum(f["mb"], 0), jnp.maximum(f["mb2"], 0)
             slot, w_slot, slot2 = (jnp.maximum(f[k], 0) for k in ("x_slot", "w_slot", "x2_slot"))
             c, k = jnp.maximum(f["chunk"], 0), f["virtual"]
@@ -823,8 +814,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                 op_f, op_b, op_w, op_bw, op_fb)
             y, dx, dy, (acts, gacc, lpacc, loss, dxs, cnt) = jax.lax.switch(f["op"], branches)
             if not sched.overlap:  # this tick's messages travel now, after its ops
-                arrived = (hop(y, f["x_to"], "x_to", TO_RIGHT), hop(y, f["x_to"], "x_to", TO_LEFT),
-                           hop(dx, f["g_to"], "g_to", TO_LEFT), hop(dx, f["g_to"], "g_to", TO_RIGHT))
+                arrived = travel(y, dx, f["x_to"], f["g_to"])
             # Own arrivals: the turn of a V (activation or cotangent handed to the device's next chunk), or the
             # loss cotangent of the last virtual stage's forward.
             own_g = jnp.where(f["g_to"] == TO_SELF, dx, dy)
@@ -858,7 +848,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             has = active_L & (kind_L >= KIND_DW)
             full = [jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.take(a, rows_L, axis=0), 0).astype(a.dtype)
                     for a in gacc]
-            gacc = _chunks_to_blocks(full, rounds, stage, axis)
+            gacc = _move_blocks(full, rounds, stage, axis, back=True)
         gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
         counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
         return gout, total(lpacc), total(loss), jax.tree.map(lambda a: _from_one_stage(a, axis), dxs), counts

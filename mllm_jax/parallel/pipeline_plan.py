@@ -536,21 +536,32 @@ def lockstep_split(
 def _climb(rc: _RuntimeChain, counts, kind: str) -> tuple:
     """(time, counts, splits evaluated): move single stage boundaries by one layer while ``kind``'s simulated time
     improves (within the memory budget)."""
-    edges = list(np.concatenate([[0], np.cumsum(counts)]))
-    best, evaluated, improved = rc.simulate_kind(np.asarray(edges), kind), 1, True
+    def edges(c):
+        return np.concatenate([[0], np.cumsum(c)])
+
+    return _climb_counts(counts, lambda c: rc.simulate_kind(edges(c), kind),
+                         lambda c: all(rc.fits(s, e[s], e[s + 1]) for e in [edges(c)] for s in range(rc.stages)))
+
+
+def _climb_counts(counts, time_of, fits) -> tuple:
+    """(time, counts, splits evaluated): move single stage boundaries by one layer (at least one layer a stage)
+    while ``time_of(counts)`` improves, among the splits that ``fits``."""
+    counts = [int(c) for c in counts]
+    best, evaluated, improved = time_of(counts), 1, True
     while improved:
         improved = False
-        for k in range(1, rc.stages):
+        for k in range(1, len(counts)):
             for step in (-1, 1):
-                e = list(edges)
-                e[k] += step
-                if not e[k - 1] < e[k] < e[k + 1] or not all(rc.fits(s, e[s], e[s + 1]) for s in range(rc.stages)):
+                c = list(counts)
+                c[k - 1] += step
+                c[k] -= step
+                if min(c[k - 1], c[k]) < 1 or not fits(c):
                     continue
-                t = rc.simulate_kind(np.asarray(e), kind)
+                t = time_of(c)
                 evaluated += 1
                 if t < best * (1 - 1e-12):
-                    best, edges, improved = t, e, True
-    return best, tuple(int(x) for x in np.diff(edges)), evaluated
+                    best, counts, improved = t, c, True
+    return best, tuple(counts), evaluated
 
 
 @dataclass(frozen=True)
@@ -663,32 +674,45 @@ def _simulations(ops: StageOps, M, kind, tick_seconds: float | Comm = 0.0) -> di
     return {k: simulate(ops, M, k, overlap=comm.overlap, tick_seconds=comm.tick_seconds) for k in kinds}
 
 
-def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
-                      runtime_costs: ModelCosts | None = None, schedule: str = "auto",
-                      tick_seconds: float = 0.0) -> Placement:
+def _llm_pieces(costs: ModelCosts, counts) -> list:
+    """The LLM's chain split by ``counts``, the embedding on the first stage and the head (the loss) on the last."""
     pieces = split_chain(costs.llm, counts)
     pieces[0] = [costs.embed] + pieces[0]
     pieces[-1] = pieces[-1] + [costs.head]
-    stage_c = tuple(_seconds(sum(c.total for c in p), tensor, device_flops) for p in pieces)
-    # Encoders: every device encodes its share of the M microbatches' instances, forward before and backward after
-    # the pipeline; no bubble, but serial with it.
+    return pieces
+
+
+def _encoders_outside(costs: ModelCosts, M, stages, tensor, device_flops) -> tuple:
+    """(time, bytes per device) of the encoders run outside the pipeline: every device encodes its share of the M
+    microbatches' instances, forward before and backward after the pipeline; no bubble, but serial with it."""
     share = math.ceil(M / stages)
     enc_layers = [c for chain in costs.encoders.values() for c in chain]
-    enc_time = share * _seconds(sum(c.total for c in enc_layers), tensor, device_flops)
-    enc_mem = stage_memory(enc_layers, in_flight=share, tensor=tensor)["total"]
+    return (share * _seconds(sum(c.total for c in enc_layers), tensor, device_flops),
+            stage_memory(enc_layers, in_flight=share, tensor=tensor)["total"])
+
+
+def _ops_in_seconds(rt: ModelCosts, counts, tensor, device_flops) -> StageOps:
+    """The runtime's per-stage op costs of the split ``counts``, in seconds on ``tensor`` devices of
+    ``device_flops``."""
+    ops = runtime_stage_ops(rt.llm, counts, rt.head)
+    return StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
+
+
+def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
+                      runtime_costs: ModelCosts | None = None, schedule: str = "auto",
+                      tick_seconds: float = 0.0) -> Placement:
+    stage_c = tuple(_seconds(sum(c.total for c in p), tensor, device_flops) for p in _llm_pieces(costs, counts))
+    enc_time, enc_mem = _encoders_outside(costs, M, stages, tensor, device_flops)
     # Memory as the runtime holds it (its remat costs: each slot's input per microbatch in flight).
     rt = runtime_costs if runtime_costs is not None else costs
-    rt_pieces = split_chain(rt.llm, counts)
-    rt_pieces[0] = [rt.embed] + rt_pieces[0]
-    rt_pieces[-1] = rt_pieces[-1] + [rt.head]
+    rt_pieces = _llm_pieces(rt, counts)
 
     def memory(kind):
         flight = schedule_in_flight(stages, M, kind, _comm(tick_seconds).overlap)
         return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem
                      for s, p in enumerate(rt_pieces))
 
-    ops = runtime_stage_ops(rt.llm, counts, rt.head)
-    ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
+    ops = _ops_in_seconds(rt, counts, tensor, device_flops)
     sims = _simulations(ops, M, schedule, tick_seconds)
     if schedule in VIRTUAL_SCHEDULES:
         schedule = "auto"
@@ -762,9 +786,7 @@ def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_
                          runtime: ModelCosts | None = None, schedule: str = "auto",
                          tick_seconds: float = 0.0) -> Placement:
     n_llm = len(llm_counts)
-    pieces = split_chain(costs.llm, llm_counts)
-    pieces[0] = [costs.embed] + pieces[0]
-    pieces[-1] = pieces[-1] + [costs.head]
+    pieces = _llm_pieces(costs, llm_counts)
     llm_c = tuple(_seconds(sum(c.total for c in p), tensor, device_flops) for p in pieces)
     mem = [stage_memory(p, in_flight=in_flight(s, n_llm, M), tensor=tensor)["total"] for s, p in enumerate(pieces)]
     enc_c = {}
@@ -1109,10 +1131,7 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
             search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
                                     schedule=kind)
         placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind, tick_seconds)
-        # Fitting the memory budget first (each schedule holds its own number of microbatches), then the fastest.
-        if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
-                                                                          best[0].runtime_time * (1 - 1e-12)):
-            best = (placed, search)
+        best = _better(best, placed, search)
     for kind in (VIRTUAL_SCHEDULES if schedule == "auto" else (schedule,) if schedule in VIRTUAL_SCHEDULES else ()):
         V = virtual_stages_of(kind, interleaved_chunks if kind == "interleaved" else None)
         usable = len(runtime.llm) >= stages * V and (kind != "interleaved" or M % stages == 0)
@@ -1125,10 +1144,17 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
         search = virtual_split(runtime.llm, stages, microbatches=M, head=runtime.head, kind=kind, virtual_stages=V,
                                memory_budget=memory_budget, tensor=tensor, max_in_flight=n)
         placed = _evaluate_virtual("ours:runtime", aware, search.counts, kind, V, *rt_args[:-1], tick_seconds, n)
-        if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
-                                                                          best[0].runtime_time * (1 - 1e-12)):
-            best = (placed, search)
+        best = _better(best, placed, search)
     return outside, uniform, best[0], best[1]
+
+
+def _better(best: tuple | None, placed: Placement, search) -> tuple:
+    """(placement, its search): ``placed`` where it beats ``best``'s placement, fitting the memory budget first (each
+    schedule holds its own number of microbatches), then the faster (an earlier one kept on a tie)."""
+    if best is None or (not placed.fits_memory, placed.runtime_time) < (not best[0].fits_memory,
+                                                                      best[0].runtime_time * (1 - 1e-12)):
+        return placed, search
+    return best
 
 
 def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | None = None, kind: str,
@@ -1159,25 +1185,8 @@ def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | 
         sched = schedule_for(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight)
         return max(virtual_memory(chain, head, counts, kind, V, sched.peak_act, tensor)) <= memory_budget
 
-    found = []
-    for start in {tuple(dp), uniform_split(len(chain), K)}:
-        if not fits(start):
-            continue
-        counts, best = list(start), time_of(start)
-        improved = True
-        while improved:
-            improved = False
-            for k in range(1, K):
-                for step in (-1, 1):
-                    c = list(counts)
-                    c[k - 1] += step
-                    c[k] -= step
-                    if min(c[k - 1], c[k]) < 1 or not fits(c):
-                        continue
-                    t = time_of(c)
-                    if t < best * (1 - 1e-12):
-                        best, counts, improved = t, c, True
-        found.append((best, tuple(int(x) for x in counts)))
+    found = [_climb_counts(start, time_of, fits)[:2] for start in {tuple(dp), uniform_split(len(chain), K)}
+             if fits(start)]
     dp_time = time_of(tuple(dp))
     if not found:  # nothing fits: the unconstrained min-max split, flagged by the caller's memory check
         return LockstepSplit(tuple(dp), dp_time, tuple(dp), dp_time, evaluated[0], False)
@@ -1210,26 +1219,17 @@ def _evaluate_virtual(name, costs: ModelCosts, counts, kind, V, M, tensor, devic
     device: ``llm_stage_layers`` and the stage costs are per virtual stage in the model's order, the memory per
     device; 1F1B's time and bubble (``runtime_time_1f1b``) are those of the same layers with every V consecutive
     virtual stages one stage. ``predicted_time``: the asynchronous formula on each device's summed chunks."""
-    pieces = split_chain(costs.llm, counts)
-    pieces[0] = [costs.embed] + pieces[0]
-    pieces[-1] = pieces[-1] + [costs.head]
-    stage_c = tuple(_seconds(sum(c.total for c in p), tensor, device_flops) for p in pieces)
+    stage_c = tuple(_seconds(sum(c.total for c in p), tensor, device_flops) for p in _llm_pieces(costs, counts))
     place = virtual_placement(kind, stages, V)
     per_device = [sum(stage_c[k] for k in np.flatnonzero(place[:, 0] == d)) for d in range(stages)]
-    share = math.ceil(M / stages)
-    enc_layers = [c for chain in costs.encoders.values() for c in chain]
-    enc_time = share * _seconds(sum(c.total for c in enc_layers), tensor, device_flops)
-    enc_mem = stage_memory(enc_layers, in_flight=share, tensor=tensor)["total"]
+    enc_time, enc_mem = _encoders_outside(costs, M, stages, tensor, device_flops)
     rt = runtime_costs
-    ops = runtime_stage_ops(rt.llm, counts, rt.head)
-    ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
+    ops = _ops_in_seconds(rt, counts, tensor, device_flops)
     comm = _comm(tick_seconds)
     sim = simulate(ops, M, kind, V, max_in_flight, comm.overlap, comm.tick_seconds)
     merged = tuple(sum(counts[i * V:(i + 1) * V]) for i in range(stages))
-    one_ops = runtime_stage_ops(rt.llm, merged, rt.head)
-    one_ops = StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(one_ops, k))
-                         for k in ("f", "b", "w", "bw")))
-    one = simulate(one_ops, M, "1f1b", overlap=comm.overlap, tick_seconds=comm.tick_seconds)
+    one = simulate(_ops_in_seconds(rt, merged, tensor, device_flops), M, "1f1b", overlap=comm.overlap,
+                   tick_seconds=comm.tick_seconds)
     mem = tuple(m + enc_mem for m in virtual_memory(rt.llm, rt.head, counts, kind, V, sim.schedule.peak_act, tensor))
     return Placement(
         name, True, tuple(counts), {}, stage_c, {}, enc_time, enc_time + pipeline_time(per_device, M), mem,

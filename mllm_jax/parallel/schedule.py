@@ -322,12 +322,31 @@ def interleaved_op_order(stages: int, virtual_stages: int, microbatches: int) ->
     return orders
 
 
+def _virtual_index(place) -> dict:
+    """(device, chunk) -> virtual stage, from ``virtual_placement``'s [S x V, 2] table."""
+    return {(int(d), int(c)): k for k, (d, c) in enumerate(place)}
+
+
+def _forward_ready(done_f, place, k, m, t, lag) -> bool:
+    """Virtual stage k > 0 may forward microbatch m at tick t: k - 1 forwarded it, and its activation has arrived
+    (a neighbour's after ``lag`` ticks, a hand-over on one device after one)."""
+    return _arrived(done_f[k - 1, m], t, lag if place[k - 1, 0] != place[k, 0] else 1)
+
+
+def _backward_ready(done_f, done_b, place, k, m, t, lag) -> bool:
+    """Virtual stage k may run microbatch m's backward at tick t: the last one after its own forward, the others
+    once k + 1's input cotangent has arrived."""
+    if k == len(place) - 1:
+        return 0 <= done_f[k, m] < t
+    return _arrived(done_b[k + 1, m], t, lag if place[k + 1, 0] != place[k, 0] else 1)
+
+
 def _place_in_order(place, M, bw, orders, lag=1):
     """Lockstep ticks of per-device op orders over virtual stages: every device runs its next op at the first tick
     its dependency finished before (F of virtual stage k: k - 1's F of the microbatch; a backward: k + 1's backward,
     or on the last virtual stage its own F). Rows of (op, microbatch, -1, chunk)."""
     S, K = int(place[:, 0].max()) + 1, len(place)
-    virtual = {(int(d), int(c)): k for k, (d, c) in enumerate(place)}
+    virtual = _virtual_index(place)
     done_f = np.full((K, M), -1)
     done_b = np.full((K, M), -1)
     pos = [0] * S
@@ -340,10 +359,9 @@ def _place_in_order(place, M, bw, orders, lag=1):
             op, c, m = orders[d][pos[d]]
             k = virtual[(d, c)]
             if op == OP_F:
-                ready = k == 0 or _arrived(done_f[k - 1, m], t, lag if place[k - 1, 0] != d else 1)
+                ready = k == 0 or _forward_ready(done_f, place, k, m, t, lag)
             else:
-                ready = ((0 <= done_f[k, m] < t) if k == K - 1 else
-                         _arrived(done_b[k + 1, m], t, lag if place[k + 1, 0] != d else 1))
+                ready = _backward_ready(done_f, done_b, place, k, m, t, lag)
             if ready:
                 row[d] = (op if op == OP_F or bw[k] else OP_SKIP, m, -1, c)
                 pos[d] += 1
@@ -369,7 +387,7 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
     1F1B with that many in flight, in slots of half a stage. (Zero Bubble Pipeline Parallelism's V shape, arXiv
     2401.10241 / 2405.15362, as a greedy lockstep list schedule.)"""
     S, K = int(place[:, 0].max()) + 1, len(place)
-    dev = place[:, 0]
+    virtual = _virtual_index(place)
     cap = 2 * max_in_flight
     done_f = np.full((K, M), -1)
     done_b = np.full((K, M), -1)
@@ -379,7 +397,7 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
     pending_w = [[] for _ in range(S)]
     kept = [0] * S
     rows, t = [], 0
-    stages_of = [[k for k in range(K) if dev[k] == d] for d in range(S)]
+    stages_of = [[k for k in range(K) if place[k, 0] == d] for d in range(S)]
     while finished < M or any(pending_w):
         row = [(OP_IDLE, -1, -1, 0)] * S
         # Slots each device may still need for the admitted microbatches: one per own chunk not yet backwarded,
@@ -391,8 +409,7 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
             back = []
             for k in stages_of[d]:
                 m = b_next[k]
-                if m < M and ((0 <= done_f[k, m] < t) if k == K - 1 else
-                              _arrived(done_b[k + 1, m], t, lag if dev[k + 1] != d else 1)):
+                if m < M and _backward_ready(done_f, done_b, place, k, m, t, lag):
                     back.append((m, -k))
             if back:
                 m, k = min(back)
@@ -410,7 +427,7 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
             fwd = []
             for k in stages_of[d]:
                 m = f_next[k]
-                if m < M and (_arrived(done_f[k - 1, m], t, lag if dev[k - 1] != d else 1) if k > 0 else room):
+                if m < M and (_forward_ready(done_f, place, k, m, t, lag) if k > 0 else room):
                     fwd.append((m, -k))
             if fwd:
                 m, k = min(fwd)
@@ -422,7 +439,7 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
         for d, (op, m, _, c) in enumerate(row):
             if op == OP_IDLE or op == OP_W:
                 continue
-            k = int(np.flatnonzero((place[:, 0] == d) & (place[:, 1] == c))[0])
+            k = virtual[(d, c)]
             if op == OP_F:
                 done_f[k, m] = t
                 f_next[k] += 1
@@ -482,7 +499,7 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     T = len(rows)
     table = np.full((T, S, len(FIELDS)), -1, np.int32)
     col = {f: i for i, f in enumerate(FIELDS)}
-    virtual = {(int(d), int(c)): k for k, (d, c) in enumerate(place)}
+    virtual = _virtual_index(place)
     # Per device: (chunk, microbatch) -> its activation slot of saved inputs / of kept cotangents / its g slot.
     x_of = [dict() for _ in range(S)]
     w_of = [dict() for _ in range(S)]
