@@ -60,7 +60,8 @@ def _check_sane(r: dict, target: str, devices: int, *, costs: bool = True):
 def test_target_names():
     cases = {"tpu:v5p:4x4x4": ("v5p", (4, 4, 4)), "tpu:v5p-128": ("v5p", (4, 4, 4)), "tpu:v5p-8": ("v5p", (2, 2, 1)),
              "tpu:v5litepod-256": ("v5e", (16, 16)), "tpu:v5e:2x2": ("v5e", (2, 2)), "tpu:v6e-16": ("v6e", (4, 4)),
-             "tpu:v4-16": ("v4", (2, 2, 2)), "gpu:h100:2x8": ("h100", (2, 8)), "gpu:a100:1x8": ("a100", (1, 8))}
+             "tpu:v4-16": ("v4", (2, 2, 2)), "gpu:h100:2x8": ("h100", (2, 8)), "gpu:a100:1x8": ("a100", (1, 8)),
+             "gpu:h200:1x8": ("h200", (1, 8))}
     for text, (chip, shape) in cases.items():
         t = targets.parse(text)
         assert (t.chip.name, t.shape) == (chip, shape), text
@@ -283,6 +284,31 @@ def test_attention_choice_follows_the_target_not_the_host():
     with jax.set_mesh(mesh):
         assert kernels.choose("xla", keys) == "dense"
         assert kernels.choose("auto", keys) == "pallas_tpu"
+
+
+@pytest.mark.parametrize("text, d, tile", [
+    ("tpu:v5e:1x1", 128, (512, 1024)), ("tpu:v6e:1x1", 128, (1024, 1024)), ("tpu:v5p:1x1x1", 256, (512, 512)),
+    ("tpu:v4:1x1x1", 128, (512, 1024)), ("gpu:a100:1x1", 128, (128, 64)), ("gpu:h100:1x1", 128, (64, 128)),
+    ("gpu:h200:1x1", 256, (64, 32))])
+def test_kernel_blocks_follow_the_target_generation_not_the_host(text, d, tile):
+    """Compiling on a CPU host for a target: the kernel's blocks are its generation's table entry (a v6e compile
+    used v5e's blocks, an A100 one H100's, before the kernels read the traced mesh's device kind)."""
+    import jax
+
+    from mllm_jax.kernels import pallas_gpu, pallas_tpu
+    from mllm_jax.kernels.dispatch import kernel_tile
+
+    target = targets.parse(text)
+    if (target.platform == "tpu" and not (HAS_TPU or ON_CI)) or (target.platform == "gpu" and not (HAS_CUDA or ON_CI)):
+        pytest.skip(f"no compiler for {target.platform} (requirements-test.txt)")
+    keys = 1 << 15
+    assert targets.local_chip() is None  # the host is a CPU
+    with jax.set_mesh(jax.make_mesh((1,), ("x",), devices=target.devices())):
+        assert targets.local_chip() is target.chip
+        generation = pallas_tpu.tpu_generation() if target.platform == "tpu" else pallas_gpu.gpu_generation()
+        assert generation == target.chip.name
+        assert kernel_tile("auto", keys, keys, d) == tile
+        assert kernel_tile("auto", keys, keys, d, backend=target.platform, generation=target.chip.name) == tile
 
 
 @needs_tpu

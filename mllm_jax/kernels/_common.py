@@ -6,6 +6,8 @@
 - ``config_fields``: those six fields normalised from the public keyword arguments.
 - ``check_*``: the argument refusals the kernels share, with their messages.
 - ``per_config_vjp``: the per-configuration custom_vjp wrapper over (q, k, v, q_meta, k_meta).
+- ``traced_device``: the device a program is being traced for (platform and device kind), which picks the kernel and
+  its blocks: the mesh's device when it says, so a compile for a target from a CPU host chooses as on the target.
 """
 
 from __future__ import annotations
@@ -25,6 +27,43 @@ _FIELDS = (
     ("softcap", "float | None"),
     ("span_isolated", bool),
 )
+
+
+class DeviceKind(NamedTuple):
+    platform: str  # "tpu", "gpu", "cpu"
+    kind: str  # jax's device_kind, lower case: "tpu v5 lite", "nvidia h100 80gb hbm3", "cpu"
+
+
+def traced_device(from_mesh_only: bool = False) -> DeviceKind | None:
+    """The device the program being traced runs on: the abstract mesh's device when a mesh with one is set (a
+    program compiled on a CPU host for a TPU or GPU target: its topology's devices), else jax's first device (None
+    with ``from_mesh_only``, or when there is no backend at all)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
+    if device is None and not from_mesh_only:
+        try:
+            device = jax.devices()[0]
+        except Exception:  # noqa: BLE001 - no backend at all
+            return None
+    if device is None:
+        return None
+    return DeviceKind(str(device.platform), str(device.device_kind).lower())
+
+
+# jax's device_kind -> generation, first match wins: "TPU v5 lite" is v5e and "TPU v5" (v5p's kind) v5p.
+_TPU_KINDS = (("v6", "v6e"), ("v5p", "v5p"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5", "v5p"), ("v4", "v4"))
+_GPU_KINDS = (("h200", "h200"), ("h100", "h100"), ("a100", "a100"))
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def traced_generation() -> str | None:
+    """The generation of ``traced_device()`` ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200"); None on a CPU,
+    without a backend, or for a chip none of these names (each kernel then takes its default blocks).""" 
+    device = traced_device()
+    if device is None:
+        return None
+    table = _TPU_KINDS if device.platform == "tpu" else _GPU_KINDS if device.platform in _GPU_PLATFORMS else ()
+    return next((gen for token, gen in table if token in device.kind), None)
 
 
 def config_type(name: str, **extra):

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from mllm_jax.kernels import sharding
+from mllm_jax.kernels._common import traced_device
 from mllm_jax.kernels.meta import TokenMeta, mask as mask_rule
 
 IMPLS = ("auto", "xla", "dense", "tiled", "pallas_gpu", "pallas_tpu")
@@ -93,9 +94,8 @@ def kernel_tile(impl: str, num_queries: int, num_keys: int, head_dim: int, backe
 def mesh_backend() -> str | None:
     """The platform of the devices of the mesh being traced for, when it says ("tpu", "gpu", "cpu"): a program
     compiled on a CPU host for a TPU target (--compile_only) chooses as on the target, not as on the host."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
-    return getattr(device, "platform", None)
+    device = traced_device(from_mesh_only=True)
+    return device.platform if device else None
 
 
 def takes_mask(impl: str, num_keys: int, *, context_parallel: bool = True) -> bool:

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mllm_jax.kernels._common import (
-    check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp,
+    check_gqa, check_positive_int, check_softcap, config_fields, config_type, per_config_vjp, traced_generation,
 )
 from mllm_jax.kernels.meta import FULL, TokenMeta, block_map, compact
 
@@ -50,16 +50,16 @@ GPU_BLOCKS = {
     "h100": {64: (128, 128), 128: (64, 128), 256: (64, 32)},
     "a100": {64: (128, 128), 128: (128, 64), 256: (32, 64)},
 }
+# H200 is H100's GH100 chip (same SMs, shared memory and registers per SM; more and faster HBM): H100's blocks.
+GPU_BLOCKS["h200"] = GPU_BLOCKS["h100"]
 _DEFAULT_GPU = "h100"
 
 
 def gpu_generation() -> str:
-    """The GPU generation of the default backend ("h100", "a100"), else h100 (CPU, a compile for a target)."""
-    try:
-        kind = jax.devices()[0].device_kind.lower()
-    except Exception:  # noqa: BLE001 - no backend at all
-        return _DEFAULT_GPU
-    return next((g for g in GPU_BLOCKS if g in kind), _DEFAULT_GPU)
+    """The GPU generation of the device being traced for ("a100", "h100", "h200"): a compile for a target from a CPU
+    host gets its target's (``_common.traced_generation``); else _DEFAULT_GPU (a CPU run, a GPU not in GPU_BLOCKS)."""
+    gen = traced_generation()
+    return gen if gen in GPU_BLOCKS else _DEFAULT_GPU
 
 
 def default_blocks(sq: int, sk: int, head_dim: int, generation: str | None = None) -> tuple[int, int]:

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mllm_jax.kernels._common import check_gqa, config_fields, config_type
+from mllm_jax.kernels._common import check_gqa, config_fields, config_type, traced_generation
 from mllm_jax.kernels.meta import FULL, PARTIAL, SKIP, TokenMeta, block_map
 
 _LANES = 128
@@ -88,19 +88,11 @@ _Config = config_type("_Config", group=int, interpret=bool, n_q=int, n_k=int)
 
 
 def tpu_generation() -> str:
-    """The TPU generation of the default backend ("v4", "v5e", "v5p", "v6e"), else _DEFAULT_GENERATION (CPU, a
-    compile for a target from CPU)."""
-    try:
-        kind = jax.devices()[0].device_kind.lower()
-    except Exception:  # noqa: BLE001 - no backend at all
-        return _DEFAULT_GENERATION
-    if "tpu" not in kind:
-        return _DEFAULT_GENERATION
-    for token, gen in (("v6", "v6e"), ("v5p", "v5p"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5", "v5p"),
-                       ("v4", "v4")):
-        if token in kind:
-            return gen
-    return _DEFAULT_GENERATION
+    """The TPU generation of the device being traced for ("v4", "v5e", "v5p", "v6e"): a compile for a target from a
+    CPU host gets its target's (``_common.traced_generation``); else _DEFAULT_GENERATION (a CPU run, an unknown
+    TPU)."""
+    gen = traced_generation()
+    return gen if gen in DEFAULT_BLOCKS else _DEFAULT_GENERATION
 
 
 def default_blocks(head_dim: int, generation: str | None = None) -> tuple[int, int]:

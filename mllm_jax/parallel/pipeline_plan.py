@@ -348,6 +348,31 @@ def lockstep_lower_bound(forward_costs, backward_costs, microbatches: int) -> fl
 
 
 @dataclass(frozen=True)
+class Comm:
+    """The ticks' ppermutes as planned: ``tick_seconds`` each tick (in the plan's unit), after the tick's ops or,
+    with ``overlap`` (``ParallelConfig.pipeline_overlap_comm``), beside the next tick's (``schedule.simulate``)."""
+
+    tick_seconds: float = 0.0
+    overlap: bool = False
+
+
+def _comm(c) -> Comm:
+    return c if isinstance(c, Comm) else Comm(float(c), False)
+
+
+def gathers_layers(counts) -> bool:
+    """Whether the runtime gathers every layer on every device to lay out the split ``counts`` (stages, or virtual
+    stages): an uneven split does (``pipeline.to_stages``); an even one finds its stages in the stored blocks (one
+    chunk a device) or moves the blocks (``pipeline.block_rounds``)."""
+    return len(set(int(c) for c in counts)) > 1
+
+
+def gathered_copy(chain, counts, tensor: int = 1) -> float:
+    """Bytes per device of that transient copy (all of ``chain``'s parameters), 0 for an even split."""
+    return sum(c.param_bytes for c in chain) / tensor if gathers_layers(counts) else 0.0
+
+
+@dataclass(frozen=True)
 class LockstepSplit:
     counts: tuple | None  # None when no split fits the memory budget
     time: float
@@ -361,10 +386,15 @@ class _RuntimeChain:
     """The LLM chain as the runtime runs it (remat-costed forward / backward ops, the head on the last stage), with
     prefix sums so a stage's cost and memory are O(1): what every lockstep split search evaluates."""
 
-    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget, layer_ops=None, kind="1f1b"):
+    def __init__(self, chain, head, stages, microbatches, tensor, memory_budget, layer_ops=None, kind="1f1b",
+                 comm: Comm | None = None):
         self.n, self.stages, self.M = len(chain), stages, microbatches
-        self.flight = schedule_in_flight(stages, microbatches, kind)
+        self.comm = comm if comm is not None else Comm()
+        self.flight = schedule_in_flight(stages, microbatches, kind, self.comm.overlap)
         self.tensor, self.memory_budget = tensor, memory_budget
+        # Every stage of an uneven split also holds, for a moment, the copy of all layers the runtime gathers
+        # (gathered_copy); ``fits`` charges it while ``charge_gather`` (the uniform split is checked without it).
+        self.gather_bytes, self.charge_gather = float(sum(c.param_bytes for c in chain)), True
         self.ops = runtime_layer_ops(chain) if layer_ops is None else {k: np.asarray(v, np.float64)
                                                                          for k, v in layer_ops.items()}
         self.f, self.b = self.ops["f"], self.ops["bw"]
@@ -381,7 +411,17 @@ class _RuntimeChain:
         last = s == self.stages - 1
         fixed = self.fixed_pre[i] - self.fixed_pre[j] + (self.head_fixed if last else 0.0)
         act = self.act_pre[i] - self.act_pre[j] + (self.head_act if last else 0.0)
-        return (fixed + self.flight[s] * act) / self.tensor <= self.memory_budget
+        gather = self.gather_bytes if self.charge_gather else 0.0
+        return (fixed + self.flight[s] * act + gather) / self.tensor <= self.memory_budget
+
+    def fits_split(self, counts) -> bool:
+        """Every stage of the split ``counts`` fits, the gathered copy charged only if the split is uneven."""
+        e = np.concatenate([[0], np.cumsum(counts)])
+        charge, self.charge_gather = self.charge_gather, gathers_layers(counts)
+        try:
+            return all(self.fits(s, e[s], e[s + 1]) for s in range(self.stages))
+        finally:
+            self.charge_gather = charge
 
     def simulate(self, edges) -> float:
         """lockstep_time of the split with stage boundaries ``edges`` (stages + 1 entries, 0 .. n)."""
@@ -391,10 +431,12 @@ class _RuntimeChain:
         return lockstep_time(F, B, self.M)
 
     def simulate_kind(self, edges, kind: str) -> float:
-        """The simulated step time of the split under schedule ``kind`` (``schedule.simulate``)."""
-        if kind == "1f1b":
+        """The simulated step time of the split under schedule ``kind`` (``schedule.simulate``, with the ticks'
+        ppermutes of ``comm``: a constant per tick unless overlapped, so only overlap changes which split is best)."""
+        if kind == "1f1b" and not self.comm.overlap:
             return self.simulate(edges)
-        return simulate(stage_ops(self.ops, np.diff(edges), self.head_c), self.M, kind).time
+        return simulate(stage_ops(self.ops, np.diff(edges), self.head_c), self.M, kind,
+                        overlap=self.comm.overlap, tick_seconds=self.comm.tick_seconds).time
 
 
 def _lockstep_seed(chain, head, rc: _RuntimeChain):
@@ -409,6 +451,8 @@ def _lockstep_seed(chain, head, rc: _RuntimeChain):
     if dp is None:
         return None, INF, [INF, None]
     dp_time = rc.simulate(np.concatenate([[0], np.cumsum(dp)]))
+    if not rc.fits_split(dp):  # the DP's budget has no gathered copy: an uneven split may not fit with it
+        return dp, dp_time, [INF, None]
     best = [dp_time, tuple(dp)]
     edges = list(np.concatenate([[0], np.cumsum(best[1])]))
     improved = True
@@ -495,6 +539,7 @@ def lockstep_split(
     max_nodes: int = 50_000,
     schedule: str = "1f1b",
     layer_ops: dict | None = None,
+    comm: Comm | None = None,
 ) -> LockstepSplit:
     """The contiguous split of ``chain`` (remat-costed LLM layers) into ``stages`` non-empty stages with the least
     ``lockstep_time`` under ``memory_budget`` bytes per device (stage s holds min(M, stages - s) microbatches of
@@ -507,24 +552,36 @@ def lockstep_split(
     ``schedule`` "zb_h1" / "1f1b_fb": its table depends on which stages have weight gradients, so the search is
     local: from the 1F1B split, the DP's and the uniform one, single-boundary moves while the schedule's time improves
     (``exhaustive`` False; never slower than the uniform split). ``layer_ops``: per-layer op costs ({"f", "b", "w",
-    "bw"}, e.g. compiled) instead of the analytic ``runtime_layer_ops(chain)``."""
+    "bw"}, e.g. compiled) instead of the analytic ``runtime_layer_ops(chain)``. ``comm``: the ticks' ppermutes in
+    the unit of the costs; overlapped (``Comm.overlap``), a tick lasts max(op, ppermute) and the warm-up is deeper,
+    so the search is the same local one on that table (and its memory) for every schedule.
+
+    Memory: an uneven split charges every stage the transient copy of all layers the runtime gathers
+    (``gathered_copy``); the uniform split, whose stored blocks are its stages, does not pay it."""
     if stages < 1 or len(chain) < stages:
         raise ValueError(f"cannot split {len(chain)} layers into {stages} non-empty stages")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
-    rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops)
+    comm = comm if comm is not None else Comm()
+    rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops)  # the 1F1B search
     dp, dp_time, best = _lockstep_seed(chain, head, rc)
-    if schedule != "1f1b":  # the climb keeps to what this schedule holds in flight
-        rc.flight = schedule_in_flight(stages, microbatches, schedule)
     nodes, exhausted = _branch_and_bound(rc, best, max_nodes)
     dp = None if dp is None else tuple(int(c) for c in dp)
-    if schedule == "1f1b" or best[1] is None:
+    uniform = uniform_split(len(chain), stages)
+    if len(set(uniform)) == 1 and (best[1] is None or uniform != best[1]):
+        rc_free = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops)
+        if rc_free.fits_split(uniform):  # the search charged it the gather it does not do
+            t = rc_free.simulate(np.concatenate([[0], np.cumsum(uniform)]))
+            if best[1] is None or t < best[0] * (1 - 1e-12):
+                best = [t, uniform]
+    if (schedule == "1f1b" and not comm.overlap) or best[1] is None:
         return LockstepSplit(best[1], best[0], dp, dp_time, nodes, not exhausted)
     # Climbs from the 1F1B optimum, the DP's split and the uniform one (a single-boundary climb is local: from the
-    # 1F1B optimum alone it can end slower than the uniform split under 1F1B-FB).
-    seeds = {best[1], dp, uniform_split(len(chain), stages)}
-    starts = [c for c in seeds if c is not None and all(rc.fits(s, e0, e1) for s, (e0, e1) in
-                                                       enumerate(zip(np.cumsum((0,) + c)[:-1], np.cumsum(c))))]
+    # 1F1B optimum alone it can end slower than the uniform split under 1F1B-FB), on the schedule's own table and
+    # what it holds in flight.
+    rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops, schedule, comm)
+    seeds = {best[1], dp, uniform}
+    starts = [c for c in seeds if c is not None and rc.fits_split(c)]
     if not starts:
         return LockstepSplit(None, INF, dp, INF, nodes, False)
     found = [_climb(rc, start, schedule) for start in starts]
@@ -539,8 +596,7 @@ def _climb(rc: _RuntimeChain, counts, kind: str) -> tuple:
     def edges(c):
         return np.concatenate([[0], np.cumsum(c)])
 
-    return _climb_counts(counts, lambda c: rc.simulate_kind(edges(c), kind),
-                         lambda c: all(rc.fits(s, e[s], e[s + 1]) for e in [edges(c)] for s in range(rc.stages)))
+    return _climb_counts(counts, lambda c: rc.simulate_kind(edges(c), kind), rc.fits_split)
 
 
 def _climb_counts(counts, time_of, fits) -> tuple:
@@ -648,19 +704,6 @@ def _pick_schedule(sims: dict, kind: str):
     return k, sims[k]
 
 
-@dataclass(frozen=True)
-class Comm:
-    """The ticks' ppermutes as planned: ``tick_seconds`` each tick (in the plan's unit), after the tick's ops or,
-    with ``overlap`` (``ParallelConfig.pipeline_overlap_comm``), beside the next tick's (``schedule.simulate``)."""
-
-    tick_seconds: float = 0.0
-    overlap: bool = False
-
-
-def _comm(c) -> Comm:
-    return c if isinstance(c, Comm) else Comm(float(c), False)
-
-
 def _simulations(ops: StageOps, M, kind, tick_seconds: float | Comm = 0.0) -> dict:
     """Each one-chunk schedule's Simulation (a virtual-stage ``kind`` is priced by its own placement,
     ``_evaluate_virtual``: here it stands for ``ONE_CHUNK_AT_1F1B_MEMORY``); ``tick_seconds`` (the per-tick
@@ -707,9 +750,11 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     rt = runtime_costs if runtime_costs is not None else costs
     rt_pieces = _llm_pieces(rt, counts)
 
+    gathered = gathered_copy(rt.llm, counts, tensor)
+
     def memory(kind):
         flight = schedule_in_flight(stages, M, kind, _comm(tick_seconds).overlap)
-        return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem
+        return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem + gathered
                      for s, p in enumerate(rt_pieces))
 
     ops = _ops_in_seconds(rt, counts, tensor, device_flops)
@@ -1114,8 +1159,10 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
     device over S x V virtual stages (``interleaved_chunks``: V of "interleaved"; ``in_flight``: zb_v's admitted
     microbatches)."""
     aware, runtime = costs.aware, costs.runtime
-    M, tensor, _, memory_budget = rt_args[:4]
+    M, tensor, device_flops, memory_budget = rt_args[:4]
     schedule = rt_args[-1]
+    comm = _comm(tick_seconds)
+    comm = Comm(comm.tick_seconds * tensor * device_flops, comm.overlap)  # in the searches' unit: FLOPs
     ends = dict(first_extra=[aware.embed], last_extra=[aware.head])
     counts = min_max_split(aware.llm, stages, microbatches=M, memory_budget=memory_budget, tensor=tensor, **ends)
     if counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
@@ -1126,10 +1173,10 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
     for kind in (ONE_CHUNK_PLANNED if schedule == "auto" else (schedule,) if schedule not in VIRTUAL_SCHEDULES
                  else ()):
         search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, memory_budget=memory_budget,
-                                tensor=tensor, schedule=kind)
+                                tensor=tensor, schedule=kind, comm=comm)
         if search.counts is None:  # nothing fits: report the unconstrained split (flagged as not fitting)
             search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
-                                    schedule=kind)
+                                    schedule=kind, comm=comm)
         placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind, tick_seconds)
         best = _better(best, placed, search)
     for kind in (VIRTUAL_SCHEDULES if schedule == "auto" else (schedule,) if schedule in VIRTUAL_SCHEDULES else ()):
@@ -1142,7 +1189,7 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
                              + (f" and microbatches a multiple of {stages} (got {M})" if kind == "interleaved" else ""))
         n = in_flight if kind == "zb_v" else None
         search = virtual_split(runtime.llm, stages, microbatches=M, head=runtime.head, kind=kind, virtual_stages=V,
-                               memory_budget=memory_budget, tensor=tensor, max_in_flight=n)
+                               memory_budget=memory_budget, tensor=tensor, max_in_flight=n, comm=comm)
         placed = _evaluate_virtual("ours:runtime", aware, search.counts, kind, V, *rt_args[:-1], tick_seconds, n)
         best = _better(best, placed, search)
     return outside, uniform, best[0], best[1]
@@ -1159,11 +1206,14 @@ def _better(best: tuple | None, placed: Placement, search) -> tuple:
 
 def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | None = None, kind: str,
                   virtual_stages: int | None = None, memory_budget: float = INF, tensor: int = 1,
-                  layer_ops: dict | None = None, max_in_flight: int | None = None) -> LockstepSplit:
+                  layer_ops: dict | None = None, max_in_flight: int | None = None,
+                  comm: Comm | None = None) -> LockstepSplit:
     """The contiguous split of ``chain`` into the S x V virtual stages of ``kind`` ("interleaved", "zb_v") with the
     least simulated step time under ``kind``'s table, within ``memory_budget`` per device (``virtual_memory``):
     from the min-max split of the runtime's op totals and the uniform one, single-boundary moves while the time
-    improves (local: ``exhaustive`` False)."""
+    improves (local: ``exhaustive`` False). ``comm``: the ticks' ppermutes (in the unit of the costs), overlapped
+    or not, as the table is then run and priced."""
+    comm = comm if comm is not None else Comm()
     V = virtual_stages_of(kind, virtual_stages)
     K = stages * V
     if len(chain) < K:
@@ -1179,10 +1229,11 @@ def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | 
 
     def time_of(counts):
         evaluated[0] += 1
-        return simulate(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight).time
+        return simulate(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight, comm.overlap,
+                        comm.tick_seconds).time
 
     def fits(counts):
-        sched = schedule_for(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight)
+        sched = schedule_for(stage_ops(ops, counts, head_c), microbatches, kind, V, max_in_flight, comm.overlap)
         return max(virtual_memory(chain, head, counts, kind, V, sched.peak_act, tensor)) <= memory_budget
 
     found = [_climb_counts(start, time_of, fits)[:2] for start in {tuple(dp), uniform_split(len(chain), K)}
@@ -1199,7 +1250,7 @@ def virtual_memory(chain, head, counts, kind: str, virtual_stages: int, peak_act
     peak live activation slots (``peak_act``, one per device) of the largest chunk's saved inputs (the runtime's pool
     has one shape on every device); an uneven split also the transient copy of every layer's parameters the runtime
     gathers on each device to lay the chunks out (an even one moves blocks: ``pipeline.block_rounds``)."""
-    gathered = 0.0 if len(set(counts)) == 1 else sum(c.param_bytes for c in chain) / tensor
+    gathered = gathered_copy(chain, counts, tensor)
     pieces = split_chain(chain, counts)
     if head is not None:
         pieces[-1] = pieces[-1] + [head]

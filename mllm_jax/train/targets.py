@@ -59,13 +59,15 @@ def _gpu_config(*, name: str, sms: int, fpus: int, smem_core: int, smem_optin: i
 
 _H100_MEMORY = 84942979072  # bytes the H100 SXM 80 GB reports (79.1 GiB), as in XLA's h100_sxm.txtpb
 _A100_MEMORY = 85100068864  # A100 SXM4 80 GB, as in XLA's a100_sxm_80.txtpb
+_H200_MEMORY = 143771 * 2**20  # H200 SXM 141 GB: the 143 771 MiB nvidia-smi reports
 
 # Published per-chip figures: HBM, peak bf16 dense FLOP/s, HBM bandwidth.
 #   TPU: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (v5e 16 GiB / 197 TF / 819 GB/s; v5p 95 GiB / 459 TF /
 #   2765 GB/s; v4 32 GiB / 275 TF / 1200 GB/s; v6e 32 GiB / 918 TF / 1640 GB/s).
-#   GPU: NVIDIA's H100 SXM (989 TF dense bf16, 3.35 TB/s) and A100 SXM 80 GB (312 TF, 2.039 TB/s) data sheets.
+#   GPU: NVIDIA's H100 SXM (989 TF dense bf16, 3.35 TB/s), H200 SXM (the H100's GH100 chip and clocks: 989 TF;
+#   141 GB HBM3e, 4.8 TB/s) and A100 SXM 80 GB (312 TF, 2.039 TB/s) data sheets.
 #   link_bandwidth, one way per link: TPU ICI v5p / v6e 90 GB/s, v5e / v4 45 GB/s ("How to Scale Your Model",
-#   jax-ml.github.io/scaling-book, part 2); GPU NVLink one way per GPU: H100 450 GB/s, A100 300 GB/s.
+#   jax-ml.github.io/scaling-book, part 2); GPU NVLink one way per GPU: H100 / H200 450 GB/s, A100 300 GB/s.
 # A pipeline tick's ppermute also pays a fixed latency; we assume PPERMUTE_LATENCY_S (not measured: an ICI hop is
 # about 1 us, the rest is the collective's launch and synchronisation), for the pipeline planner's microbatch count.
 PPERMUTE_LATENCY_S = 10e-6
@@ -82,31 +84,27 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
          gpu_config=_gpu_config(name="NVIDIA H100 80GB HBM3", sms=132, fpus=128, smem_core=233472,
                                 smem_optin=232448, bandwidth=3.35232e12, l2=52428800, clock_ghz=1.98,
                                 memory=_H100_MEMORY, cc_major=9)),
+    Chip("h200", "gpu", _H200_MEMORY, 989e12, 4.8e12, link_bandwidth=450e9,
+         gpu_config=_gpu_config(name="NVIDIA H200", sms=132, fpus=128, smem_core=233472, smem_optin=232448,
+                                bandwidth=4.8e12, l2=52428800, clock_ghz=1.98, memory=_H200_MEMORY, cc_major=9)),
     Chip("a100", "gpu", _A100_MEMORY, 312e12, 2.039e12, link_bandwidth=300e9,
          gpu_config=_gpu_config(name="NVIDIA A100-SXM4-80GB", sms=108, fpus=64, smem_core=167936,
                                 smem_optin=166912, bandwidth=2.03904e12, l2=41943040, clock_ghz=1.41,
                                 memory=_A100_MEMORY, cc_major=8)),
 )}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "h100-sxm": "h100", "a100-80gb": "a100"}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "h100-sxm": "h100", "h200-sxm": "h200", "a100-80gb": "a100"}
 
 EXAMPLES = ("tpu:v5e:2x2", "tpu:v5e:16x16", "tpu:v5p:4x4x4", "tpu:v6e:4x4", "tpu:v4:2x2x1", "tpu:v5p-128",
-            "tpu:v5litepod-256", "tpu:v6e-16", "gpu:h100:1x8", "gpu:h100:2x8", "gpu:a100:1x8")
+            "tpu:v5litepod-256", "tpu:v6e-16", "gpu:h100:1x8", "gpu:h100:2x8", "gpu:h200:1x8", "gpu:a100:1x8")
 
 
 def local_chip() -> Chip | None:
-    """The CHIPS entry of the accelerator this process runs on (jax's first device), None on a CPU or a chip not in
-    CHIPS."""
-    import jax
+    """The CHIPS entry of the accelerator this process runs on (the kernels' own device-kind match,
+    kernels._common.traced_generation), None on a CPU or a chip not in CHIPS."""
+    from mllm_jax.kernels._common import traced_generation
 
-    device = jax.devices()[0]
-    if device.platform == "tpu":
-        from mllm_jax.kernels.pallas_tpu import tpu_generation
-
-        return CHIPS.get(tpu_generation())
-    if device.platform == "gpu":
-        kind = device.device_kind.lower()
-        return next((c for c in CHIPS.values() if c.platform == "gpu" and c.name in kind), None)
-    return None
+    gen = traced_generation()
+    return CHIPS.get(gen) if gen else None
 
 
 class UnknownTargetError(ValueError):
@@ -157,8 +155,8 @@ class Target:
             if self.platform == "tpu":
                 name = f"{self.chip.topology_name}:{'x'.join(map(str, self.shape))}"
                 kw = {}
-                if self.num_devices < 4 and self.chip.dims == 2:  # below one host's 2x2: say the host is smaller
-                    kw["chips_per_host_bounds"] = self.shape + (1,)
+                if self.num_devices < 4:  # below one host's 2x2(x1): say the host is smaller (a single chip)
+                    kw["chips_per_host_bounds"] = self.shape + (1,) * (3 - len(self.shape))
                 if self.chip.cores_per_chip_in_name == 2:
                     # v4 and v5p: the chip's two TensorCores run as one megacore device, as jax sees them on the
                     # hardware (libtpu's default description of v4 has a device per core: 8 on a 2x2x1 slice).
