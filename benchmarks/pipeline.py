@@ -494,6 +494,9 @@ def main():
             "speedup_vs_megatron_like": meg.runtime_time / ours.runtime_time,
             "ours_llm_stage_layers": list(ours.llm_stage_layers),
             "ours_encoder_time": ours.encoder_time,
+            # The encoders' share of our step (run outside, spread over every device): the most that placing their
+            # forwards into the pipeline's bubbles could take off it.
+            "encoder_share": ours.encoder_time / ours.runtime_time,
             "ours_runtime_1f1b": ours.runtime_time_1f1b,
             # Activation slots (microbatches of saved layer inputs; of a chunk's under zb_v / interleaved) the
             # busiest device holds: ours, and 1F1B's; and the pool's rows (slots x the longest stage's layers).
@@ -552,6 +555,7 @@ def main():
                                                  m["bubble_fraction_1f1b_equal_memory_stages"]
                                                  for m in models.values()),
         "speedup_vs_cornstarch_range": [min(speed), max(speed)],
+        "encoder_share_max": max(d["encoder_share"] for d in details.values()),
         **{k: measured[k] for k in ("stage_flops_ratio_planned", "stage_flops_ratio_runtime_plan",
                                     "stage_flops_ratio_uniform")},
         "measured": measured,
