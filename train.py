@@ -24,7 +24,8 @@ flags.DEFINE_multi_string("gin_file", [], "gin recipe(s), applied in order")
 flags.DEFINE_multi_string("gin_param", [], "gin binding(s) applied after the files, e.g. TrainConfig.steps=100")
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard events and the resolved config")
 flags.DEFINE_integer("cpu_devices", None, "on CPU: the number of (fake) devices of this process, set before jax "
-                     "starts (unset: left as XLA_FLAGS has it, 1 by default)")
+                     "starts; the process then runs on the CPU backend (JAX_PLATFORMS=cpu unless set). Unset: left "
+                     "as XLA_FLAGS has it, 1 by default")
 flags.DEFINE_bool("dry_run", False, "build abstractly: print the mesh, parameter counts, a memory estimate and, "
                   "with ParallelConfig.pipeline > 1, the pipeline plan and its microbatch count (on analytic "
                   "per-layer costs; with --target on costs compiled for the target's chip)")

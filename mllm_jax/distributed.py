@@ -66,15 +66,22 @@ def without_cpu_device_count(xla_flags: str) -> str:
 
 
 def set_cpu_device_count(n: int) -> None:
-    """The number of (fake) CPU devices of this process. XLA reads it once, when jax starts its backends."""
+    """The number of (fake) CPU devices of this process, which then runs on the CPU backend (JAX_PLATFORMS=cpu
+    unless set: no TPU / CUDA backend is probed, with its warnings, beside the devices asked for). XLA reads both
+    once, when jax starts its backends."""
     if n < 1:
         raise ValueError(f"cpu_devices must be >= 1; got {n}")
     flags = without_cpu_device_count(os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    platforms_unset = not os.environ.get("JAX_PLATFORMS")
+    if platforms_unset:
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:
         import jax
 
         jax.config.update("jax_num_cpu_devices", n)
+        if platforms_unset and not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", "cpu")
 
 
 def _check_coordinator_address(address: str) -> None:

@@ -114,3 +114,24 @@ def test_local_synthetic_batches_tile_the_global_batch(microbatches, hosts):
     assert (full["feature_index"]["audio"] >= 0).any() and (full["feature_index"]["vision"] >= 0).any()
     with pytest.raises(ValueError, match="must be a contiguous slice"):
         batching.local_synthetic_batch(data, 0, slice(0, 99))
+
+
+@pytest.mark.parametrize("platforms", [None, "cpu"])
+def test_cpu_devices_run_on_the_cpu_backend(platforms):
+    """--cpu_devices=N (set_cpu_device_count) asks for CPU devices: the process runs on the CPU backend without
+    probing the TPU / CUDA plugins installed beside it (JAX_PLATFORMS=cpu unless the user set it)."""
+    import subprocess
+    import sys
+
+    from tests.subprocess_env import child_env
+
+    env = child_env()
+    env.pop("JAX_PLATFORMS")
+    if platforms:
+        env["JAX_PLATFORMS"] = platforms
+    code = ("import os, jax\nfrom mllm_jax.distributed import set_cpu_device_count\nset_cpu_device_count(3)\n"
+            "print(os.environ['JAX_PLATFORMS'], jax.default_backend(), jax.device_count())")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["cpu", "cpu", "3"]
+    assert "Unable to load CUDA" not in p.stderr and "TPU_WORKER_HOSTNAMES" not in p.stderr
