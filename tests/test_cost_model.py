@@ -12,7 +12,6 @@ from mllm_jax.parallel.cost_model import CostModel, Layer, backward_flops, causa
 from mllm_jax.parallel.pipeline import OP_FWD, stage_op_order
 from mllm_jax.parallel.pipeline_plan import (
     format_plan,
-    gathered_copy,
     lockstep_lower_bound,
     lockstep_split,
     lockstep_time,
@@ -139,9 +138,7 @@ def brute_force(chain, stages, M, first, last, budget=float("inf")):
         pieces = split_chain(chain, counts)
         pieces[0] = list(first) + pieces[0]
         pieces[-1] = pieces[-1] + list(last)
-        # An uneven split also holds the copy of every layer the runtime gathers to lay the stages out.
-        mem = [stage_memory(p, in_flight=min(M, stages - s))["total"] + gathered_copy(chain, counts)
-               for s, p in enumerate(pieces)]
+        mem = [stage_memory(p, in_flight=min(M, stages - s))["total"] for s, p in enumerate(pieces)]
         if max(mem) > budget:
             continue
         t = pipeline_time([sum(c.total for c in p) for p in pieces], M)
@@ -168,13 +165,7 @@ def test_planner_split_is_optimal_by_brute_force(seed):
     chain, _ = cost_chain(layers)
     first = [cost_chain([gemm("e", 0.5, True)])[0][0]]
     last = [cost_chain([gemm("h", 3.0, True)], upstream_trainable=True)[0][0]]
-    # Odd seeds: a budget near the stages' needs; seeds 8.. count n to a multiple of the stages, where the uniform
-    # split needs no gathered copy and the uneven ones do.
-    if seed >= 8:
-        n = stages * (n // stages)
-        chain = chain[:n]
-    budget = float("inf") if seed % 2 == 0 else float(np.median([c.param_bytes + 3 * c.act_bytes for c in chain]) * 4
-                                                      + (sum(c.param_bytes for c in chain) if seed >= 8 else 0))
+    budget = float("inf") if seed % 2 == 0 else float(np.median([c.param_bytes + 3 * c.act_bytes for c in chain]) * 4)
     counts = min_max_split(chain, stages, microbatches=M, first_extra=first, last_extra=last, memory_budget=budget)
     want = brute_force(chain, stages, M, first, last, budget)
     if want is None:
@@ -282,9 +273,10 @@ def test_lockstep_time_matches_replay_and_bound(seed):
 def split_fits(chain, counts, M, head, budget):
     pieces = split_chain(chain, counts)
     pieces[-1] = pieces[-1] + [head]
-    # An uneven split also holds the copy of every layer the runtime gathers to lay the stages out.
-    mem = [stage_memory(p, in_flight=min(M, len(counts) - s))["total"] + gathered_copy(chain, counts)
-           for s, p in enumerate(pieces)]
+    mem = [stage_memory(p, in_flight=min(M, len(counts) - s))["total"] for s, p in enumerate(pieces)]
+    if len(chain) % len(counts):  # the layers stored replicated over the stages: each device keeps every layer
+        mem = [m + sum(c.param_bytes + c.state_bytes for c in chain if not any(c is q for q in p))
+               for m, p in zip(mem, pieces)]
     return max(mem) <= budget
 
 
@@ -319,13 +311,14 @@ def test_lockstep_split_is_optimal_by_brute_force(seed):
     ]
     chain, after = cost_chain(layers, upstream_trainable=bool(seed % 3 == 0), remat=True)
     head = cost_chain([gemm("h", float(rng.integers(0, 30)), True)], upstream_trainable=after, remat=True)[0][0]
-    # Odd seeds: a budget near the stages' needs; seeds 8.. count n to a multiple of the stages, where the uniform
-    # split needs no gathered copy and the uneven ones do.
+    # Odd seeds: a budget near the stages' needs. Seeds 8.. count n to a multiple of the stages: the layers are
+    # stored in blocks (a device keeps its stage's); below 8 mostly not: stored replicated, a device keeps them all.
     if seed >= 8:
         n = stages * (n // stages)
         chain = chain[:n]
+    replicated = sum(c.param_bytes + c.state_bytes for c in chain) if n % stages else 0.0
     budget = float("inf") if seed % 2 == 0 else float(np.median([c.param_bytes + 3 * c.act_bytes for c in chain]) * 4
-                                                      + (sum(c.param_bytes for c in chain) if seed >= 8 else 0))
+                                                      + replicated)
     got = lockstep_split(chain, stages, microbatches=M, head=head, memory_budget=budget)
     want = brute_force_lockstep(chain, stages, M, head, budget)
     assert got.exhaustive

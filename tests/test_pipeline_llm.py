@@ -291,6 +291,19 @@ def test_pipelined_model_with_context_fsdp_and_tensor(parallel, split):
         assert len(in_loop) >= 2 * leaves and not stacked, (in_loop, stacked)
 
 
+@pytest.mark.slow
+def test_given_uneven_split_moves_its_rows_not_every_layer():
+    """ParallelConfig.pipeline_stage_layers=(4, 2) on 6 layers stored in blocks of 3 over fsdp x pipeline: device 0
+    runs its block and the first layer of device 1's, which moves by one ppermute per leaf (one row each); no device
+    gathers the stack (the runtime did, for every uneven split), and loss and gradients equal one device's."""
+    cfg = tiny_config(6, FROZEN_ENC)
+    parallel = ParallelConfig(fsdp=2, pipeline=2, microbatches=2, pipeline_stage_layers=(4, 2))
+    hlo = check(cfg, parallel, None, sharded_model=True)
+    assert not [g for g in all_gathers(hlo) if len(g[2]) > 1 and g[2][0] == 6], "a gather of every layer"
+    one_row = re.findall(r"= \w+\[1,[\d,]*\]\S* collective-permute(?:-start)?\(", hlo)
+    assert len(one_row) >= fsdp_layer_leaves(cfg, parallel), "the row of layer 3 did not move (not the split given?)"
+
+
 def test_pipeline_devices_store_only_their_block_of_layers():
     par = ParallelConfig(data=2, pipeline=4, microbatches=4)
     model = create_model(tiny_config(8), make_mesh(par, jax.devices()), par)

@@ -303,3 +303,28 @@ def test_llm_context_parallel_computes_a_shard_and_equals_one_device():
     # With the old rule ("length" not sharded over context, activations replicated over context, only attention
     # split) a device computes 2.4/8 of this forward (2.81M of 9.29M FLOPs): far outside the band.
     assert 0.95 / 8 <= flops8 / flops1 <= 1.25 / 8, (flops8, flops1)
+
+
+def test_given_stage_layers_are_checked_against_the_layout():
+    """ParallelConfig.pipeline_stage_layers: one entry per (virtual) stage, each >= 1, summing to the LLM's layers;
+    refused naming the value before anything is built."""
+    n = 8
+    cfg = dataclasses.replace(CFG, llm=dataclasses.replace(CFG.llm, n_layers=n))
+    ok = ParallelConfig(data=4, pipeline=2, pipeline_stage_layers=[n - 1, 1])
+    assert ok.pipeline_stage_layers == (n - 1, 1)
+    validate_layout(ok, cfg)
+    validate_layout(ParallelConfig(data=4, pipeline=2, pipeline_schedule="zb_v", pipeline_stage_layers=(3, 2, 2, 1)),
+                    cfg)
+    for bad in ((0, n), "4,4", (1.5, 2), True):
+        with pytest.raises(ValueError, match=r"pipeline_stage_layers must be None or a tuple"):
+            ParallelConfig(pipeline=2, pipeline_stage_layers=bad)
+    cases = [
+        (dict(pipeline=2, pipeline_stage_layers=(n, 1)), rf"must have 2 entries .* summing to LLMConfig.n_layers={n}"),
+        (dict(pipeline=2, pipeline_stage_layers=(1,) * n), r"must have 2 entries \(one per pipeline stage\)"),
+        (dict(pipeline=2, pipeline_schedule="zb_v", pipeline_stage_layers=(n - 1, 1)), r"must have 4 entries .*zb_v"),
+        (dict(pipeline=2, pipeline_schedule="auto", pipeline_stage_layers=(n - 1, 1)), r"schedule is 'auto'"),
+        (dict(pipeline_stage_layers=(n,)), r"is set but ParallelConfig.pipeline is 1"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            validate_layout(ParallelConfig(**kw), cfg)

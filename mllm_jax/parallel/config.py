@@ -76,6 +76,9 @@ class ParallelConfig:
     # forward, recompute and backward of every microbatch. Costs the stage's gathered weights in the compute dtype,
     # held for the whole step (docs/pipeline.md, "Memory").
     pipeline_fsdp_gather_once: bool = False
+    # LLM layers per pipeline stage, in the model's order (under "interleaved" / "zb_v" per virtual stage: pipeline x
+    # chunks entries), e.g. (9, 8, 8, 7); None: the frozen-aware planner's split (docs/pipeline.md).
+    pipeline_stage_layers: tuple | None = None
     context_config: ContextConfig = field(default_factory=ContextConfig)
     rules: dict = field(default_factory=dict)
 
@@ -96,6 +99,13 @@ class ParallelConfig:
         if not isinstance(self.pipeline_overlap_comm, bool):
             raise ValueError(f"ParallelConfig.pipeline_overlap_comm must be True or False; got "
                              f"{self.pipeline_overlap_comm!r}")
+        sl = self.pipeline_stage_layers
+        if sl is not None:
+            if not isinstance(sl, (tuple, list)) or not sl or any(
+                    isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1 for c in sl):
+                raise ValueError(f"ParallelConfig.pipeline_stage_layers must be None or a tuple of layer counts >= 1 "
+                                 f"(one per stage); got {sl!r}")
+            object.__setattr__(self, "pipeline_stage_layers", tuple(int(c) for c in sl))
         if not isinstance(self.pipeline_fsdp_gather_once, bool):
             raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
                              f"{self.pipeline_fsdp_gather_once!r}")

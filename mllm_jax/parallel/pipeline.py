@@ -21,9 +21,10 @@ simulates exactly that table (``parallel.schedule.simulate``), and ``trace=True`
 each tick, to check it.
 
 Uneven stages are padded to the largest with an inactive slot per missing layer; parameters travel in the canonical
-[layers, ...] layout and are gathered to / scattered from [stages, slots, ...] inside the jit (a uniform split's
-blocks stay where they are stored; a uniform split into chunks moves each block to its chunks' devices in V
-ppermute rounds, ``block_rounds``). A stage walks only its
+[layers, ...] layout and are laid out to / from [stages, slots, ...] inside the jit. Stored over the pipeline axis
+in contiguous blocks, a uniform split's blocks stay where they are; a uniform split into chunks moves each block to
+its chunks' devices in V ppermute rounds (``block_rounds``), an uneven split the rows each device runs, by shift
+(``split_moves``); stored otherwise, each device takes its slots from its copy. A stage walks only its
 own slots: its loops' trip count is the stage's active layer count (data, not a shape), so padding costs no compute,
 only the padded slots' memory. Memory: one pool of activation slots per device (saved inputs, and for ZB-H1 the kept
 cotangents of a deferred W) sized by the schedule; a weight-gradient accumulator with rows for the slots that have a
@@ -221,23 +222,98 @@ def block_rounds(layout: StageLayout) -> BlockRounds:
     return BlockRounds(send, recv, tuple(pairs))
 
 
-def _move_blocks(tree, rounds: BlockRounds, me, axis: str, *, back: bool = False):
-    """Inside the shard_map: this device's stored blocks [V x L, ...] (model order) -> its chunks [V x L, ...]
-    (placement order), V ppermutes of one block each; ``back``: the reverse (the chunks' gradients to their storage
-    blocks), each round's pairs turned round."""
-    V = rounds.send.shape[0]
-    src, dst = (rounds.recv, rounds.send) if back else (rounds.send, rounds.recv)
+@dataclass(frozen=True)
+class RowMoves:
+    """How stored layer rows reach the device slots that run them, in rounds of one ``ppermute`` each (a round
+    whose pairs are all (d, d) stays on the device): in round r device d sends rows ``src[r][d]`` of its storage
+    block (index ``block_rows``: none) to its partner, which writes them to its slots ``dst[r][partner]`` (index
+    ``slots``: none). The gradients go back the same way, each pair turned round."""
+
+    src: tuple  # per round, int [S, P_r]: storage rows sent (block_rows = padding)
+    dst: tuple  # per round, int [S, P_r]: slots written on the receiving device (slots = padding)
+    pairs: tuple  # per round, the (source, destination) pairs
+    block_rows: int  # rows of a device's storage block
+    slots: int  # the device's slots (chunks x L_max)
+
+
+def block_moves(layout: StageLayout) -> RowMoves:
+    """``block_rounds`` as row moves: each round moves one whole block of L rows."""
+    rounds = block_rounds(layout)
+    L, V = layout.slots, layout.virtual
+    rows = np.arange(L)
+    src = tuple(rounds.send[r][:, None] * L + rows for r in range(V))
+    dst = tuple(np.zeros_like(x) for x in src)
+    for r in range(V):
+        for s, d in rounds.pairs[r]:
+            dst[r][d] = rounds.recv[r][d] * L + rows
+    return RowMoves(src, dst, rounds.pairs, V * L, V * L)
+
+
+def split_moves(layout: StageLayout, block_rows: int) -> RowMoves:
+    """Row moves from storage blocks of ``block_rows`` contiguous layers per device (device d: layers d B ..
+    d B + B - 1) to any split's device slots (``layout.device_view(layout.index)``; an uneven one-chunk split, or an
+    uneven virtual one). One round per shift k (device d sends to d + k mod S) that has rows to move, padded to the
+    round's largest piece: a contiguous split moves rows by a few shifts only, and nothing crosses the devices that
+    does not go where it is used."""
+    S, B = layout.devices, int(block_rows)
+    index = layout.device_view(layout.index)
+    active = layout.device_view(layout.active)
+    slots = index.shape[1]
+    if int(active.sum()) != S * B:
+        raise ValueError(f"storage blocks of {B} layers on {S} devices do not hold the split's {int(active.sum())}")
+    by_shift = {}  # k -> per source device [(storage row, destination slot)]
+    for e in range(S):
+        for j in np.flatnonzero(active[e]):
+            layer = int(index[e, j])
+            d = layer // B
+            by_shift.setdefault((e - d) % S, [[] for _ in range(S)])[d].append((layer - d * B, int(j)))
+    src, dst, pairs = [], [], []
+    for k in sorted(by_shift, key=lambda k: (k != 0, k)):  # the local round first
+        per_device = by_shift[k]
+        width = max(len(x) for x in per_device)
+        s_r = np.full((S, width), B, np.int64)
+        d_r = np.full((S, width), slots, np.int64)
+        for d, moves in enumerate(per_device):
+            e = (d + k) % S
+            for i, (row, slot) in enumerate(moves):
+                s_r[d, i], d_r[e, i] = row, slot
+        src.append(s_r)
+        dst.append(d_r)
+        pairs.append(tuple((d, (d + k) % S) for d in range(S) if per_device[d]))
+    return RowMoves(tuple(src), tuple(dst), tuple(pairs), B, slots)
+
+
+def _move_rows(tree, moves: RowMoves, me, axis: str, *, back: bool = False):
+    """Inside the shard_map: this device's storage block [block_rows, ...] -> its slots [slots, ...] (rows no
+    move writes are zeros: padded slots, never run); ``back``: the slots' rows (gradients) -> the storage block."""
+    n_out = moves.block_rows if back else moves.slots
 
     def one(a):
-        b = a.reshape((V, -1) + a.shape[1:])
-        out = jnp.zeros_like(b)
-        for r in range(V):
-            pairs = [(d, s) for s, d in rounds.pairs[r]] if back else list(rounds.pairs[r])
-            got = jax.lax.ppermute(b[jnp.asarray(src[r])[me]], axis, pairs)
-            out = jax.lax.dynamic_update_index_in_dim(out, got, jnp.asarray(dst[r])[me], 0)
-        return out.reshape(a.shape)
+        pad = jnp.zeros_like(a[:1])  # zeros keep the row's sharding over the other mesh axes
+        a = jnp.concatenate([a, pad], axis=0)  # the last row: padding's source
+        out = jnp.broadcast_to(pad, (n_out + 1,) + a.shape[1:])  # the last row: padding's sink
+        for src, dst, pairs in zip(moves.src, moves.dst, moves.pairs):
+            take, put = (dst, src) if back else (src, dst)
+            piece = jnp.take(a, jnp.asarray(take)[me], axis=0)
+            if any(s != d for s, d in pairs):
+                piece = jax.lax.ppermute(piece, axis, [(d, s) for s, d in pairs] if back else list(pairs))
+            out = out.at[jnp.asarray(put)[me]].set(piece)
+        return out[:n_out]
 
     return jax.tree.map(one, tree)
+
+
+def _storage_moves(layout: StageLayout, stacked_params, mesh, axis: str, n_layers: int) -> RowMoves | None:
+    """How the layers get from their storage to the device slots, when they are stored in contiguous blocks over
+    ``axis`` alone (the LLM's ``layers`` rule where the pipeline divides the layer count): None for a uniform
+    one-chunk split (each block is its stage: ``to_stages`` reshapes) or other storage (``to_stages`` gathers);
+    a uniform split into chunks: V rounds of whole blocks (``block_moves``); an uneven split: the rows each device
+    needs, by shift (``split_moves``). Every device gathering every layer is what the moves replace."""
+    S = layout.devices
+    if mesh is None or _is_uniform(layout) or n_layers % S or not all(
+            _spec_of(a)[0] == axis for a in jax.tree.leaves(stacked_params)):
+        return None
+    return block_moves(layout) if _is_uniform_virtual(layout) else split_moves(layout, n_layers // S)
 
 
 def _spec_of(a) -> list:
@@ -578,14 +654,9 @@ def pipeline_value_and_grad(
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
                              loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
         sched = layout_schedule(layout, M, schedule, max_in_flight, overlap)
-    # Several chunks per device of one length, layers stored in pipeline blocks: each device's block moves to the
-    # devices that run its chunks in V ppermute rounds (the gradients come back the same way), instead of every
-    # device gathering all the layers.
-    stored_blocks = mesh is not None and _is_uniform_virtual(layout) and all(
-        _spec_of(a)[0] == axis for a in jax.tree.leaves(stacked_params))  # blocks of `axis` alone, as to_stages
-    rounds = block_rounds(layout) if stored_blocks else None
+    moves = _storage_moves(layout, stacked_params, mesh, axis, n_layers)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
-                                split, gather_params, rounds)
+                                split, gather_params, moves)
     stage_spec = P(axis)
     fn = jax.shard_map(
         per_device,
@@ -596,8 +667,8 @@ def pipeline_value_and_grad(
         check_vma=False,
     )
     lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
-    # In storage blocks (one per device, moved to its chunks inside), or laid out per device here.
-    storage = make_layout((layout.virtual * layout.slots,) * S) if rounds is not None else None
+    # In storage blocks (one per device, moved to its slots inside), or laid out per device here.
+    storage = make_layout((moves.block_rows,) * S) if moves is not None else None
     gstaged, glp, loss, dx, counts = fn(
         jax.tree.map(lead, to_stages(stacked_params, storage or layout, mesh, axis)),
         lead(jnp.asarray(layout.device_view(layout.active))),
@@ -611,7 +682,7 @@ def pipeline_value_and_grad(
     zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
     if not layout.trains:
         trained = iter([])
-    elif rounds is not None:  # back in storage blocks: the layers in order, sharded over `axis` as stored
+    elif moves is not None:  # back in storage blocks: the layers in order, sharded over `axis` as stored
         trained = iter(jax.tree.leaves(from_stages(gstaged, storage, mesh, axis)))
     else:
         trained = iter(_grads_to_layers(gstaged, layout, mesh, axis))
@@ -676,7 +747,7 @@ def _perm(sched: Schedule, field: str, direction: int) -> list:
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
                    want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None,
-                   rounds: BlockRounds | None = None):
+                   moves: RowMoves | None = None):
     """The per-device body of the pipeline's shard_map: one device scanning its column of the schedule table, each
     tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip) on the chunk the table names, then the
     ppermutes to its neighbours. Returns (its slots' parameter gradients, loss-parameter gradients and loss summed
@@ -688,8 +759,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
 
     def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
         stored_L = jax.tree.map(lambda a: a[0], params_L)
-        if rounds is not None:  # this device's storage block -> its chunks
-            stored_L = _move_blocks(stored_L, rounds, stage[0], axis)
+        if moves is not None:  # this device's storage block -> its slots
+            stored_L = _move_rows(stored_L, moves, stage[0], axis)
         # The copy the ops use: as stored, or gathered once here for the whole step (``gather_params``).
         params_L = stored_L if gather_params is None else gather_params(stored_L)
         active_L, kind_L, table_T, stage = active_L[0], kind_L[0], table_T[:, 0], stage[0]
@@ -844,11 +915,11 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         (_, _, gacc, lpacc, loss, dxs, _), counts = jax.lax.scan(tick, init, table_T)
         # Only the last stage has a loss and loss-parameter gradients, only stage 0 an input gradient.
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
-        if trains and rounds is not None:  # every slot's row (zeros without a weight gradient), back to storage
+        if trains and moves is not None:  # every slot's row (zeros without a weight gradient), back to storage
             has = active_L & (kind_L >= KIND_DW)
             full = [jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.take(a, rows_L, axis=0), 0).astype(a.dtype)
                     for a in gacc]
-            gacc = _move_blocks(full, rounds, stage, axis, back=True)
+            gacc = _move_rows(full, moves, stage, axis, back=True)
         gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
         counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
         return gout, total(lpacc), total(loss), jax.tree.map(lambda a: _from_one_stage(a, axis), dxs), counts

@@ -360,16 +360,19 @@ def _comm(c) -> Comm:
     return c if isinstance(c, Comm) else Comm(float(c), False)
 
 
-def gathers_layers(counts) -> bool:
-    """Whether the runtime gathers every layer on every device to lay out the split ``counts`` (stages, or virtual
-    stages): an uneven split does (``pipeline.to_stages``); an even one finds its stages in the stored blocks (one
-    chunk a device) or moves the blocks (``pipeline.block_rounds``)."""
-    return len(set(int(c) for c in counts)) > 1
+def layers_replicated(n_layers: int, stages: int) -> bool:
+    """Whether the LLM's stacked layers are stored replicated over `pipeline`: its ``layers`` rule applies only
+    where the devices divide the layer count (``parallel.sharding``). Then every device keeps every layer's
+    parameters and optimizer state; otherwise each keeps a block of n / S, and the runtime moves each device the
+    rows its stages run, whatever the split (``pipeline.split_moves`` / ``block_moves``)."""
+    return n_layers % stages != 0
 
 
-def gathered_copy(chain, counts, tensor: int = 1) -> float:
-    """Bytes per device of that transient copy (all of ``chain``'s parameters), 0 for an even split."""
-    return sum(c.param_bytes for c in chain) / tensor if gathers_layers(counts) else 0.0
+def stored_fixed(chain, own_layers, stages: int, tensor: int = 1) -> float:
+    """Parameter and optimizer-state bytes one device keeps for its LLM layers ``own_layers``: theirs, or every
+    layer's where the layers are stored replicated (``layers_replicated``)."""
+    held = chain if layers_replicated(len(chain), stages) else own_layers
+    return sum(c.param_bytes + c.state_bytes for c in held) / tensor
 
 
 @dataclass(frozen=True)
@@ -392,9 +395,8 @@ class _RuntimeChain:
         self.comm = comm if comm is not None else Comm()
         self.flight = schedule_in_flight(stages, microbatches, kind, self.comm.overlap)
         self.tensor, self.memory_budget = tensor, memory_budget
-        # Every stage of an uneven split also holds, for a moment, the copy of all layers the runtime gathers
-        # (gathered_copy); ``fits`` charges it while ``charge_gather`` (the uniform split is checked without it).
-        self.gather_bytes, self.charge_gather = float(sum(c.param_bytes for c in chain)), True
+        # Layers stored replicated over `pipeline` (the stages do not divide them): every device keeps them all.
+        self.replicated = layers_replicated(len(chain), stages)
         self.ops = runtime_layer_ops(chain) if layer_ops is None else {k: np.asarray(v, np.float64)
                                                                          for k, v in layer_ops.items()}
         self.f, self.b = self.ops["f"], self.ops["bw"]
@@ -409,19 +411,15 @@ class _RuntimeChain:
     def fits(self, s, j, i) -> bool:
         """Layers j..i-1 on stage s fit the memory budget (stage s holds min(M, stages - s) microbatches)."""
         last = s == self.stages - 1
-        fixed = self.fixed_pre[i] - self.fixed_pre[j] + (self.head_fixed if last else 0.0)
+        own = self.fixed_pre[self.n] if self.replicated else self.fixed_pre[i] - self.fixed_pre[j]
+        fixed = own + (self.head_fixed if last else 0.0)
         act = self.act_pre[i] - self.act_pre[j] + (self.head_act if last else 0.0)
-        gather = self.gather_bytes if self.charge_gather else 0.0
-        return (fixed + self.flight[s] * act + gather) / self.tensor <= self.memory_budget
+        return (fixed + self.flight[s] * act) / self.tensor <= self.memory_budget
 
     def fits_split(self, counts) -> bool:
-        """Every stage of the split ``counts`` fits, the gathered copy charged only if the split is uneven."""
+        """Every stage of the split ``counts`` fits."""
         e = np.concatenate([[0], np.cumsum(counts)])
-        charge, self.charge_gather = self.charge_gather, gathers_layers(counts)
-        try:
-            return all(self.fits(s, e[s], e[s + 1]) for s in range(self.stages))
-        finally:
-            self.charge_gather = charge
+        return all(self.fits(s, e[s], e[s + 1]) for s in range(self.stages))
 
     def simulate(self, edges) -> float:
         """lockstep_time of the split with stage boundaries ``edges`` (stages + 1 entries, 0 .. n)."""
@@ -451,7 +449,7 @@ def _lockstep_seed(chain, head, rc: _RuntimeChain):
     if dp is None:
         return None, INF, [INF, None]
     dp_time = rc.simulate(np.concatenate([[0], np.cumsum(dp)]))
-    if not rc.fits_split(dp):  # the DP's budget has no gathered copy: an uneven split may not fit with it
+    if rc.replicated and not rc.fits_split(dp):  # the DP's budget counts only a stage's own layers
         return dp, dp_time, [INF, None]
     best = [dp_time, tuple(dp)]
     edges = list(np.concatenate([[0], np.cumsum(best[1])]))
@@ -556,8 +554,8 @@ def lockstep_split(
     the unit of the costs; overlapped (``Comm.overlap``), a tick lasts max(op, ppermute) and the warm-up is deeper,
     so the search is the same local one on that table (and its memory) for every schedule.
 
-    Memory: an uneven split charges every stage the transient copy of all layers the runtime gathers
-    (``gathered_copy``); the uniform split, whose stored blocks are its stages, does not pay it."""
+    Memory: a device keeps its stage's layers, or every layer where they are stored replicated over `pipeline`
+    (``layers_replicated``: the stages do not divide the layer count)."""
     if stages < 1 or len(chain) < stages:
         raise ValueError(f"cannot split {len(chain)} layers into {stages} non-empty stages")
     if schedule not in SCHEDULES:
@@ -568,12 +566,6 @@ def lockstep_split(
     nodes, exhausted = _branch_and_bound(rc, best, max_nodes)
     dp = None if dp is None else tuple(int(c) for c in dp)
     uniform = uniform_split(len(chain), stages)
-    if len(set(uniform)) == 1 and (best[1] is None or uniform != best[1]):
-        rc_free = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops)
-        if rc_free.fits_split(uniform):  # the search charged it the gather it does not do
-            t = rc_free.simulate(np.concatenate([[0], np.cumsum(uniform)]))
-            if best[1] is None or t < best[0] * (1 - 1e-12):
-                best = [t, uniform]
     if (schedule == "1f1b" and not comm.overlap) or best[1] is None:
         return LockstepSplit(best[1], best[0], dp, dp_time, nodes, not exhausted)
     # Climbs from the 1F1B optimum, the DP's split and the uniform one (a single-boundary climb is local: from the
@@ -750,11 +742,13 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     rt = runtime_costs if runtime_costs is not None else costs
     rt_pieces = _llm_pieces(rt, counts)
 
-    gathered = gathered_copy(rt.llm, counts, tensor)
+    layers = split_chain(rt.llm, counts)
+    # What a device stores beyond its stage's own layers (all of them, where they are stored replicated).
+    extra = [stored_fixed(rt.llm, mine, stages, tensor) - stored_fixed(mine, mine, stages, tensor) for mine in layers]
 
     def memory(kind):
         flight = schedule_in_flight(stages, M, kind, _comm(tick_seconds).overlap)
-        return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem + gathered
+        return tuple(stage_memory(p, in_flight=flight[s], tensor=tensor)["total"] + enc_mem + extra[s]
                      for s, p in enumerate(rt_pieces))
 
     ops = _ops_in_seconds(rt, counts, tensor, device_flops)
@@ -1246,20 +1240,22 @@ def virtual_split(chain, stages: int, *, microbatches: int, head: CostedLayer | 
 
 
 def virtual_memory(chain, head, counts, kind: str, virtual_stages: int, peak_act, tensor: int = 1) -> tuple:
-    """Bytes per device of a virtual-stage split: its chunks' parameters and optimizer state, and its schedule's
-    peak live activation slots (``peak_act``, one per device) of the largest chunk's saved inputs (the runtime's pool
-    has one shape on every device); an uneven split also the transient copy of every layer's parameters the runtime
-    gathers on each device to lay the chunks out (an even one moves blocks: ``pipeline.block_rounds``)."""
-    gathered = gathered_copy(chain, counts, tensor)
+    """Bytes per device of a virtual-stage split: its chunks' parameters and optimizer state (every layer's, where
+    the layers are stored replicated: ``stored_fixed``), the head's on the device of the last virtual stage, and its
+    schedule's peak live activation slots (``peak_act``, one per device) of the largest chunk's saved inputs (the
+    runtime's pool has one shape on every device). Stored in blocks, the layers move to their chunks by rows
+    (``pipeline.split_moves`` / ``block_moves``): no device holds a copy of the others'."""
     pieces = split_chain(chain, counts)
-    if head is not None:
-        pieces[-1] = pieces[-1] + [head]
-    place = virtual_placement(kind, len(peak_act), virtual_stages)
-    act = max(sum(c.act_bytes for c in p) for p in pieces)
+    S = len(peak_act)
+    place = virtual_placement(kind, S, virtual_stages)
+    act = max(sum(c.act_bytes for c in p) + (head.act_bytes if head is not None and k == len(pieces) - 1 else 0.0)
+              for k, p in enumerate(pieces))
+    head_fixed = stage_memory([head], in_flight=0, tensor=tensor)["total"] if head is not None else 0.0
     out = []
-    for d in range(len(peak_act)):
-        mine = [c for k in np.flatnonzero(place[:, 0] == d) for c in pieces[k]]
-        out.append(stage_memory(mine, in_flight=0, tensor=tensor)["total"] + peak_act[d] * act / tensor + gathered)
+    for d in range(S):
+        mine = np.flatnonzero(place[:, 0] == d)
+        fixed = stored_fixed(chain, [c for k in mine for c in pieces[k]], S, tensor)
+        out.append(fixed + (head_fixed if len(pieces) - 1 in mine else 0.0) + peak_act[d] * act / tensor)
     return tuple(out)
 
 

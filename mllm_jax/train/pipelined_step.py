@@ -221,7 +221,8 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     encoder inputs, [M, mb, S] feature indices into each microbatch's own features), M =
     ``parallel_config.microbatches``: the same batch the train step scans over.
     stage_layers: LLM layers per stage (uneven allowed; per virtual stage, pipeline x chunks entries in the model's
-    order, under "interleaved" / "zb_v"); None asks the frozen-aware planner (encoders outside).
+    order, under "interleaved" / "zb_v"); None: ``parallel_config.pipeline_stage_layers``, else the frozen-aware
+    planner's (encoders outside).
     schedule: one of ``parallel.schedule.SCHEDULES`` or "auto" (the planner's); None:
     ``parallel_config.pipeline_schedule``; "interleaved" runs ``parallel_config.pipeline_virtual_stages`` chunks per
     device.
@@ -234,6 +235,8 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     """
     config = model.config
     M, mb, seq = _check_call(model, batch, mesh, parallel_config)
+    if stage_layers is None:
+        stage_layers = parallel_config.pipeline_stage_layers
     stage_layers, schedule = _stage_layers(config, parallel_config, batch, stage_layers, stages=mesh.shape["pipeline"],
                                            mb=mb, seq=seq, schedule=schedule or parallel_config.pipeline_schedule)
     labels = jnp.asarray(batch["labels"], jnp.int32)
