@@ -2,6 +2,7 @@
 
   python generate.py --workdir=runs/vlm_tiny --image=shape.png [--prompt="<image> describe the image ."]
   python generate.py --workdir=runs/vlm_tiny --synthetic=32      # held-out samples of the run's data mixture
+  python generate.py --workdir=runs/vlm_tiny --prompt="hello ."   # a text-only prompt (no <image>)
 
 --image prints the caption. --synthetic=N captions N held-out samples (the run's own task mixture, never trained on),
 prints each next to its answer and ends with one JSON line: {"caption_exact", "word_accuracy", "samples", "step"}.
@@ -39,9 +40,12 @@ def _main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    if bool(FLAGS.image) == bool(FLAGS.synthetic):
+    if FLAGS.image and FLAGS.synthetic:
         raise app.UsageError("give --image (one or more) or --synthetic=N, not both")
     n_placeholders = FLAGS.prompt.split().count("<image>")
+    if not FLAGS.image and not FLAGS.synthetic and n_placeholders:
+        raise app.UsageError(f"give --image (one per <image> of --prompt), --synthetic=N, or a text-only --prompt "
+                             f"(no <image>); got neither and --prompt={FLAGS.prompt!r}")
     if FLAGS.image and n_placeholders != len(FLAGS.image):
         raise ValueError(f"--prompt has {n_placeholders} <image> placeholders for {len(FLAGS.image)} --image "
                          f"file(s): {FLAGS.prompt!r}")
@@ -71,9 +75,9 @@ def _main(argv) -> int:
         slots = captions.slot_scores(got, [s.answer for s in samples])  # per task and word (image_shape, ...)
         print(json.dumps({**scores, **slots, "samples": len(samples), "step": run.step}))
         return 0
-    if "vision" not in cfg.model.encoders:
+    if FLAGS.image and "vision" not in cfg.model.encoders:
         raise ValueError(f"--image needs a model with a 'vision' encoder; this one has {sorted(cfg.model.encoders)}")
-    images = [captions.load_image(p, cfg.model.encoders["vision"]) for p in FLAGS.image]
+    images = [captions.load_image(p, cfg.model.encoders["vision"]) for p in FLAGS.image]  # none: a text-only prompt
     sample = captions.image_sample(images, FLAGS.prompt)
     print(_captions(run.model, builder, [sample], sampling)[0])
     return 0

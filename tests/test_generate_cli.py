@@ -96,6 +96,21 @@ def test_image_file_caption(run, tmp_path):
     assert "2 <image> placeholders for 1 --image" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_text_only_prompt_and_no_input(run):
+    # A prompt without <image> and no --image: text-only generation, as the model computes it in-process.
+    from mllm_jax.data.tokenizer import TextCodec
+    from mllm_jax.train import captions
+
+    out = _generate(f"--workdir={run.workdir}", "--prompt=describe the image .")
+    assert out.returncode == 0, out.stderr[-3000:]
+    codec = TextCodec(run.tokenizer)
+    want = captions.generate_captions(run.model, captions.make_builder(run.config.model, run.config.data, codec),
+                                      [captions.image_sample([], "describe the image .")])
+    assert out.stdout.strip().splitlines()[-1] == want[0]
+    none = _generate(f"--workdir={run.workdir}")  # the default prompt has an <image>, and none is given
+    assert none.returncode != 0 and "give --image" in none.stderr and "text-only --prompt" in none.stderr
+
+
 def test_training_eval_reports_the_generated_caption_exact_match(run):
     """The loop's eval_caption_exact and eval_caption_word_accuracy (decoded by the model where it lies, sharded on the
     training mesh data=2 x fsdp=2 x context=2: the prompt's prefill context-parallel) equal the scores of the restored
