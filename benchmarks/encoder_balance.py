@@ -221,13 +221,16 @@ def main(argv=None):
     ap.add_argument("--gin_param", action="append", default=None,
                     help="bindings for the part-2 recipe (default: LLaVA stage 2, the LLM trainable: see STAGE2)")
     ap.add_argument("--skip_steps", action="store_true", help="part 1 only")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 8 and 16 devices, 2 trials, 3 timed steps")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.devices, args.trials, args.rounds = "8,16", min(args.trials, 2), min(args.rounds, 3)
     devices = [int(d) for d in args.devices.split(",")]
     t0 = time.perf_counter()
     per = planner_part(devices, args.samples_per_device, args.trials, args.devices_per_host)
     result = {
-        "benchmark": "encoder_balance", "devices": devices, "samples_per_device": args.samples_per_device,
-        "trials": args.trials, "per_devices": {str(d): v for d, v in per.items()},
+        "benchmark": "encoder_balance", "quick": args.quick, "devices": devices,
+        "samples_per_device": args.samples_per_device, "trials": args.trials, "per_devices": {str(d): v for d, v in per.items()},
         "balanced_max_over_mean": max(v["balanced_max_over_mean"] for v in per.values()),
         "row_bound_max_over_mean": max(v["row_bound_max_over_mean"] for v in per.values()),
         "multi_process_max_over_mean": max(v["multi_process_max_over_mean"] for v in per.values()),
