@@ -230,7 +230,8 @@ def main(argv=None):
     per = planner_part(devices, args.samples_per_device, args.trials, args.devices_per_host)
     result = {
         "benchmark": "encoder_balance", "quick": args.quick, "devices": devices,
-        "samples_per_device": args.samples_per_device, "trials": args.trials, "per_devices": {str(d): v for d, v in per.items()},
+        "samples_per_device": args.samples_per_device, "trials": args.trials,
+        "per_devices": {str(d): v for d, v in per.items()},
         "balanced_max_over_mean": max(v["balanced_max_over_mean"] for v in per.values()),
         "row_bound_max_over_mean": max(v["row_bound_max_over_mean"] for v in per.values()),
         "multi_process_max_over_mean": max(v["multi_process_max_over_mean"] for v in per.values()),
