@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", default="tpu:v5p:2x2x4")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the target compile (0: skip it)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 1024 tokens, 2 repeats, a 1-layer target compile")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 1024 tokens, 2 repeats, a 1-layer target compile")
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.repeats, args.layers = min(args.tokens, 1024), min(args.repeats, 2), min(args.layers, 1)
