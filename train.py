@@ -38,8 +38,9 @@ flags.DEFINE_bool("compile_costs", True, "with --compile_only: also compile an u
                   "the step itself (over 24 GiB for LLaVA-7B on 8 chips); --nocompile_costs reports memory, "
                   "collectives and kernels without it")
 flags.DEFINE_string("target", None, "with --compile_only (or --dry_run: plan the pipeline on per-layer costs "
-                    "compiled for it; TPU targets or cpu): tpu:<chip>:<topology> (tpu:v5p:4x4x4, tpu:v5e:16x16), a "
-                    "Cloud TPU name (tpu:v5p-128, tpu:v5litepod-256) or gpu:<chip>:<hosts>x<gpus> (gpu:h100:2x8)")
+                    "compiled for a TPU target or cpu; for a GPU target on the analytic costs priced on its chip): "
+                    "tpu:<chip>:<topology> (tpu:v5p:4x4x4, tpu:v5e:16x16), a Cloud TPU name (tpu:v5p-128, "
+                    "tpu:v5litepod-256) or gpu:<chip>:<hosts>x<gpus> (gpu:h100:2x8)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0's coordinator")
 flags.DEFINE_integer("num_processes", None, "multi-host: the number of processes in the job")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0, num_processes)")
@@ -115,10 +116,9 @@ def _cpu_device_hint():
 def _host_backend_only() -> None:
     """A target's compiler runs on the host: jax's own backend is the CPU, which only builds abstract arrays (the
     target's compiler comes from libtpu / the CUDA plugin)."""
-    import os
+    from mllm_jax.distributed import use_cpu_backend
 
-    if not os.environ.get("JAX_PLATFORMS"):
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    use_cpu_backend()
 
 
 def _compile_only() -> int:

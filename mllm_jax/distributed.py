@@ -73,14 +73,24 @@ def set_cpu_device_count(n: int) -> None:
         raise ValueError(f"cpu_devices must be >= 1; got {n}")
     flags = without_cpu_device_count(os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    platforms_unset = not os.environ.get("JAX_PLATFORMS")
-    if platforms_unset:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    use_cpu_backend()
     if "jax" in sys.modules:
         import jax
 
         jax.config.update("jax_num_cpu_devices", n)
-        if platforms_unset and not jax.config.jax_platforms:
+
+
+def use_cpu_backend() -> None:
+    """Run this process on jax's CPU backend unless JAX_PLATFORMS says otherwise: no TPU / CUDA backend is probed
+    (with the warnings of a plugin that finds no device). Before jax starts its backends; jax may be imported
+    already (it reads JAX_PLATFORMS at import: its config is set too)."""
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        import jax
+
+        if not jax.config.jax_platforms:
             jax.config.update("jax_platforms", "cpu")
 
 

@@ -129,6 +129,7 @@ def test_cpu_devices_run_on_the_cpu_backend(platforms):
     env.pop("JAX_PLATFORMS")
     if platforms:
         env["JAX_PLATFORMS"] = platforms
+    # jax imported first (as train.py's imports may do): it read JAX_PLATFORMS already, so its config is set too.
     code = ("import os, jax\nfrom mllm_jax.distributed import set_cpu_device_count\nset_cpu_device_count(3)\n"
             "print(os.environ['JAX_PLATFORMS'], jax.default_backend(), jax.device_count())")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

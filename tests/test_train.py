@@ -180,6 +180,15 @@ def test_dry_run_target_flag_reaches_the_plan_and_bad_pairs_are_refused(tmp_path
     monkeypatch.undo()
     with pytest.raises(app.UsageError, match="--target goes with --compile_only .* or --dry_run"):
         main_status([], flags=[f"--workdir={tmp_path}", "--target=tpu:v5e:2x2"])
-    # The GPU back end gives no cost analysis without a device: refused naming the target, before any compile.
+    # The GPU back end gives no cost analysis without a device: the plan is on the analytic costs, the microbatch
+    # count priced on the GPU's figures, and the run says so (layer_costs itself refuses a GPU target).
+    printed = []
+    out = dry_run.report(loop.load_run_config(["configs/vlm_tiny.gin"], pipeline), print_fn=printed.append,
+                         target=targets.parse("gpu:a100:1x8"))
+    assert "per-layer costs analytic" in "\n".join(printed) and "priced on a100's figures" in printed[0], printed[:2]
+    assert out["pipeline_plan"].runtime is not None
+    from mllm_jax.train.layer_costs import compiled_layer_costs
+
     with pytest.raises(ValueError, match=r"TPU targets or the host.*got target gpu:h100:1x8"):
-        main_status(pipeline, flags=["--dry_run", "--target=gpu:h100:1x8"])
+        compiled_layer_costs(loop.load_run_config(["configs/vlm_tiny.gin"], pipeline).model, text_tokens=64,
+                             microbatch_size=1, target=targets.parse("gpu:h100:1x8"))

@@ -92,6 +92,11 @@ def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
     costs compiled for it (a targets.Target: its compiler and chip, roofline seconds; "cpu": the host compiler's
     FLOPs, the microbatch count priced on microbatch_choice.MICROBATCH_CHIP's figures); None: the analytic costs."""
     given_microbatches, chip, planned = cfg.parallel.microbatches, pricing_chip(target), None
+    if target not in (None, "cpu") and target.platform != "tpu":
+        # The deviceless GPU compiler has no cost analysis: the analytic per-layer costs, priced on the GPU's chip.
+        print_fn(f"target {target.topology}: per-layer costs are the analytic model's (the GPU back end gives no cost "
+                 f"analysis without a device); the microbatch count is priced on {chip.name}'s figures")
+        target = None
     cfg = loop.for_devices(cfg, jax.device_count(), chip=chip)
     if given_microbatches == AUTO and target is not None and cfg.parallel.pipeline > 1:
         # On a target the printed recommendation comes from compiled costs: "auto" takes that count too (a run and
