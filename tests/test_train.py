@@ -192,3 +192,19 @@ def test_dry_run_target_flag_reaches_the_plan_and_bad_pairs_are_refused(tmp_path
     with pytest.raises(ValueError, match=r"TPU targets or the host.*got target gpu:h100:1x8"):
         compiled_layer_costs(loop.load_run_config(["configs/vlm_tiny.gin"], pipeline).model, text_tokens=64,
                              microbatch_size=1, target=targets.parse("gpu:h100:1x8"))
+
+
+@pytest.mark.parametrize("binding, match", [
+    ("DataConfig.batch_size = 0", r"DataConfig.batch_size must be an integer >= 1; got 0"),
+    ("DataConfig.seq_len = -8", r"DataConfig.seq_len must be an integer >= 1; got -8"),
+    ("DataConfig.eval_batches = -1", r"DataConfig.eval_batches must be an integer >= 0; got -1"),
+    ("OptimizerConfig.learning_rate = -1e-3", r"OptimizerConfig.learning_rate must be a finite number >= 0; got -0.001"),
+    ("OptimizerConfig.b2 = 1.0", r"OptimizerConfig.b2 must be a finite number >= 0 and < 1; got 1.0"),
+    ("OptimizerConfig.eps = 0.0", r"OptimizerConfig.eps must be a finite number > 0; got 0.0"),
+    ("OptimizerConfig.grad_clip_norm = 0.0", r"grad_clip_norm must be a finite number > 0 or None; got 0.0"),
+    ("OptimizerConfig.warmup_steps = 2.5", r"OptimizerConfig.warmup_steps must be an integer >= 0; got 2.5"),
+])
+def test_data_and_optimizer_values_out_of_range_are_refused_naming_them(binding, match):
+    # (A batch of 0 rows failed deep in numpy; a negative learning rate trained uphill without a word.)
+    with pytest.raises(ValueError, match=match):
+        tiny_config(binding)

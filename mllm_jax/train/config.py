@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+
+def _check(cls: str, name: str, value, *, low, low_open: bool = False, high=None, integer: bool = False,
+           none_ok: bool = False) -> None:
+    """Refuse ``cls.name = value`` outside [low, high] ((low, ...] with ``low_open``), naming both."""
+    if value is None and none_ok:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += f" and < {high}" if high is not None else ""
+        what = "an integer" if integer else "a finite number"
+        raise ValueError(f"{cls}.{name} must be {what} {bound}{' or None' if none_ok else ''}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,12 @@ class DataConfig:
     # 0: an endless stream of new samples.
     epoch_samples: int = 0
 
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "samples_per_row", "max_images", "max_audio"):
+            _check("DataConfig", name, getattr(self, name), low=1, integer=True)
+        for name in ("eval_batches", "mixture_warmup_steps", "epoch_samples"):
+            _check("DataConfig", name, getattr(self, name), low=0, integer=True)
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -51,6 +74,16 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        _check("OptimizerConfig", "learning_rate", self.learning_rate, low=0)  # 0: no updates (a throughput run)
+        _check("OptimizerConfig", "warmup_steps", self.warmup_steps, low=0, integer=True)
+        _check("OptimizerConfig", "end_lr_ratio", self.end_lr_ratio, low=0)
+        _check("OptimizerConfig", "b1", self.b1, low=0, high=1)
+        _check("OptimizerConfig", "b2", self.b2, low=0, high=1)
+        _check("OptimizerConfig", "eps", self.eps, low=0, low_open=True)
+        _check("OptimizerConfig", "weight_decay", self.weight_decay, low=0)
+        _check("OptimizerConfig", "grad_clip_norm", self.grad_clip_norm, low=0, low_open=True, none_ok=True)
 
 
 @dataclass(frozen=True)
