@@ -198,7 +198,7 @@ def test_dry_run_target_flag_reaches_the_plan_and_bad_pairs_are_refused(tmp_path
     ("DataConfig.batch_size = 0", r"DataConfig.batch_size must be an integer >= 1; got 0"),
     ("DataConfig.seq_len = -8", r"DataConfig.seq_len must be an integer >= 1; got -8"),
     ("DataConfig.eval_batches = -1", r"DataConfig.eval_batches must be an integer >= 0; got -1"),
-    ("OptimizerConfig.learning_rate = -1e-3", r"OptimizerConfig.learning_rate must be a finite number >= 0; got -0.001"),
+    ("OptimizerConfig.learning_rate = -1e-3", r"learning_rate must be a finite number >= 0; got -0.001"),
     ("OptimizerConfig.b2 = 1.0", r"OptimizerConfig.b2 must be a finite number >= 0 and < 1; got 1.0"),
     ("OptimizerConfig.eps = 0.0", r"OptimizerConfig.eps must be a finite number > 0; got 0.0"),
     ("OptimizerConfig.grad_clip_norm = 0.0", r"grad_clip_norm must be a finite number > 0 or None; got 0.0"),
