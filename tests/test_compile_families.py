@@ -20,8 +20,10 @@ LAYOUT_FAMILIES = {
     "fsdp_context_ring": ["ParallelConfig.fsdp=2", "ParallelConfig.context=4", 'ContextConfig.attention="ring"'],
     "pipeline_data_tensor": ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.tensor=2",
                              "ParallelConfig.microbatches=2"],
+    # An uneven split of 4 layers stored in blocks of 2: the rows moved between the stages (pipeline.split_moves).
     "pipeline_fsdp_context": ["ParallelConfig.pipeline=2", "ParallelConfig.fsdp=2", "ParallelConfig.context=2",
-                              "ParallelConfig.microbatches=2"],
+                              "ParallelConfig.microbatches=2", "LLMConfig.n_layers=4",
+                              "ParallelConfig.pipeline_stage_layers=(3, 1)"],
 }
 TPU_TARGET = "tpu:v5e:2x4"
 
