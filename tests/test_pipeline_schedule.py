@@ -486,3 +486,32 @@ def test_overlapped_ppermutes_are_priced_as_the_runtime_runs_them():
     assert max(got[True].stage_memory) > max(got[False].stage_memory)  # the deeper warm-up's activations
     with pytest.raises(ValueError, match="pipeline_overlap_comm"):
         ParallelConfig(pipeline_overlap_comm="yes")
+
+
+def test_a_given_split_is_priced_as_the_run_runs_it():
+    """ParallelConfig.pipeline_stage_layers: the plan's runtime placement is the given split (what pipelined_step
+    runs), priced on its schedule's table: one chunk a device and a V; a split that does not fit is refused."""
+    import dataclasses
+
+    from mllm_jax.config import LLMConfig, ModelConfig
+    from mllm_jax.costs import pipeline_costs
+    from mllm_jax.parallel.config import ParallelConfig
+    from mllm_jax.parallel.pipeline_plan import plan_pipeline, runtime_stage_ops, virtual_memory
+
+    cfg = ModelConfig(llm=LLMConfig(vocab_size=256, d_model=256, n_layers=16, n_heads=4, n_kv_heads=2, d_ff=768),
+                      remat="full")
+    costs = pipeline_costs(cfg, text_tokens=512)
+    rt = costs.runtime
+    for kind, given in (("1f1b", (6, 4, 3, 3)), ("zb_h1", (3, 5, 5, 3)), ("zb_v", (3, 2, 2, 2, 2, 2, 2, 1))):
+        par = ParallelConfig(pipeline=4, microbatches=8, pipeline_schedule=kind, pipeline_stage_layers=given)
+        p = plan_pipeline(costs, par, placement="outside").runtime
+        assert (p.name, p.llm_stage_layers, p.schedule) == ("given", given, kind)
+        sim = simulate(runtime_stage_ops(rt.llm, given, rt.head), 8, kind)
+        assert p.runtime_time == pytest.approx(sim.time + p.encoder_time)
+        if kind == "zb_v":
+            assert p.stage_memory == pytest.approx(virtual_memory(rt.llm, rt.head, given, kind, 2,
+                                                                  sim.schedule.peak_act))
+        planned = plan_pipeline(costs, dataclasses.replace(par, pipeline_stage_layers=None), placement="outside")
+        assert planned.runtime.runtime_time <= p.runtime_time * (1 + 1e-9)  # the planner's own is no slower
+    with pytest.raises(ValueError, match=r"pipeline_stage_layers=\(8, 8\) must have 4 entries"):
+        plan_pipeline(costs, ParallelConfig(pipeline=4, microbatches=8, pipeline_stage_layers=(8, 8)))

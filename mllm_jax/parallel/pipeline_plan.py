@@ -962,6 +962,8 @@ def plan_pipeline(
     outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, comm,
                                                                       parallel.pipeline_virtual_stages,
                                                                       parallel.pipeline_in_flight)
+    if parallel.pipeline_stage_layers is not None:  # the run's split is given: what runs is that one
+        runtime_placement = _given_placement(costs, parallel, schedule, rt_args, comm)
     best_own = _best_own_stages(costs, stages, args, schedule, comm) if placement != "outside" else None
     candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
@@ -979,6 +981,22 @@ def plan_pipeline(
         runtime_placement, search, "analytic" if layer_costs is None else layer_costs.source,
         tick_seconds=tick_seconds, in_flight=parallel.pipeline_in_flight,
     )
+
+
+def _given_placement(costs: PipelineCosts, parallel: ParallelConfig, schedule: str, rt_args, comm) -> Placement:
+    """``parallel.pipeline_stage_layers`` priced as the runtime runs it under ``schedule`` (encoders outside)."""
+    given, stages = parallel.pipeline_stage_layers, parallel.pipeline
+    if schedule == "auto":
+        raise ValueError(f"ParallelConfig.pipeline_stage_layers={given} needs a schedule to count its stages, not "
+                         f"'auto'")
+    V = virtual_stages_of(schedule, parallel.pipeline_virtual_stages if schedule == "interleaved" else None)
+    if len(given) != stages * V or sum(given) != len(costs.aware.llm):
+        raise ValueError(f"ParallelConfig.pipeline_stage_layers={given} must have {stages * V} entries summing to "
+                         f"the LLM's {len(costs.aware.llm)} layers")
+    if V > 1:
+        return _evaluate_virtual("given", costs.aware, given, schedule, V, *rt_args[:-1], comm,
+                                 parallel.pipeline_in_flight if schedule == "zb_v" else None)
+    return _evaluate_outside("given", costs.aware, given, *rt_args[:-1], schedule, comm)
 
 
 # ----------------------------------------------------------------------------------------------------------------

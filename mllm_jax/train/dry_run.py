@@ -142,9 +142,9 @@ def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
         from mllm_jax.parallel.pipeline_plan import format_microbatch_choices, format_plan
 
         print_fn(format_plan(out["pipeline_plan"]))
-        if cfg.parallel.pipeline_stage_layers is not None:  # what runs: the given split, not the planner's
+        if cfg.parallel.pipeline_stage_layers is not None:  # what runs: the given split, priced as "given"
             print_fn(f"LLM layers per stage as given (ParallelConfig.pipeline_stage_layers): "
-                     f"{list(cfg.parallel.pipeline_stage_layers)}; the run uses them instead of the plan above")
+                     f"{list(cfg.parallel.pipeline_stage_layers)}: the run's split, priced above as 'given'")
         out["microbatch_plan"] = planned or microbatch_plan(cfg, chip=chip, target=target)
         print_fn(f"microbatch count (ParallelConfig.microbatches is {given_microbatches}), planned on "
                  f"{chip.name}'s figures:")
