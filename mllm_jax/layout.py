@@ -8,7 +8,8 @@ what the pipelined step cannot run. Every error names the values given.
 from __future__ import annotations
 
 from mllm_jax.parallel import mesh
-from mllm_jax.parallel.schedule import VIRTUAL_SCHEDULES, virtual_stages_of
+from mllm_jax.parallel.config import check_stage_layers
+from mllm_jax.parallel.schedule import VIRTUAL_SCHEDULES
 
 
 def validate_layout(parallel_config, model_config, num_devices: int | None = None) -> None:
@@ -20,8 +21,7 @@ def validate_layout(parallel_config, model_config, num_devices: int | None = Non
         raise ValueError(f"LLMConfig.n_layers={llm.n_layers} is fewer than ParallelConfig.pipeline={pc.pipeline} "
                          f"stages")
     if pc.pipeline > 1 and pc.pipeline_schedule in VIRTUAL_SCHEDULES:
-        chunks = virtual_stages_of(pc.pipeline_schedule,
-                                   pc.pipeline_virtual_stages if pc.pipeline_schedule == "interleaved" else None)
+        chunks = pc.chunks_per_device()
         if llm.n_layers < pc.pipeline * chunks:
             raise ValueError(f"ParallelConfig.pipeline_schedule={pc.pipeline_schedule!r} runs {chunks} chunks of "
                              f"layers per stage: LLMConfig.n_layers={llm.n_layers} is fewer than "
@@ -32,7 +32,7 @@ def validate_layout(parallel_config, model_config, num_devices: int | None = Non
                              f"ParallelConfig.pipeline={pc.pipeline}: ParallelConfig.microbatches={M} is not a "
                              f"multiple of it")
     if pc.pipeline_stage_layers is not None:
-        _check_stage_layers(pc, llm.n_layers)
+        check_stage_layers(pc, llm.n_layers)
     if llm.n_experts and llm.n_experts % pc.expert:
         raise ValueError(f"LLMConfig.n_experts={llm.n_experts} is not divisible by ParallelConfig.expert={pc.expert}")
     if pc.pipeline > 1 and 0 < len(llm.moe_layers) < llm.n_layers:
@@ -44,22 +44,3 @@ def validate_layout(parallel_config, model_config, num_devices: int | None = Non
     for what, n in heads.items():
         if n % pc.tensor:
             raise ValueError(f"{what}={n} is not divisible by ParallelConfig.tensor={pc.tensor}")
-
-
-def _check_stage_layers(pc, n_layers: int) -> None:
-    """ParallelConfig.pipeline_stage_layers: one entry per (virtual) stage of the schedule, each >= 1, summing to the
-    LLM's layers."""
-    got = pc.pipeline_stage_layers
-    if pc.pipeline == 1:
-        raise ValueError(f"ParallelConfig.pipeline_stage_layers={got} is set but ParallelConfig.pipeline is 1")
-    if pc.pipeline_schedule == "auto":
-        raise ValueError(f"ParallelConfig.pipeline_stage_layers={got} needs a schedule to count its stages; "
-                         f"ParallelConfig.pipeline_schedule is 'auto' (name one, e.g. '1f1b')")
-    chunks = virtual_stages_of(pc.pipeline_schedule,
-                               pc.pipeline_virtual_stages if pc.pipeline_schedule == "interleaved" else None)
-    want = pc.pipeline * chunks
-    if len(got) != want or sum(got) != n_layers:
-        what = f"{want} entries" + (f" (ParallelConfig.pipeline={pc.pipeline} x {chunks} chunks under "
-                                    f"{pc.pipeline_schedule!r})" if chunks > 1 else " (one per pipeline stage)")
-        raise ValueError(f"ParallelConfig.pipeline_stage_layers={got} must have {what} summing to LLMConfig.n_layers="
-                         f"{n_layers}")

@@ -58,7 +58,7 @@ _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 def traced_generation() -> str | None:
     """The generation of ``traced_device()`` ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200"); None on a CPU,
-    without a backend, or for a chip none of these names (each kernel then takes its default blocks).""" 
+    without a backend, or for a chip none of these names (each kernel then takes its default blocks)."""
     device = traced_device()
     if device is None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
-from mllm_jax.parallel.schedule import RUN_SCHEDULES
+from mllm_jax.parallel.schedule import RUN_SCHEDULES, virtual_stages_of
 
 # `expert`: expert parallelism (MoE experts split over it; the tokens too, like `data`, exchanged by all-to-all).
 MESH_AXES = ("data", "fsdp", "expert", "pipeline", "context", "tensor")
@@ -110,6 +110,12 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
                              f"{self.pipeline_fsdp_gather_once!r}")
 
+    def chunks_per_device(self, schedule: str | None = None) -> int:
+        """Chunks of LLM layers each pipeline device runs under ``schedule`` (default ``pipeline_schedule``): 1, two
+        as zb_v's V, or ``pipeline_virtual_stages`` under "interleaved"."""
+        schedule = self.pipeline_schedule if schedule is None else schedule
+        return virtual_stages_of(schedule, self.pipeline_virtual_stages if schedule == "interleaved" else None)
+
     @property
     def axis_sizes(self) -> dict:
         return {a: getattr(self, a) for a in MESH_AXES}
@@ -120,3 +126,22 @@ class ParallelConfig:
         for a in MESH_AXES:
             n *= getattr(self, a)
         return n
+
+
+def check_stage_layers(pc: ParallelConfig, n_layers: int, schedule: str | None = None) -> None:
+    """``pc.pipeline_stage_layers`` against the LLM's ``n_layers`` and the schedule that counts its stages (default
+    ``pc.pipeline_schedule``): one entry per (virtual) stage, summing to the layers; refused naming the values."""
+    got = pc.pipeline_stage_layers
+    schedule = pc.pipeline_schedule if schedule is None else schedule
+    if pc.pipeline == 1:
+        raise ValueError(f"ParallelConfig.pipeline_stage_layers={got} is set but ParallelConfig.pipeline is 1")
+    if schedule == "auto":
+        raise ValueError(f"ParallelConfig.pipeline_stage_layers={got} needs a schedule to count its stages; "
+                         f"ParallelConfig.pipeline_schedule is 'auto' (name one, e.g. '1f1b')")
+    chunks = pc.chunks_per_device(schedule)
+    want = pc.pipeline * chunks
+    if len(got) != want or sum(got) != n_layers:
+        what = f"{want} entries" + (f" (ParallelConfig.pipeline={pc.pipeline} x {chunks} chunks under "
+                                    f"{schedule!r})" if chunks > 1 else " (one per pipeline stage)")
+        raise ValueError(f"ParallelConfig.pipeline_stage_layers={got} must have {what} summing to LLMConfig.n_layers="
+                         f"{n_layers}")

@@ -273,9 +273,9 @@ def split_moves(layout: StageLayout, block_rows: int) -> RowMoves:
         width = max(len(x) for x in per_device)
         s_r = np.full((S, width), B, np.int64)
         d_r = np.full((S, width), slots, np.int64)
-        for d, moves in enumerate(per_device):
+        for d, rows in enumerate(per_device):
             e = (d + k) % S
-            for i, (row, slot) in enumerate(moves):
+            for i, (row, slot) in enumerate(rows):
                 s_r[d, i], d_r[e, i] = row, slot
         src.append(s_r)
         dst.append(d_r)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mllm_jax.parallel.config import ParallelConfig
+from mllm_jax.parallel.config import ParallelConfig, check_stage_layers
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
 from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, RUN_SCHEDULES, SCHEDULES,
                                         VIRTUAL_SCHEDULES, StageOps, build_schedule, schedule_for, simulate,
@@ -368,11 +368,14 @@ def layers_replicated(n_layers: int, stages: int) -> bool:
     return n_layers % stages != 0
 
 
+def _fixed_bytes(layers, tensor: int = 1) -> float:
+    return sum(c.param_bytes + c.state_bytes for c in layers) / tensor
+
+
 def stored_fixed(chain, own_layers, stages: int, tensor: int = 1) -> float:
     """Parameter and optimizer-state bytes one device keeps for its LLM layers ``own_layers``: theirs, or every
     layer's where the layers are stored replicated (``layers_replicated``)."""
-    held = chain if layers_replicated(len(chain), stages) else own_layers
-    return sum(c.param_bytes + c.state_bytes for c in held) / tensor
+    return _fixed_bytes(chain if layers_replicated(len(chain), stages) else own_layers, tensor)
 
 
 @dataclass(frozen=True)
@@ -565,14 +568,13 @@ def lockstep_split(
     dp, dp_time, best = _lockstep_seed(chain, head, rc)
     nodes, exhausted = _branch_and_bound(rc, best, max_nodes)
     dp = None if dp is None else tuple(int(c) for c in dp)
-    uniform = uniform_split(len(chain), stages)
     if (schedule == "1f1b" and not comm.overlap) or best[1] is None:
         return LockstepSplit(best[1], best[0], dp, dp_time, nodes, not exhausted)
     # Climbs from the 1F1B optimum, the DP's split and the uniform one (a single-boundary climb is local: from the
     # 1F1B optimum alone it can end slower than the uniform split under 1F1B-FB), on the schedule's own table and
     # what it holds in flight.
     rc = _RuntimeChain(chain, head, stages, microbatches, tensor, memory_budget, layer_ops, schedule, comm)
-    seeds = {best[1], dp, uniform}
+    seeds = {best[1], dp, uniform_split(len(chain), stages)}
     starts = [c for c in seeds if c is not None and rc.fits_split(c)]
     if not starts:
         return LockstepSplit(None, INF, dp, INF, nodes, False)
@@ -742,9 +744,9 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
     rt = runtime_costs if runtime_costs is not None else costs
     rt_pieces = _llm_pieces(rt, counts)
 
-    layers = split_chain(rt.llm, counts)
     # What a device stores beyond its stage's own layers (all of them, where they are stored replicated).
-    extra = [stored_fixed(rt.llm, mine, stages, tensor) - stored_fixed(mine, mine, stages, tensor) for mine in layers]
+    extra = [stored_fixed(rt.llm, mine, stages, tensor) - _fixed_bytes(mine, tensor)
+             for mine in split_chain(rt.llm, counts)]
 
     def memory(kind):
         flight = schedule_in_flight(stages, M, kind, _comm(tick_seconds).overlap)
@@ -985,14 +987,9 @@ def plan_pipeline(
 
 def _given_placement(costs: PipelineCosts, parallel: ParallelConfig, schedule: str, rt_args, comm) -> Placement:
     """``parallel.pipeline_stage_layers`` priced as the runtime runs it under ``schedule`` (encoders outside)."""
-    given, stages = parallel.pipeline_stage_layers, parallel.pipeline
-    if schedule == "auto":
-        raise ValueError(f"ParallelConfig.pipeline_stage_layers={given} needs a schedule to count its stages, not "
-                         f"'auto'")
-    V = virtual_stages_of(schedule, parallel.pipeline_virtual_stages if schedule == "interleaved" else None)
-    if len(given) != stages * V or sum(given) != len(costs.aware.llm):
-        raise ValueError(f"ParallelConfig.pipeline_stage_layers={given} must have {stages * V} entries summing to "
-                         f"the LLM's {len(costs.aware.llm)} layers")
+    given = parallel.pipeline_stage_layers
+    check_stage_layers(parallel, len(costs.aware.llm), schedule)
+    V = parallel.chunks_per_device(schedule)
     if V > 1:
         return _evaluate_virtual("given", costs.aware, given, schedule, V, *rt_args[:-1], comm,
                                  parallel.pipeline_in_flight if schedule == "zb_v" else None)

@@ -18,6 +18,7 @@ from mllm_jax.data.batching import feature_counts
 from mllm_jax.parallel.config import AUTO
 from mllm_jax.train import loop
 from mllm_jax.train.microbatch_choice import microbatch_plan, pricing_chip, row_shapes
+from mllm_jax.train.targets import gives_costs
 
 GiB = 2.0**30
 
@@ -92,7 +93,7 @@ def report(cfg: loop.RunConfig, *, print_fn=print, target=None) -> dict:
     costs compiled for it (a targets.Target: its compiler and chip, roofline seconds; "cpu": the host compiler's
     FLOPs, the microbatch count priced on microbatch_choice.MICROBATCH_CHIP's figures); None: the analytic costs."""
     given_microbatches, chip, planned = cfg.parallel.microbatches, pricing_chip(target), None
-    if target not in (None, "cpu") and target.platform != "tpu":
+    if not gives_costs(target):
         # The deviceless GPU compiler has no cost analysis: the analytic per-layer costs, priced on the GPU's chip.
         print_fn(f"target {target.topology}: per-layer costs are the analytic model's (the GPU back end gives no cost "
                  f"analysis without a device); the microbatch count is priced on {chip.name}'s figures")

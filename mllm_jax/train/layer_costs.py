@@ -54,7 +54,7 @@ from mllm_jax.parallel.pipeline_plan import OPS, LayerCosts
 from mllm_jax.projector import Projector
 from mllm_jax.train.compile_target import _cost, compile_on_target
 from mllm_jax.train.pipelined_step import _stage_layer, llm_base_trainable, llm_layers_trainable
-from mllm_jax.train.targets import Target
+from mllm_jax.train.targets import Target, gives_costs
 
 _CACHE: dict = {}  # (kind key, op, target) -> {"flops", "bytes", "seconds", "cost"}
 _DISK: dict = {"path": None, "figures": {}}  # an optional JSON file of the figures by str(key): resumable runs
@@ -372,7 +372,7 @@ def _compiled(config: ModelConfig, *, text_tokens: int, microbatch_size: int, ta
     size."""
     if ops not in ("needed", "all"):
         raise ValueError(f"ops must be 'needed' or 'all'; got {ops!r}")
-    if target not in (None, "cpu") and target.platform != "tpu":
+    if not gives_costs(target):
         raise ValueError(f"per-layer costs compile for TPU targets or the host ('cpu'): the GPU back end gives no "
                          f"cost analysis without a device; got target {target.topology}")
     device = CompileDevice(None if target in (None, "cpu") else target)

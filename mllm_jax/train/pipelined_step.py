@@ -36,7 +36,6 @@ from mllm_jax.loss import IGNORE
 from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, llm_meta, num_features
 from mllm_jax.parallel.pipeline import pipeline_value_and_grad
 from mllm_jax.parallel.pipeline_plan import plan_pipeline
-from mllm_jax.parallel.schedule import virtual_stages_of
 
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
 META_KEYS = ("positions", "segment_ids", "span_ids")
@@ -247,7 +246,7 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
                                                     stage_layers=stage_layers, chunk=chunk, schedule=schedule,
                                                     gather_once=gather_once,
-                                                    virtual_stages=_chunks(schedule, parallel_config),
+                                                    virtual_stages=parallel_config.chunks_per_device(schedule),
                                                     in_flight=parallel_config.pipeline_in_flight,
                                                     overlap=parallel_config.pipeline_overlap_comm)
     grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
@@ -265,11 +264,6 @@ def _check_call(model, batch: dict, mesh, parallel_config) -> tuple:
     return check_microbatched(batch, parallel_config.microbatches)
 
 
-def _chunks(schedule: str, parallel_config) -> int:
-    """Chunks per device the runtime runs under ``schedule``."""
-    return virtual_stages_of(schedule, parallel_config.pipeline_virtual_stages if schedule == "interleaved" else None)
-
-
 def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages: int, mb: int, seq: int,
                   schedule: str) -> tuple:
     """(LLM layers per stage, schedule): as given, or the frozen-aware planner's for this batch's shapes (the
@@ -284,7 +278,7 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
         stage_layers = planned.llm_stage_layers if stage_layers is None else stage_layers
         schedule = planned.schedule if schedule == "auto" else schedule
     stage_layers = tuple(int(c) for c in stage_layers)
-    V = _chunks(schedule, parallel_config)
+    V = parallel_config.chunks_per_device(schedule)
     if len(stage_layers) != stages * V or sum(stage_layers) != n_layers:
         what = f"{stages} entries (pipeline stages)" if V == 1 else (f"{stages * V} entries ({stages} pipeline "
                                                                    f"stages x {V} chunks under {schedule!r})")

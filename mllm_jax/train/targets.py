@@ -107,6 +107,12 @@ def local_chip() -> Chip | None:
     return CHIPS.get(gen) if gen else None
 
 
+def gives_costs(target) -> bool:
+    """Whether per-layer costs compile for ``target`` (None or "cpu": the host; a Target): the host's and a TPU's
+    compiler report a cost analysis, the deviceless GPU back end does not."""
+    return target in (None, "cpu") or target.platform == "tpu"
+
+
 class UnknownTargetError(ValueError):
     pass
 
