@@ -287,8 +287,10 @@ def test_1f1b_memory_is_bounded_in_microbatches():
     act = mb * width * 4
     one_f_one_b = [temp_bytes(M, "1f1b") for M in (4, 16)]
     gpipe = [temp_bytes(M, "gpipe") for M in (4, 16)]
-    # 1F1B keeps at most `stages` stage inputs whatever M; GPipe keeps all M (12 more here).
-    assert one_f_one_b[1] - one_f_one_b[0] < act
+    # 1F1B keeps at most `stages` stage inputs whatever M; GPipe keeps all M (12 more here). What grows with M is
+    # the device's share of the microbatch inputs (the conveyor's max(2, M / 4) slots: 2 more from M = 4 to 16), not
+    # all M of them (12 more).
+    assert one_f_one_b[1] - one_f_one_b[0] < 3 * act
     assert gpipe[1] - gpipe[0] >= 12 * act
     # ZB-H1's deferred Ws keep their cotangents in 1F1B's activation pool: the same compiled memory (a slot is
     # (2 + 1) layer rows of `act` bytes here; the difference stays below one row).
@@ -297,9 +299,9 @@ def test_1f1b_memory_is_bounded_in_microbatches():
 
 @pytest.mark.slow
 def test_bfloat16_activations_and_their_input_gradient():
-    # The big recipes' compute dtype: bfloat16 activations between stages and a bfloat16 input gradient that stage 0
-    # hands to every stage (XLA:CPU failed to compile its bfloat16 psum on a mesh with more axes: train.py with
-    # ModelConfig.dtype="bfloat16" and pipeline=2 aborted on CPU). Oracle: the float32 sequential run on the same
+    # The big recipes' compute dtype: bfloat16 activations between stages and a bfloat16 input gradient carried back
+    # from stage 0 (once a psum over the stages, which XLA:CPU failed to compile in bfloat16 on a mesh with more
+    # axes: train.py with ModelConfig.dtype="bfloat16" and pipeline=2 aborted on CPU). Oracle: the float32 sequential run on the same
     # (bfloat16-rounded) inputs; bfloat16 keeps 8 bits, so the gradients agree to ~1% in norm, not per element.
     mesh = pipeline_mesh((2, 2), ("data", "pipeline"))
     params, lp, x, aux = problem(3, 2)

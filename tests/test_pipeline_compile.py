@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from mllm_jax.parallel.pipeline import CONVEYOR_SCOPE
 from mllm_jax.train import compile_target as ct
 from mllm_jax.train import loop, targets
 from test_compile_target import ROOT, needs_tpu
@@ -19,16 +20,20 @@ LAYOUT = ["ParallelConfig.pipeline=2", "ParallelConfig.data=2", "ParallelConfig.
 
 def tick_loop_order(hlo: str) -> list:
     """In the compiled loop body that holds the pipeline's ppermutes: the order of collective-permute starts ("S"),
-    dones ("D") and the tick's op switch ("op": the conditional with one branch per schedule op)."""
+    dones ("D") and the tick's op switch ("op": the conditional with one branch per schedule op). The conveyor's
+    start and done (the inputs' and input gradients' ring, ``parallel.conveyor``) are "C" and "CD"."""
     for comp in re.split(r"\n(?=\S)", hlo):
         if comp.startswith("ENTRY") or "collective-permute-start(" not in comp:
             continue
-        seq = []
+        seq, conveyor = [], set()
         for line in comp.splitlines():
             if "collective-permute-start(" in line:
-                seq.append("S")
+                if CONVEYOR_SCOPE in line:
+                    conveyor.add(line.split("=")[0].strip())
+                seq.append("C" if CONVEYOR_SCOPE in line else "S")
             elif "collective-permute-done(" in line:
-                seq.append("D")
+                operand = re.search(r"collective-permute-done\(([^)]*)\)", line).group(1).strip()
+                seq.append("CD" if operand in conveyor else "D")
             elif " conditional(" in line:
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line)
                 if branches and len(branches.group(1).split(",")) == 7:  # parallel.schedule.OP_CHARS
@@ -58,3 +63,7 @@ def test_overlapped_ppermutes_run_beside_the_ops_on_tpu():
     assert "S" in overlapped[:first_op] and "D" in overlapped[first_op:], overlapped
     plain = tick_loop_order(compiled())
     assert "S" not in plain[: plain.index("op")], plain
+    # The conveyor's move (one message per tick, on the ring) runs beside the op under both: nothing in the tick
+    # reads it.
+    for order in (overlapped, plain):
+        assert order.count("C") == 1 and order.index("C") < order.index("op") < order.index("CD"), order

@@ -27,7 +27,9 @@ its chunks' devices in V ppermute rounds (``block_rounds``), an uneven split the
 (``split_moves``); stored otherwise, each device takes its slots from its copy. A stage walks only its
 own slots: its loops' trip count is the stage's active layer count (data, not a shape), so padding costs no compute,
 only the padded slots' memory. Memory: one pool of activation slots per device (saved inputs, and for ZB-H1 the kept
-cotangents of a deferred W) sized by the schedule; a weight-gradient accumulator with rows for the slots that have a
+cotangents of a deferred W) sized by the schedule; the device's share of the microbatch inputs and input gradients
+(``parallel.conveyor``: stored over `pipeline`, carried to and from device 0 on a ring, one message per tick beside
+the op); a weight-gradient accumulator with rows for the slots that have a
 weight gradient only (``StageLayout.grad_rows``), none when no layer trains, none for frozen leaves; with
 ``gather_params`` the stage's weights as the layers use them (e.g. FSDP-gathered in the compute dtype), made once per
 step before the tick loop instead of per layer and op.
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mllm_jax.parallel.conveyor import Conveyor, pad_microbatches, plan_conveyor
 from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
                                         TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, build_schedule,
                                         stage_op_order, virtual_placement, virtual_stages_of)
@@ -53,6 +56,8 @@ __all__ = ["FIELDS", "OP_B", "OP_BW", "OP_F", "OP_FB", "OP_IDLE", "OP_SKIP", "OP
            "build_schedule",
            "layout_schedule", "make_layout", "pipeline_value_and_grad", "sequential_value_and_grad", "stage_op_order"]
 
+# The name scope of the conveyor's ppermute (``parallel.conveyor``) in the compiled program's op names.
+CONVEYOR_SCOPE = "pipeline_conveyor"
 # Slot kinds: which backward a layer slot runs.
 KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW = 0, 1, 2, 3
 # Per-tick trace columns (``pipeline_value_and_grad(trace=True)``): what a stage ran in that tick, counted in its
@@ -655,14 +660,15 @@ def pipeline_value_and_grad(
                              loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
         sched = layout_schedule(layout, M, schedule, max_in_flight, overlap)
     moves = _storage_moves(layout, stacked_params, mesh, axis, n_layers)
+    conveyor = plan_conveyor(sched, M, input_grads=want_dx)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
-                                split, gather_params, moves)
+                                split, gather_params, moves, conveyor=conveyor)
     stage_spec = P(axis)
     fn = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), stage_spec, P(), P(), P()),
-        out_specs=(stage_spec, P(), P(), P(), P(None, axis)),
+        in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), P(), stage_spec, stage_spec, P(), P()),
+        out_specs=(stage_spec, P(), P(), stage_spec if want_dx else P(), P(None, axis)),
         axis_names=frozenset({axis}),
         check_vma=False,
     )
@@ -674,10 +680,17 @@ def pipeline_value_and_grad(
         lead(jnp.asarray(layout.device_view(layout.active))),
         lead(jnp.asarray(layout.device_view(layout.kind))),
         _reshard_dim(jnp.asarray(sched.table), mesh, 1, axis),  # [T, S, F]: each device reads its column
+        _reshard_dim(jnp.asarray(conveyor.sends), mesh, None, axis),  # [T, 2]: the same for every device
         lead(jnp.arange(S, dtype=jnp.int32)),
+        lead(pad_microbatches(x_microbatches, conveyor, jnp)),  # each device its slots of the inputs
         *(jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t)
-          for t in (x_microbatches, {} if aux is None else aux, loss_params)),
+          for t in ({} if aux is None else aux, loss_params)),
     )
+    if want_dx:  # [devices, slots, ...] -> each microbatch's input gradient [M, ...], stored over `axis`
+        spec = _spec_of(dx)
+        dx = jnp.reshape(dx, (-1,) + dx.shape[2:], out_sharding=NamedSharding(mesh, P(axis, *spec[2:])))
+        if dx.shape[0] != M:  # slots past M: a slice of a dimension sharded over `axis` must be even
+            dx = _reshard_dim(dx, mesh, None, axis)[:M]
     # No layer trains: no accumulator was carried; zeros here cost nothing where the caller drops them.
     zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
     if not layout.trains:
@@ -747,17 +760,19 @@ def _perm(sched: Schedule, field: str, direction: int) -> list:
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
                    want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None,
-                   moves: RowMoves | None = None):
+                   moves: RowMoves | None = None, *, conveyor: Conveyor):
     """The per-device body of the pipeline's shard_map: one device scanning its column of the schedule table, each
     tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip) on the chunk the table names, then the
     ppermutes to its neighbours. Returns (its slots' parameter gradients, loss-parameter gradients and loss summed
-    over devices, its input-gradient buffer (virtual stage 0's: the others are zero), its per-tick trace)."""
-    S, V, K, M = layout.devices, layout.virtual, layout.stages, x_microbatches.shape[0]
+    over devices, its slots of the input gradients (``conveyor``), its per-tick trace)."""
+    S, V, K = layout.devices, layout.virtual, layout.stages
     mb_shape = x_microbatches.shape[1:]
     perms = {(f, d): _perm(sched, f, d) for f in ("x_to", "g_to") for d in (TO_RIGHT, TO_LEFT)}
+    ring_down = [(d, (d - 1) % S) for d in range(S)]  # the conveyor's moves: d -> d - 1
+    n_in = conveyor.per_device  # input (and input-gradient) slots per device
     trains = layout.trains
 
-    def per_device(params_L, active_L, kind_L, table_T, stage, x_mb, aux_all, lp):
+    def per_device(params_L, active_L, kind_L, table_T, sends_T, stage, x_mb, aux_all, lp):
         stored_L = jax.tree.map(lambda a: a[0], params_L)
         if moves is not None:  # this device's storage block -> its slots
             stored_L = _move_rows(stored_L, moves, stage[0], axis)
@@ -777,12 +792,13 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
 
         # An op maps the device's state (acts, gacc, lpacc, loss, dxs, cnt) to (what it sends, the new state);
         # ``c`` is the chunk, ``k`` its virtual stage.
-        def fwd(st, slot, m0, c, k):
+        def fwd(st, slot, m0, c, k, xin):
             acts, gacc, lpacc, loss, dxs, cnt = st
             aux_m = _index(aux_all, m0)
             # Every slot's input is kept for the backward (row 0 is where the previous stage's activation arrived).
-            # A stage without a backward writes into a slot that nobody reads.
-            x = jnp.where(k == 0, x_mb[m0], acts[slot, 0])
+            # A stage without a backward writes into a slot that nobody reads. Virtual stage 0 (device 0) reads
+            # the microbatch's input from the slot the conveyor brought it to.
+            x = jnp.where(k == 0, xin[m0 % n_in], acts[slot, 0])
             y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active_V[c], x, aux_m, saved=acts, slot=slot,
                                               cnt=cnt, off=c * L)
 
@@ -807,7 +823,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
         def input_grad(dxs, dx, m0, k):
             if not want_dx:
                 return dxs
-            return jax.lax.cond(k == 0, lambda: dxs.at[m0].set(dx), lambda: dxs)
+            return jax.lax.cond(k == 0, lambda: dxs.at[m0 % n_in].set(dx), lambda: dxs)
 
         def bwd_fused(st, g, slot, m0, c, k):
             acts, gacc, lpacc, loss, dxs, cnt = st
@@ -844,9 +860,20 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             return (hop(y, x_to, "x_to", TO_RIGHT), hop(y, x_to, "x_to", TO_LEFT),
                     hop(dx, g_to, "g_to", TO_LEFT), hop(dx, g_to, "g_to", TO_RIGHT))
 
-        def tick(carry, row):
-            acts, gs, gacc, lpacc, loss, dxs, sent = carry
+        def conveyor_send(xin, dxs, sends):
+            """The slots moving down the ring this tick (``conveyor.sends``), sent before the tick's op reads or
+            writes the others: what arrived, to store after the op."""
+            out = [jnp.where(sends[0] >= 0, xin[jnp.maximum(sends[0], 0)], zero_x)]
+            if want_dx:
+                out.append(jnp.where(sends[1] >= 0, dxs[jnp.maximum(sends[1], 0)], zero_x))
+            with jax.named_scope(CONVEYOR_SCOPE):  # named so that a compiled program shows where it runs
+                return jax.lax.ppermute(jnp.stack(out), axis, ring_down)
+
+        def tick(carry, rows):
+            row, sends = rows
+            acts, gs, gacc, lpacc, loss, dxs, xin, sent = carry
             f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
+            moved = conveyor_send(xin, dxs, sends)
             if sched.overlap:
                 # Last tick's messages travel now, beside this tick's ops (nothing here waits for them until the
                 # stores at the end): the ppermutes are off the critical path, and arrive a tick later.
@@ -861,7 +888,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                 return zero_x, zero_x, zero_x, st
 
             def op_f():
-                y, dy, new = fwd(st, slot, m0, c, k)
+                y, dy, new = fwd(st, slot, m0, c, k, xin)
                 return y, zero_x, dy, new
 
             def op_b():
@@ -876,7 +903,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                 return zero_x, dx, zero_x, new
 
             def op_fb():  # the forward half first: the last stage's backward may take the cotangent it just made
-                y, dy, mid = fwd(st, slot, m0, c, k)
+                y, dy, mid = fwd(st, slot, m0, c, k, xin)
                 dx, new = bwd_fused(mid, incoming(gs, gslot, dy), slot2, m2, c, k)
                 return y, dx, dy, new
 
@@ -895,8 +922,11 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             gs = _store(gs, arrived[2], f["recv_g_slot"])
             gs = _store(gs, arrived[3], f["recv_gr_slot"])
             gs = _store(gs, own_g, f["recv_go_slot"])
+            xin = _store(xin, moved[0], sends[0])
+            if want_dx:
+                dxs = _store(dxs, moved[1], sends[1])
             sent = (y, dx, f["x_to"], f["g_to"]) if sched.overlap else sent
-            return (acts, gs, gacc, lpacc, loss, dxs, sent), cnt
+            return (acts, gs, gacc, lpacc, loss, dxs, xin, sent), cnt
 
         init = (
             # One pool of activation slots: saved layer inputs, or for zb_h1 / zb_v the kept layer-output
@@ -908,12 +938,18 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             [jnp.zeros_like(a[:G]) for a in split.split(stored_L)[0]] if trains else None,
             _zeros_like(lp),
             jnp.float32(0.0),
-            buffer(M) if want_dx else jnp.zeros((), x_mb.dtype),
+            # The device's slots of the input gradients and of the inputs (``parallel.conveyor``).
+            jnp.zeros_like(x_mb) if want_dx else jnp.zeros((), x_mb.dtype),
+            x_mb,
             # With overlap: last tick's outgoing activation and cotangent, and where each goes.
             (zero_x, zero_x, jnp.int32(-1), jnp.int32(-1)) if sched.overlap else None,
         )
-        (_, _, gacc, lpacc, loss, dxs, _), counts = jax.lax.scan(tick, init, table_T)
-        # Only the last stage has a loss and loss-parameter gradients, only stage 0 an input gradient.
+        (_, _, gacc, lpacc, loss, dxs, _, _), counts = jax.lax.scan(tick, init, (table_T, sends_T))
+        for moving in conveyor.tail:  # the input gradients' last moves down the ring, to their inputs' devices
+            idx = np.flatnonzero(moving)
+            with jax.named_scope(CONVEYOR_SCOPE):
+                dxs = dxs.at[idx].set(jax.lax.ppermute(dxs[idx], axis, ring_down))
+        # Only the last stage has a loss and loss-parameter gradients.
         total = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)  # noqa: E731
         if trains and moves is not None:  # every slot's row (zeros without a weight gradient), back to storage
             has = active_L & (kind_L >= KIND_DW)
@@ -922,19 +958,9 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             gacc = _move_rows(full, moves, stage, axis, back=True)
         gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
         counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
-        return gout, total(lpacc), total(loss), jax.tree.map(lambda a: _from_one_stage(a, axis), dxs), counts
+        return gout, total(lpacc), total(loss), dxs[None] if want_dx else dxs, counts
 
     return per_device
-
-
-def _from_one_stage(a, axis: str):
-    """Every stage's copy of a buffer that one stage wrote and the others hold as zeros (stage 0's input gradient):
-    a psum over ``axis``. 16-bit floats are summed as their bits (uint16: x + 0 + ... + 0 is x exactly, in the same
-    bytes): XLA:CPU's all-reduce promotion of a bfloat16 psum fails to compile here (an invalid copy opcode)."""
-    if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize == 2:
-        bits = jax.lax.psum(jax.lax.bitcast_convert_type(a, jnp.uint16), axis)
-        return jax.lax.bitcast_convert_type(bits, a.dtype)
-    return jax.lax.psum(a, axis)
 
 
 def _store(buf, value, slot, row0: bool = False):
