@@ -85,3 +85,11 @@ def test_no_input_gradient_no_moves_back():
     sched = build_schedule(4, 8)
     conv = plan_conveyor(sched, 8, input_grads=False)
     assert (conv.sends[:, 1] == -1).all() and conv.tail.size == 0
+
+
+def test_refuses_tables_it_cannot_feed():
+    sched = build_schedule(2, 4)
+    with pytest.raises(ValueError, match="virtual stage 0 runs on device 1"):  # the ring delivers to device 0
+        plan_conveyor(dataclasses.replace(sched, table=sched.table[:, ::-1]), 4, input_grads=True)
+    with pytest.raises(ValueError, match=r"forwards microbatches \[0, 1, 2, 3\] on virtual stage 0; expected 0..4"):
+        plan_conveyor(sched, 5, input_grads=False)

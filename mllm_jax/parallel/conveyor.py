@@ -46,7 +46,7 @@ class Conveyor:
 
 
 def _events(sched: Schedule) -> tuple:
-    """Ticks of virtual stage 0's forwards and backwards, per microbatch: (f_tick [M], b_tick [M] or -1)."""
+    """The ticks of virtual stage 0's forwards and backwards: ({microbatch: tick}, {microbatch: tick})."""
     ops, virtual = sched.ops, sched.column("virtual")
     mb, mb2 = sched.column("mb"), sched.column("mb2")
     f_ticks, b_ticks = {}, {}
@@ -80,7 +80,7 @@ def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> C
         if not t < f_ticks[m + K]:
             raise ValueError(f"microbatch {m + K} is forwarded at tick {f_ticks[m + K]}, before its input arrives "
                              f"(tick {t})")
-        sends[t, 0] = m % K
+        _send(sends, t, 0, m % K)
     moves = np.zeros(K, np.int64)  # input-gradient moves of each slot so far
     if input_grads:
         for m in range(M):
@@ -90,7 +90,7 @@ def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> C
                 raise ValueError(f"microbatch {m + K}'s input gradient is written at tick {nxt}, before microbatch "
                                  f"{m}'s has left its slot (tick {t})")
             if t < T:
-                sends[t, 1] = m % K
+                _send(sends, t, 1, m % K)
                 moves[m % K] += 1
     # After the loop: every input-gradient slot moves until it has moved S times (microbatch r K + j's gradient,
     # written on device 0 and moved S - r times down the ring, is then on device r).
@@ -101,7 +101,15 @@ def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> C
     return Conveyor(S, M, K, sends, tail)
 
 
-def pad_microbatches(x_M: np.ndarray | object, conveyor: Conveyor, xp=np):
+def _send(sends: np.ndarray, t: int, buffer: int, slot: int):
+    """One slot of each buffer moves per tick: the message has room for one."""
+    if sends[t, buffer] >= 0:
+        raise ValueError(f"two moves of {('input', 'input-gradient')[buffer]} slots in tick {t} (slots "
+                         f"{sends[t, buffer]} and {slot}): virtual stage 0 runs two such ops in one tick")
+    sends[t, buffer] = slot
+
+
+def pad_microbatches(x_M, conveyor: Conveyor, xp=np):
     """[M, ...] -> [devices x per_device, ...]: zeros past M, so device d's block is its slots."""
     pad = conveyor.devices * conveyor.per_device - x_M.shape[0]
     return xp.pad(x_M, [(0, pad)] + [(0, 0)] * (x_M.ndim - 1)) if pad else x_M
