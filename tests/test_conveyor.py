@@ -1,5 +1,6 @@
-"""The pipeline's inputs and input gradients stored over `pipeline` (``parallel.conveyor``): replayed on symbolic
-buffers for every schedule, and what a device holds in the compiled program."""
+"""The pipeline's inputs and input gradients stored over `pipeline` (``parallel.conveyor``): the plan replayed on
+symbolic buffers for every schedule. (What a device holds in the compiled program: test_pipeline.py's 1F1B memory
+test; the move beside the op on a TPU target: test_pipeline_compile.py.)"""
 
 import dataclasses
 
@@ -10,13 +11,19 @@ from mllm_jax.parallel.conveyor import plan_conveyor
 from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_FB, build_schedule
 
 
+def home(S, K, M):
+    """[devices, slots] -> the microbatch each slot holds before the step (its input) and after it (its input
+    gradient); -1 past M."""
+    return np.array([[d * K + j if d * K + j < M else -1 for j in range(K)] for d in range(S)])
+
+
 def replay_conveyor(sched, M, input_grads=True, conv=None):
     """Run the plan on symbolic buffers as the runtime does: every device's slots, the tick's sends taken before its
     op, device 0's reads and writes in the op, the arrivals stored after it, then the tail. Returns the final
     input-gradient buffers [devices, slots] (microbatch ids, -1 empty)."""
     conv = conv or plan_conveyor(sched, M, input_grads=input_grads)
     S, K = sched.stages, conv.per_device
-    xin = np.array([[d * K + j if d * K + j < M else -1 for j in range(K)] for d in range(S)])
+    xin = home(S, K, M)
     dxs = np.full((S, K), -1)
     ops, virtual, mb, mb2 = (sched.column(f) for f in ("op", "virtual", "mb", "mb2"))
     down = lambda a: np.roll(a, -1, axis=0)  # noqa: E731  device d receives from d + 1
@@ -47,8 +54,8 @@ ONE_CHUNK = [(2, 1), (2, 2), (2, 5), (3, 4), (4, 4), (4, 5), (4, 16), (4, 17), (
 CASES = [(kind, S, M, overlap) for kind in ("1f1b", "zb_h1", "1f1b_fb") for S, M in ONE_CHUNK
          for overlap in (False, True)]
 CASES += [("gpipe", S, M, False) for S, M in ONE_CHUNK]  # no overlapped table: a memory reference only
-CASES += [(kind, S, M, overlap) for kind in ("zb_v", "interleaved") for S, M in [(2, 2), (2, 6), (3, 6), (4, 8), (4, 16)]
-          for overlap in (False, True)]
+VIRTUAL = [(2, 2), (2, 6), (3, 6), (4, 8), (4, 16)]
+CASES += [(kind, S, M, overlap) for kind in ("zb_v", "interleaved") for S, M in VIRTUAL for overlap in (False, True)]
 
 
 @pytest.mark.parametrize("kind,stages,M,overlap", CASES)
@@ -57,7 +64,7 @@ def test_every_microbatch_reaches_device_0_and_its_gradient_returns_home(kind, s
     conv, dxs = replay_conveyor(sched, M)
     K = conv.per_device
     assert K == max(2, -(-M // stages))  # a device holds its share of the microbatches, not all M
-    want = np.array([[d * K + j if d * K + j < M else -1 for j in range(K)] for d in range(stages)])
+    want = home(stages, K, M)
     np.testing.assert_array_equal(dxs, want)  # each gradient on the device, in the slot, its input came from
     for m in range(M):
         assert conv.owner(m) == divmod(m, K) and want[conv.owner(m)] == m

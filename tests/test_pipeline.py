@@ -301,8 +301,9 @@ def test_1f1b_memory_is_bounded_in_microbatches():
 def test_bfloat16_activations_and_their_input_gradient():
     # The big recipes' compute dtype: bfloat16 activations between stages and a bfloat16 input gradient carried back
     # from stage 0 (once a psum over the stages, which XLA:CPU failed to compile in bfloat16 on a mesh with more
-    # axes: train.py with ModelConfig.dtype="bfloat16" and pipeline=2 aborted on CPU). Oracle: the float32 sequential run on the same
-    # (bfloat16-rounded) inputs; bfloat16 keeps 8 bits, so the gradients agree to ~1% in norm, not per element.
+    # axes: train.py with ModelConfig.dtype="bfloat16" and pipeline=2 aborted on CPU). Oracle: the float32
+    # sequential run on the same (bfloat16-rounded) inputs; bfloat16 keeps 8 bits, so the gradients agree to ~1% in
+    # norm, not per element.
     mesh = pipeline_mesh((2, 2), ("data", "pipeline"))
     params, lp, x, aux = problem(3, 2)
     x = x.astype(jnp.bfloat16)

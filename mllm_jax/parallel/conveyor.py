@@ -35,7 +35,6 @@ class Conveyor:
     moved once more in each round after the loop."""
 
     devices: int
-    microbatches: int
     per_device: int
     sends: np.ndarray
     tail: np.ndarray
@@ -69,7 +68,8 @@ def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> C
     K = max(2, -(-M // S))
     f_ticks, b_ticks = _events(sched)
     if sorted(f_ticks) != list(range(M)):
-        raise ValueError(f"the schedule forwards microbatches {sorted(f_ticks)} on virtual stage 0; expected 0..{M - 1}")
+        raise ValueError(f"the schedule forwards microbatches {sorted(f_ticks)} on virtual stage 0; expected "
+                         f"0..{M - 1}")
     if input_grads and sorted(b_ticks) != list(range(M)):
         raise ValueError(f"the schedule backwards microbatches {sorted(b_ticks)} on virtual stage 0; expected "
                          f"0..{M - 1}")
@@ -98,7 +98,7 @@ def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> C
     written = np.bincount(np.arange(M) % K, minlength=K) > 0
     left = np.where(input_grads & written, S - moves, 0)
     tail = np.arange(int(left.max(initial=0)))[:, None] < left[None, :]
-    return Conveyor(S, M, K, sends, tail)
+    return Conveyor(S, K, sends, tail)
 
 
 def _send(sends: np.ndarray, t: int, buffer: int, slot: int):
