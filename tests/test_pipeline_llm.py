@@ -18,7 +18,8 @@ from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import make_mesh
-from mllm_jax.train.pipelined_step import flatten_microbatches, pipelined_loss_and_grad
+from mllm_jax.train.pipelined_step import (_embed_outside, flatten_microbatches, microbatch_rows,
+                                           pipelined_loss_and_grad)
 
 PLACEHOLDER = 3
 IMAGE, PATCH = 8, 4
@@ -196,6 +197,40 @@ def test_flatten_microbatches_points_at_the_same_features():
             assert ((fi >= 0) == (ffi >= 0)).all()
             np.testing.assert_array_equal(flat_feats[ffi[ffi >= 0]], feats[m, fi[fi >= 0] // FEATS])
             np.testing.assert_array_equal(flat["input_ids"][row], batch["input_ids"][m, b])
+
+
+@pytest.mark.parametrize("parallel,M,mb", [
+    (ParallelConfig(data=2, pipeline=2, tensor=2, microbatches=3), 3, 2),  # M off a multiple of P: a padded slot
+    (ParallelConfig(fsdp=2, pipeline=4, microbatches=8), 8, 4),           # K = 2 slots per device, 2 rows per shard
+])
+def test_pipeline_inputs_are_made_on_the_devices_that_hold_them(parallel, M, mb):
+    # The embedding and the injection run on rows laid out over (pipeline, the LLM's batch axes): the pipeline's
+    # input [P K, mb, S, D] comes out with its microbatches over `pipeline` (device p holds microbatches p K .. p K +
+    # K - 1, the conveyor's slots) and its rows over the batch axes, equal to one device's embedding of each
+    # microbatch (zeros past M are not checked: no op reads them). Before, every pipeline device made all M.
+    cfg = tiny_config(4, FROZEN_ENC)
+    mesh = make_mesh(parallel, jax.devices()[: parallel.num_devices])
+    model = create_model(cfg, mesh, parallel, seed=0)
+    reference = MultimodalModel(cfg, rngs=nnx.Rngs(0))
+    nnx.update(reference, jax.device_get(nnx.state(model)))
+    batch = make_batch(M, mb)
+    gdef, state = nnx.split(model)
+
+    @jax.jit
+    def inputs(st, b):
+        m = nnx.merge(gdef, st)
+        out = _embed_outside(m, b, microbatch_rows(m, mesh, M, mb, SEQ))
+        return out.x_M, out.emb
+
+    with jax.set_mesh(mesh):
+        x, emb = inputs(state, batch)
+    batch_axis = "data" if parallel.data > 1 else "fsdp"
+    assert x.sharding.spec[:2] == ("pipeline", batch_axis), x.sharding.spec
+    assert emb.sharding.spec[0] == ("pipeline", batch_axis), emb.sharding.spec
+    K = max(2, -(-M // parallel.pipeline))
+    assert x.shape[0] == parallel.pipeline * K
+    want = np.asarray(reference.embed(concatenated(batch))).reshape(M, mb, SEQ, -1)
+    np.testing.assert_allclose(np.asarray(x)[:M], want, rtol=1e-6, atol=1e-6)
 
 
 WINDOWS = dict(sliding_window=3, sliding_window_pattern=2)  # Gemma 2 style alternating local / global layers

@@ -44,6 +44,11 @@ class Conveyor:
         return divmod(int(m), self.per_device)
 
 
+def slots_per_device(microbatches: int, devices: int) -> int:
+    """K = max(2, ceil(M / devices)): the slots of inputs (and of input gradients) each device holds."""
+    return max(2, -(-int(microbatches) // int(devices)))
+
+
 def _events(sched: Schedule) -> tuple:
     """The ticks of virtual stage 0's forwards and backwards: ({microbatch: tick}, {microbatch: tick})."""
     ops, virtual = sched.ops, sched.column("virtual")
@@ -65,7 +70,7 @@ def _events(sched: Schedule) -> tuple:
 def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> Conveyor:
     """The moves of the inputs' and (with ``input_grads``) the input gradients' slots for ``sched``'s table."""
     S, M, T = sched.stages, int(microbatches), sched.table.shape[0]
-    K = max(2, -(-M // S))
+    K = slots_per_device(M, S)
     f_ticks, b_ticks = _events(sched)
     if sorted(f_ticks) != list(range(M)):
         raise ValueError(f"the schedule forwards microbatches {sorted(f_ticks)} on virtual stage 0; expected "
@@ -110,6 +115,10 @@ def _send(sends: np.ndarray, t: int, buffer: int, slot: int):
 
 
 def pad_microbatches(x_M, conveyor: Conveyor, xp=np):
-    """[M, ...] -> [devices x per_device, ...]: zeros past M, so device d's block is its slots."""
+    """[M, ...] -> [devices x per_device, ...]: zeros past M, so device d's block is its slots (an input that already
+    has devices x per_device rows is returned as it is)."""
     pad = conveyor.devices * conveyor.per_device - x_M.shape[0]
+    if pad < 0:
+        raise ValueError(f"{x_M.shape[0]} microbatch rows is more than the conveyor's {conveyor.devices} devices x "
+                         f"{conveyor.per_device} slots")
     return xp.pad(x_M, [(0, pad)] + [(0, 0)] * (x_M.ndim - 1)) if pad else x_M

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mllm_jax.parallel.conveyor import Conveyor, pad_microbatches, plan_conveyor
+from mllm_jax.parallel.conveyor import Conveyor, pad_microbatches, plan_conveyor, slots_per_device
 from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
                                         TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, build_schedule,
                                         stage_op_order, virtual_placement, virtual_stages_of)
@@ -604,6 +604,7 @@ def pipeline_value_and_grad(
     virtual_stages: int | None = None,
     max_in_flight: int | None = None,
     overlap: bool = False,
+    microbatches: int | None = None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -620,6 +621,9 @@ def pipeline_value_and_grad(
     ``max_in_flight``: zb_v's microbatches admitted at once (None: min(stages, M), 1F1B's activation memory;
     with ``overlap`` min(2 stages - 1, M)).
     ``overlap``: each tick's ppermutes run during the next tick, beside its ops (``build_schedule(overlap=True)``).
+    ``microbatches``: M, when ``x_microbatches`` already has the conveyor's rows (devices x
+    ``conveyor.slots_per_device(M, devices)``, zeros past M, ideally stored over ``axis``: each device makes only its
+    own); the input gradient then comes back with the same rows. None: M = x_microbatches.shape[0].
     gather_params(stage_params) -> stage_params: the stage's parameters ([slots, ...] leaves, as stored) as its
     layers use them, e.g. cast to the compute dtype and FSDP-gathered. Called once per step on each device, before
     the tick loop; every op of the step runs on its output, and the weight gradients, taken with respect to it, are
@@ -639,7 +643,11 @@ def pipeline_value_and_grad(
     n_layers = jax.tree.leaves(stacked_params)[0].shape[0]
     if sum(stage_layers) != n_layers:
         raise ValueError(f"stage_layers {tuple(stage_layers)} sum to {sum(stage_layers)}; params have {n_layers}")
-    M = x_microbatches.shape[0]
+    M = x_microbatches.shape[0] if microbatches is None else int(microbatches)
+    rows = S * slots_per_device(M, S) if microbatches is not None else M
+    if x_microbatches.shape[0] != rows:
+        raise ValueError(f"x_microbatches has {x_microbatches.shape[0]} rows; with microbatches={M} on {S} devices "
+                         f"it must have the conveyor's {rows} (devices x slots per device)")
     layout = make_layout(
         stage_layers,
         trainable_layers,
@@ -689,8 +697,8 @@ def pipeline_value_and_grad(
     if want_dx:  # [devices, slots, ...] -> each microbatch's input gradient [M, ...], stored over `axis`
         spec = _spec_of(dx)
         dx = jnp.reshape(dx, (-1,) + dx.shape[2:], out_sharding=NamedSharding(mesh, P(axis, *spec[2:])))
-        if dx.shape[0] != M:  # slots past M: a slice of a dimension sharded over `axis` must be even
-            dx = _reshard_dim(dx, mesh, None, axis)[:M]
+        if dx.shape[0] != rows:  # slots past M: a slice of a dimension sharded over `axis` must be even
+            dx = _reshard_dim(dx, mesh, None, axis)[:rows]
     # No layer trains: no accumulator was carried; zeros here cost nothing where the caller drops them.
     zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
     if not layout.trains:

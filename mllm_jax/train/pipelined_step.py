@@ -1,14 +1,17 @@
 """The pipelined train step: the 1F1B pipeline runtime (parallel.pipeline) wired to the real MultimodalModel.
 
 What runs where (DESIGN.md, "The data flow of one training step"):
-- outside the pipeline, on every device: encoders, projectors, placeholder injection and the token embedding, over
-  all microbatches at once (the encoders' batch spread over every mesh axis by their rules). Differentiated by one
-  ``jax.vjp`` when anything in them trains; frozen encoders already run under ``stop_gradient`` in the model.
+- outside the pipeline: encoders, projectors, placeholder injection and the token embedding, over all microbatches
+  at once (the encoders' batch spread over every mesh axis by their rules; the embedding and injection on rows laid
+  out as the pipeline stores its inputs, ``MicrobatchRows``: each device embeds only the microbatches and rows it
+  holds). Differentiated by one ``jax.vjp`` when anything in them trains; frozen encoders already run under
+  ``stop_gradient`` in the model.
 - inside the pipeline (``pipeline_value_and_grad``): the LLM's stacked decoder layers (``LLM.stage_layer``), one
   microbatch at a time; the last stage's loss function is ``llm.head_loss`` (final norm + chunked cross entropy),
   divided by the global label count (computed outside, so the loss and gradients equal the one-device
   ``loss_sum / count``).
-- the input cotangent that the pipeline hands back (stage 0) is pulled through the embedding vjp.
+- the input cotangent that the pipeline hands back (stage 0; stored where its input was) is pulled through the
+  embedding vjp in the same layout.
 
 Gradients come back as an ``nnx.State`` of exactly the parameters ``mllm_jax.freeze.trainable_filter`` selects.
 """
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import costs
 from mllm_jax import layers as L
@@ -34,9 +38,11 @@ from mllm_jax.layout import validate_layout
 from mllm_jax.llm import check_rope_positions, head_loss
 from mllm_jax.loss import IGNORE
 from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, llm_meta, num_features
+from mllm_jax.parallel.conveyor import slots_per_device
 from mllm_jax.parallel.pipeline import pipeline_value_and_grad
 from mllm_jax.parallel.pipeline_plan import plan_pipeline
 
+PIPELINE = "pipeline"
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
 META_KEYS = ("positions", "segment_ids", "span_ids")
 
@@ -117,22 +123,18 @@ def check_microbatched(batch: dict, microbatches: int) -> tuple:
     return tuple(int(d) for d in ids.shape)
 
 
-def _rows_flat(a):
-    """[M, mb, ...] -> [mb * M, ...] (row r = b * M + m)."""
+def _rows_flat(a, fill: int = 0):
+    """[M, mb, ...] -> [mb * M, ...] (row r = b * M + m). (``fill``: for ``MicrobatchRows.to_rows``' signature.)"""
     a = jnp.swapaxes(a, 0, 1)
     return a.reshape((-1,) + a.shape[2:])
 
 
-def _rows_microbatched(a, microbatches: int):
-    """Inverse of ``_rows_flat``: [mb * M, ...] -> [M, mb, ...]."""
-    return jnp.swapaxes(a.reshape((-1, microbatches) + a.shape[1:]), 0, 1)
-
-
-def flatten_microbatches(batch: dict, features_per_instance: dict) -> dict:
+def flatten_microbatches(batch: dict, features_per_instance: dict, rows=_rows_flat) -> dict:
     """One contract batch holding every microbatch: token arrays [mb * M, S], encoder inputs [N * M, ...] and
-    feature indices pointing at the flattened features (instance n of microbatch m is row n * M + m)."""
+    feature indices pointing at the flattened features (instance n of microbatch m is row n * M + m). ``rows``: how
+    the token arrays' [M, mb, ...] become rows (``_rows_flat``, or ``MicrobatchRows.to_rows``, which may pad M)."""
     M = batch["input_ids"].shape[0]
-    flat = {k: _rows_flat(batch[k]) for k in TOKEN_KEYS}
+    flat = {k: rows(batch[k]) for k in TOKEN_KEYS if k in batch}
     inputs = {}
     for key in ENCODER_KEYS:  # pixels/frames, or a frozen encoder's cached features
         if batch.get(key):
@@ -146,9 +148,81 @@ def flatten_microbatches(batch: dict, features_per_instance: dict) -> dict:
             fi = jnp.asarray(batch["feature_index"][name], jnp.int32)  # [M, mb, S]: n * t + j within microbatch m
             m = jnp.arange(M, dtype=jnp.int32)[:, None, None]
             moved = ((fi // t) * M + m) * t + fi % t
-            index[name] = _rows_flat(jnp.where(fi >= 0, moved, -1))
+            index[name] = rows(jnp.where(fi >= 0, moved, -1), fill=-1)
         flat["feature_index"] = index
     return flat
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchRows:
+    """The pipeline's inputs made where they are used. The pipeline stores microbatch m = p K + j on device p of
+    `pipeline` (``parallel.conveyor``: K = ``slots_per_device(M, P)`` slots per device, zeros past M), each
+    microbatch's rows split over the LLM's batch axes (``axes``, D shards). The embedding runs on flat rows laid out
+    over (`pipeline`, *axes) in the order [P, D, K, mb / D] (``to_rows``), so each device embeds exactly the rows
+    it will hold, and the inverse (``to_microbatches``) is a local reshape: no device makes another's inputs, and
+    the input gradient goes back into the embedding's vjp the same way."""
+
+    mesh: object
+    microbatches: int  # M
+    per_device: int  # K
+    axes: tuple  # the LLM's batch axes that split a microbatch's rows
+    length: object  # the sequence dimension's mesh axes (context parallelism), or None
+
+    @property
+    def stages(self) -> int:
+        return self.mesh.shape[PIPELINE]
+
+    @property
+    def shards(self) -> int:
+        return int(np.prod([self.mesh.shape[a] for a in self.axes], dtype=np.int64))
+
+    @property
+    def padded(self) -> int:
+        """P x K: the pipeline's rows of microbatch inputs."""
+        return self.stages * self.per_device
+
+    def _spec(self, rank: int, dims: dict):
+        return NamedSharding(self.mesh, P(*(dims.get(i) for i in range(rank))))
+
+    def to_rows(self, a, fill: int = 0):
+        """[M (or P K), mb, S, ...] -> [P D K (mb / D), S, ...], laid out over (`pipeline`, *axes); the conveyor's
+        microbatches past M are ``fill`` (token ids 0, feature indices -1: no features)."""
+        a = jnp.asarray(a)
+        if a.shape[0] < self.padded:
+            a = jnp.pad(a, [(0, self.padded - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+        P_, K, D = self.stages, self.per_device, self.shards
+        mb, rest = a.shape[1], a.shape[2:]
+        batch = self.axes or None
+        a = jax.sharding.reshard(a, self._spec(a.ndim, {0: PIPELINE, 1: batch, 2: self.length}))
+        a = jnp.reshape(a, (P_, K, D, mb // D) + rest,
+                        out_sharding=self._spec(4 + len(rest), {0: PIPELINE, 2: batch, 4: self.length}))
+        a = jnp.swapaxes(a, 1, 2)
+        return jnp.reshape(a, (P_ * D * K * (mb // D),) + rest,
+                           out_sharding=self._spec(1 + len(rest), {0: (PIPELINE, *self.axes), 1: self.length}))
+
+    def to_microbatches(self, a, mb: int):
+        """Inverse of ``to_rows``: [P D K (mb / D), S, ...] -> [P K, mb, S, ...], microbatches over `pipeline` and
+        rows over the batch axes (no data moves)."""
+        P_, K, D = self.stages, self.per_device, self.shards
+        rest = a.shape[1:]
+        batch = self.axes or None
+        a = jax.sharding.reshard(a, self._spec(a.ndim, {0: (PIPELINE, *self.axes), 1: self.length}))
+        a = jnp.reshape(a, (P_, D, K, mb // D) + rest,
+                        out_sharding=self._spec(4 + len(rest), {0: PIPELINE, 1: batch, 4: self.length}))
+        a = jnp.swapaxes(a, 1, 2)
+        return jnp.reshape(a, (P_ * K, mb) + rest,
+                           out_sharding=self._spec(2 + len(rest), {0: PIPELINE, 1: batch, 2: self.length}))
+
+
+def microbatch_rows(model, mesh, microbatches: int, mb: int, seq: int) -> MicrobatchRows:
+    """The layout of the pipeline's inputs for this mesh: the LLM's batch axes that divide a microbatch's ``mb``
+    rows, and its sequence axes."""
+    with model.scope("llm"):
+        spec = part.spec(("batch", "length"), (mb, seq))
+    axes, length = (None, None) if spec is None else tuple(spec)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return MicrobatchRows(mesh, int(microbatches), slots_per_device(microbatches, mesh.shape[PIPELINE]), axes,
+                          length)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +315,7 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     labels = jnp.asarray(batch["labels"], jnp.int32)
     count = jnp.sum((labels != IGNORE).astype(jnp.float32))
     inv_count = 1.0 / jnp.maximum(count, 1.0)
-    outside = _embed_outside(model, batch, M)
+    outside = _embed_outside(model, batch, microbatch_rows(model, mesh, M, mb, seq))
     gather_once = parallel_config.pipeline_fsdp_gather_once and dict(mesh.shape).get("fsdp", 1) > 1
     loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
                                                     stage_layers=stage_layers, chunk=chunk, schedule=schedule,
@@ -287,35 +361,46 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
 
 
 class _Outside(NamedTuple):
-    """What runs outside the pipeline: the injected embeddings (flat rows, and [M, mb, S, D] for the pipeline), the
-    trainable state they were differentiated against, and their vjp (None when nothing upstream trains)."""
+    """What runs outside the pipeline: the injected embeddings (flat rows, and [P K, mb, S, D] for the pipeline: its
+    ``rows`` layout), the trainable state they were differentiated against, and their vjp (None when nothing upstream
+    trains)."""
 
     emb: jax.Array
     x_M: jax.Array
+    rows: MicrobatchRows
     trainable: nnx.State
     embed_vjp: Callable | None
 
 
-def _embed_outside(model, batch: dict, M: int) -> _Outside:
+def _with_batch_axes(rule_table, axes: tuple):
+    """The model's rule table with the LLM's "batch" mapped to ``axes`` (a model without rules: that one rule)."""
+    if rule_table is None:
+        return (("llm", (("batch", axes),)),)
+    return tuple((key, tuple((n, axes if n == "batch" else v) for n, v in rules) if key == "llm" else rules)
+                 for key, rules in rule_table)
+
+
+def _embed_outside(model, batch: dict, rows: MicrobatchRows) -> _Outside:
     """Encoders, projectors, injection and the token embedding over all microbatches at once, differentiated by one
-    vjp when anything in them trains (``embedding_requires_grad``)."""
+    vjp when anything in them trains (``embedding_requires_grad``). The token embedding and the injection run on
+    ``rows``' layout, so each device makes the inputs of its own microbatches' rows only."""
     config = model.config
     modalities = sorted({name for key in ENCODER_KEYS for name in (batch.get(key) or {})})
-    flat = flatten_microbatches(batch, {name: num_features(config, name) for name in modalities})
-    with model.scope("llm"):  # token arrays in the LLM's batch layout, whatever layout the caller gave them
-        flat = {k: v if k in ENCODER_KEYS else jax.tree.map(lambda a: part.constrain(a, ("batch", "length")), v)
-                for k, v in flat.items()}
+    flat = flatten_microbatches(batch, {name: num_features(config, name) for name in modalities}, rows=rows.to_rows)
+    rule_table = _with_batch_axes(model.rule_table, (PIPELINE, *rows.axes))
     gdef, trainable, frozen, rest = nnx.split(model, trainable_filter(config), nnx.Param, ...)
 
     def embed(tr):
-        return nnx.merge(gdef, tr, frozen, rest).embed(flat)
+        m = nnx.merge(gdef, tr, frozen, rest)
+        m.rule_table = rule_table  # the LLM's rows over (`pipeline`, its batch axes): rows.to_rows' layout
+        return m.embed(flat)
 
     embed_vjp = None
     if embedding_requires_grad(config, modalities):
         emb, embed_vjp = jax.vjp(embed, trainable)
     else:
         emb = embed(trainable)
-    return _Outside(emb, _rows_microbatched(emb, M), trainable, embed_vjp)
+    return _Outside(emb, rows.to_microbatches(emb, batch["input_ids"].shape[1]), rows, trainable, embed_vjp)
 
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
@@ -325,7 +410,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
     `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage.
     ``gather_once``: each stage casts and FSDP-gathers its layer weights once per step (``_gather_stage_once``)."""
     config, llm = model.config, model.llm
-    M = outside.x_M.shape[0]
+    M = outside.rows.microbatches
     values, _ = llm.layer_params()
     layer_fn, window_codes = _stage_layer(llm)
     # Weights enter the pipeline in their storage layout (FSDP- and tensor-sharded over the non-pipeline axes);
@@ -375,6 +460,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             virtual_stages=virtual_stages if schedule == "interleaved" else None,
             max_in_flight=in_flight if schedule == "zb_v" else None,
             overlap=overlap,
+            microbatches=M,
         )
     return loss, g_layers, g_loss_params, dx_M
 
@@ -384,7 +470,7 @@ def _gather_grads(outside: _Outside, g_layers, g_loss_params, dx_M) -> nnx.State
     when nothing outside trains), plus the pipeline's layer and head gradients into the LLM's entries."""
     if outside.embed_vjp is not None:
         emb = outside.emb
-        dx = _rows_flat(dx_M).astype(emb.dtype)
+        dx = outside.rows.to_rows(dx_M.astype(emb.dtype))
         want = getattr(jax.typeof(emb), "sharding", None)
         if want is not None and want.mesh.axis_names and jax.typeof(dx).sharding != want:
             dx = jax.sharding.reshard(dx, want)
