@@ -19,6 +19,7 @@ from mllm_jax.parallel.pipeline import (
     TO_RIGHT,
     TO_SELF,
     build_schedule,
+    layout_schedule,
     make_layout,
     pipeline_value_and_grad,
     sequential_value_and_grad,
@@ -295,6 +296,30 @@ def test_1f1b_memory_is_bounded_in_microbatches():
     # ZB-H1's deferred Ws keep their cotangents in 1F1B's activation pool: the same compiled memory (a slot is
     # (2 + 1) layer rows of `act` bytes here; the difference stays below one row).
     assert abs(temp_bytes(16, "zb_h1") - one_f_one_b[1]) < act
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb"])
+def test_no_conditional_carries_the_activation_pool(schedule):
+    # The pool of saved layer inputs (and B's kept cotangents) is written in place: no conditional of the compiled
+    # program takes or returns it (a lax.switch over the ops, or a cond around a store, made XLA copy it: three pools
+    # were live at the LLaVA-7B step's peak, docs/pipeline.md). Its shape is made unique here to find it.
+    mesh = pipeline_mesh((2,), ("pipeline",))
+    n, M, mb, width = 4, 4, 5, 24
+    params = {"w": jnp.zeros((n, width, width)), "b": jnp.zeros((n, width))}
+    lp, aux = {"v": jnp.zeros((width, 3))}, {"scale": jnp.zeros((M,)), "target": jnp.zeros((M, mb, 3))}
+    x = jnp.zeros((M, mb, width))
+
+    def run(p, lp, x, aux):
+        return pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux, stage_layers=(2, 2),
+                                       mesh=mesh, schedule=schedule, input_requires_grad=True)
+
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(run).lower(params, lp, x, aux).compile().as_text()
+    layout = make_layout((2, 2), np.ones(n, bool), input_requires_grad=True, schedule=schedule)
+    pool = f"f32[{layout_schedule(layout, M, schedule).act_slots},2,{mb},{width}]"
+    assert any(" while(" in line and pool in line for line in hlo.splitlines()), f"no loop carries {pool}"
+    carrying = [line.strip()[:160] for line in hlo.splitlines() if " conditional(" in line and pool in line]
+    assert not carrying, carrying
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
 The schedule is a numpy table [tick, stage] of ops with the microbatch and the buffer slots each op reads and each
 arriving message is written to (``parallel.schedule``: 1F1B, ZB-H1, 1F1B-FB, GPipe, and with several chunks of layers
 per device ZB-V and interleaved). The runtime (``pipeline_value_and_grad``) scans over the table's rows inside
-``jax.shard_map`` over `pipeline`: each device reads its column, runs its op on the chunk the table names under
-``lax.switch`` (real control flow inside shard_map), and exchanges activations (forward) and input cotangents
+``jax.shard_map`` over `pipeline`: each device reads its column, runs its op on the chunk the table names (every
+op is a loop over the chunk's layers whose trip count is data: zero for the ops the table does not name, so the
+tick runs one op's layers; no conditional carries the activation pool or the gradient accumulator, which XLA then
+updates in place), and exchanges activations (forward) and input cotangents
 (backward) with its neighbours by ``ppermute`` every tick, after the tick's op or, with ``overlap``, beside the next
 tick's.
 
@@ -543,9 +545,9 @@ def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, 
         g, buf, c = carry
         i = n_active - 1 - j
         p, k = _index(params_L, off + i), kind_L[off + i]
-        buf = jax.lax.cond(k >= KIND_DW,
-                           lambda: jax.lax.dynamic_update_slice(buf, g[None, None], (w_slot, i) + (0,) * g.ndim),
-                           lambda: buf)
+        # Kept where the slot has a weight gradient (a select of one row, not a cond carrying the pool).
+        kept = jnp.where(k >= KIND_DW, g, _row(buf, w_slot, i))
+        buf = jax.lax.dynamic_update_slice(buf, kept[None, None].astype(buf.dtype), (w_slot, i) + (0,) * g.ndim)
         x = _row(buf, slot, i)
         has_dx = (k == KIND_DX) | (k == KIND_DX_DW)
         g = jax.lax.cond(has_dx, lambda: layer_grads(layer_fn, p, x, g, aux_m, dx=True, dw=False)[1], lambda: g)
@@ -565,13 +567,16 @@ def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
     def body(i, carry):
         acc, c = carry
         has_dw = kind_L[off + i] >= KIND_DW
+        p = _index(params_L, off + i)
 
         def dw():
-            dq, _ = layer_grads(layer_fn, _index(params_L, off + i), _row(acts, slot, i), _row(acts, w_slot, i),
-                                aux_m, dx=False, dw=True, split=split)
-            return _add_grad(acc, off + i if rows is None else rows[off + i], dq)
+            return layer_grads(layer_fn, p, _row(acts, slot, i), _row(acts, w_slot, i), aux_m, dx=False, dw=True,
+                               split=split)[0]
 
-        acc = jax.lax.cond(has_dw, dw, lambda: acc)
+        # The cond returns the layer's gradient (zeros without one), not the accumulator: as in the fused backward,
+        # no conditional carries the accumulator.
+        dq = jax.lax.cond(has_dw, dw, lambda: [jnp.zeros_like(a) for a in (split or ParamSplit(p)).split(p)[0]])
+        acc = _add_grad(acc, off + i if rows is None else rows[off + i], dq)
         if c is not None:
             c = c + jnp.stack([0, has_dw, 0, has_dw]).astype(c.dtype)
         return acc, c
@@ -770,7 +775,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                    want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None,
                    moves: RowMoves | None = None, *, conveyor: Conveyor):
     """The per-device body of the pipeline's shard_map: one device scanning its column of the schedule table, each
-    tick its op under ``lax.switch`` (idle / F / B / W / BW / F+BW / skip) on the chunk the table names, then the
+    tick its op (idle / F / B / W / BW / F+BW / skip: the ops' layer loops in turn, each with trip count zero
+    unless the table names it) on the chunk the table names, then the
     ppermutes to its neighbours. Returns (its slots' parameter gradients, loss-parameter gradients and loss summed
     over devices, its slots of the input gradients (``conveyor``), its per-tick trace)."""
     S, V, K = layout.devices, layout.virtual, layout.stages
@@ -800,15 +806,15 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
 
         # An op maps the device's state (acts, gacc, lpacc, loss, dxs, cnt) to (what it sends, the new state);
         # ``c`` is the chunk, ``k`` its virtual stage.
-        def fwd(st, slot, m0, c, k, xin):
+        def fwd(st, slot, m0, c, k, xin, run):
             acts, gacc, lpacc, loss, dxs, cnt = st
             aux_m = _index(aux_all, m0)
             # Every slot's input is kept for the backward (row 0 is where the previous stage's activation arrived).
             # A stage without a backward writes into a slot that nobody reads. Virtual stage 0 (device 0) reads
             # the microbatch's input from the slot the conveyor brought it to.
             x = jnp.where(k == 0, xin[m0 % n_in], acts[slot, 0])
-            y, new_acts, cnt = _stage_forward(layer_fn, params_L, n_active_V[c], x, aux_m, saved=acts, slot=slot,
-                                              cnt=cnt, off=c * L)
+            y, new_acts, cnt = _stage_forward(layer_fn, params_L, jnp.where(run, n_active_V[c], 0), x, aux_m,
+                                              saved=acts, slot=slot, cnt=cnt, off=c * L)
 
             def loss_now():
                 # The last virtual stage takes the loss and its cotangent in its forward (its backward is then the
@@ -820,7 +826,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             def send():
                 return y, zero_x, lpacc, loss
 
-            y, dy, lpacc, loss = jax.lax.cond(k == K - 1, loss_now, send)
+            y, dy, lpacc, loss = jax.lax.cond(run & (k == K - 1), loss_now, send)
             return y, dy, (new_acts, gacc, lpacc, loss, dxs, cnt)
 
         def incoming(gs, gslot, dy_now):
@@ -828,28 +834,33 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             (a paired op's backward of the microbatch its forward half just made) ``dy_now``."""
             return jnp.where(gslot >= 0, gs[jnp.maximum(gslot, 0)], dy_now)
 
-        def input_grad(dxs, dx, m0, k):
+        def input_grad(dxs, dx, m0, k, run):
             if not want_dx:
                 return dxs
-            return jax.lax.cond(k == 0, lambda: dxs.at[m0 % n_in].set(dx), lambda: dxs)
+            return _store(dxs, dx, jnp.where(run & (k == 0), m0 % n_in, -1))
 
-        def bwd_fused(st, g, slot, m0, c, k):
+        def trips(run, c):
+            """(active slots, KIND_NONE slots) of chunk c for an op that runs, (0, 0) for one that does not: its
+            loop's trip count is then zero."""
+            return jnp.where(run, n_active_V[c], 0), jnp.where(run, n_none_V[c], 0)
+
+        def bwd_fused(st, g, slot, m0, c, k, run):
             acts, gacc, lpacc, loss, dxs, cnt = st
-            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, n_active_V[c], n_none_V[c], acts, slot, g,
+            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, *trips(run, c), acts, slot, g,
                                             _index(aux_all, m0), gacc, cnt, split, rows_L, off=c * L)
-            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k), cnt)
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k, run), cnt)
 
-        def bwd_input(st, g, slot, w_slot, m0, c, k):
+        def bwd_input(st, g, slot, w_slot, m0, c, k, run):
             acts, gacc, lpacc, loss, dxs, cnt = st
-            acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, n_active_V[c], n_none_V[c], acts, slot,
+            acts, dx, cnt = _stage_input_grad(layer_fn, params_L, kind_L, *trips(run, c), acts, slot,
                                               w_slot, g, _index(aux_all, m0), cnt, off=c * L)
-            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k), cnt)
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k, run), cnt)
 
-        def bwd_weight(st, slot, w_slot, m0, c):
+        def bwd_weight(st, slot, w_slot, m0, c, run):
             acts, gacc, lpacc, loss, dxs, cnt = st
             if not trains:
                 return st
-            gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, n_active_V[c], n_none_V[c], acts, slot,
+            gacc, cnt = _stage_weight_grad(layer_fn, params_L, kind_L, *trips(run, c), acts, slot,
                                            w_slot, _index(aux_all, m0), gacc, cnt, split, rows_L, off=c * L)
             return acts, gacc, lpacc, loss, dxs, cnt
 
@@ -868,20 +879,25 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             return (hop(y, x_to, "x_to", TO_RIGHT), hop(y, x_to, "x_to", TO_LEFT),
                     hop(dx, g_to, "g_to", TO_LEFT), hop(dx, g_to, "g_to", TO_RIGHT))
 
-        def conveyor_send(xin, dxs, sends):
-            """The slots moving down the ring this tick (``conveyor.sends``), sent before the tick's op reads or
-            writes the others: what arrived, to store after the op."""
+        def conveyor_message(xin, dxs, sends):
+            """The slots that move down the ring in the tick whose ``conveyor.sends`` row is ``sends``. Made at the
+            end of the tick before (the buffers are then what that tick starts with) and carried, so that the
+            tick's ppermute has its operand before anything of the tick runs and XLA starts it before the ops."""
             out = [jnp.where(sends[0] >= 0, xin[jnp.maximum(sends[0], 0)], zero_x)]
             if want_dx:
                 out.append(jnp.where(sends[1] >= 0, dxs[jnp.maximum(sends[1], 0)], zero_x))
+            return jnp.stack(out)
+
+        def conveyor_send(message):
+            """What arrives from d + 1 this tick, to store after the ops."""
             with jax.named_scope(CONVEYOR_SCOPE):  # named so that a compiled program shows where it runs
-                return jax.lax.ppermute(jnp.stack(out), axis, ring_down)
+                return jax.lax.ppermute(message, axis, ring_down)
 
         def tick(carry, rows):
-            row, sends = rows
-            acts, gs, gacc, lpacc, loss, dxs, xin, sent = carry
+            row, sends, sends_next = rows
+            acts, gs, gacc, lpacc, loss, dxs, xin, sent, message = carry
             f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
-            moved = conveyor_send(xin, dxs, sends)
+            moved = conveyor_send(message)
             if sched.overlap:
                 # Last tick's messages travel now, beside this tick's ops (nothing here waits for them until the
                 # stores at the end): the ppermutes are off the critical path, and arrive a tick later.
@@ -892,33 +908,23 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             gslot = f["g_slot"]
             st = (acts, gacc, lpacc, loss, dxs, jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None)
 
-            def idle():
-                return zero_x, zero_x, zero_x, st
-
-            def op_f():
-                y, dy, new = fwd(st, slot, m0, c, k, xin)
-                return y, zero_x, dy, new
-
-            def op_b():
-                dx, new = bwd_input(st, incoming(gs, gslot, zero_x), slot, w_slot, m0, c, k)
-                return zero_x, dx, zero_x, new
-
-            def op_w():
-                return zero_x, zero_x, zero_x, bwd_weight(st, slot, w_slot, m0, c)
-
-            def op_bw():
-                dx, new = bwd_fused(st, incoming(gs, gslot, zero_x), slot, m0, c, k)
-                return zero_x, dx, zero_x, new
-
-            def op_fb():  # the forward half first: the last stage's backward may take the cotangent it just made
-                y, dy, mid = fwd(st, slot, m0, c, k, xin)
-                dx, new = bwd_fused(mid, incoming(gs, gslot, dy), slot2, m2, c, k)
-                return y, dx, dy, new
-
-            branches = [idle] * len(OP_CHARS)
-            branches[OP_F], branches[OP_B], branches[OP_W], branches[OP_BW], branches[OP_FB] = (
-                op_f, op_b, op_w, op_bw, op_fb)
-            y, dx, dy, (acts, gacc, lpacc, loss, dxs, cnt) = jax.lax.switch(f["op"], branches)
+            # The ops run one after another, each a loop whose trip count is zero unless the table's op is that
+            # one (a paired F + BW runs the forward's loop, then the backward's): no conditional carries the
+            # activation pool or the gradient accumulator, so XLA updates them in place (a lax.switch over the ops
+            # kept copies of the pool live around the forward's loop).
+            op = f["op"]
+            run_f = (op == OP_F) | (op == OP_FB)
+            run_bw = (op == OP_BW) | (op == OP_FB)
+            y, dy, st = fwd(st, slot, m0, c, k, xin, run_f)
+            y, dy = jnp.where(run_f, y, zero_x), jnp.where(run_f, dy, zero_x)
+            # The backward's arrived cotangent, or a paired op's: the loss cotangent its forward half just made.
+            g_in = incoming(gs, gslot, jnp.where(op == OP_FB, dy, zero_x))
+            paired = op == OP_FB
+            dx_bw, st = bwd_fused(st, g_in, jnp.where(paired, slot2, slot), jnp.where(paired, m2, m0), c, k, run_bw)
+            dx_b, st = bwd_input(st, g_in, slot, w_slot, m0, c, k, op == OP_B)
+            st = bwd_weight(st, slot, w_slot, m0, c, op == OP_W)
+            dx = jnp.where(run_bw, dx_bw, jnp.where(op == OP_B, dx_b, zero_x))
+            acts, gacc, lpacc, loss, dxs, cnt = st
             if not sched.overlap:  # this tick's messages travel now, after its ops
                 arrived = travel(y, dx, f["x_to"], f["g_to"])
             # Own arrivals: the turn of a V (activation or cotangent handed to the device's next chunk), or the
@@ -934,7 +940,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             if want_dx:
                 dxs = _store(dxs, moved[1], sends[1])
             sent = (y, dx, f["x_to"], f["g_to"]) if sched.overlap else sent
-            return (acts, gs, gacc, lpacc, loss, dxs, xin, sent), cnt
+            return (acts, gs, gacc, lpacc, loss, dxs, xin, sent, conveyor_message(xin, dxs, sends_next)), cnt
 
         init = (
             # One pool of activation slots: saved layer inputs, or for zb_h1 / zb_v the kept layer-output
@@ -952,7 +958,10 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             # With overlap: last tick's outgoing activation and cotangent, and where each goes.
             (zero_x, zero_x, jnp.int32(-1), jnp.int32(-1)) if sched.overlap else None,
         )
-        (_, _, gacc, lpacc, loss, dxs, _, _), counts = jax.lax.scan(tick, init, (table_T, sends_T))
+        init = init + (conveyor_message(x_mb, init[5], sends_T[0]),)  # tick 0's, from the buffers as they start
+        # Each tick also makes the next tick's conveyor message: its sends row rides along (none after the last).
+        sends_next_T = jnp.concatenate([sends_T[1:], jnp.full_like(sends_T[:1], -1)], axis=0)
+        (_, _, gacc, lpacc, loss, dxs, _, _, _), counts = jax.lax.scan(tick, init, (table_T, sends_T, sends_next_T))
         for moving in conveyor.tail:  # the input gradients' last moves down the ring, to their inputs' devices
             idx = np.flatnonzero(moving)
             with jax.named_scope(CONVEYOR_SCOPE):
@@ -975,8 +984,12 @@ def _store(buf, value, slot, row0: bool = False):
     """buf[slot] = value (row 0 of an activation slot with ``row0``: where a stage's input arrives); -1: nothing
     arrived."""
     start = (jnp.maximum(slot, 0),) + ((0,) if row0 else ()) + (0,) * value.ndim
+    size = (1, 1) + value.shape if row0 else (1,) + value.shape
+    old = jax.lax.dynamic_slice(buf, start, size)
     new = value[None, None] if row0 else value[None]
-    return jax.lax.cond(slot >= 0, lambda: jax.lax.dynamic_update_slice(buf, new, start), lambda: buf)
+    # No conditional around the buffer: a select of one row, written in place (a cond carrying the whole pool
+    # through its branches made XLA copy it).
+    return jax.lax.dynamic_update_slice(buf, jnp.where(slot >= 0, new.astype(buf.dtype), old), start)
 
 
 def sequential_value_and_grad(layer_fn, stacked_params, x_microbatches, *, loss_fn, loss_params, aux=None):
