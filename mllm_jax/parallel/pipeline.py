@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.parallel.conveyor import Conveyor, pad_microbatches, plan_conveyor, slots_per_device
-from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
+from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
                                         TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, build_schedule,
                                         stage_op_order, virtual_placement, virtual_stages_of)
 
@@ -649,10 +649,10 @@ def pipeline_value_and_grad(
     if sum(stage_layers) != n_layers:
         raise ValueError(f"stage_layers {tuple(stage_layers)} sum to {sum(stage_layers)}; params have {n_layers}")
     M = x_microbatches.shape[0] if microbatches is None else int(microbatches)
-    rows = S * slots_per_device(M, S) if microbatches is not None else M
-    if x_microbatches.shape[0] != rows:
+    x_rows = S * slots_per_device(M, S) if microbatches is not None else M
+    if x_microbatches.shape[0] != x_rows:
         raise ValueError(f"x_microbatches has {x_microbatches.shape[0]} rows; with microbatches={M} on {S} devices "
-                         f"it must have the conveyor's {rows} (devices x slots per device)")
+                         f"it must have the conveyor's {x_rows} (devices x slots per device)")
     layout = make_layout(
         stage_layers,
         trainable_layers,
@@ -702,8 +702,8 @@ def pipeline_value_and_grad(
     if want_dx:  # [devices, slots, ...] -> each microbatch's input gradient [M, ...], stored over `axis`
         spec = _spec_of(dx)
         dx = jnp.reshape(dx, (-1,) + dx.shape[2:], out_sharding=NamedSharding(mesh, P(axis, *spec[2:])))
-        if dx.shape[0] != rows:  # slots past M: a slice of a dimension sharded over `axis` must be even
-            dx = _reshard_dim(dx, mesh, None, axis)[:rows]
+        if dx.shape[0] != x_rows:  # slots past M: a slice of a dimension sharded over `axis` must be even
+            dx = _reshard_dim(dx, mesh, None, axis)[:x_rows]
     # No layer trains: no accumulator was carried; zeros here cost nothing where the caller drops them.
     zeros = jax.tree.leaves(jax.tree.map(jnp.zeros_like, stacked_params))
     if not layout.trains:
@@ -942,6 +942,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             sent = (y, dx, f["x_to"], f["g_to"]) if sched.overlap else sent
             return (acts, gs, gacc, lpacc, loss, dxs, xin, sent, conveyor_message(xin, dxs, sends_next)), cnt
 
+        dxs0 = jnp.zeros_like(x_mb) if want_dx else jnp.zeros((), x_mb.dtype)
         init = (
             # One pool of activation slots: saved layer inputs, or for zb_h1 / zb_v the kept layer-output
             # cotangents of a deferred W (one row per slot of a chunk).
@@ -953,12 +954,12 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             _zeros_like(lp),
             jnp.float32(0.0),
             # The device's slots of the input gradients and of the inputs (``parallel.conveyor``).
-            jnp.zeros_like(x_mb) if want_dx else jnp.zeros((), x_mb.dtype),
+            dxs0,
             x_mb,
             # With overlap: last tick's outgoing activation and cotangent, and where each goes.
             (zero_x, zero_x, jnp.int32(-1), jnp.int32(-1)) if sched.overlap else None,
         )
-        init = init + (conveyor_message(x_mb, init[5], sends_T[0]),)  # tick 0's, from the buffers as they start
+        init = init + (conveyor_message(x_mb, dxs0, sends_T[0]),)  # tick 0's, from the buffers as they start
         # Each tick also makes the next tick's conveyor message: its sends row rides along (none after the last).
         sends_next_T = jnp.concatenate([sends_T[1:], jnp.full_like(sends_T[:1], -1)], axis=0)
         (_, _, gacc, lpacc, loss, dxs, _, _, _), counts = jax.lax.scan(tick, init, (table_T, sends_T, sends_next_T))
