@@ -301,8 +301,8 @@ def test_1f1b_memory_is_bounded_in_microbatches():
 @pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb"])
 def test_no_conditional_carries_the_activation_pool(schedule):
     # The pool of saved layer inputs (and B's kept cotangents) is written in place: no conditional of the compiled
-    # program takes or returns it (a lax.switch over the ops, or a cond around a store, made XLA copy it: three pools
-    # were live at the LLaVA-7B step's peak, docs/pipeline.md). Its shape is made unique here to find it.
+    # program takes or returns it (a lax.switch over the ops, or a cond around a store, made XLA copy it: 5 GiB more
+    # temporaries per device for the LLaVA-7B step, docs/pipeline.md). Its shape is made unique here to find it.
     mesh = pipeline_mesh((2,), ("pipeline",))
     n, M, mb, width = 4, 4, 5, 24
     params = {"w": jnp.zeros((n, width, width)), "b": jnp.zeros((n, width))}

@@ -437,6 +437,12 @@ def _row(buf, slot, i):
     return jax.lax.dynamic_slice(buf, (slot, i) + (0,) * (buf.ndim - 2), (1, 1) + buf.shape[2:])[0, 0]
 
 
+def _zero_grads(p, split=None) -> list:
+    """Zeros shaped and laid out like one layer's trainable leaves (what a branch without a weight gradient returns:
+    branch outputs must match in sharding too)."""
+    return [jnp.zeros_like(a) for a in (split or ParamSplit(p)).split(p)[0]]
+
+
 class ParamSplit:
     """Which leaves of one layer's parameters train (LoRA: the adapters, not the base weights): the weight-gradient
     vjps differentiate those leaves only, and only they get an accumulator, so a frozen leaf has no dW computed and no
@@ -509,8 +515,7 @@ def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, d
         i = n_active - 1 - j
         p, k = _index(params_L, off + i), kind_L[off + i]
         x = _row(saved, slot, i)
-        # Zeros shaped and laid out like the trainable leaves (branch outputs must match in sharding too).
-        zeros = None if acc is None else [jnp.zeros_like(a) for a in (split or ParamSplit(p)).split(p)[0]]
+        zeros = None if acc is None else _zero_grads(p, split)
 
         def none():
             return zeros, g
@@ -545,9 +550,7 @@ def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, 
         g, buf, c = carry
         i = n_active - 1 - j
         p, k = _index(params_L, off + i), kind_L[off + i]
-        # Kept where the slot has a weight gradient (a select of one row, not a cond carrying the pool).
-        kept = jnp.where(k >= KIND_DW, g, _row(buf, w_slot, i))
-        buf = jax.lax.dynamic_update_slice(buf, kept[None, None].astype(buf.dtype), (w_slot, i) + (0,) * g.ndim)
+        buf = _write_row(buf, g, (w_slot, i), k >= KIND_DW)  # kept where the slot has a weight gradient
         x = _row(buf, slot, i)
         has_dx = (k == KIND_DX) | (k == KIND_DX_DW)
         g = jax.lax.cond(has_dx, lambda: layer_grads(layer_fn, p, x, g, aux_m, dx=True, dw=False)[1], lambda: g)
@@ -575,7 +578,7 @@ def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
 
         # The cond returns the layer's gradient (zeros without one), not the accumulator: as in the fused backward,
         # no conditional carries the accumulator.
-        dq = jax.lax.cond(has_dw, dw, lambda: [jnp.zeros_like(a) for a in (split or ParamSplit(p)).split(p)[0]])
+        dq = jax.lax.cond(has_dw, dw, lambda: _zero_grads(p, split))
         acc = _add_grad(acc, off + i if rows is None else rows[off + i], dq)
         if c is not None:
             c = c + jnp.stack([0, has_dw, 0, has_dw]).astype(c.dtype)
@@ -913,13 +916,13 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             # activation pool or the gradient accumulator, so XLA updates them in place (a lax.switch over the ops
             # kept copies of the pool live around the forward's loop).
             op = f["op"]
-            run_f = (op == OP_F) | (op == OP_FB)
-            run_bw = (op == OP_BW) | (op == OP_FB)
+            paired = op == OP_FB
+            run_f = (op == OP_F) | paired
+            run_bw = (op == OP_BW) | paired
             y, dy, st = fwd(st, slot, m0, c, k, xin, run_f)
             y, dy = jnp.where(run_f, y, zero_x), jnp.where(run_f, dy, zero_x)
             # The backward's arrived cotangent, or a paired op's: the loss cotangent its forward half just made.
-            g_in = incoming(gs, gslot, jnp.where(op == OP_FB, dy, zero_x))
-            paired = op == OP_FB
+            g_in = incoming(gs, gslot, jnp.where(paired, dy, zero_x))
             dx_bw, st = bwd_fused(st, g_in, jnp.where(paired, slot2, slot), jnp.where(paired, m2, m0), c, k, run_bw)
             dx_b, st = bwd_input(st, g_in, slot, w_slot, m0, c, k, op == OP_B)
             st = bwd_weight(st, slot, w_slot, m0, c, op == OP_W)
@@ -981,16 +984,20 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
     return per_device
 
 
+def _write_row(buf, value, index: tuple, write):
+    """buf[index] = value where ``write`` (a traced bool), else buf unchanged. No conditional around the buffer: a
+    select of one row, written in place (a cond carrying the whole pool through its branches made XLA copy it)."""
+    start = tuple(index) + (0,) * value.ndim
+    size = (1,) * len(index) + value.shape
+    old = jax.lax.dynamic_slice(buf, start, size)
+    new = value.reshape(size).astype(buf.dtype)
+    return jax.lax.dynamic_update_slice(buf, jnp.where(write, new, old), start)
+
+
 def _store(buf, value, slot, row0: bool = False):
     """buf[slot] = value (row 0 of an activation slot with ``row0``: where a stage's input arrives); -1: nothing
     arrived."""
-    start = (jnp.maximum(slot, 0),) + ((0,) if row0 else ()) + (0,) * value.ndim
-    size = (1, 1) + value.shape if row0 else (1,) + value.shape
-    old = jax.lax.dynamic_slice(buf, start, size)
-    new = value[None, None] if row0 else value[None]
-    # No conditional around the buffer: a select of one row, written in place (a cond carrying the whole pool
-    # through its branches made XLA copy it).
-    return jax.lax.dynamic_update_slice(buf, jnp.where(slot >= 0, new.astype(buf.dtype), old), start)
+    return _write_row(buf, value, (jnp.maximum(slot, 0),) + ((0,) if row0 else ()), slot >= 0)
 
 
 def sequential_value_and_grad(layer_fn, stacked_params, x_microbatches, *, loss_fn, loss_params, aux=None):

@@ -181,7 +181,7 @@ class MicrobatchRows:
         """P x K: the pipeline's rows of microbatch inputs."""
         return self.stages * self.per_device
 
-    def _spec(self, rank: int, dims: dict):
+    def _sharding(self, rank: int, dims: dict):
         return NamedSharding(self.mesh, P(*(dims.get(i) for i in range(rank))))
 
     def to_rows(self, a, fill: int = 0):
@@ -193,25 +193,25 @@ class MicrobatchRows:
         P_, K, D = self.stages, self.per_device, self.shards
         mb, rest = a.shape[1], a.shape[2:]
         batch = self.axes or None
-        a = jax.sharding.reshard(a, self._spec(a.ndim, {0: PIPELINE, 1: batch, 2: self.length}))
+        a = jax.sharding.reshard(a, self._sharding(a.ndim, {0: PIPELINE, 1: batch, 2: self.length}))
         a = jnp.reshape(a, (P_, K, D, mb // D) + rest,
-                        out_sharding=self._spec(4 + len(rest), {0: PIPELINE, 2: batch, 4: self.length}))
+                        out_sharding=self._sharding(4 + len(rest), {0: PIPELINE, 2: batch, 4: self.length}))
         a = jnp.swapaxes(a, 1, 2)
         return jnp.reshape(a, (P_ * D * K * (mb // D),) + rest,
-                           out_sharding=self._spec(1 + len(rest), {0: (PIPELINE, *self.axes), 1: self.length}))
+                           out_sharding=self._sharding(1 + len(rest), {0: (PIPELINE, *self.axes), 1: self.length}))
 
-    def to_microbatches(self, a, mb: int):
+    def to_microbatches(self, a):
         """Inverse of ``to_rows``: [P D K (mb / D), S, ...] -> [P K, mb, S, ...], microbatches over `pipeline` and
         rows over the batch axes (no data moves)."""
         P_, K, D = self.stages, self.per_device, self.shards
-        rest = a.shape[1:]
+        mb, rest = a.shape[0] // self.padded, a.shape[1:]
         batch = self.axes or None
-        a = jax.sharding.reshard(a, self._spec(a.ndim, {0: (PIPELINE, *self.axes), 1: self.length}))
+        a = jax.sharding.reshard(a, self._sharding(a.ndim, {0: (PIPELINE, *self.axes), 1: self.length}))
         a = jnp.reshape(a, (P_, D, K, mb // D) + rest,
-                        out_sharding=self._spec(4 + len(rest), {0: PIPELINE, 1: batch, 4: self.length}))
+                        out_sharding=self._sharding(4 + len(rest), {0: PIPELINE, 1: batch, 4: self.length}))
         a = jnp.swapaxes(a, 1, 2)
         return jnp.reshape(a, (P_ * K, mb) + rest,
-                           out_sharding=self._spec(2 + len(rest), {0: PIPELINE, 1: batch, 2: self.length}))
+                           out_sharding=self._sharding(2 + len(rest), {0: PIPELINE, 1: batch, 2: self.length}))
 
 
 def microbatch_rows(model, mesh, microbatches: int, mb: int, seq: int) -> MicrobatchRows:
@@ -400,7 +400,7 @@ def _embed_outside(model, batch: dict, rows: MicrobatchRows) -> _Outside:
         emb, embed_vjp = jax.vjp(embed, trainable)
     else:
         emb = embed(trainable)
-    return _Outside(emb, rows.to_microbatches(emb, batch["input_ids"].shape[1]), rows, trainable, embed_vjp)
+    return _Outside(emb, rows.to_microbatches(emb), rows, trainable, embed_vjp)
 
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
