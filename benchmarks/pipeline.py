@@ -165,14 +165,15 @@ def w_vs_bw(target) -> dict:
 
 
 # The schedules that can hold no more activations than 1F1B (parallel.schedule: ZB-H1 moves weight gradients into
-# 1F1B's cool-down without new microbatches in flight; ZB-V holds at most 2 half-stage inputs per microbatch in
-# flight); 1F1B-FB pairs a forward and a backward per tick and holds about twice as many, interleaved more too.
+# 1F1B's cool-down without new microbatches in flight; 1F1B-sliced runs 1F1B's order in slices of layers; ZB-V holds
+# at most 2 half-stage inputs per microbatch in flight); 1F1B-FB pairs a forward and a backward per tick and holds
+# about twice as many, interleaved more too.
 # Each plan's activation pool is measured (``activation_rows``), not assumed.
-EQUAL_MEMORY_SCHEDULES = ("1f1b", "zb_h1", "zb_v")
+EQUAL_MEMORY_SCHEDULES = ("1f1b", "zb_h1", "1f1b_sliced", "zb_v")
 
 
 def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, device_flops=DEVICE_FLOPS,
-              in_flight=None):
+              in_flight=None, stage_layers=None):
     cfg, tokens, feats = model_config(name)
     llm_s, vis_s, aud_s = MODELS[name][3]
     megatron = {"llm": llm_s, **({"vision": vis_s} if vis_s else {}), **({"audio": aud_s} if aud_s else {})}
@@ -181,7 +182,8 @@ def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, devi
     cornstarch = {"llm": 5, **{k: 1 for k in cfg.encoders}}
     plan = plan_pipeline(
         pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats),
-        ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches, pipeline_in_flight=in_flight),
+        ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches, pipeline_in_flight=in_flight,
+                       pipeline_stage_layers=stage_layers),
         device_flops=device_flops,
         cornstarch_stages=cornstarch,
         megatron_stages=megatron,
@@ -359,7 +361,8 @@ def activation_rows(plan, name, table=None) -> int:
 
     p = plan.runtime
     in_flight = plan.in_flight if p.schedule == "zb_v" else None
-    sched = schedule_for(_plan_stage_ops(plan, name, table), plan.microbatches, p.schedule, None, in_flight)
+    sched = schedule_for(_plan_stage_ops(plan, name, table), plan.microbatches, p.schedule, None, in_flight,
+                         slicing=p.slicing)
     return int(sched.act_slots * max(p.llm_stage_layers))
 
 
@@ -403,14 +406,12 @@ def draw_timeline(path, plan, name, table=None, plan_1f1b=None):
 def _plan_stage_ops(plan, name, table=None):
     """The planned split's per-stage op costs in seconds (the runtime costs the plan simulated)."""
     from mllm_jax.parallel.pipeline_plan import runtime_stage_ops, with_layer_costs
-    from mllm_jax.parallel.schedule import StageOps
 
     cfg, tokens, feats = model_config(name)
     costs = pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats)
     rt = (costs if table is None else with_layer_costs(costs, table)).runtime
     so = runtime_stage_ops(rt.llm, plan.runtime.llm_stage_layers, rt.head)
-    scale = plan.tensor * plan.device_flops
-    return StageOps(*(tuple(v / scale for v in getattr(so, k)) for k in ("f", "b", "w", "bw")))
+    return so.scaled(1.0 / (plan.tensor * plan.device_flops))
 
 
 def main():
@@ -457,6 +458,11 @@ def main():
         rows_1f1b = activation_rows(one_plan, name, tables.get(name))
         eq_cands = [one_plan] + [predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops)
                                  for k in EQUAL_MEMORY_SCHEDULES if k not in ("1f1b", "zb_v")]
+        # The one-chunk schedules also on 1F1B's split (the planner's own split for them may have a longer stage,
+        # whose pool rows every device then holds).
+        eq_cands += [predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops,
+                               stage_layers=one_plan.runtime.llm_stage_layers)
+                     for k in EQUAL_MEMORY_SCHEDULES if k not in ("1f1b", "zb_v")]
         # zb_v paced by its admitted microbatches: the most that keep its pool within 1F1B's (chunks of a V are
         # half a stage rounded up, so at 2 x S slots the pool can be a few rows larger).
         for n in range(one_plan.stages, 0, -1):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mllm_jax.parallel.conveyor import plan_conveyor
-from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_FB, build_schedule
+from mllm_jax.parallel.schedule import OP_B, OP_BW, OP_F, OP_FB, build_schedule, default_slicing
 
 
 def home(S, K, M):
@@ -26,6 +26,8 @@ def replay_conveyor(sched, M, input_grads=True, conv=None):
     xin = home(S, K, M)
     dxs = np.full((S, K), -1)
     ops, virtual, mb, mb2 = (sched.column(f) for f in ("op", "virtual", "mb", "mb2"))
+    # Slices of "1f1b_sliced": the forward's first reads the input, the backward's last writes the input gradient.
+    reads, writes = sched.column("f_lo") <= 0, sched.column("b_lo") <= 0
     down = lambda a: np.roll(a, -1, axis=0)  # noqa: E731  device d receives from d + 1
     for t in range(ops.shape[0]):
         sx, sg = conv.sends[t]
@@ -33,11 +35,11 @@ def replay_conveyor(sched, M, input_grads=True, conv=None):
         arrived_g = down(dxs[:, sg]) if sg >= 0 else None
         for d in np.flatnonzero(virtual[t] == 0):
             op = ops[t, d]
-            if op in (OP_F, OP_FB):
+            if op in (OP_F, OP_FB) and reads[t, d]:
                 m = mb[t, d]
                 assert sx != m % K, f"tick {t}: the op reads slot {m % K}, which is moving"
                 assert xin[d, m % K] == m, f"tick {t}: device {d} forwards {m} but its slot holds {xin[d, m % K]}"
-            back = mb[t, d] if op in (OP_B, OP_BW) else mb2[t, d] if op == OP_FB else -1
+            back = (mb[t, d] if op in (OP_B, OP_BW) else mb2[t, d] if op == OP_FB else -1) if writes[t, d] else -1
             if back >= 0 and input_grads:
                 assert sg != back % K, f"tick {t}: the op writes slot {back % K}, which is moving"
                 dxs[d, back % K] = back
@@ -51,7 +53,7 @@ def replay_conveyor(sched, M, input_grads=True, conv=None):
 
 
 ONE_CHUNK = [(2, 1), (2, 2), (2, 5), (3, 4), (4, 4), (4, 5), (4, 16), (4, 17), (8, 24)]
-CASES = [(kind, S, M, overlap) for kind in ("1f1b", "zb_h1", "1f1b_fb") for S, M in ONE_CHUNK
+CASES = [(kind, S, M, overlap) for kind in ("1f1b", "zb_h1", "1f1b_fb", "1f1b_sliced") for S, M in ONE_CHUNK
          for overlap in (False, True)]
 CASES += [("gpipe", S, M, False) for S, M in ONE_CHUNK]  # no overlapped table: a memory reference only
 VIRTUAL = [(2, 2), (2, 6), (3, 6), (4, 8), (4, 16)]
@@ -60,7 +62,9 @@ CASES += [(kind, S, M, overlap) for kind in ("zb_v", "interleaved") for S, M in 
 
 @pytest.mark.parametrize("kind,stages,M,overlap", CASES)
 def test_every_microbatch_reaches_device_0_and_its_gradient_returns_home(kind, stages, M, overlap):
-    sched = build_schedule(stages, M, kind=kind, overlap=overlap)
+    # Sliced: three layers per stage, a tick of 2 units (two forwards or one backward layer): every op in slices.
+    slicing = default_slicing((3,) * stages) if kind == "1f1b_sliced" else None
+    sched = build_schedule(stages, M, kind=kind, overlap=overlap, slicing=slicing)
     conv, dxs = replay_conveyor(sched, M)
     K = conv.per_device
     assert K == max(2, -(-M // stages))  # a device holds its share of the microbatches, not all M

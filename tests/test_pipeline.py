@@ -47,6 +47,21 @@ def replay(sched, stages=None, M=None):
     lag = 2 if sched.overlap else 1  # a message to another device is stored lag - 1 ticks after its own
     later_x, later_g = {}, {}  # tick -> {(device, recv column): what arrives}
     peak = [0] * S
+    # "1f1b_sliced": each (virtual stage, microbatch)'s forward slices must cover its layers in order from 0, its
+    # backward slices from the top down to 0; -1 columns are whole ops.
+    n_of = sched.slicing.stage_layers if sched.slicing is not None else None
+    f_at, b_at = {}, {}  # (k, m) -> the next layer its forward starts at / its backward ends at
+
+    def slice_of(at, k, m, lo, hi, up):
+        """(first, last) slice of an op, after checking it continues where the last one ended."""
+        if lo < 0:
+            assert hi < 0 and n_of is None
+            return True, True
+        n = n_of[k]
+        want = at.get((k, m), 0 if up else n)
+        assert (lo if up else hi) == want and 0 <= lo < hi <= n, f"slice [{lo}, {hi}) of {(k, m)} after {want}"
+        at[(k, m)] = hi if up else lo
+        return want == (0 if up else n), (hi == n if up else lo == 0)
     for t in range(sched.table.shape[0]):
         sent_x, sent_g = later_x.pop(t, {}), later_g.pop(t, {})  # (device, recv column) -> what arrives
 
@@ -62,28 +77,35 @@ def replay(sched, stages=None, M=None):
             op, m, k = ops[t, d], mbs[t, d], ks[t, d]
             xs, ws = col["x_slot"][t, d], col["w_slot"][t, d]
             if op in (OP_FWD, OP_FB):
-                if k > 0:
+                first, last = slice_of(f_at, k, m, col["f_lo"][t, d], col["f_hi"][t, d], True)
+                if k > 0 or not first:
                     assert acts[d][xs] == ("x", k, m)
-                    if k not in has_bw:  # no backward: the forward read it last
+                    if k not in has_bw and last:  # no backward: the forward read it last
                         del acts[d][xs]
                 else:
                     assert xs >= 0 and xs not in acts[d], "overwrote a live slot"
-                    if k in has_bw:  # else a scratch slot: the forward writes its layer inputs, nobody reads them
-                        acts[d][xs] = ("x", k, m)
-                    peak[d] = max(peak[d], len(acts[d]))  # before a paired backward frees its slot
-                if k + 1 < K:
+                    acts[d][xs] = ("x", k, m)  # without a backward: a scratch slot until the forward's last slice
+                    peak[d] = max(peak[d], len(acts[d]) - (k not in has_bw))  # before a paired backward frees its
+                    if k not in has_bw and last:
+                        del acts[d][xs]
+                if not last:  # the next slice goes on from the row this one wrote: nothing sent
+                    assert col["x_to"][t, d] < 0
+                elif k + 1 < K:
                     send(d, col["x_to"][t, d], x_channel, sent_x, ("x", k + 1, m))
-                elif col["recv_go_slot"][t, d] >= 0:  # the loss cotangent, kept for this stage's backward
-                    sent_g[(d, "recv_go_slot")] = (k, m)
+                elif col["recv_gl_slot"][t, d] >= 0:  # the loss cotangent, kept for this stage's backward
+                    sent_g[(d, "recv_gl_slot")] = (k, m)
             back = op in (OP_BWD, OP_B, OP_FB)
             mb = col["mb2"][t, d] if op == OP_FB else m
+            done = back and slice_of(b_at, k, mb, col["b_lo"][t, d], col["b_hi"][t, d], False)[1]
             if op == OP_FB:  # the backward half, after the forward half
-                assert acts[d].pop(col["x2_slot"][t, d]) == ("x", k, mb)
+                assert acts[d][col["x2_slot"][t, d]] == ("x", k, mb)
+                if done:
+                    del acts[d][col["x2_slot"][t, d]]
             elif back:
                 assert acts[d][xs] == ("x", k, mb)
-                if op == OP_BWD:
+                if op == OP_BWD and done:
                     del acts[d][xs]
-                else:
+                elif op == OP_B:
                     assert ws not in acts[d], "overwrote a live slot"
                     acts[d][ws] = ("w", k, mb)
             if back:
@@ -92,7 +114,10 @@ def replay(sched, stages=None, M=None):
                     assert gs[d].pop(g) == (k, mb)
                 else:  # only a paired op's backward of the microbatch its forward half just made
                     assert op == OP_FB and k == K - 1 and mb == m
-                if k > 0 and col["g_to"][t, d] >= 0:
+                if not done:  # a slice above the bottom: its cotangent to the stage's own next slice
+                    assert col["g_to"][t, d] == TO_SELF
+                    sent_g[(d, "recv_go_slot")] = (k, mb)
+                elif k > 0 and col["g_to"][t, d] >= 0:
                     send(d, col["g_to"][t, d], g_channel, sent_g, (k - 1, mb))
             elif op == OP_W:
                 assert acts[d].pop(xs) == ("x", k, m) and acts[d].pop(ws) == ("w", k, m)
@@ -103,7 +128,7 @@ def replay(sched, stages=None, M=None):
                 if slot >= 0:
                     assert slot not in acts[d], "overwrote a live activation"
                     acts[d][slot] = sent_x[(d, name)]
-            for name in ("recv_g_slot", "recv_gr_slot", "recv_go_slot"):
+            for name in ("recv_g_slot", "recv_gr_slot", "recv_go_slot", "recv_gl_slot"):
                 slot = col[name][t, d]
                 assert (slot >= 0) == ((d, name) in sent_g), f"tick {t} device {d}: {name}"
                 if slot >= 0:
@@ -114,6 +139,9 @@ def replay(sched, stages=None, M=None):
             assert all(slot < sched.act_slots for slot in acts[d])
     assert all(not a for a in acts) and all(not g for g in gs)  # everything was consumed
     assert not later_x and not later_g  # and nothing was still on its way
+    if n_of is not None:  # every op ran all its layers
+        assert all(v == n_of[k] for (k, _), v in f_at.items())
+        assert set(b_at.values()) <= {0}
     return peak
 
 
@@ -195,7 +223,7 @@ def pipeline_mesh(shape, names):
 
 
 def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spec=None, mb=2, schedule="1f1b",
-                param_trainable=None, virtual_stages=None, overlap=False):
+                param_trainable=None, virtual_stages=None, overlap=False, slicing=None):
     n = sum(stage_layers)
     params, lp, x, aux = problem(n, M, mb=mb)
     tr = np.ones(n, bool) if trainable is None else np.asarray(trainable, bool)
@@ -219,6 +247,7 @@ def check_equal(mesh, stage_layers, M, trainable, input_grad, x_spec=None, w_spe
             param_trainable=param_trainable,
             virtual_stages=virtual_stages,
             overlap=overlap,
+            slicing=slicing,
         )
 
     with jax.set_mesh(mesh):

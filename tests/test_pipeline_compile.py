@@ -8,8 +8,9 @@ import re
 import pytest
 
 from mllm_jax.parallel.pipeline import CONVEYOR_SCOPE
+from mllm_jax.parallel.schedule import build_schedule, default_slicing
 from mllm_jax.train import compile_target as ct
-from mllm_jax.train import loop, targets
+from mllm_jax.train import loop, pipelined_step, targets
 from test_compile_target import ROOT, needs_tpu
 
 # Shrunk (as test_compile_target.py's vlm_tiny) to keep the two compiles short: 4 LLM layers (two chunks of two
@@ -71,3 +72,36 @@ def test_overlapped_ppermutes_run_beside_the_ops_on_tpu():
         overlapped
     last_op = len(plain) - 1 - plain[::-1].index("op")
     assert plain.count("C") == 1 and plain.index("C") < last_op < plain.index("CD"), plain
+
+
+@needs_tpu
+@pytest.mark.slow
+def test_sliced_schedule_compiles_for_tpu_in_1f1b_memory(monkeypatch):
+    """1f1b_sliced inside the real train step on tpu:v5e:2x2 (pipeline x data), the frozen LLM's slicing forced to
+    one layer per tick (every op in slices): it compiles with the TPU's compiler, and its
+    compiled temporaries are 1F1B's (the same order, so the same pool of activation slots; a slice's output is
+    written into its slot's next row in place)."""
+    target = targets.parse("tpu:v5e:2x2")
+    frozen = ['ModelConfig.trainable = {"encoders/vision": False, "llm": False}']
+    planned, ran = pipelined_step._stage_layers, []
+
+    def two_units(*a, **kw):
+        layers, kind, slicing = planned(*a, **kw)
+        if kind == "1f1b_sliced":
+            slicing = default_slicing(layers, budget=1)
+            ran.append(build_schedule(len(layers), 4, kind=kind, slicing=slicing))
+        return layers, kind, slicing
+
+    monkeypatch.setattr(pipelined_step, "_stage_layers", two_units)
+
+    def temp_bytes(*params):
+        cfg = loop.load_run_config([f"{ROOT}/configs/vlm_tiny.gin"], LAYOUT + frozen + list(params))
+        cfg = loop.for_devices(cfg, target.num_devices, chip=target.chip)
+        step = ct.build_step(ct.for_target(cfg, target), target.devices())
+        compiled = ct.compile_step(step, what="sliced schedule")[0]
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one = temp_bytes()
+    sliced = temp_bytes('ParallelConfig.pipeline_schedule="1f1b_sliced"')
+    assert abs(sliced - one) <= 0.02 * one, (sliced, one)
+    assert (ran[0].column("f_lo") > 0).any() and (ran[0].column("b_lo") > 0).any()  # it ran slices

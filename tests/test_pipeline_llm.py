@@ -18,6 +18,8 @@ from mllm_jax.layers import LoRAParam
 from mllm_jax.multimodal import MultimodalModel
 from mllm_jax.parallel.config import ParallelConfig
 from mllm_jax.parallel.mesh import make_mesh
+from mllm_jax.parallel.schedule import build_schedule, default_slicing
+from mllm_jax.train import pipelined_step
 from mllm_jax.train.pipelined_step import (_embed_outside, flatten_microbatches, microbatch_rows,
                                            pipelined_loss_and_grad)
 
@@ -282,6 +284,35 @@ def test_pipelined_model_with_virtual_stages(schedule, parallel, split, trainabl
     cfg = tiny_config(6, FROZEN_ENC if lora else trainable, lora=lora)
     check(cfg, ParallelConfig(pipeline_schedule=schedule, **parallel), split, perturb_lora=lora is not None,
           sharded_model=parallel.get("fsdp", 1) > 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,split,trainable,forced_budget", [
+    # The frozen LLM the schedule is for (dX through every layer under a trainable projector), cut into slices of
+    # one layer's backward or two layers' forward per tick: slices on the real decoder layers.
+    (dict(pipeline=2, microbatches=3), (2, 4), FROZEN_LLM, 2),
+    # The planner's split and slicing (what the train step runs), LoRA adapters stored over fsdp.
+    (dict(fsdp=2, pipeline=2, microbatches=2), None, "lora", None),
+])
+def test_pipelined_model_sliced(parallel, split, trainable, forced_budget, monkeypatch):
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), modules=("llm",)) if trainable == "lora" else None
+    cfg = tiny_config(6, FROZEN_ENC if lora else trainable, lora=lora)
+    pc = ParallelConfig(pipeline_schedule="1f1b_sliced", **parallel)
+    ran = []
+    planned_stage_layers = pipelined_step._stage_layers
+
+    def stage_layers(*a, **kw):  # what the step runs; with a forced budget, slices the planner would not choose
+        layers, kind, slicing = planned_stage_layers(*a, **kw)
+        assert kind == "1f1b_sliced" and slicing is not None and slicing.stage_layers == layers
+        if forced_budget:
+            slicing = default_slicing(layers, budget=forced_budget)
+        ran.append(build_schedule(2, pc.microbatches, kind=kind, slicing=slicing))
+        return layers, kind, slicing
+
+    monkeypatch.setattr(pipelined_step, "_stage_layers", stage_layers)
+    check(cfg, pc, split, perturb_lora=lora is not None, sharded_model=pc.fsdp > 1)
+    if forced_budget:  # forwards and backwards both ran in slices
+        assert (ran[0].column("f_lo") > 0).any() and (ran[0].column("b_lo") > 0).any()
 
 
 @pytest.mark.slow

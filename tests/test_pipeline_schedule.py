@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from mllm_jax.parallel.cost_model import Layer, cost_chain
-from mllm_jax.parallel.pipeline import (TRACE_FIELDS, ParamSplit, layer_grads, layout_schedule, make_layout,
-                                        pipeline_value_and_grad)
+from mllm_jax.parallel.pipeline import (TRACE_FIELDS, ParamSplit, layer_grads, layout_schedule, layout_slicing,
+                                        make_layout, pipeline_value_and_grad)
 from mllm_jax.parallel.pipeline_plan import runtime_stage_ops
-from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_F, OP_FB, OP_W, StageOps, build_schedule,
+from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_F, OP_FB, OP_W, StageOps, build_schedule, default_slicing,
                                         one_f_one_b_peak, paired_peak, simulate, tick_costs)
 from test_pipeline import check_equal, layer_fn, loss_fn, pipeline_mesh, problem, replay
 
@@ -56,6 +56,47 @@ def test_simulator_reproduces_the_issues_lockstep_numbers():
     # No weight gradient anywhere (a frozen LLM under trainable projectors): ZB-H1 is 1F1B.
     frozen = StageOps(f=(1.0,) * 4, b=(2.0,) * 4, w=(0.0,) * 4, bw=(2.0,) * 4)
     assert (simulate(frozen, 8, "zb_h1").schedule.ops == simulate(frozen, 8, "1f1b").schedule.ops).all()
+
+
+@pytest.mark.parametrize("stages,M,layers,budget,overlap,frozen_prefix", [
+    (2, 3, (2, 3), 2, False, False), (4, 8, (3, 2, 4, 3), 1, False, False), (4, 8, (3, 2, 4, 3), 3, False, True),
+    (5, 16, (4, 4, 5, 5, 3), 2, True, False), (5, 16, (4, 4, 5, 5, 3), 6, True, True), (3, 2, (5, 1, 2), 4, False,
+                                                                                           False)])
+def test_sliced_table_keeps_dependencies_and_1f1b_memory(stages, M, layers, budget, overlap, frozen_prefix):
+    bw = [not frozen_prefix] + [True] * (stages - 1)
+    sl = default_slicing(layers, bw, budget)
+    sched = build_schedule(stages, M, kind="1f1b_sliced", slicing=sl, overlap=overlap, backward_stages=bw)
+    # Every read finds its microbatch, slices continue where the last one ended and cover every layer.
+    assert tuple(replay(sched, stages, M)) == sched.peak_act
+    one = build_schedule(stages, M, overlap=overlap, backward_stages=bw)
+    assert all(a <= b for a, b in zip(sched.peak_act, one.peak_act)) and sched.act_slots <= one.act_slots
+    # No tick holds more than the budget, unless one layer's op alone does.
+    fw = [np.concatenate([[0], np.cumsum(v)]) for v in sl.forward_units]
+    bu = [np.concatenate([[0], np.cumsum(v)]) for v in sl.backward_units]
+    col = {n: sched.column(n) for n in ("op", "f_lo", "f_hi", "b_lo", "b_hi")}
+    for t, s in zip(*np.nonzero(col["op"] != 0)):
+        units = layers_run = 0
+        if col["op"][t, s] in (OP_F, OP_FB):
+            units += fw[s][col["f_hi"][t, s]] - fw[s][col["f_lo"][t, s]]
+            layers_run += col["f_hi"][t, s] - col["f_lo"][t, s]
+        if col["op"][t, s] in (OP_BW, OP_FB):
+            units += bu[s][col["b_hi"][t, s]] - bu[s][col["b_lo"][t, s]]
+            layers_run += col["b_hi"][t, s] - col["b_lo"][t, s]
+        assert units <= budget or layers_run == 1
+
+
+def test_sliced_ticks_cost_alike_where_1f1b_pays_the_backward_twice():
+    """Frozen layers (backward = 2 forwards): 1F1B's lockstep steady state costs 2 BW per microbatch, sliced ticks of
+    one backward layer about F + BW; the simulated time falls towards the asynchronous formula, at 1F1B's memory."""
+    S, M, L = 4, 16, 4
+    ops = StageOps(f=(L * 1.0,) * S, b=(L * 2.0,) * S, w=(0.0,) * S, bw=(L * 2.0,) * S,
+                   f_layers=((1.0,) * L,) * S, bw_layers=((2.0,) * L,) * S)
+    one, sliced, paired = (simulate(ops, M, k) for k in ("1f1b", "1f1b_sliced", "1f1b_fb"))
+    formula = (M - 1) * 3 * L + S * 3 * L  # (M - 1) x a stage's F + BW, + one microbatch through all stages
+    assert one.time >= 2 * (2 * L) * M  # every microbatch: two ticks that each cost BW
+    assert sliced.time == formula == paired.time  # 1F1B-FB's time ...
+    assert sliced.schedule.act_slots == one.schedule.act_slots == S < paired.schedule.act_slots  # ... in 1F1B's memory
+    assert sliced.bubble_fraction < one.bubble_fraction
 
 
 @pytest.mark.parametrize("stages,M", [(2, 3), (4, 8), (5, 16)])
@@ -143,7 +184,8 @@ def unit_chain(trainable):
     return cost_chain(layers, remat=True)[0]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb", "interleaved", "zb_v", "zb_v+overlap"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "1f1b_fb", "1f1b_sliced", "interleaved", "zb_v",
+                                      "zb_v+overlap", "1f1b_sliced+overlap"])
 def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
     schedule, overlap = schedule.split("+")[0], schedule.endswith("+overlap")
     stage_layers, trainable, M = (1, 3, 2, 1), [0, 0, 1, 0, 1, 1, 0], 5
@@ -151,21 +193,22 @@ def test_simulator_tick_table_equals_the_instrumented_runtime(schedule):
         stage_layers, trainable, M = (1, 1, 2, 1, 1, 2, 1, 1), [0, 0, 1, 0, 1, 1, 0, 1, 0, 1], 4
     mesh = pipeline_mesh((4,), ("pipeline",))
     params, lp, x, aux = problem(sum(stage_layers), M)
+    # The planner's per-stage op costs of the same split (unit layers): the work of a tick in layer passes.
+    ops = runtime_stage_ops(unit_chain(trainable), stage_layers)
+    sim = simulate(ops, M, schedule, overlap=overlap)  # "1f1b_sliced": the planner's slicing, run as it chose it
 
     def run(p, lp, x, aux):
         return pipeline_value_and_grad(layer_fn, p, x, loss_fn=loss_fn, loss_params=lp, aux=aux,
                                        stage_layers=stage_layers, mesh=mesh,
                                        trainable_layers=np.asarray(trainable, bool), schedule=schedule, trace=True,
-                                       overlap=overlap)
+                                       overlap=overlap, slicing=sim.schedule.slicing)
 
     with jax.set_mesh(mesh):
         *_, counts = jax.jit(run)(params, lp, x, aux)
     counts = np.asarray(counts)  # [ticks, stages, TRACE_FIELDS]
-    # The planner's per-stage op costs of the same split (unit layers): the work of a tick in layer passes.
-    ops = runtime_stage_ops(unit_chain(trainable), stage_layers)
-    sim = simulate(ops, M, schedule, overlap=overlap)
     layout = make_layout(stage_layers, np.asarray(trainable, bool), schedule=schedule)
-    assert (sim.schedule.table == layout_schedule(layout, M, schedule, overlap=overlap).table).all()
+    assert (sim.schedule.table == layout_schedule(layout, M, schedule, overlap=overlap,
+                                                  slicing=sim.schedule.slicing).table).all()
     assert counts.shape == (sim.ticks, 4, len(TRACE_FIELDS))
     ran = counts.sum(axis=2)  # forwards + remat recomputes + dX + dW, each one unit
     np.testing.assert_array_equal(ran, tick_costs(sim.schedule, ops))
@@ -289,6 +332,11 @@ def test_gradient_accumulator_has_rows_for_trainable_slots_only():
     ("1f1b_fb+overlap", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),
     ("zb_v+overlap", (1, 1, 2, 1, 1, 2, 1, 1), 5, [0, 0, 0, 1, 0, 1, 1, 0, 1, 1], True, None),
     ("interleaved+overlap", (2, 1, 1, 1, 1, 2), 4, [0] * 8, True, None),
+    # Ops cut into slices of layers (default: a tick holds 2 units, one frozen layer's backward or two forwards).
+    ("1f1b_sliced", (1, 3, 2, 1), 5, [0, 0, 1, 0, 1, 1, 0], False, None),
+    ("1f1b_sliced", (2, 3, 3, 2), 6, [0] * 10, True, None),
+    ("1f1b_sliced", (2, 1, 1), 4, None, True, {"w": False, "b": True}),
+    ("1f1b_sliced+overlap", (3, 2, 3, 1), 5, [0, 0, 0, 1, 0, 1, 1, 0, 1], True, None),
 ])
 def test_schedules_match_one_device(schedule, stage_layers, M, trainable, input_grad, param_trainable):
     schedule, overlap = schedule.split("+")[0], schedule.endswith("+overlap")
@@ -296,6 +344,26 @@ def test_schedules_match_one_device(schedule, stage_layers, M, trainable, input_
     mesh = pipeline_mesh((len(stage_layers) // virtual,), ("pipeline",))
     check_equal(mesh, stage_layers, M, trainable, input_grad, schedule=schedule, param_trainable=param_trainable,
                 virtual_stages=virtual if schedule == "interleaved" else None, overlap=overlap)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 5, 40])
+def test_sliced_schedule_matches_one_device_at_every_budget(budget):
+    """Slices of every size: one layer's op per tick (1), a forward's tail and a backward's head in one tick (3, 5:
+    paired slices, the last stage's loss cotangent and a hand-over in the same tick), whole ops paired (40)."""
+    stage_layers, trainable = (3, 2, 4, 3), [0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 1, 1]
+    layout = make_layout(stage_layers, np.asarray(trainable, bool), input_requires_grad=True,
+                         schedule="1f1b_sliced")
+    slicing = layout_slicing(layout, budget)
+    sched = layout_schedule(layout, 6, slicing=slicing)
+    ops = sched.ops
+    if budget in (3, 5):
+        assert (ops == OP_FB).any() and (sched.column("b_lo") > 0).any()
+    if budget == 1:
+        assert not (ops == OP_FB).any()
+    # 1F1B's order keeps 1F1B's activation memory.
+    assert sched.act_slots == build_schedule(4, 6).act_slots
+    check_equal(pipeline_mesh((4,), ("pipeline",)), stage_layers, 6, trainable, True, schedule="1f1b_sliced",
+                slicing=slicing)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ class ParallelConfig:
     microbatches: int | str = 1
     # The pipeline's schedule (parallel.schedule): "1f1b", "zb_h1" (weight gradients fill 1F1B's cool-down, same
     # activation memory), "1f1b_fb" (a forward and a backward paired per tick: the async 1F1B time in lockstep, about
-    # twice 1F1B's activations), "zb_v" (two chunks per device as a V, weight gradients in the bubbles, 1F1B's
+    # twice 1F1B's activations), "1f1b_sliced" (1F1B's order cut into slices of layers, every tick about the same
+    # cost: close to 1F1B-FB's time at 1F1B's activation memory; the planner chooses the slicing), "zb_v" (two
+    # chunks per device as a V, weight gradients in the bubbles, 1F1B's
     # activation memory), "interleaved" (Megatron's virtual pipeline: more memory, shorter bubbles) or "auto" (the
     # planner's choice, by simulating each on the model's costs).
     pipeline_schedule: str = "1f1b"

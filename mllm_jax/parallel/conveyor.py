@@ -50,19 +50,22 @@ def slots_per_device(microbatches: int, devices: int) -> int:
 
 
 def _events(sched: Schedule) -> tuple:
-    """The ticks of virtual stage 0's forwards and backwards: ({microbatch: tick}, {microbatch: tick})."""
+    """The ticks where virtual stage 0 reads a microbatch's input (its forward, or the forward's first slice) and
+    writes its input gradient (its backward, or the backward's last slice): ({microbatch: tick}, {microbatch:
+    tick})."""
     ops, virtual = sched.ops, sched.column("virtual")
     mb, mb2 = sched.column("mb"), sched.column("mb2")
+    reads, writes = sched.column("f_lo") <= 0, sched.column("b_lo") <= 0
     f_ticks, b_ticks = {}, {}
     for t, d in zip(*np.nonzero(virtual == 0)):
         if d != 0:
             raise ValueError(f"virtual stage 0 runs on device {d} at tick {t}; the conveyor feeds device 0")
         op = ops[t, d]
-        if op in (OP_F, OP_FB):
+        if op in (OP_F, OP_FB) and reads[t, d]:
             f_ticks[int(mb[t, d])] = int(t)
-        if op in (OP_B, OP_BW):
+        if op in (OP_B, OP_BW) and writes[t, d]:
             b_ticks[int(mb[t, d])] = int(t)
-        if op == OP_FB:
+        if op == OP_FB and writes[t, d]:
             b_ticks[int(mb2[t, d])] = int(t)
     return f_ticks, b_ticks
 

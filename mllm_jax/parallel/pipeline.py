@@ -48,8 +48,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax.parallel.conveyor import Conveyor, pad_microbatches, plan_conveyor, slots_per_device
 from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
-                                        TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, build_schedule,
-                                        stage_op_order, virtual_placement, virtual_stages_of)
+                                        TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, Slicing,
+                                        backward_units, build_schedule, stage_op_order, virtual_placement,
+                                        virtual_stages_of)
 
 # Older names of the ops (the fused backward was the only one).
 OP_FWD, OP_BWD, OP_BWD_SKIP = OP_F, OP_BW, OP_SKIP
@@ -125,15 +126,35 @@ class StageLayout:
 
 
 def layout_schedule(layout: StageLayout, microbatches: int, kind: str | None = None,
-                    max_in_flight: int | None = None, overlap: bool = False) -> Schedule:
+                    max_in_flight: int | None = None, overlap: bool = False, slicing: Slicing | None = None) -> Schedule:
     """The table the runtime executes for ``layout`` (the planner prices the same one: schedule.simulate);
-    ``kind`` defaults to the layout's schedule; ``max_in_flight``: zb_v's admitted microbatches."""
+    ``kind`` defaults to the layout's schedule; ``max_in_flight``: zb_v's admitted microbatches; ``slicing``: how
+    "1f1b_sliced" cuts the ops into ticks (None: ``layout_slicing``), checked against the layout's stages."""
     kind = layout.schedule if kind is None else kind
     if virtual_stages_of(kind, layout.virtual if kind in VIRTUAL_SCHEDULES else None) != layout.virtual:
         raise ValueError(f"schedule {kind!r} does not run the layout's {layout.virtual} chunks per device")
+    if kind == "1f1b_sliced":
+        slicing = layout_slicing(layout) if slicing is None else slicing
+        if slicing.stage_layers != tuple(layout.stage_layers):
+            raise ValueError(f"the slicing is for stages of {list(slicing.stage_layers)} layers; the pipeline's "
+                             f"stages have {list(layout.stage_layers)}")
+    elif slicing is not None:
+        raise ValueError(f"a slicing cuts the ops of schedule '1f1b_sliced' into ticks; got one with {kind!r}")
     return build_schedule(layout.devices, microbatches, backward_stages=layout.backward_stages,
                           weight_stages=layout.weight_stages, kind=kind, virtual_stages=layout.virtual,
-                          max_in_flight=max_in_flight, overlap=overlap)
+                          max_in_flight=max_in_flight, overlap=overlap, slicing=slicing)
+
+
+def layout_slicing(layout: StageLayout, budget: int = 2) -> Slicing:
+    """"1f1b_sliced"'s default cut of ``layout``: each layer's forward 1 unit, its backward by its kind
+    (``schedule.backward_units``: remat + dX + dW), the loss head not counted; ticks of ``budget`` units (the planner
+    passes its own, from its costs: ``PipelinePlan.runtime.slicing``)."""
+    fw, bw = [], []
+    for s, n in enumerate(layout.stage_layers):
+        kinds = layout.kind[s, :n]
+        fw.append((1,) * int(n))
+        bw.append(tuple(backward_units(k in (KIND_DX, KIND_DX_DW), k >= KIND_DW) for k in kinds))
+    return Slicing(tuple(fw), tuple(bw), budget)
 
 
 def make_layout(stage_layers, trainable_layers=None, *, input_requires_grad=False, loss_params_trainable=True,
@@ -414,9 +435,9 @@ def _keep_layout(layer_fn):
     return fn
 
 
-def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, cnt=None, off=0):
-    """Run slots 0 .. ``n_active`` - 1 (a traced bound: the loop's trip count is data, so the padded slots of a shorter
-    stage are never visited). ``saved`` [act_slots, L_max, ...]: when given, slot i's input is written to
+def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, cnt=None, off=0, lo=0):
+    """Run slots ``lo`` .. ``n_active`` - 1 (traced bounds: the loop's trip count is data, so the padded slots of a
+    shorter stage are never visited; ``lo`` > 0: a slice that goes on from an earlier one's output ``x``). ``saved`` [act_slots, L_max, ...]: when given, slot i's input is written to
     ``saved[slot, i]`` in place (the backward's per-layer rematerialisation starts from these). ``cnt``: the trace
     counter (int32[len(TRACE_FIELDS)]) or None. ``off``: the chunk's first slot among the device's (its layers are
     params_L[off + i]). Returns (y, saved, cnt)."""
@@ -429,7 +450,7 @@ def _stage_forward(layer_fn, params_L, n_active, x, aux_m, saved=None, slot=0, c
             c = c.at[0].add(1)
         return layer_fn(_index(params_L, off + i), h, aux_m), buf, c
 
-    return jax.lax.fori_loop(0, n_active, body, (x, saved, cnt))
+    return jax.lax.fori_loop(lo, n_active, body, (x, saved, cnt))
 
 
 def _row(buf, slot, i):
@@ -613,6 +634,7 @@ def pipeline_value_and_grad(
     max_in_flight: int | None = None,
     overlap: bool = False,
     microbatches: int | None = None,
+    slicing: Slicing | None = None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -625,10 +647,13 @@ def pipeline_value_and_grad(
     per layer.
     param_trainable: bools with the structure of one layer's parameters (None: every leaf): which leaves of a
     trainable layer train (LoRA: the adapters); the others get no dW computed and a zero gradient.
-    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v");
+    schedule: one of ``schedule.SCHEDULES`` ("1f1b", "zb_h1", "1f1b_fb", "1f1b_sliced", "gpipe", "interleaved",
+    "zb_v");
     ``max_in_flight``: zb_v's microbatches admitted at once (None: min(stages, M), 1F1B's activation memory;
     with ``overlap`` min(2 stages - 1, M)).
     ``overlap``: each tick's ppermutes run during the next tick, beside its ops (``build_schedule(overlap=True)``).
+    ``slicing``: how "1f1b_sliced" cuts each stage's ops into ticks (``schedule.Slicing``, e.g. the planner's
+    ``PipelinePlan.runtime.slicing``; None: ``layout_slicing``).
     ``microbatches``: M, when ``x_microbatches`` already has the conveyor's rows (devices x
     ``conveyor.slots_per_device(M, devices)``, zeros past M, ideally stored over ``axis``: each device makes only its
     own); the input gradient then comes back with the same rows. None: M = x_microbatches.shape[0].
@@ -666,7 +691,7 @@ def pipeline_value_and_grad(
     )
     if max_in_flight is not None and schedule != "zb_v":
         raise ValueError(f"max_in_flight paces the zb_v schedule only; got {max_in_flight} with {schedule!r}")
-    sched = layout_schedule(layout, M, schedule, max_in_flight, overlap)
+    sched = layout_schedule(layout, M, schedule, max_in_flight, overlap, slicing)
     want_dx = bool(input_requires_grad)
     # One layer's structure only (a[0] of a stack sharded over `pipeline` cannot be sliced on an Explicit mesh).
     one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked_params)
@@ -674,7 +699,7 @@ def pipeline_value_and_grad(
     if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
         layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
                              loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
-        sched = layout_schedule(layout, M, schedule, max_in_flight, overlap)
+        sched = layout_schedule(layout, M, schedule, max_in_flight, overlap, slicing)
     moves = _storage_moves(layout, stacked_params, mesh, axis, n_layers)
     conveyor = plan_conveyor(sched, M, input_grads=want_dx)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
@@ -809,15 +834,22 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
 
         # An op maps the device's state (acts, gacc, lpacc, loss, dxs, cnt) to (what it sends, the new state);
         # ``c`` is the chunk, ``k`` its virtual stage.
-        def fwd(st, slot, m0, c, k, xin, run):
+        def fwd(st, slot, m0, c, k, xin, run, f_lo, f_hi):
             acts, gacc, lpacc, loss, dxs, cnt = st
             aux_m = _index(aux_all, m0)
-            # Every slot's input is kept for the backward (row 0 is where the previous stage's activation arrived).
-            # A stage without a backward writes into a slot that nobody reads. Virtual stage 0 (device 0) reads
-            # the microbatch's input from the slot the conveyor brought it to.
-            x = jnp.where(k == 0, xin[m0 % n_in], acts[slot, 0])
-            y, new_acts, cnt = _stage_forward(layer_fn, params_L, jnp.where(run, n_active_V[c], 0), x, aux_m,
-                                              saved=acts, slot=slot, cnt=cnt, off=c * L)
+            # The layers [lo, hi) of the chunk: all of them, or a slice of "1f1b_sliced" (-1: all).
+            n = n_active_V[c]
+            lo, hi = jnp.where(f_lo >= 0, f_lo, 0), jnp.where(f_hi >= 0, f_hi, n)
+            ends = hi >= n
+            # Every slot's input is kept for the backward (row 0 is where the previous stage's activation arrived;
+            # row lo where an earlier slice left its output). A stage without a backward writes into a slot that
+            # nobody reads. Virtual stage 0 (device 0) reads the microbatch's input from the slot the conveyor
+            # brought it to.
+            x = jnp.where((k == 0) & (lo == 0), xin[m0 % n_in], _row(acts, slot, jnp.minimum(lo, L - 1)))
+            y, new_acts, cnt = _stage_forward(layer_fn, params_L, jnp.where(run, hi, 0), x, aux_m,
+                                              saved=acts, slot=slot, cnt=cnt, off=c * L, lo=jnp.where(run, lo, 0))
+            # A slice that ends below the chunk's top leaves its output where the next slice starts.
+            new_acts = _write_row(new_acts, y, (slot, jnp.minimum(hi, L - 1)), run & ~ends)
 
             def loss_now():
                 # The last virtual stage takes the loss and its cotangent in its forward (its backward is then the
@@ -829,7 +861,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             def send():
                 return y, zero_x, lpacc, loss
 
-            y, dy, lpacc, loss = jax.lax.cond(run & (k == K - 1), loss_now, send)
+            y, dy, lpacc, loss = jax.lax.cond(run & ends & (k == K - 1), loss_now, send)
             return y, dy, (new_acts, gacc, lpacc, loss, dxs, cnt)
 
         def incoming(gs, gslot, dy_now):
@@ -842,16 +874,20 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
                 return dxs
             return _store(dxs, dx, jnp.where(run & (k == 0), m0 % n_in, -1))
 
-        def trips(run, c):
-            """(active slots, KIND_NONE slots) of chunk c for an op that runs, (0, 0) for one that does not: its
-            loop's trip count is then zero."""
-            return jnp.where(run, n_active_V[c], 0), jnp.where(run, n_none_V[c], 0)
+        def trips(run, c, b_lo=-1, b_hi=-1):
+            """The backward's (top, bottom) slots of chunk c: from the last active slot down to the KIND_NONE prefix,
+            or a slice of them (b_lo / b_hi, -1: all); (0, 0) for an op that does not run: its loop's trip count is
+            then zero."""
+            hi = jnp.where(b_hi >= 0, b_hi, n_active_V[c])
+            lo = jnp.maximum(jnp.where(b_lo >= 0, b_lo, 0), n_none_V[c])
+            return jnp.where(run, hi, 0), jnp.where(run, lo, 0)
 
-        def bwd_fused(st, g, slot, m0, c, k, run):
+        def bwd_fused(st, g, slot, m0, c, k, run, b_lo, b_hi):
             acts, gacc, lpacc, loss, dxs, cnt = st
-            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, *trips(run, c), acts, slot, g,
+            gacc, dx, cnt = _stage_backward(layer_fn, params_L, kind_L, *trips(run, c, b_lo, b_hi), acts, slot, g,
                                             _index(aux_all, m0), gacc, cnt, split, rows_L, off=c * L)
-            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k, run), cnt)
+            # Only the backward's last slice (down to layer 0) has the chunk's input gradient.
+            return dx, (acts, gacc, lpacc, loss, input_grad(dxs, dx, m0, k, run & (b_lo <= 0)), cnt)
 
         def bwd_input(st, g, slot, w_slot, m0, c, k, run):
             acts, gacc, lpacc, loss, dxs, cnt = st
@@ -919,26 +955,27 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             paired = op == OP_FB
             run_f = (op == OP_F) | paired
             run_bw = (op == OP_BW) | paired
-            y, dy, st = fwd(st, slot, m0, c, k, xin, run_f)
+            y, dy, st = fwd(st, slot, m0, c, k, xin, run_f, f["f_lo"], f["f_hi"])
             y, dy = jnp.where(run_f, y, zero_x), jnp.where(run_f, dy, zero_x)
             # The backward's arrived cotangent, or a paired op's: the loss cotangent its forward half just made.
             g_in = incoming(gs, gslot, jnp.where(paired, dy, zero_x))
-            dx_bw, st = bwd_fused(st, g_in, jnp.where(paired, slot2, slot), jnp.where(paired, m2, m0), c, k, run_bw)
+            dx_bw, st = bwd_fused(st, g_in, jnp.where(paired, slot2, slot), jnp.where(paired, m2, m0), c, k, run_bw,
+                                  f["b_lo"], f["b_hi"])
             dx_b, st = bwd_input(st, g_in, slot, w_slot, m0, c, k, op == OP_B)
             st = bwd_weight(st, slot, w_slot, m0, c, op == OP_W)
             dx = jnp.where(run_bw, dx_bw, jnp.where(op == OP_B, dx_b, zero_x))
             acts, gacc, lpacc, loss, dxs, cnt = st
             if not sched.overlap:  # this tick's messages travel now, after its ops
                 arrived = travel(y, dx, f["x_to"], f["g_to"])
-            # Own arrivals: the turn of a V (activation or cotangent handed to the device's next chunk), or the
-            # loss cotangent of the last virtual stage's forward.
-            own_g = jnp.where(f["g_to"] == TO_SELF, dx, dy)
+            # Own arrivals: the turn of a V (activation or cotangent handed to the device's next chunk), a backward
+            # slice's cotangent for the next slice, and the loss cotangent of the last virtual stage's forward.
             acts = _store(acts, arrived[0], f["recv_x_slot"], row0=True)
             acts = _store(acts, arrived[1], f["recv_xl_slot"], row0=True)
             acts = _store(acts, y, f["recv_xo_slot"], row0=True)
             gs = _store(gs, arrived[2], f["recv_g_slot"])
             gs = _store(gs, arrived[3], f["recv_gr_slot"])
-            gs = _store(gs, own_g, f["recv_go_slot"])
+            gs = _store(gs, dx, f["recv_go_slot"])
+            gs = _store(gs, dy, f["recv_gl_slot"])
             xin = _store(xin, moved[0], sends[0])
             if want_dx:
                 dxs = _store(dxs, moved[1], sends[1])

@@ -39,10 +39,10 @@ from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_S
 SCHEDULES_PLANNED = RUN_SCHEDULES
 # One chunk per device: what placements with encoder stages and the 1F1B-formula baselines run (the virtual-stage
 # schedules split the LLM alone, encoders outside).
-ONE_CHUNK_PLANNED = ("1f1b", "zb_h1", "1f1b_fb")
+ONE_CHUNK_PLANNED = ("1f1b", "zb_h1", "1f1b_fb", "1f1b_sliced")
 # Where a plan asks for a virtual-stage schedule, the one-chunk placements (encoder stages, baselines) take the
 # fastest of these: the one-chunk schedules at 1F1B's activation memory, as the virtual ones are.
-ONE_CHUNK_AT_1F1B_MEMORY = ("1f1b", "zb_h1")
+ONE_CHUNK_AT_1F1B_MEMORY = ("1f1b", "zb_h1", "1f1b_sliced")
 
 INF = float("inf")
 
@@ -235,8 +235,10 @@ def schedule_in_flight(stages: int, microbatches: int, kind: str, overlap: bool 
     min(M, S - s); the others' peak live activation slots in their table (ZB-H1: within 1F1B's largest stage's pool;
     1F1B-FB: about 2 (S - s); per device, in slots of one chunk, under "zb_v" / "interleaved"). ``overlap``: the
     table whose messages arrive a tick later (twice the warm-up, about twice the slots)."""
-    if kind == "1f1b" and not overlap:
-        return tuple(min(microbatches, stages - s) for s in range(stages))
+    if kind in ("1f1b", "1f1b_sliced"):  # sliced: 1F1B's order, at most its slots (test_pipeline_schedule)
+        kind = "1f1b"
+        if not overlap:
+            return tuple(min(microbatches, stages - s) for s in range(stages))
     return build_schedule(stages, microbatches, kind=kind, overlap=overlap).peak_act
 
 
@@ -298,7 +300,11 @@ def stage_ops(layer_ops: dict, counts, head_cost: float = 0.0) -> StageOps:
     edges = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     per = {k: [float(v[edges[i] : edges[i + 1]].sum()) for i in range(len(counts))] for k, v in layer_ops.items()}
     per["f"][-1] += head_cost
-    return StageOps(tuple(per["f"]), tuple(per["b"]), tuple(per["w"]), tuple(per["bw"]))
+    f_layers = [[float(x) for x in layer_ops["f"][edges[i] : edges[i + 1]]] for i in range(len(counts))]
+    f_layers[-1][-1] += head_cost
+    bw_layers = tuple(tuple(float(x) for x in layer_ops["bw"][edges[i] : edges[i + 1]]) for i in range(len(counts)))
+    return StageOps(tuple(per["f"]), tuple(per["b"]), tuple(per["w"]), tuple(per["bw"]),
+                    tuple(map(tuple, f_layers)), bw_layers)
 
 
 def runtime_stage_ops(chain, counts, head: CostedLayer | None = None) -> StageOps:
@@ -639,6 +645,9 @@ class Placement:
     bubble_fraction: float | None = None
     runtime_time_1f1b: float | None = None
     bubble_fraction_1f1b: float | None = None
+    # "1f1b_sliced": how the runtime cuts the stages' ops into ticks (schedule.Slicing; what the train step passes
+    # to the runtime, so it runs the table simulated here).
+    slicing: object = None
 
     @property
     def all_stage_costs(self) -> tuple:
@@ -731,8 +740,7 @@ def _encoders_outside(costs: ModelCosts, M, stages, tensor, device_flops) -> tup
 def _ops_in_seconds(rt: ModelCosts, counts, tensor, device_flops) -> StageOps:
     """The runtime's per-stage op costs of the split ``counts``, in seconds on ``tensor`` devices of
     ``device_flops``."""
-    ops = runtime_stage_ops(rt.llm, counts, rt.head)
-    return StageOps(*(tuple(_seconds(v, tensor, device_flops) for v in getattr(ops, k)) for k in ("f", "b", "w", "bw")))
+    return runtime_stage_ops(rt.llm, counts, rt.head).scaled(_seconds(1.0, tensor, device_flops))
 
 
 def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, budget, stages,
@@ -780,6 +788,7 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
         sim.bubble_fraction,
         enc_time + sims["1f1b"].time,
         sims["1f1b"].bubble_fraction,
+        sim.schedule.slicing,
     )
 
 

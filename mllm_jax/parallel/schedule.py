@@ -28,6 +28,14 @@ Schedules (``SCHEDULES``):
   the same tick (OP_FB) as soon as both are ready: the steady state's ticks each cost F + BW of the slowest stage,
   which is the asynchronous 1F1B formula in lockstep, instead of 1F1B's max(F, BW) twice. The price is memory: a
   round trip takes twice as many ticks, so stage s holds up to 2 (S - s) - 1 microbatches (1F1B: S - s).
+- "1f1b_sliced": 1F1B's order of ops on each stage, cut into slices of layers: every tick a stage runs as much of
+  its stream of layer ops (its forward's layers, then its backward's in reverse, in 1F1B's order) as fits a budget of
+  cost units (``Slicing``), at most one forward slice and one backward slice. A forward that does not fit continues
+  in the next tick from the row of the pool its last slice wrote; a backward's cotangent is handed to the stage's
+  own next slice. Frozen layers' backward costs about twice their forward, so 1F1B's lockstep ticks cost max(F, BW)
+  = BW twice per microbatch; sliced ticks all cost about the budget, which takes the steady state from 2 BW towards
+  F + BW per microbatch, with 1F1B's order and so 1F1B's activation memory (1F1B-FB gets there by holding twice the
+  microbatches).
 - "gpipe": all forwards, then all backwards (every microbatch in flight; a memory reference).
 - "zb_v": two chunks per device placed as a V (``virtual_placement``), a greedy lockstep list schedule with B / W
   split in the cool-down, at most ``max_in_flight`` microbatches admitted: 1F1B's activation memory by default.
@@ -47,10 +55,10 @@ import numpy as np
 OP_IDLE, OP_F, OP_B, OP_W, OP_BW, OP_SKIP, OP_FB = range(7)
 OP_CHARS = ".FBWXsP"  # for printing tables: X = fused backward, P = a forward and a fused backward paired in a tick
 # Schedules over one chunk of layers per device, and over V chunks per device (the model's S x V virtual stages).
-SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "gpipe", "interleaved", "zb_v")
+SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "1f1b_sliced", "gpipe", "interleaved", "zb_v")
 VIRTUAL_SCHEDULES = ("interleaved", "zb_v")
 # What a run may ask for (ParallelConfig.pipeline_schedule, besides "auto"); GPipe is a memory reference only.
-RUN_SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "zb_v", "interleaved")
+RUN_SCHEDULES = ("1f1b", "zb_h1", "1f1b_fb", "1f1b_sliced", "zb_v", "interleaved")
 # Where a message goes: to the next device (d + 1, mod S), the previous one (d - 1, mod S), or the sender itself
 # (two consecutive virtual stages on one device: the turn of the V).
 TO_RIGHT, TO_LEFT, TO_SELF = 0, 1, 2
@@ -63,10 +71,16 @@ TO_RIGHT, TO_LEFT, TO_SELF = 0, 1, 2
 # x_to / g_to: where the op's activation / input cotangent goes (TO_*; -1: nowhere). recv_*: where this tick's
 # arrivals are stored (-1: nothing arrives): recv_x_slot an activation moving right (from d - 1), recv_xl_slot one
 # moving left (from d + 1), recv_xo_slot the device's own; recv_g_slot a cotangent moving left (from d + 1),
-# recv_gr_slot one moving right (from d - 1), recv_go_slot the device's own (a local hand-over, or the loss
-# cotangent of the last virtual stage's F).
+# recv_gr_slot one moving right (from d - 1), recv_go_slot the device's own (a local hand-over: the turn of a V, or
+# a backward slice's cotangent).
+# f_lo / f_hi: the layers [f_lo, f_hi) of the chunk the forward runs, b_lo / b_hi those the backward runs (from
+# b_hi - 1 down): a slice of "1f1b_sliced" (-1: all of them). A forward slice that ends below the chunk's last layer
+# writes its output to row f_hi of its slot (the next slice's input) and sends nothing; a backward slice that ends
+# above layer 0 hands its cotangent to the device's own next slice (g_to = TO_SELF). recv_gl_slot: where the loss
+# cotangent of the last virtual stage's forward is stored (beside a slice's hand-over in the same tick).
 FIELDS = ("op", "mb", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot", "w_slot", "mb2", "x2_slot", "chunk",
-          "virtual", "x_to", "g_to", "recv_xl_slot", "recv_xo_slot", "recv_gr_slot", "recv_go_slot")
+          "virtual", "x_to", "g_to", "recv_xl_slot", "recv_xo_slot", "recv_gr_slot", "recv_go_slot",
+          "f_lo", "f_hi", "b_lo", "b_hi", "recv_gl_slot")
 
 
 def virtual_stages_of(kind: str, virtual_stages: int | None = None) -> int:
@@ -112,6 +126,7 @@ class Schedule:
     kind: str
     virtual_stages: int = 1
     overlap: bool = False  # cross-device messages travel during the next tick (``build_schedule(overlap=True)``)
+    slicing: "Slicing | None" = None  # "1f1b_sliced": how the stages' ops were cut into ticks
 
     @property
     def chunks(self) -> np.ndarray:
@@ -291,6 +306,134 @@ def _place_paired(stages, M, bw, lag=1):
     return rows
 
 
+@dataclass(frozen=True)
+class Slicing:
+    """How "1f1b_sliced" cuts each stage's ops into ticks. ``forward_units`` / ``backward_units``: per stage, per
+    layer, what the layer's forward / backward costs in whole units (the last stage's last layer's forward includes
+    the loss head; a backward of 0: the layer has none, a frozen prefix); ``budget``: the units one tick holds (a
+    layer that alone exceeds it still runs, alone). Whole numbers, so the table the planner prices with its costs is
+    the one the runtime builds from the same numbers (``units_from_costs``)."""
+
+    forward_units: tuple
+    backward_units: tuple
+    budget: int
+
+    def __post_init__(self):
+        fw = tuple(tuple(int(u) for u in v) for v in self.forward_units)
+        bw = tuple(tuple(int(u) for u in v) for v in self.backward_units)
+        if not fw or [len(v) for v in fw] != [len(v) for v in bw] or min(len(v) for v in fw) < 1:
+            raise ValueError(f"Slicing needs forward and backward units for the same stages, one per layer (>= 1 "
+                             f"layer each); got {len(fw)} stages of {[len(v) for v in fw]} forward and "
+                             f"{[len(v) for v in bw]} backward layers")
+        if min(min(v) for v in fw) < 1 or min(min(v) for v in bw) < 0:
+            raise ValueError(f"Slicing units must be >= 1 per forward and >= 0 per backward layer; got {fw}, {bw}")
+        if not int(self.budget) >= 1:
+            raise ValueError(f"Slicing.budget must be >= 1 unit; got {self.budget!r}")
+        object.__setattr__(self, "forward_units", fw)
+        object.__setattr__(self, "backward_units", bw)
+        object.__setattr__(self, "budget", int(self.budget))
+
+    @property
+    def stage_layers(self) -> tuple:
+        return tuple(len(v) for v in self.forward_units)
+
+
+def backward_units(dx: bool, dw: bool) -> int:
+    """A layer's backward in forward units as the runtime runs it (remat per layer): the recomputed forward, plus one
+    for the input gradient and one for the weight gradient; nothing when it has neither (a frozen prefix)."""
+    return 0 if not (dx or dw) else 1 + int(bool(dx)) + int(bool(dw))
+
+
+def default_slicing(stage_layers, backward_stages=None, budget: int = 2) -> Slicing:
+    """Every layer's forward 1 unit, its backward 2 (a frozen layer's input gradient, remat) where the stage has a
+    backward; a tick of ``budget`` units: one such backward layer, or two forwards."""
+    bw = [True] * len(stage_layers) if backward_stages is None else [bool(b) for b in backward_stages]
+    return Slicing(tuple((1,) * int(n) for n in stage_layers),
+                   tuple((backward_units(True, False) if b else 0,) * int(n) for n, b in zip(stage_layers, bw)),
+                   budget)
+
+
+def _place_sliced(stages, M, bw, slicing: Slicing, lag=1):
+    """1f1b_sliced: each stage walks 1F1B's order of ops layer by layer, and every tick takes as many of the next
+    layers as fit ``slicing.budget`` (at least one when the tick has nothing else), starting an op only once its
+    dependency is met (as in ``_place``) and at most one forward slice and one backward slice per tick. Rows of
+    (op, microbatch, paired backward's microbatch, chunk, f_lo, f_hi, b_lo, b_hi)."""
+    S = stages
+    if len(slicing.stage_layers) != S:
+        raise ValueError(f"the slicing has {len(slicing.stage_layers)} stages; the schedule has {S}")
+    orders = stage_op_order(S, M, "1f1b", lag)
+    n = slicing.stage_layers
+    pos, walked = [0] * S, [0] * S  # the next op, and the layers of it already run
+    done_f = np.full((S, M), -1)
+    done_b = np.full((S, M), -1)
+    # Stage 0 takes a microbatch's slot when its forward starts, and a slice's forward half runs before its backward
+    # half: a forward may start only while the slots held before the tick are fewer than 1F1B's peak there (its
+    # warm-up + 1), so that a backward ending in the same tick does not make it hold one more.
+    held0, cap0 = 0, min(lag * (S - 1) + 1, M)
+    rows, t = [], 0
+    while any(pos[s] < len(orders[s]) for s in range(S)):
+        row = []
+        freed0 = 0
+        for s in range(S):
+            used, fwd, back = 0, None, None
+            while pos[s] < len(orders[s]):
+                op, m = orders[s][pos[s]]
+                is_f = op == OP_F
+                if (fwd if is_f else back) is not None:
+                    break
+                if walked[s] == 0:
+                    if is_f:
+                        ready = _arrived(done_f[s - 1, m], t, lag) if s else (held0 < cap0 or not bw[0])
+                    elif s == S - 1:  # its own forward: before, or in this tick (the forward slice runs first)
+                        ready = done_f[s, m] >= 0
+                    else:
+                        ready = _arrived(done_b[s + 1, m], t, lag)
+                    if not ready:
+                        break
+                units = slicing.forward_units[s] if is_f else (slicing.backward_units[s] if bw[s] else (0,) * n[s])
+                walk = units if is_f else units[::-1]  # a backward walks the layers from the top
+                start = took = walked[s]
+                while took < n[s] and (used + walk[took] <= slicing.budget or (took == start and used == 0)):
+                    used += walk[took]
+                    took += 1
+                if took == start:
+                    break
+                if is_f:
+                    fwd = (m, start, took)
+                    held0 += s == 0 and start == 0
+                else:
+                    back = (m, n[s] - took, n[s] - start)
+                if took < n[s]:
+                    walked[s] = took
+                    break  # the op goes on next tick
+                walked[s] = 0
+                pos[s] += 1
+                if is_f:
+                    done_f[s, m] = t
+                else:
+                    done_b[s, m] = t
+                    freed0 += s == 0
+                if used >= slicing.budget:
+                    break
+            if back is not None and not bw[s]:  # a stage without backward: the pace only, nothing runs
+                row.append((OP_F, *fwd[:1], -1, 0, *fwd[1:], -1, -1) if fwd else (OP_SKIP, back[0], -1, 0,
+                                                                                 -1, -1, -1, -1))
+            elif fwd and back:
+                row.append((OP_FB, fwd[0], back[0], 0, *fwd[1:], *back[1:]))
+            elif fwd:
+                row.append((OP_F, fwd[0], -1, 0, *fwd[1:], -1, -1))
+            elif back:
+                row.append((OP_BW, back[0], -1, 0, -1, -1, *back[1:]))
+            else:
+                row.append((OP_IDLE, -1, -1, 0, -1, -1, -1, -1))
+        held0 -= freed0
+        rows.append(row)
+        t += 1
+        if t > 8 * (S + M) * (max(n) + 1) + 8:
+            raise AssertionError("sliced schedule did not converge")  # unreachable: every order is dependency-sorted
+    return rows
+
+
 def interleaved_op_order(stages: int, virtual_stages: int, microbatches: int) -> list:
     """Per device, the ordered list of (op, chunk, microbatch) of interleaved 1F1B (Megatron-LM's virtual pipeline;
     chunk c of device d is virtual stage c S + d). Forwards take the microbatches in groups of S, each group through
@@ -457,7 +600,8 @@ def _place_v(place, M, bw, ws, max_in_flight, lag=1):
 
 def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weight_stages=None,
                    kind: str = "1f1b", virtual_stages: int | None = None,
-                   max_in_flight: int | None = None, overlap: bool = False) -> Schedule:
+                   max_in_flight: int | None = None, overlap: bool = False,
+                   slicing: Slicing | None = None) -> Schedule:
     """The table the runtime executes. ``stages``: devices of the pipeline; "interleaved" and "zb_v" run V chunks
     per device, the model's S x V virtual stages (``virtual_placement``). ``backward_stages[k]`` False: virtual
     stage k has no backward (a frozen prefix; its backwards stay in the table as OP_SKIP to keep the pace, so nothing
@@ -469,7 +613,8 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
     more for a neighbour's result; a hand-over on one device is not delayed. Buffer slots, one pool per device: the
     saved inputs of a (chunk, microbatch) occupy an activation slot from their arrival (F on virtual stage 0) until
     BW or W, kept cotangents one from B until W; an arrived cotangent (or the last stage's loss cotangent) a g slot
-    until B / BW reads it."""
+    until B / BW reads it. ``slicing``: how "1f1b_sliced" cuts the ops into ticks (None: ``default_slicing`` of one
+    layer per stage); only that schedule takes one."""
     if stages < 1 or microbatches < 1:
         raise ValueError(f"stages and microbatches must be >= 1; got {stages} and {microbatches}")
     V = virtual_stages_of(kind, virtual_stages)
@@ -481,7 +626,12 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
         if v.shape != (K,):
             raise ValueError(f"{name} must have {K} entries (one per virtual stage); got shape {v.shape}")
     lag = 2 if overlap else 1
-    if kind == "interleaved":
+    if slicing is not None and kind != "1f1b_sliced":
+        raise ValueError(f"a slicing cuts the ops of schedule '1f1b_sliced' into ticks; got one with {kind!r}")
+    if kind == "1f1b_sliced":
+        slicing = default_slicing((1,) * S, bw) if slicing is None else slicing
+        rows = _place_sliced(S, M, bw, slicing, lag)
+    elif kind == "interleaved":
         rows = _place_in_order(place, M, bw, interleaved_op_order(S, V, M), lag)
     elif kind == "zb_v":
         # 1F1B's microbatches in flight; with overlap twice the round trip, as 1F1B's deeper warm-up.
@@ -493,8 +643,11 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
         rows = _place_paired(S, M, bw, lag)
     else:
         rows = _place(S, M, bw, ws, kind, lag)
-    # One entry form: (op, microbatch, paired backward's microbatch, chunk).
-    rows = [[tuple(e) if len(e) == 4 else (tuple(e) + (-1,))[:3] + (0,) for e in row] for row in rows]
+    # One entry form: (op, microbatch, paired backward's microbatch, chunk, f_lo, f_hi, b_lo, b_hi); -1: the whole
+    # chunk.
+    rows = [[tuple(e) if len(e) == 8 else (tuple(e) if len(e) == 4 else (tuple(e) + (-1,))[:3] + (0,)) + (-1,) * 4
+             for e in row] for row in rows]
+    n_layers = slicing.stage_layers if slicing is not None else None
 
     T = len(rows)
     table = np.full((T, S, len(FIELDS)), -1, np.int32)
@@ -532,39 +685,43 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
             return TO_SELF
         return TO_RIGHT if d2 == (d + 1) % S else TO_LEFT
 
+    def ends(d, c, lo, hi):
+        """(a forward slice [lo, hi) starts the chunk, ends it; a backward slice ends at its bottom): -1 = all."""
+        n = n_layers[virtual[(d, c)]] if n_layers is not None else None
+        return lo <= 0, hi < 0 or n is None or hi == n
+
     for t, row in enumerate(rows):
-        for d, (op, m, m2, c) in enumerate(row):
+        for d, (op, m, m2, c, f_lo, f_hi, b_lo, b_hi) in enumerate(row):
             k = virtual.get((d, c), -1)
-            table[t, d, col["op"]], table[t, d, col["mb"]] = op, m
-            table[t, d, col["chunk"]], table[t, d, col["virtual"]] = c, k
+            for name, v in (("op", op), ("mb", m), ("chunk", c), ("virtual", k), ("f_lo", f_lo), ("f_hi", f_hi),
+                            ("b_lo", b_lo), ("b_hi", b_hi)):
+                table[t, d, col[name]] = v
             key = (c, m)
             if op in (OP_F, OP_FB):
-                if k == 0 and bw[k]:  # virtual stage 0 reads the input directly; keep it for its backward
-                    x_of[d][key] = take(d)
-                elif k == 0:  # no backward: the forward still writes its layer inputs somewhere, a free slot
-                    table[t, d, col["x_slot"]] = alloc(a_free, a_count, d)
-                    a_free[d].add(table[t, d, col["x_slot"]])
-                if key in x_of[d]:
-                    table[t, d, col["x_slot"]] = x_of[d][key]
-                    if not bw[k]:  # no backward: the slot is free once the forward has read it
-                        release(d, x_of[d].pop(key))
-            if op == OP_FB:  # the backward half: after the forward half has taken its slot (it runs first)
-                key2 = (c, m2)
-                table[t, d, col["mb2"]] = m2
-                table[t, d, col["x2_slot"]] = x_of[d][key2]
-                if key2 in g_of[d]:  # else: the loss cotangent the forward half just made
+                first, last = ends(d, c, f_lo, f_hi)
+                if k == 0 and first:  # virtual stage 0 reads the input directly; keep it for its backward
+                    # (without one, the forward still writes its layer inputs somewhere: a slot nobody counts, free
+                    # again once its last slice has run)
+                    x_of[d][key] = take(d) if bw[k] else alloc(a_free, a_count, d)
+                table[t, d, col["x_slot"]] = x_of[d][key]
+                if not bw[k] and last:  # no backward: the slot is free once the forward has read it
+                    slot = x_of[d].pop(key)
+                    (a_free[d].add(slot) if k == 0 else release(d, slot))
+            if op in (OP_FB, OP_B, OP_BW):
+                # The backward (of a paired op: its second half, after the forward half has taken its slot).
+                key2 = (c, m2) if op == OP_FB else key
+                done = b_lo <= 0  # the last slice (or the whole backward): the saved inputs are free after it
+                if op == OP_FB:
+                    table[t, d, col["mb2"]] = m2
+                table[t, d, col["x2_slot" if op == OP_FB else "x_slot"]] = x_of[d][key2]
+                if key2 in g_of[d]:  # else (paired): the loss cotangent the forward half just made
                     table[t, d, col["g_slot"]] = g_of[d][key2]
                     g_free[d].add(g_of[d].pop(key2))
-                release(d, x_of[d].pop(key2))
-            elif op in (OP_B, OP_BW):
-                table[t, d, col["x_slot"]] = x_of[d][key]
-                table[t, d, col["g_slot"]] = g_of[d][key]
-                g_free[d].add(g_of[d].pop(key))
-                if op == OP_BW:
-                    release(d, x_of[d].pop(key))
-                else:
+                if op == OP_B:
                     w_of[d][key] = take(d)
                     table[t, d, col["w_slot"]] = w_of[d][key]
+                elif done:
+                    release(d, x_of[d].pop(key2))
             elif op == OP_W:
                 table[t, d, col["x_slot"]] = x_of[d][key]
                 table[t, d, col["w_slot"]] = w_of[d][key]
@@ -573,17 +730,21 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
         # Messages are stored at the end of the tick they arrive in, after every op of the tick has read its
         # buffers: a hand-over on one device at the end of its tick, one to another device ``lag`` - 1 ticks later.
         # A device receives at most one message of each kind per channel (from d - 1, from d + 1, its own) and tick.
-        for d, (op, m, m2, c) in enumerate(row):
+        for d, (op, m, m2, c, f_lo, f_hi, b_lo, b_hi) in enumerate(row):
             k = virtual.get((d, c), -1)
-            if op in (OP_F, OP_FB) and k + 1 < K:
+            forward_done = op in (OP_F, OP_FB) and ends(d, c, f_lo, f_hi)[1]
+            if forward_done and k + 1 < K:
                 d2, c2 = (int(v) for v in place[k + 1])
                 to = direction(d, d2)
                 table[t, d, col["x_to"]] = to
                 arriving[t + (0 if to == TO_SELF else lag - 1)].append(("x", to, d2, (c2, m)))
-            if op in (OP_F, OP_FB) and k == K - 1 and bw[k] and not (op == OP_FB and m2 == m):
-                arriving[t].append(("g", TO_SELF, d, (c, m)))  # the loss cotangent, for this stage's backward
+            if forward_done and k == K - 1 and bw[k] and not (op == OP_FB and m2 == m):
+                arriving[t].append(("loss", TO_SELF, d, (c, m)))  # the loss cotangent, for this stage's backward
             mb_back = m2 if op == OP_FB else m
-            if op in (OP_B, OP_BW, OP_FB) and k > 0 and bw[k - 1]:
+            if op in (OP_B, OP_BW, OP_FB) and b_lo > 0:  # a slice above the bottom: to the stage's next slice
+                table[t, d, col["g_to"]] = TO_SELF
+                arriving[t].append(("g", TO_SELF, d, (c, mb_back)))
+            elif op in (OP_B, OP_BW, OP_FB) and k > 0 and bw[k - 1]:
                 d2, c2 = (int(v) for v in place[k - 1])
                 to = direction(d, d2)
                 table[t, d, col["g_to"]] = to
@@ -594,9 +755,10 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
                 table[t, d2, col[("recv_x_slot", "recv_xl_slot", "recv_xo_slot")[to]]] = x_of[d2][key]
             else:
                 g_of[d2][key] = alloc(g_free, g_count, d2)
-                table[t, d2, col[("recv_gr_slot", "recv_g_slot", "recv_go_slot")[to]]] = g_of[d2][key]
+                field = "recv_gl_slot" if what == "loss" else ("recv_gr_slot", "recv_g_slot", "recv_go_slot")[to]
+                table[t, d2, col[field]] = g_of[d2][key]
     assert not arriving, "a message arrives after the last tick"  # unreachable: every message is read
-    return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind, V, bool(overlap))
+    return Schedule(table, max(1, max(a_count)), max(1, max(g_count)), tuple(peak), kind, V, bool(overlap), slicing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -606,18 +768,27 @@ def build_schedule(stages: int, microbatches: int, *, backward_stages=None, weig
 @dataclass(frozen=True)
 class StageOps:
     """Per-stage cost of one op on one microbatch: forward, input-gradient backward, weight-gradient backward, and
-    the fused backward (what BW costs; with per-layer remat it is not b + w: B and W each recompute)."""
+    the fused backward (what BW costs; with per-layer remat it is not b + w: B and W each recompute).
+    ``f_layers`` / ``bw_layers``: per stage, its layers' forward (the last stage's last one with the loss head) and
+    fused-backward costs, summing to ``f`` / ``bw``: what "1f1b_sliced" cuts its ticks from (empty: one layer per
+    stage)."""
 
     f: tuple
     b: tuple
     w: tuple
     bw: tuple
+    f_layers: tuple = ()
+    bw_layers: tuple = ()
 
     def __post_init__(self):
         n = len(self.f)
         if n < 1 or any(len(v) != n for v in (self.b, self.w, self.bw)):
             raise ValueError(f"StageOps needs equal-length per-stage costs; got {len(self.f)}, {len(self.b)}, "
                              f"{len(self.w)}, {len(self.bw)}")
+        if (self.f_layers or self.bw_layers) and (len(self.f_layers) != n or [len(v) for v in self.f_layers]
+                                                   != [len(v) for v in self.bw_layers]):
+            raise ValueError(f"StageOps' f_layers and bw_layers need one entry per layer of each of the {n} stages; "
+                             f"got {[len(v) for v in self.f_layers]} and {[len(v) for v in self.bw_layers]}")
 
     @property
     def stages(self) -> int:
@@ -631,10 +802,42 @@ class StageOps:
     def has_weight(self) -> tuple:
         return tuple(bool(w > 0) for w in self.w)
 
+    def layers(self) -> tuple:
+        """(per-stage per-layer forward costs, fused-backward costs): ``f_layers`` / ``bw_layers``, or one layer per
+        stage."""
+        if self.f_layers:
+            return self.f_layers, self.bw_layers
+        return tuple((f,) for f in self.f), tuple((b,) for b in self.bw)
+
+    def scaled(self, factor: float) -> "StageOps":
+        """Every cost times ``factor`` (e.g. FLOPs -> seconds)."""
+        mul = lambda v: tuple(x * factor for x in v)  # noqa: E731
+        return StageOps(*(mul(getattr(self, k)) for k in ("f", "b", "w", "bw")),
+                        tuple(mul(v) for v in self.f_layers), tuple(mul(v) for v in self.bw_layers))
+
+
+def units_from_costs(ops: StageOps, budget: int) -> Slicing:
+    """The slicing of ``ops``' layers in whole units of the median layer forward (a layer with a backward costs at
+    least 1), ticks of ``budget`` units."""
+    f_layers, bw_layers = ops.layers()
+    unit = float(np.median([x for v in f_layers for x in v])) or 1.0
+    return Slicing(tuple(tuple(max(1, round(x / unit)) for x in v) for v in f_layers),
+                   tuple(tuple(max(1, round(x / unit)) if x > 0 else 0 for x in v) for v in bw_layers), budget)
+
+
+def slicing_budgets(ops: StageOps) -> tuple:
+    """The budgets worth pricing for ``ops``: every one up to 16 units (a layer that alone exceeds the budget runs
+    alone, so a budget below the loss head's layer still slices the others), then four more up to the busiest
+    stage's forward + backward (a tick that holds a whole F and BW)."""
+    sl = units_from_costs(ops, 1)
+    hi = max(sum(f) + sum(b) for f, b in zip(sl.forward_units, sl.backward_units))
+    small = range(1, min(hi, 16) + 1)
+    return tuple(sorted(set(small) | {int(round(x)) for x in np.linspace(16, hi, 4)} if hi > 16 else set(small)))
+
 
 def tick_costs(schedule: Schedule, ops: StageOps) -> np.ndarray:
     """[ticks, stages]: what each stage's op of each tick costs (``ops`` per virtual stage: an interleaved device's op
-    costs what its chunk's virtual stage does)."""
+    costs what its chunk's virtual stage does; a slice of "1f1b_sliced" what its layers do)."""
     S, V = schedule.stages, schedule.virtual_stages
     if ops.stages != S * V:
         raise ValueError(f"StageOps has {ops.stages} stages but the schedule has {S * V} "
@@ -642,7 +845,25 @@ def tick_costs(schedule: Schedule, ops: StageOps) -> np.ndarray:
     by_op = np.zeros((len(OP_CHARS), ops.stages))
     by_op[OP_F], by_op[OP_B], by_op[OP_W], by_op[OP_BW] = ops.f, ops.b, ops.w, ops.bw
     by_op[OP_FB] = np.asarray(ops.f) + np.asarray(ops.bw)
-    return by_op[schedule.ops.astype(np.int64), np.maximum(schedule.column("virtual"), 0)]
+    costs = by_op[schedule.ops.astype(np.int64), np.maximum(schedule.column("virtual"), 0)]
+    if schedule.slicing is None:
+        return costs
+    f_layers, bw_layers = ops.layers()
+    if tuple(len(v) for v in f_layers) != schedule.slicing.stage_layers:
+        raise ValueError(f"StageOps has layers {[len(v) for v in f_layers]} per stage but the schedule was sliced "
+                         f"for {list(schedule.slicing.stage_layers)}")
+    pre_f = [np.concatenate([[0.0], np.cumsum(v)]) for v in f_layers]
+    pre_b = [np.concatenate([[0.0], np.cumsum(v)]) for v in bw_layers]
+    ops_T, k_T = schedule.ops, schedule.column("virtual")
+    lo_f, hi_f, lo_b, hi_b = (schedule.column(n) for n in ("f_lo", "f_hi", "b_lo", "b_hi"))
+    for t, d in zip(*np.nonzero((ops_T == OP_F) | (ops_T == OP_BW) | (ops_T == OP_FB))):
+        k, op, c = int(k_T[t, d]), int(ops_T[t, d]), 0.0
+        if op in (OP_F, OP_FB):
+            c += pre_f[k][hi_f[t, d]] - pre_f[k][lo_f[t, d]]
+        if op in (OP_BW, OP_FB):
+            c += pre_b[k][hi_b[t, d]] - pre_b[k][lo_b[t, d]]
+        costs[t, d] = c
+    return costs
 
 
 @dataclass(frozen=True)
@@ -660,41 +881,66 @@ class Simulation:
 
 
 def schedule_for(ops: StageOps, microbatches: int, kind: str, virtual_stages: int | None = None,
-                 max_in_flight: int | None = None, overlap: bool = False) -> Schedule:
-    """The table for per-virtual-stage costs ``ops`` (``ops.stages`` = devices x the kind's chunks per device)."""
+                 max_in_flight: int | None = None, overlap: bool = False, slicing: Slicing | None = None) -> Schedule:
+    """The table for per-virtual-stage costs ``ops`` (``ops.stages`` = devices x the kind's chunks per device);
+    "1f1b_sliced" cut by ``slicing`` (None: ``best_slicing`` for these costs)."""
     V = virtual_stages_of(kind, virtual_stages)
     if ops.stages % V:
         raise ValueError(f"StageOps has {ops.stages} stages, not a multiple of the {V} chunks per device of {kind!r}")
+    if kind == "1f1b_sliced" and slicing is None:
+        slicing = best_slicing(ops, microbatches, overlap)
     return _cached_schedule(ops.stages // V, microbatches, ops.has_backward, ops.has_weight, kind, V, max_in_flight,
-                            bool(overlap))
+                            bool(overlap), slicing)
 
 
 _CACHE: dict = {}
 
 
 def _cached_schedule(stages, microbatches, has_backward, has_weight, kind, virtual_stages=None,
-                     max_in_flight=None, overlap=False) -> Schedule:
+                     max_in_flight=None, overlap=False, slicing=None) -> Schedule:
     key = (stages, microbatches, has_backward, has_weight if kind in ("zb_h1", "zb_v") else None, kind,
-           virtual_stages, max_in_flight, overlap)
+           virtual_stages, max_in_flight, overlap, slicing)
     if key not in _CACHE:
         if len(_CACHE) > 4096:
             _CACHE.clear()
         _CACHE[key] = build_schedule(stages, microbatches, backward_stages=has_backward, weight_stages=has_weight,
                                      kind=kind, virtual_stages=virtual_stages, max_in_flight=max_in_flight,
-                                     overlap=overlap)
+                                     overlap=overlap, slicing=slicing)
     return _CACHE[key]
 
 
-def simulate(ops: StageOps, microbatches: int, kind: str = "1f1b", virtual_stages: int | None = None,
-             max_in_flight: int | None = None, overlap: bool = False, tick_seconds: float = 0.0) -> Simulation:
-    """The lockstep step time of ``kind`` with these per-(virtual-)stage op costs (the table the runtime would
-    execute for a layout with these stages' backward / weight-gradient flags). ``tick_seconds``: what a tick's
-    ppermutes take, in the unit of the costs: after the tick's ops (each tick lasts its slowest op + it), or with
-    ``overlap`` beside the next tick's ops (each tick lasts the longer of the two)."""
-    if not tick_seconds >= 0:
-        raise ValueError(f"tick_seconds must be >= 0; got {tick_seconds!r}")
-    sched = schedule_for(ops, microbatches, kind, virtual_stages, max_in_flight, overlap)
+def _priced(sched: Schedule, ops: StageOps, overlap: bool, tick_seconds: float) -> "Simulation":
     c = tick_costs(sched, ops)
     per_tick = c.max(axis=1)
     per_tick = np.maximum(per_tick, tick_seconds) if overlap else per_tick + tick_seconds
     return Simulation(float(per_tick.sum()), int(c.shape[0]), float(c.sum()), sched)
+
+
+def best_slicing(ops: StageOps, microbatches: int, overlap: bool = False, tick_seconds: float = 0.0) -> Slicing:
+    """The slicing of ``ops``' layers (``units_from_costs``) whose "1f1b_sliced" table is fastest in simulation,
+    over ``slicing_budgets`` (a tick's ppermutes, ``tick_seconds``, count against many small ticks)."""
+    best = None
+    for budget in slicing_budgets(ops):
+        sl = units_from_costs(ops, budget)
+        sched = _cached_schedule(ops.stages, microbatches, ops.has_backward, ops.has_weight, "1f1b_sliced", 1, None,
+                                 bool(overlap), sl)
+        time = _priced(sched, ops, overlap, tick_seconds).time
+        if best is None or time < best[0]:
+            best = (time, sl)
+    return best[1]
+
+
+def simulate(ops: StageOps, microbatches: int, kind: str = "1f1b", virtual_stages: int | None = None,
+             max_in_flight: int | None = None, overlap: bool = False, tick_seconds: float = 0.0,
+             slicing: Slicing | None = None) -> Simulation:
+    """The lockstep step time of ``kind`` with these per-(virtual-)stage op costs (the table the runtime would
+    execute for a layout with these stages' backward / weight-gradient flags). ``tick_seconds``: what a tick's
+    ppermutes take, in the unit of the costs: after the tick's ops (each tick lasts its slowest op + it), or with
+    ``overlap`` beside the next tick's ops (each tick lasts the longer of the two). "1f1b_sliced": cut by ``slicing``
+    (None: the fastest, ``best_slicing``; the table's ``slicing`` says which)."""
+    if not tick_seconds >= 0:
+        raise ValueError(f"tick_seconds must be >= 0; got {tick_seconds!r}")
+    if kind == "1f1b_sliced" and slicing is None:
+        slicing = best_slicing(ops, microbatches, overlap, tick_seconds)
+    return _priced(schedule_for(ops, microbatches, kind, virtual_stages, max_in_flight, overlap, slicing), ops,
+                   overlap, tick_seconds)

@@ -310,8 +310,9 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     M, mb, seq = _check_call(model, batch, mesh, parallel_config)
     if stage_layers is None:
         stage_layers = parallel_config.pipeline_stage_layers
-    stage_layers, schedule = _stage_layers(config, parallel_config, batch, stage_layers, stages=mesh.shape["pipeline"],
-                                           mb=mb, seq=seq, schedule=schedule or parallel_config.pipeline_schedule)
+    stage_layers, schedule, slicing = _stage_layers(config, parallel_config, batch, stage_layers,
+                                                    stages=mesh.shape["pipeline"], mb=mb, seq=seq,
+                                                    schedule=schedule or parallel_config.pipeline_schedule)
     labels = jnp.asarray(batch["labels"], jnp.int32)
     count = jnp.sum((labels != IGNORE).astype(jnp.float32))
     inv_count = 1.0 / jnp.maximum(count, 1.0)
@@ -322,7 +323,7 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
                                                     gather_once=gather_once,
                                                     virtual_stages=parallel_config.chunks_per_device(schedule),
                                                     in_flight=parallel_config.pipeline_in_flight,
-                                                    overlap=parallel_config.pipeline_overlap_comm)
+                                                    overlap=parallel_config.pipeline_overlap_comm, slicing=slicing)
     grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
     return loss * count, count, grads
 
@@ -340,15 +341,20 @@ def _check_call(model, batch: dict, mesh, parallel_config) -> tuple:
 
 def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages: int, mb: int, seq: int,
                   schedule: str) -> tuple:
-    """(LLM layers per stage, schedule): as given, or the frozen-aware planner's for this batch's shapes (the
-    layers when none are given, the schedule when it is "auto"); the layers checked to have one entry per stage and
-    to sum to the LLM's layer count."""
+    """(LLM layers per stage, schedule, slicing): as given, or the frozen-aware planner's for this batch's shapes
+    (the layers when none are given, the schedule when it is "auto"); the layers checked to have one entry per stage
+    and to sum to the LLM's layer count. Under "1f1b_sliced" the slicing is the planner's for those layers (it
+    prices the tables of its budgets with the model's costs), so the runtime runs the table the planner chose."""
     n_layers = config.llm.n_layers
-    if stage_layers is None or schedule == "auto":
+    planned, slicing = None, None
+
+    def plan(pc):
         inputs = batch.get("encoder_inputs") or {}
         instances = {k: max(1, jax.tree.leaves(x)[0].shape[1] // mb) for k, x in inputs.items()} or None
-        planned = planned_runtime(config, dataclasses.replace(parallel_config, pipeline_schedule=schedule),
-                                  text_tokens=seq, microbatch_size=mb, instances=instances)
+        return planned_runtime(config, pc, text_tokens=seq, microbatch_size=mb, instances=instances)
+
+    if stage_layers is None or schedule == "auto":
+        planned = plan(dataclasses.replace(parallel_config, pipeline_schedule=schedule))
         stage_layers = planned.llm_stage_layers if stage_layers is None else stage_layers
         schedule = planned.schedule if schedule == "auto" else schedule
     stage_layers = tuple(int(c) for c in stage_layers)
@@ -357,7 +363,12 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
         what = f"{stages} entries (pipeline stages)" if V == 1 else (f"{stages * V} entries ({stages} pipeline "
                                                                    f"stages x {V} chunks under {schedule!r})")
         raise ValueError(f"stage_layers {stage_layers} must have {what} summing to the LLM's n_layers ({n_layers})")
-    return stage_layers, schedule
+    if schedule == "1f1b_sliced":
+        if planned is None or planned.schedule != schedule or tuple(planned.llm_stage_layers) != stage_layers:
+            planned = plan(dataclasses.replace(parallel_config, pipeline_schedule=schedule,
+                                               pipeline_stage_layers=stage_layers))
+        slicing = planned.slicing
+    return stage_layers, schedule, slicing
 
 
 class _Outside(NamedTuple):
@@ -405,7 +416,7 @@ def _embed_outside(model, batch: dict, rows: MicrobatchRows) -> _Outside:
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
               schedule: str, gather_once: bool = False, virtual_stages: int = 1,
-              in_flight: int | None = None, overlap: bool = False) -> tuple:
+              in_flight: int | None = None, overlap: bool = False, slicing=None) -> tuple:
     """(loss, layer grads, head grads, input cotangent [M, mb, S, D]): the decoder layers pipelined over the
     `pipeline` axis, the final norm + loss (scaled by 1 / the global label count) on the last stage.
     ``gather_once``: each stage casts and FSDP-gathers its layer weights once per step (``_gather_stage_once``)."""
@@ -460,6 +471,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             virtual_stages=virtual_stages if schedule == "interleaved" else None,
             max_in_flight=in_flight if schedule == "zb_v" else None,
             overlap=overlap,
+            slicing=slicing,
             microbatches=M,
         )
     return loss, g_layers, g_loss_params, dx_M
