@@ -1,8 +1,8 @@
 """Pipeline runtime: one jit, layers stacked and sharded over the `pipeline` mesh axis, the schedule as data.
 
 The schedule is a numpy table [tick, stage] of ops with the microbatch and the buffer slots each op reads and each
-arriving message is written to (``parallel.schedule``: 1F1B, ZB-H1, 1F1B-FB, GPipe, and with several chunks of layers
-per device ZB-V and interleaved). The runtime (``pipeline_value_and_grad``) scans over the table's rows inside
+arriving message is written to (``parallel.schedule``: 1F1B, ZB-H1, 1F1B-FB, 1F1B-sliced, GPipe, and with several
+chunks of layers per device ZB-V and interleaved; 1F1B-sliced runs an op's layers over several ticks, a slice each). The runtime (``pipeline_value_and_grad``) scans over the table's rows inside
 ``jax.shard_map`` over `pipeline`: each device reads its column, runs its op on the chunk the table names (every
 op is a loop over the chunk's layers whose trip count is data: zero for the ops the table does not name, so the
 tick runs one op's layers; no conditional carries the activation pool or the gradient accumulator, which XLA then

@@ -233,7 +233,7 @@ def min_max_split(
 def schedule_in_flight(stages: int, microbatches: int, kind: str, overlap: bool = False) -> tuple:
     """Per stage, the microbatches of saved inputs the planner budgets for under schedule ``kind``: 1F1B's
     min(M, S - s); the others' peak live activation slots in their table (ZB-H1: within 1F1B's largest stage's pool;
-    1F1B-FB: about 2 (S - s); per device, in slots of one chunk, under "zb_v" / "interleaved"). ``overlap``: the
+    1F1B-FB: about 2 (S - s); 1F1B-sliced: 1F1B's; per device, in slots of one chunk, under "zb_v" / "interleaved"). ``overlap``: the
     table whose messages arrive a tick later (twice the warm-up, about twice the slots)."""
     if kind in ("1f1b", "1f1b_sliced"):  # sliced: 1F1B's order, at most its slots (test_pipeline_schedule)
         kind = "1f1b"
@@ -857,7 +857,7 @@ def _evaluate_own_stages(name, costs, llm_counts, enc_counts, M, tensor, device_
     if runtime is not None:
         kind, sim, bubble, t1, bubble1 = _own_stages_runtime(runtime, llm_counts, enc_counts, M, tensor * device_flops,
                                                             schedule, tick_seconds)
-        sim_fields = (sim.time, None, kind, bubble, t1, bubble1)
+        sim_fields = (sim.time, None, kind, bubble, t1, bubble1, sim.schedule.slicing)
     return Placement(
         name, False, tuple(llm_counts), dict(enc_counts), llm_c, enc_c, 0.0, t, tuple(mem), max(mem) <= budget,
         *sim_fields,
@@ -943,7 +943,7 @@ def plan_pipeline(
     "own_stages". ``cornstarch_stages`` / ``megatron_stages``: {"llm": n, encoder: n} stage counts of the baselines
     (default: each encoder one stage, the LLM the rest; Megatron-like: the allocation a frozen-unaware planner
     prefers); their totals may differ from ``parallel.pipeline``. ``schedule``: the runtime's schedule ("1f1b",
-    "zb_h1", "1f1b_fb") or "auto" (the fastest in simulation that fits the memory budget, per placement); None:
+    "zb_h1", "1f1b_fb", "1f1b_sliced", ...) or "auto" (the fastest in simulation that fits the memory budget, per placement); None:
     ``parallel.pipeline_schedule`` (what the run will execute). Every placement's ``runtime_time`` is simulated tick
     by tick under it, with the same per-layer costs. ``layer_costs``: per-layer op costs to plan on instead of the
     analytic ones (a LayerCosts table, e.g. compiled for the target: mllm_jax.train.layer_costs; ``with_layer_costs``);
@@ -1391,6 +1391,10 @@ def _fmt_placement(p: Placement, unit: str) -> list:
     if p.runtime_time is not None:
         lines.append(f"    runtime schedule {p.schedule}: {p.runtime_time:.4g} {unit} simulated, bubble fraction "
                      f"{p.bubble_fraction:.3f} (1F1B: {p.bubble_fraction_1f1b:.3f})")
+    if p.slicing is not None:
+        units = lambda v: sorted({u for stage in v for u in stage})  # noqa: E731
+        lines.append(f"    slices: ticks of {p.slicing.budget} units (a layer's forward {units(p.slicing.forward_units)}"
+                     f", backward {units(p.slicing.backward_units)} units)")
     lines.append(f"    memory per stage (GiB) {[round(m / 2**30, 3) for m in p.stage_memory]}")
     return lines
 
