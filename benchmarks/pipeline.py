@@ -456,13 +456,12 @@ def main():
         # is larger than 1F1B's plan's is dropped, and the fastest of the rest kept.
         one_plan = predicted(name, schedule="1f1b", table=tables.get(name), device_flops=device_flops)
         rows_1f1b = activation_rows(one_plan, name, tables.get(name))
-        eq_cands = [one_plan] + [predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops)
-                                 for k in EQUAL_MEMORY_SCHEDULES if k not in ("1f1b", "zb_v")]
-        # The one-chunk schedules also on 1F1B's split (the planner's own split for them may have a longer stage,
-        # whose pool rows every device then holds).
-        eq_cands += [predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops,
-                               stage_layers=one_plan.runtime.llm_stage_layers)
-                     for k in EQUAL_MEMORY_SCHEDULES if k not in ("1f1b", "zb_v")]
+        # The one-chunk schedules on their own split and on 1F1B's (their own may have a longer stage, whose pool
+        # rows every device then holds).
+        eq_cands = [one_plan] + [predicted(name, schedule=k, table=tables.get(name), device_flops=device_flops,
+                                           stage_layers=layers)
+                                 for k in EQUAL_MEMORY_SCHEDULES if k not in ("1f1b", "zb_v")
+                                 for layers in (None, one_plan.runtime.llm_stage_layers)]
         # zb_v paced by its admitted microbatches: the most that keep its pool within 1F1B's (chunks of a V are
         # half a stage rounded up, so at 2 x S slots the pool can be a few rows larger).
         for n in range(one_plan.stages, 0, -1):

@@ -48,7 +48,7 @@ tick's ops) and is read a tick later; ``simulate`` then prices a tick as max(op,
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -415,15 +415,17 @@ def _place_sliced(stages, M, bw, slicing: Slicing, lag=1):
                     freed0 += s == 0
                 if used >= slicing.budget:
                     break
-            if back is not None and not bw[s]:  # a stage without backward: the pace only, nothing runs
-                row.append((OP_F, *fwd[:1], -1, 0, *fwd[1:], -1, -1) if fwd else (OP_SKIP, back[0], -1, 0,
-                                                                                 -1, -1, -1, -1))
-            elif fwd and back:
+            skip = None
+            if back is not None and not bw[s]:  # a stage without backward: its backward keeps the pace, runs nothing
+                back, skip = None, back[0]
+            if fwd and back:
                 row.append((OP_FB, fwd[0], back[0], 0, *fwd[1:], *back[1:]))
             elif fwd:
                 row.append((OP_F, fwd[0], -1, 0, *fwd[1:], -1, -1))
             elif back:
                 row.append((OP_BW, back[0], -1, 0, -1, -1, *back[1:]))
+            elif skip is not None:
+                row.append((OP_SKIP, skip, -1, 0, -1, -1, -1, -1))
             else:
                 row.append((OP_IDLE, -1, -1, 0, -1, -1, -1, -1))
         held0 -= freed0
@@ -825,11 +827,10 @@ def units_from_costs(ops: StageOps, budget: int) -> Slicing:
                    tuple(tuple(max(1, round(x / unit)) if x > 0 else 0 for x in v) for v in bw_layers), budget)
 
 
-def slicing_budgets(ops: StageOps) -> tuple:
-    """The budgets worth pricing for ``ops``: every one up to 16 units (a layer that alone exceeds the budget runs
-    alone, so a budget below the loss head's layer still slices the others), then four more up to the busiest
-    stage's forward + backward (a tick that holds a whole F and BW)."""
-    sl = units_from_costs(ops, 1)
+def slicing_budgets(sl: Slicing) -> tuple:
+    """The budgets worth pricing for the units of ``sl``: every one up to 16 units (a layer that alone exceeds the
+    budget runs alone, so a budget below the loss head's layer still slices the others), then four more up to the
+    busiest stage's forward + backward (a tick that holds a whole F and BW)."""
     hi = max(sum(f) + sum(b) for f, b in zip(sl.forward_units, sl.backward_units))
     small = range(1, min(hi, 16) + 1)
     return tuple(sorted(set(small) | {int(round(x)) for x in np.linspace(16, hi, 4)} if hi > 16 else set(small)))
@@ -919,9 +920,9 @@ def _priced(sched: Schedule, ops: StageOps, overlap: bool, tick_seconds: float) 
 def best_slicing(ops: StageOps, microbatches: int, overlap: bool = False, tick_seconds: float = 0.0) -> Slicing:
     """The slicing of ``ops``' layers (``units_from_costs``) whose "1f1b_sliced" table is fastest in simulation,
     over ``slicing_budgets`` (a tick's ppermutes, ``tick_seconds``, count against many small ticks)."""
-    best = None
-    for budget in slicing_budgets(ops):
-        sl = units_from_costs(ops, budget)
+    best, units = None, units_from_costs(ops, 1)
+    for budget in slicing_budgets(units):
+        sl = replace(units, budget=budget)
         sched = _cached_schedule(ops.stages, microbatches, ops.has_backward, ops.has_weight, "1f1b_sliced", 1, None,
                                  bool(overlap), sl)
         time = _priced(sched, ops, overlap, tick_seconds).time
