@@ -9,6 +9,8 @@ from mllm_jax.parallel.schedule import RUN_SCHEDULES, virtual_stages_of
 
 # `expert`: expert parallelism (MoE experts split over it; the tokens too, like `data`, exchanged by all-to-all).
 MESH_AXES = ("data", "fsdp", "expert", "pipeline", "context", "tensor")
+# ParallelConfig.pipeline_encoders: where the encoders' forwards run around a pipeline.
+PIPELINE_ENCODERS = ("auto", "outside", "bubbles")
 
 
 class DeviceCountError(ValueError):
@@ -81,6 +83,11 @@ class ParallelConfig:
     # LLM layers per pipeline stage, in the model's order (under "interleaved" / "zb_v" per virtual stage: pipeline x
     # chunks entries), e.g. (9, 8, 8, 7); None: the frozen-aware planner's split (docs/pipeline.md).
     pipeline_stage_layers: tuple | None = None
+    # Where the encoders' forwards run (docs/pipeline.md, "Encoders in the bubbles"): "outside" (before the
+    # pipeline, spread over every device), "bubbles" (frozen encoders: each microbatch whose encode fits into an
+    # idle warm-up tick of the device that stores its input runs there, inside the pipeline; the rest outside) or
+    # "auto" (bubbles where the model's encoders are all frozen and some encode fits, else outside).
+    pipeline_encoders: str = "auto"
     context_config: ContextConfig = field(default_factory=ContextConfig)
     rules: dict = field(default_factory=dict)
 
@@ -108,6 +115,9 @@ class ParallelConfig:
                 raise ValueError(f"ParallelConfig.pipeline_stage_layers must be None or a tuple of layer counts >= 1 "
                                  f"(one per stage); got {sl!r}")
             object.__setattr__(self, "pipeline_stage_layers", tuple(int(c) for c in sl))
+        if self.pipeline_encoders not in PIPELINE_ENCODERS:
+            raise ValueError(f"ParallelConfig.pipeline_encoders must be one of {PIPELINE_ENCODERS}; got "
+                             f"{self.pipeline_encoders!r}")
         if not isinstance(self.pipeline_fsdp_gather_once, bool):
             raise ValueError(f"ParallelConfig.pipeline_fsdp_gather_once must be True or False; got "
                              f"{self.pipeline_fsdp_gather_once!r}")

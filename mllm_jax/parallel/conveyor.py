@@ -49,7 +49,7 @@ def slots_per_device(microbatches: int, devices: int) -> int:
     return max(2, -(-int(microbatches) // int(devices)))
 
 
-def _events(sched: Schedule) -> tuple:
+def stage0_events(sched: Schedule) -> tuple:
     """The ticks where virtual stage 0 reads a microbatch's input (its forward, or the forward's first slice) and
     writes its input gradient (its backward, or the backward's last slice): ({microbatch: tick}, {microbatch:
     tick})."""
@@ -74,7 +74,7 @@ def plan_conveyor(sched: Schedule, microbatches: int, *, input_grads: bool) -> C
     """The moves of the inputs' and (with ``input_grads``) the input gradients' slots for ``sched``'s table."""
     S, M, T = sched.stages, int(microbatches), sched.table.shape[0]
     K = slots_per_device(M, S)
-    f_ticks, b_ticks = _events(sched)
+    f_ticks, b_ticks = stage0_events(sched)
     if sorted(f_ticks) != list(range(M)):
         raise ValueError(f"the schedule forwards microbatches {sorted(f_ticks)} on virtual stage 0; expected "
                          f"0..{M - 1}")

@@ -34,18 +34,22 @@ cotangents of a deferred W) sized by the schedule; the device's share of the mic
 the op); a weight-gradient accumulator with rows for the slots that have a
 weight gradient only (``StageLayout.grad_rows``), none when no layer trains, none for frozen leaves; with
 ``gather_params`` the stage's weights as the layers use them (e.g. FSDP-gathered in the compute dtype), made once per
-step before the tick loop instead of per layer and op.
+step before the tick loop instead of per layer and op. With ``prepare`` (``Prepare``) a device also makes some of its
+stored inputs in its idle ticks (frozen encoders' forwards in the warm-up bubbles, ``parallel.bubble_encode``), each
+tick starting with a loop over the slots the plan names there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mllm_jax.parallel.bubble_encode import EncodePlan, check_plan
 from mllm_jax.parallel.conveyor import Conveyor, pad_microbatches, plan_conveyor, slots_per_device
 from mllm_jax.parallel.schedule import (FIELDS, OP_B, OP_BW, OP_F, OP_FB, OP_IDLE, OP_SKIP, OP_W, SCHEDULES,
                                         TO_LEFT, TO_RIGHT, TO_SELF, VIRTUAL_SCHEDULES, Schedule, Slicing,
@@ -64,8 +68,9 @@ CONVEYOR_SCOPE = "pipeline_conveyor"
 # Slot kinds: which backward a layer slot runs.
 KIND_NONE, KIND_DX, KIND_DW, KIND_DX_DW = 0, 1, 2, 3
 # Per-tick trace columns (``pipeline_value_and_grad(trace=True)``): what a stage ran in that tick, counted in its
-# loops: layer forwards, layer forwards recomputed inside vjps (remat), layer input gradients, layer weight gradients.
-TRACE_FIELDS = ("forward_layers", "recomputes", "input_grads", "weight_grads")
+# loops: layer forwards, layer forwards recomputed inside vjps (remat), layer input gradients, layer weight gradients,
+# microbatch inputs prepared in the tick (``Prepare``: encoders in the bubbles).
+TRACE_FIELDS = ("forward_layers", "recomputes", "input_grads", "weight_grads", "encodes")
 
 
 @dataclass(frozen=True)
@@ -555,7 +560,8 @@ def _stage_backward(layer_fn, params_L, kind_L, n_active, n_none, saved, slot, d
         if acc is not None:
             acc = _add_grad(acc, off + i if rows is None else rows[off + i], dq)
         if c is not None:
-            c = c + jnp.stack([0, k > KIND_NONE, (k == KIND_DX) | (k == KIND_DX_DW), k >= KIND_DW]).astype(c.dtype)
+            c = c.at[1:4].add(jnp.stack([k > KIND_NONE, (k == KIND_DX) | (k == KIND_DX_DW), k >= KIND_DW]).astype(
+                c.dtype))
         return dx, acc, c
 
     dx, gacc, cnt = jax.lax.fori_loop(0, n_active - n_none, body, (dy, gacc, cnt))
@@ -576,7 +582,7 @@ def _stage_input_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot, 
         has_dx = (k == KIND_DX) | (k == KIND_DX_DW)
         g = jax.lax.cond(has_dx, lambda: layer_grads(layer_fn, p, x, g, aux_m, dx=True, dw=False)[1], lambda: g)
         if c is not None:
-            c = c + jnp.stack([0, has_dx, has_dx, 0]).astype(c.dtype)
+            c = c.at[1:3].add(jnp.stack([has_dx, has_dx]).astype(c.dtype))
         return g, buf, c
 
     dx, acts, cnt = jax.lax.fori_loop(0, n_active - n_none, body, (dy, acts, cnt))
@@ -602,7 +608,7 @@ def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
         dq = jax.lax.cond(has_dw, dw, lambda: _zero_grads(p, split))
         acc = _add_grad(acc, off + i if rows is None else rows[off + i], dq)
         if c is not None:
-            c = c + jnp.stack([0, has_dw, 0, has_dw]).astype(c.dtype)
+            c = c.at[1:4].add(jnp.stack([has_dw, 0, has_dw]).astype(c.dtype))
         return acc, c
 
     return jax.lax.fori_loop(n_none, n_active, body, (gacc, cnt))
@@ -610,6 +616,51 @@ def _stage_weight_grad(layer_fn, params_L, kind_L, n_active, n_none, acts, slot,
 
 def _index(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Inputs made inside the pipeline, in its idle ticks (``parallel.bubble_encode``: frozen encoders' forwards in
+    the warm-up bubbles). ``fn(params, inputs_j, x_j) -> (x_j, out_j)`` makes one microbatch's input from its
+    stored input ``x_j`` ([mb, ...], e.g. the token embeddings) and its ``inputs_j`` (e.g. pixels and feature
+    indices); it is a forward only (no gradient flows into ``params`` or ``inputs``), and ``out_j`` (e.g. the
+    encoder's features) comes back per microbatch for the caller's own backward. ``params``: replicated over the
+    pipeline axis. ``inputs``: a pytree of [devices x K, ...] leaves in the conveyor's rows (microbatch m at row
+    m; rows past M unused). ``plan``: which device prepares which of its slots in which tick (checked against the
+    table that runs)."""
+
+    fn: Callable
+    params: object
+    inputs: object
+    plan: EncodePlan
+
+
+@dataclass(frozen=True)
+class RuntimeTables:
+    """What the runtime executes for a pipeline: the stage layout, the schedule's table and the conveyor's moves."""
+
+    layout: StageLayout
+    schedule: Schedule
+    conveyor: Conveyor
+
+
+def runtime_tables(stage_layers, microbatches: int, *, trainable_layers=None, input_requires_grad=False,
+                   loss_params_trainable=True, schedule: str = "1f1b", virtual_stages: int | None = None,
+                   max_in_flight: int | None = None, overlap: bool = False, slicing: Slicing | None = None,
+                   layer_trains: bool = True) -> RuntimeTables:
+    """The layout, table and conveyor ``pipeline_value_and_grad`` runs with these arguments (``layer_trains``
+    False: no leaf of a layer trains, so every layer is frozen whatever ``trainable_layers`` says); a caller plans
+    on them (e.g. ``bubble_encode.plan_encodes``) before calling it."""
+    V = virtual_stages_of(schedule, virtual_stages)
+    n_layers = sum(int(c) for c in stage_layers)
+    if not layer_trains:
+        trainable_layers = np.zeros(n_layers, bool)
+    layout = make_layout(stage_layers, trainable_layers, input_requires_grad=input_requires_grad,
+                         loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
+    if max_in_flight is not None and schedule != "zb_v":
+        raise ValueError(f"max_in_flight paces the zb_v schedule only; got {max_in_flight} with {schedule!r}")
+    sched = layout_schedule(layout, microbatches, schedule, max_in_flight, overlap, slicing)
+    return RuntimeTables(layout, sched, plan_conveyor(sched, microbatches, input_grads=bool(input_requires_grad)))
 
 
 def pipeline_value_and_grad(
@@ -635,6 +686,7 @@ def pipeline_value_and_grad(
     overlap: bool = False,
     microbatches: int | None = None,
     slicing: Slicing | None = None,
+    prepare: Prepare | None = None,
 ):
     """Loss and gradients of a layer stack run as a pipeline. Call inside jit (or let it jit itself by wrapping).
 
@@ -662,11 +714,16 @@ def pipeline_value_and_grad(
     the tick loop; every op of the step runs on its output, and the weight gradients, taken with respect to it, are
     cast and laid out back into the storage layout's accumulator as they are added (a reduce-scatter per layer and
     backward). None: the layers get the parameters as stored (``layer_fn`` gathers what it needs itself).
+    ``prepare``: some microbatches' inputs made inside the pipeline, in idle ticks (``Prepare``; one-chunk
+    schedules): ``x_microbatches`` holds what its ``fn`` starts from for those.
 
     Returns (loss_sum, (grads_stacked [layers, ...], grads_loss_params, dx_microbatches or None)); frozen layers
     get zero gradients (no buffer inside the pipeline when no layer trains); dx_microbatches is computed only with
-    ``input_requires_grad``. ``trace=True`` adds a third output: int32 [ticks, stages, len(TRACE_FIELDS)], the layer
-    forwards / input-gradient vjps / weight-gradient vjps each stage ran in each tick (counted inside the loops).
+    ``input_requires_grad``. With ``prepare`` the next output is what its ``fn`` returned per microbatch
+    ([devices x K, ...] leaves, the conveyor's rows: microbatch m at row m, zeros where nothing was prepared).
+    ``trace=True`` adds a last output: int32 [ticks, stages, len(TRACE_FIELDS)], the layer forwards /
+    input-gradient vjps / weight-gradient vjps / prepared inputs each stage ran in each tick (counted inside the
+    loops).
     """
     S = mesh.shape[axis]
     V = virtual_stages_of(schedule, virtual_stages)
@@ -681,42 +738,38 @@ def pipeline_value_and_grad(
     if x_microbatches.shape[0] != x_rows:
         raise ValueError(f"x_microbatches has {x_microbatches.shape[0]} rows; with microbatches={M} on {S} devices "
                          f"it must have the conveyor's {x_rows} (devices x slots per device)")
-    layout = make_layout(
-        stage_layers,
-        trainable_layers,
-        input_requires_grad=input_requires_grad,
-        loss_params_trainable=loss_params_trainable,
-        schedule=schedule,
-        virtual_stages=V,
-    )
-    if max_in_flight is not None and schedule != "zb_v":
-        raise ValueError(f"max_in_flight paces the zb_v schedule only; got {max_in_flight} with {schedule!r}")
-    sched = layout_schedule(layout, M, schedule, max_in_flight, overlap, slicing)
     want_dx = bool(input_requires_grad)
     # One layer's structure only (a[0] of a stack sharded over `pipeline` cannot be sliced on an Explicit mesh).
     one_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked_params)
     split = ParamSplit(one_layer, param_trainable)
-    if not any(split.mask):  # nothing in a layer trains: the layers are frozen whatever trainable_layers says
-        layout = make_layout(stage_layers, np.zeros(n_layers, bool), input_requires_grad=input_requires_grad,
-                             loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V)
-        sched = layout_schedule(layout, M, schedule, max_in_flight, overlap, slicing)
+    tables = runtime_tables(stage_layers, M, trainable_layers=trainable_layers, input_requires_grad=want_dx,
+                            loss_params_trainable=loss_params_trainable, schedule=schedule, virtual_stages=V,
+                            max_in_flight=max_in_flight, overlap=overlap, slicing=slicing,
+                            layer_trains=any(split.mask))
+    layout, sched, conveyor = tables.layout, tables.schedule, tables.conveyor
+    if prepare is not None:
+        check_plan(prepare.plan, sched, conveyor, M)
+        _check_prepare_rows(prepare.inputs, conveyor)
     moves = _storage_moves(layout, stacked_params, mesh, axis, n_layers)
-    conveyor = plan_conveyor(sched, M, input_grads=want_dx)
     per_device = _stage_program(_keep_layout(layer_fn), loss_fn, layout, sched, x_microbatches, axis, want_dx, trace,
-                                split, gather_params, moves, conveyor=conveyor)
+                                split, gather_params, moves, conveyor=conveyor,
+                                prepare_fn=None if prepare is None else prepare.fn)
     stage_spec = P(axis)
     fn = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), P(), stage_spec, stage_spec, P(), P()),
-        out_specs=(stage_spec, P(), P(), stage_spec if want_dx else P(), P(None, axis)),
+        in_specs=(stage_spec, stage_spec, stage_spec, P(None, axis), P(), stage_spec, stage_spec, P(), P(),
+                  P(None, axis), P(), stage_spec),
+        out_specs=(stage_spec, P(), P(), stage_spec if want_dx else P(), P(None, axis), stage_spec),
         axis_names=frozenset({axis}),
         check_vma=False,
     )
     lead = lambda a: _reshard_dim(a, mesh, 0, axis)  # noqa: E731
     # In storage blocks (one per device, moved to its slots inside), or laid out per device here.
     storage = make_layout((moves.block_rows,) * S) if moves is not None else None
-    gstaged, glp, loss, dx, counts = fn(
+    replicated = lambda t: jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t)  # noqa: E731
+    encode_T = np.zeros((sched.table.shape[0], S, 2), np.int32) if prepare is None else prepare.plan.slots
+    gstaged, glp, loss, dx, counts, made = fn(
         jax.tree.map(lead, to_stages(stacked_params, storage or layout, mesh, axis)),
         lead(jnp.asarray(layout.device_view(layout.active))),
         lead(jnp.asarray(layout.device_view(layout.kind))),
@@ -724,8 +777,11 @@ def pipeline_value_and_grad(
         _reshard_dim(jnp.asarray(conveyor.sends), mesh, None, axis),  # [T, 2]: the same for every device
         lead(jnp.arange(S, dtype=jnp.int32)),
         lead(pad_microbatches(x_microbatches, conveyor, jnp)),  # each device its slots of the inputs
-        *(jax.tree.map(lambda a: _reshard_dim(a, mesh, None, axis), t)
-          for t in ({} if aux is None else aux, loss_params)),
+        replicated({} if aux is None else aux),
+        replicated(loss_params),
+        _reshard_dim(jnp.asarray(encode_T), mesh, 1, axis),  # [T, S, 2]: each device its encodes
+        replicated({} if prepare is None else prepare.params),
+        jax.tree.map(lead, {} if prepare is None else prepare.inputs),  # each device its slots' inputs
     )
     if want_dx:  # [devices, slots, ...] -> each microbatch's input gradient [M, ...], stored over `axis`
         spec = _spec_of(dx)
@@ -743,7 +799,18 @@ def pipeline_value_and_grad(
     grads = jax.tree.unflatten(split.treedef, [next(trained) if m and layout.trains else z
                                                 for z, m in zip(zeros, split.mask)])
     out = (loss, (grads, glp, dx if want_dx else None))
+    if prepare is not None:  # [devices, K, ...] -> the conveyor's rows [devices x K, ...]
+        out += (jax.tree.map(lambda a: jnp.reshape(a, (-1,) + a.shape[2:], out_sharding=NamedSharding(
+            mesh, P(axis, *_spec_of(a)[2:]))), made),)
     return out + (counts,) if trace else out
+
+
+def _check_prepare_rows(inputs, conveyor: Conveyor) -> None:
+    rows = conveyor.devices * conveyor.per_device
+    for a in jax.tree.leaves(inputs):
+        if a.shape[0] != rows:
+            raise ValueError(f"Prepare.inputs leaves need the conveyor's {rows} rows ({conveyor.devices} devices x "
+                             f"{conveyor.per_device} slots); got a leaf of shape {tuple(a.shape)}")
 
 
 def _grads_to_layers(gstaged, layout: StageLayout, mesh, axis) -> list:
@@ -801,12 +868,13 @@ def _perm(sched: Schedule, field: str, direction: int) -> list:
 
 def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_microbatches, axis: str,
                    want_dx: bool, trace: bool = False, split: ParamSplit | None = None, gather_params=None,
-                   moves: RowMoves | None = None, *, conveyor: Conveyor):
+                   moves: RowMoves | None = None, *, conveyor: Conveyor, prepare_fn=None):
     """The per-device body of the pipeline's shard_map: one device scanning its column of the schedule table, each
     tick its op (idle / F / B / W / BW / F+BW / skip: the ops' layer loops in turn, each with trip count zero
     unless the table names it) on the chunk the table names, then the
     ppermutes to its neighbours. Returns (its slots' parameter gradients, loss-parameter gradients and loss summed
-    over devices, its slots of the input gradients (``conveyor``), its per-tick trace)."""
+    over devices, its slots of the input gradients (``conveyor``), its per-tick trace, what ``prepare_fn`` made for
+    its slots (``Prepare``))."""
     S, V, K = layout.devices, layout.virtual, layout.stages
     mb_shape = x_microbatches.shape[1:]
     perms = {(f, d): _perm(sched, f, d) for f in ("x_to", "g_to") for d in (TO_RIGHT, TO_LEFT)}
@@ -814,7 +882,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
     n_in = conveyor.per_device  # input (and input-gradient) slots per device
     trains = layout.trains
 
-    def per_device(params_L, active_L, kind_L, table_T, sends_T, stage, x_mb, aux_all, lp):
+    def per_device(params_L, active_L, kind_L, table_T, sends_T, stage, x_mb, aux_all, lp, encode_T, prep_params,
+                   prep_inputs):
         stored_L = jax.tree.map(lambda a: a[0], params_L)
         if moves is not None:  # this device's storage block -> its slots
             stored_L = _move_rows(stored_L, moves, stage[0], axis)
@@ -932,11 +1001,32 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             with jax.named_scope(CONVEYOR_SCOPE):  # named so that a compiled program shows where it runs
                 return jax.lax.ppermute(message, axis, ring_down)
 
+        def prepare_slots(xin, made, lo, hi, cnt):
+            """The device's input slots [lo, hi) made by ``prepare_fn`` (a loop whose trip count is zero in the ticks
+            without encodes), in place; what it returns per slot kept in ``made``."""
+            if prepare_fn is None:
+                return xin, made, cnt
+
+            def body(j, carry):
+                xin, made = carry
+                x_j, out_j = prepare_fn(prep_params, _index(prep_inputs, j), xin[j])
+                xin = _write_row(xin, _as_row_of(x_j, xin), (j,), True)
+                made = jax.tree.map(lambda b, v: _write_row(b, _as_row_of(v, b), (j,), True), made, out_j)
+                return xin, made
+
+            xin, made = jax.lax.fori_loop(lo, hi, body, (xin, made))
+            if cnt is not None:
+                cnt = cnt.at[TRACE_FIELDS.index("encodes")].add(hi - lo)
+            return xin, made, cnt
+
         def tick(carry, rows):
-            row, sends, sends_next = rows
-            acts, gs, gacc, lpacc, loss, dxs, xin, sent, message = carry
+            row, sends, sends_next, enc = rows
+            acts, gs, gacc, lpacc, loss, dxs, xin, sent, message, made = carry
             f = dict(zip(FIELDS, (row[i] for i in range(len(FIELDS)))))
             moved = conveyor_send(message)
+            # Encodes first: an idle device makes inputs of its own slots before they move (``bubble_encode``).
+            xin, made, cnt0 = prepare_slots(xin, made, enc[0], enc[1],
+                                            jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None)
             if sched.overlap:
                 # Last tick's messages travel now, beside this tick's ops (nothing here waits for them until the
                 # stores at the end): the ppermutes are off the critical path, and arrive a tick later.
@@ -945,7 +1035,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             slot, w_slot, slot2 = (jnp.maximum(f[k], 0) for k in ("x_slot", "w_slot", "x2_slot"))
             c, k = jnp.maximum(f["chunk"], 0), f["virtual"]
             gslot = f["g_slot"]
-            st = (acts, gacc, lpacc, loss, dxs, jnp.zeros((len(TRACE_FIELDS),), jnp.int32) if trace else None)
+            st = (acts, gacc, lpacc, loss, dxs, cnt0)
 
             # The ops run one after another, each a loop whose trip count is zero unless the table's op is that
             # one (a paired F + BW runs the forward's loop, then the backward's): no conditional carries the
@@ -980,7 +1070,7 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             if want_dx:
                 dxs = _store(dxs, moved[1], sends[1])
             sent = (y, dx, f["x_to"], f["g_to"]) if sched.overlap else sent
-            return (acts, gs, gacc, lpacc, loss, dxs, xin, sent, conveyor_message(xin, dxs, sends_next)), cnt
+            return (acts, gs, gacc, lpacc, loss, dxs, xin, sent, conveyor_message(xin, dxs, sends_next), made), cnt
 
         dxs0 = jnp.zeros_like(x_mb) if want_dx else jnp.zeros((), x_mb.dtype)
         init = (
@@ -999,10 +1089,20 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             # With overlap: last tick's outgoing activation and cotangent, and where each goes.
             (zero_x, zero_x, jnp.int32(-1), jnp.int32(-1)) if sched.overlap else None,
         )
-        init = init + (conveyor_message(x_mb, dxs0, sends_T[0]),)  # tick 0's, from the buffers as they start
+        # What prepare_fn returns for each slot (zeros where nothing is prepared).
+        made0 = None
+        if prepare_fn is not None:
+            shapes = jax.eval_shape(prepare_fn, prep_params, _index(prep_inputs, 0), x_mb[0])[1]
+            made0 = jax.tree.map(lambda a: jnp.zeros((n_in,) + a.shape, a.dtype), shapes)
+        encode_T = encode_T[:, 0]
+        if prepare_fn is not None:  # tick 0's message leaves after tick 0's encodes: made there, not here
+            if bool((np.asarray(conveyor.sends[0]) >= 0).any()):
+                raise ValueError("the conveyor moves a slot in tick 0; encodes need the inputs to stay put in it")
+        init = init + (conveyor_message(x_mb, dxs0, sends_T[0]), made0)  # tick 0's, from the buffers as they start
         # Each tick also makes the next tick's conveyor message: its sends row rides along (none after the last).
         sends_next_T = jnp.concatenate([sends_T[1:], jnp.full_like(sends_T[:1], -1)], axis=0)
-        (_, _, gacc, lpacc, loss, dxs, _, _, _), counts = jax.lax.scan(tick, init, (table_T, sends_T, sends_next_T))
+        (_, _, gacc, lpacc, loss, dxs, _, _, _, made), counts = jax.lax.scan(
+            tick, init, (table_T, sends_T, sends_next_T, encode_T))
         for moving in conveyor.tail:  # the input gradients' last moves down the ring, to their inputs' devices
             idx = np.flatnonzero(moving)
             with jax.named_scope(CONVEYOR_SCOPE):
@@ -1016,9 +1116,18 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             gacc = _move_rows(full, moves, stage, axis, back=True)
         gout = jax.tree.map(lambda a: a[None], gacc) if trains else jnp.zeros((1,), jnp.int32)
         counts = (counts if trace else jnp.zeros((table_T.shape[0], len(TRACE_FIELDS)), jnp.int32))[:, None]
-        return gout, total(lpacc), total(loss), dxs[None] if want_dx else dxs, counts
+        made = jax.tree.map(lambda a: a[None], made) if made is not None else jnp.zeros((1,), jnp.int32)
+        return gout, total(lpacc), total(loss), dxs[None] if want_dx else dxs, counts, made
 
     return per_device
+
+
+def _as_row_of(value, buf):
+    """``value`` laid out as a row of ``buf`` (its sharding over the mesh's other axes, without the row dimension)."""
+    want = _spec_of(buf)[1:]
+    if _spec_of(value) == want:
+        return value
+    return jax.sharding.reshard(value, P(*want))
 
 
 def _write_row(buf, value, index: tuple, write):

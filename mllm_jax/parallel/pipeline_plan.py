@@ -31,9 +31,11 @@ import numpy as np
 
 from mllm_jax.parallel.config import ParallelConfig, check_stage_layers
 from mllm_jax.parallel.cost_model import CostedLayer, ModelCosts, PipelineCosts, backward_flops, stage_memory
+from mllm_jax.parallel.bubble_encode import plan_encodes
+from mllm_jax.parallel.conveyor import plan_conveyor
 from mllm_jax.parallel.schedule import (OP_B, OP_BW, OP_CHARS, OP_F, OP_FB, OP_SKIP, OP_W, RUN_SCHEDULES, SCHEDULES,
                                         VIRTUAL_SCHEDULES, StageOps, build_schedule, schedule_for, simulate,
-                                        virtual_placement, virtual_stages_of)
+                                        tick_costs, virtual_placement, virtual_stages_of)
 
 # The schedules the planner chooses among (GPipe holds every microbatch: a memory reference, never faster here).
 SCHEDULES_PLANNED = RUN_SCHEDULES
@@ -648,6 +650,9 @@ class Placement:
     # "1f1b_sliced": how the runtime cuts the stages' ops into ticks (schedule.Slicing; what the train step passes
     # to the runtime, so it runs the table simulated here).
     slicing: object = None
+    # Microbatches whose encoders' forwards run in the pipeline's idle warm-up ticks (``with_bubble_encodes``; the
+    # others' before the pipeline, counted in ``encoder_time``).
+    encoders_in_bubbles: int = 0
 
     @property
     def all_stage_costs(self) -> tuple:
@@ -790,6 +795,113 @@ def _evaluate_outside(name, costs: ModelCosts, counts, M, tensor, device_flops, 
         sims["1f1b"].bubble_fraction,
         sim.schedule.slicing,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoders in the bubbles (parallel.bubble_encode): frozen encoders' forwards in the idle warm-up ticks.
+
+
+def _encoder_layers(costs: ModelCosts, kind: str) -> list:
+    """Every encoder chain's layers of ``kind`` ("encoders" or "projectors")."""
+    return [c for chain in costs.encoders.values() for c in chain if c.layer.module.startswith(kind + "/")]
+
+
+def encoders_frozen(costs: ModelCosts) -> bool:
+    """The model has encoders and nothing in them trains (projectors may): their forwards can run in bubbles."""
+    enc = _encoder_layers(costs, "encoders")
+    return bool(enc) and not any(c.layer.has_trainable for c in enc)
+
+
+def encode_cost(rt: ModelCosts) -> float:
+    """One microbatch's encode in a bubble: every encoder's forward and its projector's."""
+    return float(sum(c.fwd for chain in rt.encoders.values() for c in chain))
+
+
+def bubble_encodes(rt: ModelCosts, counts, sched, microbatches: int):
+    """The encodes (one microbatch each, ``encode_cost``) that fit in ``sched``'s idle ticks, each tick priced by the
+    runtime's op costs of the split ``counts`` (``bubble_encode.plan_encodes``): an ``EncodePlan``."""
+    ops = runtime_stage_ops(rt.llm, counts, rt.head)
+    conveyor = plan_conveyor(sched, microbatches, input_grads=False)  # the inputs' moves do not depend on it
+    return plan_encodes(sched, conveyor, microbatches, encode_cost=encode_cost(rt),
+                        tick_cost=tick_costs(sched, ops).max(axis=1))
+
+
+# "auto" puts encodes into the bubbles only where that saves at least this share of the step: the analytic costs
+# are a few percent off, and the encodes keep the encoders' weights in the compute dtype through the pipeline
+# (LLaVA-7B on tpu:v5p: +0.46 GiB a device for 0.14% of its step: docs/pipeline.md).
+BUBBLE_MIN_GAIN = 0.01
+
+
+@dataclass(frozen=True)
+class BubbleChoice:
+    """One table's encodes in the bubbles (``plan``) and what they change, in the planner's unit: the encoder time
+    before the pipeline with every encode outside and with the plan's inside (the other microbatches' encoders, and
+    every microbatch's projector: forward for the pipeline's inputs, forward again and backward after it), the
+    encodes' work inside the ticks, the bytes a device holds for them (the encoders' and projectors' weights in the
+    compute dtype, through the pipeline)."""
+
+    plan: object
+    time_outside: float
+    time_left: float
+    work: float
+    weight_bytes: float
+
+    def used(self, encoders: str, step_time: float) -> bool:
+        """Whether ``ParallelConfig.pipeline_encoders`` = ``encoders`` runs them, for a step of ``step_time`` with
+        every encoder outside: "bubbles" whenever one fits, "auto" when they save ``BUBBLE_MIN_GAIN`` of it."""
+        if encoders == "outside" or not self.plan.microbatches:
+            return False
+        return encoders == "bubbles" or self.time_outside - self.time_left >= BUBBLE_MIN_GAIN * step_time
+
+
+def bubble_choice(costs: PipelineCosts, counts, sched, M: int, stages: int, tensor: int = 1,
+                  device_flops: float = 1.0, compute_bytes: float = 2.0) -> BubbleChoice:
+    """The encodes ``bubble_encodes`` places on ``sched`` (the split ``counts``, M microbatches on ``stages``
+    devices) and their effect (``BubbleChoice``), in seconds on ``tensor`` devices of ``device_flops`` (1.0: FLOPs)."""
+    sec = lambda layers, attr: _seconds(sum(getattr(c, attr) for c in layers), tensor, device_flops)  # noqa: E731
+    enc, proj = _encoder_layers(costs.aware, "encoders"), _encoder_layers(costs.aware, "projectors")
+    plan = bubble_encodes(costs.runtime, counts, sched, M)
+    share = math.ceil(M / stages)
+    outside = share * (sec(enc, "total") + sec(proj, "total"))
+    left = (math.ceil((M - len(plan.microbatches)) / stages) * sec(enc, "total")
+            + share * (sec(proj, "total") + sec(proj, "fwd")))
+    work = float(plan.counts.sum()) * _seconds(encode_cost(costs.runtime), tensor, device_flops)
+    weights = compute_bytes * sum(c.layer.params for c in enc + proj) / tensor
+    return BubbleChoice(plan, outside, left, work, weights)
+
+
+def with_bubble_encodes(p: Placement, costs: PipelineCosts, M, stages, tensor, device_flops, comm,
+                        encoders: str = "auto", budget: float = INF) -> Placement:
+    """``p`` (encoders outside, a one-chunk schedule) with its frozen encoders' forwards placed in the idle ticks of
+    its table where they fit (``bubble_choice``), when ``encoders`` ("auto", "bubbles", "outside":
+    ``ParallelConfig.pipeline_encoders``) takes them (``BubbleChoice.used``; "auto" also only within ``budget``
+    bytes a device). The table's time is unchanged (an encode fits in its tick); the encoder time before it shrinks,
+    and the bubble fraction counts the encodes as work. 1F1B's figures get 1F1B's own table's encodes."""
+    if (encoders == "outside" or p.encoders_in_bubbles or not p.encoders_outside or p.schedule is None
+            or p.schedule in VIRTUAL_SCHEDULES or not encoders_frozen(costs.runtime)):
+        return p
+    ops = _ops_in_seconds(costs.runtime, p.llm_stage_layers, tensor, device_flops)
+
+    def choice(kind, slicing):
+        sched = schedule_for(ops, M, kind, overlap=comm.overlap, slicing=slicing)
+        return bubble_choice(costs, p.llm_stage_layers, sched, M, stages, tensor, device_flops)
+
+    def moved(c: BubbleChoice, time, bubble):
+        """(step time, bubble fraction) of a placement of ``time`` and ``bubble`` with ``c``'s encodes inside."""
+        pipe = time - p.encoder_time
+        return pipe + c.time_left, bubble - (c.work / (stages * pipe) if pipe > 0 else 0.0)
+
+    c = choice(p.schedule, p.slicing)
+    memory = tuple(m + c.weight_bytes for m in p.stage_memory)
+    if not c.used(encoders, p.runtime_time) or (encoders == "auto" and max(memory) > budget):
+        return p
+    time, bubble = moved(c, p.runtime_time, p.bubble_fraction)
+    c1 = choice("1f1b", None)
+    time_1f1b, bubble_1f1b = moved(c1, p.runtime_time_1f1b, p.bubble_fraction_1f1b)
+    return dataclasses.replace(
+        p, encoder_time=c.time_left, predicted_time=p.predicted_time - p.encoder_time + c.time_left,
+        runtime_time=time, bubble_fraction=bubble, runtime_time_1f1b=time_1f1b, bubble_fraction_1f1b=bubble_1f1b,
+        stage_memory=memory, fits_memory=max(memory) <= budget, encoders_in_bubbles=len(c.plan.microbatches))
 
 
 def _own_stages_runtime(rt: ModelCosts, llm_counts, enc_counts: dict, M, scale, schedule,
@@ -972,9 +1084,12 @@ def plan_pipeline(
     comm = Comm(tick_seconds, parallel.pipeline_overlap_comm)
     outside, uniform, runtime_placement, search = _outside_placements(costs, stages, rt_args, comm,
                                                                       parallel.pipeline_virtual_stages,
-                                                                      parallel.pipeline_in_flight)
+                                                                      parallel.pipeline_in_flight,
+                                                                      parallel.pipeline_encoders)
     if parallel.pipeline_stage_layers is not None:  # the run's split is given: what runs is that one
-        runtime_placement = _given_placement(costs, parallel, schedule, rt_args, comm)
+        runtime_placement = with_bubble_encodes(_given_placement(costs, parallel, schedule, rt_args, comm), costs,
+                                                M, stages, tensor, device_flops, comm, parallel.pipeline_encoders,
+                                                memory_budget)
     best_own = _best_own_stages(costs, stages, args, schedule, comm) if placement != "outside" else None
     candidates = [outside] + ([best_own] if best_own is not None else [])
     if placement == "outside":
@@ -1170,16 +1285,18 @@ def plan_microbatches(costs_at, parallel: ParallelConfig, *, rows: int, row_cost
 
 
 def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: float = 0.0,
-                        interleaved_chunks: int = 2, in_flight: int | None = None) -> tuple:
+                        interleaved_chunks: int = 2, in_flight: int | None = None, encoders: str = "outside") -> tuple:
     """Encoders outside the pipeline: (the min-max split on the common yardstick (the 1F1B formula), the uniform
     split, the split with the least lockstep step time as parallel.pipeline runs it, that search). The runtime
     split is searched under each schedule asked for (every planned one for "auto"), those with several chunks per
     device over S x V virtual stages (``interleaved_chunks``: V of "interleaved"; ``in_flight``: zb_v's admitted
-    microbatches)."""
+    microbatches); each one-chunk schedule's placement compared with its encodes in the bubbles where ``encoders``
+    (``ParallelConfig.pipeline_encoders``) allows them (``with_bubble_encodes``: schedules idle differently)."""
     aware, runtime = costs.aware, costs.runtime
     M, tensor, device_flops, memory_budget = rt_args[:4]
     schedule = rt_args[-1]
     comm = _comm(tick_seconds)
+    seconds_comm = comm
     comm = Comm(comm.tick_seconds * tensor * device_flops, comm.overlap)  # in the searches' unit: FLOPs
     ends = dict(first_extra=[aware.embed], last_extra=[aware.head])
     counts = min_max_split(aware.llm, stages, microbatches=M, memory_budget=memory_budget, tensor=tensor, **ends)
@@ -1196,8 +1313,13 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
             search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
                                     schedule=kind, comm=comm)
         placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind, tick_seconds)
+        placed = with_bubble_encodes(placed, costs, M, stages, tensor, device_flops, seconds_comm, encoders,
+                                     memory_budget)
         best = _better(best, placed, search)
-    for kind in (VIRTUAL_SCHEDULES if schedule == "auto" else (schedule,) if schedule in VIRTUAL_SCHEDULES else ()):
+    # Encodes asked for in the bubbles ("bubbles") can only run on a one-chunk table: "auto" then chooses among those.
+    bubbles = encoders == "bubbles" and encoders_frozen(runtime)
+    for kind in (VIRTUAL_SCHEDULES if schedule == "auto" and not bubbles
+                 else (schedule,) if schedule in VIRTUAL_SCHEDULES else ()):
         V = virtual_stages_of(kind, interleaved_chunks if kind == "interleaved" else None)
         usable = len(runtime.llm) >= stages * V and (kind != "interleaved" or M % stages == 0)
         if not usable and schedule == "auto":
@@ -1391,6 +1513,9 @@ def _fmt_placement(p: Placement, unit: str) -> list:
     if p.runtime_time is not None:
         lines.append(f"    runtime schedule {p.schedule}: {p.runtime_time:.4g} {unit} simulated, bubble fraction "
                      f"{p.bubble_fraction:.3f} (1F1B: {p.bubble_fraction_1f1b:.3f})")
+    if p.encoders_in_bubbles:
+        lines.append(f"    encoders in the bubbles: {p.encoders_in_bubbles} microbatches' encodes in idle warm-up "
+                     f"ticks, the others' before the pipeline")
     if p.slicing is not None:
         units = lambda v: sorted({u for stage in v for u in stage})  # noqa: E731
         lines.append(f"    slices: ticks of {p.slicing.budget} units (a layer's forward {units(p.slicing.forward_units)}"
