@@ -11,7 +11,7 @@ from mllm_jax.parallel.pipeline import CONVEYOR_SCOPE
 from mllm_jax.parallel.schedule import build_schedule, default_slicing
 from mllm_jax.train import compile_target as ct
 from mllm_jax.train import loop, pipelined_step, targets
-from test_compile_target import ROOT, needs_tpu
+from test_compile_target import ROOT, needs_cuda, needs_tpu
 
 # Shrunk (as test_compile_target.py's vlm_tiny) to keep the two compiles short: 4 LLM layers (two chunks of two
 # stages under zb_v), one vision layer.
@@ -105,3 +105,53 @@ def test_sliced_schedule_compiles_for_tpu_in_1f1b_memory(monkeypatch):
     sliced = temp_bytes('ParallelConfig.pipeline_schedule="1f1b_sliced"')
     assert abs(sliced - one) <= 0.02 * one, (sliced, one)
     assert (ran[0].column("f_lo") > 0).any() and (ran[0].column("b_lo") > 0).any()  # it ran slices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", [pytest.param("tpu:v5e:2x2", marks=needs_tpu),
+                                      pytest.param("gpu:h100:1x4", marks=needs_cuda)])
+def test_encoders_in_the_bubbles_compile_for_the_target_inside_the_tick_loop(topology, monkeypatch):
+    """The frozen vision encoder's forwards in the pipeline's idle ticks (``pipeline_encoders="bubbles"``) inside the
+    real train step on 4 chips (pipeline x data), the projector and the LLM training: the target's compiler takes
+    it, and the encoder's matmuls are in the loop that holds the pipeline's ppermutes (more of them than with the
+    encoders outside). What it costs in memory at a real size is in benchmarks/RESULTS.md (LLaVA-7B: +1.6% a
+    tpu:v5p chip, +0.9% an H100); at this toy size the fixed buffers dominate any ratio."""
+    target = targets.parse(topology)
+    frozen = ['ModelConfig.trainable = {"encoders/vision": False}']
+    planned, plans = pipelined_step._encode_plan, []
+    monkeypatch.setattr(pipelined_step, "_encode_plan", lambda *a, **kw: plans.append(planned(*a, **kw)) or plans[-1])
+
+    def compiled(where):
+        cfg = loop.load_run_config([f"{ROOT}/configs/vlm_tiny.gin"],
+                                   LAYOUT + frozen + [f'ParallelConfig.pipeline_encoders="{where}"'])
+        cfg = loop.for_devices(cfg, target.num_devices, chip=target.chip)
+        step = ct.build_step(ct.for_target(cfg, target), target.devices())
+        return ct.compile_step(step, what=f"encoders {where}")[0]
+
+    inside, outside = compiled("bubbles"), compiled("outside")
+    assert plans[0] is not None and plans[0].microbatches and plans[1] is None
+    dots = lambda c: tick_loop_dots(c.as_text())  # noqa: E731
+    assert dots(inside) > dots(outside), (dots(inside), dots(outside))
+
+
+def tick_loop_dots(hlo: str) -> int:
+    """Matmuls (``dot`` / ``convolution`` ops, fused or not) in the computations reachable from the loop body that
+    holds the pipeline's ppermutes: the tick's ops and whatever runs inside them."""
+    comps = {}
+    for comp in re.split(r"\n(?=\S)", hlo):
+        m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", comp)
+        if m:
+            comps[m.group(1)] = comp
+    body = next(n for n, c in comps.items() if "collective-permute-start(" in c and " while(" in c)
+    seen, todo, count = set(), [body], 0
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        text = comps[name]
+        count += len(re.findall(r"\s(?:dot|convolution)\(", text))
+        todo += re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)", text)
+        todo += [c for group in re.findall(r"branch_computations=\{([^}]*)\}", text)
+                 for c in re.findall(r"%?([\w.\-]+)", group)]
+    return count

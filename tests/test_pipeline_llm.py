@@ -329,7 +329,9 @@ FSDP_PIPELINE_TENSOR = ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches
 @pytest.mark.parametrize("parallel,split", [
     (ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=2), (2, 4)),
     (FSDP_PIPELINE_TENSOR, (3, 3)),
-    (dataclasses.replace(FSDP_PIPELINE_TENSOR, pipeline_fsdp_gather_once=True), (3, 3)),
+    # The LLM's gathers only: encodes in the bubbles (the default where the encoder is frozen, as here; the two cases
+    # above run them) gather their encoder's weights and one microbatch's features inside the tick loop.
+    (dataclasses.replace(FSDP_PIPELINE_TENSOR, pipeline_fsdp_gather_once=True, pipeline_encoders="outside"), (3, 3)),
 ], ids=["pipeline2_context2_tensor2", "fsdp2_pipeline2_tensor2_uniform", "fsdp2_pipeline2_tensor2_gather_once"])
 def test_pipelined_model_with_context_fsdp_and_tensor(parallel, split):
     # Inside the stages: context-parallel attention (K/V all-gathered over `context`), weights stored over fsdp and
@@ -405,3 +407,42 @@ def test_bad_microbatch_count_is_refused():
         pipelined_loss_and_grad(model, make_batch(2, 1), mesh=mesh, parallel_config=par)
     with pytest.raises(ValueError, match="stage_layers"):
         pipelined_loss_and_grad(model, make_batch(4, 1), mesh=mesh, parallel_config=par, stage_layers=(1, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,split,trainable", [
+    # The projector and the LLM train: the pipeline's input gradient goes through the projector's vjp after the
+    # pipeline, on the features the encodes made inside it.
+    (dict(pipeline=4, microbatches=8), (2, 1, 2, 1), FROZEN_ENC),
+    # Only the projector trains (dX through every frozen layer), under 1F1B-sliced, the rows over data.
+    (dict(data=2, pipeline=2, microbatches=4, pipeline_schedule="1f1b_sliced"), None, FROZEN_LLM),
+    # Nothing upstream trains: the encodes' features are not needed after the pipeline.
+    (dict(pipeline=4, microbatches=6, pipeline_schedule="zb_h1"), (1, 2, 2, 1), FROZEN_ENC_PROJ),
+])
+def test_encoders_in_the_bubbles_match_one_device(parallel, split, trainable, monkeypatch):
+    plans = []
+    planned = pipelined_step._encode_plan
+
+    def encode_plan(*a, **kw):
+        plans.append(planned(*a, **kw))
+        return plans[-1]
+
+    monkeypatch.setattr(pipelined_step, "_encode_plan", encode_plan)
+    pc = ParallelConfig(pipeline_encoders="bubbles", **parallel)
+    check(tiny_config(6, trainable), pc, split)
+    # The encodes ran inside: some microbatches, never device 0's own, the rest outside.
+    (plan,) = plans
+    K = plan.per_device
+    assert plan is not None and 0 < len(plan.microbatches) < pc.microbatches
+    assert min(plan.microbatches) >= K and plan.counts[:, 0].sum() == 0
+
+
+def test_encoders_in_the_bubbles_are_refused_where_they_cannot_run():
+    cfg = tiny_config(4, {})  # the encoder trains
+    pc = ParallelConfig(pipeline=2, microbatches=2, pipeline_encoders="bubbles")
+    mesh = make_mesh(pc, jax.devices()[:2])
+    model = MultimodalModel(cfg, rngs=nnx.Rngs(0))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"pipeline_encoders='bubbles'.*vision.*train"):
+        pipelined_loss_and_grad(model, make_batch(2, 2), mesh=mesh, parallel_config=pc, stage_layers=(2, 2))
+    with pytest.raises(ValueError, match="pipeline_encoders must be one of"):
+        ParallelConfig(pipeline_encoders="inside")

@@ -12,6 +12,10 @@ What runs where (DESIGN.md, "The data flow of one training step"):
   ``loss_sum / count``).
 - the input cotangent that the pipeline hands back (stage 0; stored where its input was) is pulled through the
   embedding vjp in the same layout.
+- encoders in the bubbles (``ParallelConfig.pipeline_encoders``, ``_embed_around``): frozen encoders' forwards of
+  the microbatches whose encode fits into an idle warm-up tick of the device that stores their input run there,
+  inside the pipeline (``parallel.bubble_encode``, ``parallel.pipeline.Prepare``); the embedding's vjp then runs
+  after the pipeline, on the features as they ended up.
 
 Gradients come back as an ``nnx.State`` of exactly the parameters ``mllm_jax.freeze.trainable_filter`` selects.
 """
@@ -37,10 +41,12 @@ from mllm_jax.kernels.meta import TokenMeta
 from mllm_jax.layout import validate_layout
 from mllm_jax.llm import check_rope_positions, head_loss
 from mllm_jax.loss import IGNORE
-from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, llm_meta, num_features
+from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, inject, llm_meta, num_features
+from mllm_jax.parallel.bubble_encode import EncodePlan
 from mllm_jax.parallel.conveyor import slots_per_device
-from mllm_jax.parallel.pipeline import pipeline_value_and_grad
-from mllm_jax.parallel.pipeline_plan import plan_pipeline
+from mllm_jax.parallel.pipeline import Prepare, pipeline_value_and_grad, runtime_tables
+from mllm_jax.parallel.pipeline_plan import bubble_choice, plan_pipeline, runtime_stage_ops
+from mllm_jax.parallel.schedule import VIRTUAL_SCHEDULES, tick_costs
 
 PIPELINE = "pipeline"
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
@@ -316,14 +322,21 @@ def pipelined_loss_and_grad(model, batch: dict, *, mesh, parallel_config, stage_
     labels = jnp.asarray(batch["labels"], jnp.int32)
     count = jnp.sum((labels != IGNORE).astype(jnp.float32))
     inv_count = 1.0 / jnp.maximum(count, 1.0)
-    outside = _embed_outside(model, batch, microbatch_rows(model, mesh, M, mb, seq))
+    rows = microbatch_rows(model, mesh, M, mb, seq)
+    V = parallel_config.chunks_per_device(schedule)
+    in_flight = parallel_config.pipeline_in_flight if schedule == "zb_v" else None
+    plan = _encode_plan(model, batch, parallel_config, stage_layers=stage_layers, schedule=schedule, slicing=slicing,
+                        in_flight=in_flight, mb=mb, seq=seq)
+    outside = _embed_outside(model, batch, rows) if plan is None else _embed_around(model, batch, rows, plan)
     gather_once = parallel_config.pipeline_fsdp_gather_once and dict(mesh.shape).get("fsdp", 1) > 1
-    loss, g_layers, g_loss_params, dx_M = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
-                                                    stage_layers=stage_layers, chunk=chunk, schedule=schedule,
-                                                    gather_once=gather_once,
-                                                    virtual_stages=parallel_config.chunks_per_device(schedule),
-                                                    in_flight=parallel_config.pipeline_in_flight,
-                                                    overlap=parallel_config.pipeline_overlap_comm, slicing=slicing)
+    loss, g_layers, g_loss_params, dx_M, made = _pipeline(model, batch, outside, labels, inv_count, mesh=mesh,
+                                                          stage_layers=stage_layers, chunk=chunk, schedule=schedule,
+                                                          gather_once=gather_once, virtual_stages=V,
+                                                          in_flight=in_flight,
+                                                          overlap=parallel_config.pipeline_overlap_comm,
+                                                          slicing=slicing)
+    if outside.late_vjp is not None:  # encoders in the bubbles: the embedding's vjp on the features made inside
+        outside = outside.late_vjp(made)
     grads = _gather_grads(outside, g_layers, g_loss_params, dx_M)
     return loss * count, count, grads
 
@@ -374,13 +387,17 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
 class _Outside(NamedTuple):
     """What runs outside the pipeline: the injected embeddings (flat rows, and [P K, mb, S, D] for the pipeline: its
     ``rows`` layout), the trainable state they were differentiated against, and their vjp (None when nothing upstream
-    trains)."""
+    trains). With encoders in the bubbles (``_embed_around``): the pipeline's ``prepare`` and ``late_vjp(made)``,
+    which takes what the encodes made and returns the _Outside whose ``embed_vjp`` the gradients go through."""
 
     emb: jax.Array
     x_M: jax.Array
     rows: MicrobatchRows
     trainable: nnx.State
     embed_vjp: Callable | None
+    prepare: Prepare | None = None
+    late_vjp: Callable | None = None
+    needs_grad: bool = False  # the pipeline input depends on a trainable parameter
 
 
 def _with_batch_axes(rule_table, axes: tuple):
@@ -391,10 +408,10 @@ def _with_batch_axes(rule_table, axes: tuple):
                  for key, rules in rule_table)
 
 
-def _embed_outside(model, batch: dict, rows: MicrobatchRows) -> _Outside:
-    """Encoders, projectors, injection and the token embedding over all microbatches at once, differentiated by one
-    vjp when anything in them trains (``embedding_requires_grad``). The token embedding and the injection run on
-    ``rows``' layout, so each device makes the inputs of its own microbatches' rows only."""
+def _embedder(model, batch: dict, rows: MicrobatchRows) -> tuple:
+    """(embed(trainable state) -> the injected embeddings of every microbatch as flat rows in ``rows``' layout, the
+    model's trainable state, the batch's modalities): ``model.embed`` of the flattened batch, differentiable in the
+    trainable state."""
     config = model.config
     modalities = sorted({name for key in ENCODER_KEYS for name in (batch.get(key) or {})})
     flat = flatten_microbatches(batch, {name: num_features(config, name) for name in modalities}, rows=rows.to_rows)
@@ -406,12 +423,164 @@ def _embed_outside(model, batch: dict, rows: MicrobatchRows) -> _Outside:
         m.rule_table = rule_table  # the LLM's rows over (`pipeline`, its batch axes): rows.to_rows' layout
         return m.embed(flat)
 
+    return embed, trainable, modalities
+
+
+def _embed_outside(model, batch: dict, rows: MicrobatchRows) -> _Outside:
+    """Encoders, projectors, injection and the token embedding over all microbatches at once, differentiated by one
+    vjp when anything in them trains (``embedding_requires_grad``). The token embedding and the injection run on
+    ``rows``' layout, so each device makes the inputs of its own microbatches' rows only."""
+    embed, trainable, modalities = _embedder(model, batch, rows)
     embed_vjp = None
-    if embedding_requires_grad(config, modalities):
+    needs_grad = embedding_requires_grad(model.config, modalities)
+    if needs_grad:
         emb, embed_vjp = jax.vjp(embed, trainable)
     else:
         emb = embed(trainable)
-    return _Outside(emb, rows.to_microbatches(emb), rows, trainable, embed_vjp)
+    return _Outside(emb, rows.to_microbatches(emb), rows, trainable, embed_vjp, needs_grad=needs_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders in the bubbles (parallel.bubble_encode; ParallelConfig.pipeline_encoders).
+
+
+def bubble_modalities(config, batch: dict) -> tuple:
+    """The modalities whose encoders may run inside the pipeline for this batch, or () with the reason why none
+    may as the second entry: every encoder present is frozen (its forward only) and gets dense inputs
+    (``encoder_inputs``, not a native-resolution modality's packed rows, not cached features)."""
+    inputs = batch.get("encoder_inputs") or {}
+    if not inputs:
+        return (), "the batch has no encoder_inputs"
+    if batch.get("encoder_features"):
+        return (), "the batch also carries cached encoder_features"
+    thawed = sorted(n for n in inputs if not encoder_is_frozen(config, n))
+    if thawed:
+        return (), f"the encoders of {thawed} train (only a frozen encoder's forward can run in a bubble)"
+    packed = sorted(n for n, x in inputs.items() if isinstance(x, dict))
+    if packed:
+        return (), f"{packed} have native-resolution (packed) inputs"
+    return tuple(sorted(inputs)), ""
+
+
+def _encode_plan(model, batch: dict, parallel_config, *, stage_layers, schedule: str, slicing, in_flight, mb: int,
+                 seq: int) -> EncodePlan | None:
+    """Which microbatches' encoders run in the pipeline's idle ticks (``ParallelConfig.pipeline_encoders``), on the
+    table the runtime will execute, priced by the planner's costs of this batch's shapes; None: all outside."""
+    config, want = model.config, parallel_config.pipeline_encoders
+    if want == "outside":
+        return None
+    names, why = bubble_modalities(config, batch)
+    if not why and schedule in VIRTUAL_SCHEDULES:
+        why = f"schedule {schedule!r} runs chunks of layers on every device (bubbles are planned for one chunk)"
+    if why:
+        if want == "bubbles":
+            raise ValueError(f"ParallelConfig.pipeline_encoders='bubbles' cannot run here: {why}")
+        return None
+    M = parallel_config.microbatches
+    instances = {k: max(1, x.shape[1] // mb) for k, x in batch["encoder_inputs"].items()}
+    pc = costs.pipeline_costs(config, text_tokens=seq, microbatch_size=mb, instances=instances)
+    n_layers = config.llm.n_layers
+    tables = runtime_tables(stage_layers, M, trainable_layers=np.full(n_layers, llm_layers_trainable(config)),
+                            input_requires_grad=embedding_requires_grad(config, names),
+                            loss_params_trainable=llm_base_trainable(config), schedule=schedule,
+                            max_in_flight=in_flight, overlap=parallel_config.pipeline_overlap_comm, slicing=slicing)
+    choice = bubble_choice(pc, stage_layers, tables.schedule, M, parallel_config.pipeline)
+    # The table's time with every encoder outside (the planner's rule, ``BubbleChoice.used``), in its unit: FLOPs.
+    ops = runtime_stage_ops(pc.runtime.llm, stage_layers, pc.runtime.head)
+    step = float(tick_costs(tables.schedule, ops).max(axis=1).sum()) + choice.time_outside
+    return choice.plan if choice.used(want, step) else None
+
+
+def _pad_rows(a, rows: int, fill=0):
+    a = jnp.asarray(a)
+    return jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+
+
+def _encode_in_loop(model, names: tuple):
+    """(fn, params) of ``Prepare``: one microbatch's frozen encoders, projectors and injection into its stored
+    token embeddings; ``fn`` returns the encoders' (pre-projector) features too, for the vjp after the pipeline."""
+    parts = {name: (nnx.split(model.encoders[name]), nnx.split(model.projectors[name])) for name in names}
+    graphs = {name: (e[0], p[0]) for name, (e, p) in parts.items()}
+    params = {name: (e[1], p[1]) for name, (e, p) in parts.items()}
+
+    def fn(params, inputs_j, x_j):
+        made = {}
+        for name in names:
+            (g_enc, g_proj), (s_enc, s_proj) = graphs[name], params[name]
+            with model.scope(f"encoders/{name}"):
+                f = jax.lax.stop_gradient(nnx.merge(g_enc, s_enc)(inputs_j["pixels"][name]))
+            with model.scope(f"projectors/{name}"):
+                p = nnx.merge(g_proj, s_proj)(f)
+            n, t, d = p.shape
+            # One microbatch's features, whole on each device of the stage for the gather into its rows (gathering
+            # from features sharded over fsdp inside the pipeline's manual region crashes XLA's SPMD partitioner).
+            p = jax.sharding.reshard(p.reshape(n * t, d).astype(x_j.dtype), P())
+            with model.scope("llm"):
+                x_j = inject(x_j, p, inputs_j["index"][name])
+            made[name] = f
+        return x_j, made
+
+    return fn, params
+
+
+def _embed_around(model, batch: dict, rows: MicrobatchRows, plan: EncodePlan) -> _Outside:
+    """The pipeline's inputs with some microbatches' encoders in its bubbles (``plan``). Before it: the other
+    microbatches' encoders (over every device, as ``_embed_outside`` runs them) and everyone's token embeddings and
+    injection, the in-pipeline microbatches' features zeros for now; inside it: their encoders, projectors and
+    injection into their stored inputs (``_encode_in_loop``); after it (``late_vjp``): when anything upstream trains,
+    the vjp of the embedding of the features as they ended up (the in-pipeline ones from the pipeline), the same
+    function of the same features as the one-device step differentiates."""
+    config = model.config
+    names, _ = bubble_modalities(config, batch)
+    M = rows.microbatches
+    inside = np.isin(np.arange(M), plan.microbatches)
+    out_idx = np.flatnonzero(~inside)
+    features = {}
+    for name in names:
+        pix_M = batch["encoder_inputs"][name]  # [M, N, ...]
+        N = pix_M.shape[1]
+        one = jax.eval_shape(lambda x: model.encoder_features(name, x),  # noqa: B023
+                             jax.ShapeDtypeStruct(pix_M.shape[1:], pix_M.dtype))  # [N, T, D_enc]
+        f_M = jnp.zeros((M,) + tuple(one.shape), one.dtype)
+        if out_idx.size:  # the rest encoded before the pipeline, instance-major as the flat batch orders them
+            pix = _rows_flat(jnp.asarray(pix_M)[out_idx])
+            f = model.encoder_features(name, pix)  # [N x M_out, T, D_enc]
+            f = jax.sharding.reshard(f, NamedSharding(rows.mesh, P()))  # whole, to place among all M
+            f = jnp.swapaxes(f.reshape((N, out_idx.size) + f.shape[1:]), 0, 1)
+            f_M = f_M.at[out_idx].set(f.astype(f_M.dtype))
+        features[name] = f_M
+    needs_grad = embedding_requires_grad(config, names)
+
+    def embed_with(feats_M):  # the embedding of the batch with these (pre-projector) features as cached ones
+        given = {k: v for k, v in batch.items() if k != "encoder_inputs"}
+        return _embedder(model, {**given, "encoder_features": feats_M}, rows)[:2]
+
+    embed, trainable = embed_with(features)
+    emb = embed(trainable)
+    x_M = rows.to_microbatches(emb)
+    fn, params = _encode_in_loop(model, names)
+    P_K = rows.padded
+    inputs = {"pixels": {n: _pad_rows(batch["encoder_inputs"][n], P_K) for n in names},
+              "index": {n: rows.to_microbatches(rows.to_rows(batch["feature_index"][n], fill=-1)) for n in names}}
+    prepare = Prepare(fn, params, inputs, plan)
+
+    def late_vjp(made) -> _Outside:
+        if not needs_grad:
+            return _Outside(emb, x_M, rows, trainable, None)
+        mask = jnp.asarray(inside)
+        whole = NamedSharding(rows.mesh, P())  # the P K rows made over `pipeline`, whole here to take the first M
+
+        def ended(n):
+            mine = jax.sharding.reshard(made[n], whole)[:M].astype(features[n].dtype)
+            return jnp.where(mask.reshape((M,) + (1,) * (mine.ndim - 1)), mine, features[n])
+
+        feats = {n: ended(n) for n in names}
+        late_embed, tr = embed_with(feats)
+        emb2, vjp = jax.vjp(late_embed, tr)
+        return _Outside(emb2, x_M, rows, tr, vjp)
+
+    return _Outside(emb, x_M, rows, trainable, None, prepare, late_vjp, needs_grad)
+
 
 
 def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh, stage_layers: tuple, chunk,
@@ -453,7 +622,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
         param_trainable["window"] = False
     with model.scope("llm"):  # the LLM's rules: what use_params gathers, how the layers' einsums lay out
         loss_params = llm.head_params()
-        loss, (g_layers, g_loss_params, dx_M) = pipeline_value_and_grad(
+        out = pipeline_value_and_grad(
             layer_fn,
             stacked,
             outside.x_M,
@@ -463,7 +632,7 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             stage_layers=stage_layers,
             mesh=mesh,
             trainable_layers=np.full(config.llm.n_layers, layers_train),
-            input_requires_grad=outside.embed_vjp is not None,
+            input_requires_grad=outside.needs_grad,
             loss_params_trainable=llm_base_trainable(config),
             schedule=schedule,
             param_trainable=param_trainable,
@@ -473,8 +642,10 @@ def _pipeline(model, batch: dict, outside: _Outside, labels, inv_count, *, mesh,
             overlap=overlap,
             slicing=slicing,
             microbatches=M,
+            prepare=outside.prepare,
         )
-    return loss, g_layers, g_loss_params, dx_M
+    loss, (g_layers, g_loss_params, dx_M) = out[:2]
+    return loss, g_layers, g_loss_params, dx_M, out[2] if outside.prepare is not None else None
 
 
 def _gather_grads(outside: _Outside, g_layers, g_loss_params, dx_M) -> nnx.State:
