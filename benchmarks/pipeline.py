@@ -173,7 +173,7 @@ EQUAL_MEMORY_SCHEDULES = ("1f1b", "zb_h1", "1f1b_sliced", "zb_v")
 
 
 def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, device_flops=DEVICE_FLOPS,
-              in_flight=None, stage_layers=None):
+              in_flight=None, stage_layers=None, encoders="auto"):
     cfg, tokens, feats = model_config(name)
     llm_s, vis_s, aud_s = MODELS[name][3]
     megatron = {"llm": llm_s, **({"vision": vis_s} if vis_s else {}), **({"audio": aud_s} if aud_s else {})}
@@ -183,7 +183,7 @@ def predicted(name, microbatches=24, tensor=2, schedule="auto", table=None, devi
     plan = plan_pipeline(
         pipeline_costs(cfg, text_tokens=1024, encoder_tokens=tokens, feature_tokens=feats),
         ParallelConfig(pipeline=stages, tensor=tensor, microbatches=microbatches, pipeline_in_flight=in_flight,
-                       pipeline_stage_layers=stage_layers),
+                       pipeline_stage_layers=stage_layers, pipeline_encoders=encoders),
         device_flops=device_flops,
         cornstarch_stages=cornstarch,
         megatron_stages=megatron,
@@ -451,6 +451,7 @@ def main():
     for name in names:
         plan = predicted(name, table=tables.get(name), device_flops=device_flops)
         ours, cs, meg = plan.runtime, plan.cornstarch, plan.megatron_like
+        outside_plan = predicted(name, table=tables.get(name), device_flops=device_flops, encoders="outside")
         # At 1F1B's activation memory: the planner restricted to each schedule that can hold no more saved layer
         # inputs than 1F1B, its split chosen again for each; a plan whose activation pool (measured on its table)
         # is larger than 1F1B's plan's is dropped, and the fastest of the rest kept.
@@ -499,9 +500,14 @@ def main():
             "speedup_vs_megatron_like": meg.runtime_time / ours.runtime_time,
             "ours_llm_stage_layers": list(ours.llm_stage_layers),
             "ours_encoder_time": ours.encoder_time,
-            # The encoders' share of our step (run outside, spread over every device): the most that placing their
-            # forwards into the pipeline's bubbles could take off it.
+            # The encoders' share of our step left before the pipeline (spread over every device), after the
+            # planner put the encodes that fit into the pipeline's idle warm-up ticks (``encoders_in_bubbles`` of
+            # the microbatches; ParallelConfig.pipeline_encoders), and what that share was with every encoder
+            # outside.
             "encoder_share": ours.encoder_time / ours.runtime_time,
+            "encoders_in_bubbles": ours.encoders_in_bubbles,
+            "ours_encoders_outside": outside_plan.runtime.runtime_time,
+            "encoder_share_outside": outside_plan.runtime.encoder_time / outside_plan.runtime.runtime_time,
             "ours_runtime_1f1b": ours.runtime_time_1f1b,
             # Activation slots (microbatches of saved layer inputs; of a chunk's under zb_v / interleaved) the
             # busiest device holds: ours, and 1F1B's; and the pool's rows (slots x the longest stage's layers).
@@ -561,6 +567,13 @@ def main():
                                                  for m in models.values()),
         "speedup_vs_cornstarch_range": [min(speed), max(speed)],
         "encoder_share_max": max(d["encoder_share"] for d in details.values()),
+        "encoder_share_outside_max": max(d["encoder_share_outside"] for d in details.values()),
+        # Our plan with encodes in the bubbles over the same plan with every encoder outside (>= 1).
+        "speedup_from_encoders_in_bubbles": [min(d["ours_encoders_outside"] / models[n]["ours"]
+                                                 for n, d in details.items()),
+                                             max(d["ours_encoders_outside"] / models[n]["ours"]
+                                                 for n, d in details.items())],
+        "models_with_encoders_in_bubbles": sum(d["encoders_in_bubbles"] > 0 for d in details.values()),
         **{k: measured[k] for k in ("stage_flops_ratio_planned", "stage_flops_ratio_runtime_plan",
                                     "stage_flops_ratio_uniform")},
         "measured": measured,
