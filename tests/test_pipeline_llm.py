@@ -327,10 +327,11 @@ FSDP_PIPELINE_TENSOR = ParallelConfig(fsdp=2, pipeline=2, tensor=2, microbatches
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel,split", [
-    (ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=2), (2, 4)),
-    (FSDP_PIPELINE_TENSOR, (3, 3)),
-    # The LLM's gathers only: encodes in the bubbles (the default where the encoder is frozen, as here; the two cases
-    # above run them) gather their encoder's weights and one microbatch's features inside the tick loop.
+    # The frozen encoder's forwards in the bubbles (their encodes inside the stages' context, fsdp and tensor layout).
+    (ParallelConfig(pipeline=2, context=2, tensor=2, microbatches=4, pipeline_encoders="bubbles"), (2, 4)),
+    (dataclasses.replace(FSDP_PIPELINE_TENSOR, pipeline_encoders="bubbles"), (3, 3)),
+    # The LLM's gathers only: encodes in the bubbles gather their encoder's weights and one microbatch's features
+    # inside the tick loop.
     (dataclasses.replace(FSDP_PIPELINE_TENSOR, pipeline_fsdp_gather_once=True, pipeline_encoders="outside"), (3, 3)),
 ], ids=["pipeline2_context2_tensor2", "fsdp2_pipeline2_tensor2_uniform", "fsdp2_pipeline2_tensor2_gather_once"])
 def test_pipelined_model_with_context_fsdp_and_tensor(parallel, split):
@@ -339,7 +340,11 @@ def test_pipelined_model_with_context_fsdp_and_tensor(parallel, split):
     # stacked layers are stored in per-device blocks over `pipeline`: an uneven split regroups them into stages, a
     # uniform one uses each device's block as it is.
     cfg = tiny_config(6, FROZEN_ENC)
-    hlo = check(cfg, parallel, split, sharded_model=True)
+    planned, plans = pipelined_step._encode_plan, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipelined_step, "_encode_plan", lambda *a, **kw: plans.append(planned(*a, **kw)) or plans[-1])
+        hlo = check(cfg, parallel, split, sharded_model=True)
+    assert (plans[0] is not None and len(plans[0].microbatches) > 0) == (parallel.pipeline_encoders == "bubbles")
     if parallel.fsdp == 1:
         return
     # The compiled program's FSDP gathers. Per layer: every all-gather inside the tick loop gathers one layer's
