@@ -1095,9 +1095,8 @@ def _stage_program(layer_fn, loss_fn, layout: StageLayout, sched: Schedule, x_mi
             shapes = jax.eval_shape(prepare_fn, prep_params, _index(prep_inputs, 0), x_mb[0])[1]
             made0 = jax.tree.map(lambda a: jnp.zeros((n_in,) + a.shape, a.dtype), shapes)
         encode_T = encode_T[:, 0]
-        if prepare_fn is not None:  # tick 0's message leaves after tick 0's encodes: made there, not here
-            if bool((np.asarray(conveyor.sends[0]) >= 0).any()):
-                raise ValueError("the conveyor moves a slot in tick 0; encodes need the inputs to stay put in it")
+        # Tick 0's message is made from the inputs as they start: a slot it moves has deadline -1, so no encode
+        # writes it (``bubble_encode.check_plan``).
         init = init + (conveyor_message(x_mb, dxs0, sends_T[0]), made0)  # tick 0's, from the buffers as they start
         # Each tick also makes the next tick's conveyor message: its sends row rides along (none after the last).
         sends_next_T = jnp.concatenate([sends_T[1:], jnp.full_like(sends_T[:1], -1)], axis=0)

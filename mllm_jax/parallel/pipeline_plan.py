@@ -817,13 +817,19 @@ def encode_cost(rt: ModelCosts) -> float:
     return float(sum(c.fwd for chain in rt.encoders.values() for c in chain))
 
 
-def bubble_encodes(rt: ModelCosts, counts, sched, microbatches: int):
+def _tick_maxima(rt: ModelCosts, counts, sched) -> np.ndarray:
+    """[ticks]: what each tick of ``sched`` lasts (its slowest op) with the runtime's op costs of the split
+    ``counts``."""
+    return tick_costs(sched, runtime_stage_ops(rt.llm, counts, rt.head)).max(axis=1)
+
+
+def bubble_encodes(rt: ModelCosts, counts, sched, microbatches: int, tick_cost=None):
     """The encodes (one microbatch each, ``encode_cost``) that fit in ``sched``'s idle ticks, each tick priced by the
-    runtime's op costs of the split ``counts`` (``bubble_encode.plan_encodes``): an ``EncodePlan``."""
-    ops = runtime_stage_ops(rt.llm, counts, rt.head)
+    runtime's op costs of the split ``counts`` (``tick_cost``: those ticks' costs when already made;
+    ``bubble_encode.plan_encodes``): an ``EncodePlan``."""
+    tick_cost = _tick_maxima(rt, counts, sched) if tick_cost is None else tick_cost
     conveyor = plan_conveyor(sched, microbatches, input_grads=False)  # the inputs' moves do not depend on it
-    return plan_encodes(sched, conveyor, microbatches, encode_cost=encode_cost(rt),
-                        tick_cost=tick_costs(sched, ops).max(axis=1))
+    return plan_encodes(sched, conveyor, microbatches, encode_cost=encode_cost(rt), tick_cost=tick_cost)
 
 
 # "auto" puts encodes into the bubbles only where that saves at least this share of the step: the analytic costs
@@ -838,13 +844,14 @@ class BubbleChoice:
     before the pipeline with every encode outside and with the plan's inside (the other microbatches' encoders, and
     every microbatch's projector: forward for the pipeline's inputs, forward again and backward after it), the
     encodes' work inside the ticks, the bytes a device holds for them (the encoders' and projectors' weights in the
-    compute dtype, through the pipeline)."""
+    compute dtype, through the pipeline), and the table's own time (its ticks' slowest ops, no communication)."""
 
     plan: object
     time_outside: float
     time_left: float
     work: float
     weight_bytes: float
+    table_time: float
 
     def used(self, encoders: str, step_time: float) -> bool:
         """Whether ``ParallelConfig.pipeline_encoders`` = ``encoders`` runs them, for a step of ``step_time`` with
@@ -860,14 +867,15 @@ def bubble_choice(costs: PipelineCosts, counts, sched, M: int, stages: int, tens
     devices) and their effect (``BubbleChoice``), in seconds on ``tensor`` devices of ``device_flops`` (1.0: FLOPs)."""
     sec = lambda layers, attr: _seconds(sum(getattr(c, attr) for c in layers), tensor, device_flops)  # noqa: E731
     enc, proj = _encoder_layers(costs.aware, "encoders"), _encoder_layers(costs.aware, "projectors")
-    plan = bubble_encodes(costs.runtime, counts, sched, M)
+    ticks = _tick_maxima(costs.runtime, counts, sched)
+    plan = bubble_encodes(costs.runtime, counts, sched, M, ticks)
     share = math.ceil(M / stages)
     outside = share * (sec(enc, "total") + sec(proj, "total"))
     left = (math.ceil((M - len(plan.microbatches)) / stages) * sec(enc, "total")
             + share * (sec(proj, "total") + sec(proj, "fwd")))
     work = float(plan.counts.sum()) * _seconds(encode_cost(costs.runtime), tensor, device_flops)
     weights = compute_bytes * sum(c.layer.params for c in enc + proj) / tensor
-    return BubbleChoice(plan, outside, left, work, weights)
+    return BubbleChoice(plan, outside, left, work, weights, _seconds(float(ticks.sum()), tensor, device_flops))
 
 
 def with_bubble_encodes(p: Placement, costs: PipelineCosts, M, stages, tensor, device_flops, comm,
@@ -1296,7 +1304,6 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
     M, tensor, device_flops, memory_budget = rt_args[:4]
     schedule = rt_args[-1]
     comm = _comm(tick_seconds)
-    seconds_comm = comm
     comm = Comm(comm.tick_seconds * tensor * device_flops, comm.overlap)  # in the searches' unit: FLOPs
     ends = dict(first_extra=[aware.embed], last_extra=[aware.head])
     counts = min_max_split(aware.llm, stages, microbatches=M, memory_budget=memory_budget, tensor=tensor, **ends)
@@ -1313,8 +1320,7 @@ def _outside_placements(costs: PipelineCosts, stages, rt_args, tick_seconds: flo
             search = lockstep_split(runtime.llm, stages, microbatches=M, head=runtime.head, tensor=tensor,
                                     schedule=kind, comm=comm)
         placed = _evaluate_outside("ours:runtime", aware, search.counts, *rt_args[:-1], kind, tick_seconds)
-        placed = with_bubble_encodes(placed, costs, M, stages, tensor, device_flops, seconds_comm, encoders,
-                                     memory_budget)
+        placed = with_bubble_encodes(placed, costs, M, stages, tensor, device_flops, comm, encoders, memory_budget)
         best = _better(best, placed, search)
     # Encodes asked for in the bubbles ("bubbles") can only run on a one-chunk table: "auto" then chooses among those.
     bubbles = encoders == "bubbles" and encoders_frozen(runtime)

@@ -45,8 +45,8 @@ from mllm_jax.multimodal import ENCODER_KEYS, encoder_is_frozen, inject, llm_met
 from mllm_jax.parallel.bubble_encode import EncodePlan
 from mllm_jax.parallel.conveyor import slots_per_device
 from mllm_jax.parallel.pipeline import Prepare, pipeline_value_and_grad, runtime_tables
-from mllm_jax.parallel.pipeline_plan import bubble_choice, plan_pipeline, runtime_stage_ops
-from mllm_jax.parallel.schedule import VIRTUAL_SCHEDULES, tick_costs
+from mllm_jax.parallel.pipeline_plan import bubble_choice, plan_pipeline
+from mllm_jax.parallel.schedule import VIRTUAL_SCHEDULES
 
 PIPELINE = "pipeline"
 TOKEN_KEYS = ("input_ids", "labels", "positions", "segment_ids", "span_ids")
@@ -362,9 +362,8 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
     planned, slicing = None, None
 
     def plan(pc):
-        inputs = batch.get("encoder_inputs") or {}
-        instances = {k: max(1, jax.tree.leaves(x)[0].shape[1] // mb) for k, x in inputs.items()} or None
-        return planned_runtime(config, pc, text_tokens=seq, microbatch_size=mb, instances=instances)
+        return planned_runtime(config, pc, text_tokens=seq, microbatch_size=mb,
+                               instances=_instances(batch, mb) or None)
 
     if stage_layers is None or schedule == "auto":
         planned = plan(dataclasses.replace(parallel_config, pipeline_schedule=schedule))
@@ -382,6 +381,12 @@ def _stage_layers(config, parallel_config, batch: dict, stage_layers, *, stages:
                                                pipeline_stage_layers=stage_layers))
         slicing = planned.slicing
     return stage_layers, schedule, slicing
+
+
+def _instances(batch: dict, mb: int) -> dict:
+    """Encoder instances per row of each modality's microbatches (at least one), as the cost model counts them."""
+    inputs = batch.get("encoder_inputs") or {}
+    return {k: max(1, jax.tree.leaves(x)[0].shape[1] // mb) for k, x in inputs.items()}
 
 
 class _Outside(NamedTuple):
@@ -477,18 +482,15 @@ def _encode_plan(model, batch: dict, parallel_config, *, stage_layers, schedule:
             raise ValueError(f"ParallelConfig.pipeline_encoders='bubbles' cannot run here: {why}")
         return None
     M = parallel_config.microbatches
-    instances = {k: max(1, x.shape[1] // mb) for k, x in batch["encoder_inputs"].items()}
-    pc = costs.pipeline_costs(config, text_tokens=seq, microbatch_size=mb, instances=instances)
+    pc = costs.pipeline_costs(config, text_tokens=seq, microbatch_size=mb, instances=_instances(batch, mb))
     n_layers = config.llm.n_layers
     tables = runtime_tables(stage_layers, M, trainable_layers=np.full(n_layers, llm_layers_trainable(config)),
                             input_requires_grad=embedding_requires_grad(config, names),
                             loss_params_trainable=llm_base_trainable(config), schedule=schedule,
                             max_in_flight=in_flight, overlap=parallel_config.pipeline_overlap_comm, slicing=slicing)
     choice = bubble_choice(pc, stage_layers, tables.schedule, M, parallel_config.pipeline)
-    # The table's time with every encoder outside (the planner's rule, ``BubbleChoice.used``), in its unit: FLOPs.
-    ops = runtime_stage_ops(pc.runtime.llm, stage_layers, pc.runtime.head)
-    step = float(tick_costs(tables.schedule, ops).max(axis=1).sum()) + choice.time_outside
-    return choice.plan if choice.used(want, step) else None
+    # The planner's rule (``BubbleChoice.used``) on the step with every encoder outside.
+    return choice.plan if choice.used(want, choice.table_time + choice.time_outside) else None
 
 
 def _pad_rows(a, rows: int, fill=0):
@@ -566,7 +568,7 @@ def _embed_around(model, batch: dict, rows: MicrobatchRows, plan: EncodePlan) ->
 
     def late_vjp(made) -> _Outside:
         if not needs_grad:
-            return _Outside(emb, x_M, rows, trainable, None)
+            return _Outside(emb, x_M, rows, trainable, None, needs_grad=False)
         mask = jnp.asarray(inside)
         whole = NamedSharding(rows.mesh, P())  # the P K rows made over `pipeline`, whole here to take the first M
 
@@ -577,7 +579,7 @@ def _embed_around(model, batch: dict, rows: MicrobatchRows, plan: EncodePlan) ->
         feats = {n: ended(n) for n in names}
         late_embed, tr = embed_with(feats)
         emb2, vjp = jax.vjp(late_embed, tr)
-        return _Outside(emb2, x_M, rows, tr, vjp)
+        return _Outside(emb2, x_M, rows, tr, vjp, needs_grad=True)
 
     return _Outside(emb, x_M, rows, trainable, None, prepare, late_vjp, needs_grad)
 
